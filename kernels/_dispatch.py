@@ -1,0 +1,39 @@
+"""Backend selection shared by every fused op.
+
+Each op has a Triton implementation (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and a pure-PyTorch one (``reference.py``). ``backend``
+picks one per call; ``None`` means "triton on CUDA, torch elsewhere", and the
+``FASTPPO_BACKEND`` environment variable replaces that default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch")
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
+    """Return ``"triton"`` or ``"torch"`` for an op whose main input is ``x``."""
+    if backend is None:
+        env = os.environ.get("FASTPPO_BACKEND", "").strip().lower()
+        if env in ("", "auto"):
+            return "triton" if x.is_cuda else "torch"
+        if env not in BACKENDS:
+            raise ValueError(f"FASTPPO_BACKEND must be one of {BACKENDS} or 'auto', got {env!r}")
+        backend = env
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not x.is_cuda and not triton_interpreter_enabled():
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before fastppo is "
+            f"imported, to run the kernels on CPU); got a tensor on {x.device}"
+        )
+    return backend

@@ -1,0 +1,247 @@
+"""token_logprobs: per-token log-probabilities and entropy straight from logits.
+
+Naive PyTorch (``log_softmax(logits.float()).gather`` plus entropy from the
+softmax) reads the bf16 logits, writes and re-reads a float32 (N, V) copy and
+its log-softmax, and keeps one for backward: about 2 + 4·3 = 14 bytes of
+traffic per logit forward and an (N, V) float32 tensor resident (N=8192,
+V=151936: 5 GB). The fused forward reads each logit once (2 bytes in bf16) and
+writes three floats per row; the backward reads the logits once more and writes
+dlogits once in the input dtype (4 bytes per logit), recomputing the softmax
+from the saved log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_positive, check_same_device, check_shape, check_tensor
+from ._dispatch import resolve_backend, triton_interpreter_enabled
+from . import reference
+
+
+# ----------------------------------------------------------------------------
+# 1. Kernels
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+    n_cols, stride_lm, stride_lv, stride_label,
+    temperature, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per row: an online log-sum-exp over vocab blocks in fp32.
+
+    Running state, all relative to the running max m:
+      s = Σ exp(x − m),  t = Σ exp(x − m)·(x − m)
+    so that lse = m + log s and entropy = log s − t / s without cancellation
+    at large logits. m starts at −inf (not 0: all-negative rows must work).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.cast(temperature, tl.float32)
+    label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
+    is_ignored = label == ignore_index
+    row_ptr = logits_ptr + row * stride_lm
+
+    m = tl.cast(float("-inf"), tl.float32)
+    s = tl.cast(0.0, tl.float32)
+    t = tl.cast(0.0, tl.float32)
+    n_blocks = tl.where(is_ignored, 0, tl.cdiv(n_cols, BLOCK_V))
+    for block in range(0, n_blocks):
+        offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+        x = x / temp
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # While every logit so far is -inf, keep the reference point finite.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
+        e = tl.exp(x - m_ref)
+        x_rel = tl.where(e > 0.0, x - m_ref, 0.0)
+        t = alpha * (t + shift * s) + tl.sum(e * x_rel, axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+
+    label_ok = (label >= 0) & (label < n_cols) & (not is_ignored)
+    x_label = tl.load(row_ptr + label * stride_lv, mask=label_ok, other=0.0).to(tl.float32) / temp
+    m_fin = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(tl.where(is_ignored, 1.0, s))
+    lse = m_fin + log_s
+    entropy = log_s - t / tl.where(is_ignored, 1.0, s)
+    tl.store(logprobs_ptr + row, tl.where(is_ignored, 0.0, x_label - lse))
+    tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
+    tl.store(lse_ptr + row, tl.where(is_ignored, 0.0, lse))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr, labels_ptr, lse_ptr, entropy_ptr, dlogprobs_ptr, dentropy_ptr, dlogits_ptr,
+    n_cols, stride_lm, stride_lv, stride_label, stride_dm,
+    temperature, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_DLOGPROBS: tl.constexpr, HAS_DENTROPY: tl.constexpr,
+):
+    """Grid (rows, vocab blocks): recompute p from the saved lse, write dlogits.
+
+    With x = logits / T:  d logprob/dx_j = [j = label] − p_j,
+    d entropy/dx_j = −p_j (log p_j + H); both divided by T.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    col_block = tl.program_id(1).to(tl.int64)
+    temp = tl.cast(temperature, tl.float32)
+    offs = col_block * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = offs < n_cols
+    label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
+    is_ignored = label == ignore_index
+
+    x = tl.load(logits_ptr + row * stride_lm + offs * stride_lv, mask=col_mask, other=float("-inf"))
+    logp = x.to(tl.float32) / temp - tl.load(lse_ptr + row)
+    p = tl.exp(logp)
+    grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+    if HAS_DLOGPROBS:
+        dlogp = tl.load(dlogprobs_ptr + row)
+        grad += tl.where(offs == label, dlogp, 0.0) - p * dlogp
+    if HAS_DENTROPY:
+        dent = tl.load(dentropy_ptr + row)
+        ent = tl.load(entropy_ptr + row)
+        grad -= dent * tl.where(p > 0.0, p * (logp + ent), 0.0)
+    grad = tl.where(is_ignored, 0.0, grad / temp)
+    tl.store(dlogits_ptr + row * stride_dm + offs, grad.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------
+# 2. Launchers: check, allocate, launch
+# ----------------------------------------------------------------------------
+
+def _block_v(n_cols: int, cap: int) -> int:
+    # The interpreter costs ~1 ms per program per loop trip whatever the
+    # block size, so it gets the largest blocks; GPUs get register-sized ones.
+    if triton_interpreter_enabled():
+        cap = 1 << 16
+    return min(triton.next_power_of_2(n_cols), cap)
+
+
+def _fwd_triton(logits2d, labels1d, temperature, ignore_index):
+    n_rows, n_cols = logits2d.shape
+    out = torch.empty(3, n_rows, dtype=torch.float32, device=logits2d.device)
+    if n_rows == 0:
+        return out[0], out[1], out[2]
+    block_v = _block_v(n_cols, 4096)
+    _token_logprobs_fwd_kernel[(n_rows,)](
+        logits2d, labels1d, out[0], out[1], out[2],
+        n_cols, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0),
+        float(temperature), int(ignore_index),
+        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+    )
+    return out[0], out[1], out[2]
+
+
+def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
+    n_rows, n_cols = logits2d.shape
+    dlogits = torch.empty((n_rows, n_cols), dtype=logits2d.dtype, device=logits2d.device)
+    if n_rows == 0 or n_cols == 0:
+        return dlogits
+    block_v = _block_v(n_cols, 4096)
+    grid = (n_rows, triton.cdiv(n_cols, block_v))
+    _token_logprobs_bwd_kernel[grid](
+        logits2d, labels1d, lse, entropy,
+        grad_logprobs if grad_logprobs is not None else lse,
+        grad_entropy if grad_entropy is not None else lse,
+        dlogits,
+        n_cols, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0), dlogits.stride(0),
+        float(temperature), int(ignore_index),
+        BLOCK_V=block_v, HAS_DLOGPROBS=grad_logprobs is not None, HAS_DENTROPY=grad_entropy is not None,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+    return dlogits
+
+
+# ----------------------------------------------------------------------------
+# 3. Autograd
+# ----------------------------------------------------------------------------
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, labels1d, temperature, ignore_index, backend):
+        fwd = _fwd_triton if backend == "triton" else reference.token_logprobs_forward
+        logprobs, entropy, lse = fwd(logits2d, labels1d, temperature, ignore_index)
+        ctx.save_for_backward(logits2d, labels1d, lse, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None, None, None
+        logits2d, labels1d, lse, entropy = ctx.saved_tensors
+        # Upstream grads can be expanded views (e.g. from .sum()); (N,) floats are cheap to copy.
+        if grad_logprobs is not None:
+            grad_logprobs = grad_logprobs.float().contiguous()
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.float().contiguous()
+        bwd = _bwd_triton if ctx.backend == "triton" else reference.token_logprobs_backward
+        dlogits = bwd(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature, ctx.ignore_index)
+        return dlogits, None, None, None, None
+
+
+# ----------------------------------------------------------------------------
+# 4. Public function
+# ----------------------------------------------------------------------------
+
+class LogprobsAndEntropy(NamedTuple):
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    backend: str | None = None,
+):
+    """Log-probability of each label under softmax(logits / temperature), and optionally its entropy.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16; any strides.
+        labels: (...) integer, values in [0, V) or ``ignore_index``.
+        temperature: > 0; logits are divided by it (use the sampling temperature).
+        return_entropy: also return the entropy of softmax(logits / temperature).
+        ignore_index: label value whose positions give 0 and no gradient.
+        backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND``
+            overrides), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        logprobs (...) float32, or ``(logprobs, entropy)`` as a named tuple
+        when ``return_entropy``. Both are differentiable in ``logits``; the
+        gradient has the dtype of ``logits``. No (..., V) float32 copy is ever
+        made.
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor("labels", labels, dtypes=INT_DTYPES)
+    check_same_device("labels", labels, "logits", logits)
+    check_shape("labels", labels, logits.shape[:-1], "the leading dimensions of logits")
+    check_positive("temperature", temperature)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("logits must have a non-empty last (vocabulary) dimension")
+    backend = resolve_backend(backend, logits)
+    check_labels_in_range(labels, vocab, ignore_index)
+
+    logits2d = as_rows(logits, vocab)
+    labels1d = labels.reshape(-1)
+    logprobs, entropy, _ = _TokenLogprobs.apply(logits2d, labels1d, float(temperature), ignore_index, backend)
+    lead = logits.shape[:-1]
+    logprobs = logprobs.view(lead)
+    if return_entropy:
+        return LogprobsAndEntropy(logprobs, entropy.view(lead))
+    return logprobs
