@@ -23,14 +23,16 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fastppo.cli demo $(ARGS)
+	$(VENV)/bin/fastppo demo $(ARGS)
 
-# The whole suite on CPU: Triton kernels run under the interpreter.
+# The whole suite on CPU: Triton kernels run under the interpreter. The venv's
+# scripts are called directly: `python -m` would put the repo root on sys.path,
+# where kernels/ would be importable as a top-level `kernels` package.
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest $(ARGS)
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m fastppo.cli bench $(ARGS)
+	$(VENV)/bin/fastppo bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

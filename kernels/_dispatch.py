@@ -37,3 +37,15 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
             f"imported, to run the kernels on CPU); got a tensor on {x.device}"
         )
     return backend
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for kernel outputs; NaN-filled when FASTPPO_POISON_OUTPUTS=1.
+
+    The tests set the variable so that an element a kernel forgets to write
+    shows up as NaN instead of passing by luck on recycled memory.
+    """
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("FASTPPO_POISON_OUTPUTS") == "1" and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_positive, check_same_device, check_shape, check_tensor
-from ._dispatch import resolve_backend, triton_interpreter_enabled
+from ._dispatch import empty_output, resolve_backend, triton_interpreter_enabled
 from . import reference
 
 
@@ -126,7 +126,7 @@ def _block_v(n_cols: int, cap: int) -> int:
 
 def _fwd_triton(logits2d, labels1d, temperature, ignore_index):
     n_rows, n_cols = logits2d.shape
-    out = torch.empty(3, n_rows, dtype=torch.float32, device=logits2d.device)
+    out = empty_output((3, n_rows), torch.float32, logits2d.device)
     if n_rows == 0:
         return out[0], out[1], out[2]
     block_v = _block_v(n_cols, 4096)
@@ -141,7 +141,7 @@ def _fwd_triton(logits2d, labels1d, temperature, ignore_index):
 
 def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
     n_rows, n_cols = logits2d.shape
-    dlogits = torch.empty((n_rows, n_cols), dtype=logits2d.dtype, device=logits2d.device)
+    dlogits = empty_output((n_rows, n_cols), logits2d.dtype, logits2d.device)
     if n_rows == 0 or n_cols == 0:
         return dlogits
     block_v = _block_v(n_cols, 4096)

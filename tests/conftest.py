@@ -5,6 +5,8 @@ with TRITON_INTERPRET=0 to test the compiled kernels instead."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN, so an element a kernel forgets to write fails loudly.
+os.environ.setdefault("FASTPPO_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

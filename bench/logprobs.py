@@ -1,0 +1,156 @@
+"""Benchmark token_logprobs (+ entropy): fastppo vs what trainers write by hand.
+
+Providers, side by side in one run:
+  eager    log_softmax(logits.float()).gather + entropy from the softmax
+  compile  torch.compile of eager
+  fastppo  fastppo.kernels.token_logprobs (Triton on CUDA, chunked torch on CPU)
+  liger    Liger-Kernel's fused cross-entropy (reduction="none"), CUDA only, when importable
+Modes: forward, backward, full (forward + backward).
+
+GPU: N in {4096, 16384}, V in {32000, 128256, 151936}, bf16; ms (median,
+p20, p80), GB/s of the minimum traffic (2 bytes per logit forward, 4 backward
+for bf16) and % of the measured copy bandwidth, peak extra MB.
+CPU: a small shape set in about a minute; what it can say is the peak extra
+memory of each provider relative to eager (and time ratios on this CPU).
+
+Usage: python bench/logprobs.py [--quick] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from common import append_csv, device_name, measured_copy_bandwidth_gbs, peak_extra_mb, plot_bars, time_ms
+
+from fastppo.kernels import token_logprobs
+
+
+def eager(logits, labels, temperature=1.0):
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    lp = logp.gather(-1, labels[..., None]).squeeze(-1)
+    ent = -(torch.softmax(logits.float() / temperature, -1) * logp).sum(-1)
+    return lp, ent
+
+
+def fastppo(logits, labels, temperature=1.0):
+    return token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+
+
+def make_providers(device, use_compile: bool):
+    providers = {"eager": eager}
+    if use_compile:
+        providers["compile"] = torch.compile(eager, dynamic=False)
+    providers["fastppo"] = fastppo
+    if device.type == "cuda":
+        try:
+            from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+
+            def liger(logits, labels, temperature=1.0):
+                # Liger returns the loss (= -logprob) per token; no entropy.
+                loss = LigerCrossEntropyFunction.apply(logits / temperature, labels, None, -100, 0.0, 0.0, "none")[0]
+                return -loss, None
+
+            providers["liger"] = liger
+        except Exception:
+            pass
+    return providers
+
+
+def run_case(name, fn, n, vocab, dtype, device, bandwidth):
+    logits = torch.randn(n, vocab, device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), device=device)
+    g_lp = torch.randn(n, device=device)
+    g_ent = torch.randn(n, device=device)
+
+    def forward():
+        with torch.no_grad():
+            fn(logits, labels)
+
+    def full():
+        logits.grad = None
+        lp, ent = fn(logits, labels)
+        loss = (lp * g_lp).sum() + ((ent * g_ent).sum() if ent is not None else 0.0)
+        loss.backward()
+
+    lp, ent = fn(logits, labels)
+    loss = (lp * g_lp).sum() + ((ent * g_ent).sum() if ent is not None else 0.0)
+
+    def backward():
+        logits.grad = None
+        loss.backward(retain_graph=True)
+
+    rep = 10 if device.type == "cuda" else 3
+    rows = []
+    elem = logits.element_size()
+    min_bytes = {"forward": n * vocab * elem, "backward": 2 * n * vocab * elem, "full": 3 * n * vocab * elem}
+    for mode, call in (("forward", forward), ("backward", backward), ("full", full)):
+        ms, p20, p80 = time_ms(call, device, warmup=1 if device.type == "cpu" else 5, rep=rep)
+        gbs = min_bytes[mode] / (ms * 1e-3) / 1e9
+        rows.append({"op": "token_logprobs", "provider": name, "mode": mode, "N": n, "V": vocab,
+                     "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 4), "p20": round(p20, 4),
+                     "p80": round(p80, 4), "GB/s": round(gbs, 1),
+                     "pct_copy_bw": round(100 * gbs / bandwidth, 1) if bandwidth else None})
+    del loss, lp, ent
+    peak = peak_extra_mb(full, device)
+    for r in rows:
+        r["peak_extra_MB"] = round(peak, 1)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one shape only")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        shapes = [(4096, 32000), (4096, 128256), (4096, 151936), (16384, 32000), (16384, 128256), (16384, 151936)]
+        dtype = torch.bfloat16
+        bandwidth = measured_copy_bandwidth_gbs(device)
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        shapes = [(512, 32000), (1024, 50257)]
+        dtype = torch.float32
+        bandwidth = None
+    if args.quick:
+        shapes = shapes[:1]
+    providers = make_providers(device, use_compile=not args.no_compile)
+    print(f"device: {device_name(device)}  dtype: {dtype}  copy bandwidth: "
+          f"{f'{bandwidth:.0f} GB/s' if bandwidth else 'n/a (CPU)'}", flush=True)
+
+    rows = []
+    for n, vocab in shapes:
+        for name, fn in list(providers.items()):
+            try:
+                rows += run_case(name, fn, n, vocab, dtype, device, bandwidth)
+            except Exception as exc:  # a provider that fails here is reported, not fatal
+                print(f"  {name} failed at N={n} V={vocab}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                providers.pop(name)
+    for r in rows:
+        r["device"] = device_name(device)
+
+    print(f"\n{'N':>6} {'V':>7} {'mode':>8} {'provider':>8} {'ms':>9} {'GB/s':>8} {'%bw':>6} {'peakMB':>8} "
+          f"{'t/eager':>8} {'mem/eager':>9}")
+    base = {(r["N"], r["V"], r["mode"]): r for r in rows if r["provider"] == "eager"}
+    for r in rows:
+        b = base.get((r["N"], r["V"], r["mode"]))
+        r["time_vs_eager"] = round(r["ms"] / b["ms"], 3) if b else None
+        r["mem_vs_eager"] = round(r["peak_extra_MB"] / b["peak_extra_MB"], 3) if b and b["peak_extra_MB"] > 0 else None
+        print(f"{r['N']:>6} {r['V']:>7} {r['mode']:>8} {r['provider']:>8} {r['ms']:>9.3f} {r['GB/s']:>8.1f} "
+              f"{r['pct_copy_bw'] if r['pct_copy_bw'] is not None else '-':>6} {r['peak_extra_MB']:>8.1f} "
+              f"{r['time_vs_eager'] if r['time_vs_eager'] is not None else '-':>8} "
+              f"{r['mem_vs_eager'] if r['mem_vs_eager'] is not None else '-':>9}")
+    path = append_csv("logprobs", rows)
+    full_rows = [dict(r, shape=f"N={r['N']} V={r['V']}") for r in rows if r["mode"] == "full"]
+    png = plot_bars("logprobs", full_rows, x="shape", y="ms", group="provider",
+                    title=f"token_logprobs forward+backward ({device_name(device)})", ylabel="ms (median)")
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""Run configuration: nested dataclasses, presets, YAML + dotted overrides.
+
+Every knob lives in one dataclass below with a docstring under it. A run's
+config is built in layers, later ones winning:
+
+    preset (ppo_max by default)  <-  YAML file  <-  dotted CLI overrides
+
+OmegaConf merges the layers onto the dataclass schema, so an unknown key or a
+value of the wrong type fails at start-up naming the field; `validate` then
+checks ranges and cross-field constraints. Derived quantities are computed in
+one place (`derived`), never stored.
+
+Presets (SPEC §3) are plain functions returning a full `Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field."""
+
+
+# ----------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    policy_path: str = MISSING
+    """SFT model (local Hugging Face directory or hub id): initialises the policy and the frozen reference."""
+    reward_path: str = MISSING
+    """Reward model (AutoModelForSequenceClassification, num_labels=1), e.g. the export of `fastppo train-rm`."""
+    critic_path: Optional[str] = None
+    """Sequence-classification model the critic starts from; null = reward_path (PPO-max: critic from the reward model)."""
+    dtype: str = "float32"
+    """Parameter dtype of all four models: float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """Attention implementation passed to from_pretrained: sdpa, eager or flash_attention_2 (GPU, when installed)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model directories."""
+    gradient_checkpointing: bool = False
+    """Recompute activations of the trained models (policy, critic) in backward to save memory."""
+    lm_head_chunk_size: Optional[int] = None
+    """Rows per chunk for the fused lm_head + logprob op; null = the op's default."""
+
+
+@dataclass
+class DataConfig:
+    prompt_path: str = MISSING
+    """Prompts: a .jsonl or .parquet file, or a directory (a saved `datasets` dataset, or .jsonl/.parquet files)."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt: a string (plain text) or a list of {role, content} messages (chat template)."""
+    prompt_format: str = "auto"
+    """auto: strings are plain text and message lists use the chat template; chat: strings become one user message; plain: never use the template."""
+    max_prompt_len: int = 256
+    """Prompts longer than this many tokens keep their last max_prompt_len tokens (the end holds the generation prompt)."""
+    shuffle: bool = True
+    """Reshuffle the prompts every epoch (seeded by run.seed)."""
+    ptx_path: Optional[str] = None
+    """Optional SFT data for the ptx loss: JSONL/Parquet with prompt and response fields (or messages)."""
+    ptx_prompt_field: str = "prompt"
+    """Prompt field of the ptx data."""
+    ptx_response_field: str = "response"
+    """Response field of the ptx data (the LM loss covers these tokens only)."""
+    ptx_messages_field: str = "messages"
+    """Field with chat messages in the ptx data (used when the prompt field is absent; the last message is the response)."""
+    max_ptx_len: int = 512
+    """Prompt + response tokens of a ptx example are truncated to this length."""
+
+
+@dataclass
+class RolloutConfig:
+    rollout_batch_size: int = 128
+    """Prompts sampled per PPO iteration."""
+    generation_batch_size: Optional[int] = None
+    """Prompts per generate() call (bounds the KV cache); null = rollout_batch_size."""
+    forward_batch_size: Optional[int] = None
+    """Rows per no-grad forward when scoring experience; null = ppo.micro_batch_size."""
+    max_new_tokens: int = 128
+    """Longest response; responses cut here get EOS appended for scoring."""
+    temperature: float = 0.8
+    """Sampling temperature T; every logprob (old, ref, new) uses logits / T."""
+    top_p: float = 0.9
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    repetition_penalty: float = 1.0
+    """HF repetition penalty during sampling (1.0 = off; the paper's setup optionally uses 1.1)."""
+
+
+@dataclass
+class RewardConfig:
+    reward_scale: bool = True
+    """Divide scores by the running standard deviation (PPO-max §5.3.1)."""
+    reward_norm: bool = True
+    """Also subtract the running mean (requires reward_scale semantics: (s - mu) / sigma)."""
+    reward_clip: Optional[float] = 0.8
+    """Clamp the reparameterised score to [-delta, delta]; null = off."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtracted from the raw score (reward-model units) of responses cut at max_new_tokens; null = off."""
+    kl_coef: float = 0.05
+    """beta of the token-level KL penalty r_t = -beta * KL_t (PPO-max §5.3.2); 0 = off."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: k1, k2, k3 or abs."""
+    kl_clamp: Optional[float] = None
+    """Clamp the per-token KL estimate to [-c, c]; null = off."""
+    adaptive_kl: bool = False
+    """Adapt beta towards kl_target (proportional controller of Ziegler et al.)."""
+    kl_target: float = 6.0
+    """Target sequence KL (nats) for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (rollouts) of the adaptive controller."""
+
+
+@dataclass
+class PPOConfig:
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatch_size: int = 32
+    """Rollouts per optimizer step."""
+    micro_batch_size: int = 8
+    """Rollouts per forward/backward (gradient accumulation inside a minibatch)."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.9
+    """lambda of GAE."""
+    whiten_advantages: bool = False
+    """Whiten advantages over the whole rollout batch (masked, global)."""
+    advantage_clip: Optional[float] = None
+    """Clamp advantages to [-c, c] after whitening; null = off."""
+    clip_eps: float = 0.2
+    """Policy ratio clip epsilon."""
+    value_clip: Optional[float] = 0.2
+    """Value clip epsilon around the old values; null = off."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c > 1 for negative advantages; null = off."""
+    vf_coef: float = 1.0
+    """Weight of the value loss in the total loss (it only reaches the critic's gradients)."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight."""
+    ptx_coef: float = 0.1
+    """Weight of the ptx LM loss; used only when data.ptx_path is set."""
+    critic_warmup_steps: int = 0
+    """Iterations at the start during which only the critic trains (policy frozen; PPO-max §5.4)."""
+
+
+@dataclass
+class OptimConfig:
+    policy_lr: float = 5e-7
+    """Peak AdamW learning rate of the policy."""
+    critic_lr: float = 1.65e-6
+    """Peak AdamW learning rate of the critic."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (both models)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear LR warmup, in optimizer steps of each model."""
+    schedule: str = "constant"
+    """LR after warmup: constant, linear or cosine (decaying to min_lr_ratio at the last step)."""
+    min_lr_ratio: float = 0.0
+    """Final LR as a fraction of the peak for linear/cosine."""
+    max_grad_norm: Optional[float] = 1.0
+    """Global gradient-norm clip, applied per model; null = off."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/fastppo"
+    """Run directory: resolved config, metrics, TensorBoard logs, checkpoints, export."""
+    iterations: int = 100
+    """PPO iterations (rollout + update) to run."""
+    seed: int = 0
+    """Seed of every random choice (prompt order, sampling, minibatch shuffles)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N."""
+    backend: Optional[str] = None
+    """Fused-op backend: null (triton on CUDA, torch elsewhere), triton or torch."""
+    save_every: int = 50
+    """Save a resumable checkpoint every N iterations (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (oldest deleted first)."""
+    resume: Optional[str] = None
+    """Checkpoint directory to resume from, or 'latest' for the newest in output_dir/checkpoints."""
+    export_at_end: bool = True
+    """Export the policy as a Hugging Face directory (safetensors + tokenizer) at the end."""
+    max_nonfinite_in_a_row: int = 5
+    """Abort after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The four models."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt and ptx data."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Score reparameterisation and KL penalty."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """GAE and the PPO update."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizers and schedules."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run control, logging, checkpoints."""
+
+
+# ----------------------------------------------------------------------------
+# Presets (SPEC §3)
+# ----------------------------------------------------------------------------
+
+def ppo_max() -> Config:
+    """PPO-max as in the paper: token KL 0.05, reward scale+norm+clip 0.8, value clip, critic warm-up."""
+    cfg = Config()
+    cfg.reward = RewardConfig(reward_scale=True, reward_norm=True, reward_clip=0.8, kl_coef=0.05, kl_estimator="k1")
+    cfg.ppo = PPOConfig(gamma=1.0, lam=0.9, whiten_advantages=False, clip_eps=0.2, value_clip=0.2,
+                        ptx_coef=0.1, critic_warmup_steps=10)
+    cfg.optim = OptimConfig(policy_lr=5e-7, critic_lr=1.65e-6, max_grad_norm=1.0)
+    return cfg
+
+
+def moss_release() -> Config:
+    """The MOSS-RLHF reference scripts: KL 0.01, reward scaling only, lambda 0.95, no ptx."""
+    cfg = Config()
+    cfg.reward = RewardConfig(reward_scale=True, reward_norm=False, reward_clip=None, kl_coef=0.01, kl_estimator="k1")
+    cfg.ppo = PPOConfig(gamma=1.0, lam=0.95, whiten_advantages=False, clip_eps=0.2, value_clip=0.2,
+                        ptx_coef=0.0, critic_warmup_steps=0)
+    cfg.optim = OptimConfig(policy_lr=5e-7, critic_lr=1.5e-6, max_grad_norm=1.0)
+    return cfg
+
+
+def vanilla() -> Config:
+    """Plain PPO: no KL penalty, raw scores, advantage whitening, no value or grad-norm clipping."""
+    cfg = Config()
+    cfg.reward = RewardConfig(reward_scale=False, reward_norm=False, reward_clip=None, kl_coef=0.0, kl_estimator="k1")
+    cfg.ppo = PPOConfig(gamma=1.0, lam=0.95, whiten_advantages=True, clip_eps=0.2, value_clip=None,
+                        ptx_coef=0.0, critic_warmup_steps=0)
+    cfg.optim = OptimConfig(policy_lr=5e-7, critic_lr=1.5e-6, max_grad_norm=None)
+    return cfg
+
+
+PRESETS = {"ppo_max": ppo_max, "moss_release": moss_release, "vanilla": vanilla}
+
+
+# ----------------------------------------------------------------------------
+# Loading, validation, derived values
+# ----------------------------------------------------------------------------
+
+def _field_name(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    return str(key) if key else "?"
+
+
+def _merge(base: Any, layer: Any, what: str) -> Any:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"invalid config in {what}: field '{_field_name(exc)}': {msg}") from None
+
+
+def load_config(
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    preset: str | None = None,
+) -> Config:
+    """Build a validated Config: preset <- YAML <- dotted overrides (`ppo.clip_eps=0.1`).
+
+    A YAML file may name its base with a top-level `preset:` key; an explicit
+    `preset` argument wins over it.
+    """
+    layers = []
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:  # yaml parse errors
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+        if not OmegaConf.is_dict(file_cfg):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        file_preset = file_cfg.pop("preset", None)
+        preset = preset or file_preset
+        layers.append((file_cfg, str(path)))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value, got {bad[0]!r}")
+        try:
+            layers.append((OmegaConf.from_dotlist(list(overrides)), "command-line overrides"))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse overrides: {exc}") from None
+    preset = preset or "ppo_max"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    merged = OmegaConf.structured(PRESETS[preset]())
+    for layer, what in layers:
+        merged = _merge(merged, layer, what)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"required config field(s) not set: {', '.join(missing)}")
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict, preset: str = "ppo_max") -> Config:
+    """Config from a nested dict (Python API), validated like a YAML file."""
+    merged = _merge(OmegaConf.structured(PRESETS[preset]()), OmegaConf.create(d), "dict")
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"required config field(s) not set: {', '.join(missing)}")
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid config: field '{name}': {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks; every failure names the field."""
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a fastppo.config.Config, got {type(cfg).__name__}")
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            if getattr(getattr(cfg, section.name), f.name) is MISSING or getattr(getattr(cfg, section.name), f.name) == "???":
+                raise ConfigError(f"required config field not set: {section.name}.{f.name}")
+    m, d, r, rw, p, o, run = cfg.model, cfg.data, cfg.rollout, cfg.reward, cfg.ppo, cfg.optim, cfg.run
+    _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _check(m.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+           "model.attn_implementation", f"unknown implementation {m.attn_implementation!r}")
+    _check(m.lm_head_chunk_size is None or m.lm_head_chunk_size > 0, "model.lm_head_chunk_size", "must be > 0")
+    _check(d.prompt_format in ("auto", "chat", "plain"), "data.prompt_format", f"must be auto, chat or plain, got {d.prompt_format!r}")
+    _check(d.max_prompt_len > 0, "data.max_prompt_len", "must be > 0")
+    _check(d.max_ptx_len > 1, "data.max_ptx_len", "must be > 1")
+    _check(r.rollout_batch_size > 0, "rollout.rollout_batch_size", "must be > 0")
+    _check(r.generation_batch_size is None or r.generation_batch_size > 0, "rollout.generation_batch_size", "must be > 0")
+    _check(r.forward_batch_size is None or r.forward_batch_size > 0, "rollout.forward_batch_size", "must be > 0")
+    _check(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
+    _check(r.temperature > 0, "rollout.temperature", f"must be > 0 (logprobs use logits / T), got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.top_k >= 0, "rollout.top_k", "must be >= 0")
+    _check(r.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0")
+    _check(rw.reward_clip is None or rw.reward_clip > 0, "reward.reward_clip", "must be > 0 or null")
+    _check(rw.kl_coef >= 0, "reward.kl_coef", "must be >= 0")
+    _check(rw.kl_estimator in ("k1", "k2", "k3", "abs"), "reward.kl_estimator", f"must be k1, k2, k3 or abs, got {rw.kl_estimator!r}")
+    _check(rw.kl_clamp is None or rw.kl_clamp > 0, "reward.kl_clamp", "must be > 0 or null")
+    _check(rw.kl_target > 0, "reward.kl_target", "must be > 0")
+    _check(rw.kl_horizon > 0, "reward.kl_horizon", "must be > 0")
+    _check(p.ppo_epochs > 0, "ppo.ppo_epochs", "must be > 0")
+    _check(p.minibatch_size > 0, "ppo.minibatch_size", "must be > 0")
+    _check(p.micro_batch_size > 0, "ppo.micro_batch_size", "must be > 0")
+    _check(r.rollout_batch_size % p.minibatch_size == 0, "ppo.minibatch_size",
+           f"must divide rollout.rollout_batch_size ({r.rollout_batch_size}), got {p.minibatch_size}")
+    _check(p.minibatch_size % p.micro_batch_size == 0, "ppo.micro_batch_size",
+           f"must divide ppo.minibatch_size ({p.minibatch_size}), got {p.micro_batch_size}")
+    _check(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
+    _check(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
+    _check(p.advantage_clip is None or p.advantage_clip > 0, "ppo.advantage_clip", "must be > 0 or null")
+    _check(p.clip_eps > 0, "ppo.clip_eps", "must be > 0")
+    _check(p.value_clip is None or p.value_clip > 0, "ppo.value_clip", "must be > 0 or null")
+    _check(p.dual_clip is None or p.dual_clip > 1, "ppo.dual_clip", "must be > 1 or null")
+    _check(p.vf_coef >= 0, "ppo.vf_coef", "must be >= 0")
+    _check(p.ent_coef >= 0, "ppo.ent_coef", "must be >= 0")
+    _check(p.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0")
+    _check(p.critic_warmup_steps >= 0, "ppo.critic_warmup_steps", "must be >= 0")
+    _check(o.policy_lr >= 0, "optim.policy_lr", "must be >= 0")
+    _check(o.critic_lr >= 0, "optim.critic_lr", "must be >= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
+    _check(o.eps > 0, "optim.eps", "must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.schedule in ("constant", "linear", "cosine"), "optim.schedule", f"must be constant, linear or cosine, got {o.schedule!r}")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
+    _check(run.iterations >= 0, "run.iterations", "must be >= 0")
+    _check(run.save_every >= 0, "run.save_every", "must be >= 0")
+    _check(run.keep_last >= 1, "run.keep_last", "must be >= 1")
+    _check(run.max_nonfinite_in_a_row >= 1, "run.max_nonfinite_in_a_row", "must be >= 1")
+    _check(run.backend in (None, "triton", "torch"), "run.backend", f"must be null, triton or torch, got {run.backend!r}")
+    _check(run.device == "auto" or run.device == "cpu" or run.device.startswith("cuda"), "run.device",
+           f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
+    _check(run.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "run.log_level", "must be DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Quantities computed from the config in one place."""
+    minibatches_per_epoch: int
+    micro_batches_per_minibatch: int
+    generation_batch_size: int
+    forward_batch_size: int
+    policy_optimizer_steps: int
+    critic_optimizer_steps: int
+
+
+def derived(cfg: Config) -> Derived:
+    mb_per_epoch = cfg.rollout.rollout_batch_size // cfg.ppo.minibatch_size
+    steps_per_iter = mb_per_epoch * cfg.ppo.ppo_epochs
+    return Derived(
+        minibatches_per_epoch=mb_per_epoch,
+        micro_batches_per_minibatch=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size,
+        generation_batch_size=cfg.rollout.generation_batch_size or cfg.rollout.rollout_batch_size,
+        forward_batch_size=cfg.rollout.forward_batch_size or cfg.ppo.micro_batch_size,
+        policy_optimizer_steps=max(0, cfg.run.iterations - cfg.ppo.critic_warmup_steps) * steps_per_iter,
+        critic_optimizer_steps=cfg.run.iterations * steps_per_iter,
+    )

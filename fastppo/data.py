@@ -1,0 +1,270 @@
+"""Prompt and SFT (ptx) datasets, chat templates, left-padding collate, a resumable sampler.
+
+Records come from a .jsonl file, a .parquet file, or a directory holding a
+saved `datasets` dataset or .jsonl/.parquet files. Every record is validated
+and tokenised up front, so a malformed file fails at start-up with its path,
+line (JSONL; row for Parquet) and field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+class DataError(ValueError):
+    """A data problem; the message names the file, line and field."""
+
+
+# ----------------------------------------------------------------------------
+# Reading records
+# ----------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
+            yield where, rec
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read Parquet file: {exc}") from None
+    for i, rec in enumerate(table.to_pylist()):
+        yield f"{path}: row {i}", rec
+
+
+def _read_dataset_dir(path: Path) -> Iterator[tuple[str, dict]]:
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        try:
+            import datasets  # optional
+        except ImportError:
+            raise DataError(f"{path}: a saved `datasets` dataset needs the `datasets` package (pip install datasets)") from None
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: DatasetDict without a 'train' split (splits: {list(ds)})")
+            ds = ds["train"]
+        for i, rec in enumerate(ds):
+            yield f"{path}: row {i}", rec
+        return
+    files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet"))
+    if not files:
+        raise DataError(f"{path}: directory holds no saved dataset and no .jsonl/.parquet files")
+    for f in files:
+        yield from read_records(f)
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(location, record) pairs; location is 'file:line' for error messages."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        return _read_dataset_dir(path)
+    if path.suffix == ".jsonl" or path.suffix == ".json":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(f"{path}: unsupported data format {path.suffix!r} (use .jsonl, .parquet or a dataset directory)")
+
+
+# ----------------------------------------------------------------------------
+# Tokenisation
+# ----------------------------------------------------------------------------
+
+def _check_messages(where: str, field: str, messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{field}' must be a non-empty list of messages")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field '{field}' message {j} must be an object with string 'role' and 'content'")
+    return messages
+
+
+def _apply_chat_template(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: chat messages need a tokenizer with a chat template, and this tokenizer has none")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer, value, *, where: str, field: str, prompt_format: str) -> list[int]:
+    """Token ids of one prompt: plain text, or messages through the chat template."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{field}' is empty")
+        if prompt_format == "chat":
+            return _apply_chat_template(tokenizer, [{"role": "user", "content": value}], where, True)
+        return tokenizer(value, add_special_tokens=True)["input_ids"]
+    if isinstance(value, list):
+        if prompt_format == "plain":
+            raise DataError(f"{where}: field '{field}' holds messages but data.prompt_format is 'plain'")
+        return _apply_chat_template(tokenizer, _check_messages(where, field, value), where, True)
+    raise DataError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str, max_len: int) -> list[list[int]]:
+    """Tokenised prompts, each truncated to its last max_len tokens."""
+    prompts = []
+    for where, rec in read_records(path):
+        if field not in rec:
+            raise DataError(f"{where}: missing field '{field}' (fields: {sorted(rec)}); set data.prompt_field")
+        ids = encode_prompt(tokenizer, rec[field], where=where, field=field, prompt_format=prompt_format)
+        if not ids:
+            raise DataError(f"{where}: field '{field}' tokenises to nothing")
+        prompts.append(ids[-max_len:])
+    if not prompts:
+        raise DataError(f"{path}: no prompts found (empty file?)")
+    return prompts
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    """prompt + response tokens."""
+    n_prompt: int
+    """Leading tokens excluded from the LM loss."""
+
+
+def load_sft(path: str | Path, tokenizer, *, prompt_field: str, response_field: str, messages_field: str,
+             max_len: int) -> list[SFTExample]:
+    """{prompt, response} records (or chat messages whose last turn is the response), EOS appended."""
+    out = []
+    eos = tokenizer.eos_token_id
+    for where, rec in read_records(path):
+        if prompt_field in rec:
+            if response_field not in rec:
+                raise DataError(f"{where}: missing field '{response_field}'")
+            prompt, response = rec[prompt_field], rec[response_field]
+            if not isinstance(response, str) or not response:
+                raise DataError(f"{where}: field '{response_field}' must be a non-empty string")
+            p_ids = encode_prompt(tokenizer, prompt, where=where, field=prompt_field, prompt_format="auto")
+            r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        elif messages_field in rec:
+            msgs = _check_messages(where, messages_field, rec[messages_field])
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{where}: field '{messages_field}': the last message must be the assistant's response")
+            p_ids = _apply_chat_template(tokenizer, msgs[:-1], where, True)
+            r_ids = tokenizer(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
+        else:
+            raise DataError(f"{where}: needs field '{prompt_field}' + '{response_field}' or '{messages_field}' (fields: {sorted(rec)})")
+        ids = (p_ids + r_ids + [eos])
+        n_prompt = len(p_ids)
+        if len(ids) > max_len:  # keep the response: cut the prompt from the left first
+            cut = len(ids) - max_len
+            drop = min(cut, max(0, n_prompt - 1))
+            ids, n_prompt = ids[drop:], n_prompt - drop
+            ids = ids[:max_len]
+        out.append(SFTExample(ids, n_prompt))
+    if not out:
+        raise DataError(f"{path}: no SFT examples found (empty file?)")
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts.
+
+    input_ids:      (B, P) int64, pad on the left
+    attention_mask: (B, P) int64, 1 on prompt tokens
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> PromptBatch:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return PromptBatch(ids, mask)
+
+
+@dataclass
+class SFTBatch:
+    """Right-padded SFT examples for the ptx loss.
+
+    input_ids:      (B, L) int64
+    attention_mask: (B, L) int64
+    labels:         (B, L) int64, the next token at each position, -100 off the response
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def collate_sft(examples: list[SFTExample], pad_id: int, ignore_index: int = -100) -> SFTBatch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, ignore_index)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        t = torch.tensor(e.input_ids, dtype=torch.long)
+        ids[i, :n] = t
+        mask[i, :n] = 1
+        # position j predicts token j+1; only response tokens (index >= n_prompt) are targets
+        labels[i, max(0, e.n_prompt - 1):n - 1] = t[max(1, e.n_prompt):]
+    return SFTBatch(ids, mask, labels)
+
+
+class EpochSampler:
+    """Draws batches of indices from a seeded per-epoch permutation; resumable.
+
+    State is (epoch, position): the permutation of epoch e is a function of
+    (seed, e) alone, so a resumed run draws exactly the same prompts.
+    """
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+            take = min(k - len(out), self.n - self.position)
+            out += self._perm[self.position:self.position + take]
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "n": self.n}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d["n"] != self.n:
+            raise DataError(f"the resumed run saw {d['n']} records but the data now has {self.n}; data changed since the checkpoint")
+        self.epoch, self.position = d["epoch"], d["position"]
+        self._perm = self._permutation(self.epoch)
