@@ -192,6 +192,8 @@ class RunConfig:
     """Checkpoints kept on disk (oldest deleted first)."""
     resume: Optional[str] = None
     """Checkpoint directory to resume from, or 'latest' for the newest in output_dir/checkpoints."""
+    stop_after: Optional[int] = None
+    """Stop this invocation after N iterations with a resumable checkpoint (e.g. a time-limited job slot); null = run to `iterations`."""
     export_at_end: bool = True
     """Export the policy as a Hugging Face directory (safetensors + tokenizer) at the end."""
     max_nonfinite_in_a_row: int = 5
@@ -400,6 +402,7 @@ def validate(cfg: Config) -> None:
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
     _check(run.iterations >= 0, "run.iterations", "must be >= 0")
     _check(run.save_every >= 0, "run.save_every", "must be >= 0")
+    _check(run.stop_after is None or run.stop_after > 0, "run.stop_after", "must be > 0 or null")
     _check(run.keep_last >= 1, "run.keep_last", "must be >= 1")
     _check(run.max_nonfinite_in_a_row >= 1, "run.max_nonfinite_in_a_row", "must be >= 1")
     _check(run.backend in (None, "triton", "torch"), "run.backend", f"must be null, triton or torch, got {run.backend!r}")
@@ -430,3 +433,199 @@ def derived(cfg: Config) -> Derived:
         policy_optimizer_steps=max(0, cfg.run.iterations - cfg.ppo.critic_warmup_steps) * steps_per_iter,
         critic_optimizer_steps=cfg.run.iterations * steps_per_iter,
     )
+
+
+# ----------------------------------------------------------------------------
+# The stages before PPO: `fastppo sft` and `fastppo train-rm` (issue 6)
+# ----------------------------------------------------------------------------
+# Same layering as `Config` (defaults <- YAML <- dotted overrides, unknown keys
+# and bad values fail naming the field); loaded with `load_stage_config`.
+
+@dataclass
+class StageModelConfig:
+    path: str = MISSING
+    """Model to start from (local Hugging Face directory or hub id). sft: a causal LM. train-rm: a causal LM (e.g. the SFT export; a fresh scalar head is added) or a sequence-classification model."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """Attention implementation passed to from_pretrained: sdpa, eager or flash_attention_2."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model directory."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    lm_head_chunk_size: Optional[int] = None
+    """Rows per chunk for the fused lm_head + logprob op; null = the op's default."""
+
+
+@dataclass
+class StageDataConfig:
+    train_path: str = MISSING
+    """Training records: .jsonl, .parquet or a directory (as data.prompt_path of `train`)."""
+    eval_path: Optional[str] = None
+    """Held-out records; null = hold out eval_fraction of train_path (a seeded split)."""
+    eval_fraction: float = 0.05
+    """Fraction of train_path held out when eval_path is null (0 = no evaluation)."""
+    prompt_field: str = "prompt"
+    """Prompt field: a string or a list of {role, content} messages (chat template)."""
+    response_field: str = "response"
+    """sft: the response field (the loss covers these tokens only)."""
+    chosen_field: str = "chosen"
+    """train-rm: the preferred response (a string, or messages whose last turn is the assistant's)."""
+    rejected_field: str = "rejected"
+    """train-rm: the dispreferred response (same form as chosen_field)."""
+    messages_field: str = "messages"
+    """sft: chat messages used when the prompt field is absent (the last message is the response)."""
+    max_len: int = 512
+    """Prompt + response tokens (EOS included) are cut to this length, the prompt from the left first."""
+    shuffle: bool = True
+    """Reshuffle the training records every epoch (seeded by run.seed)."""
+
+
+@dataclass
+class StageOptimConfig:
+    lr: float = 1e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear LR warmup, in optimizer steps."""
+    schedule: str = "cosine"
+    """LR after warmup: constant, linear or cosine (decaying to min_lr_ratio at the last step)."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak for linear/cosine."""
+    max_grad_norm: Optional[float] = 1.0
+    """Global gradient-norm clip; null = off."""
+
+
+@dataclass
+class StageRunConfig:
+    output_dir: str = "runs/stage"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard logs, the exported model (export/)."""
+    epochs: float = 1.0
+    """Passes over the training records (fractions allowed); ignored when max_steps is set."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to run; null = derived from epochs."""
+    batch_size: int = 32
+    """Examples (sft) or pairs (train-rm) per optimizer step."""
+    micro_batch_size: int = 8
+    """Examples or pairs per forward/backward (gradient accumulation inside a step)."""
+    eval_every: int = 50
+    """Evaluate on the held-out split every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_batch_size: int = 64
+    """Examples or pairs per forward during evaluation."""
+    seed: int = 0
+    """Seed of every random choice (split, order, head initialisation)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N."""
+    backend: Optional[str] = None
+    """Fused-op backend: null (triton on CUDA, torch elsewhere), triton or torch."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar."""
+    log_every: int = 1
+    """Write a metrics record every N optimizer steps."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+
+@dataclass
+class SFTConfig:
+    model: StageModelConfig = field(default_factory=StageModelConfig)
+    """The causal LM to fine-tune."""
+    data: StageDataConfig = field(default_factory=StageDataConfig)
+    """{prompt, response} records or chat messages."""
+    optim: StageOptimConfig = field(default_factory=StageOptimConfig)
+    """Optimizer and schedule."""
+    run: StageRunConfig = field(default_factory=lambda: StageRunConfig(output_dir="runs/sft"))
+    """Run control and logging."""
+
+
+@dataclass
+class RMLossConfig:
+    lm_coef: float = 0.0
+    """Weight of an LM loss on the chosen responses (0 = off). Needs model.path to hold a causal LM (its lm_head is kept beside the reward model during training, not exported)."""
+    margin_reg: float = 0.0
+    """Weight of an L2 penalty on the scores, (r_c^2 + r_r^2)/2, keeping them near 0 (0 = off)."""
+
+
+@dataclass
+class RMConfig:
+    model: StageModelConfig = field(default_factory=StageModelConfig)
+    """The model the reward model starts from."""
+    data: StageDataConfig = field(default_factory=StageDataConfig)
+    """{prompt, chosen, rejected} records."""
+    loss: RMLossConfig = field(default_factory=RMLossConfig)
+    """Loss terms beyond -log sigmoid(r_c - r_r)."""
+    optim: StageOptimConfig = field(default_factory=StageOptimConfig)
+    """Optimizer and schedule."""
+    run: StageRunConfig = field(default_factory=lambda: StageRunConfig(output_dir="runs/rm"))
+    """Run control and logging."""
+
+
+def load_stage_config(schema: type, yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+                      base: Any = None) -> Any:
+    """An SFTConfig or RMConfig: defaults (or `base`) <- YAML <- dotted overrides, validated."""
+    merged = OmegaConf.structured(base if base is not None else schema())
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+        merged = _merge(merged, file_cfg, str(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value, got {bad[0]!r}")
+        try:
+            merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse overrides: {exc}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"required config field(s) not set: {', '.join(missing)}")
+    cfg = OmegaConf.to_object(merged)
+    validate_stage(cfg)
+    return cfg
+
+
+def validate_stage(cfg: Any) -> None:
+    """Range checks of an SFTConfig / RMConfig; every failure names the field."""
+    if not isinstance(cfg, (SFTConfig, RMConfig)):
+        raise ConfigError(f"expected an SFTConfig or RMConfig, got {type(cfg).__name__}")
+    m, d, o, run = cfg.model, cfg.data, cfg.optim, cfg.run
+    _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _check(m.lm_head_chunk_size is None or m.lm_head_chunk_size > 0, "model.lm_head_chunk_size", "must be > 0")
+    _check(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    _check(d.max_len > 1, "data.max_len", "must be > 1")
+    _check(o.lr >= 0, "optim.lr", "must be >= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
+    _check(o.eps > 0, "optim.eps", "must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.schedule in ("constant", "linear", "cosine"), "optim.schedule", f"must be constant, linear or cosine, got {o.schedule!r}")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
+    _check(run.epochs > 0, "run.epochs", "must be > 0")
+    _check(run.max_steps is None or run.max_steps > 0, "run.max_steps", "must be > 0 or null")
+    _check(run.batch_size > 0, "run.batch_size", "must be > 0")
+    _check(run.micro_batch_size > 0, "run.micro_batch_size", "must be > 0")
+    _check(run.batch_size % run.micro_batch_size == 0, "run.micro_batch_size",
+           f"must divide run.batch_size ({run.batch_size}), got {run.micro_batch_size}")
+    _check(run.eval_every >= 0, "run.eval_every", "must be >= 0")
+    _check(run.eval_batch_size > 0, "run.eval_batch_size", "must be > 0")
+    _check(run.log_every > 0, "run.log_every", "must be > 0")
+    _check(run.backend in (None, "triton", "torch"), "run.backend", f"must be null, triton or torch, got {run.backend!r}")
+    _check(run.device == "auto" or run.device == "cpu" or run.device.startswith("cuda"), "run.device",
+           f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
+    _check(run.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "run.log_level", "must be DEBUG, INFO, WARNING or ERROR")
+    if isinstance(cfg, RMConfig):
+        _check(cfg.loss.lm_coef >= 0, "loss.lm_coef", "must be >= 0")
+        _check(cfg.loss.margin_reg >= 0, "loss.margin_reg", "must be >= 0")

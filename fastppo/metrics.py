@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,50 +19,56 @@ from . import dist
 log = logging.getLogger("fastppo")
 
 
-@dataclass
 class RunningMoments:
     """Running mean and standard deviation of a scalar stream (parallel Welford / Chan et al.).
 
     `update` merges the moments of a whole batch (all ranks) into the running
     ones: with counts n_a, n_b, means mu_a, mu_b and sums of squared
     deviations M_a, M_b, the merged M = M_a + M_b + delta^2 n_a n_b / n.
-    Stored in float64 on the host: a handful of numbers per iteration.
+    The state is three float64 scalars kept on the batch's device, so an
+    update costs no host sync.
     """
 
-    count: float = 0.0
-    mean: float = 0.0
-    m2: float = 0.0
+    def __init__(self) -> None:
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.mean = torch.zeros((), dtype=torch.float64)
+        self.m2 = torch.zeros((), dtype=torch.float64)
 
     @property
-    def var(self) -> float:
-        return self.m2 / self.count if self.count > 0 else 1.0
+    def var(self) -> torch.Tensor:
+        """Population variance (1 before any data)."""
+        return torch.where(self.count > 0, self.m2 / self.count.clamp(min=1), torch.ones_like(self.m2))
 
     @property
-    def std(self) -> float:
-        return math.sqrt(self.var)
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
 
-    def merge(self, n_b: float, mean_b: float, var_b: float) -> None:
+    def merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
         """Merge a batch given as (count, mean, population variance)."""
-        if n_b <= 0:
-            return
+        n_b, mean_b, var_b = (torch.as_tensor(v, dtype=torch.float64, device=self.count.device) for v in (n_b, mean_b, var_b))
         n_a = self.count
-        n = n_a + n_b
+        n = (n_a + n_b).clamp(min=1)
         delta = mean_b - self.mean
-        self.mean += delta * n_b / n
-        self.m2 += var_b * n_b + delta * delta * n_a * n_b / n
-        self.count = n
+        self.mean = self.mean + delta * n_b / n
+        self.m2 = self.m2 + var_b * n_b + delta * delta * n_a * n_b / n
+        self.count = n_a + n_b
 
     def update(self, x: torch.Tensor) -> None:
-        """Merge the global batch x (all ranks); costs one host sync."""
-        count, mean, var = dist.global_moments(x.detach().reshape(-1).double() if x.device.type == "cpu" else x.detach().reshape(-1))
-        n_b, mean_b, var_b = torch.stack([count.double(), mean.double(), var.double()]).tolist()
-        self.merge(n_b, mean_b, var_b)
+        """Merge the global batch x (all ranks)."""
+        self.to(x.device)
+        count, mean, var = dist.global_moments(x.detach().reshape(-1))
+        self.merge(count, mean, var)
+
+    def to(self, device: torch.device) -> "RunningMoments":
+        self.count, self.mean, self.m2 = (t.to(device) for t in (self.count, self.mean, self.m2))
+        return self
 
     def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+        return {"count": self.count.item(), "mean": self.mean.item(), "m2": self.m2.item()}
 
     def load_state_dict(self, d: dict) -> None:
-        self.count, self.mean, self.m2 = float(d["count"]), float(d["mean"]), float(d["m2"])
+        dev = self.count.device
+        self.count, self.mean, self.m2 = (torch.tensor(float(d[k]), dtype=torch.float64, device=dev) for k in ("count", "mean", "m2"))
 
 
 class MetricBuffer:
@@ -127,14 +132,23 @@ def masked_stats(prefix: str, x: torch.Tensor, mask: torch.Tensor | None = None)
 class MetricWriter:
     """Writes one record per iteration to metrics.jsonl and TensorBoard (main rank only)."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_from: int | None = None) -> None:
+        """resume_from: the iteration a resumed run restarts after; later records are dropped."""
         self.enabled = dist.is_main()
         self.jsonl = None
         self.tb = None
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        if resume_from is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= resume_from]
+            path.write_text("".join(line + "\n" for line in keep))
+        elif resume_from is None and path.exists():
+            path.unlink()  # a fresh run starts a fresh log
+        purge_step = resume_from + 1 if resume_from is not None else None
+        self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -144,9 +158,14 @@ class MetricWriter:
                 log.warning("TensorBoard disabled: %s", exc)
 
     def write(self, step: int, scalars: dict[str, float], histograms: dict[str, torch.Tensor] | None = None) -> None:
+        """One JSONL record (scalars + histogram counts) and the TensorBoard scalars/histograms."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"iteration": step, **{k: _finite_or_str(v) for k, v in scalars.items()}}) + "\n")
+        record = {"iteration": step, **{k: _finite_or_str(v) for k, v in scalars.items()}}
+        histograms = {k: h[torch.isfinite(h)] for k, h in (histograms or {}).items()}
+        histograms = {k: h for k, h in histograms.items() if h.numel() > 0}  # non-finite values are not binned
+        record.update({f"{k}/histogram": histogram_counts(h) for k, h in (histograms or {}).items()})
+        self.jsonl.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)

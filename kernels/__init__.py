@@ -1,5 +1,11 @@
 """fastppo.kernels: fused ops with a Triton and a PyTorch backend (see SPEC §6)."""
 
 from .token_logprobs import LogprobsAndEntropy, token_logprobs
+from .linear_token_logprobs import linear_token_logprobs
+from .kl_penalty import kl_penalty
+from .gae import AdvantagesAndReturns, gae
+from .ppo_loss import PPOLossOutput, ppo_loss
 
 __all__ = ["LogprobsAndEntropy", "token_logprobs"]
+__all__ += ["linear_token_logprobs"]
+__all__ += ["kl_penalty", "gae", "AdvantagesAndReturns", "ppo_loss", "PPOLossOutput"]

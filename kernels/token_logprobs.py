@@ -139,9 +139,11 @@ def _fwd_triton(logits2d, labels1d, temperature, ignore_index):
     return out[0], out[1], out[2]
 
 
-def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
+def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out=None):
+    # `out` (rows, V) with unit column stride, any float dtype, may alias logits2d
+    # (each program reads its block before writing it): used by linear_token_logprobs.
     n_rows, n_cols = logits2d.shape
-    dlogits = empty_output((n_rows, n_cols), logits2d.dtype, logits2d.device)
+    dlogits = out if out is not None else empty_output((n_rows, n_cols), logits2d.dtype, logits2d.device)
     if n_rows == 0 or n_cols == 0:
         return dlogits
     block_v = _block_v(n_cols, 4096)

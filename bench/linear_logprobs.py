@@ -1,0 +1,176 @@
+"""Benchmark linear_token_logprobs (lm_head + logprobs + entropy): fastppo vs the hand-written way.
+
+Providers, side by side in one run:
+  naive    F.linear -> log_softmax(.float()) -> gather, + entropy from the softmax
+  compile  torch.compile of naive (skipped, with the reason printed, when it fails here)
+  fastppo  fastppo.kernels.linear_token_logprobs (chunked; logits never stored)
+  liger    Liger-Kernel's fused linear cross-entropy (its summed loss: no entropy, but the
+           same memory profile), CUDA only, when importable
+
+CPU: N=8192, H=512, V=32000 float32, forward + backward: peak extra host memory
+and time of each provider as a ratio to naive. The script re-executes itself
+with MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers leave the process and
+the peak RSS is repeatable (see fastppo/memory.py).
+GPU: N in {4096, 16384}, H=4096, V in {128256, 151936}, bf16, modes forward
+and full: ms (median, p20, p80), TFLOP/s of the useful work (2·N·H·V forward,
+6·N·H·V forward + backward; fastppo does 8·N·H·V with its recompute) and % of
+the measured bf16 matmul peak, peak extra MB.
+
+Usage: python bench/linear_logprobs.py [--no-compile] [--rep R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import append_csv, device_name, peak_extra_mb, plot_bars, time_ms
+
+from fastppo.kernels import linear_token_logprobs
+
+
+def naive(hidden, weight, labels):
+    logits = F.linear(hidden, weight).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    lp = logp.gather(-1, labels[..., None]).squeeze(-1)
+    ent = -(torch.softmax(logits, dim=-1) * logp).sum(-1)
+    return lp, ent
+
+
+def fastppo(hidden, weight, labels):
+    return linear_token_logprobs(hidden, weight, labels, return_entropy=True)
+
+
+def make_providers(device, use_compile: bool):
+    providers = {"naive": naive}
+    notes = {}
+    if use_compile:
+        providers["compile"] = torch.compile(naive, dynamic=False)
+    providers["fastppo"] = fastppo
+    if device.type == "cuda":
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            def liger(hidden, weight, labels):
+                out = liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="sum")
+                loss = out[0] if isinstance(out, tuple) else out
+                return -loss, None  # a summed loss: the upstream gradient is all ones
+
+            providers["liger"] = liger
+        except Exception as exc:  # not installed, or an API this script does not know
+            notes["liger"] = f"not run: {type(exc).__name__}: {exc}"
+    else:
+        notes["liger"] = "not run: CUDA only"
+    return providers, notes
+
+
+def matmul_peak_tflops(device, dtype, size=8192):
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms, _, _ = time_ms(lambda: torch.mm(a, b), device, warmup=3, rep=10)
+    return 2 * size ** 3 / (ms * 1e-3) / 1e12
+
+
+def run_case(name, fn, n, size_h, vocab, dtype, device, modes, rep, mm_peak):
+    hidden = (torch.randn(n, size_h, device=device) / size_h ** 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, size_h, device=device) * 3 / size_h ** 0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), device=device)
+    g_lp = torch.randn(n, device=device)
+    g_ent = torch.randn(n, device=device)
+
+    def forward():
+        with torch.no_grad():
+            fn(hidden, weight, labels)
+
+    def full():
+        lp, ent = fn(hidden, weight, labels)
+        loss = lp.sum() if lp.dim() == 0 else (lp * g_lp).sum()
+        if ent is not None:
+            loss = loss + (ent * g_ent).sum()
+        loss.backward()
+        # Freed here, not at the start of the next call: the peak then counts the
+        # gradients a call makes, and the starting point holds none from the last one.
+        hidden.grad = weight.grad = None
+
+    calls = {"forward": forward, "full": full}
+    flop = {"forward": 2 * n * size_h * vocab, "full": 6 * n * size_h * vocab}
+    rows = []
+    for mode in modes:
+        peak = peak_extra_mb(calls[mode], device)          # includes one warm-up call
+        ms, p20, p80 = time_ms(calls[mode], device, warmup=0 if device.type == "cpu" else 3, rep=rep)
+        tflops = flop[mode] / (ms * 1e-3) / 1e12
+        rows.append({"op": "linear_token_logprobs", "provider": name, "mode": mode, "N": n, "H": size_h,
+                     "V": vocab, "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 3),
+                     "p20": round(p20, 3), "p80": round(p80, 3), "TFLOP/s": round(tflops, 3),
+                     "pct_mm_peak": round(100 * tflops / mm_peak, 1) if mm_peak else None,
+                     "peak_extra_MB": round(peak, 1)})
+        print(f"  {name:>8} {mode:>8} N={n} V={vocab}: {ms:10.1f} ms  {peak:9.1f} MB", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        shapes = [(4096, 4096, 128256), (4096, 4096, 151936), (16384, 4096, 128256), (16384, 4096, 151936)]
+        dtype, modes, rep = torch.bfloat16, ("forward", "full"), args.rep or 10
+        mm_peak = matmul_peak_tflops(device, dtype)
+    else:
+        shapes = [(8192, 512, 32000)]
+        dtype, modes, rep = torch.float32, ("full",), args.rep or 3
+        mm_peak = None
+    providers, notes = make_providers(device, use_compile=not args.no_compile)
+    print(f"device: {device_name(device)}  dtype: {dtype}  threads: {torch.get_num_threads()}  bf16 matmul peak: "
+          f"{f'{mm_peak:.0f} TFLOP/s' if mm_peak else 'n/a (CPU)'}", flush=True)
+
+    rows = []
+    for n, size_h, vocab in shapes:
+        for name, fn in list(providers.items()):
+            try:
+                rows += run_case(name, fn, n, size_h, vocab, dtype, device, modes, rep, mm_peak)
+            except Exception as exc:  # a provider that fails here is reported, not fatal
+                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                print(f"  {name} failed at N={n} H={size_h} V={vocab}: {msg}", file=sys.stderr, flush=True)
+                notes[name] = f"failed: {msg}"
+                providers.pop(name)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for r in rows:
+        r["device"] = device_name(device)
+
+    print(f"\n{'N':>6} {'H':>5} {'V':>7} {'mode':>8} {'provider':>8} {'ms':>10} {'TFLOP/s':>8} {'%mm':>5} "
+          f"{'peakMB':>9} {'t/naive':>8} {'mem/naive':>9}")
+    base = {(r["N"], r["H"], r["V"], r["mode"]): r for r in rows if r["provider"] == "naive"}
+    for r in rows:
+        b = base.get((r["N"], r["H"], r["V"], r["mode"]))
+        r["time_vs_naive"] = round(r["ms"] / b["ms"], 3) if b else None
+        r["mem_vs_naive"] = round(r["peak_extra_MB"] / b["peak_extra_MB"], 3) if b and b["peak_extra_MB"] > 0 else None
+        print(f"{r['N']:>6} {r['H']:>5} {r['V']:>7} {r['mode']:>8} {r['provider']:>8} {r['ms']:>10.1f} "
+              f"{r['TFLOP/s']:>8.3f} {r['pct_mm_peak'] if r['pct_mm_peak'] is not None else '-':>5} "
+              f"{r['peak_extra_MB']:>9.1f} {r['time_vs_naive'] if r['time_vs_naive'] is not None else '-':>8} "
+              f"{r['mem_vs_naive'] if r['mem_vs_naive'] is not None else '-':>9}")
+    for name, note in notes.items():
+        print(f"note: {name}: {note}")
+    if not rows:
+        return
+    path = append_csv("linear_logprobs", rows)
+    plot_rows = [dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows]
+    png = plot_bars("linear_logprobs", plot_rows, x="shape", y="peak_extra_MB", group="provider",
+                    title=f"lm_head + logprobs peak extra memory ({device_name(device)})", ylabel="peak extra MB")
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    # Host peak memory is only repeatable when freed buffers go back to the OS:
+    # glibc reads this at start-up, so re-execute once with it set.
+    if not torch.cuda.is_available() and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+    main()

@@ -1,0 +1,209 @@
+"""Experience: score a rollout, shape rewards, GAE -> one typed batch (SPEC §2.2-2.5).
+
+    score_rollout      old logprobs + entropy (policy), ref logprobs, values (critic), raw score (reward model)
+    reparameterise     running mean/std of scores; scale, normalise, clip (PPO-max §5.3.1)
+    token_rewards      r_t = -beta * KL_t(old, ref), shaped score added at the last response token (§5.3.2)
+    advantages         GAE, optional whitening and clipping
+
+Everything here runs without gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import dist
+from .config import Config
+from .metrics import RunningMoments
+from .models import Models, response_logprobs, response_values, score_at
+from .rollout import Rollout, with_eos_for_scoring
+
+
+@dataclass
+class Experience:
+    """One rollout batch ready for the PPO update: B rows, prompt width P, response width R.
+
+    sequences:      (B, P+R) int64   prompt + response
+    attention_mask: (B, P+R) int64
+    response_mask:  (B, R)   bool    response tokens (EOS included)
+    old_logprobs:   (B, R)   float32 policy logprobs at rollout time (logits / T)
+    ref_logprobs:   (B, R)   float32 reference logprobs (logits / T)
+    old_values:     (B, R)   float32 critic values, V of y_t read at the state before y_t
+    rewards:        (B, R)   float32 token rewards: -beta*KL_t, plus the shaped score at the last token
+    advantages:     (B, R)   float32 GAE advantages (whitened/clipped if configured)
+    returns:        (B, R)   float32 advantages + old_values (before whitening)
+    prompt_width:   P
+    """
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    prompt_width: int
+
+    def __len__(self) -> int:
+        return self.sequences.size(0)
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        """Rows `index` (B',) of every tensor."""
+        return Experience(**{
+            f.name: (getattr(self, f.name)[index] if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
+            for f in fields(self)
+        })
+
+
+@dataclass
+class Scored:
+    """No-grad model outputs for a rollout (B rows, R response columns).
+
+    old_logprobs, old_entropy, ref_logprobs, values: (B, R) float32
+    scores: (B,) float32 raw reward-model scores at EOS
+    """
+    old_logprobs: torch.Tensor
+    old_entropy: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+
+
+@torch.no_grad()
+def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool) -> Scored:
+    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time."""
+    T = cfg.rollout.temperature
+    tok = models.tokenizer
+    rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    P = rollout.prompt_width
+    kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("old_logprobs", "old_entropy", "ref_logprobs", "values", "scores")}
+    for s in range(0, len(rollout.sequences), batch_size):
+        rows = slice(s, s + batch_size)
+        ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
+        lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, **kw)
+        parts["old_logprobs"].append(lp.logprobs)
+        parts["old_entropy"].append(lp.entropy)
+        parts["ref_logprobs"].append(response_logprobs(models.ref, ids, mask, rmask, **kw).logprobs)
+        parts["values"].append(response_values(models.critic, ids, mask, rmask, prompt_width=P))
+        parts["scores"].append(score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]))
+    return Scored(**{k: torch.cat(v) for k, v in parts.items()})
+
+
+def reparameterise_scores(scores: torch.Tensor, moments: RunningMoments, cfg: Config) -> torch.Tensor:
+    """PPO-max §5.3.1: update the running moments with this batch, then (s - mu)/sigma or s/sigma, clipped.
+
+    The moments are updated with the current batch before they are used, so
+    the first iteration is already normalised by its own statistics.
+    """
+    rc = cfg.reward
+    if rc.reward_scale or rc.reward_norm:
+        moments.update(scores)
+    out = scores.float()
+    std = moments.std.clamp(min=1e-8).float()
+    if rc.reward_norm:
+        out = (out - moments.mean.float()) / std
+    elif rc.reward_scale:
+        out = out / std
+    if rc.reward_clip is not None:
+        out = out.clamp(-rc.reward_clip, rc.reward_clip)
+    return out
+
+
+def token_rewards(shaped_scores: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                  response_mask: torch.Tensor, *, kl_coef: float, estimator: str, clamp: float | None,
+                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-max §5.3.2: r_t = -beta * KL_t on every response token, + shaped score at the last one.
+
+    Returns (rewards (B, R), kl (B, R)); both 0 off the mask.
+    """
+    from .kernels import kl_penalty
+
+    mask = response_mask.float()
+    kl = kl_penalty(old_logprobs, ref_logprobs, estimator=estimator, clamp=clamp, backend=backend) * mask
+    rewards = -kl_coef * kl
+    last = (response_mask.long().sum(-1) - 1).clamp(min=0)                           # (B,) last response column
+    rewards = rewards.scatter_add(1, last[:, None], shaped_scores[:, None].float())
+    return rewards, kl
+
+
+def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, cfg: Config
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over response tokens (V after the last token = 0), then optional global whitening and clipping.
+
+    Returns (advantages, returns), each (B, R) float32; returns are computed
+    from the raw advantages (R_t = A_t + V_t) before whitening.
+    """
+    from .kernels import gae
+    from .masked import masked_whiten
+
+    advantages, returns = gae(rewards, values, response_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
+                                  backend=cfg.run.backend)
+    if cfg.ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, response_mask, shift_mean=True) * response_mask
+    if cfg.ppo.advantage_clip is not None:
+        advantages = advantages.clamp(-cfg.ppo.advantage_clip, cfg.ppo.advantage_clip)
+    return advantages, returns
+
+
+class AdaptiveKLController:
+    """Proportional controller of Ziegler et al. (2019): beta *= 1 + clip(KL/target - 1, ±0.2) * n / horizon."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value = float(d["value"])
+
+
+class FixedKLController(AdaptiveKLController):
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+def kl_controller(cfg: Config) -> AdaptiveKLController:
+    cls = AdaptiveKLController if cfg.reward.adaptive_kl else FixedKLController
+    return cls(cfg.reward.kl_coef, cfg.reward.kl_target, cfg.reward.kl_horizon)
+
+
+def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, kl: torch.Tensor,
+                       exp: Experience, max_new_tokens: int) -> dict[str, torch.Tensor]:
+    """SPEC §4 rollout-side diagnostics, as device tensors (synced once with the rest)."""
+    from .metrics import explained_variance, masked_stats
+
+    mask = rollout.response_mask
+    n_tokens = dist.global_count(mask)
+    n_rows = dist.all_reduce_sum(torch.tensor(float(mask.size(0)), device=mask.device))
+    seq_kl = dist.all_reduce_sum(kl.sum()) / n_rows
+    mean_logprob = dist.all_reduce_sum((scored.old_logprobs * mask).sum()) / n_tokens
+    out = {
+        **masked_stats("score/raw", scored.scores),
+        **masked_stats("score/shaped", shaped),
+        "kl/ref_per_sequence": seq_kl,
+        "kl/ref_per_token": dist.all_reduce_sum(kl.sum()) / n_tokens,
+        "policy/entropy": dist.all_reduce_sum((scored.old_entropy * mask).sum()) / n_tokens,
+        "policy/perplexity": torch.exp(-mean_logprob),
+        "response/length_mean": n_tokens / n_rows,
+        "response/length_max": dist.all_reduce_max(rollout.lengths.max().float()),
+        "response/clipped_frac": dist.all_reduce_sum((rollout.lengths >= max_new_tokens).float().sum()) / n_rows,
+        "response/no_eos_frac": dist.all_reduce_sum((~rollout.ended).float().sum()) / n_rows,
+        "response/tokens": n_tokens,
+        "response/total_tokens": dist.global_count(rollout.attention_mask),  # prompt + response tokens
+        **masked_stats("advantages", exp.advantages, mask),
+        **masked_stats("returns", exp.returns, mask),
+        **masked_stats("values", exp.old_values, mask),
+        "values/explained_variance_old": explained_variance(exp.old_values, exp.returns, mask),
+        "reward/token_mean": dist.all_reduce_sum(exp.rewards.sum()) / n_rows,
+    }
+    return out
+

@@ -1,0 +1,203 @@
+"""The PPO update (SPEC §2.6-2.7): epochs x shuffled minibatches x micro-batches.
+
+One optimizer step per minibatch. Losses are token means over the whole
+minibatch: every micro-batch's loss is divided by the minibatch's valid-token
+count (all ranks, `dist.global_count`), so summing micro-batch gradients gives
+exactly the minibatch token mean however the tokens fall into micro-batches.
+
+    total = pg_loss + vf_coef * vf_loss - ent_coef * entropy + ptx_coef * ptx_loss
+
+The policy and critic are separate models with separate AdamW optimizers and
+LR schedules; each gets its own global grad-norm clip. A step whose loss or
+gradient norm is not finite is skipped (gradients dropped) and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import dist
+from .config import Config, OptimConfig
+from .data import SFTBatch
+from .experience import Experience
+from .metrics import MetricBuffer, explained_variance
+from .models import IGNORE_INDEX, hidden_states, response_logprobs, response_values
+
+
+# ----------------------------------------------------------------------------
+# Optimizers and schedules
+# ----------------------------------------------------------------------------
+
+def make_optimizer(model: nn.Module, lr: float, cfg: OptimConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Linear warmup over cfg.warmup_steps, then constant / linear / cosine decay to min_lr_ratio at total_steps."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+    return f
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+
+
+# ----------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------
+
+def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | None, chunk_size: int | None) -> torch.Tensor:
+    """Token-mean LM loss (temperature 1) on the response tokens of an SFT batch."""
+    from .kernels import linear_token_logprobs, token_logprobs
+
+    valid = batch.labels != IGNORE_INDEX
+    if fused:
+        hidden = hidden_states(policy, batch.input_ids, batch.attention_mask)                 # (B, L, H)
+        logprobs = linear_token_logprobs(hidden, policy.get_output_embeddings().weight, batch.labels,
+                                         ignore_index=IGNORE_INDEX, backend=backend, chunk_size=chunk_size)
+    else:
+        logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logprobs = token_logprobs(logits, batch.labels, ignore_index=IGNORE_INDEX, backend=backend)
+    return -(logprobs * valid).sum() / dist.global_count(valid).clamp(min=1)
+
+
+def _grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+@dataclass
+class UpdateCounters:
+    """Host-side counters of the update, kept across iterations (checkpointed)."""
+    optimizer_steps: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def ppo_update(
+    exp: Experience,
+    *,
+    policy: nn.Module,
+    critic: nn.Module,
+    policy_opt: torch.optim.Optimizer,
+    critic_opt: torch.optim.Optimizer,
+    policy_sched,
+    critic_sched,
+    cfg: Config,
+    train_policy: bool,
+    fused: bool,
+    ptx_batches: Iterator[SFTBatch] | None,
+    counters: UpdateCounters,
+    metrics: MetricBuffer,
+) -> None:
+    """Phase 5: ppo_epochs passes of shuffled minibatches over `exp`, one optimizer step per minibatch.
+
+    train_policy=False is the critic warm-up (PPO-max §5.4): the policy is not
+    run, its loss terms are zero, and only the critic steps.
+    """
+    from .kernels import ppo_loss
+
+    pc, oc = cfg.ppo, cfg.optim
+    B = len(exp)
+    T = cfg.rollout.temperature
+    use_ptx = train_policy and ptx_batches is not None and pc.ptx_coef > 0
+    # train() matters only for gradient checkpointing: dropout is 0 in every config (models.no_dropout_config).
+    policy.train(train_policy)
+    critic.train()
+    for _epoch in range(pc.ppo_epochs):
+        order = torch.randperm(B)                                                            # global RNG: checkpointed
+        for mb_start in range(0, B, pc.minibatch_size):
+            minibatch = exp.select(order[mb_start:mb_start + pc.minibatch_size].to(exp.sequences.device))
+            # Token mean over the whole minibatch on all ranks, not per micro-batch (SPEC §2.6).
+            normalizer = dist.global_count(minibatch.response_mask)
+            losses, mb_sums = [], {}
+            for mc_start in range(0, pc.minibatch_size, pc.micro_batch_size):
+                mb = minibatch.select(torch.arange(mc_start, mc_start + pc.micro_batch_size, device=exp.sequences.device))
+                mask = mb.response_mask
+                values = response_values(critic, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width)
+                if train_policy:
+                    lp = response_logprobs(policy, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width,
+                                           temperature=T, return_entropy=True, fused=fused,
+                                           backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size)
+                    logprobs, entropy = lp.logprobs, lp.entropy
+                else:
+                    logprobs, entropy = mb.old_logprobs, torch.zeros_like(mb.old_logprobs)
+                out = ppo_loss(
+                    logprobs, mb.old_logprobs, mb.advantages, values, mb.old_values, mb.returns, mask,
+                    clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
+                    normalizer=normalizer, backend=cfg.run.backend,
+                )
+                entropy_mean = (entropy * mask).sum() / normalizer
+                # Without an entropy bonus the entropy is a metric only: keep it out of the backward pass.
+                loss = out.loss - pc.ent_coef * entropy_mean if pc.ent_coef > 0 else out.loss
+                loss.backward()
+                losses.append(loss.detach())
+                # Each term is already divided by the minibatch normalizer: summing over
+                # micro-batches gives the minibatch value.
+                for k, v in (("loss/policy", out.policy_loss), ("loss/value", out.value_loss), ("loss/total", loss),
+                             ("policy/clipfrac", out.clipfrac), ("values/clipfrac", out.value_clipfrac),
+                             ("policy/approx_kl", out.approx_kl), ("policy/ratio_mean", out.ratio_mean),
+                             ("policy/entropy_new", entropy_mean)):
+                    mb_sums[k] = mb_sums.get(k, 0.0) + v.detach()
+                metrics.add("values/explained_variance", explained_variance(values.detach(), mb.returns, mask))
+            metrics.add_dict(mb_sums)
+            if use_ptx:
+                ptx = pc.ptx_coef * ptx_loss(policy, next(ptx_batches), fused=fused, backend=cfg.run.backend,
+                                             chunk_size=cfg.model.lm_head_chunk_size)
+                ptx.backward()
+                losses.append(ptx.detach())
+                metrics.add("loss/ptx", ptx.detach() / pc.ptx_coef)
+
+            # Grad-norm clip per model, then one host sync to decide whether the step is finite.
+            critic_norm = _grad_norm(critic, oc.max_grad_norm)
+            policy_norm = _grad_norm(policy, oc.max_grad_norm) if train_policy else torch.zeros_like(critic_norm)
+            check = torch.stack([torch.stack(losses).sum().float(), policy_norm.float().to(critic_norm.device),
+                                 critic_norm.float()])
+            finite = bool(torch.isfinite(check).all())                                       # host sync (1 per step)
+            if finite:
+                if train_policy:
+                    policy_opt.step()
+                    policy_sched.step()
+                critic_opt.step()
+                critic_sched.step()
+                counters.optimizer_steps += 1
+                counters.nonfinite_in_a_row = 0
+                metrics.add_dict({"grad_norm/policy": check[1], "grad_norm/critic": check[2]})
+            else:
+                counters.skipped_steps += 1
+                counters.nonfinite_in_a_row += 1
+            policy_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            if counters.nonfinite_in_a_row >= cfg.run.max_nonfinite_in_a_row:
+                raise NonFiniteError(
+                    f"{counters.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(loss={check[0].item()}, policy grad norm={check[1].item()}, critic grad norm={check[2].item()}); "
+                    "aborting (run.max_nonfinite_in_a_row). Lower the learning rates or check the reward model's scores."
+                )
+    policy.eval()
+    critic.eval()

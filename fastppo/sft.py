@@ -1,0 +1,288 @@
+"""`fastppo sft`: supervised fine-tuning of a causal LM, loss on response tokens only (SPEC §5).
+
+Records are {prompt, response} (prompt: text or chat messages) or
+{messages: [...]} whose last turn is the assistant's response; EOS is
+appended to every response (`data.load_sft`). The loss is the token mean of
+−log π(y_t | y_<t) over the response tokens of a whole optimizer step (all
+micro-batches), the same loss as PPO's ptx term (`ppo.ptx_loss`), computed
+through the fused `linear_token_logprobs` on the backbone's hidden states and
+the lm_head weight, so the (B, L, V) logits are never materialised.
+
+The machinery is `train`'s: OmegaConf config with the resolved copy saved in
+the run directory, AdamW + warmup/decay schedule (`ppo.make_optimizer`,
+`ppo.make_scheduler`), metrics to metrics.jsonl and TensorBoard
+(`metrics.MetricWriter`), and the atomic Hugging Face export
+(`checkpoint.export_hf`) to `<output_dir>/export`.
+
+    run dir/
+      config.yaml  metrics.jsonl  tensorboard/  export/   (export: AutoModelForCausalLM)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import dist
+from .checkpoint import export_hf
+from .config import SFTConfig, StageModelConfig, StageRunConfig, to_yaml
+from .data import SFTExample, collate_sft, load_sft
+from .metrics import MetricBuffer, MetricWriter
+from .models import IGNORE_INDEX, _dtype, _grow_embeddings, ensure_pad_token, fused_lm_head_supported, load_tokenizer
+from .ppo import make_optimizer, make_scheduler, ptx_loss
+
+log = logging.getLogger("fastppo")
+
+
+# ----------------------------------------------------------------------------
+# Shared by the stages (sft, train-rm)
+# ----------------------------------------------------------------------------
+
+def setup_stage_run(cfg, what: str) -> tuple[Path, torch.device]:
+    """Seed everything, create the run directory, log to it, save the resolved config, pick the device."""
+    from .train import seed_everything, setup_logging
+
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out, cfg.run.log_level)  # console + <run dir>/train.log, as `train`
+    seed_everything(cfg.run.seed)
+    (out / "config.yaml").write_text(to_yaml(cfg))  # to_yaml works for any config dataclass
+    device = dist.resolve_device(cfg.run.device)
+    log.info("%s: run directory %s, device %s", what, out, device)
+    return out, device
+
+
+def load_stage_tokenizer(mc: StageModelConfig):
+    """The model's tokenizer with a pad token distinct from EOS (SPEC §1)."""
+    tokenizer = load_tokenizer(mc.path, trust_remote_code=mc.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def model_kwargs(mc: StageModelConfig) -> dict:
+    return dict(dtype=_dtype(mc.dtype), attn_implementation=mc.attn_implementation, trust_remote_code=mc.trust_remote_code)
+
+
+def prepare_model(model: nn.Module, tokenizer, mc: StageModelConfig, device: torch.device, what: str) -> nn.Module:
+    """Grow embeddings for an added pad token, record pad/EOS ids in the config, move to device, train mode."""
+    _grow_embeddings(model, len(tokenizer), what)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if mc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model.to(device)
+
+
+def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded random split with at least one held-out item when fraction > 0."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(len(items) - 1, max(1, round(fraction * len(items))))
+    return [items[i] for i in perm[n_eval:]], [items[i] for i in perm[:n_eval]]
+
+
+def total_steps(n_train: int, run: StageRunConfig) -> int:
+    if run.max_steps is not None:
+        return run.max_steps
+    return max(1, math.ceil(run.epochs * n_train / run.batch_size))
+
+
+def step_batches(n: int, run: StageRunConfig, *, shuffle: bool) -> Iterator[list[int]]:
+    """Index lists of run.batch_size items, endlessly, reshuffled every epoch (global torch RNG, seeded)."""
+    while True:
+        order = torch.randperm(n).tolist() if shuffle else list(range(n))
+        for start in range(0, n - run.batch_size + 1, run.batch_size):
+            yield order[start:start + run.batch_size]
+        if n < run.batch_size:  # fewer items than a batch: draw with wrap-around
+            yield [order[i % n] for i in range(run.batch_size)]
+
+
+def progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled or not dist.is_main(), dynamic_ncols=True, leave=True)
+
+
+def grad_step(model_params: Sequence[nn.Parameter], opt, sched, max_norm: float | None, metrics: MetricBuffer,
+              loss_value: torch.Tensor) -> bool:
+    """Clip, check finiteness (one host sync), step; a non-finite step is skipped. True when it stepped."""
+    params = [p for p in model_params if p.grad is not None]
+    if max_norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    finite = bool(torch.isfinite(torch.stack([loss_value.float(), norm.float()])).all())
+    if finite:
+        opt.step()
+        metrics.add("grad_norm", norm)
+    else:
+        log.warning("non-finite loss or gradient: optimizer step skipped")
+        metrics.add("skipped_steps", 1.0)
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return finite
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: where things are and the held-out metrics at the end."""
+    run_dir: Path
+    export_dir: Path
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    """Every logged record (also in metrics.jsonl)."""
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------
+# SFT
+# ----------------------------------------------------------------------------
+
+def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[list[SFTExample], list[SFTExample]]:
+    d = cfg.data
+    kw = dict(prompt_field=d.prompt_field, response_field=d.response_field, messages_field=d.messages_field,
+              max_len=d.max_len)
+    train = load_sft(d.train_path, tokenizer, **kw)
+    if d.eval_path is not None:
+        return train, load_sft(d.eval_path, tokenizer, **kw)
+    return split_held_out(train, d.eval_fraction, cfg.run.seed)
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, examples: list[SFTExample], *, pad_id: int, batch_size: int, device: torch.device,
+                fused: bool, backend: str | None, chunk_size: int | None) -> dict[str, float]:
+    """Held-out token-mean NLL of the responses and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for start in range(0, len(examples), batch_size):
+        batch = _to(collate_sft(examples[start:start + batch_size], pad_id), device)
+        n = int((batch.labels != IGNORE_INDEX).sum())
+        total += ptx_loss(model, batch, fused=fused, backend=backend, chunk_size=chunk_size).double().cpu() * n
+        count += n
+    model.train(was_training)
+    nll = float(total / max(count, 1))
+    return {"eval/loss": nll, "eval/perplexity": math.exp(min(nll, 50.0)), "eval/tokens": float(count)}
+
+
+def _to(batch, device: torch.device):
+    return type(batch)(*(t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels)))
+
+
+def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -> StageResult:
+    """Fine-tune cfg.model.path on cfg.data; export to <output_dir>/export. The Python API of `fastppo sft`."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    out, device = setup_stage_run(cfg, "sft")
+    run = cfg.run
+
+    # 1. Tokenizer, model, data.
+    tokenizer = load_stage_tokenizer(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **model_kwargs(cfg.model))
+    model = prepare_model(model, tokenizer, cfg.model, device, "sft model")
+    reason = fused_lm_head_supported(model)
+    fused = reason is None
+    if not fused:
+        log.warning("fused lm_head logprobs disabled (%s): using full logits + token_logprobs", reason)
+    train_ex, eval_ex = load_sft_examples(cfg, tokenizer)
+    n_steps = total_steps(len(train_ex), run)
+    log.info("sft: %d training examples, %d held out, %d optimizer steps", len(train_ex), len(eval_ex), n_steps)
+
+    opt = make_optimizer(model, cfg.optim.lr, cfg.optim)
+    sched = make_scheduler(opt, cfg.optim, n_steps)
+    writer = MetricWriter(out, tensorboard=run.tensorboard)
+    metrics = MetricBuffer()
+    eval_kw = dict(pad_id=tokenizer.pad_token_id, batch_size=run.eval_batch_size, device=device, fused=fused,
+                   backend=run.backend, chunk_size=cfg.model.lm_head_chunk_size)
+    history: list[dict] = []
+    batches = step_batches(len(train_ex), run, shuffle=cfg.data.shuffle)
+    eval_metrics: dict[str, float] = {}
+    bar = progress(n_steps, "sft", run.progress_bar)
+    model.train()
+    try:
+        for step in range(1, n_steps + 1):
+            # 2. One optimizer step: micro-batches accumulate a step-wide token mean.
+            idx = next(batches)
+            examples = [train_ex[i] for i in idx]
+            micro = [_to(collate_sft(examples[s:s + run.micro_batch_size], tokenizer.pad_token_id), device)
+                     for s in range(0, len(examples), run.micro_batch_size)]
+            counts = [(b.labels != IGNORE_INDEX).sum() for b in micro]
+            step_tokens = dist.all_reduce_sum(torch.stack(counts).sum().float()).clamp(min=1)
+            step_loss = torch.zeros((), device=device)
+            for b, n in zip(micro, counts):
+                # ptx_loss is the micro-batch token mean; rescale it to the step-wide mean (SPEC §2.6 normaliser).
+                loss = ptx_loss(model, b, fused=fused, backend=run.backend,
+                                chunk_size=cfg.model.lm_head_chunk_size) * (dist.all_reduce_sum(n.float()) / step_tokens)
+                loss.backward()
+                step_loss += loss.detach()
+            grad_step(list(model.parameters()), opt, sched, cfg.optim.max_grad_norm, metrics, step_loss)
+            metrics.add_dict({"loss/sft": step_loss, "tokens": step_tokens})
+
+            # 3. Evaluate, log.
+            last = step == n_steps
+            record = None
+            if step % run.log_every == 0 or last:
+                record = {**metrics.flush(), "lr": sched.get_last_lr()[0]}
+            if eval_ex and ((run.eval_every and step % run.eval_every == 0) or last):
+                eval_metrics = evaluate_lm(model, eval_ex, **eval_kw)
+                record = {**(record or {}), **eval_metrics}
+            if record is not None:
+                writer.write(step, record)
+                history.append({"step": step, **record})
+                bar.set_postfix(loss=f"{record.get('loss/sft', float('nan')):.3f}",
+                                **({"eval_loss": f"{eval_metrics['eval/loss']:.3f}"} if eval_metrics else {}))
+                if on_step is not None:
+                    on_step(step, record)
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+
+    # 4. Export (AutoModelForCausalLM + tokenizer).
+    model.eval()
+    export_dir = export_hf(model, tokenizer, out / "export")
+    seconds = time.perf_counter() - t0
+    log.info("sft done in %.1fs: exported to %s", seconds, export_dir)
+    return StageResult(out, export_dir, eval_metrics, history, seconds)
+
+
+# ----------------------------------------------------------------------------
+# Command line: `fastppo sft --config sft.yaml [key.sub=value ...]` (registered by cli.PLUGINS)
+# ----------------------------------------------------------------------------
+
+def add_stage_arguments(p) -> None:
+    """--config and dotted overrides, shared by sft and train-rm."""
+    from pathlib import Path as _Path
+
+    p.add_argument("--config", "-c", type=_Path, help="YAML config file (layered on the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="dotted config overrides, e.g. model.path=runs/init data.train_path=sft.jsonl optim.lr=1e-5")
+
+
+def print_stage_result(what: str, result: StageResult) -> None:
+    shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in result.eval_metrics.items())
+    print(f"fastppo {what}: done in {result.seconds:.1f}s; run dir {result.run_dir}; export {result.export_dir}"
+          + (f"; held-out: {shown}" if shown else ""))
+
+
+def _sft_run(args) -> int:
+    from .config import load_stage_config
+
+    result = sft(load_stage_config(SFTConfig, args.config, list(args.overrides)))
+    print_stage_result("sft", result)
+    return 0
+
+
+def register_cli(register) -> None:
+    register("sft", "supervised fine-tuning on {prompt, response} records (loss on response tokens)",
+             add_stage_arguments, _sft_run)

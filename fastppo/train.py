@@ -1,0 +1,343 @@
+"""`fastppo train`: the PPO-max loop (SPEC §2), top to bottom.
+
+    setup: config, models, data, optimizers, (resume)
+    for iteration:
+        1 rollout      sample prompts, generate responses
+        2 score        old logprobs + entropy, ref logprobs, values, raw scores
+        3 shape        score reparameterisation, token-level KL penalty
+        4 advantages   GAE, optional whitening/clipping
+        5 update       PPO epochs x minibatches x micro-batches
+        6 log          one host sync: metrics to JSONL, TensorBoard, progress bar
+        7 checkpoint   every save_every iterations, at the end, and on SIGTERM/Ctrl-C
+    export the policy as a Hugging Face directory
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import dist
+from .checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+from .config import Config, ConfigError, derived, from_dict, load_config, to_yaml, validate
+from .data import EpochSampler, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
+from .experience import (Experience, compute_advantages, experience_metrics, kl_controller, reparameterise_scores,
+                         score_rollout, token_rewards)
+from .metrics import MetricBuffer, MetricWriter, RunningMoments
+from .models import load_models
+from .ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
+from .rollout import generate
+
+log = logging.getLogger("fastppo")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    """The run directory."""
+    iterations_done: int
+    """Iterations completed (including those before a resume)."""
+    metrics: dict
+    """The last iteration's logged metrics."""
+    checkpoint: Path | None
+    """The last checkpoint written."""
+    export: Path | None
+    """The exported policy directory (None when not exported)."""
+    interrupted: bool
+    """True when SIGTERM/SIGINT stopped the run early."""
+
+
+# ----------------------------------------------------------------------------
+# Small helpers the loop uses
+# ----------------------------------------------------------------------------
+
+class GracefulStop:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the next safe point and exits.
+
+    A second SIGINT raises KeyboardInterrupt immediately.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+        log.warning("%s received: will save a checkpoint after this iteration and exit", name)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class PhaseTimer:
+    """Wall time per phase (synchronising CUDA so the time lands in the right phase)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def sft_batches(examples, sampler: EpochSampler, batch_size: int, pad_id: int, device) -> Iterator[SFTBatch]:
+    """Endless ptx batches; the sampler's state is what a checkpoint records."""
+    while True:
+        b = collate_sft([examples[i] for i in sampler.next(batch_size)], pad_id)
+        yield SFTBatch(*(t.to(device) for t in (b.input_ids, b.attention_mask, b.labels)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log lines through tqdm.write (they do not break the progress bar), to the current sys.stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(run_dir: Path, level: str) -> None:
+    logger = logging.getLogger("fastppo")
+    logger.setLevel(level.upper())
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        h = _ConsoleHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(h)
+    for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(h)
+        h.close()
+    fh = logging.FileHandler(run_dir / "train.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(fh)
+    logger.propagate = False
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+def train(config: Config | dict | str | Path) -> TrainResult:
+    """Run PPO-max. `config` is a Config, a nested dict, or a YAML path."""
+    # ---- setup ------------------------------------------------------------
+    if isinstance(config, (str, Path)):
+        cfg = load_config(config)
+    elif isinstance(config, dict):
+        cfg = from_dict(config)
+    elif isinstance(config, Config):
+        cfg = config
+        validate(cfg)
+    else:
+        raise ConfigError(f"train() takes a Config, dict or YAML path, got {type(config).__name__}")
+    d = derived(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, cfg.run.log_level)
+    config_yaml = to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(config_yaml)          # the resolved config, next to the run
+    seed_everything(cfg.run.seed)
+    device = dist.resolve_device(cfg.run.device)
+    log.info("run dir %s, device %s", run_dir, device)
+
+    models = load_models(cfg.model, device)
+    tok = models.tokenizer
+    prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
+                           prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len)
+    sampler = EpochSampler(len(prompts), seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    ptx_sampler, ptx_iter = None, None
+    if cfg.data.ptx_path:
+        if cfg.ppo.ptx_coef == 0:
+            log.warning("data.ptx_path is set but ppo.ptx_coef is 0: the ptx loss is off")
+        ptx_examples = load_sft(cfg.data.ptx_path, tok, prompt_field=cfg.data.ptx_prompt_field,
+                                response_field=cfg.data.ptx_response_field,
+                                messages_field=cfg.data.ptx_messages_field, max_len=cfg.data.max_ptx_len)
+        ptx_sampler = EpochSampler(len(ptx_examples), seed=cfg.run.seed + 1, shuffle=True)
+        ptx_iter = sft_batches(ptx_examples, ptx_sampler, cfg.ppo.micro_batch_size, tok.pad_token_id, device)
+    log.info("%d prompts from %s", len(prompts), cfg.data.prompt_path)
+
+    policy_opt = make_optimizer(models.policy, cfg.optim.policy_lr, cfg.optim)
+    critic_opt = make_optimizer(models.critic, cfg.optim.critic_lr, cfg.optim)
+    policy_sched = make_scheduler(policy_opt, cfg.optim, d.policy_optimizer_steps)
+    critic_sched = make_scheduler(critic_opt, cfg.optim, d.critic_optimizer_steps)
+    moments = RunningMoments().to(device)
+    kl_ctl = kl_controller(cfg)
+    counters = UpdateCounters()
+    start = 0
+    if cfg.run.resume:
+        path = resolve_resume(cfg.run.resume, cfg.run.output_dir)
+        state = load_checkpoint(path, policy=models.policy, critic=models.critic, device=device)
+        policy_opt.load_state_dict(state["policy_opt"])
+        critic_opt.load_state_dict(state["critic_opt"])
+        policy_sched.load_state_dict(state["policy_sched"])
+        critic_sched.load_state_dict(state["critic_sched"])
+        moments.load_state_dict(state["reward_moments"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        counters = UpdateCounters(**state["counters"])
+        sampler.load_state_dict(state["sampler"])
+        if ptx_sampler is not None and state.get("ptx_sampler"):
+            ptx_sampler.load_state_dict(state["ptx_sampler"])
+        set_rng_state(state["rng"])
+        start = state["iteration"]
+
+    def trainer_state() -> dict:
+        return {
+            "policy_opt": policy_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+            "policy_sched": policy_sched.state_dict(), "critic_sched": critic_sched.state_dict(),
+            "reward_moments": moments.state_dict(), "kl_controller": kl_ctl.state_dict(),
+            "counters": dataclasses.asdict(counters), "sampler": sampler.state_dict(),
+            "ptx_sampler": ptx_sampler.state_dict() if ptx_sampler is not None else None,
+        }
+
+    # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
+    writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if cfg.run.resume else None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.run.iterations, initial=start, desc="ppo", dynamic_ncols=True,
+               disable=not (cfg.run.progress_bar and dist.is_main()))
+    last_ckpt, scalars, done = None, {}, start
+    with GracefulStop() as stop:
+        try:
+            for it in range(start, cfg.run.iterations):
+                timer = PhaseTimer(device)
+                buf = MetricBuffer()
+                t_iter = time.perf_counter()
+                train_policy = it >= cfg.ppo.critic_warmup_steps
+
+                # 1. Rollout: the next prompts, one sampled response each (KV-cached HF generate).
+                with timer("rollout"):
+                    batch = collate_prompts([prompts[i] for i in sampler.next(cfg.rollout.rollout_batch_size)],
+                                            tok.pad_token_id)
+                    rollout = generate(models.policy, batch, cfg.rollout, eos_id=tok.eos_token_id,
+                                       pad_id=tok.pad_token_id, generation_batch_size=d.generation_batch_size)
+
+                # 2. Score: old/ref logprobs at temperature T, values, raw reward-model scores at EOS.
+                with timer("score"):
+                    scored = score_rollout(models, rollout, cfg, batch_size=d.forward_batch_size,
+                                           fused=models.fused_lm_head)
+
+                # 3. Shape rewards: reparameterise the score (§5.3.1), token-level KL penalty (§5.3.2).
+                with timer("shape"):
+                    scores = scored.scores
+                    if cfg.reward.missing_eos_penalty is not None:
+                        scores = scores - cfg.reward.missing_eos_penalty * (~rollout.ended).float()
+                    shaped = reparameterise_scores(scores, moments, cfg)
+                    rewards, kl = token_rewards(shaped, scored.old_logprobs, scored.ref_logprobs, rollout.response_mask,
+                                                kl_coef=kl_ctl.value, estimator=cfg.reward.kl_estimator,
+                                                clamp=cfg.reward.kl_clamp, backend=cfg.run.backend)
+
+                # 4. Advantages: GAE over response tokens, optional whitening / clipping.
+                with timer("advantages"):
+                    advantages, returns = compute_advantages(rewards, scored.values, rollout.response_mask, cfg)
+                    exp = Experience(
+                        sequences=rollout.sequences, attention_mask=rollout.attention_mask,
+                        response_mask=rollout.response_mask, old_logprobs=scored.old_logprobs,
+                        ref_logprobs=scored.ref_logprobs, old_values=scored.values, rewards=rewards,
+                        advantages=advantages, returns=returns, prompt_width=rollout.prompt_width,
+                    )
+                    buf.add_dict(experience_metrics(rollout, scored, shaped, kl, exp, cfg.rollout.max_new_tokens))
+
+                # 5. Update: PPO epochs x shuffled minibatches x micro-batches (critic only during warm-up).
+                with timer("update"):
+                    steps_before = counters.skipped_steps
+                    ppo_update(exp, policy=models.policy, critic=models.critic, policy_opt=policy_opt,
+                               critic_opt=critic_opt, policy_sched=policy_sched, critic_sched=critic_sched, cfg=cfg,
+                               train_policy=train_policy, fused=models.fused_lm_head, ptx_batches=ptx_iter,
+                               counters=counters, metrics=buf)
+
+                # 6. Log: the iteration's single host sync for metrics.
+                scalars = buf.flush()
+                elapsed = time.perf_counter() - t_iter
+                scalars.update({
+                    "kl/coef": kl_ctl.value,
+                    "reward/running_mean": float(moments.mean), "reward/running_std": float(moments.std),
+                    "lr/policy": policy_sched.get_last_lr()[0], "lr/critic": critic_sched.get_last_lr()[0],
+                    "train/policy_trained": float(train_policy),
+                    "train/skipped_steps": float(counters.skipped_steps),
+                    "train/skipped_this_iter": float(counters.skipped_steps - steps_before),
+                    "train/optimizer_steps": float(counters.optimizer_steps),
+                    "throughput/tokens_per_s": scalars["response/total_tokens"] / elapsed,
+                    "throughput/response_tokens_per_s": scalars["response/tokens"] / elapsed,
+                    "throughput/rollout_tokens_per_s": scalars["response/tokens"] / max(timer.times["rollout"], 1e-9),
+                    "memory/peak_mb": peak_memory_mb(device),
+                    "time/iteration_s": elapsed,
+                    **{f"time/{k}_s": v for k, v in timer.times.items()},
+                })
+                kl_ctl.update(scalars["kl/ref_per_sequence"], cfg.rollout.rollout_batch_size * dist.world_size())
+                writer.write(it + 1, scalars, histograms={"score/raw": dist.gather_for_metrics(scored.scores)})
+                bar.update(1)
+                bar.set_postfix(reward=f"{scalars['score/raw/mean']:.3f}", kl=f"{scalars['kl/ref_per_sequence']:.3f}",
+                                len=f"{scalars['response/length_mean']:.1f}",
+                                tok_s=f"{scalars['throughput/tokens_per_s']:.0f}")
+
+                # 7. Checkpoint: periodically, at the end, and at the first safe point after a signal.
+                done = it + 1
+                if cfg.run.stop_after is not None and done - start >= cfg.run.stop_after and not stop.requested:
+                    stop.requested = "run.stop_after"
+                if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.iterations or stop.requested:
+                    last_ckpt = save_checkpoint(cfg.run.output_dir, done, policy=models.policy, critic=models.critic,
+                                                trainer_state=trainer_state(), config_yaml=config_yaml,
+                                                keep_last=cfg.run.keep_last)
+                if stop.requested:
+                    log.warning("stopped by %s after iteration %d; resume with run.resume=latest (or --resume)",
+                                stop.requested, done)
+                    break
+            else:
+                done = cfg.run.iterations
+        finally:
+            bar.close()
+            writer.close()
+
+    export = None
+    if cfg.run.export_at_end and not stop.requested and done == cfg.run.iterations:
+        export = export_hf(models.policy, tok, run_dir / "export" / "policy")
+    return TrainResult(run_dir=run_dir, iterations_done=done, metrics=scalars, checkpoint=last_ckpt,
+                       export=export, interrupted=stop.requested is not None)

@@ -1,0 +1,378 @@
+"""linear_token_logprobs: lm_head matmul + token logprobs, the (N, V) logits never stored.
+
+Naive PyTorch (``F.linear`` → ``log_softmax(.float())`` → gather, + entropy)
+writes the (N, V) logits in the input dtype, a float32 (N, V) log-softmax and
+softmax, keeps the log-softmax for backward, and in backward writes a float32
+(N, V) gradient and its input-dtype copy: three to four (N, V) float32-sized
+tensors resident at the peak (N=16384, V=151936: 10 GB each).
+
+Here the N rows are processed in chunks of C rows. Forward, per chunk: the
+chunk's logits (C, V) are computed in float32 by one GEMM, then reduced to
+three floats per row (logprob, entropy, log-sum-exp) by token_logprobs' forward
+kernel (triton backend) or by reference.linear_logits_chunk_forward_ (torch
+backend: the same math in place, one (C, V) temporary), and the buffer is
+reused for the next chunk. Backward, per chunk: the logits are recomputed (one
+extra GEMM, 8·N·H·V FLOP in all instead of 6) and turned into dlogits in place
+from the saved log-sum-exp (token_logprobs' backward kernel, or
+reference.linear_logits_chunk_backward_), then dhidden[chunk] = dlogits @ W and
+dW += dlogitsᵀ @ hidden[chunk], dW accumulated in float32 across chunks and
+cast once at the end. Peak extra memory: one chunk's buffers (the budget, see
+``chunk_budget_bytes``) plus a float32 (V, H) dW accumulator, whatever N is.
+
+Batch invariance: every GEMM of a call has the same shape (C, H) x (H, V), the
+last chunk is zero-padded to C rows, and the hidden rows are copied into one
+contiguous buffer first, so that a row's result does not depend on the number
+of rows, on their values, or on where the row sits (BLAS picks its kernel and
+blocking from the shape; a tiled GEMM computes every output element of a shape
+with the same reduction order). C depends only on (V, H, dtype, device,
+backend, budget), never on N. The price: at most C − 1 padded rows of GEMM per
+call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import (
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_positive, check_same_device, check_shape,
+    check_tensor,
+)
+from ._dispatch import empty_output, resolve_backend
+from . import reference
+from .token_logprobs import LogprobsAndEntropy, _bwd_triton, _fwd_triton
+
+
+# ----------------------------------------------------------------------------
+# 1. Kernels
+# ----------------------------------------------------------------------------
+# None of its own: the per-row math is token_logprobs' two kernels, run on one
+# float32 chunk of logits at a time. (A GEMM-epilogue kernel that keeps the
+# chunk's logits on chip is the GPU follow-up; this chunked path stays the
+# fallback.)
+
+
+# ----------------------------------------------------------------------------
+# 2. Chunk planning and the chunked forward / backward
+# ----------------------------------------------------------------------------
+
+# Extra memory one call may use for its per-chunk buffers, by device type.
+# Override with the environment variable FASTPPO_LINEAR_CHUNK_MB (read per call).
+# 1 GiB on a GPU gives C = 1024 rows at V = 151936 in bf16 (6 bytes per logit),
+# 1280 at V = 128256: GEMMs with M ≥ 1024, so each read of W serves enough rows
+# to stay compute-bound on an H100 (~300 FLOP per byte; not yet measured on
+# one). 128 MiB on CPU gives
+# C = 512 at V = 32000 with the torch backend (8 bytes per logit): forward +
+# backward at N=2048, H=512 took 2.9 s there against 3.2 s at C = 256 and 4.2 s
+# at C = 128 (2-core x86 VM, float32), the naive path 3.3 s.
+DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+MAX_CHUNK_ROWS = 4096
+
+
+def chunk_budget_bytes(device: torch.device) -> int:
+    """The per-call chunk budget: FASTPPO_LINEAR_CHUNK_MB if set, else the default for the device."""
+    env = os.environ.get("FASTPPO_LINEAR_CHUNK_MB", "").strip()
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            mb = -1.0
+        if not mb > 0:
+            raise ValueError(f"FASTPPO_LINEAR_CHUNK_MB must be a positive number of MB, got {env!r}")
+        return int(mb * (1 << 20))
+    return DEFAULT_CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
+
+
+_FP32_OUT_GEMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _has_fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm / torch.addmm take `dtype` operands and write float32 (``out_dtype``).
+
+    cuBLAS does (and accumulates in float32 either way); CPU builds have no
+    kernel for it. Probed once per (device type, dtype) on tiny matrices.
+    """
+    if dtype == torch.float32:
+        return False
+    key = (device.type, dtype)
+    if key not in _FP32_OUT_GEMM:
+        ok = False
+        if device.type == "cuda":
+            try:
+                # Small integers (exact in any dtype); no random draws, so the caller's RNG stream is untouched.
+                a = (torch.arange(32 * 16, device=device).reshape(32, 16) % 7 - 3).to(dtype)
+                b = (torch.arange(16 * 8, device=device).reshape(16, 8) % 5 - 2).to(dtype)
+                want = a.double() @ b.double()
+                out = torch.empty(32, 8, device=device)
+                torch.mm(a, b, torch.float32, out=out)
+                acc = torch.ones(32, 8, device=device)
+                torch.addmm(acc, a, b, torch.float32, out=acc)
+                ok = bool(torch.allclose(out.double(), want, atol=1e-2)) and bool(
+                    torch.allclose(acc.double(), want + 1, atol=1e-2))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _FP32_OUT_GEMM[key] = ok
+    return _FP32_OUT_GEMM[key]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one call runs: chunk rows C and the GEMM operand dtype.
+
+    fp32_out: half-precision operands, float32 GEMM output (cuBLAS ``out_dtype``):
+        the logits are exact float32 sums of exact bf16 products. dlogits are
+        rounded to the input dtype for the two backward GEMMs, as in any
+        bf16 lm_head backward.
+    Otherwise operands are float32: float32 inputs as they are, and half inputs
+    where no mixed GEMM exists (CPU) upcast (the weight once per forward and
+    once per backward: an extra V·H·4 bytes, outside the chunk budget).
+    """
+
+    chunk: int
+    operand_dtype: torch.dtype
+    fp32_out: bool
+
+
+def chunk_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device, backend: str,
+               budget_bytes: int | None = None) -> int:
+    """Rows per chunk for (V, H, dtype, device, backend) within the budget; never depends on N.
+
+    Bytes per chunk row: the float32 logits (4·V), the dlogits in the input
+    dtype when the GEMM writes float32 from half operands (2·V; otherwise
+    dlogits overwrite the logits), the torch backend's one float32 temporary
+    (4·V, see reference.linear_logits_chunk_forward_), and two (H,) rows of GEMM
+    operands. Rounded down to a multiple of 128 (GPU GEMM tiles) from 1024 rows
+    up, else of 16.
+    """
+    if budget_bytes is None:
+        budget_bytes = chunk_budget_bytes(device)
+    per_row = 4 * vocab + 8 * hidden_size
+    if _has_fp32_out_gemm(device, dtype):
+        per_row += torch.empty((), dtype=dtype).element_size() * vocab
+    if backend == "torch":
+        per_row += 4 * vocab
+    rows = min(MAX_CHUNK_ROWS, budget_bytes // per_row)
+    for threshold, quantum in ((1024, 128), (16, 16)):
+        if rows >= threshold:
+            return rows - rows % quantum
+    return max(1, rows)
+
+
+def _plan(hidden2d: torch.Tensor, weight: torch.Tensor, backend: str, chunk_size: int | None) -> _Plan:
+    fp32_out = _has_fp32_out_gemm(hidden2d.device, hidden2d.dtype)
+    chunk = chunk_size if chunk_size is not None else chunk_rows(
+        weight.shape[0], weight.shape[1], hidden2d.dtype, hidden2d.device, backend)
+    operand = hidden2d.dtype if fp32_out else torch.float32
+    return _Plan(chunk, operand, fp32_out)
+
+
+def _chunks(n_rows: int, chunk: int):
+    """(start, rows) of each chunk; chunk boundaries are fixed at multiples of C from row 0."""
+    for start in range(0, n_rows, chunk):
+        yield start, min(chunk, n_rows - start)
+
+
+def _load_rows(h_buf: torch.Tensor, hidden2d: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Copy hidden rows [start, start + n) into the (C, H) operand buffer, zeros below."""
+    h_buf[:n].copy_(hidden2d[start:start + n])
+    if n < h_buf.shape[0]:
+        h_buf[n:].zero_()
+    return h_buf
+
+
+def _weight_operand(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    return weight if weight.dtype == plan.operand_dtype else weight.to(plan.operand_dtype)
+
+
+def _logits_into(logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """logits (C, V) float32 = h (C, H) @ w (V, H)ᵀ, float32 accumulation."""
+    if plan.fp32_out:
+        return torch.mm(h, w.t(), torch.float32, out=logits)
+    return torch.mm(h, w.t(), out=logits)
+
+
+def _forward(hidden2d, weight, labels1d, temperature, ignore_index, backend, plan):
+    """-> logprobs, entropy, lse, each (N,) float32."""
+    n_rows, vocab, device = hidden2d.shape[0], weight.shape[0], hidden2d.device
+    out = torch.zeros(3, n_rows, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return out[0], out[1], out[2]
+    fwd = _fwd_triton if backend == "triton" else reference.linear_logits_chunk_forward_
+    w = _weight_operand(weight, plan)
+    h_buf = torch.empty(plan.chunk, hidden2d.shape[1], dtype=plan.operand_dtype, device=device)
+    logits = empty_output((plan.chunk, vocab), torch.float32, device)
+    for start, n in _chunks(n_rows, plan.chunk):
+        _logits_into(logits, _load_rows(h_buf, hidden2d, start, n), w, plan)
+        stats = fwd(logits[:n], labels1d[start:start + n], temperature, ignore_index)
+        for dst, src in zip(out, stats):
+            dst[start:start + n] = src
+    return out[0], out[1], out[2]
+
+
+def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+              backend, plan, need_dhidden, need_dweight):
+    """-> dhidden (N, H) in hidden's dtype or None, dweight (V, H) in weight's dtype or None."""
+    n_rows, size_h = hidden2d.shape
+    vocab, device = weight.shape[0], hidden2d.device
+    dhidden = empty_output((n_rows, size_h), hidden2d.dtype, device) if need_dhidden else None
+    dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dweight else None
+    if n_rows > 0:
+        w = _weight_operand(weight, plan)
+        h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
+        dh_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device) if need_dhidden else None
+        logits = empty_output((plan.chunk, vocab), torch.float32, device)
+        # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
+        dlogits = logits if plan.operand_dtype == torch.float32 else empty_output(
+            (plan.chunk, vocab), plan.operand_dtype, device)
+        for start, n in _chunks(n_rows, plan.chunk):
+            rows = slice(start, start + n)
+            h = _load_rows(h_buf, hidden2d, start, n)
+            _logits_into(logits, h, w, plan)                                    # recompute (C, V)
+            args = (labels1d[rows], lse[rows], entropy[rows],
+                    None if grad_logprobs is None else grad_logprobs[rows],
+                    None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index)
+            if backend == "triton":
+                _bwd_triton(logits[:n], *args, out=dlogits[:n])
+            else:
+                reference.linear_logits_chunk_backward_(logits[:n], *args)             # in place
+                if dlogits is not logits:
+                    dlogits[:n] = logits[:n]
+            if n < plan.chunk:
+                dlogits[n:].zero_()                                             # padded rows: no gradient
+            if need_dhidden:
+                torch.mm(dlogits, w, out=dh_buf)                                # (C, V) @ (V, H)
+                dhidden[rows] = dh_buf[:n]
+            if need_dweight:
+                if plan.fp32_out:
+                    torch.addmm(dw_acc, dlogits.t(), h, torch.float32, out=dw_acc)
+                else:
+                    torch.addmm(dw_acc, dlogits.t(), h, out=dw_acc)             # (V, C) @ (C, H), float32
+    dweight = None
+    if need_dweight:
+        dweight = dw_acc if weight.dtype == torch.float32 else dw_acc.to(weight.dtype)
+    return dhidden, dweight
+
+
+# ----------------------------------------------------------------------------
+# 3. Autograd
+# ----------------------------------------------------------------------------
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, labels1d, temperature, ignore_index, backend, chunk_size):
+        plan = _plan(hidden2d, weight, backend, chunk_size)
+        logprobs, entropy, lse = _forward(hidden2d, weight, labels1d, temperature, ignore_index, backend, plan)
+        # Only (N,) statistics are saved besides the inputs; the logits are recomputed in backward.
+        ctx.save_for_backward(hidden2d, weight, labels1d, lse, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.backend, ctx.plan = temperature, ignore_index, backend, plan
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        need_dhidden, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (grad_logprobs is None and grad_entropy is None) or not (need_dhidden or need_dweight):
+            return None, None, None, None, None, None, None
+        hidden2d, weight, labels1d, lse, entropy = ctx.saved_tensors
+        # Upstream grads can be expanded views (e.g. from .sum()); (N,) floats are cheap to copy.
+        if grad_logprobs is not None:
+            grad_logprobs = grad_logprobs.float().contiguous()
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.float().contiguous()
+        dhidden, dweight = _backward(
+            hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature,
+            ctx.ignore_index, ctx.backend, ctx.plan, need_dhidden, need_dweight)
+        return dhidden, dweight, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------
+# 4. Public function
+# ----------------------------------------------------------------------------
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+):
+    """Log-probability of each label under softmax(hidden @ weightᵀ / temperature), without the logits.
+
+    The fused form of ``token_logprobs(F.linear(hidden, weight), labels, ...)``
+    for an lm_head: the (..., V) logits are never materialised, in forward or
+    backward. Rows are processed in chunks of ``chunk_size`` rows, each chunk's
+    logits computed in float32 and reduced to per-row statistics at once;
+    backward recomputes them chunk by chunk.
+
+    Args:
+        hidden: (..., H) float32, bfloat16 or float16; any strides.
+        weight: (V, H), same dtype and device as ``hidden`` (e.g. the lm_head
+            weight, which may be tied to the input embedding).
+        labels: (...) integer, values in [0, V) or ``ignore_index``.
+        temperature: > 0; the logits are divided by it (use the sampling temperature).
+        return_entropy: also return the entropy of softmax(logits / temperature).
+        ignore_index: label value whose positions give 0 and no gradient.
+        backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND``
+            overrides), ``"triton"`` or ``"torch"``. Selects the per-row
+            kernels; the matmuls are torch.mm (cuBLAS / CPU BLAS) either way.
+        chunk_size: rows per chunk. ``None`` chooses it from a memory budget:
+            ``FASTPPO_LINEAR_CHUNK_MB`` if set, else 1 GiB on CUDA and 128 MiB on
+            CPU (``DEFAULT_CHUNK_BUDGET_BYTES``); see ``chunk_rows``. Peak extra
+            memory is about that budget plus a float32 (V, H) dW accumulator
+            in backward, independent of the number of rows.
+
+    Returns:
+        logprobs (...) float32, or ``(logprobs, entropy)`` as a named tuple
+        when ``return_entropy``. Both are differentiable in ``hidden`` and
+        ``weight``; the gradients come back in their dtypes (dW summed over
+        chunks in float32, cast once).
+
+    A row's result is bitwise the same whatever the other rows of the call
+    are, and however many there are, for a given chunk size (the default one
+    does not depend on N): see the module docstring.
+    """
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, min_dim=2)
+    check_tensor("labels", labels, dtypes=INT_DTYPES)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({str(hidden.dtype).removeprefix('torch.')}), "
+                        f"got {str(weight.dtype).removeprefix('torch.')}")
+    check_same_device("weight", weight, "hidden", hidden)
+    check_same_device("labels", labels, "hidden", hidden)
+    size_h = hidden.shape[-1]
+    if weight.shape[1] != size_h:
+        raise ValueError(f"weight must have shape (V, {size_h}) (H = the last dimension of hidden), "
+                         f"got {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError("weight must have a non-empty first (vocabulary) dimension")
+    check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
+    check_positive("temperature", temperature)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    backend = resolve_backend(backend, hidden)
+    check_labels_in_range(labels, vocab, ignore_index)
+
+    hidden2d = as_rows(hidden, size_h)
+    labels1d = labels.reshape(-1)
+    logprobs, entropy, _ = _LinearTokenLogprobs.apply(
+        hidden2d, weight, labels1d, float(temperature), ignore_index, backend, chunk_size)
+    lead = hidden.shape[:-1]
+    logprobs = logprobs.view(lead)
+    if return_entropy:
+        return LogprobsAndEntropy(logprobs, entropy.view(lead))
+    return logprobs

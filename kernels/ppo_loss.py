@@ -1,0 +1,477 @@
+"""ppo_loss: clipped policy surrogate, clipped value loss and their statistics in one pass.
+
+Composite PyTorch runs ~30 elementwise ops and 7 reductions over (B, T),
+each reading and writing float32 temporaries (~250 bytes per token), and
+autograd keeps several of them for backward. The fused forward reads the seven
+inputs once (6·4 + 1 = 25 bytes per token in fp32) and writes 8 floats; the
+backward reads them once more and writes dlogprobs and dvalues (8 bytes per
+token), recomputing ratio and clip decisions instead of saving them.
+
+Forward: each program sums its share of (BLOCK_M, BLOCK_T) tiles into
+per-lane fp32 accumulators. A batch of at most 8 tiles (16384 tokens on a
+GPU) is one program and one launch; a larger one writes per-program partial
+sums that a one-program kernel adds up in a fixed order (two launches, no
+atomics, deterministic).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import FLOAT_DTYPES, check_non_negative, check_same_device, check_shape, check_tensor
+from ._dispatch import empty_output, resolve_backend
+from ._layout import MASK_DTYPES, loadable_mask, rows_unit_stride, tile_shape
+from . import reference
+
+# Partial sums per program: pg, vf, clipped, value-clipped, kl, ratio, count (+1 pad).
+_N_PARTIALS = 8
+
+
+# ----------------------------------------------------------------------------
+# 1. Kernels
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _ppo_loss_fwd_kernel(
+    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, norm_ptr, partial_ptr, out_ptr,
+    n_rows, n_cols, tiles_per_program,
+    stride_lm, stride_om, stride_am, stride_vm, stride_wm, stride_rm, stride_mm,
+    clip_eps, value_clip, dual_clip, vf_coef, normalizer,
+    HAS_VALUE_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, NORM_MODE: tl.constexpr,
+    ONE_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Sums over this program's tiles of the per-token terms (all 0 off the mask):
+
+      pg = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), for A < 0 also min(·, −c·A)
+      vf = ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²)
+      clipped = the policy term took a clipped branch; vclipped likewise
+      kl = (ρ − 1) − log ρ,  ρ,  1
+    NORM_MODE: 0 = divide by the valid-token count, 1 = by `normalizer`,
+    2 = by the scalar at norm_ptr. A normalizer ≤ 0 becomes 1.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    eps = tl.cast(clip_eps, tl.float32)
+    n_col_tiles = tl.cdiv(n_cols, BLOCK_T)
+    acc_pg = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    acc_vf = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    acc_clip = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    acc_vclip = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    acc_kl = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    acc_ratio = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    acc_count = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    for i in range(0, tiles_per_program):
+        tile = pid * tiles_per_program + i
+        rows = (tile // n_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile % n_col_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+        in_bounds = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        r2, c2 = rows[:, None], cols[None, :]
+        # Loads are masked by the bounds only (so they vectorise); entries off the
+        # token mask are then replaced by 0, whatever they hold (NaN included).
+        valid = tl.load(mask_ptr + r2 * stride_mm + c2, mask=in_bounds, other=0) != 0
+        lp = tl.load(lp_ptr + r2 * stride_lm + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        lp = tl.where(valid, lp, 0.0)
+        old_lp = tl.load(old_lp_ptr + r2 * stride_om + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        old_lp = tl.where(valid, old_lp, 0.0)
+        adv = tl.load(adv_ptr + r2 * stride_am + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        adv = tl.where(valid, adv, 0.0)
+        v = tl.load(val_ptr + r2 * stride_vm + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        v = tl.where(valid, v, 0.0)
+        ret = tl.load(ret_ptr + r2 * stride_rm + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        ret = tl.where(valid, ret, 0.0)
+
+        log_ratio = lp - old_lp
+        ratio = tl.exp(log_ratio)
+        pg1 = -adv * ratio
+        pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps), 1.0 + eps)
+        clipped = pg2 > pg1
+        pg = tl.maximum(pg1, pg2)
+        if HAS_DUAL_CLIP:
+            bound = -tl.cast(dual_clip, tl.float32) * adv
+            dual = (adv < 0.0) & (bound < pg)
+            clipped = clipped | dual
+            pg = tl.where(dual, bound, pg)
+        err = v - ret
+        vf = err * err
+        if HAS_VALUE_CLIP:
+            vc = tl.cast(value_clip, tl.float32)
+            old_v = tl.load(old_val_ptr + r2 * stride_wm + c2, mask=in_bounds, other=0.0).to(tl.float32)
+            old_v = tl.where(valid, old_v, 0.0)
+            dv = v - old_v
+            err_c = err + (tl.minimum(tl.maximum(dv, -vc), vc) - dv)     # clip(V, V_old ± ε_v) − R
+            vf_c = err_c * err_c
+            acc_vclip += (vf_c > vf).to(tl.float32)
+            vf = tl.maximum(vf, vf_c)
+        acc_pg += pg
+        acc_vf += vf
+        acc_clip += clipped.to(tl.float32)
+        acc_kl += (ratio - 1.0) - log_ratio
+        acc_ratio += tl.where(valid, ratio, 0.0)
+        acc_count += valid.to(tl.float32)
+
+    s_pg = tl.sum(tl.sum(acc_pg, axis=1), axis=0)
+    s_vf = 0.5 * tl.sum(tl.sum(acc_vf, axis=1), axis=0)
+    s_clip = tl.sum(tl.sum(acc_clip, axis=1), axis=0)
+    s_vclip = tl.sum(tl.sum(acc_vclip, axis=1), axis=0)
+    s_kl = tl.sum(tl.sum(acc_kl, axis=1), axis=0)
+    s_ratio = tl.sum(tl.sum(acc_ratio, axis=1), axis=0)
+    s_count = tl.sum(tl.sum(acc_count, axis=1), axis=0)
+    if ONE_PROGRAM:
+        if NORM_MODE == 0:
+            n = s_count
+        elif NORM_MODE == 1:
+            n = tl.cast(normalizer, tl.float32)
+        else:
+            n = tl.load(norm_ptr).to(tl.float32)
+        n = tl.where(n > 0.0, n, 1.0)
+        tl.store(out_ptr + 0, s_pg / n + tl.cast(vf_coef, tl.float32) * (s_vf / n))
+        tl.store(out_ptr + 1, s_pg / n)
+        tl.store(out_ptr + 2, s_vf / n)
+        tl.store(out_ptr + 3, s_clip / n)
+        tl.store(out_ptr + 4, s_vclip / n)
+        tl.store(out_ptr + 5, s_kl / n)
+        tl.store(out_ptr + 6, s_ratio / n)
+        tl.store(out_ptr + 7, n)
+    else:
+        base = partial_ptr + pid * 8
+        tl.store(base + 0, s_pg)
+        tl.store(base + 1, s_vf)
+        tl.store(base + 2, s_clip)
+        tl.store(base + 3, s_vclip)
+        tl.store(base + 4, s_kl)
+        tl.store(base + 5, s_ratio)
+        tl.store(base + 6, s_count)
+
+
+@triton.jit
+def _ppo_loss_reduce_kernel(
+    partial_ptr, norm_ptr, out_ptr, n_programs, vf_coef, normalizer,
+    NORM_MODE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program: add the (n_programs, 8) partial sums in a fixed order and write the 8 results."""
+    p = tl.arange(0, BLOCK_P)
+    pm = p < n_programs
+    s_pg = tl.sum(tl.load(partial_ptr + p * 8 + 0, mask=pm, other=0.0), axis=0)
+    s_vf = tl.sum(tl.load(partial_ptr + p * 8 + 1, mask=pm, other=0.0), axis=0)
+    s_clip = tl.sum(tl.load(partial_ptr + p * 8 + 2, mask=pm, other=0.0), axis=0)
+    s_vclip = tl.sum(tl.load(partial_ptr + p * 8 + 3, mask=pm, other=0.0), axis=0)
+    s_kl = tl.sum(tl.load(partial_ptr + p * 8 + 4, mask=pm, other=0.0), axis=0)
+    s_ratio = tl.sum(tl.load(partial_ptr + p * 8 + 5, mask=pm, other=0.0), axis=0)
+    s_count = tl.sum(tl.load(partial_ptr + p * 8 + 6, mask=pm, other=0.0), axis=0)
+    if NORM_MODE == 0:
+        n = s_count
+    elif NORM_MODE == 1:
+        n = tl.cast(normalizer, tl.float32)
+    else:
+        n = tl.load(norm_ptr).to(tl.float32)
+    n = tl.where(n > 0.0, n, 1.0)
+    tl.store(out_ptr + 0, s_pg / n + tl.cast(vf_coef, tl.float32) * (s_vf / n))
+    tl.store(out_ptr + 1, s_pg / n)
+    tl.store(out_ptr + 2, s_vf / n)
+    tl.store(out_ptr + 3, s_clip / n)
+    tl.store(out_ptr + 4, s_vclip / n)
+    tl.store(out_ptr + 5, s_kl / n)
+    tl.store(out_ptr + 6, s_ratio / n)
+    tl.store(out_ptr + 7, n)
+
+
+@triton.jit
+def _ppo_loss_bwd_kernel(
+    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, out_ptr,
+    g_loss_ptr, g_pg_ptr, g_vf_ptr, dlp_ptr, dval_ptr,
+    n_rows, n_cols,
+    stride_lm, stride_om, stride_am, stride_vm, stride_wm, stride_rm, stride_mm, stride_dm,
+    clip_eps, value_clip, dual_clip, vf_coef,
+    HAS_VALUE_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    HAS_G_LOSS: tl.constexpr, HAS_G_PG: tl.constexpr, HAS_G_VF: tl.constexpr,
+    NEEDS_DLP: tl.constexpr, NEEDS_DVAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Grid (row tiles, column tiles). With n the normalizer saved at out_ptr[7]:
+
+      d/d logprobs = (g_loss + g_pg) / n · (−A·ρ where no clip is active, else 0)
+      d/d values   = (vf_coef·g_loss + g_vf) / n · (V − R where the unclipped error is larger, else 0)
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_bounds = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    r2, c2 = rows[:, None], cols[None, :]
+    n = tl.load(out_ptr + 7)
+    g_loss = tl.load(g_loss_ptr).to(tl.float32) if HAS_G_LOSS else 0.0
+    valid = tl.load(mask_ptr + r2 * stride_mm + c2, mask=in_bounds, other=0) != 0
+    if NEEDS_DLP:
+        g_pg = tl.load(g_pg_ptr).to(tl.float32) if HAS_G_PG else 0.0
+        scale = (g_loss + g_pg) / n
+        eps = tl.cast(clip_eps, tl.float32)
+        lp = tl.load(lp_ptr + r2 * stride_lm + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        lp = tl.where(valid, lp, 0.0)
+        old_lp = tl.load(old_lp_ptr + r2 * stride_om + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        old_lp = tl.where(valid, old_lp, 0.0)
+        adv = tl.load(adv_ptr + r2 * stride_am + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        adv = tl.where(valid, adv, 0.0)
+        ratio = tl.exp(lp - old_lp)
+        pg1 = -adv * ratio
+        pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps), 1.0 + eps)
+        clipped = pg2 > pg1
+        if HAS_DUAL_CLIP:
+            bound = -tl.cast(dual_clip, tl.float32) * adv
+            clipped = clipped | ((adv < 0.0) & (bound < tl.maximum(pg1, pg2)))
+        dlp = tl.where(valid & (clipped == 0), pg1 * scale, 0.0)
+        tl.store(dlp_ptr + r2 * stride_dm + c2, dlp.to(dlp_ptr.dtype.element_ty), mask=in_bounds)
+    if NEEDS_DVAL:
+        g_vf = tl.load(g_vf_ptr).to(tl.float32) if HAS_G_VF else 0.0
+        scale_v = (tl.cast(vf_coef, tl.float32) * g_loss + g_vf) / n
+        v = tl.load(val_ptr + r2 * stride_vm + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        v = tl.where(valid, v, 0.0)
+        ret = tl.load(ret_ptr + r2 * stride_rm + c2, mask=in_bounds, other=0.0).to(tl.float32)
+        ret = tl.where(valid, ret, 0.0)
+        err = v - ret
+        if HAS_VALUE_CLIP:
+            vc = tl.cast(value_clip, tl.float32)
+            old_v = tl.load(old_val_ptr + r2 * stride_wm + c2, mask=in_bounds, other=0.0).to(tl.float32)
+            old_v = tl.where(valid, old_v, 0.0)
+            dv = v - old_v
+            err_c = err + (tl.minimum(tl.maximum(dv, -vc), vc) - dv)
+            err = tl.where(err_c * err_c > err * err, 0.0, err)
+        dval = tl.where(valid, err * scale_v, 0.0)
+        tl.store(dval_ptr + r2 * stride_dm + c2, dval.to(dval_ptr.dtype.element_ty), mask=in_bounds)
+
+
+# ----------------------------------------------------------------------------
+# 2. Launchers: check, allocate, launch
+# ----------------------------------------------------------------------------
+
+_TILE = 2048            # tokens per tile on a GPU (8 warps: 8 per thread per input)
+_ONE_PROGRAM_TILES = 8  # up to this many tiles: one program, one launch
+_MAX_PROGRAMS = 1024
+
+
+def _norm_mode(normalizer) -> int:
+    return 0 if normalizer is None else 2 if isinstance(normalizer, torch.Tensor) else 1
+
+
+def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *, tile: int = _TILE,
+                one_program_tiles: int = _ONE_PROGRAM_TILES):
+    lp, old_lp, adv, val, old_val, ret, mask = inputs
+    n_rows, n_cols = lp.shape
+    if n_rows * n_cols == 0:
+        return reference.ppo_loss_forward(*inputs, clip_eps, value_clip, vf_coef, dual_clip, normalizer)
+    device = lp.device
+    mask = loadable_mask(mask)
+    block_m, block_t = tile_shape(n_cols, tile)
+    n_tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(n_cols, block_t)
+    if n_tiles <= one_program_tiles:
+        n_programs, per_program = 1, n_tiles
+    else:
+        n_programs = min(triton.cdiv(n_tiles, 2), _MAX_PROGRAMS)
+        per_program = triton.cdiv(n_tiles, n_programs)
+        n_programs = triton.cdiv(n_tiles, per_program)
+    out = empty_output(8, torch.float32, device)
+    partials = empty_output((n_programs, _N_PARTIALS), torch.float32, device) if n_programs > 1 else out
+    mode = _norm_mode(normalizer)
+    norm_ptr = normalizer if mode == 2 else out
+    norm_value = float(normalizer) if mode == 1 else 0.0
+    _ppo_loss_fwd_kernel[(n_programs,)](
+        lp, old_lp, adv, val, old_val, ret, mask, norm_ptr, partials, out,
+        n_rows, n_cols, per_program,
+        lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
+        mask.stride(0),
+        float(clip_eps), float(value_clip or 0.0), float(dual_clip or 0.0), float(vf_coef), norm_value,
+        HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None, NORM_MODE=mode,
+        ONE_PROGRAM=n_programs == 1, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
+    )
+    if n_programs > 1:
+        _ppo_loss_reduce_kernel[(1,)](
+            partials, norm_ptr, out, n_programs, float(vf_coef), norm_value,
+            NORM_MODE=mode, BLOCK_P=triton.next_power_of_2(n_programs), num_warps=4,
+        )
+    return out
+
+
+def _bwd_triton(inputs, out, grad_loss, grad_pg, grad_vf, clip_eps, value_clip, vf_coef, dual_clip,
+                need_dlp, need_dval):
+    lp, old_lp, adv, val, old_val, ret, mask = inputs
+    n_rows, n_cols = lp.shape
+    dlp = empty_output((n_rows, n_cols), lp.dtype, lp.device) if need_dlp else None
+    dval = empty_output((n_rows, n_cols), val.dtype, val.device) if need_dval else None
+    if n_rows * n_cols == 0:
+        return dlp, dval
+    mask = loadable_mask(mask)
+    block_m, block_t = tile_shape(n_cols, _TILE)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_t))
+    _ppo_loss_bwd_kernel[grid](
+        lp, old_lp, adv, val, old_val, ret, mask, out,
+        grad_loss if grad_loss is not None else out, grad_pg if grad_pg is not None else out,
+        grad_vf if grad_vf is not None else out,
+        dlp if need_dlp else dval, dval if need_dval else dlp,
+        n_rows, n_cols,
+        lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
+        mask.stride(0), n_cols,
+        float(clip_eps), float(value_clip or 0.0), float(dual_clip or 0.0), float(vf_coef),
+        HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None,
+        HAS_G_LOSS=grad_loss is not None, HAS_G_PG=grad_pg is not None, HAS_G_VF=grad_vf is not None,
+        NEEDS_DLP=need_dlp, NEEDS_DVAL=need_dval, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
+    )
+    return dlp, dval
+
+
+# ----------------------------------------------------------------------------
+# 3. Autograd
+# ----------------------------------------------------------------------------
+
+class _PPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lp, old_lp, adv, val, old_val, ret, mask, normalizer, config, backend):
+        clip_eps, value_clip, vf_coef, dual_clip, norm_number = config
+        inputs = (lp, old_lp, adv, val, old_val, ret, mask)
+        norm = normalizer if normalizer is not None else norm_number
+        if backend == "triton":
+            out = _fwd_triton(inputs, norm, clip_eps, value_clip, vf_coef, dual_clip)
+            ctx.save_for_backward(*inputs, out)                     # the backward recomputes the terms
+        else:
+            # The CPU path keeps the two per-token derivatives instead (8 bytes per token).
+            with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
+            result = reference.ppo_loss_forward(*inputs, clip_eps, value_clip, vf_coef, dual_clip, norm,
+                                                with_grads=with_grads)
+            out, dpg, derr = result if with_grads else (result, None, None)
+            ctx.save_for_backward(dpg, derr, out)
+            ctx.dtypes = (lp.dtype, val.dtype)
+        ctx.config, ctx.backend = config, backend
+        results = tuple(out[i] for i in range(7))
+        ctx.mark_non_differentiable(*results[3:])
+        ctx.set_materialize_grads(False)
+        return results
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_pg, grad_vf, *_stats):
+        need_dlp, need_dval = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        nothing = (None,) * 10
+        if not (need_dlp or need_dval) or (grad_loss is None and grad_pg is None and grad_vf is None):
+            return nothing
+        clip_eps, value_clip, vf_coef, dual_clip, _ = ctx.config
+        grads = [g.float().contiguous() if g is not None else None for g in (grad_loss, grad_pg, grad_vf)]
+        if ctx.backend == "triton":
+            *inputs, out = ctx.saved_tensors
+            dlp, dval = _bwd_triton(inputs, out, *grads, clip_eps, value_clip, vf_coef, dual_clip,
+                                    need_dlp, need_dval)
+        else:
+            # d loss = (g_loss + g_pg)·d policy_loss + (vf_coef·g_loss + g_vf)·d value_loss, each / n.
+            dpg, derr, out = ctx.saved_tensors
+            g_loss, g_pg, g_vf = (g if g is not None else torch.zeros((), device=out.device) for g in grads)
+            dlp = (dpg * ((g_loss + g_pg) / out[7])).to(ctx.dtypes[0]) if need_dlp else None
+            dval = (derr * ((vf_coef * g_loss + g_vf) / out[7])).to(ctx.dtypes[1]) if need_dval else None
+        return dlp, None, None, dval, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------
+# 4. Public function
+# ----------------------------------------------------------------------------
+
+class PPOLossOutput(NamedTuple):
+    """Results of `ppo_loss`, each a 0-dim float32 tensor on the inputs' device.
+
+    loss, policy_loss and value_loss are differentiable; the statistics are not.
+    They are views of one buffer: use them out of place (``loss = out.loss + x``).
+    """
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    clipfrac: torch.Tensor
+    value_clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+
+
+_INPUT_NAMES = ("logprobs", "old_logprobs", "advantages", "values", "old_values", "returns")
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+    value_clip: float | None = 0.2,
+    vf_coef: float = 1.0,
+    dual_clip: float | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    backend: str | None = None,
+) -> PPOLossOutput:
+    """PPO's clipped losses and their diagnostics in one fused pass (SPEC §2 step 6).
+
+    With ρ = exp(logprobs − old_logprobs), A the advantages, R the returns and
+    token means Σ_valid(·) / normalizer:
+        policy_loss = mean max(−A·ρ, −A·clip(ρ, 1 − clip_eps, 1 + clip_eps)),
+            and with dual_clip c, for A < 0: mean min(that, −c·A) (Ye et al. 2020)
+        value_loss  = ½·mean max((V − R)², (clip(V, V_old ± value_clip) − R)²),
+            or ½·mean (V − R)² when value_clip is None
+        loss        = policy_loss + vf_coef·value_loss
+        clipfrac    = mean [the policy term took a clipped branch (ε- or dual clip)]
+        value_clipfrac = mean [the clipped value error was the larger]
+        approx_kl   = mean (ρ − 1) − log ρ  (the k3 estimator of KL(old ‖ new), ≥ 0, as in CleanRL)
+        ratio_mean  = mean ρ
+
+    Args:
+        logprobs: (...) float32, bfloat16 or float16: log π_θ(y_t), differentiable.
+        old_logprobs, advantages: same shape, any of those dtypes.
+        values: same shape and dtypes: V_ψ(s_t), differentiable.
+        old_values, returns: same shape, any of those dtypes.
+        mask: same shape; bool, or any integer or floating dtype (nonzero =
+            valid; not a weight). Inputs at invalid positions are never read.
+        clip_eps: ε ≥ 0.
+        value_clip: ε_v ≥ 0, or None for no value clipping.
+        vf_coef: ≥ 0.
+        dual_clip: None, or c > 1.
+        normalizer: the denominator of every token mean: None (the number of
+            valid tokens here), a number ≥ 0, or a 1-element tensor on the
+            inputs' device (e.g. the minibatch's token count all-reduced over
+            ranks, so that micro-batch results add up to minibatch means). A
+            normalizer of 0 (e.g. a fully masked micro-batch) is treated as 1:
+            the results are then 0, never NaN. Never synchronises with the host.
+        backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND``
+            overrides), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        A `PPOLossOutput` of 0-dim float32 tensors. Gradients flow to
+        ``logprobs`` and ``values`` only (in their dtypes), computed in one pass.
+    """
+    tensors = (logprobs, old_logprobs, advantages, values, old_values, returns)
+    for name, x in zip(_INPUT_NAMES, tensors):
+        check_tensor(name, x, dtypes=FLOAT_DTYPES)
+    check_tensor("mask", mask, dtypes=MASK_DTYPES)
+    for name, x in zip(_INPUT_NAMES[1:] + ("mask",), tensors[1:] + (mask,)):
+        check_same_device(name, x, "logprobs", logprobs)
+        check_shape(name, x, logprobs.shape, "the shape of logprobs")
+    check_non_negative("clip_eps", clip_eps)
+    check_non_negative("value_clip", value_clip, allow_none=True)
+    check_non_negative("vf_coef", vf_coef)
+    if dual_clip is not None:
+        if not isinstance(dual_clip, (int, float)) or isinstance(dual_clip, bool):
+            raise TypeError(f"dual_clip must be a number or None, got {type(dual_clip).__name__}")
+        if not dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    norm_tensor, norm_number = None, None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a 1-element tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must have a real dtype, got {normalizer.dtype}")
+        check_same_device("normalizer", normalizer, "logprobs", logprobs)
+        norm_tensor = normalizer.detach().reshape(()).to(torch.float32)
+    elif normalizer is not None:
+        check_non_negative("normalizer", normalizer)
+        norm_number = float(normalizer)
+    backend = resolve_backend(backend, logprobs)
+
+    rows = [rows_unit_stride(x) for x in (*tensors, mask)]
+    config = (float(clip_eps), None if value_clip is None else float(value_clip), float(vf_coef),
+              None if dual_clip is None else float(dual_clip), norm_number)
+    return PPOLossOutput(*_PPOLoss.apply(*rows, norm_tensor, config, backend))

@@ -1,0 +1,235 @@
+"""gae: a 3-token episode worked by hand, a float64 Python-loop oracle over
+shapes, discounts and mask patterns, and the argument checks.
+
+Both backends run on CPU: "triton" through the interpreter (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastppo.kernels import gae, reference
+from fastppo.kernels.gae import _gae_triton
+
+BACKENDS = ["torch", "triton"]
+
+
+def oracle(rewards, values, mask, gamma, lam):
+    """float64 GAE, one row and one token at a time: each row's valid tokens in order are one episode."""
+    adv = torch.zeros(rewards.shape, dtype=torch.float64)
+    for b in range(rewards.shape[0]):
+        steps = [t for t in range(rewards.shape[1]) if mask[b, t]]
+        next_value, next_adv = 0.0, 0.0
+        for t in reversed(steps):
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            next_adv = delta + gamma * lam * next_adv
+            next_value = float(values[b, t])
+            adv[b, t] = next_adv
+    valid = mask.bool()
+    return adv, torch.where(valid, adv + values.double(), 0.0)
+
+
+def python_loop(rewards, values, mask, gamma, lam):
+    """What trainers write (TRL / verl style, masked), in float32: the error budget for the fused op."""
+    m = mask.float()
+    r, v = torch.where(mask.bool(), rewards.float(), 0.0), torch.where(mask.bool(), values.float(), 0.0)
+    next_value = torch.zeros(r.shape[0])
+    last = torch.zeros(r.shape[0])
+    out = []
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv_t = delta + gamma * lam * last
+        next_value = m[:, t] * v[:, t] + (1 - m[:, t]) * next_value
+        last = m[:, t] * adv_t + (1 - m[:, t]) * last
+        out.append(last)
+    adv = torch.stack(out[::-1], 1) * m if out else torch.zeros_like(r)
+    return adv.double(), ((adv + v) * m).double()
+
+
+def make_mask(batch, length, pattern):
+    """left / right padding with random lengths (at least one full row), or random holes."""
+    if pattern == "holes":
+        mask = torch.rand(batch, length) < 0.7
+    else:
+        lengths = torch.randint(0, length + 1, (batch,))
+        lengths[0] = length
+        cols = torch.arange(length)
+        mask = cols < lengths[:, None] if pattern == "right" else cols >= (length - lengths)[:, None]
+    if batch > 1:
+        mask[-1] = False                                         # an all-false row
+    return mask
+
+
+def assert_within_budget(name, got, want, plain_value, atol=1e-5):
+    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    budget = 2 * ((plain_value - want).abs().max().item() if want.numel() else 0.0) + atol
+    assert err <= budget, f"{name}: max error {err:.3g} > 2 x plain error + atol = {budget:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_tokens_by_hand(backend):
+    """γ = 0.9, λ = 0.8 (γλ = 0.72), r = (0, 0, 1), V = (0.5, 0.6, 0.7):
+        δ_2 = 1 + 0.9·0 − 0.7   = 0.3            A_2 = 0.3
+        δ_1 = 0 + 0.9·0.7 − 0.6 = 0.03           A_1 = 0.03 + 0.72·0.3   = 0.246
+        δ_0 = 0 + 0.9·0.6 − 0.5 = 0.04           A_0 = 0.04 + 0.72·0.246 = 0.21712
+        R = A + V = (0.71712, 0.846, 1.0)
+    The same episode with left padding and holes (NaN in them) gives the same
+    numbers at its tokens and 0 elsewhere; an all-false row gives 0.
+    """
+    nan = float("nan")
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+                            [nan, 0.0, nan, 0.0, 1.0, nan],
+                            [nan, nan, nan, nan, nan, nan]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 0.0, 0.0, 0.0],
+                           [nan, 0.5, nan, 0.6, 0.7, nan],
+                           [nan, nan, nan, nan, nan, nan]])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0],
+                         [0, 1, 0, 1, 1, 0],
+                         [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8, backend=backend)
+    want_adv = torch.tensor([0.21712, 0.246, 0.3])
+    want_ret = torch.tensor([0.71712, 0.846, 1.0])
+    for row, cols in ((0, [0, 1, 2]), (1, [1, 3, 4])):
+        torch.testing.assert_close(adv[row, cols], want_adv, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ret[row, cols], want_ret, atol=1e-6, rtol=0)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("length", [1, 9, 257])
+@pytest.mark.parametrize("gamma", [1.0, 0.99])
+@pytest.mark.parametrize("lam", [0.95, 0.8])
+@pytest.mark.parametrize("pattern", ["left", "right", "holes"])
+def test_matches_float64_loop(backend, batch, length, gamma, lam, pattern):
+    rewards = torch.randn(batch, length)
+    values = torch.randn(batch, length) + 2.0
+    mask = make_mask(batch, length, pattern)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
+    assert adv.dtype == ret.dtype == torch.float32 and adv.shape == ret.shape == (batch, length)
+    want_adv, want_ret = oracle(rewards, values, mask, gamma, lam)
+    plain_adv, plain_ret = python_loop(rewards, values, mask, gamma, lam)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    assert_within_budget("advantages", adv, want_adv, plain_adv)
+    assert_within_budget("returns", ret, want_ret, plain_ret)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma,lam", [(0.5, 0.0), (0.0, 0.9), (1.0, 1.0), (0.6, 0.5)])
+def test_edge_discounts(backend, gamma, lam):
+    """γλ = 0 (one-step TD, the next value still found across holes), γλ = 1, and a small γλ
+    whose torch path cuts T into many chunks."""
+    rewards, values = torch.randn(4, 70), torch.randn(4, 70)
+    mask = make_mask(4, 70, "holes")
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
+    want_adv, want_ret = oracle(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv.double(), want_adv, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), want_ret, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["right", "holes"])
+def test_kernel_carries_across_blocks(pattern):
+    """Rows longer than one block: the value and advantage carried from block to block."""
+    rewards, values = torch.randn(3, 100), torch.randn(3, 100)
+    mask = make_mask(3, 100, pattern)
+    mask[0, 48:72] = False                                       # a hole across block edges
+    want_adv, want_ret = oracle(rewards, values, mask, 0.99, 0.95)
+    for block_t in (8, 16):
+        adv, ret = _gae_triton(rewards, values, mask, 0.99, 0.95, block_t=block_t)
+        torch.testing.assert_close(adv.double(), want_adv, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(ret.double(), want_ret, atol=2e-5, rtol=1e-5)
+
+
+def test_torch_path_row_chunks(monkeypatch):
+    """The CPU path in row chunks (forced down to one row per chunk) gives the whole-batch answer."""
+    rewards, values = torch.randn(6, 33), torch.randn(6, 33)
+    mask = make_mask(6, 33, "holes")
+    whole = gae(rewards, values, mask, gamma=0.99, lam=0.9, backend="torch")
+    monkeypatch.setattr(reference, "GAE_CHUNK_BYTES", 1)
+    chunked = gae(rewards, values, mask, gamma=0.99, lam=0.9, backend="torch")
+    torch.testing.assert_close(chunked.advantages, whole.advantages, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked.returns, whole.returns, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_inputs(backend, dtype):
+    """Half-precision inputs are computed in fp32: the error is fp32's, on the rounded inputs."""
+    rewards, values = torch.randn(3, 40).to(dtype), torch.randn(3, 40).to(dtype)
+    mask = make_mask(3, 40, "right")
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=backend)
+    want_adv, want_ret = oracle(rewards.double(), values.double(), mask, 1.0, 0.95)
+    torch.testing.assert_close(adv.double(), want_adv, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), want_ret, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_leading_dims_and_mask_dtypes(backend):
+    """Row slices of wider NaN-padded buffers are read in place; (2, 3, T) inputs; int and float masks."""
+    length = 21
+    buf_r = torch.full((6, length + 7), float("nan"))
+    buf_v = torch.full((6, length + 7), float("nan"))
+    rewards, values = buf_r[:, 3:3 + length], buf_v[:, 3:3 + length]
+    rewards.copy_(torch.randn(6, length))
+    values.copy_(torch.randn(6, length))
+    mask = make_mask(6, length, "holes")
+    want_adv, want_ret = oracle(rewards, values, mask, 0.99, 0.95)
+    for m in (mask, mask.long(), mask.to(torch.uint8), mask.float(), mask.to(torch.bfloat16)):
+        adv, ret = gae(rewards.view(2, 3, length), values.view(2, 3, length), m.view(2, 3, length),
+                       gamma=0.99, lam=0.95, backend=backend)
+        assert adv.shape == (2, 3, length)
+        torch.testing.assert_close(adv.reshape(6, length).double(), want_adv, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(ret.reshape(6, length).double(), want_ret, atol=2e-5, rtol=1e-5)
+
+
+def test_row_result_does_not_depend_on_the_batch():
+    rewards, values = torch.randn(5, 30), torch.randn(5, 30)
+    mask = make_mask(5, 30, "holes")
+    adv_all, _ = gae(rewards, values, mask, backend="triton")
+    for i in (0, 2, 4):
+        adv_one, _ = gae(rewards[i:i + 1], values[i:i + 1], mask[i:i + 1], backend="triton")
+        assert torch.equal(adv_one[0], adv_all[i])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_not_differentiable_and_empty(backend):
+    rewards = torch.randn(2, 5, requires_grad=True)
+    values = torch.randn(2, 5, requires_grad=True)
+    out = gae(rewards, values, torch.ones(2, 5, dtype=torch.bool), backend=backend)
+    assert not out.advantages.requires_grad and not out.returns.requires_grad
+    empty = gae(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool), backend=backend)
+    assert empty.advantages.shape == (0, 4)
+
+
+def test_backends_agree():
+    rewards, values = torch.randn(4, 50), torch.randn(4, 50)
+    mask = make_mask(4, 50, "holes")
+    a = gae(rewards, values, mask, backend="torch")
+    b = gae(rewards, values, mask, backend="triton")
+    torch.testing.assert_close(a.advantages, b.advantages, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(a.returns, b.returns, atol=2e-5, rtol=1e-5)
+
+
+_R, _V, _M = torch.randn(2, 5), torch.randn(2, 5), torch.ones(2, 5, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: gae([[1.0]], _V, _M), TypeError, "rewards"),
+    (lambda: gae(_R.long(), _V, _M), TypeError, "rewards"),
+    (lambda: gae(_R, _V.double(), _M), TypeError, "values"),
+    (lambda: gae(_R, _V, _M.to(torch.complex64)), TypeError, "mask"),
+    (lambda: gae(_R, _V[:, :4], _M), ValueError, "values"),
+    (lambda: gae(_R, _V, _M[:1]), ValueError, "mask"),
+    (lambda: gae(_R, _V, _M.to("meta")), ValueError, "mask"),
+    (lambda: gae(_R, _V.to("meta"), _M), ValueError, "values"),
+    (lambda: gae(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(True)), ValueError, "rewards"),
+    (lambda: gae(_R, _V, _M, gamma=1.5), ValueError, "gamma"),
+    (lambda: gae(_R, _V, _M, lam=-0.1), ValueError, "lam"),
+    (lambda: gae(_R, _V, _M, gamma="1"), TypeError, "gamma"),
+    (lambda: gae(_R, _V, _M, backend="cuda"), ValueError, "backend"),
+])
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
