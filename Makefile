@@ -11,7 +11,14 @@ STAMP  := $(VENV)/.fastppo-installed
 TORCH_PIN  := torch==2.13.0
 TRITON_PIN := triton==3.7.1
 
-.PHONY: demo test bench install clean
+# TRL 1.12.0 (the last release with PPO, in trl.experimental.ppo) for bench/trainer.py's
+# comparison, in its own venv: TRL and fastppo need not agree on transformers. The
+# constraints file keeps pip from swapping torch for another (multi-GB CUDA) build.
+TRL_VENV  := .venv-trl
+TRL_PIN   := trl==1.12.0
+TRL_STAMP := $(TRL_VENV)/.trl-installed
+
+.PHONY: demo test bench bench-trl-venv install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,5 +41,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/fastppo bench $(ARGS)
 
+$(TRL_STAMP): Makefile
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	echo "$(TORCH_PIN)" > $(TRL_VENV)/constraints.txt
+	$(TRL_VENV)/bin/python -m pip install -q $(TORCH_PIN)
+	$(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt $(TRL_PIN)
+	touch $(TRL_STAMP)
+
+bench-trl-venv: $(TRL_STAMP)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TRL_VENV) build *.egg-info .pytest_cache

@@ -1,26 +1,41 @@
-"""End-to-end trainer benchmark: one fixed PPO workload, tokens/s per phase and peak memory.
+"""End-to-end trainer benchmark: one fixed PPO workload, fastppo and TRL side by side.
 
 Workload (issue 5): 64 prompts x 16 tokens, 32 new tokens, a Llama-architecture
-policy and reward model with hidden 256, 4 layers, vocab 32000; 4 PPO epochs,
-minibatch 32, micro-batch 16. Generation is forced to the full 32 tokens (EOS
-suppressed) so every iteration does the same work.
+policy and reward model with hidden 256, 4 layers, vocab 32000 (the critic
+starts from the reward model, the reference is a copy of the policy); 4 PPO
+epochs, minibatch 32, micro-batch 16; generation and scoring 16 rows at a
+time; float32, sampling at temperature 0.8 without top-p/top-k. Every response
+has the full 32 tokens (fastppo: EOS suppressed; TRL: no stop token), so every
+iteration does the same work.
 
-    .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda]
+    .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl]
+    make bench-trl-venv     # once: TRL 1.12.0 in .venv-trl, for the comparison
 
-Prints per-phase seconds and tokens/s (median over the iterations after the
-first, which is a warm-up), and peak memory (CUDA: max allocated; CPU: peak
-RSS of this process), and appends a row to bench/results/trainer.csv.
+Each framework runs in its own fresh process on the same model directories and
+prompts, with the same torch thread count: fastppo with this interpreter, TRL's
+PPOTrainer (`trl.experimental.ppo`) with the TRL venv's (`bench/trl_workload.py`;
+`--trl-python` or FASTPPO_TRL_PYTHON to use another). The venvs stay
+independent (TRL 1.12 and fastppo need not agree on transformers), and the
+process peak RSS of each run is its own. Results come back as JSON.
 
-TRL comparison: when `trl` (1.12.0, `trl.experimental.ppo`) is importable, the
-same workload would run through TRL's PPOTrainer and the ratios be printed side
-by side. Not implemented yet: this script only reports fastppo's numbers.
+Reported: seconds and tokens/s per phase (median over the iterations after the
+first, which is a warm-up in both), tokens/s of the whole iteration, peak
+memory (CPU: the process's peak RSS; CUDA: max allocated; read at the end of
+the last iteration in both), and fastppo/TRL ratios (tokens/s: > 1 means
+fastppo is faster; memory: < 1 means fastppo needs less). Tokens: rollout counts
+generated tokens per second of generation; score and shape+adv count prompt +
+response tokens per second; update counts prompt + response tokens x PPO
+epochs; the iteration counts prompt + response tokens per second of the whole
+iteration. Rows are appended to bench/results/trainer.csv.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,19 +44,29 @@ import torch
 
 from common import append_csv, device_name
 
-from fastppo.config import load_config
-from fastppo.train import train
-
 N_PROMPTS, PROMPT_LEN, NEW_TOKENS, HIDDEN, LAYERS, VOCAB = 64, 16, 32, 256, 4, 32000
-PPO_EPOCHS, MINIBATCH, MICRO = 4, 32, 16
+PPO_EPOCHS, MINIBATCH, MICRO, ROLLOUT_CHUNK = 4, 32, 16, 16
+TEMPERATURE, SEED = 0.8, 0
+
+REPO = Path(__file__).resolve().parent.parent
+TRL_WORKER = Path(__file__).resolve().parent / "trl_workload.py"
+PHASES = ["rollout", "score", "shape_advantages", "update"]
+PHASE_LABEL = {"rollout": "rollout", "score": "score", "shape_advantages": "shape+adv", "update": "update",
+               "iteration": "iteration"}
 
 
-def build_workload(root: Path, device: str) -> list[str]:
-    """Tokenizer (WordLevel over VOCAB synthetic words), policy + reward model, prompts; returns overrides."""
+# ----------------------------------------------------------------------------
+# The workload: models, tokenizer, prompts, and the knobs both frameworks read
+# ----------------------------------------------------------------------------
+
+def build_workload(root: Path) -> None:
+    """Tokenizer (WordLevel over VOCAB synthetic words), policy + reward model, prompts, under root."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
                               PreTrainedTokenizerFast)
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -52,71 +77,254 @@ def build_workload(root: Path, device: str) -> list[str]:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
                       num_attention_heads=HIDDEN // 64, num_key_value_heads=HIDDEN // 64, max_position_embeddings=256,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     for name, cls in (("policy", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification)):
         c = cfg.__class__.from_dict(cfg.to_dict())
         if name == "reward":
             c.num_labels = 1
         cls.from_config(c).save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(SEED)
     with open(root / "prompts.jsonl", "w") as f:
         for _ in range(N_PROMPTS):
             words = torch.randint(len(specials), VOCAB, (PROMPT_LEN - 1,), generator=g).tolist()  # + BOS = 16 tokens
             f.write(json.dumps({"prompt": " ".join(f"w{i - len(specials)}" for i in words)}) + "\n")
+
+
+def workload_spec(root: Path, iterations: int, device: str, threads: int) -> dict:
+    """Everything a worker needs, as JSON: the TRL worker never imports fastppo."""
+    from fastppo.config import load_config
+
+    defaults = load_config(None, ["model.policy_path=x", "model.reward_path=x", "data.prompt_path=x"])
+    return {
+        "policy_path": str(root / "policy"), "reward_path": str(root / "reward"),
+        "prompts_path": str(root / "prompts.jsonl"), "iterations": iterations, "device": device, "threads": threads,
+        "seed": SEED, "n_prompts": N_PROMPTS, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+        "ppo_epochs": PPO_EPOCHS, "minibatch": MINIBATCH, "micro_batch": MICRO, "rollout_chunk": ROLLOUT_CHUNK,
+        "temperature": TEMPERATURE, "attn_implementation": defaults.model.attn_implementation,
+        # PPO-max's numbers where TRL has the knob (they do not change the work done)
+        "kl_coef": defaults.reward.kl_coef, "gamma": defaults.ppo.gamma, "lam": defaults.ppo.lam,
+        "clip_eps": defaults.ppo.clip_eps, "value_clip": defaults.ppo.value_clip, "vf_coef": defaults.ppo.vf_coef,
+        "lr": defaults.optim.policy_lr,
+    }
+
+
+def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
     return [
-        f"model.policy_path={root / 'policy'}", f"model.reward_path={root / 'reward'}",
-        f"data.prompt_path={root / 'prompts.jsonl'}", f"data.max_prompt_len={PROMPT_LEN}",
+        f"model.policy_path={spec['policy_path']}", f"model.reward_path={spec['reward_path']}",
+        f"data.prompt_path={spec['prompts_path']}", f"data.max_prompt_len={PROMPT_LEN}",
         f"rollout.rollout_batch_size={N_PROMPTS}", f"rollout.max_new_tokens={NEW_TOKENS}",
+        f"rollout.generation_batch_size={ROLLOUT_CHUNK}", f"rollout.forward_batch_size={ROLLOUT_CHUNK}",
+        f"rollout.temperature={TEMPERATURE}", "rollout.top_p=1.0", "rollout.top_k=0",  # TRL samples without them
         f"ppo.ppo_epochs={PPO_EPOCHS}", f"ppo.minibatch_size={MINIBATCH}", f"ppo.micro_batch_size={MICRO}",
-        "ppo.critic_warmup_steps=0", "rollout.forward_batch_size=16",
-        f"run.output_dir={root / 'run'}", "run.save_every=0", "run.export_at_end=false", "run.tensorboard=false",
-        "run.progress_bar=false", "run.log_level=WARNING", f"run.device={device}",
+        "ppo.critic_warmup_steps=0", f"run.seed={SEED}", f"run.iterations={spec['iterations']}",
+        f"run.output_dir={run_dir}", "run.save_every=0", "run.export_at_end=false", "run.tensorboard=false",
+        "run.progress_bar=false", "run.log_level=WARNING", f"run.device={spec['device']}",
     ]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+# ----------------------------------------------------------------------------
+# Workers: one fresh process per framework, results as JSON
+# ----------------------------------------------------------------------------
+
+def fastppo_worker(spec_path: Path, out_path: Path) -> None:
+    """Run fastppo's trainer on the workload in this process; per-iteration records to out_path."""
+    import transformers
+
     import fastppo.rollout as rollout
+    from fastppo.config import load_config
+    from fastppo.train import train
+
+    rss_after_imports_mb = _status_mb("VmRSS")
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
 
     # Fixed work per iteration: never stop early at EOS (the random model emits it at random).
     base_kwargs = rollout.generation_kwargs
     rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
-                                                                 "suppress_tokens": [pad_id, eos_id]}
-    with tempfile.TemporaryDirectory() as tmp:
-        overrides = build_workload(Path(tmp), args.device)
-        train(load_config(None, overrides + [f"run.iterations={args.iterations}"]))
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    timed = records[1:] or records
+                                                                "suppress_tokens": [pad_id, eos_id]}
+    run_dir = spec_path.parent / "fastppo-run"
+    train(load_config(None, fastppo_overrides(spec, run_dir)))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations, steps_before = [], 0
+    for r in records:
+        steps = r["train/optimizer_steps"] + r["train/skipped_steps"]
+        iterations.append({
+            "rollout_s": r["time/rollout_s"], "score_s": r["time/score_s"],
+            "shape_advantages_s": r["time/shape_s"] + r["time/advantages_s"], "update_s": r["time/update_s"],
+            "iteration_s": r["time/iteration_s"], "generated_tokens": r["response/tokens"],
+            "total_tokens": r["response/total_tokens"], "optimizer_steps": steps - steps_before,
+        })
+        steps_before = steps
+    out_path.write_text(json.dumps({
+        "provider": "fastppo", "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "device": spec["device"], "threads": torch.get_num_threads(), "iterations": iterations,
+        "peak_memory_mb": records[-1]["memory/peak_mb"],  # peak RSS (CUDA: max allocated) at the last iteration's end
+        "rss_after_imports_mb": rss_after_imports_mb,
+    }, indent=1))
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_worker(name: str, cmd: list[str], out: Path, env: dict) -> tuple[dict | None, str]:
+    """Run one worker; (result, error text)."""
+    print(f"[bench] running {name} ...", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        return None, f"{name} worker failed (exit {proc.returncode}):\n{tail}"
+    return json.loads(out.read_text()), ""
+
+
+def trl_python(explicit: str | None) -> tuple[str | None, str]:
+    """(interpreter that imports TRL's experimental PPO, its TRL version), or (None, why not)."""
+    py = explicit or os.environ.get("FASTPPO_TRL_PYTHON") or str(REPO / ".venv-trl" / "bin" / "python")
+    if not Path(py).exists():
+        return None, f"no TRL interpreter at {py} (run `make bench-trl-venv`, or pass --trl-python)"
+    # Not from the repo root: `python -c` puts the working directory on sys.path, where kernels/ would be
+    # picked up by transformers as Hugging Face's `kernels` package.
+    probe = subprocess.run([py, "-c", "import trl; from trl.experimental.ppo import PPOTrainer; print(trl.__version__)"],
+                           capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return None, f"{py} cannot import trl.experimental.ppo: {last}"
+    return py, probe.stdout.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------
+
+def summarize(result: dict) -> dict:
+    """Medians over the iterations after the first (warm-up), seconds and tokens/s per phase."""
+    its = result["iterations"]
+    timed = its[1:] or its
     med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
-    tokens = med("response/total_tokens")
-    gen_tokens = med("response/tokens")
-    phases = ["rollout", "score", "shape", "advantages", "update"]
-    print(f"fastppo trainer benchmark on {device_name(torch.device(args.device))}, {len(timed)} timed iteration(s)")
+    gen, tokens = med("generated_tokens"), med("total_tokens")
+    work = {"rollout": gen, "score": tokens, "shape_advantages": tokens, "update": tokens * PPO_EPOCHS,
+            "iteration": tokens}
+    s = {"timed_iterations": len(timed), "generated_tokens": gen, "total_tokens": tokens,
+         "optimizer_steps": med("optimizer_steps"), "peak_memory_mb": result["peak_memory_mb"],
+         "rss_after_imports_mb": result["rss_after_imports_mb"]}
+    for p in PHASES + ["iteration"]:
+        sec = med(f"{p}_s")
+        s[f"{p}_s"], s[f"{p}_tokens_per_s"] = sec, work[p] / max(sec, 1e-9)
+    s["other_s"] = statistics.median(r["iteration_s"] - sum(r[f"{p}_s"] for p in PHASES) for r in timed)
+    return s
+
+
+def print_table(summaries: dict[str, dict], *, cuda: bool) -> None:
+    """Seconds and tokens/s per phase for each provider; with two, the fastppo/TRL ratio of each row."""
+    names = list(summaries)
+    pair = len(names) == 2
+
+    def row(label: str, cells: list[str], values: list[float] | None = None, note: str = "") -> None:
+        ratio = f"{values[0] / values[1]:>13.2f}x" if pair and values else ""
+        print(f"{label:<11}" + "".join(cells) + ratio + note)
+
+    print(f"{'phase':<11}" + "".join(f"{n + ' s':>12}{n + ' tok/s':>14}" for n in names)
+          + (f"{names[0] + '/' + names[1]:>14}" if pair else ""))
+    for p in PHASES + ["iteration"]:
+        row(PHASE_LABEL[p], [f"{summaries[n][f'{p}_s']:>12.3f}{summaries[n][f'{p}_tokens_per_s']:>14.0f}" for n in names],
+            [summaries[n][f"{p}_tokens_per_s"] for n in names])
+    row("other", [f"{summaries[n]['other_s']:>12.3f}{'':>14}" for n in names], note="   (logging, metrics, callbacks)")
+    peak = [summaries[n]["peak_memory_mb"] for n in names]
+    row("peak MB", [f"{v:>26.0f}" for v in peak], peak)
+    if not cuda:  # the process's RSS before any model exists, and the peak above it
+        start = [summaries[n]["rss_after_imports_mb"] for n in names]
+        row("  at start", [f"{v:>26.0f}" for v in start], note="   (RSS after imports, before the models load)")
+        row("  peak-start", [f"{p - s:>26.0f}" for p, s in zip(peak, start)], [p - s for p, s in zip(peak, start)])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=3, help="PPO iterations per framework; the first is a warm-up")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in both runs")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL run")
+    ap.add_argument("--trl-python", help="interpreter with trl==1.12.0 (default: .venv-trl/bin/python)")
+    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        fastppo_worker(Path(args.worker[0]), Path(args.worker[1]))
+        return 0
+    if args.iterations < 2:
+        ap.error("--iterations must be >= 2 (the first iteration is a warm-up)")
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "TRL_EXPERIMENTAL_SILENCE": "1"}
+    if not args.device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both frameworks on the CPU (TRL's accelerate picks CUDA when it sees one)
+    dev = device_name(torch.device(args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_workload(root)
+        spec = workload_spec(root, args.iterations, args.device, args.threads)
+        spec_path = root / "workload.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+
+        results, notes = {}, []
+        res, err = run_worker("fastppo", [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path),
+                                          str(root / "fastppo.json")], root / "fastppo.json", env)
+        if res is None:
+            print(err, file=sys.stderr)
+            return 1
+        results["fastppo"] = res
+        if args.no_trl:
+            notes.append("TRL comparison skipped (--no-trl)")
+        else:
+            py, info = trl_python(args.trl_python)
+            if py is None:
+                notes.append(f"TRL comparison skipped: {info}")
+            else:
+                spec_trl = {**spec, "output_dir": str(root / "trl-run")}
+                (root / "workload-trl.json").write_text(json.dumps(spec_trl, indent=1))
+                res, err = run_worker(f"TRL {info}", [py, str(TRL_WORKER), str(root / "workload-trl.json"),
+                                                      str(root / "trl.json")], root / "trl.json", env)
+                if res is None:
+                    notes.append(f"TRL comparison skipped: {err}")
+                else:
+                    results["trl"] = res
+
+    summaries = {name: summarize(r) for name, r in results.items()}
+    print(f"\ntrainer benchmark on {dev}, {args.threads} torch thread(s), "
+          f"{summaries['fastppo']['timed_iterations']} timed iteration(s) after 1 warm-up (medians)")
     print(f"workload: {N_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, hidden {HIDDEN}, "
-          f"{LAYERS} layers, vocab {VOCAB}, {PPO_EPOCHS} PPO epochs, minibatch {MINIBATCH}, micro-batch {MICRO}")
-    print(f"{'phase':<12}{'seconds':>10}{'tokens/s':>12}")
-    row = {"device": device_name(torch.device(args.device)), "provider": "fastppo", "iterations": len(timed)}
-    for p in phases:
-        sec = med(f"time/{p}_s")
-        # rollout throughput counts generated tokens; the other phases process prompt + response tokens
-        tps = (gen_tokens if p == "rollout" else tokens * (PPO_EPOCHS if p == "update" else 1)) / max(sec, 1e-9)
-        print(f"{p:<12}{sec:>10.3f}{tps:>12.0f}")
-        row[f"{p}_s"], row[f"{p}_tokens_per_s"] = round(sec, 4), round(tps, 1)
-    total = med("time/iteration_s")
-    row.update({"iteration_s": round(total, 4), "tokens_per_s": round(tokens / total, 1),
-                "peak_memory_mb": round(max(r["memory/peak_mb"] for r in records), 1)})
-    print(f"{'iteration':<12}{total:>10.3f}{tokens / total:>12.0f}   (prompt + response tokens / iteration time)")
-    print(f"peak memory: {row['peak_memory_mb']:.0f} MB ({'CUDA max allocated' if args.device.startswith('cuda') else 'process peak RSS'})")
-    try:
-        import trl  # noqa: F401
-        print("TRL is importable, but the side-by-side TRL run is not implemented yet")
-    except ImportError:
-        print("TRL not importable: TRL comparison skipped")
-    path = append_csv("trainer", [row])
+          f"{LAYERS} layers, vocab {VOCAB}, {PPO_EPOCHS} PPO epochs, minibatch {MINIBATCH}, micro-batch {MICRO}, "
+          f"generate/score {ROLLOUT_CHUNK} rows at a time, float32")
+    for name, r in results.items():
+        s = summaries[name]
+        print(f"  {name}: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}; per iteration "
+              f"{s['generated_tokens']:.0f} generated / {s['total_tokens']:.0f} prompt + response tokens, "
+              f"{s['optimizer_steps']:.0f} optimizer steps")
+    print()
+    print_table(summaries, cuda=args.device.startswith("cuda"))
+    mem = "CUDA max allocated" if args.device.startswith("cuda") else "process peak RSS"
+    print(f"\ntok/s: rollout = generated tokens / s; score, shape+adv = prompt + response tokens / s; "
+          f"update = those x {PPO_EPOCHS} epochs / s; iteration = prompt + response tokens / s of the whole iteration. "
+          f"peak MB: {mem}.")
+    if len(summaries) == 2:
+        f, t = summaries["fastppo"], summaries["trl"]
+        speed = f["iteration_tokens_per_s"] / t["iteration_tokens_per_s"]
+        print(f"fastppo vs TRL: {speed:.2f}x the throughput (goal >= 2x), "
+              f"{f['peak_memory_mb'] / t['peak_memory_mb']:.2f}x the peak memory (goal <= 0.6x)")
+    for n in notes:
+        print(n)
+
+    rows = []
+    for name, s in summaries.items():
+        row = {"device": dev, "provider": name, "threads": args.threads, "iterations": s["timed_iterations"]}
+        for p in PHASES + ["iteration"]:
+            row[f"{p}_s"], row[f"{p}_tokens_per_s"] = round(s[f"{p}_s"], 4), round(s[f"{p}_tokens_per_s"], 1)
+        row.update({"optimizer_steps": s["optimizer_steps"], "peak_memory_mb": round(s["peak_memory_mb"], 1)})
+        rows.append(row)
+    path = append_csv("trainer", rows)
     print(f"appended to {path}")
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -69,8 +70,9 @@ def _train_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, preset=args.preset)
     result = train(cfg)
     where = result.export or result.checkpoint or result.run_dir
-    print(f"fastppo: {result.iterations_done} iterations, run dir {result.run_dir}; "
-          f"{'interrupted, resumable checkpoint' if result.interrupted else 'output'}: {where}")
+    if int(os.environ.get("RANK", "0")) == 0:                   # the process group is gone by now
+        print(f"fastppo: {result.iterations_done} iterations, run dir {result.run_dir}; "
+              f"{'interrupted, resumable checkpoint' if result.interrupted else 'output'}: {where}")
     return 0
 
 
@@ -150,15 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
+    from .dist import DistributedError, rank, world_size
     from .models import ModelError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Only `train` shards across processes; N copies of another stage would race on one output directory.
+        print(f"fastppo {args.command}: error: runs in one process; under torchrun only `fastppo train` is "
+              "distributed (start this stage without torchrun)", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command][2](args)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
-        print(f"fastppo {args.command}: error: {exc}", file=sys.stderr)
+        where = f" (rank {rank()}/{world_size()})" if world_size() > 1 else ""
+        print(f"fastppo {args.command}: error{where}: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:  # a peer failed or hangs: say so, and exit instead of waiting forever
+        print(f"fastppo {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

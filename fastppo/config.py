@@ -79,11 +79,11 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     rollout_batch_size: int = 128
-    """Prompts sampled per PPO iteration."""
+    """Prompts sampled per PPO iteration, all ranks together (each rank generates rollout_batch_size / world_size)."""
     generation_batch_size: Optional[int] = None
-    """Prompts per generate() call (bounds the KV cache); null = rollout_batch_size."""
+    """Prompts per generate() call on each rank (bounds the KV cache); null = the rank's whole share."""
     forward_batch_size: Optional[int] = None
-    """Rows per no-grad forward when scoring experience; null = ppo.micro_batch_size."""
+    """Rows per no-grad forward on each rank when scoring experience; null = ppo.micro_batch_size."""
     max_new_tokens: int = 128
     """Longest response; responses cut here get EOS appended for scoring."""
     temperature: float = 0.8
@@ -125,9 +125,9 @@ class PPOConfig:
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     minibatch_size: int = 32
-    """Rollouts per optimizer step."""
+    """Rollouts per optimizer step, all ranks together."""
     micro_batch_size: int = 8
-    """Rollouts per forward/backward (gradient accumulation inside a minibatch)."""
+    """Rollouts per forward/backward on each rank (gradient accumulation inside a minibatch); also the ptx batch per rank and step."""
     gamma: float = 1.0
     """Discount of GAE."""
     lam: float = 0.9
@@ -146,6 +146,8 @@ class PPOConfig:
     """Weight of the value loss in the total loss (it only reaches the critic's gradients)."""
     ent_coef: float = 0.0
     """Entropy bonus weight."""
+    fused_policy_loss: bool = True
+    """Policy loss + entropy bonus in one pass from the backbone's hidden states (`linear_ppo_loss`: gradients computed with the loss, no logits recompute); false = `linear_token_logprobs` + `ppo_loss`. Same numbers either way; lm_heads that are not a plain matmul always use full logits."""
     ptx_coef: float = 0.1
     """Weight of the ptx LM loss; used only when data.ptx_path is set."""
     critic_warmup_steps: int = 0
@@ -191,7 +193,7 @@ class RunConfig:
     keep_last: int = 2
     """Checkpoints kept on disk (oldest deleted first)."""
     resume: Optional[str] = None
-    """Checkpoint directory to resume from, or 'latest' for the newest in output_dir/checkpoints."""
+    """Checkpoint directory to resume from; 'latest' for the newest in output_dir/checkpoints; 'auto' for the newest if there is one, else a fresh start (a torchrun restart behaves as 'auto')."""
     stop_after: Optional[int] = None
     """Stop this invocation after N iterations with a resumable checkpoint (e.g. a time-limited job slot); null = run to `iterations`."""
     export_at_end: bool = True
@@ -204,6 +206,28 @@ class RunConfig:
     """Show a tqdm progress bar."""
     log_level: str = "INFO"
     """Python logging level."""
+
+
+@dataclass
+class ParallelConfig:
+    shard: str = "auto"
+    """FSDP2 sharding of the four models: auto (whenever torchrun starts more than one process), always (also in one process), never (one process only)."""
+    replicate_degree: int = 1
+    """HSDP: size of the replicate dimension of a (replicate, shard) mesh, usually the number of nodes; models are sharded within a group of world_size / replicate_degree ranks and replicated across groups. 1 = plain FSDP over all ranks."""
+    param_dtype: str = "auto"
+    """Compute and all-gather dtype under FSDP (MixedPrecisionPolicy.param_dtype): auto (bfloat16 on CUDA, model.dtype on CPU), float32, bfloat16 or float16. The trained models keep model.dtype shards (the optimizer's copy); the frozen ones are stored in this dtype."""
+    reduce_dtype: str = "float32"
+    """Dtype of the gradient reduce-scatter / all-reduce under FSDP (MixedPrecisionPolicy.reduce_dtype)."""
+    offload_frozen: bool = False
+    """Keep the shards of the reference and reward models in CPU memory (CPUOffloadPolicy), copied to the GPU for each forward. CUDA only."""
+    reshard_after_forward: bool = True
+    """Free the all-gathered blocks of the trained models after forward (re-gathered in backward); false keeps them until backward (less communication, more memory)."""
+    unshard_for_generation: bool = True
+    """All-gather the whole policy once per rollout and keep it gathered while generating, instead of all-gathering every block for every token."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait before the rank gives up with an error (a failed or stuck peer); also the process-group init timeout."""
 
 
 @dataclass
@@ -222,6 +246,8 @@ class Config:
     """Optimizers and schedules."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run control, logging, checkpoints."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Multi-GPU / multi-node: process group, FSDP2 sharding, mixed precision."""
 
 
 # ----------------------------------------------------------------------------
@@ -409,11 +435,39 @@ def validate(cfg: Config) -> None:
     _check(run.device == "auto" or run.device == "cpu" or run.device.startswith("cuda"), "run.device",
            f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
     _check(run.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "run.log_level", "must be DEBUG, INFO, WARNING or ERROR")
+    par = cfg.parallel
+    _check(par.shard in ("auto", "always", "never"), "parallel.shard", f"must be auto, always or never, got {par.shard!r}")
+    _check(par.replicate_degree >= 1, "parallel.replicate_degree", "must be >= 1")
+    _check(par.param_dtype in ("auto", "float32", "bfloat16", "float16"), "parallel.param_dtype",
+           f"must be auto, float32, bfloat16 or float16, got {par.param_dtype!r}")
+    _check(par.reduce_dtype in ("float32", "bfloat16", "float16"), "parallel.reduce_dtype",
+           f"must be float32, bfloat16 or float16, got {par.reduce_dtype!r}")
+    _check(par.backend in ("auto", "nccl", "gloo"), "parallel.backend", f"must be auto, nccl or gloo, got {par.backend!r}")
+    _check(par.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+
+
+def validate_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of processes: the global batch sizes must split evenly over ranks."""
+    r, p = cfg.rollout, cfg.ppo
+    _check(r.rollout_batch_size % world_size == 0, "rollout.rollout_batch_size",
+           f"must be divisible by the number of processes ({world_size}), got {r.rollout_batch_size}")
+    _check(p.minibatch_size % (world_size * p.micro_batch_size) == 0, "ppo.minibatch_size",
+           f"must be divisible by processes x ppo.micro_batch_size ({world_size} x {p.micro_batch_size}), "
+           f"got {p.minibatch_size}")
+    _check(world_size % cfg.parallel.replicate_degree == 0, "parallel.replicate_degree",
+           f"must divide the number of processes ({world_size}), got {cfg.parallel.replicate_degree}")
 
 
 @dataclass(frozen=True)
 class Derived:
-    """Quantities computed from the config in one place."""
+    """Quantities computed from the config in one place.
+
+    rollout.rollout_batch_size and ppo.minibatch_size are global (all ranks
+    together); micro-, generation- and forward-batch sizes are per rank.
+    """
+    world_size: int
+    rollouts_per_rank: int
+    minibatch_per_rank: int
     minibatches_per_epoch: int
     micro_batches_per_minibatch: int
     generation_batch_size: int
@@ -422,13 +476,17 @@ class Derived:
     critic_optimizer_steps: int
 
 
-def derived(cfg: Config) -> Derived:
+def derived(cfg: Config, world_size: int = 1) -> Derived:
     mb_per_epoch = cfg.rollout.rollout_batch_size // cfg.ppo.minibatch_size
     steps_per_iter = mb_per_epoch * cfg.ppo.ppo_epochs
+    rollouts_per_rank = cfg.rollout.rollout_batch_size // world_size
     return Derived(
+        world_size=world_size,
+        rollouts_per_rank=rollouts_per_rank,
+        minibatch_per_rank=cfg.ppo.minibatch_size // world_size,
         minibatches_per_epoch=mb_per_epoch,
-        micro_batches_per_minibatch=cfg.ppo.minibatch_size // cfg.ppo.micro_batch_size,
-        generation_batch_size=cfg.rollout.generation_batch_size or cfg.rollout.rollout_batch_size,
+        micro_batches_per_minibatch=cfg.ppo.minibatch_size // (cfg.ppo.micro_batch_size * world_size),
+        generation_batch_size=cfg.rollout.generation_batch_size or rollouts_per_rank,
         forward_batch_size=cfg.rollout.forward_batch_size or cfg.ppo.micro_batch_size,
         policy_optimizer_steps=max(0, cfg.run.iterations - cfg.ppo.critic_warmup_steps) * steps_per_iter,
         critic_optimizer_steps=cfg.run.iterations * steps_per_iter,

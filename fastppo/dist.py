@@ -1,19 +1,49 @@
-"""Distributed helpers. Every cross-rank reduction in the trainer goes through here.
+"""Distributed runtime: process group, FSDP2 sharding, unshard for generation, all-reduce helpers.
 
-This is the single-process version: the helpers are identities when
-torch.distributed is not initialised, and all-reduce over the default group
-when it is. Sharding (FSDP2, `fully_shard`) and unshard-for-generation come
-with issue 7; the call sites already pass everything global through these
-functions (token-mean normalisers, reward moments, whitening, metrics).
+Driven by the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT): `setup` joins the process group (nccl on CUDA, gloo on
+CPU, with `parallel.timeout_s` on every collective); one process without
+torchrun runs the same code with every helper below an identity.
+
+Sharding (`Sharder`): FSDP2 `fully_shard` on each transformer block, then on
+the root, for all four models, over a 1-D mesh (FSDP) or a 2-D
+(replicate, shard) mesh (HSDP, `parallel.replicate_degree`). Gradients are
+summed across ranks, never averaged: every loss is already divided by a
+global token count (`global_count`), so the sum is the global gradient.
+
+Every cross-rank quantity of the trainer goes through a helper here:
+token-mean normalisers (`global_count`), reward moments and whitening
+(`global_moments`, `group`), metrics, the stop decision (`any_rank`) and the
+experience exchange (`all_gather_cat`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import gc
+import logging
 import os
+import types
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+log = logging.getLogger("fastppo")
+
+# Name of the method `Sharder` registers on each root as an FSDP forward (see `run_as_forward`).
+FORWARD_METHOD = "fastppo_forward"
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: another rank has most likely died or hangs."""
+
+
+# ----------------------------------------------------------------------------
+# Ranks and devices
+# ----------------------------------------------------------------------------
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -35,6 +65,21 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def group():
+    """The default process group when running distributed, else None (for `fastppo.masked`'s group=)."""
+    return dist.group.WORLD if is_initialized() else None
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if name == "auto":
@@ -42,8 +87,90 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={name!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank()}")
     return device
 
+
+def wants_sharding(shard: str) -> bool:
+    """parallel.shard: auto shards whenever there is more than one process; always also in one."""
+    return shard == "always" or (shard == "auto" and world_size() > 1)
+
+
+def setup(shard: str, backend: str, timeout_s: float, device: torch.device) -> bool:
+    """Join the process group when torchrun started several processes (or `shard=always`).
+
+    Returns True when this call created the group (the caller destroys it at
+    the end), False when there is nothing to do or a group already exists.
+    """
+    if is_initialized():
+        return False
+    world = env_world_size()
+    if world == 1 and shard != "always":
+        return False
+    if world > 1 and shard == "never":
+        raise DistributedError(f"parallel.shard=never, but torchrun started {world} processes; "
+                               "fastppo shards the four models across processes (FSDP2): use shard=auto")
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        # One process with FSDP on (shard=always) and no torchrun: a private single-rank group.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        # torchrun's agent keeps one TCPStore across restarts of the worker group: without a per-attempt
+        # namespace a restarted rank can read a dead predecessor's address and fail to connect.
+        store, rank_, world_ = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"fastppo/attempt_{restart_count()}", store)
+        dist.init_process_group(backend, store=store, rank=rank_, world_size=world_, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    log.info("rank %d/%d: process group up (%s, timeout %ss, device %s)", rank(), world_size(), backend, timeout_s, device)
+    return True
+
+
+def teardown() -> None:
+    """Leave the process group (also after an error: exiting with a live gloo group aborts the process)."""
+    if is_initialized():
+        try:
+            # Sharded models hold the device mesh, which holds the group: a mesh that outlives the
+            # group makes the process abort at exit ("terminate called without an active exception").
+            gc.collect()
+            dist.destroy_process_group()
+        except Exception as exc:  # never hide the error that brought us here
+            log.debug("destroy_process_group failed: %s", exc)
+
+
+@contextlib.contextmanager
+def collective_errors(what: str = "training") -> Iterator[None]:
+    """Turn a failed or timed-out collective into a DistributedError that says what probably happened."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except (RuntimeError, dist.DistError) as exc:
+        if not is_initialized() or world_size() == 1 or not _looks_like_collective_failure(exc):
+            raise
+        raise DistributedError(
+            f"rank {rank()}/{world_size()}: a collective failed during {what} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:300]}). Another rank has probably failed or is stuck: look for the "
+            "first error in the other ranks' logs (run_dir/train.rank<N>.log). Collectives time out after "
+            "parallel.timeout_s seconds."
+        ) from exc
+
+
+def _looks_like_collective_failure(exc: BaseException) -> bool:
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("gloo", "Gloo", "NCCL", "nccl", "Timed out", "timed out", "Connection closed",
+                                   "Connection reset", "Broken pipe", "recv", "ProcessGroup"))
+
+
+# ----------------------------------------------------------------------------
+# Collectives (identities in one process)
+# ----------------------------------------------------------------------------
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of x over ranks (a new tensor; x itself untouched)."""
@@ -70,6 +197,18 @@ def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when flag is True on any rank (a decision all ranks must take together)."""
+    if not is_initialized():
+        return flag
+    return bool(all_reduce_max(torch.tensor([float(flag)], device=device)).item())
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
 def global_count(mask: torch.Tensor) -> torch.Tensor:
     """Number of true entries of mask over all ranks, as a float32 scalar tensor (no host sync)."""
     return all_reduce_sum(mask.sum().to(torch.float32))
@@ -78,9 +217,8 @@ def global_count(mask: torch.Tensor) -> torch.Tensor:
 def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(count, mean, population variance) of x[mask] over all ranks, as float32 tensors.
 
-    One all-reduce of [count, sum, sum of squares]; the variance is computed
-    around the global mean in a second pass over local data so that large
-    means do not cancel.
+    One all-reduce of [count, sum], then one of the centred sum of squares
+    (around the global mean, so large means do not cancel).
     """
     x = x.float()
     m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
@@ -92,10 +230,203 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[t
     return count, mean, sq / count.clamp(min=1)
 
 
+def all_gather_cat(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate x over ranks along dim, in rank order; every rank's x must have the same shape."""
+    if not is_initialized() or world_size() == 1:
+        return x
+    shape = torch.tensor(list(x.shape), dtype=torch.float64, device=x.device)    # nccl needs device tensors
+    if not torch.equal(all_reduce_max(shape), all_reduce_min(shape)):
+        raise DistributedError(f"rank {rank()}: all_gather_cat needs equal shapes on all ranks, this rank has {tuple(x.shape)}")
+    is_bool = x.dtype == torch.bool
+    y = x.to(torch.uint8) if is_bool else x.contiguous()                  # gloo has no bool collectives
+    parts = [torch.empty_like(y) for _ in range(world_size())]
+    dist.all_gather(parts, y)
+    out = torch.cat(parts, dim=dim)
+    return out.bool() if is_bool else out
+
+
 def gather_for_metrics(x: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor over ranks (for histograms); identity in one process."""
-    if not is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())  # equal sizes: every rank scores the same number of rollouts
-    return torch.cat(parts)
+    return all_gather_cat(x)
+
+
+def all_reduce_dict_sum(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum each 0-d tensor over ranks with a single all-reduce."""
+    if not is_initialized() or not values:
+        return values
+    keys = list(values)
+    total = all_reduce_sum(torch.stack([values[k].float().reshape(()) for k in keys]))
+    return dict(zip(keys, total.unbind(0)))
+
+
+# ----------------------------------------------------------------------------
+# FSDP2
+# ----------------------------------------------------------------------------
+
+def build_mesh(replicate_degree: int, device: torch.device):
+    """1-D ("shard",) mesh over all ranks, or 2-D ("replicate", "shard") for HSDP (replicate_degree > 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = world_size()
+    if world % replicate_degree:
+        raise DistributedError(f"parallel.replicate_degree={replicate_degree} must divide the number of processes ({world})")
+    if replicate_degree == 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicate_degree, world // replicate_degree),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a Hugging Face model: the classes its `_no_split_modules` names, else the
+    children of its longest nn.ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard")
+    return list(max(lists, key=len))
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return bool(fsdp_modules(model))
+
+
+def _call(self: nn.Module, fn: Callable, *args, **kwargs):
+    return fn(self, *args, **kwargs)
+
+
+def run_as_forward(model: nn.Module, fn: Callable, *args, **kwargs):
+    """fn(model, *args, **kwargs), run as a forward of the root FSDP module.
+
+    Code that calls the backbone and then uses the root's own parameters
+    (lm_head weight in `linear_token_logprobs`, the scalar head) must run
+    inside the root's forward: there FSDP has all-gathered them, and the
+    gradient of the full lm_head weight flows back to the shards. Unsharded
+    models just call fn.
+    """
+    runner = getattr(model, FORWARD_METHOD, None)
+    if runner is None:
+        return fn(model, *args, **kwargs)
+    return runner(fn, *args, **kwargs)
+
+
+class Sharder:
+    """Applies FSDP2 to a model: each transformer block, then the root (torchtitan's recipe).
+
+    Trained models (policy, critic): stored in their load dtype (the optimizer
+    updates these shards), computed in `param_dtype` (MixedPrecisionPolicy),
+    gradients reduce-scattered in `reduce_dtype` and summed over ranks.
+    Frozen models (reference, reward): cast to `param_dtype` before sharding
+    (their forward computes in it anyway), optionally offloaded to CPU.
+    """
+
+    def __init__(self, mesh, *, device: torch.device, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
+                 offload_frozen: bool, reshard_after_forward: bool) -> None:
+        self.mesh, self.device = mesh, device
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+        self.offload_frozen, self.reshard_after_forward = offload_frozen, reshard_after_forward
+
+    def __call__(self, model: nn.Module, role: str, *, trained: bool) -> nn.Module:
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                            register_fsdp_forward_method)
+
+        if trained:
+            mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        else:
+            if self.param_dtype is not None:
+                model.to(self.param_dtype)
+            mp = MixedPrecisionPolicy()
+        offload = OffloadPolicy()
+        if not trained and self.offload_frozen:
+            if self.device.type == "cuda":
+                offload = CPUOffloadPolicy(pin_memory=True)
+            else:
+                log.info("%s: parallel.offload_frozen has no effect on %s", role, self.device)
+        # Blocks of the frozen models are only used in no-grad forwards: always reshard after them.
+        reshard = self.reshard_after_forward if trained else True
+        blocks = transformer_blocks(model)
+        for block in blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
+            block._fastppo_reshard_after_forward = reshard                 # restored after `unsharded`
+        fully_shard(model, mesh=self.mesh, mp_policy=mp, offload_policy=offload)
+        for m in fsdp_modules(model):
+            # Losses are divided by global token counts: sum the gradients, do not average them.
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+        setattr(model, FORWARD_METHOD, types.MethodType(_call, model))
+        register_fsdp_forward_method(model, FORWARD_METHOD)
+        local, total = shard_numel(model)
+        log.info("%s: fully_shard over mesh %s, %d blocks + root; this rank holds %d of %d parameters (%.1f%%)%s",
+                 role, tuple(self.mesh.shape), len(blocks), local, total, 100.0 * local / max(total, 1),
+                 ", offloaded to CPU" if isinstance(offload, CPUOffloadPolicy) else "")
+        return model
+
+
+def shard_numel(model: nn.Module) -> tuple[int, int]:
+    """(parameters held by this rank, parameters of the whole model)."""
+    from torch.distributed.tensor import DTensor
+
+    local = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return local, total
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every all-gathered parameter of the model (no-op when not sharded)."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """All-gather the whole model once and keep it gathered for the block (generation).
+
+    Without it every generated token would all-gather every block again
+    (FSDP reshards after each forward). Memory: the full model in the compute
+    dtype on each rank for the duration. Afterwards blocks reshard after
+    forward again and the root keeps its parameters through backward, as
+    fully_shard sets them.
+    """
+    modules = fsdp_modules(model)
+    if not enabled or not modules:
+        yield
+        return
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        root = modules[0] if modules[0] is model else None
+        for m in modules:
+            m.set_reshard_after_forward(m is not root and _block_reshard(m), recurse=False)
+            m.reshard()
+
+
+def _block_reshard(module: nn.Module) -> bool:
+    return getattr(module, "_fastppo_reshard_after_forward", True)
+
+
+def grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Global L2 norm of the model's gradients (all shards), clipped to max_norm when given."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()                                      # reduces the per-shard partial norms
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    return total

@@ -58,6 +58,23 @@ class Experience:
         })
 
 
+def gather_experience(exp: Experience) -> Experience:
+    """The global batch on every rank: each tensor concatenated over ranks, in rank order.
+
+    Every rank holds the same number of rows, the same prompt width (the
+    global batch is collated before it is split) and the same response width
+    (padded to the widest on any rank before scoring), so the rows line up
+    exactly as in one process. Identity in one process.
+    """
+    if dist.world_size() == 1:
+        return exp
+    return Experience(**{
+        f.name: (dist.all_gather_cat(getattr(exp, f.name)) if isinstance(getattr(exp, f.name), torch.Tensor)
+                 else getattr(exp, f.name))
+        for f in fields(exp)
+    })
+
+
 @dataclass
 class Scored:
     """No-grad model outputs for a rollout (B rows, R response columns).
@@ -143,7 +160,8 @@ def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mas
     advantages, returns = gae(rewards, values, response_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
                                   backend=cfg.run.backend)
     if cfg.ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, response_mask, shift_mean=True) * response_mask
+        # Global over the batch: statistics of all ranks' valid tokens (group=None in one process).
+        advantages = masked_whiten(advantages, response_mask, shift_mean=True, group=dist.group()) * response_mask
     if cfg.ppo.advantage_clip is not None:
         advantages = advantages.clamp(-cfg.ppo.advantage_clip, cfg.ppo.advantage_clip)
     return advantages, returns

@@ -11,6 +11,12 @@ Every forward builds position ids from the attention mask, so left padding
 never shifts positions. Logprobs come from the backbone's hidden states and
 the lm_head weight through the fused `linear_token_logprobs`, which never
 materialises the (B, T, V) logits.
+
+Under FSDP2 (`dist.Sharder`) every function here that reads the backbone
+and then the root's own parameters (lm_head weight, scalar head) runs as a
+forward of the root module (`dist.run_as_forward`): FSDP has all-gathered
+them there, so the fused op sees the full (V, H) weight, and its gradient
+goes back to the shards.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import dist
 from .config import ModelConfig
 
 log = logging.getLogger("fastppo")
@@ -162,7 +169,9 @@ class Models:
     """Whether logprobs use linear_token_logprobs (else full logits + token_logprobs)."""
 
 
-def load_models(cfg: ModelConfig, device: torch.device) -> Models:
+def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | None" = None) -> Models:
+    """Load the four models; with `shard`, each is sharded (FSDP2) right after it is loaded, so that at most
+    two unsharded models exist at a time (the policy and its reference copy), on the host."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = _dtype(cfg.dtype)
@@ -178,14 +187,9 @@ def load_models(cfg: ModelConfig, device: torch.device) -> Models:
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
 
-    policy = AutoModelForCausalLM.from_pretrained(cfg.policy_path, config=no_dropout_config(cfg.policy_path, cfg), **kw)
-    reward = AutoModelForSequenceClassification.from_pretrained(
-        cfg.reward_path, config=no_dropout_config(cfg.reward_path, cfg, num_labels=1), **kw)
-    critic_path = cfg.critic_path or cfg.reward_path
-    critic = AutoModelForSequenceClassification.from_pretrained(
-        critic_path, config=no_dropout_config(critic_path, cfg, num_labels=1), **kw)
     n_tok = len(tokenizer)
-    for model, what in ((policy, "policy"), (reward, "reward"), (critic, "critic")):
+
+    def fit_tokenizer(model, what: str):
         emb = model.get_input_embeddings().num_embeddings
         if emb < n_tok - 1:  # only the pad token may be missing
             raise ModelError(f"the {what} model has {emb} embeddings but the tokenizer has {n_tok} tokens: "
@@ -193,22 +197,37 @@ def load_models(cfg: ModelConfig, device: torch.device) -> Models:
         _grow_embeddings(model, n_tok, what)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
-        scalar_head(model) if what != "policy" else None
-    # The reference must equal the policy exactly, including any resized rows.
-    ref = copy.deepcopy(policy)
-    for m in (policy, ref, reward, critic):
-        m.to(device)
-        m.eval()  # the trained models switch to train() only inside the update (gradient checkpointing)
-    for m in (ref, reward):
-        m.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        for m in (policy, critic):
-            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5
-                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if what in ("reward", "critic"):
+            scalar_head(model)
+        return model
+
+    def prepare(model, what: str, trained: bool):
+        model.eval()  # the trained models switch to train() only inside the update (gradient checkpointing)
+        if not trained:
+            model.requires_grad_(False)
+        elif cfg.gradient_checkpointing:  # before sharding: FSDP re-gathers the blocks for the recompute
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            m.config.use_cache = False
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if shard is None:
+            return model.to(device)
+        return shard(model, what, trained=trained)  # fully_shard moves the shards to the mesh's device
+
+    policy = fit_tokenizer(AutoModelForCausalLM.from_pretrained(
+        cfg.policy_path, config=no_dropout_config(cfg.policy_path, cfg), **kw), "policy")
     reason = fused_lm_head_supported(policy)
+    # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
+    ref = prepare(copy.deepcopy(policy), "reference", trained=False)
+    policy = prepare(policy, "policy", trained=True)
+    reward = prepare(fit_tokenizer(AutoModelForSequenceClassification.from_pretrained(
+        cfg.reward_path, config=no_dropout_config(cfg.reward_path, cfg, num_labels=1), **kw), "reward"),
+        "reward", trained=False)
+    critic_path = cfg.critic_path or cfg.reward_path
+    critic = prepare(fit_tokenizer(AutoModelForSequenceClassification.from_pretrained(
+        critic_path, config=no_dropout_config(critic_path, cfg, num_labels=1), **kw), "critic"),
+        "critic", trained=True)
     if reason is not None:
         log.warning("fused lm_head logprobs disabled (%s): falling back to full logits + token_logprobs", reason)
     return Models(policy, ref, critic, reward, tokenizer, fused_lm_head=reason is None)
@@ -223,8 +242,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states (B, L, H) of the model's backbone (final norm included)."""
+def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     out = backbone(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -232,6 +250,16 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         use_cache=False,
     )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, L, H) of the model's backbone (final norm included).
+
+    Under FSDP this is a forward of the root, whose parameters (embeddings,
+    lm_head) then stay gathered until its backward or `dist.reshard`, so a
+    caller may still read `model.get_output_embeddings().weight` in full.
+    """
+    return dist.run_as_forward(model, _hidden_states, input_ids, attention_mask)
 
 
 class LogprobsAndEntropy(NamedTuple):
@@ -259,16 +287,13 @@ def response_logprobs(
     input_ids, attention_mask: (B, P+R); response_mask: (B, R) bool.
     Token y_t at column P+t is predicted by the hidden state at column P+t-1.
     """
-    from .kernels import linear_token_logprobs, token_logprobs
+    from .kernels import token_logprobs
 
     labels = torch.where(response_mask, input_ids[:, prompt_width:], IGNORE_INDEX)     # (B, R)
     if fused:
-        hidden = hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1:-1]  # (B, R, H)
-        out = linear_token_logprobs(
-            hidden, model.get_output_embeddings().weight, labels,
-            temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX,
-            backend=backend, chunk_size=chunk_size,
-        )
+        out = dist.run_as_forward(model, _fused_response_logprobs, input_ids, attention_mask, labels,
+                                  prompt_width=prompt_width, temperature=temperature, return_entropy=return_entropy,
+                                  backend=backend, chunk_size=chunk_size)
     else:
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask,
@@ -281,10 +306,49 @@ def response_logprobs(
     return LogprobsAndEntropy(out, None)
 
 
+def _fused_response_logprobs(model, input_ids, attention_mask, labels, *, prompt_width, temperature, return_entropy,
+                             backend, chunk_size):
+    from .kernels import linear_token_logprobs
+
+    hidden = _hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1:-1]     # (B, R, H)
+    out = linear_token_logprobs(
+        hidden, model.get_output_embeddings().weight, labels,                            # the full (V, H) weight
+        temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX,
+        backend=backend, chunk_size=chunk_size,
+    )
+    # (B, R) copies, not views of the op's buffer: FSDP hooks the backward on what a forward returns.
+    return tuple(t.clone() for t in out) if return_entropy else out.clone()
+
+
+def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                      fused: bool = True, backend: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """(B, L) float32 log pi(labels[:, j] | input_ids[:, :j+1]) at temperature 1; 0 where labels == IGNORE_INDEX."""
+    from .kernels import token_logprobs
+
+    if fused:
+        return dist.run_as_forward(model, _fused_sequence_logprobs, input_ids, attention_mask, labels,
+                                   backend=backend, chunk_size=chunk_size)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)
+
+
+def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, backend, chunk_size):
+    from .kernels import linear_token_logprobs
+
+    hidden = _hidden_states(model, input_ids, attention_mask)                            # (B, L, H)
+    return linear_token_logprobs(hidden, model.get_output_embeddings().weight, labels, ignore_index=IGNORE_INDEX,
+                                 backend=backend, chunk_size=chunk_size).clone()             # not a view (as above)
+
+
 def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) float32: the scalar head applied at every position."""
-    hidden = hidden_states(model, input_ids, attention_mask)
-    return scalar_head(model)(hidden).squeeze(-1).float()
+    return dist.run_as_forward(model, _token_values, input_ids, attention_mask)
+
+
+def _token_values(model, input_ids, attention_mask):
+    # A copy, not a view of the head's output (FSDP's backward hooks live on the forward's output tensor).
+    return scalar_head(model)(_hidden_states(model, input_ids, attention_mask)).squeeze(-1).to(torch.float32, copy=True)
 
 
 def response_values(
@@ -297,6 +361,10 @@ def response_values(
 
 def score_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B,) float32 reward-model score read at column index[b] (the EOS token)."""
-    hidden = hidden_states(model, input_ids, attention_mask)                            # (B, L, H)
+    return dist.run_as_forward(model, _score_at, input_ids, attention_mask, index)
+
+
+def _score_at(model, input_ids, attention_mask, index):
+    hidden = _hidden_states(model, input_ids, attention_mask)                           # (B, L, H)
     at = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.size(-1))).squeeze(1)  # (B, H)
-    return scalar_head(model)(at).squeeze(-1).float()
+    return scalar_head(model)(at).squeeze(-1).to(torch.float32, copy=True)

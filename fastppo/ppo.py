@@ -26,7 +26,7 @@ from .config import Config, OptimConfig
 from .data import SFTBatch
 from .experience import Experience
 from .metrics import MetricBuffer, explained_variance
-from .models import IGNORE_INDEX, hidden_states, response_logprobs, response_values
+from .models import IGNORE_INDEX, hidden_states, response_logprobs, response_values, sequence_logprobs
 
 
 # ----------------------------------------------------------------------------
@@ -34,6 +34,9 @@ from .models import IGNORE_INDEX, hidden_states, response_logprobs, response_val
 # ----------------------------------------------------------------------------
 
 def make_optimizer(model: nn.Module, lr: float, cfg: OptimConfig) -> torch.optim.AdamW:
+    # Under FSDP the module exposes its gathered parameters while they are gathered (the root after a
+    # forward); the optimizer must hold the shards.
+    dist.reshard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
@@ -64,27 +67,43 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: in
 # ----------------------------------------------------------------------------
 
 def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | None, chunk_size: int | None) -> torch.Tensor:
-    """Token-mean LM loss (temperature 1) on the response tokens of an SFT batch."""
-    from .kernels import linear_token_logprobs, token_logprobs
-
+    """Token-mean LM loss (temperature 1) on the response tokens of an SFT batch (the mean over all ranks' tokens)."""
     valid = batch.labels != IGNORE_INDEX
-    if fused:
-        hidden = hidden_states(policy, batch.input_ids, batch.attention_mask)                 # (B, L, H)
-        logprobs = linear_token_logprobs(hidden, policy.get_output_embeddings().weight, batch.labels,
-                                         ignore_index=IGNORE_INDEX, backend=backend, chunk_size=chunk_size)
-    else:
-        logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        logprobs = token_logprobs(logits, batch.labels, ignore_index=IGNORE_INDEX, backend=backend)
+    logprobs = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
+                                 backend=backend, chunk_size=chunk_size)                    # (B, L)
     return -(logprobs * valid).sum() / dist.global_count(valid).clamp(min=1)
 
 
+def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tensor, cfg: Config):
+    """Clipped surrogate − ent_coef·entropy of one micro-batch, from the policy's hidden states in one pass.
+
+    `linear_ppo_loss` computes the loss and its gradients chunk by chunk in forward: 6·N·H·V lm_head
+    FLOP, where response_logprobs + ppo_loss take 8 (the logits are recomputed in backward). Like
+    `response_logprobs(fused=True)` it runs as a forward of the root (`dist.run_as_forward`), so that
+    under FSDP the full lm_head weight is gathered and its gradient goes back to the shards.
+    """
+    from .kernels import linear_ppo_loss
+    from .models import _hidden_states
+
+    P, pc = mb.prompt_width, cfg.ppo
+
+    def run(model, sequences, attention_mask):
+        # Float inputs come in through the closure: FSDP casts a forward's floating-point arguments to its
+        # param dtype, and bf16 old logprobs would move every ratio by up to ~3%.
+        hidden = _hidden_states(model, sequences, attention_mask)[:, P - 1:-1]        # (B, R, H): state before y_t
+        out = linear_ppo_loss(
+            hidden, model.get_output_embeddings().weight, sequences[:, P:], mb.old_logprobs, mb.advantages,
+            mb.response_mask, temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
+            ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
+            chunk_size=cfg.model.lm_head_chunk_size,
+        )
+        return type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
+
+    return dist.run_as_forward(policy, run, mb.sequences, mb.attention_mask)
+
+
 def _grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    if max_norm is None:
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return dist.grad_norm(model, max_norm)                     # global over shards; clipped when max_norm is set
 
 
 @dataclass
@@ -129,18 +148,26 @@ def ppo_update(
     # train() matters only for gradient checkpointing: dropout is 0 in every config (models.no_dropout_config).
     policy.train(train_policy)
     critic.train()
+    # `exp` is the whole global batch on every rank (experience.gather_experience); the global RNG is the
+    # same on all ranks, so all draw the same minibatches, and each rank trains on its own share of each.
+    share = pc.minibatch_size // dist.world_size()
     for _epoch in range(pc.ppo_epochs):
         order = torch.randperm(B)                                                            # global RNG: checkpointed
         for mb_start in range(0, B, pc.minibatch_size):
-            minibatch = exp.select(order[mb_start:mb_start + pc.minibatch_size].to(exp.sequences.device))
+            rows = order[mb_start:mb_start + pc.minibatch_size][dist.rank() * share:(dist.rank() + 1) * share]
+            minibatch = exp.select(rows.to(exp.sequences.device))
             # Token mean over the whole minibatch on all ranks, not per micro-batch (SPEC §2.6).
             normalizer = dist.global_count(minibatch.response_mask)
-            losses, mb_sums = [], {}
-            for mc_start in range(0, pc.minibatch_size, pc.micro_batch_size):
+            losses, mb_sums, mb_values = [], {}, []
+            for mc_start in range(0, share, pc.micro_batch_size):
                 mb = minibatch.select(torch.arange(mc_start, mc_start + pc.micro_batch_size, device=exp.sequences.device))
                 mask = mb.response_mask
                 values = response_values(critic, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width)
-                if train_policy:
+                policy_out = None
+                if train_policy and fused and pc.fused_policy_loss:
+                    policy_out = fused_policy_loss(policy, mb, normalizer, cfg)
+                    logprobs = policy_out.logprobs                  # detached: ppo_loss below only trains the critic
+                elif train_policy:
                     lp = response_logprobs(policy, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width,
                                            temperature=T, return_entropy=True, fused=fused,
                                            backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size)
@@ -152,9 +179,14 @@ def ppo_update(
                     clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
                     normalizer=normalizer, backend=cfg.run.backend,
                 )
-                entropy_mean = (entropy * mask).sum() / normalizer
-                # Without an entropy bonus the entropy is a metric only: keep it out of the backward pass.
-                loss = out.loss - pc.ent_coef * entropy_mean if pc.ent_coef > 0 else out.loss
+                if policy_out is not None:
+                    # The policy statistics of `out` are those of policy_out (same logprobs, same formulas).
+                    entropy_mean = policy_out.entropy
+                    loss = policy_out.loss + pc.vf_coef * out.value_loss
+                else:
+                    entropy_mean = (entropy * mask).sum() / normalizer
+                    # Without an entropy bonus the entropy is a metric only: keep it out of the backward pass.
+                    loss = out.loss - pc.ent_coef * entropy_mean if pc.ent_coef > 0 else out.loss
                 loss.backward()
                 losses.append(loss.detach())
                 # Each term is already divided by the minibatch normalizer: summing over
@@ -164,20 +196,24 @@ def ppo_update(
                              ("policy/approx_kl", out.approx_kl), ("policy/ratio_mean", out.ratio_mean),
                              ("policy/entropy_new", entropy_mean)):
                     mb_sums[k] = mb_sums.get(k, 0.0) + v.detach()
-                metrics.add("values/explained_variance", explained_variance(values.detach(), mb.returns, mask))
-            metrics.add_dict(mb_sums)
+                mb_values.append(values.detach())
+            metrics.add_dict(dist.all_reduce_dict_sum(mb_sums))                             # this rank's share -> global
+            # Over the whole minibatch (all ranks), so it does not depend on how it is split into micro-batches.
+            metrics.add("values/explained_variance",
+                        explained_variance(torch.cat(mb_values), minibatch.returns, minibatch.response_mask))
             if use_ptx:
                 ptx = pc.ptx_coef * ptx_loss(policy, next(ptx_batches), fused=fused, backend=cfg.run.backend,
                                              chunk_size=cfg.model.lm_head_chunk_size)
                 ptx.backward()
                 losses.append(ptx.detach())
-                metrics.add("loss/ptx", ptx.detach() / pc.ptx_coef)
+                metrics.add("loss/ptx", dist.all_reduce_sum(ptx.detach()) / pc.ptx_coef)
 
             # Grad-norm clip per model, then one host sync to decide whether the step is finite.
             critic_norm = _grad_norm(critic, oc.max_grad_norm)
             policy_norm = _grad_norm(policy, oc.max_grad_norm) if train_policy else torch.zeros_like(critic_norm)
-            check = torch.stack([torch.stack(losses).sum().float(), policy_norm.float().to(critic_norm.device),
-                                 critic_norm.float()])
+            # The loss summed over ranks: a non-finite loss on any rank skips the step on all of them.
+            check = torch.stack([dist.all_reduce_sum(torch.stack(losses).sum().float()),
+                                 policy_norm.float().to(critic_norm.device), critic_norm.float()])
             finite = bool(torch.isfinite(check).all())                                       # host sync (1 per step)
             if finite:
                 if train_policy:

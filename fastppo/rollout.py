@@ -11,6 +11,15 @@ Prompts are left-padded to a common P, responses right-padded to a common R
 max_new_tokens without EOS is "truncated": it is scored with EOS appended
 (`with_eos_for_scoring`), but the policy is trained on the tokens it
 actually generated.
+
+Sampling is counter-based (`CounterSampler`): the token drawn for a sample
+at step t is argmax(logits/T, top-k/top-p filtered, + Gumbel noise), the
+noise a hash of (seed, sample id, t, token id). A sample's response depends
+on its prompt, the policy, the seed and its id only: not on the rest of its
+batch, on generation_batch_size or on which rank generates it. The trainer
+numbers samples by their place in the global rollout batch, so each rank
+draws its own reproducible noise, and one process and N processes sample the
+same responses.
 """
 
 from __future__ import annotations
@@ -49,17 +58,96 @@ class Rollout:
 
 
 def generation_kwargs(cfg: RolloutConfig, *, eos_id: int, pad_id: int) -> dict:
+    """HF generation settings. HF decodes greedily over the scores of `CounterSampler`, which applies
+    temperature, top-k and top-p and adds the Gumbel noise; do_sample, temperature and top-p are set
+    explicitly so that a model's own generation_config cannot switch HF's sampling back on."""
     return dict(
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k if cfg.top_k > 0 else None,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=None,
         repetition_penalty=cfg.repetition_penalty,
         max_new_tokens=cfg.max_new_tokens,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         suppress_tokens=[pad_id],  # the added pad token must never be sampled
         use_cache=True,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Counter-based sampling
+# ----------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xorshift-multiply rounds) of x in [0, 2^32), for Python ints or int64 tensors.
+
+    Both multipliers are below 2^31, so products of 32-bit values stay inside int64.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def sampling_seed(*parts: int) -> int:
+    """One 32-bit seed from several integers (e.g. run.seed and the iteration)."""
+    h = 0x9E3779B9
+    for p in parts:
+        h = _mix32(h ^ _mix32((int(p) & _M32) ^ _mix32((int(p) >> 32) & _M32)))
+    return h
+
+
+def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id)."""
+    ids = sample_ids.to(torch.int64)
+    row = _mix32(_mix32(ids & _M32) ^ seed)                                             # (B,)
+    row = _mix32(row ^ _mix32(step + 0x632BE5AB))
+    col = _mix32((torch.arange(vocab, device=ids.device, dtype=torch.int64) + 0x85EBCA6B) & _M32)  # (V,)
+    bits = _mix32(row[:, None] ^ col[None, :]) >> 8                                    # (B, V) 24 random bits
+    u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))                             # uniform in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+class CounterSampler:
+    """HF logits processor that turns greedy decoding into sampling from softmax(logits / T), top-k and top-p
+    filtered as HF's warpers do, by the Gumbel-max trick with counter-based noise (`gumbel_noise`)."""
+
+    def __init__(self, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor, prompt_width: int) -> None:
+        self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
+        self.seed, self.sample_ids, self.prompt_width = seed, sample_ids, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        neg_inf = torch.tensor(float("-inf"), device=scores.device)
+        if 0 < self.top_k < scores.size(-1):
+            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
+            scores = torch.where(scores < kth, neg_inf, scores)
+        if self.top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose probability reaches top_p (the most likely always).
+            ordered, order = torch.sort(scores, dim=-1, descending=True)
+            mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+            drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_before >= self.top_p)
+            scores = torch.where(drop, neg_inf, scores)
+        step = input_ids.size(1) - self.prompt_width
+        return scores + gumbel_noise(self.seed, self.sample_ids.to(scores.device), step, scores.size(-1))
+
+
+def pad_responses(rollout: "Rollout", width: int, pad_id: int) -> "Rollout":
+    """The rollout with responses right-padded to `width` columns (e.g. the widest response on any rank)."""
+    extra = width - rollout.response_mask.size(1)
+    if extra <= 0:
+        return rollout
+    pad = nn.functional.pad
+    return Rollout(
+        sequences=pad(rollout.sequences, (0, extra), value=pad_id),
+        attention_mask=pad(rollout.attention_mask, (0, extra), value=0),
+        response_mask=pad(rollout.response_mask, (0, extra), value=False),
+        lengths=rollout.lengths, ended=rollout.ended, prompt_width=rollout.prompt_width,
     )
 
 
@@ -72,19 +160,30 @@ def response_mask_from_tokens(responses: torch.Tensor, eos_id: int) -> tuple[tor
 
 @torch.no_grad()
 def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos_id: int, pad_id: int,
-             generation_batch_size: int) -> Rollout:
-    """Sample one response per prompt with HF generate (KV cache), in chunks of generation_batch_size."""
-    from transformers import GenerationConfig
+             generation_batch_size: int, seed: int | None = None, sample_ids: torch.Tensor | None = None) -> Rollout:
+    """Sample one response per prompt with HF generate (KV cache), in chunks of generation_batch_size.
+
+    seed and sample_ids (B,) fix the sampling noise (`CounterSampler`); a
+    sample's response does not depend on the other rows. seed=None draws one
+    from torch's global RNG; sample_ids=None numbers the rows 0..B-1.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
 
     gen_cfg = GenerationConfig(**generation_kwargs(cfg, eos_id=eos_id, pad_id=pad_id))
     device = next(policy.parameters()).device
     ids, mask = prompts.input_ids.to(device), prompts.attention_mask.to(device)
     P = ids.size(1)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if sample_ids is None:
+        sample_ids = torch.arange(ids.size(0))
+    sample_ids = sample_ids.to(device)
     chunks = []
     for start in range(0, ids.size(0), generation_batch_size):
-        out = policy.generate(input_ids=ids[start:start + generation_batch_size],
-                              attention_mask=mask[start:start + generation_batch_size],
-                              generation_config=gen_cfg)
+        rows = slice(start, start + generation_batch_size)
+        sampler = CounterSampler(cfg, seed=sampling_seed(seed), sample_ids=sample_ids[rows], prompt_width=P)
+        out = policy.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=gen_cfg,
+                              logits_processor=LogitsProcessorList([sampler]))
         chunks.append(out[:, P:])                                                     # (b, R_chunk)
     R = max(c.size(1) for c in chunks)
     responses = torch.cat([nn.functional.pad(c, (0, R - c.size(1)), value=pad_id) for c in chunks])  # (B, R)

@@ -10,6 +10,14 @@
         6 log          one host sync: metrics to JSONL, TensorBoard, progress bar
         7 checkpoint   every save_every iterations, at the end, and on SIGTERM/Ctrl-C
     export the policy as a Hugging Face directory
+
+The same code runs in one process and under torchrun (`dist.setup` joins the
+process group from torchrun's environment). With N processes every model is
+sharded (FSDP2) and each rank generates and scores rollout_batch_size / N
+rollouts of the global batch (prompts drawn by one sampler, identical on all
+ranks; sampling noise fixed per sample, `rollout.CounterSampler`); the scored
+experience is then exchanged (`gather_experience`) so that all ranks draw the
+same minibatches and each trains on its share. Every statistic is global.
 """
 
 from __future__ import annotations
@@ -31,14 +39,14 @@ import torch
 
 from . import dist
 from .checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, derived, from_dict, load_config, to_yaml, validate
-from .data import EpochSampler, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
-from .experience import (Experience, compute_advantages, experience_metrics, kl_controller, reparameterise_scores,
-                         score_rollout, token_rewards)
+from .config import Config, ConfigError, derived, from_dict, load_config, to_yaml, validate, validate_world
+from .data import EpochSampler, PromptBatch, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
+from .experience import (Experience, compute_advantages, experience_metrics, gather_experience, kl_controller,
+                         reparameterise_scores, score_rollout, token_rewards)
 from .metrics import MetricBuffer, MetricWriter, RunningMoments
-from .models import load_models
+from .models import _dtype, load_models
 from .ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
-from .rollout import generate
+from .rollout import generate, pad_responses, sampling_seed
 
 log = logging.getLogger("fastppo")
 
@@ -122,9 +130,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def sft_batches(examples, sampler: EpochSampler, batch_size: int, pad_id: int, device) -> Iterator[SFTBatch]:
-    """Endless ptx batches; the sampler's state is what a checkpoint records."""
+    """Endless ptx batches; the sampler's state is what a checkpoint records.
+
+    Each draw takes batch_size x world_size examples (the same on every rank)
+    and keeps this rank's batch_size of them.
+    """
+    r = dist.rank()
     while True:
-        b = collate_sft([examples[i] for i in sampler.next(batch_size)], pad_id)
+        drawn = sampler.next(batch_size * dist.world_size())
+        b = collate_sft([examples[i] for i in drawn[r * batch_size:(r + 1) * batch_size]], pad_id)
         yield SFTBatch(*(t.to(device) for t in (b.input_ids, b.attention_mask, b.labels)))
 
 
@@ -146,17 +160,23 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(run_dir: Path, level: str) -> None:
+def setup_logging(run_dir: Path, level: str, rank: int = 0) -> None:
+    """Rank 0 logs to the console and run_dir/train.log; rank N > 0 to run_dir/train.rankN.log, and to the
+    console only warnings and errors, prefixed with its rank."""
     logger = logging.getLogger("fastppo")
     logger.setLevel(level.upper())
-    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
-        h = _ConsoleHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(h)
+    for h in [h for h in logger.handlers if isinstance(h, _ConsoleHandler)]:
+        logger.removeHandler(h)
+    h = _ConsoleHandler()
+    prefix = f"[rank{rank}] " if rank else ""
+    h.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
+    if rank:
+        h.setLevel(logging.WARNING)
+    logger.addHandler(h)
     for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
         logger.removeHandler(h)
         h.close()
-    fh = logging.FileHandler(run_dir / "train.log")
+    fh = logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(fh)
     logger.propagate = False
@@ -167,8 +187,11 @@ def setup_logging(run_dir: Path, level: str) -> None:
 # ----------------------------------------------------------------------------
 
 def train(config: Config | dict | str | Path) -> TrainResult:
-    """Run PPO-max. `config` is a Config, a nested dict, or a YAML path."""
-    # ---- setup ------------------------------------------------------------
+    """Run PPO-max. `config` is a Config, a nested dict, or a YAML path.
+
+    Under torchrun every rank calls this; it joins (and at the end leaves)
+    the process group unless the caller already made one.
+    """
     if isinstance(config, (str, Path)):
         cfg = load_config(config)
     elif isinstance(config, dict):
@@ -178,17 +201,45 @@ def train(config: Config | dict | str | Path) -> TrainResult:
         validate(cfg)
     else:
         raise ConfigError(f"train() takes a Config, dict or YAML path, got {type(config).__name__}")
-    d = derived(cfg)
+    device = dist.resolve_device(cfg.run.device)
+    pc = cfg.parallel
+    created = dist.setup(pc.shard, pc.backend, pc.timeout_s, device)
+    try:
+        with dist.collective_errors("training"):
+            return _train(cfg, device)
+    finally:
+        if created:
+            dist.teardown()
+
+
+def _compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """parallel.param_dtype: auto = bfloat16 on CUDA, the storage dtype (no cast) on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return _dtype(name)
+
+
+def _train(cfg: Config, device: torch.device) -> TrainResult:
+    # ---- setup ------------------------------------------------------------
+    world, rank = dist.world_size(), dist.rank()
+    validate_world(cfg, world)
+    d = derived(cfg, world)
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir, cfg.run.log_level)
+    setup_logging(run_dir, cfg.run.log_level, rank)
     config_yaml = to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(config_yaml)          # the resolved config, next to the run
-    seed_everything(cfg.run.seed)
-    device = dist.resolve_device(cfg.run.device)
-    log.info("run dir %s, device %s", run_dir, device)
+    if dist.is_main():
+        (run_dir / "config.yaml").write_text(config_yaml)      # the resolved config, next to the run
+    seed_everything(cfg.run.seed)                               # the same on every rank: they draw the same minibatches
+    log.info("run dir %s, device %s, %d process(es)", run_dir, device, world)
 
-    models = load_models(cfg.model, device)
+    sharder = None
+    if dist.wants_sharding(cfg.parallel.shard):
+        pc = cfg.parallel
+        sharder = dist.Sharder(dist.build_mesh(pc.replicate_degree, device), device=device,
+                               param_dtype=_compute_dtype(pc.param_dtype, device), reduce_dtype=_dtype(pc.reduce_dtype),
+                               offload_frozen=pc.offload_frozen, reshard_after_forward=pc.reshard_after_forward)
+    models = load_models(cfg.model, device, shard=sharder)
     tok = models.tokenizer
     prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
                            prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len)
@@ -212,11 +263,14 @@ def train(config: Config | dict | str | Path) -> TrainResult:
     kl_ctl = kl_controller(cfg)
     counters = UpdateCounters()
     start = 0
-    if cfg.run.resume:
-        path = resolve_resume(cfg.run.resume, cfg.run.output_dir)
-        state = load_checkpoint(path, policy=models.policy, critic=models.critic, device=device)
-        policy_opt.load_state_dict(state["policy_opt"])
-        critic_opt.load_state_dict(state["critic_opt"])
+    resume = cfg.run.resume
+    if resume is None and dist.restart_count() > 0:
+        resume = "auto"                                          # torchrun restarted us: continue from the last save
+        log.warning("torchrun restart %d: resuming from the newest checkpoint, if any", dist.restart_count())
+    path = resolve_resume(resume, cfg.run.output_dir) if resume else None
+    if path is not None:
+        state = load_checkpoint(path, policy=models.policy, critic=models.critic, policy_opt=policy_opt,
+                                critic_opt=critic_opt)
         policy_sched.load_state_dict(state["policy_sched"])
         critic_sched.load_state_dict(state["critic_sched"])
         moments.load_state_dict(state["reward_moments"])
@@ -225,24 +279,25 @@ def train(config: Config | dict | str | Path) -> TrainResult:
         sampler.load_state_dict(state["sampler"])
         if ptx_sampler is not None and state.get("ptx_sampler"):
             ptx_sampler.load_state_dict(state["ptx_sampler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"])                               # rank 0's: all ranks keep one RNG stream
         start = state["iteration"]
 
     def trainer_state() -> dict:
         return {
-            "policy_opt": policy_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "policy_sched": policy_sched.state_dict(), "critic_sched": critic_sched.state_dict(),
             "reward_moments": moments.state_dict(), "kl_controller": kl_ctl.state_dict(),
             "counters": dataclasses.asdict(counters), "sampler": sampler.state_dict(),
             "ptx_sampler": ptx_sampler.state_dict() if ptx_sampler is not None else None,
+            "world_size": world,
         }
 
     # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
-    writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if cfg.run.resume else None)
+    writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.run.iterations, initial=start, desc="ppo", dynamic_ncols=True,
                disable=not (cfg.run.progress_bar and dist.is_main()))
+    mine = slice(rank * d.rollouts_per_rank, (rank + 1) * d.rollouts_per_rank)    # this rank's rows of the global batch
     last_ckpt, scalars, done = None, {}, start
     with GracefulStop() as stop:
         try:
@@ -252,17 +307,28 @@ def train(config: Config | dict | str | Path) -> TrainResult:
                 t_iter = time.perf_counter()
                 train_policy = it >= cfg.ppo.critic_warmup_steps
 
-                # 1. Rollout: the next prompts, one sampled response each (KV-cached HF generate).
+                # 1. Rollout: the next global batch of prompts (collated together, so every rank has the same
+                #    prompt width), this rank's share sampled with noise fixed per (seed, iteration, row).
                 with timer("rollout"):
                     batch = collate_prompts([prompts[i] for i in sampler.next(cfg.rollout.rollout_batch_size)],
                                             tok.pad_token_id)
-                    rollout = generate(models.policy, batch, cfg.rollout, eos_id=tok.eos_token_id,
-                                       pad_id=tok.pad_token_id, generation_batch_size=d.generation_batch_size)
+                    batch = PromptBatch(batch.input_ids[mine], batch.attention_mask[mine])
+                    # Under FSDP: all-gather the policy once for the whole generation, not per token.
+                    with dist.unsharded(models.policy, enabled=cfg.parallel.unshard_for_generation):
+                        rollout = generate(models.policy, batch, cfg.rollout, eos_id=tok.eos_token_id,
+                                           pad_id=tok.pad_token_id, generation_batch_size=d.generation_batch_size,
+                                           seed=sampling_seed(cfg.run.seed, it),
+                                           sample_ids=torch.arange(mine.start, mine.stop))
+                    # Responses padded to the widest on any rank: the ranks' experience rows then line up.
+                    width = dist.all_reduce_max(torch.tensor(rollout.response_mask.size(1), device=device))
+                    rollout = pad_responses(rollout, int(width), tok.pad_token_id)
 
                 # 2. Score: old/ref logprobs at temperature T, values, raw reward-model scores at EOS.
                 with timer("score"):
                     scored = score_rollout(models, rollout, cfg, batch_size=d.forward_batch_size,
                                            fused=models.fused_lm_head)
+                    for m in (models.policy, models.ref, models.critic, models.reward):
+                        dist.reshard(m)                          # free the roots FSDP keeps gathered after forward
 
                 # 3. Shape rewards: reparameterise the score (§5.3.1), token-level KL penalty (§5.3.2).
                 with timer("shape"):
@@ -274,7 +340,8 @@ def train(config: Config | dict | str | Path) -> TrainResult:
                                                 kl_coef=kl_ctl.value, estimator=cfg.reward.kl_estimator,
                                                 clamp=cfg.reward.kl_clamp, backend=cfg.run.backend)
 
-                # 4. Advantages: GAE over response tokens, optional whitening / clipping.
+                # 4. Advantages: GAE over response tokens, optional whitening / clipping; then every rank
+                #    receives the whole global batch.
                 with timer("advantages"):
                     advantages, returns = compute_advantages(rewards, scored.values, rollout.response_mask, cfg)
                     exp = Experience(
@@ -284,6 +351,7 @@ def train(config: Config | dict | str | Path) -> TrainResult:
                         advantages=advantages, returns=returns, prompt_width=rollout.prompt_width,
                     )
                     buf.add_dict(experience_metrics(rollout, scored, shaped, kl, exp, cfg.rollout.max_new_tokens))
+                    exp = gather_experience(exp)
 
                 # 5. Update: PPO epochs x shuffled minibatches x micro-batches (critic only during warm-up).
                 with timer("update"):
@@ -294,6 +362,7 @@ def train(config: Config | dict | str | Path) -> TrainResult:
                                counters=counters, metrics=buf)
 
                 # 6. Log: the iteration's single host sync for metrics.
+                buf.add("memory/peak_mb", dist.all_reduce_max(torch.tensor(peak_memory_mb(device), device=device)))
                 scalars = buf.flush()
                 elapsed = time.perf_counter() - t_iter
                 scalars.update({
@@ -307,11 +376,10 @@ def train(config: Config | dict | str | Path) -> TrainResult:
                     "throughput/tokens_per_s": scalars["response/total_tokens"] / elapsed,
                     "throughput/response_tokens_per_s": scalars["response/tokens"] / elapsed,
                     "throughput/rollout_tokens_per_s": scalars["response/tokens"] / max(timer.times["rollout"], 1e-9),
-                    "memory/peak_mb": peak_memory_mb(device),
                     "time/iteration_s": elapsed,
                     **{f"time/{k}_s": v for k, v in timer.times.items()},
                 })
-                kl_ctl.update(scalars["kl/ref_per_sequence"], cfg.rollout.rollout_batch_size * dist.world_size())
+                kl_ctl.update(scalars["kl/ref_per_sequence"], cfg.rollout.rollout_batch_size)
                 writer.write(it + 1, scalars, histograms={"score/raw": dist.gather_for_metrics(scored.scores)})
                 bar.update(1)
                 bar.set_postfix(reward=f"{scalars['score/raw/mean']:.3f}", kl=f"{scalars['kl/ref_per_sequence']:.3f}",
@@ -322,8 +390,12 @@ def train(config: Config | dict | str | Path) -> TrainResult:
                 done = it + 1
                 if cfg.run.stop_after is not None and done - start >= cfg.run.stop_after and not stop.requested:
                     stop.requested = "run.stop_after"
+                # All ranks stop together (a signal may reach them at different iterations).
+                if dist.any_rank(stop.requested is not None, device) and not stop.requested:
+                    stop.requested = "a stop on another rank"
                 if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.iterations or stop.requested:
                     last_ckpt = save_checkpoint(cfg.run.output_dir, done, policy=models.policy, critic=models.critic,
+                                                policy_opt=policy_opt, critic_opt=critic_opt,
                                                 trainer_state=trainer_state(), config_yaml=config_yaml,
                                                 keep_last=cfg.run.keep_last)
                 if stop.requested:
@@ -338,6 +410,6 @@ def train(config: Config | dict | str | Path) -> TrainResult:
 
     export = None
     if cfg.run.export_at_end and not stop.requested and done == cfg.run.iterations:
-        export = export_hf(models.policy, tok, run_dir / "export" / "policy")
+        export = export_hf(models.policy, tok, run_dir / "export" / "policy")   # collective when sharded
     return TrainResult(run_dir=run_dir, iterations_done=done, metrics=scalars, checkpoint=last_ckpt,
                        export=export, interrupted=stop.requested is not None)

@@ -5,7 +5,9 @@ from .linear_token_logprobs import linear_token_logprobs
 from .kl_penalty import kl_penalty
 from .gae import AdvantagesAndReturns, gae
 from .ppo_loss import PPOLossOutput, ppo_loss
+from .linear_ppo_loss import LinearPPOLossOutput, linear_ppo_loss
 
 __all__ = ["LogprobsAndEntropy", "token_logprobs"]
 __all__ += ["linear_token_logprobs"]
 __all__ += ["kl_penalty", "gae", "AdvantagesAndReturns", "ppo_loss", "PPOLossOutput"]
+__all__ += ["linear_ppo_loss", "LinearPPOLossOutput"]

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from fastppo.checkpoint import read_weights
 from fastppo.cli import main
 from fastppo.config import load_config
 from fastppo.ppo import NonFiniteError
@@ -47,14 +46,14 @@ def test_cli_three_iterations_write_metrics_checkpoint_export(arch, tiny_setups,
     assert (out / "config.yaml").exists() and load_config(out / "config.yaml").run.iterations == 3
     assert any((out / "tensorboard").iterdir())
     ckpt = out / "checkpoints" / "iter_00000003"
-    assert {"policy.safetensors", "critic.safetensors", "trainer_state.pt", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
+    assert {"model", "trainer_state.pt", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
     export = out / "export" / "policy"
     model = AutoModelForCausalLM.from_pretrained(export)
     tok = AutoTokenizer.from_pretrained(export)
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     assert model.get_input_embeddings().num_embeddings >= len(tok)
     # The export holds the trained weights: the same as the checkpointed policy.
-    ckpt_weights = load_file(ckpt / "policy.safetensors")
+    ckpt_weights = read_weights(ckpt, "policy")
     name, tensor = next((k, v) for k, v in model.state_dict().items() if k in ckpt_weights)
     torch.testing.assert_close(tensor, ckpt_weights[name], rtol=0, atol=0)
 
@@ -93,8 +92,8 @@ def test_python_api_with_a_dict_and_ptx_loss(tiny_setups, tmp_path):
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return {**{f"policy.{k}": v for k, v in load_file(ckpt / "policy.safetensors").items()},
-            **{f"critic.{k}": v for k, v in load_file(ckpt / "critic.safetensors").items()}}
+    return {**{f"policy.{k}": v for k, v in read_weights(ckpt, "policy").items()},
+            **{f"critic.{k}": v for k, v in read_weights(ckpt, "critic").items()}}
 
 
 def test_resume_is_bitwise_identical(tiny_setups, tmp_path):

@@ -193,8 +193,10 @@ def test_running_moments_match_numpy():
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
     model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
     for it in (1, 2, 3):
-        save_checkpoint(tmp_path, it, policy=model, critic=model, trainer_state={}, config_yaml="x: 1\n", keep_last=2)
+        save_checkpoint(tmp_path, it, policy=model, critic=model, policy_opt=opt, critic_opt=opt, trainer_state={},
+                        config_yaml="x: 1\n", keep_last=2)
     root = tmp_path / "checkpoints"
     (root / ".tmp-iter_00000004-999").mkdir()        # a crash mid-save leaves this behind...
     (root / "iter_00000005").mkdir()                 # ...or an incomplete directory

@@ -150,6 +150,30 @@ CASES += [
     _ppo_fwd("fp32", True, True, False), _ppo_fwd("bf16", False, False, True), _ppo_reduce(),
     _ppo_bwd("fp32", True, True), _ppo_bwd("bf16", False, False),
 ]
+
+# -- linear_ppo_loss (issue 8) -------------------------------------------------
+LPL = "fastppo.kernels.linear_ppo_loss"
+
+
+def _lpl_fwd(dlogits_dtype, estimator, dual_clip, has_ref, with_grad=True):
+    return AotCase(
+        f"linear_ppo_loss_fwd[{dlogits_dtype},{estimator},{dual_clip},{has_ref},{with_grad}]",
+        f"{LPL}:_linear_ppo_loss_fwd_kernel",
+        {"logits_ptr": "*fp32", "dlogits_ptr": f"*{dlogits_dtype}", "labels_ptr": "*i64", "old_lp_ptr": "*fp32",
+         "adv_ptr": "*fp32", "ref_lp_ptr": "*fp32", "norm_ptr": "*fp32", "tok_ptr": "*fp32", "n_cols": "i32",
+         "stride_lm": "i64", "stride_dm": "i64", "stride_tok": "i64", "temperature": "fp32", "clip_eps": "fp32",
+         "dual_clip": "fp32", "ent_coef": "fp32", "kl_coef": "fp32", "HAS_DUAL_CLIP": "constexpr",
+         "HAS_REF": "constexpr", "ESTIMATOR": "constexpr", "WITH_GRAD": "constexpr", "BLOCK_V": "constexpr"},
+        {"HAS_DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "ESTIMATOR": estimator, "WITH_GRAD": with_grad,
+         "BLOCK_V": 4096}, num_warps=8,
+        divisible_by_16=("logits_ptr", "dlogits_ptr", "n_cols", "stride_lm", "stride_dm"), wide_loads=True,
+    )
+
+
+CASES += [
+    _lpl_fwd("fp32", "k3", True, True), _lpl_fwd("bf16", "k1", False, True), _lpl_fwd("fp16", "abs", True, True),
+    _lpl_fwd("fp32", "k3", False, False, with_grad=False),
+]
 # Device functions (@triton.jit helpers that return values, e.g. scan combine
 # functions) cannot be compiled on their own; they are compiled inside the
 # kernels above that call them.

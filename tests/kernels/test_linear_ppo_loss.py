@@ -1,0 +1,611 @@
+"""linear_ppo_loss against a float64 oracle and against the composed ops, its properties, memory and errors.
+
+Both backends run on CPU: "triton" through the interpreter (see conftest.py),
+on a chosen subset of cases (the interpreter costs ~1 ms per program); the
+torch backend gets the grid. The matmuls are torch.mm in both.
+
+The clipped surrogate's gradient jumps where ρ crosses 1 ± ε (or the dual-clip
+bound c): inputs keep every token's ratio at least MARGIN away from those
+points in log space, so that float32 and float64 take the same branch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastppo.kernels import kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss
+
+BACKENDS = ["torch", "triton"]
+STATS = ("loss", "policy_loss", "entropy", "kl", "clipfrac", "approx_kl", "ratio_mean")
+MARGIN = 2e-3
+CLIP_EPS, DUAL_CLIP = 0.2, 3.0
+
+
+# ----------------------------------------------------------------------------
+# Oracle, plain PyTorch, inputs
+# ----------------------------------------------------------------------------
+
+def kl_estimate(d, estimator):
+    return {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1, "abs": d.abs()}[estimator]
+
+
+def composed(hidden, weight, labels, old, adv, mask, *, temperature=1.0, clip_eps=CLIP_EPS, dual_clip=None,
+             ent_coef=0.0, ref=None, kl_coef=0.0, kl_estimator="k3", normalizer=None, acc=torch.float64):
+    """The formulas written out with autograd: logits in `hidden`'s dtype, then `acc` (float64: the oracle)."""
+    valid = mask != 0
+    x = F.linear(hidden, weight).to(acc) / temperature
+    logp = torch.log_softmax(x, dim=-1)
+    lp = logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
+    ent = -(torch.softmax(x, dim=-1) * logp).sum(-1)
+    m = valid.to(acc)
+    old, adv = old.to(acc), adv.to(acc)
+    ratio = torch.exp(lp - old)
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    pg = torch.maximum(pg1, pg2)
+    clipped = pg2 > pg1
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual = (adv < 0) & (bound < pg)
+        pg, clipped = torch.where(dual, bound, pg), clipped | dual
+    kl = kl_estimate(lp - ref.to(acc), kl_estimator) if ref is not None else torch.zeros_like(lp)
+    n = m.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=acc)
+    n = torch.where(n > 0, n, torch.ones_like(n))
+    mean = lambda t: (t * m).sum() / n  # noqa: E731
+    out = {"policy_loss": mean(pg), "entropy": mean(ent), "kl": mean(kl), "clipfrac": mean(clipped.to(acc)),
+           "approx_kl": mean(ratio - 1 - (lp - old)), "ratio_mean": mean(ratio)}
+    out["loss"] = out["policy_loss"] - ent_coef * out["entropy"] + kl_coef * out["kl"]
+    out["logprobs"] = lp * m
+    return out
+
+
+def fused(backend, chunk_size=None):
+    def fn(hidden, weight, labels, old, adv, mask, **kw):
+        return linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend=backend, chunk_size=chunk_size,
+                               **kw)._asdict()
+    return fn
+
+
+def run(fn, hidden, weight, labels, old, adv, mask, *, cast=None, grad=0.7, **kw):
+    """Results (float64) and (dhidden, dweight) of grad·loss."""
+    h, w = hidden.detach().clone(), weight.detach().clone()
+    if cast is not None:
+        h, w = h.to(cast), w.to(cast)
+    h.requires_grad_()
+    w.requires_grad_()
+    out = fn(h, w, labels, old, adv, mask, **kw)
+    (grad * out["loss"]).backward()
+    res = {k: out[k].detach().double() for k in (*STATS, "logprobs")}
+    res["dhidden"], res["dweight"] = h.grad.double(), w.grad.double()
+    return res
+
+
+def _away_from(r, points, margin=MARGIN):
+    """Move each entry of r at least `margin` away from every point."""
+    for p in points:
+        near = (r - p).abs() < margin
+        r = torch.where(near, p + margin * torch.where(r >= p, 1.0, -1.0), r)
+    return r
+
+
+def _exact_logprobs(hidden, weight, labels, temperature):
+    with torch.no_grad():
+        x = F.linear(hidden.double(), weight.double()) / temperature
+        return torch.log_softmax(x, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+
+
+def old_logprobs_for(hidden, weight, labels, temperature=1.0):
+    """old = lp − r, lp the exact logprob at `temperature`, log-ratios r ~ N(0, 0.25), a quarter of them
+    N(0, 1) (so that some ratios pass the dual-clip bound c = 3), kept MARGIN away from log(1 ± ε) and log c."""
+    wide = torch.rand(labels.shape) < 0.25
+    r = torch.randn(labels.shape).double() * torch.where(wide, 1.0, 0.25).double()
+    r = _away_from(r, [math.log(1 - CLIP_EPS), math.log(1 + CLIP_EPS), math.log(DUAL_CLIP)])
+    return (_exact_logprobs(hidden, weight, labels, temperature) - r).float()
+
+
+def make_inputs(shape, size_h, vocab, dtype, *, temperature=1.0, scale=3.0, holes=True):
+    """hidden (*shape, H), weight (V, H) in dtype; labels, old/ref logprobs, advantages, mask (float32).
+
+    Old logprobs from old_logprobs_for at `temperature`; ref = lp − d with d
+    kept MARGIN away from 0 (the kink of "abs"). About a quarter of the tokens
+    are masked out, with labels −100 there (never read).
+    """
+    hidden = torch.randn(*shape, size_h).to(dtype)
+    weight = (torch.randn(vocab, size_h) * scale / math.sqrt(size_h)).to(dtype)
+    labels = torch.randint(0, vocab, shape)
+    old = old_logprobs_for(hidden, weight, labels, temperature)
+    d = _away_from(torch.randn(shape).double() * 0.5, [0.0])
+    ref = (_exact_logprobs(hidden, weight, labels, temperature) - d).float()
+    adv = torch.randn(shape)
+    mask = torch.rand(shape) > 0.25 if holes else torch.ones(shape, dtype=torch.bool)
+    if holes and mask.numel() > 1:
+        mask.view(-1)[0] = True
+        mask.view(-1)[-1] = False
+    labels = torch.where(mask, labels, -100)
+    return hidden, weight, labels, old, adv, mask, ref
+
+
+def assert_within_budget(name, got, want, plain_value, atol):
+    err = (got - want).abs().max().item()
+    budget = 2 * (plain_value - want).abs().max().item() + atol
+    assert err <= budget, f"{name}: max error {err:.3g} > 2 x plain error + atol = {budget:.3g}"
+
+
+TERMS = {
+    # name: keyword arguments of linear_ppo_loss (and of `composed`)
+    "plain": dict(),
+    "all": dict(temperature=1.0, dual_clip=DUAL_CLIP, ent_coef=0.01, kl_coef=0.05, kl_estimator="k3"),
+    "temperature": dict(temperature=0.9, ent_coef=0.02, kl_coef=0.1, kl_estimator="k1"),
+}
+
+
+def check_against_oracle(backend, shape, size_h, vocab, dtype, terms, chunk_size):
+    kw = dict(TERMS[terms])
+    hidden, weight, labels, old, adv, mask, ref = make_inputs(shape, size_h, vocab, dtype,
+                                                              temperature=kw.get("temperature", 1.0))
+    if kw.get("kl_coef", 0) > 0:
+        kw["ref_logprobs"] = ref
+    oracle_kw = {("ref" if k == "ref_logprobs" else k): v for k, v in kw.items()}
+
+    got = run(fused(backend, chunk_size), hidden, weight, labels, old, adv, mask, **kw)
+    want = run(composed, hidden, weight, labels, old, adv, mask, cast=torch.float64, **oracle_kw)
+    base = run(lambda *a, **k: composed(*a, acc=torch.float32, **k), hidden, weight, labels, old, adv, mask,
+               **oracle_kw)
+    for name, t in got.items():
+        assert torch.isfinite(t).all(), name
+    for name in (*STATS, "logprobs"):
+        g, w = got[name], want[name]
+        assert_within_budget(name, g, w, base[name], atol=2e-5 * (1 + w.abs().max().item()))
+        # Logits are float32 whatever the input dtype: float32-accurate even for bf16 inputs.
+        err = (g - w).abs().max().item()
+        assert err <= 2e-5 * (1 + w.abs().max().item()), f"{name}: {err:.3g} is not float32-accurate"
+    for name in ("dhidden", "dweight"):
+        g, w = got[name], want[name]
+        ulp = torch.finfo(dtype).eps * w.abs().max().item()
+        assert_within_budget(name, g, w, base[name], atol=1e-5 * w.abs().max().item() + ulp)
+        # Accumulated in float32 and rounded once (then scaled by the upstream 0.7: one more rounding).
+        # float32 error relative to the largest entry: up to ~1e-5 seen where the terms of a row cancel.
+        tol = 2 * torch.finfo(dtype).eps * w.abs() + 4e-5 * w.abs().max()
+        excess = (g - w).abs() - tol
+        worst, at = excess.max().item(), excess.argmax()
+        assert worst <= 0, (f"{name}: beyond two {dtype} ulps + float32 error by {worst:.3g} "
+                            f"(got {g.flatten()[at].item():.6g}, want {w.flatten()[at].item():.6g})")
+    invalid = ~mask.reshape(-1)
+    assert (got["logprobs"].reshape(-1)[invalid] == 0).all()
+    assert (got["dhidden"].reshape(-1, size_h)[invalid] == 0).all()
+
+
+# ----------------------------------------------------------------------------
+# Against the float64 oracle
+# ----------------------------------------------------------------------------
+
+def _chunk(n, kind):
+    """A chunk size that divides the number of valid tokens' upper bound N, or one that does not."""
+    return {"divides": {1: 1, 37: 37, 300: 100}[n], "pads": {1: 16, 37: 16, 300: 128}[n]}[kind]
+
+
+@pytest.mark.parametrize("terms", ["plain", "all", "temperature"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size_h", [33, 64])
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_torch_backend_matches_oracle(n, size_h, dtype, terms):
+    chunk_kind = "pads" if (size_h == 33) != (terms == "all") else "divides"
+    check_against_oracle("torch", (n,), size_h, 1003, dtype, terms, _chunk(n, chunk_kind))
+
+
+@pytest.mark.parametrize("n,dtype,terms", [(1, torch.float32, "all"), (37, torch.bfloat16, "temperature"),
+                                           (300, torch.float32, "all"), (300, torch.bfloat16, "plain")], ids=str)
+def test_torch_backend_gpt2_vocab(n, dtype, terms):
+    check_against_oracle("torch", (n,), 33, 50257, dtype, terms, _chunk(n, "pads"))
+
+
+TRITON_CASES = [
+    # (N, H, V, dtype, terms, chunk kind): the interpreter is slow, so a chosen subset.
+    (1, 33, 1003, torch.float32, "plain", "pads"),
+    (37, 64, 1003, torch.bfloat16, "all", "divides"),
+    (37, 33, 1003, torch.float32, "temperature", "pads"),
+    (300, 33, 1003, torch.float32, "all", "pads"),
+    (300, 64, 1003, torch.bfloat16, "temperature", "divides"),
+    (37, 33, 50257, torch.bfloat16, "all", "pads"),
+    (1, 64, 50257, torch.float32, "temperature", "divides"),
+]
+
+
+@pytest.mark.parametrize("n,size_h,vocab,dtype,terms,chunk_kind", TRITON_CASES, ids=str)
+def test_triton_backend_matches_oracle(n, size_h, vocab, dtype, terms, chunk_kind):
+    check_against_oracle("triton", (n,), size_h, vocab, dtype, terms, _chunk(n, chunk_kind))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs"])
+def test_kl_estimators(backend, estimator):
+    hidden, weight, labels, old, adv, mask, ref = make_inputs((29,), 16, 257, torch.float32)
+    kw = dict(ent_coef=0.05, kl_coef=0.3, kl_estimator=estimator)
+    got = run(fused(backend, 8), hidden, weight, labels, old, adv, mask, ref_logprobs=ref, **kw)
+    want = run(composed, hidden, weight, labels, old, adv, mask, cast=torch.float64, ref=ref, **kw)
+    for name in (*STATS, "dhidden", "dweight"):
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    # k3's gradient is not zero: the KL term moves the weights.
+    no_kl = run(fused(backend, 8), hidden, weight, labels, old, adv, mask, ent_coef=0.05)
+    assert (got["dweight"] - no_kl["dweight"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dual_clip_by_hand(backend):
+    """ρ = e² > c = 3 with every advantage negative: each token's term is the dual bound −c·A, constant in
+    the logprob, so the loss is c·mean|A|, clipfrac 1 and the gradient 0; without the dual clip, mean |A|·ρ."""
+    hidden, weight, labels, _, adv, mask, _ = make_inputs((8,), 16, 257, torch.float32, holes=False)
+    old = (_exact_logprobs(hidden, weight, labels, 1.0) - 2.0).float()
+    adv = -adv.abs() - 0.1
+    h = hidden.clone().requires_grad_()
+    out = linear_ppo_loss(h, weight, labels, old, adv, mask, dual_clip=DUAL_CLIP, backend=backend)
+    out.loss.backward()
+    torch.testing.assert_close(out.policy_loss, DUAL_CLIP * adv.abs().mean(), rtol=1e-6, atol=1e-6)
+    assert out.clipfrac == 1 and (h.grad == 0).all()
+    plain = linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend=backend)
+    torch.testing.assert_close(plain.policy_loss, (adv.abs() * math.exp(2.0)).mean(), rtol=1e-5, atol=1e-5)
+    assert plain.clipfrac == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_numbers_as_the_composed_ops(backend):
+    """linear_token_logprobs + ppo_loss (policy part) + entropy and kl_penalty terms, all fastppo ops."""
+    b, t, size_h, vocab = 3, 11, 24, 1003
+    hidden, weight, labels, old, adv, mask, ref = make_inputs((b, t), size_h, vocab, torch.float32, temperature=0.9)
+    kw = dict(temperature=0.9, dual_clip=DUAL_CLIP, ent_coef=0.01, kl_coef=0.1, kl_estimator="k3")
+
+    def ops(h, w, labels, old, adv, mask, *, temperature, dual_clip, ent_coef, kl_coef, kl_estimator):
+        lp, ent = linear_token_logprobs(h, w, torch.where(mask, labels, -100), temperature=temperature,
+                                        return_entropy=True, backend=backend, chunk_size=8)
+        zeros = torch.zeros_like(lp)
+        out = ppo_loss(lp, old, adv, zeros, zeros, zeros, mask, clip_eps=CLIP_EPS, dual_clip=dual_clip,
+                       vf_coef=0.0, backend=backend)
+        n = mask.sum()
+        entropy = (ent * mask).sum() / n
+        kl = (kl_penalty(lp, ref, estimator=kl_estimator, backend=backend) * mask).sum() / n
+        return {"loss": out.policy_loss - ent_coef * entropy + kl_coef * kl, "policy_loss": out.policy_loss,
+                "entropy": entropy, "kl": kl, "clipfrac": out.clipfrac, "approx_kl": out.approx_kl,
+                "ratio_mean": out.ratio_mean, "logprobs": lp}
+
+    got = run(fused(backend, 8), hidden, weight, labels, old, adv, mask, ref_logprobs=ref, **kw)
+    want = run(ops, hidden, weight, labels, old, adv, mask, **kw)
+    for name in (*STATS, "logprobs", "dhidden", "dweight"):
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_micro_batches_with_a_normalizer_equal_one_batch(backend):
+    """Micro-batch losses with the minibatch's token count as normalizer (a number, or a tensor) add up,
+    in value and in gradients, to the loss of the whole minibatch."""
+    b, t, size_h, vocab = 4, 9, 16, 1003
+    hidden, weight, labels, old, adv, mask, ref = make_inputs((b, t), size_h, vocab, torch.float32, temperature=0.9)
+    kw = dict(temperature=0.9, ent_coef=0.02, ref_logprobs=ref, kl_coef=0.1, backend=backend, chunk_size=8)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    whole = linear_ppo_loss(h, w, labels, old, adv, mask, **kw)
+    whole.loss.backward()
+    dh, dw = h.grad.clone(), w.grad.clone()
+    for normalizer in (float(mask.sum()), mask.sum()):
+        h.grad = w.grad = None
+        parts = []
+        for rows in (slice(0, 1), slice(1, b)):                         # unequal halves
+            sub = {k: v[rows] for k, v in kw.items() if isinstance(v, torch.Tensor)}
+            out = linear_ppo_loss(h[rows], w, labels[rows], old[rows], adv[rows], mask[rows],
+                                  normalizer=normalizer, **{**kw, **sub})
+            out.loss.backward()
+            parts.append(out)
+        for name in STATS:
+            torch.testing.assert_close(sum(getattr(p, name) for p in parts), getattr(whole, name), atol=1e-6,
+                                       rtol=1e-5, msg=name)
+        torch.testing.assert_close(h.grad, dh, atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(w.grad, dw, atol=1e-7, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Gradients: which inputs, tied embeddings, the upstream gradient, no grad
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_noncontiguous_inputs(backend):
+    """(B, T, H) hidden as the trainer takes it (a slice of the backbone's output), weight as a slice of a
+    NaN-padded buffer (an out-of-bounds read would show as NaN), transposed per-token inputs."""
+    b, t, size_h, vocab = 3, 6, 24, 1003
+    full = torch.randn(b, t + 3, size_h)
+    weight_buf = torch.full((vocab, size_h + 7), float("nan"))
+    weight = weight_buf[:, 3:3 + size_h]
+    weight.copy_(torch.randn(vocab, size_h))
+    _, _, labels, _, adv, mask, _ = make_inputs((b, t), size_h, vocab, torch.float32)
+    old = old_logprobs_for(full[:, 2:-1], weight, labels, 0.9)
+    labels, old, adv, mask = (x.T.contiguous().T for x in (labels, old, adv, mask))
+    h_leaf = full.clone().requires_grad_()
+    w = weight.detach().requires_grad_()
+    hidden = h_leaf[:, 2:-1]                                             # (B, T, H), not viewable as rows
+    assert not hidden.is_contiguous() and not labels.is_contiguous() and not weight.is_contiguous()
+    out = linear_ppo_loss(hidden, w, labels, old, adv, mask, temperature=0.9, ent_coef=0.1, backend=backend,
+                          chunk_size=4)
+    assert out.logprobs.shape == (b, t) and out.logprobs.dtype == torch.float32 and not out.logprobs.requires_grad
+    assert all(getattr(out, k).shape == () and getattr(out, k).dtype == torch.float32 for k in STATS)
+    out.loss.backward()
+
+    h64 = full.double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    want = composed(h64[:, 2:-1], w64, labels, old, adv, mask, temperature=0.9, ent_coef=0.1)
+    want["loss"].backward()
+    torch.testing.assert_close(out.logprobs.double(), want["logprobs"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_leaf.grad.double(), h64.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_input_at_a_time_and_the_upstream_gradient(backend):
+    """A frozen weight (no dW work), a frozen hidden; the loss inside a larger expression."""
+    hidden, weight, labels, old, adv, mask, _ = make_inputs((13,), 16, 257, torch.float32)
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    want = composed(h64, w64, labels, old, adv, mask, ent_coef=0.1)
+    (3.0 * want["loss"] + 1.0).backward()
+    for grad_h, grad_w in ((True, True), (True, False), (False, True)):
+        h = hidden.clone().requires_grad_(grad_h)
+        w = weight.clone().requires_grad_(grad_w)
+        out = linear_ppo_loss(h, w, labels, old, adv, mask, ent_coef=0.1, backend=backend, chunk_size=4)
+        (out.loss * 3.0 + 1.0).backward()
+        assert (h.grad is None) == (not grad_h) and (w.grad is None) == (not grad_w)
+        if grad_h:
+            torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-6, rtol=1e-5)
+        if grad_w:
+            torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_embedding_gradient(backend):
+    """lm_head tied to the input embedding: its gradient sums both uses."""
+    vocab, size_h, b, t = 1003, 32, 2, 9
+    emb = torch.randn(vocab, size_h) * 0.5
+    mix = torch.randn(size_h, size_h) / math.sqrt(size_h)
+    tokens = torch.randint(0, vocab, (b, t + 1))
+    _, _, _, _, adv, mask, _ = make_inputs((b, t), size_h, vocab, torch.float32)
+    labels = tokens[:, 1:]
+    hidden_of = lambda table: torch.tanh(F.embedding(tokens[:, :-1], table) @ mix.to(table.dtype))  # noqa: E731
+    old = old_logprobs_for(hidden_of(emb), emb, labels)
+
+    def grad_of_table(table, op):
+        table = table.clone().requires_grad_()
+        op(hidden_of(table), table)["loss"].backward()                    # hidden (B, T, H)
+        return table.grad.double()
+
+    got = grad_of_table(emb, lambda h, w: linear_ppo_loss(h, w, labels, old, adv, mask, ent_coef=0.1,
+                                                          backend=backend, chunk_size=8)._asdict())
+    want = grad_of_table(emb.double(), lambda h, w: composed(h, w, labels, old, adv, mask, ent_coef=0.1))
+    torch.testing.assert_close(got, want, atol=1e-6 * want.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_gradients_keep_their_dtype_and_no_grad_mode(backend):
+    hidden, weight, labels, old, adv, mask, _ = make_inputs((6,), 16, 100, torch.bfloat16)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    out = linear_ppo_loss(h, w, labels, old, adv, mask, backend=backend)
+    assert out.loss.requires_grad and not out.policy_loss.requires_grad and not out.logprobs.requires_grad
+    out.loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    with torch.no_grad():
+        again = linear_ppo_loss(h, w, labels, old, adv, mask, backend=backend)
+    assert not again.loss.requires_grad
+    torch.testing.assert_close(again.loss, out.loss, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_runs_once(backend):
+    hidden, weight, labels, old, adv, mask, _ = make_inputs((5,), 8, 50, torch.float32)
+    h = hidden.requires_grad_()
+    out = linear_ppo_loss(h, weight, labels, old, adv, mask, backend=backend)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        out.loss.backward()
+
+
+# ----------------------------------------------------------------------------
+# Properties
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_and_empty_batches(backend):
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    z = torch.zeros(2, 3)
+    labels = torch.full((2, 3), -100)                                     # never read
+    out = linear_ppo_loss(hidden, weight, labels, z, z, torch.zeros(2, 3, dtype=torch.bool), backend=backend)
+    out.loss.backward()
+    assert all(getattr(out, k) == 0 for k in STATS) and (out.logprobs == 0).all()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+    empty = torch.randn(0, 8, requires_grad=True)
+    weight.grad = None
+    z = torch.zeros(0)
+    out = linear_ppo_loss(empty, weight, torch.zeros(0, dtype=torch.long), z, z, z, backend=backend)
+    out.loss.backward()
+    assert out.logprobs.shape == (0,) and out.loss == 0
+    assert empty.grad.shape == (0, 8) and (weight.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_and_all_negative_logits(backend):
+    n, size_h, vocab = 7, 16, 777
+    labels = torch.randint(0, vocab, (n,))
+    cases = {
+        "all_negative": (torch.rand(n, size_h) + 0.5, -(torch.rand(vocab, size_h) + 0.5) * 1000 / size_h),
+        "huge": (torch.randn(n, size_h) * 100, torch.randn(vocab, size_h) * 100 / math.sqrt(size_h)),
+    }
+    for name, (hidden, weight) in cases.items():
+        h = hidden.requires_grad_()
+        w = weight.requires_grad_()
+        old, adv, mask = torch.full((n,), -1.0), torch.randn(n), torch.ones(n, dtype=torch.bool)
+        out = linear_ppo_loss(h, w, labels, old, adv, mask, ent_coef=0.1, backend=backend, chunk_size=4)
+        out.loss.backward()
+        want = composed(h.detach().double(), w.detach().double(), labels, old, adv, mask, ent_coef=0.1)
+        for t in (out.loss, out.entropy, out.logprobs, h.grad, w.grad):
+            assert torch.isfinite(t).all(), name
+        assert (out.logprobs <= 0).all(), name
+        assert 0 <= out.entropy <= math.log(vocab) + 1e-5, name
+        torch.testing.assert_close(out.logprobs.double(), want["logprobs"], atol=1e-3, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_result_does_not_depend_on_the_batch(backend):
+    """Bitwise, at a fixed normalizer: a token's logprob and dhidden row are the same alone, in a prefix and
+    with other tokens masked around it (only valid tokens enter the chunks; every GEMM has the chunk's shape)."""
+    n, size_h, vocab = 40, 24, 1003
+    hidden, weight, labels, old, adv, mask, _ = make_inputs((n,), size_h, vocab, torch.float32)
+    labels = torch.randint(0, vocab, (n,))
+
+    def go(sel, mask_sel):
+        h = hidden[sel].clone().requires_grad_()
+        out = linear_ppo_loss(h, weight, labels[sel], old[sel], adv[sel], mask_sel, normalizer=10.0,
+                              temperature=0.9, ent_coef=0.1, backend=backend, chunk_size=16)
+        out.loss.backward()
+        return out.logprobs, h.grad
+
+    ones = torch.ones(n, dtype=torch.bool)
+    full_lp, full_dh = go(slice(None), ones)
+    for sel in (slice(0, 20), slice(17, 18), slice(39, 40)):
+        lp, dh = go(sel, ones[sel])
+        assert torch.equal(lp, full_lp[sel]) and torch.equal(dh, full_dh[sel]), sel
+    lp, dh = go(slice(None), mask)
+    assert torch.equal(lp[mask], full_lp[mask]) and torch.equal(dh[mask], full_dh[mask])
+
+
+def test_backends_agree():
+    hidden, weight, labels, old, adv, mask, ref = make_inputs((23,), 32, 4099, torch.float32, temperature=0.9)
+    kw = dict(temperature=0.9, dual_clip=DUAL_CLIP, ent_coef=0.01, ref_logprobs=ref, kl_coef=0.1, chunk_size=8)
+    a = linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="torch", **kw)
+    b = linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="triton", **kw)
+    for name in (*STATS, "logprobs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from fastppo.kernels import linear_ppo_loss
+    from fastppo.memory import peak_host_extra_bytes
+
+    n, size_h, vocab = 2048, 32, 16000
+    hidden = torch.randn(n, size_h, requires_grad=True)
+    weight = (torch.randn(vocab, size_h) / 8).requires_grad_()
+    labels = torch.randint(0, vocab, (n,))
+    old, adv, mask = torch.randn(n) - 10, torch.randn(n), torch.ones(n, dtype=torch.bool)
+
+    def fused():
+        linear_ppo_loss(hidden, weight, labels, old, adv, mask, ent_coef=0.01, backend="torch").loss.backward()
+        hidden.grad = weight.grad = None  # counted in the peak, gone before the next call
+
+    def naive():
+        logp = torch.log_softmax(hidden @ weight.T, dim=-1)
+        lp = logp.gather(-1, labels[:, None]).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        ratio = torch.exp(lp - old)
+        pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+        (pg.mean() - 0.01 * ent.mean()).backward()
+        hidden.grad = weight.grad = None
+
+    out = {}
+    for name, fn in (("fused", fused), ("naive", naive)):
+        fn()  # warm-up: lazy initialisation allocates too
+        out[name] = peak_host_extra_bytes(fn)
+    print(json.dumps(out))
+""")
+
+
+def test_peak_memory_does_not_grow_with_the_logits():
+    """Forward + backward on the torch backend at N·V·4 = 131 MB of logits with a 4 MB chunk budget: the
+    peak extra host memory stays near the budget plus dW and dhidden. The naive computation in the same
+    process is the control that the measurement sees a materialised (N, V)."""
+    n, size_h, vocab, budget_mb = 2048, 32, 16000, 4
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTPPO_POISON_OUTPUTS", "FASTPPO_BACKEND")}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", FASTPPO_LINEAR_CHUNK_MB=str(budget_mb), TRITON_INTERPRET="0",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    logits_bytes = n * vocab * 4
+    assert peak["naive"] >= logits_bytes, peak
+    # Chunk buffers (the budget) + dW accumulator and result, dhidden, per-token vectors, BLAS slack.
+    allowed = 2 * (budget_mb << 20) + 3 * vocab * size_h * 4 + 2 * n * size_h * 4 + (8 << 20)
+    assert peak["fused"] <= allowed, f"peak {peak['fused'] / 1e6:.1f} MB > {allowed / 1e6:.1f} MB: {peak}"
+    assert peak["fused"] * 4 <= logits_bytes, peak
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+def _args(**over):
+    n = 3
+    args = dict(hidden=torch.randn(n, 4), weight=torch.randn(5, 4), labels=torch.tensor([0, 1, 2]),
+                old_logprobs=torch.zeros(n), advantages=torch.zeros(n), mask=torch.ones(n, dtype=torch.bool))
+    kwargs = {k: over.pop(k) for k in list(over) if k not in args}
+    args.update(over)
+    return args, kwargs
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(hidden=[[1.0]]), TypeError, "hidden"),
+    (dict(hidden=torch.randn(3, 4).long()), TypeError, "hidden"),
+    (dict(hidden=torch.randn(())), ValueError, "hidden"),
+    (dict(weight=torch.randn(5, 4).double()), TypeError, "weight"),
+    (dict(weight=torch.randn(5, 4).bfloat16()), TypeError, "weight"),
+    (dict(weight=torch.randn(2, 5, 4)), ValueError, "weight"),
+    (dict(weight=torch.randn(5, 3)), ValueError, "weight"),
+    (dict(weight=torch.randn(0, 4)), ValueError, "weight"),
+    (dict(weight=torch.randn(5, 4, device="meta")), ValueError, "weight"),
+    (dict(labels=torch.tensor([0.0, 1.0, 2.0])), TypeError, "labels"),
+    (dict(labels=torch.tensor([0, 1])), ValueError, "labels"),
+    (dict(labels=torch.tensor([0, 1, 5])), ValueError, "labels"),
+    (dict(labels=torch.tensor([0, -100, 2])), ValueError, "labels"),
+    (dict(old_logprobs=torch.zeros(3).long()), TypeError, "old_logprobs"),
+    (dict(old_logprobs=torch.zeros(4)), ValueError, "old_logprobs"),
+    (dict(advantages=torch.zeros(3, device="meta")), ValueError, "advantages"),
+    (dict(advantages=torch.zeros(3).double()), TypeError, "advantages"),
+    (dict(mask=torch.ones(2, dtype=torch.bool)), ValueError, "mask"),
+    (dict(mask=torch.ones(3, dtype=torch.complex64)), TypeError, "mask"),
+    (dict(ref_logprobs=torch.zeros(2)), ValueError, "ref_logprobs"),
+    (dict(kl_coef=0.1), ValueError, "ref_logprobs"),
+    (dict(kl_coef=-0.1, ref_logprobs=torch.zeros(3)), ValueError, "kl_coef"),
+    (dict(kl_estimator="k4"), ValueError, "kl_estimator"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature="1"), TypeError, "temperature"),
+    (dict(clip_eps=-0.1), ValueError, "clip_eps"),
+    (dict(dual_clip=1.0), ValueError, "dual_clip"),
+    (dict(dual_clip="3"), TypeError, "dual_clip"),
+    (dict(ent_coef=-1.0), ValueError, "ent_coef"),
+    (dict(normalizer=-1.0), ValueError, "normalizer"),
+    (dict(normalizer=torch.ones(2)), ValueError, "normalizer"),
+    (dict(normalizer=torch.ones((), dtype=torch.bool)), TypeError, "normalizer"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(chunk_size=2.0), TypeError, "chunk_size"),
+    (dict(backend="cuda"), ValueError, "backend"),
+], ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(v))
+def test_bad_inputs(over, exc, match):
+    args, kwargs = _args(**over)
+    with pytest.raises(exc, match=match):
+        linear_ppo_loss(*args.values(), **kwargs)
+
+
+def test_labels_off_the_mask_are_not_read():
+    args, _ = _args()
+    args["labels"] = torch.tensor([0, 10 ** 9, -5])
+    args["mask"] = torch.tensor([True, False, False])
+    out = linear_ppo_loss(*args.values())
+    assert torch.isfinite(out.loss) and out.logprobs[1] == 0 and out.logprobs[2] == 0

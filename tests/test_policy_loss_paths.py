@@ -1,0 +1,116 @@
+"""The PPO update's two policy-loss paths (issue 8): fused `linear_ppo_loss` (ppo.fused_policy_loss=true, the
+default) and composed `linear_token_logprobs` + `ppo_loss` give the same update on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fastppo.kernels
+from fastppo.config import load_config
+from fastppo.experience import Experience
+from fastppo.metrics import MetricBuffer
+from fastppo.models import load_models, response_logprobs, response_values
+from fastppo.ppo import UpdateCounters, ppo_update
+from fastppo_testing.trainer import tiny_setups  # noqa: F401  (fixture)
+
+
+class RecordingOptimizer:
+    """Stands in for AdamW: records the gradients of every step instead of applying them."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.steps = []
+
+    def step(self):
+        self.steps.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+class NoSchedule:
+    def step(self):
+        pass
+
+
+def _away_from_clip_points(r, eps, margin=2e-3):
+    for p in (math.log(1 - eps), math.log(1 + eps)):
+        near = (r - p).abs() < margin
+        r = torch.where(near, p + margin * torch.where(r >= p, 1.0, -1.0), r)
+    return r
+
+
+def synthetic_experience(models, cfg, *, prompt_width=5, response_lens=(6, 3, 4, 1)) -> Experience:
+    """Random sequences with left-padded prompts, responses of different lengths (right padding), old
+    logprobs near the policy's (ratios kept away from the clip points), random advantages and returns."""
+    b, r = len(response_lens), max(response_lens)
+    vocab = models.policy.get_input_embeddings().num_embeddings
+    sequences = torch.randint(4, vocab - 1, (b, prompt_width + r))
+    attention_mask = torch.ones(b, prompt_width + r, dtype=torch.long)
+    attention_mask[1, :2] = 0                                                   # left padding
+    response_mask = torch.zeros(b, r, dtype=torch.bool)
+    for i, n in enumerate(response_lens):
+        response_mask[i, :n] = True
+        attention_mask[i, prompt_width + n:] = 0
+    T = cfg.rollout.temperature
+    with torch.no_grad():
+        lp = response_logprobs(models.policy, sequences, attention_mask, response_mask, prompt_width=prompt_width,
+                               temperature=T).logprobs
+        values = response_values(models.critic, sequences, attention_mask, response_mask, prompt_width=prompt_width)
+    noise = _away_from_clip_points(torch.randn(b, r) * 0.2, cfg.ppo.clip_eps)
+    m = response_mask.float()
+    return Experience(
+        sequences=sequences, attention_mask=attention_mask, response_mask=response_mask,
+        old_logprobs=(lp - noise) * m, ref_logprobs=lp * m, old_values=(values + 0.1 * torch.randn(b, r)) * m,
+        rewards=torch.zeros(b, r), advantages=torch.randn(b, r) * m, returns=torch.randn(b, r) * m,
+        prompt_width=prompt_width,
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: lm_head tied to the input embedding
+def test_fused_and_composed_policy_loss_give_the_same_update(arch, tiny_setups, monkeypatch):
+    setup = tiny_setups(arch)
+    overrides = setup.overrides(**{"ppo.ent_coef": 0.01, "ppo.dual_clip": 3.0, "rollout.temperature": 0.9,
+                                   "optim.max_grad_norm": None})
+    base = load_config(None, overrides)
+    assert base.ppo.fused_policy_loss                                            # the default
+    models = load_models(base.model, torch.device("cpu"))
+    assert models.fused_lm_head
+    exp = synthetic_experience(models, base)
+
+    calls = []
+    real = fastppo.kernels.linear_ppo_loss
+    monkeypatch.setattr(fastppo.kernels, "linear_ppo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for fused_loss in (True, False):
+        cfg = load_config(None, overrides + [f"ppo.fused_policy_loss={str(fused_loss).lower()}"])
+        policy, critic = copy.deepcopy(models.policy), copy.deepcopy(models.critic)
+        policy_opt, critic_opt = RecordingOptimizer(policy), RecordingOptimizer(critic)
+        metrics = MetricBuffer()
+        torch.manual_seed(0)                                                     # the same minibatch order
+        ppo_update(exp, policy=policy, critic=critic, policy_opt=policy_opt, critic_opt=critic_opt,
+                   policy_sched=NoSchedule(), critic_sched=NoSchedule(), cfg=cfg, train_policy=True,
+                   fused=models.fused_lm_head, ptx_batches=None, counters=UpdateCounters(), metrics=metrics)
+        runs[fused_loss] = (policy_opt.steps, critic_opt.steps, metrics.flush())
+        n_calls = len(calls)
+        calls.clear()
+        micro_batches = cfg.ppo.ppo_epochs * len(exp) // cfg.ppo.micro_batch_size
+        assert n_calls == (micro_batches if fused_loss else 0)
+
+    (p_fused, c_fused, m_fused), (p_comp, c_comp, m_comp) = runs[True], runs[False]
+    assert len(p_fused) == len(p_comp) == len(exp) // base.ppo.minibatch_size
+    for step_f, step_c in zip(p_fused, p_comp):
+        for gf, gc in zip(step_f, step_c):
+            torch.testing.assert_close(gf, gc, atol=1e-6 * max(1.0, gc.abs().max().item()), rtol=1e-4)
+    assert any(g.abs().max() > 0 for step in p_fused for g in step)
+    for step_f, step_c in zip(c_fused, c_comp):
+        for gf, gc in zip(step_f, step_c):
+            torch.testing.assert_close(gf, gc, atol=1e-6, rtol=1e-5)
+    assert m_fused.keys() == m_comp.keys()
+    for key in m_comp:
+        assert m_fused[key] == pytest.approx(m_comp[key], rel=1e-5, abs=1e-6), key
