@@ -6,6 +6,7 @@ what a CPU run can report, absolute times mean something only on a GPU.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -84,6 +85,33 @@ def measured_copy_bandwidth_gbs(device: torch.device, n_bytes: int = 1 << 28) ->
     dst = torch.empty_like(src)
     ms, _, _ = time_ms(lambda: dst.copy_(src), device, warmup=3, rep=20)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192) -> float:
+    """Measured size³ matmul rate in TFLOP/s, the roofline for matmul-bound ops."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms, _, _ = time_ms(lambda: torch.mm(a, b), device, warmup=3, rep=10)
+    return 2 * size ** 3 / (ms * 1e-3) / 1e12
+
+
+def parse_shapes(text: str, dims: str) -> list[tuple[int, ...]]:
+    """'4096x32000,16384x128256' -> [(4096, 32000), (16384, 128256)]; dims names the axes, e.g. 'NxV'."""
+    n_dims = len(dims.split("x"))
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != n_dims or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"--shapes: {item.strip()!r} is not {dims} in positive integers "
+                                             f"(a comma-separated list, e.g. {','.join(['64'] * n_dims)})")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def add_shapes_argument(parser: argparse.ArgumentParser, dims: str) -> None:
+    """--shapes: replaces the device's default shape list (bench/gpu_check.py passes a shorter one)."""
+    parser.add_argument("--shapes", type=lambda text: parse_shapes(text, dims), default=None, metavar=f"{dims},...",
+                        help=f"shapes to run instead of the defaults, as {dims} separated by commas")
 
 
 def append_csv(name: str, rows: list[dict]) -> Path:

@@ -16,7 +16,7 @@ and full: ms (median, p20, p80), TFLOP/s of the useful work (2·N·H·V forward,
 6·N·H·V forward + backward; fastppo does 8·N·H·V with its recompute) and % of
 the measured bf16 matmul peak, peak extra MB.
 
-Usage: python bench/linear_logprobs.py [--no-compile] [--rep R]
+Usage: python bench/linear_logprobs.py [--no-compile] [--rep R] [--shapes NxHxV,...]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import append_csv, device_name, peak_extra_mb, plot_bars, time_ms
+from common import (add_shapes_argument, append_csv, device_name, matmul_peak_tflops, peak_extra_mb,
+                    plot_bars, time_ms)
 
 from fastppo.kernels import linear_token_logprobs
 
@@ -66,13 +67,6 @@ def make_providers(device, use_compile: bool):
     else:
         notes["liger"] = "not run: CUDA only"
     return providers, notes
-
-
-def matmul_peak_tflops(device, dtype, size=8192):
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    ms, _, _ = time_ms(lambda: torch.mm(a, b), device, warmup=3, rep=10)
-    return 2 * size ** 3 / (ms * 1e-3) / 1e12
 
 
 def run_case(name, fn, n, size_h, vocab, dtype, device, modes, rep, mm_peak):
@@ -116,6 +110,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
+    add_shapes_argument(parser, "NxHxV")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +122,7 @@ def main(argv=None):
         shapes = [(8192, 512, 32000)]
         dtype, modes, rep = torch.float32, ("full",), args.rep or 3
         mm_peak = None
+    shapes = args.shapes or shapes
     providers, notes = make_providers(device, use_compile=not args.no_compile)
     print(f"device: {device_name(device)}  dtype: {dtype}  threads: {torch.get_num_threads()}  bf16 matmul peak: "
           f"{f'{mm_peak:.0f} TFLOP/s' if mm_peak else 'n/a (CPU)'}", flush=True)
@@ -160,12 +156,13 @@ def main(argv=None):
     for name, note in notes.items():
         print(f"note: {name}: {note}")
     if not rows:
-        return
+        return rows
     path = append_csv("linear_logprobs", rows)
     plot_rows = [dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows]
     png = plot_bars("linear_logprobs", plot_rows, x="shape", y="peak_extra_MB", group="provider",
                     title=f"lm_head + logprobs peak extra memory ({device_name(device)})", ylabel="peak extra MB")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return rows
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ GPU: N in {4096, 16384}, H=4096, V in {128256, 151936}, bf16 (the shapes of benc
 forward + backward: ms (median, p20, p80), TFLOP/s of the useful work (6·N·H·V; composed does 8·N·H·V with
 its recompute) and % of the measured bf16 matmul peak, peak extra MB.
 
-Usage: python bench/linear_ppo_loss.py [--no-compile] [--rep R]
+Usage: python bench/linear_ppo_loss.py [--no-compile] [--rep R] [--shapes NxHxV,...]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import append_csv, device_name, peak_extra_mb, plot_bars, time_ms
+from common import (add_shapes_argument, append_csv, device_name, matmul_peak_tflops, peak_extra_mb,
+                    plot_bars, time_ms)
 
 from fastppo.kernels import linear_ppo_loss, linear_token_logprobs, ppo_loss
 
@@ -67,13 +68,6 @@ def make_providers(use_compile: bool):
     providers["composed"] = composed
     providers["fastppo"] = fastppo
     return providers
-
-
-def matmul_peak_tflops(device, dtype, size=8192):
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    ms, _, _ = time_ms(lambda: torch.mm(a, b), device, warmup=3, rep=10)
-    return 2 * size ** 3 / (ms * 1e-3) / 1e12
 
 
 def make_inputs(n, size_h, vocab, dtype, device):
@@ -125,6 +119,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
+    add_shapes_argument(parser, "NxHxV")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +131,7 @@ def main(argv=None):
         shapes = [(8192, 512, 32000)]
         dtype, modes, rep = torch.float32, ("full",), args.rep or 3
         mm_peak = None
+    shapes = args.shapes or shapes
     providers = make_providers(use_compile=not args.no_compile)
     notes = {}
     print(f"device: {device_name(device)}  dtype: {dtype}  threads: {torch.get_num_threads()}  bf16 matmul peak: "
@@ -178,13 +174,14 @@ def main(argv=None):
     for name, note in notes.items():
         print(f"note: {name}: {note}")
     if not rows:
-        return
+        return rows
     path = append_csv("linear_ppo_loss", rows)
     plot_rows = [dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows]
     png = plot_bars("linear_ppo_loss", plot_rows, x="shape", y="peak_extra_MB", group="provider",
                     title=f"lm_head + PPO policy loss, peak extra memory ({device_name(device)})",
                     ylabel="peak extra MB")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ for bf16) and % of the measured copy bandwidth, peak extra MB.
 CPU: a small shape set in about a minute; what it can say is the peak extra
 memory of each provider relative to eager (and time ratios on this CPU).
 
-Usage: python bench/logprobs.py [--quick] [--no-compile]
+Usage: python bench/logprobs.py [--quick] [--no-compile] [--rep R] [--shapes NxV,...]
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import sys
 
 import torch
 
-from common import append_csv, device_name, measured_copy_bandwidth_gbs, peak_extra_mb, plot_bars, time_ms
+from common import (add_shapes_argument, append_csv, device_name, measured_copy_bandwidth_gbs, peak_extra_mb,
+                    plot_bars, time_ms)
 
 from fastppo.kernels import token_logprobs
 
@@ -60,7 +61,7 @@ def make_providers(device, use_compile: bool):
     return providers
 
 
-def run_case(name, fn, n, vocab, dtype, device, bandwidth):
+def run_case(name, fn, n, vocab, dtype, device, bandwidth, rep=None):
     logits = torch.randn(n, vocab, device=device, dtype=dtype).requires_grad_()
     labels = torch.randint(0, vocab, (n,), device=device)
     g_lp = torch.randn(n, device=device)
@@ -83,7 +84,7 @@ def run_case(name, fn, n, vocab, dtype, device, bandwidth):
         logits.grad = None
         loss.backward(retain_graph=True)
 
-    rep = 10 if device.type == "cuda" else 3
+    rep = rep or (10 if device.type == "cuda" else 3)
     rows = []
     elem = logits.element_size()
     min_bytes = {"forward": n * vocab * elem, "backward": 2 * n * vocab * elem, "full": 3 * n * vocab * elem}
@@ -105,6 +106,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one shape only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
+    add_shapes_argument(parser, "NxV")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,6 +120,7 @@ def main(argv=None):
         shapes = [(512, 32000), (1024, 50257)]
         dtype = torch.float32
         bandwidth = None
+    shapes = args.shapes or shapes
     if args.quick:
         shapes = shapes[:1]
     providers = make_providers(device, use_compile=not args.no_compile)
@@ -127,7 +131,7 @@ def main(argv=None):
     for n, vocab in shapes:
         for name, fn in list(providers.items()):
             try:
-                rows += run_case(name, fn, n, vocab, dtype, device, bandwidth)
+                rows += run_case(name, fn, n, vocab, dtype, device, bandwidth, args.rep)
             except Exception as exc:  # a provider that fails here is reported, not fatal
                 print(f"  {name} failed at N={n} V={vocab}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 providers.pop(name)
@@ -150,6 +154,7 @@ def main(argv=None):
     png = plot_bars("logprobs", full_rows, x="shape", y="ms", group="provider",
                     title=f"token_logprobs forward+backward ({device_name(device)})", ylabel="ms (median)")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return rows
 
 
 if __name__ == "__main__":

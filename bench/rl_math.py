@@ -19,7 +19,8 @@ measured in the same run, GB/s of the minimum traffic and peak extra MB. On a
 GPU the GB/s column is the kernels' bandwidth; on a CPU only the ratios mean
 something.
 
-Usage: python bench/rl_math.py [--quick] [--compile | --no-compile] [--threads N (CPU; default 1)]
+Usage: python bench/rl_math.py [--quick] [--compile | --no-compile] [--threads N (CPU; default 1)] [--rep R]
+       [--shapes BxT,...]
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import sys
 
 import torch
 
-from common import append_csv, device_name, measured_copy_bandwidth_gbs, peak_extra_mb, plot_bars, time_ms
+from common import (add_shapes_argument, append_csv, device_name, measured_copy_bandwidth_gbs, peak_extra_mb,
+                    plot_bars, time_ms)
 
 from fastppo.kernels import gae, kl_penalty, ppo_loss
 
@@ -208,6 +210,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: these ops are small, and on a shared machine several "
                              "threads make the timings, hence the ratios, erratic)")
+    parser.add_argument("--rep", type=int, default=None,
+                        help="timed repetitions (default 15; 5 for the Python loops on CPU)")
+    add_shapes_argument(parser, "BxT")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,7 +220,7 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(max(1, args.threads))
     bandwidth = measured_copy_bandwidth_gbs(device) if device.type == "cuda" else None
-    shapes = [(64, 512), (64, 2048), (512, 512), (512, 2048)]
+    shapes = args.shapes or [(64, 512), (64, 2048), (512, 512), (512, 2048)]
     if args.quick:
         shapes = shapes[:1]
     ops = make_providers(device, use_compile)
@@ -228,7 +233,7 @@ def main(argv=None):
             for name, mode, call, bytes_per_token, mask in cases(providers, n_rows, n_cols, device):
                 slow = device.type == "cpu" and "loop" in name
                 try:
-                    ms, p20, p80 = time_ms(call, device, warmup=1 if slow else 3, rep=5 if slow else 15)
+                    ms, p20, p80 = time_ms(call, device, warmup=1 if slow else 3, rep=args.rep or (5 if slow else 15))
                     peak = peak_extra_mb(call, device)
                 except Exception as exc:  # a provider that fails here is reported, not fatal
                     print(f"  {op}/{name} failed at B={n_rows} T={n_cols}: {type(exc).__name__}: {exc}",
@@ -262,6 +267,7 @@ def main(argv=None):
                     title=f"fastppo speedup over eager / the GAE loop ({device_name(device)})",
                     ylabel="speedup (x, same run)")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return rows
 
 
 if __name__ == "__main__":

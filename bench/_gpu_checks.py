@@ -1,0 +1,558 @@
+"""The checks of bench/gpu_check.py, run in a worker process that it starts (and restarts after a failure).
+
+Each check is a function of a `Context` returning a `Result` (PASS / FAIL / SKIP, metrics, a note). The
+worker runs the checks it is given in order and appends one JSON line per event to the events file:
+{"event": "hello", ...} once, then {"event": "start", "check": name} and {"event": "result", ...} per
+check. On CUDA it exits with status 3 after a failed check: a CUDA error can leave the context unusable,
+so the parent starts a fresh worker for the checks that remain.
+
+On CUDA the checks run at the GPU shapes; without CUDA, at tiny shapes under the Triton interpreter (the
+parent sets TRITON_INTERPRET=1 before this module is imported), through the same code.
+
+Usage (bench/gpu_check.py runs it): python bench/_gpu_checks.py --out DIR --events FILE --checks a,b
+    [--kernel-tests 'PYTEST ARGS'] [--kernel-tests-timeout S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+
+import common
+import linear_logprobs as bench_linear_logprobs
+import linear_ppo_loss as bench_linear_ppo_loss
+import logprobs as bench_logprobs
+import rl_math as bench_rl_math
+from common import device_name, matmul_peak_tflops, measured_copy_bandwidth_gbs, time_ms
+
+from fastppo import synthetic
+from fastppo.config import load_config
+from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, token_logprobs
+from fastppo.kernels.gae import _gae_triton
+from fastppo.kernels.linear_token_logprobs import _has_fp32_out_gemm
+from fastppo.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The H200 this project borrows, as measured (docs/gpu_check.md): device-to-device copy (bytes read +
+# written) and an 8192³ bf16 matmul. The check also measures both in the same run.
+H200_COPY_GBS = 4300.0
+H200_BF16_TFLOPS = 790.0
+
+# A pytest -v line of one test: "tests/kernels/test_gae.py::test_x[a-b] PASSED  [ 10%]".
+_PYTEST_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
+_PYTEST_SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
+
+
+@dataclass
+class Result:
+    status: str = "PASS"
+    """PASS, FAIL or SKIP."""
+    metrics: list[dict] = field(default_factory=list)
+    """{metric, value, unit} rows, in the order they were measured."""
+    note: str = ""
+    """One line: why it failed or was skipped, or what the numbers mean."""
+
+    def add(self, metric: str, value, unit: str = "") -> None:
+        if isinstance(value, float):
+            value = round(value, 4) if abs(value) < 1e4 else round(value, 1)
+        self.metrics.append({"metric": metric, "value": value, "unit": unit})
+
+    def fail(self, why: str) -> None:
+        self.status = "FAIL"
+        self.note = f"{self.note}; {why}" if self.note else why
+
+
+@dataclass
+class Context:
+    device: torch.device
+    out: Path
+    """Where the benches write their CSV and PNG files, and pytest its log."""
+    work: Path
+    """A scratch directory (tiny models, training runs)."""
+    kernel_tests: str
+    """pytest arguments of the kernel-tests check."""
+    kernel_tests_timeout: float
+
+    @property
+    def cpu(self) -> bool:
+        return self.device.type != "cuda"
+
+
+# ----------------------------------------------------------------------------
+# 1. Kernel tests, compiled (on CUDA) or interpreted (CPU)
+# ----------------------------------------------------------------------------
+
+def check_kernel_tests(ctx: Context) -> Result:
+    """pytest in a subprocess; counts from its -v lines (they survive a timeout), else from its summary."""
+    log = ctx.out / ("kernel_tests_cpu.log" if ctx.cpu else "kernel_tests.log")
+    env = dict(os.environ, TRITON_INTERPRET="1" if ctx.cpu else "0")
+    # -P: the repo root (the working directory) stays off sys.path, so `kernels/` is only fastppo.kernels.
+    cmd = [sys.executable, "-P", "-m", "pytest", "--verbosity=1", "-p", "no:cacheprovider", "--timeout", "120",
+           *shlex.split(ctx.kernel_tests)]
+    print(f"  $ {' '.join(cmd[1:])}  (log: {log})", flush=True)
+    res = Result()
+    timed_out = False
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=ctx.kernel_tests_timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+    text = log.read_text(errors="replace")
+    per_test = _PYTEST_LINE.findall(text)
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    for _, outcome in per_test:
+        key = {"PASSED": "passed", "XPASS": "passed", "SKIPPED": "skipped", "XFAIL": "skipped"}.get(outcome, "failed")
+        counts[key] += 1
+    if not per_test:                                 # e.g. a collection error: only the summary line has counts
+        for n, what in _PYTEST_SUMMARY.findall(text.splitlines()[-1] if text.strip() else ""):
+            counts[{"errors": "failed", "error": "failed", "xfailed": "skipped", "xpassed": "passed"}.get(what, what)] \
+                += int(n)
+    for key, n in counts.items():
+        res.add(key, n, "tests")
+    failed = [name for name, outcome in per_test if outcome in ("FAILED", "ERROR")]
+    if timed_out:
+        res.fail(f"pytest timed out after {ctx.kernel_tests_timeout:.0f}s (counts so far)")
+    elif rc != 0:
+        res.fail(f"pytest exit {rc}" + (f"; first failures: {', '.join(failed[:3])}" if failed else f"; see {log.name}"))
+    elif counts["passed"] == 0:
+        res.fail("no test passed")
+    return res
+
+
+# ----------------------------------------------------------------------------
+# 2. The fp32-output GEMM probe
+# ----------------------------------------------------------------------------
+
+def check_fp32_gemm_probe(ctx: Context) -> Result:
+    """cuBLAS takes half operands and writes float32 (torch.mm(..., out_dtype)); CPU builds do not:
+    the probe must say so, or linear_token_logprobs upcasts its operands (slower, more memory)."""
+    res = Result()
+    want = not ctx.cpu
+    for dtype in (torch.bfloat16, torch.float16):
+        t0 = time.perf_counter()
+        got = _has_fp32_out_gemm(ctx.device, dtype)
+        res.add(f"{str(dtype).removeprefix('torch.')}_fp32_out", int(got), "bool")
+        res.add(f"{str(dtype).removeprefix('torch.')}_probe_ms", (time.perf_counter() - t0) * 1e3, "ms")
+        if got != want:
+            res.fail(f"probe says {got} for {dtype} on {ctx.device.type}, expected {want}")
+    return res
+
+
+# ----------------------------------------------------------------------------
+# 3. GAE at long T against a float64 Python loop
+# ----------------------------------------------------------------------------
+
+def gae_float64(rewards: list[float], values: list[float], mask: list[bool], gamma: float, lam: float):
+    """One row in float64, token by token: its valid tokens in order are one episode."""
+    adv, ret = [0.0] * len(mask), [0.0] * len(mask)
+    next_value = next_adv = 0.0
+    for t in reversed(range(len(mask))):
+        if mask[t]:
+            delta = rewards[t] + gamma * next_value - values[t]
+            next_adv = delta + gamma * lam * next_adv
+            next_value = values[t]
+            adv[t], ret[t] = next_adv, next_adv + values[t]
+    return adv, ret
+
+
+def _gae_mask(n_rows: int, n_cols: int, pattern: str, device) -> torch.Tensor:
+    if pattern == "holes":
+        mask = torch.rand(n_rows, n_cols, device=device) < 0.8
+    else:
+        lengths = torch.randint(0, n_cols + 1, (n_rows, 1), device=device)
+        lengths[0] = n_cols
+        cols = torch.arange(n_cols, device=device)
+        mask = cols < lengths if pattern == "right" else cols >= n_cols - lengths
+    mask[-1] = False                                               # an all-false row
+    return mask
+
+
+def check_gae(ctx: Context) -> Result:
+    """The fused GAE (default block and a forced one) on rows of every length against float64.
+
+    Error budget, as in tests/kernels/test_gae.py (flash-attn's criterion): at most twice the error
+    of the float32 Python loop trainers write (bench/rl_math.gae_loop), against the same float64
+    answer, plus 1e-5 for rows where that loop happens to be exact. Both accumulate
+    A_t = Σ_k (γλ)^k δ_(t+k) in float32; the kernel's blockwise scan reorders the sum, which changes
+    the rounding but not its order of magnitude.
+    """
+    gamma, lam = bench_rl_math.GAMMA, bench_rl_math.LAM
+    lengths = (257, 73) if ctx.cpu else (1, 257, 2048, 8192)
+    blocks = (None, 128) if ctx.cpu else (None, 2048)
+    n_rows = 4 if ctx.cpu else 64
+    checked = [0, 1, 2, n_rows - 1]                                 # rows compared with the loops (the last is empty)
+    res = Result()
+    worst = 0.0
+    for n_cols in lengths:
+        for pattern in ("left", "right", "holes"):
+            rewards = torch.randn(n_rows, n_cols, device=ctx.device)
+            values = torch.randn(n_rows, n_cols, device=ctx.device) + 2.0
+            mask = _gae_mask(n_rows, n_cols, pattern, ctx.device)
+            r, v, m = rewards[checked].cpu(), values[checked].cpu(), mask[checked].cpu()
+            want = [gae_float64(r[i].double().tolist(), v[i].double().tolist(), m[i].tolist(), gamma, lam)
+                    for i in range(len(checked))]
+            want_adv = torch.tensor([w[0] for w in want], dtype=torch.float64)
+            want_ret = torch.tensor([w[1] for w in want], dtype=torch.float64)
+            plain_adv, plain_ret = bench_rl_math.gae_loop(r, v, m)
+            budget_adv = 2 * (plain_adv.double() - want_adv).abs().max().item() + 1e-5
+            budget_ret = 2 * (plain_ret.double() - want_ret).abs().max().item() + 1e-5
+            for block in blocks:
+                adv, ret = _gae_triton(rewards, values, mask, gamma, lam, block_t=block)
+                adv, ret = adv[checked].cpu().double(), ret[checked].cpu().double()
+                err_adv = (adv - want_adv).abs().max().item()
+                err_ret = (ret - want_ret).abs().max().item()
+                worst = max(worst, err_adv / budget_adv, err_ret / budget_ret)
+                where = f"T={n_cols} {pattern} BLOCK_T={block or 'default'}"
+                if not (err_adv <= budget_adv and err_ret <= budget_ret):   # NaN fails too
+                    res.fail(f"{where}: |ΔA| {err_adv:.3g} (budget {budget_adv:.3g}), "
+                             f"|ΔR| {err_ret:.3g} (budget {budget_ret:.3g})")
+                if not (adv[-1] == 0).all() or not (ret[-1] == 0).all():
+                    res.fail(f"{where}: the all-false row is not 0")
+    res.add("max_T", max(lengths), "tokens")
+    res.add("worst_error_over_budget", worst, "ratio")
+    # Speed at the largest shape: one launch, 17 bytes per token (read r, v, mask; write A, R).
+    n_rows, n_cols = (4, 257) if ctx.cpu else (512, 8192)
+    rewards, values = torch.randn(2, n_rows, n_cols, device=ctx.device)
+    mask = _gae_mask(n_rows, n_cols, "right", ctx.device)
+    ms, _, _ = time_ms(lambda: gae(rewards, values, mask, gamma=gamma, lam=lam, backend="triton"), ctx.device,
+                       warmup=1, rep=2 if ctx.cpu else 20)
+    res.add(f"ms_B{n_rows}_T{n_cols}", ms, "ms")
+    res.add(f"GB/s_B{n_rows}_T{n_cols}", 17 * n_rows * n_cols / (ms * 1e-3) / 1e9, "GB/s")
+    return res
+
+
+# ----------------------------------------------------------------------------
+# 4. Roofline and the benchmarks at their GPU shapes
+# ----------------------------------------------------------------------------
+
+def check_roofline(ctx: Context) -> Result:
+    """Copy bandwidth and a size³ matmul, measured in this run, against the H200's."""
+    res = Result()
+    gbs = measured_copy_bandwidth_gbs(ctx.device, n_bytes=1 << 22 if ctx.cpu else 1 << 28)
+    dtype = torch.float32 if ctx.cpu else torch.bfloat16      # CPU: no fast bf16 matmul to measure
+    size = 256 if ctx.cpu else 8192
+    tflops = matmul_peak_tflops(ctx.device, dtype, size=size)
+    res.add("copy_GB/s", gbs, "GB/s")
+    res.add(f"matmul_{size}_{str(dtype).removeprefix('torch.')}_TFLOP/s", tflops, "TFLOP/s")
+    if not ctx.cpu:
+        res.add("copy_pct_H200", 100 * gbs / H200_COPY_GBS, "%")
+        res.add("matmul_pct_H200", 100 * tflops / H200_BF16_TFLOPS, "%")
+        res.note = f"H200 roofline: {H200_COPY_GBS:.0f} GB/s copy, {H200_BF16_TFLOPS:.0f} TFLOP/s bf16"
+    else:
+        res.note = "CPU sizes: the numbers only show the measurement runs"
+    return res
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# name -> (module, arguments on CUDA, arguments on CPU). GPU: the benches' own shapes, fewer of them (the
+# largest and one smaller), without torch.compile (it recompiles per shape: minutes); CPU: tiny shapes.
+BENCHES = {
+    "bench_logprobs": (bench_logprobs, ["--rep", "10", "--shapes", "4096x128256,16384x151936"],
+                       ["--rep", "2", "--shapes", "64x300"]),
+    "bench_linear_logprobs": (bench_linear_logprobs, ["--rep", "5", "--shapes", "4096x4096x128256,16384x4096x151936"],
+                              ["--rep", "1", "--shapes", "64x32x300"]),
+    "bench_linear_ppo_loss": (bench_linear_ppo_loss, ["--rep", "5", "--shapes", "4096x4096x128256,16384x4096x151936"],
+                              ["--rep", "1", "--shapes", "64x32x300"]),
+    "bench_rl_math": (bench_rl_math, ["--rep", "10", "--shapes", "64x512,512x2048"],
+                      ["--rep", "1", "--shapes", "4x48"]),
+}
+
+
+def _bench_summary(name: str, row: dict, res: Result) -> None:
+    """The fastppo row's rate against the H200 roofline (the bench's own column has the measured one)."""
+    shape = "_".join(f"{k}{row[k]}" for k in ("B", "T", "N", "H", "V") if k in row)
+    key = f"{row['op']}_{row['mode']}_{shape}"
+    res.add(f"{key}_ms", row["ms"], "ms")
+    if "TFLOP/s" in row:
+        res.add(f"{key}_TFLOP/s", row["TFLOP/s"], "TFLOP/s")
+        if row.get("pct_mm_peak") is not None:
+            res.add(f"{key}_pct_measured_mm", row["pct_mm_peak"], "%")
+        if not row["device"].startswith("cpu"):
+            res.add(f"{key}_pct_H200", 100 * row["TFLOP/s"] / H200_BF16_TFLOPS, "%")
+    elif "GB/s" in row:
+        res.add(f"{key}_GB/s", row["GB/s"], "GB/s")
+        if row.get("pct_copy_bw") is not None:
+            res.add(f"{key}_pct_measured_copy", row["pct_copy_bw"], "%")
+        if not row["device"].startswith("cpu"):
+            res.add(f"{key}_pct_H200", 100 * row["GB/s"] / H200_COPY_GBS, "%")
+    if row.get("speedup_vs_baseline") is not None:
+        res.add(f"{key}_speedup", row["speedup_vs_baseline"], "x")
+
+
+def check_bench(ctx: Context, name: str) -> Result:
+    """Runs a bench's main() with the check's shapes; PASS when fastppo has a row at every shape and mode."""
+    module, gpu_args, cpu_args = BENCHES[name]
+    args = ["--no-compile", *(cpu_args if ctx.cpu else gpu_args)]
+    print(f"  bench/{Path(module.__file__).name} {' '.join(args)}", flush=True)
+    # CPU: the fastppo provider through the Triton kernels (interpreted), as on a GPU.
+    with _env(**({"FASTPPO_BACKEND": "triton"} if ctx.cpu else {})):
+        rows = module.main(args) or []
+    res = Result()
+    cases = {tuple(v for k, v in r.items() if k in ("op", "mode", "mask", "B", "T", "N", "H", "V")) for r in rows}
+    mine = {tuple(v for k, v in r.items() if k in ("op", "mode", "mask", "B", "T", "N", "H", "V")): r
+            for r in rows if r["provider"] == "fastppo"}
+    if not rows:
+        res.fail("no rows (every provider failed: see the log)")
+    missing = sorted(cases - set(mine), key=str)
+    if missing:
+        res.fail(f"fastppo has no row for {len(missing)} case(s), e.g. {missing[0]} (see the log)")
+    # The headline numbers: fastppo at the largest shape, per op and mode (all rows are in the bench's CSV).
+    largest = {}
+    for r in mine.values():
+        size = math.prod(r[k] for k in ("B", "T", "N", "H", "V") if k in r)
+        key = (r["op"], r["mode"])
+        if key not in largest or size > largest[key][0]:
+            largest[key] = (size, r)
+    for _, r in largest.values():
+        _bench_summary(name, r, res)
+    res.note = f"{len(rows)} rows in {Path(module.__file__).stem}.csv"
+    return res
+
+
+# ----------------------------------------------------------------------------
+# 5. Host syncs per op, forward and backward
+# ----------------------------------------------------------------------------
+
+class SyncCounter:
+    """Counts synchronising CUDA calls in a block (torch.cuda.set_sync_debug_mode("warn"))."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        self.count = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def _sync_cases(device: torch.device, cpu: bool):
+    """name -> (forward() -> loss or None, backward(loss) or None): each fused op at a training shape."""
+    n, size_h, vocab = (32, 16, 300) if cpu else (4096, 4096, 32000)
+    rows, cols = (2, 16) if cpu else (64, 1024)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    logits = torch.randn(n, vocab, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,), device=device)
+    hidden = (torch.randn(n, size_h, device=device) / size_h ** 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, size_h, device=device) / size_h ** 0.5).to(dtype).requires_grad_()
+    lp = (-torch.rand(rows, cols, device=device)).requires_grad_()
+    old, ref, adv = -torch.rand(rows, cols, device=device), -torch.rand(rows, cols, device=device), \
+        torch.randn(rows, cols, device=device)
+    values = torch.randn(rows, cols, device=device, requires_grad=True)
+    mask = torch.rand(rows, cols, device=device) < 0.9
+    old_tok, adv_tok, mask_tok = -torch.rand(n, device=device), torch.randn(n, device=device), \
+        torch.ones(n, dtype=torch.bool, device=device)
+
+    def backward(loss):
+        loss.backward()
+
+    return {
+        "token_logprobs": (lambda: sum(x.float().sum() for x in token_logprobs(logits, labels, return_entropy=True)),
+                           backward),
+        "linear_token_logprobs": (lambda: sum(x.float().sum() for x in linear_token_logprobs(
+            hidden, weight, labels, return_entropy=True)), backward),
+        "kl_penalty": (lambda: kl_penalty(lp, ref).sum(), backward),
+        "gae": (lambda: gae(lp.detach(), values.detach(), mask), None),
+        "ppo_loss": (lambda: ppo_loss(lp, old, adv, values, values.detach(), adv, mask).loss, backward),
+        "linear_ppo_loss": (lambda: linear_ppo_loss(hidden, weight, labels, old_tok, adv_tok, mask_tok).loss,
+                            backward),
+    }
+
+
+def check_sync_counts(ctx: Context) -> Result:
+    """Host syncs of each fused op's forward and backward, after a warm-up call (compilation syncs)."""
+    res = Result()
+    cases = _sync_cases(ctx.device, ctx.cpu)
+    if ctx.cpu:
+        for forward, backward in cases.values():                 # the harness runs; there is nothing to count
+            out = forward()
+            if backward is not None:
+                backward(out)
+        res.status = "SKIP"
+        res.note = f"no CUDA: host syncs exist only with a device; the {len(cases)} ops ran forward+backward"
+        return res
+    count = SyncCounter()
+    x = torch.ones(8, device=ctx.device)
+    with count():
+        x.sum().item()
+    control_sync = count.count
+    with count():
+        x.add_(1)
+    control_free = count.count
+    if control_sync < 1 or control_free != 0:
+        res.fail(f"the counter is not calibrated: .item() counted {control_sync}, an add counted {control_free}")
+    for name, (forward, backward) in cases.items():
+        out = forward()                                            # warm-up: compile, autotune
+        if backward is not None:
+            backward(out)
+        torch.cuda.synchronize()
+        with count():
+            out = forward()
+        res.add(f"{name}_forward", count.count, "syncs")
+        if backward is not None:
+            with count():
+                backward(out)
+            res.add(f"{name}_backward", count.count, "syncs")
+        torch.cuda.synchronize()
+    res.note = "counts after a warm-up call; informational (docs/gpu_check.md)"
+    return res
+
+
+# ----------------------------------------------------------------------------
+# 6. A 3-iteration tiny-model training, bf16 mixed precision, with and without FSDP2 (one rank)
+# ----------------------------------------------------------------------------
+
+def tiny_models(ctx: Context) -> Path:
+    """A tiny Llama policy and reward model (random init) and prompts, as fastppo demo builds them."""
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    root = ctx.work / "tiny"
+    if (root / "prompts.jsonl").exists():
+        return root
+    tokenizer = synthetic.build_tokenizer(root / "policy")
+    tokenizer.save_pretrained(str(root / "reward"))
+    config = synthetic.tiny_llama_config(len(tokenizer), hidden_size=32 if ctx.cpu else 256, layers=2,
+                                         heads=4 if ctx.cpu else 8)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "policy")
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(root / "reward")
+    synthetic.write_jsonl(root / "prompts.jsonl", synthetic.make_prompts(64, seed=0))
+    return root
+
+
+def check_train(ctx: Context, shard: str) -> Result:
+    root = tiny_models(ctx)
+    run_dir = ctx.work / f"run_shard_{shard}"
+    batch = 4 if ctx.cpu else 16
+    overrides = [
+        f"model.policy_path={root / 'policy'}", f"model.reward_path={root / 'reward'}",
+        f"data.prompt_path={root / 'prompts.jsonl'}", "data.max_prompt_len=16",
+        f"rollout.rollout_batch_size={batch}", f"rollout.max_new_tokens={6 if ctx.cpu else 24}",
+        f"ppo.minibatch_size={batch // 2}", f"ppo.micro_batch_size={batch // 2}", "ppo.critic_warmup_steps=0",
+        "model.dtype=float32", "parallel.param_dtype=bfloat16", f"parallel.shard={shard}",
+        f"run.output_dir={run_dir}", "run.iterations=3", "run.save_every=0", "run.export_at_end=false",
+        "run.tensorboard=false", "run.progress_bar=false", "run.log_level=WARNING",
+    ]
+    if not ctx.cpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    train(load_config(None, overrides))
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    res = Result()
+
+    def finite(key):                      # non-finite values are logged as strings ("nan")
+        return all(isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) for r in records)
+
+    res.add("iterations", len(records), "")
+    if records:
+        res.add("loss_total_last", records[-1].get("loss/total"), "")
+        res.add("reward_last", records[-1].get("score/raw/mean"), "")
+        times = [r["time/iteration_s"] for r in records]
+        res.add("s_per_iter_first", times[0], "s")
+        res.add("s_per_iter_rest", sum(times[1:]) / max(1, len(times) - 1), "s")
+        res.add("peak_memory_mb", max(r["memory/peak_mb"] for r in records), "MB")
+    res.add("wall_s", wall, "s")
+    if len(records) != 3:
+        res.fail(f"{len(records)} iterations logged, expected 3")
+    for key in ("loss/total", "loss/policy", "loss/value", "score/raw/mean"):
+        if not finite(key):
+            res.fail(f"{key} not finite in every iteration")
+    return res
+
+
+# ----------------------------------------------------------------------------
+# The worker
+# ----------------------------------------------------------------------------
+
+CHECKS = {
+    "kernel_tests": check_kernel_tests,
+    "fp32_gemm_probe": check_fp32_gemm_probe,
+    "gae_long": check_gae,
+    "sync_counts": check_sync_counts,
+    "train_no_fsdp": lambda ctx: check_train(ctx, "never"),
+    "train_fsdp": lambda ctx: check_train(ctx, "always"),
+    "roofline": check_roofline,
+    **{name: (lambda ctx, name=name: check_bench(ctx, name)) for name in BENCHES},
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--events", type=Path, required=True)
+    parser.add_argument("--checks", required=True, help="comma-separated, from: " + ", ".join(CHECKS))
+    parser.add_argument("--kernel-tests", default="tests/kernels")
+    parser.add_argument("--kernel-tests-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.RESULTS = args.out                                     # the benches' CSV and PNG files go here
+
+    def emit(**event) -> None:
+        with open(args.events, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    emit(event="hello", device=device_name(device), torch=torch.__version__, triton=triton.__version__,
+         interpreter=os.environ.get("TRITON_INTERPRET", ""))
+    with tempfile.TemporaryDirectory(prefix="fastppo-gpu-check-") as work:
+        ctx = Context(device, args.out, Path(work), args.kernel_tests, args.kernel_tests_timeout)
+        for name in args.checks.split(","):
+            emit(event="start", check=name)
+            print(f"== {name}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                res = CHECKS[name](ctx)
+            except Exception as exc:                               # reported as the check's failure
+                traceback.print_exc()
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                res = Result("FAIL", note=f"{type(exc).__name__}: {first}")
+            seconds = time.perf_counter() - t0
+            print(f"== {name}: {res.status} in {seconds:.1f}s {res.note}", flush=True)
+            emit(event="result", check=name, status=res.status, seconds=round(seconds, 2), metrics=res.metrics,
+                 note=res.note)
+            if res.status == "FAIL" and not ctx.cpu:
+                return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""`make gpu-check`: every GPU path of fastppo in one command, within a time budget (8 minutes by default).
+
+On CUDA, each check time-boxed, in this order (docs/gpu_check.md):
+  kernel_tests          pytest tests/kernels with the kernels compiled (TRITON_INTERPRET=0): pass/fail counts
+  fp32_gemm_probe       linear_token_logprobs' probe for cuBLAS's float32-output half GEMM (must be on)
+  gae_long              the fused GAE at T up to 8192 (default BLOCK_T and BLOCK_T=2048) against float64
+  sync_counts           host syncs of each fused op's forward and backward
+  train_no_fsdp         3 PPO iterations of a tiny Llama, model.dtype=float32 + param_dtype=bfloat16,
+  train_fsdp              parallel.shard=never, then =always (FSDP2 on one rank): finite, s/iter, peak MB
+  roofline              a device copy and an 8192³ bf16 matmul, against the H200's 4.3 TB/s and 790 TFLOP/s
+  bench_*               bench/logprobs.py, linear_logprobs.py, linear_ppo_loss.py, rl_math.py at GPU shapes
+Without CUDA the same checks run at tiny shapes under the Triton interpreter, in seconds.
+
+The checks run in a worker process (bench/_gpu_checks.py); this process only watches it: it prints the
+worker's progress, enforces each check's time box and the global budget (a check over its box is
+killed and FAILs; checks that no longer fit are SKIPped) and starts a fresh worker after a crash or a
+failed check. Results are written as they arrive: rows to <out>/gpu_check.csv (device, commit, date;
+bench/common.py), the benches' own CSVs, and the summary table <out>/gpu_check.md. Exit status 1 when
+a check failed.
+
+A bare GPU machine (no network, fastppo not installed) needs nothing but python3 with torch, triton and
+transformers: this script makes the checkout importable as `fastppo` without installing it, and takes
+the pure-Python packages the image lacks (omegaconf, pytest, ...) from the wheels in .wheels/, brought
+along from a machine with network (`make gpu-wheels`).
+
+Usage: python3 bench/gpu_check.py [--out DIR] [--budget-s S] [--checks a,b,...] [--kernel-tests 'PYTEST ARGS']
+  --out: default bench/results on CUDA, bench/results/cpu_check elsewhere (the GPU results stay untouched)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WHEELS = ROOT / ".wheels"
+
+CHECKS = ["kernel_tests", "fp32_gemm_probe", "gae_long", "sync_counts", "train_no_fsdp", "train_fsdp",
+          "roofline", "bench_logprobs", "bench_linear_logprobs", "bench_linear_ppo_loss", "bench_rl_math"]
+
+# Seconds each check may take on a GPU (the sum is above the budget: checks that run short leave time to the
+# rest, and those that no longer fit are skipped). Compiling the kernels dominates the first two entries.
+BOX_S = {"kernel_tests": 200, "fp32_gemm_probe": 30, "gae_long": 60, "sync_counts": 60, "train_no_fsdp": 60,
+         "train_fsdp": 60, "roofline": 30, "bench_logprobs": 60, "bench_linear_logprobs": 75,
+         "bench_linear_ppo_loss": 75, "bench_rl_math": 60}
+# Without CUDA every check runs at tiny sizes in seconds; the interpreter is slow enough to keep a box.
+CPU_BOX_S = 120
+# A check is started only with at least this much of the budget left (a worker's start-up included).
+MIN_START_S = 10
+
+# The kernel tests without a GPU: one test per op family, interpreted (the full set takes minutes there).
+CPU_KERNEL_TESTS = "tests/kernels/test_gae.py -k by_hand"
+
+
+# ----------------------------------------------------------------------------
+# Making fastppo importable on a bare machine
+# ----------------------------------------------------------------------------
+
+SHIM = '''"""Written by bench/gpu_check.py: the checkout {root} as the package fastppo, not installed.
+
+pyproject.toml installs kernels/ as fastppo.kernels; the checkout's root on this package's __path__ does
+the same here, while the root itself stays off sys.path (a top-level `kernels` would shadow the one
+transformers imports).
+"""
+__path__ = [{pkg!r}, {root!r}]
+__file__ = {init!r}
+exec(compile(open(__file__).read(), __file__, "exec"))
+'''
+
+
+def prepare_imports(site: Path) -> list[str]:
+    """Make `fastppo` and its pure-Python dependencies importable for this process and the worker.
+
+    Returns the lines to print: what was set up, and what is still missing.
+    """
+    said, paths = [], []
+    wheels = sorted(WHEELS.glob("*.whl")) if WHEELS.is_dir() else []
+    for wheel in wheels:
+        dist = wheel.name.split("-")[0]
+        try:
+            importlib.metadata.version(dist)
+            continue                                          # the machine has it: keep its version
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        with zipfile.ZipFile(wheel) as z:                     # a pure-Python wheel is its site-packages tree
+            z.extractall(site, [n for n in z.namelist() if not n.split("/", 1)[0].endswith(".data")])
+        said.append(f"using {wheel.name} from .wheels/")
+    if importlib.util.find_spec("fastppo") is None:
+        pkg = site / "fastppo"
+        pkg.mkdir(parents=True, exist_ok=True)
+        (pkg / "__init__.py").write_text(SHIM.format(root=str(ROOT), pkg=str(ROOT / "fastppo"),
+                                                     init=str(ROOT / "fastppo" / "__init__.py")))
+        said.append(f"fastppo is not installed: importing it from {ROOT}")
+    if said:
+        paths.append(str(site))
+        sys.path.insert(0, str(site))
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    importlib.invalidate_caches()
+    for module, dist in (("omegaconf", "omegaconf"), ("pytest", "pytest"), ("pytest_timeout", "pytest-timeout")):
+        if importlib.util.find_spec(module) is None:
+            said.append(f"missing: {dist} (bring .wheels/ along: `make gpu-wheels` on a machine with network, "
+                        "see docs/gpu_check.md)")
+    return said
+
+
+# ----------------------------------------------------------------------------
+# The summary
+# ----------------------------------------------------------------------------
+
+def _headline(result: dict, limit: int = 8) -> str:
+    """The check's numbers in one cell: `metric value unit` for its first few metrics."""
+    cells = [f"{m['metric']} {m['value']}{'' if m['unit'] in ('', 'bool', 'tests', 'syncs') else ' ' + m['unit']}"
+             for m in result.get("metrics", [])]
+    more = f" (+{len(cells) - limit} in gpu_check.csv)" if len(cells) > limit else ""
+    return "; ".join(cells[:limit]) + more
+
+
+def write_summary(path: Path, results: dict[str, dict], checks: list[str], header: dict) -> None:
+    lines = ["# fastppo GPU check", "",
+             f"Device: {header.get('device', '?')} · torch {header.get('torch', '?')} · triton "
+             f"{header.get('triton', '?')} · commit {header.get('commit', '?')} · {header.get('date', '?')} · "
+             f"budget {header.get('budget_s')} s, used {header.get('used_s', 0):.0f} s", "",
+             f"Command: `{header.get('command', '')}`. All rows: gpu_check.csv; benches: their own CSVs.", "",
+             "| check | status | s | numbers | note |", "|---|---|---|---|---|"]
+    for name in checks:
+        r = results.get(name)
+        if r is None:
+            lines.append(f"| {name} | … | | | not run yet |")
+            continue
+        note = r.get("note", "").replace("|", "/")
+        lines.append(f"| {name} | {r['status']} | {r.get('seconds', 0):.1f} | {_headline(r).replace('|', '/')} | "
+                     f"{note} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------
+# Watching the worker
+# ----------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, args, out: Path, cpu: bool, events: Path, log: Path, record) -> None:
+        self.args, self.out, self.cpu, self.events, self.log, self.record = args, out, cpu, events, log, record
+        self.deadline = time.monotonic() + args.budget_s
+        self.header: dict = {}
+        self._events_read = 0
+        self._log_read = 0
+
+    def box(self, check: str, start: float) -> float:
+        """Seconds for a check that starts at `start` (time.monotonic): its box, cut by the budget left then."""
+        return min(CPU_BOX_S if self.cpu else BOX_S[check], self.deadline - start)
+
+    def _new_events(self) -> list[dict]:
+        if not self.events.exists():
+            return []
+        with open(self.events) as f:
+            lines = f.read().splitlines()
+        # Only complete lines: the worker may be half-way through writing the last one.
+        complete = lines if self.events.read_text().endswith("\n") else lines[:-1]
+        new, self._events_read = complete[self._events_read:], len(complete)
+        return [json.loads(line) for line in new if line.strip()]
+
+    def _echo_log(self) -> str:
+        """Print what the worker wrote since the last call; returns its last lines (for a crash note)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        sys.stdout.write(text[self._log_read:])
+        sys.stdout.flush()
+        self._log_read = len(text)
+        return text[-2000:]
+
+    def run(self, todo: list[str]) -> None:
+        while todo:
+            if self.deadline - time.monotonic() < MIN_START_S:
+                break
+            # pytest's own timeout stops it a little before the box, so that its counts so far come back.
+            pytest_s = max(5.0, self.box("kernel_tests", time.monotonic()) - 5)
+            cmd = [sys.executable, str(BENCH / "_gpu_checks.py"), "--out", str(self.out), "--events",
+                   str(self.events), "--checks", ",".join(todo), "--kernel-tests", self.args.kernel_tests,
+                   "--kernel-tests-timeout", str(pytest_s)]
+            with open(self.log, "a") as log:
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            current, started, finished, progressed = None, 0.0, False, False
+            while not finished:
+                time.sleep(0.2)
+                finished = proc.poll() is not None
+                self._echo_log()
+                for ev in self._new_events():
+                    if ev["event"] == "hello":
+                        self.header.update({k: v for k, v in ev.items() if k != "event"})
+                    elif ev["event"] == "start":
+                        current, started = ev["check"], time.monotonic()
+                    elif ev["event"] == "result":
+                        todo.remove(ev["check"])
+                        self.record(ev["check"], {k: v for k, v in ev.items() if k not in ("event", "check")})
+                        current, progressed = None, True
+                over_box = current is not None and time.monotonic() - started > self.box(current, started)
+                if not finished and (over_box or time.monotonic() > self.deadline):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    finished = True
+                    if current is not None:
+                        why = (f"timed out after {time.monotonic() - started:.0f}s (its box)"
+                               if over_box else "stopped: the global budget ran out")
+                        todo.remove(current)
+                        self.record(current, {"status": "FAIL", "seconds": time.monotonic() - started, "note": why})
+                        current = None
+            tail = self._echo_log()
+            if current is not None:                           # the worker died inside a check
+                todo.remove(current)
+                last = [line for line in tail.splitlines() if line.strip()][-1:] or [""]
+                self.record(current, {"status": "FAIL", "seconds": time.monotonic() - started,
+                                      "note": f"worker exited with status {proc.returncode} ({last[0][:200]})"})
+            elif proc.returncode != 0 and todo and not progressed:   # it cannot even start: no use retrying
+                for name in list(todo):
+                    todo.remove(name)
+                    self.record(name, {"status": "FAIL", "seconds": 0.0,
+                                       "note": f"the worker did not start (status {proc.returncode}): see gpu_check.log"})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="results directory (see above)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="total seconds for all checks (default 480)")
+    parser.add_argument("--checks", default=",".join(CHECKS),
+                        help=f"comma-separated subset, in the order given (default: all, {','.join(CHECKS)})")
+    parser.add_argument("--kernel-tests", default=None,
+                        help="pytest arguments of kernel_tests (default: tests/kernels; a small selection on CPU)")
+    args = parser.parse_args(argv)
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        parser.error(f"--checks: unknown check(s) {unknown}; known: {CHECKS}")
+    t_start = time.monotonic()
+
+    with tempfile.TemporaryDirectory(prefix="fastppo-gpu-check-site-") as site:
+        for line in prepare_imports(Path(site)):
+            print(f"gpu-check: {line}", flush=True)
+        import torch  # after prepare_imports: on a bare machine the packages below need its sys.path
+
+        cpu = not torch.cuda.is_available()
+        out = (args.out or (BENCH / "results" / ("cpu_check" if cpu else ""))).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        args.kernel_tests = args.kernel_tests or (CPU_KERNEL_TESTS if cpu else "tests/kernels")
+        if cpu:
+            # The worker's kernels run in the Triton interpreter; it reads this when they are defined.
+            os.environ["TRITON_INTERPRET"] = "1"
+            print("gpu-check: no CUDA device: running every check at tiny sizes under the Triton interpreter "
+                  f"(the real check needs a GPU); results in {out}", flush=True)
+        else:
+            os.environ["TRITON_INTERPRET"] = "0"
+        try:
+            import common  # needs fastppo (prepare_imports above), which may still be missing on a bare machine
+
+            append_csv, commit = common.append_csv, common.git_commit()
+            common.RESULTS = out
+        except Exception as exc:
+            print(f"gpu-check: cannot import fastppo ({type(exc).__name__}: {exc}); every check will fail", flush=True)
+            append_csv, commit = None, "unknown"
+
+        summary = out / "gpu_check.md"
+        results: dict[str, dict] = {}
+        header = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "budget_s": int(args.budget_s), "command": " ".join(["python3", "bench/gpu_check.py", *(argv or sys.argv[1:])])}
+        runner: Runner
+
+        def record(check: str, result: dict) -> None:
+            results[check] = result
+            mark = {"PASS": "ok", "FAIL": "FAILED", "SKIP": "skipped"}.get(result["status"], result["status"])
+            print(f"gpu-check: {check}: {mark} ({result.get('seconds', 0):.1f}s) {result.get('note', '')}", flush=True)
+            header.update(runner.header, used_s=time.monotonic() - t_start)
+            write_summary(summary, results, checks, header)
+            if append_csv is not None:
+                rows = [{"check": check, "status": result["status"], "seconds": round(result.get("seconds", 0), 2),
+                         "metric": m["metric"], "value": m["value"], "unit": m["unit"], "note": result.get("note", ""),
+                         "device": runner.header.get("device", "?"), "mode": "cpu" if cpu else "cuda"}
+                        for m in result.get("metrics") or [{"metric": "", "value": "", "unit": ""}]]
+                append_csv("gpu_check", rows)
+
+        events, log = out / "gpu_check.events.jsonl", out / "gpu_check.log"
+        events.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+        runner = Runner(args, out, cpu, events, log, record)
+        todo = list(checks)
+        runner.run(todo)
+        for name in todo:
+            record(name, {"status": "SKIP", "seconds": 0.0,
+                          "note": f"not started: under {MIN_START_S}s of the {args.budget_s:.0f}s budget left"})
+
+    failed = [c for c in checks if results[c]["status"] == "FAIL"]
+    print(f"\ngpu-check: {len(checks) - len(failed)}/{len(checks)} checks passed or skipped"
+          + (f"; FAILED: {', '.join(failed)}" if failed else "") + f"; summary: {summary}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
