@@ -18,7 +18,7 @@ TRL_VENV  := .venv-trl
 TRL_PIN   := trl==1.12.0
 TRL_STAMP := $(TRL_VENV)/.trl-installed
 
-.PHONY: demo test bench bench-trl-venv install clean
+.PHONY: demo test bench bench-trl-venv gpu-check gpu-wheels install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,25 @@ $(TRL_STAMP): Makefile
 	touch $(TRL_STAMP)
 
 bench-trl-venv: $(TRL_STAMP)
+
+# `make gpu-check`: every GPU path in <= 8 minutes (docs/gpu_check.md). Where python3 sees a CUDA device it
+# runs with that python3 as it is: no venv, no install, no network (bench/gpu_check.py imports this
+# checkout as fastppo and takes what the machine lacks from .wheels/). Elsewhere it runs in the venv, at
+# tiny sizes under the Triton interpreter, with results in bench/results/cpu_check/.
+gpu-check:
+	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+		$(PYTHON) bench/gpu_check.py $(ARGS); \
+	else \
+		$(MAKE) --no-print-directory $(STAMP) && $(PY) bench/gpu_check.py $(ARGS); \
+	fi
+
+# The pure-Python packages a bare torch 2.11 / Python 3.12 GPU image lacks (it has torch, triton,
+# transformers and their dependencies: numpy, pyyaml, packaging, tokenizers, safetensors, tqdm), downloaded
+# here into .wheels/ to bring along. TensorBoard and pyarrow are optional: the check runs without them.
+GPU_WHEELS := omegaconf pytest pytest-timeout pluggy iniconfig pygments
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) $(TRL_VENV) build *.egg-info .pytest_cache

@@ -195,8 +195,9 @@ def check_gae(ctx: Context) -> Result:
     the rounding but not its order of magnitude.
     """
     gamma, lam = bench_rl_math.GAMMA, bench_rl_math.LAM
-    lengths = (257, 73) if ctx.cpu else (1, 257, 2048, 8192)
-    blocks = (None, 128) if ctx.cpu else (None, 2048)
+    # CPU: the interpreter's default block is 64 tokens, so T=100 has two blocks, and four of 32.
+    lengths = (1, 100) if ctx.cpu else (1, 257, 2048, 8192)
+    blocks = (None, 32) if ctx.cpu else (None, 2048)
     n_rows = 4 if ctx.cpu else 64
     checked = [0, 1, 2, n_rows - 1]                                 # rows compared with the loops (the last is empty)
     res = Result()
@@ -229,11 +230,11 @@ def check_gae(ctx: Context) -> Result:
     res.add("max_T", max(lengths), "tokens")
     res.add("worst_error_over_budget", worst, "ratio")
     # Speed at the largest shape: one launch, 17 bytes per token (read r, v, mask; write A, R).
-    n_rows, n_cols = (4, 257) if ctx.cpu else (512, 8192)
+    n_rows, n_cols = (2, 64) if ctx.cpu else (512, 8192)
     rewards, values = torch.randn(2, n_rows, n_cols, device=ctx.device)
     mask = _gae_mask(n_rows, n_cols, "right", ctx.device)
     ms, _, _ = time_ms(lambda: gae(rewards, values, mask, gamma=gamma, lam=lam, backend="triton"), ctx.device,
-                       warmup=1, rep=2 if ctx.cpu else 20)
+                       warmup=1, rep=1 if ctx.cpu else 20)
     res.add(f"ms_B{n_rows}_T{n_cols}", ms, "ms")
     res.add(f"GB/s_B{n_rows}_T{n_cols}", 17 * n_rows * n_cols / (ms * 1e-3) / 1e9, "GB/s")
     return res
@@ -279,13 +280,13 @@ def _env(**values: str):
 # largest and one smaller), without torch.compile (it recompiles per shape: minutes); CPU: tiny shapes.
 BENCHES = {
     "bench_logprobs": (bench_logprobs, ["--rep", "10", "--shapes", "4096x128256,16384x151936"],
-                       ["--rep", "2", "--shapes", "64x300"]),
+                       ["--rep", "1", "--shapes", "16x100"]),
     "bench_linear_logprobs": (bench_linear_logprobs, ["--rep", "5", "--shapes", "4096x4096x128256,16384x4096x151936"],
-                              ["--rep", "1", "--shapes", "64x32x300"]),
+                              ["--rep", "1", "--shapes", "16x16x100"]),
     "bench_linear_ppo_loss": (bench_linear_ppo_loss, ["--rep", "5", "--shapes", "4096x4096x128256,16384x4096x151936"],
-                              ["--rep", "1", "--shapes", "64x32x300"]),
+                              ["--rep", "1", "--shapes", "16x16x100"]),
     "bench_rl_math": (bench_rl_math, ["--rep", "10", "--shapes", "64x512,512x2048"],
-                      ["--rep", "1", "--shapes", "4x48"]),
+                      ["--rep", "1", "--shapes", "2x16"]),
 }
 
 
@@ -448,8 +449,8 @@ def tiny_models(ctx: Context) -> Path:
         return root
     tokenizer = synthetic.build_tokenizer(root / "policy")
     tokenizer.save_pretrained(str(root / "reward"))
-    config = synthetic.tiny_llama_config(len(tokenizer), hidden_size=32 if ctx.cpu else 256, layers=2,
-                                         heads=4 if ctx.cpu else 8)
+    config = synthetic.tiny_llama_config(len(tokenizer), hidden_size=16 if ctx.cpu else 256, layers=1 if ctx.cpu else 2,
+                                         heads=2 if ctx.cpu else 8)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(root / "policy")
     config.num_labels = 1
@@ -461,11 +462,11 @@ def tiny_models(ctx: Context) -> Path:
 def check_train(ctx: Context, shard: str) -> Result:
     root = tiny_models(ctx)
     run_dir = ctx.work / f"run_shard_{shard}"
-    batch = 4 if ctx.cpu else 16
+    batch = 2 if ctx.cpu else 16
     overrides = [
         f"model.policy_path={root / 'policy'}", f"model.reward_path={root / 'reward'}",
         f"data.prompt_path={root / 'prompts.jsonl'}", "data.max_prompt_len=16",
-        f"rollout.rollout_batch_size={batch}", f"rollout.max_new_tokens={6 if ctx.cpu else 24}",
+        f"rollout.rollout_batch_size={batch}", f"rollout.max_new_tokens={4 if ctx.cpu else 24}",
         f"ppo.minibatch_size={batch // 2}", f"ppo.micro_batch_size={batch // 2}", "ppo.critic_warmup_steps=0",
         "model.dtype=float32", "parallel.param_dtype=bfloat16", f"parallel.shard={shard}",
         f"run.output_dir={run_dir}", "run.iterations=3", "run.save_every=0", "run.export_at_end=false",

@@ -42,6 +42,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WHEELS = ROOT / ".wheels"
@@ -79,38 +81,46 @@ exec(compile(open(__file__).read(), __file__, "exec"))
 '''
 
 
-def prepare_imports(site: Path) -> list[str]:
-    """Make `fastppo` and its pure-Python dependencies importable for this process and the worker.
+def write_shim(site: Path) -> Path:
+    """site/fastppo/__init__.py: this checkout as the package fastppo (kernels/ as fastppo.kernels)."""
+    pkg = site / "fastppo"
+    pkg.mkdir(parents=True, exist_ok=True)
+    init = pkg / "__init__.py"
+    init.write_text(SHIM.format(root=str(ROOT), pkg=str(ROOT / "fastppo"), init=str(ROOT / "fastppo" / "__init__.py")))
+    return init
 
-    Returns the lines to print: what was set up, and what is still missing.
-    """
-    said, paths = [], []
-    wheels = sorted(WHEELS.glob("*.whl")) if WHEELS.is_dir() else []
-    for wheel in wheels:
-        dist = wheel.name.split("-")[0]
+
+def unpack_wheels(wheels: Path, site: Path) -> list[str]:
+    """Unpack into site each pure-Python wheel in `wheels` whose distribution this Python lacks (PEP 427:
+    such a wheel is a site-packages tree; its .data/ scripts are not needed here). Returns their names."""
+    used = []
+    for wheel in sorted(wheels.glob("*.whl")) if wheels.is_dir() else []:
         try:
-            importlib.metadata.version(dist)
+            importlib.metadata.version(wheel.name.split("-")[0])
             continue                                          # the machine has it: keep its version
         except importlib.metadata.PackageNotFoundError:
             pass
-        with zipfile.ZipFile(wheel) as z:                     # a pure-Python wheel is its site-packages tree
+        with zipfile.ZipFile(wheel) as z:
             z.extractall(site, [n for n in z.namelist() if not n.split("/", 1)[0].endswith(".data")])
-        said.append(f"using {wheel.name} from .wheels/")
+        used.append(wheel.name)
+    return used
+
+
+def prepare_imports(site: Path, wheels: Path = WHEELS) -> list[str]:
+    """Make fastppo and its pure-Python dependencies importable here and in the worker (sys.path and
+    PYTHONPATH get `site`). Returns the lines to print: what was set up, and what is still missing."""
+    said = [f"using {name} from {wheels.name}/" for name in unpack_wheels(wheels, site)]
     if importlib.util.find_spec("fastppo") is None:
-        pkg = site / "fastppo"
-        pkg.mkdir(parents=True, exist_ok=True)
-        (pkg / "__init__.py").write_text(SHIM.format(root=str(ROOT), pkg=str(ROOT / "fastppo"),
-                                                     init=str(ROOT / "fastppo" / "__init__.py")))
+        write_shim(site)
         said.append(f"fastppo is not installed: importing it from {ROOT}")
     if said:
-        paths.append(str(site))
         sys.path.insert(0, str(site))
         os.environ["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
-    importlib.invalidate_caches()
+        importlib.invalidate_caches()
     for module, dist in (("omegaconf", "omegaconf"), ("pytest", "pytest"), ("pytest_timeout", "pytest-timeout")):
         if importlib.util.find_spec(module) is None:
-            said.append(f"missing: {dist} (bring .wheels/ along: `make gpu-wheels` on a machine with network, "
-                        "see docs/gpu_check.md)")
+            said.append(f"missing: {dist}: bring .wheels/ along (`make gpu-wheels` on a machine with network; "
+                        "docs/gpu_check.md)")
     return said
 
 
@@ -144,17 +154,64 @@ def write_summary(path: Path, results: dict[str, dict], checks: list[str], heade
     path.write_text("\n".join(lines) + "\n")
 
 
+class Report:
+    """The results so far: gpu_check.md is rewritten and rows appended to gpu_check.csv at each new one."""
+
+    def __init__(self, out: Path, checks: list[str], cpu: bool, *, budget_s: float, command: str) -> None:
+        self.out, self.checks, self.cpu = out, checks, cpu
+        self.summary = out / "gpu_check.md"
+        self.results: dict[str, dict] = {}
+        self.header = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "budget_s": int(budget_s),
+                       "command": command}
+        self.t_start = time.monotonic()
+        self._append_csv = None
+
+    def _csv_writer(self):
+        if self._append_csv is None:
+            try:
+                # Imported at the first result, not at the top: common imports fastppo, importable only after
+                # prepare_imports (if at all), and its seconds of start-up then overlap the worker's.
+                import common
+
+                common.RESULTS = self.out
+                self._append_csv = common.append_csv
+                self.header["commit"] = common.git_commit()
+            except Exception as exc:
+                print(f"gpu-check: no gpu_check.csv: cannot import bench/common.py ({type(exc).__name__}: {exc})",
+                      flush=True)
+                self._append_csv = False
+        return self._append_csv
+
+    def add(self, check: str, result: dict, worker: dict | None = None) -> None:
+        """Record a check's result ({status, seconds, metrics, note}); worker: the worker's hello (device, versions)."""
+        self.results[check] = result
+        self.header.update(worker or {}, used_s=time.monotonic() - self.t_start)
+        mark = {"PASS": "ok", "FAIL": "FAILED", "SKIP": "skipped"}.get(result["status"], result["status"])
+        print(f"gpu-check: {check}: {mark} ({result.get('seconds', 0):.1f}s) {result.get('note', '')}", flush=True)
+        append_csv = self._csv_writer()
+        write_summary(self.summary, self.results, self.checks, self.header)
+        if append_csv:
+            append_csv("gpu_check", [
+                {"check": check, "status": result["status"], "seconds": round(result.get("seconds", 0), 2),
+                 "metric": m["metric"], "value": m["value"], "unit": m["unit"], "note": result.get("note", ""),
+                 "device": self.header.get("device", "?"), "mode": "cpu" if self.cpu else "cuda"}
+                for m in result.get("metrics") or [{"metric": "", "value": "", "unit": ""}]])
+
+
 # ----------------------------------------------------------------------------
 # Watching the worker
 # ----------------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, args, out: Path, cpu: bool, events: Path, log: Path, record) -> None:
-        self.args, self.out, self.cpu, self.events, self.log, self.record = args, out, cpu, events, log, record
+    def __init__(self, args, out: Path, cpu: bool, events: Path, log: Path, report: Report) -> None:
+        self.args, self.out, self.cpu, self.events, self.log, self.report = args, out, cpu, events, log, report
         self.deadline = time.monotonic() + args.budget_s
-        self.header: dict = {}
+        self.worker_info: dict = {}
         self._events_read = 0
         self._log_read = 0
+
+    def _record(self, check: str, result: dict) -> None:
+        self.report.add(check, result, self.worker_info)
 
     def box(self, check: str, start: float) -> float:
         """Seconds for a check that starts at `start` (time.monotonic): its box, cut by the budget left then."""
@@ -163,10 +220,9 @@ class Runner:
     def _new_events(self) -> list[dict]:
         if not self.events.exists():
             return []
-        with open(self.events) as f:
-            lines = f.read().splitlines()
+        text = self.events.read_text()
         # Only complete lines: the worker may be half-way through writing the last one.
-        complete = lines if self.events.read_text().endswith("\n") else lines[:-1]
+        complete = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
         new, self._events_read = complete[self._events_read:], len(complete)
         return [json.loads(line) for line in new if line.strip()]
 
@@ -189,41 +245,41 @@ class Runner:
                    "--kernel-tests-timeout", str(pytest_s)]
             with open(self.log, "a") as log:
                 proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            current, started, finished, progressed = None, 0.0, False, False
+            current, started, finished, progressed, killed = None, 0.0, False, False, False
             while not finished:
                 time.sleep(0.2)
                 finished = proc.poll() is not None
                 self._echo_log()
                 for ev in self._new_events():
                     if ev["event"] == "hello":
-                        self.header.update({k: v for k, v in ev.items() if k != "event"})
+                        self.worker_info = {k: v for k, v in ev.items() if k != "event"}
                     elif ev["event"] == "start":
                         current, started = ev["check"], time.monotonic()
                     elif ev["event"] == "result":
                         todo.remove(ev["check"])
-                        self.record(ev["check"], {k: v for k, v in ev.items() if k not in ("event", "check")})
+                        self._record(ev["check"], {k: v for k, v in ev.items() if k not in ("event", "check")})
                         current, progressed = None, True
                 over_box = current is not None and time.monotonic() - started > self.box(current, started)
                 if not finished and (over_box or time.monotonic() > self.deadline):
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                    finished = True
+                    finished = killed = True
                     if current is not None:
                         why = (f"timed out after {time.monotonic() - started:.0f}s (its box)"
                                if over_box else "stopped: the global budget ran out")
                         todo.remove(current)
-                        self.record(current, {"status": "FAIL", "seconds": time.monotonic() - started, "note": why})
+                        self._record(current, {"status": "FAIL", "seconds": time.monotonic() - started, "note": why})
                         current = None
             tail = self._echo_log()
             if current is not None:                           # the worker died inside a check
                 todo.remove(current)
                 last = [line for line in tail.splitlines() if line.strip()][-1:] or [""]
-                self.record(current, {"status": "FAIL", "seconds": time.monotonic() - started,
+                self._record(current, {"status": "FAIL", "seconds": time.monotonic() - started,
                                       "note": f"worker exited with status {proc.returncode} ({last[0][:200]})"})
-            elif proc.returncode != 0 and todo and not progressed:   # it cannot even start: no use retrying
+            elif not (killed or progressed) and proc.returncode != 0:   # it cannot even start: no use retrying
                 for name in list(todo):
                     todo.remove(name)
-                    self.record(name, {"status": "FAIL", "seconds": 0.0,
+                    self._record(name, {"status": "FAIL", "seconds": 0.0,
                                        "note": f"the worker did not start (status {proc.returncode}): see gpu_check.log"})
 
 
@@ -240,13 +296,10 @@ def main(argv=None) -> int:
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         parser.error(f"--checks: unknown check(s) {unknown}; known: {CHECKS}")
-    t_start = time.monotonic()
 
     with tempfile.TemporaryDirectory(prefix="fastppo-gpu-check-site-") as site:
         for line in prepare_imports(Path(site)):
             print(f"gpu-check: {line}", flush=True)
-        import torch  # after prepare_imports: on a bare machine the packages below need its sys.path
-
         cpu = not torch.cuda.is_available()
         out = (args.out or (BENCH / "results" / ("cpu_check" if cpu else ""))).resolve()
         out.mkdir(parents=True, exist_ok=True)
@@ -258,45 +311,20 @@ def main(argv=None) -> int:
                   f"(the real check needs a GPU); results in {out}", flush=True)
         else:
             os.environ["TRITON_INTERPRET"] = "0"
-        try:
-            import common  # needs fastppo (prepare_imports above), which may still be missing on a bare machine
-
-            append_csv, commit = common.append_csv, common.git_commit()
-            common.RESULTS = out
-        except Exception as exc:
-            print(f"gpu-check: cannot import fastppo ({type(exc).__name__}: {exc}); every check will fail", flush=True)
-            append_csv, commit = None, "unknown"
-
-        summary = out / "gpu_check.md"
-        results: dict[str, dict] = {}
-        header = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  "budget_s": int(args.budget_s), "command": " ".join(["python3", "bench/gpu_check.py", *(argv or sys.argv[1:])])}
-        runner: Runner
-
-        def record(check: str, result: dict) -> None:
-            results[check] = result
-            mark = {"PASS": "ok", "FAIL": "FAILED", "SKIP": "skipped"}.get(result["status"], result["status"])
-            print(f"gpu-check: {check}: {mark} ({result.get('seconds', 0):.1f}s) {result.get('note', '')}", flush=True)
-            header.update(runner.header, used_s=time.monotonic() - t_start)
-            write_summary(summary, results, checks, header)
-            if append_csv is not None:
-                rows = [{"check": check, "status": result["status"], "seconds": round(result.get("seconds", 0), 2),
-                         "metric": m["metric"], "value": m["value"], "unit": m["unit"], "note": result.get("note", ""),
-                         "device": runner.header.get("device", "?"), "mode": "cpu" if cpu else "cuda"}
-                        for m in result.get("metrics") or [{"metric": "", "value": "", "unit": ""}]]
-                append_csv("gpu_check", rows)
-
+        report = Report(out, checks, cpu, budget_s=args.budget_s,
+                        command=" ".join(["python3", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]))
         events, log = out / "gpu_check.events.jsonl", out / "gpu_check.log"
         events.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
-        runner = Runner(args, out, cpu, events, log, record)
+        runner = Runner(args, out, cpu, events, log, report)
         todo = list(checks)
         runner.run(todo)
         for name in todo:
-            record(name, {"status": "SKIP", "seconds": 0.0,
-                          "note": f"not started: under {MIN_START_S}s of the {args.budget_s:.0f}s budget left"})
+            report.add(name, {"status": "SKIP", "seconds": 0.0,
+                              "note": f"not started: under {MIN_START_S}s of the {args.budget_s:.0f}s budget left"})
 
-    failed = [c for c in checks if results[c]["status"] == "FAIL"]
+    summary = report.summary
+    failed = [c for c in checks if report.results[c]["status"] == "FAIL"]
     print(f"\ngpu-check: {len(checks) - len(failed)}/{len(checks)} checks passed or skipped"
           + (f"; FAILED: {', '.join(failed)}" if failed else "") + f"; summary: {summary}", flush=True)
     return 1 if failed else 0

@@ -1,0 +1,143 @@
+"""bench/gpu_check.py (`make gpu-check`) in its CPU mode: every check runs at tiny sizes under the Triton
+interpreter and reports; a check over its time box is killed and fails while the others still run; and
+the two things a bare GPU machine relies on: the checkout importable as fastppo without installing it,
+and pure-Python wheels unpacked only where the machine lacks them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def load(name: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = load("gpu_check")
+
+
+def summary_rows(path: Path) -> dict[str, list[str]]:
+    """check -> its cells in the summary table of gpu_check.md."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in gpu_check.CHECKS:
+            rows[cells[0]] = cells
+    return rows
+
+
+def committed_results() -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (BENCH / "results").glob("*.*")}
+
+
+def cpu_env() -> dict[str, str]:
+    # CPU mode even on a machine with a GPU (there `make gpu-check` is the real check).
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="")
+
+
+@pytest.mark.timeout(600)
+def test_cpu_mode_runs_every_check_and_writes_the_summary(tmp_path):
+    before = committed_results()
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path)], cwd=ROOT,
+                          env=cpu_env(), capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "no CUDA device" in proc.stdout
+
+    rows = summary_rows(tmp_path / "gpu_check.md")
+    assert sorted(rows) == sorted(gpu_check.CHECKS)
+    for check, cells in rows.items():
+        status = cells[1]
+        assert status == ("SKIP" if check == "sync_counts" else "PASS"), (check, cells)
+        if status == "PASS":
+            assert cells[3], f"{check} reports no numbers"
+    with open(tmp_path / "gpu_check.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert {r["check"] for r in csv_rows} == set(gpu_check.CHECKS)
+    assert all(r["commit"] and r["date"] and r["device"].startswith("cpu") and r["mode"] == "cpu" for r in csv_rows)
+    by_metric = {(r["check"], r["metric"]): r["value"] for r in csv_rows}
+    assert int(by_metric[("kernel_tests", "passed")]) > 0 and int(by_metric[("kernel_tests", "failed")]) == 0
+    assert int(by_metric[("train_fsdp", "iterations")]) == int(by_metric[("train_no_fsdp", "iterations")]) == 3
+    assert float(by_metric[("gae_long", "worst_error_over_budget")]) <= 1.0
+    # The benches wrote their CSVs next to the summary, and the committed GPU results are untouched.
+    for name in ("logprobs", "linear_logprobs", "linear_ppo_loss", "rl_math"):
+        with open(tmp_path / f"{name}.csv", newline="") as f:
+            assert any(r["provider"] == "fastppo" for r in csv.DictReader(f)), name
+    assert committed_results() == before
+
+
+@pytest.mark.timeout(300)
+def test_a_check_over_its_box_fails_and_the_next_one_still_runs(tmp_path, monkeypatch):
+    """A 1 s box: the training is killed (FAIL, exit status 1) and a fresh worker runs the probe."""
+    monkeypatch.setattr(gpu_check, "CPU_BOX_S", 1.0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(BENCH))                  # as when run as a script: common.py for the CSV
+    rc = gpu_check.main(["--out", str(tmp_path), "--checks", "train_fsdp,fp32_gemm_probe"])
+    assert rc == 1
+    rows = summary_rows(tmp_path / "gpu_check.md")
+    assert rows["train_fsdp"][1] == "FAIL" and "timed out" in rows["train_fsdp"][4]
+    assert rows["fp32_gemm_probe"][1] == "PASS"
+
+
+def test_shim_imports_the_checkout_as_fastppo_without_a_top_level_kernels(tmp_path):
+    """In a fresh interpreter with the shim first on sys.path, fastppo and fastppo.kernels come from this
+    checkout's fastppo/ and kernels/, and `kernels` alone does not find this checkout's (-P: the working
+    directory stays off sys.path)."""
+    gpu_check.write_shim(tmp_path)
+    code = (
+        "import sys, importlib.util; sys.path.insert(0, sys.argv[1]);"
+        "import fastppo, fastppo.kernels;"
+        "spec = importlib.util.find_spec('kernels');"
+        "print(fastppo.__file__); print(fastppo.kernels.__file__); print(spec and spec.origin)"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    init, kernels, top_level = out.stdout.split()[-3:]
+    assert Path(init) == ROOT / "fastppo" / "__init__.py"
+    assert Path(kernels) == ROOT / "kernels" / "__init__.py"
+    assert not top_level.startswith(str(ROOT))           # None, or Hugging Face's kernels package
+
+
+def test_wheels_are_unpacked_only_where_missing(tmp_path):
+    """A wheel of a missing distribution is unpacked (without its .data/ scripts); one of an installed
+    distribution (pytest here) is left alone, so the machine keeps its own version."""
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "fastppo_probe_pkg-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("fastppo_probe_pkg/__init__.py", "VALUE = 7\n")
+        z.writestr("fastppo_probe_pkg-1.0.dist-info/METADATA", "Name: fastppo-probe-pkg\nVersion: 1.0\n")
+        z.writestr("fastppo_probe_pkg-1.0.data/scripts/probe", "#!/bin/sh\n")
+    with zipfile.ZipFile(wheels / "pytest-0.0.1-py3-none-any.whl", "w") as z:
+        z.writestr("pytest/__init__.py", "raise ImportError('the shipped copy must not win')\n")
+    assert gpu_check.unpack_wheels(wheels, site) == ["fastppo_probe_pkg-1.0-py3-none-any.whl"]
+    assert (site / "fastppo_probe_pkg" / "__init__.py").read_text() == "VALUE = 7\n"
+    assert (site / "fastppo_probe_pkg-1.0.dist-info" / "METADATA").exists()
+    assert not (site / "fastppo_probe_pkg-1.0.data").exists() and not (site / "pytest").exists()
+
+
+def test_shapes_option_errors_name_the_option():
+    import argparse
+
+    common = load("common")
+    assert common.parse_shapes("4096x32000, 16x8", "NxV") == [(4096, 32000), (16, 8)]
+    for bad in ("4096", "4096x0", "4096xV", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"--shapes: .* is not NxV"):
+            common.parse_shapes(bad, "NxV")
