@@ -290,7 +290,7 @@ BENCHES = {
 }
 
 
-def _bench_summary(name: str, row: dict, res: Result) -> None:
+def _bench_summary(row: dict, res: Result) -> None:
     """The fastppo row's rate against the H200 roofline (the bench's own column has the measured one)."""
     shape = "_".join(f"{k}{row[k]}" for k in ("B", "T", "N", "H", "V") if k in row)
     key = f"{row['op']}_{row['mode']}_{shape}"
@@ -336,7 +336,7 @@ def check_bench(ctx: Context, name: str) -> Result:
         if key not in largest or size > largest[key][0]:
             largest[key] = (size, r)
     for _, r in largest.values():
-        _bench_summary(name, r, res)
+        _bench_summary(r, res)
     res.note = f"{len(rows)} rows in {Path(module.__file__).stem}.csv"
     return res
 
