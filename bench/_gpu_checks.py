@@ -68,6 +68,8 @@ class Result:
     """{metric, value, unit} rows, in the order they were measured."""
     note: str = ""
     """One line: why it failed or was skipped, or what the numbers mean."""
+    headline: str = ""
+    """The numbers for the summary table, when `metric value unit` of each would not read well."""
 
     def add(self, metric: str, value, unit: str = "") -> None:
         if isinstance(value, float):
@@ -290,25 +292,35 @@ BENCHES = {
 }
 
 
-def _bench_summary(row: dict, res: Result) -> None:
-    """The fastppo row's rate against the H200 roofline (the bench's own column has the measured one)."""
-    shape = "_".join(f"{k}{row[k]}" for k in ("B", "T", "N", "H", "V") if k in row)
-    key = f"{row['op']}_{row['mode']}_{shape}"
-    res.add(f"{key}_ms", row["ms"], "ms")
-    if "TFLOP/s" in row:
-        res.add(f"{key}_TFLOP/s", row["TFLOP/s"], "TFLOP/s")
-        if row.get("pct_mm_peak") is not None:
-            res.add(f"{key}_pct_measured_mm", row["pct_mm_peak"], "%")
-        if not row["device"].startswith("cpu"):
-            res.add(f"{key}_pct_H200", 100 * row["TFLOP/s"] / H200_BF16_TFLOPS, "%")
-    elif "GB/s" in row:
-        res.add(f"{key}_GB/s", row["GB/s"], "GB/s")
-        if row.get("pct_copy_bw") is not None:
-            res.add(f"{key}_pct_measured_copy", row["pct_copy_bw"], "%")
-        if not row["device"].startswith("cpu"):
-            res.add(f"{key}_pct_H200", 100 * row["GB/s"] / H200_COPY_GBS, "%")
+SHAPE_KEYS = ("B", "T", "N", "H", "V")
+
+
+def _bench_summary(row: dict, res: Result) -> str:
+    """Adds the fastppo row's numbers to res; returns them in one phrase for the summary table.
+
+    The rate is set against the peak the bench measured in the same run (its own column) and against
+    the H200 roofline.
+    """
+    shape = " ".join(f"{k}={row[k]}" for k in SHAPE_KEYS if k in row)
+    key = f"{row['op']} {row['mode']} {shape}"
+    res.add(f"{key} ms", row["ms"], "ms")
+    phrase = f"{key}: {row['ms']} ms"
+    rate, unit, measured, roofline = ((row["TFLOP/s"], "TFLOP/s", row.get("pct_mm_peak"), H200_BF16_TFLOPS)
+                                      if "TFLOP/s" in row else
+                                      (row["GB/s"], "GB/s", row.get("pct_copy_bw"), H200_COPY_GBS))
+    res.add(f"{key} {unit}", rate, unit)
+    phrase += f", {rate} {unit}"
+    shares = []
+    if measured is not None:
+        res.add(f"{key} % of measured peak", measured, "%")
+        shares.append(f"{measured}% of measured")
+    if not row["device"].startswith("cpu"):
+        res.add(f"{key} % of H200", 100 * rate / roofline, "%")
+        shares.append(f"{100 * rate / roofline:.1f}% of H200")
     if row.get("speedup_vs_baseline") is not None:
-        res.add(f"{key}_speedup", row["speedup_vs_baseline"], "x")
+        res.add(f"{key} speedup", row["speedup_vs_baseline"], "x")
+        shares.append(f"{row['speedup_vs_baseline']}x the baseline")
+    return phrase + (f" ({', '.join(shares)})" if shares else "")
 
 
 def check_bench(ctx: Context, name: str) -> Result:
@@ -320,9 +332,9 @@ def check_bench(ctx: Context, name: str) -> Result:
     with _env(**({"FASTPPO_BACKEND": "triton"} if ctx.cpu else {})):
         rows = module.main(args) or []
     res = Result()
-    cases = {tuple(v for k, v in r.items() if k in ("op", "mode", "mask", "B", "T", "N", "H", "V")) for r in rows}
-    mine = {tuple(v for k, v in r.items() if k in ("op", "mode", "mask", "B", "T", "N", "H", "V")): r
-            for r in rows if r["provider"] == "fastppo"}
+    case = lambda r: tuple(r.get(k) for k in ("op", "mode", "mask", *SHAPE_KEYS))  # noqa: E731
+    cases = {case(r) for r in rows}
+    mine = {case(r): r for r in rows if r["provider"] == "fastppo"}
     if not rows:
         res.fail("no rows (every provider failed: see the log)")
     missing = sorted(cases - set(mine), key=str)
@@ -331,12 +343,11 @@ def check_bench(ctx: Context, name: str) -> Result:
     # The headline numbers: fastppo at the largest shape, per op and mode (all rows are in the bench's CSV).
     largest = {}
     for r in mine.values():
-        size = math.prod(r[k] for k in ("B", "T", "N", "H", "V") if k in r)
+        size = math.prod(r[k] for k in SHAPE_KEYS if k in r)
         key = (r["op"], r["mode"])
         if key not in largest or size > largest[key][0]:
             largest[key] = (size, r)
-    for _, r in largest.values():
-        _bench_summary(r, res)
+    res.headline = "; ".join(_bench_summary(r, res) for _, r in largest.values())
     res.note = f"{len(rows)} rows in {Path(module.__file__).stem}.csv"
     return res
 
@@ -549,7 +560,7 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             print(f"== {name}: {res.status} in {seconds:.1f}s {res.note}", flush=True)
             emit(event="result", check=name, status=res.status, seconds=round(seconds, 2), metrics=res.metrics,
-                 note=res.note)
+                 note=res.note, headline=res.headline)
             if res.status == "FAIL" and not ctx.cpu:
                 return 3
     return 0

@@ -129,7 +129,9 @@ def prepare_imports(site: Path, wheels: Path = WHEELS) -> list[str]:
 # ----------------------------------------------------------------------------
 
 def _headline(result: dict, limit: int = 8) -> str:
-    """The check's numbers in one cell: `metric value unit` for its first few metrics."""
+    """The check's numbers in one cell: its own headline, else `metric value unit` for its first few metrics."""
+    if result.get("headline"):
+        return result["headline"]
     cells = [f"{m['metric']} {m['value']}{'' if m['unit'] in ('', 'bool', 'tests', 'syncs') else ' ' + m['unit']}"
              for m in result.get("metrics", [])]
     more = f" (+{len(cells) - limit} in gpu_check.csv)" if len(cells) > limit else ""
@@ -246,30 +248,35 @@ class Runner:
             with open(self.log, "a") as log:
                 proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             current, started, finished, progressed, killed = None, 0.0, False, False, False
-            while not finished:
-                time.sleep(0.2)
-                finished = proc.poll() is not None
-                self._echo_log()
-                for ev in self._new_events():
-                    if ev["event"] == "hello":
-                        self.worker_info = {k: v for k, v in ev.items() if k != "event"}
-                    elif ev["event"] == "start":
-                        current, started = ev["check"], time.monotonic()
-                    elif ev["event"] == "result":
-                        todo.remove(ev["check"])
-                        self._record(ev["check"], {k: v for k, v in ev.items() if k not in ("event", "check")})
-                        current, progressed = None, True
-                over_box = current is not None and time.monotonic() - started > self.box(current, started)
-                if not finished and (over_box or time.monotonic() > self.deadline):
+            try:
+                while not finished:
+                    time.sleep(0.2)
+                    finished = proc.poll() is not None
+                    self._echo_log()
+                    for ev in self._new_events():
+                        if ev["event"] == "hello":
+                            self.worker_info = {k: v for k, v in ev.items() if k != "event"}
+                        elif ev["event"] == "start":
+                            current, started = ev["check"], time.monotonic()
+                        elif ev["event"] == "result":
+                            todo.remove(ev["check"])
+                            self._record(ev["check"], {k: v for k, v in ev.items() if k not in ("event", "check")})
+                            current, progressed = None, True
+                    over_box = current is not None and time.monotonic() - started > self.box(current, started)
+                    if not finished and (over_box or time.monotonic() > self.deadline):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        finished = killed = True
+                        if current is not None:
+                            why = (f"timed out after {time.monotonic() - started:.0f}s (its box)"
+                                   if over_box else "stopped: the global budget ran out")
+                            todo.remove(current)
+                            self._record(current, {"status": "FAIL", "seconds": time.monotonic() - started, "note": why})
+                            current = None
+            finally:                                          # Ctrl-C / SIGTERM: the worker goes too
+                if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                    finished = killed = True
-                    if current is not None:
-                        why = (f"timed out after {time.monotonic() - started:.0f}s (its box)"
-                               if over_box else "stopped: the global budget ran out")
-                        todo.remove(current)
-                        self._record(current, {"status": "FAIL", "seconds": time.monotonic() - started, "note": why})
-                        current = None
             tail = self._echo_log()
             if current is not None:                           # the worker died inside a check
                 todo.remove(current)
@@ -331,4 +338,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: the worker, in its own session, is killed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
