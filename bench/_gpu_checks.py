@@ -133,7 +133,8 @@ def check_kernel_tests(ctx: Context) -> Result:
     if timed_out:
         res.fail(f"pytest timed out after {ctx.kernel_tests_timeout:.0f}s (counts so far)")
     elif rc != 0:
-        res.fail(f"pytest exit {rc}" + (f"; first failures: {', '.join(failed[:3])}" if failed else f"; see {log.name}"))
+        where = f"first failures: {', '.join(failed[:3])}" if failed else f"see {log.name}"
+        res.fail(f"pytest exit {rc}; {where}")
     elif counts["passed"] == 0:
         res.fail("no test passed")
     return res

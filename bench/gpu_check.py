@@ -271,7 +271,8 @@ class Runner:
                             why = (f"timed out after {time.monotonic() - started:.0f}s (its box)"
                                    if over_box else "stopped: the global budget ran out")
                             todo.remove(current)
-                            self._record(current, {"status": "FAIL", "seconds": time.monotonic() - started, "note": why})
+                            self._record(current, {"status": "FAIL", "seconds": time.monotonic() - started,
+                                                   "note": why})
                             current = None
             finally:                                          # Ctrl-C / SIGTERM: the worker goes too
                 if proc.poll() is None:
@@ -287,7 +288,8 @@ class Runner:
                 for name in list(todo):
                     todo.remove(name)
                     self._record(name, {"status": "FAIL", "seconds": 0.0,
-                                       "note": f"the worker did not start (status {proc.returncode}): see gpu_check.log"})
+                                        "note": f"the worker did not start (status {proc.returncode}): "
+                                                "see gpu_check.log"})
 
 
 def main(argv=None) -> int:

@@ -94,7 +94,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.stem not in ("common", "__init__", "gpu_check") and p.stem[0] != "_")
+    scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.stem not in ("common", "gpu_check") and p.stem[0] != "_")
     if not scripts:
         print(f"no benchmarks found in {BENCH_DIR}", file=sys.stderr)
         return 1

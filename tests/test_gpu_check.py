@@ -141,3 +141,12 @@ def test_shapes_option_errors_name_the_option():
     for bad in ("4096", "4096x0", "4096xV", "1x2x3"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"--shapes: .* is not NxV"):
             common.parse_shapes(bad, "NxV")
+
+
+def test_fastppo_bench_does_not_list_the_gpu_check(capsys):
+    """`fastppo bench` (all benchmarks by default) leaves out the check and its worker."""
+    from fastppo.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "logprobs" in listed and "gpu_check" not in listed and "_gpu_checks" not in listed
