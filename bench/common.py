@@ -102,7 +102,7 @@ def parse_shapes(text: str, dims: str) -> list[tuple[int, ...]]:
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != n_dims or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise argparse.ArgumentTypeError(f"--shapes: {item.strip()!r} is not {dims} in positive integers "
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not {dims} in positive integers "
                                              f"(a comma-separated list, e.g. {','.join(['64'] * n_dims)})")
         shapes.append(tuple(int(p) for p in parts))
     return shapes

@@ -133,14 +133,18 @@ def test_wheels_are_unpacked_only_where_missing(tmp_path):
     assert not (site / "fastppo_probe_pkg-1.0.data").exists() and not (site / "pytest").exists()
 
 
-def test_shapes_option_errors_name_the_option():
+def test_shapes_option_errors_name_the_option(capsys):
     import argparse
 
     common = load("common")
-    assert common.parse_shapes("4096x32000, 16x8", "NxV") == [(4096, 32000), (16, 8)]
+    parser = argparse.ArgumentParser()
+    common.add_shapes_argument(parser, "NxV")
+    assert parser.parse_args(["--shapes", "4096x32000, 16x8"]).shapes == [(4096, 32000), (16, 8)]
+    assert parser.parse_args([]).shapes is None
     for bad in ("4096", "4096x0", "4096xV", "1x2x3"):
-        with pytest.raises(argparse.ArgumentTypeError, match=r"--shapes: .* is not NxV"):
-            common.parse_shapes(bad, "NxV")
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--shapes", f"64x64,{bad}"])
+        assert f"argument --shapes: '{bad}' is not NxV" in capsys.readouterr().err
 
 
 def test_fastppo_bench_does_not_list_the_gpu_check(capsys):
