@@ -110,13 +110,19 @@ def check_kernel_tests(ctx: Context) -> Result:
            *shlex.split(ctx.kernel_tests)]
     print(f"  $ {' '.join(cmd[1:])}  (log: {log})", flush=True)
     res = Result()
-    timed_out = False
+    t0 = time.monotonic()
     with open(log, "w") as f:
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=ctx.kernel_tests_timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc, timed_out = None, True
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        while proc.poll() is None and time.monotonic() - t0 < ctx.kernel_tests_timeout:
+            time.sleep(1)
+            if int(time.monotonic() - t0) % 15 == 0:                  # progress, from the log so far
+                done = _PYTEST_LINE.findall(log.read_text(errors="replace"))
+                bad = sum(outcome in ("FAILED", "ERROR") for _, outcome in done)
+                print(f"  kernel tests: {len(done)} run, {bad} failed ({time.monotonic() - t0:.0f}s)", flush=True)
+        timed_out = proc.poll() is None
+        if timed_out:
+            proc.kill()
+        rc = proc.wait()
     text = log.read_text(errors="replace")
     per_test = _PYTEST_LINE.findall(text)
     counts = {"passed": 0, "failed": 0, "skipped": 0}
