@@ -1,7 +1,8 @@
 """kl_penalty: the four estimators and the clamp against float64, forward and
 backward in both inputs; properties; argument checks.
 
-Both backends run on CPU: "triton" through the interpreter (see conftest.py).
+On CPU the "triton" backend runs in the interpreter; on CUDA, the compiled kernels
+(see tests/kernels/conftest.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """ppo_loss against float64 autograd of the formulas in SPEC §2 (step 6), its
 statistics, masking and normalizer semantics, and the argument checks.
 
-Both backends run on CPU: "triton" through the interpreter (see conftest.py).
+On CPU the "triton" backend runs in the interpreter; on CUDA, the compiled kernels
+(see tests/kernels/conftest.py).
 """
 
 from __future__ import annotations

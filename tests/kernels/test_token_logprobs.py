@@ -1,6 +1,7 @@
 """token_logprobs against a float64 oracle, its properties, and its errors.
 
-Both backends run on CPU: "triton" through the interpreter (see conftest.py).
+On CPU the "triton" backend runs in the interpreter; on CUDA, the compiled kernels
+(see tests/kernels/conftest.py).
 """
 
 from __future__ import annotations
