@@ -247,13 +247,24 @@ def test_row_result_does_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_not_differentiable_and_empty(backend):
+def test_not_differentiable(backend):
     rewards = torch.randn(2, 5, requires_grad=True)
     values = torch.randn(2, 5, requires_grad=True)
     out = gae(rewards, values, torch.ones(2, 5, dtype=torch.bool), backend=backend)
     assert not out.advantages.requires_grad and not out.returns.requires_grad
-    empty = gae(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool), backend=backend)
-    assert empty.advantages.shape == (0, 4)
+
+
+EMPTY_SHAPES = [(0,), (0, 4), (4, 0), (2, 0, 5), (3, 2, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_empty_inputs(backend, shape):
+    """No token (no row, or rows of length 0): empty float32 outputs of the inputs' shape."""
+    rewards, values = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape)
+    out = gae(rewards, values, torch.zeros(shape, dtype=torch.bool), backend=backend)
+    for x in out:
+        assert x.shape == shape and x.dtype == torch.float32 and x.device == rewards.device
 
 
 def test_backends_agree():

@@ -135,6 +135,20 @@ def test_fully_masked_micro_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0,), (0, 7), (3, 0), (2, 0, 5)], ids=str)
+def test_empty_inputs(backend, shape):
+    """No token at all is a fully masked batch: zero results, and zero (empty) gradients."""
+    batch = make_batch(shape)
+    for normalizer in (None, 5.0, torch.tensor(0.0)):
+        out, lp, v = run(batch, backend, normalizer=normalizer, dual_clip=3.0)
+        (out.loss + out.policy_loss + out.value_loss).backward()
+        for name in PPOLossOutput._fields:
+            got = getattr(out, name)
+            assert got.shape == () and got.dtype == torch.float32 and got.item() == 0, name
+        assert lp.grad.shape == shape and v.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_invalid_positions_are_ignored(backend):
     """NaN or huge garbage off the mask changes nothing; int, uint8 and float masks act as bool."""
     batch = make_batch((3, 20))
