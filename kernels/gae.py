@@ -6,8 +6,11 @@ column. The fused kernel reads rewards, values and the mask once (plus one
 shifted re-read of values and mask that hits the cache) and writes advantages
 and returns once: about 4 + 4 + 1 + 8 = 17 bytes per token in fp32, in one
 launch. Each program owns one row and walks it from the end in blocks of
-BLOCK_T tokens; inside a block the backward recursion is an associative scan
-of affine maps x ↦ a·x + b, in fp32.
+BLOCK_T tokens, each block loaded in reverse (lane j holds token T−1−j of the
+row's tail), so the backward recursion is a forward associative scan of affine
+maps x ↦ a·x + b, in fp32. Compiled Triton has had open bugs in reverse scans
+(``reverse=True``) with such non-commutative combine functions; the forward
+scan is the well-trodden path.
 """
 
 from __future__ import annotations
@@ -183,8 +186,8 @@ def gae(
             overrides), ``"triton"`` or ``"torch"``.
 
     Returns:
-        ``(advantages, returns)`` as a named tuple, both (..., T) float32.
-        Not differentiable.
+        ``(advantages, returns)`` as a named tuple, both (..., T) float32
+        (empty when the inputs are). Not differentiable.
         On CUDA the whole batch is one kernel launch with fp32 arithmetic.
     """
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES, min_dim=1)
