@@ -51,11 +51,13 @@ def _gpu_gemm_plan():
     nothing is launched for real)."""
     mm, addmm = torch.mm, torch.addmm
 
-    def mm_out_dtype(a, b, *dtype, out=None):
-        return mm(a.float(), b.float(), out=out) if dtype else mm(a, b, out=out)
+    def mm_out_dtype(a, b, *dtype, out=None, out_dtype=None):
+        return mm(a.float(), b.float(), out=out) if dtype or out_dtype else mm(a, b, out=out)
 
-    def addmm_out_dtype(acc, a, b, *dtype, out=None, **kw):
-        return addmm(acc, a.float(), b.float(), out=out, **kw) if dtype else addmm(acc, a, b, out=out, **kw)
+    def addmm_out_dtype(acc, a, b, *dtype, out=None, out_dtype=None, **kw):
+        if dtype or out_dtype:
+            return addmm(acc, a.float(), b.float(), out=out, **kw)
+        return addmm(acc, a, b, out=out, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(importlib.import_module("fastppo.kernels.linear_token_logprobs"), "_has_fp32_out_gemm",
@@ -74,8 +76,8 @@ def _linear_inputs(dtype, vocab, n=24, size_h=64):
 def _linear_token_logprobs(dtype, vocab):
     hidden, weight, labels = _linear_inputs(dtype, vocab)
     with _gpu_gemm_plan():
-        out = linear_token_logprobs(hidden, weight, labels, temperature=TRAINER.rollout.temperature, return_entropy=True,
-                      backend="triton", chunk_size=16)
+        out = linear_token_logprobs(hidden, weight, labels, temperature=TRAINER.rollout.temperature,
+                                    return_entropy=True, backend="triton", chunk_size=16)
         (out.logprobs.sum() + out.entropy.sum()).backward()
 
 

@@ -28,6 +28,15 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import pytest
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.interpreter import InterpretedFunction
+
+from fastppo.kernels import _dispatch
+
 
 @dataclass
 class AotCase:
@@ -60,7 +69,6 @@ _POINTEE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64":
 
 def _is_constexpr(annotation) -> bool:
     # Kernel modules use `from __future__ import annotations`: the annotation is then the string "tl.constexpr".
-    import triton.language as tl
     return annotation is tl.constexpr or (isinstance(annotation, str) and annotation.split(".")[-1] == "constexpr")
 
 
@@ -138,12 +146,6 @@ def record_launches():
     or compiled ones. Kernel outputs are therefore left unwritten: only the
     launches are meaningful.
     """
-    import pytest
-    import triton
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from fastppo.kernels import _dispatch
-
     launches: list[Launch] = []
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -168,10 +170,6 @@ class Compiled:
 
 
 def _compile_one(case: dict, sm: int) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     try:
         module_name, attr = case["kernel"].split(":")
         kernel = getattr(importlib.import_module(module_name), attr)
