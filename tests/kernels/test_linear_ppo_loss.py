@@ -2,7 +2,8 @@
 
 On CPU the "triton" backend runs in the interpreter (on CUDA, the compiled
 kernels; see tests/kernels/conftest.py), on a chosen subset of cases (the
-interpreter costs ~1 ms per program); the torch backend gets the grid. The matmuls are torch.mm in both.
+interpreter costs ~1 ms per program); the torch backend gets the grid. The
+matmuls are torch.mm in both.
 
 The clipped surrogate's gradient jumps where ρ crosses 1 ± ε (or the dual-clip
 bound c): inputs keep every token's ratio at least MARGIN away from those

@@ -2,7 +2,8 @@
 
 On CPU the "triton" backend runs in the interpreter (on CUDA, the compiled
 kernels; see tests/kernels/conftest.py), so its cases are a chosen subset (the
-interpreter costs ~1 ms per program); the torch backend gets the full grid. The matmuls are torch.mm in both.
+interpreter costs ~1 ms per program); the torch backend gets the full grid.
+The matmuls are torch.mm in both.
 """
 
 from __future__ import annotations
