@@ -7,6 +7,8 @@ place; only inputs whose last dimension is itself strided are copied.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import FLOAT_DTYPES, INT_DTYPES, as_rows
@@ -20,6 +22,8 @@ def rows_unit_stride(x: torch.Tensor) -> torch.Tensor:
     """View x (..., T) as (rows, T) with stride 1 along T, copying (in x's dtype) only when it must."""
     if x.dim() == 0:
         return x.reshape(1, 1)
+    if x.shape[-1] == 0:                       # view(-1, 0) cannot infer the number of rows
+        return x.reshape(math.prod(x.shape[:-1]), 0)
     x2 = as_rows(x, x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()

@@ -6,8 +6,11 @@ column. The fused kernel reads rewards, values and the mask once (plus one
 shifted re-read of values and mask that hits the cache) and writes advantages
 and returns once: about 4 + 4 + 1 + 8 = 17 bytes per token in fp32, in one
 launch. Each program owns one row and walks it from the end in blocks of
-BLOCK_T tokens; inside a block the backward recursion is an associative scan
-of affine maps x ↦ a·x + b, in fp32.
+BLOCK_T tokens, each block loaded in reverse (lane j holds token T−1−j of the
+row's tail), so the backward recursion is a forward associative scan of affine
+maps x ↦ a·x + b, in fp32. Compiled Triton has had open bugs in reverse scans
+(``reverse=True``) with such non-commutative combine functions; the forward
+scan is the well-trodden path.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from . import reference
 
 @triton.jit
 def _gae_scan_combine(a_acc, b_acc, a_cur, b_cur):
-    """Compose the steps of x_t = a_t·x_(t+1) + b_t: (a_acc, b_acc) already covers the later tokens.
+    """Compose the steps of x_j = a_j·x_(j−1) + b_j: (a_acc, b_acc) already covers the earlier lanes.
 
-    A device function for tl.associative_scan(reverse=True), compiled inside
-    _gae_fwd_kernel (it is not a kernel of its own).
+    A device function for the forward tl.associative_scan in _gae_fwd_kernel,
+    compiled inside it (it is not a kernel of its own). Lane j holds token
+    T−1−j of the block, so earlier lanes are later tokens.
     """
     return a_acc * a_cur, b_acc * a_cur + b_cur
 
@@ -45,15 +49,20 @@ def _gae_fwd_kernel(
     gamma, lam,
     BLOCK_T: tl.constexpr,
 ):
-    """One program per row, blocks from the last to the first.
+    """One program per row, blocks from the last to the first, each read in reverse.
 
-    Two reverse scans per block, each carried across blocks by one scalar:
+    Lane j of block i holds token t = T − 1 − i·BLOCK_T − j, so the backward
+    (suffix) recursions of GAE are forward scans over the lanes: a plain
+    forward tl.associative_scan, no reverse scan. Two scans per block, each
+    carried across blocks by one scalar:
       1. next_value_t = V of the first valid token after t (0 after the last):
          x_t = (1 − m_(t+1))·x_(t+1) + m_(t+1)·V_(t+1), read through a load
-         shifted by one token; the block's last lane takes the carry instead.
+         shifted by one token (lane j − 1's token); lane 0 takes the carry.
       2. A_t = δ_t + γλ·A_(next valid) on valid tokens, A_t = A_(t+1) across
          holes: x_t = a_t·x_(t+1) + b_t with (a, b) = (γλ, δ_t) or (1, 0).
     Invalid tokens read as 0 (whatever they hold, NaN included) and get 0.
+    Loads and stores walk addresses downwards, so they are not vectorised:
+    the op moves ~17 bytes per token and is bound by its one launch.
     """
     row = tl.program_id(0).to(tl.int64)
     g = tl.cast(gamma, tl.float32)
@@ -61,36 +70,38 @@ def _gae_fwd_kernel(
     r_row = rewards_ptr + row * stride_rm
     v_row = values_ptr + row * stride_vm
     m_row = mask_ptr + row * stride_mm
-    offs = tl.arange(0, BLOCK_T)
-    is_last_lane = offs == BLOCK_T - 1
-    is_first_lane = offs == 0
+    o_row = row * stride_om
+    lanes = tl.arange(0, BLOCK_T)
+    is_first_lane = lanes == 0
+    is_last_lane = lanes == BLOCK_T - 1
     next_value = tl.cast(0.0, tl.float32)      # V of the first valid token at or after the block's end
     next_adv = tl.cast(0.0, tl.float32)        # A of that token (0 past the episode)
     n_blocks = tl.cdiv(n_cols, BLOCK_T)
     for i in range(0, n_blocks):
-        t = (n_blocks - 1 - i) * BLOCK_T + offs
-        in_row = t < n_cols
+        t = (n_cols - 1 - i * BLOCK_T) - lanes  # descending: lane 0 is the block's last token
+        in_row = t >= 0
         valid = tl.load(m_row + t, mask=in_row, other=0) != 0
         v = tl.where(valid, tl.load(v_row + t, mask=in_row, other=0.0).to(tl.float32), 0.0)
         r = tl.where(valid, tl.load(r_row + t, mask=in_row, other=0.0).to(tl.float32), 0.0)
-        # 1. value of the next valid token
-        shifted = (t + 1 < n_cols) & (offs < BLOCK_T - 1)
+        # 1. value of the next valid token (token t + 1 is lane j − 1, or the carry for lane 0)
+        shifted = in_row & (lanes > 0)
         valid_1 = tl.load(m_row + t + 1, mask=shifted, other=0) != 0
         v_1 = tl.where(valid_1, tl.load(v_row + t + 1, mask=shifted, other=0.0).to(tl.float32), 0.0)
-        a = tl.where(valid_1 | is_last_lane, 0.0, 1.0)
-        b = tl.where(is_last_lane, next_value, v_1)
-        _, v_next = tl.associative_scan((a, b), 0, _gae_scan_combine, reverse=True)
+        a = tl.where(valid_1 | is_first_lane, 0.0, 1.0)
+        b = tl.where(is_first_lane, next_value, v_1)
+        _, v_next = tl.associative_scan((a, b), 0, _gae_scan_combine)
         # 2. advantages, carried in from the block to the right
         delta = r + g * v_next - v
         a = tl.where(valid, gl, 1.0)
         b = tl.where(valid, delta, 0.0)
-        a_cum, b_cum = tl.associative_scan((a, b), 0, _gae_scan_combine, reverse=True)
+        a_cum, b_cum = tl.associative_scan((a, b), 0, _gae_scan_combine)
         adv = b_cum + a_cum * next_adv
-        tl.store(adv_ptr + row * stride_om + t, tl.where(valid, adv, 0.0), mask=in_row)
-        tl.store(ret_ptr + row * stride_om + t, tl.where(valid, adv + v, 0.0), mask=in_row)
-        # carries for the block to the left: the state at this block's first token
-        next_adv = tl.sum(tl.where(is_first_lane, adv, 0.0), axis=0)
-        next_value = tl.sum(tl.where(is_first_lane, tl.where(valid, v, v_next), 0.0), axis=0)
+        tl.store(adv_ptr + o_row + t, tl.where(valid, adv, 0.0), mask=in_row)
+        tl.store(ret_ptr + o_row + t, tl.where(valid, adv + v, 0.0), mask=in_row)
+        # carries for the block to the left: the state at this block's first token (the last lane;
+        # only the row's first block can have lanes past t = 0, and nothing follows it)
+        next_adv = tl.sum(tl.where(is_last_lane, adv, 0.0), axis=0)
+        next_value = tl.sum(tl.where(is_last_lane, tl.where(valid, v, v_next), 0.0), axis=0)
 
 
 # ----------------------------------------------------------------------------
@@ -175,8 +186,8 @@ def gae(
             overrides), ``"triton"`` or ``"torch"``.
 
     Returns:
-        ``(advantages, returns)`` as a named tuple, both (..., T) float32.
-        Not differentiable.
+        ``(advantages, returns)`` as a named tuple, both (..., T) float32
+        (empty when the inputs are). Not differentiable.
         On CUDA the whole batch is one kernel launch with fp32 arithmetic.
     """
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES, min_dim=1)
@@ -189,6 +200,9 @@ def gae(
     gamma = _check_discount("gamma", gamma)
     lam = _check_discount("lam", lam)
     backend = resolve_backend(backend, rewards)
+    if rewards.numel() == 0:                   # no token: empty outputs, on either backend
+        out = torch.zeros((2, *rewards.shape), dtype=torch.float32, device=rewards.device)
+        return AdvantagesAndReturns(out[0], out[1])
 
     r2d, v2d, m2d = rows_unit_stride(rewards), rows_unit_stride(values), rows_unit_stride(mask)
     if backend == "triton":

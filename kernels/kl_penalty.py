@@ -210,8 +210,8 @@ def kl_penalty(
 
     Returns:
         (...) float32, differentiable in both inputs (the gradients have the
-        inputs' dtypes). Masking is the caller's: positions with finite inputs
-        give finite estimates.
+        inputs' dtypes); empty inputs give an empty estimate. Masking is the
+        caller's: positions with finite inputs give finite estimates.
     """
     check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES)
     check_tensor("ref_logprobs", ref_logprobs, dtypes=FLOAT_DTYPES)

@@ -436,6 +436,8 @@ def ppo_loss(
             ranks, so that micro-batch results add up to minibatch means). A
             normalizer of 0 (e.g. a fully masked micro-batch) is treated as 1:
             the results are then 0, never NaN. Never synchronises with the host.
+            Empty inputs (no token at all) count as fully masked: zeros, and
+            empty gradients.
         backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND``
             overrides), ``"triton"`` or ``"torch"``.
 

@@ -1,15 +1,23 @@
 """Test set-up. TRITON_INTERPRET must be set before any @triton.jit function is
-defined, so this runs before fastppo is imported. On a machine with CUDA, run
-with TRITON_INTERPRET=0 to test the compiled kernels instead."""
+defined, so this runs before fastppo is imported.
+
+Without CUDA the Triton kernels run in triton's CPU interpreter. With CUDA
+(and TRITON_INTERPRET unset or 0) the kernel tests run the compiled kernels on
+the GPU against the same float64 references (see tests/kernels/conftest.py);
+TRITON_INTERPRET=1 forces the interpreter even there."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 # Kernel outputs start as NaN, so an element a kernel forgets to write fails loudly.
 os.environ.setdefault("FASTPPO_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+from fastppo.kernels._dispatch import triton_interpreter_enabled  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +36,9 @@ def pytest_runtest_makereport(item, call):
                 item.add_report_section(call.when, "seed", f"FASTPPO_TEST_SEED={value}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device():
-    """Kernels run on CUDA when available, else on CPU under the interpreter."""
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    """Where the Triton kernels run: CUDA when available and the interpreter is off, else CPU."""
+    if torch.cuda.is_available() and not triton_interpreter_enabled():
         return torch.device("cuda")
     return torch.device("cpu")

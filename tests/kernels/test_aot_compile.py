@@ -1,183 +1,206 @@
 """Every @triton.jit kernel in fastppo.kernels compiles for sm_80 and sm_90 with
 triton's own compiler, without register spills (STACK and LOCAL 0), and the
-bandwidth-bound ones issue 128-bit global loads. No GPU needed (see
-fastppo_testing/aot.py). A kernel added to fastppo.kernels without a case here
-fails `test_every_kernel_has_a_case`.
+bandwidth-bound ones issue 128-bit global loads where alignment allows them.
+No GPU needed (see fastppo_testing/aot.py).
+
+The cases are not written by hand: the public ops run on small CPU inputs shaped
+like the real cases (odd and even vocabularies and lengths, the trainer's
+configuration, the GPU plan of the linear ops) while `record_launches` catches
+what their launchers would launch on a GPU: kernel, argument types, alignment
+hints, constexprs and num_warps. A kernel that no scenario launches fails
+`test_every_kernel_has_a_case`.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+from contextlib import contextmanager
 
 import pytest
+import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 import fastppo.kernels
-from fastppo_testing.aot import AotCase, compile_cases
+from fastppo.config import ppo_max
+from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, token_logprobs
+from fastppo_testing.aot import compile_cases, record_launches
 
 SMS = (80, 90)
-TLP = "fastppo.kernels.token_logprobs"
+V_EVEN, V_ODD = 32000, 32001          # Llama's vocabulary, and one whose rows cannot be 16-byte aligned
+TRAINER = ppo_max()                   # the configuration the trainer passes to the ops
 
 
-def _tlp_fwd(dtype):
-    return AotCase(
-        f"token_logprobs_fwd[{dtype}]", f"{TLP}:_token_logprobs_fwd_kernel",
-        {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-         "lse_ptr": "*fp32", "n_cols": "i32", "stride_lm": "i64", "stride_lv": "constexpr",
-         "stride_label": "constexpr", "temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr"},
-        {"stride_lv": 1, "stride_label": 1, "BLOCK_V": 4096}, num_warps=8,
-        divisible_by_16=("logits_ptr", "n_cols", "stride_lm"), wide_loads=True,
-    )
+# ----------------------------------------------------------------------------
+# Scenarios: public ops on CPU inputs shaped like the real cases
+# ----------------------------------------------------------------------------
+
+def _token_logprobs(dtype, vocab, entropy=True):
+    logits = torch.randn(4, vocab, dtype=dtype, requires_grad=True)
+    out = token_logprobs(logits, torch.randint(0, vocab, (4,)), temperature=TRAINER.rollout.temperature,
+                         return_entropy=entropy, backend="triton")
+    (out.logprobs.sum() + out.entropy.sum() if entropy else out.sum()).backward()
 
 
-def _tlp_bwd(dtype, has_dlogprobs=True, has_dentropy=True):
-    return AotCase(
-        f"token_logprobs_bwd[{dtype},{has_dlogprobs},{has_dentropy}]", f"{TLP}:_token_logprobs_bwd_kernel",
-        {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
-         "dlogprobs_ptr": "*fp32", "dentropy_ptr": "*fp32", "dlogits_ptr": f"*{dtype}", "n_cols": "i32",
-         "stride_lm": "i64", "stride_lv": "constexpr", "stride_label": "constexpr", "stride_dm": "i64",
-         "temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
-         "HAS_DLOGPROBS": "constexpr", "HAS_DENTROPY": "constexpr"},
-        {"stride_lv": 1, "stride_label": 1, "BLOCK_V": 4096, "HAS_DLOGPROBS": has_dlogprobs,
-         "HAS_DENTROPY": has_dentropy}, num_warps=8,
-        divisible_by_16=("logits_ptr", "dlogits_ptr", "n_cols", "stride_lm", "stride_dm"), wide_loads=True,
-    )
+@contextmanager
+def _gpu_gemm_plan():
+    """The linear ops' plan on a GPU with half inputs: cuBLAS GEMMs with float32 output (exact logits), dlogits
+    rounded to the input dtype. CPU builds lack those GEMMs: here they compute in float32 (values do not matter,
+    nothing is launched for real)."""
+    mm, addmm = torch.mm, torch.addmm
+
+    def mm_out_dtype(a, b, *dtype, out=None, out_dtype=None):
+        return mm(a.float(), b.float(), out=out) if dtype or out_dtype else mm(a, b, out=out)
+
+    def addmm_out_dtype(acc, a, b, *dtype, out=None, out_dtype=None, **kw):
+        if dtype or out_dtype:
+            return addmm(acc, a.float(), b.float(), out=out, **kw)
+        return addmm(acc, a, b, out=out, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.import_module("fastppo.kernels.linear_token_logprobs"), "_has_fp32_out_gemm",
+                   lambda device, dtype: dtype != torch.float32)
+        mp.setattr(torch, "mm", mm_out_dtype)
+        mp.setattr(torch, "addmm", addmm_out_dtype)
+        yield
 
 
-# Each op adds its cases here.
-CASES = [
-    _tlp_fwd("bf16"), _tlp_fwd("fp16"), _tlp_fwd("fp32"),
-    _tlp_bwd("bf16"), _tlp_bwd("fp32"), _tlp_bwd("fp16", has_dentropy=False),
-]
+def _linear_inputs(dtype, vocab, n=24, size_h=64):
+    hidden = torch.randn(n, size_h, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, size_h, dtype=dtype, requires_grad=True)
+    return hidden, weight, torch.randint(0, vocab, (n,))
 
 
-# -- kl_penalty, gae, ppo_loss (issue 3) -------------------------------------
-KL = "fastppo.kernels.kl_penalty"
-GAE = "fastppo.kernels.gae"
-PPO = "fastppo.kernels.ppo_loss"
+def _linear_token_logprobs(dtype, vocab):
+    hidden, weight, labels = _linear_inputs(dtype, vocab)
+    with _gpu_gemm_plan():
+        out = linear_token_logprobs(hidden, weight, labels, temperature=TRAINER.rollout.temperature,
+                                    return_entropy=True, backend="triton", chunk_size=16)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
 
 
-def _kl_fwd(dtype, estimator, has_clamp):
-    return AotCase(
-        f"kl_penalty_fwd[{dtype},{estimator},{has_clamp}]", f"{KL}:_kl_penalty_fwd_kernel",
-        {"lp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "out_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
-         "stride_lm": "i64", "stride_rm": "i64", "stride_om": "i64", "clamp": "fp32", "ESTIMATOR": "constexpr",
-         "HAS_CLAMP": "constexpr", "BLOCK_M": "constexpr", "BLOCK_T": "constexpr"},
-        {"ESTIMATOR": estimator, "HAS_CLAMP": has_clamp, "BLOCK_M": 1, "BLOCK_T": 2048}, num_warps=4,
-        divisible_by_16=("lp_ptr", "ref_ptr", "out_ptr", "n_cols", "stride_lm", "stride_rm", "stride_om"),
-        wide_loads=True,
-    )
+def _linear_ppo_loss(dtype, vocab, *, trainer=True):
+    hidden, weight, labels = _linear_inputs(dtype, vocab)
+    n = labels.numel()
+    old, adv, mask = -torch.rand(n) * 3, torch.randn(n), torch.rand(n) < 0.8
+    pc = TRAINER.ppo
+    if trainer:       # fastppo.ppo: temperature, clip_eps, dual_clip, ent_coef and a token-count normalizer
+        kw = dict(temperature=TRAINER.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
+                  ent_coef=pc.ent_coef, normalizer=mask.sum().float())
+    else:             # every other switch: dual clip, entropy bonus, KL to a reference
+        kw = dict(temperature=1.0, dual_clip=3.0, ent_coef=0.01, ref_logprobs=old - 0.1, kl_coef=0.05,
+                  kl_estimator="abs")
+    with _gpu_gemm_plan():
+        linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="triton", chunk_size=16, **kw).loss.backward()
 
 
-def _kl_bwd(dtype, estimator):
-    return AotCase(
-        f"kl_penalty_bwd[{dtype},{estimator}]", f"{KL}:_kl_penalty_bwd_kernel",
-        {"lp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "grad_ptr": "*fp32", "dlp_ptr": f"*{dtype}",
-         "dref_ptr": f"*{dtype}", "n_rows": "i32", "n_cols": "i32", "stride_lm": "i64", "stride_rm": "i64",
-         "stride_gm": "i64", "stride_gt": "constexpr", "stride_dm": "i64", "clamp": "fp32",
-         "ESTIMATOR": "constexpr", "HAS_CLAMP": "constexpr", "HAS_DLP": "constexpr", "HAS_DREF": "constexpr",
-         "BLOCK_M": "constexpr", "BLOCK_T": "constexpr"},
-        {"stride_gt": 1, "ESTIMATOR": estimator, "HAS_CLAMP": True, "HAS_DLP": True, "HAS_DREF": True,
-         "BLOCK_M": 1, "BLOCK_T": 2048}, num_warps=4,
-        divisible_by_16=("lp_ptr", "ref_ptr", "grad_ptr", "dlp_ptr", "dref_ptr", "n_cols", "stride_lm",
-                         "stride_rm", "stride_gm", "stride_dm"),
-        wide_loads=True,
-    )
+def _kl_penalty(dtype, length, estimator, clamp, grad):
+    lp = torch.randn(8, length, dtype=dtype, requires_grad=grad)
+    out = kl_penalty(lp, torch.randn(8, length, dtype=dtype, requires_grad=grad), estimator=estimator,
+                     clamp=clamp, backend="triton")
+    if grad:
+        out.sum().backward()
 
 
-def _gae_fwd(dtype, block_t):
-    return AotCase(
-        f"gae_fwd[{dtype},{block_t}]", f"{GAE}:_gae_fwd_kernel",
-        {"rewards_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "mask_ptr": "*u8", "adv_ptr": "*fp32",
-         "ret_ptr": "*fp32", "n_cols": "i32", "stride_rm": "i64", "stride_vm": "i64", "stride_mm": "i64",
-         "stride_om": "i64", "gamma": "fp32", "lam": "fp32", "BLOCK_T": "constexpr"},
-        {"BLOCK_T": block_t}, num_warps=8 if block_t >= 2048 else 4,
-        divisible_by_16=("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "ret_ptr", "n_cols", "stride_rm",
-                         "stride_vm", "stride_mm", "stride_om"),
-        wide_loads=True,
-    )
+def _gae(dtype, length):
+    rewards, values = torch.randn(8, length, dtype=dtype), torch.randn(8, length, dtype=dtype)
+    gae(rewards, values, torch.rand(8, length) < 0.8, gamma=TRAINER.ppo.gamma, lam=TRAINER.ppo.lam, backend="triton")
 
 
-_PPO_PTRS = ("lp_ptr", "old_lp_ptr", "adv_ptr", "val_ptr", "old_val_ptr", "ret_ptr")
-_PPO_STRIDES = ("stride_lm", "stride_om", "stride_am", "stride_vm", "stride_wm", "stride_rm", "stride_mm")
+def _ppo_loss(dtype, rows, length, *, trainer=True):
+    shape = (rows, length)
+    lp = torch.randn(shape, dtype=dtype, requires_grad=True)
+    values = torch.randn(shape, dtype=dtype, requires_grad=True)
+    others = [torch.randn(shape, dtype=dtype) for _ in range(4)]
+    mask = torch.rand(shape) < 0.8
+    pc = TRAINER.ppo
+    if trainer:       # fastppo.ppo: its clip settings and the minibatch token count as a tensor normalizer
+        kw = dict(clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
+                  normalizer=mask.sum().float())
+    else:
+        kw = dict(value_clip=None, dual_clip=3.0, normalizer=None)
+    out = ppo_loss(lp, others[0], others[1], values, others[2], others[3], mask, backend="triton", **kw)
+    out.loss.backward()
 
 
-def _ppo_fwd(dtype, value_clip, dual_clip, one_program):
-    return AotCase(
-        f"ppo_loss_fwd[{dtype},{value_clip},{dual_clip},{one_program}]", f"{PPO}:_ppo_loss_fwd_kernel",
-        {**{p: f"*{dtype}" for p in _PPO_PTRS}, "mask_ptr": "*u8", "norm_ptr": "*fp32", "partial_ptr": "*fp32",
-         "out_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "tiles_per_program": "i32",
-         **{s: "i64" for s in _PPO_STRIDES}, "clip_eps": "fp32", "value_clip": "fp32", "dual_clip": "fp32",
-         "vf_coef": "fp32", "normalizer": "fp32", "HAS_VALUE_CLIP": "constexpr", "HAS_DUAL_CLIP": "constexpr",
-         "NORM_MODE": "constexpr", "ONE_PROGRAM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_T": "constexpr"},
-        {"HAS_VALUE_CLIP": value_clip, "HAS_DUAL_CLIP": dual_clip, "NORM_MODE": 2, "ONE_PROGRAM": one_program,
-         "BLOCK_M": 1, "BLOCK_T": 2048}, num_warps=8,
-        divisible_by_16=(*_PPO_PTRS, "mask_ptr", "n_cols", *_PPO_STRIDES), wide_loads=True,
-    )
+R = TRAINER.rollout.max_new_tokens     # the trainer's (B, R) response length
+SCENARIOS = {
+    "token_logprobs[bf16,V=32000]": lambda: _token_logprobs(torch.bfloat16, V_EVEN),
+    "token_logprobs[fp16,V=32000,logprobs only]": lambda: _token_logprobs(torch.float16, V_EVEN, entropy=False),
+    "token_logprobs[fp32,V=32001]": lambda: _token_logprobs(torch.float32, V_ODD),
+    "linear_token_logprobs[bf16 GPU plan,V=32000]": lambda: _linear_token_logprobs(torch.bfloat16, V_EVEN),
+    "linear_ppo_loss[trainer,bf16 GPU plan,V=32000]": lambda: _linear_ppo_loss(torch.bfloat16, V_EVEN),
+    "linear_ppo_loss[all terms,fp32,V=32001]": lambda: _linear_ppo_loss(torch.float32, V_ODD, trainer=False),
+    "kl_penalty[trainer,fp32,T=R]": lambda: _kl_penalty(
+        torch.float32, R, TRAINER.reward.kl_estimator, TRAINER.reward.kl_clamp, grad=False),
+    "kl_penalty[bf16,k3,clamp,T=1024]": lambda: _kl_penalty(torch.bfloat16, 1024, "k3", 0.5, grad=True),
+    "gae[trainer,fp32,T=R]": lambda: _gae(torch.float32, R),
+    "gae[bf16,T=8192]": lambda: _gae(torch.bfloat16, 8192),
+    "gae[fp32,T=1]": lambda: _gae(torch.float32, 1),
+    "ppo_loss[trainer,fp32,4xR]": lambda: _ppo_loss(torch.float32, 4, R),
+    "ppo_loss[bf16,dual clip,64x1001]": lambda: _ppo_loss(torch.bfloat16, 64, 1001, trainer=False),
+}
 
 
-def _ppo_reduce():
-    return AotCase(
-        "ppo_loss_reduce", f"{PPO}:_ppo_loss_reduce_kernel",
-        {"partial_ptr": "*fp32", "norm_ptr": "*fp32", "out_ptr": "*fp32", "n_programs": "i32", "vf_coef": "fp32",
-         "normalizer": "fp32", "NORM_MODE": "constexpr", "BLOCK_P": "constexpr"},
-        {"NORM_MODE": 0, "BLOCK_P": 1024}, num_warps=4,
-    )
+def _short(kernel: str) -> str:
+    return kernel.split(":")[1].strip("_").removesuffix("_kernel")
 
 
-def _ppo_bwd(dtype, value_clip, dual_clip):
-    return AotCase(
-        f"ppo_loss_bwd[{dtype},{value_clip},{dual_clip}]", f"{PPO}:_ppo_loss_bwd_kernel",
-        {**{p: f"*{dtype}" for p in _PPO_PTRS}, "mask_ptr": "*u8", "out_ptr": "*fp32", "g_loss_ptr": "*fp32",
-         "g_pg_ptr": "*fp32", "g_vf_ptr": "*fp32", "dlp_ptr": f"*{dtype}", "dval_ptr": f"*{dtype}",
-         "n_rows": "i32", "n_cols": "i32", **{s: "i64" for s in _PPO_STRIDES}, "stride_dm": "i64",
-         "clip_eps": "fp32", "value_clip": "fp32", "dual_clip": "fp32", "vf_coef": "fp32",
-         "HAS_VALUE_CLIP": "constexpr", "HAS_DUAL_CLIP": "constexpr", "HAS_G_LOSS": "constexpr",
-         "HAS_G_PG": "constexpr", "HAS_G_VF": "constexpr", "NEEDS_DLP": "constexpr", "NEEDS_DVAL": "constexpr",
-         "BLOCK_M": "constexpr", "BLOCK_T": "constexpr"},
-        {"HAS_VALUE_CLIP": value_clip, "HAS_DUAL_CLIP": dual_clip, "HAS_G_LOSS": True, "HAS_G_PG": True,
-         "HAS_G_VF": True, "NEEDS_DLP": True, "NEEDS_DVAL": True, "BLOCK_M": 1, "BLOCK_T": 2048}, num_warps=8,
-        divisible_by_16=(*_PPO_PTRS, "mask_ptr", "dlp_ptr", "dval_ptr", "n_cols", *_PPO_STRIDES, "stride_dm"),
-        wide_loads=True,
-    )
+def _record_cases():
+    """One case per distinct launch, named after the first scenario that makes it."""
+    cases, seen = [], set()
+    torch.manual_seed(0)
+    for scenario, run in SCENARIOS.items():
+        with record_launches() as launches:
+            run()
+        assert launches, f"scenario {scenario} launched no kernel"
+        for launch in launches:
+            if launch not in seen:
+                seen.add(launch)
+                cases.append(launch.case(f"{scenario}:{_short(launch.kernel)}"))
+    names = [c.name for c in cases]
+    return [c if names.count(c.name) == 1 else
+            type(c)(**{**c.__dict__, "name": f"{c.name}#{i}"}) for i, c in enumerate(cases)]
 
 
-CASES += [
-    _kl_fwd("bf16", "k3", True), _kl_fwd("fp32", "k1", False), _kl_bwd("bf16", "k3"),
-    _gae_fwd("fp32", 2048), _gae_fwd("bf16", 1024),
-    _ppo_fwd("fp32", True, True, False), _ppo_fwd("bf16", False, False, True), _ppo_reduce(),
-    _ppo_bwd("fp32", True, True), _ppo_bwd("bf16", False, False),
-]
+CASES = _record_cases()
 
-# -- linear_ppo_loss (issue 8) -------------------------------------------------
-LPL = "fastppo.kernels.linear_ppo_loss"
-
-
-def _lpl_fwd(dlogits_dtype, estimator, dual_clip, has_ref, with_grad=True):
-    return AotCase(
-        f"linear_ppo_loss_fwd[{dlogits_dtype},{estimator},{dual_clip},{has_ref},{with_grad}]",
-        f"{LPL}:_linear_ppo_loss_fwd_kernel",
-        {"logits_ptr": "*fp32", "dlogits_ptr": f"*{dlogits_dtype}", "labels_ptr": "*i64", "old_lp_ptr": "*fp32",
-         "adv_ptr": "*fp32", "ref_lp_ptr": "*fp32", "norm_ptr": "*fp32", "tok_ptr": "*fp32", "n_cols": "i32",
-         "stride_lm": "i64", "stride_dm": "i64", "stride_tok": "i64", "temperature": "fp32", "clip_eps": "fp32",
-         "dual_clip": "fp32", "ent_coef": "fp32", "kl_coef": "fp32", "HAS_DUAL_CLIP": "constexpr",
-         "HAS_REF": "constexpr", "ESTIMATOR": "constexpr", "WITH_GRAD": "constexpr", "BLOCK_V": "constexpr"},
-        {"HAS_DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "ESTIMATOR": estimator, "WITH_GRAD": with_grad,
-         "BLOCK_V": 4096}, num_warps=8,
-        divisible_by_16=("logits_ptr", "dlogits_ptr", "n_cols", "stride_lm", "stride_dm"), wide_loads=True,
-    )
+# The bandwidth-bound kernels stream rows of logits or (B, T) tiles: their SASS must hold 128-bit loads when
+# alignment allows them, i.e. when the streamed pointers are 16-byte aligned and n_cols and their row strides
+# are multiples of 16 (Triton's divisibility hints; with V = 32001 or an odd T no load can be wider than one
+# element, so those cases are only held to "compiles, no spills"). Per kernel: the arguments that decide it.
+# gae reads its rows backwards (descending addresses never form a vector) and the reduce kernel reads a few
+# floats: neither is bound by bandwidth.
+_PPO_ROWS = ("lp_ptr", "old_lp_ptr", "adv_ptr", "val_ptr", "old_val_ptr", "ret_ptr", "mask_ptr", "n_cols",
+             "stride_lm", "stride_om", "stride_am", "stride_vm", "stride_wm", "stride_rm", "stride_mm")
+STREAMING = {f"fastppo.kernels.{kernel}": args for kernel, args in {
+    "token_logprobs:_token_logprobs_fwd_kernel": ("logits_ptr", "n_cols", "stride_lm"),
+    "token_logprobs:_token_logprobs_bwd_kernel": ("logits_ptr", "dlogits_ptr", "n_cols", "stride_lm", "stride_dm"),
+    "linear_ppo_loss:_linear_ppo_loss_fwd_kernel": ("logits_ptr", "dlogits_ptr", "n_cols", "stride_lm",
+                                                    "stride_dm"),
+    "kl_penalty:_kl_penalty_fwd_kernel": ("lp_ptr", "ref_ptr", "out_ptr", "n_cols", "stride_lm", "stride_rm",
+                                          "stride_om"),
+    "kl_penalty:_kl_penalty_bwd_kernel": ("lp_ptr", "ref_ptr", "dlp_ptr", "dref_ptr", "n_cols", "stride_lm",
+                                          "stride_rm", "stride_dm"),
+    "ppo_loss:_ppo_loss_fwd_kernel": _PPO_ROWS,
+    "ppo_loss:_ppo_loss_bwd_kernel": (*_PPO_ROWS, "dlp_ptr", "dval_ptr", "stride_dm"),
+}.items()}
 
 
-CASES += [
-    _lpl_fwd("fp32", "k3", True, True), _lpl_fwd("bf16", "k1", False, True), _lpl_fwd("fp16", "abs", True, True),
-    _lpl_fwd("fp32", "k3", False, False, with_grad=False),
-]
+def _alignment_allows_wide_loads(case) -> bool:
+    """Every deciding argument is 16-divisible, or the constant 1 (a unit stride)."""
+    return all(n in case.divisible_by_16 or case.constexprs.get(n) == 1 for n in STREAMING[case.kernel])
+
+
+for _case in CASES:
+    _case.wide_loads = _case.kernel in STREAMING and _alignment_allows_wide_loads(_case)
+
 # Device functions (@triton.jit helpers that return values, e.g. scan combine
 # functions) cannot be compiled on their own; they are compiled inside the
-# kernels above that call them.
-DEVICE_FUNCTIONS = {f"{GAE}:_gae_scan_combine"}
+# kernels that call them.
+DEVICE_FUNCTIONS = {"fastppo.kernels.gae:_gae_scan_combine"}
 
 
 @pytest.fixture(scope="module")
@@ -195,17 +218,46 @@ def test_compiles_without_spills(compiled, case, sm):
         assert "LDG.E.128" in result.loads, f"{case.name} on sm_{sm} has no 128-bit loads: {result.loads}"
 
 
+def test_recorded_cases_are_the_real_ones():
+    """The scenarios reach what matters on a GPU: GPU block sizes and warps, odd V and T, BLOCK_T = 1, the
+    float32-logits -> bf16-dlogits backward of the linear GPU plan, the trainer's linear_ppo_loss switches,
+    the two-stage ppo_loss reduction; and every streaming kernel has an aligned case held to 128-bit loads."""
+    by_kernel = {}
+    for c in CASES:
+        by_kernel.setdefault(_short(c.kernel), []).append(c)
+    assert {c.constexprs["BLOCK_T"] for c in by_kernel["gae_fwd"]} >= {1, 2048}
+    assert any(c.num_warps == 8 for c in by_kernel["gae_fwd"])
+    assert all(c.constexprs["BLOCK_V"] <= 4096 for c in by_kernel["token_logprobs_fwd"])   # not the interpreter's
+    assert any(c.signature["logits_ptr"] == "*fp32" and c.signature["dlogits_ptr"] == "*bf16"
+               for c in by_kernel["token_logprobs_bwd"])
+    trainer = [c for c in by_kernel["linear_ppo_loss_fwd"] if c.name.startswith("linear_ppo_loss[trainer")]
+    assert trainer and trainer[0].constexprs["HAS_DUAL_CLIP"] == (TRAINER.ppo.dual_clip is not None)
+    assert not trainer[0].constexprs["HAS_REF"] and trainer[0].signature["dlogits_ptr"] == "*bf16"
+    assert "ppo_loss_reduce" in by_kernel
+    assert any(not _alignment_allows_wide_loads(c) for c in CASES if c.kernel in STREAMING)   # odd V and T
+    for kernel in STREAMING:
+        assert any(c.wide_loads for c in CASES if c.kernel == kernel), f"{kernel}: no aligned case"
+
+
 def _all_jit_kernels():
     kinds = (triton.runtime.JITFunction, InterpretedFunction)
-    found = set()
+    found = {}
     for info in pkgutil.iter_modules(fastppo.kernels.__path__):
         module = importlib.import_module(f"fastppo.kernels.{info.name}")
         for name, obj in vars(module).items():
             if isinstance(obj, kinds) and getattr(obj, "__module__", module.__name__) == module.__name__:
-                found.add(f"{module.__name__}:{name}")
+                found[f"{module.__name__}:{name}"] = module
     return found
 
 
 def test_every_kernel_has_a_case():
-    missing = _all_jit_kernels() - {c.kernel for c in CASES} - DEVICE_FUNCTIONS
-    assert not missing, f"kernels without an AOT compile case: {sorted(missing)}"
+    missing = set(_all_jit_kernels()) - {c.kernel for c in CASES} - DEVICE_FUNCTIONS
+    assert not missing, f"kernels without an AOT compile case (add a scenario): {sorted(missing)}"
+
+
+def test_no_reverse_scan():
+    """Compiled Triton has had wrong results from reverse associative scans with non-commutative combine
+    functions; the kernels scan forwards (gae reads its rows backwards instead)."""
+    modules = set(_all_jit_kernels().values())
+    offenders = [m.__name__ for m in modules if "reverse=True" in inspect.getsource(m)]
+    assert not offenders, f"reverse scans in {offenders}"

@@ -1,7 +1,8 @@
 """gae: a 3-token episode worked by hand, a float64 Python-loop oracle over
 shapes, discounts and mask patterns, and the argument checks.
 
-Both backends run on CPU: "triton" through the interpreter (see conftest.py).
+On CPU the "triton" backend runs in the interpreter; on CUDA, the compiled kernels
+(see tests/kernels/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ BACKENDS = ["torch", "triton"]
 
 
 def oracle(rewards, values, mask, gamma, lam):
-    """float64 GAE, one row and one token at a time: each row's valid tokens in order are one episode."""
-    adv = torch.zeros(rewards.shape, dtype=torch.float64)
-    for b in range(rewards.shape[0]):
-        steps = [t for t in range(rewards.shape[1]) if mask[b, t]]
+    """float64 GAE, one row and one token at a time: each row's valid tokens in order are one episode.
+
+    Computed on the CPU (Python floats), returned on the inputs' device."""
+    r, v, m = (x.cpu().double().tolist() for x in (rewards, values, mask))
+    adv = [[0.0] * len(row) for row in r]
+    for b in range(len(r)):
         next_value, next_adv = 0.0, 0.0
-        for t in reversed(steps):
-            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+        for t in reversed([t for t, keep in enumerate(m[b]) if keep]):
+            delta = r[b][t] + gamma * next_value - v[b][t]
             next_adv = delta + gamma * lam * next_adv
-            next_value = float(values[b, t])
-            adv[b, t] = next_adv
-    valid = mask.bool()
-    return adv, torch.where(valid, adv + values.double(), 0.0)
+            next_value = v[b][t]
+            adv[b][t] = next_adv
+    adv = torch.tensor(adv, dtype=torch.float64, device=rewards.device).reshape(rewards.shape)
+    return adv, torch.where(mask.bool(), adv + values.double(), 0.0)
 
 
 def python_loop(rewards, values, mask, gamma, lam):
@@ -142,6 +145,56 @@ def test_kernel_carries_across_blocks(pattern):
         torch.testing.assert_close(ret.double(), want_ret, atol=2e-5, rtol=1e-5)
 
 
+def _episode_masks(patterns, length, block_t):
+    """One row of `length` tokens per pattern, its episode edges inside blocks of `block_t` (read from the
+    end): "left" / "right" padding of random length, or random "holes" with one long hole across a block edge."""
+    mask = torch.zeros(len(patterns), length, dtype=torch.bool)
+    for row, pattern in enumerate(patterns):
+        cut = int(torch.randint(1, length, ()))
+        if pattern == "left":
+            mask[row, cut:] = True
+        elif pattern == "right":
+            mask[row, :cut] = True
+        else:
+            mask[row] = torch.rand(length) < 0.7
+            edge = max(length - block_t, length // 2)            # a block edge (counted from the end), or the middle
+            mask[row, max(0, edge - 5):edge + 7] = False
+    return mask
+
+
+@pytest.mark.parametrize("block_t,length,patterns", [
+    (2048, 2048, ["right"]),                   # one GPU-sized block (8 warps), exactly full
+    (2048, 8192, ["holes"]),                   # four full blocks: three carries
+    (2048, 3001, ["left", "right"]),           # odd T: the row's first block is partial
+    (1, 37, ["left", "right", "holes"]),       # BLOCK_T = 1: every token is its own block
+    (64, 130, ["left", "right", "holes"]),     # the interpreter's block size, a 2-token first block
+], ids=str)
+def test_kernel_forced_block_sizes(block_t, length, patterns):
+    """The kernel at forced block sizes (GPU-sized blocks under the interpreter too) against the float64 loop.
+
+    Error analysis: inside a block the advantages are sums Σ_k (γλ)^k·δ_k formed by a scan of depth
+    d = log2(BLOCK_T); each level rounds every partial result once in its multiply and once in its add,
+    so a term carries a relative error ≤ 2u per level (u = 2^-24) and the sum ≤ 2u·(d + 2)·Σ_k (γλ)^k·|δ_k|
+    ≤ 2u·(d + 2)·max|δ| / (1 − γλ) (the +2: δ's own rounding and the carry into the block). Carries from
+    the blocks to the right are multiplied by (γλ)^k ≤ 1, so their errors do not grow. Returns add V:
+    one more rounding. Twice that bound is allowed, on top of twice the float32 loop's own error.
+    """
+    gamma, lam = 0.99, 0.95
+    rows = len(patterns)                       # few rows: the interpreter runs a scan element by element
+    rewards, values = torch.randn(rows, length), torch.randn(rows, length) + 2.0
+    mask = _episode_masks(patterns, length, block_t)
+    adv, ret = _gae_triton(rewards, values, mask, gamma, lam, block_t=block_t)
+    want_adv, want_ret = oracle(rewards, values, mask, gamma, lam)
+    plain_adv, plain_ret = python_loop(rewards, values, mask, gamma, lam)
+    depth = max(1, block_t).bit_length() - 1
+    max_delta = (rewards.abs() + (1 + gamma) * values.abs()).max().item()
+    atol = 2 * 2 * 2.0 ** -24 * (depth + 2) * max_delta / (1 - gamma * lam)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    assert_within_budget("advantages", adv, want_adv, plain_adv, atol=atol)
+    assert_within_budget("returns", ret, want_ret, plain_ret, atol=atol + 2.0 ** -24 * want_ret.abs().max().item())
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
 def test_torch_path_row_chunks(monkeypatch):
     """The CPU path in row chunks (forced down to one row per chunk) gives the whole-batch answer."""
     rewards, values = torch.randn(6, 33), torch.randn(6, 33)
@@ -194,13 +247,24 @@ def test_row_result_does_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_not_differentiable_and_empty(backend):
+def test_not_differentiable(backend):
     rewards = torch.randn(2, 5, requires_grad=True)
     values = torch.randn(2, 5, requires_grad=True)
     out = gae(rewards, values, torch.ones(2, 5, dtype=torch.bool), backend=backend)
     assert not out.advantages.requires_grad and not out.returns.requires_grad
-    empty = gae(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool), backend=backend)
-    assert empty.advantages.shape == (0, 4)
+
+
+EMPTY_SHAPES = [(0,), (0, 4), (4, 0), (2, 0, 5), (3, 2, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_empty_inputs(backend, shape):
+    """No token (no row, or rows of length 0): empty float32 outputs of the inputs' shape."""
+    rewards, values = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape)
+    out = gae(rewards, values, torch.zeros(shape, dtype=torch.bool), backend=backend)
+    for x in out:
+        assert x.shape == shape and x.dtype == torch.float32 and x.device == rewards.device
 
 
 def test_backends_agree():

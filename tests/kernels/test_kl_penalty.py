@@ -1,7 +1,8 @@
 """kl_penalty: the four estimators and the clamp against float64, forward and
 backward in both inputs; properties; argument checks.
 
-Both backends run on CPU: "triton" through the interpreter (see conftest.py).
+On CPU the "triton" backend runs in the interpreter; on CUDA, the compiled kernels
+(see tests/kernels/conftest.py).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def test_matches_float64(backend, dtype, estimator, clamp):
     assert kl.dtype == torch.float32 and kl.shape == shape
     assert x.grad.dtype == dtype and y.grad.dtype == dtype
     torch.testing.assert_close(kl.double(), want.detach(), atol=1e-6, rtol=2e-6)
-    # Gradients are stored in the input dtype: one ulp of it on top of fp32's error.
+    # Gradients are stored in the input dtype: one ulp of it on top of fp32's error (the interpreter
+    # truncates the store, a GPU rounds to nearest: both within one ulp).
     for got, exp in ((x.grad, x64.grad), (y.grad, y64.grad)):
         ulp = torch.finfo(dtype).eps * exp.abs().max().item()
         torch.testing.assert_close(got.double(), exp, atol=1e-6 + ulp, rtol=2e-6)
@@ -89,13 +91,25 @@ def test_gradient_of_sum_and_one_input(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_dtypes_scalar_and_empty(backend):
+def test_mixed_dtypes_and_scalar(backend):
     lp, ref = make_inputs((4, 9), torch.float32)
     out = kl_penalty(lp, ref.bfloat16(), estimator="k1", backend=backend)
     torch.testing.assert_close(out.double(), lp.double() - ref.bfloat16().double(), atol=1e-6, rtol=1e-6)
     scalar = kl_penalty(torch.tensor(-1.0), torch.tensor(-1.5), estimator="abs", backend=backend)
     assert scalar.shape == () and scalar.item() == pytest.approx(0.5)
-    assert kl_penalty(torch.zeros(0, 3), torch.zeros(0, 3), backend=backend).shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (4, 0), (2, 0, 5), (3, 2, 0)], ids=str)
+def test_empty_inputs(backend, shape):
+    """No token: an empty float32 estimate of the inputs' shape, empty gradients in the inputs' dtypes."""
+    x = torch.zeros(shape, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.zeros(shape, requires_grad=True)
+    out = kl_penalty(x, y, estimator="k3", clamp=1.0, backend=backend)
+    assert out.shape == shape and out.dtype == torch.float32 and out.device == x.device
+    out.sum().backward()
+    assert x.grad.shape == shape and x.grad.dtype == torch.bfloat16
+    assert y.grad.shape == shape and y.grad.dtype == torch.float32
 
 
 def test_backends_agree():

@@ -1,8 +1,9 @@
 """linear_ppo_loss against a float64 oracle and against the composed ops, its properties, memory and errors.
 
-Both backends run on CPU: "triton" through the interpreter (see conftest.py),
-on a chosen subset of cases (the interpreter costs ~1 ms per program); the
-torch backend gets the grid. The matmuls are torch.mm in both.
+On CPU the "triton" backend runs in the interpreter (on CUDA, the compiled
+kernels; see tests/kernels/conftest.py), on a chosen subset of cases (the
+interpreter costs ~1 ms per program); the torch backend gets the grid. The
+matmuls are torch.mm in both.
 
 The clipped surrogate's gradient jumps where ρ crosses 1 ± ε (or the dual-clip
 bound c): inputs keep every token's ratio at least MARGIN away from those
@@ -173,6 +174,10 @@ def check_against_oracle(backend, shape, size_h, vocab, dtype, terms, chunk_size
         assert_within_budget(name, g, w, base[name], atol=1e-5 * w.abs().max().item() + ulp)
         # Accumulated in float32 and rounded once (then scaled by the upstream 0.7: one more rounding).
         # float32 error relative to the largest entry: up to ~1e-5 seen where the terms of a row cancel.
+        # Not on CUDA with half inputs: the GEMMs take dlogits rounded to the input dtype there (see
+        # test_linear_token_logprobs.check_against_oracle), bounded by the budget above only.
+        if hidden.is_cuda and dtype != torch.float32:
+            continue
         tol = 2 * torch.finfo(dtype).eps * w.abs() + 4e-5 * w.abs().max()
         excess = (g - w).abs() - tol
         worst, at = excess.max().item(), excess.argmax()
@@ -527,6 +532,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cpu_only("peak host memory of the CPU torch backend, measured in a subprocess")
 def test_peak_memory_does_not_grow_with_the_logits():
     """Forward + backward on the torch backend at N·V·4 = 131 MB of logits with a 4 MB chunk budget: the
     peak extra host memory stays near the budget plus dW and dhidden. The naive computation in the same

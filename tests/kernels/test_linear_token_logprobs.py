@@ -1,8 +1,9 @@
 """linear_token_logprobs against a float64 oracle, its properties, memory and errors.
 
-Both backends run on CPU: "triton" through the interpreter (see conftest.py),
-so its cases are a chosen subset (the interpreter costs ~1 ms per program);
-the torch backend gets the full grid. The matmuls are torch.mm in both.
+On CPU the "triton" backend runs in the interpreter (on CUDA, the compiled
+kernels; see tests/kernels/conftest.py), so its cases are a chosen subset (the
+interpreter costs ~1 ms per program); the torch backend gets the full grid.
+The matmuls are torch.mm in both.
 """
 
 from __future__ import annotations
@@ -106,8 +107,12 @@ def check_against_oracle(backend, n, size_h, vocab, dtype, temperature, chunk_si
         err = (g - w).abs().max().item()
         assert err <= 2e-5 * (1 + w.abs().max().item()), f"{name}: {err:.3g} is not float32-accurate"
     # dW is summed in float32 across chunks and rounded once (likewise dhidden):
-    # within one ulp of the input dtype per element, plus float32 error.
-    for name, g, w in zip(("dhidden", "dweight"), got[2:], want[2:]):
+    # within one ulp of the input dtype per element, plus float32 error. Not on
+    # CUDA with half inputs: there the GEMMs take dlogits rounded to the input
+    # dtype (cuBLAS float32-output path), so an entry's error is bounded by
+    # eps·Σ_v |dlogit_v·w_v| instead, which only the budget above covers.
+    rounded_dlogits = hidden.is_cuda and dtype != torch.float32
+    for name, g, w in zip(("dhidden", "dweight"), got[2:], want[2:]) if not rounded_dlogits else ():
         tol = torch.finfo(dtype).eps * w.abs() + 1e-5 * w.abs().max()
         worst = ((g - w).abs() - tol).max().item()
         assert worst <= 0, f"{name}: beyond one {dtype} ulp + float32 error by {worst:.3g}"
@@ -410,6 +415,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cpu_only("peak host memory of the CPU torch backend, measured in a subprocess")
 def test_peak_memory_does_not_grow_with_the_logits():
     """Forward + backward on the torch backend at N·V·4 = 131 MB of logits with a
     4 MB chunk budget: the peak extra host memory stays near the budget plus the

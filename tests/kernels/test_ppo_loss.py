@@ -1,7 +1,8 @@
 """ppo_loss against float64 autograd of the formulas in SPEC §2 (step 6), its
 statistics, masking and normalizer semantics, and the argument checks.
 
-Both backends run on CPU: "triton" through the interpreter (see conftest.py).
+On CPU the "triton" backend runs in the interpreter; on CUDA, the compiled kernels
+(see tests/kernels/conftest.py).
 """
 
 from __future__ import annotations
@@ -131,6 +132,20 @@ def test_fully_masked_micro_batch(backend):
         (out.loss + out.policy_loss + out.value_loss).backward()
         assert all(getattr(out, name).item() == 0 for name in PPOLossOutput._fields)
         assert (lp.grad == 0).all() and (v.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0,), (0, 7), (3, 0), (2, 0, 5)], ids=str)
+def test_empty_inputs(backend, shape):
+    """No token at all is a fully masked batch: zero results, and zero (empty) gradients."""
+    batch = make_batch(shape)
+    for normalizer in (None, 5.0, torch.tensor(0.0)):
+        out, lp, v = run(batch, backend, normalizer=normalizer, dual_clip=3.0)
+        (out.loss + out.policy_loss + out.value_loss).backward()
+        for name in PPOLossOutput._fields:
+            got = getattr(out, name)
+            assert got.shape == () and got.dtype == torch.float32 and got.item() == 0, name
+        assert lp.grad.shape == shape and v.grad.shape == shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,11 +8,16 @@ cuobjdump that ships inside triton.
 The test process runs kernels under TRITON_INTERPRET=1, where @triton.jit gives
 interpreter objects that cannot be compiled; so the cases are compiled in one
 worker process started with the interpreter off (`compile_cases`).
+
+The cases are what the launchers launch: `record_launches` catches every
+``kernel[grid](...)`` made while the public ops run on CPU inputs, with the
+block sizes a GPU would get, and turns each into an `AotCase` (`Launch.case`).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -20,7 +25,17 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+
+import pytest
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.interpreter import InterpretedFunction
+
+from fastppo.kernels import _dispatch
 
 
 @dataclass
@@ -45,6 +60,105 @@ class AotCase:
     wide_loads: bool = False
 
 
+# -- recording what the launchers launch ---------------------------------------
+
+# torch dtype name -> Triton's name for a pointer to it.
+_POINTEE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
+            "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def _is_constexpr(annotation) -> bool:
+    # Kernel modules use `from __future__ import annotations`: the annotation is then the string "tl.constexpr".
+    return annotation is tl.constexpr or (isinstance(annotation, str) and annotation.split(".")[-1] == "constexpr")
+
+
+def _specialise(value):
+    """(Triton type, 16-divisible) of one runtime argument, as triton's JIT specialises it.
+
+    Integers equal to 1 become the constant 1; others are i32 when they fit, else
+    i64; integers that are multiples of 16 and pointers 16-byte aligned get the
+    divisibility hint (triton.backends.compiler.BaseBackend.get_*_specialization).
+    """
+    if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
+        return "*" + _POINTEE[str(value.dtype).removeprefix("torch.")], value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        if value == 1:
+            return ("constexpr", 1), False
+        return ("i32" if -2 ** 31 <= value < 2 ** 31 else "i64"), value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    if value is None:
+        return ("constexpr", None), False
+    raise TypeError(f"cannot specialise a kernel argument of type {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One ``kernel[grid](...)`` call: the kernel, its specialisation and launch options."""
+
+    kernel: str
+    signature: tuple           # ((argument, Triton type), ...) in the kernel's order
+    constexprs: tuple          # ((argument, value), ...)
+    divisible_by_16: tuple
+    num_warps: int
+    num_stages: int
+
+    def case(self, name: str) -> AotCase:
+        return AotCase(name, self.kernel, dict(self.signature), dict(self.constexprs), self.num_warps,
+                       self.num_stages, self.divisible_by_16)
+
+
+def _launch_of(fn, args, kwargs) -> Launch:
+    params = inspect.signature(fn).parameters
+    names = list(params)
+    bound = dict(zip(names, args))
+    bound.update((k, v) for k, v in kwargs.items() if k in params)
+    options = {k: v for k, v in kwargs.items() if k not in params}
+    signature, constexprs, divisible = [], [], []
+    for name in names:
+        value = bound[name]
+        if _is_constexpr(params[name].annotation):
+            signature.append((name, "constexpr"))
+            constexprs.append((name, value))
+            continue
+        kind, div16 = _specialise(value)
+        if isinstance(kind, tuple):                      # specialised to a constant, as the JIT does
+            signature.append((name, "constexpr"))
+            constexprs.append((name, kind[1]))
+            continue
+        signature.append((name, kind))
+        if div16:
+            divisible.append(name)
+    return Launch(f"{fn.__module__}:{fn.__name__}", tuple(signature), tuple(constexprs), tuple(divisible),
+                  int(options.get("num_warps", 4)), int(options.get("num_stages", 3)))
+
+
+@contextmanager
+def record_launches():
+    """Collect the `Launch` of every Triton kernel launched in the block, without running any.
+
+    For use in a test on CPU inputs with the ops' ``backend="triton"``: the
+    launchers pick GPU block sizes (TRITON_INTERPRET reads 0 for them, while
+    the backend check still accepts CPU tensors), and ``kernel[grid](...)``
+    records instead of running, whether the kernels are interpreter objects
+    or compiled ones. Kernel outputs are therefore left unwritten: only the
+    launches are meaningful.
+    """
+    launches: list[Launch] = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append(_launch_of(self.fn, args, kwargs))
+
+    with pytest.MonkeyPatch.context() as mp:
+        for cls in (InterpretedFunction, triton.runtime.JITFunction):
+            mp.setattr(cls, "run", run)
+        mp.setenv("TRITON_INTERPRET", "0")                                    # block sizes: the GPU's
+        mp.setattr(_dispatch, "triton_interpreter_enabled", lambda: True)     # backend="triton" on CPU tensors
+        yield launches
+
+
 @dataclass
 class Compiled:
     registers: int
@@ -56,10 +170,6 @@ class Compiled:
 
 
 def _compile_one(case: dict, sm: int) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     try:
         module_name, attr = case["kernel"].split(":")
         kernel = getattr(importlib.import_module(module_name), attr)
