@@ -5,6 +5,10 @@ arguments and one that runs it; stages added later (sft, train-rm, demo)
 plug in the same way, from their own modules, via `register`.
 
     fastppo train --config configs/tiny.yaml [--preset vanilla] [--resume [DIR]] [key.sub=value ...]
+
+A failure is one line, `fastppo <cmd>: error: <message>`, on stderr and in the run's train.log (`KNOWN_ERRORS`;
+other exceptions keep their traceback, which also goes to train.log). Exit codes: 0 done (also after a graceful
+stop with a checkpoint), 1 the run failed, 2 the config, data, model or command line is wrong, 130 interrupted.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ class RunConfig:
     tensorboard: bool = True
     """Write TensorBoard event files."""
     progress_bar: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar on a terminal; elsewhere (a log file, a pipe) log a progress line every 30 s instead."""
     log_level: str = "INFO"
     """Python logging level."""
 
@@ -621,7 +621,7 @@ class StageRunConfig:
     tensorboard: bool = True
     """Write TensorBoard event files."""
     progress_bar: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar on a terminal; elsewhere (a log file, a pipe) log a progress line every 30 s instead."""
     log_every: int = 1
     """Write a metrics record every N optimizer steps."""
     log_level: str = "INFO"

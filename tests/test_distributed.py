@@ -132,7 +132,7 @@ def test_two_processes_shard_all_four_models(runs):
     model = AutoModelForCausalLM.from_pretrained(export)
     final = read_weights(ckpt, "policy")
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, final[k], rtol=0, atol=0)
+        torch.testing.assert_close(v, final[k], rtol=0, atol=0)                # gathered and copied: no arithmetic
     assert [r["iteration"] for r in read_metrics(two)] == [1, 2, 3]
     assert "fastppo: 3 iterations" in runs["two_proc"].stdout
 

@@ -88,7 +88,8 @@ def test_infinite_values_from_the_command_line_fail_naming_the_field(capsys):
 def test_stage_configs_check_the_attention_implementation(schema):
     with pytest.raises(ConfigError, match="field 'model.attn_implementation': must be one of sdpa, eager"):
         load_stage_config(schema, overrides=[*STAGE_PATHS, "model.attn_implementation=flash"])
-    assert load_stage_config(schema, overrides=[*STAGE_PATHS, "model.attn_implementation=eager"]).model.attn_implementation == "eager"
+    cfg = load_stage_config(schema, overrides=[*STAGE_PATHS, "model.attn_implementation=eager"])
+    assert cfg.model.attn_implementation == "eager"
 
 
 def test_run_device_is_checked_against_the_machine():
