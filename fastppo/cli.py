@@ -5,6 +5,10 @@ arguments and one that runs it; stages added later (sft, train-rm, demo)
 plug in the same way, from their own modules, via `register`.
 
     fastppo train --config configs/tiny.yaml [--preset vanilla] [--resume [DIR]] [key.sub=value ...]
+
+A failure is one line, `fastppo <cmd>: error: <message>`, on stderr and in the run's train.log (`KNOWN_ERRORS`;
+other exceptions keep their traceback, which also goes to train.log). Exit codes: 0 done (also after a graceful
+stop with a checkpoint), 1 the run failed, 2 the config, data, model or command line is wrong, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +23,20 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .config import ConfigError
+from .data import DataError
+from .dist import DistributedError, env_world_size
+from .models import ModelError
+from .ppo import NonFiniteError
+
 log = logging.getLogger("fastppo")
+
+# Failures whose message says it all: `fastppo <cmd>: error: <message>` on stderr and in the run's train.log,
+# no traceback. Add an error class here to give it the same treatment. Exit code 2 for the ValueErrors among
+# them (the config, data or model given is wrong), 1 for the others; anything else keeps its traceback.
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelError, NonFiniteError, DistributedError,
+                                                 OSError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by Ctrl-C
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -149,12 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .data import DataError
-    from .dist import DistributedError, rank, world_size
-    from .models import ModelError
+def _message(exc: BaseException) -> str:
+    """The error's message on one line; an OSError names its file(s)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        files = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        text = f"{exc.strerror}: {files}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
+
+def _to_run_log(new_handlers: list[logging.Handler], msg: str, exc_info=None) -> None:
+    """Write an error to the log files the command set up (its run's train.log), not again to the console."""
+    files = [h for h in new_handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, None, exc_info)
+        for h in files:
+            h.handle(record)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -162,15 +193,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastppo {args.command}: error: runs in one process; under torchrun only `fastppo train` is "
               "distributed (start this stage without torchrun)", file=sys.stderr)
         return 2
+    if not sys.stderr.isatty():
+        # Off a terminal, Hugging Face's own bars (loading, saving, downloading) would write every frame into
+        # the log; fastppo's own progress becomes log lines (`sft.progress`). Imported here as everywhere in
+        # fastppo: transformers is heavy.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    handlers_before = list(log.handlers)   # a log file the command sets up is this run's (not an earlier run's)
+
+    def fail(message: str, exc_info=None) -> None:
+        # From torchrun's environment: the process group may be gone by now.
+        where = f" (rank {os.environ.get('RANK', '0')}/{env_world_size()})" if env_world_size() > 1 else ""
+        line = f"fastppo {args.command}: error{where}: {message}"
+        print(line, file=sys.stderr, flush=True)
+        _to_run_log([h for h in log.handlers if h not in handlers_before], line, exc_info)
+
     try:
         return COMMANDS[args.command][2](args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
-        where = f" (rank {rank()}/{world_size()})" if world_size() > 1 else ""
-        print(f"fastppo {args.command}: error{where}: {exc}", file=sys.stderr)
-        return 2
-    except DistributedError as exc:  # a peer failed or hangs: say so, and exit instead of waiting forever
-        print(f"fastppo {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except KNOWN_ERRORS as exc:
+        fail(_message(exc))
+        return 2 if isinstance(exc, ValueError) else 1
+    except KeyboardInterrupt as exc:
+        fail(_message(exc) if str(exc) else "interrupted (Ctrl-C)")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug or an unforeseen failure: the traceback goes to stderr and to train.log
+        _to_run_log([h for h in log.handlers if h not in handlers_before],
+                    f"fastppo {args.command}: unexpected {type(exc).__name__}: {_message(exc)}", sys.exc_info())
+        raise
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ Presets (SPEC §3) are plain functions returning a full `Config`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -203,7 +205,7 @@ class RunConfig:
     tensorboard: bool = True
     """Write TensorBoard event files."""
     progress_bar: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar on a terminal; elsewhere (a log file, a pipe) log a progress line every 30 s instead."""
     log_level: str = "INFO"
     """Python logging level."""
 
@@ -370,6 +372,41 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"invalid config: field '{name}': {msg}")
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float of a config (nested dataclasses, lists of floats) must be finite: NaN and inf fail naming the field.
+
+    YAML and OmegaConf accept `.inf`, `inf` and `nan` for float fields; no field of fastppo gives them a meaning
+    (an infinite kl_coef or timeout would only fail later, or silently poison the run).
+    """
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{name}.")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                _check(not isinstance(v, float) or math.isfinite(v), f"{name}[{i}]", f"must be a finite number, got {v}")
+        else:
+            _check(not isinstance(value, float) or math.isfinite(value), name, f"must be a finite number, got {value}")
+
+
+def validate_device(name: str, cuda_devices: int, local_rank: int = 0) -> None:
+    """run.device against this machine (`dist.resolve_device` calls it with torch's CUDA device count).
+
+    `cuda` means cuda:<LOCAL_RANK> (one GPU per torchrun process).
+    """
+    if not name.startswith("cuda"):
+        return
+    _check(cuda_devices > 0, "run.device", f"is {name!r}, but CUDA is not available on this machine (use auto or cpu)")
+    index = int(name.split(":", 1)[1]) if ":" in name else local_rank
+    _check(index < cuda_devices, "run.device",
+           f"is {name!r}{f' (LOCAL_RANK {local_rank})' if ':' not in name else ''}, but this machine has "
+           f"{cuda_devices} CUDA device(s): cuda:0 to cuda:{cuda_devices - 1}")
+
+
 def validate(cfg: Config) -> None:
     """Range and cross-field checks; every failure names the field."""
     if not isinstance(cfg, Config):
@@ -380,8 +417,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"required config field not set: {section.name}.{f.name}")
     m, d, r, rw, p, o, run = cfg.model, cfg.data, cfg.rollout, cfg.reward, cfg.ppo, cfg.optim, cfg.run
     _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
-    _check(m.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
-           "model.attn_implementation", f"unknown implementation {m.attn_implementation!r}")
+    _check_finite(cfg)
+    _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+           f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
     _check(m.lm_head_chunk_size is None or m.lm_head_chunk_size > 0, "model.lm_head_chunk_size", "must be > 0")
     _check(d.prompt_format in ("auto", "chat", "plain"), "data.prompt_format", f"must be auto, chat or plain, got {d.prompt_format!r}")
     _check(d.max_prompt_len > 0, "data.max_prompt_len", "must be > 0")
@@ -432,8 +470,7 @@ def validate(cfg: Config) -> None:
     _check(run.keep_last >= 1, "run.keep_last", "must be >= 1")
     _check(run.max_nonfinite_in_a_row >= 1, "run.max_nonfinite_in_a_row", "must be >= 1")
     _check(run.backend in (None, "triton", "torch"), "run.backend", f"must be null, triton or torch, got {run.backend!r}")
-    _check(run.device == "auto" or run.device == "cpu" or run.device.startswith("cuda"), "run.device",
-           f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
+    _check(DEVICE_NAME.fullmatch(run.device) is not None, "run.device", f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
     _check(run.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "run.log_level", "must be DEBUG, INFO, WARNING or ERROR")
     par = cfg.parallel
     _check(par.shard in ("auto", "always", "never"), "parallel.shard", f"must be auto, always or never, got {par.shard!r}")
@@ -584,7 +621,7 @@ class StageRunConfig:
     tensorboard: bool = True
     """Write TensorBoard event files."""
     progress_bar: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar on a terminal; elsewhere (a log file, a pipe) log a progress line every 30 s instead."""
     log_every: int = 1
     """Write a metrics record every N optimizer steps."""
     log_level: str = "INFO"
@@ -659,7 +696,10 @@ def validate_stage(cfg: Any) -> None:
     if not isinstance(cfg, (SFTConfig, RMConfig)):
         raise ConfigError(f"expected an SFTConfig or RMConfig, got {type(cfg).__name__}")
     m, d, o, run = cfg.model, cfg.data, cfg.optim, cfg.run
+    _check_finite(cfg)
     _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+           f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
     _check(m.lm_head_chunk_size is None or m.lm_head_chunk_size > 0, "model.lm_head_chunk_size", "must be > 0")
     _check(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
     _check(d.max_len > 1, "data.max_len", "must be > 1")
@@ -681,8 +721,7 @@ def validate_stage(cfg: Any) -> None:
     _check(run.eval_batch_size > 0, "run.eval_batch_size", "must be > 0")
     _check(run.log_every > 0, "run.log_every", "must be > 0")
     _check(run.backend in (None, "triton", "torch"), "run.backend", f"must be null, triton or torch, got {run.backend!r}")
-    _check(run.device == "auto" or run.device == "cpu" or run.device.startswith("cuda"), "run.device",
-           f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
+    _check(DEVICE_NAME.fullmatch(run.device) is not None, "run.device", f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
     _check(run.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "run.log_level", "must be DEBUG, INFO, WARNING or ERROR")
     if isinstance(cfg, RMConfig):
         _check(cfg.loss.lm_coef >= 0, "loss.lm_coef", "must be >= 0")

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import validate_device
+
 log = logging.getLogger("fastppo")
 
 # Name of the method `Sharder` registers on each root as an FSDP forward (see `run_as_forward`).
@@ -84,9 +86,8 @@ def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    validate_device(name, torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank())
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name!r} but CUDA is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank()}")
     return device

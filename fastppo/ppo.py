@@ -230,10 +230,14 @@ def ppo_update(
             policy_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             if counters.nonfinite_in_a_row >= cfg.run.max_nonfinite_in_a_row:
+                what = [n for n, v in zip(("loss", "policy gradient", "critic gradient"), check.tolist())
+                        if not math.isfinite(v)]
                 raise NonFiniteError(
-                    f"{counters.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(loss={check[0].item()}, policy grad norm={check[1].item()}, critic grad norm={check[2].item()}); "
-                    "aborting (run.max_nonfinite_in_a_row). Lower the learning rates or check the reward model's scores."
+                    f"non-finite {' and '.join(what)} in {counters.nonfinite_in_a_row} optimizer steps in a row (last: "
+                    f"loss={check[0].item():.4g}, policy grad norm={check[1].item():.4g}, critic grad norm="
+                    f"{check[2].item():.4g}); stopped at run.max_nonfinite_in_a_row={cfg.run.max_nonfinite_in_a_row}. "
+                    "Lower optim.policy_lr / optim.critic_lr, set optim.max_grad_norm, or check the reward model's "
+                    "scores (reward.reward_clip)."
                 )
     policy.eval()
     critic.eval()

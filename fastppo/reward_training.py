@@ -318,7 +318,7 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
             if record is not None:
                 writer.write(step, record)
                 history.append({"step": step, **record})
-                bar.set_postfix(loss=f"{record.get('loss/total', math.nan):.3f}",
+                bar.set_postfix(refresh=False, loss=f"{record.get('loss/total', math.nan):.3f}",
                                 **({"eval_acc": f"{eval_metrics['eval/accuracy']:.3f}"} if eval_metrics else {}))
                 if on_step is not None:
                     on_step(step, record)

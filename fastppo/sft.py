@@ -29,6 +29,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
+from tqdm.auto import tqdm as tqdm_auto
 
 from . import dist
 from .checkpoint import export_hf
@@ -106,10 +108,33 @@ def step_batches(n: int, run: StageRunConfig, *, shuffle: bool) -> Iterator[list
             yield [order[i % n] for i in range(run.batch_size)]
 
 
-def progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+PROGRESS_LOG_INTERVAL_S = 30.0
+"""Without a terminal, a progress line is logged at most this often (and at every step when steps are slower)."""
 
-    return tqdm(total=total, desc=desc, disable=not enabled or not dist.is_main(), dynamic_ncols=True, leave=True)
+
+class _ProgressLog:
+    """A file for tqdm that logs each line it draws (through the `fastppo` logger: console and train.log)."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            log.info(text.strip())
+
+    def flush(self) -> None:
+        pass
+
+
+def progress(total: int, desc: str, enabled: bool, initial: int = 0) -> tqdm:
+    """A tqdm bar on a terminal. When stderr is not one (a log file, a pipe, a batch job), no bar: one progress
+    line (steps, elapsed/remaining, rate and the postfix) every PROGRESS_LOG_INTERVAL_S seconds instead, or at
+    every step when steps are slower. Callers set the postfix with refresh=False (a refresh draws a line).
+    """
+    enabled = enabled and dist.is_main()
+    bar = tqdm_auto(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True,
+                    disable=None if enabled else True)             # None: tqdm disables itself off a terminal
+    if not enabled or not bar.disable:
+        return bar
+    return tqdm(total=total, initial=initial, desc=desc, file=_ProgressLog(), mininterval=PROGRESS_LOG_INTERVAL_S,
+                miniters=1, bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 
 
 def grad_step(model_params: Sequence[nn.Parameter], opt, sched, max_norm: float | None, metrics: MetricBuffer,
@@ -239,7 +264,7 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
             if record is not None:
                 writer.write(step, record)
                 history.append({"step": step, **record})
-                bar.set_postfix(loss=f"{record.get('loss/sft', float('nan')):.3f}",
+                bar.set_postfix(refresh=False, loss=f"{record.get('loss/sft', float('nan')):.3f}",
                                 **({"eval_loss": f"{eval_metrics['eval/loss']:.3f}"} if eval_metrics else {}))
                 if on_step is not None:
                     on_step(step, record)

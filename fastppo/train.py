@@ -47,6 +47,7 @@ from .metrics import MetricBuffer, MetricWriter, RunningMoments
 from .models import _dtype, load_models
 from .ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
 from .rollout import generate, pad_responses, sampling_seed
+from .sft import progress
 
 log = logging.getLogger("fastppo")
 
@@ -74,7 +75,9 @@ class TrainResult:
 class GracefulStop:
     """SIGTERM / SIGINT set a flag; the loop checkpoints at the next safe point and exits.
 
-    A second SIGINT raises KeyboardInterrupt immediately.
+    A second SIGINT raises KeyboardInterrupt at once, with a one-line message (`fastppo.cli` prints it and
+    exits 130). Checkpoints are written to a temporary directory and renamed when complete, so stopping in
+    the middle of a save leaves the previous checkpoints intact.
     """
 
     def __init__(self) -> None:
@@ -84,7 +87,8 @@ class GracefulStop:
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("stopped at once by a second Ctrl-C, without saving this iteration; "
+                                    "the last checkpoint is intact: resume from it with --resume")
         self.requested = name
         log.warning("%s received: will save a checkpoint after this iteration and exit", name)
 
@@ -293,10 +297,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
 
     # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
     writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.run.iterations, initial=start, desc="ppo", dynamic_ncols=True,
-               disable=not (cfg.run.progress_bar and dist.is_main()))
+    bar = progress(cfg.run.iterations, "ppo", cfg.run.progress_bar, initial=start)
     mine = slice(rank * d.rollouts_per_rank, (rank + 1) * d.rollouts_per_rank)    # this rank's rows of the global batch
     last_ckpt, scalars, done = None, {}, start
     with GracefulStop() as stop:
@@ -381,10 +382,10 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 })
                 kl_ctl.update(scalars["kl/ref_per_sequence"], cfg.rollout.rollout_batch_size)
                 writer.write(it + 1, scalars, histograms={"score/raw": dist.gather_for_metrics(scored.scores)})
-                bar.update(1)
-                bar.set_postfix(reward=f"{scalars['score/raw/mean']:.3f}", kl=f"{scalars['kl/ref_per_sequence']:.3f}",
-                                len=f"{scalars['response/length_mean']:.1f}",
+                bar.set_postfix(refresh=False, reward=f"{scalars['score/raw/mean']:.3f}",
+                                kl=f"{scalars['kl/ref_per_sequence']:.3f}", len=f"{scalars['response/length_mean']:.1f}",
                                 tok_s=f"{scalars['throughput/tokens_per_s']:.0f}")
+                bar.update(1)
 
                 # 7. Checkpoint: periodically, at the end, and at the first safe point after a signal.
                 done = it + 1

@@ -55,7 +55,7 @@ def test_cli_three_iterations_write_metrics_checkpoint_export(arch, tiny_setups,
     # The export holds the trained weights: the same as the checkpointed policy.
     ckpt_weights = read_weights(ckpt, "policy")
     name, tensor = next((k, v) for k, v in model.state_dict().items() if k in ckpt_weights)
-    torch.testing.assert_close(tensor, ckpt_weights[name], rtol=0, atol=0)
+    torch.testing.assert_close(tensor, ckpt_weights[name], rtol=0, atol=0)   # the same numbers copied: no arithmetic
 
 
 @pytest.mark.parametrize("preset", ["ppo_max", "moss_release", "vanilla"])
@@ -111,7 +111,7 @@ def test_resume_is_bitwise_identical(tiny_setups, tmp_path):
     assert resumed.iterations_done == 4
     a, b = _weights(straight.checkpoint), _weights(resumed.checkpoint)
     assert a.keys() == b.keys()
-    for k in a:
+    for k in a:  # bitwise: the same code on the same inputs and shapes in one process (determinism)
         assert torch.equal(a[k], b[k]), k
     ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["iteration"] for r in mb] == [1, 2, 3, 4]

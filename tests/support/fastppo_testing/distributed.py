@@ -77,7 +77,8 @@ def uneven_experience(vocab: int, *, seed: int = 0, prompt_width: int = 3):
 
 
 def run_update(models, cfg, exp) -> dict:
-    """One ppo_update of `exp` (fused lm_head on); the logged losses and the full parameters afterwards."""
+    """One ppo_update of `exp` (fused lm_head on); the logged losses, the full gradients of every optimizer
+    step and the full parameters afterwards."""
     from fastppo.metrics import MetricBuffer
     from fastppo.models import response_logprobs
     from fastppo.ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
@@ -89,13 +90,22 @@ def run_update(models, cfg, exp) -> dict:
     opts = {name: make_optimizer(getattr(models, name), getattr(cfg.optim, f"{name}_lr"), cfg.optim)
             for name in ("policy", "critic")}
     scheds = {name: make_scheduler(opt, cfg.optim, 10) for name, opt in opts.items()}
+    grads: list[dict[str, torch.Tensor]] = []                  # the gradients each optimizer step applies
+
+    def record_grads(name):
+        names = {id(p): n for n, p in getattr(models, name).named_parameters()}
+        return lambda opt, *_: grads.append({f"{name}.{names[id(p)]}": _full(p.grad) for g in opt.param_groups
+                                             for p in g["params"] if p.grad is not None})
+
+    for name, opt in opts.items():
+        opt.register_step_pre_hook(record_grads(name))
     buf = MetricBuffer()
     torch.manual_seed(0)                                                       # the minibatch shuffle
     ppo_update(exp, policy=models.policy, critic=models.critic, policy_opt=opts["policy"], critic_opt=opts["critic"],
                policy_sched=scheds["policy"], critic_sched=scheds["critic"], cfg=cfg, train_policy=True, fused=True,
                ptx_batches=None, counters=UpdateCounters(), metrics=buf)
     return {"metrics": buf.flush(), "fused_logprobs": fused.logprobs, "plain_logprobs": plain.logprobs,
-            "fused_entropy": fused.entropy,
+            "fused_entropy": fused.entropy, "grads": grads,
             "params": {f"{name}.{k}": _full(p) for name in ("policy", "critic")
                        for k, p in getattr(models, name).named_parameters()}}
 

@@ -1,0 +1,280 @@
+"""What a user sees when things go wrong: one line `fastppo <cmd>: error: <message>` on stderr and in the
+run's train.log, a non-zero exit code; config values that cannot work fail at start-up naming the field;
+a second Ctrl-C stops at once and keeps the last checkpoint; no progress-bar frames in redirected logs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+from fastppo import cli
+from fastppo import sft as sft_module
+from fastppo.checkpoint import list_checkpoints, read_weights
+from fastppo.cli import main
+from fastppo.config import (Config, ConfigError, RMConfig, SFTConfig, load_config, load_stage_config, validate,
+                            validate_device, validate_stage)
+from fastppo.train import GracefulStop
+from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+
+train_module = sys.modules["fastppo.train"]   # the module (the package's `train` is the function)
+PATHS = ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"]
+STAGE_PATHS = ["model.path=m", "data.train_path=t"]
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if ": error" in line]
+
+
+def _one_error_line(capsys, command: str) -> str:
+    """The command's stderr holds exactly one error line and no traceback; returns it."""
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(f"fastppo {command}: error: "), err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------
+# Config validation
+# ----------------------------------------------------------------------------
+
+def _float_fields(cfg, prefix=""):
+    """(owner dataclass, field name, dotted name) of every float-typed field (float, Optional[float], list[float])."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{f.name}.")
+        elif "float" in str(f.type):
+            yield cfg, f.name, f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("schema", ["ppo", "sft", "rm"])
+def test_every_float_field_must_be_finite(schema, bad):
+    if schema == "ppo":
+        base, check = load_config(None, PATHS), validate
+    else:
+        base = load_stage_config(SFTConfig if schema == "sft" else RMConfig, overrides=STAGE_PATHS)
+        check = validate_stage
+    fields = list(_float_fields(base))
+    assert len(fields) >= (20 if schema == "ppo" else 8)
+    for _, name, dotted in fields:
+        cfg = copy.deepcopy(base)
+        owner = next(o for o, n, d in _float_fields(cfg) if d == dotted)
+        value = getattr(owner, name)
+        setattr(owner, name, [value[0], bad] if isinstance(value, list) else bad)
+        with pytest.raises(ConfigError, match=f"field '{dotted}(\\[1\\])?': must be a finite number"):
+            check(cfg)
+
+
+def test_infinite_values_from_the_command_line_fail_naming_the_field(capsys):
+    assert main(["train", *PATHS, "reward.kl_coef=inf"]) == 2
+    assert "field 'reward.kl_coef': must be a finite number, got inf" in _one_error_line(capsys, "train")
+    assert main(["sft", *STAGE_PATHS, "optim.betas=[0.9,.nan]"]) == 2
+    assert "field 'optim.betas[1]': must be a finite number" in _one_error_line(capsys, "sft")
+    assert main(["train-rm", *STAGE_PATHS, "loss.lm_coef=-inf"]) == 2
+    assert "field 'loss.lm_coef'" in _one_error_line(capsys, "train-rm")
+
+
+@pytest.mark.parametrize("schema", [SFTConfig, RMConfig])
+def test_stage_configs_check_the_attention_implementation(schema):
+    with pytest.raises(ConfigError, match="field 'model.attn_implementation': must be one of sdpa, eager"):
+        load_stage_config(schema, overrides=[*STAGE_PATHS, "model.attn_implementation=flash"])
+    cfg = load_stage_config(schema, overrides=[*STAGE_PATHS, "model.attn_implementation=eager"])
+    assert cfg.model.attn_implementation == "eager"
+
+
+def test_run_device_is_checked_against_the_machine():
+    validate_device("cpu", 0)
+    validate_device("auto", 0)
+    validate_device("cuda:1", 2)
+    validate_device("cuda", 2, local_rank=1)
+    with pytest.raises(ConfigError, match="field 'run.device': is 'cuda', but CUDA is not available"):
+        validate_device("cuda", 0)
+    with pytest.raises(ConfigError, match="field 'run.device': is 'cuda:2', but this machine has 2 CUDA device\\(s\\): "
+                                          "cuda:0 to cuda:1"):
+        validate_device("cuda:2", 2)
+    with pytest.raises(ConfigError, match="is 'cuda' \\(LOCAL_RANK 2\\), but this machine has 2"):
+        validate_device("cuda", 2, local_rank=2)
+    for name in ("cuda:x", "cudafoo", "gpu"):
+        with pytest.raises(ConfigError, match="field 'run.device': must be auto, cpu, cuda or cuda:N"):
+            load_config(None, [*PATHS, f"run.device={name}"])
+
+
+@pytest.mark.parametrize("command", ["train", "sft", "train-rm"])
+def test_a_cuda_device_this_machine_lacks_fails_at_start_up(command, tmp_path, capsys):
+    """cuda:<device count> exists on no machine: without CUDA, CUDA is missing; with it, the index is out of range."""
+    paths = PATHS if command == "train" else STAGE_PATHS
+    rc = main([command, *paths, f"run.device=cuda:{torch.cuda.device_count()}", f"run.output_dir={tmp_path / 'run'}"])
+    assert rc == 2
+    assert "field 'run.device': is 'cuda:" in _one_error_line(capsys, command)
+
+
+# ----------------------------------------------------------------------------
+# One line on stderr and in train.log, exit codes
+# ----------------------------------------------------------------------------
+
+def test_an_unwritable_output_dir_names_the_path(tmp_path, capsys, tiny_setups):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": blocker / "run"})])
+    assert rc == 1
+    line = _one_error_line(capsys, "train")
+    assert line == f"fastppo train: error: Not a directory: {blocker / 'run'}", line
+
+
+def test_a_data_error_after_start_up_also_lands_in_train_log(tmp_path, capsys, tiny_setups):
+    out = tmp_path / "run"
+    rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out,
+                                                           "data.prompt_path": tmp_path / "missing.jsonl"})])
+    assert rc in (1, 2)
+    line = _one_error_line(capsys, "train")
+    assert "missing.jsonl" in line
+    assert line in (out / "train.log").read_text()
+
+
+def test_a_non_finite_abort_is_one_line_naming_what_and_the_fields(tmp_path, capsys, monkeypatch, tiny_setups):
+    """NaN reward-model scores make every loss non-finite: the run stops after run.max_nonfinite_in_a_row steps."""
+    real_score = train_module.score_rollout
+
+    def nan_scores(*args, **kwargs):
+        scored = real_score(*args, **kwargs)
+        return dataclasses.replace(scored, scores=torch.full_like(scored.scores, math.nan))
+
+    monkeypatch.setattr(train_module, "score_rollout", nan_scores)
+    out = tmp_path / "run"
+    rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out, "run.max_nonfinite_in_a_row": 2})])
+    assert rc == 1
+    line = _one_error_line(capsys, "train")
+    assert "non-finite loss" in line and "in 2 optimizer steps in a row" in line, line
+    for name in ("run.max_nonfinite_in_a_row=2", "optim.policy_lr", "optim.critic_lr", "optim.max_grad_norm"):
+        assert name in line, (name, line)
+    assert line in (out / "train.log").read_text()
+
+
+def test_ctrl_c_before_the_loop_exits_130_with_one_line(tmp_path, capsys, monkeypatch, tiny_setups):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "load_prompts", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out})]) == 130
+    line = _one_error_line(capsys, "train")
+    assert line == "fastppo train: error: interrupted (Ctrl-C)"
+    assert line in (out / "train.log").read_text()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, tiny_setups):
+    """Two SIGINTs during the rollout of iteration 2: no save of iteration 2, exit 130, checkpoint 1 untouched."""
+    real_generate, calls = train_module.generate, []
+
+    def generate_then_ctrl_c_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)      # the first: save after this iteration ...
+            os.kill(os.getpid(), signal.SIGINT)      # ... the second: stop now
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "generate", generate_then_ctrl_c_twice)
+    handler_before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out, "run.save_every": 1,
+                                                           "run.log_level": "INFO"})])
+    assert rc == 130
+    line = _one_error_line(capsys, "train")
+    assert "second Ctrl-C" in line and "last checkpoint is intact" in line, line
+    assert [p.name for p in list_checkpoints(out)] == ["iter_00000001"]
+    assert read_weights(list_checkpoints(out)[0], "policy")                    # complete and readable
+    assert [r["iteration"] for r in read_metrics(out)] == [1]
+    assert line in (out / "train.log").read_text()
+    assert signal.getsignal(signal.SIGINT) is handler_before                  # handlers restored
+
+
+def test_graceful_stop_first_signal_sets_a_flag_second_sigint_raises():
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_reaches_train_log(tmp_path, monkeypatch, tiny_setups):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(train_module, "generate", broken)
+    out = tmp_path / "run"
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out})])
+    text = (out / "train.log").read_text()
+    assert "fastppo train: unexpected ZeroDivisionError: a bug" in text and "Traceback" in text, text
+
+
+def test_an_error_class_added_to_the_list_gets_one_line(tmp_path, capsys, monkeypatch, tiny_setups):
+    class RunDirTaken(RuntimeError):
+        pass
+
+    def taken(*args, **kwargs):
+        raise RunDirTaken("run dir in use")
+
+    monkeypatch.setattr(train_module, "generate", taken)
+    monkeypatch.setattr(cli, "KNOWN_ERRORS", (*cli.KNOWN_ERRORS, RunDirTaken))
+    assert main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": tmp_path / "run"})]) == 1
+    assert _one_error_line(capsys, "train") == "fastppo train: error: run dir in use"
+
+
+def test_an_earlier_runs_log_is_not_written_by_a_later_command(tmp_path, capsys, tiny_setups):
+    first = tmp_path / "first"
+    assert main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": first, "run.iterations": 1,
+                                                             "run.export_at_end": False})]) == 0
+    assert main(["train", *PATHS, "reward.kl_coef=nan"]) == 2                     # fails before a run dir exists
+    assert "fastppo train: error" not in (first / "train.log").read_text()
+
+
+# ----------------------------------------------------------------------------
+# Progress: a bar on a terminal, log lines elsewhere
+# ----------------------------------------------------------------------------
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_off_elsewhere(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    bar = sft_module.progress(3, "sft", True)
+    assert not bar.disable                                                   # (closing disables it)
+    bar.update(3)
+    bar.close()
+    assert "\r" in sys.stderr.getvalue() and "3/3" in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())                         # not a terminal
+    bar = sft_module.progress(3, "sft", True)
+    assert bar.disable is False and bar.fp is not sys.stderr and bar.mininterval == sft_module.PROGRESS_LOG_INTERVAL_S
+    bar.close()
+    assert sft_module.progress(3, "sft", False).disable
+
+
+@pytest.mark.parametrize("interval, lines", [(0.0, ["0/3", "1/3", "2/3", "3/3", "3/3"]),
+                                              (3600.0, ["0/3", "3/3"])])
+def test_train_logs_progress_lines_instead_of_bar_frames(interval, lines, tmp_path, capsys, monkeypatch, tiny_setups):
+    """Off a terminal, one line per interval (here: per iteration when iterations are slower than it)."""
+    monkeypatch.setattr(sft_module, "PROGRESS_LOG_INTERVAL_S", interval)
+    out = tmp_path / "run"
+    overrides = tiny_setups("llama").overrides(**{"run.output_dir": out, "run.progress_bar": True,
+                                                  "run.log_level": "INFO"})
+    capsys.readouterr()                                                      # (building the tiny models)
+    assert main(["train", *overrides]) == 0
+    err = capsys.readouterr().err
+    log_text = (out / "train.log").read_text()
+    progress = [line.split(" INFO ", 1)[1] for line in log_text.splitlines() if " INFO ppo: " in line]
+    assert [p.split()[1] for p in progress] == lines, log_text
+    assert "reward=" in progress[-1] and "kl=" in progress[-1] and "tok_s=" in progress[-1]
+    assert "\r" not in err and "\r" not in log_text and "█" not in err
