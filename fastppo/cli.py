@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .dist import DistributedError, rank, world_size
     from .models import ModelError
+    from .run_dir import RunDirError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][2](args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ModelError, RunDirError, FileNotFoundError) as exc:
         where = f" (rank {rank()}/{world_size()})" if world_size() > 1 else ""
         print(f"fastppo {args.command}: error{where}: {exc}", file=sys.stderr)
         return 2
