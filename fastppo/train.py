@@ -206,9 +206,9 @@ def train(config: Config | dict | str | Path) -> TrainResult:
     pc = cfg.parallel
     created = dist.setup(pc.shard, pc.backend, pc.timeout_s, device)
     try:
-        mc = cfg.model
+        mc, export = cfg.model, Path(cfg.run.output_dir) / "export" / "policy"
         with dist.collective_errors("training"), rundir.claim(
-                cfg.run.output_dir, device=device, export=Path(cfg.run.output_dir) / "export" / "policy",
+                cfg.run.output_dir, device=device, export=export if cfg.run.export_at_end else None,
                 reads={"model.policy_path": mc.policy_path, "model.reward_path": mc.reward_path,
                        "model.critic_path": mc.critic_path}):
             return _train(cfg, device)
