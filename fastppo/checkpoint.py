@@ -156,17 +156,15 @@ def resume_point(cfg) -> Path | None:
     path = resolve_resume(resume, out)
     if path is None:
         return None
-    own = list_checkpoints(out)
     if path.resolve().parent != checkpoint_dir(out).resolve():
         refuse_earlier_run(out, f"to continue checkpoint {path} choose an empty run.output_dir")
-    elif (later := [p for p in own if (_iteration(p) or 0) > (_iteration(path) or 0)]):
-        intact = [p for p in later if _is_intact(p)]
-        if intact:
+    else:
+        later = [p for p in list_checkpoints(out) if (_iteration(p) or 0) > (_iteration(path) or 0)]
+        if intact := [p for p in later if _is_intact(p)]:
             raise RunDirError(f"run.resume={resume}: {out} holds later checkpoints ({', '.join(p.name for p in intact)}) "
                               "that the resumed run would overwrite: resume the newest (--resume), or continue "
                               f"{path.name} into another run.output_dir")
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    done = state["iteration"]
+    done = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)["iteration"]
     if cfg.run.iterations < done:
         raise RunDirError(f"run.iterations={cfg.run.iterations} is below the iteration of checkpoint {path} ({done}): "
                           f"set run.iterations to {done} or more to continue it")
