@@ -12,9 +12,16 @@ qualified name, and a load reads whatever slices the loading run needs: a
 checkpoint saved by N processes resumes in M processes (one process without
 torchrun included), sharded or not. All ranks write into one temporary
 sibling directory that rank 0 renames into place only when every rank is
-done, so a crash mid-save leaves the previous checkpoint intact; the newest
-`keep_last` are kept. With several nodes, output_dir must be on a
-filesystem all nodes share.
+done, so a crash mid-save leaves the previous checkpoint intact, and a
+failed save (a full disk) removes its temporary directory and says why. After
+a save, checkpoints of earlier iterations beyond the newest `keep_last` are
+deleted (never the one just written, never a later one). With several nodes,
+output_dir must be on a filesystem all nodes share.
+
+Resuming (`resume_point`) verifies a checkpoint before using it (every file
+present and as long as its index says) and falls back from a damaged newest
+checkpoint to the newest intact one; it compares the run's config with the
+checkpoint's (`run_dir.config_changes`).
 
 The export (`export_hf`) is a plain Hugging Face directory (config,
 safetensors weights, tokenizer) loadable with
@@ -25,6 +32,7 @@ safetensors weights, tokenizer) loadable with
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -36,7 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omegaconf import OmegaConf
+
 from . import dist
+from .run_dir import RunDirError, config_changes, fingerprint_changes, refuse_earlier_run
 
 log = logging.getLogger("fastppo")
 
@@ -56,21 +67,123 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _iteration(path: Path) -> int | None:
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The trainer state of checkpoint `path`, after checking that every file it needs is there and whole
+    (DCP's index gives each shard file's length); a RunDirError naming the damaged file otherwise."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    state_file = path / "trainer_state.pt"
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated zip raises RuntimeError, EOFError or UnpicklingError, depending on where
+        raise RunDirError(f"{state_file}: unreadable, probably truncated ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'})") from None
+    if not isinstance(state, dict) or "iteration" not in state:
+        raise RunDirError(f"{state_file}: not a fastppo trainer state (no iteration)")
+    if not (path / "config.yaml").is_file():
+        raise RunDirError(f"{path / 'config.yaml'}: missing")
+    model = path / "model"
+    if not model.is_dir():
+        raise RunDirError(f"{path}: no model/ directory (a checkpoint from before sharded checkpoints?)")
+    try:
+        storage = FileSystemReader(str(model)).read_metadata().storage_data or {}
+    except Exception as exc:
+        raise RunDirError(f"{model / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
+    need: dict[str, int] = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = model / name
+        if not f.is_file():
+            raise RunDirError(f"{f}: missing")
+        if f.stat().st_size < size:
+            raise RunDirError(f"{f}: truncated ({f.stat().st_size} of {size} bytes)")
+    return state
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """'latest' -> the newest checkpoint in output_dir; 'auto' -> the same, or None when there is none yet;
-    else the given directory."""
+    """The checkpoint to resume from, verified. 'latest': the newest intact one in output_dir (damaged newer ones
+    are skipped with a warning); 'auto': the same, or None when there is none; else the given directory."""
+    if resume not in ("auto", "latest"):
+        path = Path(resume)
+        if not (path / "trainer_state.pt").exists():
+            raise RunDirError(f"run.resume={resume}: not a fastppo checkpoint (no trainer_state.pt)")
+        verify_checkpoint(path)
+        return path
+    damaged = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except RunDirError as exc:
+            damaged.append(str(exc))
+            log.warning("skipping damaged checkpoint %s: %s", path, exc)
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest intact checkpoint", path)
+        return path
+    if damaged:
+        raise RunDirError(f"run.resume={resume}: no intact checkpoint in {checkpoint_dir(output_dir)} "
+                          f"({'; '.join(damaged)})")
     if resume == "auto":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
-    if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        if not ckpts:
-            raise FileNotFoundError(f"run.resume=latest but {checkpoint_dir(output_dir)} holds no complete checkpoint")
-        return ckpts[-1]
-    path = Path(resume)
-    if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"run.resume={resume}: not a fastppo checkpoint (no trainer_state.pt)")
+        return None
+    raise RunDirError(f"run.resume=latest but {checkpoint_dir(output_dir)} holds no complete checkpoint")
+
+
+def resume_point(cfg) -> Path | None:
+    """The checkpoint `train` continues from (None: a fresh start), after checking that continuing is sound:
+
+    - a fresh start needs a run.output_dir without an earlier run in it;
+    - a checkpoint from elsewhere may continue only into such a directory, one from output_dir only when no
+      intact later checkpoint exists there (saving would mix the two histories);
+    - model paths must be the checkpoint's (`run_dir.FIXED_ON_RESUME`), run.iterations at least its iteration;
+      other changed settings are logged, each by name.
+
+    A torchrun restart (no run.resume given) resumes as run.resume=auto.
+    """
+    out = Path(cfg.run.output_dir)
+    resume = cfg.run.resume
+    if resume is None and dist.restart_count() > 0:
+        resume = "auto"                                          # torchrun restarted us: continue from the last save
+        log.warning("torchrun restart %d: resuming from the newest checkpoint, if any", dist.restart_count())
+    if resume is None:
+        refuse_earlier_run(out, "continue it with --resume (run.resume=latest), or choose another run.output_dir")
+        return None
+    path = resolve_resume(resume, out)
+    if path is None:
+        return None
+    if path.resolve().parent != checkpoint_dir(out).resolve():
+        refuse_earlier_run(out, f"to continue checkpoint {path} choose an empty run.output_dir")
+    else:
+        later = [p for p in list_checkpoints(out) if (_iteration(p) or 0) > (_iteration(path) or 0)]
+        if intact := [p for p in later if _is_intact(p)]:
+            raise RunDirError(f"run.resume={resume}: {out} holds later checkpoints ({', '.join(p.name for p in intact)}) "
+                              "that the resumed run would overwrite: resume the newest (--resume), or continue "
+                              f"{path.name} into another run.output_dir")
+    done = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)["iteration"]
+    if cfg.run.iterations < done:
+        raise RunDirError(f"run.iterations={cfg.run.iterations} is below the iteration of checkpoint {path} ({done}): "
+                          f"set run.iterations to {done} or more to continue it")
+    saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    refused, changed = config_changes(saved, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    if refused:
+        raise RunDirError(f"cannot resume {path} with other models: {'; '.join(refused)} (set them back, or start a "
+                          "fresh run in another run.output_dir)")
+    if changed:
+        log.warning("resuming %s with changed settings: %s", path, "; ".join(changed))
     return path
+
+
+def _is_intact(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except RunDirError:
+        return False
+    return True
 
 
 def rng_state() -> dict:
@@ -113,44 +226,119 @@ def _training_state(policy, critic, policy_opt, critic_opt) -> dict:
 
 def save_checkpoint(output_dir: str | Path, iteration: int, *, policy, critic, policy_opt, critic_opt,
                     trainer_state: dict, config_yaml: str, keep_last: int) -> Path:
-    """Write checkpoint `iteration` atomically and prune old ones; returns its directory. Collective: every rank calls it."""
+    """Write checkpoint `iteration` atomically and prune old ones; returns its directory. Collective: every rank calls it.
+
+    A failed write (a full disk) removes the temporary directory, keeps the previous checkpoints and raises a
+    RunDirError naming the checkpoint and the reason, on every rank.
+    """
     import torch.distributed.checkpoint as dcp
 
     root = checkpoint_dir(output_dir)
     final = root / f"iter_{iteration:08d}"
     tmp = root / f".tmp-iter_{iteration:08d}"                       # one name on every rank
+    device = next(policy.parameters()).device                       # for the ranks' agreement on failure
+    error = None
     if dist.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
-    state = _training_state(policy, critic, policy_opt, critic_opt)
-    with _dcp_single_process_ok():
-        dcp.save(state, checkpoint_id=str(tmp / "model"), no_dist=not dist.is_initialized())  # each rank its shards
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as exc:
+            error = exc
+    _raise_if_failed(error, "save checkpoint", final, tmp, device)  # also the barrier: tmp exists for everyone
+    try:
+        state = _training_state(policy, critic, policy_opt, critic_opt)
+        with _dcp_single_process_ok():
+            dcp.save(state, checkpoint_id=str(tmp / "model"), no_dist=not dist.is_initialized())  # each rank its shards
+    except _WRITE_ERRORS as exc:
+        error = exc
+    if dist.is_main() and error is None:
+        try:
+            saved = {name: name in state for name in ("policy_opt", "critic_opt")}
+            torch.save({**trainer_state, "optimizers_saved": saved, "rng": rng_state(), "iteration": iteration},
+                       tmp / "trainer_state.pt")
+            (tmp / "config.yaml").write_text(config_yaml)
+            for f in (tmp / "trainer_state.pt", tmp / "config.yaml"):  # data on disk before the rename makes it visible
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():  # re-saving the same iteration: move the old one aside first
+                old = root / f".old-{final.name}-{os.getpid()}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+            _fsync_dir(root)
+        except _WRITE_ERRORS as exc:
+            error = exc
+    _raise_if_failed(error, "save checkpoint", final, tmp, device)  # also the barrier: nobody reads it before it is complete
     if dist.is_main():
-        saved = {name: name in state for name in ("policy_opt", "critic_opt")}
-        torch.save({**trainer_state, "optimizers_saved": saved, "rng": rng_state(), "iteration": iteration},
-                   tmp / "trainer_state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-        for f in (tmp / "trainer_state.pt", tmp / "config.yaml"):  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same iteration: move the old one aside first
-            old = root / f".old-{final.name}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
-        for stale in list_checkpoints(output_dir)[:-keep_last]:
+        # Only earlier iterations are pruned: the checkpoint just written and any later one stay.
+        earlier = [p for p in list_checkpoints(output_dir) if (_iteration(p) or 0) < iteration]
+        for stale in earlier[:max(0, len(earlier) - (keep_last - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
         for junk in root.glob(".tmp-*"):  # leftovers of crashed saves
             shutil.rmtree(junk, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
-    dist.barrier()                                                    # nobody reads it before it is complete
     return final
+
+
+# What a failed write raises: OSError from Python's own writes, RuntimeError from torch.save's zip writer ("unexpected
+# pos ..." on a full disk), CheckpointException (a BaseException) from DCP, with each rank's error inside.
+try:
+    from torch.distributed.checkpoint.api import CheckpointException
+except ImportError:  # pragma: no cover - every supported torch has it
+    CheckpointException = RuntimeError
+_WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)
+_FULL_DISK_BYTES = 1 << 20   # less free space than this after a failed write: the disk is (as good as) full
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """exc, its causes and contexts, and a CheckpointException's per-rank errors."""
+    seen, todo = [], [exc]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, tuple):                      # CheckpointException.failures: rank -> (exception, traceback)
+            e = e[0] if e else None
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        failures = getattr(e, "failures", None)
+        todo += [e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())]
+    return seen
+
+
+def write_failure_reason(exc: BaseException, where: Path) -> str:
+    """Why a write under `where` failed, in a few words ("no space left on device" for a full disk or quota)."""
+    causes = _causes(exc)
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in causes):
+        return "no space left on device"
+    try:
+        probe = next(p for p in (where, *where.parents) if p.exists())
+        if shutil.disk_usage(probe).free < _FULL_DISK_BYTES:
+            return "no space left on device"
+    except (OSError, StopIteration):
+        pass
+    os_error = next((e for e in causes if isinstance(e, OSError)), None)
+    if os_error is not None:
+        return os_error.strerror or str(os_error)
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+
+
+def _raise_if_failed(error: BaseException | None, what: str, final: Path, tmp: Path, device) -> None:
+    """Agree on every rank whether a collective write failed; if so rank 0 removes `tmp` and all raise."""
+    if not dist.any_rank(error is not None, device):
+        return
+    if dist.is_main():
+        reason = write_failure_reason(error, tmp) if error is not None else "failed on another rank"
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = [p.name for p in list_checkpoints(final.parent.parent) if p != final]
+        raise RunDirError(f"cannot {what} {final}: {reason}; its partial copy was removed"
+                          + (f", the previous checkpoint {kept[-1]} is kept" if kept else "")) from error
+    raise RunDirError(f"cannot {what} {final}: " + (write_failure_reason(error, tmp) if error is not None
+                                                    else "it failed on rank 0")) from error
 
 
 def _fsync_dir(path: Path) -> None:
@@ -164,18 +352,20 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt) -> dict:
+def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, models: dict[str, str] | None = None) -> dict:
     """Load weights and optimizer states (resharded to this run's layout); return the trainer state (RNG not yet applied).
 
-    Collective under FSDP: every rank calls it.
+    models: this run's `run_dir.model_fingerprint`; a checkpoint that recorded other models (another architecture
+    or tokenizer behind the same paths) is refused. Collective under FSDP: every rank calls it.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    if not (path / "model").is_dir():
-        raise FileNotFoundError(f"{path}: no model/ directory (a checkpoint from before sharded checkpoints?)")
-    trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    trainer_state = verify_checkpoint(path)
+    if models is not None and (changed := fingerprint_changes(trainer_state.get("models"), models)):
+        raise RunDirError(f"cannot resume {path}: its models differ from this run's: {'; '.join(changed)} "
+                          "(the model directories changed since the checkpoint)")
     saved = trainer_state.get("optimizers_saved", {"policy_opt": True, "critic_opt": True})
     # Templates in this run's layout (fresh optimizers get their state created here, then overwritten).
     state = _training_state(policy, critic, policy_opt, critic_opt)
@@ -237,15 +427,20 @@ def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
     if not dist.is_main():
         return out
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-    if state is not None:  # the config names the architecture, not the FSDP wrapper class
-        model.config.architectures = [_plain_class_name(model)]
-        model.config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        if state is not None:  # the config names the architecture, not the FSDP wrapper class
+            model.config.architectures = [_plain_class_name(model)]
+            model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except _WRITE_ERRORS as exc:
+        reason = write_failure_reason(exc, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(f"cannot export to {out}: {reason}; its partial copy was removed") from exc
     log.info("exported %s to %s", _plain_class_name(model), out)
     return out

@@ -28,14 +28,15 @@ from .data import DataError
 from .dist import DistributedError, env_world_size
 from .models import ModelError
 from .ppo import NonFiniteError
+from .run_dir import RunDirError
 
 log = logging.getLogger("fastppo")
 
 # Failures whose message says it all: `fastppo <cmd>: error: <message>` on stderr and in the run's train.log,
 # no traceback. Add an error class here to give it the same treatment. Exit code 2 for the ValueErrors among
 # them (the config, data or model given is wrong), 1 for the others; anything else keeps its traceback.
-KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelError, NonFiniteError, DistributedError,
-                                                 OSError)
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelError, RunDirError, NonFiniteError,
+                                                 DistributedError, OSError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by Ctrl-C
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)

@@ -51,6 +51,7 @@ from .data import DataError, SFTBatch, _apply_chat_template, _check_messages, en
 from .metrics import MetricBuffer, MetricWriter
 from .models import IGNORE_INDEX, backbone, scalar_head, score_at
 from .ppo import make_optimizer, make_scheduler, ptx_loss
+from .run_dir import claimed_stage
 from .sft import (StageResult, grad_step, load_stage_tokenizer, model_kwargs, prepare_model, progress,
                   setup_stage_run, split_held_out, step_batches, total_steps)
 
@@ -241,6 +242,7 @@ def evaluate_rm(model: nn.Module, pairs: list[PairExample], *, pad_id: int, batc
     }
 
 
+@claimed_stage  # locks run.output_dir, refuses one holding a run or an export over model.path
 def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = None) -> StageResult:
     """Train a reward model on cfg.data; export to <output_dir>/export. The Python API of `fastppo train-rm`."""
     from transformers import AutoModelForSequenceClassification

@@ -39,6 +39,7 @@ from .data import SFTExample, collate_sft, load_sft
 from .metrics import MetricBuffer, MetricWriter
 from .models import IGNORE_INDEX, _dtype, _grow_embeddings, ensure_pad_token, fused_lm_head_supported, load_tokenizer
 from .ppo import make_optimizer, make_scheduler, ptx_loss
+from .run_dir import claimed_stage
 
 log = logging.getLogger("fastppo")
 
@@ -203,6 +204,7 @@ def _to(batch, device: torch.device):
     return type(batch)(*(t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels)))
 
 
+@claimed_stage  # locks run.output_dir, refuses one holding a run or an export over model.path
 def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -> StageResult:
     """Fine-tune cfg.model.path on cfg.data; export to <output_dir>/export. The Python API of `fastppo sft`."""
     from transformers import AutoModelForCausalLM

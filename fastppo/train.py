@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from . import dist
-from .checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+from . import run_dir as rundir
+from .checkpoint import export_hf, load_checkpoint, resume_point, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, derived, from_dict, load_config, to_yaml, validate, validate_world
 from .data import EpochSampler, PromptBatch, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
 from .experience import (Experience, compute_advantages, experience_metrics, gather_experience, kl_controller,
@@ -209,7 +210,11 @@ def train(config: Config | dict | str | Path) -> TrainResult:
     pc = cfg.parallel
     created = dist.setup(pc.shard, pc.backend, pc.timeout_s, device)
     try:
-        with dist.collective_errors("training"):
+        mc, export = cfg.model, Path(cfg.run.output_dir) / "export" / "policy"
+        with dist.collective_errors("training"), rundir.claim(
+                cfg.run.output_dir, device=device, export=export if cfg.run.export_at_end else None,
+                reads={"model.policy_path": mc.policy_path, "model.reward_path": mc.reward_path,
+                       "model.critic_path": mc.critic_path}):
             return _train(cfg, device)
     finally:
         if created:
@@ -231,6 +236,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, cfg.run.log_level, rank)
+    path = resume_point(cfg)                                    # checked before anything in run_dir is written
     config_yaml = to_yaml(cfg)
     if dist.is_main():
         (run_dir / "config.yaml").write_text(config_yaml)      # the resolved config, next to the run
@@ -267,14 +273,10 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     kl_ctl = kl_controller(cfg)
     counters = UpdateCounters()
     start = 0
-    resume = cfg.run.resume
-    if resume is None and dist.restart_count() > 0:
-        resume = "auto"                                          # torchrun restarted us: continue from the last save
-        log.warning("torchrun restart %d: resuming from the newest checkpoint, if any", dist.restart_count())
-    path = resolve_resume(resume, cfg.run.output_dir) if resume else None
+    fingerprint = rundir.model_fingerprint(models)
     if path is not None:
         state = load_checkpoint(path, policy=models.policy, critic=models.critic, policy_opt=policy_opt,
-                                critic_opt=critic_opt)
+                                critic_opt=critic_opt, models=fingerprint)
         policy_sched.load_state_dict(state["policy_sched"])
         critic_sched.load_state_dict(state["critic_sched"])
         moments.load_state_dict(state["reward_moments"])
@@ -292,7 +294,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             "reward_moments": moments.state_dict(), "kl_controller": kl_ctl.state_dict(),
             "counters": dataclasses.asdict(counters), "sampler": sampler.state_dict(),
             "ptx_sampler": ptx_sampler.state_dict() if ptx_sampler is not None else None,
-            "world_size": world,
+            "world_size": world, "models": fingerprint,
         }
 
     # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
