@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import synthetic as S
+from .run_dir import RunDirError
 
 log = logging.getLogger("fastppo")
 
@@ -321,6 +323,21 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+DEMO_MARKER = "demo_plan.json"
+
+
+def replace_earlier_demo(out: Path, echo=print) -> None:
+    """The demo owns its folder: an earlier demo there is replaced (each stage refuses a used run folder), but a
+    folder holding anything else is left alone."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / DEMO_MARKER).is_file():
+        raise RunDirError(f"--output-dir {out} is not empty and holds no earlier demo ({DEMO_MARKER}); "
+                          "choose an empty or new folder")
+    echo(f"[demo] replacing the earlier demo in {out}")
+    shutil.rmtree(out)
+
+
 def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, compare: list[str] | None = None,
              plan: DemoPlan | None = None, progress_bar: bool = True, echo=print) -> DemoResult:
     """SFT -> reward model -> PPO-max (and the compared presets) -> held-out evaluation -> report."""
@@ -332,8 +349,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, compare: li
     _quiet_transformers()
     plan = plan or DemoPlan()
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     presets = ["ppo_max", *[p for p in (compare or []) if p != "ppo_max"]]
+    replace_earlier_demo(out, echo)
+    out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -344,7 +362,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, compare: li
     echo(f"[demo] seed {seed}; outputs in {out.resolve()}")
     t0 = time.perf_counter()
     paths = make_task(out, plan, seed)
-    (out / "demo_plan.json").write_text(json.dumps({"seed": seed, "presets": presets, **asdict(plan)}, indent=2))
+    (out / DEMO_MARKER).write_text(json.dumps({"seed": seed, "presets": presets, **asdict(plan)}, indent=2))
     stage("data", t0)
 
     t0 = time.perf_counter()

@@ -36,3 +36,28 @@ def test_quick_demo_improves_reward_and_writes_everything(tmp_path, capsys):
     AutoModelForCausalLM.from_pretrained(out / "ppo_max" / "export" / "policy")
     rm = AutoModelForSequenceClassification.from_pretrained(out / "rm" / "export")
     assert rm.config.num_labels == 1
+
+
+def test_a_rerun_replaces_an_earlier_demo_but_never_another_folder(tmp_path):
+    """`make demo` twice works (every stage refuses a used run folder, so the demo clears its own), while a folder
+    that holds no earlier demo is refused and left as it was."""
+    import pytest
+
+    from fastppo.demo import DEMO_MARKER, replace_earlier_demo
+    from fastppo.run_dir import RunDirError
+
+    earlier = tmp_path / "demo"
+    (earlier / "sft").mkdir(parents=True)
+    (earlier / "sft" / "metrics.jsonl").write_text("{}\n")
+    (earlier / DEMO_MARKER).write_text("{}")
+    said = []
+    replace_earlier_demo(earlier, said.append)
+    assert not earlier.exists() and "replacing the earlier demo" in said[0]
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="--output-dir .*holds no earlier demo"):
+        replace_earlier_demo(other, said.append)
+    assert (other / "notes.txt").read_text() == "keep me"
+    replace_earlier_demo(tmp_path / "new", said.append)        # a new or empty folder: nothing to do
