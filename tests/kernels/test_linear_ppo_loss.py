@@ -349,6 +349,17 @@ def test_leading_dims_and_noncontiguous_inputs(backend):
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-6, rtol=1e-4)
 
 
+def assert_gemm_close(name, got, want, scale, n_terms, dlogit_ulps, lam=8.0):
+    """Within the float32 rounding error of a sum of n_terms products a·b whose magnitudes sum to `scale`,
+    each a (a dlogit) off by `dlogit_ulps` relative ulps: (λ·√K + dlogit_ulps)·eps·scale (the probabilistic
+    bound of Higham & Mary, SIAM J. Sci. Comput. 2019, exceeded with probability below exp(−λ²/2)), plus
+    one float32 ulp of the result."""
+    eps = torch.finfo(torch.float32).eps
+    tol = (lam * math.sqrt(n_terms) + dlogit_ulps) * eps * scale + eps * want.abs()
+    worst = ((got.double() - want).abs() - tol).max().item()
+    assert worst <= 0, f"{name}: beyond the float32 summation bound by {worst:.3g}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_input_at_a_time_and_the_upstream_gradient(backend):
     """A frozen weight (no dW work), a frozen hidden; the loss inside a larger expression."""
@@ -357,16 +368,29 @@ def test_one_input_at_a_time_and_the_upstream_gradient(backend):
     w64 = weight.double().requires_grad_()
     want = composed(h64, w64, labels, old, adv, mask, ent_coef=0.1)
     (3.0 * want["loss"] + 1.0).backward()
+    # The float64 gradient of the loss in the logits: composed() through an identity lm_head (exact in float64).
+    x64 = F.linear(h64, w64).detach().requires_grad_()
+    (3.0 * composed(x64, torch.eye(257, dtype=torch.float64, device=x64.device), labels, old, adv, mask,
+                    ent_coef=0.1)["loss"]).backward()
+    scale_h, scale_w = x64.grad.abs() @ w64.detach().abs(), x64.grad.abs().T @ h64.detach().abs()
+    # p = exp(x − lse) turns the absolute error of its argument into a relative error of each float32 dlogit:
+    # the rounding of x and lse, (|x| + |lse|)·eps, and the float32 GEMM error of the logit (and through its
+    # softmax average of lse), λ·√H·eps·Σ_k|h_k·w_k| each (λ = 8); +4 ulps for the rest of the arithmetic.
+    x = x64.detach()
+    gemm = 8.0 * math.sqrt(16) * (h64.detach().abs() @ w64.detach().abs().T)
+    ulps = (x.abs() + torch.logsumexp(x, dim=-1, keepdim=True).abs() + 2 * gemm).max().item() + 4
     for grad_h, grad_w in ((True, True), (True, False), (False, True)):
         h = hidden.clone().requires_grad_(grad_h)
         w = weight.clone().requires_grad_(grad_w)
         out = linear_ppo_loss(h, w, labels, old, adv, mask, ent_coef=0.1, backend=backend, chunk_size=4)
         (out.loss * 3.0 + 1.0).backward()
         assert (h.grad is None) == (not grad_h) and (w.grad is None) == (not grad_w)
+        # dhidden and dW are float32 sums of products whose terms cancel: their error scales with the sum of
+        # the terms' magnitudes (|dlogits| @ |W|, |dlogits|ᵀ @ |hidden|), not with the entry itself.
         if grad_h:
-            torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-6, rtol=1e-5)
+            assert_gemm_close("dhidden", h.grad, h64.grad, scale_h, n_terms=257, dlogit_ulps=ulps)
         if grad_w:
-            torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-6, rtol=1e-5)
+            assert_gemm_close("dweight", w.grad, w64.grad, scale_w, n_terms=13, dlogit_ulps=ulps)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
