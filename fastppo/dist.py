@@ -11,6 +11,11 @@ the root, for all four models, over a 1-D mesh (FSDP) or a 2-D
 summed across ranks, never averaged: every loss is already divided by a
 global token count (`global_count`), so the sum is the global gradient.
 
+Precision on GPU: float32 master weights and optimizer state, bfloat16
+compute, float32 gradient reduction. With FSDP (the default on CUDA, also in
+one process) MixedPrecisionPolicy does it; without (`parallel.shard=never`)
+`Autocast` runs the transformer blocks under torch.autocast.
+
 Every cross-rank quantity of the trainer goes through a helper here:
 token-mean normalisers (`global_count`), reward moments and whitening
 (`global_moments`, `group`), metrics, the stop decision (`any_rank`) and the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import logging
 import os
@@ -92,9 +98,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def wants_sharding(shard: str) -> bool:
-    """parallel.shard: auto shards whenever there is more than one process; always also in one."""
-    return shard == "always" or (shard == "auto" and world_size() > 1)
+def wants_sharding(shard: str, device: torch.device, world: int | None = None) -> bool:
+    """Whether the models are sharded (FSDP2), for parallel.shard and `world` processes (default: the group's).
+
+    auto shards with more than one process, and on CUDA also in one: FSDP2's
+    MixedPrecisionPolicy is then what gives float32 master weights and
+    bfloat16 compute (`Sharder`). always shards also in one CPU process;
+    never does not shard (one process only; see `Autocast`).
+    """
+    world = world_size() if world is None else world
+    return shard == "always" or (shard == "auto" and (world > 1 or device.type == "cuda"))
 
 
 def setup(shard: str, backend: str, timeout_s: float, device: torch.device) -> bool:
@@ -106,7 +119,7 @@ def setup(shard: str, backend: str, timeout_s: float, device: torch.device) -> b
     if is_initialized():
         return False
     world = env_world_size()
-    if world == 1 and shard != "always":
+    if world == 1 and not wants_sharding(shard, device, world):
         return False
     if world > 1 and shard == "never":
         raise DistributedError(f"parallel.shard=never, but torchrun started {world} processes; "
@@ -117,7 +130,7 @@ def setup(shard: str, backend: str, timeout_s: float, device: torch.device) -> b
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world == 1 and "MASTER_ADDR" not in os.environ:
-        # One process with FSDP on (shard=always) and no torchrun: a private single-rank group.
+        # One process with FSDP on (shard=always, or auto on CUDA) and no torchrun: a private single-rank group.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         # torchrun's agent keeps one TCPStore across restarts of the worker group: without a per-attempt
@@ -370,6 +383,55 @@ class Sharder:
         return model
 
 
+class Autocast:
+    """Prepares a model for one process without FSDP (parallel.shard=never), the counterpart of `Sharder`.
+
+    The weights stay in their load dtype (model.dtype: float32 master
+    weights, and AdamW state in float32) and move to `device`; each
+    transformer block runs under torch.autocast(dtype), so its matmuls and
+    attention compute in `dtype` (bfloat16) while norms, softmax and the
+    residual stream stay float32. Embeddings, the final norm and the heads
+    run outside autocast: the fused lm_head ops get float32 hidden states
+    and weight and accumulate in float32. The frozen models get the same
+    treatment (their numbers then match the policy's at the first step).
+    dtype None (or the load dtype) changes nothing.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None) -> None:
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, model: nn.Module, role: str, *, trained: bool) -> nn.Module:
+        model.to(self.device)
+        storage = next(model.parameters()).dtype
+        if self.dtype is None or self.dtype == storage:
+            return model
+        blocks = transformer_blocks(model)
+        for block in blocks:
+            _run_under_autocast(block, self.device.type, self.dtype)
+        log.info("%s: %s weights, %d blocks under torch.autocast(%s)", role, str(storage).removeprefix("torch."),
+                 len(blocks), str(self.dtype).removeprefix("torch."))
+        return model
+
+
+def _run_under_autocast(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Make module.forward run under torch.autocast (an instance attribute: the class and other instances keep
+    theirs; activation checkpointing recomputes through it, so the recompute sees the same dtypes)."""
+    inner = module.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return inner(*args, **kwargs)
+
+    module.forward = forward
+    module._fastppo_autocast = dtype
+
+
+def autocast_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype `Autocast` runs this module's forward under (None: not wrapped)."""
+    return getattr(module, "_fastppo_autocast", None)
+
+
 def shard_numel(model: nn.Module) -> tuple[int, int]:
     """(parameters held by this rank, parameters of the whole model)."""
     from torch.distributed.tensor import DTensor
@@ -423,7 +485,7 @@ def grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=next(model.parameters()).device)
     total = torch.nn.utils.get_total_norm(grads)
     if isinstance(total, DTensor):
         total = total.full_tensor()                                      # reduces the per-shard partial norms
