@@ -363,6 +363,10 @@ class Sharder:
                 offload = CPUOffloadPolicy(pin_memory=True)
             else:
                 log.info("%s: parallel.offload_frozen has no effect on %s", role, self.device)
+        # With several processes the weights come from rank 0 (`from_pretrained` built the model on the
+        # meta device elsewhere): rank 0's full tensors are kept until they are broadcast into the shards.
+        from_rank0 = world_size() > 1
+        full = model.state_dict() if from_rank0 and rank() == 0 else {}
         # Blocks of the frozen models are only used in no-grad forwards: always reshard after them.
         reshard = self.reshard_after_forward if trained else True
         blocks = transformer_blocks(model)
@@ -374,6 +378,10 @@ class Sharder:
             # Losses are divided by global token counts: sum the gradients, do not average them.
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
+        if from_rank0:
+            _fill_from_rank0(model, full, torch.device("cpu") if isinstance(offload, CPUOffloadPolicy) else self.device,
+                             self.device)
+            del full
         setattr(model, FORWARD_METHOD, types.MethodType(_call, model))
         register_fsdp_forward_method(model, FORWARD_METHOD)
         local, total = shard_numel(model)
@@ -430,6 +438,48 @@ def _run_under_autocast(module: nn.Module, device_type: str, dtype: torch.dtype)
 def autocast_dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype `Autocast` runs this module's forward under (None: not wrapped)."""
     return getattr(module, "_fastppo_autocast", None)
+
+
+def from_pretrained(cls, path: str, shard, **kwargs) -> nn.Module:
+    """cls.from_pretrained(path, **kwargs), read on rank 0 only when `shard` is a Sharder over several processes.
+
+    The other ranks build the same architecture from kwargs["config"] on the
+    meta device (no file read, no memory); `Sharder` then broadcasts rank 0's
+    weights into every rank's shards. Code between this call and the
+    Sharder must not read weight values (they are meta on ranks > 0); shape
+    changes (resize_token_embeddings) are fine. Host memory of a 7B model:
+    rank 0 reads it (and copies the reference from it), the other ranks only
+    ever hold their shards, instead of ~54 GB per rank.
+    """
+    if not (isinstance(shard, Sharder) and world_size() > 1 and rank() != 0):
+        return cls.from_pretrained(path, **kwargs)
+    config = kwargs.pop("config", None)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    with torch.device("meta"):
+        return cls.from_config(config, **kwargs)
+
+
+def _fill_from_rank0(model: nn.Module, full: dict, shard_device: torch.device, comm_device: torch.device) -> None:
+    """Broadcast rank 0's full weights (`full`; empty elsewhere) into the shards of every rank, one tensor at a
+    time (set_model_state_dict with broadcast_from_rank0: a rank holds one full tensor at most), then the
+    buffers outside the state dict (rotary inv_freq, ...) and rank 0's RNG state: rank 0 alone may have drawn
+    from it (random init of new embedding rows), and every rank must draw the same minibatches afterwards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        model.to_empty(device=shard_device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buf in model.buffers():
+        moved = buf.to(comm_device)
+        dist.broadcast(moved, src=0)
+        if moved is not buf:
+            buf.copy_(moved)
+    rng = [torch.get_rng_state()]
+    dist.broadcast_object_list(rng, src=0, device=comm_device)
+    torch.set_rng_state(rng[0])
 
 
 def shard_numel(model: nn.Module) -> tuple[int, int]:

@@ -234,3 +234,60 @@ def test_scoring_the_rollout_with_an_appended_eos_does_not_sync(tiny_setups):
     assert ids.tolist() == [[1, 5, 6, 2, 0, 0], [1, 5, 6, 7, 8, 2]]
     assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
     assert eos_index.tolist() == [3, 5]
+
+
+# ----------------------------------------------------------------------------
+# Loading at scale: rank 0 reads, the other ranks only ever hold their shards
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, hidden, layers", [
+    ("llama", 768, 6),   # ~170 MB per model in float32: large enough for RSS to show a full copy
+    ("gpt2", 32, 2),     # tied embeddings, and a pad token added (embeddings resized, new row drawn from the RNG)
+])
+def test_ranks_above_0_never_hold_a_full_model_and_load_the_same_weights(tmp_path, arch, hidden, layers):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fastppo_testing.distributed import output, torchrun
+    from fastppo_testing.tiny_models import build_tokenizer, make_tiny_setup, model_configs
+
+    setup = make_tiny_setup(tmp_path / "setup", arch)
+    tok = build_tokenizer(gpt2_style=arch == "gpt2")
+    ids = dict(bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        AutoModelForCausalLM.from_config(model_configs(arch, len(tok), hidden=hidden, layers=layers, heads=8, **ids)
+                                         ).save_pretrained(setup.policy)
+        rm_config = model_configs(arch, len(tok), hidden=hidden, layers=layers, heads=8, **ids)
+        rm_config.num_labels = 1
+        AutoModelForSequenceClassification.from_config(rm_config).save_pretrained(setup.reward)
+    overrides = setup.overrides()
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun(["-m", "fastppo_testing.loading", out, *overrides], cwd=tmp_path / "work", timeout=600)
+    assert proc.returncode == 0, output(proc)
+
+    # The same weights, buffers and RNG state as one process loading everything itself (the RNG: the pad
+    # token's new embedding row is drawn from it, on rank 0 only, and every rank must go on from the same state).
+    got = torch.load(out / "models.pt")
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.run.seed)
+    want = load_models(cfg.model, CPU)
+    for role in ("policy", "ref", "critic", "reward"):
+        model = getattr(want, role)
+        state = model.state_dict()
+        assert set(got["states"][role]) == set(state), role
+        for k, v in state.items():
+            assert torch.equal(got["states"][role][k], v), (role, k)
+        for k, b in model.named_buffers():
+            assert torch.equal(got["buffers"][role][k], b), (role, k)
+    assert torch.equal(got["rng"], torch.get_rng_state())
+
+    if arch == "llama":
+        # Rank 1's peak while loading: its shards (half of each of the four models) plus at most one full
+        # tensor in flight (set_model_state_dict broadcasts tensor by tensor; here <= 2 x 768 x 1536 x 4 B
+        # = 9.4 MB). Loading each model in full on every rank (and copying the reference from the policy)
+        # holds at least one whole model next to the shards already made: shards + 170 MB. Half a model is the
+        # line between the two, with ~75 MB of room either side for allocator and import noise.
+        rank1 = torch.load(out / "rank1.pt")
+        grown = rank1["peak"] - rank1["rss_before"]
+        assert grown < rank1["shard_bytes"] + 0.5 * rank1["largest_model_bytes"], rank1
