@@ -16,6 +16,10 @@ compute, float32 gradient reduction. With FSDP (the default on CUDA, also in
 one process) MixedPrecisionPolicy does it; without (`parallel.shard=never`)
 `Autocast` runs the transformer blocks under torch.autocast.
 
+Loading with several processes (`from_pretrained`, `Sharder`): rank 0 reads
+each model; the other ranks build it on the meta device and receive their
+shards from rank 0, so no rank but 0 ever holds a full model on the host.
+
 Every cross-rank quantity of the trainer goes through a helper here:
 token-mean normalisers (`global_count`), reward moments and whitening
 (`global_moments`, `group`), metrics, the stop decision (`any_rank`) and the
@@ -339,6 +343,8 @@ class Sharder:
     gradients reduce-scattered in `reduce_dtype` and summed over ranks.
     Frozen models (reference, reward): cast to `param_dtype` before sharding
     (their forward computes in it anyway), optionally offloaded to CPU.
+    With several processes every rank's shards are filled from rank 0's
+    weights (the other ranks may pass meta-device models, `from_pretrained`).
     """
 
     def __init__(self, mesh, *, device: torch.device, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
@@ -440,10 +446,11 @@ def autocast_dtype(module: nn.Module) -> torch.dtype | None:
     return getattr(module, "_fastppo_autocast", None)
 
 
-def from_pretrained(cls, path: str, shard, **kwargs) -> nn.Module:
-    """cls.from_pretrained(path, **kwargs), read on rank 0 only when `shard` is a Sharder over several processes.
+def from_pretrained(cls, path: str, shard, *, config, **kwargs) -> nn.Module:
+    """cls.from_pretrained(path, config=config, **kwargs), read on rank 0 only when `shard` is a Sharder over
+    several processes.
 
-    The other ranks build the same architecture from kwargs["config"] on the
+    The other ranks build the same architecture from `config` on the
     meta device (no file read, no memory); `Sharder` then broadcasts rank 0's
     weights into every rank's shards. Code between this call and the
     Sharder must not read weight values (they are meta on ranks > 0); shape
@@ -452,12 +459,7 @@ def from_pretrained(cls, path: str, shard, **kwargs) -> nn.Module:
     ever hold their shards, instead of ~54 GB per rank.
     """
     if not (isinstance(shard, Sharder) and world_size() > 1 and rank() != 0):
-        return cls.from_pretrained(path, **kwargs)
-    config = kwargs.pop("config", None)
-    if config is None:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        return cls.from_pretrained(path, config=config, **kwargs)
     with torch.device("meta"):
         return cls.from_config(config, **kwargs)
 

@@ -6,7 +6,9 @@
 - a training iteration with float32 master weights and bfloat16 compute runs on CPU (autocast and
   FSDP on one process) and updates float32 weights with float32 AdamW state;
 - the hot paths (a decode step, a PPO minibatch) make no host sync and no host-to-device copy beyond
-  the one the update needs per optimizer step, counted with a TorchFunctionMode.
+  the one the update needs per optimizer step, counted with a TorchFunctionMode;
+- with two processes, rank 0 reads the weights and the other rank only ever holds its shards, and the
+  models equal those one process loads.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import fastppo
 from fastppo import dist
@@ -27,6 +30,8 @@ from fastppo.config import ConfigError, RolloutConfig, load_config
 from fastppo.models import _hidden_states, load_models
 from fastppo.rollout import CounterSampler
 from fastppo.train import _compute_dtype, train
+from fastppo_testing.distributed import output, torchrun
+from fastppo_testing.tiny_models import build_tokenizer, make_tiny_setup, model_configs
 from fastppo_testing.trainer import tiny_setups  # noqa: F401  (fixture)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
@@ -90,8 +95,6 @@ def _linear_output_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
 @pytest.mark.parametrize("compute, want", [(torch.bfloat16, torch.bfloat16), (None, torch.float32),
                                            (torch.float32, torch.float32)])
 def test_autocast_runs_the_blocks_in_the_compute_dtype_over_float32_weights(tiny_setups, compute, want):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(tiny_setups("llama").policy, dtype=torch.float32)
     model = dist.Autocast(CPU, compute)(model, "policy", trained=True)
     dtypes = _linear_output_dtypes(model)
@@ -245,11 +248,6 @@ def test_scoring_the_rollout_with_an_appended_eos_does_not_sync(tiny_setups):
     ("gpt2", 32, 2),     # tied embeddings, and a pad token added (embeddings resized, new row drawn from the RNG)
 ])
 def test_ranks_above_0_never_hold_a_full_model_and_load_the_same_weights(tmp_path, arch, hidden, layers):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from fastppo_testing.distributed import output, torchrun
-    from fastppo_testing.tiny_models import build_tokenizer, make_tiny_setup, model_configs
-
     setup = make_tiny_setup(tmp_path / "setup", arch)
     tok = build_tokenizer(gpt2_style=arch == "gpt2")
     ids = dict(bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
