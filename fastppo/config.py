@@ -43,7 +43,7 @@ class ModelConfig:
     critic_path: Optional[str] = None
     """Sequence-classification model the critic starts from; null = reward_path (PPO-max: critic from the reward model)."""
     dtype: str = "float32"
-    """Parameter dtype of all four models: float32, bfloat16 or float16."""
+    """Storage dtype of the four models: the master weights of the trained ones (their AdamW state has it too). Keep float32 and compute in bfloat16 with parallel.param_dtype; bfloat16/float16 with a learning rate under 1e-5 is refused (the updates round away)."""
     attn_implementation: str = "sdpa"
     """Attention implementation passed to from_pretrained: sdpa, eager or flash_attention_2 (GPU, when installed)."""
     trust_remote_code: bool = False
@@ -213,11 +213,11 @@ class RunConfig:
 @dataclass
 class ParallelConfig:
     shard: str = "auto"
-    """FSDP2 sharding of the four models: auto (whenever torchrun starts more than one process), always (also in one process), never (one process only)."""
+    """FSDP2 sharding of the four models: auto (whenever torchrun starts more than one process, and on CUDA also in one: FSDP2's mixed precision gives float32 master weights and bfloat16 compute), always (also in one CPU process), never (one process only; compute in param_dtype by torch.autocast)."""
     replicate_degree: int = 1
     """HSDP: size of the replicate dimension of a (replicate, shard) mesh, usually the number of nodes; models are sharded within a group of world_size / replicate_degree ranks and replicated across groups. 1 = plain FSDP over all ranks."""
     param_dtype: str = "auto"
-    """Compute and all-gather dtype under FSDP (MixedPrecisionPolicy.param_dtype): auto (bfloat16 on CUDA, model.dtype on CPU), float32, bfloat16 or float16. The trained models keep model.dtype shards (the optimizer's copy); the frozen ones are stored in this dtype."""
+    """Compute dtype: auto (bfloat16 on CUDA, model.dtype on CPU), float32, bfloat16 or float16. Under FSDP it is MixedPrecisionPolicy.param_dtype (also the all-gather dtype): the trained models keep model.dtype shards (the optimizer's copy), the frozen ones are stored in it. With shard=never the transformer blocks of all four models run under torch.autocast(param_dtype) over model.dtype weights. Logits that feed a logprob, an entropy or the sampler are float32 either way."""
     reduce_dtype: str = "float32"
     """Dtype of the gradient reduce-scatter / all-reduce under FSDP (MixedPrecisionPolicy.reduce_dtype)."""
     offload_frozen: bool = False
@@ -481,6 +481,28 @@ def validate(cfg: Config) -> None:
            f"must be float32, bfloat16 or float16, got {par.reduce_dtype!r}")
     _check(par.backend in ("auto", "nccl", "gloo"), "parallel.backend", f"must be auto, nccl or gloo, got {par.backend!r}")
     _check(par.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+    validate_precision(cfg)
+
+
+# Smallest learning rate a 16-bit master weight keeps. An AdamW step moves a weight by about lr (the
+# update m/sqrt(v) is of order 1), and rounding drops any move under half an ulp of the weight: bfloat16
+# keeps 8 significant bits, so a weight of 0.02 (a typical initialisation scale) has an ulp of
+# 2^-6 * 2^-7 = 1.2e-4, and below lr ~ 1e-5 nearly every update of nearly every weight rounds away
+# (float16, 11 bits: ulp(0.02) = 1.5e-5, the same order).
+MIN_LR_16BIT_MASTER = 1e-5
+
+
+def validate_precision(cfg: Config) -> None:
+    """Refuse 16-bit master weights with a learning rate their rounding would swallow (the policy would
+    silently stop learning); float32 master weights with bfloat16 compute are the remedy."""
+    m, o = cfg.model, cfg.optim
+    if m.dtype == "float32":
+        return
+    for name, lr in (("optim.policy_lr", o.policy_lr), ("optim.critic_lr", o.critic_lr)):
+        _check(not 0 < lr < MIN_LR_16BIT_MASTER, "model.dtype",
+               f"{m.dtype} master weights (and AdamW state) round away updates of {name}={lr:g} "
+               f"(< {MIN_LR_16BIT_MASTER:g}): use model.dtype=float32 with parallel.param_dtype=bfloat16 "
+               "(float32 master weights, bfloat16 compute)")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:

@@ -11,6 +11,15 @@ the root, for all four models, over a 1-D mesh (FSDP) or a 2-D
 summed across ranks, never averaged: every loss is already divided by a
 global token count (`global_count`), so the sum is the global gradient.
 
+Precision on GPU: float32 master weights and optimizer state, bfloat16
+compute, float32 gradient reduction. With FSDP (the default on CUDA, also in
+one process) MixedPrecisionPolicy does it; without (`parallel.shard=never`)
+`Autocast` runs the transformer blocks under torch.autocast.
+
+Loading with several processes (`from_pretrained`, `Sharder`): rank 0 reads
+each model; the other ranks build it on the meta device and receive their
+shards from rank 0, so no rank but 0 ever holds a full model on the host.
+
 Every cross-rank quantity of the trainer goes through a helper here:
 token-mean normalisers (`global_count`), reward moments and whitening
 (`global_moments`, `group`), metrics, the stop decision (`any_rank`) and the
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import logging
 import os
@@ -93,9 +103,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def wants_sharding(shard: str) -> bool:
-    """parallel.shard: auto shards whenever there is more than one process; always also in one."""
-    return shard == "always" or (shard == "auto" and world_size() > 1)
+def wants_sharding(shard: str, device: torch.device, world: int | None = None) -> bool:
+    """Whether the models are sharded (FSDP2), for parallel.shard and `world` processes (default: the group's).
+
+    auto shards with more than one process, and on CUDA also in one: FSDP2's
+    MixedPrecisionPolicy is then what gives float32 master weights and
+    bfloat16 compute (`Sharder`). always shards also in one CPU process;
+    never does not shard (one process only; see `Autocast`).
+    """
+    world = world_size() if world is None else world
+    return shard == "always" or (shard == "auto" and (world > 1 or device.type == "cuda"))
 
 
 def setup(shard: str, backend: str, timeout_s: float, device: torch.device) -> bool:
@@ -107,7 +124,7 @@ def setup(shard: str, backend: str, timeout_s: float, device: torch.device) -> b
     if is_initialized():
         return False
     world = env_world_size()
-    if world == 1 and shard != "always":
+    if world == 1 and not wants_sharding(shard, device, world):
         return False
     if world > 1 and shard == "never":
         raise DistributedError(f"parallel.shard=never, but torchrun started {world} processes; "
@@ -118,7 +135,7 @@ def setup(shard: str, backend: str, timeout_s: float, device: torch.device) -> b
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world == 1 and "MASTER_ADDR" not in os.environ:
-        # One process with FSDP on (shard=always) and no torchrun: a private single-rank group.
+        # One process with FSDP on (shard=always, or auto on CUDA) and no torchrun: a private single-rank group.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         # torchrun's agent keeps one TCPStore across restarts of the worker group: without a per-attempt
@@ -327,6 +344,8 @@ class Sharder:
     gradients reduce-scattered in `reduce_dtype` and summed over ranks.
     Frozen models (reference, reward): cast to `param_dtype` before sharding
     (their forward computes in it anyway), optionally offloaded to CPU.
+    With several processes every rank's shards are filled from rank 0's
+    weights (the other ranks may pass meta-device models, `from_pretrained`).
     """
 
     def __init__(self, mesh, *, device: torch.device, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
@@ -351,6 +370,10 @@ class Sharder:
                 offload = CPUOffloadPolicy(pin_memory=True)
             else:
                 log.info("%s: parallel.offload_frozen has no effect on %s", role, self.device)
+        # With several processes the weights come from rank 0 (`from_pretrained` built the model on the
+        # meta device elsewhere): rank 0's full tensors are kept until they are broadcast into the shards.
+        from_rank0 = world_size() > 1
+        full = model.state_dict() if from_rank0 and rank() == 0 else {}
         # Blocks of the frozen models are only used in no-grad forwards: always reshard after them.
         reshard = self.reshard_after_forward if trained else True
         blocks = transformer_blocks(model)
@@ -362,6 +385,10 @@ class Sharder:
             # Losses are divided by global token counts: sum the gradients, do not average them.
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
+        if from_rank0:
+            _fill_from_rank0(model, full, torch.device("cpu") if isinstance(offload, CPUOffloadPolicy) else self.device,
+                             self.device)
+            del full
         setattr(model, FORWARD_METHOD, types.MethodType(_call, model))
         register_fsdp_forward_method(model, FORWARD_METHOD)
         local, total = shard_numel(model)
@@ -369,6 +396,93 @@ class Sharder:
                  role, tuple(self.mesh.shape), len(blocks), local, total, 100.0 * local / max(total, 1),
                  ", offloaded to CPU" if isinstance(offload, CPUOffloadPolicy) else "")
         return model
+
+
+class Autocast:
+    """Prepares a model for one process without FSDP (parallel.shard=never), the counterpart of `Sharder`.
+
+    The weights stay in their load dtype (model.dtype: float32 master
+    weights, and AdamW state in float32) and move to `device`; each
+    transformer block runs under torch.autocast(dtype), so its matmuls and
+    attention compute in `dtype` (bfloat16) while norms, softmax and the
+    residual stream stay float32. Embeddings, the final norm and the heads
+    run outside autocast: the fused lm_head ops get float32 hidden states
+    and weight and accumulate in float32. The frozen models get the same
+    treatment (their numbers then match the policy's at the first step).
+    dtype None (or the load dtype) changes nothing.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None) -> None:
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, model: nn.Module, role: str, *, trained: bool) -> nn.Module:
+        model.to(self.device)
+        storage = next(model.parameters()).dtype
+        if self.dtype is None or self.dtype == storage:
+            return model
+        blocks = transformer_blocks(model)
+        for block in blocks:
+            _run_under_autocast(block, self.device.type, self.dtype)
+        log.info("%s: %s weights, %d blocks under torch.autocast(%s)", role, str(storage).removeprefix("torch."),
+                 len(blocks), str(self.dtype).removeprefix("torch."))
+        return model
+
+
+def _run_under_autocast(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Make module.forward run under torch.autocast (an instance attribute: the class and other instances keep
+    theirs; activation checkpointing recomputes through it, so the recompute sees the same dtypes)."""
+    inner = module.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return inner(*args, **kwargs)
+
+    module.forward = forward
+    module._fastppo_autocast = dtype
+
+
+def autocast_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype `Autocast` runs this module's forward under (None: not wrapped)."""
+    return getattr(module, "_fastppo_autocast", None)
+
+
+def from_pretrained(cls, path: str, shard, *, config, **kwargs) -> nn.Module:
+    """cls.from_pretrained(path, config=config, **kwargs), read on rank 0 only when `shard` is a Sharder over
+    several processes.
+
+    The other ranks build the same architecture from `config` on the
+    meta device (no file read, no memory); `Sharder` then broadcasts rank 0's
+    weights into every rank's shards. Code between this call and the
+    Sharder must not read weight values (they are meta on ranks > 0); shape
+    changes (resize_token_embeddings) are fine. Host memory of a 7B model:
+    rank 0 reads it (and copies the reference from it), the other ranks only
+    ever hold their shards, instead of ~54 GB per rank.
+    """
+    if not (isinstance(shard, Sharder) and world_size() > 1 and rank() != 0):
+        return cls.from_pretrained(path, config=config, **kwargs)
+    with torch.device("meta"):
+        return cls.from_config(config, **kwargs)
+
+
+def _fill_from_rank0(model: nn.Module, full: dict, shard_device: torch.device, comm_device: torch.device) -> None:
+    """Broadcast rank 0's full weights (`full`; empty elsewhere) into the shards of every rank, one tensor at a
+    time (set_model_state_dict with broadcast_from_rank0: a rank holds one full tensor at most), then the
+    buffers outside the state dict (rotary inv_freq, ...) and rank 0's RNG state: rank 0 alone may have drawn
+    from it (random init of new embedding rows), and every rank must draw the same minibatches afterwards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        model.to_empty(device=shard_device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buf in model.buffers():
+        moved = buf.to(comm_device)
+        dist.broadcast(moved, src=0)
+        if moved is not buf:
+            buf.copy_(moved)
+    rng = [torch.get_rng_state()]
+    dist.broadcast_object_list(rng, src=0, device=comm_device)
+    torch.set_rng_state(rng[0])
 
 
 def shard_numel(model: nn.Module) -> tuple[int, int]:
@@ -424,7 +538,7 @@ def grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=next(model.parameters()).device)
     total = torch.nn.utils.get_total_norm(grads)
     if isinstance(total, DTensor):
         total = total.full_tensor()                                      # reduces the per-shard partial norms

@@ -50,8 +50,8 @@ class Experience:
     def __len__(self) -> int:
         return self.sequences.size(0)
 
-    def select(self, index: torch.Tensor) -> "Experience":
-        """Rows `index` (B',) of every tensor."""
+    def select(self, index: torch.Tensor | slice) -> "Experience":
+        """Rows `index` (B',) of every tensor; a slice gives views."""
         return Experience(**{
             f.name: (getattr(self, f.name)[index] if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
             for f in fields(self)
@@ -201,7 +201,7 @@ def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, k
 
     mask = rollout.response_mask
     n_tokens = dist.global_count(mask)
-    n_rows = dist.all_reduce_sum(torch.tensor(float(mask.size(0)), device=mask.device))
+    n_rows = float(mask.size(0) * dist.world_size())                 # every rank scores the same number of rows
     seq_kl = dist.all_reduce_sum(kl.sum()) / n_rows
     mean_logprob = dist.all_reduce_sum((scored.old_logprobs * mask).sum()) / n_tokens
     out = {

@@ -215,18 +215,20 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | N
             return model.to(device)
         return shard(model, what, trained=trained)  # fully_shard moves the shards to the mesh's device
 
-    policy = fit_tokenizer(AutoModelForCausalLM.from_pretrained(
-        cfg.policy_path, config=no_dropout_config(cfg.policy_path, cfg), **kw), "policy")
+    policy = fit_tokenizer(dist.from_pretrained(
+        AutoModelForCausalLM, cfg.policy_path, shard, config=no_dropout_config(cfg.policy_path, cfg), **kw), "policy")
     reason = fused_lm_head_supported(policy)
     # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
     ref = prepare(copy.deepcopy(policy), "reference", trained=False)
     policy = prepare(policy, "policy", trained=True)
-    reward = prepare(fit_tokenizer(AutoModelForSequenceClassification.from_pretrained(
-        cfg.reward_path, config=no_dropout_config(cfg.reward_path, cfg, num_labels=1), **kw), "reward"),
+    reward = prepare(fit_tokenizer(dist.from_pretrained(
+        AutoModelForSequenceClassification, cfg.reward_path, shard,
+        config=no_dropout_config(cfg.reward_path, cfg, num_labels=1), **kw), "reward"),
         "reward", trained=False)
     critic_path = cfg.critic_path or cfg.reward_path
-    critic = prepare(fit_tokenizer(AutoModelForSequenceClassification.from_pretrained(
-        critic_path, config=no_dropout_config(critic_path, cfg, num_labels=1), **kw), "critic"),
+    critic = prepare(fit_tokenizer(dist.from_pretrained(
+        AutoModelForSequenceClassification, critic_path, shard,
+        config=no_dropout_config(critic_path, cfg, num_labels=1), **kw), "critic"),
         "critic", trained=True)
     if reason is not None:
         log.warning("fused lm_head logprobs disabled (%s): falling back to full logits + token_logprobs", reason)

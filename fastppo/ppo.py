@@ -1,4 +1,4 @@
-"""The PPO update (SPEC §2.6-2.7): epochs x shuffled minibatches x micro-batches.
+"""The PPO update: epochs x shuffled minibatches x micro-batches.
 
 One optimizer step per minibatch. Losses are token means over the whole
 minibatch: every micro-batch's loss is divided by the minibatch's valid-token
@@ -151,16 +151,18 @@ def ppo_update(
     # `exp` is the whole global batch on every rank (experience.gather_experience); the global RNG is the
     # same on all ranks, so all draw the same minibatches, and each rank trains on its own share of each.
     share = pc.minibatch_size // dist.world_size()
-    for _epoch in range(pc.ppo_epochs):
-        order = torch.randperm(B)                                                            # global RNG: checkpointed
+    # Every epoch's permutation drawn up front (the global RNG, checkpointed; the same draws in the same order
+    # as one per epoch) and moved to the device in one copy: no host-to-device transfer per minibatch.
+    orders = torch.stack([torch.randperm(B) for _ in range(pc.ppo_epochs)]).to(exp.sequences.device)
+    for order in orders:
         for mb_start in range(0, B, pc.minibatch_size):
             rows = order[mb_start:mb_start + pc.minibatch_size][dist.rank() * share:(dist.rank() + 1) * share]
-            minibatch = exp.select(rows.to(exp.sequences.device))
-            # Token mean over the whole minibatch on all ranks, not per micro-batch (SPEC §2.6).
+            minibatch = exp.select(rows)
+            # Token mean over the whole minibatch on all ranks, not per micro-batch.
             normalizer = dist.global_count(minibatch.response_mask)
             losses, mb_sums, mb_values = [], {}, []
             for mc_start in range(0, share, pc.micro_batch_size):
-                mb = minibatch.select(torch.arange(mc_start, mc_start + pc.micro_batch_size, device=exp.sequences.device))
+                mb = minibatch.select(slice(mc_start, mc_start + pc.micro_batch_size))        # views, no index tensor
                 mask = mb.response_mask
                 values = response_values(critic, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width)
                 policy_out = None
@@ -208,12 +210,12 @@ def ppo_update(
                 losses.append(ptx.detach())
                 metrics.add("loss/ptx", dist.all_reduce_sum(ptx.detach()) / pc.ptx_coef)
 
-            # Grad-norm clip per model, then one host sync to decide whether the step is finite.
+            # Grad-norm clip per model, then the step's one host sync: whether it is finite.
             critic_norm = _grad_norm(critic, oc.max_grad_norm)
             policy_norm = _grad_norm(policy, oc.max_grad_norm) if train_policy else torch.zeros_like(critic_norm)
             # The loss summed over ranks: a non-finite loss on any rank skips the step on all of them.
             check = torch.stack([dist.all_reduce_sum(torch.stack(losses).sum().float()),
-                                 policy_norm.float().to(critic_norm.device), critic_norm.float()])
+                                 policy_norm.float(), critic_norm.float()])
             finite = bool(torch.isfinite(check).all())                                       # host sync (1 per step)
             if finite:
                 if train_policy:

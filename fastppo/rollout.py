@@ -1,4 +1,4 @@
-"""Rollout generation (SPEC §2.1): small pure functions, no hidden state.
+"""Rollout generation: small pure functions, no hidden state.
 
 Layout of a rollout batch (B rows, prompt width P, response width R):
 
@@ -24,7 +24,9 @@ same responses.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -102,39 +104,99 @@ def sampling_seed(*parts: int) -> int:
     return h
 
 
-def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id)."""
-    ids = sample_ids.to(torch.int64)
-    row = _mix32(_mix32(ids & _M32) ^ seed)                                             # (B,)
-    row = _mix32(row ^ _mix32(step + 0x632BE5AB))
-    col = _mix32((torch.arange(vocab, device=ids.device, dtype=torch.int64) + 0x85EBCA6B) & _M32)  # (V,)
-    bits = _mix32(row[:, None] ^ col[None, :]) >> 8                                    # (B, V) 24 random bits
+def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    """(vocab,) int64: the per-token half of the noise counter."""
+    return _mix32((torch.arange(vocab, device=device, dtype=torch.int64) + 0x85EBCA6B) & _M32)
+
+
+def _sample_hashes(seed: int, sample_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: the per-sample half of the noise counter."""
+    return _mix32(_mix32(sample_ids.to(torch.int64) & _M32) ^ seed)
+
+
+def _gumbel(sample_hashes: torch.Tensor, step: int, token_hashes: torch.Tensor) -> torch.Tensor:
+    """(B, V) float32 standard Gumbel noise from the two halves of the counter and the step."""
+    row = _mix32(sample_hashes ^ _mix32(step + 0x632BE5AB))                             # (B,)
+    bits = _mix32(row[:, None] ^ token_hashes[None, :]) >> 8                           # (B, V) 24 random bits
     u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))                             # uniform in (0, 1)
     return -torch.log(-torch.log(u))
 
 
+def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id)."""
+    return _gumbel(_sample_hashes(seed, sample_ids), step, _token_hashes(vocab, sample_ids.device))
+
+
 class CounterSampler:
     """HF logits processor that turns greedy decoding into sampling from softmax(logits / T), top-k and top-p
-    filtered as HF's warpers do, by the Gumbel-max trick with counter-based noise (`gumbel_noise`)."""
+    filtered as HF's warpers do, by the Gumbel-max trick with counter-based noise (`gumbel_noise`).
 
-    def __init__(self, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor, prompt_width: int) -> None:
+    Token ids >= vocab_size (rows an embedding resize padded on, beyond the
+    tokenizer's vocabulary) are never sampled. A decode step makes no host
+    sync and no host-to-device copy: the per-sample and per-token halves of
+    the noise counter are computed once, at the first step.
+    """
+
+    def __init__(self, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor, prompt_width: int,
+                 vocab_size: int | None = None) -> None:
         self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
         self.seed, self.sample_ids, self.prompt_width = seed, sample_ids, prompt_width
+        self.vocab_size = vocab_size
+        self._sample_hashes: torch.Tensor | None = None
+        self._token_hashes: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() / self.temperature
-        neg_inf = torch.tensor(float("-inf"), device=scores.device)
-        if 0 < self.top_k < scores.size(-1):
+        scores = scores.float() / self.temperature                                     # a new (B, V) tensor
+        V = scores.size(-1)
+        if self.vocab_size is not None and self.vocab_size < V:
+            scores[:, self.vocab_size:] = float("-inf")                                 # padded vocabulary rows
+        if 0 < self.top_k < V:
             kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
-            scores = torch.where(scores < kth, neg_inf, scores)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1.0:
             # Keep the smallest set of most likely tokens whose probability reaches top_p (the most likely always).
             ordered, order = torch.sort(scores, dim=-1, descending=True)
             mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
             drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_before >= self.top_p)
-            scores = torch.where(drop, neg_inf, scores)
+            scores = scores.masked_fill(drop, float("-inf"))
+        if self._token_hashes is None or self._token_hashes.numel() != V:
+            self._sample_hashes = _sample_hashes(self.seed, self.sample_ids.to(scores.device))
+            self._token_hashes = _token_hashes(V, scores.device)
         step = input_ids.size(1) - self.prompt_width
-        return scores + gumbel_noise(self.seed, self.sample_ids.to(scores.device), step, scores.size(-1))
+        return scores + _gumbel(self._sample_hashes, step, self._token_hashes)
+
+
+@contextlib.contextmanager
+def float32_logits(model: nn.Module) -> Iterator[None]:
+    """While active, the model's lm_head computes the logits of the last position only, in float32.
+
+    Generation reads only the last position, and the sampler must see the
+    distribution the score phase computes (float32 logits from the same
+    hidden state and weight, `linear_token_logprobs`), not bf16-rounded
+    logits: those move per-token probabilities by several percent. The head
+    computes hidden[:, -1:] @ W^T with both operands in float32, outside any
+    autocast; a 16-bit weight is converted once per generation (V x H x 4
+    bytes held while it runs). A head that is not an nn.Linear is left as is.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        yield
+        return
+    cast: dict[str, torch.Tensor] = {}
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:                                  # (B, T, H) -> (B, 1, V)
+        weight = head.weight
+        if cast.get("source") is not weight:                                           # once per generation
+            cast["source"], cast["weight"] = weight, weight.float()
+            cast["bias"] = None if head.bias is None else head.bias.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            return nn.functional.linear(hidden[:, -1:].float(), cast["weight"], cast["bias"])
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def pad_responses(rollout: "Rollout", width: int, pad_id: int) -> "Rollout":
@@ -160,12 +222,16 @@ def response_mask_from_tokens(responses: torch.Tensor, eos_id: int) -> tuple[tor
 
 @torch.no_grad()
 def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos_id: int, pad_id: int,
-             generation_batch_size: int, seed: int | None = None, sample_ids: torch.Tensor | None = None) -> Rollout:
+             generation_batch_size: int, seed: int | None = None, sample_ids: torch.Tensor | None = None,
+             vocab_size: int | None = None) -> Rollout:
     """Sample one response per prompt with HF generate (KV cache), in chunks of generation_batch_size.
 
     seed and sample_ids (B,) fix the sampling noise (`CounterSampler`); a
     sample's response does not depend on the other rows. seed=None draws one
     from torch's global RNG; sample_ids=None numbers the rows 0..B-1.
+    vocab_size: the tokenizer's vocabulary (len(tokenizer)); ids at or
+    above it (embedding rows padded on for alignment) are never sampled.
+    The sampler sees float32 logits (`float32_logits`).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -179,12 +245,14 @@ def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos
         sample_ids = torch.arange(ids.size(0))
     sample_ids = sample_ids.to(device)
     chunks = []
-    for start in range(0, ids.size(0), generation_batch_size):
-        rows = slice(start, start + generation_batch_size)
-        sampler = CounterSampler(cfg, seed=sampling_seed(seed), sample_ids=sample_ids[rows], prompt_width=P)
-        out = policy.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=gen_cfg,
-                              logits_processor=LogitsProcessorList([sampler]))
-        chunks.append(out[:, P:])                                                     # (b, R_chunk)
+    with float32_logits(policy):
+        for start in range(0, ids.size(0), generation_batch_size):
+            rows = slice(start, start + generation_batch_size)
+            sampler = CounterSampler(cfg, seed=sampling_seed(seed), sample_ids=sample_ids[rows], prompt_width=P,
+                                     vocab_size=vocab_size)
+            out = policy.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=gen_cfg,
+                                  logits_processor=LogitsProcessorList([sampler]))
+            chunks.append(out[:, P:])                                                 # (b, R_chunk)
     R = max(c.size(1) for c in chunks)
     responses = torch.cat([nn.functional.pad(c, (0, R - c.size(1)), value=pad_id) for c in chunks])  # (B, R)
     response_mask, ended = response_mask_from_tokens(responses, eos_id)
@@ -211,8 +279,8 @@ def with_eos_for_scoring(rollout: Rollout, *, eos_id: int, pad_id: int) -> tuple
     mask = torch.cat([rollout.attention_mask, torch.zeros_like(extra)], dim=1)
     end = rollout.prompt_width + rollout.lengths                                        # first column after the response
     rows = torch.arange(B, device=ids.device)
-    append = ~rollout.ended
-    ids[rows[append], end[append]] = eos_id
-    mask[rows[append], end[append]] = 1
+    # Written on every row, unchanged where the response ended (no boolean indexing: that would sync the host).
+    ids[rows, end] = torch.where(rollout.ended, ids[rows, end], eos_id)
+    mask[rows, end] = torch.where(rollout.ended, mask[rows, end], 1)
     eos_index = torch.where(rollout.ended, end - 1, end)
     return ids, mask, eos_index

@@ -243,13 +243,17 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     seed_everything(cfg.run.seed)                               # the same on every rank: they draw the same minibatches
     log.info("run dir %s, device %s, %d process(es)", run_dir, device, world)
 
-    sharder = None
-    if dist.wants_sharding(cfg.parallel.shard):
-        pc = cfg.parallel
-        sharder = dist.Sharder(dist.build_mesh(pc.replicate_degree, device), device=device,
-                               param_dtype=_compute_dtype(pc.param_dtype, device), reduce_dtype=_dtype(pc.reduce_dtype),
-                               offload_frozen=pc.offload_frozen, reshard_after_forward=pc.reshard_after_forward)
-    models = load_models(cfg.model, device, shard=sharder)
+    # Precision: model.dtype master weights (and optimizer state), parallel.param_dtype compute: FSDP2's
+    # MixedPrecisionPolicy when sharded (on CUDA also in one process), else autocast around the blocks.
+    pc = cfg.parallel
+    compute_dtype = _compute_dtype(pc.param_dtype, device)
+    if dist.wants_sharding(pc.shard, device):
+        prepare = dist.Sharder(dist.build_mesh(pc.replicate_degree, device), device=device, param_dtype=compute_dtype,
+                               reduce_dtype=_dtype(pc.reduce_dtype), offload_frozen=pc.offload_frozen,
+                               reshard_after_forward=pc.reshard_after_forward)
+    else:
+        prepare = dist.Autocast(device, compute_dtype)
+    models = load_models(cfg.model, device, shard=prepare)
     tok = models.tokenizer
     prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
                            prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len)
@@ -321,7 +325,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                         rollout = generate(models.policy, batch, cfg.rollout, eos_id=tok.eos_token_id,
                                            pad_id=tok.pad_token_id, generation_batch_size=d.generation_batch_size,
                                            seed=sampling_seed(cfg.run.seed, it),
-                                           sample_ids=torch.arange(mine.start, mine.stop))
+                                           sample_ids=torch.arange(mine.start, mine.stop), vocab_size=len(tok))
                     # Responses padded to the widest on any rank: the ranks' experience rows then line up.
                     width = dist.all_reduce_max(torch.tensor(rollout.response_mask.size(1), device=device))
                     rollout = pad_responses(rollout, int(width), tok.pad_token_id)

@@ -3,6 +3,7 @@ semantics, and responses that depend on (seed, sample id) only, never on the bat
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -110,3 +111,72 @@ def test_model_generation_config_cannot_turn_hf_sampling_back_on(policy_and_prom
     finally:
         policy.generation_config = saved
     assert torch.equal(got.sequences, want.sequences)
+
+
+def test_the_sampler_sees_float32_logits_of_the_last_hidden_state(policy_and_prompts, monkeypatch):
+    """With a bf16 model, the sampler's logits are hidden_last @ W^T computed in float32 (what the score phase's
+    fused op computes from the same bf16 operands), not the bf16-rounded logits of the model's own lm_head."""
+    from fastppo.models import backbone
+
+    policy, tok, batch = policy_and_prompts
+    model = copy.deepcopy(policy).to(torch.bfloat16)
+    hidden, scores = [], []
+    handle = backbone(model).register_forward_hook(lambda _m, _a, out: hidden.append(out.last_hidden_state[:, -1]))
+    real_call = CounterSampler.__call__
+
+    def spy(self, input_ids, s):
+        scores.append(s.clone())
+        return real_call(self, input_ids, s)
+
+    monkeypatch.setattr(CounterSampler, "__call__", spy)
+    try:
+        generate(model, batch, RolloutConfig(max_new_tokens=5), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                 generation_batch_size=6, seed=3)
+    finally:
+        handle.remove()
+    W = model.get_output_embeddings().weight                                          # (V, H) bf16
+    assert len(scores) == len(hidden) >= 2
+    gap = 0.0
+    for h, s in zip(hidden, scores):
+        assert s.dtype == torch.float32
+        want = h.float() @ W.float().T                                                 # (B, V)
+        # Both are float32 dot products of the same H bf16 products (exact in float32: 8+8 significant bits),
+        # summed in some order: |error| <= H * 2^-24 * sum_k |h_k w_k| (the recursive-summation bound, n*u).
+        bound = h.size(-1) * 2.0 ** -24 * (h.float().abs() @ W.float().abs().T)
+        kept = torch.isfinite(s)                                                       # the pad token is suppressed
+        assert kept.sum() >= s.numel() - s.size(0)
+        assert ((s - want).abs() <= bound)[kept].all()
+        gap = max(gap, ((h @ W.T).float() - want).abs()[kept].max().item() / bound[kept].max().item())
+    assert gap > 10                                                # bf16 logits would be far outside the bound
+
+
+def test_padded_vocabulary_ids_are_never_sampled():
+    """Ids >= vocab_size (embedding rows added to round the vocabulary up) get -inf before sampling."""
+    logits = torch.zeros(10)
+    logits[7:] = 5.0                                                                  # the padded ids are the likeliest
+    n = 2000
+    assert (_sample(logits, n, top_p=1.0) >= 7).float().mean() > 0.5                 # without vocab_size: mostly padded
+    cfg = RolloutConfig(top_p=0.9, top_k=0)
+    for vs in (7, 9):
+        sampler = CounterSampler(cfg, seed=sampling_seed(3), sample_ids=torch.arange(n), prompt_width=0, vocab_size=vs)
+        drawn = sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, -1)).argmax(-1)
+        assert drawn.max() < vs and drawn.min() >= 0 and len(drawn.unique()) > 1
+
+
+def test_generate_never_emits_padded_vocabulary_ids(policy_and_prompts):
+    policy, tok, batch = policy_and_prompts
+    model = copy.deepcopy(policy)
+    n = len(tok)
+    model.resize_token_embeddings(n + 13, mean_resizing=False)
+    V = model.get_output_embeddings().weight.size(0)
+    # Make the padded rows the likeliest tokens at every step.
+    boost = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _a, out: out.index_fill(-1, torch.arange(n, V), 100.0))
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generation_batch_size=6, seed=1)
+    try:
+        unmasked = generate(model, batch, RolloutConfig(max_new_tokens=6), **kw)
+        masked = generate(model, batch, RolloutConfig(max_new_tokens=6), vocab_size=n, **kw)
+    finally:
+        boost.remove()
+    assert (unmasked.responses >= n).any()
+    assert (masked.responses[masked.response_mask] < n).all()
