@@ -191,16 +191,18 @@ def chunk_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     C does not depend on the number of rows N, so that a row's result does not
     either (see the module docstring): a call with N < C pays C rows of GEMM.
 
-    Peak extra memory of one call, beyond its inputs and outputs (e = bytes per
-    element of the input dtype):
+    Peak extra memory of one forward + backward (e = bytes per element of the
+    input dtype, N rows), reached at the end of the backward; `peak_extra_bytes`
+    computes it:
       C · bytes_per_chunk_row(...)    the chunk buffers (≤ the budget)
-      + 4·V·H                         the float32 dW accumulator, while weight needs a gradient
-      + e·V·H                         dW cast to the weight's dtype at the end (e < 4)
-      + 4·V·H                         a float32 copy of the weight, where half operands
-                                      are upcast (no float32-output GEMM: CPU)
-    (the outputs: dhidden e·N·H, dW e·V·H; linear_ppo_loss holds both from its
-    forward to its backward). Under FSDP the all-gathered (V, H) weight, e·V·H,
-    is live during the call as well. See peak_extra_bytes.
+      + 4·V·H                         the float32 dW accumulator (weight needs a gradient)
+      + e·V·H                         dW in the weight's dtype, cast from it at the end (e < 4)
+      + e·N·H                         dhidden (hidden needs a gradient)
+      + 4·V·H                         a float32 copy of the weight where half operands are
+                                      upcast (no float32-output GEMM: CPU)
+    linear_ppo_loss holds the same from its forward (where it computes the
+    gradients) to its backward. Under FSDP the all-gathered (V, H) weight,
+    e·V·H, is live during the call as well (``gathered_weight``).
     """
     if budget_bytes is None:
         budget_bytes = chunk_budget_bytes(device)
@@ -208,17 +210,17 @@ def chunk_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     return rows_within(budget_bytes, bytes_per_chunk_row(vocab, hidden_size, dtype, backend, fp32_out))
 
 
-def peak_extra_bytes(chunk: int, vocab: int, hidden_size: int, dtype: torch.dtype, backend: str, *,
-                     fp32_out: bool, need_dweight: bool = True, gathered_weight: bool = False) -> int:
-    """The peak extra memory of one call, by the formula of `chunk_rows` (outputs not counted).
-
-    gathered_weight: count the all-gathered weight of an FSDP-sharded lm_head too.
-    """
+def peak_extra_bytes(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype, backend: str, *, chunk: int,
+                     fp32_out: bool, need_dhidden: bool = True, need_dweight: bool = True,
+                     gathered_weight: bool = False) -> int:
+    """Peak extra memory of one forward + backward, by the formula in `chunk_rows`."""
     e = torch.empty((), dtype=dtype).element_size()
     weights = vocab * hidden_size
     total = chunk * bytes_per_chunk_row(vocab, hidden_size, dtype, backend, fp32_out)
     if need_dweight:
         total += 4 * weights + (e * weights if e < 4 else 0)
+    if need_dhidden:
+        total += e * n_rows * hidden_size
     if e < 4 and not fp32_out:
         total += 4 * weights
     if gathered_weight:
