@@ -76,7 +76,8 @@ def _linear_ppo_loss_fwd_kernel(
     """One program per token (a row of the float32 chunk of logits, unit column stride).
 
     Only the first n_vocab of the n_cols columns are real (the rest: alignment
-    padding, never read, gradient 0). With HAS_VALID, a token whose valid flag
+    padding, taken as −inf after a load masked on n_cols, for wide loads;
+    gradient 0). With HAS_VALID, a token whose valid flag
     is 0 (its inputs zeroed by the launcher) gets zero statistics and gradient.
 
     Pass 1 (as token_logprobs' forward): online max / Σ exp / Σ exp·x over
@@ -101,9 +102,10 @@ def _linear_ppo_loss_fwd_kernel(
     m = tl.cast(float("-inf"), tl.float32)
     s = tl.cast(0.0, tl.float32)
     t = tl.cast(0.0, tl.float32)
-    for block in range(0, tl.cdiv(n_vocab, BLOCK_V)):
+    for block in range(0, tl.cdiv(n_cols, BLOCK_V)):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + offs, mask=offs < n_vocab, other=float("-inf")).to(tl.float32) / temp
+        x = tl.load(row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+        x = tl.where(offs < n_vocab, x / temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_ref)
@@ -166,8 +168,8 @@ def _linear_ppo_loss_fwd_kernel(
         for block in range(0, tl.cdiv(n_cols, BLOCK_V)):
             offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
             col_mask = offs < n_cols
-            # Padding columns read as −inf: p = 0 there, so their gradient is 0.
-            x = tl.load(row_ptr + offs, mask=offs < n_vocab, other=float("-inf")).to(tl.float32) / temp
+            x = tl.load(row_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
+            x = tl.where(offs < n_vocab, x / temp, float("-inf"))           # padding: p = 0, gradient 0
             logp_j = x - lse
             p = tl.exp(logp_j)
             grad = tl.where(offs == label, g_lp, 0.0) - p * g_lp

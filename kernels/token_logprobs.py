@@ -33,14 +33,16 @@ from . import reference
 @triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
-    n_cols, stride_lm, stride_lv, stride_label,
+    n_cols, n_valid, stride_lm, stride_lv, stride_label,
     temperature, ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     """One program per row: an online log-sum-exp over vocab blocks in fp32.
 
-    n_cols is the number of real vocabulary columns: columns past it (alignment
-    padding of the row) are never read.
+    Columns in [n_valid, n_cols) are alignment padding: excluded from the
+    softmax. They are loaded with the rest (a mask on the padded width n_cols,
+    a multiple of 16 in practice, keeps the loads 128-bit wide; one on an odd
+    n_valid would not) and replaced by −inf.
 
     Running state, all relative to the running max m:
       s = Σ exp(x − m),  t = Σ exp(x − m)·(x − m)
@@ -60,7 +62,7 @@ def _token_logprobs_fwd_kernel(
     for block in range(0, n_blocks):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        x = x / temp
+        x = tl.where(offs < n_valid, x / temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # While every logit so far is -inf, keep the reference point finite.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -72,7 +74,7 @@ def _token_logprobs_fwd_kernel(
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
 
-    label_ok = (label >= 0) & (label < n_cols) & (not is_ignored)
+    label_ok = (label >= 0) & (label < n_valid) & (not is_ignored)
     x_label = tl.load(row_ptr + label * stride_lv, mask=label_ok, other=0.0).to(tl.float32) / temp
     m_fin = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(tl.where(is_ignored, 1.0, s))
@@ -92,8 +94,9 @@ def _token_logprobs_bwd_kernel(
 ):
     """Grid (rows, vocab blocks): recompute p from the saved lse, write dlogits.
 
-    Columns in [n_valid, n_cols) are alignment padding: read as −inf, so p = 0
-    there and their gradient is written as exactly 0.
+    Columns in [n_valid, n_cols) are alignment padding: taken as −inf (after a
+    load masked on n_cols, for wide loads), so p = 0 there and their gradient
+    is written as exactly 0.
 
     With x = logits / T:  d logprob/dx_j = [j = label] − p_j,
     d entropy/dx_j = −p_j (log p_j + H); both divided by T.
@@ -106,8 +109,9 @@ def _token_logprobs_bwd_kernel(
     label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
     is_ignored = label == ignore_index
 
-    x = tl.load(logits_ptr + row * stride_lm + offs * stride_lv, mask=offs < n_valid, other=float("-inf"))
-    logp = x.to(tl.float32) / temp - tl.load(lse_ptr + row)
+    x = tl.load(logits_ptr + row * stride_lm + offs * stride_lv, mask=col_mask, other=float("-inf"))
+    x = tl.where(offs < n_valid, x.to(tl.float32), float("-inf"))
+    logp = x / temp - tl.load(lse_ptr + row)
     p = tl.exp(logp)
     grad = tl.zeros([BLOCK_V], dtype=tl.float32)
     if HAS_DLOGPROBS:
@@ -134,16 +138,16 @@ def _block_v(n_cols: int, cap: int) -> int:
 
 
 def _fwd_triton(logits2d, labels1d, temperature, ignore_index, vocab_size):
-    # Only the first vocab_size columns are read; the row stride is the padded one.
-    n_rows = logits2d.shape[0]
+    # Only the first vocab_size columns enter the softmax; the row stride is the padded one.
+    n_rows, n_cols = logits2d.shape
     out = empty_output((3, n_rows), torch.float32, logits2d.device)
     if n_rows == 0:
         return out[0], out[1], out[2]
-    block_v = _block_v(vocab_size, 4096)
+    block_v = _block_v(n_cols, 4096)
     with on_device_of(logits2d):
         _token_logprobs_fwd_kernel[(n_rows,)](
             logits2d, labels1d, out[0], out[1], out[2],
-            vocab_size, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0),
+            n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0),
             float(temperature), int(ignore_index),
             BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
         )
