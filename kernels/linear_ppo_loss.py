@@ -308,7 +308,8 @@ class _LinearPPOLoss(torch.autograd.Function):
         else:
             index, valid = None, valid1d.contiguous()
             labels_t = torch.where(valid, labels1d, 0).long()
-            token_inputs = [torch.where(valid, x.float(), 0.0) if x is not None else None for x in (old1d, adv1d, ref1d)]
+            token_inputs = [torch.where(valid, x.float(), 0.0) if x is not None else None
+                            for x in (old1d, adv1d, ref1d)]                # NaN off the mask is harmless
             count = valid.sum(dtype=torch.float32)                      # stays on the device
         if norm is None:
             norm = torch.full((), count, device=device) if index is not None else count
@@ -423,7 +424,7 @@ def linear_ppo_loss(
     The KL term is the per-token estimate on the sampled tokens, differentiated
     through lp (the KL-in-the-loss of GRPO-style trainers; k3's gradient
     1 − e^(−d) vanishes at lp = ref and pulls lp toward ref on both sides). It
-    is an alternative to PPO-max's KL penalty in the reward (SPEC §2.4), not
+    is an alternative to PPO-max's KL penalty in the reward (Zheng et al. 2023), not
     an addition the trainer makes.
 
     Args:
