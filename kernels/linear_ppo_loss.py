@@ -227,7 +227,10 @@ def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, 
     n_tok = index.numel() if index is not None else n_rows
     with_grad = need_dh or need_dw
     tok = empty_output((len(reference.PPO_TOKEN_STATS), n_tok), torch.float32, device)
-    dhidden = torch.zeros(n_rows, size_h, dtype=hidden2d.dtype, device=device) if need_dh else None
+    dhidden = None
+    if need_dh:                                                         # all rows written when index is None
+        dhidden = (torch.zeros if index is not None else empty_output)(
+            (n_rows, size_h), dtype=hidden2d.dtype, device=device)
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dw else None
     if n_tok == 0:
         return tok, dhidden, dw_acc

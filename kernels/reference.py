@@ -48,10 +48,9 @@ def token_logprobs_forward(
         p = x.exp()
         # p·log p is 0 where p is 0 (including logits of -inf).
         chunk_entropy = -(p * x.masked_fill_(p == 0, 0.0)).sum(-1)
-        zero = torch.zeros((), device=logits.device)
-        logprobs[rows] = torch.where(valid, label_logit - chunk_lse, zero)
-        entropy[rows] = torch.where(valid, chunk_entropy, zero)
-        lse[rows] = torch.where(valid, chunk_lse, zero)
+        logprobs[rows] = torch.where(valid, label_logit - chunk_lse, 0.0)
+        entropy[rows] = torch.where(valid, chunk_entropy, 0.0)
+        lse[rows] = torch.where(valid, chunk_lse, 0.0)
     return logprobs, entropy, lse
 
 
@@ -380,9 +379,8 @@ def linear_logits_chunk_forward_(
     t = torch.linalg.vecdot(p, x)                               # Σ exp(x − m)·(x − m), per row
     log_s = s.log()
     label_x = x.gather(-1, torch.where(valid, labels, 0).long()[:, None]).squeeze(-1)
-    zero = torch.zeros((), device=logits.device)
-    logprobs = torch.where(valid, label_x - log_s, zero)
-    entropy = torch.where(valid, log_s - t / s, zero)
+    logprobs = torch.where(valid, label_x - log_s, 0.0)
+    entropy = torch.where(valid, log_s - t / s, 0.0)
     return logprobs, entropy, m + log_s
 
 
@@ -408,9 +406,8 @@ def linear_logits_chunk_backward_(
     ignored rows get zero upstream gradients and so exactly zero dlogits.
     """
     valid = labels != ignore_index
-    zero = torch.zeros((), device=logits.device)
-    g_lp = torch.zeros_like(lse) if grad_logprobs is None else torch.where(valid, grad_logprobs, zero)
-    g_ent = torch.zeros_like(lse) if grad_entropy is None else torch.where(valid, grad_entropy, zero)
+    g_lp = torch.zeros_like(lse) if grad_logprobs is None else torch.where(valid, grad_logprobs, 0.0)
+    g_ent = torch.zeros_like(lse) if grad_entropy is None else torch.where(valid, grad_entropy, 0.0)
     logits[:, vocab_size:] = 0.0
     logp = logits[:, :vocab_size]
     if temperature != 1.0:
@@ -456,7 +453,7 @@ def policy_loss_terms(logprobs, old_logprobs, advantages, clip_eps: float, dual_
         dual = (advantages < 0) & (bound < pg)
         clipped = clipped | dual
         pg = torch.where(dual, bound, pg)
-    dpg = torch.where(clipped, torch.zeros((), device=pg.device), pg1)
+    dpg = torch.where(clipped, 0.0, pg1)
     approx_kl = (ratio - 1.0).sub_(log_ratio)
     return pg, clipped.float(), approx_kl, ratio, dpg
 

@@ -323,7 +323,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     from fastppo.kernels.linear_token_logprobs import chunk_rows, peak_extra_bytes
     from fastppo.memory import peak_host_extra_bytes
 
-    n, size_h, vocab, dtype = 256, 512, 32000, getattr(torch, sys.argv[1])
+    n, size_h, vocab, dtype = 64, 512, 32000, getattr(torch, sys.argv[1])
     hidden = torch.randn(n, size_h).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, size_h) / size_h ** 0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (n,))
