@@ -73,7 +73,7 @@ DEFAULT_CHUNK_BUDGET_BYTES = {"cpu": 128 << 20}
 # (H100: ~990 TFLOP/s / ~3.35 TB/s ≈ 300 FLOP/byte, H200: ~790 / ~4.3 ≈ 185),
 # so C must reach ~1200 rows, better 2048 or more. A fixed 1 GiB gave C = 656 at
 # V = 256000, H = 8192 (memory-bound dW, and 656 = 5·128 + 16: a 14% tail of
-# GEMM tiles). 1/16 of the device gives C = 3200 on an 80 GB GPU and the cap,
+# GEMM tiles). 1/16 of the device gives C = 3072 on an 80 GB GPU and the cap,
 # 4096, on a 141 GB one; the floor keeps small GPUs at the old 1 GiB, the
 # ceiling bounds the waste of the zero-padded last chunk.
 GPU_CHUNK_BUDGET_FRACTION = 1 / 16
