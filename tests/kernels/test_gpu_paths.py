@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastppo.kernels import linear_ppo_loss, linear_token_logprobs, token_logprobs
-from fastppo.kernels._dispatch import on_device_of
+from fastppo.kernels._dispatch import on_device_of, triton_interpreter_enabled
 from fastppo.kernels._syncs import count_host_syncs
 from fastppo.kernels.linear_token_logprobs import (
     CHUNK_ROW_QUANTUM, MAX_CHUNK_ROWS, bytes_per_chunk_row, gpu_chunk_budget_bytes, peak_extra_bytes, rows_within,
@@ -46,6 +46,11 @@ ppo_mod = importlib.import_module("fastppo.kernels.linear_ppo_loss")
 BACKENDS = ["torch", "triton"]
 IGNORE = -100
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _skip_cpu_triton_without_interpreter(backend):
+    if backend == "triton" and not triton_interpreter_enabled():
+        pytest.skip("the triton backend on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def _ppo_inputs(n, size_h, vocab, dtype, device="cpu", *, n_rows_weight=None):
@@ -118,7 +123,7 @@ class _LaunchSpy:
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "linear_token_logprobs", "linear_ppo_loss"])
-def test_every_triton_launch_runs_under_the_guard_of_its_input(monkeypatch, op):
+def test_every_triton_launch_runs_under_the_guard_of_its_input(monkeypatch, device, op):
     active, launches = [], []
 
     @contextlib.contextmanager
@@ -132,7 +137,7 @@ def test_every_triton_launch_runs_under_the_guard_of_its_input(monkeypatch, op):
     for mod, name in ((tl_mod, "_token_logprobs_fwd_kernel"), (tl_mod, "_token_logprobs_bwd_kernel"),
                       (ppo_mod, "_linear_ppo_loss_fwd_kernel")):
         monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), active, launches))
-    hidden, weight, labels, old, adv, mask, _ = _ppo_inputs(6, 8, 37, torch.float32)
+    hidden, weight, labels, old, adv, mask, _ = _ppo_inputs(6, 8, 37, torch.float32, device)
     hidden.requires_grad_()
     if op == "token_logprobs":
         logits = (hidden @ weight.T).detach().requires_grad_()
@@ -142,7 +147,7 @@ def test_every_triton_launch_runs_under_the_guard_of_its_input(monkeypatch, op):
     else:
         linear_ppo_loss(hidden, weight, labels, old, adv, mask, ent_coef=0.1, backend="triton").loss.backward()
     assert launches, "no kernel was launched"
-    assert all(guards == [torch.device("cpu")] for guards in launches), launches
+    assert all(guards == [hidden.device] for guards in launches), launches
 
 
 # ----------------------------------------------------------------------------
@@ -201,6 +206,7 @@ def test_gpu_paths_make_no_host_sync(name):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cpu_keeps_the_value_error_naming_labels(backend):
+    _skip_cpu_triton_without_interpreter(backend)
     logits, labels = torch.randn(3, 8), torch.tensor([0, 6, 2])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):
         token_logprobs(logits, labels, vocab_size=6, backend=backend)
@@ -222,6 +228,7 @@ def test_masked_rows_give_the_results_of_gathered_rows(monkeypatch, backend, dty
     sync that counts the valid tokens (GPUs): same logprobs and dhidden rows bitwise (every
     GEMM has the chunk's shape, a row's result does not depend on its neighbours), same
     statistics and dW up to float32 summation order, and garbage off the mask is harmless."""
+    _skip_cpu_triton_without_interpreter(backend)
     n, size_h, vocab = 29, 16, 203
     hidden, weight, labels, old, adv, mask, ref = _ppo_inputs(n, size_h, vocab, dtype, n_rows_weight=vocab + 5)
     off = ~mask
