@@ -63,8 +63,9 @@ def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: i
 
     On CPU a clear ValueError (the host sync is free there). On a GPU the check
     runs on the device (``torch._assert_async``): no host sync in the hot path;
-    a bad label stops the process with a device-side assert naming the argument.
-    Either way it guards the kernels' single indexed load.
+    a bad label makes a later CUDA call fail with a device-side assert (run on
+    CPU, or with CUDA_LAUNCH_BLOCKING=1, to see which argument). The kernels
+    never read out of bounds either way: their one indexed load is masked.
     """
     bad = (labels < 0) | (labels >= vocab_size)
     if ignore_index is not None:
