@@ -1,4 +1,4 @@
-"""fastppo.kernels: fused ops with a Triton and a PyTorch backend (see SPEC §6)."""
+"""fastppo.kernels: fused ops with a Triton and a PyTorch backend (see _dispatch.py for the choice)."""
 
 from .token_logprobs import LogprobsAndEntropy, token_logprobs
 from .linear_token_logprobs import linear_token_logprobs

@@ -46,17 +46,43 @@ def check_non_negative(name: str, value: float | None, *, allow_none: bool = Fal
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "labels") -> None:
-    """Labels must lie in [0, V) except where they equal ignore_index.
+def check_vocab_size(vocab_size, width: int, what: str) -> int:
+    """The number of real vocabulary columns: ``vocab_size``, or ``width`` (all columns) when it is None."""
+    if vocab_size is None:
+        return width
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if not 1 <= vocab_size <= width:
+        raise ValueError(f"vocab_size must lie in [1, {width}] ({what}), got {vocab_size}")
+    return vocab_size
 
-    This costs one host sync; it guards the kernels' single indexed load.
+
+def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int | None = None,
+                          name: str = "labels", *, where: torch.Tensor | None = None) -> None:
+    """Labels must lie in [0, vocab_size), except where they equal ignore_index or where `where` is False.
+
+    On CPU a clear ValueError (the host sync is free there). On a GPU the check
+    runs on the device (``torch._assert_async``): no host sync in the hot path;
+    a bad label makes a later CUDA call fail with a device-side assert (run on
+    CPU, or with CUDA_LAUNCH_BLOCKING=1, to see which argument). The kernels
+    never read out of bounds either way: their one indexed load is masked.
     """
-    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    bad = (labels < 0) | (labels >= vocab_size)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if where is not None:
+        bad &= where
+    allowed = f"[0, {vocab_size})"
+    if ignore_index is not None:
+        allowed += f" or equal ignore_index={ignore_index}"
+    if where is not None:
+        allowed += " where mask is set"
+    if labels.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"{name} must lie in {allowed}")
+        return
     if bool(bad.any()):
         value = labels[bad].flatten()[0].item()
-        raise ValueError(
-            f"{name} must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {value}"
-        )
+        raise ValueError(f"{name} must lie in {allowed}; found {value}")
 
 
 def as_rows(x: torch.Tensor, width: int) -> torch.Tensor:

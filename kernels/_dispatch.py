@@ -8,6 +8,7 @@ picks one per call; ``None`` means "triton on CUDA, torch elsewhere", and the
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,3 +50,15 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if os.environ.get("FASTPPO_POISON_OUTPUTS") == "1" and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def on_device_of(x: torch.Tensor):
+    """Context in which a Triton launch for ``x`` runs on x's GPU.
+
+    Triton launches on the *current* CUDA device (and its current stream), not
+    on the device of the pointers it is given: with ``cuda:1`` tensors and
+    device 0 current, a bare launch runs on GPU 0 with GPU 1 addresses. Every
+    launcher wraps its launch in this; for CPU tensors (the interpreter) it does
+    nothing.
+    """
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -31,8 +31,10 @@ and the backward only scales them by the upstream gradient, in place. Peak
 extra memory: one chunk's buffers (the budget of linear_token_logprobs, see
 ``chunk_rows``), the float32 dW accumulator and dhidden, whatever N is.
 
-Only the valid tokens (mask nonzero) are computed: their rows are gathered
-into the chunk buffer, so padding costs no GEMM work. As in
+On CPU only the valid tokens (mask nonzero) are computed: their rows are
+gathered into the chunk buffer, so padding costs no GEMM work. On a GPU every
+row is computed and invalid ones are masked: counting the valid tokens would
+cost a host sync per call (see ``compacts_rows``). As in
 linear_token_logprobs every GEMM of a call has the shape of one chunk (the
 last is zero-padded), so a token's logprob, its statistics and its dhidden row
 are bitwise the same whatever the other tokens are.
@@ -48,14 +50,14 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._checks import (
-    FLOAT_DTYPES, INT_DTYPES, as_rows, check_non_negative, check_positive, check_same_device, check_shape,
-    check_tensor,
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_non_negative, check_positive, check_same_device,
+    check_shape, check_tensor, check_vocab_size,
 )
-from ._dispatch import empty_output, resolve_backend
-from ._layout import MASK_DTYPES, valid_of
+from ._dispatch import empty_output, on_device_of, resolve_backend
+from ._layout import MASK_DTYPES, loadable_mask, valid_of
 from . import reference
 from .kl_penalty import ESTIMATORS
-from .linear_token_logprobs import _chunks, _logits_into, _plan, _weight_operand
+from .linear_token_logprobs import _chunks, _dhidden_into, _logits_into, _plan, _weight_operand
 from .token_logprobs import _block_v
 
 
@@ -65,13 +67,18 @@ from .token_logprobs import _block_v
 
 @triton.jit
 def _linear_ppo_loss_fwd_kernel(
-    logits_ptr, dlogits_ptr, labels_ptr, old_lp_ptr, adv_ptr, ref_lp_ptr, norm_ptr, tok_ptr,
-    n_cols, stride_lm, stride_dm, stride_tok,
+    logits_ptr, dlogits_ptr, labels_ptr, old_lp_ptr, adv_ptr, ref_lp_ptr, valid_ptr, norm_ptr, tok_ptr,
+    n_cols, n_vocab, stride_lm, stride_dm, stride_tok,
     temperature, clip_eps, dual_clip, ent_coef, kl_coef,
     HAS_DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, ESTIMATOR: tl.constexpr, WITH_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One program per valid token (a row of the float32 chunk of logits, unit column stride).
+    """One program per token (a row of the float32 chunk of logits, unit column stride).
+
+    Only the first n_vocab of the n_cols columns are real (the rest: alignment
+    padding, taken as −inf after a load masked on n_cols, for wide loads;
+    gradient 0). With HAS_VALID, a token whose valid flag
+    is 0 (its inputs zeroed by the launcher) gets zero statistics and gradient.
 
     Pass 1 (as token_logprobs' forward): online max / Σ exp / Σ exp·x over
     vocab blocks, relative to the running max (started at −inf), giving lse,
@@ -86,15 +93,19 @@ def _linear_ppo_loss_fwd_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     temp = tl.cast(temperature, tl.float32)
-    label = tl.load(labels_ptr + row).to(tl.int64)             # in [0, n_cols): checked on the host
+    label = tl.load(labels_ptr + row).to(tl.int64)             # in [0, n_vocab): checked before the launch
     row_ptr = logits_ptr + row * stride_lm
+    keep = True
+    if HAS_VALID:
+        keep = tl.load(valid_ptr + row) != 0
 
     m = tl.cast(float("-inf"), tl.float32)
     s = tl.cast(0.0, tl.float32)
     t = tl.cast(0.0, tl.float32)
     for block in range(0, tl.cdiv(n_cols, BLOCK_V)):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32) / temp
+        x = tl.load(row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+        x = tl.where(offs < n_vocab, x / temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_ref)
@@ -105,7 +116,7 @@ def _linear_ppo_loss_fwd_kernel(
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
 
-    label_ok = (label >= 0) & (label < n_cols)
+    label_ok = (label >= 0) & (label < n_vocab)
     x_label = tl.load(row_ptr + label, mask=label_ok, other=0.0).to(tl.float32) / temp
     log_s = tl.log(s)
     lse = tl.where(m == float("-inf"), 0.0, m) + log_s
@@ -142,22 +153,23 @@ def _linear_ppo_loss_fwd_kernel(
         else:
             kl = tl.abs(d)
             slope = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
-    tl.store(tok_ptr + row, logp)
-    tl.store(tok_ptr + stride_tok + row, ent)
-    tl.store(tok_ptr + 2 * stride_tok + row, pg)
-    tl.store(tok_ptr + 3 * stride_tok + row, clipped.to(tl.float32))
-    tl.store(tok_ptr + 4 * stride_tok + row, (ratio - 1.0) - log_ratio)
-    tl.store(tok_ptr + 5 * stride_tok + row, ratio)
-    tl.store(tok_ptr + 6 * stride_tok + row, kl)
+    tl.store(tok_ptr + row, tl.where(keep, logp, 0.0))
+    tl.store(tok_ptr + stride_tok + row, tl.where(keep, ent, 0.0))
+    tl.store(tok_ptr + 2 * stride_tok + row, tl.where(keep, pg, 0.0))
+    tl.store(tok_ptr + 3 * stride_tok + row, tl.where(keep, clipped.to(tl.float32), 0.0))
+    tl.store(tok_ptr + 4 * stride_tok + row, tl.where(keep, (ratio - 1.0) - log_ratio, 0.0))
+    tl.store(tok_ptr + 5 * stride_tok + row, tl.where(keep, ratio, 0.0))
+    tl.store(tok_ptr + 6 * stride_tok + row, tl.where(keep, kl, 0.0))
 
     if WITH_GRAD:
         n = tl.load(norm_ptr).to(tl.float32)
-        g_lp = (tl.where(clipped, 0.0, pg1) + tl.cast(kl_coef, tl.float32) * slope) / n
-        g_ent = -tl.cast(ent_coef, tl.float32) / n
+        g_lp = tl.where(keep, (tl.where(clipped, 0.0, pg1) + tl.cast(kl_coef, tl.float32) * slope) / n, 0.0)
+        g_ent = tl.where(keep, -tl.cast(ent_coef, tl.float32) / n, 0.0)
         for block in range(0, tl.cdiv(n_cols, BLOCK_V)):
             offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
             col_mask = offs < n_cols
-            x = tl.load(row_ptr + offs, mask=col_mask, other=0.0).to(tl.float32) / temp   # masked: not stored
+            x = tl.load(row_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
+            x = tl.where(offs < n_vocab, x / temp, float("-inf"))           # padding: p = 0, gradient 0
             logp_j = x - lse
             p = tl.exp(logp_j)
             grad = tl.where(offs == label, g_lp, 0.0) - p * g_lp
@@ -170,56 +182,82 @@ def _linear_ppo_loss_fwd_kernel(
 # 2. Launcher and the chunked forward (which is also the backward)
 # ----------------------------------------------------------------------------
 
-def _chunk_triton(logits, dlogits, labels, old_lp, adv, ref_lp, norm, tok, cfg, with_grad):
-    """One chunk of n valid tokens: logits (n, V) float32, dlogits (n, V) or None, tok (7, n) float32 out."""
+def _chunk_triton(logits, dlogits, labels, old_lp, adv, ref_lp, valid, norm, tok, cfg, vocab_size, with_grad):
+    """One chunk of n tokens: logits (n, V) float32, dlogits (n, V) or None, valid (n,) bool or None
+    (None: all valid), tok (7, n) float32 out."""
     n_rows, n_cols = logits.shape
     clip_eps, dual_clip, ent_coef, kl_coef, estimator, temperature = cfg
     block_v = _block_v(n_cols, 4096)
     out = dlogits if with_grad else logits
-    _linear_ppo_loss_fwd_kernel[(n_rows,)](
-        logits, out, labels, old_lp, adv, ref_lp if ref_lp is not None else old_lp, norm, tok,
-        n_cols, logits.stride(0), out.stride(0), tok.stride(0),
-        temperature, clip_eps, dual_clip if dual_clip is not None else 0.0, ent_coef, kl_coef,
-        HAS_DUAL_CLIP=dual_clip is not None, HAS_REF=ref_lp is not None, ESTIMATOR=estimator,
-        WITH_GRAD=with_grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-    )
+    with on_device_of(logits):
+        _linear_ppo_loss_fwd_kernel[(n_rows,)](
+            logits, out, labels, old_lp, adv, ref_lp if ref_lp is not None else old_lp,
+            loadable_mask(valid) if valid is not None else labels, norm, tok,
+            n_cols, vocab_size, logits.stride(0), out.stride(0), tok.stride(0),
+            temperature, clip_eps, dual_clip if dual_clip is not None else 0.0, ent_coef, kl_coef,
+            HAS_DUAL_CLIP=dual_clip is not None, HAS_REF=ref_lp is not None, ESTIMATOR=estimator,
+            WITH_GRAD=with_grad, HAS_VALID=valid is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        )
 
 
-def _forward(hidden2d, weight, index, labels, old_lp, adv, ref_lp, norm, cfg, backend, plan, need_dh, need_dw):
-    """Chunked loss, statistics and gradients of the valid tokens.
+def compacts_rows(device: torch.device) -> bool:
+    """Whether the valid tokens are gathered into the chunks (CPU) or every row is computed, masked (GPUs).
 
-    index (n_valid,) int64: the valid rows of hidden2d (N, H); labels, old_lp,
-    adv, ref_lp: (n_valid,) compacted. Returns tok (7, n_valid) float32,
-    dhidden (N, H) in hidden's dtype (zero on invalid rows) or None, and the
-    float32 dW (V, H) accumulator or None.
+    Gathering saves the GEMM work of padding tokens but needs their number on
+    the host (``nonzero``: a host sync); on CPU that sync is free and the GEMMs
+    are the cost, on a GPU the sync stalls the launch queue twice per
+    micro-batch, so there the shapes stay static and padding rows are masked.
+    """
+    return device.type == "cpu"
+
+
+def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, cfg, vocab_size, backend, plan,
+             need_dh, need_dw):
+    """Chunked loss, statistics and gradients.
+
+    Either index (n,) int64: the valid rows of hidden2d (N, H), with labels,
+    old_lp, adv, ref_lp (n,) compacted and valid None; or index None: every row
+    is computed, valid (N,) bool marks the tokens and the per-token inputs (N,)
+    are zeroed off it (the hidden rows are zeroed as they are loaded). Returns
+    tok (7, n) float32 (0 off the mask), dhidden (N, H) in hidden's dtype (zero
+    on invalid rows) or None, and the float32 dW (V, H) accumulator or None.
     """
     n_rows, size_h = hidden2d.shape
     vocab, device = weight.shape[0], hidden2d.device
-    n_valid = index.numel()
+    n_tok = index.numel() if index is not None else n_rows
     with_grad = need_dh or need_dw
-    tok = empty_output((len(reference.PPO_TOKEN_STATS), n_valid), torch.float32, device)
-    dhidden = torch.zeros(n_rows, size_h, dtype=hidden2d.dtype, device=device) if need_dh else None
+    tok = empty_output((len(reference.PPO_TOKEN_STATS), n_tok), torch.float32, device)
+    dhidden = None
+    if need_dh:                                                         # all rows written when index is None
+        dhidden = (torch.zeros if index is not None else empty_output)(
+            (n_rows, size_h), dtype=hidden2d.dtype, device=device)
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dw else None
-    if n_valid == 0:
+    if n_tok == 0:
         return tok, dhidden, dw_acc
     temperature = cfg[-1]
     w = _weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
-    dh_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device) if need_dh else None
+    dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dh else None
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
     # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
     dlogits = logits if plan.operand_dtype == torch.float32 or not with_grad else empty_output(
         (plan.chunk, vocab), plan.operand_dtype, device)
-    for start, n in _chunks(n_valid, plan.chunk):
+    for start, n in _chunks(n_tok, plan.chunk):
         rows = slice(start, start + n)
-        ids = index[rows]
-        h_buf[:n].copy_(hidden2d.index_select(0, ids))
+        valid_rows = None
+        if index is None:
+            valid_rows = valid[rows]
+            h_buf[:n].copy_(hidden2d[rows])
+            h_buf[:n].masked_fill_(~valid_rows[:, None], 0.0)           # whatever padding holds (NaN too)
+        else:
+            h_buf[:n].copy_(hidden2d.index_select(0, index[rows]))
         if n < plan.chunk:
             h_buf[n:].zero_()                                           # padded rows: zero logits, no gradient
         token_args = (labels[rows], old_lp[rows], adv[rows], None if ref_lp is None else ref_lp[rows])
         if backend == "triton":
             _logits_into(logits, h_buf, w, plan)                        # (C, V) float32
-            _chunk_triton(logits[:n], dlogits[:n], *token_args, norm, tok[:, rows], cfg, with_grad)
+            _chunk_triton(logits[:n], dlogits[:n], *token_args, valid_rows, norm, tok[:, rows], cfg, vocab_size,
+                          with_grad)
         else:
             if plan.fp32_out or temperature == 1.0:
                 _logits_into(logits, h_buf, w, plan)
@@ -230,7 +268,7 @@ def _forward(hidden2d, weight, index, labels, old_lp, adv, ref_lp, norm, cfg, ba
             clip_eps, dual_clip, ent_coef, kl_coef, estimator, _ = cfg
             tok[:, rows] = reference.linear_ppo_chunk_(
                 logits[:n], *token_args, norm, temperature, clip_eps, dual_clip, ent_coef, kl_coef, estimator,
-                with_grad)
+                with_grad, vocab_size, valid_rows)
             if with_grad and dlogits is not logits:
                 dlogits[:n] = logits[:n]
         if not with_grad:
@@ -238,8 +276,11 @@ def _forward(hidden2d, weight, index, labels, old_lp, adv, ref_lp, norm, cfg, ba
         if n < plan.chunk:
             dlogits[n:].zero_()
         if need_dh:
-            torch.mm(dlogits, w, out=dh_buf)                            # (C, V) @ (V, H)
-            dhidden.index_copy_(0, ids, dh_buf[:n].to(hidden2d.dtype))
+            _dhidden_into(dh_buf, dlogits, w, plan)                     # (C, V) @ (V, H), float32
+            if index is None:
+                dhidden[rows] = dh_buf[:n]                              # rounded once
+            else:
+                dhidden.index_copy_(0, index[rows], dh_buf[:n].to(hidden2d.dtype))
         if need_dw:
             if plan.fp32_out:
                 torch.addmm(dw_acc, dlogits.t(), h_buf, torch.float32, out=dw_acc)
@@ -254,32 +295,43 @@ def _forward(hidden2d, weight, index, labels, old_lp, adv, ref_lp, norm, cfg, ba
 
 class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels1d, old1d, adv1d, ref1d, valid1d, norm, cfg, backend, chunk_size,
-                need_dh, need_dw):
+    def forward(ctx, hidden, weight, labels1d, old1d, adv1d, ref1d, valid1d, norm, cfg, vocab_size, backend,
+                chunk_size, need_dh, need_dw):
         size_h = hidden.shape[-1]
         hidden2d = as_rows(hidden, size_h)
         device = hidden.device
-        index = valid1d.nonzero().squeeze(1)                            # host sync: the number of valid tokens
-        labels_v = labels1d.index_select(0, index)
-        if labels_v.numel() and bool(((labels_v < 0) | (labels_v >= weight.shape[0])).any()):
-            bad = labels_v[(labels_v < 0) | (labels_v >= weight.shape[0])][0].item()
-            raise ValueError(f"labels must lie in [0, {weight.shape[0]}) where mask is set; found {bad}")
-        token_inputs = [x.index_select(0, index).float() if x is not None else None for x in (old1d, adv1d, ref1d)]
+        # A ValueError on CPU; on a GPU a device-side assert (no host sync).
+        check_labels_in_range(labels1d, vocab_size, where=valid1d)
+        if compacts_rows(device):
+            index = valid1d.nonzero().squeeze(1)                        # a host sync: free on CPU
+            valid = None
+            labels_t = labels1d.index_select(0, index).long()
+            token_inputs = [x.index_select(0, index).float() if x is not None else None for x in (old1d, adv1d, ref1d)]
+            count = float(index.numel())
+        else:
+            index, valid = None, valid1d.contiguous()
+            labels_t = torch.where(valid, labels1d, 0).long()
+            token_inputs = [torch.where(valid, x.float(), 0.0) if x is not None else None
+                            for x in (old1d, adv1d, ref1d)]                # NaN off the mask is harmless
+            count = valid.sum(dtype=torch.float32)                      # stays on the device
         if norm is None:
-            norm = torch.full((), float(index.numel()), device=device)
-        norm = torch.where(norm > 0, norm, torch.ones((), device=device))  # 0 (nothing valid) counts as 1
+            norm = torch.full((), count, device=device) if index is not None else count
+        norm = torch.where(norm > 0, norm, 1.0)                         # 0 (nothing valid) counts as 1
         plan = _plan(hidden2d, weight, backend, chunk_size)
         ent_coef, kl_coef = cfg[2], cfg[3]
-        tok, dhidden, dw_acc = _forward(hidden2d, weight, index, labels_v.long(), *token_inputs, norm, cfg,
-                                        backend, plan, need_dh, need_dw)
+        tok, dhidden, dw_acc = _forward(hidden2d, weight, index, valid, labels_t, *token_inputs, norm, cfg,
+                                        vocab_size, backend, plan, need_dh, need_dw)
 
         sums = tok[1:].sum(dim=1)                                       # entropy, pg, clipped, approx_kl, ratio, kl
         means = sums / norm
         entropy, pg, clipfrac, approx_kl, ratio_mean, kl = means.unbind()
         loss = pg - ent_coef * entropy + kl_coef * kl
         out = torch.stack([loss, pg, entropy, kl, clipfrac, approx_kl, ratio_mean, norm])   # one buffer, 8 floats
-        logprobs = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=device)
-        logprobs.index_copy_(0, index, tok[0])
+        if index is None:
+            logprobs = tok[0].clone()                                   # 0 off the mask
+        else:
+            logprobs = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=device)
+            logprobs.index_copy_(0, index, tok[0])
 
         # The gradients are final up to the upstream scalar: kept on the node, no inputs saved.
         dweight = None
@@ -294,7 +346,7 @@ class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_non_differentiable):
-        nothing = (None,) * 11
+        nothing = (None,) * 12
         if grad_loss is None:
             return (None, None) + nothing
         if ctx.grads is None:
@@ -348,6 +400,7 @@ def linear_ppo_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     normalizer: float | torch.Tensor | None = None,
+    vocab_size: int | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
 ) -> LinearPPOLossOutput:
@@ -374,18 +427,22 @@ def linear_ppo_loss(
     The KL term is the per-token estimate on the sampled tokens, differentiated
     through lp (the KL-in-the-loss of GRPO-style trainers; k3's gradient
     1 − e^(−d) vanishes at lp = ref and pulls lp toward ref on both sides). It
-    is an alternative to PPO-max's KL penalty in the reward (SPEC §2.4), not
+    is an alternative to PPO-max's KL penalty in the reward (Zheng et al. 2023), not
     an addition the trainer makes.
 
     Args:
         hidden: (..., H) float32, bfloat16 or float16; any strides.
         weight: (V, H), same dtype and device (the lm_head; may be tied to the embedding).
         labels: (...) integer: the sampled tokens. Read only where ``mask`` is
-            set, where they must lie in [0, V) (checked: one host sync).
+            set, where they must lie in [0, vocab_size) (checked: on CPU a
+            ValueError, on a GPU a device-side assert, with no host sync).
         old_logprobs, advantages: (...) float32, bfloat16 or float16.
         mask: (...) bool or any integer / floating dtype; nonzero = a valid
-            token. Invalid tokens are not computed at all (no GEMM rows): they
-            get logprob 0 and no gradient, and their inputs are never read.
+            token. Invalid tokens get logprob 0 and no gradient, and their
+            inputs are never used (NaN there is harmless). On CPU they are not
+            computed at all (no GEMM rows); on a GPU every row is computed and
+            the invalid ones masked, which keeps the shapes static (no host
+            sync to count the valid tokens).
         temperature: > 0; logits are divided by it (use the sampling temperature).
         clip_eps: ε ≥ 0.  dual_clip: None or c > 1.
         ent_coef: ≥ 0, weight of the entropy bonus.
@@ -395,6 +452,9 @@ def linear_ppo_loss(
             tokens here), a number ≥ 0 or a 1-element tensor (e.g. the
             minibatch's token count, so that micro-batch losses add up to the
             minibatch's). 0 counts as 1.
+        vocab_size: weight rows ≥ vocab_size are alignment padding (an
+            embedding resized to a multiple of 64), excluded from the softmax:
+            probability 0, zero gradient (their dW rows are 0). ``None`` = all rows.
         backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND``
             overrides), ``"triton"`` or ``"torch"``: the per-row kernel; the
             matmuls are torch.mm either way.
@@ -431,6 +491,7 @@ def linear_ppo_loss(
                          f"got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have a non-empty first (vocabulary) dimension")
+    vocab = check_vocab_size(vocab_size, weight.shape[0], "the rows of weight")
     lead = hidden.shape[:-1]
     named = [("labels", labels), ("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)]
     if ref_logprobs is not None:
@@ -477,5 +538,5 @@ def linear_ppo_loss(
            kl_estimator, float(temperature))
     flat = [x.reshape(-1) if x is not None else None for x in (labels, old_logprobs, advantages, ref_logprobs)]
     *results, logprobs = _LinearPPOLoss.apply(
-        hidden, weight, *flat, valid_of(mask).reshape(-1), norm, cfg, backend, chunk_size, need_dh, need_dw)
+        hidden, weight, *flat, valid_of(mask).reshape(-1), norm, cfg, vocab, backend, chunk_size, need_dh, need_dw)
     return LinearPPOLossOutput(*results, logprobs.view(lead))

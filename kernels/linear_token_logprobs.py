@@ -14,10 +14,12 @@ backend: the same math in place, one (C, V) temporary), and the buffer is
 reused for the next chunk. Backward, per chunk: the logits are recomputed (one
 extra GEMM, 8·N·H·V FLOP in all instead of 6) and turned into dlogits in place
 from the saved log-sum-exp (token_logprobs' backward kernel, or
-reference.linear_logits_chunk_backward_), then dhidden[chunk] = dlogits @ W and
-dW += dlogitsᵀ @ hidden[chunk], dW accumulated in float32 across chunks and
-cast once at the end. Peak extra memory: one chunk's buffers (the budget, see
-``chunk_budget_bytes``) plus a float32 (V, H) dW accumulator, whatever N is.
+reference.linear_logits_chunk_backward_), then dhidden[chunk] = dlogits @ W
+(written in float32: K = V terms, rounded once) and dW += dlogitsᵀ @
+hidden[chunk], dW accumulated in float32 across chunks and cast once at the
+end. Peak extra memory: one chunk's buffers (the budget, see
+``chunk_budget_bytes``) plus a float32 (V, H) dW accumulator, whatever N is
+(the full formula: ``chunk_rows``).
 
 Batch invariance: every GEMM of a call has the same shape (C, H) x (H, V), the
 last chunk is zero-padded to C rows, and the hidden rows are copied into one
@@ -38,7 +40,7 @@ import torch
 
 from ._checks import (
     FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_positive, check_same_device, check_shape,
-    check_tensor,
+    check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, resolve_backend
 from . import reference
@@ -58,17 +60,33 @@ from .token_logprobs import LogprobsAndEntropy, _bwd_triton, _fwd_triton
 # 2. Chunk planning and the chunked forward / backward
 # ----------------------------------------------------------------------------
 
-# Extra memory one call may use for its per-chunk buffers, by device type.
+# Extra memory one call may use for its per-chunk buffers. On CPU a fixed
+# 128 MiB: C = 512 at V = 32000 with the torch backend (8 bytes per logit):
+# forward + backward at N=2048, H=512 took 2.9 s there against 3.2 s at C = 256
+# and 4.2 s at C = 128 (2-core x86 VM, float32), the naive path 3.3 s.
+# On a GPU a fraction of the device's memory, clamped (see gpu_chunk_budget_bytes).
 # Override with the environment variable FASTPPO_LINEAR_CHUNK_MB (read per call).
-# 1 GiB on a GPU gives C = 1024 rows at V = 151936 in bf16 (6 bytes per logit),
-# 1280 at V = 128256: GEMMs with M ≥ 1024, so each read of W serves enough rows
-# to stay compute-bound on an H100 (~300 FLOP per byte; not yet measured on
-# one). 128 MiB on CPU gives
-# C = 512 at V = 32000 with the torch backend (8 bytes per logit): forward +
-# backward at N=2048, H=512 took 2.9 s there against 3.2 s at C = 256 and 4.2 s
-# at C = 128 (2-core x86 VM, float32), the naive path 3.3 s.
-DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+DEFAULT_CHUNK_BUDGET_BYTES = {"cpu": 128 << 20}
+# Why the GPU budget must grow with V·H: the dW update dW += dlogitsᵀ @ h reads
+# and writes the float32 (V, H) accumulator (8·V·H bytes) for 2·C·V·H FLOP,
+# C/4 FLOP per byte; it is compute-bound only above the chip's ridge point
+# (H100: ~990 TFLOP/s / ~3.35 TB/s ≈ 300 FLOP/byte, H200: ~790 / ~4.3 ≈ 185),
+# so C must reach ~1200 rows, better 2048 or more. A fixed 1 GiB gave C = 656 at
+# V = 256000, H = 8192 (memory-bound dW, and 656 = 5·128 + 16: a 14% tail of
+# GEMM tiles). 1/16 of the device gives C = 3072 on an 80 GB GPU and the cap,
+# 4096, on a 141 GB one; the floor keeps small GPUs at the old 1 GiB, the
+# ceiling bounds the waste of the zero-padded last chunk.
+GPU_CHUNK_BUDGET_FRACTION = 1 / 16
+GPU_CHUNK_BUDGET_BOUNDS = (1 << 30, 16 << 30)
 MAX_CHUNK_ROWS = 4096
+# GEMM tiles are 64 or 128 rows on current GPUs: a chunk of a multiple of 128 rows wastes no tile.
+CHUNK_ROW_QUANTUM = 128
+
+
+def gpu_chunk_budget_bytes(total_memory: int) -> int:
+    """The chunk budget on a GPU of `total_memory` bytes: GPU_CHUNK_BUDGET_FRACTION of it, within the bounds."""
+    low, high = GPU_CHUNK_BUDGET_BOUNDS
+    return int(min(high, max(low, total_memory * GPU_CHUNK_BUDGET_FRACTION)))
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -82,7 +100,11 @@ def chunk_budget_bytes(device: torch.device) -> int:
         if not mb > 0:
             raise ValueError(f"FASTPPO_LINEAR_CHUNK_MB must be a positive number of MB, got {env!r}")
         return int(mb * (1 << 20))
-    return DEFAULT_CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
+    if device.type == "cpu":
+        return DEFAULT_CHUNK_BUDGET_BYTES["cpu"]
+    if device.type == "cuda":
+        return gpu_chunk_budget_bytes(torch.cuda.get_device_properties(device).total_memory)
+    return GPU_CHUNK_BUDGET_BOUNDS[0]
 
 
 _FP32_OUT_GEMM: dict[tuple[str, torch.dtype], bool] = {}
@@ -135,29 +157,75 @@ class _Plan:
     fp32_out: bool
 
 
+def bytes_per_chunk_row(vocab: int, hidden_size: int, dtype: torch.dtype, backend: str, fp32_out: bool) -> int:
+    """Bytes of chunk buffers per chunk row, V the (padded) number of weight rows.
+
+    The float32 logits (4·V), the dlogits in the input dtype when the GEMM
+    writes float32 from half operands (2·V; otherwise dlogits overwrite the
+    logits), the torch backend's one float32 temporary (4·V, see
+    reference.linear_logits_chunk_forward_), and two (H,) rows of GEMM operands
+    and results (the hidden rows, the float32 dhidden rows): 8·H.
+    """
+    per_row = 4 * vocab + 8 * hidden_size
+    if fp32_out:
+        per_row += torch.empty((), dtype=dtype).element_size() * vocab
+    if backend == "torch":
+        per_row += 4 * vocab
+    return per_row
+
+
+def rows_within(budget_bytes: int, per_row: int) -> int:
+    """Chunk rows that fit the budget: at most MAX_CHUNK_ROWS, rounded down to a multiple of
+    CHUNK_ROW_QUANTUM when at least that many fit, else of 16, never 0."""
+    rows = min(MAX_CHUNK_ROWS, budget_bytes // per_row)
+    for quantum in (CHUNK_ROW_QUANTUM, 16):
+        if rows >= quantum:
+            return rows - rows % quantum
+    return max(1, rows)
+
+
 def chunk_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device, backend: str,
                budget_bytes: int | None = None) -> int:
     """Rows per chunk for (V, H, dtype, device, backend) within the budget; never depends on N.
 
-    Bytes per chunk row: the float32 logits (4·V), the dlogits in the input
-    dtype when the GEMM writes float32 from half operands (2·V; otherwise
-    dlogits overwrite the logits), the torch backend's one float32 temporary
-    (4·V, see reference.linear_logits_chunk_forward_), and two (H,) rows of GEMM
-    operands. Rounded down to a multiple of 128 (GPU GEMM tiles) from 1024 rows
-    up, else of 16.
+    C does not depend on the number of rows N, so that a row's result does not
+    either (see the module docstring): a call with N < C pays C rows of GEMM.
+
+    Peak extra memory of one forward + backward (e = bytes per element of the
+    input dtype, N rows), reached at the end of the backward; `peak_extra_bytes`
+    computes it:
+      C · bytes_per_chunk_row(...)    the chunk buffers (≤ the budget)
+      + 4·V·H                         the float32 dW accumulator (weight needs a gradient)
+      + e·V·H                         dW in the weight's dtype, cast from it at the end (e < 4)
+      + e·N·H                         dhidden (hidden needs a gradient)
+      + 4·V·H                         a float32 copy of the weight where half operands are
+                                      upcast (no float32-output GEMM: CPU)
+    linear_ppo_loss holds the same from its forward (where it computes the
+    gradients) to its backward. Under FSDP the all-gathered (V, H) weight,
+    e·V·H, is live during the call as well (``gathered_weight``).
     """
     if budget_bytes is None:
         budget_bytes = chunk_budget_bytes(device)
-    per_row = 4 * vocab + 8 * hidden_size
-    if _has_fp32_out_gemm(device, dtype):
-        per_row += torch.empty((), dtype=dtype).element_size() * vocab
-    if backend == "torch":
-        per_row += 4 * vocab
-    rows = min(MAX_CHUNK_ROWS, budget_bytes // per_row)
-    for threshold, quantum in ((1024, 128), (16, 16)):
-        if rows >= threshold:
-            return rows - rows % quantum
-    return max(1, rows)
+    fp32_out = _has_fp32_out_gemm(device, dtype)
+    return rows_within(budget_bytes, bytes_per_chunk_row(vocab, hidden_size, dtype, backend, fp32_out))
+
+
+def peak_extra_bytes(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype, backend: str, *, chunk: int,
+                     fp32_out: bool, need_dhidden: bool = True, need_dweight: bool = True,
+                     gathered_weight: bool = False) -> int:
+    """Peak extra memory of one forward + backward, by the formula in `chunk_rows`."""
+    e = torch.empty((), dtype=dtype).element_size()
+    weights = vocab * hidden_size
+    total = chunk * bytes_per_chunk_row(vocab, hidden_size, dtype, backend, fp32_out)
+    if need_dweight:
+        total += 4 * weights + (e * weights if e < 4 else 0)
+    if need_dhidden:
+        total += e * n_rows * hidden_size
+    if e < 4 and not fp32_out:
+        total += 4 * weights
+    if gathered_weight:
+        total += e * weights
+    return total
 
 
 def _plan(hidden2d: torch.Tensor, weight: torch.Tensor, backend: str, chunk_size: int | None) -> _Plan:
@@ -193,7 +261,19 @@ def _logits_into(logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor, plan: _
     return torch.mm(h, w.t(), out=logits)
 
 
-def _forward(hidden2d, weight, labels1d, temperature, ignore_index, backend, plan):
+def _dhidden_into(dh32: torch.Tensor, dlogits: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """dh32 (C, H) float32 = dlogits (C, V) @ w (V, H).
+
+    The reduction runs over K = V (~150k) terms: written in float32 and rounded
+    to the input dtype once by the caller. A half-precision output would let
+    cuBLAS reduce split-K partial sums in that precision.
+    """
+    if plan.fp32_out:
+        return torch.mm(dlogits, w, torch.float32, out=dh32)
+    return torch.mm(dlogits, w, out=dh32)
+
+
+def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend, plan):
     """-> logprobs, entropy, lse, each (N,) float32."""
     n_rows, vocab, device = hidden2d.shape[0], weight.shape[0], hidden2d.device
     out = torch.zeros(3, n_rows, dtype=torch.float32, device=device)
@@ -205,14 +285,14 @@ def _forward(hidden2d, weight, labels1d, temperature, ignore_index, backend, pla
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
     for start, n in _chunks(n_rows, plan.chunk):
         _logits_into(logits, _load_rows(h_buf, hidden2d, start, n), w, plan)
-        stats = fwd(logits[:n], labels1d[start:start + n], temperature, ignore_index)
+        stats = fwd(logits[:n], labels1d[start:start + n], temperature, ignore_index, vocab_size)
         for dst, src in zip(out, stats):
             dst[start:start + n] = src
     return out[0], out[1], out[2]
 
 
 def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
-              backend, plan, need_dhidden, need_dweight):
+              vocab_size, backend, plan, need_dhidden, need_dweight):
     """-> dhidden (N, H) in hidden's dtype or None, dweight (V, H) in weight's dtype or None."""
     n_rows, size_h = hidden2d.shape
     vocab, device = weight.shape[0], hidden2d.device
@@ -221,7 +301,7 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
     if n_rows > 0:
         w = _weight_operand(weight, plan)
         h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
-        dh_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device) if need_dhidden else None
+        dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dhidden else None
         logits = empty_output((plan.chunk, vocab), torch.float32, device)
         # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
         dlogits = logits if plan.operand_dtype == torch.float32 else empty_output(
@@ -232,7 +312,7 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
             _logits_into(logits, h, w, plan)                                    # recompute (C, V)
             args = (labels1d[rows], lse[rows], entropy[rows],
                     None if grad_logprobs is None else grad_logprobs[rows],
-                    None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index)
+                    None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, vocab_size)
             if backend == "triton":
                 _bwd_triton(logits[:n], *args, out=dlogits[:n])
             else:
@@ -242,8 +322,8 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
             if n < plan.chunk:
                 dlogits[n:].zero_()                                             # padded rows: no gradient
             if need_dhidden:
-                torch.mm(dlogits, w, out=dh_buf)                                # (C, V) @ (V, H)
-                dhidden[rows] = dh_buf[:n]
+                _dhidden_into(dh_buf, dlogits, w, plan)                         # (C, V) @ (V, H)
+                dhidden[rows] = dh_buf[:n]                                      # rounded once
             if need_dweight:
                 if plan.fp32_out:
                     torch.addmm(dw_acc, dlogits.t(), h, torch.float32, out=dw_acc)
@@ -261,12 +341,14 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden2d, weight, labels1d, temperature, ignore_index, backend, chunk_size):
+    def forward(ctx, hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend, chunk_size):
         plan = _plan(hidden2d, weight, backend, chunk_size)
-        logprobs, entropy, lse = _forward(hidden2d, weight, labels1d, temperature, ignore_index, backend, plan)
+        logprobs, entropy, lse = _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend,
+                                          plan)
         # Only (N,) statistics are saved besides the inputs; the logits are recomputed in backward.
         ctx.save_for_backward(hidden2d, weight, labels1d, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.backend, ctx.plan = temperature, ignore_index, backend, plan
+        ctx.temperature, ctx.ignore_index, ctx.vocab_size = temperature, ignore_index, vocab_size
+        ctx.backend, ctx.plan = backend, plan
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         return logprobs, entropy, lse
@@ -275,7 +357,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         need_dhidden, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (grad_logprobs is None and grad_entropy is None) or not (need_dhidden or need_dweight):
-            return None, None, None, None, None, None, None
+            return (None,) * 8
         hidden2d, weight, labels1d, lse, entropy = ctx.saved_tensors
         # Upstream grads can be expanded views (e.g. from .sum()); (N,) floats are cheap to copy.
         if grad_logprobs is not None:
@@ -284,8 +366,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             grad_entropy = grad_entropy.float().contiguous()
         dhidden, dweight = _backward(
             hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature,
-            ctx.ignore_index, ctx.backend, ctx.plan, need_dhidden, need_dweight)
-        return dhidden, dweight, None, None, None, None, None
+            ctx.ignore_index, ctx.vocab_size, ctx.backend, ctx.plan, need_dhidden, need_dweight)
+        return (dhidden, dweight) + (None,) * 6
 
 
 # ----------------------------------------------------------------------------
@@ -300,6 +382,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
+    vocab_size: int | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
 ):
@@ -315,18 +398,23 @@ def linear_token_logprobs(
         hidden: (..., H) float32, bfloat16 or float16; any strides.
         weight: (V, H), same dtype and device as ``hidden`` (e.g. the lm_head
             weight, which may be tied to the input embedding).
-        labels: (...) integer, values in [0, V) or ``ignore_index``.
+        labels: (...) integer, values in [0, vocab_size) or ``ignore_index``.
         temperature: > 0; the logits are divided by it (use the sampling temperature).
         return_entropy: also return the entropy of softmax(logits / temperature).
         ignore_index: label value whose positions give 0 and no gradient.
+        vocab_size: weight rows (logit columns) ≥ vocab_size are alignment
+            padding (an embedding resized to a multiple of 64), excluded from
+            the softmax: probability 0 and zero gradient (their dW rows are 0).
+            The GEMMs still run on the whole padded weight. ``None`` = all V rows.
         backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND``
             overrides), ``"triton"`` or ``"torch"``. Selects the per-row
             kernels; the matmuls are torch.mm (cuBLAS / CPU BLAS) either way.
         chunk_size: rows per chunk. ``None`` chooses it from a memory budget:
-            ``FASTPPO_LINEAR_CHUNK_MB`` if set, else 1 GiB on CUDA and 128 MiB on
-            CPU (``DEFAULT_CHUNK_BUDGET_BYTES``); see ``chunk_rows``. Peak extra
-            memory is about that budget plus a float32 (V, H) dW accumulator
-            in backward, independent of the number of rows.
+            ``FASTPPO_LINEAR_CHUNK_MB`` if set, else 1/16 of the GPU's memory
+            (within 1–16 GiB, ``gpu_chunk_budget_bytes``) and 128 MiB on CPU;
+            see ``chunk_rows``, which also gives the peak extra memory: about
+            that budget plus a float32 (V, H) dW accumulator in backward,
+            independent of the number of rows.
 
     Returns:
         logprobs (...) float32, or ``(logprobs, entropy)`` as a named tuple
@@ -352,9 +440,9 @@ def linear_token_logprobs(
     if weight.shape[1] != size_h:
         raise ValueError(f"weight must have shape (V, {size_h}) (H = the last dimension of hidden), "
                          f"got {tuple(weight.shape)}")
-    vocab = weight.shape[0]
-    if vocab == 0:
+    if weight.shape[0] == 0:
         raise ValueError("weight must have a non-empty first (vocabulary) dimension")
+    vocab = check_vocab_size(vocab_size, weight.shape[0], "the rows of weight")
     check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
     check_positive("temperature", temperature)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -370,7 +458,7 @@ def linear_token_logprobs(
     hidden2d = as_rows(hidden, size_h)
     labels1d = labels.reshape(-1)
     logprobs, entropy, _ = _LinearTokenLogprobs.apply(
-        hidden2d, weight, labels1d, float(temperature), ignore_index, backend, chunk_size)
+        hidden2d, weight, labels1d, float(temperature), ignore_index, vocab, backend, chunk_size)
     lead = hidden.shape[:-1]
     logprobs = logprobs.view(lead)
     if return_entropy:

@@ -26,31 +26,31 @@ def rows_per_chunk(width: int, temporaries: int, budget_bytes: int = TORCH_CHUNK
 # ----------------------------------------------------------------------------
 
 def token_logprobs_forward(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (N, V) any float dtype, labels (N,) int -> logprobs, entropy, lse, each (N,) float32.
 
-    Ignored rows give 0 for all three. Extra memory: about three (chunk, V)
-    float32 temporaries, never a full (N, V) copy.
+    Only the first vocab_size columns enter the softmax (the rest is alignment
+    padding). Ignored rows give 0 for all three. Extra memory: about three
+    (chunk, vocab_size) float32 temporaries, never a full (N, V) copy.
     """
-    n_rows, vocab = logits.shape
+    n_rows, vocab = logits.shape[0], vocab_size
     out = torch.zeros(3, n_rows, dtype=torch.float32, device=logits.device)
     logprobs, entropy, lse = out[0], out[1], out[2]
     step = rows_per_chunk(vocab, temporaries=3)
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         valid = labels[rows] != ignore_index
-        x = logits[rows].float() / temperature                      # (C, V) float32
+        x = logits[rows, :vocab].float() / temperature              # (C, V) float32
         chunk_lse = torch.logsumexp(x, dim=-1)                      # (C,)
         label_logit = x.gather(-1, torch.where(valid, labels[rows], 0).long()[:, None]).squeeze(-1)
         x.sub_(chunk_lse[:, None])                                  # x is now log p
         p = x.exp()
         # p·log p is 0 where p is 0 (including logits of -inf).
         chunk_entropy = -(p * x.masked_fill_(p == 0, 0.0)).sum(-1)
-        zero = torch.zeros((), device=logits.device)
-        logprobs[rows] = torch.where(valid, label_logit - chunk_lse, zero)
-        entropy[rows] = torch.where(valid, chunk_entropy, zero)
-        lse[rows] = torch.where(valid, chunk_lse, zero)
+        logprobs[rows] = torch.where(valid, label_logit - chunk_lse, 0.0)
+        entropy[rows] = torch.where(valid, chunk_entropy, 0.0)
+        lse[rows] = torch.where(valid, chunk_lse, 0.0)
     return logprobs, entropy, lse
 
 
@@ -63,6 +63,7 @@ def token_logprobs_backward(
     grad_entropy: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
+    vocab_size: int,
 ) -> torch.Tensor:
     """Gradient of sum(grad_logprobs·logprobs + grad_entropy·entropy) w.r.t. logits (N, V).
 
@@ -70,15 +71,16 @@ def token_logprobs_backward(
       d logprob / d x_j = [j = label] − p_j
       d entropy / d x_j = −p_j (log p_j + H)
     and the chain rule through the temperature divides by T. Returned in the
-    dtype of logits; ignored rows get 0.
+    dtype of logits; ignored rows and the padding columns (from vocab_size on) get 0.
     """
-    n_rows, vocab = logits.shape
+    n_rows, vocab = logits.shape[0], vocab_size
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad[:, vocab:] = 0
     step = rows_per_chunk(vocab, temporaries=3)
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         valid = labels[rows] != ignore_index
-        logp = logits[rows].float() / temperature
+        logp = logits[rows, :vocab].float() / temperature
         logp.sub_(lse[rows, None])                                  # (C, V) log p
         p = logp.exp()
         g = torch.zeros_like(p)
@@ -91,7 +93,7 @@ def token_logprobs_backward(
             g.scatter_add_(-1, safe, grad_logprobs[rows, None].float())
         g.div_(temperature)
         g.masked_fill_(~valid[:, None], 0.0)
-        grad[rows] = g
+        grad[rows, :vocab] = g
     return grad
 
 
@@ -353,9 +355,12 @@ def ppo_loss_forward(logprobs, old_logprobs, advantages, values, old_values, ret
 # ----------------------------------------------------------------------------
 
 def linear_logits_chunk_forward_(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (C, V) float32, overwritten -> logprobs, entropy, lse, each (C,) float32.
+
+    Only the first vocab_size columns are real (the rest, alignment padding, is
+    neither read nor written).
 
     With x = logits / T shifted by its row max m, s = Σ exp(x), t = Σ exp(x)·x:
     lse = m + log s, entropy = log s − t / s (both terms ≥ 0: no cancellation at
@@ -364,7 +369,9 @@ def linear_logits_chunk_forward_(
     finite everywhere). Logits are finite (they come from a matmul).
     """
     valid = labels != ignore_index
-    x = logits if temperature == 1.0 else logits.div_(temperature)
+    x = logits[:, :vocab_size]
+    if temperature != 1.0:
+        x.div_(temperature)
     m = x.amax(dim=-1)
     x.sub_(m[:, None])                                          # x − m ≤ 0
     p = torch.exp(x)                                            # the one (C, V) temporary
@@ -372,9 +379,8 @@ def linear_logits_chunk_forward_(
     t = torch.linalg.vecdot(p, x)                               # Σ exp(x − m)·(x − m), per row
     log_s = s.log()
     label_x = x.gather(-1, torch.where(valid, labels, 0).long()[:, None]).squeeze(-1)
-    zero = torch.zeros((), device=logits.device)
-    logprobs = torch.where(valid, label_x - log_s, zero)
-    entropy = torch.where(valid, log_s - t / s, zero)
+    logprobs = torch.where(valid, label_x - log_s, 0.0)
+    entropy = torch.where(valid, log_s - t / s, 0.0)
     return logprobs, entropy, m + log_s
 
 
@@ -387,8 +393,11 @@ def linear_logits_chunk_backward_(
     grad_entropy: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
+    vocab_size: int,
 ) -> torch.Tensor:
     """logits (C, V) float32 -> dlogits, written over them (the same tensor is returned).
+
+    Columns from vocab_size on are alignment padding: their dlogits are 0.
 
     As token_logprobs_backward, with x = logits / T, log p = x − lse:
       dlogits_j = (g_lp·([j = label] − p_j) − g_ent·p_j (log p_j + H)) / T
@@ -397,10 +406,12 @@ def linear_logits_chunk_backward_(
     ignored rows get zero upstream gradients and so exactly zero dlogits.
     """
     valid = labels != ignore_index
-    zero = torch.zeros((), device=logits.device)
-    g_lp = torch.zeros_like(lse) if grad_logprobs is None else torch.where(valid, grad_logprobs, zero)
-    g_ent = torch.zeros_like(lse) if grad_entropy is None else torch.where(valid, grad_entropy, zero)
-    logp = logits if temperature == 1.0 else logits.div_(temperature)
+    g_lp = torch.zeros_like(lse) if grad_logprobs is None else torch.where(valid, grad_logprobs, 0.0)
+    g_ent = torch.zeros_like(lse) if grad_entropy is None else torch.where(valid, grad_entropy, 0.0)
+    logits[:, vocab_size:] = 0.0
+    logp = logits[:, :vocab_size]
+    if temperature != 1.0:
+        logp.div_(temperature)
     logp.sub_(lse[:, None])
     p = torch.exp(logp)                                         # the one (C, V) temporary
     inv_t = 1.0 / temperature
@@ -409,7 +420,7 @@ def linear_logits_chunk_backward_(
     dlogits = coef.mul_(p)
     if grad_logprobs is not None:
         dlogits.scatter_add_(-1, torch.where(valid, labels, 0).long()[:, None], (g_lp * inv_t)[:, None])
-    return dlogits
+    return logits
 
 
 # ----------------------------------------------------------------------------
@@ -442,7 +453,7 @@ def policy_loss_terms(logprobs, old_logprobs, advantages, clip_eps: float, dual_
         dual = (advantages < 0) & (bound < pg)
         clipped = clipped | dual
         pg = torch.where(dual, bound, pg)
-    dpg = torch.where(clipped, torch.zeros((), device=pg.device), pg1)
+    dpg = torch.where(clipped, 0.0, pg1)
     approx_kl = (ratio - 1.0).sub_(log_ratio)
     return pg, clipped.float(), approx_kl, ratio, dpg
 
@@ -467,14 +478,20 @@ def linear_ppo_chunk_(
     kl_coef: float,
     kl_estimator: str,
     with_grad: bool,
+    vocab_size: int,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Forward and gradient of the PPO policy loss for C valid tokens, from their scaled logits.
+    """Forward and gradient of the PPO policy loss for C tokens, from their scaled logits.
 
     x (C, V) float32: logits / temperature (finite: from a matmul), overwritten;
-    with ``with_grad`` it becomes d loss / d logits (the 1/T included), where
+    only its first vocab_size columns are real (the rest is alignment padding:
+    never read, and its gradient is 0). With ``with_grad`` it becomes
+    d loss / d logits (the 1/T included), where
         loss = Σ_tokens [pg − ent_coef·H + kl_coef·k(logprob − ref)] / normalizer.
-    labels (C,) int in [0, V); old_logprobs, advantages, ref_logprobs (C,)
-    float32; normalizer a 0-dim float32 tensor > 0.
+    labels (C,) int in [0, vocab_size); old_logprobs, advantages, ref_logprobs (C,)
+    float32; normalizer a 0-dim float32 tensor > 0. ``valid`` (C,) bool, or
+    None when every token is valid: invalid tokens (finite inputs, e.g. zeros)
+    get zero statistics and zero gradient.
     Returns the per-token statistics (len(PPO_TOKEN_STATS), C) float32.
 
     With p = softmax(x), H its entropy and
@@ -489,7 +506,10 @@ def linear_ppo_chunk_(
     one block of PPO_ROW_BLOCK_ELEMENTS floats; e is recomputed for the
     gradient inside each block instead of being stored for the chunk.
     """
-    n_rows, vocab = x.shape
+    n_rows, vocab = x.shape[0], vocab_size
+    if with_grad:
+        x[:, vocab:] = 0.0
+    x = x[:, :vocab]
     step = max(1, PPO_ROW_BLOCK_ELEMENTS // max(1, vocab))
     tmp = torch.empty(min(step, n_rows), vocab, dtype=torch.float32, device=x.device)
     m = x.amax(dim=-1)
@@ -508,18 +528,23 @@ def linear_ppo_chunk_(
     else:
         kl, slope = torch.zeros_like(logprobs), None
     stats = torch.stack([logprobs, entropy, pg, clipped, approx_kl, ratio, kl])
+    if valid is not None:
+        stats = torch.where(valid, stats, 0.0)
     if not with_grad:
         return stats
     g_lp = dpg if slope is None or kl_coef == 0 else dpg + kl_coef * slope
     g_lp = g_lp / normalizer
-    g_ent = -ent_coef / normalizer                               # 0-dim
+    g_ent = -ent_coef / normalizer                               # 0-dim, or (C,) with a valid mask
+    if valid is not None:
+        g_lp = torch.where(valid, g_lp, 0.0)
+        g_ent = torch.where(valid, g_ent, 0.0)
     inv_t = 1.0 / temperature
     beta = (g_lp - g_ent * (t / s)).mul_(-inv_t).div_(s)[:, None]
     alpha = ((-inv_t * g_ent) / s)[:, None]
     for r in range(0, n_rows, step):
         xb = x[r:r + step]
         if ent_coef == 0:
-            torch.exp(xb, out=xb).mul_(beta[r:r + step])
+            xb.exp_().mul_(beta[r:r + step])
         else:
             eb = torch.exp(xb, out=tmp[:xb.shape[0]])
             torch.addcmul(beta[r:r + step], xb, alpha[r:r + step], out=xb).mul_(eb)

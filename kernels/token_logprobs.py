@@ -18,8 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_positive, check_same_device, check_shape, check_tensor
-from ._dispatch import empty_output, resolve_backend, triton_interpreter_enabled
+from ._checks import (
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_positive, check_same_device, check_shape,
+    check_tensor, check_vocab_size,
+)
+from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
 from . import reference
 
 
@@ -30,11 +33,16 @@ from . import reference
 @triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
-    n_cols, stride_lm, stride_lv, stride_label,
+    n_cols, n_valid, stride_lm, stride_lv, stride_label,
     temperature, ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     """One program per row: an online log-sum-exp over vocab blocks in fp32.
+
+    Columns in [n_valid, n_cols) are alignment padding: excluded from the
+    softmax. They are loaded with the rest (a mask on the padded width n_cols,
+    a multiple of 16 in practice, keeps the loads 128-bit wide; one on an odd
+    n_valid would not) and replaced by −inf.
 
     Running state, all relative to the running max m:
       s = Σ exp(x − m),  t = Σ exp(x − m)·(x − m)
@@ -54,7 +62,7 @@ def _token_logprobs_fwd_kernel(
     for block in range(0, n_blocks):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        x = x / temp
+        x = tl.where(offs < n_valid, x / temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # While every logit so far is -inf, keep the reference point finite.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -66,7 +74,7 @@ def _token_logprobs_fwd_kernel(
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
 
-    label_ok = (label >= 0) & (label < n_cols) & (not is_ignored)
+    label_ok = (label >= 0) & (label < n_valid) & (not is_ignored)
     x_label = tl.load(row_ptr + label * stride_lv, mask=label_ok, other=0.0).to(tl.float32) / temp
     m_fin = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(tl.where(is_ignored, 1.0, s))
@@ -80,11 +88,15 @@ def _token_logprobs_fwd_kernel(
 @triton.jit
 def _token_logprobs_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, entropy_ptr, dlogprobs_ptr, dentropy_ptr, dlogits_ptr,
-    n_cols, stride_lm, stride_lv, stride_label, stride_dm,
+    n_cols, n_valid, stride_lm, stride_lv, stride_label, stride_dm,
     temperature, ignore_index,
     BLOCK_V: tl.constexpr, HAS_DLOGPROBS: tl.constexpr, HAS_DENTROPY: tl.constexpr,
 ):
     """Grid (rows, vocab blocks): recompute p from the saved lse, write dlogits.
+
+    Columns in [n_valid, n_cols) are alignment padding: taken as −inf (after a
+    load masked on n_cols, for wide loads), so p = 0 there and their gradient
+    is written as exactly 0.
 
     With x = logits / T:  d logprob/dx_j = [j = label] − p_j,
     d entropy/dx_j = −p_j (log p_j + H); both divided by T.
@@ -98,7 +110,8 @@ def _token_logprobs_bwd_kernel(
     is_ignored = label == ignore_index
 
     x = tl.load(logits_ptr + row * stride_lm + offs * stride_lv, mask=col_mask, other=float("-inf"))
-    logp = x.to(tl.float32) / temp - tl.load(lse_ptr + row)
+    x = tl.where(offs < n_valid, x.to(tl.float32), float("-inf"))
+    logp = x / temp - tl.load(lse_ptr + row)
     p = tl.exp(logp)
     grad = tl.zeros([BLOCK_V], dtype=tl.float32)
     if HAS_DLOGPROBS:
@@ -124,40 +137,45 @@ def _block_v(n_cols: int, cap: int) -> int:
     return min(triton.next_power_of_2(n_cols), cap)
 
 
-def _fwd_triton(logits2d, labels1d, temperature, ignore_index):
+def _fwd_triton(logits2d, labels1d, temperature, ignore_index, vocab_size):
+    # Only the first vocab_size columns enter the softmax; the row stride is the padded one.
     n_rows, n_cols = logits2d.shape
     out = empty_output((3, n_rows), torch.float32, logits2d.device)
     if n_rows == 0:
         return out[0], out[1], out[2]
     block_v = _block_v(n_cols, 4096)
-    _token_logprobs_fwd_kernel[(n_rows,)](
-        logits2d, labels1d, out[0], out[1], out[2],
-        n_cols, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0),
-        float(temperature), int(ignore_index),
-        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-    )
+    with on_device_of(logits2d):
+        _token_logprobs_fwd_kernel[(n_rows,)](
+            logits2d, labels1d, out[0], out[1], out[2],
+            n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0),
+            float(temperature), int(ignore_index),
+            BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        )
     return out[0], out[1], out[2]
 
 
-def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out=None):
+def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+                vocab_size, out=None):
     # `out` (rows, V) with unit column stride, any float dtype, may alias logits2d
     # (each program reads its block before writing it): used by linear_token_logprobs.
+    # Columns from vocab_size on get exactly 0.
     n_rows, n_cols = logits2d.shape
     dlogits = out if out is not None else empty_output((n_rows, n_cols), logits2d.dtype, logits2d.device)
     if n_rows == 0 or n_cols == 0:
         return dlogits
     block_v = _block_v(n_cols, 4096)
     grid = (n_rows, triton.cdiv(n_cols, block_v))
-    _token_logprobs_bwd_kernel[grid](
-        logits2d, labels1d, lse, entropy,
-        grad_logprobs if grad_logprobs is not None else lse,
-        grad_entropy if grad_entropy is not None else lse,
-        dlogits,
-        n_cols, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0), dlogits.stride(0),
-        float(temperature), int(ignore_index),
-        BLOCK_V=block_v, HAS_DLOGPROBS=grad_logprobs is not None, HAS_DENTROPY=grad_entropy is not None,
-        num_warps=8 if block_v >= 2048 else 4,
-    )
+    with on_device_of(logits2d):
+        _token_logprobs_bwd_kernel[grid](
+            logits2d, labels1d, lse, entropy,
+            grad_logprobs if grad_logprobs is not None else lse,
+            grad_entropy if grad_entropy is not None else lse,
+            dlogits,
+            n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0), dlogits.stride(0),
+            float(temperature), int(ignore_index),
+            BLOCK_V=block_v, HAS_DLOGPROBS=grad_logprobs is not None, HAS_DENTROPY=grad_entropy is not None,
+            num_warps=8 if block_v >= 2048 else 4,
+        )
     return dlogits
 
 
@@ -167,11 +185,11 @@ def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, t
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits2d, labels1d, temperature, ignore_index, backend):
+    def forward(ctx, logits2d, labels1d, temperature, ignore_index, vocab_size, backend):
         fwd = _fwd_triton if backend == "triton" else reference.token_logprobs_forward
-        logprobs, entropy, lse = fwd(logits2d, labels1d, temperature, ignore_index)
+        logprobs, entropy, lse = fwd(logits2d, labels1d, temperature, ignore_index, vocab_size)
         ctx.save_for_backward(logits2d, labels1d, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+        ctx.temperature, ctx.ignore_index, ctx.vocab_size, ctx.backend = temperature, ignore_index, vocab_size, backend
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         return logprobs, entropy, lse
@@ -179,7 +197,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         if grad_logprobs is None and grad_entropy is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         logits2d, labels1d, lse, entropy = ctx.saved_tensors
         # Upstream grads can be expanded views (e.g. from .sum()); (N,) floats are cheap to copy.
         if grad_logprobs is not None:
@@ -187,8 +205,9 @@ class _TokenLogprobs(torch.autograd.Function):
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
         bwd = _bwd_triton if ctx.backend == "triton" else reference.token_logprobs_backward
-        dlogits = bwd(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature, ctx.ignore_index)
-        return dlogits, None, None, None, None
+        dlogits = bwd(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature, ctx.ignore_index,
+                      ctx.vocab_size)
+        return dlogits, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------
@@ -207,16 +226,20 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
+    vocab_size: int | None = None,
     backend: str | None = None,
 ):
     """Log-probability of each label under softmax(logits / temperature), and optionally its entropy.
 
     Args:
         logits: (..., V) float32, bfloat16 or float16; any strides.
-        labels: (...) integer, values in [0, V) or ``ignore_index``.
+        labels: (...) integer, values in [0, vocab_size) or ``ignore_index``.
         temperature: > 0; logits are divided by it (use the sampling temperature).
         return_entropy: also return the entropy of softmax(logits / temperature).
         ignore_index: label value whose positions give 0 and no gradient.
+        vocab_size: columns ≥ vocab_size are alignment padding (an embedding
+            resized to a multiple of 64), excluded from the softmax: they get
+            probability 0 and zero gradient. ``None`` = all V columns.
         backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND``
             overrides), ``"triton"`` or ``"torch"``.
 
@@ -233,15 +256,16 @@ def token_logprobs(
     check_positive("temperature", temperature)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    vocab = logits.shape[-1]
-    if vocab == 0:
+    width = logits.shape[-1]
+    if width == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
+    vocab = check_vocab_size(vocab_size, width, "the last dimension of logits")
     backend = resolve_backend(backend, logits)
     check_labels_in_range(labels, vocab, ignore_index)
 
-    logits2d = as_rows(logits, vocab)
+    logits2d = as_rows(logits, width)
     labels1d = labels.reshape(-1)
-    logprobs, entropy, _ = _TokenLogprobs.apply(logits2d, labels1d, float(temperature), ignore_index, backend)
+    logprobs, entropy, _ = _TokenLogprobs.apply(logits2d, labels1d, float(temperature), ignore_index, vocab, backend)
     lead = logits.shape[:-1]
     logprobs = logprobs.view(lead)
     if return_entropy:
