@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
-from ._dispatch import empty_output, resolve_backend, triton_interpreter_enabled
+from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
 from ._layout import MASK_DTYPES, loadable_mask, rows_unit_stride
 from . import reference
 
@@ -124,12 +124,13 @@ def _gae_triton(rewards2d, values2d, mask2d, gamma, lam, *, block_t: int | None 
         return out[0], out[1]
     block_t = block_t or _block_t(n_cols)
     mask2d = loadable_mask(mask2d)
-    _gae_fwd_kernel[(n_rows,)](
-        rewards2d, values2d, mask2d, out[0], out[1],
-        n_cols, rewards2d.stride(0), values2d.stride(0), mask2d.stride(0), out.stride(1),
-        float(gamma), float(lam),
-        BLOCK_T=block_t, num_warps=8 if block_t >= 2048 else 4,
-    )
+    with on_device_of(rewards2d):
+        _gae_fwd_kernel[(n_rows,)](
+            rewards2d, values2d, mask2d, out[0], out[1],
+            n_cols, rewards2d.stride(0), values2d.stride(0), mask2d.stride(0), out.stride(1),
+            float(gamma), float(lam),
+            BLOCK_T=block_t, num_warps=8 if block_t >= 2048 else 4,
+        )
     return out[0], out[1]
 
 

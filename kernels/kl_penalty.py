@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
-from ._dispatch import empty_output, resolve_backend
+from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import rows_unit_stride, tile_shape
 from . import reference
 
@@ -117,11 +117,12 @@ def _fwd_triton(lp2d, ref2d, estimator, clamp):
     if out.numel() == 0:
         return out
     grid, block_m, block_t = _grid(n_rows, n_cols)
-    _kl_penalty_fwd_kernel[grid](
-        lp2d, ref2d, out, n_rows, n_cols, lp2d.stride(0), ref2d.stride(0), out.stride(0),
-        float(clamp) if clamp is not None else 0.0,
-        ESTIMATOR=estimator, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=4,
-    )
+    with on_device_of(lp2d):
+        _kl_penalty_fwd_kernel[grid](
+            lp2d, ref2d, out, n_rows, n_cols, lp2d.stride(0), ref2d.stride(0), out.stride(0),
+            float(clamp) if clamp is not None else 0.0,
+            ESTIMATOR=estimator, HAS_CLAMP=clamp is not None, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=4,
+        )
     return out
 
 
@@ -132,13 +133,14 @@ def _bwd_triton(lp2d, ref2d, grad2d, estimator, clamp, need_dlp, need_dref):
     if n_rows * n_cols == 0:
         return dlp, dref
     grid, block_m, block_t = _grid(n_rows, n_cols)
-    _kl_penalty_bwd_kernel[grid](
-        lp2d, ref2d, grad2d, dlp if need_dlp else dref, dref if need_dref else dlp,
-        n_rows, n_cols, lp2d.stride(0), ref2d.stride(0), grad2d.stride(0), grad2d.stride(1), n_cols,
-        float(clamp) if clamp is not None else 0.0,
-        ESTIMATOR=estimator, HAS_CLAMP=clamp is not None, HAS_DLP=need_dlp, HAS_DREF=need_dref,
-        BLOCK_M=block_m, BLOCK_T=block_t, num_warps=4,
-    )
+    with on_device_of(lp2d):
+        _kl_penalty_bwd_kernel[grid](
+            lp2d, ref2d, grad2d, dlp if need_dlp else dref, dref if need_dref else dlp,
+            n_rows, n_cols, lp2d.stride(0), ref2d.stride(0), grad2d.stride(0), grad2d.stride(1), n_cols,
+            float(clamp) if clamp is not None else 0.0,
+            ESTIMATOR=estimator, HAS_CLAMP=clamp is not None, HAS_DLP=need_dlp, HAS_DREF=need_dref,
+            BLOCK_M=block_m, BLOCK_T=block_t, num_warps=4,
+        )
     return dlp, dref
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_non_negative, check_same_device, check_shape, check_tensor
-from ._dispatch import empty_output, resolve_backend
+from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import MASK_DTYPES, loadable_mask, rows_unit_stride, tile_shape
 from . import reference
 
@@ -274,20 +274,22 @@ def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *,
     mode = _norm_mode(normalizer)
     norm_ptr = normalizer if mode == 2 else out
     norm_value = float(normalizer) if mode == 1 else 0.0
-    _ppo_loss_fwd_kernel[(n_programs,)](
-        lp, old_lp, adv, val, old_val, ret, mask, norm_ptr, partials, out,
-        n_rows, n_cols, per_program,
-        lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
-        mask.stride(0),
-        float(clip_eps), float(value_clip or 0.0), float(dual_clip or 0.0), float(vf_coef), norm_value,
-        HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None, NORM_MODE=mode,
-        ONE_PROGRAM=n_programs == 1, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
-    )
-    if n_programs > 1:
-        _ppo_loss_reduce_kernel[(1,)](
-            partials, norm_ptr, out, n_programs, float(vf_coef), norm_value,
-            NORM_MODE=mode, BLOCK_P=triton.next_power_of_2(n_programs), num_warps=4,
+    with on_device_of(lp):
+        _ppo_loss_fwd_kernel[(n_programs,)](
+            lp, old_lp, adv, val, old_val, ret, mask, norm_ptr, partials, out,
+            n_rows, n_cols, per_program,
+            lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
+            mask.stride(0),
+            float(clip_eps), float(value_clip or 0.0), float(dual_clip or 0.0), float(vf_coef), norm_value,
+            HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None, NORM_MODE=mode,
+            ONE_PROGRAM=n_programs == 1, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
         )
+    if n_programs > 1:
+        with on_device_of(lp):
+            _ppo_loss_reduce_kernel[(1,)](
+                partials, norm_ptr, out, n_programs, float(vf_coef), norm_value,
+                NORM_MODE=mode, BLOCK_P=triton.next_power_of_2(n_programs), num_warps=4,
+            )
     return out
 
 
@@ -302,19 +304,20 @@ def _bwd_triton(inputs, out, grad_loss, grad_pg, grad_vf, clip_eps, value_clip, 
     mask = loadable_mask(mask)
     block_m, block_t = tile_shape(n_cols, _TILE)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_t))
-    _ppo_loss_bwd_kernel[grid](
-        lp, old_lp, adv, val, old_val, ret, mask, out,
-        grad_loss if grad_loss is not None else out, grad_pg if grad_pg is not None else out,
-        grad_vf if grad_vf is not None else out,
-        dlp if need_dlp else dval, dval if need_dval else dlp,
-        n_rows, n_cols,
-        lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
-        mask.stride(0), n_cols,
-        float(clip_eps), float(value_clip or 0.0), float(dual_clip or 0.0), float(vf_coef),
-        HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None,
-        HAS_G_LOSS=grad_loss is not None, HAS_G_PG=grad_pg is not None, HAS_G_VF=grad_vf is not None,
-        NEEDS_DLP=need_dlp, NEEDS_DVAL=need_dval, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
-    )
+    with on_device_of(lp):
+        _ppo_loss_bwd_kernel[grid](
+            lp, old_lp, adv, val, old_val, ret, mask, out,
+            grad_loss if grad_loss is not None else out, grad_pg if grad_pg is not None else out,
+            grad_vf if grad_vf is not None else out,
+            dlp if need_dlp else dval, dval if need_dval else dlp,
+            n_rows, n_cols,
+            lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
+            mask.stride(0), n_cols,
+            float(clip_eps), float(value_clip or 0.0), float(dual_clip or 0.0), float(vf_coef),
+            HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None,
+            HAS_G_LOSS=grad_loss is not None, HAS_G_PG=grad_pg is not None, HAS_G_VF=grad_vf is not None,
+            NEEDS_DLP=need_dlp, NEEDS_DVAL=need_dval, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
+        )
     return dlp, dval
 
 

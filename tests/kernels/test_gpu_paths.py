@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastppo.kernels import linear_ppo_loss, linear_token_logprobs, token_logprobs
+from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, token_logprobs
 from fastppo.kernels._dispatch import on_device_of, triton_interpreter_enabled
 from fastppo.kernels._syncs import count_host_syncs
 from fastppo.kernels.linear_token_logprobs import (
@@ -148,6 +148,60 @@ def test_every_triton_launch_runs_under_the_guard_of_its_input(monkeypatch, devi
         linear_ppo_loss(hidden, weight, labels, old, adv, mask, ent_coef=0.1, backend="triton").loss.backward()
     assert launches, "no kernel was launched"
     assert all(guards == [hidden.device] for guards in launches), launches
+
+
+def _rl_math_calls(device):
+    """The (B, T) ops: module, its kernels, and a call running all of them (forward and backward)."""
+    b, t = 3, 11
+    lp = torch.randn(b, t, device=device, requires_grad=True)
+    ref, adv, ret = (torch.randn(b, t, device=device) for _ in range(3))
+    val = torch.randn(b, t, device=device, requires_grad=True)
+    mask = torch.rand(b, t, device=device) > 0.2
+
+    def kl():
+        kl_penalty(lp, ref, estimator="k3", backend="triton").sum().backward()
+
+    def advantages():
+        gae(ref, adv, mask, gamma=0.99, lam=0.95, backend="triton")
+
+    def loss(big):
+        def call():
+            shape = (9, 65536) if big else (b, t)   # big: over 8 tiles (65536 entries under the interpreter): the reduce
+            x = [torch.randn(shape, device=device) for _ in range(6)]
+            x[0].requires_grad_()
+            ppo_loss(*x, torch.ones(shape, dtype=torch.bool, device=device), backend="triton").loss.backward()
+        return call
+
+    return {
+        "kl_penalty": ("kl_penalty", ("_kl_penalty_fwd_kernel", "_kl_penalty_bwd_kernel"), kl),
+        "gae": ("gae", ("_gae_fwd_kernel",), advantages),
+        "ppo_loss": ("ppo_loss", ("_ppo_loss_fwd_kernel", "_ppo_loss_bwd_kernel"), loss(False)),
+        "ppo_loss_two_stage": ("ppo_loss", ("_ppo_loss_fwd_kernel", "_ppo_loss_reduce_kernel",
+                                            "_ppo_loss_bwd_kernel"), loss(True)),
+    }
+
+
+@pytest.mark.parametrize("op", ["kl_penalty", "gae", "ppo_loss", "ppo_loss_two_stage"])
+def test_every_rl_math_launch_runs_under_the_guard_of_its_input(monkeypatch, device, op):
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(x):
+        active.append(x.device)
+        yield
+        active.pop()
+
+    module, kernels, call = _rl_math_calls(device)[op]
+    mod = importlib.import_module(f"fastppo.kernels.{module}")
+    monkeypatch.setattr(mod, "on_device_of", recording_guard)
+    per_kernel = {}
+    for name in kernels:
+        per_kernel[name] = []
+        monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), active, per_kernel[name]))
+    call()
+    for name, seen in per_kernel.items():
+        assert seen, f"{name} was not launched"
+        assert all(guards == [torch.device(device)] for guards in seen), (name, seen)
 
 
 # ----------------------------------------------------------------------------
