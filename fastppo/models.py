@@ -22,8 +22,11 @@ goes back to the shards.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -46,10 +49,48 @@ class ModelError(ValueError):
 # Tokenizer
 # ----------------------------------------------------------------------------
 
+def check_model_source(path: str, field: str) -> None:
+    """Fail in one line naming `field` unless `path` is a saved model folder or a hub id that resolves
+    (in the local cache when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers.utils import cached_file
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{field}: {path} has no config.json, so it is not a saved Hugging Face model "
+                             "(a folder written by save_pretrained, e.g. a fastppo export)")
+        return
+    if local.exists():
+        raise ModelError(f"{field}: {path} is a file; give the model's folder (the one holding config.json) or a hub id")
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ModelError(f"{field}: no such folder: {path}") from None
+    try:
+        cached_file(path, "config.json")
+    except OSError as exc:
+        offline = " with HF_HUB_OFFLINE set, only models already in the local cache can be used;" if constants.HF_HUB_OFFLINE else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{field}: {path} is not a local folder, and as a hub id it cannot be loaded:{offline} {reason}") from None
+
+
+# Tokenizer classes that load a tokenizer.json exactly as saved.
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    declared = get_tokenizer_config(path).get("tokenizer_class")
+    if declared in _GENERIC_TOKENIZER_CLASSES and not type(tok).__name__ in _GENERIC_TOKENIZER_CLASSES:
+        # transformers 5 replaces a generic saved tokenizer by the model type's own class (e.g. Qwen2's
+        # byte-level BPE next to a qwen2 config), which rebuilds the pipeline and garbles e.g. a word-level one.
+        log.info("%s: loading the saved %s, not %s", path, declared, type(tok).__name__)
+        tok = PreTrainedTokenizerFast.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise ModelError(f"the tokenizer at {path} has no EOS token; the reward is read at EOS, so one is required")
     return tok
@@ -92,12 +133,76 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+EMBEDDING_ROWS_MULTIPLE = 64
+"""Grown embeddings get a multiple of this many rows: an odd vocabulary (32000 + a pad token) would cost the
+lm_head matmul its aligned 128-bit loads and cuBLAS its fastest kernels."""
+
+
 def _grow_embeddings(model, n_tokens: int, what: str) -> None:
+    """Give the model rows for n_tokens tokens, rounded up to EMBEDDING_ROWS_MULTIPLE.
+
+    The rows past n_tokens are alignment padding: callers pass vocab_size=n_tokens to the forward helpers
+    so they never enter a softmax, and generation must suppress them.
+    """
     current = model.get_input_embeddings().num_embeddings
     if current < n_tokens:
-        # mean_resizing=False: deterministic init (the new row is only the pad token, always masked)
-        model.resize_token_embeddings(n_tokens, mean_resizing=False)
-        log.info("%s: embeddings resized %d -> %d for the added pad token", what, current, n_tokens)
+        # mean_resizing=False: deterministic init (the new rows are the pad token, always masked, and padding)
+        model.resize_token_embeddings(n_tokens, pad_to_multiple_of=EMBEDDING_ROWS_MULTIPLE, mean_resizing=False)
+        log.info("%s: embeddings resized %d -> %d for the added pad token (%d tokens, rows padded to a multiple "
+                 "of %d)", what, current, model.get_input_embeddings().num_embeddings, n_tokens,
+                 EMBEDDING_ROWS_MULTIPLE)
+
+
+def attn_implementation(requested: str, *, compute_dtype: torch.dtype, fields: str) -> str:
+    """The attention implementation to load with: flash_attention_2 falls back to sdpa (with a warning)
+    when flash-attn cannot run here, and is refused for float32 compute, which it does not support.
+
+    fields: the config fields that set compute_dtype, for the error message.
+    """
+    if requested != "flash_attention_2":
+        return requested
+    if compute_dtype not in (torch.bfloat16, torch.float16):
+        raise ModelError(f"attn_implementation=flash_attention_2 needs bfloat16 or float16 compute, but {fields} "
+                         "give float32: set one of them to bfloat16, or use attn_implementation=sdpa")
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        log.warning("attn_implementation=flash_attention_2 but flash-attn is not installed or has no CUDA device "
+                    "here: using sdpa")
+        return "sdpa"
+    return requested
+
+
+_HEAD_PREFIXES = ("score.", "classifier.", "lm_head.")
+
+
+def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_ok: tuple[str, ...] = (), **kwargs):
+    """`auto_class.from_pretrained(path)`, refusing a model that would get a randomly initialised head.
+
+    transformers initialises randomly every weight the checkpoint lacks (a causal LM read as a
+    sequence classifier gets a new `score`, and the reverse a new `lm_head`) and only says so in its
+    load report. fresh_ok: name prefixes allowed to start random (the scalar head train-rm trains).
+    """
+    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    fresh = sorted(info["missing_keys"]) + sorted(str(m[0]) if isinstance(m, tuple) else str(m)
+                                                  for m in info["mismatched_keys"])
+    fresh = [k for k in fresh if not k.startswith(fresh_ok)]
+    if fresh:
+        heads = [k for k in fresh if k.startswith(_HEAD_PREFIXES)]
+        what = f"has no {', '.join(heads)}" if heads else f"lacks {len(fresh)} weights ({', '.join(fresh[:3])}, ...)"
+        raise ModelError(f"{field}: {path} {what}: loaded as {auto_class.__name__} it would start with random "
+                         f"weights there; {expected}")
+    return model
+
+
+def sequence_classifier_config(path: str, field: str, config):
+    """`config` (of the checkpoint at `path`) with one label; refuses a classifier with several labels."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
+        raise ModelError(f"{field}: {path} is a classifier with {config.num_labels} labels; a reward model has one "
+                         "scalar output (num_labels=1), e.g. the export of `fastppo train-rm`")
+    config.num_labels = 1
+    return config
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -167,6 +272,8 @@ class Models:
     """Shared tokenizer (pad distinct from EOS)."""
     fused_lm_head: bool
     """Whether logprobs use linear_token_logprobs (else full logits + token_logprobs)."""
+    vocab_size: int
+    """The real vocabulary, len(tokenizer): lm_head rows past it are alignment padding, never sampled nor in a softmax."""
 
 
 def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | None" = None) -> Models:
@@ -174,8 +281,15 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | N
     two unsharded models exist at a time (the policy and its reference copy), on the host."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    critic_path, critic_field = (cfg.critic_path, "model.critic_path") if cfg.critic_path else (cfg.reward_path, "model.reward_path")
+    for path, field in ((cfg.policy_path, "model.policy_path"), (cfg.reward_path, "model.reward_path"),
+                        (critic_path, critic_field)):
+        check_model_source(path, field)
     dtype = _dtype(cfg.dtype)
-    kw = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    compute_dtype = shard.param_dtype if shard is not None and shard.param_dtype is not None else dtype
+    attn = attn_implementation(cfg.attn_implementation, compute_dtype=compute_dtype,
+                               fields="model.dtype and parallel.param_dtype")
+    kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.policy_path, trust_remote_code=cfg.trust_remote_code)
     try:
         reward_tok = load_tokenizer(cfg.reward_path, trust_remote_code=cfg.trust_remote_code)
@@ -215,22 +329,26 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | N
             return model.to(device)
         return shard(model, what, trained=trained)  # fully_shard moves the shards to the mesh's device
 
-    policy = fit_tokenizer(AutoModelForCausalLM.from_pretrained(
-        cfg.policy_path, config=no_dropout_config(cfg.policy_path, cfg), **kw), "policy")
+    def classifier(path: str, field: str, what: str):
+        # PPO-max starts the critic from the reward model: both must be trained scalar-head checkpoints.
+        config = sequence_classifier_config(path, field, no_dropout_config(path, cfg))
+        return fit_tokenizer(load_pretrained(
+            AutoModelForSequenceClassification, path, field=field, config=config,
+            expected=f"the {what} model must be a sequence-classification checkpoint with num_labels=1 "
+                     "(e.g. the export of `fastppo train-rm`)", **kw), what)
+
+    policy = fit_tokenizer(load_pretrained(
+        AutoModelForCausalLM, cfg.policy_path, field="model.policy_path", config=no_dropout_config(cfg.policy_path, cfg),
+        expected="the policy must be a causal LM (e.g. the export of `fastppo sft`)", **kw), "policy")
     reason = fused_lm_head_supported(policy)
     # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
     ref = prepare(copy.deepcopy(policy), "reference", trained=False)
     policy = prepare(policy, "policy", trained=True)
-    reward = prepare(fit_tokenizer(AutoModelForSequenceClassification.from_pretrained(
-        cfg.reward_path, config=no_dropout_config(cfg.reward_path, cfg, num_labels=1), **kw), "reward"),
-        "reward", trained=False)
-    critic_path = cfg.critic_path or cfg.reward_path
-    critic = prepare(fit_tokenizer(AutoModelForSequenceClassification.from_pretrained(
-        critic_path, config=no_dropout_config(critic_path, cfg, num_labels=1), **kw), "critic"),
-        "critic", trained=True)
+    reward = prepare(classifier(cfg.reward_path, "model.reward_path", "reward"), "reward", trained=False)
+    critic = prepare(classifier(critic_path, critic_field, "critic"), "critic", trained=True)
     if reason is not None:
         log.warning("fused lm_head logprobs disabled (%s): falling back to full logits + token_logprobs", reason)
-    return Models(policy, ref, critic, reward, tokenizer, fused_lm_head=reason is None)
+    return Models(policy, ref, critic, reward, tokenizer, fused_lm_head=reason is None, vocab_size=n_tok)
 
 
 # ----------------------------------------------------------------------------
@@ -269,6 +387,26 @@ class LogprobsAndEntropy(NamedTuple):
     """(B, R) float32 entropy of pi(. | y_<t) at temperature T; 0 off the mask; None when not asked."""
 
 
+def lm_head_operands(op, weight: torch.Tensor, vocab_size: int | None) -> tuple[torch.Tensor, dict]:
+    """(weight, extra keyword arguments) for a fused lm_head op `op` when only the first vocab_size rows of
+    `weight` (V_rows, H) are real tokens (the rest is alignment padding).
+
+    Nothing changes when vocab_size is None or equals V_rows. Otherwise the op gets vocab_size= (it then
+    keeps the aligned weight and leaves the padding columns out of the softmax), or, for an op without
+    that keyword, the weight's first vocab_size rows (a contiguous view: same result, unaligned matmul).
+    """
+    if vocab_size is None or vocab_size == weight.size(0):
+        return weight, {}
+    if _accepts_vocab_size(op):
+        return weight, {"vocab_size": vocab_size}
+    return weight[:vocab_size], {}
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_vocab_size(op) -> bool:
+    return "vocab_size" in inspect.signature(op).parameters
+
+
 def response_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -281,11 +419,14 @@ def response_logprobs(
     fused: bool = True,
     backend: str | None = None,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> LogprobsAndEntropy:
     """Logprobs of the response tokens input_ids[:, P:] under softmax(logits / T).
 
     input_ids, attention_mask: (B, P+R); response_mask: (B, R) bool.
     Token y_t at column P+t is predicted by the hidden state at column P+t-1.
+    vocab_size: the real vocabulary (`Models.vocab_size`); logit columns past it (alignment padding of the
+    lm_head) are left out of the softmax. None: every column is a token.
     """
     from .kernels import token_logprobs
 
@@ -293,12 +434,12 @@ def response_logprobs(
     if fused:
         out = dist.run_as_forward(model, _fused_response_logprobs, input_ids, attention_mask, labels,
                                   prompt_width=prompt_width, temperature=temperature, return_entropy=return_entropy,
-                                  backend=backend, chunk_size=chunk_size)
+                                  backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
     else:
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-        ).logits[:, prompt_width - 1:-1]                                                 # (B, R, V)
+        ).logits[:, prompt_width - 1:-1, :vocab_size]                                    # (B, R, V)
         out = token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
                              ignore_index=IGNORE_INDEX, backend=backend)
     if return_entropy:
@@ -307,38 +448,44 @@ def response_logprobs(
 
 
 def _fused_response_logprobs(model, input_ids, attention_mask, labels, *, prompt_width, temperature, return_entropy,
-                             backend, chunk_size):
+                             backend, chunk_size, vocab_size):
     from .kernels import linear_token_logprobs
 
     hidden = _hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1:-1]     # (B, R, H)
+    weight, extra = lm_head_operands(linear_token_logprobs, model.get_output_embeddings().weight, vocab_size)
     out = linear_token_logprobs(
-        hidden, model.get_output_embeddings().weight, labels,                            # the full (V, H) weight
+        hidden, weight, labels,                                                          # the full (V, H) weight
         temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX,
-        backend=backend, chunk_size=chunk_size,
+        backend=backend, chunk_size=chunk_size, **extra,
     )
     # (B, R) copies, not views of the op's buffer: FSDP hooks the backward on what a forward returns.
     return tuple(t.clone() for t in out) if return_entropy else out.clone()
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                      fused: bool = True, backend: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """(B, L) float32 log pi(labels[:, j] | input_ids[:, :j+1]) at temperature 1; 0 where labels == IGNORE_INDEX."""
+                      fused: bool = True, backend: str | None = None, chunk_size: int | None = None,
+                      vocab_size: int | None = None) -> torch.Tensor:
+    """(B, L) float32 log pi(labels[:, j] | input_ids[:, :j+1]) at temperature 1; 0 where labels == IGNORE_INDEX.
+
+    vocab_size: as in `response_logprobs`.
+    """
     from .kernels import token_logprobs
 
     if fused:
         return dist.run_as_forward(model, _fused_sequence_logprobs, input_ids, attention_mask, labels,
-                                   backend=backend, chunk_size=chunk_size)
+                                   backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[..., :vocab_size]
     return token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)
 
 
-def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, backend, chunk_size):
+def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, backend, chunk_size, vocab_size):
     from .kernels import linear_token_logprobs
 
     hidden = _hidden_states(model, input_ids, attention_mask)                            # (B, L, H)
-    return linear_token_logprobs(hidden, model.get_output_embeddings().weight, labels, ignore_index=IGNORE_INDEX,
-                                 backend=backend, chunk_size=chunk_size).clone()             # not a view (as above)
+    weight, extra = lm_head_operands(linear_token_logprobs, model.get_output_embeddings().weight, vocab_size)
+    return linear_token_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX,
+                                 backend=backend, chunk_size=chunk_size, **extra).clone()    # not a view (as above)
 
 
 def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
