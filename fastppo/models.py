@@ -134,23 +134,48 @@ def _dtype(name: str) -> torch.dtype:
 
 
 EMBEDDING_ROWS_MULTIPLE = 64
-"""Grown embeddings get a multiple of this many rows: an odd vocabulary (32000 + a pad token) would cost the
-lm_head matmul its aligned 128-bit loads and cuBLAS its fastest kernels."""
+"""`load_models` gives the embeddings a multiple of this many rows: an odd vocabulary (32000 + a pad token)
+would cost the lm_head matmul its aligned 128-bit loads and cuBLAS its fastest kernels."""
 
 
-def _grow_embeddings(model, n_tokens: int, what: str) -> None:
-    """Give the model rows for n_tokens tokens, rounded up to EMBEDDING_ROWS_MULTIPLE.
+def _grow_embeddings(model, n_tokens: int, what: str, multiple: int = 1) -> None:
+    """Give the model at least n_tokens embedding rows, a multiple of `multiple`.
 
-    The rows past n_tokens are alignment padding: callers pass vocab_size=n_tokens to the forward helpers
-    so they never enter a softmax, and generation must suppress them.
+    Rows past n_tokens are alignment padding (see `mark_padding_rows`).
     """
     current = model.get_input_embeddings().num_embeddings
-    if current < n_tokens:
+    if current < n_tokens or current % multiple:
         # mean_resizing=False: deterministic init (the new rows are the pad token, always masked, and padding)
-        model.resize_token_embeddings(n_tokens, pad_to_multiple_of=EMBEDDING_ROWS_MULTIPLE, mean_resizing=False)
-        log.info("%s: embeddings resized %d -> %d for the added pad token (%d tokens, rows padded to a multiple "
-                 "of %d)", what, current, model.get_input_embeddings().num_embeddings, n_tokens,
-                 EMBEDDING_ROWS_MULTIPLE)
+        model.resize_token_embeddings(max(current, n_tokens), pad_to_multiple_of=multiple, mean_resizing=False)
+        log.info("%s: embeddings resized %d -> %d (%d tokens, rows a multiple of %d)", what, current,
+                 model.get_input_embeddings().num_embeddings, n_tokens, multiple)
+
+
+_VOCAB_ATTR = "fastppo_vocab_size"
+
+
+def mark_padding_rows(model: nn.Module, vocab_size: int) -> None:
+    """Record that the model's lm_head rows >= vocab_size are alignment padding, not tokens.
+
+    Every forward through the lm_head module then sets those logit columns to a large negative number,
+    so generation never samples them and a full-logits softmax gives them probability 0 (finite, not
+    -inf, so that p log p stays 0 in an entropy). The forward helpers below read the recorded size
+    (`real_vocab_size`) for the fused ops, which use the weight and not the module.
+    """
+    if model.get_output_embeddings().weight.size(0) <= vocab_size:
+        return
+
+    def hook(_module, _args, logits):
+        logits[..., vocab_size:] = torch.finfo(logits.dtype).min / 2
+        return logits
+
+    model.get_output_embeddings().register_forward_hook(hook)
+    setattr(model, _VOCAB_ATTR, vocab_size)
+
+
+def real_vocab_size(model: nn.Module, vocab_size: int | None = None) -> int | None:
+    """vocab_size when given, else the size `mark_padding_rows` recorded on the model (None: all rows are tokens)."""
+    return vocab_size if vocab_size is not None else getattr(model, _VOCAB_ATTR, None)
 
 
 def attn_implementation(requested: str, *, compute_dtype: torch.dtype, fields: str) -> str:
@@ -308,7 +333,7 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | N
         if emb < n_tok - 1:  # only the pad token may be missing
             raise ModelError(f"the {what} model has {emb} embeddings but the tokenizer has {n_tok} tokens: "
                              "the model and tokenizer do not belong together")
-        _grow_embeddings(model, n_tok, what)
+        _grow_embeddings(model, n_tok, what, EMBEDDING_ROWS_MULTIPLE)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
         if what in ("reward", "critic"):
@@ -340,6 +365,7 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | N
     policy = fit_tokenizer(load_pretrained(
         AutoModelForCausalLM, cfg.policy_path, field="model.policy_path", config=no_dropout_config(cfg.policy_path, cfg),
         expected="the policy must be a causal LM (e.g. the export of `fastppo sft`)", **kw), "policy")
+    mark_padding_rows(policy, n_tok)
     reason = fused_lm_head_supported(policy)
     # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
     ref = prepare(copy.deepcopy(policy), "reference", trained=False)
@@ -426,9 +452,11 @@ def response_logprobs(
     input_ids, attention_mask: (B, P+R); response_mask: (B, R) bool.
     Token y_t at column P+t is predicted by the hidden state at column P+t-1.
     vocab_size: the real vocabulary (`Models.vocab_size`); logit columns past it (alignment padding of the
-    lm_head) are left out of the softmax. None: every column is a token.
+    lm_head) are left out of the softmax. None: the size `mark_padding_rows` recorded, else every column.
     """
     from .kernels import token_logprobs
+
+    vocab_size = real_vocab_size(model, vocab_size)
 
     labels = torch.where(response_mask, input_ids[:, prompt_width:], IGNORE_INDEX)     # (B, R)
     if fused:
@@ -470,6 +498,8 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     vocab_size: as in `response_logprobs`.
     """
     from .kernels import token_logprobs
+
+    vocab_size = real_vocab_size(model, vocab_size)
 
     if fused:
         return dist.run_as_forward(model, _fused_sequence_logprobs, input_ids, attention_mask, labels,
