@@ -198,8 +198,9 @@ def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str,
     """Tokenised prompts, each truncated to its last max_len tokens.
 
     A record without `field` but with `messages_field` (the chat files `sft`
-    reads) is a chat prompt; when its last message is the assistant's, that
-    message is the reference response and the prompt is the turns before it.
+    reads) is a chat prompt. When a list of messages ends with the
+    assistant's, that message is a reference response: the prompt is the
+    turns before it.
     """
     prompts = []
     for where, rec in read_records(path):
@@ -207,10 +208,8 @@ def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str,
         if name not in rec:
             raise DataError(f"{where}: missing field '{field}' (fields: {sorted(rec)}); set data.prompt_field")
         value = rec[name]
-        if name == messages_field and field != messages_field:
-            value = _check_messages(where, name, value)
-            if value[-1]["role"] == "assistant" and len(value) > 1:
-                value = value[:-1]
+        if isinstance(value, list) and len(value) > 1 and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+            value = value[:-1]  # an SFT-style conversation: the last turn is the reference response
         ids = encode_prompt(tokenizer, value, where=where, field=name, prompt_format=prompt_format)
         if not ids:
             raise DataError(f"{where}: field '{name}' tokenises to nothing")

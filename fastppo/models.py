@@ -86,7 +86,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     declared = get_tokenizer_config(path).get("tokenizer_class")
-    if declared in _GENERIC_TOKENIZER_CLASSES and not type(tok).__name__ in _GENERIC_TOKENIZER_CLASSES:
+    if declared in _GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in _GENERIC_TOKENIZER_CLASSES:
         # transformers 5 replaces a generic saved tokenizer by the model type's own class (e.g. Qwen2's
         # byte-level BPE next to a qwen2 config), which rebuilds the pipeline and garbles e.g. a word-level one.
         log.info("%s: loading the saved %s, not %s", path, declared, type(tok).__name__)
@@ -147,6 +147,13 @@ def _grow_embeddings(model, n_tokens: int, what: str, multiple: int = 1) -> None
     if current < n_tokens or current % multiple:
         # mean_resizing=False: deterministic init (the new rows are the pad token, always masked, and padding)
         model.resize_token_embeddings(max(current, n_tokens), pad_to_multiple_of=multiple, mean_resizing=False)
+        # The alignment rows are zeros, whatever the RNG state: every rank of a sharded run and every process
+        # that loads the model holds the same weights. (They are never an input, never a label, and the
+        # logits they make are excluded.)
+        with torch.no_grad():
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if layer is not None:
+                    layer.weight[max(current, n_tokens):].zero_()
         log.info("%s: embeddings resized %d -> %d (%d tokens, rows a multiple of %d)", what, current,
                  model.get_input_embeddings().num_embeddings, n_tokens, multiple)
 
