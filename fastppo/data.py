@@ -9,11 +9,14 @@ line (JSONL; row for Parquet) and field.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from .models import ModelError
 
 
 class DataError(ValueError):
@@ -25,11 +28,16 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a non-UTF-8 line is reported with its line number
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                "JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -89,6 +97,71 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
 # Tokenisation
 # ----------------------------------------------------------------------------
 
+TOKENIZER_CHECK_RECORDS = 64
+"""Records whose texts `check_tokenizer` encodes and decodes."""
+MAX_UNK_FRACTION = 0.05
+"""Largest fraction of unknown tokens `check_tokenizer` accepts in that sample."""
+MIN_ROUNDTRIP_FRACTION = 0.9
+"""Smallest fraction of the sampled texts (those without unknown tokens) that must decode back to themselves."""
+
+
+def _texts(value) -> list[str]:
+    """The strings in a field's value: the string itself, or the contents of a list of messages."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return []
+
+
+def _canonical(text: str) -> str:
+    """Text modulo what tokenizers may legitimately change: whitespace, Unicode compatibility forms, case."""
+    return "".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def check_tokenizer(tokenizer, path: str | Path, fields: tuple[str, ...]) -> None:
+    """Refuse a tokenizer that does not round-trip the data: encode -> decode must give the texts back
+    (modulo whitespace, NFKC and case) and unknown tokens must be rare.
+
+    Catches tokenizers that load as something else than what was saved (for
+    example a word-level tokenizer read back as a byte-level BPE one), which
+    would otherwise train on garbled prompts and export the garbled tokenizer.
+    The texts are those of `fields` in the first TOKENIZER_CHECK_RECORDS records of `path`.
+    """
+    texts = []
+    for i, (_, rec) in enumerate(read_records(path)):
+        if i == TOKENIZER_CHECK_RECORDS:
+            break
+        texts += [t for f in fields if f in rec for t in _texts(rec[f]) if t.strip()]
+    if not texts:
+        return
+    unk = tokenizer.unk_token_id
+    n_tokens = n_unk = 0
+    checked, failed = 0, []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_tokens += len(ids)
+        k = sum(i == unk for i in ids) if unk is not None else 0
+        n_unk += k
+        if k:  # an unknown token cannot decode back: the text is only counted in the unknown-token rate
+            continue
+        checked += 1
+        back = tokenizer.decode(ids, skip_special_tokens=True)
+        if _canonical(back) != _canonical(text):
+            failed.append((text, back))
+    name = getattr(tokenizer, "name_or_path", "") or "?"
+    if n_tokens and n_unk / n_tokens > MAX_UNK_FRACTION:
+        raise ModelError(f"the tokenizer at {name} maps {n_unk} of {n_tokens} tokens of {path} to the unknown token "
+                         f"{tokenizer.unk_token!r}: it does not cover this data (wrong tokenizer, or one that did not "
+                         "load as saved)")
+    if failed and len(failed) > (1 - MIN_ROUNDTRIP_FRACTION) * checked:
+        text, back = failed[0]
+        raise ModelError(f"the tokenizer at {name} does not reproduce the data of {path}: {len(failed)} of {checked} "
+                         f"sampled texts change under encode -> decode, e.g. {text[:80]!r} -> {back[:80]!r} "
+                         f"(it loads as {type(tokenizer).__name__}; was it saved by another version of transformers?)")
+
+
+
 def _check_messages(where: str, field: str, messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{field}' must be a non-empty list of messages")
@@ -120,18 +193,30 @@ def encode_prompt(tokenizer, value, *, where: str, field: str, prompt_format: st
     raise DataError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
 
 
-def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str, max_len: int) -> list[list[int]]:
-    """Tokenised prompts, each truncated to its last max_len tokens."""
+def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str, max_len: int,
+                 messages_field: str = "messages") -> list[list[int]]:
+    """Tokenised prompts, each truncated to its last max_len tokens.
+
+    A record without `field` but with `messages_field` (the chat files `sft`
+    reads) is a chat prompt. When a list of messages ends with the
+    assistant's, that message is a reference response: the prompt is the
+    turns before it.
+    """
     prompts = []
     for where, rec in read_records(path):
-        if field not in rec:
+        name = field if field in rec or messages_field not in rec else messages_field
+        if name not in rec:
             raise DataError(f"{where}: missing field '{field}' (fields: {sorted(rec)}); set data.prompt_field")
-        ids = encode_prompt(tokenizer, rec[field], where=where, field=field, prompt_format=prompt_format)
+        value = rec[name]
+        if isinstance(value, list) and len(value) > 1 and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+            value = value[:-1]  # an SFT-style conversation: the last turn is the reference response
+        ids = encode_prompt(tokenizer, value, where=where, field=name, prompt_format=prompt_format)
         if not ids:
-            raise DataError(f"{where}: field '{field}' tokenises to nothing")
+            raise DataError(f"{where}: field '{name}' tokenises to nothing")
         prompts.append(ids[-max_len:])
     if not prompts:
         raise DataError(f"{path}: no prompts found (empty file?)")
+    check_tokenizer(tokenizer, path, (field, messages_field))
     return prompts
 
 
@@ -175,6 +260,7 @@ def load_sft(path: str | Path, tokenizer, *, prompt_field: str, response_field: 
         out.append(SFTExample(ids, n_prompt))
     if not out:
         raise DataError(f"{path}: no SFT examples found (empty file?)")
+    check_tokenizer(tokenizer, path, (prompt_field, response_field, messages_field))
     return out
 
 

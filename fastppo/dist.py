@@ -447,9 +447,9 @@ def autocast_dtype(module: nn.Module) -> torch.dtype | None:
     return getattr(module, "_fastppo_autocast", None)
 
 
-def from_pretrained(cls, path: str, shard, *, config, **kwargs) -> nn.Module:
-    """cls.from_pretrained(path, config=config, **kwargs), read on rank 0 only when `shard` is a Sharder over
-    several processes.
+def from_pretrained(cls, path: str, shard, *, config, **kwargs) -> tuple[nn.Module, dict | None]:
+    """(cls.from_pretrained(path, config=config, **kwargs), its loading info), read on rank 0 only when
+    `shard` is a Sharder over several processes (the loading info is None on the other ranks).
 
     The other ranks build the same architecture from `config` on the
     meta device (no file read, no memory); `Sharder` then broadcasts rank 0's
@@ -460,9 +460,9 @@ def from_pretrained(cls, path: str, shard, *, config, **kwargs) -> nn.Module:
     ever hold their shards, instead of ~54 GB per rank.
     """
     if not (isinstance(shard, Sharder) and world_size() > 1 and rank() != 0):
-        return cls.from_pretrained(path, config=config, **kwargs)
+        return cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     with torch.device("meta"):
-        return cls.from_config(config, **kwargs)
+        return cls.from_config(config, **kwargs), None
 
 
 def _fill_from_rank0(model: nn.Module, full: dict, shard_device: torch.device, comm_device: torch.device) -> None:

@@ -10,6 +10,8 @@ Everything here runs without gradients.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,8 +19,10 @@ import torch
 from . import dist
 from .config import Config
 from .metrics import RunningMoments
-from .models import Models, response_logprobs, response_values, score_at
+from .models import ModelError, Models, response_logprobs, response_values, score_at
 from .rollout import Rollout, with_eos_for_scoring
+
+log = logging.getLogger("fastppo")
 
 
 @dataclass
@@ -80,23 +84,31 @@ class Scored:
     """No-grad model outputs for a rollout (B rows, R response columns).
 
     old_logprobs, old_entropy, ref_logprobs, values: (B, R) float32
-    scores: (B,) float32 raw reward-model scores at EOS
+    scores: (B,) float32 raw reward-model scores at EOS; 0 where nonfinite
+    nonfinite: (B,) bool rows whose reward-model score was NaN or infinite (dropped from the update)
     """
     old_logprobs: torch.Tensor
     old_entropy: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
+    nonfinite: torch.Tensor
 
 
 @torch.no_grad()
 def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool) -> Scored:
-    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time."""
+    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time.
+
+    A NaN or infinite reward-model score (one odd response can overflow a half-precision reward model) is
+    set to 0 and flagged in `nonfinite`; `drop_rows` then takes those rows out of the update. Every row of
+    the global batch non-finite means the reward model itself is broken: that stops the run.
+    """
     T = cfg.rollout.temperature
     tok = models.tokenizer
     rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     P = rollout.prompt_width
-    kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size)
+    kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size,
+              vocab_size=models.vocab_size)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("old_logprobs", "old_entropy", "ref_logprobs", "values", "scores")}
     for s in range(0, len(rollout.sequences), batch_size):
         rows = slice(s, s + batch_size)
@@ -107,18 +119,41 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
         parts["ref_logprobs"].append(response_logprobs(models.ref, ids, mask, rmask, **kw).logprobs)
         parts["values"].append(response_values(models.critic, ids, mask, rmask, prompt_width=P))
         parts["scores"].append(score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]))
-    return Scored(**{k: torch.cat(v) for k, v in parts.items()})
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    nonfinite = ~torch.isfinite(out["scores"])
+    n_bad = int(dist.all_reduce_sum(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
+    if n_bad:
+        rows = nonfinite.nonzero().flatten().tolist()
+        where = f"rank {dist.rank()} " if dist.world_size() > 1 else ""
+        if n_bad == dist.world_size() * nonfinite.numel():
+            raise ModelError(f"the reward model at {cfg.model.reward_path} scored every response of the batch NaN "
+                             f"or infinite (e.g. {out['scores'][0].item()}): check its weights and model.dtype")
+        log.warning("the reward model at %s scored %s rows %s NaN/inf: they are dropped from this update",
+                    cfg.model.reward_path, where, rows[:16])
+    out["scores"] = torch.where(nonfinite, 0.0, out["scores"])
+    return Scored(**out, nonfinite=nonfinite)
 
 
-def reparameterise_scores(scores: torch.Tensor, moments: RunningMoments, cfg: Config) -> torch.Tensor:
+def drop_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rollout with the response masks of `rows` (B,) bool zeroed: those rows add nothing to the
+    rewards, advantages, losses or statistics of the update."""
+    return dataclasses.replace(rollout, response_mask=rollout.response_mask & ~rows[:, None])
+
+
+def reparameterise_scores(scores: torch.Tensor, moments: RunningMoments, cfg: Config,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
     """PPO-max §5.3.1: update the running moments with this batch, then (s - mu)/sigma or s/sigma, clipped.
 
     The moments are updated with the current batch before they are used, so
-    the first iteration is already normalised by its own statistics.
+    the first iteration is already normalised by its own statistics. Only
+    `valid` (B,) bool rows (default: the finite scores) enter the moments; the
+    others come out as 0, so a non-finite score never reaches the running
+    statistics or a checkpoint.
     """
     rc = cfg.reward
+    valid = torch.isfinite(scores) if valid is None else valid & torch.isfinite(scores)
     if rc.reward_scale or rc.reward_norm:
-        moments.update(scores)
+        moments.to(scores.device).merge(*dist.global_moments(scores, valid))
     out = scores.float()
     std = moments.std.clamp(min=1e-8).float()
     if rc.reward_norm:
@@ -127,7 +162,7 @@ def reparameterise_scores(scores: torch.Tensor, moments: RunningMoments, cfg: Co
         out = out / std
     if rc.reward_clip is not None:
         out = out.clamp(-rc.reward_clip, rc.reward_clip)
-    return out
+    return torch.where(valid, out, 0.0)
 
 
 def token_rewards(shaped_scores: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -205,8 +240,9 @@ def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, k
     seq_kl = dist.all_reduce_sum(kl.sum()) / n_rows
     mean_logprob = dist.all_reduce_sum((scored.old_logprobs * mask).sum()) / n_tokens
     out = {
-        **masked_stats("score/raw", scored.scores),
-        **masked_stats("score/shaped", shaped),
+        **masked_stats("score/raw", scored.scores, ~scored.nonfinite),
+        **masked_stats("score/shaped", shaped, ~scored.nonfinite),
+        "score/nonfinite": dist.all_reduce_sum(scored.nonfinite.sum().float()),
         "kl/ref_per_sequence": seq_kl,
         "kl/ref_per_token": dist.all_reduce_sum(kl.sum()) / n_tokens,
         "policy/entropy": dist.all_reduce_sum((scored.old_entropy * mask).sum()) / n_tokens,

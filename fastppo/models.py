@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -46,10 +47,48 @@ class ModelError(ValueError):
 # Tokenizer
 # ----------------------------------------------------------------------------
 
+def check_model_source(path: str, field: str) -> None:
+    """Fail in one line naming `field` unless `path` is a saved model folder or a hub id that resolves
+    (in the local cache when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers.utils import cached_file
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{field}: {path} has no config.json, so it is not a saved Hugging Face model "
+                             "(a folder written by save_pretrained, e.g. a fastppo export)")
+        return
+    if local.exists():
+        raise ModelError(f"{field}: {path} is a file; give the model's folder (the one holding config.json) or a hub id")
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ModelError(f"{field}: no such folder: {path}") from None
+    try:
+        cached_file(path, "config.json")
+    except OSError as exc:
+        offline = " with HF_HUB_OFFLINE set, only models already in the local cache can be used;" if constants.HF_HUB_OFFLINE else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{field}: {path} is not a local folder, and as a hub id it cannot be loaded:{offline} {reason}") from None
+
+
+# Tokenizer classes that load a tokenizer.json exactly as saved.
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    declared = get_tokenizer_config(path).get("tokenizer_class")
+    if declared in _GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in _GENERIC_TOKENIZER_CLASSES:
+        # transformers 5 replaces a generic saved tokenizer by the model type's own class (e.g. Qwen2's
+        # byte-level BPE next to a qwen2 config), which rebuilds the pipeline and garbles e.g. a word-level one.
+        log.info("%s: loading the saved %s, not %s", path, declared, type(tok).__name__)
+        tok = PreTrainedTokenizerFast.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise ModelError(f"the tokenizer at {path} has no EOS token; the reward is read at EOS, so one is required")
     return tok
@@ -92,12 +131,113 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _grow_embeddings(model, n_tokens: int, what: str) -> None:
+EMBEDDING_ROWS_MULTIPLE = 64
+"""`load_models` gives the embeddings a multiple of this many rows: an odd vocabulary (32000 + a pad token)
+would cost the lm_head matmul its aligned 128-bit loads and cuBLAS its fastest kernels."""
+
+
+def _grow_embeddings(model, n_tokens: int, what: str, multiple: int = 1) -> None:
+    """Give the model at least n_tokens embedding rows, a multiple of `multiple`.
+
+    Rows past n_tokens are alignment padding (see `mark_padding_rows`).
+    """
     current = model.get_input_embeddings().num_embeddings
-    if current < n_tokens:
-        # mean_resizing=False: deterministic init (the new row is only the pad token, always masked)
-        model.resize_token_embeddings(n_tokens, mean_resizing=False)
-        log.info("%s: embeddings resized %d -> %d for the added pad token", what, current, n_tokens)
+    if current < n_tokens or current % multiple:
+        # mean_resizing=False: deterministic init (the new rows are the pad token, always masked, and padding)
+        model.resize_token_embeddings(max(current, n_tokens), pad_to_multiple_of=multiple, mean_resizing=False)
+        # The alignment rows are zeros, whatever the RNG state: every rank of a sharded run and every process
+        # that loads the model holds the same weights. (They are never an input, never a label, and the
+        # logits they make are excluded.)
+        with torch.no_grad():
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if layer is not None:
+                    layer.weight[max(current, n_tokens):].zero_()
+        log.info("%s: embeddings resized %d -> %d (%d tokens, rows a multiple of %d)", what, current,
+                 model.get_input_embeddings().num_embeddings, n_tokens, multiple)
+
+
+_VOCAB_ATTR = "fastppo_vocab_size"
+
+
+def mark_padding_rows(model: nn.Module, vocab_size: int) -> None:
+    """Record that the model's lm_head rows >= vocab_size are alignment padding, not tokens.
+
+    Every forward through the lm_head module then sets those logit columns to a large negative number,
+    so generation never samples them and a full-logits softmax gives them probability 0 (finite, not
+    -inf, so that p log p stays 0 in an entropy). The forward helpers below read the recorded size
+    (`real_vocab_size`) for the fused ops, which use the weight and not the module.
+    """
+    if model.get_output_embeddings().weight.size(0) <= vocab_size:
+        return
+
+    def hook(_module, _args, logits):
+        logits[..., vocab_size:] = torch.finfo(logits.dtype).min / 2
+        return logits
+
+    model.get_output_embeddings().register_forward_hook(hook)
+    setattr(model, _VOCAB_ATTR, vocab_size)
+
+
+def real_vocab_size(model: nn.Module, vocab_size: int | None = None) -> int | None:
+    """vocab_size when given, else the size `mark_padding_rows` recorded on the model (None: all rows are tokens)."""
+    return vocab_size if vocab_size is not None else getattr(model, _VOCAB_ATTR, None)
+
+
+def attn_implementation(requested: str, *, compute_dtype: torch.dtype, fields: str) -> str:
+    """The attention implementation to load with: flash_attention_2 falls back to sdpa (with a warning)
+    when flash-attn cannot run here, and is refused for float32 compute, which it does not support.
+
+    fields: the config fields that set compute_dtype, for the error message.
+    """
+    if requested != "flash_attention_2":
+        return requested
+    if compute_dtype not in (torch.bfloat16, torch.float16):
+        raise ModelError(f"attn_implementation=flash_attention_2 needs bfloat16 or float16 compute, but {fields} "
+                         "give float32: set one of them to bfloat16, or use attn_implementation=sdpa")
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        log.warning("attn_implementation=flash_attention_2 but flash-attn is not installed or has no CUDA device "
+                    "here: using sdpa")
+        return "sdpa"
+    return requested
+
+
+_HEAD_PREFIXES = ("score.", "classifier.", "lm_head.")
+
+
+def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_ok: tuple[str, ...] = (),
+                    shard: "dist.Sharder | None" = None, config=None, **kwargs):
+    """`auto_class.from_pretrained(path)`, refusing a model that would get a randomly initialised head.
+
+    transformers initialises randomly every weight the checkpoint lacks (a causal LM read as a
+    sequence classifier gets a new `score`, and the reverse a new `lm_head`) and only says so in its
+    load report. fresh_ok: name prefixes allowed to start random (the scalar head train-rm trains).
+    With a Sharder over several processes only rank 0 reads (and checks) the checkpoint
+    (`dist.from_pretrained`); if it refuses, torchrun stops the other ranks.
+    """
+    model, info = dist.from_pretrained(auto_class, path, shard, config=config, **kwargs)
+    if info is None:
+        return model
+    fresh = sorted(info["missing_keys"]) + sorted(str(m[0]) if isinstance(m, tuple) else str(m)
+                                                  for m in info["mismatched_keys"])
+    fresh = [k for k in fresh if not k.startswith(fresh_ok)]
+    if fresh:
+        heads = [k for k in fresh if k.startswith(_HEAD_PREFIXES)]
+        what = f"has no {', '.join(heads)}" if heads else f"lacks {len(fresh)} weights ({', '.join(fresh[:3])}, ...)"
+        raise ModelError(f"{field}: {path} {what}: loaded as {auto_class.__name__} it would start with random "
+                         f"weights there; {expected}")
+    return model
+
+
+def sequence_classifier_config(path: str, field: str, config):
+    """`config` (of the checkpoint at `path`) with one label; refuses a classifier with several labels."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
+        raise ModelError(f"{field}: {path} is a classifier with {config.num_labels} labels; a reward model has one "
+                         "scalar output (num_labels=1), e.g. the export of `fastppo train-rm`")
+    config.num_labels = 1
+    return config
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -167,6 +307,8 @@ class Models:
     """Shared tokenizer (pad distinct from EOS)."""
     fused_lm_head: bool
     """Whether logprobs use linear_token_logprobs (else full logits + token_logprobs)."""
+    vocab_size: int
+    """The real vocabulary, len(tokenizer): lm_head rows past it are alignment padding, never sampled nor in a softmax."""
 
 
 def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | None" = None) -> Models:
@@ -174,8 +316,15 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | N
     two unsharded models exist at a time (the policy and its reference copy), on the host."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    critic_path, critic_field = (cfg.critic_path, "model.critic_path") if cfg.critic_path else (cfg.reward_path, "model.reward_path")
+    for path, field in ((cfg.policy_path, "model.policy_path"), (cfg.reward_path, "model.reward_path"),
+                        (critic_path, critic_field)):
+        check_model_source(path, field)
     dtype = _dtype(cfg.dtype)
-    kw = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    compute_dtype = shard.param_dtype if shard is not None and shard.param_dtype is not None else dtype
+    attn = attn_implementation(cfg.attn_implementation, compute_dtype=compute_dtype,
+                               fields="model.dtype and parallel.param_dtype")
+    kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.policy_path, trust_remote_code=cfg.trust_remote_code)
     try:
         reward_tok = load_tokenizer(cfg.reward_path, trust_remote_code=cfg.trust_remote_code)
@@ -194,7 +343,7 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | N
         if emb < n_tok - 1:  # only the pad token may be missing
             raise ModelError(f"the {what} model has {emb} embeddings but the tokenizer has {n_tok} tokens: "
                              "the model and tokenizer do not belong together")
-        _grow_embeddings(model, n_tok, what)
+        _grow_embeddings(model, n_tok, what, EMBEDDING_ROWS_MULTIPLE)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
         if what in ("reward", "critic"):
@@ -215,24 +364,28 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | N
             return model.to(device)
         return shard(model, what, trained=trained)  # fully_shard moves the shards to the mesh's device
 
-    policy = fit_tokenizer(dist.from_pretrained(
-        AutoModelForCausalLM, cfg.policy_path, shard, config=no_dropout_config(cfg.policy_path, cfg), **kw), "policy")
+    def classifier(path: str, field: str, what: str):
+        # PPO-max starts the critic from the reward model: both must be trained scalar-head checkpoints.
+        config = sequence_classifier_config(path, field, no_dropout_config(path, cfg))
+        return fit_tokenizer(load_pretrained(
+            AutoModelForSequenceClassification, path, field=field, config=config, shard=shard,
+            expected=f"the {what} model must be a sequence-classification checkpoint with num_labels=1 "
+                     "(e.g. the export of `fastppo train-rm`)", **kw), what)
+
+    policy = fit_tokenizer(load_pretrained(
+        AutoModelForCausalLM, cfg.policy_path, field="model.policy_path", shard=shard,
+        config=no_dropout_config(cfg.policy_path, cfg),
+        expected="the policy must be a causal LM (e.g. the export of `fastppo sft`)", **kw), "policy")
+    mark_padding_rows(policy, n_tok)
     reason = fused_lm_head_supported(policy)
     # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
     ref = prepare(copy.deepcopy(policy), "reference", trained=False)
     policy = prepare(policy, "policy", trained=True)
-    reward = prepare(fit_tokenizer(dist.from_pretrained(
-        AutoModelForSequenceClassification, cfg.reward_path, shard,
-        config=no_dropout_config(cfg.reward_path, cfg, num_labels=1), **kw), "reward"),
-        "reward", trained=False)
-    critic_path = cfg.critic_path or cfg.reward_path
-    critic = prepare(fit_tokenizer(dist.from_pretrained(
-        AutoModelForSequenceClassification, critic_path, shard,
-        config=no_dropout_config(critic_path, cfg, num_labels=1), **kw), "critic"),
-        "critic", trained=True)
+    reward = prepare(classifier(cfg.reward_path, "model.reward_path", "reward"), "reward", trained=False)
+    critic = prepare(classifier(critic_path, critic_field, "critic"), "critic", trained=True)
     if reason is not None:
         log.warning("fused lm_head logprobs disabled (%s): falling back to full logits + token_logprobs", reason)
-    return Models(policy, ref, critic, reward, tokenizer, fused_lm_head=reason is None)
+    return Models(policy, ref, critic, reward, tokenizer, fused_lm_head=reason is None, vocab_size=n_tok)
 
 
 # ----------------------------------------------------------------------------
@@ -283,24 +436,29 @@ def response_logprobs(
     fused: bool = True,
     backend: str | None = None,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> LogprobsAndEntropy:
     """Logprobs of the response tokens input_ids[:, P:] under softmax(logits / T).
 
     input_ids, attention_mask: (B, P+R); response_mask: (B, R) bool.
     Token y_t at column P+t is predicted by the hidden state at column P+t-1.
+    vocab_size: the real vocabulary (`Models.vocab_size`); logit columns past it (alignment padding of the
+    lm_head) are left out of the softmax. None: the size `mark_padding_rows` recorded, else every column.
     """
     from .kernels import token_logprobs
+
+    vocab_size = real_vocab_size(model, vocab_size)
 
     labels = torch.where(response_mask, input_ids[:, prompt_width:], IGNORE_INDEX)     # (B, R)
     if fused:
         out = dist.run_as_forward(model, _fused_response_logprobs, input_ids, attention_mask, labels,
                                   prompt_width=prompt_width, temperature=temperature, return_entropy=return_entropy,
-                                  backend=backend, chunk_size=chunk_size)
+                                  backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
     else:
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-        ).logits[:, prompt_width - 1:-1]                                                 # (B, R, V)
+        ).logits[:, prompt_width - 1:-1, :vocab_size]                                    # (B, R, V)
         out = token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
                              ignore_index=IGNORE_INDEX, backend=backend)
     if return_entropy:
@@ -309,38 +467,45 @@ def response_logprobs(
 
 
 def _fused_response_logprobs(model, input_ids, attention_mask, labels, *, prompt_width, temperature, return_entropy,
-                             backend, chunk_size):
+                             backend, chunk_size, vocab_size):
     from .kernels import linear_token_logprobs
 
     hidden = _hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1:-1]     # (B, R, H)
     out = linear_token_logprobs(
         hidden, model.get_output_embeddings().weight, labels,                            # the full (V, H) weight
         temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX,
-        backend=backend, chunk_size=chunk_size,
+        backend=backend, chunk_size=chunk_size, vocab_size=vocab_size,
     )
     # (B, R) copies, not views of the op's buffer: FSDP hooks the backward on what a forward returns.
     return tuple(t.clone() for t in out) if return_entropy else out.clone()
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                      fused: bool = True, backend: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """(B, L) float32 log pi(labels[:, j] | input_ids[:, :j+1]) at temperature 1; 0 where labels == IGNORE_INDEX."""
+                      fused: bool = True, backend: str | None = None, chunk_size: int | None = None,
+                      vocab_size: int | None = None) -> torch.Tensor:
+    """(B, L) float32 log pi(labels[:, j] | input_ids[:, :j+1]) at temperature 1; 0 where labels == IGNORE_INDEX.
+
+    vocab_size: as in `response_logprobs`.
+    """
     from .kernels import token_logprobs
+
+    vocab_size = real_vocab_size(model, vocab_size)
 
     if fused:
         return dist.run_as_forward(model, _fused_sequence_logprobs, input_ids, attention_mask, labels,
-                                   backend=backend, chunk_size=chunk_size)
+                                   backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[..., :vocab_size]
     return token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)
 
 
-def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, backend, chunk_size):
+def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, backend, chunk_size, vocab_size):
     from .kernels import linear_token_logprobs
 
     hidden = _hidden_states(model, input_ids, attention_mask)                            # (B, L, H)
     return linear_token_logprobs(hidden, model.get_output_embeddings().weight, labels, ignore_index=IGNORE_INDEX,
-                                 backend=backend, chunk_size=chunk_size).clone()             # not a view (as above)
+                                 backend=backend, chunk_size=chunk_size, vocab_size=vocab_size
+                                 ).clone()                                               # not a view (as above)
 
 
 def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

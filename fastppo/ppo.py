@@ -83,7 +83,7 @@ def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tenso
     under FSDP the full lm_head weight is gathered and its gradient goes back to the shards.
     """
     from .kernels import linear_ppo_loss
-    from .models import _hidden_states
+    from .models import _hidden_states, real_vocab_size
 
     P, pc = mb.prompt_width, cfg.ppo
 
@@ -95,7 +95,7 @@ def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tenso
             hidden, model.get_output_embeddings().weight, sequences[:, P:], mb.old_logprobs, mb.advantages,
             mb.response_mask, temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
-            chunk_size=cfg.model.lm_head_chunk_size,
+            chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model),
         )
         return type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
 

@@ -47,9 +47,10 @@ from torch import nn
 
 from .checkpoint import export_hf
 from .config import RMConfig
-from .data import DataError, SFTBatch, _apply_chat_template, _check_messages, encode_prompt, read_records
+from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, check_tokenizer, encode_prompt,
+                   read_records)
 from .metrics import MetricBuffer, MetricWriter
-from .models import IGNORE_INDEX, backbone, scalar_head, score_at
+from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
 from .ppo import make_optimizer, make_scheduler, ptx_loss
 from .run_dir import claimed_stage
 from .sft import (StageResult, grad_step, load_stage_tokenizer, model_kwargs, prepare_model, progress,
@@ -123,6 +124,7 @@ def load_pairs(path, tokenizer, *, prompt_field: str, chosen_field: str, rejecte
         out.append(PairExample(chosen, rejected, min(n_c, n_r)))
     if not out:
         raise DataError(f"{path}: no preference pairs found (empty file?)")
+    check_tokenizer(tokenizer, path, (prompt_field, chosen_field, rejected_field))
     return out
 
 
@@ -186,11 +188,8 @@ def load_lm_head(path: str, reward_model: nn.Module, kw: dict, device: torch.dev
     """The LM head of the causal LM at `path`, sized to the reward model's (possibly grown) vocabulary."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(path, **kw)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"loss.lm_coef > 0 needs model.path to hold a causal LM with an LM head; loading {path} "
-                         f"as AutoModelForCausalLM failed: {exc}") from None
+    lm = load_pretrained(AutoModelForCausalLM, path, field="model.path", **kw,
+                         expected="loss.lm_coef > 0 needs a causal LM, whose LM head the LM loss uses (or set loss.lm_coef=0)")
     src = lm.get_output_embeddings()
     if not isinstance(src, nn.Linear) or src.bias is not None:
         raise ValueError(f"loss.lm_coef > 0: the LM head of {path} is not a bias-free nn.Linear")
@@ -245,7 +244,7 @@ def evaluate_rm(model: nn.Module, pairs: list[PairExample], *, pad_id: int, batc
 @claimed_stage  # locks run.output_dir, refuses one holding a run or an export over model.path
 def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = None) -> StageResult:
     """Train a reward model on cfg.data; export to <output_dir>/export. The Python API of `fastppo train-rm`."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     t0 = time.perf_counter()
     out, device = setup_stage_run(cfg, "train-rm")
@@ -254,7 +253,11 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
     # 1. Tokenizer, model (backbone from model.path, fresh scalar head when it is a causal LM), data.
     tokenizer = load_stage_tokenizer(cfg.model)
     kw = model_kwargs(cfg.model)
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model.path, num_labels=1, **kw)
+    config = sequence_classifier_config(cfg.model.path, "model.path", AutoConfig.from_pretrained(
+        cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
+    model = load_pretrained(AutoModelForSequenceClassification, cfg.model.path, field="model.path", config=config,
+                            fresh_ok=("score.", "classifier."), expected="train-rm starts from a causal LM or a "
+                            "sequence-classification model of the same architecture", **kw)
     scalar_head(model)  # fails clearly when the head is not a single scalar
     model = prepare_model(model, tokenizer, cfg.model, device, "reward model")
     lm_model = LMHeadAdapter(model, load_lm_head(cfg.model.path, model, kw, device)) if lc.lm_coef > 0 else None

@@ -37,7 +37,8 @@ from .checkpoint import export_hf
 from .config import SFTConfig, StageModelConfig, StageRunConfig, to_yaml
 from .data import SFTExample, collate_sft, load_sft
 from .metrics import MetricBuffer, MetricWriter
-from .models import IGNORE_INDEX, _dtype, _grow_embeddings, ensure_pad_token, fused_lm_head_supported, load_tokenizer
+from .models import (IGNORE_INDEX, _dtype, _grow_embeddings, attn_implementation, check_model_source, ensure_pad_token,
+                     fused_lm_head_supported, load_pretrained, load_tokenizer)
 from .ppo import make_optimizer, make_scheduler, ptx_loss
 from .run_dir import claimed_stage
 
@@ -64,13 +65,15 @@ def setup_stage_run(cfg, what: str) -> tuple[Path, torch.device]:
 
 def load_stage_tokenizer(mc: StageModelConfig):
     """The model's tokenizer with a pad token distinct from EOS (SPEC §1)."""
+    check_model_source(mc.path, "model.path")
     tokenizer = load_tokenizer(mc.path, trust_remote_code=mc.trust_remote_code)
     ensure_pad_token(tokenizer)
     return tokenizer
 
 
 def model_kwargs(mc: StageModelConfig) -> dict:
-    return dict(dtype=_dtype(mc.dtype), attn_implementation=mc.attn_implementation, trust_remote_code=mc.trust_remote_code)
+    attn = attn_implementation(mc.attn_implementation, compute_dtype=_dtype(mc.dtype), fields="model.dtype")
+    return dict(dtype=_dtype(mc.dtype), attn_implementation=attn, trust_remote_code=mc.trust_remote_code)
 
 
 def prepare_model(model: nn.Module, tokenizer, mc: StageModelConfig, device: torch.device, what: str) -> nn.Module:
@@ -215,7 +218,8 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
 
     # 1. Tokenizer, model, data.
     tokenizer = load_stage_tokenizer(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **model_kwargs(cfg.model))
+    model = load_pretrained(AutoModelForCausalLM, cfg.model.path, field="model.path",
+                            expected="sft fine-tunes a causal LM (AutoModelForCausalLM)", **model_kwargs(cfg.model))
     model = prepare_model(model, tokenizer, cfg.model, device, "sft model")
     reason = fused_lm_head_supported(model)
     fused = reason is None

@@ -42,8 +42,8 @@ from . import run_dir as rundir
 from .checkpoint import export_hf, load_checkpoint, resume_point, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, derived, from_dict, load_config, to_yaml, validate, validate_world
 from .data import EpochSampler, PromptBatch, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
-from .experience import (Experience, compute_advantages, experience_metrics, gather_experience, kl_controller,
-                         reparameterise_scores, score_rollout, token_rewards)
+from .experience import (Experience, compute_advantages, drop_rows, experience_metrics, gather_experience,
+                         kl_controller, reparameterise_scores, score_rollout, token_rewards)
 from .metrics import MetricBuffer, MetricWriter, RunningMoments
 from .models import _dtype, load_models
 from .ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
@@ -339,10 +339,11 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
 
                 # 3. Shape rewards: reparameterise the score (§5.3.1), token-level KL penalty (§5.3.2).
                 with timer("shape"):
+                    rollout = drop_rows(rollout, scored.nonfinite)  # NaN/inf scores: out of the update and moments
                     scores = scored.scores
                     if cfg.reward.missing_eos_penalty is not None:
                         scores = scores - cfg.reward.missing_eos_penalty * (~rollout.ended).float()
-                    shaped = reparameterise_scores(scores, moments, cfg)
+                    shaped = reparameterise_scores(scores, moments, cfg, valid=~scored.nonfinite)
                     rewards, kl = token_rewards(shaped, scored.old_logprobs, scored.ref_logprobs, rollout.response_mask,
                                                 kl_coef=kl_ctl.value, estimator=cfg.reward.kl_estimator,
                                                 clamp=cfg.reward.kl_clamp, backend=cfg.run.backend)

@@ -49,7 +49,7 @@ def synthetic_experience(models, cfg, *, prompt_width=5, response_lens=(6, 3, 4,
     """Random sequences with left-padded prompts, responses of different lengths (right padding), old
     logprobs near the policy's (ratios kept away from the clip points), random advantages and returns."""
     b, r = len(response_lens), max(response_lens)
-    vocab = models.policy.get_input_embeddings().num_embeddings
+    vocab = models.vocab_size                                                   # real tokens, not alignment padding
     sequences = torch.randint(4, vocab - 1, (b, prompt_width + r))
     attention_mask = torch.ones(b, prompt_width + r, dtype=torch.long)
     attention_mask[1, :2] = 0                                                   # left padding

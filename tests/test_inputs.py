@@ -1,0 +1,340 @@
+"""Hostile inputs: non-finite rewards, models of the wrong type, broken tokenizers, bad paths and data,
+chat prompt files, flash-attn requests, and vocabularies padded for alignment."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastppo.experience as experience
+from fastppo import synthetic as S
+from fastppo.cli import main
+from fastppo.config import Config, StageModelConfig, load_config
+from fastppo.data import DataError, check_tokenizer, load_prompts
+from fastppo.experience import drop_rows, reparameterise_scores
+from fastppo.metrics import RunningMoments
+from fastppo.models import (EMBEDDING_ROWS_MULTIPLE, ModelError, attn_implementation, hidden_states, load_models,
+                            load_tokenizer, response_logprobs)
+from fastppo.rollout import Rollout
+from fastppo.sft import model_kwargs
+from fastppo.train import train
+from fastppo_testing.tiny_models import model_configs
+from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+
+
+def cli_error(capsys, argv) -> str:
+    """Run the CLI, expect exit status 2 and one line of error; return it."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1, err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------
+# 1. Non-finite reward-model scores
+# ----------------------------------------------------------------------------
+
+def test_nonfinite_scores_stay_out_of_the_running_moments():
+    cfg = Config()
+    moments = RunningMoments()
+    scores = torch.tensor([1.0, float("nan"), 3.0, float("inf")])
+    shaped = reparameterise_scores(scores, moments, cfg)
+    assert moments.count.item() == 2 and moments.mean.item() == 2.0 and moments.var.item() == 1.0
+    assert torch.isfinite(shaped).all() and shaped[1] == 0 and shaped[3] == 0
+    assert shaped[0] == -cfg.reward.reward_clip and shaped[2] == cfg.reward.reward_clip  # (s - 2) / 1, clipped
+
+
+def test_dropped_rows_leave_the_response_mask():
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    ro = Rollout(torch.zeros(3, 6, dtype=torch.long), torch.ones(3, 6, dtype=torch.long), mask,
+                 torch.full((3,), 4), torch.ones(3, dtype=torch.bool), 2)
+    out = drop_rows(ro, torch.tensor([False, True, False]))
+    assert out.response_mask.sum(-1).tolist() == [4, 0, 4] and ro.response_mask.all()
+
+
+def _nan_on(monkeypatch, every: int):
+    """Make the reward model's score NaN on one call in `every` (forward batches of one row: one row in `every`)."""
+    calls = []
+    real = experience.score_at
+
+    def score_at(model, ids, mask, index):
+        calls.append(None)
+        out = real(model, ids, mask, index)
+        return out.fill_(float("nan")) if (len(calls) - 1) % every == 0 else out
+
+    monkeypatch.setattr(experience, "score_at", score_at)
+
+
+def test_one_nan_score_is_dropped_and_never_checkpointed(tiny_setups, tmp_path, monkeypatch):
+    setup = tiny_setups("llama")
+    out = tmp_path / "run"
+    common = {"run.output_dir": out, "rollout.forward_batch_size": 1, "run.save_every": 1}
+    _nan_on(monkeypatch, every=4)  # rollout_batch_size 4: one NaN row per iteration
+    first = train(load_config(None, setup.overrides(**common, **{"run.stop_after": 2})))
+    records = read_metrics(out)
+    assert [r["score/nonfinite"] for r in records] == [1.0, 1.0]
+    for r in records:
+        assert all(r[k] == r[k] for k in ("reward/running_mean", "reward/running_std", "score/raw/mean", "loss/total"))
+    moments = torch.load(first.checkpoint / "trainer_state.pt", weights_only=False)["reward_moments"]
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in moments.values())
+    monkeypatch.undo()  # the reward model is fixed: the resumed run goes on
+    resumed = train(load_config(None, setup.overrides(**common, **{"run.resume": "latest"})))
+    assert resumed.iterations_done == 3 and not resumed.interrupted
+    assert read_metrics(out)[-1]["score/nonfinite"] == 0.0
+
+
+def test_a_reward_model_scoring_all_nan_stops_naming_it(tiny_setups, tmp_path, monkeypatch):
+    setup = tiny_setups("llama")
+    _nan_on(monkeypatch, every=1)
+    with pytest.raises(ModelError, match=f"reward model at {setup.reward}.*every response"):
+        train(load_config(None, setup.overrides(**{"run.output_dir": tmp_path / "run"})))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------
+# 2. Models of the wrong type
+# ----------------------------------------------------------------------------
+
+def test_causal_lm_as_reward_model_is_refused(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.reward_path": setup.policy,
+                                                           "run.output_dir": tmp_path / "r"})])
+    assert "model.reward_path" in err and str(setup.policy) in err and "score.weight" in err
+    assert "sequence-classification" in err
+
+
+def test_classifier_as_policy_is_refused(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": setup.reward,
+                                                           "run.output_dir": tmp_path / "r"})])
+    assert "model.policy_path" in err and "lm_head.weight" in err and "causal LM" in err
+
+
+def test_sft_from_a_classifier_is_refused(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    err = cli_error(capsys, ["sft", f"model.path={setup.reward}", f"data.train_path={setup.sft}",
+                             f"run.output_dir={tmp_path / 's'}", "run.device=cpu", "run.progress_bar=false"])
+    assert "model.path" in err and "lm_head.weight" in err and "causal LM" in err
+
+
+def test_train_rm_lm_loss_from_a_classifier_is_refused(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "tell me about the cat :", "chosen": "the cat is kind .",
+                                 "rejected": "the cat is sad ."}) + "\n")
+    err = cli_error(capsys, ["train-rm", f"model.path={setup.reward}", f"data.train_path={pairs}", "loss.lm_coef=0.5",
+                             f"run.output_dir={tmp_path / 'rm'}", "run.device=cpu", "run.progress_bar=false"])
+    assert "model.path" in err and "lm_head.weight" in err and "loss.lm_coef" in err
+
+
+def test_reward_model_with_two_labels_is_refused(tiny_setups, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    setup = tiny_setups("llama")
+    tok = AutoTokenizer.from_pretrained(setup.policy)
+    cfg = model_configs("llama", len(tok), bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    cfg.num_labels = 2
+    two = tmp_path / "two_labels"
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(two)
+    tok.save_pretrained(two)
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.reward_path": two, "run.output_dir": tmp_path / "r"})])
+    assert "model.reward_path" in err and "2 labels" in err and "num_labels=1" in err
+
+
+# ----------------------------------------------------------------------------
+# 3. Tokenizers that do not load as saved
+# ----------------------------------------------------------------------------
+
+def _word_level_next_to_qwen2(root):
+    """The demo's word-level tokenizer saved next to a Qwen2 config: transformers 5 reads it back as Qwen2's
+    byte-level BPE."""
+    from transformers import AutoModelForCausalLM
+
+    tok = S.build_tokenizer(root)
+    AutoModelForCausalLM.from_config(model_configs("qwen2", len(tok), eos_id=tok.eos_token_id,
+                                                   pad_id=tok.pad_token_id)).save_pretrained(root)
+    return tok
+
+
+def test_a_tokenizer_that_garbles_the_prompts_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    _word_level_next_to_qwen2(tmp_path / "m")
+    prompts = S.write_jsonl(tmp_path / "p.jsonl", S.make_prompts(20, seed=0))
+    garbling = AutoTokenizer.from_pretrained(tmp_path / "m")
+    text = "describe the red fox :"
+    if garbling.decode(garbling(text, add_special_tokens=False)["input_ids"]).split() == text.split():
+        pytest.skip("this transformers version loads the saved word-level tokenizer as saved")
+    with pytest.raises(ModelError, match=f"tokenizer at {tmp_path / 'm'}.*change under encode -> decode"):
+        check_tokenizer(garbling, prompts, ("prompt",))
+    # fastppo loads the tokenizer class that was saved, and that one passes the check
+    tok = load_tokenizer(str(tmp_path / "m"))
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert len(load_prompts(prompts, tok, field="prompt", prompt_format="auto", max_len=16)) == 20
+
+
+def test_a_tokenizer_that_does_not_cover_the_data_is_refused(tmp_path):
+    tok = S.build_tokenizer(tmp_path / "m")
+    rows = [{"prompt": "quelle est la couleur du renard ?"}, {"prompt": "describe the red fox :"}]
+    path = S.write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(ModelError, match="unknown token"):
+        load_prompts(path, tok, field="prompt", prompt_format="auto", max_len=16)
+
+
+# ----------------------------------------------------------------------------
+# 4. One-line errors for bad model paths and bad data
+# ----------------------------------------------------------------------------
+
+def test_model_path_that_does_not_exist(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    missing = tmp_path / "no" / "such" / "model"
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": missing, "run.output_dir": tmp_path / "r"})])
+    assert "model.policy_path" in err and f"no such folder: {missing}" in err
+
+
+def test_model_folder_without_config(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    folder = tmp_path / "only_tokenizer"
+    load_tokenizer(str(setup.policy)).save_pretrained(folder)
+    err = cli_error(capsys, ["sft", f"model.path={folder}", f"data.train_path={setup.sft}",
+                             f"run.output_dir={tmp_path / 's'}", "run.device=cpu"])
+    assert "model.path" in err and "no config.json" in err
+
+
+def test_hub_id_while_offline(tiny_setups, tmp_path):
+    setup = tiny_setups("llama")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    code = "import sys; from fastppo.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = setup.overrides(**{"model.reward_path": "fastppo-test/no-such-model", "run.output_dir": tmp_path / "r"})
+    proc = subprocess.run([sys.executable, "-c", code, "train", *argv], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    err = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "model.reward_path" in err[0] and "fastppo-test/no-such-model" in err[0] and "HF_HUB_OFFLINE" in err[0]
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "the red fox :"}\n{"prompt": "the \xe9t\xe9 fox :"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 17\)"):
+        load_prompts(path, S.build_tokenizer(), field="prompt", prompt_format="auto", max_len=16)
+
+
+def test_empty_data_file(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    err = cli_error(capsys, ["train", *setup.overrides(**{"data.prompt_path": empty, "run.output_dir": tmp_path / "r"})])
+    assert str(empty) in err and "no prompts" in err
+
+
+# ----------------------------------------------------------------------------
+# 5. Chat prompt files
+# ----------------------------------------------------------------------------
+
+def test_train_reads_a_messages_field_like_sft(tmp_path):
+    tok = S.build_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} . {% endfor %}" \
+                        "{% if add_generation_prompt %}assistant :{% endif %}"
+    user = {"role": "user", "content": "describe the red fox"}
+    chat = S.write_jsonl(tmp_path / "chat.jsonl", [{"messages": [user, {"role": "assistant", "content": "it runs"}]},
+                                                    {"messages": [user]}])
+    kw = dict(prompt_format="auto", max_len=32)
+    got = load_prompts(chat, tok, field="prompt", **kw)
+    want = tok(tok.apply_chat_template([user], tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    assert got == [want, want]  # an assistant turn at the end is the reference response, not part of the prompt
+
+
+# ----------------------------------------------------------------------------
+# 6. flash_attention_2
+# ----------------------------------------------------------------------------
+
+def test_flash_attention_with_float32_compute_is_refused(tiny_setups):
+    setup = tiny_setups("llama")
+    cfg = load_config(None, setup.overrides(**{"model.attn_implementation": "flash_attention_2"}))
+    with pytest.raises(ModelError, match="model.dtype and parallel.param_dtype give float32"):
+        load_models(cfg.model, torch.device("cpu"))
+    with pytest.raises(ModelError, match="flash_attention_2 needs bfloat16 or float16 compute, but model.dtype"):
+        model_kwargs(StageModelConfig(path=str(setup.policy), attn_implementation="flash_attention_2"))
+
+
+def test_flash_attention_falls_back_to_sdpa_without_flash_attn(tiny_setups, monkeypatch, caplog):
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    setup = tiny_setups("llama")
+    cfg = load_config(None, setup.overrides(**{"model.attn_implementation": "flash_attention_2",
+                                               "model.dtype": "bfloat16"}))
+    with caplog.at_level("WARNING", logger="fastppo"):
+        models = load_models(cfg.model, torch.device("cpu"))
+    assert "using sdpa" in caplog.text
+    assert {m.config._attn_implementation for m in (models.policy, models.critic, models.reward)} == {"sdpa"}
+    assert attn_implementation("flash_attention_2", compute_dtype=torch.bfloat16, fields="model.dtype") == "sdpa"
+
+
+# ----------------------------------------------------------------------------
+# 7. Vocabularies padded to a multiple of 64
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_padded_vocabulary_leaves_real_token_logprobs_unchanged(tiny_setups, fused):
+    from transformers import AutoTokenizer
+
+    setup = tiny_setups("gpt2")  # no pad token: one is added, V = len(tokenizer) becomes odd
+    models = load_models(load_config(None, setup.overrides()).model, torch.device("cpu"))
+    V = models.vocab_size
+    rows = models.policy.get_output_embeddings().weight.size(0)
+    assert V == len(models.tokenizer) == len(AutoTokenizer.from_pretrained(setup.policy)) + 1
+    assert rows % EMBEDDING_ROWS_MULTIPLE == 0 and rows > V
+    assert models.critic.get_input_embeddings().num_embeddings % EMBEDDING_ROWS_MULTIPLE == 0
+
+    exact = copy.deepcopy(models.policy)
+    exact.resize_token_embeddings(V)  # the same model with exactly V rows: the first V rows are copied
+    exact.get_output_embeddings()._forward_hooks.clear()
+    assert exact.get_output_embeddings().weight.size(0) == V
+
+    B, P, R = 3, 4, 5
+    ids = torch.randint(0, V, (B, P + R))
+    mask = torch.ones_like(ids)
+    rmask = torch.rand(B, R) < 0.8
+    kw = dict(prompt_width=P, temperature=0.7, return_entropy=True, backend="torch")
+    padded = response_logprobs(models.policy, ids, mask, rmask, fused=fused, vocab_size=V, **kw)
+    implicit = response_logprobs(models.policy, ids, mask, rmask, fused=fused, **kw)  # size recorded by load_models
+    ref = response_logprobs(exact, ids, mask, rmask, fused=False, **kw)
+
+    # Error analysis: each logit is a length-H dot product h.w; computed with a different number of output
+    # columns it may be summed in another order, which moves it by at most gamma_H * sum|h_i w_i| in each
+    # computation (gamma_H ~ H u; Higham, "Accuracy and Stability of Numerical Algorithms", 3.1), so the two
+    # z = logits / T differ by delta <= 2 gamma_H max sum|h_i w_i| / T. log-softmax is 2-Lipschitz in the
+    # max-norm of z; the entropy's gradient -p (z - E_p z) has 1-norm <= max z - min z. Add a few ulp of the
+    # results for the final roundings.
+    h = hidden_states(exact, ids, mask)[:, P - 1:-1]                                    # (B, R, H)
+    z = (h @ exact.get_output_embeddings().weight.T) / kw["temperature"]                # (B, R, V)
+    u = torch.finfo(torch.float32).eps / 2
+    delta = 2 * h.size(-1) * u * (h.abs() @ exact.get_output_embeddings().weight.abs().T).max().item() / kw["temperature"]
+    spread = (z.amax(-1) - z.amin(-1)).max().item()
+    for out in (padded, implicit):
+        torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=0,
+                                   atol=2 * delta + 8 * u * ref.logprobs.abs().max().item())
+        torch.testing.assert_close(out.entropy, ref.entropy, rtol=0, atol=spread * delta + 8 * u * math.log(V))
+
+
+def test_padding_ids_are_never_sampled(tiny_setups):
+    setup = tiny_setups("gpt2")
+    models = load_models(load_config(None, setup.overrides()).model, torch.device("cpu"))
+    ids = torch.randint(0, models.vocab_size, (2, 5))
+    with torch.no_grad():
+        logits = models.policy(input_ids=ids).logits
+    V = models.vocab_size
+    probs = logits.float().softmax(-1)
+    assert torch.isfinite(logits).all() and probs[..., V:].max().item() == 0.0  # exp underflows to exactly 0
+    assert torch.allclose(probs[..., :V].sum(-1), torch.ones(2, 5))
