@@ -216,7 +216,14 @@ def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_o
     With a Sharder over several processes only rank 0 reads (and checks) the checkpoint
     (`dist.from_pretrained`); if it refuses, torchrun stops the other ranks.
     """
-    model, info = dist.from_pretrained(auto_class, path, shard, config=config, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()        # its load report would say what the check below says, less clearly
+    try:
+        model, info = dist.from_pretrained(auto_class, path, shard, config=config, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if info is None:
         return model
     fresh = sorted(info["missing_keys"]) + sorted(str(m[0]) if isinstance(m, tuple) else str(m)
