@@ -126,6 +126,15 @@ def add_shapes_argument(parser: argparse.ArgumentParser, dims: str) -> None:
                         help=f"shapes to run instead of the defaults, as {dims} separated by commas")
 
 
+def op_parser(doc: str, dims: str) -> argparse.ArgumentParser:
+    """The options the op benches share: --no-compile, --rep and --shapes (dims names the axes, e.g. 'NxV')."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
+    add_shapes_argument(parser, dims)
+    return parser
+
+
 def append_csv(name: str, rows: list[dict]) -> Path:
     """Append rows to bench/results/<name>.csv, stamped with device, commit and date."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -236,7 +245,8 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, int, str]]) -> N
     """Prints a header and one line a row: columns are (header, key, width, format spec); None prints '-'."""
     print("\n" + " ".join(f"{header:>{width}}" for header, _, width, _ in columns))
     for r in rows:
-        print(" ".join(f"{'-' if r[key] is None else format(r[key], spec):>{width}}" for _, key, width, spec in columns))
+        cells = ("-" if r[key] is None else format(r[key], spec) for _, key, _, spec in columns)
+        print(" ".join(f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, columns)))
 
 
 def save_results(name: str, rows: list[dict], *, x: str, y: str, group: str, title: str, ylabel: str,

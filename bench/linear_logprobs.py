@@ -21,14 +21,11 @@ Usage: python bench/linear_logprobs.py [--no-compile] [--rep R] [--shapes NxHxV,
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from common import (add_ratios, add_shapes_argument, bench_device, device_name, matmul_peak_tflops,
-                    peak_extra_mb, print_table, reexec_with_malloc_threshold, run_providers, save_results,
-                    time_ms)
+from common import (add_ratios, bench_device, device_name, matmul_peak_tflops, op_parser, peak_extra_mb, print_table,
+                    reexec_with_malloc_threshold, run_providers, save_results, time_ms)
 
 from fastppo.kernels import linear_token_logprobs
 
@@ -99,23 +96,40 @@ CUDA_SHAPES = [(4096, 4096, 128256), (4096, 4096, 151936), (16384, 4096, 128256)
 CPU_SHAPES = [(8192, 512, 32000)]
 
 
-def setup(args, device):
-    """(shapes, dtype, modes, rep, bf16 matmul peak) for this device; shared with bench/linear_ppo_loss.py."""
+def run_linear(argv, doc, make_providers, run_case):
+    """The linear benches (this one and bench/linear_ppo_loss.py): parse the options, run every provider at
+    every shape, add the ratios to naive; (rows, device, notes).
+
+    make_providers(device, use_compile) -> (providers, notes);
+    run_case(name, fn, shape, dtype, device, modes, rep, mm_peak) -> rows.
+    """
+    args = op_parser(doc, "NxHxV").parse_args(argv)
+
+    device = bench_device()
     if device.type == "cuda":
-        dtype = torch.bfloat16
-        settings = CUDA_SHAPES, dtype, ("forward", "full"), args.rep or 10, matmul_peak_tflops(device, dtype)
+        shapes, dtype, modes, rep = CUDA_SHAPES, torch.bfloat16, ("forward", "full"), args.rep or 10
+        mm_peak = matmul_peak_tflops(device, dtype)
     else:
-        settings = CPU_SHAPES, torch.float32, ("full",), args.rep or 3, None
-    shapes, dtype, modes, rep, mm_peak = settings
+        shapes, dtype, modes, rep, mm_peak = CPU_SHAPES, torch.float32, ("full",), args.rep or 3, None
+    providers, notes = make_providers(device, use_compile=not args.no_compile)
     print(f"device: {device_name(device)}  dtype: {dtype}  threads: {torch.get_num_threads()}  bf16 matmul peak: "
           f"{f'{mm_peak:.0f} TFLOP/s' if mm_peak else 'n/a (CPU)'}", flush=True)
-    return args.shapes or shapes, dtype, modes, rep, mm_peak
+    rows = run_providers(args.shapes or shapes, providers,
+                         lambda name, fn, shape: run_case(name, fn, shape, dtype, device, modes, rep, mm_peak),
+                         device, dims="NxHxV", notes=notes)
+    add_ratios(rows, "naive", KEY, {"time_vs_naive": "ms", "mem_vs_naive": "peak_extra_MB"})
+    return rows, device, notes
 
 
-def add_arguments(parser):
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
-    add_shapes_argument(parser, "NxHxV")
+def report_linear(name, rows, device, notes, *, extra_columns=(), title):
+    """The table, the notes, and (when there are rows) the CSV and the peak-memory plot."""
+    print_table(rows, TABLE + list(extra_columns))
+    for provider, note in notes.items():
+        print(f"note: {provider}: {note}")
+    if rows:
+        save_results(name, rows, x="shape", y="peak_extra_MB", group="provider",
+                     title=f"{title} ({device_name(device)})", ylabel="peak extra MB",
+                     plot_rows=[dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows])
 
 
 def measure_modes(op, name, calls, flop, shape, dtype, device, modes, rep, mm_peak):
@@ -135,6 +149,7 @@ def measure_modes(op, name, calls, flop, shape, dtype, device, modes, rep, mm_pe
     return rows
 
 
+KEY = ("N", "H", "V", "mode")  # a case: its rows, one per provider, are compared
 # the table's leading columns, in both linear benches
 TABLE = [("N", "N", 6, ""), ("H", "H", 5, ""), ("V", "V", 7, ""), ("mode", "mode", 8, ""),
          ("provider", "provider", 8, ""), ("ms", "ms", 10, ".1f"), ("TFLOP/s", "TFLOP/s", 8, ".3f"),
@@ -143,24 +158,8 @@ TABLE = [("N", "N", 6, ""), ("H", "H", 5, ""), ("V", "V", 7, ""), ("mode", "mode
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    device = bench_device()
-    shapes, dtype, modes, rep, mm_peak = setup(args, device)
-    providers, notes = make_providers(device, use_compile=not args.no_compile)
-    rows = run_providers(shapes, providers, lambda name, fn, shape: run_case(name, fn, shape, dtype, device, modes,
-                                                                             rep, mm_peak),
-                         device, dims="NxHxV", notes=notes)
-    add_ratios(rows, "naive", ("N", "H", "V", "mode"), {"time_vs_naive": "ms", "mem_vs_naive": "peak_extra_MB"})
-    print_table(rows, TABLE)
-    for name, note in notes.items():
-        print(f"note: {name}: {note}")
-    if rows:
-        save_results("linear_logprobs", rows, x="shape", y="peak_extra_MB", group="provider",
-                     title=f"lm_head + logprobs peak extra memory ({device_name(device)})", ylabel="peak extra MB",
-                     plot_rows=[dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows])
+    rows, device, notes = run_linear(argv, __doc__, make_providers, run_case)
+    report_linear("linear_logprobs", rows, device, notes, title="lm_head + logprobs peak extra memory")
     return rows
 
 

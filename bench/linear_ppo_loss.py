@@ -23,15 +23,13 @@ Usage: python bench/linear_ppo_loss.py [--no-compile] [--rep R] [--shapes NxHxV,
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
 import torch.nn.functional as F
 
-from common import add_ratios, bench_device, device_name, print_table, reexec_with_malloc_threshold, run_providers, \
-    save_results
-from linear_logprobs import TABLE, add_arguments, measure_modes, setup
+from common import add_ratios, reexec_with_malloc_threshold
+from linear_logprobs import KEY, measure_modes, report_linear, run_linear
 
 from fastppo.kernels import linear_ppo_loss, linear_token_logprobs, ppo_loss
 
@@ -61,13 +59,13 @@ def fastppo(hidden, weight, labels, old, adv, mask):
                            ent_coef=ENT_COEF).loss
 
 
-def make_providers(use_compile: bool):
+def make_providers(device, use_compile: bool):
     providers = {"naive": naive}
     if use_compile:
         providers["compile"] = torch.compile(naive, dynamic=False)
     providers["composed"] = composed
     providers["fastppo"] = fastppo
-    return providers
+    return providers, {}
 
 
 @functools.lru_cache(maxsize=1)  # one shape's inputs, shared by its providers
@@ -108,29 +106,12 @@ def run_case(name, fn, shape, dtype, device, modes, rep, mm_peak):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    device = bench_device()
-    shapes, dtype, modes, rep, mm_peak = setup(args, device)
-    providers = make_providers(use_compile=not args.no_compile)
-    notes = {}
-    rows = run_providers(shapes, providers, lambda name, fn, shape: run_case(name, fn, shape, dtype, device, modes,
-                                                                             rep, mm_peak),
-                         device, dims="NxHxV", notes=notes)
+    rows, device, notes = run_linear(argv, __doc__, make_providers, run_case)
     make_inputs.cache_clear()
-    key = ("N", "H", "V", "mode")
-    add_ratios(rows, "naive", key, {"time_vs_naive": "ms", "mem_vs_naive": "peak_extra_MB"})
-    add_ratios(rows, "composed", key, {"time_vs_composed": "ms", "mem_vs_composed": "peak_extra_MB"})
-    print_table(rows, TABLE + [("t/comp", "time_vs_composed", 7, ""), ("mem/comp", "mem_vs_composed", 8, "")])
-    for name, note in notes.items():
-        print(f"note: {name}: {note}")
-    if rows:
-        save_results("linear_ppo_loss", rows, x="shape", y="peak_extra_MB", group="provider",
-                     title=f"lm_head + PPO policy loss, peak extra memory ({device_name(device)})",
-                     ylabel="peak extra MB",
-                     plot_rows=[dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows])
+    add_ratios(rows, "composed", KEY, {"time_vs_composed": "ms", "mem_vs_composed": "peak_extra_MB"})
+    report_linear("linear_ppo_loss", rows, device, notes,
+                  extra_columns=[("t/comp", "time_vs_composed", 7, ""), ("mem/comp", "mem_vs_composed", 8, "")],
+                  title="lm_head + PPO policy loss, peak extra memory")
     return rows
 
 

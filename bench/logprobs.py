@@ -18,13 +18,12 @@ Usage: python bench/logprobs.py [--quick] [--no-compile] [--rep R] [--shapes NxV
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
-from common import (add_ratios, add_shapes_argument, bench_device, device_name, measured_copy_bandwidth_gbs,
-                    peak_extra_mb, print_table, run_providers, save_results, time_ms)
+from common import (add_ratios, bench_device, device_name, measured_copy_bandwidth_gbs, op_parser, peak_extra_mb,
+                    print_table, run_providers, save_results, time_ms)
 
 from fastppo.kernels import token_logprobs
 
@@ -103,11 +102,8 @@ def run_case(name, fn, shape, dtype, device, bandwidth, rep=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = op_parser(__doc__, "NxV")
     parser.add_argument("--quick", action="store_true", help="one shape only")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
-    add_shapes_argument(parser, "NxV")
     args = parser.parse_args(argv)
 
     device = bench_device()
