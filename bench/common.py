@@ -52,23 +52,28 @@ def percentiles(times: list[float]) -> tuple[float, float, float]:
 
 
 def time_ms(fn, device: torch.device, *, warmup: int = 2, rep: int = 10) -> tuple[float, float, float]:
-    """(median, p20, p80) wall time of fn() in ms over about `rep` calls after `warmup` calls.
+    """(median, p20, p80) wall time of fn() in ms over `rep` calls after `warmup` calls (CUDA: about `rep`).
 
-    CUDA: triton.testing.do_bench (CUDA events, the L2 cache flushed before each
-    call). It takes time budgets, not counts: one synchronised call after the
-    warm-up (so that no compilation is in it) gives the time of a call, and the
-    counts become budgets. CPU: perf_counter.
+    CUDA: triton.testing.do_bench (CUDA events, the L2 cache flushed before
+    each call). It takes time budgets, not counts: one call (compilation and
+    autotuning stay out of the estimate), then one synchronised timed call
+    whose time turns the counts into budgets. do_bench itself makes seven
+    untimed calls before it times (one, five to estimate, at least one
+    warm-up), so only a warm-up beyond those nine adds to its budget.
+    CPU: perf_counter around each call.
     """
-    for _ in range(warmup):
-        fn()
     if device.type == "cuda":
+        fn()
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize(device)
         call_ms = (time.perf_counter() - t0) * 1e3
-        median, p20, p80 = do_bench(fn, warmup=call_ms, rep=rep * call_ms, quantiles=[0.5, 0.2, 0.8])
+        median, p20, p80 = do_bench(fn, warmup=max(warmup - 9, 0) * call_ms, rep=rep * call_ms,
+                                    quantiles=[0.5, 0.2, 0.8])
         return median, p20, p80
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(rep):
         t0 = time.perf_counter()

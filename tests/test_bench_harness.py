@@ -36,23 +36,25 @@ def test_time_ms_on_cpu_calls_warmup_then_rep_times():
 
 
 def test_time_ms_on_cuda_hands_do_bench_budgets_of_rep_calls(monkeypatch):
-    """do_bench takes milliseconds, not counts: the budget is rep times one call's time, measured after warm-up."""
-    seen = {}
+    """do_bench takes milliseconds, not counts: the budget is rep times one call's time, timed after one
+    untimed call; a warm-up beyond the nine untimed calls (two here, seven in do_bench) adds to its budget."""
+    seen = []
 
     def fake_do_bench(fn, warmup, rep, quantiles):
-        seen.update(warmup=warmup, rep=rep, quantiles=quantiles)
+        seen.append((warmup, rep, quantiles))
         return [2.0, 1.0, 3.0]
 
     monkeypatch.setattr(common, "do_bench", fake_do_bench)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    clock = iter([0.0, 0.004])  # the one timed call takes 4 ms
+    clock = iter([0.0, 0.004, 1.0, 1.004])  # each timed call takes 4 ms
     monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
     calls = []
-    out = common.time_ms(lambda: calls.append(1), torch.device("cuda"), warmup=3, rep=10)
-    assert out == (2.0, 1.0, 3.0)
-    assert len(calls) == 4                                   # 3 warm-up calls, then the timed one
-    assert seen["rep"] == pytest.approx(40.0) and seen["warmup"] == pytest.approx(4.0)
-    assert seen["quantiles"] == [0.5, 0.2, 0.8]
+    assert common.time_ms(lambda: calls.append(1), torch.device("cuda"), warmup=3, rep=10) == (2.0, 1.0, 3.0)
+    assert len(calls) == 2
+    common.time_ms(lambda: calls.append(1), torch.device("cuda"), warmup=12, rep=5)
+    (w1, r1, q1), (w2, r2, _) = seen
+    assert (w1, r1, w2, r2) == pytest.approx((0.0, 40.0, 12.0, 20.0))
+    assert q1 == [0.5, 0.2, 0.8]
 
 
 def test_run_providers_reports_a_failing_provider_and_drops_it(capsys):
