@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import importlib
 import math
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,16 @@ def test_op_bench_writes_its_csv_columns_and_a_png(name, tmp_path, monkeypatch, 
         assert next(csv.reader(f)) == header.split(",")
     pytest.importorskip("matplotlib")
     assert (tmp_path / f"{name}.png").exists()
+
+
+def test_trl_worker_reads_memory_through_fastppo_memory_without_the_package():
+    """bench/trl_workload.py runs in a venv without fastppo: it loads the one file fastppo/memory.py by path."""
+    probe = ("import importlib.util, sys\n"
+             f"spec = importlib.util.spec_from_file_location('trl_workload', {str(BENCH / 'trl_workload.py')!r})\n"
+             "module = importlib.util.module_from_spec(spec)\n"
+             "spec.loader.exec_module(module)\n"
+             "import torch\n"
+             "print(module.memory.peak_memory_mb(torch.device('cpu')) > 0, 'fastppo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                         check=True).stdout.split()
+    assert out == ["True", "False"]
