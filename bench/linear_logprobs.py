@@ -30,6 +30,18 @@ from common import (add_ratios, bench_device, device_name, matmul_peak_tflops, o
 from fastppo.kernels import linear_token_logprobs
 
 
+CUDA_SHAPES = [(4096, 4096, 128256), (4096, 4096, 151936), (16384, 4096, 128256), (16384, 4096, 151936)]
+CPU_SHAPES = [(8192, 512, 32000)]
+
+
+KEY = ("N", "H", "V", "mode")  # a case: its rows, one per provider, are compared
+# the table's leading columns, in both linear benches
+TABLE = [("N", "N", 6, ""), ("H", "H", 5, ""), ("V", "V", 7, ""), ("mode", "mode", 8, ""),
+         ("provider", "provider", 8, ""), ("ms", "ms", 10, ".1f"), ("TFLOP/s", "TFLOP/s", 8, ".3f"),
+         ("%mm", "pct_mm_peak", 5, ""), ("peakMB", "peak_extra_MB", 9, ".1f"),
+         ("t/naive", "time_vs_naive", 8, ""), ("mem/naive", "mem_vs_naive", 9, "")]
+
+
 def naive(hidden, weight, labels):
     logits = F.linear(hidden, weight).float()
     logp = torch.log_softmax(logits, dim=-1)
@@ -92,10 +104,6 @@ def run_case(name, fn, shape, dtype, device, modes, rep, mm_peak):
                          shape, dtype, device, modes, rep, mm_peak)
 
 
-CUDA_SHAPES = [(4096, 4096, 128256), (4096, 4096, 151936), (16384, 4096, 128256), (16384, 4096, 151936)]
-CPU_SHAPES = [(8192, 512, 32000)]
-
-
 def run_linear(argv, doc, make_providers, run_case):
     """The linear benches (this one and bench/linear_ppo_loss.py): parse the options, run every provider at
     every shape, add the ratios to naive; (rows, device, notes).
@@ -147,14 +155,6 @@ def measure_modes(op, name, calls, flop, shape, dtype, device, modes, rep, mm_pe
                      "peak_extra_MB": round(peak, 1)})
         print(f"  {name:>8} {mode:>8} N={n} V={vocab}: {ms:10.1f} ms  {peak:9.1f} MB", flush=True)
     return rows
-
-
-KEY = ("N", "H", "V", "mode")  # a case: its rows, one per provider, are compared
-# the table's leading columns, in both linear benches
-TABLE = [("N", "N", 6, ""), ("H", "H", 5, ""), ("V", "V", 7, ""), ("mode", "mode", 8, ""),
-         ("provider", "provider", 8, ""), ("ms", "ms", 10, ".1f"), ("TFLOP/s", "TFLOP/s", 8, ".3f"),
-         ("%mm", "pct_mm_peak", 5, ""), ("peakMB", "peak_extra_MB", 9, ".1f"),
-         ("t/naive", "time_vs_naive", 8, ""), ("mem/naive", "mem_vs_naive", 9, "")]
 
 
 def main(argv=None):
