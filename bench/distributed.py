@@ -168,9 +168,9 @@ def main() -> None:
         return generation_worker(args)
 
     sys.path.insert(0, str(HERE))
-    from common import append_csv, device_name
+    from common import append_csv, bench_device, device_name
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = build_models(root, args.hidden, args.layers)

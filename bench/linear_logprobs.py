@@ -21,17 +21,25 @@ Usage: python bench/linear_logprobs.py [--no-compile] [--rep R] [--shapes NxHxV,
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 
-from common import (add_shapes_argument, append_csv, device_name, matmul_peak_tflops, peak_extra_mb,
-                    plot_bars, time_ms)
+from common import (add_ratios, bench_device, device_name, matmul_peak_tflops, op_parser, peak_extra_mb, print_table,
+                    reexec_with_malloc_threshold, run_providers, save_results, time_ms)
 
 from fastppo.kernels import linear_token_logprobs
+
+
+CUDA_SHAPES = [(4096, 4096, 128256), (4096, 4096, 151936), (16384, 4096, 128256), (16384, 4096, 151936)]
+CPU_SHAPES = [(8192, 512, 32000)]
+
+
+KEY = ("N", "H", "V", "mode")  # a case: its rows, one per provider, are compared
+# the table's leading columns, in both linear benches
+TABLE = [("N", "N", 6, ""), ("H", "H", 5, ""), ("V", "V", 7, ""), ("mode", "mode", 8, ""),
+         ("provider", "provider", 8, ""), ("ms", "ms", 10, ".1f"), ("TFLOP/s", "TFLOP/s", 8, ".3f"),
+         ("%mm", "pct_mm_peak", 5, ""), ("peakMB", "peak_extra_MB", 9, ".1f"),
+         ("t/naive", "time_vs_naive", 8, ""), ("mem/naive", "mem_vs_naive", 9, "")]
 
 
 def naive(hidden, weight, labels):
@@ -69,7 +77,8 @@ def make_providers(device, use_compile: bool):
     return providers, notes
 
 
-def run_case(name, fn, n, size_h, vocab, dtype, device, modes, rep, mm_peak):
+def run_case(name, fn, shape, dtype, device, modes, rep, mm_peak):
+    n, size_h, vocab = shape
     hidden = (torch.randn(n, size_h, device=device) / size_h ** 0.5).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, size_h, device=device) * 3 / size_h ** 0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (n,), device=device)
@@ -90,16 +99,58 @@ def run_case(name, fn, n, size_h, vocab, dtype, device, modes, rep, mm_peak):
         # gradients a call makes, and the starting point holds none from the last one.
         hidden.grad = weight.grad = None
 
-    calls = {"forward": forward, "full": full}
-    flop = {"forward": 2 * n * size_h * vocab, "full": 6 * n * size_h * vocab}
+    return measure_modes("linear_token_logprobs", name, {"forward": forward, "full": full},
+                         {"forward": 2 * n * size_h * vocab, "full": 6 * n * size_h * vocab},
+                         shape, dtype, device, modes, rep, mm_peak)
+
+
+def run_linear(argv, doc, make_providers, run_case):
+    """The linear benches (this one and bench/linear_ppo_loss.py): parse the options, run every provider at
+    every shape, add the ratios to naive; (rows, device, notes).
+
+    make_providers(device, use_compile) -> (providers, notes);
+    run_case(name, fn, shape, dtype, device, modes, rep, mm_peak) -> rows.
+    """
+    args = op_parser(doc, "NxHxV").parse_args(argv)
+
+    device = bench_device()
+    if device.type == "cuda":
+        shapes, dtype, modes, rep = CUDA_SHAPES, torch.bfloat16, ("forward", "full"), args.rep or 10
+        mm_peak = matmul_peak_tflops(device, dtype)
+    else:
+        shapes, dtype, modes, rep, mm_peak = CPU_SHAPES, torch.float32, ("full",), args.rep or 3, None
+    providers, notes = make_providers(device, use_compile=not args.no_compile)
+    print(f"device: {device_name(device)}  dtype: {dtype}  threads: {torch.get_num_threads()}  bf16 matmul peak: "
+          f"{f'{mm_peak:.0f} TFLOP/s' if mm_peak else 'n/a (CPU)'}", flush=True)
+    rows = run_providers(args.shapes or shapes, providers,
+                         lambda name, fn, shape: run_case(name, fn, shape, dtype, device, modes, rep, mm_peak),
+                         device, dims="NxHxV", notes=notes)
+    add_ratios(rows, "naive", KEY, {"time_vs_naive": "ms", "mem_vs_naive": "peak_extra_MB"})
+    return rows, device, notes
+
+
+def report_linear(name, rows, device, notes, *, extra_columns=(), title):
+    """The table, the notes, and (when there are rows) the CSV and the peak-memory plot."""
+    print_table(rows, TABLE + list(extra_columns))
+    for provider, note in notes.items():
+        print(f"note: {provider}: {note}")
+    if rows:
+        save_results(name, rows, x="shape", y="peak_extra_MB", group="provider",
+                     title=f"{title} ({device_name(device)})", ylabel="peak extra MB",
+                     plot_rows=[dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows])
+
+
+def measure_modes(op, name, calls, flop, shape, dtype, device, modes, rep, mm_peak):
+    """Rows of one provider at one shape: peak extra MB, ms and TFLOP/s of each mode (calls and flop by mode)."""
+    n, size_h, vocab = shape
     rows = []
     for mode in modes:
         peak = peak_extra_mb(calls[mode], device)          # includes one warm-up call
         ms, p20, p80 = time_ms(calls[mode], device, warmup=0 if device.type == "cpu" else 3, rep=rep)
         tflops = flop[mode] / (ms * 1e-3) / 1e12
-        rows.append({"op": "linear_token_logprobs", "provider": name, "mode": mode, "N": n, "H": size_h,
-                     "V": vocab, "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 3),
-                     "p20": round(p20, 3), "p80": round(p80, 3), "TFLOP/s": round(tflops, 3),
+        rows.append({"op": op, "provider": name, "mode": mode, "N": n, "H": size_h, "V": vocab,
+                     "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 3), "p20": round(p20, 3),
+                     "p80": round(p80, 3), "TFLOP/s": round(tflops, 3),
                      "pct_mm_peak": round(100 * tflops / mm_peak, 1) if mm_peak else None,
                      "peak_extra_MB": round(peak, 1)})
         print(f"  {name:>8} {mode:>8} N={n} V={vocab}: {ms:10.1f} ms  {peak:9.1f} MB", flush=True)
@@ -107,67 +158,11 @@ def run_case(name, fn, n, size_h, vocab, dtype, device, modes, rep, mm_peak):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
-    add_shapes_argument(parser, "NxHxV")
-    args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        shapes = [(4096, 4096, 128256), (4096, 4096, 151936), (16384, 4096, 128256), (16384, 4096, 151936)]
-        dtype, modes, rep = torch.bfloat16, ("forward", "full"), args.rep or 10
-        mm_peak = matmul_peak_tflops(device, dtype)
-    else:
-        shapes = [(8192, 512, 32000)]
-        dtype, modes, rep = torch.float32, ("full",), args.rep or 3
-        mm_peak = None
-    shapes = args.shapes or shapes
-    providers, notes = make_providers(device, use_compile=not args.no_compile)
-    print(f"device: {device_name(device)}  dtype: {dtype}  threads: {torch.get_num_threads()}  bf16 matmul peak: "
-          f"{f'{mm_peak:.0f} TFLOP/s' if mm_peak else 'n/a (CPU)'}", flush=True)
-
-    rows = []
-    for n, size_h, vocab in shapes:
-        for name, fn in list(providers.items()):
-            try:
-                rows += run_case(name, fn, n, size_h, vocab, dtype, device, modes, rep, mm_peak)
-            except Exception as exc:  # a provider that fails here is reported, not fatal
-                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                print(f"  {name} failed at N={n} H={size_h} V={vocab}: {msg}", file=sys.stderr, flush=True)
-                notes[name] = f"failed: {msg}"
-                providers.pop(name)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    for r in rows:
-        r["device"] = device_name(device)
-
-    print(f"\n{'N':>6} {'H':>5} {'V':>7} {'mode':>8} {'provider':>8} {'ms':>10} {'TFLOP/s':>8} {'%mm':>5} "
-          f"{'peakMB':>9} {'t/naive':>8} {'mem/naive':>9}")
-    base = {(r["N"], r["H"], r["V"], r["mode"]): r for r in rows if r["provider"] == "naive"}
-    for r in rows:
-        b = base.get((r["N"], r["H"], r["V"], r["mode"]))
-        r["time_vs_naive"] = round(r["ms"] / b["ms"], 3) if b else None
-        r["mem_vs_naive"] = round(r["peak_extra_MB"] / b["peak_extra_MB"], 3) if b and b["peak_extra_MB"] > 0 else None
-        print(f"{r['N']:>6} {r['H']:>5} {r['V']:>7} {r['mode']:>8} {r['provider']:>8} {r['ms']:>10.1f} "
-              f"{r['TFLOP/s']:>8.3f} {r['pct_mm_peak'] if r['pct_mm_peak'] is not None else '-':>5} "
-              f"{r['peak_extra_MB']:>9.1f} {r['time_vs_naive'] if r['time_vs_naive'] is not None else '-':>8} "
-              f"{r['mem_vs_naive'] if r['mem_vs_naive'] is not None else '-':>9}")
-    for name, note in notes.items():
-        print(f"note: {name}: {note}")
-    if not rows:
-        return rows
-    path = append_csv("linear_logprobs", rows)
-    plot_rows = [dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows]
-    png = plot_bars("linear_logprobs", plot_rows, x="shape", y="peak_extra_MB", group="provider",
-                    title=f"lm_head + logprobs peak extra memory ({device_name(device)})", ylabel="peak extra MB")
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    rows, device, notes = run_linear(argv, __doc__, make_providers, run_case)
+    report_linear("linear_logprobs", rows, device, notes, title="lm_head + logprobs peak extra memory")
     return rows
 
 
 if __name__ == "__main__":
-    # Host peak memory is only repeatable when freed buffers go back to the OS:
-    # glibc reads this at start-up, so re-execute once with it set.
-    if not torch.cuda.is_available() and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+    reexec_with_malloc_threshold()
     main()

@@ -23,15 +23,13 @@ Usage: python bench/linear_ppo_loss.py [--no-compile] [--rep R] [--shapes NxHxV,
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from common import (add_shapes_argument, append_csv, device_name, matmul_peak_tflops, peak_extra_mb,
-                    plot_bars, time_ms)
+from common import add_ratios, reexec_with_malloc_threshold
+from linear_logprobs import KEY, measure_modes, report_linear, run_linear
 
 from fastppo.kernels import linear_ppo_loss, linear_token_logprobs, ppo_loss
 
@@ -61,16 +59,18 @@ def fastppo(hidden, weight, labels, old, adv, mask):
                            ent_coef=ENT_COEF).loss
 
 
-def make_providers(use_compile: bool):
+def make_providers(device, use_compile: bool):
     providers = {"naive": naive}
     if use_compile:
         providers["compile"] = torch.compile(naive, dynamic=False)
     providers["composed"] = composed
     providers["fastppo"] = fastppo
-    return providers
+    return providers, {}
 
 
-def make_inputs(n, size_h, vocab, dtype, device):
+@functools.lru_cache(maxsize=1)  # one shape's inputs, shared by its providers
+def make_inputs(shape, dtype, device):
+    n, size_h, vocab = shape
     hidden = (torch.randn(n, size_h, device=device) / size_h ** 0.5).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, size_h, device=device) * 3 / size_h ** 0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (n,), device=device)
@@ -82,7 +82,9 @@ def make_inputs(n, size_h, vocab, dtype, device):
     return hidden, weight, labels, old, adv, mask
 
 
-def run_case(name, fn, inputs, n, size_h, vocab, dtype, device, modes, rep, mm_peak):
+def run_case(name, fn, shape, dtype, device, modes, rep, mm_peak):
+    n, size_h, vocab = shape
+    inputs = make_inputs(shape, dtype, device)
     hidden, weight = inputs[0], inputs[1]
 
     def forward():
@@ -95,98 +97,24 @@ def run_case(name, fn, inputs, n, size_h, vocab, dtype, device, modes, rep, mm_p
         # gradients a call makes, and the starting point holds none from the last one.
         hidden.grad = weight.grad = None
 
-    calls = {"forward": forward, "full": full}
-    flop = {"forward": 2 * n * size_h * vocab, "full": 6 * n * size_h * vocab}
-    rows = []
-    for mode in modes:
-        peak = peak_extra_mb(calls[mode], device)          # includes one warm-up call
-        ms, p20, p80 = time_ms(calls[mode], device, warmup=0 if device.type == "cpu" else 3, rep=rep)
-        tflops = flop[mode] / (ms * 1e-3) / 1e12
-        rows.append({"op": "linear_ppo_loss", "provider": name, "mode": mode, "N": n, "H": size_h, "V": vocab,
-                     "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 3), "p20": round(p20, 3),
-                     "p80": round(p80, 3), "TFLOP/s": round(tflops, 3),
-                     "pct_mm_peak": round(100 * tflops / mm_peak, 1) if mm_peak else None,
-                     "peak_extra_MB": round(peak, 1)})
-        print(f"  {name:>8} {mode:>8} N={n} V={vocab}: {ms:10.1f} ms  {peak:9.1f} MB", flush=True)
-    return rows
-
-
-def _ratio(a, b):
-    return round(a / b, 3) if b and b > 0 else None
+    try:
+        return measure_modes("linear_ppo_loss", name, {"forward": forward, "full": full},
+                             {"forward": 2 * n * size_h * vocab, "full": 6 * n * size_h * vocab},
+                             shape, dtype, device, modes, rep, mm_peak)
+    finally:  # a provider that failed mid-call leaves no gradients to the next one
+        hidden.grad = weight.grad = None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
-    add_shapes_argument(parser, "NxHxV")
-    args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        shapes = [(4096, 4096, 128256), (4096, 4096, 151936), (16384, 4096, 128256), (16384, 4096, 151936)]
-        dtype, modes, rep = torch.bfloat16, ("forward", "full"), args.rep or 10
-        mm_peak = matmul_peak_tflops(device, dtype)
-    else:
-        shapes = [(8192, 512, 32000)]
-        dtype, modes, rep = torch.float32, ("full",), args.rep or 3
-        mm_peak = None
-    shapes = args.shapes or shapes
-    providers = make_providers(use_compile=not args.no_compile)
-    notes = {}
-    print(f"device: {device_name(device)}  dtype: {dtype}  threads: {torch.get_num_threads()}  bf16 matmul peak: "
-          f"{f'{mm_peak:.0f} TFLOP/s' if mm_peak else 'n/a (CPU)'}", flush=True)
-
-    rows = []
-    for n, size_h, vocab in shapes:
-        inputs = make_inputs(n, size_h, vocab, dtype, device)
-        for name, fn in list(providers.items()):
-            try:
-                rows += run_case(name, fn, inputs, n, size_h, vocab, dtype, device, modes, rep, mm_peak)
-            except Exception as exc:  # a provider that fails here is reported, not fatal
-                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                print(f"  {name} failed at N={n} H={size_h} V={vocab}: {msg}", file=sys.stderr, flush=True)
-                notes[name] = f"failed: {msg}"
-                providers.pop(name)
-            inputs[0].grad = inputs[1].grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        del inputs
-    for r in rows:
-        r["device"] = device_name(device)
-
-    print(f"\n{'N':>6} {'H':>5} {'V':>7} {'mode':>8} {'provider':>8} {'ms':>10} {'TFLOP/s':>8} {'%mm':>5} "
-          f"{'peakMB':>9} {'t/naive':>8} {'mem/naive':>9} {'t/comp':>7} {'mem/comp':>8}")
-    key = lambda r: (r["N"], r["H"], r["V"], r["mode"])  # noqa: E731
-    base = {key(r): r for r in rows if r["provider"] == "naive"}
-    comp = {key(r): r for r in rows if r["provider"] == "composed"}
-    for r in rows:
-        b, c = base.get(key(r)), comp.get(key(r))
-        r["time_vs_naive"] = _ratio(r["ms"], b["ms"]) if b else None
-        r["mem_vs_naive"] = _ratio(r["peak_extra_MB"], b["peak_extra_MB"]) if b else None
-        r["time_vs_composed"] = _ratio(r["ms"], c["ms"]) if c else None
-        r["mem_vs_composed"] = _ratio(r["peak_extra_MB"], c["peak_extra_MB"]) if c else None
-        cell = lambda v, w: f"{v if v is not None else '-':>{w}}"  # noqa: E731
-        print(f"{r['N']:>6} {r['H']:>5} {r['V']:>7} {r['mode']:>8} {r['provider']:>8} {r['ms']:>10.1f} "
-              f"{r['TFLOP/s']:>8.3f} {cell(r['pct_mm_peak'], 5)} {r['peak_extra_MB']:>9.1f} "
-              f"{cell(r['time_vs_naive'], 8)} {cell(r['mem_vs_naive'], 9)} {cell(r['time_vs_composed'], 7)} "
-              f"{cell(r['mem_vs_composed'], 8)}")
-    for name, note in notes.items():
-        print(f"note: {name}: {note}")
-    if not rows:
-        return rows
-    path = append_csv("linear_ppo_loss", rows)
-    plot_rows = [dict(r, shape=f"N={r['N']} H={r['H']} V={r['V']} {r['mode']}") for r in rows]
-    png = plot_bars("linear_ppo_loss", plot_rows, x="shape", y="peak_extra_MB", group="provider",
-                    title=f"lm_head + PPO policy loss, peak extra memory ({device_name(device)})",
-                    ylabel="peak extra MB")
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    rows, device, notes = run_linear(argv, __doc__, make_providers, run_case)
+    make_inputs.cache_clear()
+    add_ratios(rows, "composed", KEY, {"time_vs_composed": "ms", "mem_vs_composed": "peak_extra_MB"})
+    report_linear("linear_ppo_loss", rows, device, notes,
+                  extra_columns=[("t/comp", "time_vs_composed", 7, ""), ("mem/comp", "mem_vs_composed", 8, "")],
+                  title="lm_head + PPO policy loss, peak extra memory")
     return rows
 
 
 if __name__ == "__main__":
-    # Host peak memory is only repeatable when freed buffers go back to the OS:
-    # glibc reads this at start-up, so re-execute once with it set.
-    if not torch.cuda.is_available() and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+    reexec_with_malloc_threshold()
     main()

@@ -18,14 +18,12 @@ Usage: python bench/logprobs.py [--quick] [--no-compile] [--rep R] [--shapes NxV
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import torch
 
-from common import (add_shapes_argument, append_csv, device_name, measured_copy_bandwidth_gbs, peak_extra_mb,
-                    plot_bars, time_ms)
+from common import (add_ratios, bench_device, device_name, measured_copy_bandwidth_gbs, op_parser, peak_extra_mb,
+                    print_table, run_providers, save_results, time_ms)
 
 from fastppo.kernels import token_logprobs
 
@@ -61,7 +59,8 @@ def make_providers(device, use_compile: bool):
     return providers
 
 
-def run_case(name, fn, n, vocab, dtype, device, bandwidth, rep=None):
+def run_case(name, fn, shape, dtype, device, bandwidth, rep=None):
+    n, vocab = shape
     logits = torch.randn(n, vocab, device=device, dtype=dtype).requires_grad_()
     labels = torch.randint(0, vocab, (n,), device=device)
     g_lp = torch.randn(n, device=device)
@@ -103,14 +102,11 @@ def run_case(name, fn, n, vocab, dtype, device, bandwidth, rep=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = op_parser(__doc__, "NxV")
     parser.add_argument("--quick", action="store_true", help="one shape only")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 3 on CPU, 10 on GPU)")
-    add_shapes_argument(parser, "NxV")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     if device.type == "cuda":
         shapes = [(4096, 32000), (4096, 128256), (4096, 151936), (16384, 32000), (16384, 128256), (16384, 151936)]
         dtype = torch.bfloat16
@@ -127,33 +123,17 @@ def main(argv=None):
     print(f"device: {device_name(device)}  dtype: {dtype}  copy bandwidth: "
           f"{f'{bandwidth:.0f} GB/s' if bandwidth else 'n/a (CPU)'}", flush=True)
 
-    rows = []
-    for n, vocab in shapes:
-        for name, fn in list(providers.items()):
-            try:
-                rows += run_case(name, fn, n, vocab, dtype, device, bandwidth, args.rep)
-            except Exception as exc:  # a provider that fails here is reported, not fatal
-                print(f"  {name} failed at N={n} V={vocab}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                providers.pop(name)
-    for r in rows:
-        r["device"] = device_name(device)
-
-    print(f"\n{'N':>6} {'V':>7} {'mode':>8} {'provider':>8} {'ms':>9} {'GB/s':>8} {'%bw':>6} {'peakMB':>8} "
-          f"{'t/eager':>8} {'mem/eager':>9}")
-    base = {(r["N"], r["V"], r["mode"]): r for r in rows if r["provider"] == "eager"}
-    for r in rows:
-        b = base.get((r["N"], r["V"], r["mode"]))
-        r["time_vs_eager"] = round(r["ms"] / b["ms"], 3) if b else None
-        r["mem_vs_eager"] = round(r["peak_extra_MB"] / b["peak_extra_MB"], 3) if b and b["peak_extra_MB"] > 0 else None
-        print(f"{r['N']:>6} {r['V']:>7} {r['mode']:>8} {r['provider']:>8} {r['ms']:>9.3f} {r['GB/s']:>8.1f} "
-              f"{r['pct_copy_bw'] if r['pct_copy_bw'] is not None else '-':>6} {r['peak_extra_MB']:>8.1f} "
-              f"{r['time_vs_eager'] if r['time_vs_eager'] is not None else '-':>8} "
-              f"{r['mem_vs_eager'] if r['mem_vs_eager'] is not None else '-':>9}")
-    path = append_csv("logprobs", rows)
-    full_rows = [dict(r, shape=f"N={r['N']} V={r['V']}") for r in rows if r["mode"] == "full"]
-    png = plot_bars("logprobs", full_rows, x="shape", y="ms", group="provider",
-                    title=f"token_logprobs forward+backward ({device_name(device)})", ylabel="ms (median)")
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    rows = run_providers(shapes, providers,
+                         lambda name, fn, shape: run_case(name, fn, shape, dtype, device, bandwidth, args.rep),
+                         device, dims="NxV")
+    add_ratios(rows, "eager", ("N", "V", "mode"), {"time_vs_eager": "ms", "mem_vs_eager": "peak_extra_MB"})
+    print_table(rows, [("N", "N", 6, ""), ("V", "V", 7, ""), ("mode", "mode", 8, ""), ("provider", "provider", 8, ""),
+                       ("ms", "ms", 9, ".3f"), ("GB/s", "GB/s", 8, ".1f"), ("%bw", "pct_copy_bw", 6, ""),
+                       ("peakMB", "peak_extra_MB", 8, ".1f"), ("t/eager", "time_vs_eager", 8, ""),
+                       ("mem/eager", "mem_vs_eager", 9, "")])
+    save_results("logprobs", rows, x="shape", y="ms", group="provider",
+                 title=f"token_logprobs forward+backward ({device_name(device)})", ylabel="ms (median)",
+                 plot_rows=[dict(r, shape=f"N={r['N']} V={r['V']}") for r in rows if r["mode"] == "full"])
     return rows
 
 

@@ -30,8 +30,8 @@ import sys
 
 import torch
 
-from common import (add_shapes_argument, append_csv, device_name, measured_copy_bandwidth_gbs, peak_extra_mb,
-                    plot_bars, time_ms)
+from common import (add_ratios, add_shapes_argument, bench_device, device_name, measured_copy_bandwidth_gbs,
+                    peak_extra_mb, print_table, save_results, time_ms)
 
 from fastppo.kernels import gae, kl_penalty, ppo_loss
 
@@ -215,7 +215,7 @@ def main(argv=None):
     add_shapes_argument(parser, "BxT")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     if device.type == "cpu":
         torch.set_num_threads(max(1, args.threads))
@@ -249,24 +249,18 @@ def main(argv=None):
                 print(f"  {op:>10} {mode:>7} {mask:>5} B={n_rows:<4} T={n_cols:<5} {name:>8} {ms:10.3f} ms",
                       flush=True)
 
-    baselines = {op: base for op, (_, _, base) in ops.items()}
-    base = {(r["op"], r["mode"], r["mask"], r["B"], r["T"]): r for r in rows
-            if r["provider"] == baselines[r["op"]]}
-    print(f"\n{'op':>10} {'mode':>7} {'mask':>5} {'B':>4} {'T':>5} {'provider':>8} {'ms':>10} {'p20':>9} "
-          f"{'p80':>9} {'GB/s':>7} {'peakMB':>7} {'speedup':>8}")
-    for r in rows:
-        b = base.get((r["op"], r["mode"], r["mask"], r["B"], r["T"]))
-        r["speedup_vs_baseline"] = round(b["ms"] / r["ms"], 2) if b else None
-        print(f"{r['op']:>10} {r['mode']:>7} {r['mask']:>5} {r['B']:>4} {r['T']:>5} {r['provider']:>8} "
-              f"{r['ms']:>10.3f} {r['p20']:>9.3f} {r['p80']:>9.3f} {r['GB/s']:>7.2f} {r['peak_extra_MB']:>7.1f} "
-              f"{r['speedup_vs_baseline'] if r['speedup_vs_baseline'] is not None else '-':>8}")
-    path = append_csv("rl_math", rows)
+    for op, (_, _, baseline) in ops.items():
+        add_ratios([r for r in rows if r["op"] == op], baseline, ("mode", "mask", "B", "T"),
+                   {"speedup_vs_baseline": "ms"}, digits=2, inverse=True)
+    print_table(rows, [("op", "op", 10, ""), ("mode", "mode", 7, ""), ("mask", "mask", 5, ""), ("B", "B", 4, ""),
+                       ("T", "T", 5, ""), ("provider", "provider", 8, ""), ("ms", "ms", 10, ".3f"),
+                       ("p20", "p20", 9, ".3f"), ("p80", "p80", 9, ".3f"), ("GB/s", "GB/s", 7, ".2f"),
+                       ("peakMB", "peak_extra_MB", 7, ".1f"), ("speedup", "speedup_vs_baseline", 8, "")])
     fused = [dict(r, case=f"{r['op']} {r['mode']}" + (" (holes)" if r["mask"] == "holes" else ""),
                   shape=f"B={r['B']} T={r['T']}") for r in rows if r["provider"] == "fastppo"]
-    png = plot_bars("rl_math", fused, x="case", y="speedup_vs_baseline", group="shape",
-                    title=f"fastppo speedup over eager / the GAE loop ({device_name(device)})",
-                    ylabel="speedup (x, same run)")
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    save_results("rl_math", rows, x="case", y="speedup_vs_baseline", group="shape", plot_rows=fused,
+                 title=f"fastppo speedup over eager / the GAE loop ({device_name(device)})",
+                 ylabel="speedup (x, same run)")
     return rows
 
 

@@ -44,6 +44,8 @@ import torch
 
 from common import append_csv, device_name
 
+from fastppo.memory import status_mb
+
 N_PROMPTS, PROMPT_LEN, NEW_TOKENS, HIDDEN, LAYERS, VOCAB = 64, 16, 32, 256, 4, 32000
 PPO_EPOCHS, MINIBATCH, MICRO, ROLLOUT_CHUNK = 4, 32, 16, 16
 TEMPERATURE, SEED = 0.8, 0
@@ -135,7 +137,7 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     from fastppo.config import load_config
     from fastppo.train import train
 
-    rss_after_imports_mb = _status_mb("VmRSS")
+    rss_after_imports_mb = status_mb("VmRSS")
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
 
@@ -162,14 +164,6 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
         "peak_memory_mb": records[-1]["memory/peak_mb"],  # peak RSS (CUDA: max allocated) at the last iteration's end
         "rss_after_imports_mb": rss_after_imports_mb,
     }, indent=1))
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_worker(name: str, cmd: list[str], out: Path, env: dict) -> tuple[dict | None, str]:

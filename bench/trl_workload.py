@@ -6,8 +6,9 @@ bench/trainer.py writes WORKLOAD.json (model directories, prompts, every
 workload knob), starts this script with the TRL venv's interpreter, and reads
 RESULT.json back. It imports only torch, transformers, datasets and trl
 (1.12.0, `trl.experimental.ppo`, the last release that ships PPO), never
-fastppo, so the two venvs stay independent; `make bench-trl-venv` builds
-`.venv-trl`.
+the fastppo package, so the two venvs stay independent (it loads the one
+file fastppo/memory.py by path, which imports only torch);
+`make bench-trl-venv` builds `.venv-trl`.
 
 The workload is fastppo's, mapped onto PPOConfig:
 
@@ -37,12 +38,13 @@ code of the loop runs unchanged):
     other           -> next dataloader fetch (metrics, callbacks, gc.collect)
 
 Peak memory is read the way fastppo's trainer reads it, at the end of the last
-iteration: the process's peak RSS (VmHWM) on CPU, torch.cuda.max_memory_allocated
-on CUDA.
+iteration, with the function fastppo's trainer uses (fastppo/memory.py): the
+process's peak RSS (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -50,12 +52,17 @@ import time
 from pathlib import Path
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+def _load_memory_module():
+    """fastppo/memory.py by path, not as part of the package: this venv has no fastppo, and that file imports
+    only torch and the standard library."""
+    path = Path(__file__).resolve().parent.parent / "fastppo" / "memory.py"
+    spec = importlib.util.spec_from_file_location("fastppo_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+memory = _load_memory_module()
 
 
 def main(spec_path: str, out_path: str) -> int:
@@ -69,7 +76,7 @@ def main(spec_path: str, out_path: str) -> int:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as loop
 
-    rss_after_imports_mb = _status_mb("VmRSS")
+    rss_after_imports_mb = memory.status_mb("VmRSS")
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the parent hides GPUs for a CPU run
@@ -143,8 +150,7 @@ def main(spec_path: str, out_path: str) -> int:
     class PeakMemory(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             sync()
-            peak["mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                          else _status_mb("VmHWM"))
+            peak["mb"] = memory.peak_memory_mb(device)
 
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          train_dataset=dataset, value_model=value, callbacks=[PeakMemory()])

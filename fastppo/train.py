@@ -44,6 +44,7 @@ from .config import Config, ConfigError, derived, from_dict, load_config, to_yam
 from .data import EpochSampler, PromptBatch, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
 from .experience import (Experience, compute_advantages, drop_rows, experience_metrics, gather_experience,
                          kl_controller, reparameterise_scores, score_rollout, token_rewards)
+from .memory import peak_memory_mb
 from .metrics import MetricBuffer, MetricWriter, RunningMoments
 from .models import _dtype, load_models
 from .ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
@@ -119,19 +120,6 @@ class PhaseTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def sft_batches(examples, sampler: EpochSampler, batch_size: int, pad_id: int, device) -> Iterator[SFTBatch]:
