@@ -1,6 +1,6 @@
 """End-to-end trainer benchmark: one fixed PPO workload, fastppo and TRL side by side.
 
-Workload (issue 5): 64 prompts x 16 tokens, 32 new tokens, a Llama-architecture
+Workload: 64 prompts x 16 tokens, 32 new tokens, a Llama-architecture
 policy and reward model with hidden 256, 4 layers, vocab 32000 (the critic
 starts from the reward model, the reference is a copy of the policy); 4 PPO
 epochs, minibatch 32, micro-batch 16; generation and scoring 16 rows at a

@@ -61,7 +61,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """--config / --preset / dotted overrides: shared by every command built on fastppo.config."""
     p.add_argument("--config", "-c", type=Path, help="YAML config file (layered on the preset)")
     p.add_argument("--preset", choices=["ppo_max", "moss_release", "vanilla"],
-                   help="base preset (SPEC §3); default: the YAML's `preset:` key, else ppo_max")
+                   help="base preset (docs/training.md); default: the YAML's `preset:` key, else ppo_max")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides, e.g. ppo.clip_eps=0.1")
 
 

@@ -10,7 +10,7 @@ value of the wrong type fails at start-up naming the field; `validate` then
 checks ranges and cross-field constraints. Derived quantities are computed in
 one place (`derived`), never stored.
 
-Presets (SPEC §3) are plain functions returning a full `Config`.
+Presets (Zheng et al. 2023, Table 1 and the MOSS-RLHF scripts) are plain functions returning a full `Config`.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------
-# Presets (SPEC §3)
+# Presets (Zheng et al. 2023)
 # ----------------------------------------------------------------------------
 
 def ppo_max() -> Config:
@@ -553,7 +553,7 @@ def derived(cfg: Config, world_size: int = 1) -> Derived:
 
 
 # ----------------------------------------------------------------------------
-# The stages before PPO: `fastppo sft` and `fastppo train-rm` (issue 6)
+# The stages before PPO: `fastppo sft` and `fastppo train-rm`
 # ----------------------------------------------------------------------------
 # Same layering as `Config` (defaults <- YAML <- dotted overrides, unknown keys
 # and bad values fail naming the field); loaded with `load_stage_config`.

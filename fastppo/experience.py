@@ -1,4 +1,4 @@
-"""Experience: score a rollout, shape rewards, GAE -> one typed batch (SPEC §2.2-2.5).
+"""Experience: score a rollout, shape rewards, GAE -> one typed batch (Zheng et al. 2023, §5.3).
 
     score_rollout      old logprobs + entropy (policy), ref logprobs, values (critic), raw score (reward model)
     reparameterise     running mean/std of scores; scale, normalise, clip (PPO-max §5.3.1)
@@ -231,7 +231,7 @@ def kl_controller(cfg: Config) -> AdaptiveKLController:
 
 def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, kl: torch.Tensor,
                        exp: Experience, max_new_tokens: int) -> dict[str, torch.Tensor]:
-    """SPEC §4 rollout-side diagnostics, as device tensors (synced once with the rest)."""
+    """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023, §5), as device tensors (synced once with the rest)."""
     from .metrics import explained_variance, masked_stats
 
     mask = rollout.response_mask

@@ -1,4 +1,4 @@
-"""`fastppo train-rm`: reward-model training on preference pairs (SPEC §5).
+"""`fastppo train-rm`: reward-model training on preference pairs (Ouyang et al. 2022's pairwise loss).
 
 The reward model is an `AutoModelForSequenceClassification` with one label
 (a scalar head on the LM backbone). Starting from the SFT export (a causal

@@ -1,4 +1,4 @@
-"""`fastppo sft`: supervised fine-tuning of a causal LM, loss on response tokens only (SPEC §5).
+"""`fastppo sft`: supervised fine-tuning of a causal LM, loss on response tokens only.
 
 Records are {prompt, response} (prompt: text or chat messages) or
 {messages: [...]} whose last turn is the assistant's response; EOS is
@@ -64,7 +64,7 @@ def setup_stage_run(cfg, what: str) -> tuple[Path, torch.device]:
 
 
 def load_stage_tokenizer(mc: StageModelConfig):
-    """The model's tokenizer with a pad token distinct from EOS (SPEC §1)."""
+    """The model's tokenizer with a pad token distinct from EOS."""
     check_model_source(mc.path, "model.path")
     tokenizer = load_tokenizer(mc.path, trust_remote_code=mc.trust_remote_code)
     ensure_pad_token(tokenizer)
@@ -251,7 +251,7 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
             step_tokens = dist.all_reduce_sum(torch.stack(counts).sum().float()).clamp(min=1)
             step_loss = torch.zeros((), device=device)
             for b, n in zip(micro, counts):
-                # ptx_loss is the micro-batch token mean; rescale it to the step-wide mean (SPEC §2.6 normaliser).
+                # ptx_loss is the micro-batch token mean; rescale it to the step-wide mean (the token-mean normaliser of docs/training.md).
                 loss = ptx_loss(model, b, fused=fused, backend=run.backend,
                                 chunk_size=cfg.model.lm_head_chunk_size) * (dist.all_reduce_sum(n.float()) / step_tokens)
                 loss.backward()

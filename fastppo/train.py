@@ -1,4 +1,4 @@
-"""`fastppo train`: the PPO-max loop (SPEC §2), top to bottom.
+"""`fastppo train`: the PPO-max loop (Zheng et al. 2023), top to bottom.
 
     setup: config, models, data, optimizers, (resume)
     for iteration:

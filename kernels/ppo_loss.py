@@ -408,7 +408,7 @@ def ppo_loss(
     normalizer: float | torch.Tensor | None = None,
     backend: str | None = None,
 ) -> PPOLossOutput:
-    """PPO's clipped losses and their diagnostics in one fused pass (SPEC §2 step 6).
+    """PPO's clipped losses and their diagnostics in one fused pass (Schulman et al. 2017, eq. 7 and 9).
 
     With ρ = exp(logprobs − old_logprobs), A the advantages, R the returns and
     token means Σ_valid(·) / normalizer:

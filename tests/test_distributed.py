@@ -1,4 +1,4 @@
-"""FSDP2 and torchrun (issue 7), on CPU with gloo and `torchrun --nproc_per_node=2`.
+"""FSDP2 and torchrun, on CPU with gloo and `torchrun --nproc_per_node=2`.
 
 - all four models sharded: DTensor shards of half the rows on each rank, checkpoint shards per rank;
 - 2 processes give the losses and final parameters of 1 process (same global batch and seeds);

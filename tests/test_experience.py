@@ -1,4 +1,4 @@
-"""Experience and update math against a float64 re-implementation of SPEC §2, written here.
+"""Experience and update math against a float64 re-implementation of the PPO-max formulas, written here.
 
 Also: reward read at EOS (EOS appended to truncated responses), and logprobs /
 values / scores invariant to extra left padding (position ids from the mask).
@@ -119,7 +119,7 @@ def test_fused_and_full_logits_paths_agree(llama_models):
 
 
 # ----------------------------------------------------------------------------
-# float64 reference of SPEC §2
+# float64 reference of the PPO-max formulas
 # ----------------------------------------------------------------------------
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

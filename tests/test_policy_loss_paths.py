@@ -1,4 +1,4 @@
-"""The PPO update's two policy-loss paths (issue 8): fused `linear_ppo_loss` (ppo.fused_policy_loss=true, the
+"""The PPO update's two policy-loss paths: fused `linear_ppo_loss` (ppo.fused_policy_loss=true, the
 default) and composed `linear_token_logprobs` + `ppo_loss` give the same update on a tiny model."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ ESTIMATORS = ["k1", "k2", "k3", "abs"]
 
 
 def oracle(lp, ref, estimator, clamp):
-    """float64 estimate, straight from the formulas in SPEC §6."""
+    """float64 estimate, straight from the estimators' formulas (Schulman 2020, "Approximating KL divergence")."""
     d = lp - ref
     kl = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(ref - lp) - (ref - lp) - 1, "abs": d.abs()}[estimator]
     return kl.clamp(-clamp, clamp) if clamp is not None else kl

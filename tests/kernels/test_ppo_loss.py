@@ -1,4 +1,4 @@
-"""ppo_loss against float64 autograd of the formulas in SPEC §2 (step 6), its
+"""ppo_loss against float64 autograd of the PPO formulas (Schulman et al. 2017), its
 statistics, masking and normalizer semantics, and the argument checks.
 
 On CPU the "triton" backend runs in the interpreter; on CUDA, the compiled kernels
@@ -38,7 +38,7 @@ def make_batch(shape, dtype=torch.float32, *, p_valid=0.7, strided=False):
 
 
 def oracle(batch, *, clip_eps=0.2, value_clip=0.2, vf_coef=1.0, dual_clip=None, normalizer=None):
-    """float64 losses and statistics straight from SPEC §2; returns (dict of results, lp, v) for autograd."""
+    """float64 losses and statistics straight from the formulas; returns (dict of results, lp, v) for autograd."""
     lp = batch["logprobs"].double().requires_grad_()
     v = batch["values"].double().requires_grad_()
     old_lp, adv, old_v, ret = (batch[k].double() for k in ("old_logprobs", "advantages", "old_values", "returns"))
