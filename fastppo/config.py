@@ -10,7 +10,7 @@ value of the wrong type fails at start-up naming the field; `validate` then
 checks ranges and cross-field constraints. Derived quantities are computed in
 one place (`derived`), never stored.
 
-Presets (Zheng et al. 2023, Table 1 and the MOSS-RLHF scripts) are plain functions returning a full `Config`.
+Presets (Zheng et al. 2023 and the MOSS-RLHF scripts) are plain functions returning a full `Config`.
 """
 
 from __future__ import annotations

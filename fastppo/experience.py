@@ -231,7 +231,7 @@ def kl_controller(cfg: Config) -> AdaptiveKLController:
 
 def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, kl: torch.Tensor,
                        exp: Experience, max_new_tokens: int) -> dict[str, torch.Tensor]:
-    """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023, §5), as device tensors (synced once with the rest)."""
+    """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023), as device tensors (synced once with the rest)."""
     from .metrics import explained_variance, masked_stats
 
     mask = rollout.response_mask

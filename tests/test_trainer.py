@@ -20,7 +20,7 @@ from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fi
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What every iteration must log to catch pattern collapse (Zheng et al. 2023, §5).
+# What every iteration must log to catch pattern collapse (Zheng et al. 2023).
 REQUIRED_METRICS = [
     "score/raw/mean", "score/raw/std", "kl/ref_per_sequence", "response/length_mean", "response/clipped_frac",
     "policy/perplexity", "policy/entropy", "policy/approx_kl", "policy/clipfrac", "values/clipfrac",
