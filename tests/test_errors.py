@@ -126,9 +126,10 @@ def test_an_unwritable_output_dir_names_the_path(tmp_path, capsys, tiny_setups):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": blocker / "run"})])
-    assert rc == 1
+    assert rc == 2                                          # the config names a folder that cannot be one
     line = _one_error_line(capsys, "train")
-    assert line == f"fastppo train: error: Not a directory: {blocker / 'run'}", line
+    assert line.startswith(f"fastppo train: error: run.output_dir={blocker / 'run'}: "), line
+    assert "Not a directory" in line, line
 
 
 def test_a_data_error_after_start_up_also_lands_in_train_log(tmp_path, capsys, tiny_setups):
@@ -142,14 +143,15 @@ def test_a_data_error_after_start_up_also_lands_in_train_log(tmp_path, capsys, t
 
 
 def test_a_non_finite_abort_is_one_line_naming_what_and_the_fields(tmp_path, capsys, monkeypatch, tiny_setups):
-    """NaN reward-model scores make every loss non-finite: the run stops after run.max_nonfinite_in_a_row steps."""
+    """NaN critic values make every loss non-finite (NaN reward scores would be dropped from the batch instead): the
+    run stops after run.max_nonfinite_in_a_row steps."""
     real_score = train_module.score_rollout
 
-    def nan_scores(*args, **kwargs):
+    def nan_values(*args, **kwargs):
         scored = real_score(*args, **kwargs)
-        return dataclasses.replace(scored, scores=torch.full_like(scored.scores, math.nan))
+        return dataclasses.replace(scored, values=torch.full_like(scored.values, math.nan))
 
-    monkeypatch.setattr(train_module, "score_rollout", nan_scores)
+    monkeypatch.setattr(train_module, "score_rollout", nan_values)
     out = tmp_path / "run"
     rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out, "run.max_nonfinite_in_a_row": 2})])
     assert rc == 1
