@@ -413,18 +413,19 @@ class Autocast:
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None) -> None:
-        self.device, self.dtype = device, dtype
+        # param_dtype: the compute dtype, under the name `Sharder` gives it (load_models reads either's).
+        self.device, self.param_dtype = device, dtype
 
     def __call__(self, model: nn.Module, role: str, *, trained: bool) -> nn.Module:
         model.to(self.device)
         storage = next(model.parameters()).dtype
-        if self.dtype is None or self.dtype == storage:
+        if self.param_dtype is None or self.param_dtype == storage:
             return model
         blocks = transformer_blocks(model)
         for block in blocks:
-            _run_under_autocast(block, self.device.type, self.dtype)
+            _run_under_autocast(block, self.device.type, self.param_dtype)
         log.info("%s: %s weights, %d blocks under torch.autocast(%s)", role, str(storage).removeprefix("torch."),
-                 len(blocks), str(self.dtype).removeprefix("torch."))
+                 len(blocks), str(self.param_dtype).removeprefix("torch."))
         return model
 
 

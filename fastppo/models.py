@@ -311,7 +311,7 @@ class Models:
     """The real vocabulary, len(tokenizer): lm_head rows past it are alignment padding, never sampled nor in a softmax."""
 
 
-def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | None" = None) -> Models:
+def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | dist.Autocast | None" = None) -> Models:
     """Load the four models; with `shard`, each is sharded (FSDP2) right after it is loaded, so that at most
     two unsharded models exist at a time (the policy and its reference copy), on the host."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

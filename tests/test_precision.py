@@ -107,6 +107,15 @@ def test_autocast_runs_the_blocks_in_the_compute_dtype_over_float32_weights(tiny
                for b in dist.transformer_blocks(model))
 
 
+def test_load_models_prepares_with_autocast_when_not_sharded(tiny_setups):
+    """`train` without FSDP hands load_models a dist.Autocast: its compute dtype is read like a Sharder's."""
+    cfg = load_config(None, tiny_setups("llama").overrides())
+    models = load_models(cfg.model, CPU, shard=dist.Autocast(CPU, torch.bfloat16))
+    for model in (models.policy, models.ref, models.critic, models.reward):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert {dist.autocast_dtype(b) for b in dist.transformer_blocks(model)} == {torch.bfloat16}
+
+
 def _capture_optimizers(monkeypatch) -> list[torch.optim.Optimizer]:
     train_module = importlib.import_module("fastppo.train")       # `fastppo.train` the attribute is the function
     made = []
