@@ -191,15 +191,15 @@ def attn_implementation(requested: str, *, compute_dtype: torch.dtype, fields: s
     """
     if requested != "flash_attention_2":
         return requested
-    if compute_dtype not in (torch.bfloat16, torch.float16):
-        raise ModelError(f"attn_implementation=flash_attention_2 needs bfloat16 or float16 compute, but {fields} "
-                         "give float32: set one of them to bfloat16, or use attn_implementation=sdpa")
     from transformers.utils import is_flash_attn_2_available
 
-    if not is_flash_attn_2_available():
+    if not is_flash_attn_2_available():   # first: sdpa takes any dtype, so a GPU config also runs on a CPU
         log.warning("attn_implementation=flash_attention_2 but flash-attn is not installed or has no CUDA device "
                     "here: using sdpa")
         return "sdpa"
+    if compute_dtype not in (torch.bfloat16, torch.float16):
+        raise ModelError(f"attn_implementation=flash_attention_2 needs bfloat16 or float16 compute, but {fields} "
+                         "give float32: set one of them to bfloat16, or use attn_implementation=sdpa")
     return requested
 
 

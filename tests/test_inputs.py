@@ -258,7 +258,10 @@ def test_train_reads_a_messages_field_like_sft(tmp_path):
 # 6. flash_attention_2
 # ----------------------------------------------------------------------------
 
-def test_flash_attention_with_float32_compute_is_refused(tiny_setups):
+def test_flash_attention_with_float32_compute_is_refused(tiny_setups, monkeypatch):
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)   # installed, with a GPU
     setup = tiny_setups("llama")
     cfg = load_config(None, setup.overrides(**{"model.attn_implementation": "flash_attention_2"}))
     with pytest.raises(ModelError, match="model.dtype and parallel.param_dtype give float32"):
@@ -279,6 +282,8 @@ def test_flash_attention_falls_back_to_sdpa_without_flash_attn(tiny_setups, monk
     assert "using sdpa" in caplog.text
     assert {m.config._attn_implementation for m in (models.policy, models.critic, models.reward)} == {"sdpa"}
     assert attn_implementation("flash_attention_2", compute_dtype=torch.bfloat16, fields="model.dtype") == "sdpa"
+    # A GPU config (float32 master weights, parallel.param_dtype=auto: float32 compute on CPU) runs here too.
+    assert attn_implementation("flash_attention_2", compute_dtype=torch.float32, fields="model.dtype") == "sdpa"
 
 
 # ----------------------------------------------------------------------------
