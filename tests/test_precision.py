@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import fastppo
+import fastppo.experience
 from fastppo import dist
 from fastppo.config import ConfigError, RolloutConfig, load_config
 from fastppo.models import _hidden_states, load_models
@@ -219,7 +220,8 @@ def test_a_decode_step_makes_no_host_sync_and_no_host_copy():
 
 def test_scoring_and_the_update_sync_once_per_optimizer_step_and_copy_once_per_update(tiny_setups, tmp_path):
     """One iteration, 2 epochs x 2 minibatches x 2 micro-batches: the update's only host sync is the finiteness
-    check of each optimizer step, its only host-to-device copy the minibatch order; scoring has neither."""
+    check of each optimizer step, its only host-to-device copy the minibatch order; scoring syncs once per
+    iteration, to count the non-finite reward-model scores (dropped and named, or the run stops), and copies nothing."""
     setup = tiny_setups("llama")
     cfg = load_config(None, setup.overrides(**{
         "ppo.ppo_epochs": 2, "run.iterations": 1, "run.output_dir": tmp_path / "run", "run.export_at_end": False}))
@@ -229,7 +231,10 @@ def test_scoring_and_the_update_sync_once_per_optimizer_step_and_copy_once_per_u
     assert steps == 4
     ppo_syncs = {k: v for k, v in traffic.syncs.items() if k.startswith("ppo.py")}
     assert sum(ppo_syncs.values()) == steps and len(ppo_syncs) == 1, traffic.syncs
-    assert not {k: v for k, v in traffic.syncs.items() if k.startswith("experience.py")}, traffic.syncs
+    source = Path(fastppo.experience.__file__).read_text().splitlines()
+    nonfinite_count = next(i for i, line in enumerate(source, start=1) if "n_bad = " in line)
+    assert {k: v for k, v in traffic.syncs.items() if k.startswith("experience.py")} == {
+        f"experience.py:{nonfinite_count}": 1}, traffic.syncs
     assert sum(traffic.copies.values()) <= 1, traffic.copies
 
 
