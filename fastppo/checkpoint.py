@@ -137,7 +137,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 def resume_point(cfg) -> Path | None:
     """The checkpoint `train` continues from (None: a fresh start), after checking that continuing is sound:
 
-    - a fresh start needs a run.output_dir without an earlier run in it;
+    - a fresh start (run.resume=auto without a checkpoint included) needs a run.output_dir without an earlier
+      run in it;
     - a checkpoint from elsewhere may continue only into such a directory, one from output_dir only when no
       intact later checkpoint exists there (saving would mix the two histories);
     - model paths must be the checkpoint's (`run_dir.FIXED_ON_RESUME`), run.iterations at least its iteration;
@@ -154,7 +155,9 @@ def resume_point(cfg) -> Path | None:
         refuse_earlier_run(out, "continue it with --resume (run.resume=latest), or choose another run.output_dir")
         return None
     path = resolve_resume(resume, out)
-    if path is None:
+    if path is None:                                             # auto, and no checkpoint: a fresh start
+        if dist.restart_count() == 0:                            # (after a torchrun restart the files are ours)
+            refuse_earlier_run(out, "run.resume=auto found no checkpoint to continue: choose another run.output_dir")
         return None
     if path.resolve().parent != checkpoint_dir(out).resolve():
         refuse_earlier_run(out, f"to continue checkpoint {path} choose an empty run.output_dir")

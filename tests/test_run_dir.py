@@ -112,6 +112,21 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_changes_nothing(finished
     assert snapshot(out) == before
 
 
+def test_resume_auto_without_a_checkpoint_never_replaces_an_earlier_runs_files(tiny_setups, tmp_path):
+    """run.resume=auto starts fresh when there is no checkpoint, but not over the metrics or export of another run
+    (a fresh start deletes metrics.jsonl and the export at the end replaces export/)."""
+    out = tmp_path / "run"
+    (out / "export" / "policy").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    before = snapshot(out)
+    cfg = load_config(None, tiny_setups("llama").overrides(**{"run.output_dir": out, "run.resume": "auto"}))
+    with pytest.raises(RunDirError, match="already holds a run \\(metrics.jsonl, export\\): run.resume=auto found no"):
+        resume_point(cfg)
+    assert snapshot(out) == before
+    empty = load_config(None, tiny_setups("llama").overrides(**{"run.output_dir": tmp_path / "new", "run.resume": "auto"}))
+    assert resume_point(empty) is None
+
+
 def test_keep_last_never_deletes_the_new_checkpoint_or_a_later_one(tmp_path):
     out = tmp_path / "run"
     save(out, 30, keep_last=1)
