@@ -226,6 +226,20 @@ def test_resume_skips_a_truncated_newest_checkpoint(damaged, finished, tmp_path,
     assert rc == 2 and str(newest / damaged) in line and "truncated" in line, line
 
 
+def test_resume_drops_a_metrics_record_cut_short_by_a_crash(finished, tmp_path, warnings_of_fastppo):
+    """A crash (kill -9, full disk) in the middle of a metrics.jsonl write leaves a partial last line: resuming
+    drops it, with a warning naming the line, instead of failing with a JSONDecodeError traceback."""
+    from fastppo.metrics import MetricWriter
+
+    out = copy_run(finished, tmp_path)
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(whole) + '\n{"iteration": 3, "loss')
+    MetricWriter(out, tensorboard=False, resume_from=2).close()
+    assert metrics.read_text().splitlines() == whole
+    assert f"{metrics}:{len(whole) + 1}: dropping an incomplete metrics record" in warnings_of_fastppo.text
+
+
 def test_resume_with_every_checkpoint_damaged_fails_naming_them(finished, tmp_path):
     out = copy_run(finished, tmp_path)
     for ckpt in checkpoint.list_checkpoints(out):
