@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import dist
@@ -216,7 +217,10 @@ def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_o
     With a Sharder over several processes only rank 0 reads (and checks) the checkpoint
     (`dist.from_pretrained`); if it refuses, torchrun stops the other ranks.
     """
-    model, info = dist.from_pretrained(auto_class, path, shard, config=config, **kwargs)
+    try:
+        model, info = dist.from_pretrained(auto_class, path, shard, config=config, **kwargs)
+    except SafetensorError as exc:  # a weights file cut short (an interrupted copy or download, a full disk)
+        raise ModelError(f"{field}: cannot read the weights of {path}, probably truncated ({exc})") from None
     if info is None:
         return model
     fresh = sorted(info["missing_keys"]) + sorted(str(m[0]) if isinstance(m, tuple) else str(m)

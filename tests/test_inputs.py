@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,18 @@ def test_causal_lm_as_reward_model_is_refused(tiny_setups, tmp_path, capsys):
                                                            "run.output_dir": tmp_path / "r"})])
     assert "model.reward_path" in err and str(setup.policy) in err and "score.weight" in err
     assert "sequence-classification" in err
+
+
+def test_a_truncated_weights_file_is_one_line_naming_the_field(tiny_setups, tmp_path, capsys):
+    """An interrupted copy or download leaves model.safetensors cut short: one line, not a safetensors traceback."""
+    setup = tiny_setups("llama")
+    policy = tmp_path / "policy"
+    shutil.copytree(setup.policy, policy)
+    weights = policy / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": policy, "run.output_dir": tmp_path / "r"})])
+    assert f"model.policy_path: cannot read the weights of {policy}, probably truncated" in err, err
 
 
 def test_classifier_as_policy_is_refused(tiny_setups, tmp_path, capsys):
