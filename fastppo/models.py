@@ -22,6 +22,7 @@ goes back to the shards.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,10 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except json.JSONDecodeError as exc:  # tokenizer.json / tokenizer_config.json cut short or hand-edited
+        raise ModelError(f"the tokenizer at {path} has a file that is not valid JSON, probably truncated ({exc})") from None
     declared = get_tokenizer_config(path).get("tokenizer_class")
     if declared in _GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in _GENERIC_TOKENIZER_CLASSES:
         # transformers 5 replaces a generic saved tokenizer by the model type's own class (e.g. Qwen2's

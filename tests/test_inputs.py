@@ -124,6 +124,16 @@ def test_a_truncated_weights_file_is_one_line_naming_the_field(tiny_setups, tmp_
     assert f"model.policy_path: cannot read the weights of {policy}, probably truncated" in err, err
 
 
+def test_a_truncated_tokenizer_file_is_one_line_naming_the_folder(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    policy = tmp_path / "policy"
+    shutil.copytree(setup.policy, policy)
+    tokenizer = policy / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:len(tokenizer.read_text()) // 2])
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": policy, "run.output_dir": tmp_path / "r"})])
+    assert f"the tokenizer at {policy} has a file that is not valid JSON, probably truncated" in err, err
+
+
 def test_classifier_as_policy_is_refused(tiny_setups, tmp_path, capsys):
     setup = tiny_setups("llama")
     err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": setup.reward,
