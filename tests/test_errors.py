@@ -266,3 +266,21 @@ def test_train_logs_progress_lines_instead_of_bar_frames(interval, lines, tmp_pa
     assert [p.split()[1] for p in progress] == lines, log_text
     assert "reward=" in progress[-1] and "kl=" in progress[-1] and "tok_s=" in progress[-1]
     assert "\r" not in err and "\r" not in log_text and "█" not in err
+
+
+def test_overrides_after_resume_are_overrides(monkeypatch, capsys):
+    """`fastppo train --resume run.iterations=300 run.save_every=10`: --resume takes the first override as its
+    value and argparse left the second unrecognised; both are overrides, and --resume means the newest checkpoint."""
+    import fastppo.config
+
+    seen = []
+
+    def load_config(path, overrides, preset=None):
+        seen.extend(overrides)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(fastppo.config, "load_config", load_config)
+    assert main(["train", "a.b=1", "--resume", "run.iterations=300", "run.save_every=10"]) == 2
+    assert sorted(seen) == ["a.b=1", "run.iterations=300", "run.resume=latest", "run.save_every=10"], seen
+    with pytest.raises(SystemExit):
+        cli.parse_args(["train", "--resume", "run.iterations=300", "--no-such-flag"])
