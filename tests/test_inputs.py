@@ -251,6 +251,14 @@ def test_non_utf8_data_names_file_and_line(tmp_path):
         load_prompts(path, S.build_tokenizer(), field="prompt", prompt_format="auto", max_len=16)
 
 
+def test_a_utf8_file_with_a_byte_order_mark_reads(tmp_path):
+    from fastppo.data import read_records
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "the red fox :"}\n{"prompt": "a dog"}\n')
+    assert [rec["prompt"] for _, rec in read_records(path)] == ["the red fox :", "a dog"]
+
+
 def test_empty_data_file(tiny_setups, tmp_path, capsys):
     setup = tiny_setups("llama")
     empty = tmp_path / "empty.jsonl"
