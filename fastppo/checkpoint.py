@@ -152,7 +152,8 @@ def resume_point(cfg) -> Path | None:
         resume = "auto"                                          # torchrun restarted us: continue from the last save
         log.warning("torchrun restart %d: resuming from the newest checkpoint, if any", dist.restart_count())
     if resume is None:
-        refuse_earlier_run(out, "continue it with --resume (run.resume=latest), or choose another run.output_dir")
+        refuse_earlier_run(out, "continue it with --resume (run.resume=latest), or choose another run.output_dir"
+                           if list_checkpoints(out) else "it has no checkpoint to continue: choose another run.output_dir")
         return None
     path = resolve_resume(resume, out)
     if path is None:                                             # auto, and no checkpoint: a fresh start

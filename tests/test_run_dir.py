@@ -127,6 +127,18 @@ def test_resume_auto_without_a_checkpoint_never_replaces_an_earlier_runs_files(t
     assert resume_point(empty) is None
 
 
+def test_a_fresh_run_over_a_run_without_checkpoints_does_not_suggest_resume(tiny_setups, tmp_path):
+    """A run killed before its first checkpoint left metrics: --resume could not continue it, so it is not offered."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    cfg = load_config(None, tiny_setups("llama").overrides(**{"run.output_dir": out}))
+    with pytest.raises(RunDirError) as err:
+        resume_point(cfg)
+    assert "already holds a run (metrics.jsonl)" in str(err.value) and "--resume" not in str(err.value)
+    assert "no checkpoint to continue" in str(err.value)
+
+
 def test_keep_last_never_deletes_the_new_checkpoint_or_a_later_one(tmp_path):
     out = tmp_path / "run"
     save(out, 30, keep_last=1)
