@@ -211,6 +211,10 @@ def attn_implementation(requested: str, *, compute_dtype: torch.dtype, fields: s
 _HEAD_PREFIXES = ("score.", "classifier.", "lm_head.")
 
 
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
 def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_ok: tuple[str, ...] = (),
                     shard: "dist.Sharder | None" = None, config=None, **kwargs):
     """`auto_class.from_pretrained(path)`, refusing a model that would get a randomly initialised head.
@@ -221,15 +225,26 @@ def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_o
     With a Sharder over several processes only rank 0 reads (and checks) the checkpoint
     (`dist.from_pretrained`); if it refuses, torchrun stops the other ranks.
     """
+    # transformers' load report (a multi-line table on the console, printed before any refusal below) is
+    # replaced by the refusal or by one log line of what starts new and what goes unused.
+    # (A filter, not the logger's level: transformers runs extra checks, with their own warnings, at WARNING.)
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    hf_log.addFilter(_no_load_report)
     try:
         model, info = dist.from_pretrained(auto_class, path, shard, config=config, **kwargs)
     except SafetensorError as exc:  # a weights file cut short (an interrupted copy or download, a full disk)
         raise ModelError(f"{field}: cannot read the weights of {path}, probably truncated ({exc})") from None
+    finally:
+        hf_log.removeFilter(_no_load_report)
     if info is None:
         return model
-    fresh = sorted(info["missing_keys"]) + sorted(str(m[0]) if isinstance(m, tuple) else str(m)
-                                                  for m in info["mismatched_keys"])
-    fresh = [k for k in fresh if not k.startswith(fresh_ok)]
+    new = sorted(info["missing_keys"]) + sorted(str(m[0]) if isinstance(m, tuple) else str(m)
+                                                for m in info["mismatched_keys"])
+    fresh = [k for k in new if not k.startswith(fresh_ok)]
+    if new or info["unexpected_keys"]:
+        log.info("%s: %s from %s%s%s", field, auto_class.__name__, path,
+                 f"; new weights: {', '.join(new)}" if new else "",
+                 f"; unused weights: {', '.join(sorted(info['unexpected_keys']))}" if info["unexpected_keys"] else "")
     if fresh:
         heads = [k for k in fresh if k.startswith(_HEAD_PREFIXES)]
         what = f"has no {', '.join(heads)}" if heads else f"lacks {len(fresh)} weights ({', '.join(fresh[:3])}, ...)"

@@ -134,6 +134,29 @@ def test_a_truncated_tokenizer_file_is_one_line_naming_the_folder(tiny_setups, t
     assert f"the tokenizer at {policy} has a file that is not valid JSON, probably truncated" in err, err
 
 
+def test_a_refused_head_is_the_only_thing_printed(tiny_setups, tmp_path, capsys):
+    """No transformers load report (a table of MISSING / UNEXPECTED keys, on the console) before the refusal."""
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    hf = logging.getLogger("transformers")     # where transformers' console handler sits (it does not propagate)
+    hf.addHandler(records)
+    try:
+        setup = tiny_setups("llama")
+        cli_error(capsys, ["train", *setup.overrides(**{"model.reward_path": setup.policy, "run.output_dir": tmp_path / "r"})])
+    finally:
+        hf.removeHandler(records)
+    assert not [m for m in records.messages if "LOAD REPORT" in m], records.messages
+
+
 def test_classifier_as_policy_is_refused(tiny_setups, tmp_path, capsys):
     setup = tiny_setups("llama")
     err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": setup.reward,
