@@ -282,7 +282,10 @@ def save_checkpoint(output_dir: str | Path, iteration: int, *, policy, critic, p
         earlier = [p for p in list_checkpoints(output_dir) if (_iteration(p) or 0) < iteration]
         for stale in earlier[:max(0, len(earlier) - (keep_last - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
-        for junk in root.glob(".tmp-*"):  # leftovers of crashed saves
+        # Leftovers of crashed saves, and of re-saves whose replacement is in place (an .old- copy whose
+        # iter_ directory is missing is the only copy of that iteration: it stays).
+        replaced = [p for p in root.glob(".old-*") if (root / p.name[len(".old-"):].rsplit("-", 1)[0]).is_dir()]
+        for junk in [*root.glob(".tmp-*"), *replaced]:
             shutil.rmtree(junk, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
     return final

@@ -139,6 +139,17 @@ def test_a_fresh_run_over_a_run_without_checkpoints_does_not_suggest_resume(tiny
     assert "no checkpoint to continue" in str(err.value)
 
 
+def test_a_save_removes_what_crashed_saves_and_re_saves_left(tmp_path):
+    out = tmp_path / "run"
+    save(out, 1)
+    root = checkpoint.checkpoint_dir(out)
+    # killed mid-save; killed after a re-save's replacement; killed between its two renames (the only copy)
+    for junk in (".tmp-iter_00000002", ".old-iter_00000001-4242", ".old-iter_00000000-4242"):
+        (root / junk / "model").mkdir(parents=True)
+    save(out, 2, keep_last=3)
+    assert sorted(p.name for p in root.iterdir()) == [".old-iter_00000000-4242", "iter_00000001", "iter_00000002"]
+
+
 def test_keep_last_never_deletes_the_new_checkpoint_or_a_later_one(tmp_path):
     out = tmp_path / "run"
     save(out, 30, keep_last=1)
