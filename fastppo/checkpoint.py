@@ -137,7 +137,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 def resume_point(cfg) -> Path | None:
     """The checkpoint `train` continues from (None: a fresh start), after checking that continuing is sound:
 
-    - a fresh start needs a run.output_dir without an earlier run in it;
+    - a fresh start (run.resume=auto without a checkpoint included) needs a run.output_dir without an earlier
+      run in it;
     - a checkpoint from elsewhere may continue only into such a directory, one from output_dir only when no
       intact later checkpoint exists there (saving would mix the two histories);
     - model paths must be the checkpoint's (`run_dir.FIXED_ON_RESUME`), run.iterations at least its iteration;
@@ -151,10 +152,13 @@ def resume_point(cfg) -> Path | None:
         resume = "auto"                                          # torchrun restarted us: continue from the last save
         log.warning("torchrun restart %d: resuming from the newest checkpoint, if any", dist.restart_count())
     if resume is None:
-        refuse_earlier_run(out, "continue it with --resume (run.resume=latest), or choose another run.output_dir")
+        refuse_earlier_run(out, "continue it with --resume (run.resume=latest), or choose another run.output_dir"
+                           if list_checkpoints(out) else "it has no checkpoint to continue: choose another run.output_dir")
         return None
     path = resolve_resume(resume, out)
-    if path is None:
+    if path is None:                                             # auto, and no checkpoint: a fresh start
+        if dist.restart_count() == 0:                            # (after a torchrun restart the files are ours)
+            refuse_earlier_run(out, "run.resume=auto found no checkpoint to continue: choose another run.output_dir")
         return None
     if path.resolve().parent != checkpoint_dir(out).resolve():
         refuse_earlier_run(out, f"to continue checkpoint {path} choose an empty run.output_dir")
@@ -278,7 +282,10 @@ def save_checkpoint(output_dir: str | Path, iteration: int, *, policy, critic, p
         earlier = [p for p in list_checkpoints(output_dir) if (_iteration(p) or 0) < iteration]
         for stale in earlier[:max(0, len(earlier) - (keep_last - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
-        for junk in root.glob(".tmp-*"):  # leftovers of crashed saves
+        # Leftovers of crashed saves, and of re-saves whose replacement is in place (an .old- copy whose
+        # iter_ directory is missing is the only copy of that iteration: it stays).
+        replaced = [p for p in root.glob(".old-*") if (root / p.name[len(".old-"):].rsplit("-", 1)[0]).is_dir()]
+        for junk in [*root.glob(".tmp-*"), *replaced]:
             shutil.rmtree(junk, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
     return final

@@ -186,9 +186,21 @@ def _to_run_log(new_handlers: list[logging.Handler], msg: str, exc_info=None) ->
             h.handle(record)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; key=value arguments are overrides wherever they stand."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        # Overrides after an option that takes a value (`--resume run.iterations=300 run.save_every=10`: argparse
+        # gives --resume the first and leaves the rest unclaimed): they are overrides all the same.
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Only `train` shards across processes; N copies of another stage would race on one output directory.
         print(f"fastppo {args.command}: error: runs in one process; under torchrun only `fastppo train` is "

@@ -492,17 +492,23 @@ def validate(cfg: Config) -> None:
 MIN_LR_16BIT_MASTER = 1e-5
 
 
-def validate_precision(cfg: Config) -> None:
-    """Refuse 16-bit master weights with a learning rate their rounding would swallow (the policy would
-    silently stop learning); float32 master weights with bfloat16 compute are the remedy."""
+def validate_precision(cfg) -> None:
+    """Refuse 16-bit master weights with a learning rate their rounding would swallow (the model would
+    silently stop learning); float32 master weights (with bfloat16 compute in `train`) are the remedy.
+    cfg: a Config, SFTConfig or RMConfig."""
     m, o = cfg.model, cfg.optim
     if m.dtype == "float32":
         return
-    for name, lr in (("optim.policy_lr", o.policy_lr), ("optim.critic_lr", o.critic_lr)):
+    if isinstance(cfg, Config):
+        lrs = (("optim.policy_lr", o.policy_lr), ("optim.critic_lr", o.critic_lr))
+        remedy = "use model.dtype=float32 with parallel.param_dtype=bfloat16 (float32 master weights, bfloat16 compute)"
+    else:
+        lrs = (("optim.lr", o.lr),)
+        remedy = "use model.dtype=float32"
+    for name, lr in lrs:
         _check(not 0 < lr < MIN_LR_16BIT_MASTER, "model.dtype",
                f"{m.dtype} master weights (and AdamW state) round away updates of {name}={lr:g} "
-               f"(< {MIN_LR_16BIT_MASTER:g}): use model.dtype=float32 with parallel.param_dtype=bfloat16 "
-               "(float32 master weights, bfloat16 compute)")
+               f"(< {MIN_LR_16BIT_MASTER:g}): {remedy}")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:
@@ -720,6 +726,7 @@ def validate_stage(cfg: Any) -> None:
     m, d, o, run = cfg.model, cfg.data, cfg.optim, cfg.run
     _check_finite(cfg)
     _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
+    validate_precision(cfg)
     _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
            f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
     _check(m.lm_head_chunk_size is None or m.lm_head_chunk_size > 0, "model.lm_head_chunk_size", "must be > 0")

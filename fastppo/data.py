@@ -32,7 +32,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM (Windows editors) is no JSON
             except UnicodeDecodeError as exc:
                 raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
                                 "JSONL files must be UTF-8") from None

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import synthetic as S
-from .run_dir import RunDirError
+from .run_dir import LOCK_NAME, RunDirError, claim, held_locks
 
 log = logging.getLogger("fastppo")
 
@@ -329,18 +329,32 @@ DEMO_MARKER = "demo_plan.json"
 def replace_earlier_demo(out: Path, echo=print) -> None:
     """The demo owns its folder: an earlier demo there is replaced (each stage refuses a used run folder), but a
     folder holding anything else is left alone."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not out.exists() or (out.is_dir() and all(p.name == LOCK_NAME for p in out.iterdir())):
         return
     if not (out / DEMO_MARKER).is_file():
         raise RunDirError(f"--output-dir {out} is not empty and holds no earlier demo ({DEMO_MARKER}); "
                           "choose an empty or new folder")
+    if held := held_locks(out):
+        raise RunDirError(f"--output-dir {out} is in use by a running demo or stage (it holds {held[0]}): wait for "
+                          "it to finish or choose another folder")
     echo(f"[demo] replacing the earlier demo in {out}")
     shutil.rmtree(out)
 
 
 def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, compare: list[str] | None = None,
              plan: DemoPlan | None = None, progress_bar: bool = True, echo=print) -> DemoResult:
-    """SFT -> reward model -> PPO-max (and the compared presets) -> held-out evaluation -> report."""
+    """SFT -> reward model -> PPO-max (and the compared presets) -> held-out evaluation -> report.
+
+    The folder is locked while the demo runs: a second demo there stops instead of replacing this one's files.
+    """
+    out = Path(output_dir)
+    replace_earlier_demo(out, echo)
+    with claim(out, field="--output-dir"):
+        return _run_demo(out, seed=seed, compare=compare, plan=plan, progress_bar=progress_bar, echo=echo)
+
+
+def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan | None, progress_bar: bool,
+              echo) -> DemoResult:
     from .config import RMConfig, SFTConfig, load_config, load_stage_config
     from .reward_training import train_rm
     from .sft import sft
@@ -348,10 +362,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, compare: li
 
     _quiet_transformers()
     plan = plan or DemoPlan()
-    out = Path(output_dir)
     presets = ["ppo_max", *[p for p in (compare or []) if p != "ppo_max"]]
-    replace_earlier_demo(out, echo)
-    out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
 

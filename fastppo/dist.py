@@ -413,7 +413,8 @@ class Autocast:
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None) -> None:
-        self.device, self.param_dtype = device, dtype    # param_dtype: the compute dtype, as Sharder's
+        # param_dtype: the compute dtype, under the name `Sharder` gives it (load_models reads either's).
+        self.device, self.param_dtype = device, dtype
 
     def __call__(self, model: nn.Module, role: str, *, trained: bool) -> nn.Module:
         model.to(self.device)

@@ -142,8 +142,15 @@ class MetricWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         if resume_from is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= resume_from]
+            keep = []
+            for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # a record cut short by a crash (kill, full disk) while it was written
+                    log.warning("%s:%d: dropping an incomplete metrics record", path, lineno)
+                    continue
+                if isinstance(record, dict) and record.get("iteration", 0) <= resume_from:
+                    keep.append(line)
             path.write_text("".join(line + "\n" for line in keep))
         elif resume_from is None and path.exists():
             path.unlink()  # a fresh run starts a fresh log

@@ -1,4 +1,4 @@
-"""The four models of RLHF: loading, the shared tokenizer, and their forwards.
+"""The four models (SPEC §1): loading, the shared tokenizer, and their forwards.
 
 - policy, reference: AutoModelForCausalLM from the SFT directory; the
   reference is a frozen copy of the policy as loaded.
@@ -22,12 +22,14 @@ goes back to the shards.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import dist
@@ -82,7 +84,10 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except json.JSONDecodeError as exc:  # tokenizer.json / tokenizer_config.json cut short or hand-edited
+        raise ModelError(f"the tokenizer at {path} has a file that is not valid JSON, probably truncated ({exc})") from None
     declared = get_tokenizer_config(path).get("tokenizer_class")
     if declared in _GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in _GENERIC_TOKENIZER_CLASSES:
         # transformers 5 replaces a generic saved tokenizer by the model type's own class (e.g. Qwen2's
@@ -106,7 +111,7 @@ def ensure_pad_token(tokenizer) -> bool:
 
 
 def check_same_vocab(policy_tok, reward_tok, policy_path: str, reward_path: str) -> None:
-    """Policy and reward model must share one tokenizer."""
+    """Policy and reward model must share one tokenizer (SPEC §1)."""
     pv, rv = policy_tok.get_vocab(), reward_tok.get_vocab()
     pv = {k: v for k, v in pv.items() if k != PAD_TOKEN}
     rv = {k: v for k, v in rv.items() if k != PAD_TOKEN}
@@ -191,19 +196,23 @@ def attn_implementation(requested: str, *, compute_dtype: torch.dtype, fields: s
     """
     if requested != "flash_attention_2":
         return requested
-    if compute_dtype not in (torch.bfloat16, torch.float16):
-        raise ModelError(f"attn_implementation=flash_attention_2 needs bfloat16 or float16 compute, but {fields} "
-                         "give float32: set one of them to bfloat16, or use attn_implementation=sdpa")
     from transformers.utils import is_flash_attn_2_available
 
-    if not is_flash_attn_2_available():
+    if not is_flash_attn_2_available():   # first: sdpa takes any dtype, so a GPU config also runs on a CPU
         log.warning("attn_implementation=flash_attention_2 but flash-attn is not installed or has no CUDA device "
                     "here: using sdpa")
         return "sdpa"
+    if compute_dtype not in (torch.bfloat16, torch.float16):
+        raise ModelError(f"attn_implementation=flash_attention_2 needs bfloat16 or float16 compute, but {fields} "
+                         "give float32: set one of them to bfloat16, or use attn_implementation=sdpa")
     return requested
 
 
 _HEAD_PREFIXES = ("score.", "classifier.", "lm_head.")
+
+
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
 
 
 def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_ok: tuple[str, ...] = (),
@@ -216,19 +225,26 @@ def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_o
     With a Sharder over several processes only rank 0 reads (and checks) the checkpoint
     (`dist.from_pretrained`); if it refuses, torchrun stops the other ranks.
     """
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()        # its load report would say what the check below says, less clearly
+    # transformers' load report (a multi-line table on the console, printed before any refusal below) is
+    # replaced by the refusal or by one log line of what starts new and what goes unused.
+    # (A filter, not the logger's level: transformers runs extra checks, with their own warnings, at WARNING.)
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    hf_log.addFilter(_no_load_report)
     try:
         model, info = dist.from_pretrained(auto_class, path, shard, config=config, **kwargs)
+    except SafetensorError as exc:  # a weights file cut short (an interrupted copy or download, a full disk)
+        raise ModelError(f"{field}: cannot read the weights of {path}, probably truncated ({exc})") from None
     finally:
-        hf_logging.set_verbosity(verbosity)
+        hf_log.removeFilter(_no_load_report)
     if info is None:
         return model
-    fresh = sorted(info["missing_keys"]) + sorted(str(m[0]) if isinstance(m, tuple) else str(m)
-                                                  for m in info["mismatched_keys"])
-    fresh = [k for k in fresh if not k.startswith(fresh_ok)]
+    new = sorted(info["missing_keys"]) + sorted(str(m[0]) if isinstance(m, tuple) else str(m)
+                                                for m in info["mismatched_keys"])
+    fresh = [k for k in new if not k.startswith(fresh_ok)]
+    if new or info["unexpected_keys"]:
+        log.info("%s: %s from %s%s%s", field, auto_class.__name__, path,
+                 f"; new weights: {', '.join(new)}" if new else "",
+                 f"; unused weights: {', '.join(sorted(info['unexpected_keys']))}" if info["unexpected_keys"] else "")
     if fresh:
         heads = [k for k in fresh if k.startswith(_HEAD_PREFIXES)]
         what = f"has no {', '.join(heads)}" if heads else f"lacks {len(fresh)} weights ({', '.join(fresh[:3])}, ...)"
@@ -318,7 +334,7 @@ class Models:
     """The real vocabulary, len(tokenizer): lm_head rows past it are alignment padding, never sampled nor in a softmax."""
 
 
-def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | None" = None) -> Models:
+def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | dist.Autocast | None" = None) -> Models:
     """Load the four models; with `shard`, each is sharded (FSDP2) right after it is loaded, so that at most
     two unsharded models exist at a time (the policy and its reference copy), on the host."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -103,6 +103,20 @@ def claim(output_dir: str | Path, *, field: str = "run.output_dir", reads: dict[
             lock.release()
 
 
+def held_locks(root: Path) -> list[Path]:
+    """The run locks under `root` (itself included) that a live process holds now."""
+    held = []
+    for path in sorted(root.rglob(LOCK_NAME)) if root.is_dir() else ():
+        lock = FileLock(str(path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            held.append(path)
+        else:
+            lock.release()
+    return held
+
+
 def earlier_run(out: Path) -> list[str]:
     """What in `out` belongs to a run: checkpoints, a non-empty metrics.jsonl, an export (relative names)."""
     ckpts = out / "checkpoints"

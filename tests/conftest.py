@@ -16,6 +16,11 @@ if "TRITON_INTERPRET" not in os.environ:
 os.environ.setdefault("FASTPPO_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
+# transformers' logging binds its console handler to the sys.stderr of the moment it is first imported. Imported
+# here, that is the session's; imported first inside a test (fastppo imports it lazily), it would be that test's
+# captured stderr, closed when the test ends, and every later transformers warning would print
+# "--- Logging error ---" into the stderr other tests check for a single error line.
+import transformers.utils.logging  # noqa: E402,F401
 
 from fastppo.kernels._dispatch import triton_interpreter_enabled  # noqa: E402
 

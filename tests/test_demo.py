@@ -61,3 +61,22 @@ def test_a_rerun_replaces_an_earlier_demo_but_never_another_folder(tmp_path):
         replace_earlier_demo(other, said.append)
     assert (other / "notes.txt").read_text() == "keep me"
     replace_earlier_demo(tmp_path / "new", said.append)        # a new or empty folder: nothing to do
+
+
+def test_a_demo_never_replaces_a_running_demo(tmp_path):
+    """A second demo in the folder of a running one stops with one line and deletes nothing."""
+    import pytest
+
+    from fastppo.demo import DEMO_MARKER, replace_earlier_demo
+    from fastppo.run_dir import RunDirError, claim
+
+    running = tmp_path / "demo"
+    (running / "sft").mkdir(parents=True)
+    (running / DEMO_MARKER).write_text("{}")
+    for locked in (running, running / "sft"):          # the demo's own lock, or a stage's
+        with claim(locked):
+            with pytest.raises(RunDirError, match="--output-dir .* is in use by a running demo or stage"):
+                replace_earlier_demo(running, print)
+        assert (running / DEMO_MARKER).is_file()
+    replace_earlier_demo(running, print)               # once nothing runs there, it is replaced
+    assert not running.exists()

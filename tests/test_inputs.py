@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,51 @@ def test_causal_lm_as_reward_model_is_refused(tiny_setups, tmp_path, capsys):
                                                            "run.output_dir": tmp_path / "r"})])
     assert "model.reward_path" in err and str(setup.policy) in err and "score.weight" in err
     assert "sequence-classification" in err
+
+
+def test_a_truncated_weights_file_is_one_line_naming_the_field(tiny_setups, tmp_path, capsys):
+    """An interrupted copy or download leaves model.safetensors cut short: one line, not a safetensors traceback."""
+    setup = tiny_setups("llama")
+    policy = tmp_path / "policy"
+    shutil.copytree(setup.policy, policy)
+    weights = policy / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": policy, "run.output_dir": tmp_path / "r"})])
+    assert f"model.policy_path: cannot read the weights of {policy}, probably truncated" in err, err
+
+
+def test_a_truncated_tokenizer_file_is_one_line_naming_the_folder(tiny_setups, tmp_path, capsys):
+    setup = tiny_setups("llama")
+    policy = tmp_path / "policy"
+    shutil.copytree(setup.policy, policy)
+    tokenizer = policy / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:len(tokenizer.read_text()) // 2])
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": policy, "run.output_dir": tmp_path / "r"})])
+    assert f"the tokenizer at {policy} has a file that is not valid JSON, probably truncated" in err, err
+
+
+def test_a_refused_head_is_the_only_thing_printed(tiny_setups, tmp_path, capsys):
+    """No transformers load report (a table of MISSING / UNEXPECTED keys, on the console) before the refusal."""
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    hf = logging.getLogger("transformers")     # where transformers' console handler sits (it does not propagate)
+    hf.addHandler(records)
+    try:
+        setup = tiny_setups("llama")
+        cli_error(capsys, ["train", *setup.overrides(**{"model.reward_path": setup.policy, "run.output_dir": tmp_path / "r"})])
+    finally:
+        hf.removeHandler(records)
+    assert not [m for m in records.messages if "LOAD REPORT" in m], records.messages
 
 
 def test_classifier_as_policy_is_refused(tiny_setups, tmp_path, capsys):
@@ -228,6 +274,14 @@ def test_non_utf8_data_names_file_and_line(tmp_path):
         load_prompts(path, S.build_tokenizer(), field="prompt", prompt_format="auto", max_len=16)
 
 
+def test_a_utf8_file_with_a_byte_order_mark_reads(tmp_path):
+    from fastppo.data import read_records
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "the red fox :"}\n{"prompt": "a dog"}\n')
+    assert [rec["prompt"] for _, rec in read_records(path)] == ["the red fox :", "a dog"]
+
+
 def test_empty_data_file(tiny_setups, tmp_path, capsys):
     setup = tiny_setups("llama")
     empty = tmp_path / "empty.jsonl"
@@ -258,7 +312,10 @@ def test_train_reads_a_messages_field_like_sft(tmp_path):
 # 6. flash_attention_2
 # ----------------------------------------------------------------------------
 
-def test_flash_attention_with_float32_compute_is_refused(tiny_setups):
+def test_flash_attention_with_float32_compute_is_refused(tiny_setups, monkeypatch):
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)   # installed, with a GPU
     setup = tiny_setups("llama")
     cfg = load_config(None, setup.overrides(**{"model.attn_implementation": "flash_attention_2"}))
     with pytest.raises(ModelError, match="model.dtype and parallel.param_dtype give float32"):
@@ -279,6 +336,8 @@ def test_flash_attention_falls_back_to_sdpa_without_flash_attn(tiny_setups, monk
     assert "using sdpa" in caplog.text
     assert {m.config._attn_implementation for m in (models.policy, models.critic, models.reward)} == {"sdpa"}
     assert attn_implementation("flash_attention_2", compute_dtype=torch.bfloat16, fields="model.dtype") == "sdpa"
+    # A GPU config (float32 master weights, parallel.param_dtype=auto: float32 compute on CPU) runs here too.
+    assert attn_implementation("flash_attention_2", compute_dtype=torch.float32, fields="model.dtype") == "sdpa"
 
 
 # ----------------------------------------------------------------------------

@@ -25,8 +25,9 @@ from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import fastppo
+import fastppo.experience
 from fastppo import dist
-from fastppo.config import ConfigError, RolloutConfig, load_config
+from fastppo.config import ConfigError, RMConfig, RolloutConfig, SFTConfig, load_config, load_stage_config
 from fastppo.models import _hidden_states, load_models
 from fastppo.rollout import CounterSampler
 from fastppo.train import _compute_dtype, train
@@ -70,6 +71,18 @@ def test_16bit_master_weights_with_a_small_learning_rate_are_refused(tiny_setups
     assert "\n" not in msg and "model.dtype" in msg and lr_field in msg and "parallel.param_dtype=bfloat16" in msg
 
 
+@pytest.mark.parametrize("schema", [SFTConfig, RMConfig])
+def test_16bit_weights_with_a_small_learning_rate_are_refused_in_sft_and_train_rm(schema):
+    """sft and train-rm keep (and compute in) model.dtype: the same rounding swallows their updates."""
+    paths = ["model.path=m", "data.train_path=t"]
+    with pytest.raises(ConfigError) as err:
+        load_stage_config(schema, overrides=[*paths, "model.dtype=bfloat16", "optim.lr=5e-6"])
+    msg = str(err.value)
+    assert "\n" not in msg and "model.dtype" in msg and "optim.lr=5e-06" in msg and "model.dtype=float32" in msg
+    load_stage_config(schema, overrides=[*paths, "model.dtype=bfloat16", "optim.lr=1e-4"])
+    load_stage_config(schema, overrides=[*paths, "model.dtype=float32", "optim.lr=5e-6"])
+
+
 def test_16bit_master_weights_are_accepted_with_a_large_learning_rate_and_float32_with_any(tiny_setups):
     setup = tiny_setups("llama")
     load_config(None, setup.overrides(**{"model.dtype": "bfloat16", "optim.policy_lr": 1e-4, "optim.critic_lr": 1e-4}))
@@ -105,6 +118,15 @@ def test_autocast_runs_the_blocks_in_the_compute_dtype_over_float32_weights(tiny
     assert dtypes["<hidden>"] == torch.float32
     assert all(dist.autocast_dtype(b) == (want if compute == torch.bfloat16 else None)
                for b in dist.transformer_blocks(model))
+
+
+def test_load_models_prepares_with_autocast_when_not_sharded(tiny_setups):
+    """`train` without FSDP hands load_models a dist.Autocast: its compute dtype is read like a Sharder's."""
+    cfg = load_config(None, tiny_setups("llama").overrides())
+    models = load_models(cfg.model, CPU, shard=dist.Autocast(CPU, torch.bfloat16))
+    for model in (models.policy, models.ref, models.critic, models.reward):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert {dist.autocast_dtype(b) for b in dist.transformer_blocks(model)} == {torch.bfloat16}
 
 
 def _capture_optimizers(monkeypatch) -> list[torch.optim.Optimizer]:
@@ -211,8 +233,7 @@ def test_a_decode_step_makes_no_host_sync_and_no_host_copy():
 def test_scoring_and_the_update_sync_once_per_optimizer_step_and_copy_once_per_update(tiny_setups, tmp_path):
     """One iteration, 2 epochs x 2 minibatches x 2 micro-batches: the update's only host sync is the finiteness
     check of each optimizer step, its only host-to-device copy the minibatch order; scoring syncs once per
-    iteration, after all its forwards (the count of non-finite reward scores, which decides whether to drop rows
-    or stop), and copies nothing."""
+    iteration, to count the non-finite reward-model scores (dropped and named, or the run stops), and copies nothing."""
     setup = tiny_setups("llama")
     cfg = load_config(None, setup.overrides(**{
         "ppo.ppo_epochs": 2, "run.iterations": 1, "run.output_dir": tmp_path / "run", "run.export_at_end": False}))
@@ -222,7 +243,10 @@ def test_scoring_and_the_update_sync_once_per_optimizer_step_and_copy_once_per_u
     assert steps == 4
     ppo_syncs = {k: v for k, v in traffic.syncs.items() if k.startswith("ppo.py")}
     assert sum(ppo_syncs.values()) == steps and len(ppo_syncs) == 1, traffic.syncs
-    assert sum(v for k, v in traffic.syncs.items() if k.startswith("experience.py")) == 1, traffic.syncs
+    source = Path(fastppo.experience.__file__).read_text().splitlines()
+    nonfinite_count = next(i for i, line in enumerate(source, start=1) if "n_bad = " in line)
+    assert {k: v for k, v in traffic.syncs.items() if k.startswith("experience.py")} == {
+        f"experience.py:{nonfinite_count}": 1}, traffic.syncs
     assert sum(traffic.copies.values()) <= 1, traffic.copies
 
 

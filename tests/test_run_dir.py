@@ -112,6 +112,44 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_changes_nothing(finished
     assert snapshot(out) == before
 
 
+def test_resume_auto_without_a_checkpoint_never_replaces_an_earlier_runs_files(tiny_setups, tmp_path):
+    """run.resume=auto starts fresh when there is no checkpoint, but not over the metrics or export of another run
+    (a fresh start deletes metrics.jsonl and the export at the end replaces export/)."""
+    out = tmp_path / "run"
+    (out / "export" / "policy").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    before = snapshot(out)
+    cfg = load_config(None, tiny_setups("llama").overrides(**{"run.output_dir": out, "run.resume": "auto"}))
+    with pytest.raises(RunDirError, match="already holds a run \\(metrics.jsonl, export\\): run.resume=auto found no"):
+        resume_point(cfg)
+    assert snapshot(out) == before
+    empty = load_config(None, tiny_setups("llama").overrides(**{"run.output_dir": tmp_path / "new", "run.resume": "auto"}))
+    assert resume_point(empty) is None
+
+
+def test_a_fresh_run_over_a_run_without_checkpoints_does_not_suggest_resume(tiny_setups, tmp_path):
+    """A run killed before its first checkpoint left metrics: --resume could not continue it, so it is not offered."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    cfg = load_config(None, tiny_setups("llama").overrides(**{"run.output_dir": out}))
+    with pytest.raises(RunDirError) as err:
+        resume_point(cfg)
+    assert "already holds a run (metrics.jsonl)" in str(err.value) and "--resume" not in str(err.value)
+    assert "no checkpoint to continue" in str(err.value)
+
+
+def test_a_save_removes_what_crashed_saves_and_re_saves_left(tmp_path):
+    out = tmp_path / "run"
+    save(out, 1)
+    root = checkpoint.checkpoint_dir(out)
+    # killed mid-save; killed after a re-save's replacement; killed between its two renames (the only copy)
+    for junk in (".tmp-iter_00000002", ".old-iter_00000001-4242", ".old-iter_00000000-4242"):
+        (root / junk / "model").mkdir(parents=True)
+    save(out, 2, keep_last=3)
+    assert sorted(p.name for p in root.iterdir()) == [".old-iter_00000000-4242", "iter_00000001", "iter_00000002"]
+
+
 def test_keep_last_never_deletes_the_new_checkpoint_or_a_later_one(tmp_path):
     out = tmp_path / "run"
     save(out, 30, keep_last=1)
@@ -209,6 +247,20 @@ def test_resume_skips_a_truncated_newest_checkpoint(damaged, finished, tmp_path,
     rc, err = cli_train(finished, out, capsys, "--resume", str(newest), **{"run.iterations": 3})
     line = one_line(err)
     assert rc == 2 and str(newest / damaged) in line and "truncated" in line, line
+
+
+def test_resume_drops_a_metrics_record_cut_short_by_a_crash(finished, tmp_path, warnings_of_fastppo):
+    """A crash (kill -9, full disk) in the middle of a metrics.jsonl write leaves a partial last line: resuming
+    drops it, with a warning naming the line, instead of failing with a JSONDecodeError traceback."""
+    from fastppo.metrics import MetricWriter
+
+    out = copy_run(finished, tmp_path)
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(whole) + '\n{"iteration": 3, "loss')
+    MetricWriter(out, tensorboard=False, resume_from=2).close()
+    assert metrics.read_text().splitlines() == whole
+    assert f"{metrics}:{len(whole) + 1}: dropping an incomplete metrics record" in warnings_of_fastppo.text
 
 
 def test_resume_with_every_checkpoint_damaged_fails_naming_them(finished, tmp_path):
