@@ -1,4 +1,4 @@
-"""The four models (SPEC §1): loading, the shared tokenizer, and their forwards.
+"""The four models of RLHF: loading, the shared tokenizer, and their forwards.
 
 - policy, reference: AutoModelForCausalLM from the SFT directory; the
   reference is a frozen copy of the policy as loaded.
@@ -111,7 +111,7 @@ def ensure_pad_token(tokenizer) -> bool:
 
 
 def check_same_vocab(policy_tok, reward_tok, policy_path: str, reward_path: str) -> None:
-    """Policy and reward model must share one tokenizer (SPEC §1)."""
+    """Policy and reward model must share one tokenizer."""
     pv, rv = policy_tok.get_vocab(), reward_tok.get_vocab()
     pv = {k: v for k, v in pv.items() if k != PAD_TOKEN}
     rv = {k: v for k, v in rv.items() if k != PAD_TOKEN}
