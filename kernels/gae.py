@@ -9,7 +9,7 @@ launch. Each program owns one row and walks it from the end in blocks of
 BLOCK_T tokens, each block loaded in reverse (lane j holds token T−1−j of the
 row's tail), so the backward recursion is a forward associative scan of affine
 maps x ↦ a·x + b, in fp32. Compiled Triton has had open bugs in reverse scans
-(``reverse=True``) with such non-commutative combine functions; the forward
+(the scan's reverse flag) with such non-commutative combine functions; the forward
 scan is the well-trodden path.
 """
 
