@@ -43,8 +43,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
+import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule
 
 from . import dist
 from .run_dir import RunDirError, config_changes, fingerprint_changes, refuse_earlier_run
@@ -75,8 +81,6 @@ def _iteration(path: Path) -> int | None:
 def verify_checkpoint(path: Path) -> dict:
     """The trainer state of checkpoint `path`, after checking that every file it needs is there and whole
     (DCP's index gives each shard file's length); a RunDirError naming the damaged file otherwise."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     state_file = path / "trainer_state.pt"
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
@@ -215,8 +219,6 @@ def _dcp_single_process_ok():
 
 def _training_state(policy, critic, policy_opt, critic_opt) -> dict:
     """The DCP state: model weights by FQN (DTensor shards under FSDP) and optimizer states by parameter FQN."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     for model in (policy, critic):
         dist.reshard(model)                                   # the shards, not a root FSDP keeps gathered
     state = {"policy": get_model_state_dict(policy), "critic": get_model_state_dict(critic)}
@@ -235,8 +237,6 @@ def save_checkpoint(output_dir: str | Path, iteration: int, *, policy, critic, p
     A failed write (a full disk) removes the temporary directory, keeps the previous checkpoints and raises a
     RunDirError naming the checkpoint and the reason, on every rank.
     """
-    import torch.distributed.checkpoint as dcp
-
     root = checkpoint_dir(output_dir)
     final = root / f"iter_{iteration:08d}"
     tmp = root / f".tmp-iter_{iteration:08d}"                       # one name on every rank
@@ -293,10 +293,6 @@ def save_checkpoint(output_dir: str | Path, iteration: int, *, policy, critic, p
 
 # What a failed write raises: OSError from Python's own writes, RuntimeError from torch.save's zip writer ("unexpected
 # pos ..." on a full disk), CheckpointException (a BaseException) from DCP, with each rank's error inside.
-try:
-    from torch.distributed.checkpoint.api import CheckpointException
-except ImportError:  # pragma: no cover - every supported torch has it
-    CheckpointException = RuntimeError
 _WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)
 _FULL_DISK_BYTES = 1 << 20   # less free space than this after a failed write: the disk is (as good as) full
 
@@ -365,10 +361,6 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
     models: this run's `run_dir.model_fingerprint`; a checkpoint that recorded other models (another architecture
     or tokenizer behind the same paths) is refused. Collective under FSDP: every rank calls it.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
     trainer_state = verify_checkpoint(path)
     if models is not None and (changed := fingerprint_changes(trainer_state.get("models"), models)):
         raise RunDirError(f"cannot resume {path}: its models differ from this run's: {'; '.join(changed)} "
@@ -394,10 +386,6 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
 
 def read_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
     """Full tensors of one model ("policy" or "critic") of a checkpoint, read in this process alone (tools, tests)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     reader = FileSystemReader(str(Path(path) / "model"))
     prefix = f"{name}."
     meta = reader.read_metadata().state_dict_metadata
@@ -410,8 +398,6 @@ def read_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 def _plain_class_name(model) -> str:
     """The model's own class name (FSDP2 wraps it in a generated FSDP<Name> subclass)."""
-    from torch.distributed.fsdp import FSDPModule
-
     cls = type(model)
     if isinstance(model, FSDPModule):
         cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
@@ -428,8 +414,6 @@ def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     state = None
     if dist.is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_main():
         return out

@@ -23,12 +23,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
+from transformers.utils import logging as hf_logging
+
+from .config import ConfigError, load_config
 from .data import DataError
 from .dist import DistributedError, env_world_size
 from .models import ModelError
 from .ppo import NonFiniteError
 from .run_dir import RunDirError
+from .train import train
 
 log = logging.getLogger("fastppo")
 
@@ -76,9 +79,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import train
-
     overrides = list(args.overrides)
     if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
         overrides.append(args.resume)  # `--resume key=value ...`: the override is not a checkpoint path
@@ -208,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not sys.stderr.isatty():
         # Off a terminal, Hugging Face's own bars (loading, saving, downloading) would write every frame into
-        # the log; fastppo's own progress becomes log lines (`sft.progress`). Imported here as everywhere in
-        # fastppo: transformers is heavy.
-        from transformers.utils import logging as hf_logging
-
+        # the log; fastppo's own progress becomes log lines (`sft.progress`).
         hf_logging.disable_progress_bar()
     handlers_before = list(log.handlers)   # a log file the command sets up is this run's (not an earlier run's)
 

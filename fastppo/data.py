@@ -48,7 +48,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: heavy, and only Parquet inputs need it
 
     try:
         table = pq.read_table(path)
@@ -61,7 +61,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 def _read_dataset_dir(path: Path) -> Iterator[tuple[str, dict]]:
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         try:
-            import datasets  # optional
+            import datasets  # lazy: an optional dependency, only saved `datasets` directories need it
         except ImportError:
             raise DataError(f"{path}: a saved `datasets` dataset needs the `datasets` package (pip install datasets)") from None
         ds = datasets.load_from_disk(str(path))

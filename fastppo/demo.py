@@ -31,9 +31,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 from . import synthetic as S
+from .config import RMConfig, RolloutConfig, SFTConfig, load_config, load_stage_config
+from .data import collate_prompts, load_prompts
+from .models import ensure_pad_token, load_tokenizer, response_logprobs, score_at
+from .reward_training import train_rm
+from .rollout import generate, with_eos_for_scoring
 from .run_dir import LOCK_NAME, RunDirError, claim, held_locks
+from .sft import sft
+from .train import train
 
 log = logging.getLogger("fastppo")
 
@@ -84,8 +93,6 @@ def quick_plan() -> DemoPlan:
 
 def make_task(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
     """Write the synthetic data sets, the tokenizer and a randomly initialised tiny Llama."""
-    from transformers import LlamaForCausalLM
-
     data = out / "data"
     paths = {
         "sft": S.write_jsonl(data / "sft.jsonl", S.make_sft_data(plan.n_sft, seed * 10 + 1)),
@@ -168,13 +175,6 @@ class PolicyEval:
 def evaluate_policy(policy_dir: Path, sft_dir: Path, rm_dir: Path, prompts_path: Path, *, seed: int, temperature: float,
                     top_p: float, max_new_tokens: int, batch_size: int = 64) -> PolicyEval:
     """Sample one response per held-out prompt (fixed seed) and measure it."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from .config import RolloutConfig
-    from .data import collate_prompts, load_prompts
-    from .models import ensure_pad_token, load_tokenizer, response_logprobs, score_at
-    from .rollout import generate, with_eos_for_scoring
-
     tok = load_tokenizer(str(sft_dir))
     ensure_pad_token(tok)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
@@ -238,7 +238,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def plot_runs(runs: dict[str, list[dict]], evals: dict[str, PolicyEval], out: Path) -> list[Path]:
     """One PNG per curve (presets side by side on the same axes) and an overview with the hidden rule score."""
-    import matplotlib
+    import matplotlib  # lazy: an optional dependency (the bench/test extras), only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -317,10 +317,8 @@ class DemoResult:
 
 
 def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 DEMO_MARKER = "demo_plan.json"
@@ -355,11 +353,6 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, compare: li
 
 def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan | None, progress_bar: bool,
               echo) -> DemoResult:
-    from .config import RMConfig, SFTConfig, load_config, load_stage_config
-    from .reward_training import train_rm
-    from .sft import sft
-    from .train import train
-
     _quiet_transformers()
     plan = plan or DemoPlan()
     presets = ["ppo_max", *[p for p in (compare or []) if p != "ppo_max"]]

@@ -40,6 +40,11 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
+from torch.distributed.tensor import DTensor
 
 from .config import validate_device
 
@@ -283,8 +288,6 @@ def all_reduce_dict_sum(values: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def build_mesh(replicate_degree: int, device: torch.device):
     """1-D ("shard",) mesh over all ranks, or 2-D ("replicate", "shard") for HSDP (replicate_degree > 1)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     world = world_size()
     if world % replicate_degree:
         raise DistributedError(f"parallel.replicate_degree={replicate_degree} must divide the number of processes ({world})")
@@ -308,8 +311,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -355,9 +356,6 @@ class Sharder:
         self.offload_frozen, self.reshard_after_forward = offload_frozen, reshard_after_forward
 
     def __call__(self, model: nn.Module, role: str, *, trained: bool) -> nn.Module:
-        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
-                                            register_fsdp_forward_method)
-
         if trained:
             mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         else:
@@ -471,8 +469,6 @@ def _fill_from_rank0(model: nn.Module, full: dict, shard_device: torch.device, c
     time (set_model_state_dict with broadcast_from_rank0: a rank holds one full tensor at most), then the
     buffers outside the state dict (rotary inv_freq, ...) and rank 0's RNG state: rank 0 alone may have drawn
     from it (random init of new embedding rows), and every rank must draw the same minibatches afterwards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
         model.to_empty(device=shard_device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -488,8 +484,6 @@ def _fill_from_rank0(model: nn.Module, full: dict, shard_device: torch.device, c
 
 def shard_numel(model: nn.Module) -> tuple[int, int]:
     """(parameters held by this rank, parameters of the whole model)."""
-    from torch.distributed.tensor import DTensor
-
     local = total = 0
     for p in model.parameters():
         total += p.numel()
@@ -535,8 +529,6 @@ def _block_reshard(module: nn.Module) -> bool:
 
 def grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     """Global L2 norm of the model's gradients (all shards), clipped to max_norm when given."""
-    from torch.distributed.tensor import DTensor
-
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros((), device=next(model.parameters()).device)

@@ -18,7 +18,9 @@ import torch
 
 from . import dist
 from .config import Config
-from .metrics import RunningMoments
+from .kernels import gae, kl_penalty
+from .masked import masked_whiten
+from .metrics import RunningMoments, explained_variance, masked_stats
 from .models import ModelError, Models, response_logprobs, response_values, score_at
 from .rollout import Rollout, with_eos_for_scoring
 
@@ -172,8 +174,6 @@ def token_rewards(shaped_scores: torch.Tensor, old_logprobs: torch.Tensor, ref_l
 
     Returns (rewards (B, R), kl (B, R)); both 0 off the mask.
     """
-    from .kernels import kl_penalty
-
     mask = response_mask.float()
     kl = kl_penalty(old_logprobs, ref_logprobs, estimator=estimator, clamp=clamp, backend=backend) * mask
     rewards = -kl_coef * kl
@@ -189,9 +189,6 @@ def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mas
     Returns (advantages, returns), each (B, R) float32; returns are computed
     from the raw advantages (R_t = A_t + V_t) before whitening.
     """
-    from .kernels import gae
-    from .masked import masked_whiten
-
     advantages, returns = gae(rewards, values, response_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
                                   backend=cfg.run.backend)
     if cfg.ppo.whiten_advantages:
@@ -232,8 +229,6 @@ def kl_controller(cfg: Config) -> AdaptiveKLController:
 def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, kl: torch.Tensor,
                        exp: Experience, max_new_tokens: int) -> dict[str, torch.Tensor]:
     """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023), as device tensors (synced once with the rest)."""
-    from .metrics import explained_variance, masked_stats
-
     mask = rollout.response_mask
     n_tokens = dist.global_count(mask)
     n_rows = float(mask.size(0) * dist.world_size())                 # every rank scores the same number of rows

@@ -158,7 +158,7 @@ class MetricWriter:
         self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: heavy, only with tensorboard on
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
             except Exception as exc:  # tensorboard missing or broken: keep training, say so

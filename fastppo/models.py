@@ -29,11 +29,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedTokenizerFast)
+from transformers.models.auto.tokenization_auto import get_tokenizer_config
+from transformers.utils import cached_file, is_flash_attn_2_available
 
 from . import dist
 from .config import ModelConfig
+from .kernels import linear_token_logprobs, token_logprobs
 
 log = logging.getLogger("fastppo")
 
@@ -52,10 +59,6 @@ class ModelError(ValueError):
 def check_model_source(path: str, field: str) -> None:
     """Fail in one line naming `field` unless `path` is a saved model folder or a hub id that resolves
     (in the local cache when HF_HUB_OFFLINE is set)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    from transformers.utils import cached_file
-
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -71,7 +74,7 @@ def check_model_source(path: str, field: str) -> None:
     try:
         cached_file(path, "config.json")
     except OSError as exc:
-        offline = " with HF_HUB_OFFLINE set, only models already in the local cache can be used;" if constants.HF_HUB_OFFLINE else ""
+        offline = " with HF_HUB_OFFLINE set, only models already in the local cache can be used;" if hf_constants.HF_HUB_OFFLINE else ""
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{field}: {path} is not a local folder, and as a hub id it cannot be loaded:{offline} {reason}") from None
 
@@ -81,9 +84,6 @@ _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from transformers.models.auto.tokenization_auto import get_tokenizer_config
-
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except json.JSONDecodeError as exc:  # tokenizer.json / tokenizer_config.json cut short or hand-edited
@@ -196,8 +196,6 @@ def attn_implementation(requested: str, *, compute_dtype: torch.dtype, fields: s
     """
     if requested != "flash_attention_2":
         return requested
-    from transformers.utils import is_flash_attn_2_available
-
     if not is_flash_attn_2_available():   # first: sdpa takes any dtype, so a GPU config also runs on a CPU
         log.warning("attn_implementation=flash_attention_2 but flash-attn is not installed or has no CUDA device "
                     "here: using sdpa")
@@ -307,8 +305,6 @@ def no_dropout_config(path: str, cfg: ModelConfig, **overrides):
     switched off in the config rather than with eval(), so that train() mode
     (needed by gradient checkpointing) changes nothing numerically.
     """
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **overrides)
     for key, value in list(vars(config).items()):
         if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float) and value > 0:
@@ -337,8 +333,6 @@ class Models:
 def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | dist.Autocast | None" = None) -> Models:
     """Load the four models; with `shard`, each is sharded (FSDP2) right after it is loaded, so that at most
     two unsharded models exist at a time (the policy and its reference copy), on the host."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     critic_path, critic_field = (cfg.critic_path, "model.critic_path") if cfg.critic_path else (cfg.reward_path, "model.reward_path")
     for path, field in ((cfg.policy_path, "model.policy_path"), (cfg.reward_path, "model.reward_path"),
                         (critic_path, critic_field)):
@@ -468,8 +462,6 @@ def response_logprobs(
     vocab_size: the real vocabulary (`Models.vocab_size`); logit columns past it (alignment padding of the
     lm_head) are left out of the softmax. None: the size `mark_padding_rows` recorded, else every column.
     """
-    from .kernels import token_logprobs
-
     vocab_size = real_vocab_size(model, vocab_size)
 
     labels = torch.where(response_mask, input_ids[:, prompt_width:], IGNORE_INDEX)     # (B, R)
@@ -491,8 +483,6 @@ def response_logprobs(
 
 def _fused_response_logprobs(model, input_ids, attention_mask, labels, *, prompt_width, temperature, return_entropy,
                              backend, chunk_size, vocab_size):
-    from .kernels import linear_token_logprobs
-
     hidden = _hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1:-1]     # (B, R, H)
     out = linear_token_logprobs(
         hidden, model.get_output_embeddings().weight, labels,                            # the full (V, H) weight
@@ -510,8 +500,6 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
     vocab_size: as in `response_logprobs`.
     """
-    from .kernels import token_logprobs
-
     vocab_size = real_vocab_size(model, vocab_size)
 
     if fused:
@@ -523,8 +511,6 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
 
 def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, backend, chunk_size, vocab_size):
-    from .kernels import linear_token_logprobs
-
     hidden = _hidden_states(model, input_ids, attention_mask)                            # (B, L, H)
     return linear_token_logprobs(hidden, model.get_output_embeddings().weight, labels, ignore_index=IGNORE_INDEX,
                                  backend=backend, chunk_size=chunk_size, vocab_size=vocab_size

@@ -25,8 +25,9 @@ from . import dist
 from .config import Config, OptimConfig
 from .data import SFTBatch
 from .experience import Experience
+from .kernels import linear_ppo_loss, ppo_loss
 from .metrics import MetricBuffer, explained_variance
-from .models import IGNORE_INDEX, hidden_states, response_logprobs, response_values, sequence_logprobs
+from .models import IGNORE_INDEX, _hidden_states, real_vocab_size, response_logprobs, response_values, sequence_logprobs
 
 
 # ----------------------------------------------------------------------------
@@ -82,9 +83,6 @@ def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tenso
     `response_logprobs(fused=True)` it runs as a forward of the root (`dist.run_as_forward`), so that
     under FSDP the full lm_head weight is gathered and its gradient goes back to the shards.
     """
-    from .kernels import linear_ppo_loss
-    from .models import _hidden_states, real_vocab_size
-
     P, pc = mb.prompt_width, cfg.ppo
 
     def run(model, sequences, attention_mask):
@@ -139,8 +137,6 @@ def ppo_update(
     train_policy=False is the critic warm-up (PPO-max §5.4): the policy is not
     run, its loss terms are zero, and only the critic steps.
     """
-    from .kernels import ppo_loss
-
     pc, oc = cfg.ppo, cfg.optim
     B = len(exp)
     T = cfg.rollout.temperature

@@ -44,17 +44,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .checkpoint import export_hf
-from .config import RMConfig
+from .config import RMConfig, load_stage_config
 from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, check_tokenizer, encode_prompt,
                    read_records)
 from .metrics import MetricBuffer, MetricWriter
 from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
 from .ppo import make_optimizer, make_scheduler, ptx_loss
 from .run_dir import claimed_stage
-from .sft import (StageResult, grad_step, load_stage_tokenizer, model_kwargs, prepare_model, progress,
-                  setup_stage_run, split_held_out, step_batches, total_steps)
+from .sft import (StageResult, add_stage_arguments, grad_step, load_stage_tokenizer, model_kwargs, prepare_model,
+                  print_stage_result, progress, setup_stage_run, split_held_out, step_batches, total_steps)
 
 log = logging.getLogger("fastppo")
 
@@ -186,8 +187,6 @@ class LMHeadAdapter(nn.Module):
 
 def load_lm_head(path: str, reward_model: nn.Module, kw: dict, device: torch.device) -> nn.Linear:
     """The LM head of the causal LM at `path`, sized to the reward model's (possibly grown) vocabulary."""
-    from transformers import AutoModelForCausalLM
-
     lm = load_pretrained(AutoModelForCausalLM, path, field="model.path", **kw,
                          expected="loss.lm_coef > 0 needs a causal LM, whose LM head the LM loss uses (or set loss.lm_coef=0)")
     src = lm.get_output_embeddings()
@@ -244,8 +243,6 @@ def evaluate_rm(model: nn.Module, pairs: list[PairExample], *, pad_id: int, batc
 @claimed_stage  # locks run.output_dir, refuses one holding a run or an export over model.path
 def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = None) -> StageResult:
     """Train a reward model on cfg.data; export to <output_dir>/export. The Python API of `fastppo train-rm`."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     t0 = time.perf_counter()
     out, device = setup_stage_run(cfg, "train-rm")
     run, lc = cfg.run, cfg.loss
@@ -345,16 +342,11 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
 # ----------------------------------------------------------------------------
 
 def _train_rm_run(args) -> int:
-    from .config import load_stage_config
-    from .sft import print_stage_result
-
     result = train_rm(load_stage_config(RMConfig, args.config, list(args.overrides)))
     print_stage_result("train-rm", result)
     return 0
 
 
 def register_cli(register) -> None:
-    from .sft import add_stage_arguments
-
     register("train-rm", "reward-model training on {prompt, chosen, rejected} pairs (-log sigmoid(r_c - r_r))",
              add_stage_arguments, _train_rm_run)

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from transformers import GenerationConfig, LogitsProcessorList
 
 from .config import RolloutConfig
 from .data import PromptBatch
@@ -233,8 +234,6 @@ def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos
     above it (embedding rows padded on for alignment) are never sampled.
     The sampler sees float32 logits (`float32_logits`).
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-
     gen_cfg = GenerationConfig(**generation_kwargs(cfg, eos_id=eos_id, pad_id=pad_id))
     device = next(policy.parameters()).device
     ids, mask = prompts.input_ids.to(device), prompts.attention_mask.to(device)

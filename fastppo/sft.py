@@ -31,10 +31,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 from tqdm.auto import tqdm as tqdm_auto
+from transformers import AutoModelForCausalLM
 
 from . import dist
 from .checkpoint import export_hf
-from .config import SFTConfig, StageModelConfig, StageRunConfig, to_yaml
+from .config import SFTConfig, StageModelConfig, StageRunConfig, load_stage_config, to_yaml
 from .data import SFTExample, collate_sft, load_sft
 from .metrics import MetricBuffer, MetricWriter
 from .models import (IGNORE_INDEX, _dtype, _grow_embeddings, attn_implementation, check_model_source, ensure_pad_token,
@@ -51,7 +52,7 @@ log = logging.getLogger("fastppo")
 
 def setup_stage_run(cfg, what: str) -> tuple[Path, torch.device]:
     """Seed everything, create the run directory, log to it, save the resolved config, pick the device."""
-    from .train import seed_everything, setup_logging
+    from .train import seed_everything, setup_logging  # lazy: train imports this module (sft <-> train cycle)
 
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,8 +211,6 @@ def _to(batch, device: torch.device):
 @claimed_stage  # locks run.output_dir, refuses one holding a run or an export over model.path
 def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -> StageResult:
     """Fine-tune cfg.model.path on cfg.data; export to <output_dir>/export. The Python API of `fastppo sft`."""
-    from transformers import AutoModelForCausalLM
-
     t0 = time.perf_counter()
     out, device = setup_stage_run(cfg, "sft")
     run = cfg.run
@@ -293,9 +292,7 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
 
 def add_stage_arguments(p) -> None:
     """--config and dotted overrides, shared by sft and train-rm."""
-    from pathlib import Path as _Path
-
-    p.add_argument("--config", "-c", type=_Path, help="YAML config file (layered on the defaults)")
+    p.add_argument("--config", "-c", type=Path, help="YAML config file (layered on the defaults)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted config overrides, e.g. model.path=runs/init data.train_path=sft.jsonl optim.lr=1e-5")
 
@@ -307,8 +304,6 @@ def print_stage_result(what: str, result: StageResult) -> None:
 
 
 def _sft_run(args) -> int:
-    from .config import load_stage_config
-
     result = sft(load_stage_config(SFTConfig, args.config, list(args.overrides)))
     print_stage_result("sft", result)
     return 0

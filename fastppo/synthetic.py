@@ -35,6 +35,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
 ANIMALS = ["fox", "cat", "dog", "owl", "bear", "wolf", "deer", "hare"]
 COLORS = ["red", "blue", "green", "brown", "white", "black", "grey", "gold"]
 PLEASANT = ["kind", "bright", "happy", "gentle", "brave", "calm"]
@@ -181,11 +185,8 @@ def build_tokenizer(out_dir: Path | None = None):
     Saved to `out_dir` when given, so that models and runs load it through
     AutoTokenizer like any user's tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {word: i for i, word in enumerate(VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
@@ -197,8 +198,6 @@ def build_tokenizer(out_dir: Path | None = None):
 
 def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4):
     """A small Llama: big enough to learn the task in seconds on a CPU."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,

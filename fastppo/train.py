@@ -36,6 +36,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import dist
 from . import run_dir as rundir
@@ -145,8 +146,6 @@ class _ConsoleHandler(logging.Handler):
     """Log lines through tqdm.write (they do not break the progress bar), to the current sys.stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm
-
         try:
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:

@@ -271,15 +271,13 @@ def test_train_logs_progress_lines_instead_of_bar_frames(interval, lines, tmp_pa
 def test_overrides_after_resume_are_overrides(monkeypatch, capsys):
     """`fastppo train --resume run.iterations=300 run.save_every=10`: --resume takes the first override as its
     value and argparse left the second unrecognised; both are overrides, and --resume means the newest checkpoint."""
-    import fastppo.config
-
     seen = []
 
     def load_config(path, overrides, preset=None):
         seen.extend(overrides)
         raise ConfigError("stop here")
 
-    monkeypatch.setattr(fastppo.config, "load_config", load_config)
+    monkeypatch.setattr(cli, "load_config", load_config)
     assert main(["train", "a.b=1", "--resume", "run.iterations=300", "run.save_every=10"]) == 2
     assert sorted(seen) == ["a.b=1", "run.iterations=300", "run.resume=latest", "run.save_every=10"], seen
     with pytest.raises(SystemExit):

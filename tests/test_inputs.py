@@ -313,9 +313,9 @@ def test_train_reads_a_messages_field_like_sft(tmp_path):
 # ----------------------------------------------------------------------------
 
 def test_flash_attention_with_float32_compute_is_refused(tiny_setups, monkeypatch):
-    import transformers.utils
+    import fastppo.models
 
-    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)   # installed, with a GPU
+    monkeypatch.setattr(fastppo.models, "is_flash_attn_2_available", lambda: True)   # installed, with a GPU
     setup = tiny_setups("llama")
     cfg = load_config(None, setup.overrides(**{"model.attn_implementation": "flash_attention_2"}))
     with pytest.raises(ModelError, match="model.dtype and parallel.param_dtype give float32"):
@@ -325,9 +325,9 @@ def test_flash_attention_with_float32_compute_is_refused(tiny_setups, monkeypatc
 
 
 def test_flash_attention_falls_back_to_sdpa_without_flash_attn(tiny_setups, monkeypatch, caplog):
-    import transformers.utils
+    import fastppo.models
 
-    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(fastppo.models, "is_flash_attn_2_available", lambda: False)
     setup = tiny_setups("llama")
     cfg = load_config(None, setup.overrides(**{"model.attn_implementation": "flash_attention_2",
                                                "model.dtype": "bfloat16"}))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import fastppo.kernels
+import fastppo.ppo
 from fastppo.config import load_config
 from fastppo.experience import Experience
 from fastppo.metrics import MetricBuffer
@@ -84,8 +84,8 @@ def test_fused_and_composed_policy_loss_give_the_same_update(arch, tiny_setups, 
     exp = synthetic_experience(models, base)
 
     calls = []
-    real = fastppo.kernels.linear_ppo_loss
-    monkeypatch.setattr(fastppo.kernels, "linear_ppo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fastppo.ppo.linear_ppo_loss
+    monkeypatch.setattr(fastppo.ppo, "linear_ppo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = {}
     for fused_loss in (True, False):
         cfg = load_config(None, overrides + [f"ppo.fused_policy_loss={str(fused_loss).lower()}"])
