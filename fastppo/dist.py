@@ -9,7 +9,8 @@ Sharding (`Sharder`): FSDP2 `fully_shard` on each transformer block, then on
 the root, for all four models, over a 1-D mesh (FSDP) or a 2-D
 (replicate, shard) mesh (HSDP, `parallel.replicate_degree`). Gradients are
 summed across ranks, never averaged: every loss is already divided by a
-global token count (`global_count`), so the sum is the global gradient.
+global token count (`fastppo.masked.masked_count` over `group()`), so the sum
+is the global gradient.
 
 Precision on GPU: float32 master weights and optimizer state, bfloat16
 compute, float32 gradient reduction. With FSDP (the default on CUDA, also in
@@ -20,10 +21,11 @@ Loading with several processes (`from_pretrained`, `Sharder`): rank 0 reads
 each model; the other ranks build it on the meta device and receive their
 shards from rank 0, so no rank but 0 ever holds a full model on the host.
 
-Every cross-rank quantity of the trainer goes through a helper here:
-token-mean normalisers (`global_count`), reward moments and whitening
-(`global_moments`, `group`), metrics, the stop decision (`any_rank`) and the
-experience exchange (`all_gather_cat`).
+Every cross-rank quantity of the trainer goes through a helper here or
+through `fastppo.masked` with group=`group()`: token counts, moments and
+whitening are masked statistics (`fastppo.masked`); other sums, maxima and
+minima go through `all_reduce` / `all_reduce_dict`, the stop decision
+through `any_rank`, the experience exchange through `all_gather_cat`.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def collective_errors(what: str = "training") -> Iterator[None]:
     except DistributedError:
         raise
     except (RuntimeError, dist.DistError) as exc:
-        if not is_initialized() or world_size() == 1 or not _looks_like_collective_failure(exc):
+        if not is_initialized() or world_size() == 1 or not _is_collective_failure(exc):
             raise
         raise DistributedError(
             f"rank {rank()}/{world_size()}: a collective failed during {what} ({type(exc).__name__}: "
@@ -183,40 +185,35 @@ def collective_errors(what: str = "training") -> Iterator[None]:
         ) from exc
 
 
-def _looks_like_collective_failure(exc: BaseException) -> bool:
+# Collective failures torch may raise without a DistError type: gloo's own transport exceptions
+# (gloo::IoException on a timed-out, closed or reset pair) derive from std::runtime_error and can reach
+# Python as a plain RuntimeError, so only their message says what they are.
+_UNTYPED_COLLECTIVE_FAILURE = ("gloo", "Gloo", "NCCL", "nccl", "Timed out", "timed out", "Connection closed",
+                               "Connection reset", "Broken pipe", "recv", "ProcessGroup")
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    # DistError covers DistBackendError (NCCL/gloo backend errors and timeouts), DistNetworkError, DistStoreError.
     if isinstance(exc, dist.DistError):
         return True
-    text = str(exc)
-    return any(s in text for s in ("gloo", "Gloo", "NCCL", "nccl", "Timed out", "timed out", "Connection closed",
-                                   "Connection reset", "Broken pipe", "recv", "ProcessGroup"))
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _UNTYPED_COLLECTIVE_FAILURE)
 
 
 # ----------------------------------------------------------------------------
 # Collectives (identities in one process)
 # ----------------------------------------------------------------------------
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of x over ranks (a new tensor; x itself untouched)."""
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """x reduced over ranks by op ("sum", "max" or "min"), as a new tensor (x itself untouched)."""
+    if op not in _OPS:
+        raise ValueError(f"all_reduce: op must be one of {sorted(_OPS)}, got {op!r}")
     if not is_initialized():
         return x
     y = x.clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y
-
-
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if not is_initialized():
-        return x
-    y = x.clone()
-    dist.all_reduce(y, op=dist.ReduceOp.MAX)
-    return y
-
-
-def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
-    if not is_initialized():
-        return x
-    y = x.clone()
-    dist.all_reduce(y, op=dist.ReduceOp.MIN)
+    dist.all_reduce(y, op=_OPS[op])
     return y
 
 
@@ -224,7 +221,7 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when flag is True on any rank (a decision all ranks must take together)."""
     if not is_initialized():
         return flag
-    return bool(all_reduce_max(torch.tensor([float(flag)], device=device)).item())
+    return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
 
 
 def barrier() -> None:
@@ -232,33 +229,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def global_count(mask: torch.Tensor) -> torch.Tensor:
-    """Number of true entries of mask over all ranks, as a float32 scalar tensor (no host sync)."""
-    return all_reduce_sum(mask.sum().to(torch.float32))
-
-
-def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, population variance) of x[mask] over all ranks, as float32 tensors.
-
-    One all-reduce of [count, sum], then one of the centred sum of squares
-    (around the global mean, so large means do not cancel).
-    """
-    x = x.float()
-    m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
-    xm = torch.where(m, x, 0.0)
-    stats = all_reduce_sum(torch.stack([m.sum().float(), xm.sum()]))
-    count = stats[0]
-    mean = stats[1] / count.clamp(min=1)
-    sq = all_reduce_sum(torch.where(m, (x - mean) ** 2, 0.0).sum())
-    return count, mean, sq / count.clamp(min=1)
-
-
 def all_gather_cat(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Concatenate x over ranks along dim, in rank order; every rank's x must have the same shape."""
     if not is_initialized() or world_size() == 1:
         return x
     shape = torch.tensor(list(x.shape), dtype=torch.float64, device=x.device)    # nccl needs device tensors
-    if not torch.equal(all_reduce_max(shape), all_reduce_min(shape)):
+    if not torch.equal(all_reduce(shape, "max"), all_reduce(shape, "min")):
         raise DistributedError(f"rank {rank()}: all_gather_cat needs equal shapes on all ranks, this rank has {tuple(x.shape)}")
     is_bool = x.dtype == torch.bool
     y = x.to(torch.uint8) if is_bool else x.contiguous()                  # gloo has no bool collectives
@@ -268,17 +244,12 @@ def all_gather_cat(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return out.bool() if is_bool else out
 
 
-def gather_for_metrics(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor over ranks (for histograms); identity in one process."""
-    return all_gather_cat(x)
-
-
-def all_reduce_dict_sum(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each 0-d tensor over ranks with a single all-reduce."""
+def all_reduce_dict(values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
+    """Each 0-d tensor (as float32) reduced over ranks by op, all in a single all-reduce."""
     if not is_initialized() or not values:
         return values
     keys = list(values)
-    total = all_reduce_sum(torch.stack([values[k].float().reshape(()) for k in keys]))
+    total = all_reduce(torch.stack([values[k].float().reshape(()) for k in keys]), op)
     return dict(zip(keys, total.unbind(0)))
 
 

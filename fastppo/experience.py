@@ -19,7 +19,7 @@ import torch
 from . import dist
 from .config import Config
 from .kernels import gae, kl_penalty
-from .masked import masked_whiten
+from .masked import masked_count, masked_moments, masked_whiten
 from .metrics import RunningMoments, explained_variance, masked_stats
 from .models import ModelError, Models, response_logprobs, response_values, score_at
 from .rollout import Rollout, with_eos_for_scoring
@@ -123,7 +123,7 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
         parts["scores"].append(score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]))
     out = {k: torch.cat(v) for k, v in parts.items()}
     nonfinite = ~torch.isfinite(out["scores"])
-    n_bad = int(dist.all_reduce_sum(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
+    n_bad = int(dist.all_reduce(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
     if n_bad:
         rows = nonfinite.nonzero().flatten().tolist()
         where = f"rank {dist.rank()} " if dist.world_size() > 1 else ""
@@ -155,7 +155,7 @@ def reparameterise_scores(scores: torch.Tensor, moments: RunningMoments, cfg: Co
     rc = cfg.reward
     valid = torch.isfinite(scores) if valid is None else valid & torch.isfinite(scores)
     if rc.reward_scale or rc.reward_norm:
-        moments.to(scores.device).merge(*dist.global_moments(scores, valid))
+        moments.to(scores.device).merge(*masked_moments(scores, valid, unbiased=False, group=dist.group()))
     out = scores.float()
     std = moments.std.clamp(min=1e-8).float()
     if rc.reward_norm:
@@ -230,29 +230,29 @@ def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, k
                        exp: Experience, max_new_tokens: int) -> dict[str, torch.Tensor]:
     """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023), as device tensors (synced once with the rest)."""
     mask = rollout.response_mask
-    n_tokens = dist.global_count(mask)
+    n_tokens = masked_count(mask, group=dist.group())
     n_rows = float(mask.size(0) * dist.world_size())                 # every rank scores the same number of rows
-    seq_kl = dist.all_reduce_sum(kl.sum()) / n_rows
-    mean_logprob = dist.all_reduce_sum((scored.old_logprobs * mask).sum()) / n_tokens
+    seq_kl = dist.all_reduce(kl.sum()) / n_rows
+    mean_logprob = dist.all_reduce((scored.old_logprobs * mask).sum()) / n_tokens
     out = {
         **masked_stats("score/raw", scored.scores, ~scored.nonfinite),
         **masked_stats("score/shaped", shaped, ~scored.nonfinite),
-        "score/nonfinite": dist.all_reduce_sum(scored.nonfinite.sum().float()),
+        "score/nonfinite": dist.all_reduce(scored.nonfinite.sum().float()),
         "kl/ref_per_sequence": seq_kl,
-        "kl/ref_per_token": dist.all_reduce_sum(kl.sum()) / n_tokens,
-        "policy/entropy": dist.all_reduce_sum((scored.old_entropy * mask).sum()) / n_tokens,
+        "kl/ref_per_token": dist.all_reduce(kl.sum()) / n_tokens,
+        "policy/entropy": dist.all_reduce((scored.old_entropy * mask).sum()) / n_tokens,
         "policy/perplexity": torch.exp(-mean_logprob),
         "response/length_mean": n_tokens / n_rows,
-        "response/length_max": dist.all_reduce_max(rollout.lengths.max().float()),
-        "response/clipped_frac": dist.all_reduce_sum((rollout.lengths >= max_new_tokens).float().sum()) / n_rows,
-        "response/no_eos_frac": dist.all_reduce_sum((~rollout.ended).float().sum()) / n_rows,
+        "response/length_max": dist.all_reduce(rollout.lengths.max().float(), "max"),
+        "response/clipped_frac": dist.all_reduce((rollout.lengths >= max_new_tokens).float().sum()) / n_rows,
+        "response/no_eos_frac": dist.all_reduce((~rollout.ended).float().sum()) / n_rows,
         "response/tokens": n_tokens,
-        "response/total_tokens": dist.global_count(rollout.attention_mask),  # prompt + response tokens
+        "response/total_tokens": masked_count(rollout.attention_mask, group=dist.group()),  # prompt + response tokens
         **masked_stats("advantages", exp.advantages, mask),
         **masked_stats("returns", exp.returns, mask),
         **masked_stats("values", exp.old_values, mask),
         "values/explained_variance_old": explained_variance(exp.old_values, exp.returns, mask),
-        "reward/token_mean": dist.all_reduce_sum(exp.rewards.sum()) / n_rows,
+        "reward/token_mean": dist.all_reduce(exp.rewards.sum()) / n_rows,
     }
     return out
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["masked_sum", "masked_count", "masked_mean", "masked_var", "masked_whiten"]
+__all__ = ["masked_sum", "masked_count", "masked_mean", "masked_moments", "masked_var", "masked_whiten"]
 
 
 def _check(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -76,25 +76,27 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, *, 
     return total / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, group=None) -> torch.Tensor:
-    """Variance of x over all valid entries, global over `group`.
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True,
+                   group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, variance) of x over all valid entries, global over `group`.
 
     Two passes (mean first, then the centred sum of squares), so a large mean
     does not cancel; two all-reduces with a group. ``unbiased`` divides by
-    n − 1 (n the global count), else by n; the divisor is at least 1, so one
-    or no valid entry gives 0.
+    n − 1 (n the global count), else by n (population variance); the divisor
+    is at least 1, so one or no valid entry gives 0.
     """
     valid = _check(x, mask)
     total, count = _sum_and_count(x, valid, None, group)
     mean = total / count.clamp(min=1)
-    return _centred_var(x, valid, mean, count, unbiased, group)
-
-
-def _centred_var(x, valid, mean, count, unbiased, group):
     acc = _acc_dtype(x)
     zero = torch.zeros((), dtype=acc, device=x.device)
     sq = _all_reduce(torch.where(valid, (x.to(acc) - mean).square(), zero).sum(), group)
-    return sq / (count - 1 if unbiased else count).clamp(min=1)
+    return count, mean, sq / (count - 1 if unbiased else count).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, group=None) -> torch.Tensor:
+    """Variance of x over all valid entries, global over `group` (see `masked_moments`)."""
+    return masked_moments(x, mask, unbiased=unbiased, group=group)[2]
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, unbiased: bool = True,
@@ -109,9 +111,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     (float64 for float64 input).
     """
     valid = _check(x, mask)
-    total, count = _sum_and_count(x, valid, None, group)
-    mean = total / count.clamp(min=1)
-    var = _centred_var(x, valid, mean, count, unbiased, group)
+    _, mean, var = masked_moments(x, valid, unbiased=unbiased, group=group)
     acc = _acc_dtype(x)
     white = (x.to(acc) - mean) * torch.rsqrt(var + eps)
     if not shift_mean:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import dist
+from .masked import masked_moments
 
 log = logging.getLogger("fastppo")
 
@@ -56,7 +57,8 @@ class RunningMoments:
     def update(self, x: torch.Tensor) -> None:
         """Merge the global batch x (all ranks)."""
         self.to(x.device)
-        count, mean, var = dist.global_moments(x.detach().reshape(-1))
+        flat = x.detach().reshape(-1)
+        count, mean, var = masked_moments(flat, torch.ones_like(flat, dtype=torch.bool), unbiased=False, group=dist.group())
         self.merge(count, mean, var)
 
     def to(self, device: torch.device) -> "RunningMoments":
@@ -111,21 +113,21 @@ class MetricBuffer:
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[R - V] / Var[R] over valid tokens (1: perfect critic, 0: constant, < 0: worse)."""
-    _, _, var_r = dist.global_moments(returns, mask)
-    _, _, var_err = dist.global_moments(returns - values, mask)
+    _, _, var_r = masked_moments(returns, mask, unbiased=False, group=dist.group())
+    _, _, var_err = masked_moments(returns - values, mask, unbiased=False, group=dist.group())
     return 1.0 - var_err / var_r.clamp(min=1e-8)
 
 
 def masked_stats(prefix: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """mean, std, min, max of x over mask (all ranks) as device tensors."""
     m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
-    _, mean, var = dist.global_moments(x, m)
+    _, mean, var = masked_moments(x, m, unbiased=False, group=dist.group())
     big = torch.finfo(torch.float32).max
     return {
         f"{prefix}/mean": mean,
         f"{prefix}/std": var.sqrt(),
-        f"{prefix}/min": dist.all_reduce_min(torch.where(m, x.float(), big).min()),
-        f"{prefix}/max": dist.all_reduce_max(torch.where(m, x.float(), -big).max()),
+        f"{prefix}/min": dist.all_reduce(torch.where(m, x.float(), big).min(), "min"),
+        f"{prefix}/max": dist.all_reduce(torch.where(m, x.float(), -big).max(), "max"),
     }
 
 

@@ -2,7 +2,7 @@
 
 One optimizer step per minibatch. Losses are token means over the whole
 minibatch: every micro-batch's loss is divided by the minibatch's valid-token
-count (all ranks, `dist.global_count`), so summing micro-batch gradients gives
+count (all ranks, `masked_count` over `dist.group()`), so summing micro-batch gradients gives
 exactly the minibatch token mean however the tokens fall into micro-batches.
 
     total = pg_loss + vf_coef * vf_loss - ent_coef * entropy + ptx_coef * ptx_loss
@@ -26,6 +26,7 @@ from .config import Config, OptimConfig
 from .data import SFTBatch
 from .experience import Experience
 from .kernels import linear_ppo_loss, ppo_loss
+from .masked import masked_count
 from .metrics import MetricBuffer, explained_variance
 from .models import IGNORE_INDEX, _hidden_states, real_vocab_size, response_logprobs, response_values, sequence_logprobs
 
@@ -72,7 +73,7 @@ def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | 
     valid = batch.labels != IGNORE_INDEX
     logprobs = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
                                  backend=backend, chunk_size=chunk_size)                    # (B, L)
-    return -(logprobs * valid).sum() / dist.global_count(valid).clamp(min=1)
+    return -(logprobs * valid).sum() / masked_count(valid, group=dist.group()).clamp(min=1)
 
 
 def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tensor, cfg: Config):
@@ -155,7 +156,7 @@ def ppo_update(
             rows = order[mb_start:mb_start + pc.minibatch_size][dist.rank() * share:(dist.rank() + 1) * share]
             minibatch = exp.select(rows)
             # Token mean over the whole minibatch on all ranks, not per micro-batch.
-            normalizer = dist.global_count(minibatch.response_mask)
+            normalizer = masked_count(minibatch.response_mask, group=dist.group())
             losses, mb_sums, mb_values = [], {}, []
             for mc_start in range(0, share, pc.micro_batch_size):
                 mb = minibatch.select(slice(mc_start, mc_start + pc.micro_batch_size))        # views, no index tensor
@@ -195,7 +196,7 @@ def ppo_update(
                              ("policy/entropy_new", entropy_mean)):
                     mb_sums[k] = mb_sums.get(k, 0.0) + v.detach()
                 mb_values.append(values.detach())
-            metrics.add_dict(dist.all_reduce_dict_sum(mb_sums))                             # this rank's share -> global
+            metrics.add_dict(dist.all_reduce_dict(mb_sums))                             # this rank's share -> global
             # Over the whole minibatch (all ranks), so it does not depend on how it is split into micro-batches.
             metrics.add("values/explained_variance",
                         explained_variance(torch.cat(mb_values), minibatch.returns, minibatch.response_mask))
@@ -204,13 +205,13 @@ def ppo_update(
                                              chunk_size=cfg.model.lm_head_chunk_size)
                 ptx.backward()
                 losses.append(ptx.detach())
-                metrics.add("loss/ptx", dist.all_reduce_sum(ptx.detach()) / pc.ptx_coef)
+                metrics.add("loss/ptx", dist.all_reduce(ptx.detach()) / pc.ptx_coef)
 
             # Grad-norm clip per model, then the step's one host sync: whether it is finite.
             critic_norm = _grad_norm(critic, oc.max_grad_norm)
             policy_norm = _grad_norm(policy, oc.max_grad_norm) if train_policy else torch.zeros_like(critic_norm)
             # The loss summed over ranks: a non-finite loss on any rank skips the step on all of them.
-            check = torch.stack([dist.all_reduce_sum(torch.stack(losses).sum().float()),
+            check = torch.stack([dist.all_reduce(torch.stack(losses).sum().float()),
                                  policy_norm.float(), critic_norm.float()])
             finite = bool(torch.isfinite(check).all())                                       # host sync (1 per step)
             if finite:

@@ -247,12 +247,12 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
             micro = [_to(collate_sft(examples[s:s + run.micro_batch_size], tokenizer.pad_token_id), device)
                      for s in range(0, len(examples), run.micro_batch_size)]
             counts = [(b.labels != IGNORE_INDEX).sum() for b in micro]
-            step_tokens = dist.all_reduce_sum(torch.stack(counts).sum().float()).clamp(min=1)
+            step_tokens = dist.all_reduce(torch.stack(counts).sum().float()).clamp(min=1)
             step_loss = torch.zeros((), device=device)
             for b, n in zip(micro, counts):
                 # ptx_loss is the micro-batch token mean; rescale it to the step-wide mean (the token-mean normaliser of docs/training.md).
                 loss = ptx_loss(model, b, fused=fused, backend=run.backend,
-                                chunk_size=cfg.model.lm_head_chunk_size) * (dist.all_reduce_sum(n.float()) / step_tokens)
+                                chunk_size=cfg.model.lm_head_chunk_size) * (dist.all_reduce(n.float()) / step_tokens)
                 loss.backward()
                 step_loss += loss.detach()
             grad_step(list(model.parameters()), opt, sched, cfg.optim.max_grad_norm, metrics, step_loss)

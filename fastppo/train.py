@@ -314,7 +314,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                                            seed=sampling_seed(cfg.run.seed, it),
                                            sample_ids=torch.arange(mine.start, mine.stop), vocab_size=len(tok))
                     # Responses padded to the widest on any rank: the ranks' experience rows then line up.
-                    width = dist.all_reduce_max(torch.tensor(rollout.response_mask.size(1), device=device))
+                    width = dist.all_reduce(torch.tensor(rollout.response_mask.size(1), device=device), "max")
                     rollout = pad_responses(rollout, int(width), tok.pad_token_id)
 
                 # 2. Score: old/ref logprobs at temperature T, values, raw reward-model scores at EOS.
@@ -357,7 +357,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                                counters=counters, metrics=buf)
 
                 # 6. Log: the iteration's single host sync for metrics.
-                buf.add("memory/peak_mb", dist.all_reduce_max(torch.tensor(peak_memory_mb(device), device=device)))
+                buf.add("memory/peak_mb", dist.all_reduce(torch.tensor(peak_memory_mb(device), device=device), "max"))
                 scalars = buf.flush()
                 elapsed = time.perf_counter() - t_iter
                 scalars.update({
@@ -375,7 +375,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                     **{f"time/{k}_s": v for k, v in timer.times.items()},
                 })
                 kl_ctl.update(scalars["kl/ref_per_sequence"], cfg.rollout.rollout_batch_size)
-                writer.write(it + 1, scalars, histograms={"score/raw": dist.gather_for_metrics(scored.scores)})
+                writer.write(it + 1, scalars, histograms={"score/raw": dist.all_gather_cat(scored.scores)})
                 bar.set_postfix(refresh=False, reward=f"{scalars['score/raw/mean']:.3f}",
                                 kl=f"{scalars['kl/ref_per_sequence']:.3f}", len=f"{scalars['response/length_mean']:.1f}",
                                 tok_s=f"{scalars['throughput/tokens_per_s']:.0f}")
