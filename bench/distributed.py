@@ -105,7 +105,7 @@ def generation_worker(args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
-        slowest = dist.all_reduce_max(torch.tensor(times, dtype=torch.float64, device=device)).tolist()
+        slowest = dist.all_reduce(torch.tensor(times, dtype=torch.float64, device=device), "max").tolist()
         results[name] = {"s": statistics.median(slowest), "tokens": int(out.response_mask.sum()) * dist.world_size()}
     if dist.is_main():
         (args.out / f"generation_{dist.world_size()}.json").write_text(json.dumps(results))

@@ -652,6 +652,8 @@ class StageRunConfig:
     """Show a tqdm progress bar on a terminal; elsewhere (a log file, a pipe) log a progress line every 30 s instead."""
     log_every: int = 1
     """Write a metrics record every N optimizer steps."""
+    max_nonfinite_in_a_row: int = 5
+    """Abort after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)."""
     log_level: str = "INFO"
     """Python logging level."""
 
@@ -749,6 +751,7 @@ def validate_stage(cfg: Any) -> None:
     _check(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     _check(run.eval_batch_size > 0, "run.eval_batch_size", "must be > 0")
     _check(run.log_every > 0, "run.log_every", "must be > 0")
+    _check(run.max_nonfinite_in_a_row >= 1, "run.max_nonfinite_in_a_row", "must be >= 1")
     _check(run.backend in (None, "triton", "torch"), "run.backend", f"must be null, triton or torch, got {run.backend!r}")
     _check(DEVICE_NAME.fullmatch(run.device) is not None, "run.device", f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
     _check(run.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "run.log_level", "must be DEBUG, INFO, WARNING or ERROR")

@@ -14,6 +14,7 @@ gradient norm is not finite is skipped (gradients dropped) and counted.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,9 +27,11 @@ from .config import Config, OptimConfig
 from .data import SFTBatch
 from .experience import Experience
 from .kernels import linear_ppo_loss, ppo_loss
-from .masked import masked_count
 from .metrics import MetricBuffer, explained_variance
 from .models import IGNORE_INDEX, _hidden_states, real_vocab_size, response_logprobs, response_values, sequence_logprobs
+from .masked import masked_count
+
+log = logging.getLogger("fastppo")
 
 
 # ----------------------------------------------------------------------------
@@ -101,13 +104,9 @@ def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tenso
     return dist.run_as_forward(policy, run, mb.sequences, mb.attention_mask)
 
 
-def _grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
-    return dist.grad_norm(model, max_norm)                     # global over shards; clipped when max_norm is set
-
-
 @dataclass
 class UpdateCounters:
-    """Host-side counters of the update, kept across iterations (checkpointed)."""
+    """Host-side counters of the optimizer steps, kept across iterations (checkpointed by `train`)."""
     optimizer_steps: int = 0
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
@@ -115,6 +114,62 @@ class UpdateCounters:
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+@dataclass
+class Trained:
+    """A model with its optimizer and LR schedule, as one optimizer step sees it."""
+    name: str
+    """Names its gradient in metrics (grad_norm/<name>) and errors; "" for a stage's one model (grad_norm)."""
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    train: bool = True
+    """False: not stepped (its grad norm is reported as 0), e.g. the policy during the critic warm-up."""
+
+    def label(self, what: str) -> str:
+        return f"{self.name} {what}" if self.name else what
+
+
+def optimizer_step(loss: torch.Tensor, trained: list[Trained], *, max_grad_norm: float | None,
+                   counters: UpdateCounters, max_nonfinite_in_a_row: int, metrics: MetricBuffer, advice: str) -> bool:
+    """Clip each model's gradients (global norm), then the step's one host sync: whether the loss (summed over
+    ranks) and every grad norm are finite. Finite: every trained model's optimizer steps, then its LR schedule.
+    Not: the step is skipped (gradients dropped, schedules not advanced) and counted; after
+    `max_nonfinite_in_a_row` skipped steps in a row, NonFiniteError (one line naming what was non-finite,
+    run.max_nonfinite_in_a_row and `advice`: the fields to change). True when the models stepped.
+    """
+    norms = [dist.grad_norm(t.model, max_grad_norm) if t.train else torch.zeros((), device=loss.device)
+             for t in trained]
+    # The loss summed over ranks: a non-finite loss on any rank skips the step on all of them.
+    check = torch.stack([dist.all_reduce(loss.detach().float()), *(n.float() for n in norms)])
+    finite = bool(torch.isfinite(check).all())                                           # host sync (1 per step)
+    if finite:
+        for t in trained:
+            if t.train:
+                t.opt.step()
+                t.sched.step()
+        counters.optimizer_steps += 1
+        counters.nonfinite_in_a_row = 0
+        metrics.add_dict({"/".join(filter(None, ("grad_norm", t.name))): n for t, n in zip(trained, check[1:])})
+    else:
+        counters.skipped_steps += 1
+        counters.nonfinite_in_a_row += 1
+        log.warning("non-finite loss or gradient: optimizer step skipped (%d in a row, run.max_nonfinite_in_a_row=%d)",
+                    counters.nonfinite_in_a_row, max_nonfinite_in_a_row)
+    for t in trained:
+        t.opt.zero_grad(set_to_none=True)
+    if counters.nonfinite_in_a_row >= max_nonfinite_in_a_row:
+        labels = ["loss", *(t.label("gradient") for t in trained)]
+        values = check.tolist()
+        what = [n for n, v in zip(labels, values) if not math.isfinite(v)]
+        last = ", ".join(f"{name}={v:.4g}" for name, v in
+                         zip(["loss", *(t.label("grad norm") for t in trained)], values))
+        raise NonFiniteError(
+            f"non-finite {' and '.join(what)} in {counters.nonfinite_in_a_row} optimizer steps in a row (last: "
+            f"{last}); stopped at run.max_nonfinite_in_a_row={max_nonfinite_in_a_row}. {advice}"
+        )
+    return finite
 
 
 def ppo_update(
@@ -207,36 +262,13 @@ def ppo_update(
                 losses.append(ptx.detach())
                 metrics.add("loss/ptx", dist.all_reduce(ptx.detach()) / pc.ptx_coef)
 
-            # Grad-norm clip per model, then the step's one host sync: whether it is finite.
-            critic_norm = _grad_norm(critic, oc.max_grad_norm)
-            policy_norm = _grad_norm(policy, oc.max_grad_norm) if train_policy else torch.zeros_like(critic_norm)
-            # The loss summed over ranks: a non-finite loss on any rank skips the step on all of them.
-            check = torch.stack([dist.all_reduce(torch.stack(losses).sum().float()),
-                                 policy_norm.float(), critic_norm.float()])
-            finite = bool(torch.isfinite(check).all())                                       # host sync (1 per step)
-            if finite:
-                if train_policy:
-                    policy_opt.step()
-                    policy_sched.step()
-                critic_opt.step()
-                critic_sched.step()
-                counters.optimizer_steps += 1
-                counters.nonfinite_in_a_row = 0
-                metrics.add_dict({"grad_norm/policy": check[1], "grad_norm/critic": check[2]})
-            else:
-                counters.skipped_steps += 1
-                counters.nonfinite_in_a_row += 1
-            policy_opt.zero_grad(set_to_none=True)
-            critic_opt.zero_grad(set_to_none=True)
-            if counters.nonfinite_in_a_row >= cfg.run.max_nonfinite_in_a_row:
-                what = [n for n, v in zip(("loss", "policy gradient", "critic gradient"), check.tolist())
-                        if not math.isfinite(v)]
-                raise NonFiniteError(
-                    f"non-finite {' and '.join(what)} in {counters.nonfinite_in_a_row} optimizer steps in a row (last: "
-                    f"loss={check[0].item():.4g}, policy grad norm={check[1].item():.4g}, critic grad norm="
-                    f"{check[2].item():.4g}); stopped at run.max_nonfinite_in_a_row={cfg.run.max_nonfinite_in_a_row}. "
-                    "Lower optim.policy_lr / optim.critic_lr, set optim.max_grad_norm, or check the reward model's "
-                    "scores (reward.reward_clip)."
-                )
+            optimizer_step(
+                torch.stack(losses).sum(),
+                [Trained("policy", policy, policy_opt, policy_sched, train=train_policy),
+                 Trained("critic", critic, critic_opt, critic_sched)],
+                max_grad_norm=oc.max_grad_norm, counters=counters,
+                max_nonfinite_in_a_row=cfg.run.max_nonfinite_in_a_row, metrics=metrics,
+                advice="Lower optim.policy_lr / optim.critic_lr, set optim.max_grad_norm, or check the reward model's "
+                       "scores (reward.reward_clip).")
     policy.eval()
     critic.eval()

@@ -36,7 +36,6 @@ loss; the export goes to <output_dir>/export.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -50,12 +49,12 @@ from .checkpoint import export_hf
 from .config import RMConfig, load_stage_config
 from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, check_tokenizer, encode_prompt,
                    read_records)
-from .metrics import MetricBuffer, MetricWriter
+from .metrics import MetricBuffer
 from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
-from .ppo import make_optimizer, make_scheduler, ptx_loss
+from .ppo import Trained, make_optimizer, make_scheduler, ptx_loss
 from .run_dir import claimed_stage
-from .sft import (StageResult, add_stage_arguments, grad_step, load_stage_tokenizer, model_kwargs, prepare_model,
-                  print_stage_result, progress, setup_stage_run, split_held_out, step_batches, total_steps)
+from .sft import (StageResult, add_stage_arguments, load_stage_tokenizer, model_kwargs, prepare_model, print_stage_result,
+                  setup_stage_run, split_held_out, stage_loop, total_steps)
 
 log = logging.getLogger("fastppo")
 
@@ -274,60 +273,40 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
     holder = nn.ParameterList(params)  # one optimizer over the reward model (+ a separate LM head)
     opt = make_optimizer(holder, cfg.optim.lr, cfg.optim)
     sched = make_scheduler(opt, cfg.optim, n_steps)
-    writer = MetricWriter(out, tensorboard=run.tensorboard)
-    metrics = MetricBuffer()
-    history: list[dict] = []
-    eval_metrics: dict[str, float] = {}
-    batches = step_batches(len(train_pairs), run, shuffle=d.shuffle)
-    bar = progress(n_steps, "train-rm", run.progress_bar)
-    model.train()
-    try:
-        for step in range(1, n_steps + 1):
-            # 2. One optimizer step over run.batch_size pairs, in micro-batches; pair losses average over the step.
-            pairs = [train_pairs[i] for i in next(batches)]
-            step_loss = torch.zeros((), device=device)
-            for s in range(0, len(pairs), run.micro_batch_size):
-                chunk = pairs[s:s + run.micro_batch_size]
-                batch = collate_pairs(chunk, tokenizer.pad_token_id).to(device)
-                rc, rr = pair_scores(model, batch)
-                margin = rc - rr
-                share = len(chunk) / len(pairs)
-                loss = -F.logsigmoid(margin).mean() * share                      # -log sigma(r_c - r_r)
-                if lc.margin_reg > 0:
-                    loss = loss + lc.margin_reg * 0.5 * (rc.pow(2) + rr.pow(2)).mean() * share
-                if lm_model is not None:
-                    lm_batch = SFTBatch(batch.input_ids[:len(chunk)], batch.attention_mask[:len(chunk)], batch.lm_labels)
-                    lm = ptx_loss(lm_model, lm_batch, fused=True, backend=run.backend,
-                                  chunk_size=cfg.model.lm_head_chunk_size)
-                    loss = loss + lc.lm_coef * lm * share
-                    metrics.add("loss/lm", lm.detach())
-                loss.backward()
-                step_loss += loss.detach()
-                metrics.add_dict({"train/accuracy": (margin.detach() > 0).float().mean(),
-                                  "train/margin": margin.detach().mean()})
-            grad_step(params, opt, sched, cfg.optim.max_grad_norm, metrics, step_loss)
-            metrics.add("loss/total", step_loss)
 
-            # 3. Evaluate, log.
-            last = step == n_steps
-            record = None
-            if step % run.log_every == 0 or last:
-                record = {**metrics.flush(), "lr": sched.get_last_lr()[0]}
-            if eval_pairs and ((run.eval_every and step % run.eval_every == 0) or last):
-                eval_metrics = evaluate_rm(model, eval_pairs, pad_id=tokenizer.pad_token_id,
-                                           batch_size=run.eval_batch_size, device=device)
-                record = {**(record or {}), **eval_metrics}
-            if record is not None:
-                writer.write(step, record)
-                history.append({"step": step, **record})
-                bar.set_postfix(refresh=False, loss=f"{record.get('loss/total', math.nan):.3f}",
-                                **({"eval_acc": f"{eval_metrics['eval/accuracy']:.3f}"} if eval_metrics else {}))
-                if on_step is not None:
-                    on_step(step, record)
-            bar.update(1)
-    finally:
-        bar.close()
-        writer.close()
+    def step_loss(idx: list[int], metrics: MetricBuffer) -> torch.Tensor:
+        # 2. One optimizer step over run.batch_size pairs, in micro-batches; pair losses average over the step.
+        pairs = [train_pairs[i] for i in idx]
+        total = torch.zeros((), device=device)
+        for s in range(0, len(pairs), run.micro_batch_size):
+            chunk = pairs[s:s + run.micro_batch_size]
+            batch = collate_pairs(chunk, tokenizer.pad_token_id).to(device)
+            rc, rr = pair_scores(model, batch)
+            margin = rc - rr
+            share = len(chunk) / len(pairs)
+            loss = -F.logsigmoid(margin).mean() * share                      # -log sigma(r_c - r_r)
+            if lc.margin_reg > 0:
+                loss = loss + lc.margin_reg * 0.5 * (rc.pow(2) + rr.pow(2)).mean() * share
+            if lm_model is not None:
+                lm_batch = SFTBatch(batch.input_ids[:len(chunk)], batch.attention_mask[:len(chunk)], batch.lm_labels)
+                lm = ptx_loss(lm_model, lm_batch, fused=True, backend=run.backend,
+                              chunk_size=cfg.model.lm_head_chunk_size)
+                loss = loss + lc.lm_coef * lm * share
+                metrics.add("loss/lm", lm.detach())
+            loss.backward()
+            total += loss.detach()
+            metrics.add_dict({"train/accuracy": (margin.detach() > 0).float().mean(),
+                              "train/margin": margin.detach().mean()})
+        metrics.add("loss/total", total)
+        return total
+
+    model.train()
+    eval_metrics, history = stage_loop(
+        "train-rm", out=out, run=run, n_steps=n_steps, n_items=len(train_pairs), shuffle=d.shuffle,
+        trained=Trained("", holder, opt, sched), max_grad_norm=cfg.optim.max_grad_norm, step_loss=step_loss,
+        evaluate=(lambda: evaluate_rm(model, eval_pairs, pad_id=tokenizer.pad_token_id,   # 3. held-out accuracy
+                                      batch_size=run.eval_batch_size, device=device)) if eval_pairs else None,
+        shown={"loss": "loss/total", "eval_acc": "eval/accuracy"}, on_step=on_step)
 
     # 4. Export: a sequence-classification directory (num_labels=1) + tokenizer, loadable as reward model and critic.
     model.eval()

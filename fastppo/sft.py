@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from .data import SFTExample, collate_sft, load_sft
 from .metrics import MetricBuffer, MetricWriter
 from .models import (IGNORE_INDEX, _dtype, _grow_embeddings, attn_implementation, check_model_source, ensure_pad_token,
                      fused_lm_head_supported, load_pretrained, load_tokenizer)
-from .ppo import make_optimizer, make_scheduler, ptx_loss
+from .ppo import Trained, UpdateCounters, make_optimizer, make_scheduler, optimizer_step, ptx_loss
 from .run_dir import claimed_stage
 
 log = logging.getLogger("fastppo")
@@ -142,26 +142,6 @@ def progress(total: int, desc: str, enabled: bool, initial: int = 0) -> tqdm:
                 miniters=1, bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 
 
-def grad_step(model_params: Sequence[nn.Parameter], opt, sched, max_norm: float | None, metrics: MetricBuffer,
-              loss_value: torch.Tensor) -> bool:
-    """Clip, check finiteness (one host sync), step; a non-finite step is skipped. True when it stepped."""
-    params = [p for p in model_params if p.grad is not None]
-    if max_norm is None:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    finite = bool(torch.isfinite(torch.stack([loss_value.float(), norm.float()])).all())
-    if finite:
-        opt.step()
-        metrics.add("grad_norm", norm)
-    else:
-        log.warning("non-finite loss or gradient: optimizer step skipped")
-        metrics.add("skipped_steps", 1.0)
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return finite
-
-
 @dataclass
 class StageResult:
     """What a stage returns: where things are and the held-out metrics at the end."""
@@ -171,6 +151,59 @@ class StageResult:
     history: list[dict] = field(default_factory=list)
     """Every logged record (also in metrics.jsonl)."""
     seconds: float = 0.0
+
+
+STAGE_ADVICE = "Lower optim.lr or set optim.max_grad_norm."
+"""What a stage's non-finite abort suggests changing."""
+
+
+def stage_loop(what: str, *, out: Path, run: StageRunConfig, n_steps: int, n_items: int, shuffle: bool,
+               trained: Trained, max_grad_norm: float | None,
+               step_loss: Callable[[list[int], MetricBuffer], torch.Tensor],
+               evaluate: Callable[[], dict[str, float]] | None, shown: dict[str, str],
+               on_step: Callable[[int, dict], None] | None) -> tuple[dict[str, float], list[dict]]:
+    """The training loop of a stage (sft, train-rm): n_steps optimizer steps, then (eval metrics, history).
+
+    Each step, `step_loss(indices, metrics)` runs the forward and backward passes of run.batch_size training
+    items (indices into them, reshuffled every epoch when `shuffle`), adds its own metrics and returns the
+    step's loss (detached); `ppo.optimizer_step` then clips, checks finiteness and steps (or skips; after
+    run.max_nonfinite_in_a_row skipped steps in a row, NonFiniteError). Every run.log_every steps and at the
+    end a metrics record goes to metrics.jsonl / TensorBoard and `on_step`; `evaluate` (None: no held-out
+    data) runs every run.eval_every steps and at the end. `shown`: progress-bar name -> record key.
+    """
+    writer = MetricWriter(out, tensorboard=run.tensorboard)
+    metrics = MetricBuffer()
+    counters = UpdateCounters()
+    history: list[dict] = []
+    eval_metrics: dict[str, float] = {}
+    batches = step_batches(n_items, run, shuffle=shuffle)
+    bar = progress(n_steps, what, run.progress_bar)
+    try:
+        for step in range(1, n_steps + 1):
+            loss = step_loss(next(batches), metrics)
+            optimizer_step(loss, [trained], max_grad_norm=max_grad_norm, counters=counters,
+                           max_nonfinite_in_a_row=run.max_nonfinite_in_a_row, metrics=metrics, advice=STAGE_ADVICE)
+            last = step == n_steps
+            record = None
+            if step % run.log_every == 0 or last:
+                record = {**metrics.flush(), "lr": trained.sched.get_last_lr()[0],
+                          "skipped_steps": float(counters.skipped_steps)}
+            if evaluate is not None and ((run.eval_every and step % run.eval_every == 0) or last):
+                eval_metrics = evaluate()
+                record = {**(record or {}), **eval_metrics}
+            if record is not None:
+                writer.write(step, record)
+                history.append({"step": step, **record})
+                values = {**eval_metrics, **record}
+                bar.set_postfix(refresh=False, **{name: f"{values[key]:.3f}" for name, key in shown.items()
+                                                  if key in values})
+                if on_step is not None:
+                    on_step(step, record)
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+    return eval_metrics, history
 
 
 # ----------------------------------------------------------------------------
@@ -230,53 +263,33 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
 
     opt = make_optimizer(model, cfg.optim.lr, cfg.optim)
     sched = make_scheduler(opt, cfg.optim, n_steps)
-    writer = MetricWriter(out, tensorboard=run.tensorboard)
-    metrics = MetricBuffer()
+
+    def step_loss(idx: list[int], metrics: MetricBuffer) -> torch.Tensor:
+        # 2. One optimizer step: micro-batches accumulate a step-wide token mean.
+        examples = [train_ex[i] for i in idx]
+        micro = [_to(collate_sft(examples[s:s + run.micro_batch_size], tokenizer.pad_token_id), device)
+                 for s in range(0, len(examples), run.micro_batch_size)]
+        counts = [(b.labels != IGNORE_INDEX).sum() for b in micro]
+        step_tokens = dist.all_reduce(torch.stack(counts).sum().float()).clamp(min=1)
+        total = torch.zeros((), device=device)
+        for b, n in zip(micro, counts):
+            # ptx_loss is the micro-batch token mean; rescale it to the step-wide mean
+            # (the token-mean normaliser of docs/training.md).
+            loss = ptx_loss(model, b, fused=fused, backend=run.backend,
+                            chunk_size=cfg.model.lm_head_chunk_size) * (dist.all_reduce(n.float()) / step_tokens)
+            loss.backward()
+            total += loss.detach()
+        metrics.add_dict({"loss/sft": total, "tokens": step_tokens})
+        return total
+
     eval_kw = dict(pad_id=tokenizer.pad_token_id, batch_size=run.eval_batch_size, device=device, fused=fused,
                    backend=run.backend, chunk_size=cfg.model.lm_head_chunk_size)
-    history: list[dict] = []
-    batches = step_batches(len(train_ex), run, shuffle=cfg.data.shuffle)
-    eval_metrics: dict[str, float] = {}
-    bar = progress(n_steps, "sft", run.progress_bar)
     model.train()
-    try:
-        for step in range(1, n_steps + 1):
-            # 2. One optimizer step: micro-batches accumulate a step-wide token mean.
-            idx = next(batches)
-            examples = [train_ex[i] for i in idx]
-            micro = [_to(collate_sft(examples[s:s + run.micro_batch_size], tokenizer.pad_token_id), device)
-                     for s in range(0, len(examples), run.micro_batch_size)]
-            counts = [(b.labels != IGNORE_INDEX).sum() for b in micro]
-            step_tokens = dist.all_reduce(torch.stack(counts).sum().float()).clamp(min=1)
-            step_loss = torch.zeros((), device=device)
-            for b, n in zip(micro, counts):
-                # ptx_loss is the micro-batch token mean; rescale it to the step-wide mean (the token-mean normaliser of docs/training.md).
-                loss = ptx_loss(model, b, fused=fused, backend=run.backend,
-                                chunk_size=cfg.model.lm_head_chunk_size) * (dist.all_reduce(n.float()) / step_tokens)
-                loss.backward()
-                step_loss += loss.detach()
-            grad_step(list(model.parameters()), opt, sched, cfg.optim.max_grad_norm, metrics, step_loss)
-            metrics.add_dict({"loss/sft": step_loss, "tokens": step_tokens})
-
-            # 3. Evaluate, log.
-            last = step == n_steps
-            record = None
-            if step % run.log_every == 0 or last:
-                record = {**metrics.flush(), "lr": sched.get_last_lr()[0]}
-            if eval_ex and ((run.eval_every and step % run.eval_every == 0) or last):
-                eval_metrics = evaluate_lm(model, eval_ex, **eval_kw)
-                record = {**(record or {}), **eval_metrics}
-            if record is not None:
-                writer.write(step, record)
-                history.append({"step": step, **record})
-                bar.set_postfix(refresh=False, loss=f"{record.get('loss/sft', float('nan')):.3f}",
-                                **({"eval_loss": f"{eval_metrics['eval/loss']:.3f}"} if eval_metrics else {}))
-                if on_step is not None:
-                    on_step(step, record)
-            bar.update(1)
-    finally:
-        bar.close()
-        writer.close()
+    eval_metrics, history = stage_loop(
+        "sft", out=out, run=run, n_steps=n_steps, n_items=len(train_ex), shuffle=cfg.data.shuffle,
+        trained=Trained("", model, opt, sched), max_grad_norm=cfg.optim.max_grad_norm, step_loss=step_loss,
+        evaluate=(lambda: evaluate_lm(model, eval_ex, **eval_kw)) if eval_ex else None,  # 3. held-out NLL
+        shown={"loss": "loss/sft", "eval_loss": "eval/loss"}, on_step=on_step)
 
     # 4. Export (AutoModelForCausalLM + tokenizer).
     model.eval()
