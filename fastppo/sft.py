@@ -37,6 +37,7 @@ from . import dist
 from .checkpoint import export_hf
 from .config import SFTConfig, StageModelConfig, StageRunConfig, load_stage_config, to_yaml
 from .data import SFTExample, collate_sft, load_sft
+from .logs import seed_everything, setup_logging
 from .metrics import MetricBuffer, MetricWriter
 from .models import (IGNORE_INDEX, _dtype, _grow_embeddings, attn_implementation, check_model_source, ensure_pad_token,
                      fused_lm_head_supported, load_pretrained, load_tokenizer)
@@ -52,8 +53,6 @@ log = logging.getLogger("fastppo")
 
 def setup_stage_run(cfg, what: str) -> tuple[Path, torch.device]:
     """Seed everything, create the run directory, log to it, save the resolved config, pick the device."""
-    from .train import seed_everything, setup_logging  # lazy: train imports this module (sft <-> train cycle)
-
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, cfg.run.log_level)  # console + <run dir>/train.log, as `train`

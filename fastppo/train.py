@@ -25,29 +25,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import random
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import dist
 from . import run_dir as rundir
 from .checkpoint import export_hf, load_checkpoint, resume_point, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, derived, from_dict, load_config, to_yaml, validate, validate_world
+from .config import Config, ConfigError, Derived, derived, from_dict, load_config, to_yaml, validate, validate_world
 from .data import EpochSampler, PromptBatch, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
 from .experience import (Experience, compute_advantages, drop_rows, experience_metrics, gather_experience,
-                         kl_controller, reparameterise_scores, score_rollout, token_rewards)
+                         AdaptiveKLController, kl_controller, reparameterise_scores, score_rollout, token_rewards)
+from .logs import seed_everything, setup_logging
 from .memory import peak_memory_mb
 from .metrics import MetricBuffer, MetricWriter, RunningMoments
-from .models import _dtype, load_models
+from .models import Models, _dtype, load_models
 from .ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
 from .rollout import generate, pad_responses, sampling_seed
 from .sft import progress
@@ -136,42 +133,56 @@ def sft_batches(examples, sampler: EpochSampler, batch_size: int, pad_id: int, d
         yield SFTBatch(*(t.to(device) for t in (b.input_ids, b.attention_mask, b.labels)))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class TrainState:
+    """Everything the loop carries across iterations besides weights, optimizers and RNG (`checkpoint` saves
+    those). Saved and loaded here alone, field by field under the field's name: a new field is resumed
+    without another line."""
+    policy_sched: torch.optim.lr_scheduler.LRScheduler
+    critic_sched: torch.optim.lr_scheduler.LRScheduler
+    reward_moments: RunningMoments
+    kl_controller: AdaptiveKLController
+    counters: UpdateCounters
+    sampler: EpochSampler
+    """The prompt sampler."""
+    ptx_sampler: EpochSampler | None
+    """The ptx data sampler (None without data.ptx_path)."""
+
+    def state_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                out[f.name] = None
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = dataclasses.asdict(value)
+            else:
+                out[f.name] = value.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load in place; a field the checkpoint lacks or saved as None (ptx off then) keeps its fresh state."""
+        for f in dataclasses.fields(self):
+            value, saved = getattr(self, f.name), state.get(f.name)
+            if value is None or saved is None:
+                continue
+            if dataclasses.is_dataclass(value):
+                vars(value).update(vars(type(value)(**saved)))       # in place: the loop holds this object
+            else:
+                value.load_state_dict(saved)
 
 
-class _ConsoleHandler(logging.Handler):
-    """Log lines through tqdm.write (they do not break the progress bar), to the current sys.stderr."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(run_dir: Path, level: str, rank: int = 0) -> None:
-    """Rank 0 logs to the console and run_dir/train.log; rank N > 0 to run_dir/train.rankN.log, and to the
-    console only warnings and errors, prefixed with its rank."""
-    logger = logging.getLogger("fastppo")
-    logger.setLevel(level.upper())
-    for h in [h for h in logger.handlers if isinstance(h, _ConsoleHandler)]:
-        logger.removeHandler(h)
-    h = _ConsoleHandler()
-    prefix = f"[rank{rank}] " if rank else ""
-    h.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
-    if rank:
-        h.setLevel(logging.WARNING)
-    logger.addHandler(h)
-    for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
-        logger.removeHandler(h)
-        h.close()
-    fh = logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(fh)
-    logger.propagate = False
+@dataclass
+class Setup:
+    """What `_train` builds before the loop."""
+    models: Models
+    prompts: list[list[int]]
+    """Tokenised prompts (`data.load_prompts`)."""
+    ptx_batches: Iterator[SFTBatch] | None
+    """Endless ptx batches (None without data.ptx_path)."""
+    policy_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    state: TrainState
 
 
 # ----------------------------------------------------------------------------
@@ -215,21 +226,8 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return _dtype(name)
 
 
-def _train(cfg: Config, device: torch.device) -> TrainResult:
-    # ---- setup ------------------------------------------------------------
-    world, rank = dist.world_size(), dist.rank()
-    validate_world(cfg, world)
-    d = derived(cfg, world)
-    run_dir = Path(cfg.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir, cfg.run.log_level, rank)
-    path = resume_point(cfg)                                    # checked before anything in run_dir is written
-    config_yaml = to_yaml(cfg)
-    if dist.is_main():
-        (run_dir / "config.yaml").write_text(config_yaml)      # the resolved config, next to the run
-    seed_everything(cfg.run.seed)                               # the same on every rank: they draw the same minibatches
-    log.info("run dir %s, device %s, %d process(es)", run_dir, device, world)
-
+def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
+    """Models (sharded or autocast), prompt and ptx data, optimizers, schedulers and the fresh train state."""
     # Precision: model.dtype master weights (and optimizer state), parallel.param_dtype compute: FSDP2's
     # MixedPrecisionPolicy when sharded (on CUDA also in one process), else autocast around the blocks.
     pc = cfg.parallel
@@ -258,35 +256,43 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
 
     policy_opt = make_optimizer(models.policy, cfg.optim.policy_lr, cfg.optim)
     critic_opt = make_optimizer(models.critic, cfg.optim.critic_lr, cfg.optim)
-    policy_sched = make_scheduler(policy_opt, cfg.optim, d.policy_optimizer_steps)
-    critic_sched = make_scheduler(critic_opt, cfg.optim, d.critic_optimizer_steps)
-    moments = RunningMoments().to(device)
-    kl_ctl = kl_controller(cfg)
-    counters = UpdateCounters()
+    state = TrainState(policy_sched=make_scheduler(policy_opt, cfg.optim, d.policy_optimizer_steps),
+                       critic_sched=make_scheduler(critic_opt, cfg.optim, d.critic_optimizer_steps),
+                       reward_moments=RunningMoments().to(device), kl_controller=kl_controller(cfg),
+                       counters=UpdateCounters(), sampler=sampler, ptx_sampler=ptx_sampler)
+    return Setup(models=models, prompts=prompts, ptx_batches=ptx_iter, policy_opt=policy_opt, critic_opt=critic_opt,
+                 state=state)
+
+
+def _train(cfg: Config, device: torch.device) -> TrainResult:
+    # ---- setup ------------------------------------------------------------
+    world, rank = dist.world_size(), dist.rank()
+    validate_world(cfg, world)
+    d = derived(cfg, world)
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, cfg.run.log_level, rank)
+    path = resume_point(cfg)                                    # checked before anything in run_dir is written
+    config_yaml = to_yaml(cfg)
+    if dist.is_main():
+        (run_dir / "config.yaml").write_text(config_yaml)      # the resolved config, next to the run
+    seed_everything(cfg.run.seed)                               # the same on every rank: they draw the same minibatches
+    log.info("run dir %s, device %s, %d process(es)", run_dir, device, world)
+
+    su = _setup(cfg, device, d)
+    models, tok, prompts, ptx_iter = su.models, su.models.tokenizer, su.prompts, su.ptx_batches
+    policy_opt, critic_opt, state = su.policy_opt, su.critic_opt, su.state
     start = 0
     fingerprint = rundir.model_fingerprint(models)
     if path is not None:
-        state = load_checkpoint(path, policy=models.policy, critic=models.critic, policy_opt=policy_opt,
+        saved = load_checkpoint(path, policy=models.policy, critic=models.critic, policy_opt=policy_opt,
                                 critic_opt=critic_opt, models=fingerprint)
-        policy_sched.load_state_dict(state["policy_sched"])
-        critic_sched.load_state_dict(state["critic_sched"])
-        moments.load_state_dict(state["reward_moments"])
-        kl_ctl.load_state_dict(state["kl_controller"])
-        counters = UpdateCounters(**state["counters"])
-        sampler.load_state_dict(state["sampler"])
-        if ptx_sampler is not None and state.get("ptx_sampler"):
-            ptx_sampler.load_state_dict(state["ptx_sampler"])
-        set_rng_state(state["rng"])                               # rank 0's: all ranks keep one RNG stream
-        start = state["iteration"]
-
-    def trainer_state() -> dict:
-        return {
-            "policy_sched": policy_sched.state_dict(), "critic_sched": critic_sched.state_dict(),
-            "reward_moments": moments.state_dict(), "kl_controller": kl_ctl.state_dict(),
-            "counters": dataclasses.asdict(counters), "sampler": sampler.state_dict(),
-            "ptx_sampler": ptx_sampler.state_dict() if ptx_sampler is not None else None,
-            "world_size": world, "models": fingerprint,
-        }
+        state.load_state_dict(saved)
+        set_rng_state(saved["rng"])                               # rank 0's: all ranks keep one RNG stream
+        start = saved["iteration"]
+    # The loop's names for the state's parts (the same objects: a checkpoint saves what the loop changed).
+    policy_sched, critic_sched, moments = state.policy_sched, state.critic_sched, state.reward_moments
+    kl_ctl, counters, sampler = state.kl_controller, state.counters, state.sampler
 
     # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
     writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None)
@@ -391,8 +397,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.iterations or stop.requested:
                     last_ckpt = save_checkpoint(cfg.run.output_dir, done, policy=models.policy, critic=models.critic,
                                                 policy_opt=policy_opt, critic_opt=critic_opt,
-                                                trainer_state=trainer_state(), config_yaml=config_yaml,
-                                                keep_last=cfg.run.keep_last)
+                                                trainer_state={**state.state_dict(), "world_size": world,
+                                                               "models": fingerprint},
+                                                config_yaml=config_yaml, keep_last=cfg.run.keep_last)
                 if stop.requested:
                     log.warning("stopped by %s after iteration %d; resume with run.resume=latest (or --resume)",
                                 stop.requested, done)
