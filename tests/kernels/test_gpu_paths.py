@@ -514,6 +514,16 @@ def _grads(fn, hidden, weight):
     return [o.detach() for o in outs[1:]] + [h.grad, w.grad]
 
 
+def _check_padded(names, fused, formula, hidden, weight, vocab, dtype):
+    """The fused op against the formula on the first `vocab` rows (float64 oracle, float32 plain budget); the
+    padding rows of the weight get exactly zero gradient."""
+    got = _grads(fused, hidden, weight)
+    want = _grads(formula(torch.float64), hidden.double(), weight.double())
+    plain = _grads(formula(torch.float32), hidden, weight)
+    assert (got[3][vocab:] == 0).all(), "padding rows of the weight must get exactly zero gradient"
+    _check(names, got[:3] + [got[3][:vocab]], want[:3] + [want[3][:vocab]], plain[:3] + [plain[3][:vocab]], dtype)
+
+
 @pytest.mark.parametrize("vocab,padded,dtype", VOCAB_CASES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_token_logprobs_vocab_size(device, backend, vocab, padded, dtype):
@@ -540,12 +550,7 @@ def test_linear_token_logprobs_vocab_size(device, backend, vocab, padded, dtype)
             return loss, lp, ent
         return fn
 
-    got = _grads(fused, hidden, weight)
-    want = _grads(formula(torch.float64), hidden.double(), weight.double())
-    plain = _grads(formula(torch.float32), hidden, weight)
-    assert (got[3][vocab:] == 0).all(), "padding rows of the weight must get exactly zero gradient"
-    _check(("logprobs", "entropy", "dhidden", "dweight"), got[:3] + [got[3][:vocab]],
-           want[:3] + [want[3][:vocab]], plain[:3] + [plain[3][:vocab]], dtype)
+    _check_padded(("logprobs", "entropy", "dhidden", "dweight"), fused, formula, hidden, weight, vocab, dtype)
 
 
 @pytest.mark.parametrize("vocab,padded,dtype", VOCAB_CASES, ids=str)
@@ -576,12 +581,7 @@ def test_linear_ppo_loss_vocab_size(device, backend, vocab, padded, dtype):
             return loss, loss, lp
         return fn
 
-    got = _grads(fused, hidden, weight)
-    want = _grads(formula(torch.float64), hidden.double(), weight.double())
-    plain = _grads(formula(torch.float32), hidden, weight)
-    assert (got[3][vocab:] == 0).all(), "padding rows of the weight must get exactly zero gradient"
-    _check(("loss", "logprobs", "dhidden", "dweight"), got[:3] + [got[3][:vocab]],
-           want[:3] + [want[3][:vocab]], plain[:3] + [plain[3][:vocab]], dtype)
+    _check_padded(("loss", "logprobs", "dhidden", "dweight"), fused, formula, hidden, weight, vocab, dtype)
 
 
 @pytest.mark.parametrize("bad,exc", [(0, ValueError), (1025, ValueError), (2.0, TypeError), (True, TypeError)])
