@@ -18,7 +18,7 @@ TRL_VENV  := .venv-trl
 TRL_PIN   := trl==1.12.0
 TRL_STAMP := $(TRL_VENV)/.trl-installed
 
-.PHONY: demo test bench bench-trl-venv gpu-check gpu-wheels install clean
+.PHONY: demo test bench bench-trl-venv bench-grpo-venv gpu-check gpu-wheels install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,21 @@ $(TRL_STAMP): Makefile
 
 bench-trl-venv: $(TRL_STAMP)
 
+# The current TRL release (GRPOTrainer) for bench/grpo.py, in a venv of its own: TRL 1.12 above is the
+# last release with PPO, and GRPO is compared against the release users install today.
+GRPO_VENV  := .venv-trl-grpo
+GRPO_PIN   := trl==1.16.0
+GRPO_STAMP := $(GRPO_VENV)/.trl-installed
+
+$(GRPO_STAMP): Makefile
+	test -x $(GRPO_VENV)/bin/python || $(PYTHON) -m venv $(GRPO_VENV)
+	echo "$(TORCH_PIN)" > $(GRPO_VENV)/constraints.txt
+	$(GRPO_VENV)/bin/python -m pip install -q $(TORCH_PIN)
+	$(GRPO_VENV)/bin/python -m pip install -q -c $(GRPO_VENV)/constraints.txt $(GRPO_PIN)
+	touch $(GRPO_STAMP)
+
+bench-grpo-venv: $(GRPO_STAMP)
+
 # `make gpu-check`: every GPU path in <= 8 minutes (docs/gpu_check.md). Where python3 sees a CUDA device it
 # runs with that python3 as it is: no venv, no install, no network (bench/gpu_check.py imports this
 # checkout as fastppo and takes what the machine lacks from .wheels/). Elsewhere it runs in the venv, at
@@ -70,4 +85,4 @@ gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .wheels $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) $(TRL_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TRL_VENV) $(GRPO_VENV) build *.egg-info .pytest_cache

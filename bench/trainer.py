@@ -176,18 +176,20 @@ def run_worker(name: str, cmd: list[str], out: Path, env: dict) -> tuple[dict | 
     return json.loads(out.read_text()), ""
 
 
-def trl_python(explicit: str | None) -> tuple[str | None, str]:
-    """(interpreter that imports TRL's experimental PPO, its TRL version), or (None, why not)."""
-    py = explicit or os.environ.get("FASTPPO_TRL_PYTHON") or str(REPO / ".venv-trl" / "bin" / "python")
+def trl_python(explicit: str | None, *, venv: str = ".venv-trl", env_var: str = "FASTPPO_TRL_PYTHON",
+               trainer: str = "trl.experimental.ppo import PPOTrainer",
+               make_target: str = "bench-trl-venv") -> tuple[str | None, str]:
+    """(interpreter that imports TRL's `trainer`, its TRL version), or (None, why not)."""
+    py = explicit or os.environ.get(env_var) or str(REPO / venv / "bin" / "python")
     if not Path(py).exists():
-        return None, f"no TRL interpreter at {py} (run `make bench-trl-venv`, or pass --trl-python)"
+        return None, f"no TRL interpreter at {py} (run `make {make_target}`, or pass --trl-python)"
     # Not from the repo root: `python -c` puts the working directory on sys.path, where kernels/ would be
     # picked up by transformers as Hugging Face's `kernels` package.
-    probe = subprocess.run([py, "-c", "import trl; from trl.experimental.ppo import PPOTrainer; print(trl.__version__)"],
+    probe = subprocess.run([py, "-c", f"import trl; from {trainer}; print(trl.__version__)"],
                            capture_output=True, text=True, cwd=tempfile.gettempdir())
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        return None, f"{py} cannot import trl.experimental.ppo: {last}"
+        return None, f"{py} cannot import {trainer.split()[0]}: {last}"
     return py, probe.stdout.strip().splitlines()[-1]
 
 
@@ -195,25 +197,25 @@ def trl_python(explicit: str | None) -> tuple[str | None, str]:
 # Summary
 # ----------------------------------------------------------------------------
 
-def summarize(result: dict) -> dict:
-    """Medians over the iterations after the first (warm-up), seconds and tokens/s per phase."""
+def summarize(result: dict, phases: list[str] = PHASES, epochs: int = PPO_EPOCHS) -> dict:
+    """Medians over the iterations after the first (warm-up), seconds and tokens/s per phase. Work per phase:
+    generated tokens for the rollout, prompt + response tokens for the others, x `epochs` for the update."""
     its = result["iterations"]
     timed = its[1:] or its
     med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
     gen, tokens = med("generated_tokens"), med("total_tokens")
-    work = {"rollout": gen, "score": tokens, "shape_advantages": tokens, "update": tokens * PPO_EPOCHS,
-            "iteration": tokens}
+    work = {p: tokens for p in phases + ["iteration"]} | {"rollout": gen, "update": tokens * epochs}
     s = {"timed_iterations": len(timed), "generated_tokens": gen, "total_tokens": tokens,
          "optimizer_steps": med("optimizer_steps"), "peak_memory_mb": result["peak_memory_mb"],
          "rss_after_imports_mb": result["rss_after_imports_mb"]}
-    for p in PHASES + ["iteration"]:
+    for p in phases + ["iteration"]:
         sec = med(f"{p}_s")
         s[f"{p}_s"], s[f"{p}_tokens_per_s"] = sec, work[p] / max(sec, 1e-9)
-    s["other_s"] = statistics.median(r["iteration_s"] - sum(r[f"{p}_s"] for p in PHASES) for r in timed)
+    s["other_s"] = statistics.median(r["iteration_s"] - sum(r[f"{p}_s"] for p in phases) for r in timed)
     return s
 
 
-def print_table(summaries: dict[str, dict], *, cuda: bool) -> None:
+def print_table(summaries: dict[str, dict], *, cuda: bool, phases: list[str] = PHASES) -> None:
     """Seconds and tokens/s per phase for each provider; with two, the fastppo/TRL ratio of each row."""
     names = list(summaries)
     pair = len(names) == 2
@@ -224,7 +226,7 @@ def print_table(summaries: dict[str, dict], *, cuda: bool) -> None:
 
     print(f"{'phase':<11}" + "".join(f"{n + ' s':>12}{n + ' tok/s':>14}" for n in names)
           + (f"{names[0] + '/' + names[1]:>14}" if pair else ""))
-    for p in PHASES + ["iteration"]:
+    for p in phases + ["iteration"]:
         row(PHASE_LABEL[p], [f"{summaries[n][f'{p}_s']:>12.3f}{summaries[n][f'{p}_tokens_per_s']:>14.0f}" for n in names],
             [summaries[n][f"{p}_tokens_per_s"] for n in names])
     row("other", [f"{summaries[n]['other_s']:>12.3f}{'':>14}" for n in names], note="   (logging, metrics, callbacks)")

@@ -1,0 +1,175 @@
+"""GRPO benchmark: fastppo's `grpo` preset and TRL's GRPOTrainer side by side on one fixed workload.
+
+Workload: bench/trainer.py's model (Llama architecture, hidden 256, 4 layers,
+vocab 32000, float32) and the first 16 of its prompts; 8 samples per prompt
+(a batch of 128 responses), 64 new tokens each (EOS suppressed in both, so
+every iteration does the same work), temperature 0.8 without top-p/top-k; one
+reward function (`grpo_reward:even_words`), no reward model, no critic, no KL
+term (TRL's default beta 0, so neither loads a reference model); group-std
+advantages; one pass over each batch in minibatches of 32 responses
+(micro-batch 16): 4 optimizer steps per iteration in both.
+
+    .venv/bin/python bench/grpo.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl]
+    make bench-grpo-venv    # once: the current TRL release in .venv-trl-grpo, for the comparison
+
+Each framework runs in its own fresh process (bench/trainer.py's harness);
+the TRL worker is bench/trl_grpo_workload.py. Reported per phase (median over
+the iterations after the first): seconds and tokens/s, with rollout =
+generated tokens / s, score (logprobs the estimator needs, rewards,
+advantages) = prompt + response tokens / s, update = prompt + response tokens
+/ s; peak memory as in bench/trainer.py. Rows go to bench/results/grpo.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import append_csv, device_name
+from trainer import PROMPT_LEN, SEED, TEMPERATURE, build_workload, print_table, run_worker, summarize, trl_python
+
+from fastppo.memory import status_mb
+
+N_PROMPTS, SAMPLES, NEW_TOKENS, MINIBATCH, MICRO = 16, 8, 64, 32, 16
+PHASES = ["rollout", "score", "update"]
+TRL_WORKER = Path(__file__).resolve().parent / "trl_grpo_workload.py"
+REWARD = "grpo_reward:even_words"
+
+
+def workload(root: Path, iterations: int, device: str, threads: int) -> dict:
+    """bench/trainer.py's models and tokenizer; its first N_PROMPTS prompts."""
+    build_workload(root)
+    lines = (root / "prompts.jsonl").read_text().splitlines()[:N_PROMPTS]
+    (root / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    return {"policy_path": str(root / "policy"), "prompts_path": str(root / "prompts.jsonl"),
+            "iterations": iterations, "device": device, "threads": threads, "seed": SEED,
+            "samples_per_prompt": SAMPLES, "new_tokens": NEW_TOKENS, "minibatch": MINIBATCH, "micro_batch": MICRO,
+            "temperature": TEMPERATURE, "attn_implementation": "sdpa", "clip_eps": 0.2, "lr": 1e-6}
+
+
+def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
+    return [
+        f"model.policy_path={spec['policy_path']}", f"data.prompt_path={spec['prompts_path']}",
+        f"data.max_prompt_len={PROMPT_LEN}", f"reward.functions=[{{name: '{REWARD}', weight: 1.0}}]",
+        "reward.kl_coef=0.0", f"rollout.rollout_batch_size={N_PROMPTS}", f"rollout.n_samples_per_prompt={SAMPLES}",
+        f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.temperature={spec['temperature']}", "rollout.top_p=1.0",
+        "rollout.top_k=0", "ppo.ppo_epochs=1", f"ppo.minibatch_size={MINIBATCH}", f"ppo.micro_batch_size={MICRO}",
+        f"ppo.clip_eps={spec['clip_eps']}", f"optim.policy_lr={spec['lr']}", f"run.seed={SEED}",
+        f"run.iterations={spec['iterations']}", f"run.output_dir={run_dir}", "run.save_every=0",
+        "run.export_at_end=false", "run.tensorboard=false", "run.progress_bar=false", "run.log_level=WARNING",
+        f"run.device={spec['device']}",
+    ]
+
+
+def fastppo_worker(spec_path: Path, out_path: Path) -> None:
+    """fastppo's trainer with the `grpo` preset in this process; per-iteration records to out_path."""
+    import transformers
+
+    import fastppo.rollout as rollout
+    from fastppo.config import load_config
+    from fastppo.train import train
+
+    rss_after_imports_mb = status_mb("VmRSS")
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
+    base_kwargs = rollout.generation_kwargs  # fixed work per iteration: never stop at EOS
+    rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
+                                                                "suppress_tokens": [pad_id, eos_id]}
+    run_dir = spec_path.parent / "fastppo-run"
+    train(load_config(None, fastppo_overrides(spec, run_dir), preset="grpo"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations, steps_before = [], 0
+    for r in records:
+        steps = r["train/optimizer_steps"] + r["train/skipped_steps"]
+        score = sum(v for k, v in r.items() if k in ("time/score_s", "time/shape_s", "time/advantages_s"))
+        iterations.append({
+            "rollout_s": r["time/rollout_s"], "score_s": score, "update_s": r["time/update_s"],
+            "iteration_s": r["time/iteration_s"], "generated_tokens": r["response/tokens"],
+            "total_tokens": r["response/total_tokens"], "optimizer_steps": steps - steps_before,
+        })
+        steps_before = steps
+    out_path.write_text(json.dumps({
+        "provider": "fastppo", "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "device": spec["device"], "threads": torch.get_num_threads(), "iterations": iterations,
+        "peak_memory_mb": records[-1]["memory/peak_mb"], "rss_after_imports_mb": rss_after_imports_mb,
+    }, indent=1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=3, help="iterations per framework; the first is a warm-up")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in both runs")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL run")
+    ap.add_argument("--trl-python", help="interpreter with the current TRL (default: .venv-trl-grpo/bin/python)")
+    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        fastppo_worker(Path(args.worker[0]), Path(args.worker[1]))
+        return 0
+    if args.iterations < 2:
+        ap.error("--iterations must be >= 2 (the first iteration is a warm-up)")
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    if not args.device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    dev = device_name(torch.device(args.device))
+    results, notes = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        spec = workload(root, args.iterations, args.device, args.threads)
+        (root / "workload.json").write_text(json.dumps(spec, indent=1))
+        res, err = run_worker("fastppo", [sys.executable, str(Path(__file__).resolve()), "--worker",
+                                          str(root / "workload.json"), str(root / "fastppo.json")],
+                              root / "fastppo.json", env)
+        if res is None:
+            print(err, file=sys.stderr)
+            return 1
+        results["fastppo"] = res
+        py, info = (None, "--no-trl") if args.no_trl else trl_python(
+            args.trl_python, venv=".venv-trl-grpo", env_var="FASTPPO_TRL_GRPO_PYTHON",
+            trainer="trl import GRPOTrainer", make_target="bench-grpo-venv")
+        if py is not None:
+            (root / "workload-trl.json").write_text(json.dumps({**spec, "output_dir": str(root / "trl-run")}))
+            res, err = run_worker(f"TRL {info}", [py, str(TRL_WORKER), str(root / "workload-trl.json"),
+                                                  str(root / "trl.json")], root / "trl.json", env)
+            if res is not None:
+                results["trl"] = res
+            info = err
+        if "trl" not in results:
+            notes.append(f"TRL comparison skipped: {info}")
+
+    summaries = {name: summarize(r, PHASES, epochs=1) for name, r in results.items()}
+    print(f"\nGRPO benchmark on {dev}, {args.threads} torch thread(s), "
+          f"{summaries['fastppo']['timed_iterations']} timed iteration(s) after 1 warm-up (medians)")
+    print(f"workload: {N_PROMPTS} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens, bench/trainer.py's model, "
+          f"minibatch {MINIBATCH}, micro-batch {MICRO}, one reward function, no critic, no KL, float32")
+    for name, r in results.items():
+        s = summaries[name]
+        print(f"  {name}: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}; per iteration "
+              f"{s['generated_tokens']:.0f} generated / {s['total_tokens']:.0f} prompt + response tokens, "
+              f"{s['optimizer_steps']:.0f} optimizer steps")
+    print()
+    print_table(summaries, cuda=args.device.startswith("cuda"), phases=PHASES)
+    if len(summaries) == 2:
+        f, t = summaries["fastppo"], summaries["trl"]
+        print(f"fastppo vs TRL: {f['iteration_tokens_per_s'] / t['iteration_tokens_per_s']:.2f}x the throughput "
+              f"(goal >= 2x), {f['peak_memory_mb'] / t['peak_memory_mb']:.2f}x the peak memory (goal <= 0.6x)")
+    for n in notes:
+        print(n)
+    rows = [{"device": dev, "provider": name, "threads": args.threads, "iterations": s["timed_iterations"],
+             **{f"{p}_{k}": round(s[f"{p}_{k}"], 4) for p in PHASES + ["iteration"] for k in ("s", "tokens_per_s")},
+             "optimizer_steps": s["optimizer_steps"], "peak_memory_mb": round(s["peak_memory_mb"], 1)}
+            for name, s in summaries.items()]
+    print(f"appended to {append_csv('grpo', rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
