@@ -179,14 +179,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_tokenizer(out_dir: Path | None = None):
-    """A real Hugging Face fast tokenizer over the task's words (word level).
+def build_tokenizer(out_dir: Path | None = None, vocab: list[str] = VOCAB):
+    """A real Hugging Face fast tokenizer over a task's words (word level; this task's by default).
 
     Saved to `out_dir` when given, so that models and runs load it through
     AutoTokenizer like any user's tokenizer.
     """
-    vocab = {word: i for i, word in enumerate(VOCAB)}
-    core = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+    core = Tokenizer(WordLevel(vocab={word: i for i, word in enumerate(vocab)}, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
@@ -196,11 +195,12 @@ def build_tokenizer(out_dir: Path | None = None):
     return tokenizer
 
 
-def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4):
+def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                      vocab: list[str] = VOCAB):
     """A small Llama: big enough to learn the task in seconds on a CPU."""
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=VOCAB.index(PAD), eos_token_id=VOCAB.index(EOS), bos_token_id=None,
+        pad_token_id=vocab.index(PAD), eos_token_id=vocab.index(EOS), bos_token_id=None,
     )
