@@ -90,7 +90,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     the samples estimates the KL (Schulman 2020):
       k1  = d                          unbiased, high variance, can be < 0
       k2  = ½·d²                       biased, low variance, ≥ 0
-      k3  = exp(−d) − 1 + d            unbiased, low variance, ≥ 0
+      k3  = exp(−d) + d − 1            unbiased, low variance, ≥ 0
                                        (= (r − 1) − log r with r = π_ref / π)
       abs = |d|
     then clamped to [−clamp, clamp] when ``clamp`` is given.
@@ -101,7 +101,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     elif estimator == "k2":
         kl = 0.5 * d * d
     elif estimator == "k3":
-        kl = torch.exp(-d) - 1 + d
+        kl = torch.exp(-d) + d - 1
     elif estimator == "abs":
         kl = d.abs()
     else:
