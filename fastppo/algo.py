@@ -191,7 +191,7 @@ def reparameterise_scores(scores: torch.Tensor, *, scale: bool, norm: bool, clip
     if seen.numel():
         mu, sigma = seen.mean(), ((seen - seen.mean()) ** 2).mean().sqrt()
     else:
-        mu, sigma = torch.zeros((), dtype=scores.dtype), torch.ones((), dtype=scores.dtype)
+        mu, sigma = scores.new_zeros(()), scores.new_ones(())
     sigma = sigma.clamp(min=std_floor)
     out = scores
     if norm:
