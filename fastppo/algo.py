@@ -63,8 +63,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     the first ``vocab_size`` columns are the vocabulary (the rest is alignment
     padding, outside the softmax). Positions whose label is ``ignore_index``
     give 0 for both (and so no gradient). p·log p is 0 where p is 0 (logits
-    of −inf). The temperature is the sampling temperature: PPO's ratio refers
-    to the distribution the tokens were drawn from (Zheng et al. 2023).
+    of −inf). T is the sampling temperature: PPO's ratio refers to the
+    distribution the tokens were drawn from.
     """
     valid = labels != ignore_index
     x = _on_mask(logits[..., :vocab_size], valid[..., None]) / temperature    # ignored rows read as 0
@@ -214,8 +214,7 @@ def token_rewards(shaped_scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     mask; a row with no valid token gets no score.
     """
     valid = _valid(mask)
-    kl = _on_mask(kl_penalty(_on_mask(logprobs, valid), _on_mask(ref_logprobs, valid), estimator=estimator,
-                             clamp=clamp), valid)
+    kl = kl_penalty(_on_mask(logprobs, valid), _on_mask(ref_logprobs, valid), estimator=estimator, clamp=clamp)
     rewards = -kl_coef * kl
     for b in range(rewards.shape[0]):
         steps = valid[b].nonzero().flatten()
@@ -241,7 +240,7 @@ def policy_loss_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     """PPO's clipped surrogate per token, as a loss (PPO eq. 7, negated).
 
     ρ = exp(log π_θ − log π_old),  pg = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)).
-    Dual clip c > 1 (Ye et al. 2020, eq. 5): for A < 0 also pg = min(pg, −c·A),
+    Dual clip c > 1 (Ye et al. 2020): for A < 0 also pg = min(pg, −c·A),
     which bounds the loss of a token whose ratio has run far above 1 + ε.
     ``approx_kl`` = (ρ − 1) − log ρ is the k3 estimate of KL(π_old ‖ π_θ) on
     tokens drawn from π_old (Schulman 2020), ≥ 0, as CleanRL logs it.
@@ -268,7 +267,7 @@ class ValueTerms(NamedTuple):
 
 def value_loss_terms(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *,
                      value_clip: float | None = 0.2) -> ValueTerms:
-    """The clipped value loss per token (PPO2 in OpenAI baselines; PPO-max keeps it, Zheng et al. 2023 §5.3.2).
+    """The clipped value loss per token (PPO2 of OpenAI baselines, kept by PPO-max: Zheng et al. 2023).
 
     V_clipped = V_old + clip(V − V_old, −ε_v, ε_v),
     vf = ½·max((V − R)², (V_clipped − R)²); ``value_clip=None``: ½·(V − R)².
