@@ -41,7 +41,7 @@ import logprobs as bench_logprobs
 import rl_math as bench_rl_math
 from common import device_name, matmul_peak_tflops, measured_copy_bandwidth_gbs, time_ms
 
-from fastppo import synthetic
+from fastppo import algo, synthetic
 from fastppo.config import load_config
 from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, token_logprobs
 from fastppo.kernels.gae import _gae_triton
@@ -169,19 +169,6 @@ def check_fp32_gemm_probe(ctx: Context) -> Result:
 # 3. GAE at long T against a float64 Python loop
 # ----------------------------------------------------------------------------
 
-def gae_float64(rewards: list[float], values: list[float], mask: list[bool], gamma: float, lam: float):
-    """One row in float64, token by token: its valid tokens in order are one episode."""
-    adv, ret = [0.0] * len(mask), [0.0] * len(mask)
-    next_value = next_adv = 0.0
-    for t in reversed(range(len(mask))):
-        if mask[t]:
-            delta = rewards[t] + gamma * next_value - values[t]
-            next_adv = delta + gamma * lam * next_adv
-            next_value = values[t]
-            adv[t], ret[t] = next_adv, next_adv + values[t]
-    return adv, ret
-
-
 def _gae_mask(n_rows: int, n_cols: int, pattern: str, device) -> torch.Tensor:
     if pattern == "holes":
         mask = torch.rand(n_rows, n_cols, device=device) < 0.8
@@ -217,10 +204,7 @@ def check_gae(ctx: Context) -> Result:
             values = torch.randn(n_rows, n_cols, device=ctx.device) + 2.0
             mask = _gae_mask(n_rows, n_cols, pattern, ctx.device)
             r, v, m = rewards[checked].cpu(), values[checked].cpu(), mask[checked].cpu()
-            want = [gae_float64(r[i].double().tolist(), v[i].double().tolist(), m[i].tolist(), gamma, lam)
-                    for i in range(len(checked))]
-            want_adv = torch.tensor([w[0] for w in want], dtype=torch.float64)
-            want_ret = torch.tensor([w[1] for w in want], dtype=torch.float64)
+            want_adv, want_ret = algo.gae(r.double(), v.double(), m, gamma=gamma, lam=lam)     # float64
             plain_adv, plain_ret = bench_rl_math.gae_loop(r, v, m)
             budget_adv = 2 * (plain_adv.double() - want_adv).abs().max().item() + 1e-5
             budget_ret = 2 * (plain_ret.double() - want_ret).abs().max().item() + 1e-5

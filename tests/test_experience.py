@@ -1,4 +1,4 @@
-"""Experience and update math against a float64 re-implementation of the PPO-max formulas, written here.
+"""Experience and update math against the float64 statement of the PPO-max formulas (fastppo.algo).
 
 Also: reward read at EOS (EOS appended to truncated responses), and logprobs /
 values / scores invariant to extra left padding (position ids from the mask).
@@ -10,9 +10,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fastppo.config import load_config
+from fastppo import algo
+from fastppo.config import Config, load_config
 from fastppo.experience import (Experience, compute_advantages, reparameterise_scores, score_rollout,
                                 token_rewards)
 from fastppo.metrics import MetricBuffer, RunningMoments
@@ -139,9 +139,8 @@ def _ref_logprobs(model64, rollout: Rollout, T: float) -> torch.Tensor:
     with torch.no_grad():
         logits = model64(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
                          position_ids=_positions(rollout.attention_mask)).logits.double()
-    logp = F.log_softmax(logits[:, P - 1:-1] / T, dim=-1)                        # y_t predicted at column P+t-1
-    out = logp.gather(-1, rollout.responses[..., None]).squeeze(-1)
-    return out * rollout.response_mask
+    labels = torch.where(rollout.response_mask, rollout.responses, -100)
+    return algo.token_logprobs(logits[:, P - 1:-1], labels, temperature=T).logprobs   # y_t predicted at column P+t-1
 
 
 def _ref_values(critic64, rollout: Rollout) -> torch.Tensor:
@@ -154,29 +153,54 @@ def _ref_values(critic64, rollout: Rollout) -> torch.Tensor:
     return v[:, P - 1:-1] * rollout.response_mask
 
 
-def _ref_gae(rewards, values, mask, gamma, lam):
-    adv = torch.zeros_like(rewards)
-    for b in range(rewards.size(0)):
-        idx = [t for t in range(rewards.size(1)) if mask[b, t]]
-        running, next_v = 0.0, 0.0
-        for t in reversed(idx):
-            delta = rewards[b, t] + gamma * next_v - values[b, t]
-            running = delta + gamma * lam * running
-            adv[b, t] = running
-            next_v = values[b, t]
-    return adv, (adv + values) * mask
-
-
 def _ref_losses(lp, old_lp, adv, v, old_v, ret, mask, *, clip_eps, value_clip):
-    n = mask.sum()
-    ratio = torch.exp(lp - old_lp)
-    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    v_clipped = old_v + (v - old_v).clamp(-value_clip, value_clip)
-    vf = torch.maximum((v - ret) ** 2, (v_clipped - ret) ** 2)
-    return {"loss/policy": (pg * mask).sum() / n, "loss/value": 0.5 * (vf * mask).sum() / n,
-            # the clipped branch of the max was taken (strictly larger)
-            "policy/clipfrac": (((-adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)) > (-adv * ratio)).double() * mask).sum() / n,
-            "policy/approx_kl": (((ratio - 1) - torch.log(ratio)) * mask).sum() / n}
+    out = algo.ppo_loss(lp, old_lp, adv, v, old_v, ret, mask, clip_eps=clip_eps, value_clip=value_clip)
+    return {"loss/policy": out.policy_loss, "loss/value": out.value_loss, "policy/clipfrac": out.clipfrac,
+            "policy/approx_kl": out.approx_kl}
+
+
+@pytest.mark.parametrize("scale,norm,clip", [(True, True, 0.8), (True, False, None), (False, False, 1.5)])
+def test_reward_shaping_and_advantages_follow_the_float64_formulas(scale, norm, clip):
+    """The trainer's phases 3-4 over three iterations: running moments of the valid scores seen so far (a
+    NaN score and a dropped row never counted), k3 token rewards with a clamp, GAE + whitening + clipping.
+
+    Error analysis (the trainer works in float32, the formulas in float64; u = 2^-24 per rounding): the batch
+    moments are float32 sums of ≤ 6 scores (relative error ≤ 6u of Σ|s|; Higham, Accuracy and Stability of
+    Numerical Algorithms, §3.1) merged in float64, so a shaped score |s − μ|/σ ≲ 5 is off by ≲ 10u·5 ≈ 3e-6;
+    a token reward adds one exp and three roundings (kl ≤ 0.5: a few u); the returns are GAE sums of ≤ 7
+    terms |δ| ≲ 20 with ≤ 3 roundings each, ≲ 21·20u ≈ 2.5e-5; whitening divides by σ_A (≳ 1 at these
+    scales) and the clip only shrinks differences. Each tolerance is two to three times its bound.
+    """
+    cfg = Config()
+    cfg.reward.reward_scale, cfg.reward.reward_norm, cfg.reward.reward_clip = scale, norm, clip
+    cfg.ppo.gamma, cfg.ppo.lam, cfg.ppo.whiten_advantages, cfg.ppo.advantage_clip = 0.99, 0.9, True, 1.5
+    moments, earlier = RunningMoments(), torch.zeros(0, dtype=torch.float64)
+    lengths = torch.tensor([7, 3, 1, 5, 2, 6])
+    mask = torch.arange(7) < lengths[:, None]                                       # (6, 7) right padding
+    for _ in range(3):
+        scores = torch.randn(6) * 3 + 2
+        scores[1] = float("nan")
+        valid = torch.tensor([True, True, True, True, False, True])              # row 4 dropped
+        shaped = reparameterise_scores(scores, moments, cfg, valid)
+        shaped64 = algo.reparameterise_scores(scores.double(), scale=scale, norm=norm, clip=clip,
+                                              earlier_scores=earlier, valid=valid)
+        torch.testing.assert_close(shaped.double(), shaped64, atol=1e-5, rtol=0)
+        earlier = torch.cat([earlier, scores.double()[valid & torch.isfinite(scores)]])
+
+        old_lp = -torch.rand(6, 7) * 3
+        ref_lp = old_lp + torch.randn(6, 7) * 0.5
+        rewards, kl = token_rewards(shaped, old_lp, ref_lp, mask, kl_coef=0.1, estimator="k3", clamp=0.5)
+        rewards64, kl64 = algo.token_rewards(shaped64, old_lp.double(), ref_lp.double(), mask, kl_coef=0.1,
+                                             estimator="k3", clamp=0.5)
+        torch.testing.assert_close(kl.double(), kl64, atol=1e-6, rtol=0)
+        torch.testing.assert_close(rewards.double(), rewards64, atol=2e-5, rtol=0)
+
+        values = torch.randn(6, 7) * 2 * mask
+        adv, ret = compute_advantages(rewards, values, mask, cfg)
+        adv64, ret64 = algo.gae(rewards64, values.double(), mask, gamma=0.99, lam=0.9)
+        torch.testing.assert_close(ret.double(), ret64, atol=5e-5, rtol=0)
+        white64 = algo.masked_whiten(adv64, mask).clamp(-1.5, 1.5)
+        torch.testing.assert_close(adv.double(), white64, atol=5e-5, rtol=0)
 
 
 def test_one_iteration_matches_float64_reference(tiny_setups):
@@ -215,13 +239,9 @@ def test_one_iteration_matches_float64_reference(tiny_setups):
         with torch.no_grad():
             scores.append(reward64(input_ids=row[None]).logits[0, 0])
     scores = torch.stack(scores)
-    mu, sigma = scores.mean(), scores.std(unbiased=False)     # running stats = this first batch
-    shaped64 = ((scores - mu) / sigma).clamp(-delta, delta)
-    kl64 = (old_lp - ref_lp) * mask
-    rewards64 = -beta * kl64
-    for i in range(4):
-        rewards64[i, int(rollout.lengths[i]) - 1] += shaped64[i]
-    adv64, ret64 = _ref_gae(rewards64, values, mask, gamma, lam)
+    shaped64 = algo.reparameterise_scores(scores, scale=True, norm=True, clip=delta)   # running stats = this batch
+    rewards64, _ = algo.token_rewards(shaped64, old_lp, ref_lp, mask, kl_coef=beta, estimator="k1")
+    adv64, ret64 = algo.gae(rewards64, values, mask, gamma=gamma, lam=lam)
 
     tol = dict(rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(scored.old_logprobs.double(), old_lp, **tol)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from fastppo import algo
 from fastppo import synthetic as S
 from fastppo.cli import main
 from fastppo.config import ConfigError, SFTConfig, load_stage_config
@@ -74,7 +74,7 @@ def test_sft_loss_covers_response_tokens_only(tmp_path):
         p = tok(row["prompt"])["input_ids"]
         r = tok(row["response"])["input_ids"] + [tok.eos_token_id]
         for j, target in enumerate(r):
-            manual -= F.log_softmax(logits[i, len(p) + j - 1], -1)[target].item()
+            manual -= algo.token_logprobs(logits[i, len(p) + j - 1], torch.tensor(target)).logprobs.item()
             n += 1
     assert (batch.labels != IGNORE_INDEX).sum().item() == n
     assert loss.item() == pytest.approx(manual / n, rel=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastppo import algo
 from fastppo.kernels import gae, reference
 from fastppo.kernels.gae import _gae_triton
 
@@ -17,37 +18,14 @@ BACKENDS = ["torch", "triton"]
 
 
 def oracle(rewards, values, mask, gamma, lam):
-    """float64 GAE, one row and one token at a time: each row's valid tokens in order are one episode.
-
-    Computed on the CPU (Python floats), returned on the inputs' device."""
-    r, v, m = (x.cpu().double().tolist() for x in (rewards, values, mask))
-    adv = [[0.0] * len(row) for row in r]
-    for b in range(len(r)):
-        next_value, next_adv = 0.0, 0.0
-        for t in reversed([t for t, keep in enumerate(m[b]) if keep]):
-            delta = r[b][t] + gamma * next_value - v[b][t]
-            next_adv = delta + gamma * lam * next_adv
-            next_value = v[b][t]
-            adv[b][t] = next_adv
-    adv = torch.tensor(adv, dtype=torch.float64, device=rewards.device).reshape(rewards.shape)
-    return adv, torch.where(mask.bool(), adv + values.double(), 0.0)
+    """float64 GAE, one row and one token at a time: each row's valid tokens in order are one episode."""
+    return algo.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam)
 
 
 def python_loop(rewards, values, mask, gamma, lam):
-    """What trainers write (TRL / verl style, masked), in float32: the error budget for the fused op."""
-    m = mask.float()
-    r, v = torch.where(mask.bool(), rewards.float(), 0.0), torch.where(mask.bool(), values.float(), 0.0)
-    next_value = torch.zeros(r.shape[0])
-    last = torch.zeros(r.shape[0])
-    out = []
-    for t in reversed(range(r.shape[1])):
-        delta = r[:, t] + gamma * next_value - v[:, t]
-        adv_t = delta + gamma * lam * last
-        next_value = m[:, t] * v[:, t] + (1 - m[:, t]) * next_value
-        last = m[:, t] * adv_t + (1 - m[:, t]) * last
-        out.append(last)
-    adv = torch.stack(out[::-1], 1) * m if out else torch.zeros_like(r)
-    return adv.double(), ((adv + v) * m).double()
+    """The same loop in float32, as trainers write it: the error budget for the fused op."""
+    adv, ret = algo.gae(rewards.float(), values.float(), mask, gamma=gamma, lam=lam)
+    return adv.double(), ret.double()
 
 
 def make_mask(batch, length, pattern):

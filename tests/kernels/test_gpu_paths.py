@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastppo import algo
 from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, token_logprobs
 from fastppo.kernels._dispatch import on_device_of, triton_interpreter_enabled
 from fastppo.kernels._syncs import count_host_syncs
@@ -64,26 +65,13 @@ def _ppo_inputs(n, size_h, vocab, dtype, device="cpu", *, n_rows_weight=None):
     return hidden, weight, labels, old, adv, mask, ref
 
 
-def _lp_ent(logits, labels, temperature, ignore_index=IGNORE):
-    valid = labels != ignore_index
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    lp = logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
-
-
 def _ppo_loss_of_logits(x, labels, old, adv, mask, ref, *, temperature, ent_coef, kl_coef, dual_clip=None):
     """linear_ppo_loss's loss (k3 KL, clip 0.2) written out, in x's dtype; x the real-vocabulary logits.
     Returns (loss, logprobs · mask)."""
-    lp, ent = _lp_ent(x, labels, temperature)
-    m, a = mask.to(x.dtype), adv.to(x.dtype)
-    ratio = torch.exp(lp - old.to(x.dtype))
-    pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
-    if dual_clip is not None:
-        pg = torch.where(a < 0, torch.minimum(pg, -dual_clip * a), pg)
-    d = lp - ref.to(x.dtype)
-    kl = torch.exp(-d) + d - 1
-    return ((pg - ent_coef * ent + kl_coef * kl) * m).sum() / m.sum(), lp * m
+    out = algo.policy_loss_from_logits(x, labels, old, adv, mask, temperature=temperature, clip_eps=0.2,
+                                       dual_clip=dual_clip, ent_coef=ent_coef, ref_logprobs=ref, kl_coef=kl_coef,
+                                       kl_estimator="k3")
+    return out.loss, out.logprobs
 
 
 # ----------------------------------------------------------------------------
@@ -343,11 +331,10 @@ def test_dhidden_of_bf16_inputs_at_a_large_vocab(device, backend, op):
     def plain(acc):
         """F.linear in the inputs' dtype, then the formulas in `acc` (float64: the oracle)."""
         def fn(h, w):
-            lp = torch.log_softmax(F.linear(h, w).to(acc), -1).gather(-1, labels[:, None]).squeeze(-1)
+            logits = F.linear(h, w).to(acc)
             if op == "linear_token_logprobs":
-                return (lp * g.to(acc)).sum()
-            a, ratio = adv.to(acc), torch.exp(lp - old.to(acc))
-            return torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)).mean()
+                return (algo.token_logprobs(logits, labels).logprobs * g.to(acc)).sum()
+            return algo.policy_loss_from_logits(logits, labels, old, adv, mask, clip_eps=0.2).loss
         return fn
 
     def dhidden(fn, dtype):
@@ -489,8 +476,8 @@ def test_token_logprobs_vocab_size(device, backend, vocab, padded, dtype):
 
     got = run(lambda x: token_logprobs(x, labels, temperature=temperature, return_entropy=True, vocab_size=vocab,
                                        backend=backend), logits)
-    want = run(lambda x: _lp_ent(x[..., :vocab], labels, temperature), logits.double())
-    plain = run(lambda x: _lp_ent(x[..., :vocab].float(), labels, temperature), logits)
+    want = run(lambda x: algo.token_logprobs(x[..., :vocab], labels, temperature=temperature), logits.double())
+    plain = run(lambda x: algo.token_logprobs(x[..., :vocab].float(), labels, temperature=temperature), logits)
     assert (got[2][..., vocab:] == 0).all(), "padding columns must get exactly zero gradient"
     assert got[2].dtype == dtype
     _check(("logprobs", "entropy", "dlogits"), (got[0], got[1], got[2][..., :vocab]),
@@ -544,7 +531,7 @@ def test_linear_token_logprobs_vocab_size(device, backend, vocab, padded, dtype)
 
     def formula(acc):
         def fn(h, w):
-            lp, ent = _lp_ent(F.linear(h, w[:vocab]).to(acc), labels, temperature)
+            lp, ent = algo.token_logprobs(F.linear(h, w[:vocab]).to(acc), labels, temperature=temperature)
             loss = loss_of(lp, ent)
             loss.backward()
             return loss, lp, ent
@@ -563,7 +550,8 @@ def test_linear_ppo_loss_vocab_size(device, backend, vocab, padded, dtype):
     adv = torch.randn(n, device=device)
     # Old and reference logprobs near the current ones: ratios on both sides of the clip range.
     with torch.no_grad():
-        lp0 = _lp_ent(F.linear(hidden.double(), weight[:vocab].double()), labels, temperature)[0].float()
+        lp0 = algo.token_logprobs(F.linear(hidden.double(), weight[:vocab].double()), labels,
+                                    temperature=temperature).logprobs.float()
     old = lp0 + 0.3 * torch.randn(n, device=device)
     ref = lp0 + 0.1 * torch.randn(n, device=device)
 

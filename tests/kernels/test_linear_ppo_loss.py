@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastppo import algo
 from fastppo.kernels import kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss
 
 BACKENDS = ["torch", "triton"]
@@ -35,37 +36,10 @@ CLIP_EPS, DUAL_CLIP = 0.2, 3.0
 # Oracle, plain PyTorch, inputs
 # ----------------------------------------------------------------------------
 
-def kl_estimate(d, estimator):
-    return {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1, "abs": d.abs()}[estimator]
-
-
-def composed(hidden, weight, labels, old, adv, mask, *, temperature=1.0, clip_eps=CLIP_EPS, dual_clip=None,
-             ent_coef=0.0, ref=None, kl_coef=0.0, kl_estimator="k3", normalizer=None, acc=torch.float64):
+def composed(hidden, weight, labels, old, adv, mask, *, ref=None, acc=torch.float64, **kw):
     """The formulas written out with autograd: logits in `hidden`'s dtype, then `acc` (float64: the oracle)."""
-    valid = mask != 0
-    x = F.linear(hidden, weight).to(acc) / temperature
-    logp = torch.log_softmax(x, dim=-1)
-    lp = logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
-    ent = -(torch.softmax(x, dim=-1) * logp).sum(-1)
-    m = valid.to(acc)
-    old, adv = old.to(acc), adv.to(acc)
-    ratio = torch.exp(lp - old)
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    pg = torch.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    if dual_clip is not None:
-        bound = -dual_clip * adv
-        dual = (adv < 0) & (bound < pg)
-        pg, clipped = torch.where(dual, bound, pg), clipped | dual
-    kl = kl_estimate(lp - ref.to(acc), kl_estimator) if ref is not None else torch.zeros_like(lp)
-    n = m.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=acc)
-    n = torch.where(n > 0, n, torch.ones_like(n))
-    mean = lambda t: (t * m).sum() / n  # noqa: E731
-    out = {"policy_loss": mean(pg), "entropy": mean(ent), "kl": mean(kl), "clipfrac": mean(clipped.to(acc)),
-           "approx_kl": mean(ratio - 1 - (lp - old)), "ratio_mean": mean(ratio)}
-    out["loss"] = out["policy_loss"] - ent_coef * out["entropy"] + kl_coef * out["kl"]
-    out["logprobs"] = lp * m
-    return out
+    return algo.policy_loss_from_logits(F.linear(hidden, weight).to(acc), labels, old, adv, mask, ref_logprobs=ref,
+                                        **kw)._asdict()
 
 
 def fused(backend, chunk_size=None):
@@ -99,8 +73,8 @@ def _away_from(r, points, margin=MARGIN):
 
 def _exact_logprobs(hidden, weight, labels, temperature):
     with torch.no_grad():
-        x = F.linear(hidden.double(), weight.double()) / temperature
-        return torch.log_softmax(x, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return algo.token_logprobs(F.linear(hidden.double(), weight.double()), labels.clamp(min=0),
+                                   temperature=temperature).logprobs
 
 
 def old_logprobs_for(hidden, weight, labels, temperature=1.0):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastppo import algo
 from fastppo.kernels import linear_token_logprobs
 from fastppo.kernels.linear_token_logprobs import DEFAULT_CHUNK_BUDGET_BYTES, chunk_budget_bytes, chunk_rows
 
@@ -30,23 +31,16 @@ BACKENDS = ["torch", "triton"]
 # Oracle, plain PyTorch, inputs
 # ----------------------------------------------------------------------------
 
-def _logprobs_entropy(logits, labels, temperature, ignore_index=IGNORE):
-    x = logits / temperature
-    logp = torch.log_softmax(x, dim=-1)
-    valid = labels != ignore_index
-    lp = logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
-    ent = -(torch.softmax(x, dim=-1) * logp).sum(-1)
-    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
-
-
 def oracle(hidden, weight, labels, temperature, ignore_index=IGNORE):
     """float64: hidden @ weightᵀ -> log-softmax -> gather (+ entropy)."""
-    return _logprobs_entropy(hidden.double() @ weight.double().T, labels, temperature, ignore_index)
+    return algo.token_logprobs(hidden.double() @ weight.double().T, labels, temperature=temperature,
+                               ignore_index=ignore_index)
 
 
 def plain(hidden, weight, labels, temperature, ignore_index=IGNORE):
     """What a trainer writes by hand, in the input dtype: the error budget for the fused op."""
-    return _logprobs_entropy(F.linear(hidden, weight).float(), labels, temperature, ignore_index)
+    return algo.token_logprobs(F.linear(hidden, weight).float(), labels, temperature=temperature,
+                               ignore_index=ignore_index)
 
 
 def fused(backend, chunk_size=None):

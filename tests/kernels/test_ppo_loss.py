@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastppo.kernels import PPOLossOutput, ppo_loss, reference
+from fastppo import algo
+from fastppo.kernels import PPOLossOutput, ppo_loss
 from fastppo.kernels.ppo_loss import _fwd_triton
 
 BACKENDS = ["torch", "triton"]
@@ -37,37 +38,12 @@ def make_batch(shape, dtype=torch.float32, *, p_valid=0.7, strided=False):
     return dict(zip(NAMES, tensors), mask=mask)
 
 
-def oracle(batch, *, clip_eps=0.2, value_clip=0.2, vf_coef=1.0, dual_clip=None, normalizer=None):
+def oracle(batch, **kw):
     """float64 losses and statistics straight from the formulas; returns (dict of results, lp, v) for autograd."""
     lp = batch["logprobs"].double().requires_grad_()
     v = batch["values"].double().requires_grad_()
-    old_lp, adv, old_v, ret = (batch[k].double() for k in ("old_logprobs", "advantages", "old_values", "returns"))
-    m = batch["mask"].bool()
-    ratio = torch.exp(lp - old_lp)
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    pg = torch.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    if dual_clip is not None:
-        dual = (adv < 0) & (-dual_clip * adv < pg)
-        pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
-        clipped = clipped | dual
-    vf = (v - ret) ** 2
-    vclipped = torch.zeros_like(m)
-    if value_clip is not None:
-        vf2 = (old_v + (v - old_v).clamp(-value_clip, value_clip) - ret) ** 2
-        vclipped = vf2 > vf
-        vf = torch.maximum(vf, vf2)
-    n = torch.as_tensor(m.sum() if normalizer is None else normalizer, dtype=torch.float64)
-    n = torch.where(n > 0, n, torch.ones((), dtype=torch.float64))
-
-    def mean(x):
-        return torch.where(m, x, torch.zeros((), dtype=x.dtype)).sum() / n
-
-    policy_loss, value_loss = mean(pg), 0.5 * mean(vf)
-    out = dict(loss=policy_loss + vf_coef * value_loss, policy_loss=policy_loss, value_loss=value_loss,
-               clipfrac=mean(clipped.double()), value_clipfrac=mean(vclipped.double()),
-               approx_kl=mean((ratio - 1) - (lp - old_lp)), ratio_mean=mean(ratio))
-    return out, lp, v
+    args = dict({k: batch[k].double() for k in NAMES}, logprobs=lp, values=v)
+    return algo.ppo_loss(*(args[k] for k in NAMES), batch["mask"], **kw)._asdict(), lp, v
 
 
 def run(batch, backend, **kw):
@@ -202,13 +178,15 @@ def test_gradient_through_one_output_and_values_only(backend):
 
 @pytest.mark.parametrize("one_program_tiles", [1, 100])
 def test_kernel_two_stage_reduction(one_program_tiles):
-    """Many programs writing partial sums + the reduce kernel = one program = the torch path."""
+    """Many programs writing partial sums + the reduce kernel = one program = the float64 formulas."""
     batch = make_batch((5, 40))
     inputs = tuple(batch[k] for k in NAMES) + (batch["mask"],)
     for normalizer in (None, 77.0, torch.tensor(80.0)):
         got = _fwd_triton(inputs, normalizer, 0.2, 0.2, 0.5, 3.0, tile=16, one_program_tiles=one_program_tiles)
-        want = reference.ppo_loss_forward(*inputs, 0.2, 0.2, 0.5, 3.0, normalizer)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        want, _, _ = oracle(batch, clip_eps=0.2, value_clip=0.2, vf_coef=0.5, dual_clip=3.0, normalizer=normalizer)
+        torch.testing.assert_close(got[:7].double(), torch.stack([want[name] for name in PPOLossOutput._fields]).detach(),
+                                   atol=1e-6, rtol=1e-5)
+        assert got[7].item() == float(batch["mask"].sum() if normalizer is None else normalizer)   # the normalizer
 
 
 def test_backends_agree():

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from fastppo import algo
 from fastppo.kernels import token_logprobs
 
 BACKENDS = ["torch", "triton"]
@@ -19,22 +20,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def oracle(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int = -100):
     """float64 logprobs and entropy; ignored positions give 0 (and so no gradient)."""
-    x = logits.double() / temperature
-    logp = torch.log_softmax(x, dim=-1)
-    valid = labels != ignore_index
-    lp = logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
+    return algo.token_logprobs(logits.double(), labels, temperature=temperature, ignore_index=ignore_index)
 
 
 def plain(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int = -100):
     """What a trainer writes by hand, in float32: the error budget for the fused op."""
-    x = logits.float() / temperature
-    logp = torch.log_softmax(x, dim=-1)
-    valid = labels != ignore_index
-    lp = logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
-    ent = -(torch.softmax(x, -1) * logp).sum(-1)
-    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
+    return algo.token_logprobs(logits.float(), labels, temperature=temperature, ignore_index=ignore_index)
 
 
 def forward_backward(fn, logits, labels, g_lp, g_ent, temperature, dtype=None):
