@@ -24,7 +24,7 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
 from ._layout import MASK_DTYPES, loadable_mask, rows_unit_stride
-from . import reference
+from . import torch_backend
 
 
 # ----------------------------------------------------------------------------
@@ -209,5 +209,5 @@ def gae(
     if backend == "triton":
         adv, ret = _gae_triton(r2d, v2d, m2d, gamma, lam)
     else:
-        adv, ret = reference.gae(r2d, v2d, m2d, gamma, lam)
+        adv, ret = torch_backend.gae(r2d, v2d, m2d, gamma, lam)
     return AdvantagesAndReturns(adv.view(rewards.shape), ret.view(rewards.shape))

@@ -20,7 +20,7 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import rows_unit_stride, tile_shape
-from . import reference
+from . import torch_backend
 
 ESTIMATORS = ("k1", "k2", "k3", "abs")
 
@@ -157,7 +157,7 @@ class _KLPenalty(torch.autograd.Function):
             ctx.save_for_backward(lp2d, ref2d)                      # the backward recomputes d
         else:
             # The CPU path keeps dk/dd instead: one (B, T) float32, as autograd would.
-            out, slope = reference.kl_penalty_forward(lp2d, ref2d, estimator, clamp,
+            out, slope = torch_backend.kl_penalty_forward(lp2d, ref2d, estimator, clamp,
                                                       with_slope=any(ctx.needs_input_grad[:2]))
             ctx.save_for_backward(slope)
             ctx.dtypes = (lp2d.dtype, ref2d.dtype)

@@ -14,7 +14,7 @@ chunk's logits are in memory, and the logits never need to be recomputed:
             dlogits, then the dhidden and dW GEMMs: 6·N·H·V FLOP, the minimum
             for forward + backward; each chunk written once by the GEMM, read
             twice, overwritten once (CPU twin: no (C, V) temporary, see
-            reference.linear_ppo_chunk_).
+            torch_backend.linear_ppo_chunk_).
 
 The naive path (``F.linear`` → ``log_softmax(.float())`` → gather → PPO
 formulas) keeps an (N, V) float32 log-softmax for backward and writes an
@@ -55,7 +55,7 @@ from ._checks import (
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import MASK_DTYPES, loadable_mask, valid_of
-from . import reference
+from . import torch_backend
 from .kl_penalty import ESTIMATORS
 from .linear_token_logprobs import _chunks, _dhidden_into, _logits_into, _plan, _weight_operand
 from .token_logprobs import _block_v
@@ -85,7 +85,7 @@ def _linear_ppo_loss_fwd_kernel(
     the label's logprob and the entropy H. Then the token's terms:
       ρ = exp(lp − old), pg = max(−A·ρ, −A·clip(ρ, 1 ± ε)) [dual clip: min(·, −c·A) for A < 0],
       approx_kl = (ρ − 1) − log ρ,  kl = k(lp − ref) for the estimator k,
-    written to the (7, tokens) statistics at tok_ptr (reference.PPO_TOKEN_STATS order).
+    written to the (7, tokens) statistics at tok_ptr (torch_backend.PPO_TOKEN_STATS order).
     Pass 2 (WITH_GRAD): with n the normalizer,
       g_lp = (−A·ρ unless clipped, else 0  +  kl_coef·k'(lp − ref)) / n,  g_ent = −ent_coef / n,
       dlogits_j = (g_lp·([j = label] − p_j) − g_ent·p_j·(log p_j + H)) / T,
@@ -226,7 +226,7 @@ def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, 
     vocab, device = weight.shape[0], hidden2d.device
     n_tok = index.numel() if index is not None else n_rows
     with_grad = need_dh or need_dw
-    tok = empty_output((len(reference.PPO_TOKEN_STATS), n_tok), torch.float32, device)
+    tok = empty_output((len(torch_backend.PPO_TOKEN_STATS), n_tok), torch.float32, device)
     dhidden = None
     if need_dh:                                                         # all rows written when index is None
         dhidden = (torch.zeros if index is not None else empty_output)(
@@ -266,7 +266,7 @@ def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, 
             else:                                                       # 1/T folded into the GEMM (free)
                 torch.addmm(logits, h_buf, w.t(), beta=0.0, alpha=1.0 / temperature, out=logits)
             clip_eps, dual_clip, ent_coef, kl_coef, estimator, _ = cfg
-            tok[:, rows] = reference.linear_ppo_chunk_(
+            tok[:, rows] = torch_backend.linear_ppo_chunk_(
                 logits[:n], *token_args, norm, temperature, clip_eps, dual_clip, ent_coef, kl_coef, estimator,
                 with_grad, vocab_size, valid_rows)
             if with_grad and dlogits is not logits:

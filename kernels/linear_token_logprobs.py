@@ -9,12 +9,12 @@ tensors resident at the peak (N=16384, V=151936: 10 GB each).
 Here the N rows are processed in chunks of C rows. Forward, per chunk: the
 chunk's logits (C, V) are computed in float32 by one GEMM, then reduced to
 three floats per row (logprob, entropy, log-sum-exp) by token_logprobs' forward
-kernel (triton backend) or by reference.linear_logits_chunk_forward_ (torch
+kernel (triton backend) or by torch_backend.linear_logits_chunk_forward_ (torch
 backend: the same math in place, one (C, V) temporary), and the buffer is
 reused for the next chunk. Backward, per chunk: the logits are recomputed (one
 extra GEMM, 8·N·H·V FLOP in all instead of 6) and turned into dlogits in place
 from the saved log-sum-exp (token_logprobs' backward kernel, or
-reference.linear_logits_chunk_backward_), then dhidden[chunk] = dlogits @ W
+torch_backend.linear_logits_chunk_backward_), then dhidden[chunk] = dlogits @ W
 (written in float32: K = V terms, rounded once) and dW += dlogitsᵀ @
 hidden[chunk], dW accumulated in float32 across chunks and cast once at the
 end. Peak extra memory: one chunk's buffers (the budget, see
@@ -43,7 +43,7 @@ from ._checks import (
     check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, resolve_backend
-from . import reference
+from . import torch_backend
 from .token_logprobs import LogprobsAndEntropy, _bwd_triton, _fwd_triton
 
 
@@ -163,7 +163,7 @@ def bytes_per_chunk_row(vocab: int, hidden_size: int, dtype: torch.dtype, backen
     The float32 logits (4·V), the dlogits in the input dtype when the GEMM
     writes float32 from half operands (2·V; otherwise dlogits overwrite the
     logits), the torch backend's one float32 temporary (4·V, see
-    reference.linear_logits_chunk_forward_), and two (H,) rows of GEMM operands
+    torch_backend.linear_logits_chunk_forward_), and two (H,) rows of GEMM operands
     and results (the hidden rows, the float32 dhidden rows): 8·H.
     """
     per_row = 4 * vocab + 8 * hidden_size
@@ -279,7 +279,7 @@ def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, 
     out = torch.zeros(3, n_rows, dtype=torch.float32, device=device)
     if n_rows == 0:
         return out[0], out[1], out[2]
-    fwd = _fwd_triton if backend == "triton" else reference.linear_logits_chunk_forward_
+    fwd = _fwd_triton if backend == "triton" else torch_backend.linear_logits_chunk_forward_
     w = _weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, hidden2d.shape[1], dtype=plan.operand_dtype, device=device)
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
@@ -316,7 +316,7 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
             if backend == "triton":
                 _bwd_triton(logits[:n], *args, out=dlogits[:n])
             else:
-                reference.linear_logits_chunk_backward_(logits[:n], *args)             # in place
+                torch_backend.linear_logits_chunk_backward_(logits[:n], *args)             # in place
                 if dlogits is not logits:
                     dlogits[:n] = logits[:n]
             if n < plan.chunk:

@@ -25,7 +25,7 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, check_non_negative, check_same_device, check_shape, check_tensor
 from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import MASK_DTYPES, loadable_mask, rows_unit_stride, tile_shape
-from . import reference
+from . import torch_backend
 
 # Partial sums per program: pg, vf, clipped, value-clipped, kl, ratio, count (+1 pad).
 _N_PARTIALS = 8
@@ -258,7 +258,7 @@ def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *,
     lp, old_lp, adv, val, old_val, ret, mask = inputs
     n_rows, n_cols = lp.shape
     if n_rows * n_cols == 0:
-        return reference.ppo_loss_forward(*inputs, clip_eps, value_clip, vf_coef, dual_clip, normalizer)
+        return torch_backend.ppo_loss_forward(*inputs, clip_eps, value_clip, vf_coef, dual_clip, normalizer)
     device = lp.device
     mask = loadable_mask(mask)
     block_m, block_t = tile_shape(n_cols, tile)
@@ -337,7 +337,7 @@ class _PPOLoss(torch.autograd.Function):
         else:
             # The CPU path keeps the two per-token derivatives instead (8 bytes per token).
             with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
-            result = reference.ppo_loss_forward(*inputs, clip_eps, value_clip, vf_coef, dual_clip, norm,
+            result = torch_backend.ppo_loss_forward(*inputs, clip_eps, value_clip, vf_coef, dual_clip, norm,
                                                 with_grads=with_grads)
             out, dpg, derr = result if with_grads else (result, None, None)
             ctx.save_for_backward(dpg, derr, out)

@@ -23,7 +23,7 @@ from ._checks import (
     check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from . import reference
+from . import torch_backend
 
 
 # ----------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, t
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels1d, temperature, ignore_index, vocab_size, backend):
-        fwd = _fwd_triton if backend == "triton" else reference.token_logprobs_forward
+        fwd = _fwd_triton if backend == "triton" else torch_backend.token_logprobs_forward
         logprobs, entropy, lse = fwd(logits2d, labels1d, temperature, ignore_index, vocab_size)
         ctx.save_for_backward(logits2d, labels1d, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.vocab_size, ctx.backend = temperature, ignore_index, vocab_size, backend
@@ -204,7 +204,7 @@ class _TokenLogprobs(torch.autograd.Function):
             grad_logprobs = grad_logprobs.float().contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
-        bwd = _bwd_triton if ctx.backend == "triton" else reference.token_logprobs_backward
+        bwd = _bwd_triton if ctx.backend == "triton" else torch_backend.token_logprobs_backward
         dlogits = bwd(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature, ctx.ignore_index,
                       ctx.vocab_size)
         return dlogits, None, None, None, None, None

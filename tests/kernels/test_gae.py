@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastppo.kernels import gae, reference
+from fastppo.kernels import gae, torch_backend as reference
 from fastppo.kernels.gae import _gae_triton
 
 BACKENDS = ["torch", "triton"]

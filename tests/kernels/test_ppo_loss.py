@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastppo.kernels import PPOLossOutput, ppo_loss, reference
+from fastppo.kernels import PPOLossOutput, ppo_loss, torch_backend
 from fastppo.kernels.ppo_loss import _fwd_triton
 
 BACKENDS = ["torch", "triton"]
@@ -207,7 +207,7 @@ def test_kernel_two_stage_reduction(one_program_tiles):
     inputs = tuple(batch[k] for k in NAMES) + (batch["mask"],)
     for normalizer in (None, 77.0, torch.tensor(80.0)):
         got = _fwd_triton(inputs, normalizer, 0.2, 0.2, 0.5, 3.0, tile=16, one_program_tiles=one_program_tiles)
-        want = reference.ppo_loss_forward(*inputs, 0.2, 0.2, 0.5, 3.0, normalizer)
+        want = torch_backend.ppo_loss_forward(*inputs, 0.2, 0.2, 0.5, 3.0, normalizer)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 

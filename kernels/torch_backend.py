@@ -1,9 +1,9 @@
-"""Pure-PyTorch implementations of the fused ops.
+"""The fast PyTorch backend of the fused ops (``backend="torch"``, the default off CUDA).
 
-These are the CPU backend (``backend="torch"``) and the readable statement of
-what each Triton kernel computes. Where a function is also the CPU hot path it
-works in row chunks so that its extra memory stays bounded whatever the number
-of rows is; the float64 test oracles live in ``tests/``.
+The same results as the Triton kernels, tuned for CPU: chunked over rows so
+that the extra memory stays bounded whatever the number of rows, in place
+where it saves temporaries. It is not the readable statement of the math: the
+float64 oracles the tests compare both backends against are.
 """
 
 from __future__ import annotations
