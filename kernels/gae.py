@@ -45,8 +45,7 @@ def _gae_scan_combine(a_acc, b_acc, a_cur, b_cur):
 @triton.jit
 def _gae_fwd_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
-    n_cols, stride_rm, stride_vm, stride_mm, stride_om,
-    gamma, lam,
+    n_cols, stride_rm, stride_vm, stride_mm, stride_om, gamma, lam,
     BLOCK_T: tl.constexpr,
 ):
     """One program per row, blocks from the last to the first, each read in reverse.
@@ -157,15 +156,8 @@ class AdvantagesAndReturns(NamedTuple):
 
 
 @torch.no_grad()
-def gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    backend: str | None = None,
-):
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95,
+        backend: str | None = None) -> AdvantagesAndReturns:
     """Generalised advantage estimation (Schulman et al. 2016) over each row's valid tokens.
 
     Each row's valid tokens (mask nonzero), taken in order, are one episode;

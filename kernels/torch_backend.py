@@ -55,14 +55,8 @@ def token_logprobs_forward(
 
 
 def token_logprobs_backward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logprobs: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int,
     vocab_size: int,
 ) -> torch.Tensor:
     """Gradient of sum(grad_logprobs·logprobs + grad_entropy·entropy) w.r.t. logits (N, V).
@@ -407,14 +401,8 @@ def linear_logits_chunk_forward_(
 
 
 def linear_logits_chunk_backward_(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logprobs: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int,
     vocab_size: int,
 ) -> torch.Tensor:
     """logits (C, V) float32 -> dlogits, written over them (the same tensor is returned).

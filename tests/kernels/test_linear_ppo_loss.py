@@ -795,3 +795,13 @@ def test_policy_weight_off_the_mask_is_not_read():
     outs = [linear_ppo_loss(*args.values(), policy_weight=torch.tensor([0.5, 2.0, bad]))
             for bad in (1.0, float("nan"), -3.0)]
     assert all(torch.equal(o.loss, outs[0].loss) for o in outs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_weight_gets_no_gradient(backend):
+    """A weight computed with autograd on is used as a constant."""
+    args, _ = _args()
+    args["hidden"].requires_grad_()
+    weight = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
+    linear_ppo_loss(*args.values(), policy_weight=weight, backend=backend).loss.backward()
+    assert weight.grad is None and args["hidden"].grad is not None

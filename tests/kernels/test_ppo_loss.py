@@ -426,3 +426,13 @@ def test_bad_new_arguments(over, exc, match):
     batch = make_batch((2, 5), p_valid=1.0)
     with pytest.raises(exc, match=match):
         ppo_loss(*(batch[k] for k in NAMES), batch["mask"], **over)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_weight_gets_no_gradient(backend):
+    """A weight computed with autograd on (e.g. from logprobs that require grad) is used as a constant."""
+    batch = make_batch((2, 11))
+    weight = random_weight((2, 11)).requires_grad_()
+    out, lp, _ = run(batch, backend, policy_weight=weight)
+    out.loss.backward()
+    assert weight.grad is None and lp.grad is not None
