@@ -454,7 +454,7 @@ def linear_ppo_loss(
         approx_kl, ratio_mean`` as 0-dim float32 tensors (no host sync) and
         ``logprobs`` (...) float32, detached, 0 off the mask. Only ``loss`` is
         differentiable, in ``hidden`` and ``weight`` (old_logprobs,
-        advantages and ref_logprobs are constants). Gradients come back in
+        advantages, ref_logprobs and policy_weight are constants). Gradients come back in
         the inputs' dtypes, dW summed over chunks in float32 and cast once.
 
     The gradients are computed in forward whenever hidden or weight requires
