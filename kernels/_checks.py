@@ -46,6 +46,91 @@ def check_non_negative(name: str, value: float | None, *, allow_none: bool = Fal
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def check_dual_clip(dual_clip) -> float | None:
+    """dual_clip: None, or a number c > 1 (the bound −c·A of the surrogate for A < 0)."""
+    if dual_clip is None:
+        return None
+    if not isinstance(dual_clip, (int, float)) or isinstance(dual_clip, bool):
+        raise TypeError(f"dual_clip must be a number or None, got {type(dual_clip).__name__}")
+    if not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    return float(dual_clip)
+
+
+def check_clip_range(clip_eps, clip_eps_high) -> tuple[float, float]:
+    """(ε, ε_high) of the ratio's clip range [1 − ε, 1 + ε_high]; clip_eps_high None means ε."""
+    check_non_negative("clip_eps", clip_eps)
+    check_non_negative("clip_eps_high", clip_eps_high, allow_none=True)
+    return float(clip_eps), float(clip_eps if clip_eps_high is None else clip_eps_high)
+
+
+def check_normalizer(normalizer, ref_name: str, ref: torch.Tensor) -> torch.Tensor | float | None:
+    """normalizer: None, a number ≥ 0 (-> float) or a 1-element real tensor on ref's device (-> 0-dim float32)."""
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a 1-element tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must have a real dtype, got {normalizer.dtype}")
+        check_same_device("normalizer", normalizer, ref_name, ref)
+        return normalizer.detach().reshape(()).to(torch.float32)
+    if normalizer is None:
+        return None
+    check_non_negative("normalizer", normalizer)
+    return float(normalizer)
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def check_policy_weight(weight, mask: torch.Tensor, ref_name: str, ref: torch.Tensor, what: str) -> None:
+    """policy_weight: None, or a float tensor of mask's shape on ref's device, finite and ≥ 0 where mask is set.
+
+    The values are checked on CPU only, where reading them costs no host sync
+    (as for labels); on a GPU a NaN or infinite weight makes the loss
+    non-finite, which the trainer's non-finite step guard reports.
+    """
+    if weight is None:
+        return
+    check_tensor("policy_weight", weight, dtypes=(*FLOAT_DTYPES, torch.float64))
+    check_same_device("policy_weight", weight, ref_name, ref)
+    check_shape("policy_weight", weight, mask.shape, what)
+    if weight.device.type == "cpu":
+        bad = (~torch.isfinite(weight) | (weight < 0)) & (mask != 0)
+        if bool(bad.any()):
+            raise ValueError(f"policy_weight must be finite and >= 0 where mask is set; found {weight[bad][0].item()}")
+
+
+def check_lm_head(hidden, weight, vocab_size) -> int:
+    """hidden (..., H) and an lm_head weight (V, H) of hidden's float dtype and device; returns the number of
+    real vocabulary rows (`check_vocab_size`)."""
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({str(hidden.dtype).removeprefix('torch.')}), "
+                        f"got {str(weight.dtype).removeprefix('torch.')}")
+    check_same_device("weight", weight, "hidden", hidden)
+    size_h = hidden.shape[-1]
+    if weight.shape[1] != size_h:
+        raise ValueError(f"weight must have shape (V, {size_h}) (H = the last dimension of hidden), "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have a non-empty first (vocabulary) dimension")
+    return check_vocab_size(vocab_size, weight.shape[0], "the rows of weight")
+
+
+def check_ignore_index(ignore_index) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
 def check_vocab_size(vocab_size, width: int, what: str) -> int:
     """The number of real vocabulary columns: ``vocab_size``, or ``width`` (all columns) when it is None."""
     if vocab_size is None:

@@ -1,7 +1,7 @@
 """Backend selection shared by every fused op.
 
 Each op has a Triton implementation (CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``) and a pure-PyTorch one (``reference.py``). ``backend``
+``TRITON_INTERPRET=1``) and a pure-PyTorch one (``torch_backend.py``). ``backend``
 picks one per call; ``None`` means "triton on CUDA, torch elsewhere", and the
 ``FASTPPO_BACKEND`` environment variable replaces that default.
 """

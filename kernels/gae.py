@@ -24,7 +24,7 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
 from ._layout import MASK_DTYPES, loadable_mask, rows_unit_stride
-from . import reference
+from . import torch_backend
 
 
 # ----------------------------------------------------------------------------
@@ -45,8 +45,7 @@ def _gae_scan_combine(a_acc, b_acc, a_cur, b_cur):
 @triton.jit
 def _gae_fwd_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
-    n_cols, stride_rm, stride_vm, stride_mm, stride_om,
-    gamma, lam,
+    n_cols, stride_rm, stride_vm, stride_mm, stride_om, gamma, lam,
     BLOCK_T: tl.constexpr,
 ):
     """One program per row, blocks from the last to the first, each read in reverse.
@@ -157,15 +156,8 @@ class AdvantagesAndReturns(NamedTuple):
 
 
 @torch.no_grad()
-def gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    backend: str | None = None,
-):
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95,
+        backend: str | None = None) -> AdvantagesAndReturns:
     """Generalised advantage estimation (Schulman et al. 2016) over each row's valid tokens.
 
     Each row's valid tokens (mask nonzero), taken in order, are one episode;
@@ -209,5 +201,5 @@ def gae(
     if backend == "triton":
         adv, ret = _gae_triton(r2d, v2d, m2d, gamma, lam)
     else:
-        adv, ret = reference.gae(r2d, v2d, m2d, gamma, lam)
+        adv, ret = torch_backend.gae(r2d, v2d, m2d, gamma, lam)
     return AdvantagesAndReturns(adv.view(rewards.shape), ret.view(rewards.shape))

@@ -20,7 +20,8 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import rows_unit_stride, tile_shape
-from . import reference
+from ._math import kl_estimate
+from . import torch_backend
 
 ESTIMATORS = ("k1", "k2", "k3", "abs")
 
@@ -42,15 +43,7 @@ def _kl_penalty_fwd_kernel(
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     lp = tl.load(lp_ptr + rows[:, None] * stride_lm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    d = lp - ref
-    if ESTIMATOR == "k1":
-        kl = d
-    elif ESTIMATOR == "k2":
-        kl = 0.5 * d * d
-    elif ESTIMATOR == "k3":
-        kl = tl.maximum(tl.exp(-d) + d - 1.0, 0.0)                 # ≥ 0 despite rounding near d = 0
-    else:
-        kl = tl.abs(d)
+    kl, _slope = kl_estimate(lp - ref, ESTIMATOR)
     if HAS_CLAMP:
         c = tl.cast(clamp, tl.float32)
         kl = tl.minimum(tl.maximum(kl, -c), c)
@@ -67,7 +60,7 @@ def _kl_penalty_bwd_kernel(
 ):
     """dk/d lp = k'(d) and dk/d ref = −k'(d), zero where the clamp is active.
 
-    k1' = 1, k2' = d, k3' = 1 − exp(−d), abs' = sign(d). The upstream gradient
+    k' from _math.kl_estimate: k1' = 1, k2' = d, k3' = 1 − exp(−d), abs' = sign(d). The upstream gradient
     may be an expanded view (stride 0), hence its own strides.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,20 +69,7 @@ def _kl_penalty_bwd_kernel(
     lp = tl.load(lp_ptr + rows[:, None] * stride_lm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gt, mask=mask, other=0.0).to(tl.float32)
-    d = lp - ref
-    if ESTIMATOR == "k1":
-        kl = d
-        slope = tl.full(d.shape, 1.0, tl.float32)
-    elif ESTIMATOR == "k2":
-        kl = 0.5 * d * d
-        slope = d
-    elif ESTIMATOR == "k3":
-        e = tl.exp(-d)
-        kl = tl.maximum(e + d - 1.0, 0.0)
-        slope = 1.0 - e
-    else:
-        kl = tl.abs(d)
-        slope = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+    kl, slope = kl_estimate(lp - ref, ESTIMATOR)
     if HAS_CLAMP:
         # The gradient passes where -clamp <= kl <= clamp, as for torch.clamp.
         c = tl.cast(clamp, tl.float32)
@@ -157,7 +137,7 @@ class _KLPenalty(torch.autograd.Function):
             ctx.save_for_backward(lp2d, ref2d)                      # the backward recomputes d
         else:
             # The CPU path keeps dk/dd instead: one (B, T) float32, as autograd would.
-            out, slope = reference.kl_penalty_forward(lp2d, ref2d, estimator, clamp,
+            out, slope = torch_backend.kl_penalty_forward(lp2d, ref2d, estimator, clamp,
                                                       with_slope=any(ctx.needs_input_grad[:2]))
             ctx.save_for_backward(slope)
             ctx.dtypes = (lp2d.dtype, ref2d.dtype)

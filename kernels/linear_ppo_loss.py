@@ -14,7 +14,7 @@ chunk's logits are in memory, and the logits never need to be recomputed:
             dlogits, then the dhidden and dW GEMMs: 6·N·H·V FLOP, the minimum
             for forward + backward; each chunk written once by the GEMM, read
             twice, overwritten once (CPU twin: no (C, V) temporary, see
-            reference.linear_ppo_chunk_).
+            torch_backend.linear_ppo_chunk_).
 
 The naive path (``F.linear`` → ``log_softmax(.float())`` → gather → PPO
 formulas) keeps an (N, V) float32 log-softmax for backward and writes an
@@ -50,12 +50,14 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._checks import (
-    FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_non_negative, check_positive, check_same_device,
-    check_shape, check_tensor, check_vocab_size,
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_chunk_size, check_clip_range, check_dual_clip, check_labels_in_range,
+    check_lm_head, check_non_negative, check_normalizer, check_policy_weight, check_positive, check_same_device,
+    check_shape, check_tensor,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import MASK_DTYPES, loadable_mask, valid_of
-from . import reference
+from ._math import clipped_surrogate, kl_estimate, lse_and_entropy, online_lse_step, softmax_grad
+from . import torch_backend
 from .kl_penalty import ESTIMATORS
 from .linear_token_logprobs import _chunks, _dhidden_into, _logits_into, _plan, _weight_operand
 from .token_logprobs import _block_v
@@ -67,11 +69,11 @@ from .token_logprobs import _block_v
 
 @triton.jit
 def _linear_ppo_loss_fwd_kernel(
-    logits_ptr, dlogits_ptr, labels_ptr, old_lp_ptr, adv_ptr, ref_lp_ptr, valid_ptr, norm_ptr, tok_ptr,
+    logits_ptr, dlogits_ptr, labels_ptr, old_lp_ptr, adv_ptr, ref_lp_ptr, w_ptr, valid_ptr, norm_ptr, tok_ptr,
     n_cols, n_vocab, stride_lm, stride_dm, stride_tok,
-    temperature, clip_eps, dual_clip, ent_coef, kl_coef,
-    HAS_DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, ESTIMATOR: tl.constexpr, WITH_GRAD: tl.constexpr,
-    HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
+    temperature, clip_eps, clip_eps_high, dual_clip, ent_coef, kl_coef,
+    HAS_DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, ESTIMATOR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    WITH_GRAD: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per token (a row of the float32 chunk of logits, unit column stride).
 
@@ -80,14 +82,13 @@ def _linear_ppo_loss_fwd_kernel(
     gradient 0). With HAS_VALID, a token whose valid flag
     is 0 (its inputs zeroed by the launcher) gets zero statistics and gradient.
 
-    Pass 1 (as token_logprobs' forward): online max / Σ exp / Σ exp·x over
-    vocab blocks, relative to the running max (started at −inf), giving lse,
-    the label's logprob and the entropy H. Then the token's terms:
-      ρ = exp(lp − old), pg = max(−A·ρ, −A·clip(ρ, 1 ± ε)) [dual clip: min(·, −c·A) for A < 0],
-      approx_kl = (ρ − 1) − log ρ,  kl = k(lp − ref) for the estimator k,
-    written to the (7, tokens) statistics at tok_ptr (reference.PPO_TOKEN_STATS order).
+    Pass 1 (as token_logprobs' forward, _math.online_lse_step): lse, the
+    label's logprob and the entropy H. Then the token's terms:
+      ρ = exp(lp − old), pg and its slope dpg = _math.clipped_surrogate (weighted by w when HAS_WEIGHT),
+      approx_kl = (ρ − 1) − log ρ,  kl = k(lp − ref) for the estimator k (_math.kl_estimate),
+    written to the (7, tokens) statistics at tok_ptr (torch_backend.PPO_TOKEN_STATS order).
     Pass 2 (WITH_GRAD): with n the normalizer,
-      g_lp = (−A·ρ unless clipped, else 0  +  kl_coef·k'(lp − ref)) / n,  g_ent = −ent_coef / n,
+      g_lp = (dpg + kl_coef·k'(lp − ref)) / n,  g_ent = −ent_coef / n,
       dlogits_j = (g_lp·([j = label] − p_j) − g_ent·p_j·(log p_j + H)) / T,
     written in dlogits' dtype (it may alias the logits: each block is read before it is written).
     """
@@ -105,54 +106,22 @@ def _linear_ppo_loss_fwd_kernel(
     for block in range(0, tl.cdiv(n_cols, BLOCK_V)):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        x = tl.where(offs < n_vocab, x / temp, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-        e = tl.exp(x - m_ref)
-        x_rel = tl.where(e > 0.0, x - m_ref, 0.0)
-        t = alpha * (t + shift * s) + tl.sum(e * x_rel, axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, t = online_lse_step(m, s, t, tl.where(offs < n_vocab, x / temp, float("-inf")))
 
     label_ok = (label >= 0) & (label < n_vocab)
     x_label = tl.load(row_ptr + label, mask=label_ok, other=0.0).to(tl.float32) / temp
-    log_s = tl.log(s)
-    lse = tl.where(m == float("-inf"), 0.0, m) + log_s
+    lse, ent = lse_and_entropy(m, s, t)
     logp = x_label - lse
-    ent = log_s - t / s
 
-    eps = tl.cast(clip_eps, tl.float32)
-    adv = tl.load(adv_ptr + row).to(tl.float32)
     log_ratio = logp - tl.load(old_lp_ptr + row).to(tl.float32)
     ratio = tl.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps), 1.0 + eps)
-    clipped = pg2 > pg1
-    pg = tl.maximum(pg1, pg2)
-    if HAS_DUAL_CLIP:
-        bound = -tl.cast(dual_clip, tl.float32) * adv
-        dual = (adv < 0.0) & (bound < pg)
-        clipped = clipped | dual
-        pg = tl.where(dual, bound, pg)
+    w = tl.load(w_ptr + row).to(tl.float32) if HAS_WEIGHT else 1.0
+    pg, dpg, clipped = clipped_surrogate(ratio, tl.load(adv_ptr + row).to(tl.float32), w, clip_eps, clip_eps_high,
+                                         dual_clip, HAS_DUAL_CLIP, HAS_WEIGHT)
     kl = 0.0
     slope = 0.0
     if HAS_REF:
-        d = logp - tl.load(ref_lp_ptr + row).to(tl.float32)
-        if ESTIMATOR == "k1":
-            kl = d
-            slope = 1.0
-        elif ESTIMATOR == "k2":
-            kl = 0.5 * d * d
-            slope = d
-        elif ESTIMATOR == "k3":
-            e_neg = tl.exp(-d)
-            kl = tl.maximum(e_neg + d - 1.0, 0.0)
-            slope = 1.0 - e_neg
-        else:
-            kl = tl.abs(d)
-            slope = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+        kl, slope = kl_estimate(logp - tl.load(ref_lp_ptr + row).to(tl.float32), ESTIMATOR)
     tl.store(tok_ptr + row, tl.where(keep, logp, 0.0))
     tl.store(tok_ptr + stride_tok + row, tl.where(keep, ent, 0.0))
     tl.store(tok_ptr + 2 * stride_tok + row, tl.where(keep, pg, 0.0))
@@ -163,17 +132,14 @@ def _linear_ppo_loss_fwd_kernel(
 
     if WITH_GRAD:
         n = tl.load(norm_ptr).to(tl.float32)
-        g_lp = tl.where(keep, (tl.where(clipped, 0.0, pg1) + tl.cast(kl_coef, tl.float32) * slope) / n, 0.0)
+        g_lp = tl.where(keep, (dpg + tl.cast(kl_coef, tl.float32) * slope) / n, 0.0)
         g_ent = tl.where(keep, -tl.cast(ent_coef, tl.float32) / n, 0.0)
         for block in range(0, tl.cdiv(n_cols, BLOCK_V)):
             offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
             col_mask = offs < n_cols
             x = tl.load(row_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
             x = tl.where(offs < n_vocab, x / temp, float("-inf"))           # padding: p = 0, gradient 0
-            logp_j = x - lse
-            p = tl.exp(logp_j)
-            grad = tl.where(offs == label, g_lp, 0.0) - p * g_lp
-            grad -= g_ent * tl.where(p > 0.0, p * (logp_j + ent), 0.0)
+            grad = softmax_grad(offs == label, x - lse, ent, g_lp, g_ent, True, True)
             tl.store(dlogits_ptr + row * stride_dm + offs, (grad / temp).to(dlogits_ptr.dtype.element_ty),
                      mask=col_mask)
 
@@ -182,21 +148,36 @@ def _linear_ppo_loss_fwd_kernel(
 # 2. Launcher and the chunked forward (which is also the backward)
 # ----------------------------------------------------------------------------
 
-def _chunk_triton(logits, dlogits, labels, old_lp, adv, ref_lp, valid, norm, tok, cfg, vocab_size, with_grad):
+class LinearPPOParams(NamedTuple):
+    """The scalar parameters of one `linear_ppo_loss` call, as the chunk functions of both backends read them."""
+
+    clip_eps: float
+    clip_eps_high: float
+    dual_clip: float | None
+    ent_coef: float
+    kl_coef: float
+    kl_estimator: str
+    temperature: float
+
+
+def _chunk_triton(logits, dlogits, labels, old_lp, adv, ref_lp, weight, valid, norm, tok, params: LinearPPOParams,
+                  vocab_size, with_grad):
     """One chunk of n tokens: logits (n, V) float32, dlogits (n, V) or None, valid (n,) bool or None
-    (None: all valid), tok (7, n) float32 out."""
+    (None: all valid), weight (n,) float32 or None, tok (7, n) float32 out."""
     n_rows, n_cols = logits.shape
-    clip_eps, dual_clip, ent_coef, kl_coef, estimator, temperature = cfg
+    p = params
     block_v = _block_v(n_cols, 4096)
     out = dlogits if with_grad else logits
     with on_device_of(logits):
         _linear_ppo_loss_fwd_kernel[(n_rows,)](
             logits, out, labels, old_lp, adv, ref_lp if ref_lp is not None else old_lp,
-            loadable_mask(valid) if valid is not None else labels, norm, tok,
-            n_cols, vocab_size, logits.stride(0), out.stride(0), tok.stride(0),
-            temperature, clip_eps, dual_clip if dual_clip is not None else 0.0, ent_coef, kl_coef,
-            HAS_DUAL_CLIP=dual_clip is not None, HAS_REF=ref_lp is not None, ESTIMATOR=estimator,
-            WITH_GRAD=with_grad, HAS_VALID=valid is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+            weight if weight is not None else old_lp, loadable_mask(valid) if valid is not None else labels, norm,
+            tok, n_cols, vocab_size, logits.stride(0), out.stride(0), tok.stride(0),
+            p.temperature, p.clip_eps, p.clip_eps_high, p.dual_clip if p.dual_clip is not None else 0.0,
+            p.ent_coef, p.kl_coef,
+            HAS_DUAL_CLIP=p.dual_clip is not None, HAS_REF=ref_lp is not None, ESTIMATOR=p.kl_estimator,
+            HAS_WEIGHT=weight is not None, WITH_GRAD=with_grad, HAS_VALID=valid is not None, BLOCK_V=block_v,
+            num_warps=8 if block_v >= 2048 else 4,
         )
 
 
@@ -211,12 +192,13 @@ def compacts_rows(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, cfg, vocab_size, backend, plan,
-             need_dh, need_dw):
+def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params: LinearPPOParams, vocab_size, backend,
+             plan, need_dh, need_dw):
     """Chunked loss, statistics and gradients.
 
-    Either index (n,) int64: the valid rows of hidden2d (N, H), with labels,
-    old_lp, adv, ref_lp (n,) compacted and valid None; or index None: every row
+    token_inputs: old_lp, adv, ref_lp, policy_weight (the last two may be None).
+    Either index (n,) int64: the valid rows of hidden2d (N, H), with labels
+    and token_inputs (n,) compacted and valid None; or index None: every row
     is computed, valid (N,) bool marks the tokens and the per-token inputs (N,)
     are zeroed off it (the hidden rows are zeroed as they are loaded). Returns
     tok (7, n) float32 (0 off the mask), dhidden (N, H) in hidden's dtype (zero
@@ -226,7 +208,7 @@ def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, 
     vocab, device = weight.shape[0], hidden2d.device
     n_tok = index.numel() if index is not None else n_rows
     with_grad = need_dh or need_dw
-    tok = empty_output((len(reference.PPO_TOKEN_STATS), n_tok), torch.float32, device)
+    tok = empty_output((len(torch_backend.PPO_TOKEN_STATS), n_tok), torch.float32, device)
     dhidden = None
     if need_dh:                                                         # all rows written when index is None
         dhidden = (torch.zeros if index is not None else empty_output)(
@@ -234,7 +216,7 @@ def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, 
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dw else None
     if n_tok == 0:
         return tok, dhidden, dw_acc
-    temperature = cfg[-1]
+    temperature = params.temperature
     w = _weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
     dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dh else None
@@ -253,10 +235,10 @@ def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, 
             h_buf[:n].copy_(hidden2d.index_select(0, index[rows]))
         if n < plan.chunk:
             h_buf[n:].zero_()                                           # padded rows: zero logits, no gradient
-        token_args = (labels[rows], old_lp[rows], adv[rows], None if ref_lp is None else ref_lp[rows])
+        token_args = (labels[rows], *(None if x is None else x[rows] for x in token_inputs))
         if backend == "triton":
             _logits_into(logits, h_buf, w, plan)                        # (C, V) float32
-            _chunk_triton(logits[:n], dlogits[:n], *token_args, valid_rows, norm, tok[:, rows], cfg, vocab_size,
+            _chunk_triton(logits[:n], dlogits[:n], *token_args, valid_rows, norm, tok[:, rows], params, vocab_size,
                           with_grad)
         else:
             if plan.fp32_out or temperature == 1.0:
@@ -265,10 +247,8 @@ def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, 
                     logits.div_(temperature)
             else:                                                       # 1/T folded into the GEMM (free)
                 torch.addmm(logits, h_buf, w.t(), beta=0.0, alpha=1.0 / temperature, out=logits)
-            clip_eps, dual_clip, ent_coef, kl_coef, estimator, _ = cfg
-            tok[:, rows] = reference.linear_ppo_chunk_(
-                logits[:n], *token_args, norm, temperature, clip_eps, dual_clip, ent_coef, kl_coef, estimator,
-                with_grad, vocab_size, valid_rows)
+            tok[:, rows] = torch_backend.linear_ppo_chunk_(
+                logits[:n], *token_args, norm, params, with_grad, vocab_size, valid_rows)
             if with_grad and dlogits is not logits:
                 dlogits[:n] = logits[:n]
         if not with_grad:
@@ -295,8 +275,8 @@ def _forward(hidden2d, weight, index, valid, labels, old_lp, adv, ref_lp, norm, 
 
 class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels1d, old1d, adv1d, ref1d, valid1d, norm, cfg, vocab_size, backend,
-                chunk_size, need_dh, need_dw):
+    def forward(ctx, hidden, weight, labels1d, old1d, adv1d, ref1d, pweight1d, valid1d, norm, params, vocab_size,
+                backend, chunk_size, need_dh, need_dw):
         size_h = hidden.shape[-1]
         hidden2d = as_rows(hidden, size_h)
         device = hidden.device
@@ -306,26 +286,26 @@ class _LinearPPOLoss(torch.autograd.Function):
             index = valid1d.nonzero().squeeze(1)                        # a host sync: free on CPU
             valid = None
             labels_t = labels1d.index_select(0, index).long()
-            token_inputs = [x.index_select(0, index).float() if x is not None else None for x in (old1d, adv1d, ref1d)]
+            token_inputs = [x.index_select(0, index).float() if x is not None else None
+                            for x in (old1d, adv1d, ref1d, pweight1d)]
             count = float(index.numel())
         else:
             index, valid = None, valid1d.contiguous()
             labels_t = torch.where(valid, labels1d, 0).long()
             token_inputs = [torch.where(valid, x.float(), 0.0) if x is not None else None
-                            for x in (old1d, adv1d, ref1d)]                # NaN off the mask is harmless
+                            for x in (old1d, adv1d, ref1d, pweight1d)]     # NaN off the mask is harmless
             count = valid.sum(dtype=torch.float32)                      # stays on the device
         if norm is None:
             norm = torch.full((), count, device=device) if index is not None else count
         norm = torch.where(norm > 0, norm, 1.0)                         # 0 (nothing valid) counts as 1
         plan = _plan(hidden2d, weight, backend, chunk_size)
-        ent_coef, kl_coef = cfg[2], cfg[3]
-        tok, dhidden, dw_acc = _forward(hidden2d, weight, index, valid, labels_t, *token_inputs, norm, cfg,
+        tok, dhidden, dw_acc = _forward(hidden2d, weight, index, valid, labels_t, token_inputs, norm, params,
                                         vocab_size, backend, plan, need_dh, need_dw)
 
         sums = tok[1:].sum(dim=1)                                       # entropy, pg, clipped, approx_kl, ratio, kl
         means = sums / norm
         entropy, pg, clipfrac, approx_kl, ratio_mean, kl = means.unbind()
-        loss = pg - ent_coef * entropy + kl_coef * kl
+        loss = pg - params.ent_coef * entropy + params.kl_coef * kl
         out = torch.stack([loss, pg, entropy, kl, clipfrac, approx_kl, ratio_mean, norm])   # one buffer, 8 floats
         if index is None:
             logprobs = tok[0].clone()                                   # 0 off the mask
@@ -346,7 +326,7 @@ class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_non_differentiable):
-        nothing = (None,) * 12
+        nothing = (None,) * 13
         if grad_loss is None:
             return (None, None) + nothing
         if ctx.grads is None:
@@ -403,6 +383,8 @@ def linear_ppo_loss(
     vocab_size: int | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
+    clip_eps_high: float | None = None,
+    policy_weight: torch.Tensor | None = None,
 ) -> LinearPPOLossOutput:
     """PPO's clipped policy loss (+ entropy bonus, + KL to a reference) from the lm_head's input, in one pass.
 
@@ -414,8 +396,9 @@ def linear_ppo_loss(
     old_logprobs), A the advantages, H the entropy of the softmax and token
     means Σ_valid(·) / normalizer:
 
-        policy_loss = mean max(−A·ρ, −A·clip(ρ, 1 − clip_eps, 1 + clip_eps)),
-            and with dual_clip c, for A < 0: mean min(that, −c·A)
+        policy_loss = mean w·max(−A·ρ, −A·clip(ρ, 1 − clip_eps, 1 + clip_eps_high)),
+            and with dual_clip c, for A < 0: mean w·min(that, −c·A);
+            w = policy_weight (1 when None)
         entropy     = mean H
         kl          = mean k(lp − ref_logprobs), k the ``kl_estimator`` (as
             ``kl_penalty``: k1 = d, k2 = ½d², k3 = e^(−d) + d − 1, abs = |d|);
@@ -460,13 +443,18 @@ def linear_ppo_loss(
             matmuls are torch.mm either way.
         chunk_size: rows (valid tokens) per chunk; ``None`` takes the memory
             budget of ``linear_token_logprobs`` (``FASTPPO_LINEAR_CHUNK_MB``).
+        clip_eps_high, policy_weight: as in ``ppo_loss``: the upper clip
+            1 + clip_eps_high of the ratio (None = clip_eps), and a per-token
+            weight w ≥ 0 of the policy term only (shape of labels, any float
+            dtype, never differentiated; the normalizer, entropy, kl and the
+            statistics are not weighted; checked finite and ≥ 0 on CPU only).
 
     Returns:
         A `LinearPPOLossOutput`: ``loss, policy_loss, entropy, kl, clipfrac,
         approx_kl, ratio_mean`` as 0-dim float32 tensors (no host sync) and
         ``logprobs`` (...) float32, detached, 0 off the mask. Only ``loss`` is
         differentiable, in ``hidden`` and ``weight`` (old_logprobs,
-        advantages and ref_logprobs are constants). Gradients come back in
+        advantages, ref_logprobs and policy_weight are constants). Gradients come back in
         the inputs' dtypes, dW summed over chunks in float32 and cast once.
 
     The gradients are computed in forward whenever hidden or weight requires
@@ -476,22 +464,8 @@ def linear_ppo_loss(
     (N, H) and dW (V, H) in the inputs' dtypes. Under ``torch.no_grad()`` only
     the loss and statistics are computed.
     """
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, min_dim=2)
+    vocab = check_lm_head(hidden, weight, vocab_size)
     check_tensor("labels", labels, dtypes=INT_DTYPES)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({str(hidden.dtype).removeprefix('torch.')}), "
-                        f"got {str(weight.dtype).removeprefix('torch.')}")
-    check_same_device("weight", weight, "hidden", hidden)
-    size_h = hidden.shape[-1]
-    if weight.shape[1] != size_h:
-        raise ValueError(f"weight must have shape (V, {size_h}) (H = the last dimension of hidden), "
-                         f"got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have a non-empty first (vocabulary) dimension")
-    vocab = check_vocab_size(vocab_size, weight.shape[0], "the rows of weight")
     lead = hidden.shape[:-1]
     named = [("labels", labels), ("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)]
     if ref_logprobs is not None:
@@ -501,42 +475,31 @@ def linear_ppo_loss(
     for name, x in named:
         check_same_device(name, x, "hidden", hidden)
         check_shape(name, x, lead, "the leading dimensions of hidden")
+    check_policy_weight(policy_weight, mask, "hidden", hidden, "the leading dimensions of hidden")
     check_positive("temperature", temperature)
-    check_non_negative("clip_eps", clip_eps)
-    if dual_clip is not None:
-        if not isinstance(dual_clip, (int, float)) or isinstance(dual_clip, bool):
-            raise TypeError(f"dual_clip must be a number or None, got {type(dual_clip).__name__}")
-        if not dual_clip > 1:
-            raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    clip_eps, clip_eps_high = check_clip_range(clip_eps, clip_eps_high)
+    dual_clip = check_dual_clip(dual_clip)
     check_non_negative("ent_coef", ent_coef)
     check_non_negative("kl_coef", kl_coef)
     if kl_estimator not in ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {ESTIMATORS}, got {kl_estimator!r}")
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when kl_coef > 0")
-    norm = None
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a 1-element tensor, got shape {tuple(normalizer.shape)}")
-        if normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise TypeError(f"normalizer must have a real dtype, got {normalizer.dtype}")
-        check_same_device("normalizer", normalizer, "hidden", hidden)
-        norm = normalizer.detach().reshape(()).to(torch.float32)
-    elif normalizer is not None:
-        check_non_negative("normalizer", normalizer)
-        norm = torch.full((), float(normalizer), device=hidden.device)
-    if chunk_size is not None:
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
-            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    norm = check_normalizer(normalizer, "hidden", hidden)
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        norm = torch.full((), norm, device=hidden.device)
+    check_chunk_size(chunk_size)
     backend = resolve_backend(backend, hidden)
 
     grad_on = torch.is_grad_enabled()
     need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
-    cfg = (float(clip_eps), None if dual_clip is None else float(dual_clip), float(ent_coef), float(kl_coef),
-           kl_estimator, float(temperature))
-    flat = [x.reshape(-1) if x is not None else None for x in (labels, old_logprobs, advantages, ref_logprobs)]
+    params = LinearPPOParams(clip_eps, clip_eps_high, dual_clip, float(ent_coef), float(kl_coef), kl_estimator,
+                             float(temperature))
+    flat = [x.reshape(-1) if x is not None else None
+            for x in (labels, old_logprobs, advantages, ref_logprobs, policy_weight)]
+    if policy_weight is not None:
+        flat[-1] = flat[-1].detach()
     *results, logprobs = _LinearPPOLoss.apply(
-        hidden, weight, *flat, valid_of(mask).reshape(-1), norm, cfg, vocab, backend, chunk_size, need_dh, need_dw)
+        hidden, weight, *flat, valid_of(mask).reshape(-1), norm, params, vocab, backend, chunk_size, need_dh,
+        need_dw)
     return LinearPPOLossOutput(*results, logprobs.view(lead))

@@ -9,12 +9,12 @@ tensors resident at the peak (N=16384, V=151936: 10 GB each).
 Here the N rows are processed in chunks of C rows. Forward, per chunk: the
 chunk's logits (C, V) are computed in float32 by one GEMM, then reduced to
 three floats per row (logprob, entropy, log-sum-exp) by token_logprobs' forward
-kernel (triton backend) or by reference.linear_logits_chunk_forward_ (torch
+kernel (triton backend) or by torch_backend.linear_logits_chunk_forward_ (torch
 backend: the same math in place, one (C, V) temporary), and the buffer is
 reused for the next chunk. Backward, per chunk: the logits are recomputed (one
 extra GEMM, 8·N·H·V FLOP in all instead of 6) and turned into dlogits in place
 from the saved log-sum-exp (token_logprobs' backward kernel, or
-reference.linear_logits_chunk_backward_), then dhidden[chunk] = dlogits @ W
+torch_backend.linear_logits_chunk_backward_), then dhidden[chunk] = dlogits @ W
 (written in float32: K = V terms, rounded once) and dW += dlogitsᵀ @
 hidden[chunk], dW accumulated in float32 across chunks and cast once at the
 end. Peak extra memory: one chunk's buffers (the budget, see
@@ -39,12 +39,12 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import (
-    FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_positive, check_same_device, check_shape,
-    check_tensor, check_vocab_size,
+    INT_DTYPES, as_rows, check_chunk_size, check_ignore_index, check_labels_in_range, check_lm_head, check_positive,
+    check_same_device, check_shape, check_tensor,
 )
 from ._dispatch import empty_output, resolve_backend
-from . import reference
-from .token_logprobs import LogprobsAndEntropy, _bwd_triton, _fwd_triton
+from . import torch_backend
+from .token_logprobs import _bwd_triton, _fwd_triton, as_result
 
 
 # ----------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def bytes_per_chunk_row(vocab: int, hidden_size: int, dtype: torch.dtype, backen
     The float32 logits (4·V), the dlogits in the input dtype when the GEMM
     writes float32 from half operands (2·V; otherwise dlogits overwrite the
     logits), the torch backend's one float32 temporary (4·V, see
-    reference.linear_logits_chunk_forward_), and two (H,) rows of GEMM operands
+    torch_backend.linear_logits_chunk_forward_), and two (H,) rows of GEMM operands
     and results (the hidden rows, the float32 dhidden rows): 8·H.
     """
     per_row = 4 * vocab + 8 * hidden_size
@@ -279,7 +279,7 @@ def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, 
     out = torch.zeros(3, n_rows, dtype=torch.float32, device=device)
     if n_rows == 0:
         return out[0], out[1], out[2]
-    fwd = _fwd_triton if backend == "triton" else reference.linear_logits_chunk_forward_
+    fwd = _fwd_triton if backend == "triton" else torch_backend.linear_logits_chunk_forward_
     w = _weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, hidden2d.shape[1], dtype=plan.operand_dtype, device=device)
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
@@ -316,7 +316,7 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
             if backend == "triton":
                 _bwd_triton(logits[:n], *args, out=dlogits[:n])
             else:
-                reference.linear_logits_chunk_backward_(logits[:n], *args)             # in place
+                torch_backend.linear_logits_chunk_backward_(logits[:n], *args)             # in place
                 if dlogits is not logits:
                     dlogits[:n] = logits[:n]
             if n < plan.chunk:
@@ -426,41 +426,18 @@ def linear_token_logprobs(
     are, and however many there are, for a given chunk size (the default one
     does not depend on N): see the module docstring.
     """
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, min_dim=2)
+    vocab = check_lm_head(hidden, weight, vocab_size)
     check_tensor("labels", labels, dtypes=INT_DTYPES)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({str(hidden.dtype).removeprefix('torch.')}), "
-                        f"got {str(weight.dtype).removeprefix('torch.')}")
-    check_same_device("weight", weight, "hidden", hidden)
     check_same_device("labels", labels, "hidden", hidden)
-    size_h = hidden.shape[-1]
-    if weight.shape[1] != size_h:
-        raise ValueError(f"weight must have shape (V, {size_h}) (H = the last dimension of hidden), "
-                         f"got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have a non-empty first (vocabulary) dimension")
-    vocab = check_vocab_size(vocab_size, weight.shape[0], "the rows of weight")
     check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
     check_positive("temperature", temperature)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if chunk_size is not None:
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
-            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_ignore_index(ignore_index)
+    check_chunk_size(chunk_size)
     backend = resolve_backend(backend, hidden)
     check_labels_in_range(labels, vocab, ignore_index)
 
-    hidden2d = as_rows(hidden, size_h)
+    hidden2d = as_rows(hidden, hidden.shape[-1])
     labels1d = labels.reshape(-1)
     logprobs, entropy, _ = _LinearTokenLogprobs.apply(
         hidden2d, weight, labels1d, float(temperature), ignore_index, vocab, backend, chunk_size)
-    lead = hidden.shape[:-1]
-    logprobs = logprobs.view(lead)
-    if return_entropy:
-        return LogprobsAndEntropy(logprobs, entropy.view(lead))
-    return logprobs
+    return as_result(logprobs, entropy, hidden.shape[:-1], return_entropy)

@@ -22,10 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_non_negative, check_same_device, check_shape, check_tensor
+from ._checks import (
+    FLOAT_DTYPES, check_clip_range, check_dual_clip, check_non_negative, check_normalizer, check_policy_weight,
+    check_same_device, check_shape, check_tensor,
+)
 from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import MASK_DTYPES, loadable_mask, rows_unit_stride, tile_shape
-from . import reference
+from ._math import clipped_surrogate, clipped_value_error
+from . import torch_backend
 
 # Partial sums per program: pg, vf, clipped, value-clipped, kl, ratio, count (+1 pad).
 _N_PARTIALS = 8
@@ -36,25 +40,55 @@ _N_PARTIALS = 8
 # ----------------------------------------------------------------------------
 
 @triton.jit
+def _load_tile(ptrs, in_bounds, valid):
+    """A float32 tile, loaded under the bounds only (so that loads vectorise), 0 off the token mask whatever
+    it holds there (NaN included)."""
+    return tl.where(valid, tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _write_results(out_ptr, norm_ptr, s_pg, s_vf, s_clip, s_vclip, s_kl, s_ratio, s_count, vf_coef, normalizer,
+                   NORM_MODE: tl.constexpr):
+    """The 8 results from the token sums (s_vf already halved): loss, the 6 means, the normalizer n.
+
+    NORM_MODE: 0 = n is the valid-token count, 1 = `normalizer`, 2 = the
+    scalar at norm_ptr. A normalizer ≤ 0 becomes 1.
+    """
+    if NORM_MODE == 0:
+        n = s_count
+    elif NORM_MODE == 1:
+        n = tl.cast(normalizer, tl.float32)
+    else:
+        n = tl.load(norm_ptr).to(tl.float32)
+    n = tl.where(n > 0.0, n, 1.0)
+    tl.store(out_ptr + 0, s_pg / n + tl.cast(vf_coef, tl.float32) * (s_vf / n))
+    tl.store(out_ptr + 1, s_pg / n)
+    tl.store(out_ptr + 2, s_vf / n)
+    tl.store(out_ptr + 3, s_clip / n)
+    tl.store(out_ptr + 4, s_vclip / n)
+    tl.store(out_ptr + 5, s_kl / n)
+    tl.store(out_ptr + 6, s_ratio / n)
+    tl.store(out_ptr + 7, n)
+
+
+@triton.jit
 def _ppo_loss_fwd_kernel(
-    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, norm_ptr, partial_ptr, out_ptr,
+    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, w_ptr, norm_ptr, partial_ptr, out_ptr,
     n_rows, n_cols, tiles_per_program,
-    stride_lm, stride_om, stride_am, stride_vm, stride_wm, stride_rm, stride_mm,
-    clip_eps, value_clip, dual_clip, vf_coef, normalizer,
-    HAS_VALUE_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, NORM_MODE: tl.constexpr,
+    stride_lm, stride_om, stride_am, stride_vm, stride_wm, stride_rm, stride_mm, stride_xm,
+    clip_eps, clip_eps_high, value_clip, dual_clip, vf_coef, normalizer,
+    HAS_VALUE_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_MODE: tl.constexpr,
     ONE_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Sums over this program's tiles of the per-token terms (all 0 off the mask):
 
-      pg = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), for A < 0 also min(·, −c·A)
+      pg = the weighted clipped surrogate (_math.clipped_surrogate; w at w_ptr when HAS_WEIGHT)
       vf = ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²)
       clipped = the policy term took a clipped branch; vclipped likewise
       kl = (ρ − 1) − log ρ,  ρ,  1
-    NORM_MODE: 0 = divide by the valid-token count, 1 = by `normalizer`,
-    2 = by the scalar at norm_ptr. A normalizer ≤ 0 becomes 1.
+    With ONE_PROGRAM the 8 results (_write_results), else the 7 sums at partial_ptr.
     """
     pid = tl.program_id(0).to(tl.int64)
-    eps = tl.cast(clip_eps, tl.float32)
     n_col_tiles = tl.cdiv(n_cols, BLOCK_T)
     acc_pg = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
     acc_vf = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
@@ -69,42 +103,21 @@ def _ppo_loss_fwd_kernel(
         cols = (tile % n_col_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
         in_bounds = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
         r2, c2 = rows[:, None], cols[None, :]
-        # Loads are masked by the bounds only (so they vectorise); entries off the
-        # token mask are then replaced by 0, whatever they hold (NaN included).
         valid = tl.load(mask_ptr + r2 * stride_mm + c2, mask=in_bounds, other=0) != 0
-        lp = tl.load(lp_ptr + r2 * stride_lm + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        lp = tl.where(valid, lp, 0.0)
-        old_lp = tl.load(old_lp_ptr + r2 * stride_om + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        old_lp = tl.where(valid, old_lp, 0.0)
-        adv = tl.load(adv_ptr + r2 * stride_am + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        adv = tl.where(valid, adv, 0.0)
-        v = tl.load(val_ptr + r2 * stride_vm + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        v = tl.where(valid, v, 0.0)
-        ret = tl.load(ret_ptr + r2 * stride_rm + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        ret = tl.where(valid, ret, 0.0)
+        log_ratio = (_load_tile(lp_ptr + r2 * stride_lm + c2, in_bounds, valid)
+                     - _load_tile(old_lp_ptr + r2 * stride_om + c2, in_bounds, valid))
+        adv = _load_tile(adv_ptr + r2 * stride_am + c2, in_bounds, valid)
+        w = _load_tile(w_ptr + r2 * stride_xm + c2, in_bounds, valid) if HAS_WEIGHT else 1.0
+        v = _load_tile(val_ptr + r2 * stride_vm + c2, in_bounds, valid)
+        ret = _load_tile(ret_ptr + r2 * stride_rm + c2, in_bounds, valid)
+        old_v = _load_tile(old_val_ptr + r2 * stride_wm + c2, in_bounds, valid) if HAS_VALUE_CLIP else 0.0
 
-        log_ratio = lp - old_lp
         ratio = tl.exp(log_ratio)
-        pg1 = -adv * ratio
-        pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps), 1.0 + eps)
-        clipped = pg2 > pg1
-        pg = tl.maximum(pg1, pg2)
-        if HAS_DUAL_CLIP:
-            bound = -tl.cast(dual_clip, tl.float32) * adv
-            dual = (adv < 0.0) & (bound < pg)
-            clipped = clipped | dual
-            pg = tl.where(dual, bound, pg)
-        err = v - ret
-        vf = err * err
+        pg, _dpg, clipped = clipped_surrogate(ratio, adv, w, clip_eps, clip_eps_high, dual_clip,
+                                              HAS_DUAL_CLIP, HAS_WEIGHT)
+        vf, _dvf, vclipped = clipped_value_error(v, ret, old_v, value_clip, HAS_VALUE_CLIP)
         if HAS_VALUE_CLIP:
-            vc = tl.cast(value_clip, tl.float32)
-            old_v = tl.load(old_val_ptr + r2 * stride_wm + c2, mask=in_bounds, other=0.0).to(tl.float32)
-            old_v = tl.where(valid, old_v, 0.0)
-            dv = v - old_v
-            err_c = err + (tl.minimum(tl.maximum(dv, -vc), vc) - dv)     # clip(V, V_old ± ε_v) − R
-            vf_c = err_c * err_c
-            acc_vclip += (vf_c > vf).to(tl.float32)
-            vf = tl.maximum(vf, vf_c)
+            acc_vclip += vclipped.to(tl.float32)
         acc_pg += pg
         acc_vf += vf
         acc_clip += clipped.to(tl.float32)
@@ -120,21 +133,8 @@ def _ppo_loss_fwd_kernel(
     s_ratio = tl.sum(tl.sum(acc_ratio, axis=1), axis=0)
     s_count = tl.sum(tl.sum(acc_count, axis=1), axis=0)
     if ONE_PROGRAM:
-        if NORM_MODE == 0:
-            n = s_count
-        elif NORM_MODE == 1:
-            n = tl.cast(normalizer, tl.float32)
-        else:
-            n = tl.load(norm_ptr).to(tl.float32)
-        n = tl.where(n > 0.0, n, 1.0)
-        tl.store(out_ptr + 0, s_pg / n + tl.cast(vf_coef, tl.float32) * (s_vf / n))
-        tl.store(out_ptr + 1, s_pg / n)
-        tl.store(out_ptr + 2, s_vf / n)
-        tl.store(out_ptr + 3, s_clip / n)
-        tl.store(out_ptr + 4, s_vclip / n)
-        tl.store(out_ptr + 5, s_kl / n)
-        tl.store(out_ptr + 6, s_ratio / n)
-        tl.store(out_ptr + 7, n)
+        _write_results(out_ptr, norm_ptr, s_pg, s_vf, s_clip, s_vclip, s_kl, s_ratio, s_count, vf_coef, normalizer,
+                       NORM_MODE)
     else:
         base = partial_ptr + pid * 8
         tl.store(base + 0, s_pg)
@@ -161,38 +161,25 @@ def _ppo_loss_reduce_kernel(
     s_kl = tl.sum(tl.load(partial_ptr + p * 8 + 4, mask=pm, other=0.0), axis=0)
     s_ratio = tl.sum(tl.load(partial_ptr + p * 8 + 5, mask=pm, other=0.0), axis=0)
     s_count = tl.sum(tl.load(partial_ptr + p * 8 + 6, mask=pm, other=0.0), axis=0)
-    if NORM_MODE == 0:
-        n = s_count
-    elif NORM_MODE == 1:
-        n = tl.cast(normalizer, tl.float32)
-    else:
-        n = tl.load(norm_ptr).to(tl.float32)
-    n = tl.where(n > 0.0, n, 1.0)
-    tl.store(out_ptr + 0, s_pg / n + tl.cast(vf_coef, tl.float32) * (s_vf / n))
-    tl.store(out_ptr + 1, s_pg / n)
-    tl.store(out_ptr + 2, s_vf / n)
-    tl.store(out_ptr + 3, s_clip / n)
-    tl.store(out_ptr + 4, s_vclip / n)
-    tl.store(out_ptr + 5, s_kl / n)
-    tl.store(out_ptr + 6, s_ratio / n)
-    tl.store(out_ptr + 7, n)
+    _write_results(out_ptr, norm_ptr, s_pg, s_vf, s_clip, s_vclip, s_kl, s_ratio, s_count, vf_coef, normalizer,
+                   NORM_MODE)
 
 
 @triton.jit
 def _ppo_loss_bwd_kernel(
-    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, out_ptr,
+    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, w_ptr, out_ptr,
     g_loss_ptr, g_pg_ptr, g_vf_ptr, dlp_ptr, dval_ptr,
     n_rows, n_cols,
-    stride_lm, stride_om, stride_am, stride_vm, stride_wm, stride_rm, stride_mm, stride_dm,
-    clip_eps, value_clip, dual_clip, vf_coef,
-    HAS_VALUE_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    stride_lm, stride_om, stride_am, stride_vm, stride_wm, stride_rm, stride_mm, stride_xm, stride_dm,
+    clip_eps, clip_eps_high, value_clip, dual_clip, vf_coef,
+    HAS_VALUE_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_G_LOSS: tl.constexpr, HAS_G_PG: tl.constexpr, HAS_G_VF: tl.constexpr,
     NEEDS_DLP: tl.constexpr, NEEDS_DVAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Grid (row tiles, column tiles). With n the normalizer saved at out_ptr[7]:
 
-      d/d logprobs = (g_loss + g_pg) / n · (−A·ρ where no clip is active, else 0)
+      d/d logprobs = (g_loss + g_pg) / n · (w·(−A·ρ) where no clip is active, else 0)
       d/d values   = (vf_coef·g_loss + g_vf) / n · (V − R where the unclipped error is larger, else 0)
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -205,38 +192,22 @@ def _ppo_loss_bwd_kernel(
     if NEEDS_DLP:
         g_pg = tl.load(g_pg_ptr).to(tl.float32) if HAS_G_PG else 0.0
         scale = (g_loss + g_pg) / n
-        eps = tl.cast(clip_eps, tl.float32)
-        lp = tl.load(lp_ptr + r2 * stride_lm + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        lp = tl.where(valid, lp, 0.0)
-        old_lp = tl.load(old_lp_ptr + r2 * stride_om + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        old_lp = tl.where(valid, old_lp, 0.0)
-        adv = tl.load(adv_ptr + r2 * stride_am + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        adv = tl.where(valid, adv, 0.0)
-        ratio = tl.exp(lp - old_lp)
-        pg1 = -adv * ratio
-        pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps), 1.0 + eps)
-        clipped = pg2 > pg1
-        if HAS_DUAL_CLIP:
-            bound = -tl.cast(dual_clip, tl.float32) * adv
-            clipped = clipped | ((adv < 0.0) & (bound < tl.maximum(pg1, pg2)))
-        dlp = tl.where(valid & (clipped == 0), pg1 * scale, 0.0)
+        log_ratio = (_load_tile(lp_ptr + r2 * stride_lm + c2, in_bounds, valid)
+                     - _load_tile(old_lp_ptr + r2 * stride_om + c2, in_bounds, valid))
+        adv = _load_tile(adv_ptr + r2 * stride_am + c2, in_bounds, valid)
+        w = _load_tile(w_ptr + r2 * stride_xm + c2, in_bounds, valid) if HAS_WEIGHT else 1.0
+        _pg, dpg, _clipped = clipped_surrogate(tl.exp(log_ratio), adv, w, clip_eps, clip_eps_high, dual_clip,
+                                               HAS_DUAL_CLIP, HAS_WEIGHT)
+        dlp = tl.where(valid, dpg * scale, 0.0)
         tl.store(dlp_ptr + r2 * stride_dm + c2, dlp.to(dlp_ptr.dtype.element_ty), mask=in_bounds)
     if NEEDS_DVAL:
         g_vf = tl.load(g_vf_ptr).to(tl.float32) if HAS_G_VF else 0.0
         scale_v = (tl.cast(vf_coef, tl.float32) * g_loss + g_vf) / n
-        v = tl.load(val_ptr + r2 * stride_vm + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        v = tl.where(valid, v, 0.0)
-        ret = tl.load(ret_ptr + r2 * stride_rm + c2, mask=in_bounds, other=0.0).to(tl.float32)
-        ret = tl.where(valid, ret, 0.0)
-        err = v - ret
-        if HAS_VALUE_CLIP:
-            vc = tl.cast(value_clip, tl.float32)
-            old_v = tl.load(old_val_ptr + r2 * stride_wm + c2, mask=in_bounds, other=0.0).to(tl.float32)
-            old_v = tl.where(valid, old_v, 0.0)
-            dv = v - old_v
-            err_c = err + (tl.minimum(tl.maximum(dv, -vc), vc) - dv)
-            err = tl.where(err_c * err_c > err * err, 0.0, err)
-        dval = tl.where(valid, err * scale_v, 0.0)
+        v = _load_tile(val_ptr + r2 * stride_vm + c2, in_bounds, valid)
+        ret = _load_tile(ret_ptr + r2 * stride_rm + c2, in_bounds, valid)
+        old_v = _load_tile(old_val_ptr + r2 * stride_wm + c2, in_bounds, valid) if HAS_VALUE_CLIP else 0.0
+        _vf, dvf, _vclipped = clipped_value_error(v, ret, old_v, value_clip, HAS_VALUE_CLIP)
+        dval = tl.where(valid, dvf * scale_v, 0.0)
         tl.store(dval_ptr + r2 * stride_dm + c2, dval.to(dval_ptr.dtype.element_ty), mask=in_bounds)
 
 
@@ -253,12 +224,39 @@ def _norm_mode(normalizer) -> int:
     return 0 if normalizer is None else 2 if isinstance(normalizer, torch.Tensor) else 1
 
 
-def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *, tile: int = _TILE,
-                one_program_tiles: int = _ONE_PROGRAM_TILES):
-    lp, old_lp, adv, val, old_val, ret, mask = inputs
+class _Inputs(NamedTuple):
+    """The (rows, T) tensors of one call (unit stride along T); policy_weight None when not given."""
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    values: torch.Tensor
+    old_values: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+    policy_weight: torch.Tensor | None = None
+
+
+class _Params(NamedTuple):
+    """The scalar parameters of one call (normalizer: a number, or None; a tensor travels as an input)."""
+
+    clip_eps: float
+    clip_eps_high: float
+    value_clip: float | None
+    vf_coef: float
+    dual_clip: float | None
+    normalizer: float | None
+
+
+def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *, clip_eps_high=None,
+                tile: int = _TILE, one_program_tiles: int = _ONE_PROGRAM_TILES):
+    """The (8,) float32 results; `inputs` an _Inputs or a tuple of its first 7 fields."""
+    lp, old_lp, adv, val, old_val, ret, mask, weight = _Inputs(*inputs)
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     n_rows, n_cols = lp.shape
     if n_rows * n_cols == 0:
-        return reference.ppo_loss_forward(*inputs, clip_eps, value_clip, vf_coef, dual_clip, normalizer)
+        return torch_backend.ppo_loss_forward(lp, old_lp, adv, val, old_val, ret, mask, clip_eps, value_clip,
+                                              vf_coef, dual_clip, normalizer)
     device = lp.device
     mask = loadable_mask(mask)
     block_m, block_t = tile_shape(n_cols, tile)
@@ -276,12 +274,14 @@ def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *,
     norm_value = float(normalizer) if mode == 1 else 0.0
     with on_device_of(lp):
         _ppo_loss_fwd_kernel[(n_programs,)](
-            lp, old_lp, adv, val, old_val, ret, mask, norm_ptr, partials, out,
+            lp, old_lp, adv, val, old_val, ret, mask, weight if weight is not None else lp, norm_ptr, partials, out,
             n_rows, n_cols, per_program,
             lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
-            mask.stride(0),
-            float(clip_eps), float(value_clip or 0.0), float(dual_clip or 0.0), float(vf_coef), norm_value,
-            HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None, NORM_MODE=mode,
+            mask.stride(0), weight.stride(0) if weight is not None else 0,
+            float(clip_eps), float(clip_eps_high), float(value_clip or 0.0), float(dual_clip or 0.0),
+            float(vf_coef), norm_value,
+            HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None,
+            HAS_WEIGHT=weight is not None, NORM_MODE=mode,
             ONE_PROGRAM=n_programs == 1, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
         )
     if n_programs > 1:
@@ -293,9 +293,8 @@ def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *,
     return out
 
 
-def _bwd_triton(inputs, out, grad_loss, grad_pg, grad_vf, clip_eps, value_clip, vf_coef, dual_clip,
-                need_dlp, need_dval):
-    lp, old_lp, adv, val, old_val, ret, mask = inputs
+def _bwd_triton(inputs: _Inputs, out, grad_loss, grad_pg, grad_vf, params: _Params, need_dlp, need_dval):
+    lp, old_lp, adv, val, old_val, ret, mask, weight = inputs
     n_rows, n_cols = lp.shape
     dlp = empty_output((n_rows, n_cols), lp.dtype, lp.device) if need_dlp else None
     dval = empty_output((n_rows, n_cols), val.dtype, val.device) if need_dval else None
@@ -304,17 +303,19 @@ def _bwd_triton(inputs, out, grad_loss, grad_pg, grad_vf, clip_eps, value_clip, 
     mask = loadable_mask(mask)
     block_m, block_t = tile_shape(n_cols, _TILE)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_t))
+    p = params
     with on_device_of(lp):
         _ppo_loss_bwd_kernel[grid](
-            lp, old_lp, adv, val, old_val, ret, mask, out,
+            lp, old_lp, adv, val, old_val, ret, mask, weight if weight is not None else lp, out,
             grad_loss if grad_loss is not None else out, grad_pg if grad_pg is not None else out,
             grad_vf if grad_vf is not None else out,
             dlp if need_dlp else dval, dval if need_dval else dlp,
             n_rows, n_cols,
             lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
-            mask.stride(0), n_cols,
-            float(clip_eps), float(value_clip or 0.0), float(dual_clip or 0.0), float(vf_coef),
-            HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None,
+            mask.stride(0), weight.stride(0) if weight is not None else 0, n_cols,
+            p.clip_eps, p.clip_eps_high, float(p.value_clip or 0.0), float(p.dual_clip or 0.0), p.vf_coef,
+            HAS_VALUE_CLIP=p.value_clip is not None, HAS_DUAL_CLIP=p.dual_clip is not None,
+            HAS_WEIGHT=weight is not None,
             HAS_G_LOSS=grad_loss is not None, HAS_G_PG=grad_pg is not None, HAS_G_VF=grad_vf is not None,
             NEEDS_DLP=need_dlp, NEEDS_DVAL=need_dval, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
         )
@@ -327,22 +328,23 @@ def _bwd_triton(inputs, out, grad_loss, grad_pg, grad_vf, clip_eps, value_clip, 
 
 class _PPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, lp, old_lp, adv, val, old_val, ret, mask, normalizer, config, backend):
-        clip_eps, value_clip, vf_coef, dual_clip, norm_number = config
-        inputs = (lp, old_lp, adv, val, old_val, ret, mask)
-        norm = normalizer if normalizer is not None else norm_number
+    def forward(ctx, lp, old_lp, adv, val, old_val, ret, mask, weight, normalizer, params: _Params, backend):
+        inputs = _Inputs(lp, old_lp, adv, val, old_val, ret, mask, weight)
+        norm = normalizer if normalizer is not None else params.normalizer
         if backend == "triton":
-            out = _fwd_triton(inputs, norm, clip_eps, value_clip, vf_coef, dual_clip)
+            out = _fwd_triton(inputs, norm, params.clip_eps, params.value_clip, params.vf_coef, params.dual_clip,
+                              clip_eps_high=params.clip_eps_high)
             ctx.save_for_backward(*inputs, out)                     # the backward recomputes the terms
         else:
             # The CPU path keeps the two per-token derivatives instead (8 bytes per token).
             with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
-            result = reference.ppo_loss_forward(*inputs, clip_eps, value_clip, vf_coef, dual_clip, norm,
-                                                with_grads=with_grads)
+            result = torch_backend.ppo_loss_forward(
+                *inputs[:7], params.clip_eps, params.value_clip, params.vf_coef, params.dual_clip, norm,
+                with_grads=with_grads, clip_eps_high=params.clip_eps_high, weight=weight)
             out, dpg, derr = result if with_grads else (result, None, None)
             ctx.save_for_backward(dpg, derr, out)
             ctx.dtypes = (lp.dtype, val.dtype)
-        ctx.config, ctx.backend = config, backend
+        ctx.params, ctx.backend = params, backend
         results = tuple(out[i] for i in range(7))
         ctx.mark_non_differentiable(*results[3:])
         ctx.set_materialize_grads(False)
@@ -351,22 +353,20 @@ class _PPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_pg, grad_vf, *_stats):
         need_dlp, need_dval = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        nothing = (None,) * 10
+        nothing = (None,) * 11
         if not (need_dlp or need_dval) or (grad_loss is None and grad_pg is None and grad_vf is None):
             return nothing
-        clip_eps, value_clip, vf_coef, dual_clip, _ = ctx.config
         grads = [g.float().contiguous() if g is not None else None for g in (grad_loss, grad_pg, grad_vf)]
         if ctx.backend == "triton":
             *inputs, out = ctx.saved_tensors
-            dlp, dval = _bwd_triton(inputs, out, *grads, clip_eps, value_clip, vf_coef, dual_clip,
-                                    need_dlp, need_dval)
+            dlp, dval = _bwd_triton(_Inputs(*inputs), out, *grads, ctx.params, need_dlp, need_dval)
         else:
             # d loss = (g_loss + g_pg)·d policy_loss + (vf_coef·g_loss + g_vf)·d value_loss, each / n.
             dpg, derr, out = ctx.saved_tensors
             g_loss, g_pg, g_vf = (g if g is not None else torch.zeros((), device=out.device) for g in grads)
             dlp = (dpg * ((g_loss + g_pg) / out[7])).to(ctx.dtypes[0]) if need_dlp else None
-            dval = (derr * ((vf_coef * g_loss + g_vf) / out[7])).to(ctx.dtypes[1]) if need_dval else None
-        return dlp, None, None, dval, None, None, None, None, None, None
+            dval = (derr * ((ctx.params.vf_coef * g_loss + g_vf) / out[7])).to(ctx.dtypes[1]) if need_dval else None
+        return dlp, None, None, dval, *nothing[4:]
 
 
 # ----------------------------------------------------------------------------
@@ -407,13 +407,16 @@ def ppo_loss(
     dual_clip: float | None = None,
     normalizer: float | torch.Tensor | None = None,
     backend: str | None = None,
+    clip_eps_high: float | None = None,
+    policy_weight: torch.Tensor | None = None,
 ) -> PPOLossOutput:
     """PPO's clipped losses and their diagnostics in one fused pass (Schulman et al. 2017, eq. 7 and 9).
 
     With ρ = exp(logprobs − old_logprobs), A the advantages, R the returns and
     token means Σ_valid(·) / normalizer:
-        policy_loss = mean max(−A·ρ, −A·clip(ρ, 1 − clip_eps, 1 + clip_eps)),
-            and with dual_clip c, for A < 0: mean min(that, −c·A) (Ye et al. 2020)
+        policy_loss = mean w·max(−A·ρ, −A·clip(ρ, 1 − clip_eps, 1 + clip_eps_high)),
+            and with dual_clip c, for A < 0: mean w·min(that, −c·A) (Ye et al. 2020);
+            w = policy_weight (1 when None)
         value_loss  = ½·mean max((V − R)², (clip(V, V_old ± value_clip) − R)²),
             or ½·mean (V − R)² when value_clip is None
         loss        = policy_loss + vf_coef·value_loss
@@ -443,10 +446,25 @@ def ppo_loss(
             empty gradients.
         backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND``
             overrides), ``"triton"`` or ``"torch"``.
+        clip_eps_high: ε_high ≥ 0, the upper clip 1 + ε_high of the ratio
+            (clip-higher, Yu et al. 2025, DAPO); None = clip_eps. clipfrac
+            counts the tokens clipped on either side.
+        policy_weight: None, or a per-token weight w ≥ 0 of the policy term
+            (same shape as logprobs, any float dtype, never differentiated;
+            e.g. a truncated importance weight π_old / π_rollout): the
+            surrogate of token t is multiplied by w_t before the sum and the
+            division by the normalizer, which is unchanged, so w_t = 0 drops
+            the token from policy_loss while it still counts in the
+            normalizer. The value loss and the statistics (clipfrac,
+            approx_kl, ratio_mean) are not weighted. Read only where mask is
+            set; there it must be finite and ≥ 0, checked on CPU (a
+            ValueError). On a GPU it is not checked (that would cost a host
+            sync): a non-finite weight gives a non-finite loss.
 
     Returns:
         A `PPOLossOutput` of 0-dim float32 tensors. Gradients flow to
-        ``logprobs`` and ``values`` only (in their dtypes), computed in one pass.
+        ``logprobs`` and ``values`` only (in their dtypes), computed in one
+        pass; those of logprobs are scaled by policy_weight.
     """
     tensors = (logprobs, old_logprobs, advantages, values, old_values, returns)
     for name, x in zip(_INPUT_NAMES, tensors):
@@ -455,28 +473,17 @@ def ppo_loss(
     for name, x in zip(_INPUT_NAMES[1:] + ("mask",), tensors[1:] + (mask,)):
         check_same_device(name, x, "logprobs", logprobs)
         check_shape(name, x, logprobs.shape, "the shape of logprobs")
-    check_non_negative("clip_eps", clip_eps)
+    check_policy_weight(policy_weight, mask, "logprobs", logprobs, "the shape of logprobs")
+    clip_eps, clip_eps_high = check_clip_range(clip_eps, clip_eps_high)
     check_non_negative("value_clip", value_clip, allow_none=True)
     check_non_negative("vf_coef", vf_coef)
-    if dual_clip is not None:
-        if not isinstance(dual_clip, (int, float)) or isinstance(dual_clip, bool):
-            raise TypeError(f"dual_clip must be a number or None, got {type(dual_clip).__name__}")
-        if not dual_clip > 1:
-            raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    norm_tensor, norm_number = None, None
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a 1-element tensor, got shape {tuple(normalizer.shape)}")
-        if normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise TypeError(f"normalizer must have a real dtype, got {normalizer.dtype}")
-        check_same_device("normalizer", normalizer, "logprobs", logprobs)
-        norm_tensor = normalizer.detach().reshape(()).to(torch.float32)
-    elif normalizer is not None:
-        check_non_negative("normalizer", normalizer)
-        norm_number = float(normalizer)
+    dual_clip = check_dual_clip(dual_clip)
+    norm = check_normalizer(normalizer, "logprobs", logprobs)
     backend = resolve_backend(backend, logprobs)
 
     rows = [rows_unit_stride(x) for x in (*tensors, mask)]
-    config = (float(clip_eps), None if value_clip is None else float(value_clip), float(vf_coef),
-              None if dual_clip is None else float(dual_clip), norm_number)
-    return PPOLossOutput(*_PPOLoss.apply(*rows, norm_tensor, config, backend))
+    weight = None if policy_weight is None else rows_unit_stride(policy_weight.detach())
+    params = _Params(clip_eps, clip_eps_high, None if value_clip is None else float(value_clip), float(vf_coef),
+                     dual_clip, None if isinstance(norm, torch.Tensor) else norm)
+    norm_tensor = norm if isinstance(norm, torch.Tensor) else None
+    return PPOLossOutput(*_PPOLoss.apply(*rows, weight, norm_tensor, params, backend))

@@ -19,11 +19,12 @@ import triton
 import triton.language as tl
 
 from ._checks import (
-    FLOAT_DTYPES, INT_DTYPES, as_rows, check_labels_in_range, check_positive, check_same_device, check_shape,
-    check_tensor, check_vocab_size,
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_ignore_index, check_labels_in_range, check_positive, check_same_device,
+    check_shape, check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from . import reference
+from ._math import lse_and_entropy, online_lse_step, softmax_grad
+from . import torch_backend
 
 
 # ----------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def _token_logprobs_fwd_kernel(
     a multiple of 16 in practice, keeps the loads 128-bit wide; one on an odd
     n_valid would not) and replaced by −inf.
 
-    Running state, all relative to the running max m:
+    Running state (_math.online_lse_step), all relative to the running max m:
       s = Σ exp(x − m),  t = Σ exp(x − m)·(x − m)
     so that lse = m + log s and entropy = log s − t / s without cancellation
     at large logits. m starts at −inf (not 0: all-negative rows must work).
@@ -62,24 +63,11 @@ def _token_logprobs_fwd_kernel(
     for block in range(0, n_blocks):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        x = tl.where(offs < n_valid, x / temp, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While every logit so far is -inf, keep the reference point finite.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-        e = tl.exp(x - m_ref)
-        x_rel = tl.where(e > 0.0, x - m_ref, 0.0)
-        t = alpha * (t + shift * s) + tl.sum(e * x_rel, axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, t = online_lse_step(m, s, t, tl.where(offs < n_valid, x / temp, float("-inf")))
 
     label_ok = (label >= 0) & (label < n_valid) & (not is_ignored)
     x_label = tl.load(row_ptr + label * stride_lv, mask=label_ok, other=0.0).to(tl.float32) / temp
-    m_fin = tl.where(m == float("-inf"), 0.0, m)
-    log_s = tl.log(tl.where(is_ignored, 1.0, s))
-    lse = m_fin + log_s
-    entropy = log_s - t / tl.where(is_ignored, 1.0, s)
+    lse, entropy = lse_and_entropy(m, tl.where(is_ignored, 1.0, s), t)       # an ignored row: s = 1, lse = H = 0
     tl.store(logprobs_ptr + row, tl.where(is_ignored, 0.0, x_label - lse))
     tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
     tl.store(lse_ptr + row, tl.where(is_ignored, 0.0, lse))
@@ -99,7 +87,7 @@ def _token_logprobs_bwd_kernel(
     is written as exactly 0.
 
     With x = logits / T:  d logprob/dx_j = [j = label] − p_j,
-    d entropy/dx_j = −p_j (log p_j + H); both divided by T.
+    d entropy/dx_j = −p_j (log p_j + H) (_math.softmax_grad); both divided by T.
     """
     row = tl.program_id(0).to(tl.int64)
     col_block = tl.program_id(1).to(tl.int64)
@@ -112,15 +100,10 @@ def _token_logprobs_bwd_kernel(
     x = tl.load(logits_ptr + row * stride_lm + offs * stride_lv, mask=col_mask, other=float("-inf"))
     x = tl.where(offs < n_valid, x.to(tl.float32), float("-inf"))
     logp = x / temp - tl.load(lse_ptr + row)
-    p = tl.exp(logp)
-    grad = tl.zeros([BLOCK_V], dtype=tl.float32)
-    if HAS_DLOGPROBS:
-        dlogp = tl.load(dlogprobs_ptr + row)
-        grad += tl.where(offs == label, dlogp, 0.0) - p * dlogp
-    if HAS_DENTROPY:
-        dent = tl.load(dentropy_ptr + row)
-        ent = tl.load(entropy_ptr + row)
-        grad -= dent * tl.where(p > 0.0, p * (logp + ent), 0.0)
+    dlogp = tl.load(dlogprobs_ptr + row) if HAS_DLOGPROBS else 0.0
+    dent = tl.load(dentropy_ptr + row) if HAS_DENTROPY else 0.0
+    ent = tl.load(entropy_ptr + row) if HAS_DENTROPY else 0.0
+    grad = softmax_grad(offs == label, logp, ent, dlogp, dent, HAS_DLOGPROBS, HAS_DENTROPY)
     grad = tl.where(is_ignored, 0.0, grad / temp)
     tl.store(dlogits_ptr + row * stride_dm + offs, grad.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
 
@@ -186,7 +169,7 @@ def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, t
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels1d, temperature, ignore_index, vocab_size, backend):
-        fwd = _fwd_triton if backend == "triton" else reference.token_logprobs_forward
+        fwd = _fwd_triton if backend == "triton" else torch_backend.token_logprobs_forward
         logprobs, entropy, lse = fwd(logits2d, labels1d, temperature, ignore_index, vocab_size)
         ctx.save_for_backward(logits2d, labels1d, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.vocab_size, ctx.backend = temperature, ignore_index, vocab_size, backend
@@ -204,7 +187,7 @@ class _TokenLogprobs(torch.autograd.Function):
             grad_logprobs = grad_logprobs.float().contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
-        bwd = _bwd_triton if ctx.backend == "triton" else reference.token_logprobs_backward
+        bwd = _bwd_triton if ctx.backend == "triton" else torch_backend.token_logprobs_backward
         dlogits = bwd(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature, ctx.ignore_index,
                       ctx.vocab_size)
         return dlogits, None, None, None, None, None
@@ -217,6 +200,12 @@ class _TokenLogprobs(torch.autograd.Function):
 class LogprobsAndEntropy(NamedTuple):
     logprobs: torch.Tensor
     entropy: torch.Tensor
+
+
+def as_result(logprobs: torch.Tensor, entropy: torch.Tensor, lead, return_entropy: bool):
+    """The (N,) results viewed as `lead`: logprobs, or LogprobsAndEntropy when return_entropy."""
+    logprobs = logprobs.view(lead)
+    return LogprobsAndEntropy(logprobs, entropy.view(lead)) if return_entropy else logprobs
 
 
 def token_logprobs(
@@ -254,8 +243,7 @@ def token_logprobs(
     check_same_device("labels", labels, "logits", logits)
     check_shape("labels", labels, logits.shape[:-1], "the leading dimensions of logits")
     check_positive("temperature", temperature)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     width = logits.shape[-1]
     if width == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
@@ -266,8 +254,4 @@ def token_logprobs(
     logits2d = as_rows(logits, width)
     labels1d = labels.reshape(-1)
     logprobs, entropy, _ = _TokenLogprobs.apply(logits2d, labels1d, float(temperature), ignore_index, vocab, backend)
-    lead = logits.shape[:-1]
-    logprobs = logprobs.view(lead)
-    if return_entropy:
-        return LogprobsAndEntropy(logprobs, entropy.view(lead))
-    return logprobs
+    return as_result(logprobs, entropy, logits.shape[:-1], return_entropy)

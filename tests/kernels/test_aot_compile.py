@@ -13,9 +13,11 @@ hints, constexprs and num_warps. A kernel that no scenario launches fails
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
+import textwrap
 from contextlib import contextmanager
 
 import pytest
@@ -89,9 +91,9 @@ def _linear_ppo_loss(dtype, vocab, *, trainer=True):
     if trainer:       # fastppo.ppo: temperature, clip_eps, dual_clip, ent_coef and a token-count normalizer
         kw = dict(temperature=TRAINER.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
                   ent_coef=pc.ent_coef, normalizer=mask.sum().float())
-    else:             # every other switch: dual clip, entropy bonus, KL to a reference
-        kw = dict(temperature=1.0, dual_clip=3.0, ent_coef=0.01, ref_logprobs=old - 0.1, kl_coef=0.05,
-                  kl_estimator="abs")
+    else:             # every other switch: dual clip, clip-higher, a policy weight, entropy bonus, KL to a reference
+        kw = dict(temperature=1.0, dual_clip=3.0, clip_eps_high=0.28, policy_weight=torch.rand(n), ent_coef=0.01,
+                  ref_logprobs=old - 0.1, kl_coef=0.05, kl_estimator="abs")
     with _gpu_gemm_plan():
         linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="triton", chunk_size=16, **kw).loss.backward()
 
@@ -119,8 +121,9 @@ def _ppo_loss(dtype, rows, length, *, trainer=True):
     if trainer:       # fastppo.ppo: its clip settings and the minibatch token count as a tensor normalizer
         kw = dict(clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
                   normalizer=mask.sum().float())
-    else:
-        kw = dict(value_clip=None, dual_clip=3.0, normalizer=None)
+    else:             # the other switches: no value clip, dual clip, clip-higher, a policy weight
+        kw = dict(value_clip=None, dual_clip=3.0, normalizer=None, clip_eps_high=0.28,
+                  policy_weight=torch.rand(shape, dtype=dtype))
     out = ppo_loss(lp, others[0], others[1], values, others[2], others[3], mask, backend="triton", **kw)
     out.loss.backward()
 
@@ -197,10 +200,10 @@ def _alignment_allows_wide_loads(case) -> bool:
 for _case in CASES:
     _case.wide_loads = _case.kernel in STREAMING and _alignment_allows_wide_loads(_case)
 
-# Device functions (@triton.jit helpers that return values, e.g. scan combine
-# functions) cannot be compiled on their own; they are compiled inside the
-# kernels that call them.
-DEVICE_FUNCTIONS = {"fastppo.kernels.gae:_gae_scan_combine"}
+# Device functions (@triton.jit helpers that return values: scan combine
+# functions, the per-token math of kernels/_math.py) cannot be compiled on their
+# own; they are compiled inside the kernels that call them. Kernels are named
+# `_<op>_<pass>_kernel`; every other @triton.jit function is a device function.
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +224,8 @@ def test_compiles_without_spills(compiled, case, sm):
 def test_recorded_cases_are_the_real_ones():
     """The scenarios reach what matters on a GPU: GPU block sizes and warps, odd V and T, BLOCK_T = 1, the
     float32-logits -> bf16-dlogits backward of the linear GPU plan, the trainer's linear_ppo_loss switches,
-    the two-stage ppo_loss reduction; and every streaming kernel has an aligned case held to 128-bit loads."""
+    the two-stage ppo_loss reduction, the policy losses with and without a policy weight; and every
+    streaming kernel has an aligned case held to 128-bit loads."""
     by_kernel = {}
     for c in CASES:
         by_kernel.setdefault(_short(c.kernel), []).append(c)
@@ -234,6 +238,8 @@ def test_recorded_cases_are_the_real_ones():
     assert trainer and trainer[0].constexprs["HAS_DUAL_CLIP"] == (TRAINER.ppo.dual_clip is not None)
     assert not trainer[0].constexprs["HAS_REF"] and trainer[0].signature["dlogits_ptr"] == "*bf16"
     assert "ppo_loss_reduce" in by_kernel
+    for kernel in ("ppo_loss_fwd", "ppo_loss_bwd", "linear_ppo_loss_fwd"):      # the policy weight's loads
+        assert {c.constexprs["HAS_WEIGHT"] for c in by_kernel[kernel]} == {False, True}, kernel
     assert any(not _alignment_allows_wide_loads(c) for c in CASES if c.kernel in STREAMING)   # odd V and T
     for kernel in STREAMING:
         assert any(c.wide_loads for c in CASES if c.kernel == kernel), f"{kernel}: no aligned case"
@@ -245,14 +251,35 @@ def _all_jit_kernels():
     for info in pkgutil.iter_modules(fastppo.kernels.__path__):
         module = importlib.import_module(f"fastppo.kernels.{info.name}")
         for name, obj in vars(module).items():
-            if isinstance(obj, kinds) and getattr(obj, "__module__", module.__name__) == module.__name__:
+            # Defined here, not imported: the wrapped function's module (the interpreter's wrapper has its own).
+            if isinstance(obj, kinds) and obj.fn.__module__ == module.__name__:
                 found[f"{module.__name__}:{name}"] = module
     return found
 
 
+def _is_kernel(name: str) -> bool:
+    return name.endswith("_kernel")
+
+
 def test_every_kernel_has_a_case():
-    missing = set(_all_jit_kernels()) - {c.kernel for c in CASES} - DEVICE_FUNCTIONS
+    missing = {k for k in _all_jit_kernels() if _is_kernel(k)} - {c.kernel for c in CASES}
     assert not missing, f"kernels without an AOT compile case (add a scenario): {sorted(missing)}"
+
+
+def _names_used_by(fn) -> set[str]:
+    """The names a @triton.jit function's body refers to (calls, and functions passed on, e.g. to a scan)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn.fn)))
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+def test_every_device_function_is_compiled_inside_a_kernel():
+    """A device function is only checked through the kernels that use it (directly or through another device
+    function): each must be reached from one."""
+    jit = {name: getattr(module, name.split(":")[1]) for name, module in _all_jit_kernels().items()}
+    assert sum(_is_kernel(k) for k in jit) >= 7 and len(jit) > sum(_is_kernel(k) for k in jit)
+    used = set().union(*(_names_used_by(fn) for fn in jit.values()))
+    unused = [k for k in jit if not _is_kernel(k) and k.split(":")[1] not in used]
+    assert not unused, f"device functions no kernel uses: {unused}"
 
 
 def test_no_reverse_scan():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastppo import algo
-from fastppo.kernels import gae, reference
+from fastppo.kernels import gae, torch_backend
 from fastppo.kernels.gae import _gae_triton
 
 BACKENDS = ["torch", "triton"]
@@ -178,7 +178,7 @@ def test_torch_path_row_chunks(monkeypatch):
     rewards, values = torch.randn(6, 33), torch.randn(6, 33)
     mask = make_mask(6, 33, "holes")
     whole = gae(rewards, values, mask, gamma=0.99, lam=0.9, backend="torch")
-    monkeypatch.setattr(reference, "GAE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(torch_backend, "GAE_CHUNK_BYTES", 1)
     chunked = gae(rewards, values, mask, gamma=0.99, lam=0.9, backend="torch")
     torch.testing.assert_close(chunked.advantages, whole.advantages, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(chunked.returns, whole.returns, atol=1e-6, rtol=1e-6)

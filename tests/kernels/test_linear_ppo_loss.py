@@ -613,3 +613,170 @@ def test_labels_off_the_mask_are_not_read():
     args["mask"] = torch.tensor([True, False, False])
     out = linear_ppo_loss(*args.values())
     assert torch.isfinite(out.loss) and out.logprobs[1] == 0 and out.logprobs[2] == 0
+
+
+# ----------------------------------------------------------------------------
+# clip_eps_high (clip-higher) and policy_weight
+# ----------------------------------------------------------------------------
+
+CLIP_EPS_HIGH = 0.28
+
+
+def weighted_oracle(hidden, weight, labels, old, adv, mask, policy_weight, *, clip_eps_high=None, dual_clip=None,
+                    ent_coef=0.0, ref_logprobs=None, kl_coef=0.0, temperature=1.0):
+    """float64 autograd of the loss with the ratio clipped to [1 − ε, 1 + ε_high] and the policy term of token t
+    times w_t (None: 1), normalised by the valid-token count.
+
+    Returns (policy_loss, loss, clipfrac, dhidden, dweight), the gradients those of 0.7·loss."""
+    h = hidden.detach().double().requires_grad_()
+    wt = weight.detach().double().requires_grad_()
+    valid = mask != 0
+    x = (h @ wt.T) / temperature
+    logp = torch.log_softmax(x, dim=-1)
+    lp = logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    old, adv = old.double(), adv.double()
+    w = torch.ones_like(adv) if policy_weight is None else policy_weight.double()
+    high = CLIP_EPS if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(lp - old)
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - CLIP_EPS, 1 + high)
+    pg, clipped = torch.maximum(pg1, pg2), pg2 > pg1
+    if dual_clip is not None:
+        dual = (adv < 0) & (-dual_clip * adv < pg)
+        pg, clipped = torch.where(dual, -dual_clip * adv, pg), clipped | dual
+    d = lp - ref_logprobs.double() if ref_logprobs is not None else torch.zeros_like(lp)
+    kl = torch.exp(-d) + d - 1                                          # k3, the default estimator
+    m = valid.double()
+    n = m.sum().clamp(min=1)
+    policy_loss = (w * pg * m).sum() / n
+    loss = policy_loss - ent_coef * (ent * m).sum() / n + kl_coef * (kl * m).sum() / n
+    (0.7 * loss).backward()
+    return policy_loss.detach(), loss.detach(), (clipped.double() * m).sum() / n, h.grad, wt.grad
+
+
+def weighted_inputs(n, size_h, vocab, dtype, weight_dtype=torch.float32):
+    """As make_inputs, with the log-ratios also MARGIN away from log(1 + CLIP_EPS_HIGH), and a policy weight
+    (ratios around 1, truncated, a fifth of them 0)."""
+    hidden = torch.randn(n, size_h).to(dtype)
+    weight = (torch.randn(vocab, size_h) * 3 / math.sqrt(size_h)).to(dtype)
+    labels = torch.randint(0, vocab, (n,))
+    r = _away_from(torch.randn(n).double() * 0.4, [math.log(1 - CLIP_EPS), math.log(1 + CLIP_EPS),
+                                                   math.log(1 + CLIP_EPS_HIGH), math.log(DUAL_CLIP)])
+    old = (_exact_logprobs(hidden, weight, labels, 1.0) - r).float()
+    mask = torch.rand(n) > 0.25
+    mask[0] = True
+    w = torch.exp(torch.randn(n) * 0.3).clamp(max=2.0)
+    w = torch.where(torch.rand(n) < 0.2, 0.0, w).to(weight_dtype)
+    return hidden, weight, torch.where(mask, labels, -100), old, torch.randn(n), mask, w
+
+
+NEW_ARGS = {"high": dict(clip_eps_high=CLIP_EPS_HIGH), "weight": dict(weight=True),
+            "both": dict(clip_eps_high=CLIP_EPS_HIGH, weight=True)}
+NEW_ARG_CASES = [(backend, dtype, wdtype, dual, new)
+                 for backend in BACKENDS
+                 for dtype, wdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float64),
+                                       (torch.float16, torch.bfloat16))
+                 for dual in (None, DUAL_CLIP) for new in NEW_ARGS
+                 # the interpreter costs ~1 ms per program: every switch once, not every combination
+                 if backend == "torch" or (dual is None) == (dtype != torch.float32)]
+
+
+@pytest.mark.parametrize("backend,dtype,weight_dtype,dual_clip,new", NEW_ARG_CASES, ids=str)
+def test_clip_higher_and_policy_weight_match_float64(backend, dtype, weight_dtype, dual_clip, new):
+    """Loss, policy loss, clipfrac, dhidden and dweight against float64 autograd, each new argument alone and
+    both together, on an odd shape (37 tokens, H = 33, V = 101), for every input dtype, entropy bonus and KL on.
+    Tolerances as in check_against_oracle: float32 logits make the scalars float32-accurate (2e-5 relative to
+    their scale), and the gradients carry two ulps of their dtype plus float32 accumulation error."""
+    kw = dict(NEW_ARGS[new])
+    hidden, weight, labels, old, adv, mask, w = weighted_inputs(37, 33, 101, dtype, weight_dtype)
+    pw = w if kw.pop("weight", False) else None
+    ref = old + 0.05
+    kw.update(dual_clip=dual_clip, ent_coef=0.01, ref_logprobs=ref, kl_coef=0.05)
+    h, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = linear_ppo_loss(h, wt, labels, old, adv, mask, backend=backend, chunk_size=16, policy_weight=pw, **kw)
+    (0.7 * out.loss).backward()
+    policy_loss, loss, clipfrac, dh, dw = weighted_oracle(hidden, weight, labels, old, adv, mask, pw, **kw)
+    for name, got, want in (("policy_loss", out.policy_loss, policy_loss), ("loss", out.loss, loss),
+                            ("clipfrac", out.clipfrac, clipfrac)):
+        torch.testing.assert_close(got.double(), want, atol=2e-5 * (1 + want.abs().item()), rtol=0, msg=name)
+    assert h.grad.dtype == dtype and wt.grad.dtype == dtype
+    for name, got, want in (("dhidden", h.grad, dh), ("dweight", wt.grad, dw)):
+        tol = 2 * torch.finfo(dtype).eps * want.abs() + 4e-5 * want.abs().max()
+        assert ((got.double() - want).abs() <= tol).all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_none_means_the_symmetric_range_and_unit_weights(backend):
+    """clip_eps_high=None is clip_eps and policy_weight=None is w = 1, to the bit (x·1 = x exactly)."""
+    hidden, weight, labels, old, adv, mask, _ = weighted_inputs(29, 16, 67, torch.float32)
+    kw = dict(dual_clip=DUAL_CLIP, ent_coef=0.01, backend=backend, chunk_size=8)
+    results = []
+    for extra in (dict(), dict(clip_eps_high=CLIP_EPS, policy_weight=torch.ones(29))):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = linear_ppo_loss(h, w, labels, old, adv, mask, **kw, **extra)
+        out.loss.backward()
+        results.append((*out, h.grad, w.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_weight_drops_tokens_but_keeps_the_normalizer(backend):
+    """w_t = 0 (no entropy bonus or KL, which are not weighted) gives the loss and gradients of the surrogate
+    without those tokens, divided by the count of all valid tokens. The same nonzero float32 terms enter both
+    runs, but in other chunk positions and sum groupings: float32 rounding of sums of ≤ 40 terms (rtol 1e-5)."""
+    hidden, weight, labels, old, adv, mask, w = weighted_inputs(40, 16, 67, torch.float32)
+    dropped = (w == 0) & mask
+    assert dropped.any()
+    runs = []
+    for m, norm in ((mask, None), (mask & ~dropped, mask.sum().float())):
+        h, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = linear_ppo_loss(h, wt, labels, old, adv, m, policy_weight=w, clip_eps_high=CLIP_EPS_HIGH,
+                              normalizer=norm, backend=backend, chunk_size=8)
+        out.loss.backward()
+        runs.append((out.policy_loss, h.grad, wt.grad))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    assert (runs[0][1][dropped] == 0).all()
+
+
+def test_new_arguments_backends_agree():
+    hidden, weight, labels, old, adv, mask, w = weighted_inputs(23, 32, 515, torch.float32, torch.bfloat16)
+    kw = dict(dual_clip=DUAL_CLIP, ent_coef=0.01, clip_eps_high=CLIP_EPS_HIGH, policy_weight=w, chunk_size=8)
+    a = linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="torch", **kw)
+    b = linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="triton", **kw)
+    for name in (*STATS, "logprobs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(clip_eps_high=-0.1), ValueError, "clip_eps_high"),
+    (dict(clip_eps_high="0.3"), TypeError, "clip_eps_high"),
+    (dict(policy_weight=torch.ones(2)), ValueError, "policy_weight"),
+    (dict(policy_weight=torch.ones(3, dtype=torch.long)), TypeError, "policy_weight"),
+    (dict(policy_weight=torch.ones(3, device="meta")), ValueError, "policy_weight"),
+    (dict(policy_weight=torch.tensor([1.0, -1.0, 1.0])), ValueError, "policy_weight must be finite and >= 0"),
+    (dict(policy_weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError, "policy_weight must be finite"),
+], ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(v))
+def test_bad_new_arguments(over, exc, match):
+    args, kwargs = _args(**over)
+    with pytest.raises(exc, match=match):
+        linear_ppo_loss(*args.values(), **kwargs)
+
+
+def test_policy_weight_off_the_mask_is_not_read():
+    args, _ = _args()
+    args["mask"] = torch.tensor([True, True, False])
+    outs = [linear_ppo_loss(*args.values(), policy_weight=torch.tensor([0.5, 2.0, bad]))
+            for bad in (1.0, float("nan"), -3.0)]
+    assert all(torch.equal(o.loss, outs[0].loss) for o in outs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_weight_gets_no_gradient(backend):
+    """A weight computed with autograd on is used as a constant."""
+    args, _ = _args()
+    args["hidden"].requires_grad_()
+    weight = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
+    linear_ppo_loss(*args.values(), policy_weight=weight, backend=backend).loss.backward()
+    assert weight.grad is None and args["hidden"].grad is not None

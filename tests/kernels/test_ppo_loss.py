@@ -230,3 +230,187 @@ def _call(**overrides):
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------
+# clip_eps_high (clip-higher) and policy_weight
+# ----------------------------------------------------------------------------
+
+def weighted_oracle(batch, weight, *, clip_eps=0.2, clip_eps_high=None, value_clip=0.2, vf_coef=1.0, dual_clip=None,
+                    normalizer=None):
+    """float64 results straight from the formulas, with the ratio clipped to [1 − ε, 1 + ε_high] and the policy
+    term of token t times w_t (weight None: 1); returns (dict of results, lp, v) for autograd."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    lp = batch["logprobs"].double().requires_grad_()
+    v = batch["values"].double().requires_grad_()
+    old_lp, adv, old_v, ret = (batch[k].double() for k in ("old_logprobs", "advantages", "old_values", "returns"))
+    m = batch["mask"].bool()
+    w = torch.ones_like(adv) if weight is None else weight.double()
+    ratio = torch.exp(lp - old_lp)
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + high)
+    pg, clipped = torch.maximum(pg1, pg2), pg2 > pg1
+    if dual_clip is not None:
+        dual = (adv < 0) & (-dual_clip * adv < pg)
+        pg, clipped = torch.where(dual, -dual_clip * adv, pg), clipped | dual
+    vf = (v - ret) ** 2
+    vclipped = torch.zeros_like(m)
+    if value_clip is not None:
+        vf2 = (old_v + (v - old_v).clamp(-value_clip, value_clip) - ret) ** 2
+        vf, vclipped = torch.maximum(vf, vf2), vf2 > vf
+    n = torch.as_tensor(m.sum() if normalizer is None else normalizer, dtype=torch.float64)
+    n = torch.where(n > 0, n, torch.ones((), dtype=torch.float64))
+
+    def mean(x):
+        return torch.where(m, x, torch.zeros((), dtype=x.dtype)).sum() / n
+
+    policy_loss, value_loss = mean(w * pg), 0.5 * mean(vf)
+    out = dict(loss=policy_loss + vf_coef * value_loss, policy_loss=policy_loss, value_loss=value_loss,
+               clipfrac=mean(clipped.double()), value_clipfrac=mean(vclipped.double()),
+               approx_kl=mean((ratio - 1) - (lp - old_lp)), ratio_mean=mean(ratio))
+    return out, lp, v
+
+
+def random_weight(shape, dtype=torch.float32):
+    """Weights as rollout correction makes them: ratios around 1, truncated, a fifth of the tokens dropped (0)."""
+    w = torch.exp(torch.randn(shape) * 0.3).clamp(max=2.0)
+    return torch.where(torch.rand(shape) < 0.2, 0.0, w).to(dtype)
+
+
+NEW_ARGS = {"high": dict(clip_eps_high=0.28), "weight": dict(weight=True), "both": dict(clip_eps_high=0.28,
+                                                                                         weight=True)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float64),
+                                                (torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("new", list(NEW_ARGS))
+def test_clip_higher_and_policy_weight_match_float64(backend, dtype, weight_dtype, dual_clip, new):
+    """Forward and backward against float64 autograd of the formulas, on an odd shape, each new argument alone
+    and both together, with and without dual clip, for every input dtype (the weight in another float dtype).
+
+    The oracle reads the same (rounded) inputs, so the only error is the op's float32 arithmetic: a few
+    float32 roundings per token (≤ ~1e-6 relative) and sums of ≤ 111 terms (≤ ~1e-5 relative in the worst
+    case), hence rtol 1e-5 and atol 1e-6 on O(1) results; the gradients are then rounded once to the input
+    dtype (one ulp: eps of the dtype, relative; the interpreter's bf16 stores truncate)."""
+    kw = dict(NEW_ARGS[new])
+    batch = make_batch((3, 37), dtype)
+    weight = random_weight((3, 37), weight_dtype) if kw.pop("weight", False) else None
+    kw.update(dual_clip=dual_clip, vf_coef=0.7)
+    out, lp, v = run(batch, backend, policy_weight=weight, **kw)
+    want, lp64, v64 = weighted_oracle(batch, weight, **kw)
+    for name in PPOLossOutput._fields:
+        torch.testing.assert_close(getattr(out, name).double(), want[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+    g = torch.randn(3)
+    (g[0] * out.loss + g[1] * out.policy_loss + g[2] * out.value_loss).backward()
+    g = g.double()
+    (g[0] * want["loss"] + g[1] * want["policy_loss"] + g[2] * want["value_loss"]).backward()
+    assert lp.grad.dtype == dtype and v.grad.dtype == dtype
+    ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+    for got, exp in ((lp.grad, lp64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), exp, atol=1e-7, rtol=1e-5 + ulp)
+    if weight is not None:
+        assert (lp.grad[(weight == 0) | ~batch["mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_higher_by_hand(backend):
+    """Ratios 0.7 (A < 0), 1.1, 1.25, 1.4 (A > 0) with ε = 0.2: ε_high = 0.28 lets 1.25 through unclipped
+    (clipfrac 2/4 instead of 3/4) and clips 1.4 at 1.28: policy_loss = (0.8 − 1.1 − 1.25 − 1.28) / 4."""
+    ratio = torch.tensor([[0.7, 1.1, 1.25, 1.4]])
+    batch = dict(logprobs=ratio.log(), old_logprobs=torch.zeros(1, 4), advantages=torch.tensor([[-1.0, 1, 1, 1]]),
+                 values=torch.zeros(1, 4), old_values=torch.zeros(1, 4), returns=torch.zeros(1, 4),
+                 mask=torch.ones(1, 4, dtype=torch.bool))
+    # exp(log ρ) in float32 is ρ within a few ulps (~1e-7 relative): atol 1e-6 on O(1) means.
+    out, lp, _ = run(batch, backend, clip_eps_high=0.28)
+    torch.testing.assert_close(out.policy_loss.item(), (0.8 - 1.1 - 1.25 - 1.28) / 4, atol=1e-6, rtol=0)
+    assert out.clipfrac.item() == 0.5
+    out.policy_loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, -1.1, -1.25, 0.0]]) / 4, atol=1e-6, rtol=0)
+    symmetric, _, _ = run(batch, backend)
+    assert symmetric.clipfrac.item() == 0.75
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_none_means_the_symmetric_range_and_unit_weights(backend):
+    """clip_eps_high=None is clip_eps and policy_weight=None is w = 1, to the bit (x·1 = x exactly in IEEE
+    arithmetic, and ε_high = ε is the same float)."""
+    batch = make_batch((4, 33))
+    base, lp0, v0 = run(batch, backend, dual_clip=3.0)
+    same, lp1, v1 = run(batch, backend, dual_clip=3.0, clip_eps_high=0.2, policy_weight=torch.ones(4, 33))
+    (base.loss + base.policy_loss).backward()
+    (same.loss + same.policy_loss).backward()
+    for name in PPOLossOutput._fields:
+        assert torch.equal(getattr(base, name), getattr(same, name)), name
+    assert torch.equal(lp0.grad, lp1.grad) and torch.equal(v0.grad, v1.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_weight_drops_tokens_but_keeps_the_normalizer(backend):
+    """w_t = 0 gives the policy loss and gradient of the surrogate without those tokens, still divided by the
+    count of all valid tokens; the value loss and the statistics are not weighted. Both runs add the same
+    nonzero terms in the same order (the dropped ones add 0), so they agree to float32 rounding of the final
+    division (rtol 1e-6)."""
+    batch = make_batch((5, 29))
+    weight = random_weight((5, 29))
+    dropped = weight == 0
+    assert (dropped & batch["mask"]).any()
+    full, lp, v = run(batch, backend, policy_weight=weight, clip_eps_high=0.3)
+    kept, lp_k, _ = run(dict(batch, mask=batch["mask"] & ~dropped), backend, policy_weight=weight, clip_eps_high=0.3,
+                        normalizer=batch["mask"].sum().float())
+    full.policy_loss.backward()
+    kept.policy_loss.backward()
+    torch.testing.assert_close(full.policy_loss, kept.policy_loss, atol=0, rtol=1e-6)
+    torch.testing.assert_close(lp.grad, lp_k.grad, atol=0, rtol=1e-6)
+    unweighted, _, _ = run(batch, backend, clip_eps_high=0.3)
+    for name in ("value_loss", "clipfrac", "value_clipfrac", "approx_kl", "ratio_mean"):
+        assert torch.equal(getattr(full, name), getattr(unweighted, name)), name
+
+
+def test_new_arguments_backends_agree():
+    batch = make_batch((4, 64))
+    weight = random_weight((4, 64), torch.bfloat16)
+    a, lp_a, v_a = run(batch, "torch", dual_clip=3.0, clip_eps_high=0.25, policy_weight=weight)
+    b, lp_b, v_b = run(batch, "triton", dual_clip=3.0, clip_eps_high=0.25, policy_weight=weight)
+    (a.loss + b.loss).backward()
+    for name in PPOLossOutput._fields:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lp_a.grad, lp_b.grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(v_a.grad, v_b.grad, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_weight_off_the_mask_is_not_read(backend):
+    batch = make_batch((3, 20))
+    weight = random_weight((3, 20))
+    ref_out, _, _ = run(batch, backend, policy_weight=weight)
+    dirty = torch.where(batch["mask"], weight, float("nan"))
+    out, _, _ = run(batch, backend, policy_weight=dirty)
+    torch.testing.assert_close(out.policy_loss, ref_out.policy_loss, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(clip_eps_high=-0.1), ValueError, "clip_eps_high"),
+    (dict(clip_eps_high="0.3"), TypeError, "clip_eps_high"),
+    (dict(policy_weight=torch.ones(2, 4)), ValueError, "policy_weight"),
+    (dict(policy_weight=torch.ones(2, 5, dtype=torch.long)), TypeError, "policy_weight"),
+    (dict(policy_weight=[[1.0] * 5] * 2), TypeError, "policy_weight"),
+    (dict(policy_weight=torch.ones(2, 5, device="meta")), ValueError, "policy_weight"),
+    (dict(policy_weight=torch.full((2, 5), -0.5)), ValueError, "policy_weight must be finite and >= 0"),
+    (dict(policy_weight=torch.full((2, 5), float("nan"))), ValueError, "policy_weight must be finite and >= 0"),
+    (dict(policy_weight=torch.full((2, 5), float("inf"))), ValueError, "policy_weight must be finite and >= 0"),
+])
+def test_bad_new_arguments(over, exc, match):
+    batch = make_batch((2, 5), p_valid=1.0)
+    with pytest.raises(exc, match=match):
+        ppo_loss(*(batch[k] for k in NAMES), batch["mask"], **over)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_weight_gets_no_gradient(backend):
+    """A weight computed with autograd on (e.g. from logprobs that require grad) is used as a constant."""
+    batch = make_batch((2, 11))
+    weight = random_weight((2, 11)).requires_grad_()
+    out, lp, _ = run(batch, backend, policy_weight=weight)
+    out.loss.backward()
+    assert weight.grad is None and lp.grad is not None

@@ -1,9 +1,9 @@
-"""Pure-PyTorch implementations of the fused ops.
+"""The fast PyTorch backend of the fused ops (``backend="torch"``, the default off CUDA).
 
-These are the CPU backend (``backend="torch"``) and the readable statement of
-what each Triton kernel computes. Where a function is also the CPU hot path it
-works in row chunks so that its extra memory stays bounded whatever the number
-of rows is; the float64 test oracles live in ``tests/``.
+The same results as the Triton kernels, tuned for CPU: chunked over rows so
+that the extra memory stays bounded whatever the number of rows, in place
+where it saves temporaries. It is not the readable statement of the math: the
+float64 oracles the tests compare both backends against are.
 """
 
 from __future__ import annotations
@@ -55,14 +55,8 @@ def token_logprobs_forward(
 
 
 def token_logprobs_backward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logprobs: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int,
     vocab_size: int,
 ) -> torch.Tensor:
     """Gradient of sum(grad_logprobs·logprobs + grad_entropy·entropy) w.r.t. logits (N, V).
@@ -263,30 +257,49 @@ def _gae_rows(rewards, values, mask, gamma, lam):
 PPO_CHUNK_BYTES = 8 << 20
 
 
+def clipped_surrogate(ratio, advantages, clip_eps: float, clip_eps_high: float, dual_clip: float | None,
+                      weight=None):
+    """The clipped policy surrogate per token, float32 tensors of one shape -> pg, clipped, dpg.
+
+      pg  = w·max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε_high)), for A < 0 also min(·, −c·A) (dual clip)
+      clipped = 1.0 where a clipped branch is strictly the larger (its gradient is 0), else 0.0
+      dpg = d pg / d log ρ = −A·ρ·w unless clipped, else 0
+    w is `weight` (None: 1). Float 0/1 rather than bool: see `mask_as_float`.
+    """
+    pg1 = torch.mul(advantages, ratio).neg_()
+    pg = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high).mul_(advantages).neg_()        # pg2 for now
+    pg = torch.maximum(pg1, pg, out=pg)
+    clipped = torch.sign(pg - pg1)                                                     # pg2 > pg1 (pg ≥ pg1)
+    if dual_clip is not None:
+        bound = advantages * -dual_clip
+        dual = (advantages < 0) & (bound < pg)
+        pg = torch.where(dual, bound, pg)
+        clipped = torch.maximum(clipped, mask_as_float(dual))
+    dpg = pg1.mul_(1.0 - clipped)
+    if weight is not None:
+        pg, dpg = pg.mul_(weight), dpg.mul_(weight)
+    return pg, clipped, dpg
+
+
 def ppo_loss_terms(logprobs, old_logprobs, advantages, values, old_values, returns, keep,
-                   clip_eps: float, value_clip: float | None, dual_clip: float | None):
+                   clip_eps: float, value_clip: float | None, dual_clip: float | None, *,
+                   clip_eps_high: float | None = None, weight=None):
     """Per-token PPO terms in float32; the inputs are read as 0 where keep (float 0/1) is 0.
 
     Returns (pg, vf2, pg_clipped, vf_clipped, kl, ratio, dpg, derr), all 0 off the mask:
-      pg  = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), for A < 0 also min(·, −c·A) (dual clip)
+      pg, pg_clipped, dpg: `clipped_surrogate` (ε_high = clip_eps_high, or clip_eps when None;
+          weighted by `weight` when given)
       vf2 = max((V − R)², (clip(V, V_old ± ε_v) − R)²)   (twice the value loss term)
-      pg_clipped, vf_clipped: 1.0 where the clipped branch is strictly the larger (zero gradient)
+      vf_clipped: 1.0 where the clipped branch is strictly the larger (zero gradient)
       kl  = (ρ − 1) − log ρ;  ratio = ρ on the mask
-      dpg = d pg / d logprobs = −A·ρ unless clipped;  derr = d(vf2 / 2) / d values = V − R unless clipped
+      derr = d(vf2 / 2) / d values = V − R unless clipped
     """
     log_ratio = zero_off_mask(logprobs.float() - old_logprobs.float(), keep)           # 0, so ρ = 1, off the mask
     adv = zero_off_mask(advantages.float(), keep)
     ratio = torch.exp(log_ratio)
-    pg1 = torch.mul(adv, ratio).neg_()
-    pg = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps).mul_(adv).neg_()                  # pg2 for now
-    pg = torch.maximum(pg1, pg, out=pg)
-    pg_clipped = torch.sign(pg - pg1)                                                  # pg2 > pg1 (pg ≥ pg1)
-    if dual_clip is not None:
-        bound = adv * -dual_clip
-        dual = (adv < 0) & (bound < pg)
-        pg = torch.where(dual, bound, pg)
-        pg_clipped = torch.maximum(pg_clipped, mask_as_float(dual))
-    dpg = pg1.mul_(1.0 - pg_clipped)
+    w = None if weight is None else zero_off_mask(weight.float(), keep)
+    pg, pg_clipped, dpg = clipped_surrogate(ratio, adv, clip_eps, clip_eps if clip_eps_high is None else clip_eps_high,
+                                            dual_clip, w)
     err = zero_off_mask(values.float() - returns.float(), keep)
     vf = err.square()
     vf_clipped = None
@@ -303,10 +316,12 @@ def ppo_loss_terms(logprobs, old_logprobs, advantages, values, old_values, retur
 
 def ppo_loss_forward(logprobs, old_logprobs, advantages, values, old_values, returns, mask,
                      clip_eps: float, value_clip: float | None, vf_coef: float, dual_clip: float | None,
-                     normalizer, *, with_grads: bool = False):
+                     normalizer, *, with_grads: bool = False, clip_eps_high: float | None = None, weight=None):
     """(N, T) inputs -> (8,) float32: loss, policy_loss, value_loss, clipfrac, value_clipfrac, approx_kl,
     ratio_mean, and the normalizer used [, then the (N, T) per-token derivatives of n·policy_loss
     w.r.t. logprobs and of n·value_loss w.r.t. values, when ``with_grads``].
+    ``weight`` (N, T) any float dtype, or None: the per-token weight of the
+    policy term (clip_eps_high and weight: see `ppo_loss_terms`).
 
     Token means divide by `normalizer` (None: the number of valid tokens; a
     number or a 1-element tensor otherwise); a normalizer ≤ 0 is replaced by 1
@@ -328,7 +343,8 @@ def ppo_loss_forward(logprobs, old_logprobs, advantages, values, old_values, ret
         keep = mask_as_float(mask[rows])
         pg, vf, pg_clipped, vf_clipped, kl, ratio, dpg, derr = ppo_loss_terms(
             logprobs[rows], old_logprobs[rows], advantages[rows], values[rows], old_values[rows], returns[rows],
-            keep, clip_eps, value_clip, dual_clip)
+            keep, clip_eps, value_clip, dual_clip, clip_eps_high=clip_eps_high,
+            weight=None if weight is None else weight[rows])
         zero = torch.zeros((), device=device)
         sums += torch.stack([pg.sum(), vf.sum(), pg_clipped.sum(), vf_clipped.sum() if vf_clipped is not None else zero,
                              kl.sum(), ratio.sum(), keep.sum()]).double()
@@ -385,14 +401,8 @@ def linear_logits_chunk_forward_(
 
 
 def linear_logits_chunk_backward_(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logprobs: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int,
     vocab_size: int,
 ) -> torch.Tensor:
     """logits (C, V) float32 -> dlogits, written over them (the same tensor is returned).
@@ -434,30 +444,6 @@ def linear_logits_chunk_backward_(
 PPO_TOKEN_STATS = ("logprobs", "entropy", "pg", "clipped", "approx_kl", "ratio", "kl")
 
 
-def policy_loss_terms(logprobs, old_logprobs, advantages, clip_eps: float, dual_clip: float | None):
-    """Per-token clipped surrogate of valid tokens, float32 (C,) each -> pg, clipped (0/1), approx_kl, ratio, dpg.
-
-    The policy half of ppo_loss_terms, with the same formulas:
-      pg  = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), for A < 0 also min(·, −c·A) (dual clip)
-      dpg = d pg / d logprobs = −A·ρ unless a clipped branch is the larger (then 0)
-      approx_kl = (ρ − 1) − log ρ
-    """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    pg1 = torch.mul(advantages, ratio).neg_()
-    pg2 = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps).mul_(advantages).neg_()
-    clipped = pg2 > pg1
-    pg = torch.maximum(pg1, pg2)
-    if dual_clip is not None:
-        bound = advantages * -dual_clip
-        dual = (advantages < 0) & (bound < pg)
-        clipped = clipped | dual
-        pg = torch.where(dual, bound, pg)
-    dpg = torch.where(clipped, 0.0, pg1)
-    approx_kl = (ratio - 1.0).sub_(log_ratio)
-    return pg, clipped.float(), approx_kl, ratio, dpg
-
-
 # linear_ppo_chunk_ works through its (C, V) chunk a few rows at a time, through a cache-sized temporary:
 # (C, V) temporaries cost more in page faults than the arithmetic that fills them (a fresh 64 MB buffer:
 # ~11 ms, against ~3 ms for the exp that fills it, at C=512, V=32000 on the 2-core CPU).
@@ -470,13 +456,9 @@ def linear_ppo_chunk_(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
+    policy_weight: torch.Tensor | None,
     normalizer: torch.Tensor,
-    temperature: float,
-    clip_eps: float,
-    dual_clip: float | None,
-    ent_coef: float,
-    kl_coef: float,
-    kl_estimator: str,
+    params,
     with_grad: bool,
     vocab_size: int,
     valid: torch.Tensor | None = None,
@@ -487,16 +469,19 @@ def linear_ppo_chunk_(
     only its first vocab_size columns are real (the rest is alignment padding:
     never read, and its gradient is 0). With ``with_grad`` it becomes
     d loss / d logits (the 1/T included), where
-        loss = Σ_tokens [pg − ent_coef·H + kl_coef·k(logprob − ref)] / normalizer.
-    labels (C,) int in [0, vocab_size); old_logprobs, advantages, ref_logprobs (C,)
-    float32; normalizer a 0-dim float32 tensor > 0. ``valid`` (C,) bool, or
+        loss = Σ_tokens [pg − ent_coef·H + kl_coef·k(logprob − ref)] / normalizer,
+    pg the weighted surrogate of `clipped_surrogate`. labels (C,) int in
+    [0, vocab_size); old_logprobs, advantages, ref_logprobs, policy_weight (C,)
+    float32 (ref_logprobs and policy_weight may be None); normalizer a 0-dim
+    float32 tensor > 0; params a ``linear_ppo_loss.LinearPPOParams`` (clip
+    range, coefficients, estimator, temperature). ``valid`` (C,) bool, or
     None when every token is valid: invalid tokens (finite inputs, e.g. zeros)
     get zero statistics and zero gradient.
     Returns the per-token statistics (len(PPO_TOKEN_STATS), C) float32.
 
     With p = softmax(x), H its entropy and
       g_lp  = (dpg + kl_coef·k'(d)) / n,   g_ent = −ent_coef / n
-    (d = logprob − ref, dpg from policy_loss_terms, k' the estimator's slope):
+    (d = logprob − ref, dpg from clipped_surrogate, k' the estimator's slope):
       dlogits_j = (g_lp·([j = label] − p_j) − g_ent·p_j·(log p_j + H)) / T.
     With x' = x − max, e = exp(x'), s = Σ e, t = Σ e·x' (so log p = x' − log s
     and H = log s − t / s), that is
@@ -522,9 +507,13 @@ def linear_ppo_chunk_(
     log_s = s.log()
     logprobs = x.gather(-1, labels.long()[:, None]).squeeze(-1) - log_s
     entropy = log_s - t / s
-    pg, clipped, approx_kl, ratio, dpg = policy_loss_terms(logprobs, old_logprobs, advantages, clip_eps, dual_clip)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg, clipped, dpg = clipped_surrogate(ratio, advantages, params.clip_eps, params.clip_eps_high, params.dual_clip,
+                                         policy_weight)
+    approx_kl = (ratio - 1.0).sub_(log_ratio)
     if ref_logprobs is not None:
-        kl, slope = kl_penalty_forward(logprobs, ref_logprobs, kl_estimator, None, with_slope=with_grad)
+        kl, slope = kl_penalty_forward(logprobs, ref_logprobs, params.kl_estimator, None, with_slope=with_grad)
     else:
         kl, slope = torch.zeros_like(logprobs), None
     stats = torch.stack([logprobs, entropy, pg, clipped, approx_kl, ratio, kl])
@@ -532,6 +521,7 @@ def linear_ppo_chunk_(
         stats = torch.where(valid, stats, 0.0)
     if not with_grad:
         return stats
+    temperature, ent_coef, kl_coef = params.temperature, params.ent_coef, params.kl_coef
     g_lp = dpg if slope is None or kl_coef == 0 else dpg + kl_coef * slope
     g_lp = g_lp / normalizer
     g_ent = -ent_coef / normalizer                               # 0-dim, or (C,) with a valid mask

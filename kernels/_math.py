@@ -1,0 +1,132 @@
+"""Per-token math shared by the Triton kernels, written once as @triton.jit device functions.
+
+A device function is compiled inside each kernel that calls it (inlined: no
+call and no registers beyond those of the same code written out), never
+launched on its own. Scalar parameters arrive as kernel arguments, which the
+interpreter passes as Python floats: the helpers cast them with ``tl.cast``.
+The same formulas, for the PyTorch backend, are in torch_backend.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_lse_step(m, s, t, x):
+    """Fold one block x of a row's (scaled) logits into the running (m, s, t); returns the new state.
+
+    All relative to the running max m, which starts at −inf (not 0: rows of
+    all-negative logits must work):  s = Σ exp(x − m),  t = Σ exp(x − m)·(x − m),
+    so that lse = m + log s and the entropy log s − t / s need no large
+    differences (see `lse_and_entropy`). Logits of −inf count as probability 0.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # While every logit so far is -inf, keep the reference point finite.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_ref)
+    shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
+    e = tl.exp(x - m_ref)
+    x_rel = tl.where(e > 0.0, x - m_ref, 0.0)
+    t = alpha * (t + shift * s) + tl.sum(e * x_rel, axis=0)
+    s = s * alpha + tl.sum(e, axis=0)
+    return m_new, s, t
+
+
+@triton.jit
+def lse_and_entropy(m, s, t):
+    """(log-sum-exp, entropy) of a row from the final state of `online_lse_step` (s > 0)."""
+    log_s = tl.log(s)
+    return tl.where(m == float("-inf"), 0.0, m) + log_s, log_s - t / s
+
+
+@triton.jit
+def softmax_grad(is_label, logp, entropy, g_lp, g_ent, HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr):
+    """d (g_lp·logprob + g_ent·H) / d x_j for one block of a row, x the scaled logits, logp = log p_j:
+
+      g_lp·([j = label] − p_j) − g_ent·p_j·(log p_j + H)
+    (p·log p is 0 where p is 0). Each term only when its HAS_* switch is set.
+    """
+    p = tl.exp(logp)
+    if HAS_G_LP:
+        grad = tl.where(is_label, g_lp, 0.0) - p * g_lp
+    else:
+        grad = tl.zeros(logp.shape, dtype=tl.float32)
+    if HAS_G_ENT:
+        grad -= g_ent * tl.where(p > 0.0, p * (logp + entropy), 0.0)
+    return grad
+
+
+@triton.jit
+def clipped_surrogate(ratio, adv, weight, clip_eps, clip_eps_high, dual_clip,
+                      HAS_DUAL_CLIP: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """PPO's clipped policy surrogate per token (Schulman et al. 2017, eq. 7) -> (pg, dpg, clipped):
+
+      pg  = w·max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε_high)),
+            for A < 0 also min(·, −c·A) (dual clip, Ye et al. 2020)
+      dpg = d pg / d log ρ = w·(−A·ρ) where no clipped branch is the larger, else 0
+      clipped = a clipped branch (ε or dual) is strictly the larger
+    w = weight when HAS_WEIGHT (else 1: weight is not read).
+    """
+    eps_low = tl.cast(clip_eps, tl.float32)
+    eps_high = tl.cast(clip_eps_high, tl.float32)
+    pg1 = -adv * ratio
+    pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    clipped = pg2 > pg1
+    pg = tl.maximum(pg1, pg2)
+    if HAS_DUAL_CLIP:
+        bound = -tl.cast(dual_clip, tl.float32) * adv
+        dual = (adv < 0.0) & (bound < pg)
+        clipped = clipped | dual
+        pg = tl.where(dual, bound, pg)
+    dpg = tl.where(clipped, 0.0, pg1)
+    if HAS_WEIGHT:
+        pg = pg * weight
+        dpg = dpg * weight
+    return pg, dpg, clipped
+
+
+@triton.jit
+def clipped_value_error(v, ret, old_v, value_clip, HAS_VALUE_CLIP: tl.constexpr):
+    """PPO's clipped value error per token (Schulman et al. 2017, eq. 9) -> (vf2, dvf, clipped):
+
+      vf2 = max((V − R)², (clip(V, V_old ± ε_v) − R)²)   (twice the value loss term)
+      dvf = d(vf2 / 2) / dV = V − R unless the clipped error is strictly the larger, else 0
+    Without HAS_VALUE_CLIP: (V − R)², V − R, False (old_v is not read).
+    """
+    err = v - ret
+    vf = err * err
+    clipped = False
+    if HAS_VALUE_CLIP:
+        vc = tl.cast(value_clip, tl.float32)
+        dv = v - old_v
+        err_c = err + (tl.minimum(tl.maximum(dv, -vc), vc) - dv)     # clip(V, V_old ± ε_v) − R
+        vf_c = err_c * err_c
+        clipped = vf_c > vf
+        vf = tl.maximum(vf, vf_c)
+        err = tl.where(clipped, 0.0, err)
+    return vf, err, clipped
+
+
+@triton.jit
+def kl_estimate(d, ESTIMATOR: tl.constexpr):
+    """(k(d), k'(d)) of the KL estimator on d = logprobs − ref_logprobs (Schulman's k1, k2, k3; abs):
+
+      k1 = d, 1;  k2 = ½d², d;  k3 = max(e^(−d) + d − 1, 0), 1 − e^(−d);  abs = |d|, sign(d)
+    (k3 is clamped at 0 so that rounding near d = 0 never makes it negative).
+    """
+    if ESTIMATOR == "k1":
+        kl = d
+        slope = tl.full(d.shape, 1.0, tl.float32)
+    elif ESTIMATOR == "k2":
+        kl = 0.5 * d * d
+        slope = d
+    elif ESTIMATOR == "k3":
+        e = tl.exp(-d)
+        kl = tl.maximum(e + d - 1.0, 0.0)
+        slope = 1.0 - e
+    else:
+        kl = tl.abs(d)
+        slope = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+    return kl, slope
