@@ -24,10 +24,12 @@ from fastppo.engine import HFEngine
 from fastppo.experience import (Experience, correction_weight, mismatch_metrics, rollout_correction, score_rollout)
 from fastppo.kernels import linear_ppo_loss, ppo_loss
 from fastppo.metrics import MetricBuffer
-from fastppo.models import load_models, response_logprobs
+from fastppo.models import load_models
 from fastppo.ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
 from fastppo.rollout import Rollout
 from fastppo.train import train
+from fastppo_testing.distributed import output, torchrun
+from fastppo_testing.rollout_logprobs import SCRIPT, with_teacher_forced_logprobs
 from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
 
 MISMATCH_KEYS = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/kl_k3", "rollout/diff_gt_0.1_frac")
@@ -38,19 +40,7 @@ needs_weighted_ops = pytest.mark.skipif(not OPS_TAKE_WEIGHT, reason="ppo_loss / 
 @pytest.fixture
 def rollout_logprobs(monkeypatch):
     """HFEngine.generate returns the teacher-forced logprobs and entropy of the policy when it gives none."""
-    original = HFEngine.generate
-
-    def generate(self, prompts, **kw):
-        rollout = original(self, prompts, **kw)
-        if rollout.logprobs is None:
-            with torch.no_grad():
-                lp = response_logprobs(self.policy, rollout.sequences, rollout.attention_mask, rollout.response_mask,
-                                       prompt_width=rollout.prompt_width, temperature=self.cfg.temperature,
-                                       return_entropy=True, vocab_size=self.vocab_size)
-            rollout = dataclasses.replace(rollout, logprobs=lp.logprobs, entropy=lp.entropy)
-        return rollout
-
-    monkeypatch.setattr(HFEngine, "generate", generate)
+    monkeypatch.setattr(HFEngine, "generate", with_teacher_forced_logprobs(HFEngine.generate))
 
 
 # ----------------------------------------------------------------------------
@@ -408,3 +398,28 @@ def test_trainer_with_correction(is_mode, mask_mode, tiny_setups, tmp_path, roll
         assert set(MISMATCH_KEYS) <= set(r)
         assert 0 <= r["rollout/is_truncated_frac"] <= 1 and 0 <= r["rollout/masked_frac"] <= 1
         assert r["loss/policy"] == r["loss/policy"]      # finite: the weight reached the loss
+
+
+def test_two_processes_equal_one_with_reuse(tiny_setups, tmp_path, rollout_logprobs):
+    """rollout.old_logprobs=reuse under FSDP2 on 2 ranks: each rank's rollout logprobs (responses padded to the
+    widest on any rank) line up in the gathered batch as in one process. Tolerances: as in test_distributed.py
+    (the same sums in another order: rtol 1e-5, atol 1e-6 on means over many tokens)."""
+    setup = tiny_setups("llama")
+
+    def overrides(out, micro):
+        return setup.overrides(**{"run.output_dir": out, "run.iterations": 2, "run.export_at_end": False,
+                                  "rollout.old_logprobs": "reuse", "ppo.micro_batch_size": micro,
+                                  "ppo.whiten_advantages": True, "run.log_level": "INFO"})
+
+    script = tmp_path / "run_with_rollout_logprobs.py"
+    script.write_text(SCRIPT)
+    two = torchrun([script, "train", *overrides(tmp_path / "two", 1)], cwd=tmp_path)
+    assert two.returncode == 0, output(two)
+    assert "fully_shard over mesh (2,)" in (tmp_path / "two" / "train.log").read_text()
+    train(load_config(None, overrides(tmp_path / "one", 2)))
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 2
+    for ra, rb in zip(m1, m2):
+        for k in ("loss/policy", "loss/value", "policy/approx_kl", "policy/entropy", "policy/perplexity",
+                  "kl/ref_per_sequence", "score/raw/mean", "advantages/mean", "grad_norm/policy"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["iteration"], k, ra[k], rb[k])
