@@ -391,13 +391,27 @@ def test_resume_is_exact_with_reuse(tiny_setups, tmp_path, rollout_logprobs):
 
 @needs_weighted_ops
 @pytest.mark.parametrize("is_mode,mask_mode", [("token", "token"), ("sequence", "sequence")])
-def test_trainer_with_correction(is_mode, mask_mode, tiny_setups, tmp_path, rollout_logprobs):
+def test_trainer_with_correction(is_mode, mask_mode, tiny_setups, tmp_path, rollout_logprobs, monkeypatch):
+    """A generator that drifted: every other token 0.3 nats less likely than under the policy (w_t = e^0.3 = 1.35),
+    beyond the cap (1.2) and the bounds ([0.8, 1.1]); the geometric mean of a response is e^0.15 = 1.16 or more."""
     setup = tiny_setups("llama")
-    _run(setup, tmp_path / "run", **{"ppo.rollout_is": is_mode, "ppo.rollout_mask": mask_mode})
+    generate = HFEngine.generate
+
+    def drifted(self, prompts, **kw):
+        r = generate(self, prompts, **kw)
+        every_other = (torch.arange(r.logprobs.size(1)) % 2 == 0)[None]
+        return dataclasses.replace(r, logprobs=torch.where(every_other & r.response_mask, r.logprobs - 0.3, r.logprobs))
+
+    monkeypatch.setattr(HFEngine, "generate", drifted)
+    _run(setup, tmp_path / "run", **{"ppo.rollout_is": is_mode, "ppo.rollout_mask": mask_mode,
+                                     "ppo.rollout_is_cap": 1.2, "ppo.rollout_mask_bounds": "[0.8,1.1]"})
     for r in read_metrics(tmp_path / "run"):
         assert set(MISMATCH_KEYS) <= set(r)
-        assert 0 <= r["rollout/is_truncated_frac"] <= 1 and 0 <= r["rollout/masked_frac"] <= 1
-        assert r["loss/policy"] == r["loss/policy"]      # finite: the weight reached the loss
+        assert r["rollout/diff_gt_0.1_frac"] > 0.4 and r["rollout/logprob_diff_max"] == pytest.approx(0.3, abs=1e-4)
+        assert 0 < r["rollout/is_truncated_frac"] <= 1 and 0 < r["rollout/masked_frac"] <= 1
+        if mask_mode == "token":
+            assert r["rollout/masked_frac"] == pytest.approx(r["rollout/diff_gt_0.1_frac"])   # the drifted tokens
+        assert math.isfinite(r["loss/policy"])
 
 
 def test_two_processes_equal_one_with_reuse(tiny_setups, tmp_path, rollout_logprobs):
