@@ -437,3 +437,15 @@ def test_two_processes_equal_one_with_reuse(tiny_setups, tmp_path, rollout_logpr
         for k in ("loss/policy", "loss/value", "policy/approx_kl", "policy/entropy", "policy/perplexity",
                   "kl/ref_per_sequence", "score/raw/mean", "advantages/mean", "grad_norm/policy"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["iteration"], k, ra[k], rb[k])
+
+
+def test_pad_responses_pads_rollout_logprobs_with_zeros():
+    from fastppo.rollout import pad_responses
+
+    lp, ent = -torch.rand(2, 3), torch.rand(2, 3)
+    r = Rollout(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
+                torch.tensor([3, 3]), torch.tensor([True, True]), 2, logprobs=lp, entropy=ent)
+    p = pad_responses(r, 5, pad_id=0)
+    assert torch.equal(p.logprobs, torch.cat([lp, torch.zeros(2, 2)], 1))
+    assert torch.equal(p.entropy, torch.cat([ent, torch.zeros(2, 2)], 1))
+    assert pad_responses(dataclasses.replace(r, logprobs=None, entropy=None), 5, pad_id=0).logprobs is None
