@@ -21,7 +21,7 @@ import torch
 import fastppo.experience as experience
 from fastppo.config import ConfigError, load_config
 from fastppo.engine import HFEngine
-from fastppo.experience import (Experience, correction_weight, mismatch_metrics, rollout_correction, score_rollout)
+from fastppo.experience import correction_weight, mismatch_metrics, rollout_correction, score_rollout
 from fastppo.kernels import linear_ppo_loss, ppo_loss
 from fastppo.metrics import MetricBuffer
 from fastppo.models import load_models
