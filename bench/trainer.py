@@ -9,6 +9,7 @@ has the full 32 tokens (fastppo: EOS suppressed; TRL: no stop token), so every
 iteration does the same work.
 
     .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl]
+                                      [--old-logprobs recompute reuse]
     make bench-trl-venv     # once: TRL 1.12.0 in .venv-trl, for the comparison
 
 Each framework runs in its own fresh process on the same model directories and
@@ -22,7 +23,8 @@ Reported: seconds and tokens/s per phase (median over the iterations after the
 first, which is a warm-up in both), tokens/s of the whole iteration, peak
 memory (CPU: the process's peak RSS; CUDA: max allocated; read at the end of
 the last iteration in both), and fastppo/TRL ratios (tokens/s: > 1 means
-fastppo is faster; memory: < 1 means fastppo needs less). Tokens: rollout counts
+fastppo is faster; memory: < 1 means fastppo needs less; with several fastppo runs,
+`--old-logprobs recompute reuse`, each against the last provider). Tokens: rollout counts
 generated tokens per second of generation; score and shape+adv count prompt +
 response tokens per second; update counts prompt + response tokens x PPO
 epochs; the iteration counts prompt + response tokens per second of the whole
@@ -122,6 +124,7 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
         "ppo.critic_warmup_steps=0", f"run.seed={SEED}", f"run.iterations={spec['iterations']}",
         f"run.output_dir={run_dir}", "run.save_every=0", "run.export_at_end=false", "run.tensorboard=false",
         "run.progress_bar=false", "run.log_level=WARNING", f"run.device={spec['device']}",
+        f"rollout.old_logprobs={spec.get('old_logprobs', 'recompute')}",
     ]
 
 
@@ -145,7 +148,7 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     base_kwargs = rollout.generation_kwargs
     rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
                                                                 "suppress_tokens": [pad_id, eos_id]}
-    run_dir = spec_path.parent / "fastppo-run"
+    run_dir = spec_path.parent / f"fastppo-run-{spec.get('old_logprobs', 'recompute')}"
     train(load_config(None, fastppo_overrides(spec, run_dir)))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     iterations, steps_before = [], 0
@@ -216,26 +219,26 @@ def summarize(result: dict, phases: list[str] = PHASES, epochs: int = PPO_EPOCHS
 
 
 def print_table(summaries: dict[str, dict], *, cuda: bool, phases: list[str] = PHASES) -> None:
-    """Seconds and tokens/s per phase for each provider; with two, the fastppo/TRL ratio of each row."""
+    """Seconds and tokens/s per phase for each provider; with several, each one's ratio to the last (TRL)."""
     names = list(summaries)
-    pair = len(names) == 2
+    w = max(14, *(len(n) + 7 for n in names))
 
     def row(label: str, cells: list[str], values: list[float] | None = None, note: str = "") -> None:
-        ratio = f"{values[0] / values[1]:>13.2f}x" if pair and values else ""
+        ratio = "".join(f"{v / values[-1]:>{w - 1}.2f}x" for v in values[:-1]) if values else ""
         print(f"{label:<11}" + "".join(cells) + ratio + note)
 
-    print(f"{'phase':<11}" + "".join(f"{n + ' s':>12}{n + ' tok/s':>14}" for n in names)
-          + (f"{names[0] + '/' + names[1]:>14}" if pair else ""))
+    print(f"{'phase':<11}" + "".join(f"{n + ' s':>{w - 2}}{n + ' tok/s':>{w}}" for n in names)
+          + "".join(f"{n + '/' + names[-1]:>{w}}" for n in names[:-1]))
     for p in phases + ["iteration"]:
-        row(PHASE_LABEL[p], [f"{summaries[n][f'{p}_s']:>12.3f}{summaries[n][f'{p}_tokens_per_s']:>14.0f}" for n in names],
+        row(PHASE_LABEL[p], [f"{summaries[n][f'{p}_s']:>{w - 2}.3f}{summaries[n][f'{p}_tokens_per_s']:>{w}.0f}" for n in names],
             [summaries[n][f"{p}_tokens_per_s"] for n in names])
-    row("other", [f"{summaries[n]['other_s']:>12.3f}{'':>14}" for n in names], note="   (logging, metrics, callbacks)")
+    row("other", [f"{summaries[n]['other_s']:>{w - 2}.3f}{'':>{w}}" for n in names], note="   (logging, metrics, callbacks)")
     peak = [summaries[n]["peak_memory_mb"] for n in names]
-    row("peak MB", [f"{v:>26.0f}" for v in peak], peak)
+    row("peak MB", [f"{v:>{2 * w - 2}.0f}" for v in peak], peak)
     if not cuda:  # the process's RSS before any model exists, and the peak above it
         start = [summaries[n]["rss_after_imports_mb"] for n in names]
-        row("  at start", [f"{v:>26.0f}" for v in start], note="   (RSS after imports, before the models load)")
-        row("  peak-start", [f"{p - s:>26.0f}" for p, s in zip(peak, start)], [p - s for p, s in zip(peak, start)])
+        row("  at start", [f"{v:>{2 * w - 2}.0f}" for v in start], note="   (RSS after imports, before the models load)")
+        row("  peak-start", [f"{p - s:>{2 * w - 2}.0f}" for p, s in zip(peak, start)], [p - s for p, s in zip(peak, start)])
 
 
 def main() -> int:
@@ -245,6 +248,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in both runs")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL run")
     ap.add_argument("--trl-python", help="interpreter with trl==1.12.0 (default: .venv-trl/bin/python)")
+    ap.add_argument("--old-logprobs", nargs="+", choices=["recompute", "reuse"], default=["recompute"],
+                    help="fastppo's rollout.old_logprobs; one fastppo run per value given")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -266,12 +271,16 @@ def main() -> int:
         spec_path.write_text(json.dumps(spec, indent=1))
 
         results, notes = {}, []
-        res, err = run_worker("fastppo", [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path),
-                                          str(root / "fastppo.json")], root / "fastppo.json", env)
-        if res is None:
-            print(err, file=sys.stderr)
-            return 1
-        results["fastppo"] = res
+        for mode in dict.fromkeys(args.old_logprobs):
+            name = "fastppo" if mode == "recompute" else f"fastppo-{mode}"
+            (root / f"{name}.spec.json").write_text(json.dumps({**spec, "old_logprobs": mode}, indent=1))
+            res, err = run_worker(name, [sys.executable, str(Path(__file__).resolve()), "--worker",
+                                         str(root / f"{name}.spec.json"), str(root / f"{name}.json")],
+                                  root / f"{name}.json", env)
+            if res is None:
+                print(err, file=sys.stderr)
+                return 1
+            results[name] = res
         if args.no_trl:
             notes.append("TRL comparison skipped (--no-trl)")
         else:
@@ -290,7 +299,7 @@ def main() -> int:
 
     summaries = {name: summarize(r) for name, r in results.items()}
     print(f"\ntrainer benchmark on {dev}, {args.threads} torch thread(s), "
-          f"{summaries['fastppo']['timed_iterations']} timed iteration(s) after 1 warm-up (medians)")
+          f"{next(iter(summaries.values()))['timed_iterations']} timed iteration(s) after 1 warm-up (medians)")
     print(f"workload: {N_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, hidden {HIDDEN}, "
           f"{LAYERS} layers, vocab {VOCAB}, {PPO_EPOCHS} PPO epochs, minibatch {MINIBATCH}, micro-batch {MICRO}, "
           f"generate/score {ROLLOUT_CHUNK} rows at a time, float32")
@@ -305,10 +314,12 @@ def main() -> int:
     print(f"\ntok/s: rollout = generated tokens / s; score, shape+adv = prompt + response tokens / s; "
           f"update = those x {PPO_EPOCHS} epochs / s; iteration = prompt + response tokens / s of the whole iteration. "
           f"peak MB: {mem}.")
-    if len(summaries) == 2:
-        f, t = summaries["fastppo"], summaries["trl"]
+    for name, f in summaries.items():
+        if name == "trl" or "trl" not in summaries:
+            continue
+        t = summaries["trl"]
         speed = f["iteration_tokens_per_s"] / t["iteration_tokens_per_s"]
-        print(f"fastppo vs TRL: {speed:.2f}x the throughput (goal >= 2x), "
+        print(f"{name} vs TRL: {speed:.2f}x the throughput (goal >= 2x), "
               f"{f['peak_memory_mb'] / t['peak_memory_mb']:.2f}x the peak memory (goal <= 0.6x)")
     for n in notes:
         print(n)

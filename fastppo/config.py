@@ -96,6 +96,8 @@ class RolloutConfig:
     """Top-k sampling (0 = off)."""
     repetition_penalty: float = 1.0
     """HF repetition penalty during sampling (1.0 = off; the paper's setup optionally uses 1.1)."""
+    old_logprobs: str = "recompute"
+    """pi_old of the PPO ratio: recompute (the score phase runs the policy again and logs its mismatch with the generator's logprobs, rollout/*) or reuse (pi_old := the generator's logprobs; no policy forward when scoring). See docs/engines.md."""
 
 
 @dataclass
@@ -154,6 +156,14 @@ class PPOConfig:
     """Weight of the ptx LM loss; used only when data.ptx_path is set."""
     critic_warmup_steps: int = 0
     """Iterations at the start during which only the critic trains (policy frozen; PPO-max §5.4)."""
+    rollout_is: str = "none"
+    """Off-policy correction of the generator/trainer mismatch (needs rollout.old_logprobs=recompute): the policy surrogate weighted by w = pi_old / pi_rollout (no gradient), per token truncated at rollout_is_cap (token, TIS) or per response, prod_t w_t truncated at the cap (sequence); none = off."""
+    rollout_is_cap: float = 2.0
+    """Truncation C of the rollout_is weight (>= 1)."""
+    rollout_mask: str = "none"
+    """Drop from the policy loss the tokens (token) or whole responses (sequence, on the geometric mean of w_t) whose w = pi_old / pi_rollout is outside rollout_mask_bounds; they still count in the token-mean normaliser. none = off."""
+    rollout_mask_bounds: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    """[low, high] of rollout_mask, with low < 1 < high."""
 
 
 @dataclass
@@ -455,6 +465,21 @@ def validate(cfg: Config) -> None:
     _check(p.ent_coef >= 0, "ppo.ent_coef", "must be >= 0")
     _check(p.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0")
     _check(p.critic_warmup_steps >= 0, "ppo.critic_warmup_steps", "must be >= 0")
+    # Rollout logprobs and off-policy correction (docs/engines.md).
+    _check(r.old_logprobs in ("recompute", "reuse"), "rollout.old_logprobs",
+           f"must be recompute or reuse, got {r.old_logprobs!r}")
+    _check(p.rollout_is in ("none", "token", "sequence"), "ppo.rollout_is",
+           f"must be none, token or sequence, got {p.rollout_is!r}")
+    _check(p.rollout_is_cap >= 1, "ppo.rollout_is_cap", f"must be >= 1 (a cap below 1 down-weights on-policy tokens), got {p.rollout_is_cap}")
+    _check(p.rollout_mask in ("none", "token", "sequence"), "ppo.rollout_mask",
+           f"must be none, token or sequence, got {p.rollout_mask!r}")
+    bounds = list(p.rollout_mask_bounds)
+    _check(len(bounds) == 2 and 0 <= bounds[0] < 1 < bounds[1], "ppo.rollout_mask_bounds",
+           f"must be [low, high] with 0 <= low < 1 < high, got {bounds}")
+    for name in ("rollout_is", "rollout_mask"):
+        _check(getattr(p, name) == "none" or r.old_logprobs == "recompute", f"ppo.{name}",
+               f"is {getattr(p, name)!r}, but rollout.old_logprobs is {r.old_logprobs!r}: the correction weighs "
+               "pi_old / pi_rollout, which is 1 when pi_old is the rollout's logprobs; set rollout.old_logprobs=recompute")
     _check(o.policy_lr >= 0, "optim.policy_lr", "must be >= 0")
     _check(o.critic_lr >= 0, "optim.critic_lr", "must be >= 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

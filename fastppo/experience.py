@@ -4,6 +4,7 @@
     reparameterise     running mean/std of scores; scale, normalise, clip (PPO-max §5.3.1)
     token_rewards      r_t = -beta * KL_t(old, ref), shaped score added at the last response token (§5.3.2)
     advantages         GAE, optional whitening and clipping
+    rollout_correction the generator/trainer mismatch measured; off-policy weights of the policy loss
 
 Everything here runs without gradients.
 """
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, fields
 
 import torch
 
 from . import dist
-from .config import Config
+from .config import Config, ConfigError
 from .kernels import gae, kl_penalty
 from .masked import masked_count, masked_moments, masked_whiten
 from .metrics import RunningMoments, explained_variance, masked_stats
@@ -41,6 +43,8 @@ class Experience:
     advantages:     (B, R)   float32 GAE advantages (whitened/clipped if configured)
     returns:        (B, R)   float32 advantages + old_values (before whitening)
     prompt_width:   P
+    policy_weight:  (B, R)   float32 off-policy weight of each token's policy surrogate (`rollout_correction`);
+                                     None: every weight 1
     """
     sequences: torch.Tensor
     attention_mask: torch.Tensor
@@ -52,6 +56,7 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor
     prompt_width: int
+    policy_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sequences.size(0)
@@ -86,11 +91,13 @@ class Scored:
     """No-grad model outputs for a rollout (B rows, R response columns).
 
     old_logprobs, old_entropy, ref_logprobs, values: (B, R) float32
+        (with rollout.old_logprobs=reuse: old_logprobs and old_entropy are the rollout's; old_entropy None when
+        the engine gives no entropy)
     scores: (B,) float32 raw reward-model scores at EOS; 0 where nonfinite
     nonfinite: (B,) bool rows whose reward-model score was NaN or infinite (dropped from the update)
     """
     old_logprobs: torch.Tensor
-    old_entropy: torch.Tensor
+    old_entropy: torch.Tensor | None
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
@@ -100,6 +107,9 @@ class Scored:
 @torch.no_grad()
 def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool) -> Scored:
     """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time.
+
+    With rollout.old_logprobs=reuse the policy is not run: pi_old and its entropy are the generator's
+    (`Rollout.logprobs`, `Rollout.entropy`).
 
     A NaN or infinite reward-model score (one odd response can overflow a half-precision reward model) is
     set to 0 and flagged in `nonfinite`; `drop_rows` then takes those rows out of the update. Every row of
@@ -111,17 +121,27 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
     P = rollout.prompt_width
     kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size,
               vocab_size=models.vocab_size)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("old_logprobs", "old_entropy", "ref_logprobs", "values", "scores")}
+    reuse = cfg.rollout.old_logprobs == "reuse"
+    if reuse and rollout.logprobs is None:
+        raise ConfigError("rollout.old_logprobs=reuse takes pi_old from the generator's logprobs, but the generation "
+                          "engine returned none (Rollout.logprobs is None): set rollout.old_logprobs=recompute")
+    recomputed = () if reuse else ("old_logprobs", "old_entropy")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*recomputed, "ref_logprobs", "values", "scores")}
     for s in range(0, len(rollout.sequences), batch_size):
         rows = slice(s, s + batch_size)
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
-        lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, **kw)
-        parts["old_logprobs"].append(lp.logprobs)
-        parts["old_entropy"].append(lp.entropy)
+        if not reuse:
+            lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, **kw)
+            parts["old_logprobs"].append(lp.logprobs)
+            parts["old_entropy"].append(lp.entropy)
         parts["ref_logprobs"].append(response_logprobs(models.ref, ids, mask, rmask, **kw).logprobs)
         parts["values"].append(response_values(models.critic, ids, mask, rmask, prompt_width=P))
         parts["scores"].append(score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]))
     out = {k: torch.cat(v) for k, v in parts.items()}
+    if reuse:
+        rmask = rollout.response_mask
+        out["old_logprobs"] = torch.where(rmask, rollout.logprobs.float(), 0.0)
+        out["old_entropy"] = None if rollout.entropy is None else torch.where(rmask, rollout.entropy.float(), 0.0)
     nonfinite = ~torch.isfinite(out["scores"])
     n_bad = int(dist.all_reduce(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
     if n_bad:
@@ -199,6 +219,96 @@ def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mas
     return advantages, returns
 
 
+# ----------------------------------------------------------------------------
+# Rollout logprobs: the generator/trainer mismatch and its off-policy correction
+# ----------------------------------------------------------------------------
+#
+# The tokens were sampled from pi_rollout (the generator's numerics); PPO's ratio refers to pi_old (the score
+# phase's recompute). Where they differ, the surrogate of token t can be weighted by w_t = pi_old / pi_rollout
+# (truncated importance sampling, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+# RL training"), and tokens or responses whose ratio is far from 1 dropped (IcePop, Ling Team 2025). Everything
+# is computed in float64 from log w_t = log pi_old - log pi_rollout: a k3 of a rounding-level mismatch
+# (~d^2/2 with d ~ 1e-6) and a product of thousands of w_t are meaningless in float32.
+
+def mismatch_metrics(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """|log pi_old - log pi_rollout| over valid tokens (mean, max, fraction > 0.1) and the k3 estimate of
+    KL(pi_rollout || pi_old), token mean (Schulman 2020: with r = pi_old / pi_rollout on tokens sampled from
+    pi_rollout, k3 = (r - 1) - log r >= 0). Global over ranks; device tensors, no host sync."""
+    d = torch.where(response_mask, old_logprobs.double() - rollout_logprobs.double(), 0.0)       # log w_t, (B, R)
+    k3 = torch.expm1(d) - d                                                                     # 0 off the mask
+    sums = dist.all_reduce(torch.stack([d.abs().sum(), k3.sum(), (d.abs() > 0.1).sum().double()]))
+    n = masked_count(response_mask, group=dist.group()).clamp(min=1).double()
+    return {
+        "rollout/logprob_diff_mean": sums[0] / n,
+        "rollout/logprob_diff_max": dist.all_reduce(d.abs().max(), "max"),
+        "rollout/kl_k3": sums[1] / n,
+        "rollout/diff_gt_0.1_frac": sums[2] / n,
+    }
+
+
+def correction_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor, *,
+                      is_mode: str, cap: float, mask_mode: str, bounds: tuple[float, float]
+                      ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The per-token weight of the policy surrogate, (B, R) float32 (0 off the mask), and its metrics.
+
+    With log w_t = log pi_old - log pi_rollout (no gradient flows: both are data):
+      is_mode   token:    min(w_t, cap)                                         (truncated IS)
+                sequence: exp(min(sum_t log w_t, log cap)), on every token of the response
+      mask_mode token:    0 where w_t is outside [low, high]
+                sequence: 0 on the whole response where the geometric mean exp(mean_t log w_t) is outside
+    The two multiply. Masked tokens keep their place in the token-mean normaliser (the loss divides by the
+    number of valid tokens as before), so masking never raises the weight of the tokens left.
+    Metrics (global, fractions of valid tokens): rollout/is_truncated_frac (the IS weight was capped, whether
+    or not the token is also masked), rollout/masked_frac. None and no metrics when both modes are none.
+    """
+    if is_mode == "none" and mask_mode == "none":
+        return None, {}
+    valid = response_mask.bool()
+    d = torch.where(valid, old_logprobs.double() - rollout_logprobs.double(), 0.0)                # (B, R)
+    n_tokens = valid.sum(-1, keepdim=True).clamp(min=1)                                         # (B, 1)
+    seq = d.sum(-1, keepdim=True).expand_as(d)                                                  # log prod_t w_t
+    log_cap = math.log(cap)
+    weight = torch.ones_like(d)
+    truncated = torch.zeros_like(valid)
+    if is_mode in ("token", "sequence"):
+        log_w = d if is_mode == "token" else seq
+        weight, truncated = torch.exp(log_w.clamp(max=log_cap)), log_w > log_cap
+    keep = torch.ones_like(valid)
+    if mask_mode in ("token", "sequence"):
+        log_w = d if mask_mode == "token" else seq / n_tokens
+        low, high = bounds
+        keep = (log_w >= (math.log(low) if low > 0 else -math.inf)) & (log_w <= math.log(high))
+    weight = torch.where(valid & keep, weight, 0.0).float()
+    metrics = {}
+    counts = dist.all_reduce(torch.stack([(truncated & valid).sum(), (~keep & valid).sum()]).float())
+    n = masked_count(valid, group=dist.group()).clamp(min=1)
+    if is_mode != "none":
+        metrics["rollout/is_truncated_frac"] = counts[0] / n
+    if mask_mode != "none":
+        metrics["rollout/masked_frac"] = counts[1] / n
+    return weight, metrics
+
+
+def rollout_correction(rollout: Rollout, scored: Scored, cfg: Config) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Phase 4: `Experience.policy_weight` (`correction_weight` with ppo.rollout_is / rollout_mask) and the
+    rollout/* metrics: with rollout.old_logprobs=recompute and the engine's logprobs, the mismatch
+    (`mismatch_metrics`) every iteration. With reuse there is nothing to measure (pi_old is pi_rollout)."""
+    pc = cfg.ppo
+    correcting = pc.rollout_is != "none" or pc.rollout_mask != "none"
+    if cfg.rollout.old_logprobs == "reuse" or rollout.logprobs is None:
+        if correcting:
+            raise ConfigError(f"ppo.rollout_is={pc.rollout_is} / ppo.rollout_mask={pc.rollout_mask} weigh "
+                              "pi_old / pi_rollout, but the generation engine returned no logprobs "
+                              "(Rollout.logprobs is None): set both to none")
+        return None, {}
+    mask = rollout.response_mask
+    weight, metrics = correction_weight(scored.old_logprobs, rollout.logprobs, mask, is_mode=pc.rollout_is,
+                                        cap=pc.rollout_is_cap, mask_mode=pc.rollout_mask,
+                                        bounds=tuple(pc.rollout_mask_bounds))
+    return weight, {**mismatch_metrics(scored.old_logprobs, rollout.logprobs, mask), **metrics}
+
+
 class AdaptiveKLController:
     """Proportional controller of Ziegler et al. (2019): beta *= 1 + clip(KL/target - 1, ±0.2) * n / horizon."""
 
@@ -240,7 +350,8 @@ def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, k
         "score/nonfinite": dist.all_reduce(scored.nonfinite.sum().float()),
         "kl/ref_per_sequence": seq_kl,
         "kl/ref_per_token": dist.all_reduce(kl.sum()) / n_tokens,
-        "policy/entropy": dist.all_reduce((scored.old_entropy * mask).sum()) / n_tokens,
+        **({} if scored.old_entropy is None else
+           {"policy/entropy": dist.all_reduce((scored.old_entropy * mask).sum()) / n_tokens}),
         "policy/perplexity": torch.exp(-mean_logprob),
         "response/length_mean": n_tokens / n_rows,
         "response/length_max": dist.all_reduce(rollout.lengths.max().float(), "max"),

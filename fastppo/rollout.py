@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ class Rollout:
     lengths:        (B,)     int64   response lengths (EOS counted)
     ended:          (B,)     bool    the response ends with EOS (False: cut at max_new_tokens)
     prompt_width:   P
+    logprobs:       (B, R)   float32 the generator's logprob of each sampled token under softmax(logits / T),
+                                     before top-k/top-p; 0 past the end; None when the engine gives none
+    entropy:        (B, R)   float32 the entropy of that distribution; 0 past the end; None likewise
     """
     sequences: torch.Tensor
     attention_mask: torch.Tensor
@@ -53,6 +56,8 @@ class Rollout:
     lengths: torch.Tensor
     ended: torch.Tensor
     prompt_width: int
+    logprobs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -211,6 +216,8 @@ def pad_responses(rollout: "Rollout", width: int, pad_id: int) -> "Rollout":
         attention_mask=pad(rollout.attention_mask, (0, extra), value=0),
         response_mask=pad(rollout.response_mask, (0, extra), value=False),
         lengths=rollout.lengths, ended=rollout.ended, prompt_width=rollout.prompt_width,
+        **{k: None if getattr(rollout, k) is None else pad(getattr(rollout, k), (0, extra), value=0.0)
+           for k in ("logprobs", "entropy")},
     )
 
 

@@ -40,13 +40,15 @@ from .checkpoint import export_hf, load_checkpoint, resume_point, save_checkpoin
 from .config import Config, ConfigError, Derived, derived, from_dict, load_config, to_yaml, validate, validate_world
 from .data import EpochSampler, PromptBatch, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
 from .experience import (Experience, compute_advantages, drop_rows, experience_metrics, gather_experience,
-                         AdaptiveKLController, kl_controller, reparameterise_scores, score_rollout, token_rewards)
+                         AdaptiveKLController, kl_controller, reparameterise_scores, rollout_correction, score_rollout,
+                         token_rewards)
+from .engine import HFEngine
 from .logs import seed_everything, setup_logging
 from .memory import peak_memory_mb
 from .metrics import MetricBuffer, MetricWriter, RunningMoments
 from .models import Models, _dtype, load_models
 from .ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
-from .rollout import generate, pad_responses, sampling_seed
+from .rollout import pad_responses, sampling_seed
 from .sft import progress
 
 log = logging.getLogger("fastppo")
@@ -298,6 +300,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None)
     bar = progress(cfg.run.iterations, "ppo", cfg.run.progress_bar, initial=start)
     mine = slice(rank * d.rollouts_per_rank, (rank + 1) * d.rollouts_per_rank)    # this rank's rows of the global batch
+    engine = HFEngine(models.policy, cfg.rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                      vocab_size=len(tok), generation_batch_size=d.generation_batch_size,
+                      unshard=cfg.parallel.unshard_for_generation)
     last_ckpt, scalars, done = None, {}, start
     with GracefulStop() as stop:
         try:
@@ -313,17 +318,16 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                     batch = collate_prompts([prompts[i] for i in sampler.next(cfg.rollout.rollout_batch_size)],
                                             tok.pad_token_id)
                     batch = PromptBatch(batch.input_ids[mine], batch.attention_mask[mine])
-                    # Under FSDP: all-gather the policy once for the whole generation, not per token.
-                    with dist.unsharded(models.policy, enabled=cfg.parallel.unshard_for_generation):
-                        rollout = generate(models.policy, batch, cfg.rollout, eos_id=tok.eos_token_id,
-                                           pad_id=tok.pad_token_id, generation_batch_size=d.generation_batch_size,
-                                           seed=sampling_seed(cfg.run.seed, it),
-                                           sample_ids=torch.arange(mine.start, mine.stop), vocab_size=len(tok))
+                    # The engine samples from the current weights (FSDP: the policy all-gathered once, not per token).
+                    with engine.policy_loaded():
+                        rollout = engine.generate(batch, seed=sampling_seed(cfg.run.seed, it),
+                                                  sample_ids=torch.arange(mine.start, mine.stop))
                     # Responses padded to the widest on any rank: the ranks' experience rows then line up.
                     width = dist.all_reduce(torch.tensor(rollout.response_mask.size(1), device=device), "max")
                     rollout = pad_responses(rollout, int(width), tok.pad_token_id)
 
-                # 2. Score: old/ref logprobs at temperature T, values, raw reward-model scores at EOS.
+                # 2. Score: old/ref logprobs at temperature T (old: the rollout's with old_logprobs=reuse), values,
+                #    raw reward-model scores at EOS.
                 with timer("score"):
                     scored = score_rollout(models, rollout, cfg, batch_size=d.forward_batch_size,
                                            fused=models.fused_lm_head)
@@ -345,13 +349,17 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 #    receives the whole global batch.
                 with timer("advantages"):
                     advantages, returns = compute_advantages(rewards, scored.values, rollout.response_mask, cfg)
+                    # pi_old vs the generator's pi_rollout: the mismatch, and the off-policy weight of the loss.
+                    policy_weight, mismatch = rollout_correction(rollout, scored, cfg)
                     exp = Experience(
                         sequences=rollout.sequences, attention_mask=rollout.attention_mask,
                         response_mask=rollout.response_mask, old_logprobs=scored.old_logprobs,
                         ref_logprobs=scored.ref_logprobs, old_values=scored.values, rewards=rewards,
                         advantages=advantages, returns=returns, prompt_width=rollout.prompt_width,
+                        policy_weight=policy_weight,
                     )
                     buf.add_dict(experience_metrics(rollout, scored, shaped, kl, exp, cfg.rollout.max_new_tokens))
+                    buf.add_dict(mismatch)
                     exp = gather_experience(exp)
 
                 # 5. Update: PPO epochs x shuffled minibatches x micro-batches (critic only during warm-up).

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import fastppo.engine as engine_module
 import fastppo.experience as experience
 from fastppo import cli
 from fastppo import sft as sft_module
@@ -162,7 +163,7 @@ def test_ctrl_c_before_the_loop_exits_130_with_one_line(tmp_path, capsys, monkey
 
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, tiny_setups):
     """Two SIGINTs during the rollout of iteration 2: no save of iteration 2, exit 130, checkpoint 1 untouched."""
-    real_generate, calls = train_module.generate, []
+    real_generate, calls = engine_module.generate, []
 
     def generate_then_ctrl_c_twice(*args, **kwargs):
         calls.append(1)
@@ -171,7 +172,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, c
             os.kill(os.getpid(), signal.SIGINT)      # ... the second: stop now
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "generate", generate_then_ctrl_c_twice)
+    monkeypatch.setattr(engine_module, "generate", generate_then_ctrl_c_twice)
     handler_before = signal.getsignal(signal.SIGINT)
     out = tmp_path / "run"
     rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out, "run.save_every": 1,
@@ -198,7 +199,7 @@ def test_an_unexpected_error_keeps_its_traceback_and_reaches_train_log(tmp_path,
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(train_module, "generate", broken)
+    monkeypatch.setattr(engine_module, "generate", broken)
     out = tmp_path / "run"
     with pytest.raises(ZeroDivisionError, match="a bug"):
         main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out})])
@@ -213,7 +214,7 @@ def test_an_error_class_added_to_the_list_gets_one_line(tmp_path, capsys, monkey
     def taken(*args, **kwargs):
         raise RunDirTaken("run dir in use")
 
-    monkeypatch.setattr(train_module, "generate", taken)
+    monkeypatch.setattr(engine_module, "generate", taken)
     monkeypatch.setattr(cli, "KNOWN_ERRORS", (*cli.KNOWN_ERRORS, RunDirTaken))
     assert main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": tmp_path / "run"})]) == 1
     assert _one_error_line(capsys, "train") == "fastppo train: error: run dir in use"

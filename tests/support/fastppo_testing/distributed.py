@@ -161,11 +161,9 @@ def _train_worker(args: list[str]) -> int:
     if fault and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         fault_rank, fault_iteration, mode = fault.split(":")
         if int(os.environ["RANK"]) == int(fault_rank):
-            import importlib
+            import fastppo.engine as engine_module    # where the trainer's engine calls generate
 
-            train_module = importlib.import_module("fastppo.train")   # (the package's `train` is the function)
-
-            real_generate, calls = train_module.generate, []
+            real_generate, calls = engine_module.generate, []
 
             def faulty_generate(*a, **kw):
                 calls.append(1)
@@ -175,7 +173,7 @@ def _train_worker(args: list[str]) -> int:
                     raise RuntimeError(f"injected fault on rank {fault_rank} at iteration {fault_iteration}")
                 return real_generate(*a, **kw)
 
-            train_module.generate = faulty_generate
+            engine_module.generate = faulty_generate
     from fastppo.cli import main
 
     return main(["train", *args])

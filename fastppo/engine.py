@@ -1,0 +1,73 @@
+"""Generation engines: what the training loop needs from whatever samples the rollouts.
+
+The loop (`fastppo.train`) talks to an engine through two calls:
+
+    with engine.policy_loaded():                      # the engine samples from the policy's current weights
+        rollout = engine.generate(prompts, seed=..., sample_ids=...)
+
+`HFEngine` is the built-in engine: Hugging Face `generate` on the training
+policy itself. An engine in another process or library (vLLM, SGLang) would
+implement the same two calls; docs/engines.md says what such an adapter must
+do (weight sync from FSDP2 shards, logprob semantics).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from . import dist
+from .config import RolloutConfig
+from .data import PromptBatch
+from .rollout import Rollout, generate
+
+
+class Engine(abc.ABC):
+    """Samples rollouts from the current policy.
+
+    A Rollout from `generate` holds, besides the tokens, the generator's own
+    logprob of every sampled token under softmax(logits / T) before top-k/top-p
+    filtering, in float32, and the entropy of that distribution (`Rollout.logprobs`,
+    `Rollout.entropy`): `rollout.old_logprobs=reuse` takes them as pi_old, and
+    `recompute` measures the score phase's logprobs against them.
+    """
+
+    @abc.abstractmethod
+    def policy_loaded(self) -> ContextManager[None]:
+        """A context inside which `generate` samples from the policy's weights as they are now.
+
+        Entered once per rollout, after the previous update. An engine that holds its own copy of the
+        weights refreshes it on entry and may free its memory (KV cache, weights) on exit.
+        """
+
+    @abc.abstractmethod
+    def generate(self, prompts: PromptBatch, *, seed: int, sample_ids: torch.Tensor) -> Rollout:
+        """One response per prompt (B rows, left-padded prompts), sampled with noise fixed by
+        (seed, sample id) where the engine can; only inside `policy_loaded()`."""
+
+
+class HFEngine(Engine):
+    """Hugging Face generate on the training policy (KV cache, counter-based sampling: `rollout.generate`).
+
+    Under FSDP2 `policy_loaded` all-gathers the policy once for the whole
+    generation (`dist.unsharded`), instead of once per block per token.
+    """
+
+    def __init__(self, policy: nn.Module, cfg: RolloutConfig, *, eos_id: int, pad_id: int, vocab_size: int,
+                 generation_batch_size: int, unshard: bool = True) -> None:
+        self.policy, self.cfg = policy, cfg
+        self.eos_id, self.pad_id, self.vocab_size = eos_id, pad_id, vocab_size
+        self.generation_batch_size, self.unshard = generation_batch_size, unshard
+
+    def policy_loaded(self) -> ContextManager[None]:
+        # The generator is the trained module itself: its weights are always current; only FSDP's
+        # all-gather is needed.
+        return dist.unsharded(self.policy, enabled=self.unshard)
+
+    def generate(self, prompts: PromptBatch, *, seed: int, sample_ids: torch.Tensor) -> Rollout:
+        return generate(self.policy, prompts, self.cfg, eos_id=self.eos_id, pad_id=self.pad_id,
+                        generation_batch_size=self.generation_batch_size, seed=seed, sample_ids=sample_ids,
+                        vocab_size=self.vocab_size)
