@@ -98,7 +98,7 @@ def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tenso
             mb.response_mask, temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
             chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model),
-            **({} if mb.policy_weight is None else {"policy_weight": mb.policy_weight}),
+            policy_weight=mb.policy_weight,
         )
         return type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
 
@@ -233,7 +233,7 @@ def ppo_update(
                     logprobs, mb.old_logprobs, mb.advantages, values, mb.old_values, mb.returns, mask,
                     clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
                     normalizer=normalizer, backend=cfg.run.backend,
-                    **({} if mb.policy_weight is None else {"policy_weight": mb.policy_weight}),
+                    policy_weight=mb.policy_weight,
                 )
                 if policy_out is not None:
                     # The policy statistics of `out` are those of policy_out (same logprobs, same formulas).

@@ -12,7 +12,6 @@ assertion here needs them closer than 1e-4.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 
 import pytest
@@ -22,7 +21,6 @@ import fastppo.experience as experience
 from fastppo.config import ConfigError, load_config
 from fastppo.engine import HFEngine
 from fastppo.experience import correction_weight, mismatch_metrics, rollout_correction, score_rollout
-from fastppo.kernels import linear_ppo_loss, ppo_loss
 from fastppo.metrics import MetricBuffer
 from fastppo.models import load_models
 from fastppo.ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
@@ -33,8 +31,6 @@ from fastppo_testing.rollout_logprobs import SCRIPT, with_teacher_forced_logprob
 from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
 
 MISMATCH_KEYS = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/kl_k3", "rollout/diff_gt_0.1_frac")
-OPS_TAKE_WEIGHT = all("policy_weight" in inspect.signature(op).parameters for op in (ppo_loss, linear_ppo_loss))
-needs_weighted_ops = pytest.mark.skipif(not OPS_TAKE_WEIGHT, reason="ppo_loss / linear_ppo_loss take no policy_weight yet")
 
 
 @pytest.fixture
@@ -299,7 +295,6 @@ def test_correction_weight_is_the_function_of_scored_and_rollout_logprobs(llama,
 # The update: the weight multiplies the policy surrogate
 # ----------------------------------------------------------------------------
 
-@needs_weighted_ops
 @pytest.mark.parametrize("fused_policy_loss", [True, False])
 def test_weighted_update_equals_scaled_advantages(fused_policy_loss, llama):
     """w * max(-A r, -A clip(r)) = max(-(wA) r, -(wA) clip(r)) for w >= 0 (and likewise with the dual clip):
@@ -389,7 +384,6 @@ def test_resume_is_exact_with_reuse(tiny_setups, tmp_path, rollout_logprobs):
         assert ma[-1][key] == mb[-1][key], key
 
 
-@needs_weighted_ops
 @pytest.mark.parametrize("is_mode,mask_mode", [("token", "token"), ("sequence", "sequence")])
 def test_trainer_with_correction(is_mode, mask_mode, tiny_setups, tmp_path, rollout_logprobs, monkeypatch):
     """A generator that drifted: every other token 0.3 nats less likely than under the policy (w_t = e^0.3 = 1.35),
