@@ -96,6 +96,8 @@ class RolloutConfig:
     """Top-k sampling (0 = off)."""
     repetition_penalty: float = 1.0
     """HF repetition penalty during sampling (1.0 = off; the paper's setup optionally uses 1.1)."""
+    compile: bool = False
+    """Generate with a static KV cache and a compiled decode step (torch.compile through HF generate)."""
 
 
 @dataclass

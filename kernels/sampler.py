@@ -52,6 +52,7 @@ _STEP_SALT = 0x632BE5AB
 _NPROBE = 16          # thresholds probed per search pass
 _SEARCH_PASSES = 8    # 16^8 = 2^32: a 32-bit key range narrowed to one key
 _MAX_VOCAB = 1 << 24  # token counts are summed in float32, exact up to 2^24
+_U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
 
 
 # ----------------------------------------------------------------------------
@@ -73,13 +74,15 @@ def mix32(x):
 def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id).
 
-    24 random bits per (row, token): u = (bits + 0.5) / 2^24 in (0, 1), g = -log(-log u).
+    24 random bits per (row, token): u = (bits + 0.5) / 2^24 in float32, g = -log(-log u). u is clamped to
+    1 - 2^-24, the largest float32 below 1: (2^24 - 1) + 0.5 rounds to 2^24 in float32, and u = 1 would give
+    g = +inf (once in 2^24 tokens; at V = 151936 about one row-step in 110 drew a uniformly random kept token).
     """
     sample_hash = mix32(mix32(sample_ids.to(torch.int64) & _M32) ^ seed)                 # (B,)
     row = mix32(sample_hash ^ mix32(step + _STEP_SALT))                                  # (B,)
     tokens = mix32((torch.arange(vocab, device=sample_ids.device, dtype=torch.int64) + _TOKEN_SALT) & _M32)
     bits = mix32(row[:, None] ^ tokens[None, :]) >> 8                                     # (B, V) 24 random bits
-    u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    u = ((bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=_U_MAX)
     return -torch.log(-torch.log(u))
 
 
@@ -99,10 +102,13 @@ def _mix32(x):
 
 @triton.jit
 def _gumbel(row_hash, offs):
-    """Standard Gumbel noise of tokens `offs` for the row whose counter half is row_hash (see `gumbel_noise`)."""
+    """Standard Gumbel noise of tokens `offs` for the row whose counter half is row_hash (see `gumbel_noise`).
+
+    tl.log of float32 compiles to libdevice's logf (1 ulp; checked in the PTX for sm_90), not lg2.approx, whose
+    absolute error near 1 would make -log(u) 0 or negative for u within a few ulps of 1."""
     token_hash = _mix32(offs.to(tl.uint32) + 0x85EBCA6B)
     bits = _mix32(row_hash ^ token_hash) >> 8
-    u = (bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u = tl.minimum((bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)   # 1 - 2^-24, as in gumbel_noise
     return -tl.log(-tl.log(u))
 
 
@@ -283,9 +289,11 @@ def _sample_torch(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_
     if top_p < 1.0:
         w = torch.exp(kept - m)                                                         # the top-k set's mass
         ordered, order = torch.sort(kept, dim=-1, descending=True)
-        mass_before = torch.cumsum(w.gather(-1, order), -1)
-        mass_before = torch.cat([torch.zeros_like(mass_before[:, :1]), mass_before[:, :-1]], -1)
-        n_keep = (mass_before < top_p * w.sum(-1, keepdim=True)).sum(-1, keepdim=True).clamp(min=1)
+        # Summed in float64: a float32 running sum over V terms drifts by up to V ulps of the mass.
+        mass_before = torch.cumsum(w.gather(-1, order), -1, dtype=torch.float64)
+        total = mass_before[:, -1:]
+        mass_before = torch.cat([torch.zeros_like(total), mass_before[:, :-1]], -1)
+        n_keep = (mass_before < top_p * total).sum(-1, keepdim=True).clamp(min=1)
         tau = ordered.gather(-1, n_keep - 1)                                            # ties at tau all kept
         kept = kept.masked_fill(kept < tau, float("-inf"))
     score = torch.where(torch.isfinite(kept), kept + gumbel_noise(seed, ids1d, step, V), float("-inf"))
