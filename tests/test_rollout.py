@@ -34,11 +34,11 @@ def test_draws_follow_softmax_at_temperature(temperature):
 
 
 def test_top_k_and_top_p_keep_the_tokens_hf_keeps():
-    """Over 3000 sample ids per row, the drawn tokens are HF's warpers' kept set: none outside it, and every
-    kept token of probability >= 0.005 drawn (a miss has probability (1 - 0.005)^3000 < 1e-6)."""
+    """Over 1500 sample ids per row, the drawn tokens are HF's warpers' kept set: none outside it, and every
+    kept token of probability >= 0.01 drawn (a miss has probability (1 - 0.01)^1500 < 1e-6)."""
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    n = 3000
+    n = 1500
     scores = torch.randn(4, 12) * 2
     for T, k, p in ((0.8, 0, 0.9), (1.0, 5, 1.0), (0.7, 10, 0.5), (1.3, 0, 0.3)):
         for row in scores:
@@ -50,7 +50,7 @@ def test_top_k_and_top_p_keep_the_tokens_hf_keeps():
                 hf = TopPLogitsWarper(p)(None, hf)
             probs = hf.softmax(-1)[0]
             assert drawn <= set(torch.isfinite(hf[0]).nonzero().flatten().tolist()), (T, k, p)
-            assert set((probs >= 0.005).nonzero().flatten().tolist()) <= drawn, (T, k, p)
+            assert set((probs >= 0.01).nonzero().flatten().tolist()) <= drawn, (T, k, p)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_a_sample_does_not_depend_on_its_batch(policy_and_prompts):
                     sample_ids=torch.arange(3, 6), **kw)
     R = part.response_mask.size(1)
     assert torch.equal(part.responses, whole.responses[3:, :R])
-    assert torch.equal(part.logprobs, whole.logprobs[3:, :R])
+    assert (part.logprobs - whole.logprobs[3:, :R]).abs().max() < ATOL     # the model's GEMMs differ by batch
     other = generate(policy, batch, cfg, generation_batch_size=6, **{**kw, "seed": 12})
     assert not torch.equal(other.sequences, whole.sequences)
 
@@ -148,7 +148,7 @@ def test_padded_vocabulary_ids_are_never_sampled():
     cfg = RolloutConfig(top_p=0.9, top_k=0)
     for vs in (7, 9):
         sampler = CounterSampler(cfg, seed=sampling_seed(3), sample_ids=torch.arange(n), prompt_width=0, vocab_size=vs)
-        drawn = sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, -1)).argmax(-1)
+        drawn = sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
         assert drawn.max() < vs and drawn.min() >= 0 and len(drawn.unique()) > 1
 
 
@@ -225,11 +225,11 @@ def test_repetition_penalty_is_applied_and_its_scores_give_the_logprobs(policy_a
     kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generation_batch_size=6, seed=4)
     cfg = RolloutConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, repetition_penalty=3.0)
     ro = generate(policy, batch, cfg, **kw)
-    plain = generate(policy, batch, RolloutConfig(max_new_tokens=8, temperature=1.0, top_p=1.0), **kw)
-    assert not torch.equal(ro.sequences, plain.sequences)
     lp, ent = _recomputed(policy, ro, cfg, tok.pad_token_id, RepetitionPenaltyLogitsProcessor(3.0))
     m = ro.response_mask
     assert (ro.logprobs[m] - lp[m]).abs().max() < ATOL and (ro.entropy[m] - ent[m]).abs().max() < ATOL
+    unpenalised, _ = _recomputed(policy, ro, cfg, tok.pad_token_id)
+    assert (ro.logprobs[m] - unpenalised[m]).abs().max() > 10 * ATOL                  # the penalty was on
 
 
 def test_rollouts_built_by_hand_need_no_logprobs():
