@@ -22,13 +22,13 @@ PPO ratio refers to), and that distribution's entropy. Columns >= vocab_size
 probability. A row without a finite logit draws token 0, with logprob -inf and
 entropy 0.
 
-Memory traffic per row of V logits. The logits-processor path it replaces
-(temperature, top-k, a full sort and two softmaxes for top-p, ~20 elementwise
-passes for the Gumbel noise) moves ~60 bytes per logit (~9 GB per step at
-B=256, V=151936). The kernel reads each logit from memory once per pass and
-writes 16 bytes per row: 1 pass without top-k/top-p (statistics and the
-Gumbel argmax together), and with them 2 + 8 per filter (statistics, threshold
-searches, the draw), re-read from L2 while the row (V·4 bytes) stays resident.
+Memory traffic. The logits-processor path it replaces (temperature, top-k, a
+full sort and two softmaxes for top-p, ~20 elementwise passes over (B, V) for
+the Gumbel noise) moves ~230 bytes per logit (~9 GB per step at B=256,
+V=151936). The kernel reads each logit once per pass and writes 16 bytes per
+row: 1 pass without top-k/top-p (statistics and the Gumbel argmax together);
+with them 1 + 8 per filter + 1 (statistics, threshold search, draw), the
+later passes re-reading the row (V·4 bytes) from L2 when the rows in flight fit.
 No sort and no (B, V) temporary: the thresholds are found by a 16-way search
 on the float32 order key, which pins a 32-bit key range to one key in 8 passes
 (16^8 = 2^32), so they are exact, not approximations of the mass.
@@ -42,12 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, INT_DTYPES, as_rows, check_positive, check_same_device, check_shape, check_tensor
-from ._checks import check_vocab_size
+from ._checks import (
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_positive, check_same_device, check_shape, check_tensor, check_vocab_size,
+)
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
 
 _M32 = 0xFFFFFFFF
-_TOKEN_SALT = 0x85EBCA6B
+_TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
 _STEP_SALT = 0x632BE5AB
 _NPROBE = 16          # thresholds probed per search pass
 _SEARCH_PASSES = 8    # 16^8 = 2^32: a 32-bit key range narrowed to one key
