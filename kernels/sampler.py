@@ -65,11 +65,26 @@ def mix32(x):
 
     Both multipliers are below 2^31, so products of 32-bit values stay inside int64.
     """
+    if isinstance(x, torch.Tensor):
+        return _mix32_(x.clone())
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
     x = x ^ (x >> 15)
     x = (x * 0x5BD1E995) & _M32
     return x ^ (x >> 16)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`mix32` of an int64 tensor in place, with one scratch tensor (a (B, V) counter is 8 bytes an element)."""
+    t = x >> 16
+    x ^= t
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 15, out=t)
+    x ^= t
+    x.mul_(0x5BD1E995).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 16, out=t)
+    x ^= t
+    return x
 
 
 def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
@@ -82,9 +97,10 @@ def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> 
     sample_hash = mix32(mix32(sample_ids.to(torch.int64) & _M32) ^ seed)                 # (B,)
     row = mix32(sample_hash ^ mix32(step + _STEP_SALT))                                  # (B,)
     tokens = mix32((torch.arange(vocab, device=sample_ids.device, dtype=torch.int64) + _TOKEN_SALT) & _M32)
-    bits = mix32(row[:, None] ^ tokens[None, :]) >> 8                                     # (B, V) 24 random bits
-    u = ((bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=_U_MAX)
-    return -torch.log(-torch.log(u))
+    bits = _mix32_(row[:, None] ^ tokens[None, :]).bitwise_right_shift_(8)                # (B, V) 24 random bits
+    u = bits.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24)).clamp_(max=_U_MAX)
+    del bits
+    return u.log_().neg_().log_().neg_()
 
 
 # ----------------------------------------------------------------------------
@@ -272,35 +288,37 @@ def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab
 
 
 def _sample_torch(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_size):
-    """The same draw with torch ops on (B, V) float32 temporaries (a sort for top-p)."""
+    """The same draw with torch ops on (B, V) temporaries, in place where it can (a sort for top-p)."""
     x = logits2d.float() / temperature                                                  # a new (B, V) tensor
     V = x.size(-1)
     if vocab_size < V:
         x[:, vocab_size:] = float("-inf")
     m = x.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)                                          # a row with no finite logit
-    e = torch.exp(x - m)
+    e = torch.sub(x, m).exp_()                                                          # exp(x - m)
     s = e.sum(-1)
-    logp = x - (m.squeeze(-1) + torch.log(s))[:, None]                                  # (B, V)
-    entropy = -torch.where(e > 0, e * logp, 0.0).sum(-1) / s
-    kept = x
+    log_s = torch.log(s)
+    entropy = log_s - torch.special.xlogy(e, e).sum(-1) / s                             # log s - sum e (x - m) / s
     if 0 < top_k < vocab_size:
-        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
-        kept = x.masked_fill(x < kth, float("-inf"))
+        below = x < torch.topk(x, top_k, dim=-1).values[:, -1:]                         # ties with the k-th kept
+        e.masked_fill_(below, 0.0)                                                      # the top-k set's mass
+        x.masked_fill_(below, float("-inf"))                                            # the drawn token's x stays
+        del below
     if top_p < 1.0:
-        w = torch.exp(kept - m)                                                         # the top-k set's mass
-        ordered, order = torch.sort(kept, dim=-1, descending=True)
+        ordered, order = torch.sort(x, dim=-1, descending=True)
         # Summed in float64: a float32 running sum over V terms drifts by up to V ulps of the mass.
-        mass_before = torch.cumsum(w.gather(-1, order), -1, dtype=torch.float64)
-        total = mass_before[:, -1:]
-        mass_before = torch.cat([torch.zeros_like(total), mass_before[:, :-1]], -1)
-        n_keep = (mass_before < top_p * total).sum(-1, keepdim=True).clamp(min=1)
-        tau = ordered.gather(-1, n_keep - 1)                                            # ties at tau all kept
-        kept = kept.masked_fill(kept < tau, float("-inf"))
-    score = torch.where(torch.isfinite(kept), kept + gumbel_noise(seed, ids1d, step, V), float("-inf"))
-    tokens = score.argmax(-1)                                                           # first of equal maxima
+        mass = torch.cumsum(e.gather(-1, order), -1, dtype=torch.float64)
+        del order
+        mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], -1)
+        n_keep = (mass_before < top_p * mass[:, -1:]).sum(-1, keepdim=True).clamp(min=1)
+        del mass, mass_before
+        x.masked_fill_(x < ordered.gather(-1, n_keep - 1), float("-inf"))              # ties at the threshold kept
+        del ordered
+    del e
+    tokens = gumbel_noise(seed, ids1d, step, V).add_(x).argmax(-1)                      # first of equal maxima
     no_mass = s == 0
-    logprobs = torch.where(no_mass, float("-inf"), logp.gather(-1, tokens[:, None]).squeeze(-1))
+    x_token = x.gather(-1, tokens[:, None]).squeeze(-1)
+    logprobs = torch.where(no_mass, float("-inf"), x_token - m.squeeze(-1) - log_s)
     return tokens, logprobs, torch.where(no_mass, 0.0, entropy)
 
 
