@@ -332,10 +332,12 @@ class Sample(NamedTuple):
     entropy: torch.Tensor
 
 
-def _check_int(name: str, value, low: int, high: int) -> int:
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value < high:
+    if high is None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and not low <= value < high:
         raise ValueError(f"{name} must lie in [{low}, {high}), got {value}")
     return value
 
@@ -378,7 +380,7 @@ def sample(
     _check_int("seed", seed, 0, 1 << 32)
     _check_int("step", step, 0, 1 << 31)
     check_positive("temperature", temperature)
-    _check_int("top_k", top_k, 0, 1 << 63)
+    _check_int("top_k", top_k, 0)
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
         raise TypeError(f"top_p must be a number, got {type(top_p).__name__}")
     if not 0.0 < top_p <= 1.0:

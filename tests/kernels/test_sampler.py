@@ -336,7 +336,7 @@ def test_the_backends_draw_the_same_tokens():
     (dict(step=-1), ValueError, "step must lie in"),
     (dict(step=True), TypeError, "step must be an int"),
     (dict(temperature=0.0), ValueError, "temperature must be > 0"),
-    (dict(top_k=-1), ValueError, "top_k must lie in"),
+    (dict(top_k=-1), ValueError, "top_k must be >= 0, got -1"),
     (dict(top_k=2.0), TypeError, "top_k must be an int"),
     (dict(top_p=0.0), ValueError, "top_p must lie in (0, 1]"),
     (dict(top_p=1.5), ValueError, "top_p must lie in (0, 1]"),
