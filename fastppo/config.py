@@ -98,6 +98,8 @@ class RolloutConfig:
     """HF repetition penalty during sampling (1.0 = off; the paper's setup optionally uses 1.1)."""
     old_logprobs: str = "recompute"
     """pi_old of the PPO ratio: recompute (the score phase runs the policy again and logs its mismatch with the generator's logprobs, rollout/*) or reuse (pi_old := the generator's logprobs; no policy forward when scoring). See docs/engines.md."""
+    compile: bool = False
+    """Generate with a static KV cache and a compiled decode step (torch.compile through HF generate)."""
 
 
 @dataclass

@@ -12,14 +12,16 @@ max_new_tokens without EOS is "truncated": it is scored with EOS appended
 (`with_eos_for_scoring`), but the policy is trained on the tokens it
 actually generated.
 
-Sampling is counter-based (`CounterSampler`): the token drawn for a sample
-at step t is argmax(logits/T, top-k/top-p filtered, + Gumbel noise), the
-noise a hash of (seed, sample id, t, token id). A sample's response depends
-on its prompt, the policy, the seed and its id only: not on the rest of its
-batch, on generation_batch_size or on which rank generates it. The trainer
-numbers samples by their place in the global rollout batch, so each rank
-draws its own reproducible noise, and one process and N processes sample the
-same responses.
+Sampling is counter-based (`CounterSampler`, on the fused op
+`fastppo.kernels.sample`): the token drawn for a sample at step t is
+argmax(logits/T, top-k/top-p filtered, + Gumbel noise), the noise a hash of
+(seed, sample id, t, token id). A sample's response depends on its prompt,
+the policy, the seed and its id only: not on the rest of its batch, on
+generation_batch_size or on which rank generates it. The trainer numbers
+samples by their place in the global rollout batch, so each rank draws its
+own reproducible noise, and one process and N processes sample the same
+responses. Each drawn token comes with its logprob and the entropy under
+softmax(logits/T) before top-k/top-p (π_rollout, see docs/rollout.md).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import CompileConfig, GenerationConfig, LogitsProcessorList
 
 from .config import RolloutConfig
 from .data import PromptBatch
+from .kernels import sample
+from .kernels.sampler import mix32
 
 
 @dataclass
@@ -46,9 +50,9 @@ class Rollout:
     lengths:        (B,)     int64   response lengths (EOS counted)
     ended:          (B,)     bool    the response ends with EOS (False: cut at max_new_tokens)
     prompt_width:   P
-    logprobs:       (B, R)   float32 the generator's logprob of each sampled token under softmax(logits / T),
-                                     before top-k/top-p; 0 past the end; None when the engine gives none
-    entropy:        (B, R)   float32 the entropy of that distribution; 0 past the end; None likewise
+    logprobs:       (B, R)   float32 each response token's logprob under the sampler's softmax(logits/T),
+                                     before top-k/top-p (π_rollout); 0 past the response. None: not recorded
+    entropy:        (B, R)   float32 the entropy of that distribution at each response token; 0 past the response
     """
     sequences: torch.Tensor
     attention_mask: torch.Tensor
@@ -66,9 +70,15 @@ class Rollout:
 
 
 def generation_kwargs(cfg: RolloutConfig, *, eos_id: int, pad_id: int) -> dict:
-    """HF generation settings. HF decodes greedily over the scores of `CounterSampler`, which applies
-    temperature, top-k and top-p and adds the Gumbel noise; do_sample, temperature and top-p are set
-    explicitly so that a model's own generation_config cannot switch HF's sampling back on."""
+    """HF generation settings. HF decodes greedily over the scores of `CounterSampler`, which draws the token
+    and leaves it the only finite score; do_sample, temperature and top-p are set explicitly so that a model's
+    own generation_config cannot switch HF's sampling back on. With cfg.compile: a static KV cache and HF's
+    compiled decode step (the prefill runs eagerly)."""
+    compiled = {}
+    if cfg.compile:
+        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
+        compile_config._compile_all_devices = True    # also off CUDA (HF compiles on CUDA only, by default)
+        compiled = dict(cache_implementation="static", compile_config=compile_config)
     return dict(
         do_sample=False,
         temperature=1.0,
@@ -80,6 +90,7 @@ def generation_kwargs(cfg: RolloutConfig, *, eos_id: int, pad_id: int) -> dict:
         pad_token_id=pad_id,
         suppress_tokens=[pad_id],  # the added pad token must never be sampled
         use_cache=True,
+        **compiled,
     )
 
 
@@ -90,57 +101,26 @@ def generation_kwargs(cfg: RolloutConfig, *, eos_id: int, pad_id: int) -> dict:
 _M32 = 0xFFFFFFFF
 
 
-def _mix32(x):
-    """A 32-bit integer hash (xorshift-multiply rounds) of x in [0, 2^32), for Python ints or int64 tensors.
-
-    Both multipliers are below 2^31, so products of 32-bit values stay inside int64.
-    """
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _M32
-    return x ^ (x >> 16)
-
-
 def sampling_seed(*parts: int) -> int:
     """One 32-bit seed from several integers (e.g. run.seed and the iteration)."""
     h = 0x9E3779B9
     for p in parts:
-        h = _mix32(h ^ _mix32((int(p) & _M32) ^ _mix32((int(p) >> 32) & _M32)))
+        h = mix32(h ^ mix32((int(p) & _M32) ^ mix32((int(p) >> 32) & _M32)))
     return h
 
 
-def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
-    """(vocab,) int64: the per-token half of the noise counter."""
-    return _mix32((torch.arange(vocab, device=device, dtype=torch.int64) + 0x85EBCA6B) & _M32)
-
-
-def _sample_hashes(seed: int, sample_ids: torch.Tensor) -> torch.Tensor:
-    """(B,) int64: the per-sample half of the noise counter."""
-    return _mix32(_mix32(sample_ids.to(torch.int64) & _M32) ^ seed)
-
-
-def _gumbel(sample_hashes: torch.Tensor, step: int, token_hashes: torch.Tensor) -> torch.Tensor:
-    """(B, V) float32 standard Gumbel noise from the two halves of the counter and the step."""
-    row = _mix32(sample_hashes ^ _mix32(step + 0x632BE5AB))                             # (B,)
-    bits = _mix32(row[:, None] ^ token_hashes[None, :]) >> 8                           # (B, V) 24 random bits
-    u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))                             # uniform in (0, 1)
-    return -torch.log(-torch.log(u))
-
-
-def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id)."""
-    return _gumbel(_sample_hashes(seed, sample_ids), step, _token_hashes(vocab, sample_ids.device))
-
-
 class CounterSampler:
-    """HF logits processor that turns greedy decoding into sampling from softmax(logits / T), top-k and top-p
-    filtered as HF's warpers do, by the Gumbel-max trick with counter-based noise (`gumbel_noise`).
+    """HF logits processor that draws each token with `fastppo.kernels.sample` (softmax(logits / T), top-k and
+    top-p filtered, counter-based Gumbel-max) and makes it HF's greedy choice: the scores it returns are -inf
+    but at the drawn token. It records every step's logprob and entropy (`logprobs`, `entropy`: lists of (B,)
+    float32, one per step) under the distribution of the scores it receives: the model's float32 logits after
+    HF's processors (the pad-token suppression and, when on, the repetition penalty), at temperature T.
 
     Token ids >= vocab_size (rows an embedding resize padded on, beyond the
     tokenizer's vocabulary) are never sampled. A decode step makes no host
-    sync and no host-to-device copy: the per-sample and per-token halves of
-    the noise counter are computed once, at the first step.
+    sync and no host-to-device copy (sample_ids move to the scores' device
+    once, at the first step); the scores are overwritten in place (HF hands
+    each step a fresh float32 copy).
     """
 
     def __init__(self, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor, prompt_width: int,
@@ -148,28 +128,26 @@ class CounterSampler:
         self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
         self.seed, self.sample_ids, self.prompt_width = seed, sample_ids, prompt_width
         self.vocab_size = vocab_size
-        self._sample_hashes: torch.Tensor | None = None
-        self._token_hashes: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() / self.temperature                                     # a new (B, V) tensor
-        V = scores.size(-1)
-        if self.vocab_size is not None and self.vocab_size < V:
-            scores[:, self.vocab_size:] = float("-inf")                                 # padded vocabulary rows
-        if 0 < self.top_k < V:
-            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p < 1.0:
-            # Keep the smallest set of most likely tokens whose probability reaches top_p (the most likely always).
-            ordered, order = torch.sort(scores, dim=-1, descending=True)
-            mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
-            drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_before >= self.top_p)
-            scores = scores.masked_fill(drop, float("-inf"))
-        if self._token_hashes is None or self._token_hashes.numel() != V:
-            self._sample_hashes = _sample_hashes(self.seed, self.sample_ids.to(scores.device))
-            self._token_hashes = _token_hashes(V, scores.device)
-        step = input_ids.size(1) - self.prompt_width
-        return scores + _gumbel(self._sample_hashes, step, self._token_hashes)
+        if self.sample_ids.device != scores.device:
+            self.sample_ids = self.sample_ids.to(scores.device)                        # once
+        drawn = sample(scores, seed=self.seed, sample_ids=self.sample_ids, step=input_ids.size(1) - self.prompt_width,
+                       temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, vocab_size=self.vocab_size)
+        self.logprobs.append(drawn.logprobs)
+        self.entropy.append(drawn.entropy)
+        return scores.fill_(float("-inf")).scatter_(1, drawn.tokens[:, None], 0.0)
+
+    def per_token(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy), each (B, width) float32: the recorded steps, zero-padded on the right."""
+        B = self.sample_ids.size(0)
+        out = []
+        for steps in (self.logprobs, self.entropy):
+            x = torch.stack(steps, 1) if steps else torch.zeros(B, 0, device=self.sample_ids.device)
+            out.append(nn.functional.pad(x, (0, width - x.size(1))))
+        return out[0], out[1]
 
 
 @contextlib.contextmanager
@@ -239,7 +217,9 @@ def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos
     from torch's global RNG; sample_ids=None numbers the rows 0..B-1.
     vocab_size: the tokenizer's vocabulary (len(tokenizer)); ids at or
     above it (embedding rows padded on for alignment) are never sampled.
-    The sampler sees float32 logits (`float32_logits`).
+    The sampler sees float32 logits (`float32_logits`). The rollout carries
+    each response token's logprob and entropy (`Rollout.logprobs`, `.entropy`).
+    cfg.compile: static KV cache, compiled decode step.
     """
     gen_cfg = GenerationConfig(**generation_kwargs(cfg, eos_id=eos_id, pad_id=pad_id))
     device = next(policy.parameters()).device
@@ -250,7 +230,7 @@ def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos
     if sample_ids is None:
         sample_ids = torch.arange(ids.size(0))
     sample_ids = sample_ids.to(device)
-    chunks = []
+    chunks, samplers = [], []
     with float32_logits(policy):
         for start in range(0, ids.size(0), generation_batch_size):
             rows = slice(start, start + generation_batch_size)
@@ -259,10 +239,12 @@ def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos
             out = policy.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=gen_cfg,
                                   logits_processor=LogitsProcessorList([sampler]))
             chunks.append(out[:, P:])                                                 # (b, R_chunk)
+            samplers.append(sampler)
     R = max(c.size(1) for c in chunks)
     responses = torch.cat([nn.functional.pad(c, (0, R - c.size(1)), value=pad_id) for c in chunks])  # (B, R)
     response_mask, ended = response_mask_from_tokens(responses, eos_id)
     responses = torch.where(response_mask, responses, pad_id)
+    logprobs, entropy = (torch.cat(parts) for parts in zip(*(s.per_token(R) for s in samplers)))  # (B, R) each
     return Rollout(
         sequences=torch.cat([ids, responses], dim=1),
         attention_mask=torch.cat([mask, response_mask.long()], dim=1),
@@ -270,6 +252,8 @@ def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos
         lengths=response_mask.sum(-1),
         ended=ended,
         prompt_width=P,
+        logprobs=torch.where(response_mask, logprobs, 0.0),
+        entropy=torch.where(response_mask, entropy, 0.0),
     )
 
 

@@ -11,3 +11,5 @@ __all__ = ["LogprobsAndEntropy", "token_logprobs"]
 __all__ += ["linear_token_logprobs"]
 __all__ += ["kl_penalty", "gae", "AdvantagesAndReturns", "ppo_loss", "PPOLossOutput"]
 __all__ += ["linear_ppo_loss", "LinearPPOLossOutput"]
+from .sampler import Sample, gumbel_noise, sample
+__all__ += ["sample", "Sample", "gumbel_noise"]

@@ -1,5 +1,6 @@
-"""Counter-based sampling (`rollout.CounterSampler`): the right distribution, HF's top-k / top-p
-semantics, and responses that depend on (seed, sample id) only, never on the batch or the rank."""
+"""Generation with the fused sampler (`rollout.CounterSampler` on `fastppo.kernels.sample`): the right
+distribution, HF's top-k / top-p semantics, responses that depend on (seed, sample id) only, never on the batch
+or the rank, each token's rollout logprob and entropy, and the compiled decode path."""
 
 from __future__ import annotations
 
@@ -10,33 +11,17 @@ import pytest
 import torch
 
 from fastppo.config import RolloutConfig
-from fastppo.data import collate_prompts, load_prompts
+from fastppo.data import PromptBatch, collate_prompts, load_prompts
 from fastppo.models import load_models
-from fastppo.rollout import CounterSampler, generate, gumbel_noise, sampling_seed
+from fastppo.rollout import CounterSampler, Rollout, generate, pad_responses, sampling_seed
 from fastppo_testing.trainer import tiny_setups  # noqa: F401  (fixture)
-
-
-def test_gumbel_noise_is_a_pure_function_with_gumbel_moments():
-    ids = torch.arange(512)
-    g = gumbel_noise(7, ids, step=3, vocab=1000)
-    assert g.shape == (512, 1000) and g.dtype == torch.float32 and torch.isfinite(g).all()
-    assert torch.equal(g, gumbel_noise(7, ids, step=3, vocab=1000))
-    assert torch.equal(g[100:200], gumbel_noise(7, ids[100:200], step=3, vocab=1000))      # rows are independent
-    assert not torch.equal(g, gumbel_noise(8, ids, step=3, vocab=1000))
-    assert not torch.equal(g, gumbel_noise(7, ids, step=4, vocab=1000))
-    # Standard Gumbel: mean = Euler-Mascheroni constant, variance = pi^2 / 6 (512K draws).
-    assert g.double().mean().item() == pytest.approx(0.5772, abs=0.01)
-    assert g.double().var().item() == pytest.approx(math.pi ** 2 / 6, rel=0.02)
-    # No visible correlation between neighbouring rows, steps or tokens.
-    for a, b in ((g[:-1], g[1:]), (g[:, :-1], g[:, 1:]), (g, gumbel_noise(7, ids, step=4, vocab=1000))):
-        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.01
 
 
 def _sample(logits: torch.Tensor, n: int, **rollout) -> torch.Tensor:
     """n draws from one row of logits, one per sample id."""
     cfg = RolloutConfig(**rollout)
     sampler = CounterSampler(cfg, seed=sampling_seed(3), sample_ids=torch.arange(n), prompt_width=0)
-    return sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, -1)).argmax(-1)
+    return sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -49,22 +34,23 @@ def test_draws_follow_softmax_at_temperature(temperature):
 
 
 def test_top_k_and_top_p_keep_the_tokens_hf_keeps():
+    """Over 1500 sample ids per row, the drawn tokens are HF's warpers' kept set: none outside it, and every
+    kept token of probability >= 0.01 drawn (a miss has probability (1 - 0.01)^1500 < 1e-6)."""
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    torch.manual_seed(0)
-    scores = torch.randn(64, 50) * 3
+    n = 1500
+    scores = torch.randn(4, 12) * 2
     for T, k, p in ((0.8, 0, 0.9), (1.0, 5, 1.0), (0.7, 10, 0.5), (1.3, 0, 0.3)):
-        cfg = RolloutConfig(temperature=T, top_k=k, top_p=p)
-        ours = CounterSampler(cfg, seed=0, sample_ids=torch.arange(64), prompt_width=0)
-        kept = torch.isfinite(ours(torch.zeros(64, 0, dtype=torch.long), scores))
-        hf = TemperatureLogitsWarper(T)(None, scores.clone())
-        if k:
-            hf = TopKLogitsWarper(k)(None, hf)
-        if p < 1:
-            hf = TopPLogitsWarper(p)(None, hf)
-        assert torch.equal(kept, torch.isfinite(hf)), (T, k, p)
-    freq = torch.bincount(_sample(torch.tensor([3.0, 2.0, 1.0, 0.0]), 2000, top_k=2, top_p=1.0), minlength=4)
-    assert freq[2:].sum() == 0 and freq[:2].min() > 0
+        for row in scores:
+            drawn = set(_sample(row, n, temperature=T, top_k=k, top_p=p).tolist())
+            hf = TemperatureLogitsWarper(T)(None, row[None].clone())
+            if k:
+                hf = TopKLogitsWarper(k)(None, hf)
+            if p < 1:
+                hf = TopPLogitsWarper(p)(None, hf)
+            probs = hf.softmax(-1)[0]
+            assert drawn <= set(torch.isfinite(hf[0]).nonzero().flatten().tolist()), (T, k, p)
+            assert set((probs >= 0.01).nonzero().flatten().tolist()) <= drawn, (T, k, p)
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +74,11 @@ def test_a_sample_does_not_depend_on_its_batch(policy_and_prompts):
     chunked = generate(policy, batch, cfg, generation_batch_size=4, **kw)
     assert torch.equal(whole.sequences, chunked.sequences)
     # "Rank 1 of 2": rows 3..5 with their global ids, generated without rows 0..2.
-    from fastppo.data import PromptBatch
-
     part = generate(policy, PromptBatch(batch.input_ids[3:], batch.attention_mask[3:]), cfg, generation_batch_size=3,
                     sample_ids=torch.arange(3, 6), **kw)
     R = part.response_mask.size(1)
     assert torch.equal(part.responses, whole.responses[3:, :R])
+    assert (part.logprobs - whole.logprobs[3:, :R]).abs().max() < ATOL     # the model's GEMMs differ by batch
     other = generate(policy, batch, cfg, generation_batch_size=6, **{**kw, "seed": 12})
     assert not torch.equal(other.sequences, whole.sequences)
 
@@ -163,7 +148,7 @@ def test_padded_vocabulary_ids_are_never_sampled():
     cfg = RolloutConfig(top_p=0.9, top_k=0)
     for vs in (7, 9):
         sampler = CounterSampler(cfg, seed=sampling_seed(3), sample_ids=torch.arange(n), prompt_width=0, vocab_size=vs)
-        drawn = sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, -1)).argmax(-1)
+        drawn = sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
         assert drawn.max() < vs and drawn.min() >= 0 and len(drawn.unique()) > 1
 
 
@@ -184,3 +169,97 @@ def test_generate_never_emits_padded_vocabulary_ids(policy_and_prompts):
         boost.remove()
     assert (unmasked.responses >= n).any()
     assert (masked.responses[masked.response_mask] < n).all()
+
+
+# ----------------------------------------------------------------------------
+# Rollout logprobs and entropy
+# ----------------------------------------------------------------------------
+
+def _recomputed(policy, rollout, cfg, pad_id, penalty=None):
+    """Each response token's logprob and entropy from one float32 forward over the whole sequence, at T, with
+    the scores the sampler saw: the pad token suppressed and, when given, HF's repetition penalty applied to
+    the tokens before it."""
+    with torch.no_grad():
+        logits = policy(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits.float()
+    P, R = rollout.prompt_width, rollout.response_mask.size(1)
+    steps = logits[:, P - 1:P - 1 + R].clone()                                         # (B, R, V)
+    if penalty is not None:
+        for t in range(R):
+            steps[:, t] = penalty(rollout.sequences[:, :P + t], steps[:, t])
+    steps[..., pad_id] = float("-inf")
+    logp = torch.log_softmax(steps / cfg.temperature, -1)
+    lp = logp.gather(-1, rollout.responses[..., None]).squeeze(-1)
+    ent = -torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1)
+    return lp, ent
+
+
+# The generator's logits come from a KV-cached, one-position-at-a-time forward, the recomputation's from one
+# forward over the whole sequence: the same float32 operations associated differently. On the tiny test model
+# a logit is a chain of float32 dot products over the hidden size through two layers; reassociating a sum of n
+# terms moves it by at most n·2^-24 times the sum of their magnitudes, ~1e-5 here, and a logprob or an entropy
+# by at most twice its logits' largest change. 1e-4 leaves a factor 5 of room.
+ATOL = 1e-4
+
+
+def test_generate_returns_each_tokens_logprob_and_entropy(policy_and_prompts):
+    policy, tok, batch = policy_and_prompts
+    cfg = RolloutConfig(max_new_tokens=8, temperature=0.7, top_p=0.8, top_k=20)
+    ro = generate(policy, batch, cfg, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generation_batch_size=4,
+                  seed=21)
+    assert ro.logprobs.dtype == ro.entropy.dtype == torch.float32
+    assert ro.logprobs.shape == ro.entropy.shape == ro.response_mask.shape
+    lp, ent = _recomputed(policy, ro, cfg, tok.pad_token_id)
+    m = ro.response_mask
+    assert (ro.logprobs[m] - lp[m]).abs().max() < ATOL and (ro.entropy[m] - ent[m]).abs().max() < ATOL
+    assert (ro.logprobs[~m] == 0).all() and (ro.entropy[~m] == 0).all()
+    assert (ro.logprobs[m] < 0).all() and (ro.entropy[m] > 0).all()
+    wider = pad_responses(ro, m.size(1) + 3, tok.pad_token_id)
+    assert wider.logprobs.shape == wider.response_mask.shape and (wider.logprobs[:, -3:] == 0).all()
+    assert torch.equal(wider.entropy[:, :m.size(1)], ro.entropy)
+
+
+def test_repetition_penalty_is_applied_and_its_scores_give_the_logprobs(policy_and_prompts):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    policy, tok, batch = policy_and_prompts
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generation_batch_size=6, seed=4)
+    cfg = RolloutConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, repetition_penalty=3.0)
+    ro = generate(policy, batch, cfg, **kw)
+    lp, ent = _recomputed(policy, ro, cfg, tok.pad_token_id, RepetitionPenaltyLogitsProcessor(3.0))
+    m = ro.response_mask
+    assert (ro.logprobs[m] - lp[m]).abs().max() < ATOL and (ro.entropy[m] - ent[m]).abs().max() < ATOL
+    unpenalised, _ = _recomputed(policy, ro, cfg, tok.pad_token_id)
+    assert (ro.logprobs[m] - unpenalised[m]).abs().max() > 10 * ATOL                  # the penalty was on
+
+
+def test_rollouts_built_by_hand_need_no_logprobs():
+    ro = Rollout(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), torch.ones(2, 3, dtype=bool),
+                 torch.full((2,), 3), torch.ones(2, dtype=bool), 2)
+    assert ro.logprobs is None and pad_responses(ro, 4, 0).logprobs is None
+
+
+def test_the_compiled_decode_step_draws_the_eager_tokens(policy_and_prompts, monkeypatch):
+    """rollout.compile: a static KV cache and a torch.compile'd decode step give the eager path's responses and
+    logprobs. Dynamo captures the decode step here with its "eager" backend (graph capture, guards, the static
+    cache, the float32 lm_head), since inductor's CPU code generation alone takes minutes on a shared test
+    machine; inductor's kernels (the same float32 math, fused) and the speed are measured on a GPU."""
+    import functools
+
+    import fastppo.rollout as rollout_module
+    from torch._dynamo.utils import counters
+
+    policy, tok, batch = policy_and_prompts
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generation_batch_size=6, seed=8)
+    eager = generate(policy, batch, RolloutConfig(max_new_tokens=4, top_p=0.9), **kw)
+    gen = rollout_module.generation_kwargs(RolloutConfig(compile=True), eos_id=0, pad_id=0)
+    assert gen["cache_implementation"] == "static" and gen["compile_config"].mode == "reduce-overhead"
+    monkeypatch.setattr(rollout_module, "CompileConfig", functools.partial(rollout_module.CompileConfig,
+                                                                           backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(policy, batch, RolloutConfig(max_new_tokens=4, top_p=0.9, compile=True), **kw)
+    assert counters["stats"]["unique_graphs"] >= 1                   # the decode step went through dynamo
+    torch._dynamo.reset()
+    assert torch.equal(compiled.sequences, eager.sequences)
+    m = eager.response_mask
+    assert (compiled.logprobs[m] - eager.logprobs[m]).abs().max() < ATOL

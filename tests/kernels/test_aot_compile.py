@@ -27,7 +27,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 import fastppo.kernels
 from fastppo.config import ppo_max
-from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, token_logprobs
+from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, sample, token_logprobs
 from fastppo_testing.aot import compile_cases, record_launches
 
 SMS = (80, 90)
@@ -144,6 +144,11 @@ SCENARIOS = {
     "gae[fp32,T=1]": lambda: _gae(torch.float32, 1),
     "ppo_loss[trainer,fp32,4xR]": lambda: _ppo_loss(torch.float32, 4, R),
     "ppo_loss[bf16,dual clip,64x1001]": lambda: _ppo_loss(torch.bfloat16, 64, 1001, trainer=False),
+    **{f"sample[{name}]": lambda d=d, v=v, k=k, p=p: sample(  # the generator's float32 logits; bf16; no filter
+        torch.randn(4, v, dtype=d), seed=7, sample_ids=torch.arange(4), step=3, temperature=0.8, top_k=k, top_p=p,
+        backend="triton") for name, d, v, k, p in (("fp32,top-k,top-p,V=32000", torch.float32, V_EVEN, 50, 0.9),
+                                                   ("bf16,top-p,V=32001", torch.bfloat16, V_ODD, 0, 0.9),
+                                                   ("fp32,V=32000", torch.float32, V_EVEN, 0, 1.0))},
 }
 
 

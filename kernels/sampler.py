@@ -1,0 +1,400 @@
+"""sample: one decode step's token draw, with its logprob and entropy, in one fused pass over the logits.
+
+What is drawn, per row (x = logits / T over the first vocab_size columns):
+
+1. top-k keeps every token whose x is >= the k-th largest x (ties at the
+   threshold all kept; k = 0 or k >= vocab_size: all);
+2. top-p keeps, among those, every token whose x is >= tau_p, the largest
+   value such that the tokens at or above it hold >= top_p of the top-k set's
+   probability: the smallest set of highest-probability tokens whose mass
+   reaches top_p, with every token tied at the threshold kept (equivalently: a
+   token is kept when the mass of the tokens strictly more likely than it is
+   < top_p). top_p = 1: all;
+3. the token is argmax over the kept set of x + g, g a standard Gumbel
+   variable that is a pure function of (seed, sample id, step, token id)
+   (`gumbel_noise`); equal x + g go to the smallest token id. This is a draw
+   from softmax(x) restricted to the kept set (the Gumbel-max trick).
+
+Returned with it: the token's float32 logprob under softmax(x) over all
+vocab_size columns, before top-k/top-p (the policy's distribution, which the
+PPO ratio refers to), and that distribution's entropy. Columns >= vocab_size
+(embedding rows padded on for alignment) are never drawn and carry no
+probability. A row without a finite logit draws token 0, with logprob -inf and
+entropy 0.
+
+Memory traffic. The logits-processor path it replaces (temperature, top-k, a
+full sort and two softmaxes for top-p, ~20 elementwise passes over (B, V) for
+the Gumbel noise) moves ~230 bytes per logit (~9 GB per step at B=256,
+V=151936). The kernel reads each logit once per pass and writes 16 bytes per
+row: 1 pass without top-k/top-p (statistics and the Gumbel argmax together);
+with them 1 + 8 per filter + 1 (statistics, threshold search, draw), the
+later passes re-reading the row (V·4 bytes) from L2 when the rows in flight fit.
+No sort and no (B, V) temporary: the thresholds are found by a 16-way search
+on the float32 order key, which pins a 32-bit key range to one key in 8 passes
+(16^8 = 2^32), so they are exact, not approximations of the mass.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import (
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_positive, check_same_device, check_shape, check_tensor, check_vocab_size,
+)
+from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
+
+_M32 = 0xFFFFFFFF
+_TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
+_STEP_SALT = 0x632BE5AB
+_NPROBE = 16          # thresholds probed per search pass
+_SEARCH_PASSES = 8    # 16^8 = 2^32: a 32-bit key range narrowed to one key
+_MAX_VOCAB = 1 << 24  # token counts are summed in float32, exact up to 2^24
+_U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
+
+
+# ----------------------------------------------------------------------------
+# 0. The counter-based noise, in torch (the twin's and the tests' definition)
+# ----------------------------------------------------------------------------
+
+def mix32(x):
+    """A 32-bit integer hash (xorshift-multiply rounds) of x in [0, 2^32), for Python ints or int64 tensors.
+
+    Both multipliers are below 2^31, so products of 32-bit values stay inside int64.
+    """
+    if isinstance(x, torch.Tensor):
+        return _mix32_(x.clone())
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`mix32` of an int64 tensor in place, with one scratch tensor (a (B, V) counter is 8 bytes an element)."""
+    t = x >> 16
+    x ^= t
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 15, out=t)
+    x ^= t
+    x.mul_(0x5BD1E995).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 16, out=t)
+    x ^= t
+    return x
+
+
+def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id).
+
+    24 random bits per (row, token): u = (bits + 0.5) / 2^24 in float32, g = -log(-log u). u is clamped to
+    1 - 2^-24, the largest float32 below 1: (2^24 - 1) + 0.5 rounds to 2^24 in float32, and u = 1 would give
+    g = +inf (once in 2^24 tokens; at V = 151936 about one row-step in 110 drew a uniformly random kept token).
+    """
+    sample_hash = mix32(mix32(sample_ids.to(torch.int64) & _M32) ^ seed)                 # (B,)
+    row = mix32(sample_hash ^ mix32(step + _STEP_SALT))                                  # (B,)
+    tokens = mix32((torch.arange(vocab, device=sample_ids.device, dtype=torch.int64) + _TOKEN_SALT) & _M32)
+    bits = _mix32_(row[:, None] ^ tokens[None, :]).bitwise_right_shift_(8)                # (B, V) 24 random bits
+    u = bits.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24)).clamp_(max=_U_MAX)
+    del bits
+    return u.log_().neg_().log_().neg_()
+
+
+# ----------------------------------------------------------------------------
+# 1. Kernel
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _mix32(x):
+    """`mix32` on uint32: products wrap modulo 2^32, which is the `& 0xFFFFFFFF` of the torch version."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x5BD1E995
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _gumbel(row_hash, offs):
+    """Standard Gumbel noise of tokens `offs` for the row whose counter half is row_hash (see `gumbel_noise`).
+
+    tl.log of float32 compiles to libdevice's logf (1 ulp; checked in the PTX for sm_90), not lg2.approx, whose
+    absolute error near 1 would make -log(u) 0 or negative for u within a few ulps of 1."""
+    token_hash = _mix32(offs.to(tl.uint32) + 0x85EBCA6B)
+    bits = _mix32(row_hash ^ token_hash) >> 8
+    u = tl.minimum((bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)   # 1 - 2^-24, as in gumbel_noise
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp):
+    """x = logits / T for columns offs; -inf on padding (>= n_valid) and past the row."""
+    x = tl.load(row_ptr + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+    return tl.where(offs < n_valid, x / temp, float("-inf"))
+
+
+@triton.jit
+def _order_key(x):
+    """int64 key whose order is the order of float32 x (-0.0 and +0.0 get the same key)."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(x == 0.0, 0, key).to(tl.int64)
+
+
+@triton.jit
+def _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi, target,
+                 BY_COUNT: tl.constexpr, BLOCK_V: tl.constexpr, NPROBE: tl.constexpr):
+    """One pass of a 16-way search for the largest key v with F(v) >= target, known to lie in [lo, hi).
+
+    F(v) is the number (BY_COUNT) or the mass sum exp(x - m_ref) of the valid
+    tokens whose key is >= v. Returns the narrowed [lo, hi) and F(lo) by mass.
+    F is a sum of non-negative terms in a fixed order, so its float value is
+    monotone in v and the probes' verdicts are consistent.
+    """
+    probe_ix = tl.arange(0, NPROBE).to(tl.int64)
+    probes = lo + ((hi - lo) * probe_ix) // NPROBE                                     # (NPROBE,) ascending
+    count = tl.zeros([NPROBE], dtype=tl.float32)
+    mass = tl.zeros([NPROBE], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
+        above = (_order_key(x)[None, :] >= probes[:, None]) & (offs < n_valid)[None, :]  # (NPROBE, BLOCK_V)
+        count += tl.sum(above.to(tl.float32), axis=1)
+        mass += tl.sum(tl.where(above, tl.exp(x - m_ref)[None, :], 0.0), axis=1)
+    score = count if BY_COUNT else mass
+    ok = (score >= target) | (probes == lo)                                             # F(lo) >= target by invariant
+    new_lo = tl.max(tl.where(ok, probes, lo), axis=0)
+    new_hi = tl.min(tl.where(ok, hi, probes), axis=0)
+    lo_mass = tl.max(tl.where(probes == new_lo, mass, 0.0), axis=0)
+    return new_lo, new_hi, lo_mass
+
+
+@triton.jit(do_not_specialize=["seed", "step", "top_k"])
+def _sample_kernel(
+    logits_ptr, ids_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
+    n_cols, n_valid, stride_lm, stride_lv, stride_id,
+    seed, step, temperature, top_k, top_p,
+    BLOCK_V: tl.constexpr, NPROBE: tl.constexpr, SEARCH_PASSES: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+):
+    """One program per row.
+
+    Pass 1: online log-sum-exp and entropy (running s = sum exp(x - m),
+    t = sum exp(x - m)(x - m), m from -inf, as in token_logprobs), the row's
+    smallest and largest x, and, without filters, the Gumbel argmax.
+    With filters: 8 search passes per filter for its threshold key, then the
+    Gumbel argmax over the tokens at or above it.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.cast(temperature, tl.float32)
+    row_ptr = logits_ptr + row * stride_lm
+    sample_id = tl.load(ids_ptr + row * stride_id).to(tl.uint32)
+    step_hash = _mix32(step.to(tl.uint32) + 0x632BE5AB)
+    row_hash = _mix32(_mix32(_mix32(sample_id) ^ seed.to(tl.uint32)) ^ step_hash)
+    FILTERED: tl.constexpr = HAS_TOP_K or HAS_TOP_P
+
+    m = tl.cast(float("-inf"), tl.float32)
+    s = tl.cast(0.0, tl.float32)
+    t = tl.cast(0.0, tl.float32)
+    x_min = tl.cast(float("inf"), tl.float32)
+    best = tl.cast(float("-inf"), tl.float32)
+    best_x = tl.cast(float("-inf"), tl.float32)
+    best_tok = tl.cast(0, tl.int64)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)     # finite while every x so far is -inf
+        alpha = tl.exp(m - m_ref)
+        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
+        e = tl.exp(x - m_ref)
+        x_rel = tl.where(e > 0.0, x - m_ref, 0.0)
+        t = alpha * (t + shift * s) + tl.sum(e * x_rel, axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+        x_min = tl.minimum(x_min, tl.min(tl.where(offs < n_valid, x, float("inf")), axis=0))
+        if not FILTERED:
+            score = x + _gumbel(row_hash, offs)
+            block_best = tl.max(score, axis=0)
+            block_tok = tl.argmax(score, axis=0, tie_break_left=True)
+            better = block_best > best                             # strict: the smallest id wins a tie
+            best_x = tl.where(better, tl.max(tl.where(offs == start + block_tok, x, float("-inf")), axis=0), best_x)
+            best_tok = tl.where(better, start + block_tok, best_tok)
+            best = tl.where(better, block_best, best)
+
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    if FILTERED:
+        lo = _order_key(x_min)                                     # everything kept
+        lo_mass = s
+        if HAS_TOP_K:
+            hi = _order_key(m) + 1
+            n_pass = tl.where(top_k < n_valid, SEARCH_PASSES, 0)
+            for _ in range(n_pass):
+                lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
+                                               tl.cast(top_k, tl.float32), True, BLOCK_V, NPROBE)
+        if HAS_TOP_P:
+            hi = _order_key(m) + 1
+            target = tl.cast(top_p, tl.float32) * lo_mass           # top_p of the top-k set's mass
+            for _ in range(SEARCH_PASSES):
+                lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
+                                               target, False, BLOCK_V, NPROBE)
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
+            kept = (offs < n_valid) & (_order_key(x) >= lo)
+            score = tl.where(kept, x + _gumbel(row_hash, offs), float("-inf"))
+            block_best = tl.max(score, axis=0)
+            block_tok = tl.argmax(score, axis=0, tie_break_left=True)
+            better = block_best > best
+            best_x = tl.where(better, tl.max(tl.where(offs == start + block_tok, x, float("-inf")), axis=0), best_x)
+            best_tok = tl.where(better, start + block_tok, best_tok)
+            best = tl.where(better, block_best, best)
+
+    no_mass = m == float("-inf")
+    log_s = tl.log(tl.where(no_mass, 1.0, s))
+    lse = m_ref + log_s
+    tl.store(tokens_ptr + row, best_tok)
+    tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), best_x - lse))
+    tl.store(entropy_ptr + row, tl.where(no_mass, 0.0, log_s - t / tl.where(no_mass, 1.0, s)))
+
+
+# ----------------------------------------------------------------------------
+# 2. Backends: the launcher and the torch twin
+# ----------------------------------------------------------------------------
+
+def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_size):
+    n_rows, n_cols = logits2d.shape
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=logits2d.device)
+    out = empty_output((2, n_rows), torch.float32, logits2d.device)
+    if n_rows == 0:
+        return tokens, out[0], out[1]
+    # The interpreter costs ~1 ms per program per loop trip whatever the block size: the largest blocks there.
+    # On a GPU a search pass holds a (16, BLOCK_V) tile: 1024 columns = 64 registers per thread at 8 warps.
+    block_v = min(triton.next_power_of_2(n_cols), (1 << 16) if triton_interpreter_enabled() else 1024)
+    with on_device_of(logits2d):
+        _sample_kernel[(n_rows,)](
+            logits2d, ids1d, tokens, out[0], out[1],
+            n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), ids1d.stride(0),
+            # seed | 2^32: always typed int64 (a bare 32-bit value is i32 or u32 by its top bit: two compilations);
+            # the kernel keeps its low 32 bits.
+            seed | (1 << 32), step, float(temperature), top_k, float(top_p),
+            BLOCK_V=block_v, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES,
+            HAS_TOP_K=0 < top_k < vocab_size, HAS_TOP_P=top_p < 1.0, num_warps=8,
+        )
+    return tokens, out[0], out[1]
+
+
+def _sample_torch(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_size):
+    """The same draw with torch ops on (B, V) temporaries, in place where it can (a sort for top-p)."""
+    x = logits2d.float() / temperature                                                  # a new (B, V) tensor
+    V = x.size(-1)
+    if vocab_size < V:
+        x[:, vocab_size:] = float("-inf")
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)                                          # a row with no finite logit
+    e = torch.sub(x, m).exp_()                                                          # exp(x - m)
+    s = e.sum(-1)
+    log_s = torch.log(s)
+    entropy = log_s - torch.special.xlogy(e, e).sum(-1) / s                             # log s - sum e (x - m) / s
+    if 0 < top_k < vocab_size:
+        below = x < torch.topk(x, top_k, dim=-1).values[:, -1:]                         # ties with the k-th kept
+        e.masked_fill_(below, 0.0)                                                      # the top-k set's mass
+        x.masked_fill_(below, float("-inf"))                                            # the drawn token's x stays
+        del below
+    if top_p < 1.0:
+        ordered, order = torch.sort(x, dim=-1, descending=True)
+        # Summed in float64: a float32 running sum over V terms drifts by up to V ulps of the mass.
+        mass = torch.cumsum(e.gather(-1, order), -1, dtype=torch.float64)
+        del order
+        mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], -1)
+        n_keep = (mass_before < top_p * mass[:, -1:]).sum(-1, keepdim=True).clamp(min=1)
+        del mass, mass_before
+        x.masked_fill_(x < ordered.gather(-1, n_keep - 1), float("-inf"))              # ties at the threshold kept
+        del ordered
+    del e
+    tokens = gumbel_noise(seed, ids1d, step, V).add_(x).argmax(-1)                      # first of equal maxima
+    no_mass = s == 0
+    x_token = x.gather(-1, tokens[:, None]).squeeze(-1)
+    logprobs = torch.where(no_mass, float("-inf"), x_token - m.squeeze(-1) - log_s)
+    return tokens, logprobs, torch.where(no_mass, 0.0, entropy)
+
+
+# ----------------------------------------------------------------------------
+# 3. Public function
+# ----------------------------------------------------------------------------
+
+class Sample(NamedTuple):
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if high is None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and not low <= value < high:
+        raise ValueError(f"{name} must lie in [{low}, {high}), got {value}")
+    return value
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    seed: int,
+    sample_ids: torch.Tensor,
+    step: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    vocab_size: int | None = None,
+    backend: str | None = None,
+) -> Sample:
+    """Draw one token per row from softmax(logits / temperature), top-k then top-p filtered, by counter-based
+    Gumbel-max; return it with its logprob and entropy under the unfiltered distribution (module docstring).
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16; any strides. Math in float32.
+        seed: int in [0, 2^32): the run's sampling seed.
+        sample_ids: (...) integer: each row's sample id (its low 32 bits enter the noise). The draw of a row
+            depends on (seed, its id, step, its logits) only, not on the other rows.
+        step: int in [0, 2^31): the decode step (0 for the first response token).
+        temperature: > 0.
+        top_k: >= 0; 0 = off. top_p: in (0, 1]; 1 = off.
+        vocab_size: columns >= vocab_size are alignment padding, never drawn and outside the softmax.
+            ``None`` = all V columns (V <= 2^24).
+        backend: ``None`` (triton on CUDA, torch elsewhere; ``FASTPPO_BACKEND`` overrides), ``"triton"`` or
+            ``"torch"``.
+
+    Returns:
+        ``Sample(tokens (...) int64, logprobs (...) float32, entropy (...) float32)``. No gradient.
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor("sample_ids", sample_ids, dtypes=INT_DTYPES)
+    check_same_device("sample_ids", sample_ids, "logits", logits)
+    check_shape("sample_ids", sample_ids, logits.shape[:-1], "the leading dimensions of logits")
+    _check_int("seed", seed, 0, 1 << 32)
+    _check_int("step", step, 0, 1 << 31)
+    check_positive("temperature", temperature)
+    _check_int("top_k", top_k, 0)
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
+        raise TypeError(f"top_p must be a number, got {type(top_p).__name__}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    width = logits.shape[-1]
+    if not 1 <= width <= _MAX_VOCAB:
+        raise ValueError(f"logits must have a last (vocabulary) dimension in [1, 2^24], got {width}")
+    vocab = check_vocab_size(vocab_size, width, "the last dimension of logits")
+    backend = resolve_backend(backend, logits)
+
+    logits2d = as_rows(logits.detach(), width)
+    ids1d = sample_ids.reshape(-1)
+    run = _sample_triton if backend == "triton" else _sample_torch
+    tokens, logprobs, entropy = run(logits2d, ids1d, seed, step, float(temperature), min(top_k, vocab), float(top_p),
+                                    vocab)
+    lead = logits.shape[:-1]
+    return Sample(tokens.view(lead), logprobs.view(lead), entropy.view(lead))

@@ -1,0 +1,383 @@
+"""sample: tokens, logprobs and entropy against a float64 reference of the same definition, its tie and top-p
+boundary rules, batch independence, and its errors.
+
+On CPU the "triton" backend runs in the interpreter; on CUDA, the compiled kernel (tests/kernels/conftest.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastppo.kernels import gumbel_noise, sample
+
+BACKENDS = ["torch", "triton"]
+U = 2.0 ** -24                         # float32 unit roundoff
+M32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------
+# The definition, in float64
+# ----------------------------------------------------------------------------
+
+def _mix(x):
+    """The 32-bit counter hash, on int64 tensors or Python ints."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & M32
+    return x ^ (x >> 16)
+
+
+def _unmix(y: int) -> int:
+    """The inverse of `_mix` (xorshifts and odd multiplications are bijections of 32-bit words)."""
+    y ^= y >> 16
+    y = (y * pow(0x5BD1E995, -1, 1 << 32)) & M32
+    y ^= (y >> 15) ^ (y >> 30)
+    y = (y * pow(0x7FEB352D, -1, 1 << 32)) & M32
+    return y ^ (y >> 16)
+
+
+def _row_hash(seed: int, sample_id: int, step: int) -> int:
+    return _mix(_mix(_mix(sample_id & M32) ^ seed) ^ _mix(step + 0x632BE5AB))
+
+
+def noise64(seed, ids, step, vocab):
+    """(B, V) float64 Gumbel noise from the counter's 24 bits: u = float32(bits + 0.5) / 2^24 (the sum rounded
+    to float32 is part of the definition: it moves u near 1 by up to half its distance to 1), at most 1 - 2^-24."""
+    rows = torch.tensor([_row_hash(seed, int(i), step) for i in ids.reshape(-1).tolist()], dtype=torch.int64)
+    tokens = _mix((torch.arange(vocab, dtype=torch.int64) + 0x85EBCA6B) & M32)
+    bits = _mix(rows[:, None] ^ tokens[None, :]) >> 8
+    u = ((bits.float() + 0.5).double() / 2 ** 24).clamp(max=1 - U)
+    return (-torch.log(-torch.log(u))).to(ids.device)
+
+
+def reference(logits, *, seed, sample_ids, step, temperature=1.0, top_k=0, top_p=1.0, vocab_size=None,
+              mass_slack=0.0):
+    """float64 (kept (B, V) bool, score (B, V): x + g on kept tokens else -inf, logprobs (B, V), entropy (B,)).
+
+    x = logits / T on the first vocab_size columns. top-k keeps x >= the k-th largest x; top-p keeps, within
+    that set, each token whose strictly more likely tokens hold < top_p of the set's mass (+ mass_slack, a
+    fraction of it: the float32 rounding window, see `check_draw`).
+    """
+    x = logits.double() / temperature
+    B, V = x.shape
+    vs = V if vocab_size is None else vocab_size
+    x[:, vs:] = float("-inf")
+    logp = torch.log_softmax(x, -1)
+    entropy = -torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1)
+    kept = torch.isfinite(x)
+    if 0 < top_k < vs:
+        kth = torch.sort(x, -1, descending=True).values[:, top_k - 1:top_k]
+        kept &= x >= kth
+    if top_p < 1.0:
+        p = torch.where(kept, torch.softmax(x, -1), 0.0)
+        asc, order = torch.sort(torch.where(kept, x, float("-inf")), -1)
+        cum = torch.cumsum(p.gather(-1, order), -1)
+        z = cum[:, -1:]                                      # the same sum: 0 above the top group, exactly
+        at_or_below = cum.gather(-1, torch.searchsorted(asc, x.contiguous(), right=True) - 1)
+        kept &= (z - at_or_below) < max(top_p + mass_slack, 1e-300) * z          # the top group always
+    score = torch.where(kept, x + noise64(seed, sample_ids, step, V), float("-inf"))
+    return kept, score, logp, entropy
+
+
+def check_draw(got, logits, **kw):
+    """The drawn tokens are the reference's, up to float32 rounding, which can only matter in two places:
+
+    - the top-p boundary: the kernel's mass sums (n exp terms, each with a relative error of about
+      u·(|x| + |max x| + 2) from the rounding of x and of exp, summed in blocks and trees of depth
+      <= log2 V + V/1024) may put a token within that window of the boundary on either side. The
+      window: mass_slack = u·(4·max|x| + 2·log2 V + V/1024 + 16) of the set's mass. Tokens kept with
+      -slack are surely kept, those dropped with +slack surely dropped;
+    - the Gumbel argmax: x + g in float32 carries |error| <= u·(2|x| + 8(1 + |g|)) (x: one rounding,
+      two under a GPU's division; g: two logs, 2 ulps each, and the clamp of u; the sum: one).
+    So the token must be kept with +slack, and its score within that error of the best surely-kept score.
+    Returns the number of rows where the two windows leave a choice (ambiguous rows).
+    """
+    tokens = got.tokens.reshape(-1)
+    x_max = (logits.double() / kw.get("temperature", 1.0)).abs().nan_to_num(posinf=0).max().item()
+    V = logits.size(-1)
+    slack = U * (4 * x_max + 2 * math.log2(V) + V / 1024 + 16) if kw.get("top_p", 1.0) < 1.0 else 0.0
+    sure, score, _, _ = reference(logits, mass_slack=-slack, **kw)
+    maybe, _, _, _ = reference(logits, mass_slack=slack, **kw)
+    best_sure = score.max(-1).values
+    rows = torch.arange(len(tokens), device=tokens.device)
+    finite = torch.isfinite(best_sure)
+    tol = U * (2 * x_max + 8 * (1 + 17.0))                    # |g| <= -log(-log(1 - 2^-24)) < 17
+    candidate = maybe & (score.nan_to_num(neginf=-1e300) >= (best_sure - tol)[:, None])
+    assert candidate[rows, tokens][finite].all(), (tokens, score.argmax(-1))
+    # A row without a finite logit draws token 0.
+    assert (tokens[~finite] == 0).all()
+    return int((candidate.sum(-1) > 1).sum())
+
+
+def check_logprob_entropy(got, logits, **kw):
+    """logprob and entropy vs float64: error at most twice the plain float32 computation's plus u·(|x| + log V)
+    (the flash-attn criterion; the atol covers the rounding of x = logits / T the plain computation shares)."""
+    _, _, logp64, ent64 = reference(logits, **kw)
+    tokens = got.tokens.reshape(-1, 1)
+    x32 = logits.float() / kw.get("temperature", 1.0)
+    if kw.get("vocab_size") is not None:
+        x32[:, kw["vocab_size"]:] = float("-inf")
+    plain = torch.log_softmax(x32, -1)
+    plain_ent = -torch.where(torch.isfinite(plain), plain.exp() * plain, 0.0).sum(-1)
+    x_max = x32.abs().nan_to_num(posinf=0).max().item()
+    atol = 4 * U * (x_max + math.log(logits.size(-1)) + 1)
+    finite = torch.isfinite(logp64.max(-1).values)
+    want_lp = logp64.gather(-1, tokens).squeeze(-1)
+    for name, g, w, p in (("logprobs", got.logprobs.reshape(-1), want_lp, plain.gather(-1, tokens).squeeze(-1)),
+                          ("entropy", got.entropy.reshape(-1), ent64, plain_ent)):
+        assert g.dtype == torch.float32
+        err = (g.double() - w).abs()[finite]
+        budget = 2 * (p.double() - w).abs()[finite] + atol
+        assert (err <= budget).all(), f"{name}: error {err.max().item():.3g} over budget"
+
+
+def draw(logits, backend, **kw):
+    out = sample(logits, backend=backend, **kw)
+    check_draw(out, logits, **kw)
+    check_logprob_entropy(out, logits, **kw)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Against the reference
+# ----------------------------------------------------------------------------
+
+CASES = [  # (rows, V, temperature, top_k, top_p): every switch, on odd and tiny vocabularies
+    (4, 1, 1.0, 0, 0.9),
+    (6, 7, 0.7, 0, 0.9),
+    (6, 7, 1.0, 1, 1.0),
+    (6, 1000, 1.0, 0, 1.0),
+    (6, 1000, 1.3, 5, 1.0),
+    (6, 1000, 0.8, 20, 0.5),
+    (6, 1000, 1.0, 0, 1e-6),
+    (3, 5003, 0.7, 0, 0.9),
+    (3, 5003, 1.0, 300, 0.95),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_draws_match_the_float64_reference(backend, case):
+    rows, vocab, T, k, p = case
+    logits = torch.randn(rows, vocab) * 3
+    ambiguous = 0
+    # The interpreter runs ~1 ms per program and loop trip (18 trips a row with both filters): fewer draws there.
+    draws = ((2**32 - 1, 7), (12345, 1000), (0, 0), (99, 3))[:2 if backend == "triton" else 4]
+    for seed, step in draws:
+        ids = torch.randint(-2**40, 2**40, (rows,))                  # only the low 32 bits matter
+        out = sample(logits, seed=seed, sample_ids=ids, step=step, temperature=T, top_k=k, top_p=p, backend=backend)
+        assert out.tokens.dtype == torch.int64 and out.tokens.shape == (rows,)
+        kw = dict(seed=seed, sample_ids=ids, step=step, temperature=T, top_k=k, top_p=p)
+        ambiguous += check_draw(out, logits, **kw)
+        check_logprob_entropy(out, logits, **kw)
+    assert ambiguous <= len(draws) * rows // 2                        # the check is not vacuous
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_logits_and_strided_rows(backend, dtype):
+    """Math in float32 on 16-bit logits (exact in float32 and float64), read through a strided view whose
+    neighbours are NaN: an out-of-bounds read would show."""
+    buf = torch.full((9, 2 * 301), float("nan"), dtype=dtype)
+    logits = buf[:, 1::2]
+    logits.copy_(torch.randn(9, 301) * 4)
+    draw(logits, backend, seed=5, sample_ids=torch.arange(9), step=2, temperature=0.9, top_k=40, top_p=0.8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dimensions(backend):
+    logits = torch.randn(2, 3, 50) * 2
+    ids = torch.arange(6).view(2, 3)
+    out = sample(logits, seed=1, sample_ids=ids, step=0, top_p=0.9, backend=backend)
+    flat = sample(logits.view(6, 50), seed=1, sample_ids=ids.view(6), step=0, top_p=0.9, backend=backend)
+    assert out.tokens.shape == out.logprobs.shape == out.entropy.shape == (2, 3)
+    assert torch.equal(out.tokens.view(6), flat.tokens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_at_the_threshold_are_all_kept(backend):
+    """top-k keeps every token tied with the k-th largest; top-p keeps a whole group of equal logits (here the
+    top group alone holds the mass), and a tie in x + g goes to the smallest token id."""
+    # Each draw is checked against the reference; over 128 draws every kept token shows (the least likely has
+    # probability 0.098: missed with probability < 2e-6). The interpreter draws 16 (a program per row).
+    n = 128 if backend == "torch" or torch.cuda.is_available() else 16
+    ids = torch.arange(n)
+    row = torch.tensor([1.0, 3.0, 3.0, 0.0, 3.0, 2.0, 2.0, -1.0])
+    logits = row.expand(n, -1)
+    for k, p, want in ((1, 1.0, {1, 2, 4}), (2, 1.0, {1, 2, 4}), (4, 1.0, {1, 2, 4, 5, 6}), (0, 0.01, {1, 2, 4}),
+                       (0, 0.6, {1, 2, 4})):
+        drawn = set(draw(logits, backend, seed=9, sample_ids=ids, step=0, top_k=k, top_p=p).tokens.tolist())
+        assert drawn == want if n == 128 else drawn <= want, (k, p)
+    # Equal x + g: two tokens of one row whose noise is equal (24 bits: about V^2 / 2^25 such pairs per row),
+    # given the same, dominant logit. The smaller id wins, also across the kernel's column blocks.
+    V = 20_000
+    g = gumbel_noise(9, torch.arange(8), 0, V)
+    for row in range(8):
+        values, order = torch.sort(g[row])
+        dup = (values[1:] == values[:-1]).nonzero()
+        if len(dup):
+            t1, t2 = sorted(order[dup[0, 0]:dup[0, 0] + 2].tolist())
+            break
+    logits = torch.zeros(1, V)
+    logits[0, [t1, t2]] = 50.0
+    out = sample(logits, seed=9, sample_ids=torch.tensor([row]), step=0, backend=backend)
+    assert out.tokens.item() == t1, (t1, t2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_it(backend):
+    """Probabilities 0.5, 0.3, 0.2 (margins far above float32 rounding): a token is kept when the mass of the
+    tokens more likely than it is below top_p."""
+    n = 80 if backend == "torch" or torch.cuda.is_available() else 12   # 80: a kept token missed < 0.8^80 = 2e-8
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(n, -1)
+    for p, want in ((0.45, {0}), (0.55, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2})):
+        drawn = set(draw(logits, backend, seed=3, sample_ids=torch.arange(n), step=1, top_p=p).tokens.tolist())
+        assert drawn == want if n == 80 else drawn <= want, p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_and_padding_columns_are_never_drawn(backend):
+    """-inf logits have no mass; columns >= vocab_size are never drawn even when they are the largest; a row
+    without a finite logit draws token 0 with logprob -inf and entropy 0."""
+    n, V = 16, 12
+    logits = torch.randn(n, V)
+    logits[:, 3] = float("-inf")
+    logits[:, 9:] = 50.0                                             # padding columns, the likeliest
+    logits[0, :9] = float("-inf")                                    # no finite real logit
+    for k, p in ((0, 1.0), (20, 1.0), (0, 0.95), (8, 0.99)):
+        out = draw(logits, backend, seed=2, sample_ids=torch.arange(n), step=3, top_k=k, top_p=p, vocab_size=9)
+        assert out.tokens[0] == 0 and out.logprobs[0] == float("-inf") and out.entropy[0] == 0
+        assert (out.tokens < 9).all() and (out.tokens[1:] != 3).all()
+        assert torch.isfinite(out.logprobs[1:]).all() and (out.logprobs[1:] <= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_last_noise_value_is_finite(backend):
+    """The counter value whose 24 bits are all ones: (2^24 - 1) + 0.5 rounds to 2^24 in float32, and u = 1
+    would make g = +inf and the token win whatever its logit. With u clamped to 1 - 2^-24, g is about 16.6."""
+    token = 5
+    z = _unmix(0xFFFFFFFF) ^ _mix((token + 0x85EBCA6B) & M32)           # the row hash that gives it
+    seed = _unmix(_unmix(z) ^ _mix(0x632BE5AB)) ^ _mix(0)               # sample id 0, step 0
+    assert _row_hash(seed, 0, 0) == z
+    g = gumbel_noise(seed, torch.zeros(1, dtype=torch.long), 0, token + 1)
+    assert torch.isfinite(g).all() and 16 < g[0, token] < 17
+    logits = torch.zeros(1, token + 1)
+    logits[0, 1:] = -30.0                                            # token 5 at e^-30: never drawn
+    assert sample(logits, seed=seed, sample_ids=torch.zeros(1, dtype=torch.long), step=0,
+                  backend=backend).tokens.item() == 0
+
+
+def test_frequencies_follow_the_filtered_softmax():
+    """Over sample ids, the draws follow softmax(x / T) renormalised on the kept set (4 sigma). On the torch
+    twin; the kernel draws its tokens (test_the_backends_draw_the_same_tokens)."""
+    n, backend = 20_000, "torch"
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    out = sample(logits.expand(n, -1), seed=4, sample_ids=torch.arange(n), step=2, temperature=0.7, top_k=4,
+                 backend=backend)
+    freq = torch.bincount(out.tokens, minlength=6).double() / n
+    want = torch.softmax(logits.double() / 0.7, -1)
+    want[4:] = 0
+    want /= want.sum()
+    assert (freq - want).abs().max().item() < 4 * math.sqrt(0.25 / n), (freq, want)
+
+
+# ----------------------------------------------------------------------------
+# A draw depends on (seed, sample id, step, token) only
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_and_n_processes_draw_the_same(backend):
+    """Rows drawn alone, in another order or split between "ranks" get the same tokens and logprobs; seed,
+    step and sample id each change the draw."""
+    B, V = 12, 300
+    logits = torch.randn(B, V) * 2
+    ids = torch.arange(1000, 1000 + B)
+    kw = dict(seed=77, step=4, temperature=0.9, top_k=50, top_p=0.9, backend=backend)
+    whole = sample(logits, sample_ids=ids, **kw)
+    perm = torch.randperm(B)
+    shuffled = sample(logits[perm], sample_ids=ids[perm], **kw)
+    assert torch.equal(shuffled.tokens, whole.tokens[perm]) and torch.equal(shuffled.logprobs, whole.logprobs[perm])
+    for rank in range(3):                                            # 3 ranks of 4 rows
+        part = sample(logits[rank::3], sample_ids=ids[rank::3], **kw)
+        assert torch.equal(part.tokens, whole.tokens[rank::3])
+    flat = sample(torch.zeros(B, V), sample_ids=ids, **{**kw, "top_k": 0, "top_p": 1.0})
+    for change in (dict(seed=78), dict(step=5), dict(sample_ids=ids + 1)):
+        other = sample(torch.zeros(B, V), **{**kw, "sample_ids": ids, "top_k": 0, "top_p": 1.0, **change})
+        assert (other.tokens != flat.tokens).float().mean() > 0.5, change
+
+
+def test_the_backends_draw_the_same_tokens():
+    """The kernel and the torch twin agree token for token (float32 both; ties in x + g are measure-zero)."""
+    logits = torch.randn(16, 2000) * 3
+    for k, p in ((100, 0.95), (0, 1.0)):
+        kw = dict(seed=3, sample_ids=torch.arange(16), step=9, temperature=0.8, top_k=k, top_p=p)
+        a, b = sample(logits, backend="triton", **kw), sample(logits, backend="torch", **kw)
+        assert (a.tokens == b.tokens).float().mean() >= 15 / 16
+
+
+# ----------------------------------------------------------------------------
+# Errors name the argument
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,exc,words", [
+    (dict(logits=[1.0, 2.0]), TypeError, "logits must be a torch.Tensor"),
+    (dict(logits=torch.zeros(4, 10, dtype=torch.int64)), TypeError, "logits must have dtype"),
+    (dict(logits=torch.zeros(4)), ValueError, "sample_ids must have shape ()"),
+    (dict(logits=torch.zeros(4, 0), ), ValueError, "logits must have a last (vocabulary) dimension"),
+    (dict(sample_ids=torch.zeros(4)), TypeError, "sample_ids must have dtype"),
+    (dict(sample_ids=torch.zeros(5, dtype=torch.long)), ValueError, "sample_ids must have shape (4,)"),
+    (dict(seed=-1), ValueError, "seed must lie in [0, 4294967296)"),
+    (dict(seed=2**32), ValueError, "seed must lie in"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(step=-1), ValueError, "step must lie in"),
+    (dict(step=True), TypeError, "step must be an int"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(top_k=-1), ValueError, "top_k must be >= 0, got -1"),
+    (dict(top_k=2.0), TypeError, "top_k must be an int"),
+    (dict(top_p=0.0), ValueError, "top_p must lie in (0, 1]"),
+    (dict(top_p=1.5), ValueError, "top_p must lie in (0, 1]"),
+    (dict(top_p="0.9"), TypeError, "top_p must be a number"),
+    (dict(vocab_size=11), ValueError, "vocab_size must lie in [1, 10]"),
+    (dict(vocab_size=0), ValueError, "vocab_size must lie in [1, 10]"),
+    (dict(backend="cuda"), ValueError, "backend must be None or one of"),
+])
+def test_bad_input_is_named(change, exc, words):
+    args = {**dict(logits=torch.zeros(4, 10), seed=0, sample_ids=torch.arange(4), step=0), **change}
+    logits = args.pop("logits")
+    with pytest.raises(exc) as err:
+        sample(logits, **args)
+    assert words in str(err.value)
+
+
+@pytest.mark.cpu_only("a second device is needed for the mismatch")
+def test_ids_on_another_device_are_named():
+    with pytest.raises(ValueError, match="sample_ids is on meta but logits is on cpu"):
+        sample(torch.zeros(2, 3), seed=0, sample_ids=torch.zeros(2, dtype=torch.long, device="meta"), step=0)
+
+
+# ----------------------------------------------------------------------------
+# The noise
+# ----------------------------------------------------------------------------
+
+def test_gumbel_noise_is_a_pure_function_with_gumbel_moments():
+    ids = torch.arange(512)
+    g = gumbel_noise(7, ids, step=3, vocab=1000)
+    assert g.shape == (512, 1000) and g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert torch.equal(g, gumbel_noise(7, ids, step=3, vocab=1000))
+    assert torch.equal(g[100:200], gumbel_noise(7, ids[100:200], step=3, vocab=1000))      # rows are independent
+    assert not torch.equal(g, gumbel_noise(8, ids, step=3, vocab=1000))
+    assert not torch.equal(g, gumbel_noise(7, ids, step=4, vocab=1000))
+    # The float64 definition from the same float32 u: y = -log u carries a relative error of one ulp
+    # (2^-23) from the float32 log, which moves g = -log y by 2^-23, plus g's own rounding (2^-24 |g|).
+    g64 = noise64(7, ids, 3, 1000)
+    assert ((g.double() - g64).abs() <= 2.0 ** -21 * (1 + g64.abs())).all()
+    # Standard Gumbel: mean = Euler-Mascheroni constant, variance = pi^2 / 6 (512K draws).
+    assert g.double().mean().item() == pytest.approx(0.5772, abs=0.01)
+    assert g.double().var().item() == pytest.approx(math.pi ** 2 / 6, rel=0.02)
+    # No visible correlation between neighbouring rows, steps or tokens.
+    for a, b in ((g[:-1], g[1:]), (g[:, :-1], g[:, 1:]), (g, gumbel_noise(7, ids, step=4, vocab=1000))):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.01
