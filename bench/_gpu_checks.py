@@ -39,6 +39,7 @@ import linear_logprobs as bench_linear_logprobs
 import linear_ppo_loss as bench_linear_ppo_loss
 import logprobs as bench_logprobs
 import rl_math as bench_rl_math
+import sampler as bench_sampler
 from common import device_name, matmul_peak_tflops, measured_copy_bandwidth_gbs, time_ms
 
 from fastppo import algo, synthetic
@@ -280,6 +281,8 @@ BENCHES = {
                               ["--rep", "1", "--shapes", "16x16x100"]),
     "bench_rl_math": (bench_rl_math, ["--rep", "10", "--shapes", "64x512,512x2048"],
                       ["--rep", "1", "--shapes", "2x16"]),
+    "bench_sampler": (bench_sampler, ["--rep", "10", "--shapes", "64x32000,256x151936"],
+                      ["--rep", "1", "--shapes", "4x100"]),
 }
 
 

@@ -81,7 +81,8 @@ def run_case(name, fn, shape, device, bandwidth, rep):
     call = lambda: fn(logits, ids, top_p)  # noqa: E731
     ms, p20, p80 = time_ms(call, device, warmup=1 if device.type == "cpu" else 5, rep=rep)
     gbs = B * V * logits.element_size() / (ms * 1e-3) / 1e9
-    return [{"op": "sample", "provider": name, "B": B, "V": V, "top_p": top_p, "ms": round(ms, 3),
+    return [{"op": "sample", "mode": f"top_p={top_p}", "provider": name, "B": B, "V": V, "top_p": top_p,
+             "ms": round(ms, 3),
              "p20": round(p20, 3), "p80": round(p80, 3), "GB/s": round(gbs, 1),
              "pct_copy_bw": round(100 * gbs / bandwidth, 1) if bandwidth else None,
              "peak_extra_MB": round(peak_extra_mb(call, device), 1)}]
