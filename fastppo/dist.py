@@ -500,12 +500,14 @@ def _block_reshard(module: nn.Module) -> bool:
 
 def grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     """Global L2 norm of the model's gradients (all shards), clipped to max_norm when given."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
         return torch.zeros((), device=next(model.parameters()).device)
-    total = torch.nn.utils.get_total_norm(grads)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
     if isinstance(total, DTensor):
         total = total.full_tensor()                                      # reduces the per-shard partial norms
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+        # clip_grads_with_norm_ takes the parameters and scales their .grad: given the gradient tensors
+        # themselves it finds no .grad on them and silently clips nothing.
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

@@ -25,7 +25,7 @@ from fastppo.config import (Config, ConfigError, RMConfig, SFTConfig, load_confi
 from fastppo.train import GracefulStop
 from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
 
-train_module = sys.modules["fastppo.train"]   # the module (the package's `train` is the function)
+train_module = sys.modules["fastppo.train"]
 PATHS = ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"]
 STAGE_PATHS = ["model.path=m", "data.train_path=t"]
 
