@@ -46,7 +46,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .checkpoint import export_hf
-from .config import RMConfig, load_stage_config
+from .config import RMConfig, load_config
 from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, check_tokenizer, encode_prompt,
                    read_records)
 from .metrics import MetricBuffer
@@ -321,7 +321,7 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
 # ----------------------------------------------------------------------------
 
 def _train_rm_run(args) -> int:
-    result = train_rm(load_stage_config(RMConfig, args.config, list(args.overrides)))
+    result = train_rm(load_config(args.config, list(args.overrides), schema=RMConfig))
     print_stage_result("train-rm", result)
     return 0
 

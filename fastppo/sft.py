@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from . import dist
 from .checkpoint import export_hf
-from .config import SFTConfig, StageModelConfig, StageRunConfig, load_stage_config, to_yaml
+from .config import SFTConfig, StageModelConfig, StageRunConfig, load_config, to_yaml
 from .data import SFTExample, collate_sft, load_sft
 from .logs import seed_everything, setup_logging
 from .metrics import MetricBuffer, MetricWriter
@@ -316,7 +316,7 @@ def print_stage_result(what: str, result: StageResult) -> None:
 
 
 def _sft_run(args) -> int:
-    result = sft(load_stage_config(SFTConfig, args.config, list(args.overrides)))
+    result = sft(load_config(args.config, list(args.overrides), schema=SFTConfig))
     print_stage_result("sft", result)
     return 0
 
