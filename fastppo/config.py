@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -517,7 +517,8 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
             raise ConfigError(f"cannot parse overrides: {exc}") from None
     if schema is not Config:
         if preset is not None:
-            raise ConfigError(f"presets are for `fastppo train` only; {schema.__name__} has none, got preset {preset!r}")
+            raise ConfigError(f"presets are for `fastppo train` only; {schema.__name__} has none, "
+                              f"got preset {preset!r}")
         return _build(schema(), layers)
     preset = preset or "ppo_max"
     if preset not in PRESETS:
