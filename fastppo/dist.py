@@ -48,7 +48,7 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecision
                                     register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor
 
-from .config import validate_device
+from .config import ParallelConfig, validate_device
 
 log = logging.getLogger("fastppo")
 
@@ -308,7 +308,8 @@ def run_as_forward(model: nn.Module, fn: Callable, *args, **kwargs):
     return runner(fn, *args, **kwargs)
 
 
-def parallelize(parallel, device: torch.device, compute_dtype: torch.dtype | None) -> "Sharder | Autocast":
+def parallelize(parallel: ParallelConfig, device: torch.device,
+                compute_dtype: torch.dtype | None) -> "Sharder | Autocast":
     """The one entry point of the models' parallelism and precision: how `models.load_models` prepares each
     of the four models right after loading it (`prepare(model, role, trained=...)`).
 
