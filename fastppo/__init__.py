@@ -1,9 +1,14 @@
-"""fastppo: a compact, fast PPO-max RLHF trainer on fused Triton kernels."""
+"""fastppo: a compact, fast PPO-max RLHF trainer on fused Triton kernels.
+
+The Python API lives in the submodules, one function per stage:
+
+    from fastppo.train import train                 # PPO-max (config: Config, dict or YAML path)
+    from fastppo.sft import sft                     # supervised fine-tuning
+    from fastppo.reward_training import train_rm    # reward model
+
+The package binds no name of its own over a submodule's: `import fastppo.train as t` gives the module.
+"""
 
 __version__ = "0.1.0"
 
-# `fastppo.train(config)`: the PPO-max trainer from Python (config: Config, dict or YAML path).
-# Bound after the submodule import, so the name is the function, not the module `fastppo.train`.
-from .train import train  # noqa: E402
-
-__all__ = ["train", "__version__"]
+__all__ = ["__version__"]

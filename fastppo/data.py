@@ -228,6 +228,16 @@ class SFTExample:
     """Leading tokens excluded from the LM loss."""
 
 
+def fit_to_length(p_ids: list[int], r_ids: list[int], max_len: int) -> tuple[list[int], int]:
+    """(prompt + response cut to max_len, prompt tokens kept): the prompt loses tokens from the left first (one
+    is kept), then the response from the right."""
+    ids, n_prompt = p_ids + r_ids, len(p_ids)
+    if len(ids) > max_len:
+        drop = min(len(ids) - max_len, max(0, n_prompt - 1))
+        ids, n_prompt = ids[drop:][:max_len], n_prompt - drop
+    return ids, n_prompt
+
+
 def load_sft(path: str | Path, tokenizer, *, prompt_field: str, response_field: str, messages_field: str,
              max_len: int) -> list[SFTExample]:
     """{prompt, response} records (or chat messages whose last turn is the response), EOS appended."""
@@ -250,14 +260,7 @@ def load_sft(path: str | Path, tokenizer, *, prompt_field: str, response_field: 
             r_ids = tokenizer(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
         else:
             raise DataError(f"{where}: needs field '{prompt_field}' + '{response_field}' or '{messages_field}' (fields: {sorted(rec)})")
-        ids = (p_ids + r_ids + [eos])
-        n_prompt = len(p_ids)
-        if len(ids) > max_len:  # keep the response: cut the prompt from the left first
-            cut = len(ids) - max_len
-            drop = min(cut, max(0, n_prompt - 1))
-            ids, n_prompt = ids[drop:], n_prompt - drop
-            ids = ids[:max_len]
-        out.append(SFTExample(ids, n_prompt))
+        out.append(SFTExample(*fit_to_length(p_ids, r_ids + [eos], max_len)))
     if not out:
         raise DataError(f"{path}: no SFT examples found (empty file?)")
     check_tokenizer(tokenizer, path, (prompt_field, response_field, messages_field))

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.utils import logging as hf_logging
 
 from . import synthetic as S
-from .config import RMConfig, RolloutConfig, SFTConfig, load_config, load_stage_config
+from .config import RMConfig, RolloutConfig, SFTConfig, load_config
 from .data import collate_prompts, load_prompts
 from .models import ensure_pad_token, load_tokenizer, response_logprobs, score_at
 from .reward_training import train_rm
@@ -370,11 +370,11 @@ def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan
     stage("data", t0)
 
     t0 = time.perf_counter()
-    sft(load_stage_config(SFTConfig, overrides=sft_overrides(paths, out, plan, seed, progress_bar)))
+    sft(load_config(schema=SFTConfig, overrides=sft_overrides(paths, out, plan, seed, progress_bar)))
     stage("sft", t0)
 
     t0 = time.perf_counter()
-    rm_result = train_rm(load_stage_config(RMConfig, overrides=rm_overrides(paths, out, plan, seed, progress_bar)))
+    rm_result = train_rm(load_config(schema=RMConfig, overrides=rm_overrides(paths, out, plan, seed, progress_bar)))
     stage("reward", t0)
 
     runs: dict[str, list[dict]] = {}

@@ -5,8 +5,8 @@ MASTER_ADDR/PORT): `setup` joins the process group (nccl on CUDA, gloo on
 CPU, with `parallel.timeout_s` on every collective); one process without
 torchrun runs the same code with every helper below an identity.
 
-Sharding (`Sharder`): FSDP2 `fully_shard` on each transformer block, then on
-the root, for all four models, over a 1-D mesh (FSDP) or a 2-D
+Models (`parallelize`, the one entry point): FSDP2 (`apply_fsdp`: `fully_shard`
+on each transformer block, then on the root) for all four models, over a 1-D mesh (FSDP) or a 2-D
 (replicate, shard) mesh (HSDP, `parallel.replicate_degree`). Gradients are
 summed across ranks, never averaged: every loss is already divided by a
 global token count (`fastppo.masked.masked_count` over `group()`), so the sum
@@ -48,7 +48,7 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecision
                                     register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor
 
-from .config import validate_device
+from .config import ParallelConfig, validate_device
 
 log = logging.getLogger("fastppo")
 
@@ -308,8 +308,47 @@ def run_as_forward(model: nn.Module, fn: Callable, *args, **kwargs):
     return runner(fn, *args, **kwargs)
 
 
+def parallelize(parallel: ParallelConfig, device: torch.device,
+                compute_dtype: torch.dtype | None) -> "Sharder | Autocast":
+    """The one entry point of the models' parallelism and precision: how `models.load_models` prepares each
+    of the four models right after loading it (`prepare(model, role, trained=...)`).
+
+    parallel: the run's `parallel` config section; compute_dtype: parallel.param_dtype resolved (None: compute
+    in the storage dtype). When the models are sharded (`wants_sharding`: several processes, or CUDA, or
+    shard=always) a `Sharder`: FSDP2 over a (replicate, shard) mesh (`build_mesh`), each model wrapped by
+    `apply_fsdp` with MixedPrecisionPolicy(compute_dtype, reduce_dtype), the frozen ones optionally offloaded,
+    every rank's shards filled from rank 0 (which alone reads the weights, `from_pretrained`). Otherwise an
+    `Autocast`: one process, weights moved to `device`, transformer blocks under torch.autocast(compute_dtype).
+    """
+    if wants_sharding(parallel.shard, device):
+        return Sharder(build_mesh(parallel.replicate_degree, device), device=device, param_dtype=compute_dtype,
+                       reduce_dtype=getattr(torch, parallel.reduce_dtype), offload_frozen=parallel.offload_frozen,
+                       reshard_after_forward=parallel.reshard_after_forward)
+    return Autocast(device, compute_dtype)
+
+
+def apply_fsdp(model: nn.Module, mesh, *, mp_policy: MixedPrecisionPolicy, offload_policy: OffloadPolicy,
+               reshard_after_forward: bool) -> nn.Module:
+    """FSDP2 as torchtitan applies it: `fully_shard` each transformer block, then the root.
+
+    Gradients are summed over ranks, never averaged (every loss is already divided by a global token count).
+    The root gets a forward method that runs any function as a forward of the root (`run_as_forward`).
+    """
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy,
+                    reshard_after_forward=reshard_after_forward)
+        block._fastppo_reshard_after_forward = reshard_after_forward                 # restored after `unsharded`
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
+    for m in fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+    setattr(model, FORWARD_METHOD, types.MethodType(_call, model))
+    register_fsdp_forward_method(model, FORWARD_METHOD)
+    return model
+
+
 class Sharder:
-    """Applies FSDP2 to a model: each transformer block, then the root (torchtitan's recipe).
+    """`parallelize`'s preparation of a model under FSDP2 (`apply_fsdp`; torchtitan's recipe).
 
     Trained models (policy, critic): stored in their load dtype (the optimizer
     updates these shards), computed in `param_dtype` (MixedPrecisionPolicy),
@@ -343,32 +382,24 @@ class Sharder:
         # meta device elsewhere): rank 0's full tensors are kept until they are broadcast into the shards.
         from_rank0 = world_size() > 1
         full = model.state_dict() if from_rank0 and rank() == 0 else {}
+        n_blocks = len(transformer_blocks(model))                  # before fully_shard renames the block classes
         # Blocks of the frozen models are only used in no-grad forwards: always reshard after them.
-        reshard = self.reshard_after_forward if trained else True
-        blocks = transformer_blocks(model)
-        for block in blocks:
-            fully_shard(block, mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
-            block._fastppo_reshard_after_forward = reshard                 # restored after `unsharded`
-        fully_shard(model, mesh=self.mesh, mp_policy=mp, offload_policy=offload)
-        for m in fsdp_modules(model):
-            # Losses are divided by global token counts: sum the gradients, do not average them.
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
+        apply_fsdp(model, self.mesh, mp_policy=mp, offload_policy=offload,
+                   reshard_after_forward=self.reshard_after_forward if trained else True)
         if from_rank0:
             _fill_from_rank0(model, full, torch.device("cpu") if isinstance(offload, CPUOffloadPolicy) else self.device,
                              self.device)
             del full
-        setattr(model, FORWARD_METHOD, types.MethodType(_call, model))
-        register_fsdp_forward_method(model, FORWARD_METHOD)
         local, total = shard_numel(model)
         log.info("%s: fully_shard over mesh %s, %d blocks + root; this rank holds %d of %d parameters (%.1f%%)%s",
-                 role, tuple(self.mesh.shape), len(blocks), local, total, 100.0 * local / max(total, 1),
-                 ", offloaded to CPU" if isinstance(offload, CPUOffloadPolicy) else "")
+                 role, tuple(self.mesh.shape), n_blocks, local, total,
+                 100.0 * local / max(total, 1), ", offloaded to CPU" if isinstance(offload, CPUOffloadPolicy) else "")
         return model
 
 
 class Autocast:
-    """Prepares a model for one process without FSDP (parallel.shard=never), the counterpart of `Sharder`.
+    """`parallelize`'s preparation of a model for one process without FSDP (parallel.shard=never, or one CPU
+    process with shard=auto), the counterpart of `Sharder`.
 
     The weights stay in their load dtype (model.dtype: float32 master
     weights, and AdamW state in float32) and move to `device`; each
@@ -500,12 +531,14 @@ def _block_reshard(module: nn.Module) -> bool:
 
 def grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     """Global L2 norm of the model's gradients (all shards), clipped to max_norm when given."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
         return torch.zeros((), device=next(model.parameters()).device)
-    total = torch.nn.utils.get_total_norm(grads)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
     if isinstance(total, DTensor):
         total = total.full_tensor()                                      # reduces the per-shard partial norms
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+        # clip_grads_with_norm_ takes the parameters and scales their .grad: given the gradient tensors
+        # themselves it finds no .grad on them and silently clips nothing.
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

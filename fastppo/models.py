@@ -434,7 +434,7 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return dist.run_as_forward(model, _hidden_states, input_ids, attention_mask)
 
 
-class LogprobsAndEntropy(NamedTuple):
+class ResponseLogprobs(NamedTuple):
     logprobs: torch.Tensor
     """(B, R) float32 log pi(y_t | y_<t) at temperature T; 0 off the response mask."""
     entropy: torch.Tensor | None
@@ -454,7 +454,7 @@ def response_logprobs(
     backend: str | None = None,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
-) -> LogprobsAndEntropy:
+) -> ResponseLogprobs:
     """Logprobs of the response tokens input_ids[:, P:] under softmax(logits / T).
 
     input_ids, attention_mask: (B, P+R); response_mask: (B, R) bool.
@@ -477,8 +477,8 @@ def response_logprobs(
         out = token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
                              ignore_index=IGNORE_INDEX, backend=backend)
     if return_entropy:
-        return LogprobsAndEntropy(out[0], out[1])
-    return LogprobsAndEntropy(out, None)
+        return ResponseLogprobs(out[0], out[1])
+    return ResponseLogprobs(out, None)
 
 
 def _fused_response_logprobs(model, input_ids, attention_mask, labels, *, prompt_width, temperature, return_entropy,

@@ -79,7 +79,7 @@ def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | 
     return -(logprobs * valid).sum() / masked_count(valid, group=dist.group()).clamp(min=1)
 
 
-def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tensor, cfg: Config):
+def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Tensor, cfg: Config):
     """Clipped surrogate − ent_coef·entropy of one micro-batch, from the policy's hidden states in one pass.
 
     `linear_ppo_loss` computes the loss and its gradients chunk by chunk in forward: 6·N·H·V lm_head
@@ -87,22 +87,22 @@ def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tenso
     `response_logprobs(fused=True)` it runs as a forward of the root (`dist.run_as_forward`), so that
     under FSDP the full lm_head weight is gathered and its gradient goes back to the shards.
     """
-    P, pc = mb.prompt_width, cfg.ppo
+    P, pc = micro.prompt_width, cfg.ppo
 
     def run(model, sequences, attention_mask):
         # Float inputs come in through the closure: FSDP casts a forward's floating-point arguments to its
         # param dtype, and bf16 old logprobs would move every ratio by up to ~3%.
         hidden = _hidden_states(model, sequences, attention_mask)[:, P - 1:-1]        # (B, R, H): state before y_t
         out = linear_ppo_loss(
-            hidden, model.get_output_embeddings().weight, sequences[:, P:], mb.old_logprobs, mb.advantages,
-            mb.response_mask, temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
+            hidden, model.get_output_embeddings().weight, sequences[:, P:], micro.old_logprobs, micro.advantages,
+            micro.response_mask, temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
             chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model),
             policy_weight=mb.policy_weight,
         )
         return type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
 
-    return dist.run_as_forward(policy, run, mb.sequences, mb.attention_mask)
+    return dist.run_as_forward(policy, run, micro.sequences, micro.attention_mask)
 
 
 @dataclass
@@ -208,29 +208,32 @@ def ppo_update(
     # as one per epoch) and moved to the device in one copy: no host-to-device transfer per minibatch.
     orders = torch.stack([torch.randperm(B) for _ in range(pc.ppo_epochs)]).to(exp.sequences.device)
     for order in orders:
-        for mb_start in range(0, B, pc.minibatch_size):
-            rows = order[mb_start:mb_start + pc.minibatch_size][dist.rank() * share:(dist.rank() + 1) * share]
+        for minibatch_start in range(0, B, pc.minibatch_size):
+            rows = order[minibatch_start:minibatch_start + pc.minibatch_size]
+            rows = rows[dist.rank() * share:(dist.rank() + 1) * share]                    # this rank's share
             minibatch = exp.select(rows)
             # Token mean over the whole minibatch on all ranks, not per micro-batch.
             normalizer = masked_count(minibatch.response_mask, group=dist.group())
-            losses, mb_sums, mb_values = [], {}, []
-            for mc_start in range(0, share, pc.micro_batch_size):
-                mb = minibatch.select(slice(mc_start, mc_start + pc.micro_batch_size))        # views, no index tensor
-                mask = mb.response_mask
-                values = response_values(critic, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width)
+            losses, minibatch_sums, minibatch_values = [], {}, []
+            for micro_start in range(0, share, pc.micro_batch_size):
+                micro = minibatch.select(slice(micro_start, micro_start + pc.micro_batch_size))   # views, no index
+                mask = micro.response_mask
+                values = response_values(critic, micro.sequences, micro.attention_mask, mask,
+                                         prompt_width=micro.prompt_width)
                 policy_out = None
                 if train_policy and fused and pc.fused_policy_loss:
-                    policy_out = fused_policy_loss(policy, mb, normalizer, cfg)
+                    policy_out = fused_policy_loss(policy, micro, normalizer, cfg)
                     logprobs = policy_out.logprobs                  # detached: ppo_loss below only trains the critic
                 elif train_policy:
-                    lp = response_logprobs(policy, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width,
+                    lp = response_logprobs(policy, micro.sequences, micro.attention_mask, mask,
+                                           prompt_width=micro.prompt_width,
                                            temperature=T, return_entropy=True, fused=fused,
                                            backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size)
                     logprobs, entropy = lp.logprobs, lp.entropy
                 else:
-                    logprobs, entropy = mb.old_logprobs, torch.zeros_like(mb.old_logprobs)
+                    logprobs, entropy = micro.old_logprobs, torch.zeros_like(micro.old_logprobs)
                 out = ppo_loss(
-                    logprobs, mb.old_logprobs, mb.advantages, values, mb.old_values, mb.returns, mask,
+                    logprobs, micro.old_logprobs, micro.advantages, values, micro.old_values, micro.returns, mask,
                     clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
                     normalizer=normalizer, backend=cfg.run.backend,
                     policy_weight=mb.policy_weight,
@@ -251,12 +254,12 @@ def ppo_update(
                              ("policy/clipfrac", out.clipfrac), ("values/clipfrac", out.value_clipfrac),
                              ("policy/approx_kl", out.approx_kl), ("policy/ratio_mean", out.ratio_mean),
                              ("policy/entropy_new", entropy_mean)):
-                    mb_sums[k] = mb_sums.get(k, 0.0) + v.detach()
-                mb_values.append(values.detach())
-            metrics.add_dict(dist.all_reduce_dict(mb_sums))                             # this rank's share -> global
+                    minibatch_sums[k] = minibatch_sums.get(k, 0.0) + v.detach()
+                minibatch_values.append(values.detach())
+            metrics.add_dict(dist.all_reduce_dict(minibatch_sums))                      # this rank's share -> global
             # Over the whole minibatch (all ranks), so it does not depend on how it is split into micro-batches.
             metrics.add("values/explained_variance",
-                        explained_variance(torch.cat(mb_values), minibatch.returns, minibatch.response_mask))
+                        explained_variance(torch.cat(minibatch_values), minibatch.returns, minibatch.response_mask))
             if use_ptx:
                 ptx = pc.ptx_coef * ptx_loss(policy, next(ptx_batches), fused=fused, backend=cfg.run.backend,
                                              chunk_size=cfg.model.lm_head_chunk_size)

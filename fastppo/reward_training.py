@@ -45,16 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from .checkpoint import export_hf
-from .config import RMConfig, load_stage_config
+from .config import RMConfig
 from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, check_tokenizer, encode_prompt,
-                   read_records)
+                   fit_to_length, read_records)
 from .metrics import MetricBuffer
 from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
 from .ppo import Trained, make_optimizer, make_scheduler, ptx_loss
 from .run_dir import claimed_stage
-from .sft import (StageResult, add_stage_arguments, load_stage_tokenizer, model_kwargs, prepare_model, print_stage_result,
-                  setup_stage_run, split_held_out, stage_loop, total_steps)
+from .sft import (StageResult, add_stage_arguments, export_stage, load_stage_tokenizer, model_kwargs, prepare_model,
+                  setup_stage_run, split_held_out, stage_command, stage_loop, total_steps)
 
 log = logging.getLogger("fastppo")
 
@@ -87,16 +86,6 @@ def _response(value, where: str, field: str) -> tuple[list[dict] | None, str]:
     raise DataError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
 
 
-def _fit(p_ids: list[int], r_ids: list[int], max_len: int) -> tuple[list[int], int]:
-    """prompt + response cut to max_len: the prompt loses tokens from the left first, then the response from the right."""
-    ids = p_ids + r_ids
-    n_prompt = len(p_ids)
-    if len(ids) > max_len:
-        drop = min(len(ids) - max_len, max(0, n_prompt - 1))
-        ids, n_prompt = ids[drop:][:max_len], n_prompt - drop
-    return ids, n_prompt
-
-
 def load_pairs(path, tokenizer, *, prompt_field: str, chosen_field: str, rejected_field: str,
                max_len: int) -> list[PairExample]:
     """Tokenised preference pairs; EOS appended to both responses (the score is read there)."""
@@ -118,8 +107,8 @@ def load_pairs(path, tokenizer, *, prompt_field: str, chosen_field: str, rejecte
             raise DataError(f"{where}: missing field '{prompt_field}' (fields: {sorted(rec)}); set data.prompt_field")
         c_ids = tokenizer(c_text, add_special_tokens=False)["input_ids"] + [eos]
         r_ids = tokenizer(r_text, add_special_tokens=False)["input_ids"] + [eos]
-        chosen, n_c = _fit(p_ids, c_ids, max_len)
-        rejected, n_r = _fit(p_ids, r_ids, max_len)
+        chosen, n_c = fit_to_length(p_ids, c_ids, max_len)
+        rejected, n_r = fit_to_length(p_ids, r_ids, max_len)
         chosen[-1], rejected[-1] = eos, eos  # a cut response still ends with EOS: the score is read there
         out.append(PairExample(chosen, rejected, min(n_c, n_r)))
     if not out:
@@ -309,23 +298,13 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
         shown={"loss": "loss/total", "eval_acc": "eval/accuracy"}, on_step=on_step)
 
     # 4. Export: a sequence-classification directory (num_labels=1) + tokenizer, loadable as reward model and critic.
-    model.eval()
-    export_dir = export_hf(model, tokenizer, out / "export")
-    seconds = time.perf_counter() - t0
-    log.info("train-rm done in %.1fs: exported to %s", seconds, export_dir)
-    return StageResult(out, export_dir, eval_metrics, history, seconds)
+    return export_stage("train-rm", model, tokenizer, out, t0, eval_metrics, history)
 
 
 # ----------------------------------------------------------------------------
 # Command line: `fastppo train-rm --config rm.yaml [key.sub=value ...]` (registered by cli.PLUGINS)
 # ----------------------------------------------------------------------------
 
-def _train_rm_run(args) -> int:
-    result = train_rm(load_stage_config(RMConfig, args.config, list(args.overrides)))
-    print_stage_result("train-rm", result)
-    return 0
-
-
 def register_cli(register) -> None:
     register("train-rm", "reward-model training on {prompt, chosen, rejected} pairs (-log sigmoid(r_c - r_r))",
-             add_stage_arguments, _train_rm_run)
+             add_stage_arguments, stage_command("train-rm", RMConfig, train_rm))

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from . import dist
 from .checkpoint import export_hf
-from .config import SFTConfig, StageModelConfig, StageRunConfig, load_stage_config, to_yaml
+from .config import SFTConfig, StageModelConfig, StageRunConfig, load_config, to_yaml
 from .data import SFTExample, collate_sft, load_sft
 from .logs import seed_everything, setup_logging
 from .metrics import MetricBuffer, MetricWriter
@@ -205,6 +205,16 @@ def stage_loop(what: str, *, out: Path, run: StageRunConfig, n_steps: int, n_ite
     return eval_metrics, history
 
 
+def export_stage(what: str, model: nn.Module, tokenizer, out: Path, t0: float, eval_metrics: dict[str, float],
+                 history: list[dict]) -> StageResult:
+    """A stage's last phase: the trained model (eval mode) and tokenizer exported to <out>/export; its result."""
+    model.eval()
+    export_dir = export_hf(model, tokenizer, out / "export")
+    seconds = time.perf_counter() - t0
+    log.info("%s done in %.1fs: exported to %s", what, seconds, export_dir)
+    return StageResult(out, export_dir, eval_metrics, history, seconds)
+
+
 # ----------------------------------------------------------------------------
 # SFT
 # ----------------------------------------------------------------------------
@@ -290,12 +300,7 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
         evaluate=(lambda: evaluate_lm(model, eval_ex, **eval_kw)) if eval_ex else None,  # 3. held-out NLL
         shown={"loss": "loss/sft", "eval_loss": "eval/loss"}, on_step=on_step)
 
-    # 4. Export (AutoModelForCausalLM + tokenizer).
-    model.eval()
-    export_dir = export_hf(model, tokenizer, out / "export")
-    seconds = time.perf_counter() - t0
-    log.info("sft done in %.1fs: exported to %s", seconds, export_dir)
-    return StageResult(out, export_dir, eval_metrics, history, seconds)
+    return export_stage("sft", model, tokenizer, out, t0, eval_metrics, history)  # 4. AutoModelForCausalLM + tokenizer
 
 
 # ----------------------------------------------------------------------------
@@ -315,12 +320,15 @@ def print_stage_result(what: str, result: StageResult) -> None:
           + (f"; held-out: {shown}" if shown else ""))
 
 
-def _sft_run(args) -> int:
-    result = sft(load_stage_config(SFTConfig, args.config, list(args.overrides)))
-    print_stage_result("sft", result)
-    return 0
+def stage_command(what: str, schema: type, stage: Callable[[Any], StageResult]) -> Callable[[Any], int]:
+    """The run(args) of a stage's subcommand: its config (--config, overrides) loaded as `schema`, the stage run
+    on it, its result printed."""
+    def run(args) -> int:
+        print_stage_result(what, stage(load_config(args.config, list(args.overrides), schema=schema)))
+        return 0
+    return run
 
 
 def register_cli(register) -> None:
     register("sft", "supervised fine-tuning on {prompt, response} records (loss on response tokens)",
-             add_stage_arguments, _sft_run)
+             add_stage_arguments, stage_command("sft", SFTConfig, sft))

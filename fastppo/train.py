@@ -232,14 +232,7 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
     """Models (sharded or autocast), prompt and ptx data, optimizers, schedulers and the fresh train state."""
     # Precision: model.dtype master weights (and optimizer state), parallel.param_dtype compute: FSDP2's
     # MixedPrecisionPolicy when sharded (on CUDA also in one process), else autocast around the blocks.
-    pc = cfg.parallel
-    compute_dtype = _compute_dtype(pc.param_dtype, device)
-    if dist.wants_sharding(pc.shard, device):
-        prepare = dist.Sharder(dist.build_mesh(pc.replicate_degree, device), device=device, param_dtype=compute_dtype,
-                               reduce_dtype=_dtype(pc.reduce_dtype), offload_frozen=pc.offload_frozen,
-                               reshard_after_forward=pc.reshard_after_forward)
-    else:
-        prepare = dist.Autocast(device, compute_dtype)
+    prepare = dist.parallelize(cfg.parallel, device, _compute_dtype(cfg.parallel.param_dtype, device))
     models = load_models(cfg.model, device, shard=prepare)
     tok = models.tokenizer
     prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,

@@ -47,3 +47,23 @@ def test_masked_moments_population_and_sample_variance():
 ])
 def test_collective_failure_classification(exc, expected):
     assert dist._is_collective_failure(exc) is expected
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5, 100.0])
+def test_grad_norm_returns_the_norm_and_clips_the_parameters_gradients(max_norm):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)                                 # a frozen parameter: no .grad
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    norm = dist.grad_norm(model, max_norm)
+    full = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in before]))
+    # Both sides are float32 sums of ~30 squares: a relative error of a few ulps (1.3e-6 is ~10 ulps).
+    torch.testing.assert_close(norm, full, rtol=1.3e-6, atol=0.0)
+    after = [p.grad for p in model.parameters() if p.grad is not None]
+    # torch scales by max_norm / (norm + 1e-6) when that is below 1 (the 1e-6 guards a zero norm).
+    scale = 1.0 if max_norm is None else min(1.0, max_norm / (float(full) + 1e-6))
+    for g0, g1 in zip(before, after):
+        torch.testing.assert_close(g1, g0 * scale, rtol=1.3e-6, atol=0.0)
+    if max_norm == 0.5:
+        assert float(full) > 0.5                                          # the case where clipping must happen

@@ -21,12 +21,11 @@ from fastppo import cli
 from fastppo import sft as sft_module
 from fastppo.checkpoint import list_checkpoints, read_weights
 from fastppo.cli import main
-from fastppo.config import (Config, ConfigError, RMConfig, SFTConfig, load_config, load_stage_config, validate,
-                            validate_device, validate_stage)
+from fastppo.config import Config, ConfigError, RMConfig, SFTConfig, load_config, validate, validate_device
 from fastppo.train import GracefulStop
 from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
 
-train_module = sys.modules["fastppo.train"]   # the module (the package's `train` is the function)
+train_module = sys.modules["fastppo.train"]
 PATHS = ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"]
 STAGE_PATHS = ["model.path=m", "data.train_path=t"]
 
@@ -62,10 +61,9 @@ def _float_fields(cfg, prefix=""):
 @pytest.mark.parametrize("schema", ["ppo", "sft", "rm"])
 def test_every_float_field_must_be_finite(schema, bad):
     if schema == "ppo":
-        base, check = load_config(None, PATHS), validate
+        base = load_config(None, PATHS)
     else:
-        base = load_stage_config(SFTConfig if schema == "sft" else RMConfig, overrides=STAGE_PATHS)
-        check = validate_stage
+        base = load_config(schema=SFTConfig if schema == "sft" else RMConfig, overrides=STAGE_PATHS)
     fields = list(_float_fields(base))
     assert len(fields) >= (20 if schema == "ppo" else 8)
     for _, name, dotted in fields:
@@ -74,7 +72,7 @@ def test_every_float_field_must_be_finite(schema, bad):
         value = getattr(owner, name)
         setattr(owner, name, [value[0], bad] if isinstance(value, list) else bad)
         with pytest.raises(ConfigError, match=f"field '{dotted}(\\[1\\])?': must be a finite number"):
-            check(cfg)
+            validate(cfg)
 
 
 def test_infinite_values_from_the_command_line_fail_naming_the_field(capsys):
@@ -89,8 +87,8 @@ def test_infinite_values_from_the_command_line_fail_naming_the_field(capsys):
 @pytest.mark.parametrize("schema", [SFTConfig, RMConfig])
 def test_stage_configs_check_the_attention_implementation(schema):
     with pytest.raises(ConfigError, match="field 'model.attn_implementation': must be one of sdpa, eager"):
-        load_stage_config(schema, overrides=[*STAGE_PATHS, "model.attn_implementation=flash"])
-    cfg = load_stage_config(schema, overrides=[*STAGE_PATHS, "model.attn_implementation=eager"])
+        load_config(schema=schema, overrides=[*STAGE_PATHS, "model.attn_implementation=flash"])
+    cfg = load_config(schema=schema, overrides=[*STAGE_PATHS, "model.attn_implementation=eager"])
     assert cfg.model.attn_implementation == "eager"
 
 

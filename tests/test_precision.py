@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import fastppo
 import fastppo.experience
 from fastppo import dist
-from fastppo.config import ConfigError, RMConfig, RolloutConfig, SFTConfig, load_config, load_stage_config
+from fastppo.config import ConfigError, RMConfig, RolloutConfig, SFTConfig, load_config
 from fastppo.models import _hidden_states, load_models
 from fastppo.rollout import CounterSampler
 from fastppo.train import _compute_dtype, train
@@ -76,11 +76,11 @@ def test_16bit_weights_with_a_small_learning_rate_are_refused_in_sft_and_train_r
     """sft and train-rm keep (and compute in) model.dtype: the same rounding swallows their updates."""
     paths = ["model.path=m", "data.train_path=t"]
     with pytest.raises(ConfigError) as err:
-        load_stage_config(schema, overrides=[*paths, "model.dtype=bfloat16", "optim.lr=5e-6"])
+        load_config(schema=schema, overrides=[*paths, "model.dtype=bfloat16", "optim.lr=5e-6"])
     msg = str(err.value)
     assert "\n" not in msg and "model.dtype" in msg and "optim.lr=5e-06" in msg and "model.dtype=float32" in msg
-    load_stage_config(schema, overrides=[*paths, "model.dtype=bfloat16", "optim.lr=1e-4"])
-    load_stage_config(schema, overrides=[*paths, "model.dtype=float32", "optim.lr=5e-6"])
+    load_config(schema=schema, overrides=[*paths, "model.dtype=bfloat16", "optim.lr=1e-4"])
+    load_config(schema=schema, overrides=[*paths, "model.dtype=float32", "optim.lr=5e-6"])
 
 
 def test_16bit_master_weights_are_accepted_with_a_large_learning_rate_and_float32_with_any(tiny_setups):

@@ -8,7 +8,7 @@ import torch
 
 from fastppo import synthetic as S
 from fastppo.cli import main
-from fastppo.config import ConfigError, ModelConfig, RMConfig, load_stage_config
+from fastppo.config import ConfigError, ModelConfig, RMConfig, load_config
 from fastppo.data import DataError
 from fastppo.models import load_models, score_at
 from fastppo.reward_training import collate_pairs, evaluate_rm, load_pairs, train_rm
@@ -99,7 +99,7 @@ def test_train_rm_learns_the_rule_and_export_loads_as_reward_and_critic(tmp_path
 def test_train_rm_with_lm_loss_on_chosen(tmp_path):
     make_init(tmp_path / "init")
     train = S.write_jsonl(tmp_path / "pairs.jsonl", S.make_preference_data(64, seed=1))
-    cfg = load_stage_config(RMConfig, overrides=[
+    cfg = load_config(schema=RMConfig, overrides=[
         f"model.path={tmp_path / 'init'}", f"data.train_path={train}", f"run.output_dir={tmp_path / 'rm'}",
         "loss.lm_coef=0.5", "loss.margin_reg=0.01", "run.max_steps=6", "run.batch_size=16", "run.micro_batch_size=8",
         "optim.lr=2e-3", "run.device=cpu", "run.progress_bar=false"])
@@ -115,6 +115,6 @@ def test_train_rm_with_lm_loss_on_chosen(tmp_path):
 
 def test_train_rm_config_errors():
     with pytest.raises(ConfigError, match="loss.lm_coef"):
-        load_stage_config(RMConfig, overrides=["model.path=x", "data.train_path=y", "loss.lm_coef=-1"])
+        load_config(schema=RMConfig, overrides=["model.path=x", "data.train_path=y", "loss.lm_coef=-1"])
     with pytest.raises(ConfigError, match="data.eval_fraction"):
-        load_stage_config(RMConfig, overrides=["model.path=x", "data.train_path=y", "data.eval_fraction=1.5"])
+        load_config(schema=RMConfig, overrides=["model.path=x", "data.train_path=y", "data.eval_fraction=1.5"])

@@ -8,7 +8,7 @@ import torch
 from fastppo import algo
 from fastppo import synthetic as S
 from fastppo.cli import main
-from fastppo.config import ConfigError, SFTConfig, load_stage_config
+from fastppo.config import ConfigError, SFTConfig, load_config
 from fastppo.data import collate_sft, load_sft
 from fastppo.models import IGNORE_INDEX
 from fastppo.ppo import ptx_loss
@@ -90,7 +90,7 @@ def test_sft_on_chat_messages(tmp_path):
     data = S.write_jsonl(tmp_path / "chat.jsonl", rows)
     from fastppo.sft import sft
 
-    cfg = load_stage_config(SFTConfig, overrides=[f"model.path={tmp_path / 'init'}", f"data.train_path={data}",
+    cfg = load_config(schema=SFTConfig, overrides=[f"model.path={tmp_path / 'init'}", f"data.train_path={data}",
                                                   f"run.output_dir={tmp_path / 'run'}", "run.max_steps=3",
                                                   "run.batch_size=8", "run.device=cpu", "run.progress_bar=false"])
     result = sft(cfg)
@@ -100,9 +100,9 @@ def test_sft_on_chat_messages(tmp_path):
 
 def test_sft_bad_config_names_the_field(tmp_path, capsys):
     with pytest.raises(ConfigError, match="run.micro_batch_size"):
-        load_stage_config(SFTConfig, overrides=["model.path=x", "data.train_path=y", "run.batch_size=10",
+        load_config(schema=SFTConfig, overrides=["model.path=x", "data.train_path=y", "run.batch_size=10",
                                                 "run.micro_batch_size=3"])
     with pytest.raises(ConfigError, match="model.path"):
-        load_stage_config(SFTConfig, overrides=["data.train_path=y"])
+        load_config(schema=SFTConfig, overrides=["data.train_path=y"])
     assert main(["sft", "model.path=x", "data.train_path=y", "optim.bogus=1"]) == 2
     assert "optim.bogus" in capsys.readouterr().err

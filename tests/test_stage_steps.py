@@ -11,7 +11,7 @@ import torch
 import fastppo.sft as sft_module
 from fastppo import synthetic as S
 from fastppo.cli import main
-from fastppo.config import ConfigError, SFTConfig, load_stage_config
+from fastppo.config import ConfigError, SFTConfig, load_config
 from fastppo.ppo import lr_lambda
 
 
@@ -48,7 +48,7 @@ def _overrides(tmp_path, **extra):
 def test_a_non_finite_sft_step_is_skipped_without_stepping_the_lr_schedule(tmp_path, monkeypatch):
     _init(tmp_path / "init")
     _nan_on_calls(monkeypatch, {2})
-    cfg = load_stage_config(SFTConfig, overrides=_overrides(tmp_path, **{"run.max_steps": 4}))
+    cfg = load_config(schema=SFTConfig, overrides=_overrides(tmp_path, **{"run.max_steps": 4}))
     records = sft_module.sft(cfg).history
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     # The schedule advances on real steps only: after step 2 (skipped) the LR is still that after step 1.
@@ -80,4 +80,4 @@ def test_non_finite_sft_steps_in_a_row_stop_the_run_with_one_line(tmp_path, monk
 
 def test_max_nonfinite_in_a_row_is_validated_for_the_stages():
     with pytest.raises(ConfigError, match="run.max_nonfinite_in_a_row.*must be >= 1"):
-        load_stage_config(SFTConfig, overrides=["model.path=x", "data.train_path=y", "run.max_nonfinite_in_a_row=0"])
+        load_config(schema=SFTConfig, overrides=["model.path=x", "data.train_path=y", "run.max_nonfinite_in_a_row=0"])

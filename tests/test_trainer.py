@@ -80,14 +80,15 @@ def test_each_preset_runs_one_iteration(preset, tiny_setups, tmp_path):
 
 
 def test_python_api_with_a_dict_and_ptx_loss(tiny_setups, tmp_path):
-    import fastppo
     from omegaconf import OmegaConf
+
+    from fastppo.train import train
 
     setup = tiny_setups("llama")
     overrides = setup.overrides(**{"run.output_dir": tmp_path / "run", "run.iterations": 1, "run.export_at_end": False,
                                    "data.ptx_path": setup.sft, "ppo.ptx_coef": 0.5, "ppo.ent_coef": 0.01})
     config = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))   # a plain nested dict
-    result = fastppo.train(config)
+    result = train(config)
     assert result.metrics["loss/ptx"] > 0
 
 
