@@ -731,7 +731,7 @@ def validate(cfg: Any) -> None:
                f"must divide rollout.rollout_batch_size ({r.rollout_batch_size}), got {p.minibatch_size}")
         for name in ("rollout_is", "rollout_mask"):
             _check(getattr(p, name) == "none" or r.old_logprobs == "recompute", f"ppo.{name}",
-                   f"is {getattr(p, name)!r}, but rollout.old_logprobs is {r.old_logprobs!r}: the correction weighs "
+                   f"is '{getattr(p, name)}', but rollout.old_logprobs is '{r.old_logprobs}': the correction weighs "
                    "pi_old / pi_rollout, which is 1 when pi_old is the rollout's logprobs; set "
                    "rollout.old_logprobs=recompute")
     validate_precision(cfg)

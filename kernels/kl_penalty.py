@@ -201,6 +201,7 @@ def kl_penalty(
     check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "the shape of logprobs")
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    estimator = ESTIMATORS[ESTIMATORS.index(estimator)]  # a plain str for the kernel's constexpr (not a str Enum)
     if clamp is not None:
         if not isinstance(clamp, (int, float)) or isinstance(clamp, bool):
             raise TypeError(f"clamp must be a number or None, got {type(clamp).__name__}")

@@ -221,7 +221,7 @@ def compiled():
 def test_compiles_without_spills(compiled, case, sm):
     result = compiled[(case.name, sm)]
     assert result.error is None, f"{case.name} does not compile for sm_{sm}: {result.error}"
-    assert result.stack == 0 and result.local == 0, f"{case.name} spills on sm_{sm}: {result}"
+    assert result.spills == 0 and result.local == 0, f"{case.name} spills on sm_{sm}: {result}"
     if case.wide_loads:
         assert "LDG.E.128" in result.loads, f"{case.name} on sm_{sm} has no 128-bit loads: {result.loads}"
 

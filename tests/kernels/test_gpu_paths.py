@@ -87,7 +87,7 @@ def test_device_guard_is_a_no_op_on_cpu_and_selects_the_tensors_gpu(monkeypatch)
         yield
 
     monkeypatch.setattr(torch.cuda, "device", fake_cuda_device)
-    with on_device_of(torch.ones(2)):
+    with on_device_of(torch.ones(2, device="cpu")):                    # explicit: on CUDA the tests build on the GPU
         pass
     assert entered == []                                                # CPU: CUDA is never touched
     gpu1 = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
@@ -189,7 +189,8 @@ def test_every_rl_math_launch_runs_under_the_guard_of_its_input(monkeypatch, dev
     call()
     for name, seen in per_kernel.items():
         assert seen, f"{name} was not launched"
-        assert all(guards == [torch.device(device)] for guards in seen), (name, seen)
+        # `device` may be "cuda" without an index; the guard gets the input's own device, cuda:0.
+        assert all(guards == [torch.empty(0, device=device).device] for guards in seen), (name, seen)
 
 
 # ----------------------------------------------------------------------------
@@ -249,18 +250,19 @@ def test_gpu_paths_make_no_host_sync(name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cpu_keeps_the_value_error_naming_labels(backend):
     _skip_cpu_triton_without_interpreter(backend)
-    logits, labels = torch.randn(3, 8), torch.tensor([0, 6, 2])
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):
-        token_logprobs(logits, labels, vocab_size=6, backend=backend)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):
-        linear_token_logprobs(torch.randn(3, 4), torch.randn(8, 4), labels, vocab_size=6, backend=backend)
-    mask = torch.tensor([True, True, False])
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\) where mask is set"):
-        linear_ppo_loss(torch.randn(3, 4), torch.randn(8, 4), labels, torch.zeros(3), torch.zeros(3), mask,
-                        vocab_size=6, backend=backend)
-    # Off the mask a bad label is fine.
-    linear_ppo_loss(torch.randn(3, 4), torch.randn(8, 4), torch.tensor([0, 1, 7]), torch.zeros(3), torch.zeros(3),
-                    mask, vocab_size=6, backend=backend)
+    with torch.device("cpu"):               # CPU tensors also on a CUDA machine, where the kernel tests build on the GPU
+        logits, labels = torch.randn(3, 8), torch.tensor([0, 6, 2])
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):
+            token_logprobs(logits, labels, vocab_size=6, backend=backend)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):
+            linear_token_logprobs(torch.randn(3, 4), torch.randn(8, 4), labels, vocab_size=6, backend=backend)
+        mask = torch.tensor([True, True, False])
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\) where mask is set"):
+            linear_ppo_loss(torch.randn(3, 4), torch.randn(8, 4), labels, torch.zeros(3), torch.zeros(3), mask,
+                            vocab_size=6, backend=backend)
+        # Off the mask a bad label is fine.
+        linear_ppo_loss(torch.randn(3, 4), torch.randn(8, 4), torch.tensor([0, 1, 7]), torch.zeros(3), torch.zeros(3),
+                        mask, vocab_size=6, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -167,6 +167,9 @@ class Compiled:
     shared: int
     loads: list
     error: str | None = None
+    spills: int = 0
+    """Local-memory stores and loads in the SASS (STL/LDL): what a register spill compiles to. A stack frame
+    (`stack`) alone is not one: ptxas may reserve a few bytes of frame that no instruction touches."""
 
 
 def _compile_one(case: dict, sm: int) -> dict:
@@ -189,7 +192,9 @@ def _compile_one(case: dict, sm: int) -> dict:
             sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
         fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
         loads = sorted(set(re.findall(r"\bLDG\.E[.\w]*", sass)))
-        return asdict(Compiled(int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"]), int(fields["SHARED"]), loads))
+        spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
+        return asdict(Compiled(int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"]), int(fields["SHARED"]), loads,
+                               spills=spills))
     except Exception as exc:  # reported per case by the test
         return asdict(Compiled(-1, -1, -1, -1, [], error=f"{type(exc).__name__}: {exc}"))
 
