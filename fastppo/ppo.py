@@ -98,7 +98,7 @@ def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Te
             micro.response_mask, temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
             chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model),
-            policy_weight=mb.policy_weight,
+            policy_weight=micro.policy_weight,
         )
         return type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
 
