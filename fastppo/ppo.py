@@ -236,7 +236,7 @@ def ppo_update(
                     logprobs, micro.old_logprobs, micro.advantages, values, micro.old_values, micro.returns, mask,
                     clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
                     normalizer=normalizer, backend=cfg.run.backend,
-                    policy_weight=mb.policy_weight,
+                    policy_weight=micro.policy_weight,
                 )
                 if policy_out is not None:
                     # The policy statistics of `out` are those of policy_out (same logprobs, same formulas).
