@@ -96,6 +96,8 @@ class RolloutConfig:
     """Top-k sampling (0 = off)."""
     repetition_penalty: float = 1.0
     """HF repetition penalty during sampling (1.0 = off; the paper's setup optionally uses 1.1)."""
+    forward_batch_tokens: Optional[int] = None
+    """Token budget of each no-grad forward when scoring experience (sequences bin-packed, longest first); replaces forward_batch_size when set. Counts packed tokens with ppo.packing, else rows x padded width."""
 
 
 @dataclass
@@ -154,6 +156,10 @@ class PPOConfig:
     """Weight of the ptx LM loss; used only when data.ptx_path is set."""
     critic_warmup_steps: int = 0
     """Iterations at the start during which only the critic trains (policy frozen; PPO-max §5.4)."""
+    packing: bool = True
+    """Padding-free forwards in the score phase, the update and the ptx loss: each micro-batch's sequences back to back in one row, positions restarting per sequence, attention confined to each (docs/packing.md). Same numbers as padded rows up to float32 summation order."""
+    micro_batch_tokens: Optional[int] = None
+    """Token budget of each forward/backward of the update (sequences bin-packed, longest first; a longer sequence gets one alone); replaces micro_batch_size when set (which still sizes the ptx batch). Counts packed tokens with packing, else rows x padded width."""
 
 
 @dataclass
@@ -455,6 +461,9 @@ def validate(cfg: Config) -> None:
     _check(p.ent_coef >= 0, "ppo.ent_coef", "must be >= 0")
     _check(p.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0")
     _check(p.critic_warmup_steps >= 0, "ppo.critic_warmup_steps", "must be >= 0")
+    _check(p.micro_batch_tokens is None or p.micro_batch_tokens > 0, "ppo.micro_batch_tokens", "must be > 0 or null")
+    _check(r.forward_batch_tokens is None or r.forward_batch_tokens > 0, "rollout.forward_batch_tokens",
+           "must be > 0 or null")
     _check(o.policy_lr >= 0, "optim.policy_lr", "must be >= 0")
     _check(o.critic_lr >= 0, "optim.critic_lr", "must be >= 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -656,6 +665,8 @@ class StageRunConfig:
     """Abort after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)."""
     log_level: str = "INFO"
     """Python logging level."""
+    packing: bool = True
+    """Padding-free forwards: each micro-batch's sequences back to back in one row (docs/packing.md); same numbers as padded rows up to float32 summation order."""
 
 
 @dataclass

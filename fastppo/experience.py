@@ -22,6 +22,7 @@ from .kernels import gae, kl_penalty
 from .masked import masked_count, masked_moments, masked_whiten
 from .metrics import RunningMoments, explained_variance, masked_stats
 from .models import ModelError, Models, response_logprobs, response_values, score_at
+from .packing import in_row_order, index_targets, micro_batches, response_targets
 from .rollout import Rollout, with_eos_for_scoring
 
 log = logging.getLogger("fastppo")
@@ -99,7 +100,8 @@ class Scored:
 
 @torch.no_grad()
 def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool) -> Scored:
-    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time.
+    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time
+    (or rollout.forward_batch_tokens tokens; padding-free with ppo.packing: `packing.micro_batches`).
 
     A NaN or infinite reward-model score (one odd response can overflow a half-precision reward model) is
     set to 0 and flagged in `nonfinite`; `drop_rows` then takes those rows out of the update. Every row of
@@ -112,16 +114,21 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
     kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size,
               vocab_size=models.vocab_size)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("old_logprobs", "old_entropy", "ref_logprobs", "values", "scores")}
-    for s in range(0, len(rollout.sequences), batch_size):
-        rows = slice(s, s + batch_size)
+    frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P)),
+              (rm_mask, index_targets(eos_index, rm_mask.size(1)))]
+    done = []
+    for mb in micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing):
+        rows, (pack, rm_pack) = mb.rows, mb.packs
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
-        lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, **kw)
-        parts["old_logprobs"].append(lp.logprobs)
-        parts["old_entropy"].append(lp.entropy)
-        parts["ref_logprobs"].append(response_logprobs(models.ref, ids, mask, rmask, **kw).logprobs)
-        parts["values"].append(response_values(models.critic, ids, mask, rmask, prompt_width=P))
-        parts["scores"].append(score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]))
-    out = {k: torch.cat(v) for k, v in parts.items()}
+        lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, pack=pack, **kw)
+        outs = (lp.logprobs, lp.entropy, response_logprobs(models.ref, ids, mask, rmask, pack=pack, **kw).logprobs,
+                response_values(models.critic, ids, mask, rmask, prompt_width=P, pack=pack),
+                score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows], pack=rm_pack))
+        if not mb.dummy:                                 # a dummy only keeps FSDP's collectives in step
+            done.append(rows)
+            for k, v in zip(parts, outs):
+                parts[k].append(v)
+    out = {k: in_row_order(done, v) for k, v in parts.items()}
     nonfinite = ~torch.isfinite(out["scores"])
     n_bad = int(dist.all_reduce(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
     if n_bad:
