@@ -174,8 +174,8 @@ def plan(lengths: list[int], *, rows: int, tokens: int | None, padded_width: int
 
     tokens=None: consecutive groups of `rows`. Otherwise a token budget per micro-batch, costing each
     sequence its length when packed and `padded_width` (the columns a padded forward computes) when not.
-    With several processes the count is all-reduced (max, one scalar) and the shorter plans padded with
-    dummies (see the module docstring).
+    With a token budget and several processes the count is all-reduced (max, one scalar) and the shorter
+    plans padded with dummies (see the module docstring).
     """
     n = len(lengths)
     if tokens is None:
@@ -183,7 +183,7 @@ def plan(lengths: list[int], *, rows: int, tokens: int | None, padded_width: int
     else:
         groups = first_fit_decreasing(list(lengths) if packed else [padded_width] * n, tokens)
     out = [MicroBatch(g) for g in groups]
-    if dist.world_size() > 1:
+    if tokens is not None and dist.world_size() > 1:      # (row counts: every rank holds as many rows)
         count = int(dist.all_reduce(torch.tensor(float(len(out)), device=device), "max").item())
         if n:
             shortest = min(range(n), key=lambda i: (lengths[i], i))

@@ -13,6 +13,7 @@ those terms over every token, with rtol 1e-5 and atol 1e-5 of the tensor's large
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 
 import pytest
@@ -375,3 +376,34 @@ def test_packing_layout():
 def test_token_budgets_must_be_positive(tiny_setups, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, tiny_setups("llama").overrides(**{field: 0}))
+
+
+# ----------------------------------------------------------------------------
+# The benchmark's forced lengths (bench/forced_lengths.py)
+# ----------------------------------------------------------------------------
+
+def test_forced_lengths_make_generate_stop_at_the_drawn_length(tiny_setups):
+    """bench/trainer.py --lengths longtail: sampling through HF generate (as TRL does, EOS not a stop token)
+    with ForcedLengths gives every response exactly its drawn length, EOS last, pad after."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    spec = importlib.util.spec_from_file_location("forced_lengths",
+                                                  Path(__file__).resolve().parent.parent / "bench" / "forced_lengths.py")
+    fl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fl)
+    setup = tiny_setups("llama")
+    model = AutoModelForCausalLM.from_pretrained(setup.policy)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(4, model.config.vocab_size, (12, 5), generator=g)
+    lengths = fl.draw_lengths(prompts.tolist(), 9, seed=0)
+    assert min(lengths.values()) >= 1 and max(lengths.values()) <= 9 and len(set(lengths.values())) > 2
+    eos, pad = model.config.eos_token_id, 0
+    forced = fl.ForcedLengths(lengths, prompt_len=5, eos_id=eos, pad_id=pad)
+    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, max_new_tokens=9,
+                         eos_token_id=None, pad_token_id=pad, logits_processor=LogitsProcessorList([forced]))
+    for row, prompt in zip(out[:, 5:].tolist(), prompts.tolist()):
+        n = lengths[fl.prompt_key(prompt)]
+        assert row[n - 1] == eos and eos not in row[:n - 1] and pad not in row[:n], (n, row)
+        assert all(t == pad for t in row[n:]), (n, row)
