@@ -30,9 +30,10 @@ from fastppo.ppo import ptx_loss
 from fastppo.data import SFTBatch
 from fastppo.reward_training import PairBatch, pair_scores
 from fastppo.rollout import Rollout
+from fastppo.train import train
 from fastppo_testing.distributed import RESPONSE_LENGTHS, output, run_update, torchrun, uneven_experience
 from fastppo_testing.tiny_models import ARCHS
-from fastppo_testing.trainer import tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 MAX_NEW_TOKENS = 6
@@ -316,6 +317,28 @@ def test_two_ranks_with_unequal_micro_batch_counts_match_one_process(tiny_setups
         assert len(r["grads"]) == len(want["grads"]) == 2
         for g, w in zip(r["grads"], want["grads"]):
             _assert_grads_close(g, w)
+
+
+def test_training_with_token_budgets_in_two_processes_equals_one(tiny_setups, tmp_path):
+    """`fastppo train` with token-budget micro-batches in the score phase and the update (ptx too), 2 processes
+    (FSDP2, gloo) vs 1: the same losses, statistics and gradient norms every iteration, whatever number
+    of micro-batches each rank's share of the sampled responses falls into."""
+    setup = tiny_setups("llama")
+
+    def overrides(out, ptx_rows):    # ppo.micro_batch_size now sizes only the ptx batch (per rank): 2 in all
+        return setup.overrides(**{"run.output_dir": out, "run.iterations": 2, "data.ptx_path": setup.sft,
+                                  "ppo.ptx_coef": 0.5, "ppo.ent_coef": 0.01, "ppo.micro_batch_size": ptx_rows,
+                                  "ppo.micro_batch_tokens": 14, "rollout.forward_batch_tokens": 14})
+
+    proc = torchrun(["-m", "fastppo.cli", "train", *overrides(tmp_path / "two", 1)], cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    train(load_config(None, overrides(tmp_path / "one", 2)))
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 2
+    for ra, rb in zip(m1, m2):
+        for k in ("loss/policy", "loss/value", "loss/total", "loss/ptx", "policy/entropy_new", "score/raw/mean",
+                  "kl/ref_per_sequence", "grad_norm/policy", "grad_norm/critic", "response/length_mean"):
+            assert ra[k] == pytest.approx(rb[k], rel=TOL["rtol"], abs=1e-6), (ra["iteration"], k)
 
 
 # ----------------------------------------------------------------------------
