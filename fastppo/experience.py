@@ -117,7 +117,8 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
     frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P)),
               (rm_mask, index_targets(eos_index, rm_mask.size(1)))]
     done = []
-    for mb in micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing):
+    (every_row,) = micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing)
+    for mb in every_row.micro:
         rows, (pack, rm_pack) = mb.rows, mb.packs
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
         lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, pack=pack, **kw)

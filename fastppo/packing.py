@@ -69,9 +69,10 @@ class Packing:
     shape: tuple[int, int]
 
     @staticmethod
-    def build(attention_mask: torch.Tensor, targets: torch.Tensor, device: torch.device | str) -> "Packing":
-        """From host (CPU) tensors: attention_mask (B, L) and targets (B, L) bool (the states a forward reads,
-        each on a valid token); the index tensors are moved to `device` (no host sync there)."""
+    def build(attention_mask: torch.Tensor, targets: torch.Tensor, device: torch.device | str = "cpu") -> "Packing":
+        """From attention_mask (B, L) and targets (B, L) bool (the states a forward reads, each on a valid
+        token), built on the host (a device-to-host copy of the masks when they are on a device) and moved
+        to `device`. `micro_batches` builds many at once with one copy each way."""
         valid = attention_mask.detach().cpu().bool()
         targets = targets.detach().cpu().bool()
         if targets.shape != valid.shape:
@@ -80,8 +81,7 @@ class Packing:
             raise ValueError("targets must lie on valid tokens (attention_mask == 1): a target state on padding "
                              "has no packed position")
         B, L = valid.shape
-        flat = valid.flatten()
-        index = flat.nonzero().squeeze(1)                                              # (N,)
+        index = valid.flatten().nonzero().squeeze(1)                                   # (N,)
         positions = (valid.long().cumsum(1) - 1).flatten()[index]                      # (N,) restart per row
         lengths = valid.sum(1)
         lengths = lengths[lengths > 0]
@@ -90,11 +90,21 @@ class Packing:
         packed_of = torch.full((B * L,), -1, dtype=torch.long)                         # padded flat -> packed
         packed_of[index] = torch.arange(index.numel())
         target_flat = targets.flatten().nonzero().squeeze(1)                           # (M,)
-        to = dict(device=device, non_blocking=True)
-        return Packing(
-            index=index.to(**to), position_ids=positions[None].to(**to), cu_seqlens=cu_seqlens.to(**to),
-            max_seqlen=int(lengths.max()) if lengths.numel() else 0, select=packed_of[target_flat].to(**to),
-            target_row=(target_flat // L).to(**to), target_col=(target_flat % L).to(**to), shape=(B, L))
+        host = Packing(index=index, position_ids=positions[None], cu_seqlens=cu_seqlens,
+                       max_seqlen=int(lengths.max()) if lengths.numel() else 0, select=packed_of[target_flat],
+                       target_row=target_flat // L, target_col=target_flat % L, shape=(B, L))
+        if torch.device(device).type == "cpu":
+            return host
+        return host._from_tensors([t.to(device, non_blocking=True) for t in host._tensors()])
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.index, self.position_ids.flatten(), self.cu_seqlens.long(), self.select, self.target_row,
+                self.target_col]
+
+    def _from_tensors(self, ts: list[torch.Tensor]) -> "Packing":
+        index, positions, cu, select, row, col = ts
+        return Packing(index=index, position_ids=positions.view(1, -1), cu_seqlens=cu.int(), max_seqlen=self.max_seqlen,
+                       select=select, target_row=row, target_col=col, shape=self.shape)
 
     @property
     def n_tokens(self) -> int:
@@ -168,71 +178,108 @@ def first_fit_decreasing(costs: list[int], budget: int) -> list[list[int]]:
     return sorted((sorted(b) for b in bins), key=lambda b: b[0])
 
 
-def plan(lengths: list[int], *, rows: int, tokens: int | None, padded_width: int, packed: bool,
-         device: torch.device | str = "cpu") -> list[MicroBatch]:
-    """Micro-batches over a batch of sequences of `lengths` (valid tokens each), the same number on every rank.
+def plan(lengths: list[int], *, rows: int, tokens: int | None, padded_width: int, packed: bool) -> list[MicroBatch]:
+    """Micro-batches over a batch of sequences of `lengths` (valid tokens each), on this rank.
 
     tokens=None: consecutive groups of `rows`. Otherwise a token budget per micro-batch, costing each
     sequence its length when packed and `padded_width` (the columns a padded forward computes) when not.
-    With a token budget and several processes the count is all-reduced (max, one scalar) and the shorter
-    plans padded with dummies (see the module docstring).
     """
     n = len(lengths)
     if tokens is None:
-        groups = [list(range(s, min(s + rows, n))) for s in range(0, n, rows)]
-    else:
-        groups = first_fit_decreasing(list(lengths) if packed else [padded_width] * n, tokens)
-    out = [MicroBatch(g) for g in groups]
-    if tokens is not None and dist.world_size() > 1:      # (row counts: every rank holds as many rows)
-        count = int(dist.all_reduce(torch.tensor(float(len(out)), device=device), "max").item())
-        if n:
-            shortest = min(range(n), key=lambda i: (lengths[i], i))
-            out += [MicroBatch([shortest], dummy=True)] * (count - len(out))
-        elif count:
+        return [MicroBatch(list(range(s, min(s + rows, n)))) for s in range(0, n, rows)]
+    return [MicroBatch(b) for b in first_fit_decreasing(list(lengths) if packed else [padded_width] * n, tokens)]
+
+
+def equalize(plans: list[list[MicroBatch]], lengths: list[list[int]], device: torch.device | str) -> list[list[MicroBatch]]:
+    """Each plan padded with dummies (its shortest sequence) to the largest count any rank has for it:
+    one all-reduce (max) of every plan's count. Identity in one process."""
+    if dist.world_size() == 1 or not plans:
+        return plans
+    counts = dist.all_reduce(torch.tensor([float(len(p)) for p in plans], device=device), "max").tolist()
+    out = []
+    for p, ls, count in zip(plans, lengths, counts):
+        if len(p) < count and not ls:
             raise ValueError("a rank with no rows cannot run the micro-batches of the others")
+        shortest = min(range(len(ls)), key=lambda i: (ls[i], i)) if ls else 0
+        out.append(p + [MicroBatch([shortest], dummy=True)] * (int(count) - len(p)))
     return out
-
-
-def host_lengths(attention_mask: torch.Tensor) -> list[int]:
-    """Valid tokens per row, on the host (one device-to-host copy)."""
-    return attention_mask.sum(-1).tolist()
 
 
 @dataclass(frozen=True)
 class Planned:
     """One micro-batch, ready to run."""
     rows: torch.Tensor
-    """(b,) int64 rows of the batch, on its device."""
+    """(b,) int64 positions in its group (see `micro_batches`), on the batch's device."""
     packs: tuple[Packing | None, ...]
     """One per frame given to `micro_batches` (None: padded forwards)."""
     dummy: bool
     """Run it, then drop its results (see `MicroBatch.dummy`)."""
 
 
-def micro_batches(frames: list[tuple[torch.Tensor, torch.Tensor]], *, rows: int, tokens: int | None, packed: bool
-                  ) -> list[Planned]:
-    """Plan the micro-batches of a batch and build their packings, with one device-to-host copy.
+@dataclass(frozen=True)
+class Group:
+    """The micro-batches of one group of rows (e.g. an update's minibatch on this rank)."""
+    rows: torch.Tensor
+    """(n,) int64 rows of the batch, on its device."""
+    micro: list[Planned]
 
-    frames: (attention_mask (B, L_i), targets (B, L_i) bool) of each layout the micro-batch is run in (e.g.
-    the policy's sequences and the reward model's, which has one more column); the first one's lengths
-    are budgeted. rows, tokens: as in `plan`.
+
+def micro_batches(frames: list[tuple[torch.Tensor, torch.Tensor]], *, rows: int, tokens: int | None, packed: bool,
+                  groups: list[list[int]] | None = None) -> list[Group]:
+    """Plan the micro-batches of each group of rows and build their packings.
+
+    frames: (attention_mask (B, L_i), targets (B, L_i) bool) of each layout the micro-batches run in (e.g. the
+    policy's sequences and the reward model's, which has one more column); the first one's lengths are
+    budgeted. groups: lists of rows of the batch (default: one group of every row). rows, tokens: as in
+    `plan`. With a token budget the counts are made equal across ranks (`equalize`).
+
+    All groups together cost one device-to-host copy (the masks), at most one all-reduce (the counts)
+    and one host-to-device copy (every index tensor).
     """
     device = frames[0][0].device
-    flat = torch.cat([x.flatten().bool() for frame in frames for x in frame]).cpu()          # host sync (1)
+    flat = torch.cat([x.flatten().bool() for frame in frames for x in frame]).cpu()          # the one host sync
     host, start = [], 0
-    for mask, targets in frames:
+    for mask, _ in frames:
         n = mask.numel()
         host.append((flat[start:start + n].view(mask.shape), flat[start + n:start + 2 * n].view(mask.shape)))
         start += 2 * n
     mask0 = host[0][0]
-    mbs = plan(mask0.sum(-1).tolist(), rows=rows, tokens=tokens, padded_width=mask0.size(1), packed=packed,
-               device=device)
-    all_rows = torch.tensor([i for mb in mbs for i in mb.rows], dtype=torch.long).to(device, non_blocking=True)
+    all_lengths = mask0.sum(-1).tolist()
+    groups = [list(range(mask0.size(0)))] if groups is None else [list(g) for g in groups]
+    lengths = [[all_lengths[i] for i in g] for g in groups]
+    plans = [plan(ls, rows=rows, tokens=tokens, padded_width=mask0.size(1), packed=packed) for ls in lengths]
+    if tokens is not None:                                 # (row counts: every rank holds as many rows)
+        plans = equalize(plans, lengths, device)
+    built = [[(mb, tuple(Packing.build(m[[g[i] for i in mb.rows]], t[[g[i] for i in mb.rows]]) if packed else None
+                         for m, t in host)) for mb in p] for g, p in zip(groups, plans)]
+    return _to_device(built, groups, device)
+
+
+def _to_device(built: list[list[tuple[MicroBatch, tuple]]], groups: list[list[int]], device) -> list[Group]:
+    """The plan's host tensors (group rows, micro-batch rows, packings) moved in one host-to-device copy."""
+    parts = []
+    for g, pairs in zip(groups, built):
+        parts.append(torch.tensor(g, dtype=torch.long))
+        for mb, packs in pairs:
+            parts.append(torch.tensor(mb.rows, dtype=torch.long))
+            parts += [t for p in packs if p is not None for t in p._tensors()]
+    views = iter(torch.cat(parts).to(device, non_blocking=True).split([t.numel() for t in parts]))
     out = []
-    for mb, r in zip(mbs, all_rows.split([len(mb.rows) for mb in mbs])):
-        packs = tuple(Packing.build(m[mb.rows], t[mb.rows], device) if packed else None for m, t in host)
-        out.append(Planned(r, packs, mb.dummy))
+    for pairs in built:
+        group_rows = next(views)
+        micro = [Planned(next(views), tuple(None if p is None else p._from_tensors([next(views) for _ in range(6)])
+                                            for p in packs), mb.dummy)
+                 for mb, packs in pairs]
+        out.append(Group(group_rows, micro))
     return out
+
+
+def minibatch_shares(orders: torch.Tensor, minibatch_size: int) -> list[list[int]]:
+    """This rank's rows of every minibatch, epoch after epoch: orders (E, B) are host permutations of the
+    global batch (the same on every rank), cut into minibatches, each split evenly over the ranks."""
+    share, rank = minibatch_size // dist.world_size(), dist.rank()
+    return [order[start:start + minibatch_size][rank * share:(rank + 1) * share]
+            for order in orders.tolist() for start in range(0, len(order), minibatch_size)]
 
 
 def in_row_order(rows: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:

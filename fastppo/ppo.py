@@ -30,7 +30,7 @@ from .kernels import linear_ppo_loss, ppo_loss
 from .metrics import MetricBuffer, explained_variance
 from .models import IGNORE_INDEX, _hidden_states, real_vocab_size, response_logprobs, response_values, sequence_logprobs
 from .masked import masked_count
-from .packing import Packing, in_row_order, micro_batches, response_targets
+from .packing import Packing, in_row_order, micro_batches, minibatch_shares, response_targets
 
 log = logging.getLogger("fastppo")
 
@@ -215,22 +215,23 @@ def ppo_update(
     critic.train()
     # `exp` is the whole global batch on every rank (experience.gather_experience); the global RNG is the
     # same on all ranks, so all draw the same minibatches, and each rank trains on its own share of each.
-    share = pc.minibatch_size // dist.world_size()
     # Every epoch's permutation drawn up front (the global RNG, checkpointed; the same draws in the same order
-    # as one per epoch) and moved to the device in one copy: no host-to-device transfer per minibatch.
-    orders = torch.stack([torch.randperm(B) for _ in range(pc.ppo_epochs)]).to(exp.sequences.device)
-    for order in orders:
-        for mb_start in range(0, B, pc.minibatch_size):
-            rows = order[mb_start:mb_start + pc.minibatch_size][dist.rank() * share:(dist.rank() + 1) * share]
-            minibatch = exp.select(rows)
+    # as one per epoch), and every minibatch's micro-batches planned (and packed) with one copy each way
+    # between host and device for the whole update: no transfer per minibatch. Micro-batches of
+    # pc.micro_batch_size rows or pc.micro_batch_tokens tokens, padding-free with pc.packing, as many on every
+    # rank (dummies, whose loss is multiplied by 0).
+    orders = torch.stack([torch.randperm(B) for _ in range(pc.ppo_epochs)])
+    schedule = iter(micro_batches([(exp.attention_mask, response_targets(exp.response_mask, exp.prompt_width))],
+                                  rows=pc.micro_batch_size, tokens=pc.micro_batch_tokens, packed=pc.packing,
+                                  groups=minibatch_shares(orders, pc.minibatch_size)))
+    for _ in orders:
+        for _ in range(0, B, pc.minibatch_size):
+            group = next(schedule)                                                      # this minibatch's share
+            minibatch = exp.select(group.rows)
             # Token mean over the whole minibatch on all ranks, not per micro-batch.
             normalizer = masked_count(minibatch.response_mask, group=dist.group())
             losses, mb_sums, mb_values, mb_rows = [], {}, [], []
-            # Micro-batches of pc.micro_batch_size rows or pc.micro_batch_tokens tokens, padding-free with
-            # pc.packing; as many on every rank (dummies, whose loss is multiplied by 0).
-            for planned in micro_batches([(minibatch.attention_mask, response_targets(minibatch.response_mask,
-                                                                                       minibatch.prompt_width))],
-                                         rows=pc.micro_batch_size, tokens=pc.micro_batch_tokens, packed=pc.packing):
+            for planned in group.micro:
                 mb, (pack,) = minibatch.select(planned.rows), planned.packs
                 mask = mb.response_mask
                 values = response_values(critic, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width,

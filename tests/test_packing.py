@@ -216,8 +216,9 @@ def test_score_phase_packed_with_a_token_budget_equals_padded(tiny_setups, arch)
     ro = mixed_rollout(models)
     want = score_rollout(models, ro, cfg, batch_size=2, fused=True)
     cfg_packed = _config(tiny_setups, arch, **{"rollout.forward_batch_tokens": 12})[1]
-    assert len(micro_batches([(ro.attention_mask, response_targets(ro.response_mask, ro.prompt_width))],
-                             rows=2, tokens=12, packed=True)) > 1
+    (every_row,) = micro_batches([(ro.attention_mask, response_targets(ro.response_mask, ro.prompt_width))],
+                                 rows=2, tokens=12, packed=True)
+    assert len(every_row.micro) > 2 and any(len(mb.rows) > 1 for mb in every_row.micro)
     got = score_rollout(models, ro, cfg_packed, batch_size=2, fused=True)
     for name in ("old_logprobs", "old_entropy", "ref_logprobs", "values", "scores"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL, msg=lambda m: f"{name}: {m}")
