@@ -30,11 +30,14 @@ decreasing (longest first into the first micro-batch with room); a sequence
 longer than the budget gets a micro-batch of its own. Under FSDP every
 forward all-gathers each block's parameters and every backward
 reduce-scatters its gradients, so all ranks must run the same number of
-micro-batches: `plan` all-reduces the count (max) and pads a rank that has
-fewer with dummy micro-batches (its shortest sequence again, `dummy=True`),
+micro-batches: `equalize` all-reduces the counts (max) and pads a rank that
+has fewer with dummy micro-batches (its shortest sequence again, `dummy=True`),
 whose results the caller multiplies by 0 (update) or drops (scoring). The
 loss normaliser is the minibatch's token count either way, so the gradient
 does not depend on how sequences fall into micro-batches (docs/packing.md).
+`micro_batches` plans every minibatch of an update (or the whole score
+phase) at once: one copy of the masks to the host, one of the index tensors
+back.
 """
 
 from __future__ import annotations
