@@ -157,7 +157,7 @@ def index_targets(index: torch.Tensor, width: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class MicroBatch:
     rows: list[int]
-    """Rows of the batch, ascending."""
+    """Positions in the planned sequences (`plan`'s lengths), ascending."""
     dummy: bool = False
     """Padding so that every rank runs as many micro-batches (FSDP's collectives must match): run it, then
     drop its results (multiply its loss by 0)."""
