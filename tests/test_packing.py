@@ -22,8 +22,7 @@ import torch
 from fastppo import packing
 from fastppo.config import ConfigError, load_config
 from fastppo.experience import Experience, score_rollout
-from fastppo.models import (IGNORE_INDEX, load_models, response_logprobs, response_values, score_at,
-                            sequence_logprobs)
+from fastppo.models import IGNORE_INDEX, load_models, response_logprobs, response_values, score_at
 from fastppo.packing import (Packing, first_fit_decreasing, in_row_order, index_targets, micro_batches, plan,
                              response_targets)
 from fastppo.ppo import ptx_loss
