@@ -10,6 +10,7 @@ iteration does the same work.
 
     .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl]
                                       [--old-logprobs recompute reuse]
+                                      [--lengths fixed|longtail]
     make bench-trl-venv     # once: TRL 1.12.0 in .venv-trl, for the comparison
 
 Each framework runs in its own fresh process on the same model directories and
@@ -29,6 +30,15 @@ generated tokens per second of generation; score and shape+adv count prompt +
 response tokens per second; update counts prompt + response tokens x PPO
 epochs; the iteration counts prompt + response tokens per second of the whole
 iteration. Rows are appended to bench/results/trainer.csv.
+
+`--lengths longtail`: variable-length responses instead. Each prompt's
+response length is drawn once from a long-tailed (log-normal) distribution
+with a fixed seed and forced in both frameworks by the same logits processor
+(bench/forced_lengths.py: EOS exactly at the drawn step), so both process the
+same tokens. fastppo runs twice, padding-free (`ppo.packing=true`, provider
+fastppo) and padded (`ppo.packing=false`, provider fastppo-padded); the
+ratios of score and update tokens/s, packed vs padded and packed vs TRL, are
+printed. Tokens count only real tokens (no padding) in all three.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from pathlib import Path
 import torch
 
 from common import append_csv, device_name
+from forced_lengths import ForcedLengths, draw_lengths
 
 from fastppo.memory import status_mb
 
@@ -110,7 +121,17 @@ def workload_spec(root: Path, iterations: int, device: str, threads: int) -> dic
         "kl_coef": defaults.reward.kl_coef, "gamma": defaults.ppo.gamma, "lam": defaults.ppo.lam,
         "clip_eps": defaults.ppo.clip_eps, "value_clip": defaults.ppo.value_clip, "vf_coef": defaults.ppo.vf_coef,
         "lr": defaults.optim.policy_lr,
+        "lengths": None, "packing": defaults.ppo.packing,   # --lengths longtail: {prompt ids: response length}
     }
+
+
+def longtail_lengths(root: Path) -> dict[str, int]:
+    """--lengths longtail: one seeded response length per prompt of the workload (bench/forced_lengths.py)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(root / "policy")
+    prompts = [json.loads(line)["prompt"] for line in (root / "prompts.jsonl").read_text().splitlines()]
+    return draw_lengths([tok(p)["input_ids"] for p in prompts], NEW_TOKENS, SEED)
 
 
 def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
@@ -125,6 +146,7 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
         f"run.output_dir={run_dir}", "run.save_every=0", "run.export_at_end=false", "run.tensorboard=false",
         "run.progress_bar=false", "run.log_level=WARNING", f"run.device={spec['device']}",
         f"rollout.old_logprobs={spec.get('old_logprobs', 'recompute')}",
+        f"ppo.packing={str(spec['packing']).lower()}",
     ]
 
 
@@ -144,11 +166,16 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
 
-    # Fixed work per iteration: never stop early at EOS (the random model emits it at random).
-    base_kwargs = rollout.generation_kwargs
-    rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
-                                                                "suppress_tokens": [pad_id, eos_id]}
-    run_dir = spec_path.parent / f"fastppo-run-{spec.get('old_logprobs', 'recompute')}"
+    if spec["lengths"] is None:
+        # Fixed work per iteration: never stop early at EOS (the random model emits it at random).
+        base_kwargs = rollout.generation_kwargs
+        rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
+                                                                    "suppress_tokens": [pad_id, eos_id]}
+    else:  # every response ends with EOS at its drawn length (the processor runs after fastppo's sampler)
+        forced = ForcedLengths(spec["lengths"], prompt_len=PROMPT_LEN, eos_id=2, pad_id=0)
+        base_list = rollout.LogitsProcessorList
+        rollout.LogitsProcessorList = lambda processors: base_list([*processors, forced])
+    run_dir = spec_path.parent / f"run-{spec_path.stem}"
     train(load_config(None, fastppo_overrides(spec, run_dir)))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     iterations, steps_before = [], 0
@@ -250,6 +277,8 @@ def main() -> int:
     ap.add_argument("--trl-python", help="interpreter with trl==1.12.0 (default: .venv-trl/bin/python)")
     ap.add_argument("--old-logprobs", nargs="+", choices=["recompute", "reuse"], default=["recompute"],
                     help="fastppo's rollout.old_logprobs; one fastppo run per value given")
+    ap.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
+                    help="fixed: every response 32 tokens; longtail: seeded long-tailed lengths, fastppo packed and padded")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -267,20 +296,21 @@ def main() -> int:
         root = Path(tmp)
         build_workload(root)
         spec = workload_spec(root, args.iterations, args.device, args.threads)
-        spec_path = root / "workload.json"
-        spec_path.write_text(json.dumps(spec, indent=1))
-
+        if args.lengths == "longtail":
+            spec["lengths"] = longtail_lengths(root)
         results, notes = {}, []
+        packings = {"": True, "-padded": False} if args.lengths == "longtail" else {"": spec["packing"]}
         for mode in dict.fromkeys(args.old_logprobs):
-            name = "fastppo" if mode == "recompute" else f"fastppo-{mode}"
-            (root / f"{name}.spec.json").write_text(json.dumps({**spec, "old_logprobs": mode}, indent=1))
-            res, err = run_worker(name, [sys.executable, str(Path(__file__).resolve()), "--worker",
-                                         str(root / f"{name}.spec.json"), str(root / f"{name}.json")],
-                                  root / f"{name}.json", env)
-            if res is None:
-                print(err, file=sys.stderr)
-                return 1
-            results[name] = res
+            for suffix, packed in packings.items():
+                name = ("fastppo" if mode == "recompute" else f"fastppo-{mode}") + suffix
+                spec_path = root / f"workload-{name}.json"
+                spec_path.write_text(json.dumps({**spec, "packing": packed, "old_logprobs": mode}, indent=1))
+                res, err = run_worker(name, [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path),
+                                             str(root / f"{name}.json")], root / f"{name}.json", env)
+                if res is None:
+                    print(err, file=sys.stderr)
+                    return 1
+                results[name] = res
         if args.no_trl:
             notes.append("TRL comparison skipped (--no-trl)")
         else:
@@ -300,7 +330,8 @@ def main() -> int:
     summaries = {name: summarize(r) for name, r in results.items()}
     print(f"\ntrainer benchmark on {dev}, {args.threads} torch thread(s), "
           f"{next(iter(summaries.values()))['timed_iterations']} timed iteration(s) after 1 warm-up (medians)")
-    print(f"workload: {N_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, hidden {HIDDEN}, "
+    print(f"workload: {N_PROMPTS} prompts x {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens"
+          f"{' (long-tailed lengths, forced)' if args.lengths == 'longtail' else ''}, hidden {HIDDEN}, "
           f"{LAYERS} layers, vocab {VOCAB}, {PPO_EPOCHS} PPO epochs, minibatch {MINIBATCH}, micro-batch {MICRO}, "
           f"generate/score {ROLLOUT_CHUNK} rows at a time, float32")
     for name, r in results.items():
@@ -321,12 +352,20 @@ def main() -> int:
         speed = f["iteration_tokens_per_s"] / t["iteration_tokens_per_s"]
         print(f"{name} vs TRL: {speed:.2f}x the throughput (goal >= 2x), "
               f"{f['peak_memory_mb'] / t['peak_memory_mb']:.2f}x the peak memory (goal <= 0.6x)")
+    if "fastppo-padded" in summaries:
+        for other in ("fastppo-padded", "trl"):
+            if other in summaries:
+                f, o = summaries["fastppo"], summaries[other]
+                print(f"fastppo packed vs {other}: score {f['score_tokens_per_s'] / o['score_tokens_per_s']:.2f}x, "
+                      f"update {f['update_tokens_per_s'] / o['update_tokens_per_s']:.2f}x the tokens/s, "
+                      f"{f['peak_memory_mb'] / o['peak_memory_mb']:.2f}x the peak memory")
     for n in notes:
         print(n)
 
     rows = []
     for name, s in summaries.items():
-        row = {"device": dev, "provider": name, "threads": args.threads, "iterations": s["timed_iterations"]}
+        provider = f"{name} longtail" if args.lengths == "longtail" else name   # the CSV's columns stay as they are
+        row = {"device": dev, "provider": provider, "threads": args.threads, "iterations": s["timed_iterations"]}
         for p in PHASES + ["iteration"]:
             row[f"{p}_s"], row[f"{p}_tokens_per_s"] = round(s[f"{p}_s"], 4), round(s[f"{p}_tokens_per_s"], 1)
         row.update({"optimizer_steps": s["optimizer_steps"], "peak_memory_mb": round(s["peak_memory_mb"], 1)})

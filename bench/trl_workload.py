@@ -52,17 +52,17 @@ import time
 from pathlib import Path
 
 
-def _load_memory_module():
-    """fastppo/memory.py by path, not as part of the package: this venv has no fastppo, and that file imports
-    only torch and the standard library."""
-    path = Path(__file__).resolve().parent.parent / "fastppo" / "memory.py"
-    spec = importlib.util.spec_from_file_location("fastppo_memory", path)
+def _load_module(name: str, path: Path):
+    """A file by path, not as part of a package: this venv has no fastppo, and these files import only torch
+    and the standard library."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-memory = _load_memory_module()
+memory = _load_module("fastppo_memory", Path(__file__).resolve().parent.parent / "fastppo" / "memory.py")
+forced_lengths = _load_module("forced_lengths", Path(__file__).resolve().parent / "forced_lengths.py")
 
 
 def main(spec_path: str, out_path: str) -> int:
@@ -72,7 +72,7 @@ def main(spec_path: str, out_path: str) -> int:
     import trl
     from datasets import Dataset
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
+                              LogitsProcessorList, TrainerCallback)
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as loop
 
@@ -85,6 +85,11 @@ def main(spec_path: str, out_path: str) -> int:
     tok = AutoTokenizer.from_pretrained(spec["policy_path"])
     load = dict(dtype=torch.float32, attn_implementation=spec["attn_implementation"])
     policy = AutoModelForCausalLM.from_pretrained(spec["policy_path"], **load)
+    if spec.get("lengths"):  # --lengths longtail: every response ends with EOS at its drawn length, as in fastppo
+        forced = forced_lengths.ForcedLengths(spec["lengths"], prompt_len=spec["prompt_len"], eos_id=tok.eos_token_id,
+                                              pad_id=tok.pad_token_id)
+        base_generate = policy.generate
+        policy.generate = lambda *a, **kw: base_generate(*a, logits_processor=LogitsProcessorList([forced]), **kw)
     ref = AutoModelForCausalLM.from_pretrained(spec["policy_path"], **load)
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward_path"], num_labels=1, **load)
     value = AutoModelForSequenceClassification.from_pretrained(spec["reward_path"], num_labels=1, **load)  # critic from RM
@@ -133,7 +138,11 @@ def main(spec_path: str, out_path: str) -> int:
     def gen_done(a, kw, out):
         marks[-1]["gen_end"] = time.perf_counter()
         qr, queries = out[0], a[1]
-        tokens.append((qr.size(0) * (qr.size(1) - queries.size(1)), qr.numel()))
+        if spec.get("lengths"):  # real tokens only: ForcedLengths never samples the pad token, which fills ended rows
+            real = int((qr != a[3]).sum())
+            tokens.append((real - queries.numel(), real))
+        else:
+            tokens.append((qr.size(0) * (qr.size(1) - queries.size(1)), qr.numel()))
 
     def reward_done(a, kw, out):
         if "update_start" not in marks[-1]:

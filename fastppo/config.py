@@ -187,6 +187,8 @@ class RolloutConfig:
     """pi_old of the PPO ratio: recompute (the score phase runs the policy again and logs its mismatch with the generator's logprobs, rollout/*) or reuse (pi_old := the generator's logprobs; no policy forward when scoring). See docs/engines.md."""
     compile: bool = False
     """Generate with a static KV cache and a compiled decode step (torch.compile through HF generate)."""
+    forward_batch_tokens: Optional[int] = None
+    """Token budget of each no-grad forward when scoring experience (sequences bin-packed, longest first); replaces forward_batch_size when set. Counts packed tokens with ppo.packing, else rows x padded width."""
 
 
 @dataclass
@@ -253,6 +255,10 @@ class PPOConfig:
     """Drop from the policy loss the tokens (token) or whole responses (sequence, on the geometric mean of w_t) whose w = pi_old / pi_rollout is outside rollout_mask_bounds; they still count in the token-mean normaliser. none = off."""
     rollout_mask_bounds: list[float] = field(default_factory=lambda: [0.5, 2.0])
     """[low, high] of rollout_mask, with low < 1 < high."""
+    packing: bool = True
+    """Padding-free forwards in the score phase, the update and the ptx loss: each micro-batch's sequences back to back in one row, positions restarting per sequence, attention confined to each (docs/packing.md). Same numbers as padded rows up to float32 summation order."""
+    micro_batch_tokens: Optional[int] = None
+    """Token budget of each forward/backward of the update (sequences bin-packed, longest first; a longer sequence gets one alone); replaces micro_batch_size when set (which still sizes the ptx batch). Counts packed tokens with packing, else rows x padded width."""
 
 
 @dataclass
@@ -410,6 +416,8 @@ class StageRunConfig(BaseRunConfig):
     """Examples or pairs per forward during evaluation."""
     log_every: int = 1
     """Write a metrics record every N optimizer steps."""
+    packing: bool = True
+    """Padding-free forwards: each micro-batch's sequences back to back in one row (docs/packing.md); same numbers as padded rows up to float32 summation order."""
 
 
 def _stage_optim() -> StageOptimConfig:
@@ -610,6 +618,8 @@ def _check_rollout(r: RolloutConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.top_k >= 0, "rollout.top_k", "must be >= 0")
     _check(r.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0")
+    _check(r.forward_batch_tokens is None or r.forward_batch_tokens > 0, "rollout.forward_batch_tokens",
+           "must be > 0 or null")
 
 
 def _check_reward(rw: RewardConfig) -> None:
@@ -636,6 +646,7 @@ def _check_ppo(p: PPOConfig) -> None:
     _check(p.ent_coef >= 0, "ppo.ent_coef", "must be >= 0")
     _check(p.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0")
     _check(p.critic_warmup_steps >= 0, "ppo.critic_warmup_steps", "must be >= 0")
+    _check(p.micro_batch_tokens is None or p.micro_batch_tokens > 0, "ppo.micro_batch_tokens", "must be > 0 or null")
     _check(p.rollout_is_cap >= 1, "ppo.rollout_is_cap",
            f"must be >= 1 (a cap below 1 down-weights on-policy tokens), got {p.rollout_is_cap}")
     bounds = list(p.rollout_mask_bounds)

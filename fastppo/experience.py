@@ -24,6 +24,7 @@ from .kernels import gae, kl_penalty
 from .masked import masked_count, masked_moments, masked_whiten
 from .metrics import RunningMoments, explained_variance, masked_stats
 from .models import ModelError, Models, response_logprobs, response_values, score_at
+from .packing import in_row_order, index_targets, micro_batches, response_targets
 from .rollout import Rollout, with_eos_for_scoring
 
 log = logging.getLogger("fastppo")
@@ -106,7 +107,8 @@ class Scored:
 
 @torch.no_grad()
 def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool) -> Scored:
-    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time.
+    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time
+    (or rollout.forward_batch_tokens tokens; padding-free with ppo.packing: `packing.micro_batches`).
 
     With rollout.old_logprobs=reuse the policy is not run: pi_old and its entropy are the generator's
     (`Rollout.logprobs`, `Rollout.entropy`).
@@ -127,17 +129,25 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
                           "engine returned none (Rollout.logprobs is None): set rollout.old_logprobs=recompute")
     recomputed = () if reuse else ("old_logprobs", "old_entropy")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*recomputed, "ref_logprobs", "values", "scores")}
-    for s in range(0, len(rollout.sequences), batch_size):
-        rows = slice(s, s + batch_size)
+    frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P)),
+              (rm_mask, index_targets(eos_index, rm_mask.size(1)))]
+    done = []
+    (every_row,) = micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing)
+    for micro in every_row.micro:
+        rows, (pack, rm_pack) = micro.rows, micro.packs
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
+        outs = []
         if not reuse:
-            lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, **kw)
-            parts["old_logprobs"].append(lp.logprobs)
-            parts["old_entropy"].append(lp.entropy)
-        parts["ref_logprobs"].append(response_logprobs(models.ref, ids, mask, rmask, **kw).logprobs)
-        parts["values"].append(response_values(models.critic, ids, mask, rmask, prompt_width=P))
-        parts["scores"].append(score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]))
-    out = {k: torch.cat(v) for k, v in parts.items()}
+            lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, pack=pack, **kw)
+            outs += [lp.logprobs, lp.entropy]
+        outs += [response_logprobs(models.ref, ids, mask, rmask, pack=pack, **kw).logprobs,
+                 response_values(models.critic, ids, mask, rmask, prompt_width=P, pack=pack),
+                 score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows], pack=rm_pack)]
+        if not micro.dummy:                              # a dummy only keeps FSDP's collectives in step
+            done.append(rows)
+            for k, v in zip(parts, outs):
+                parts[k].append(v)
+    out = {k: in_row_order(done, v) for k, v in parts.items()}
     if reuse:
         rmask = rollout.response_mask
         out["old_logprobs"] = torch.where(rmask, rollout.logprobs.float(), 0.0)

@@ -8,7 +8,10 @@
   (PPO-max), its scalar head applied at every position.
 
 Every forward builds position ids from the attention mask, so left padding
-never shifts positions. Logprobs come from the backbone's hidden states and
+never shifts positions. With `pack=` (a `packing.Packing`) the forwards run
+padding-free: the sequences back to back in one row, positions restarting
+per sequence, only the states the caller reads going on to the heads, and the
+outputs returned in the padded layout. Logprobs come from the backbone's hidden states and
 the lm_head weight through the fused `linear_token_logprobs`, which never
 materialises the (B, T, V) logits.
 
@@ -41,6 +44,7 @@ from transformers.utils import cached_file, is_flash_attn_2_available
 from . import dist
 from .config import ModelConfig
 from .kernels import linear_token_logprobs, token_logprobs
+from .packing import Packing
 
 log = logging.getLogger("fastppo")
 
@@ -414,24 +418,40 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = backbone(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   pack: Packing | None = None) -> torch.Tensor:
+    """(B, L, H) last hidden states; with `pack`, the backbone runs on the packed row and this is (M, H), the
+    target states only (`packing.Packing`)."""
+    if pack is None:
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    else:
+        # No attention mask: transformers confines attention to each sequence from the restarting position ids.
+        kw = dict(input_ids=pack.pack(input_ids), position_ids=pack.position_ids,
+                  **pack.attention_kwargs(backbone(model).config))
+    out = backbone(model)(**kw, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden if pack is None else hidden[0, pack.select]
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states (B, L, H) of the model's backbone (final norm included).
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  pack: Packing | None = None) -> torch.Tensor:
+    """Last hidden states (B, L, H) of the model's backbone (final norm included); with `pack`, (M, H) at its targets.
 
     Under FSDP this is a forward of the root, whose parameters (embeddings,
     lm_head) then stay gathered until its backward or `dist.reshard`, so a
     caller may still read `model.get_output_embeddings().weight` in full.
     """
-    return dist.run_as_forward(model, _hidden_states, input_ids, attention_mask)
+    return dist.run_as_forward(model, _hidden_states, input_ids, attention_mask, pack)
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: Packing | None,
+            vocab_size: int | None) -> torch.Tensor:
+    """Full logits (B, L, V), or (M, V) at the targets of `pack` (the model's own forward: logit transforms included)."""
+    if pack is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[..., :vocab_size]
+    return model(input_ids=pack.pack(input_ids), position_ids=pack.position_ids, use_cache=False,
+                 **pack.attention_kwargs(model.config)).logits[0, pack.select, :vocab_size]
 
 
 class ResponseLogprobs(NamedTuple):
@@ -454,6 +474,7 @@ def response_logprobs(
     backend: str | None = None,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    pack: Packing | None = None,
 ) -> ResponseLogprobs:
     """Logprobs of the response tokens input_ids[:, P:] under softmax(logits / T).
 
@@ -461,86 +482,111 @@ def response_logprobs(
     Token y_t at column P+t is predicted by the hidden state at column P+t-1.
     vocab_size: the real vocabulary (`Models.vocab_size`); logit columns past it (alignment padding of the
     lm_head) are left out of the softmax. None: the size `mark_padding_rows` recorded, else every column.
+    pack: run padding-free (`packing.Packing` of attention_mask with targets `packing.response_targets`);
+    the ops then see only the response tokens' states, and the outputs come back in the (B, R) layout.
     """
     vocab_size = real_vocab_size(model, vocab_size)
 
     labels = torch.where(response_mask, input_ids[:, prompt_width:], IGNORE_INDEX)     # (B, R)
     if fused:
-        out = dist.run_as_forward(model, _fused_response_logprobs, input_ids, attention_mask, labels,
+        out = dist.run_as_forward(model, _fused_response_logprobs, input_ids, attention_mask, labels, pack=pack,
                                   prompt_width=prompt_width, temperature=temperature, return_entropy=return_entropy,
                                   backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
     else:
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-        ).logits[:, prompt_width - 1:-1, :vocab_size]                                    # (B, R, V)
-        out = token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
+        logits = _logits(model, input_ids, attention_mask, pack, vocab_size)
+        if pack is None:
+            logits, target = logits[:, prompt_width - 1:-1], labels                      # (B, R, V)
+        else:
+            target = pack.take(labels, prompt_width - 1)                                 # (M,)
+        out = token_logprobs(logits, target, temperature=temperature, return_entropy=return_entropy,
                              ignore_index=IGNORE_INDEX, backend=backend)
+        if pack is not None:
+            out = tuple(pack.unpack(t)[:, prompt_width - 1:-1] for t in out) if return_entropy else \
+                pack.unpack(out)[:, prompt_width - 1:-1]
     if return_entropy:
         return ResponseLogprobs(out[0], out[1])
     return ResponseLogprobs(out, None)
 
 
-def _fused_response_logprobs(model, input_ids, attention_mask, labels, *, prompt_width, temperature, return_entropy,
-                             backend, chunk_size, vocab_size):
-    hidden = _hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1:-1]     # (B, R, H)
+def _fused_response_logprobs(model, input_ids, attention_mask, labels, *, pack, prompt_width, temperature,
+                             return_entropy, backend, chunk_size, vocab_size):
+    if pack is None:
+        hidden = _hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1:-1]  # (B, R, H)
+    else:
+        hidden, labels = _hidden_states(model, input_ids, None, pack), pack.take(labels, prompt_width - 1)  # (M, H), (M,)
     out = linear_token_logprobs(
         hidden, model.get_output_embeddings().weight, labels,                            # the full (V, H) weight
         temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX,
         backend=backend, chunk_size=chunk_size, vocab_size=vocab_size,
     )
     # (B, R) copies, not views of the op's buffer: FSDP hooks the backward on what a forward returns.
-    return tuple(t.clone() for t in out) if return_entropy else out.clone()
+    outs = out if return_entropy else (out,)
+    outs = tuple(t.clone() if pack is None else pack.unpack(t)[:, prompt_width - 1:-1].clone() for t in outs)
+    return outs if return_entropy else outs[0]
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
                       fused: bool = True, backend: str | None = None, chunk_size: int | None = None,
-                      vocab_size: int | None = None) -> torch.Tensor:
+                      vocab_size: int | None = None, pack: Packing | None = None) -> torch.Tensor:
     """(B, L) float32 log pi(labels[:, j] | input_ids[:, :j+1]) at temperature 1; 0 where labels == IGNORE_INDEX.
 
-    vocab_size: as in `response_logprobs`.
+    vocab_size: as in `response_logprobs`. pack: padding-free, with targets labels != IGNORE_INDEX.
     """
     vocab_size = real_vocab_size(model, vocab_size)
 
     if fused:
-        return dist.run_as_forward(model, _fused_sequence_logprobs, input_ids, attention_mask, labels,
+        return dist.run_as_forward(model, _fused_sequence_logprobs, input_ids, attention_mask, labels, pack=pack,
                                    backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[..., :vocab_size]
-    return token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)
+    logits = _logits(model, input_ids, attention_mask, pack, vocab_size)
+    if pack is None:
+        return token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)
+    return pack.unpack(token_logprobs(logits, pack.take(labels), ignore_index=IGNORE_INDEX, backend=backend))
 
 
-def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, backend, chunk_size, vocab_size):
-    hidden = _hidden_states(model, input_ids, attention_mask)                            # (B, L, H)
-    return linear_token_logprobs(hidden, model.get_output_embeddings().weight, labels, ignore_index=IGNORE_INDEX,
-                                 backend=backend, chunk_size=chunk_size, vocab_size=vocab_size
-                                 ).clone()                                               # not a view (as above)
+def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, pack, backend, chunk_size, vocab_size):
+    hidden = _hidden_states(model, input_ids, attention_mask, pack)                      # (B, L, H) or (M, H)
+    out = linear_token_logprobs(hidden, model.get_output_embeddings().weight,
+                                labels if pack is None else pack.take(labels), ignore_index=IGNORE_INDEX,
+                                backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
+    return out.clone() if pack is None else pack.unpack(out)                             # not a view (as above)
 
 
-def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) float32: the scalar head applied at every position."""
-    return dist.run_as_forward(model, _token_values, input_ids, attention_mask)
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pack: Packing | None = None) -> torch.Tensor:
+    """(B, L) float32: the scalar head applied at every position (with `pack`: at its targets, 0 elsewhere)."""
+    return dist.run_as_forward(model, _token_values, input_ids, attention_mask, pack)
 
 
-def _token_values(model, input_ids, attention_mask):
+def _token_values(model, input_ids, attention_mask, pack=None):
     # A copy, not a view of the head's output (FSDP's backward hooks live on the forward's output tensor).
-    return scalar_head(model)(_hidden_states(model, input_ids, attention_mask)).squeeze(-1).to(torch.float32, copy=True)
+    values = scalar_head(model)(_hidden_states(model, input_ids, attention_mask, pack)).squeeze(-1)
+    return values.to(torch.float32, copy=True) if pack is None else pack.unpack(values.float())
 
 
 def response_values(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, *, prompt_width: int
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
+    prompt_width: int, pack: Packing | None = None,
 ) -> torch.Tensor:
-    """(B, R) float32 critic values aligned with logprobs: V of y_t is read at column P+t-1 (the state before y_t)."""
-    values = token_values(model, input_ids, attention_mask)[:, prompt_width - 1:-1]
+    """(B, R) float32 critic values aligned with logprobs: V of y_t is read at column P+t-1 (the state before y_t).
+
+    pack: padding-free, with targets `packing.response_targets` (the head then runs on the response states only).
+    """
+    values = token_values(model, input_ids, attention_mask, pack)[:, prompt_width - 1:-1]
     return values * response_mask
 
 
-def score_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B,) float32 reward-model score read at column index[b] (the EOS token)."""
-    return dist.run_as_forward(model, _score_at, input_ids, attention_mask, index)
+def score_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: torch.Tensor,
+             pack: Packing | None = None) -> torch.Tensor:
+    """(B,) float32 reward-model score read at column index[b] (the EOS token).
+
+    pack: padding-free, with targets `packing.index_targets(index, L)`.
+    """
+    return dist.run_as_forward(model, _score_at, input_ids, attention_mask, index, pack)
 
 
-def _score_at(model, input_ids, attention_mask, index):
+def _score_at(model, input_ids, attention_mask, index, pack=None):
+    if pack is not None:
+        return _token_values(model, input_ids, attention_mask, pack).gather(1, index.view(-1, 1)).squeeze(1)
     hidden = _hidden_states(model, input_ids, attention_mask)                           # (B, L, H)
     at = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.size(-1))).squeeze(1)  # (B, H)
     return scalar_head(model)(at).squeeze(-1).to(torch.float32, copy=True)

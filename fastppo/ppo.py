@@ -30,6 +30,7 @@ from .kernels import linear_ppo_loss, ppo_loss
 from .metrics import MetricBuffer, explained_variance
 from .models import IGNORE_INDEX, _hidden_states, real_vocab_size, response_logprobs, response_values, sequence_logprobs
 from .masked import masked_count
+from .packing import Packing, in_row_order, micro_batches, minibatch_shares, response_targets
 
 log = logging.getLogger("fastppo")
 
@@ -71,36 +72,49 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: in
 # Losses
 # ----------------------------------------------------------------------------
 
-def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | None, chunk_size: int | None) -> torch.Tensor:
-    """Token-mean LM loss (temperature 1) on the response tokens of an SFT batch (the mean over all ranks' tokens)."""
+def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | None, chunk_size: int | None,
+             packed: bool = False) -> torch.Tensor:
+    """Token-mean LM loss (temperature 1) on the response tokens of an SFT batch (the mean over all ranks' tokens).
+
+    packed: one padding-free forward over the batch's sequences (`packing.Packing`).
+    """
     valid = batch.labels != IGNORE_INDEX
+    pack = Packing.build(batch.attention_mask, valid, batch.input_ids.device) if packed else None
     logprobs = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
-                                 backend=backend, chunk_size=chunk_size)                    # (B, L)
+                                 backend=backend, chunk_size=chunk_size, pack=pack)         # (B, L)
     return -(logprobs * valid).sum() / masked_count(valid, group=dist.group()).clamp(min=1)
 
 
-def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Tensor, cfg: Config):
+def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Tensor, cfg: Config,
+                      pack: Packing | None = None):
     """Clipped surrogate − ent_coef·entropy of one micro-batch, from the policy's hidden states in one pass.
 
     `linear_ppo_loss` computes the loss and its gradients chunk by chunk in forward: 6·N·H·V lm_head
     FLOP, where response_logprobs + ppo_loss take 8 (the logits are recomputed in backward). Like
     `response_logprobs(fused=True)` it runs as a forward of the root (`dist.run_as_forward`), so that
     under FSDP the full lm_head weight is gathered and its gradient goes back to the shards.
+    pack: padding-free (targets `packing.response_targets`): the op sees the response tokens only.
     """
     P, pc = micro.prompt_width, cfg.ppo
 
     def run(model, sequences, attention_mask):
         # Float inputs come in through the closure: FSDP casts a forward's floating-point arguments to its
         # param dtype, and bf16 old logprobs would move every ratio by up to ~3%.
-        hidden = _hidden_states(model, sequences, attention_mask)[:, P - 1:-1]        # (B, R, H): state before y_t
+        per_token = (sequences[:, P:], micro.old_logprobs, micro.advantages, micro.response_mask)    # (B, R) each
+        weight = micro.policy_weight                                                   # (B, R) or None
+        if pack is None:
+            hidden = _hidden_states(model, sequences, attention_mask)[:, P - 1:-1]    # (B, R, H): state before y_t
+        else:                                                                          # (M, H), (M,): response only
+            hidden, per_token = _hidden_states(model, sequences, None, pack), [pack.take(x, P - 1) for x in per_token]
+            weight = None if weight is None else pack.take(weight, P - 1)
         out = linear_ppo_loss(
-            hidden, model.get_output_embeddings().weight, sequences[:, P:], micro.old_logprobs, micro.advantages,
-            micro.response_mask, temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
+            hidden, model.get_output_embeddings().weight, *per_token,
+            temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
-            chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model),
-            policy_weight=micro.policy_weight,
+            chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model), policy_weight=weight,
         )
-        return type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
+        out = type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
+        return out if pack is None else out._replace(logprobs=pack.unpack(out.logprobs)[:, P - 1:-1])
 
     return dist.run_as_forward(policy, run, micro.sequences, micro.attention_mask)
 
@@ -203,32 +217,35 @@ def ppo_update(
     critic.train()
     # `exp` is the whole global batch on every rank (experience.gather_experience); the global RNG is the
     # same on all ranks, so all draw the same minibatches, and each rank trains on its own share of each.
-    share = pc.minibatch_size // dist.world_size()
     # Every epoch's permutation drawn up front (the global RNG, checkpointed; the same draws in the same order
-    # as one per epoch) and moved to the device in one copy: no host-to-device transfer per minibatch.
-    orders = torch.stack([torch.randperm(B) for _ in range(pc.ppo_epochs)]).to(exp.sequences.device)
-    for order in orders:
-        for minibatch_start in range(0, B, pc.minibatch_size):
-            rows = order[minibatch_start:minibatch_start + pc.minibatch_size]
-            rows = rows[dist.rank() * share:(dist.rank() + 1) * share]                    # this rank's share
-            minibatch = exp.select(rows)
+    # as one per epoch), and every minibatch's micro-batches planned (and packed) with one copy each way
+    # between host and device for the whole update: no transfer per minibatch. Micro-batches of
+    # pc.micro_batch_size rows or pc.micro_batch_tokens tokens, padding-free with pc.packing, as many on every
+    # rank (dummies, whose loss is multiplied by 0).
+    orders = torch.stack([torch.randperm(B) for _ in range(pc.ppo_epochs)])
+    schedule = iter(micro_batches([(exp.attention_mask, response_targets(exp.response_mask, exp.prompt_width))],
+                                  rows=pc.micro_batch_size, tokens=pc.micro_batch_tokens, packed=pc.packing,
+                                  groups=minibatch_shares(orders, pc.minibatch_size)))
+    for _ in orders:
+        for _ in range(0, B, pc.minibatch_size):
+            group = next(schedule)                                                      # this minibatch's share
+            minibatch = exp.select(group.rows)
             # Token mean over the whole minibatch on all ranks, not per micro-batch.
             normalizer = masked_count(minibatch.response_mask, group=dist.group())
-            losses, minibatch_sums, minibatch_values = [], {}, []
-            for micro_start in range(0, share, pc.micro_batch_size):
-                micro = minibatch.select(slice(micro_start, micro_start + pc.micro_batch_size))   # views, no index
+            losses, minibatch_sums, minibatch_values, minibatch_rows = [], {}, [], []
+            for planned in group.micro:
+                micro, (pack,) = minibatch.select(planned.rows), planned.packs
                 mask = micro.response_mask
-                values = response_values(critic, micro.sequences, micro.attention_mask, mask,
-                                         prompt_width=micro.prompt_width)
+                values = response_values(critic, micro.sequences, micro.attention_mask, mask, prompt_width=micro.prompt_width,
+                                         pack=pack)
                 policy_out = None
                 if train_policy and fused and pc.fused_policy_loss:
-                    policy_out = fused_policy_loss(policy, micro, normalizer, cfg)
+                    policy_out = fused_policy_loss(policy, micro, normalizer, cfg, pack)
                     logprobs = policy_out.logprobs                  # detached: ppo_loss below only trains the critic
                 elif train_policy:
-                    lp = response_logprobs(policy, micro.sequences, micro.attention_mask, mask,
-                                           prompt_width=micro.prompt_width,
-                                           temperature=T, return_entropy=True, fused=fused,
-                                           backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size)
+                    lp = response_logprobs(policy, micro.sequences, micro.attention_mask, mask, prompt_width=micro.prompt_width,
+                                           temperature=T, return_entropy=True, fused=fused, backend=cfg.run.backend,
+                                           chunk_size=cfg.model.lm_head_chunk_size, pack=pack)
                     logprobs, entropy = lp.logprobs, lp.entropy
                 else:
                     logprobs, entropy = micro.old_logprobs, torch.zeros_like(micro.old_logprobs)
@@ -246,6 +263,9 @@ def ppo_update(
                     entropy_mean = (entropy * mask).sum() / normalizer
                     # Without an entropy bonus the entropy is a metric only: keep it out of the backward pass.
                     loss = out.loss - pc.ent_coef * entropy_mean if pc.ent_coef > 0 else out.loss
+                if planned.dummy:                   # the same collectives as the other ranks, no contribution
+                    (loss * 0.0).backward()
+                    continue
                 loss.backward()
                 losses.append(loss.detach())
                 # Each term is already divided by the minibatch normalizer: summing over
@@ -256,13 +276,15 @@ def ppo_update(
                              ("policy/entropy_new", entropy_mean)):
                     minibatch_sums[k] = minibatch_sums.get(k, 0.0) + v.detach()
                 minibatch_values.append(values.detach())
-            metrics.add_dict(dist.all_reduce_dict(minibatch_sums))                      # this rank's share -> global
+                minibatch_rows.append(planned.rows)
+            metrics.add_dict(dist.all_reduce_dict(minibatch_sums))                             # this rank's share -> global
             # Over the whole minibatch (all ranks), so it does not depend on how it is split into micro-batches.
             metrics.add("values/explained_variance",
-                        explained_variance(torch.cat(minibatch_values), minibatch.returns, minibatch.response_mask))
+                        explained_variance(in_row_order(minibatch_rows, minibatch_values), minibatch.returns,
+                                           minibatch.response_mask))
             if use_ptx:
                 ptx = pc.ptx_coef * ptx_loss(policy, next(ptx_batches), fused=fused, backend=cfg.run.backend,
-                                             chunk_size=cfg.model.lm_head_chunk_size)
+                                             chunk_size=cfg.model.lm_head_chunk_size, packed=pc.packing)
                 ptx.backward()
                 losses.append(ptx.detach())
                 metrics.add("loss/ptx", dist.all_reduce(ptx.detach()) / pc.ptx_coef)

@@ -50,6 +50,7 @@ from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, c
                    fit_to_length, read_records)
 from .metrics import MetricBuffer
 from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
+from .packing import Packing, index_targets
 from .ppo import Trained, make_optimizer, make_scheduler, ptx_loss
 from .run_dir import claimed_stage
 from .sft import (StageResult, add_stage_arguments, export_stage, load_stage_tokenizer, model_kwargs, prepare_model,
@@ -196,22 +197,25 @@ def load_lm_head(path: str, reward_model: nn.Module, kw: dict, device: torch.dev
 # Loss and evaluation
 # ----------------------------------------------------------------------------
 
-def pair_scores(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen (B,), r_rejected (B,)) read at the EOS token, through the same forward `train` uses."""
-    scores = score_at(model, batch.input_ids, batch.attention_mask, batch.eos_index)   # (2B,)
+def pair_scores(model: nn.Module, batch: PairBatch, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,)) read at the EOS token, through the same forward `train` uses
+    (packed: one padding-free forward over the 2B sequences, the head applied at the EOS states only)."""
+    pack = Packing.build(batch.attention_mask, index_targets(batch.eos_index, batch.input_ids.size(1)),
+                         batch.input_ids.device) if packed else None
+    scores = score_at(model, batch.input_ids, batch.attention_mask, batch.eos_index, pack)   # (2B,)
     B = scores.numel() // 2
     return scores[:B], scores[B:]
 
 
 @torch.no_grad()
 def evaluate_rm(model: nn.Module, pairs: list[PairExample], *, pad_id: int, batch_size: int,
-                device: torch.device) -> dict[str, float]:
+                device: torch.device, packed: bool = False) -> dict[str, float]:
     """Held-out accuracy (r_c > r_r), mean margin, mean loss and score statistics."""
     was_training = model.training
     model.eval()
     rc_all, rr_all = [], []
     for start in range(0, len(pairs), batch_size):
-        rc, rr = pair_scores(model, collate_pairs(pairs[start:start + batch_size], pad_id).to(device))
+        rc, rr = pair_scores(model, collate_pairs(pairs[start:start + batch_size], pad_id).to(device), packed)
         rc_all.append(rc)
         rr_all.append(rr)
     model.train(was_training)
@@ -270,7 +274,7 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
         for s in range(0, len(pairs), run.micro_batch_size):
             chunk = pairs[s:s + run.micro_batch_size]
             batch = collate_pairs(chunk, tokenizer.pad_token_id).to(device)
-            rc, rr = pair_scores(model, batch)
+            rc, rr = pair_scores(model, batch, run.packing)
             margin = rc - rr
             share = len(chunk) / len(pairs)
             loss = -F.logsigmoid(margin).mean() * share                      # -log sigma(r_c - r_r)
@@ -279,7 +283,7 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
             if lm_model is not None:
                 lm_batch = SFTBatch(batch.input_ids[:len(chunk)], batch.attention_mask[:len(chunk)], batch.lm_labels)
                 lm = ptx_loss(lm_model, lm_batch, fused=True, backend=run.backend,
-                              chunk_size=cfg.model.lm_head_chunk_size)
+                              chunk_size=cfg.model.lm_head_chunk_size, packed=run.packing)
                 loss = loss + lc.lm_coef * lm * share
                 metrics.add("loss/lm", lm.detach())
             loss.backward()
@@ -294,7 +298,8 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
         "train-rm", out=out, run=run, n_steps=n_steps, n_items=len(train_pairs), shuffle=d.shuffle,
         trained=Trained("", holder, opt, sched), max_grad_norm=cfg.optim.max_grad_norm, step_loss=step_loss,
         evaluate=(lambda: evaluate_rm(model, eval_pairs, pad_id=tokenizer.pad_token_id,   # 3. held-out accuracy
-                                      batch_size=run.eval_batch_size, device=device)) if eval_pairs else None,
+                                      batch_size=run.eval_batch_size, device=device, packed=run.packing))
+                  if eval_pairs else None,
         shown={"loss": "loss/total", "eval_acc": "eval/accuracy"}, on_step=on_step)
 
     # 4. Export: a sequence-classification directory (num_labels=1) + tokenizer, loadable as reward model and critic.

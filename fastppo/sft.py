@@ -231,7 +231,7 @@ def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[list[SFTExample], list
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, examples: list[SFTExample], *, pad_id: int, batch_size: int, device: torch.device,
-                fused: bool, backend: str | None, chunk_size: int | None) -> dict[str, float]:
+                fused: bool, backend: str | None, chunk_size: int | None, packed: bool = False) -> dict[str, float]:
     """Held-out token-mean NLL of the responses and its perplexity."""
     was_training = model.training
     model.eval()
@@ -239,7 +239,8 @@ def evaluate_lm(model: nn.Module, examples: list[SFTExample], *, pad_id: int, ba
     for start in range(0, len(examples), batch_size):
         batch = _to(collate_sft(examples[start:start + batch_size], pad_id), device)
         n = int((batch.labels != IGNORE_INDEX).sum())
-        total += ptx_loss(model, batch, fused=fused, backend=backend, chunk_size=chunk_size).double().cpu() * n
+        total += ptx_loss(model, batch, fused=fused, backend=backend, chunk_size=chunk_size,
+                          packed=packed).double().cpu() * n
         count += n
     model.train(was_training)
     nll = float(total / max(count, 1))
@@ -284,15 +285,15 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
         for b, n in zip(micro, counts):
             # ptx_loss is the micro-batch token mean; rescale it to the step-wide mean
             # (the token-mean normaliser of docs/training.md).
-            loss = ptx_loss(model, b, fused=fused, backend=run.backend,
-                            chunk_size=cfg.model.lm_head_chunk_size) * (dist.all_reduce(n.float()) / step_tokens)
+            loss = ptx_loss(model, b, fused=fused, backend=run.backend, chunk_size=cfg.model.lm_head_chunk_size,
+                            packed=run.packing) * (dist.all_reduce(n.float()) / step_tokens)
             loss.backward()
             total += loss.detach()
         metrics.add_dict({"loss/sft": total, "tokens": step_tokens})
         return total
 
     eval_kw = dict(pad_id=tokenizer.pad_token_id, batch_size=run.eval_batch_size, device=device, fused=fused,
-                   backend=run.backend, chunk_size=cfg.model.lm_head_chunk_size)
+                   backend=run.backend, chunk_size=cfg.model.lm_head_chunk_size, packed=run.packing)
     model.train()
     eval_metrics, history = stage_loop(
         "sft", out=out, run=run, n_steps=n_steps, n_items=len(train_ex), shuffle=cfg.data.shuffle,

@@ -135,7 +135,7 @@ def test_a_data_error_after_start_up_also_lands_in_train_log(tmp_path, capsys, t
 def test_a_non_finite_abort_is_one_line_naming_what_and_the_fields(tmp_path, capsys, monkeypatch, tiny_setups):
     """NaN critic values make every loss non-finite: the run stops after run.max_nonfinite_in_a_row steps.
     (NaN reward-model scores no longer do: those rows are dropped, see test_inputs.py.)"""
-    monkeypatch.setattr(experience, "response_values", lambda model, ids, mask, rmask, prompt_width:
+    monkeypatch.setattr(experience, "response_values", lambda model, ids, mask, rmask, prompt_width, pack=None:
                         torch.full(rmask.shape, math.nan))
     out = tmp_path / "run"
     rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out, "run.max_nonfinite_in_a_row": 2})])

@@ -66,9 +66,9 @@ def _nan_on(monkeypatch, every: int):
     calls = []
     real = experience.score_at
 
-    def score_at(model, ids, mask, index):
+    def score_at(model, ids, mask, index, pack=None):
         calls.append(None)
-        out = real(model, ids, mask, index)
+        out = real(model, ids, mask, index, pack)
         return out.fill_(float("nan")) if (len(calls) - 1) % every == 0 else out
 
     monkeypatch.setattr(experience, "score_at", score_at)

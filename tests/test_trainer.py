@@ -125,7 +125,7 @@ def test_nonfinite_steps_are_skipped_then_abort(tiny_setups, tmp_path, monkeypat
 
     setup = tiny_setups("llama")
     # NaN critic values (NaN rewards never reach the update: those rows are dropped, see test_inputs.py)
-    monkeypatch.setattr(experience, "response_values", lambda model, ids, mask, rmask, prompt_width:
+    monkeypatch.setattr(experience, "response_values", lambda model, ids, mask, rmask, prompt_width, pack=None:
                         torch.full(rmask.shape, float("nan")))
     cfg = load_config(None, setup.overrides(**{"run.output_dir": tmp_path / "run", "run.max_nonfinite_in_a_row": 3,
                                               "reward.reward_scale": False, "reward.reward_norm": False}))

@@ -1,0 +1,291 @@
+"""Padding-free forwards: several sequences back to back in one row, and micro-batches by a token budget.
+
+A padded batch (B, L) spends compute on padding: prompts are left-padded to
+the longest prompt, responses right-padded to the longest response. A
+`Packing` lays the valid tokens of such a batch (attention_mask == 1) back to
+back in one row of N tokens, with position ids restarting at 0 for each
+sequence, and records which packed positions a forward reads (its
+"targets": the states that predict the response tokens, the EOS state of a
+reward model, ...). The forward helpers of `models` take it as `pack=` and
+return the same (B, ·) layout as the padded forward, with the same numbers up
+to float32 summation order; the fused ops in between see only the M target
+rows, never a padding row.
+
+Attention stays inside each sequence:
+
+- sdpa / eager: the backbone gets position_ids and no attention mask;
+  transformers (`masking_utils.find_packed_sequence_indices`) then reads the
+  sequence boundaries from the position ids (a position that does not follow
+  its left neighbour by 1 starts a sequence) and builds a block-diagonal
+  causal mask, for every architecture that builds its mask with
+  `create_causal_mask` (Llama, Qwen2, Mistral, GPT-2, ...).
+- flash-attention: the cumulative sequence lengths (`cu_seqlens`, computed
+  once per micro-batch here) go to the backbone as the `cu_seq_lens_q/k` and
+  `max_length_q/k` keyword arguments, which transformers hands to every
+  attention layer and on to flash-attn's varlen kernel (no per-layer
+  recomputation from the position ids).
+
+Micro-batches (`plan`): a token budget groups sequences by first-fit
+decreasing (longest first into the first micro-batch with room); a sequence
+longer than the budget gets a micro-batch of its own. Under FSDP every
+forward all-gathers each block's parameters and every backward
+reduce-scatters its gradients, so all ranks must run the same number of
+micro-batches: `equalize` all-reduces the counts (max) and pads a rank that
+has fewer with dummy micro-batches (its shortest sequence again, `dummy=True`),
+whose results the caller multiplies by 0 (update) or drops (scoring). The
+loss normaliser is the minibatch's token count either way, so the gradient
+does not depend on how sequences fall into micro-batches (docs/packing.md).
+`micro_batches` plans every minibatch of an update (or the whole score
+phase) at once: one copy of the masks to the host, one of the index tensors
+back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import dist
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The valid tokens of a padded (B, L) batch as one packed row of N tokens, and the M target states.
+
+    index:        (N,)   int64 flat indices into the (B*L) padded batch of the valid tokens, row by row
+    position_ids: (1, N) int64 positions, restarting at 0 for each sequence
+    cu_seqlens:   (S+1,) int32 cumulative lengths of the S non-empty sequences (flash-attn varlen)
+    max_seqlen:   longest sequence
+    select:       (M,)   int64 packed positions of the target states, in row-major padded order
+    target_row:   (M,)   int64 padded row of each target
+    target_col:   (M,)   int64 padded column of each target
+    shape:        (B, L) of the padded batch
+    """
+    index: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    select: torch.Tensor
+    target_row: torch.Tensor
+    target_col: torch.Tensor
+    shape: tuple[int, int]
+
+    @staticmethod
+    def build(attention_mask: torch.Tensor, targets: torch.Tensor, device: torch.device | str = "cpu") -> "Packing":
+        """From attention_mask (B, L) and targets (B, L) bool (the states a forward reads, each on a valid
+        token), built on the host (a device-to-host copy of the masks when they are on a device) and moved
+        to `device`. `micro_batches` builds many at once with one copy each way."""
+        valid = attention_mask.detach().cpu().bool()
+        targets = targets.detach().cpu().bool()
+        if targets.shape != valid.shape:
+            raise ValueError(f"targets must have the attention mask's shape {tuple(valid.shape)}, got {tuple(targets.shape)}")
+        if (targets & ~valid).any():
+            raise ValueError("targets must lie on valid tokens (attention_mask == 1): a target state on padding "
+                             "has no packed position")
+        B, L = valid.shape
+        index = valid.flatten().nonzero().squeeze(1)                                   # (N,)
+        positions = (valid.long().cumsum(1) - 1).flatten()[index]                      # (N,) restart per row
+        lengths = valid.sum(1)
+        lengths = lengths[lengths > 0]
+        cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+        cu_seqlens[1:] = lengths.cumsum(0)
+        packed_of = torch.full((B * L,), -1, dtype=torch.long)                         # padded flat -> packed
+        packed_of[index] = torch.arange(index.numel())
+        target_flat = targets.flatten().nonzero().squeeze(1)                           # (M,)
+        host = Packing(index=index, position_ids=positions[None], cu_seqlens=cu_seqlens,
+                       max_seqlen=int(lengths.max()) if lengths.numel() else 0, select=packed_of[target_flat],
+                       target_row=target_flat // L, target_col=target_flat % L, shape=(B, L))
+        if torch.device(device).type == "cpu":
+            return host
+        return host._from_tensors([t.to(device, non_blocking=True) for t in host._tensors()])
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.index, self.position_ids.flatten(), self.cu_seqlens.long(), self.select, self.target_row,
+                self.target_col]
+
+    def _from_tensors(self, ts: list[torch.Tensor]) -> "Packing":
+        index, positions, cu, select, row, col = ts
+        return Packing(index=index, position_ids=positions.view(1, -1), cu_seqlens=cu.int(), max_seqlen=self.max_seqlen,
+                       select=select, target_row=row, target_col=col, shape=self.shape)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.index.numel()
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) padded -> (1, N, ...) packed."""
+        return x.flatten(0, 1)[self.index][None]
+
+    def take(self, x: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
+        """(B, W, ...) -> (M, ...): x at each target's (row, column - col_offset), e.g. a (B, R) response
+        tensor whose column t is the state at padded column P-1+t (col_offset = P-1)."""
+        return x[self.target_row, self.target_col - col_offset]
+
+    def unpack(self, y: torch.Tensor) -> torch.Tensor:
+        """(M, ...) target outputs -> (B, L, ...) in the padded layout, 0 off the targets (differentiable)."""
+        out = y.new_zeros((*self.shape, *y.shape[1:]))
+        return out.index_put((self.target_row, self.target_col), y)
+
+    def attention_kwargs(self, model_config) -> dict:
+        """Extra backbone kwargs: flash-attn's varlen lengths, computed once for every layer; none for sdpa/eager
+        (they find the sequences from the position ids)."""
+        if "flash" not in str(getattr(model_config, "_attn_implementation", "") or ""):
+            return {}
+        return dict(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                    max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+
+
+def response_targets(response_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """(B, P+R) bool: the states before the response tokens (column P-1+t for response token t)."""
+    B, R = response_mask.shape
+    out = torch.zeros(B, prompt_width + R, dtype=torch.bool, device=response_mask.device)
+    out[:, prompt_width - 1:-1] = response_mask
+    return out
+
+
+def index_targets(index: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) bool: one target per row, at column index[b] (e.g. the EOS token a reward is read at)."""
+    out = torch.zeros(index.numel(), width, dtype=torch.bool, device=index.device)
+    return out.scatter_(1, index.view(-1, 1), True)
+
+
+# ----------------------------------------------------------------------------
+# Micro-batch planning
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MicroBatch:
+    rows: list[int]
+    """Positions in the planned sequences (`plan`'s lengths), ascending."""
+    dummy: bool = False
+    """Padding so that every rank runs as many micro-batches (FSDP's collectives must match): run it, then
+    drop its results (multiply its loss by 0)."""
+
+
+def first_fit_decreasing(costs: list[int], budget: int) -> list[list[int]]:
+    """Bins of indices whose costs sum to at most `budget` (an item costing more gets a bin alone):
+    longest first, each into the first bin with room. Each bin's indices ascending; bins by first index."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if costs[i] <= free:
+                bins[b].append(i)
+                room[b] -= costs[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - costs[i])
+    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
+
+
+def plan(lengths: list[int], *, rows: int, tokens: int | None, padded_width: int, packed: bool) -> list[MicroBatch]:
+    """Micro-batches over a batch of sequences of `lengths` (valid tokens each), on this rank.
+
+    tokens=None: consecutive groups of `rows`. Otherwise a token budget per micro-batch, costing each
+    sequence its length when packed and `padded_width` (the columns a padded forward computes) when not.
+    """
+    n = len(lengths)
+    if tokens is None:
+        return [MicroBatch(list(range(s, min(s + rows, n)))) for s in range(0, n, rows)]
+    return [MicroBatch(b) for b in first_fit_decreasing(list(lengths) if packed else [padded_width] * n, tokens)]
+
+
+def equalize(plans: list[list[MicroBatch]], lengths: list[list[int]], device: torch.device | str) -> list[list[MicroBatch]]:
+    """Each plan padded with dummies (its shortest sequence) to the largest count any rank has for it:
+    one all-reduce (max) of every plan's count. Identity in one process."""
+    if dist.world_size() == 1 or not plans:
+        return plans
+    counts = dist.all_reduce(torch.tensor([float(len(p)) for p in plans], device=device), "max").tolist()
+    out = []
+    for p, ls, count in zip(plans, lengths, counts):
+        if len(p) < count and not ls:
+            raise ValueError("a rank with no rows cannot run the micro-batches of the others")
+        shortest = min(range(len(ls)), key=lambda i: (ls[i], i)) if ls else 0
+        out.append(p + [MicroBatch([shortest], dummy=True)] * (int(count) - len(p)))
+    return out
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One micro-batch, ready to run."""
+    rows: torch.Tensor
+    """(b,) int64 positions in its group (see `micro_batches`), on the batch's device."""
+    packs: tuple[Packing | None, ...]
+    """One per frame given to `micro_batches` (None: padded forwards)."""
+    dummy: bool
+    """Run it, then drop its results (see `MicroBatch.dummy`)."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """The micro-batches of one group of rows (e.g. an update's minibatch on this rank)."""
+    rows: torch.Tensor
+    """(n,) int64 rows of the batch, on its device."""
+    micro: list[Planned]
+
+
+def micro_batches(frames: list[tuple[torch.Tensor, torch.Tensor]], *, rows: int, tokens: int | None, packed: bool,
+                  groups: list[list[int]] | None = None) -> list[Group]:
+    """Plan the micro-batches of each group of rows and build their packings.
+
+    frames: (attention_mask (B, L_i), targets (B, L_i) bool) of each layout the micro-batches run in (e.g. the
+    policy's sequences and the reward model's, which has one more column); the first one's lengths are
+    budgeted. groups: lists of rows of the batch (default: one group of every row). rows, tokens: as in
+    `plan`. With a token budget the counts are made equal across ranks (`equalize`).
+
+    All groups together cost one device-to-host copy (the masks), at most one all-reduce (the counts)
+    and one host-to-device copy (every index tensor).
+    """
+    device = frames[0][0].device
+    flat = torch.cat([x.flatten().bool() for frame in frames for x in frame]).cpu()          # the one host sync
+    host, start = [], 0
+    for mask, _ in frames:
+        n = mask.numel()
+        host.append((flat[start:start + n].view(mask.shape), flat[start + n:start + 2 * n].view(mask.shape)))
+        start += 2 * n
+    mask0 = host[0][0]
+    all_lengths = mask0.sum(-1).tolist()
+    groups = [list(range(mask0.size(0)))] if groups is None else [list(g) for g in groups]
+    lengths = [[all_lengths[i] for i in g] for g in groups]
+    plans = [plan(ls, rows=rows, tokens=tokens, padded_width=mask0.size(1), packed=packed) for ls in lengths]
+    if tokens is not None:                                 # (row counts: every rank holds as many rows)
+        plans = equalize(plans, lengths, device)
+    built = [[(mb, tuple(Packing.build(m[[g[i] for i in mb.rows]], t[[g[i] for i in mb.rows]]) if packed else None
+                         for m, t in host)) for mb in p] for g, p in zip(groups, plans)]
+    return _to_device(built, groups, device)
+
+
+def _to_device(built: list[list[tuple[MicroBatch, tuple]]], groups: list[list[int]], device) -> list[Group]:
+    """The plan's host tensors (group rows, micro-batch rows, packings) moved in one host-to-device copy."""
+    parts = []
+    for g, pairs in zip(groups, built):
+        parts.append(torch.tensor(g, dtype=torch.long))
+        for mb, packs in pairs:
+            parts.append(torch.tensor(mb.rows, dtype=torch.long))
+            parts += [t for p in packs if p is not None for t in p._tensors()]
+    views = iter(torch.cat(parts).to(device, non_blocking=True).split([t.numel() for t in parts]))
+    out = []
+    for pairs in built:
+        group_rows = next(views)
+        micro = [Planned(next(views), tuple(None if p is None else p._from_tensors([next(views) for _ in range(6)])
+                                            for p in packs), mb.dummy)
+                 for mb, packs in pairs]
+        out.append(Group(group_rows, micro))
+    return out
+
+
+def minibatch_shares(orders: torch.Tensor, minibatch_size: int) -> list[list[int]]:
+    """This rank's rows of every minibatch, epoch after epoch: orders (E, B) are host permutations of the
+    global batch (the same on every rank), cut into minibatches, each split evenly over the ranks."""
+    share, rank = minibatch_size // dist.world_size(), dist.rank()
+    return [order[start:start + minibatch_size][rank * share:(rank + 1) * share]
+            for order in orders.tolist() for start in range(0, len(order), minibatch_size)]
+
+
+def in_row_order(rows: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """The micro-batches' outputs (each (b, ...), for `rows`) as one (B, ...) tensor in the batch's row order."""
+    index, stacked = torch.cat(rows), torch.cat(values)
+    return torch.empty_like(stacked).index_copy_(0, index, stacked)
