@@ -98,20 +98,50 @@ class Scored:
 
 
 @torch.no_grad()
-def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool) -> Scored:
-    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time.
+def outcome_scores(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int,
+                   function_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw outcome score of each response: the reward model's at EOS (batch_size rows at a time), plus
+    `function_scores` (B,), the reward functions' weighted sum (`fastppo.rewards`); either may be absent.
 
-    A NaN or infinite reward-model score (one odd response can overflow a half-precision reward model) is
-    set to 0 and flagged in `nonfinite`; `drop_rows` then takes those rows out of the update. Every row of
-    the global batch non-finite means the reward model itself is broken: that stops the run.
+    Returns (scores, nonfinite), (B,) float32 and bool. A NaN or infinite reward-model score (one odd response
+    can overflow a half-precision reward model) is set to 0 and flagged in `nonfinite`; `drop_rows` then takes
+    those rows out of the update. Every row of the global batch non-finite means the reward model itself is
+    broken: that stops the run.
     """
+    B = len(rollout.sequences)
+    scores = torch.zeros(B, device=rollout.sequences.device)
+    if models.reward is not None:
+        tok = models.tokenizer
+        rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        scores = torch.cat([score_at(models.reward, rm_ids[s:s + batch_size], rm_mask[s:s + batch_size],
+                                     eos_index[s:s + batch_size]) for s in range(0, B, batch_size)])
+    nonfinite = ~torch.isfinite(scores)
+    n_bad = int(dist.all_reduce(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
+    if n_bad:
+        rows = nonfinite.nonzero().flatten().tolist()
+        where = f"rank {dist.rank()} " if dist.world_size() > 1 else ""
+        if n_bad == dist.world_size() * nonfinite.numel():
+            raise ModelError(f"the reward model at {cfg.model.reward_path} scored every response of the batch NaN "
+                             f"or infinite (e.g. {scores[0].item()}): check its weights and model.dtype")
+        log.warning("the reward model at %s scored %s rows %s NaN/inf: they are dropped from this update",
+                    cfg.model.reward_path, where, rows[:16])
+    scores = torch.where(nonfinite, 0.0, scores.float())
+    if function_scores is not None:
+        scores = scores + function_scores.to(scores.device, torch.float32)
+    return scores, nonfinite
+
+
+@torch.no_grad()
+def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool,
+                  outcomes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Scored:
+    """Phase 2: run policy, reference and critic (when there is one) over the rollout, batch_size rows at a
+    time, and take the outcome scores (`outcome_scores`, computed here unless given as (scores, nonfinite)).
+    Without a critic the values are 0."""
     T = cfg.rollout.temperature
-    tok = models.tokenizer
-    rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     P = rollout.prompt_width
     kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size,
               vocab_size=models.vocab_size)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("old_logprobs", "old_entropy", "ref_logprobs", "values", "scores")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("old_logprobs", "old_entropy", "ref_logprobs", "values")}
     for s in range(0, len(rollout.sequences), batch_size):
         rows = slice(s, s + batch_size)
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
@@ -119,21 +149,11 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
         parts["old_logprobs"].append(lp.logprobs)
         parts["old_entropy"].append(lp.entropy)
         parts["ref_logprobs"].append(response_logprobs(models.ref, ids, mask, rmask, **kw).logprobs)
-        parts["values"].append(response_values(models.critic, ids, mask, rmask, prompt_width=P))
-        parts["scores"].append(score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]))
+        parts["values"].append(torch.zeros_like(lp.logprobs) if models.critic is None
+                               else response_values(models.critic, ids, mask, rmask, prompt_width=P))
     out = {k: torch.cat(v) for k, v in parts.items()}
-    nonfinite = ~torch.isfinite(out["scores"])
-    n_bad = int(dist.all_reduce(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
-    if n_bad:
-        rows = nonfinite.nonzero().flatten().tolist()
-        where = f"rank {dist.rank()} " if dist.world_size() > 1 else ""
-        if n_bad == dist.world_size() * nonfinite.numel():
-            raise ModelError(f"the reward model at {cfg.model.reward_path} scored every response of the batch NaN "
-                             f"or infinite (e.g. {out['scores'][0].item()}): check its weights and model.dtype")
-        log.warning("the reward model at %s scored %s rows %s NaN/inf: they are dropped from this update",
-                    cfg.model.reward_path, where, rows[:16])
-    out["scores"] = torch.where(nonfinite, 0.0, out["scores"])
-    return Scored(**out, nonfinite=nonfinite)
+    scores, nonfinite = outcomes if outcomes is not None else outcome_scores(models, rollout, cfg, batch_size=batch_size)
+    return Scored(**out, scores=scores, nonfinite=nonfinite)
 
 
 def drop_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
@@ -227,7 +247,7 @@ def kl_controller(cfg: Config) -> AdaptiveKLController:
 
 
 def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, kl: torch.Tensor,
-                       exp: Experience, max_new_tokens: int) -> dict[str, torch.Tensor]:
+                       exp: Experience, max_new_tokens: int, with_critic: bool = True) -> dict[str, torch.Tensor]:
     """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023), as device tensors (synced once with the rest)."""
     mask = rollout.response_mask
     n_tokens = masked_count(mask, group=dist.group())
@@ -250,9 +270,10 @@ def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, k
         "response/total_tokens": masked_count(rollout.attention_mask, group=dist.group()),  # prompt + response tokens
         **masked_stats("advantages", exp.advantages, mask),
         **masked_stats("returns", exp.returns, mask),
-        **masked_stats("values", exp.old_values, mask),
-        "values/explained_variance_old": explained_variance(exp.old_values, exp.returns, mask),
         "reward/token_mean": dist.all_reduce(exp.rewards.sum()) / n_rows,
     }
+    if with_critic:
+        out.update({**masked_stats("values", exp.old_values, mask),
+                    "values/explained_variance_old": explained_variance(exp.old_values, exp.returns, mask)})
     return out
 

@@ -14,6 +14,7 @@ gradient norm is not finite is skipped (gradients dropped) and counted.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from . import dist
-from .config import Config, OptimConfig
+from .advantages import loss_agg_weight, minibatch_counts
+from .config import Config, ConfigError, OptimConfig
 from .data import SFTBatch
 from .experience import Experience
 from .kernels import linear_ppo_loss, ppo_loss
@@ -79,7 +81,33 @@ def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | 
     return -(logprobs * valid).sum() / masked_count(valid, group=dist.group()).clamp(min=1)
 
 
-def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tensor, cfg: Config):
+# The policy-loss options a config field needs from the loss ops, passed only when they change the loss.
+_LOSS_OPTIONS = {"policy_weight": "ppo.loss_agg", "clip_eps_high": "ppo.clip_eps_high"}
+
+
+def check_loss_options(cfg: Config) -> None:
+    """Refuse, naming the field, a policy-loss option that the installed loss ops do not take."""
+    wanted = {"policy_weight": cfg.ppo.loss_agg != "token_mean", "clip_eps_high": cfg.ppo.clip_eps_high is not None}
+    for op in (ppo_loss, linear_ppo_loss):
+        params = inspect.signature(op).parameters
+        for arg, field in _LOSS_OPTIONS.items():
+            if wanted[arg] and arg not in params:
+                raise ConfigError(f"invalid config: field '{field}': needs fastppo.kernels.{op.__name__}({arg}=...), "
+                                  "which this version of the ops does not have")
+
+
+def policy_loss_options(cfg: Config, weight: torch.Tensor | None) -> dict:
+    """policy_weight= (a per-token weight on the surrogate: `advantages.loss_agg_weight`) and clip_eps_high=, as
+    keyword arguments of ppo_loss / linear_ppo_loss, each only when it is not the default."""
+    opts = {}
+    if weight is not None:
+        opts["policy_weight"] = weight
+    if cfg.ppo.clip_eps_high is not None:
+        opts["clip_eps_high"] = cfg.ppo.clip_eps_high
+    return opts
+
+
+def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tensor, cfg: Config, **options):
     """Clipped surrogate − ent_coef·entropy of one micro-batch, from the policy's hidden states in one pass.
 
     `linear_ppo_loss` computes the loss and its gradients chunk by chunk in forward: 6·N·H·V lm_head
@@ -97,7 +125,7 @@ def fused_policy_loss(policy: nn.Module, mb: Experience, normalizer: torch.Tenso
             hidden, model.get_output_embeddings().weight, sequences[:, P:], mb.old_logprobs, mb.advantages,
             mb.response_mask, temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
-            chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model),
+            chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model), **options,
         )
         return type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
 
@@ -176,9 +204,9 @@ def ppo_update(
     exp: Experience,
     *,
     policy: nn.Module,
-    critic: nn.Module,
+    critic: nn.Module | None,
     policy_opt: torch.optim.Optimizer,
-    critic_opt: torch.optim.Optimizer,
+    critic_opt: torch.optim.Optimizer | None,
     policy_sched,
     critic_sched,
     cfg: Config,
@@ -191,15 +219,19 @@ def ppo_update(
     """Phase 5: ppo_epochs passes of shuffled minibatches over `exp`, one optimizer step per minibatch.
 
     train_policy=False is the critic warm-up (PPO-max §5.4): the policy is not
-    run, its loss terms are zero, and only the critic steps.
+    run, its loss terms are zero, and only the critic steps. critic=None (a
+    critic-free estimator): no value forward, loss, metric or step.
     """
     pc, oc = cfg.ppo, cfg.optim
+    check_loss_options(cfg)
+    with_critic = critic is not None
     B = len(exp)
     T = cfg.rollout.temperature
     use_ptx = train_policy and ptx_batches is not None and pc.ptx_coef > 0
     # train() matters only for gradient checkpointing: dropout is 0 in every config (models.no_dropout_config).
     policy.train(train_policy)
-    critic.train()
+    if with_critic:
+        critic.train()
     # `exp` is the whole global batch on every rank (experience.gather_experience); the global RNG is the
     # same on all ranks, so all draw the same minibatches, and each rank trains on its own share of each.
     share = pc.minibatch_size // dist.world_size()
@@ -212,14 +244,19 @@ def ppo_update(
             minibatch = exp.select(rows)
             # Token mean over the whole minibatch on all ranks, not per micro-batch.
             normalizer = masked_count(minibatch.response_mask, group=dist.group())
+            n_seqs = minibatch_counts(minibatch.response_mask)[1] if pc.loss_agg != "token_mean" else None
             losses, mb_sums, mb_values = [], {}, []
             for mc_start in range(0, share, pc.micro_batch_size):
                 mb = minibatch.select(slice(mc_start, mc_start + pc.micro_batch_size))        # views, no index tensor
                 mask = mb.response_mask
-                values = response_values(critic, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width)
+                values = (response_values(critic, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width)
+                          if with_critic else torch.zeros_like(mb.old_logprobs))
+                weight = loss_agg_weight(mask, mode=pc.loss_agg, n_tokens=normalizer, n_seqs=n_seqs,
+                                         max_new_tokens=cfg.rollout.max_new_tokens)
+                options = policy_loss_options(cfg, weight)
                 policy_out = None
                 if train_policy and fused and pc.fused_policy_loss:
-                    policy_out = fused_policy_loss(policy, mb, normalizer, cfg)
+                    policy_out = fused_policy_loss(policy, mb, normalizer, cfg, **options)
                     logprobs = policy_out.logprobs                  # detached: ppo_loss below only trains the critic
                 elif train_policy:
                     lp = response_logprobs(policy, mb.sequences, mb.attention_mask, mask, prompt_width=mb.prompt_width,
@@ -230,13 +267,14 @@ def ppo_update(
                     logprobs, entropy = mb.old_logprobs, torch.zeros_like(mb.old_logprobs)
                 out = ppo_loss(
                     logprobs, mb.old_logprobs, mb.advantages, values, mb.old_values, mb.returns, mask,
-                    clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
-                    normalizer=normalizer, backend=cfg.run.backend,
+                    clip_eps=pc.clip_eps, value_clip=pc.value_clip if with_critic else None,
+                    vf_coef=pc.vf_coef if with_critic else 0.0, dual_clip=pc.dual_clip,
+                    normalizer=normalizer, backend=cfg.run.backend, **options,
                 )
                 if policy_out is not None:
                     # The policy statistics of `out` are those of policy_out (same logprobs, same formulas).
                     entropy_mean = policy_out.entropy
-                    loss = policy_out.loss + pc.vf_coef * out.value_loss
+                    loss = policy_out.loss + pc.vf_coef * out.value_loss if with_critic else policy_out.loss
                 else:
                     entropy_mean = (entropy * mask).sum() / normalizer
                     # Without an entropy bonus the entropy is a metric only: keep it out of the backward pass.
@@ -245,16 +283,19 @@ def ppo_update(
                 losses.append(loss.detach())
                 # Each term is already divided by the minibatch normalizer: summing over
                 # micro-batches gives the minibatch value.
-                for k, v in (("loss/policy", out.policy_loss), ("loss/value", out.value_loss), ("loss/total", loss),
-                             ("policy/clipfrac", out.clipfrac), ("values/clipfrac", out.value_clipfrac),
-                             ("policy/approx_kl", out.approx_kl), ("policy/ratio_mean", out.ratio_mean),
-                             ("policy/entropy_new", entropy_mean)):
+                terms = [("loss/policy", out.policy_loss), ("loss/total", loss), ("policy/clipfrac", out.clipfrac),
+                         ("policy/approx_kl", out.approx_kl), ("policy/ratio_mean", out.ratio_mean),
+                         ("policy/entropy_new", entropy_mean)]
+                if with_critic:
+                    terms += [("loss/value", out.value_loss), ("values/clipfrac", out.value_clipfrac)]
+                for k, v in terms:
                     mb_sums[k] = mb_sums.get(k, 0.0) + v.detach()
                 mb_values.append(values.detach())
             metrics.add_dict(dist.all_reduce_dict(mb_sums))                             # this rank's share -> global
-            # Over the whole minibatch (all ranks), so it does not depend on how it is split into micro-batches.
-            metrics.add("values/explained_variance",
-                        explained_variance(torch.cat(mb_values), minibatch.returns, minibatch.response_mask))
+            if with_critic:
+                # Over the whole minibatch (all ranks), so it does not depend on how it is split into micro-batches.
+                metrics.add("values/explained_variance",
+                            explained_variance(torch.cat(mb_values), minibatch.returns, minibatch.response_mask))
             if use_ptx:
                 ptx = pc.ptx_coef * ptx_loss(policy, next(ptx_batches), fused=fused, backend=cfg.run.backend,
                                              chunk_size=cfg.model.lm_head_chunk_size)
@@ -262,13 +303,15 @@ def ppo_update(
                 losses.append(ptx.detach())
                 metrics.add("loss/ptx", dist.all_reduce(ptx.detach()) / pc.ptx_coef)
 
+            trained = [Trained("policy", policy, policy_opt, policy_sched, train=train_policy)]
+            if with_critic:
+                trained.append(Trained("critic", critic, critic_opt, critic_sched))
             optimizer_step(
-                torch.stack(losses).sum(),
-                [Trained("policy", policy, policy_opt, policy_sched, train=train_policy),
-                 Trained("critic", critic, critic_opt, critic_sched)],
+                torch.stack(losses).sum(), trained,
                 max_grad_norm=oc.max_grad_norm, counters=counters,
                 max_nonfinite_in_a_row=cfg.run.max_nonfinite_in_a_row, metrics=metrics,
                 advice="Lower optim.policy_lr / optim.critic_lr, set optim.max_grad_norm, or check the reward model's "
                        "scores (reward.reward_clip).")
     policy.eval()
-    critic.eval()
+    if with_critic:
+        critic.eval()
