@@ -23,6 +23,7 @@ import logging
 import math
 import multiprocessing
 import numbers
+from concurrent.futures import BrokenExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
@@ -137,6 +138,11 @@ class RewardFunctions:
                         log.warning("reward function %s (reward.functions[%d]) timed out after %gs on prompt %d: "
                                     "scored reward.invalid_score", f.name, k, cfg.function_timeout_s, index)
                         value = None
+                    except (pebble.ProcessExpired, BrokenExecutor) as exc:
+                        raise RewardFunctionError(
+                            f"reward function {f.name} (reward.functions[{k}]) on prompt {index}: its worker process "
+                            f"died ({exc}); a script that calls fastppo.train must do so under "
+                            "`if __name__ == '__main__':` (worker processes import the main module)") from None
                     except Exception as exc:
                         what = (f"reward function {f.name} (reward.functions[{k}]) raised on prompt {index}: "
                                 f"{type(exc).__name__}: {exc}")
