@@ -81,9 +81,9 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     rollout_batch_size: int = 128
-    """Prompts sampled per PPO iteration, all ranks together (each rank generates rollout_batch_size / world_size)."""
+    """Prompts sampled per PPO iteration, all ranks together (each rank generates rollout_batch_size / world_size of them, n_samples_per_prompt responses each)."""
     generation_batch_size: Optional[int] = None
-    """Prompts per generate() call on each rank (bounds the KV cache); null = the rank's whole share."""
+    """Rows (responses) per generate() call on each rank (bounds the KV cache); null = the rank's whole share."""
     forward_batch_size: Optional[int] = None
     """Rows per no-grad forward on each rank when scoring experience; null = ppo.micro_batch_size."""
     max_new_tokens: int = 128

@@ -1,6 +1,7 @@
 """Experience: score a rollout, shape rewards, GAE -> one typed batch (Zheng et al. 2023, §5.3).
 
-    score_rollout      old logprobs + entropy (policy), ref logprobs, values (critic), raw score (reward model)
+    outcome_scores     raw score: reward model at EOS + reward functions (`fastppo.rewards`)
+    score_rollout      old logprobs + entropy (policy), ref logprobs, values (critic, when there is one)
     reparameterise     running mean/std of scores; scale, normalise, clip (PPO-max §5.3.1)
     token_rewards      r_t = -beta * KL_t(old, ref), shaped score added at the last response token (§5.3.2)
     advantages         GAE, optional whitening and clipping
@@ -36,10 +37,11 @@ class Experience:
     response_mask:  (B, R)   bool    response tokens (EOS included)
     old_logprobs:   (B, R)   float32 policy logprobs at rollout time (logits / T)
     ref_logprobs:   (B, R)   float32 reference logprobs (logits / T)
-    old_values:     (B, R)   float32 critic values, V of y_t read at the state before y_t
+    old_values:     (B, R)   float32 critic values, V of y_t read at the state before y_t (0 without a critic)
     rewards:        (B, R)   float32 token rewards: -beta*KL_t, plus the shaped score at the last token
     advantages:     (B, R)   float32 GAE advantages (whitened/clipped if configured)
-    returns:        (B, R)   float32 advantages + old_values (before whitening)
+    returns:        (B, R)   float32 advantages + old_values (before whitening); without a critic the return the
+                             estimator starts from (R_i on each token, or REINFORCE++'s returns-to-go)
     prompt_width:   P
     """
     sequences: torch.Tensor
