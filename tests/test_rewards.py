@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 from fastppo.config import ConfigError, RewardConfig, RewardFunctionConfig, load_config
 from fastppo.data import load_prompts
 from fastppo.rewards import RewardFunctionError, RewardFunctions, math_answer
@@ -128,3 +130,23 @@ def test_reward_functions_alone_score_a_grpo_run(tiny_setups, tmp_path, monkeypa
         assert r["score/raw/mean"] == 0.5 * r[f"reward_fn/{MODULE}:text_hash/mean"]
         assert r["reward_fn/errors"] == r["reward_fn/timeouts"] == 0
     assert result.iterations_done == 2
+
+
+def test_reward_model_score_and_functions_add(monkeypatch):
+    """The raw score is the reward model's (0 where it is NaN/inf: that row is dropped) plus the functions' sum."""
+    import fastppo.experience as experience
+    from fastppo.experience import outcome_scores
+    from fastppo.rollout import Rollout
+
+    rollout = Rollout(sequences=torch.tensor([[5, 6, 2], [5, 7, 2], [5, 8, 8]]), attention_mask=torch.ones(3, 3).long(),
+                      response_mask=torch.ones(3, 2, dtype=torch.bool), lengths=torch.tensor([2, 2, 2]),
+                      ended=torch.tensor([True, True, False]), prompt_width=1)
+    models = SimpleNamespace(reward=object(), tokenizer=SimpleNamespace(eos_token_id=2, pad_token_id=0))
+    monkeypatch.setattr(experience, "score_at", lambda model, ids, mask, index: torch.tensor([1.0, float("nan"), -2.0]))
+    cfg = load_config(None, ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"])
+    scores, nonfinite = outcome_scores(models, rollout, cfg, batch_size=4,
+                                       function_scores=torch.tensor([0.5, 0.25, 1.0]))
+    assert scores.tolist() == [1.5, 0.25, -1.0] and nonfinite.tolist() == [False, True, False]
+    models.reward = None                                          # functions alone
+    scores, nonfinite = outcome_scores(models, rollout, cfg, batch_size=4, function_scores=torch.tensor([0.5, 0.25, 1.0]))
+    assert scores.tolist() == [0.5, 0.25, 1.0] and not nonfinite.any()
