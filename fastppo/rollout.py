@@ -119,7 +119,9 @@ def _gumbel(sample_hashes: torch.Tensor, step: int, token_hashes: torch.Tensor) 
     """(B, V) float32 standard Gumbel noise from the two halves of the counter and the step."""
     row = _mix32(sample_hashes ^ _mix32(step + 0x632BE5AB))                             # (B,)
     bits = _mix32(row[:, None] ^ token_hashes[None, :]) >> 8                           # (B, V) 24 random bits
-    u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))                             # uniform in (0, 1)
+    # Uniform in (0, 1): bits + 0.5 needs 25 bits for the top value, which float32 rounds up to u = 1 (noise +inf,
+    # and -inf + inf = NaN on a masked token, which argmax then picks); the clamp keeps it below 1.
+    u = ((bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp(max=1.0 - 2.0 ** -24)
     return -torch.log(-torch.log(u))
 
 

@@ -409,3 +409,12 @@ def test_a_ppo_checkpoint_is_not_resumed_by_a_critic_free_run(tiny_setups, tmp_p
     with pytest.raises(RunDirError, match=r"cannot resume .* with ppo\.advantage=grpo: it was saved by a run with "
                                           r"ppo\.advantage=gae, with a critic"):
         train(cfg)
+
+
+def test_sampling_noise_is_finite_at_the_top_of_its_range():
+    """The counter whose 24 random bits are all ones (here sample 110, token 44, step 0) once gave +inf noise:
+    NaN on a masked (padded-vocabulary) token, which the sampler then drew. Found by the arithmetic demo."""
+    from fastppo.rollout import gumbel_noise, sampling_seed
+
+    noise = gumbel_noise(sampling_seed(sampling_seed(0, 2)), torch.tensor([110]), 0, 64)
+    assert torch.isfinite(noise).all() and noise[0, 44] > 15             # -log(-log(1 - 2^-24)) = 16.6

