@@ -435,7 +435,7 @@ def _demo_args(p) -> None:
     p.add_argument("--compare", nargs="*", default=[], choices=["vanilla", "moss_release"], metavar="PRESET",
                    help="also train these presets from the same SFT and reward model (vanilla, moss_release)")
     p.add_argument("--quick", action="store_true", help="a shortened demo (fewer examples and iterations)")
-    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30)")
+    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30; --task arithmetic: 60, quick: 25)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--task", choices=["preferences", "arithmetic"], default="preferences",
                    help="preferences: SFT -> reward model -> PPO-max (default); arithmetic: SFT -> GRPO with a "

@@ -38,7 +38,7 @@ from .train import train
 ARITH_WORDS = ["what", "is", "the", "answer", "+", "-", "?"]
 NUMBERS = [str(n) for n in range(19)]                    # every sum of two digits, and every difference a - b >= 0
 ARITH_VOCAB = [S.PAD, S.EOS, S.UNK, *ARITH_WORDS, *NUMBERS]
-ARITH_P_CORRECT = 0.3
+ARITH_P_CORRECT = 0.5
 """How often an SFT response holds the right answer (else a uniformly random number)."""
 
 
@@ -51,7 +51,7 @@ class ArithmeticPlan:
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
-    sft_epochs: float = 2.0
+    sft_epochs: float = 4.0
     sft_lr: float = 3e-3
     iterations: int = 60
     policy_lr: float = 3e-4
@@ -63,7 +63,7 @@ class ArithmeticPlan:
 
 def quick_arithmetic_plan() -> ArithmeticPlan:
     """A shortened run (the tests use it): the same code path."""
-    return ArithmeticPlan(n_sft=1500, n_prompts=512, n_eval_prompts=128, iterations=25)
+    return ArithmeticPlan(n_sft=2000, n_prompts=512, n_eval_prompts=128, sft_epochs=3.0, iterations=25)
 
 
 def make_problem(rng: random.Random) -> dict:
