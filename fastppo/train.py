@@ -414,7 +414,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     log.info("run dir %s, device %s, %d process(es)", run_dir, device, world)
 
     su = _setup(cfg, device, d)
-    models, tok, prompts, ptx_iter = su.models, su.models.tokenizer, su.prompts, su.ptx_batches
+    models, tok, ptx_iter = su.models, su.models.tokenizer, su.ptx_batches
     policy_opt, critic_opt, state = su.policy_opt, su.critic_opt, su.state
     with_critic = models.critic is not None
     start = 0
@@ -427,7 +427,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         start = saved["iteration"]
     # The loop's names for the state's parts (the same objects: a checkpoint saves what the loop changed).
     policy_sched, critic_sched, moments = state.policy_sched, state.critic_sched, state.reward_moments
-    kl_ctl, counters, sampler = state.kl_controller, state.counters, state.sampler
+    kl_ctl, counters = state.kl_controller, state.counters
 
     # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
     writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None)
