@@ -1,13 +1,13 @@
 """`fastppo demo --task arithmetic`: GRPO with a verifiable reward, on a laptop CPU, offline, in minutes.
 
-    0 data        prompts "what is 7 + 5 ?" (sums and differences of digits), a word-level tokenizer whose
+    0 data        prompts "what is 4 + 5 ?" (sums and differences of 0..5), a word-level tokenizer whose
                   words include the numbers, a tiny Llama (random init)
     1 sft         `fastppo sft` on noisy answers "the answer is N" (right only ARITH_P_CORRECT of the time):
                   the policy learns the format and a spread of candidate answers
     2 grpo        `fastppo train --preset grpo` with no reward model: reward.functions =
                   fastppo.rewards:math_answer against each prompt's `answer` field (math-verify)
     3 evaluate    accuracy on held-out prompts before and after GRPO: fresh draws of the same problems (there are
-                  only 155 of them), sampled with noise no training rollout used
+                  only 57 of them), sampled with noise no training rollout used
 
 Each stage is configured as its command would be (config loaders with dotted overrides). Deterministic
 given --seed (on one machine and thread count).
@@ -36,7 +36,8 @@ from .sft import sft
 from .train import train
 
 ARITH_WORDS = ["what", "is", "the", "answer", "+", "-", "?"]
-NUMBERS = [str(n) for n in range(19)]                    # every sum of two digits, and every difference a - b >= 0
+MAX_OPERAND = 5
+NUMBERS = [str(n) for n in range(2 * MAX_OPERAND + 1)]   # every sum a + b and difference a - b >= 0 of operands <= 5
 ARITH_VOCAB = [S.PAD, S.EOS, S.UNK, *ARITH_WORDS, *NUMBERS]
 ARITH_P_CORRECT = 0.5
 """How often an SFT response holds the right answer (else a uniformly random number)."""
@@ -54,7 +55,7 @@ class ArithmeticPlan:
     sft_epochs: float = 4.0
     sft_lr: float = 3e-3
     iterations: int = 60
-    policy_lr: float = 3e-4
+    policy_lr: float = 1e-3
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 8
     minibatch_size: int = 64
@@ -67,7 +68,7 @@ def quick_arithmetic_plan() -> ArithmeticPlan:
 
 
 def make_problem(rng: random.Random) -> dict:
-    a, b = rng.randrange(10), rng.randrange(10)
+    a, b = rng.randrange(MAX_OPERAND + 1), rng.randrange(MAX_OPERAND + 1)
     if rng.random() < 0.5:
         return {"prompt": f"what is {a} + {b} ?", "answer": str(a + b)}
     a, b = max(a, b), min(a, b)
