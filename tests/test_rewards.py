@@ -150,3 +150,18 @@ def test_reward_model_score_and_functions_add(monkeypatch):
     models.reward = None                                          # functions alone
     scores, nonfinite = outcome_scores(models, rollout, cfg, batch_size=4, function_scores=torch.tensor([0.5, 0.25, 1.0]))
     assert scores.tolist() == [0.5, 0.25, 1.0] and not nonfinite.any()
+
+
+def test_arithmetic_demo_runs_sft_then_grpo_with_math_answer(tmp_path, capsys):
+    """`fastppo demo --task arithmetic` on a tiny plan: every stage runs, the policy is scored by math_answer
+    (no reward model), and the summary holds the held-out accuracy before and after."""
+    from fastppo.demo_arithmetic import ArithmeticPlan, run_arithmetic_demo
+
+    plan = ArithmeticPlan(n_sft=64, n_prompts=32, n_eval_prompts=16, sft_epochs=1.0, iterations=2,
+                          prompts_per_iteration=4, samples_per_prompt=4, minibatch_size=16)
+    summary = run_arithmetic_demo(tmp_path / "demo", plan=plan, progress_bar=False)
+    acc = summary["held_out_accuracy"]
+    assert set(acc) == {"sft", "grpo"} and all(0 <= v <= 1 for v in acc.values())
+    records = read_metrics(tmp_path / "demo" / "grpo")
+    assert len(records) == 2 and "reward_fn/fastppo.rewards:math_answer/mean" in records[-1]
+    assert "held-out accuracy" in capsys.readouterr().out
