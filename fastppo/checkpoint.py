@@ -177,6 +177,11 @@ def resume_point(cfg) -> Path | None:
         raise RunDirError(f"run.iterations={cfg.run.iterations} is below the iteration of checkpoint {path} ({done}): "
                           f"set run.iterations to {done} or more to continue it")
     saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    before, now = saved.get("ppo", {}).get("advantage", "gae"), cfg.ppo.advantage
+    if (before == "gae") != (now == "gae"):
+        raise RunDirError(f"cannot resume {path} with ppo.advantage={now}: it was saved by a run with "
+                          f"ppo.advantage={before}, {'with' if before == 'gae' else 'without'} a critic (set "
+                          f"ppo.advantage={before} to continue it, or start a fresh run in another run.output_dir)")
     refused, changed = config_changes(saved, OmegaConf.to_container(OmegaConf.structured(cfg)))
     if refused:
         raise RunDirError(f"cannot resume {path} with other models: {'; '.join(refused)} (set them back, or start a "
@@ -218,14 +223,16 @@ def _dcp_single_process_ok():
 
 
 def _training_state(policy, critic, policy_opt, critic_opt) -> dict:
-    """The DCP state: model weights by FQN (DTensor shards under FSDP) and optimizer states by parameter FQN."""
-    for model in (policy, critic):
+    """The DCP state: model weights by FQN (DTensor shards under FSDP) and optimizer states by parameter FQN.
+    critic and critic_opt are None in a critic-free run: the state then has no critic entries."""
+    models = {"policy": policy} if critic is None else {"policy": policy, "critic": critic}
+    for model in models.values():
         dist.reshard(model)                                   # the shards, not a root FSDP keeps gathered
-    state = {"policy": get_model_state_dict(policy), "critic": get_model_state_dict(critic)}
+    state = {name: get_model_state_dict(model) for name, model in models.items()}
     for name, model, opt in (("policy_opt", policy, policy_opt), ("critic_opt", critic, critic_opt)):
         # An optimizer that has not stepped yet (the policy's during critic warm-up) has no state to save; reading
         # it through get_optimizer_state_dict would create some (a zero step) and shift Adam's bias correction.
-        if opt.state:
+        if opt is not None and opt.state:
             state[name] = get_optimizer_state_dict(model, opt)
     return state
 
@@ -260,7 +267,8 @@ def save_checkpoint(output_dir: str | Path, iteration: int, *, policy, critic, p
     if dist.is_main() and error is None:
         try:
             saved = {name: name in state for name in ("policy_opt", "critic_opt")}
-            torch.save({**trainer_state, "optimizers_saved": saved, "rng": rng_state(), "iteration": iteration},
+            torch.save({**trainer_state, "optimizers_saved": saved, "has_critic": critic is not None,
+                        "rng": rng_state(), "iteration": iteration},
                        tmp / "trainer_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
             for f in (tmp / "trainer_state.pt", tmp / "config.yaml"):  # data on disk before the rename makes it visible
@@ -362,6 +370,10 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
     or tokenizer behind the same paths) is refused. Collective under FSDP: every rank calls it.
     """
     trainer_state = verify_checkpoint(path)
+    if trainer_state.get("has_critic", True) != (critic is not None):
+        raise RunDirError(f"cannot resume {path}: it was saved {'with' if critic is None else 'without'} a critic and "
+                          f"this run has {'none' if critic is None else 'one'}; a run resumes with its "
+                          "ppo.advantage (gae trains a critic, the critic-free estimators do not)")
     if models is not None and (changed := fingerprint_changes(trainer_state.get("models"), models)):
         raise RunDirError(f"cannot resume {path}: its models differ from this run's: {'; '.join(changed)} "
                           "(the model directories changed since the checkpoint)")
@@ -369,6 +381,8 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
     # Templates in this run's layout (fresh optimizers get their state created here, then overwritten).
     state = _training_state(policy, critic, policy_opt, critic_opt)
     for name, model, opt in (("policy_opt", policy, policy_opt), ("critic_opt", critic, critic_opt)):
+        if opt is None:
+            continue
         if saved.get(name) and name not in state:
             state[name] = get_optimizer_state_dict(model, opt)
         elif not saved.get(name):
@@ -376,7 +390,8 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
     with _dcp_single_process_ok():
         dcp.load(state, checkpoint_id=str(path / "model"), no_dist=not dist.is_initialized())
     set_model_state_dict(policy, state["policy"])
-    set_model_state_dict(critic, state["critic"])
+    if critic is not None:
+        set_model_state_dict(critic, state["critic"])
     for name, model, opt in (("policy_opt", policy, policy_opt), ("critic_opt", critic, critic_opt)):
         if name in state:
             set_optimizer_state_dict(model, opt, state[name])

@@ -25,11 +25,12 @@ from typing import Callable
 
 from transformers.utils import logging as hf_logging
 
-from .config import ConfigError, load_config
+from .config import PRESETS, ConfigError, load_config
 from .data import DataError
 from .dist import DistributedError, env_world_size
 from .models import ModelError
 from .ppo import NonFiniteError
+from .rewards import RewardFunctionError
 from .run_dir import RunDirError
 from .train import train
 
@@ -39,7 +40,7 @@ log = logging.getLogger("fastppo")
 # no traceback. Add an error class here to give it the same treatment. Exit code 2 for the ValueErrors among
 # them (the config, data or model given is wrong), 1 for the others; anything else keeps its traceback.
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelError, RunDirError, NonFiniteError,
-                                                 DistributedError, OSError)
+                                                 DistributedError, RewardFunctionError, OSError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by Ctrl-C
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)
@@ -63,7 +64,7 @@ def register(name: str, help: str, add_arguments, run) -> None:
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """--config / --preset / dotted overrides: shared by every command built on fastppo.config."""
     p.add_argument("--config", "-c", type=Path, help="YAML config file (layered on the preset)")
-    p.add_argument("--preset", choices=["ppo_max", "moss_release", "vanilla"],
+    p.add_argument("--preset", choices=list(PRESETS),
                    help="base preset (docs/training.md); default: the YAML's `preset:` key, else ppo_max")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides, e.g. ppo.clip_eps=0.1")
 

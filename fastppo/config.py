@@ -65,6 +65,9 @@ Shard = _choice("Shard", "auto", "always", "never")
 CommBackend = _choice("CommBackend", "auto", "nccl", "gloo")
 OldLogprobs = _choice("OldLogprobs", "recompute", "reuse")
 RolloutCorrection = _choice("RolloutCorrection", "none", "token", "sequence")
+Advantage = _choice("Advantage", "gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+LossAgg = _choice("LossAgg", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+FunctionErrors = _choice("FunctionErrors", "raise", "invalid")
 
 
 # ----------------------------------------------------------------------------
@@ -139,8 +142,8 @@ class BaseRunConfig:
 class ModelConfig(BaseModelConfig):
     policy_path: str = MISSING
     """SFT model (local Hugging Face directory or hub id): initialises the policy and the frozen reference."""
-    reward_path: str = MISSING
-    """Reward model (AutoModelForSequenceClassification, num_labels=1), e.g. the export of `fastppo train-rm`."""
+    reward_path: Optional[str] = None
+    """Reward model (AutoModelForSequenceClassification, num_labels=1), e.g. the export of `fastppo train-rm`; null = reward.functions alone score (one of the two is required)."""
     critic_path: Optional[str] = None
     """Sequence-classification model the critic starts from; null = reward_path (PPO-max: critic from the reward model)."""
 
@@ -168,9 +171,9 @@ class DataConfig(BaseDataConfig):
 @dataclass
 class RolloutConfig:
     rollout_batch_size: int = 128
-    """Prompts sampled per PPO iteration, all ranks together (each rank generates rollout_batch_size / world_size)."""
+    """Prompts sampled per PPO iteration, all ranks together (each rank generates rollout_batch_size / world_size of them, n_samples_per_prompt responses each)."""
     generation_batch_size: Optional[int] = None
-    """Prompts per generate() call on each rank (bounds the KV cache); null = the rank's whole share."""
+    """Rows (responses) per generate() call on each rank (bounds the KV cache); null = the rank's whole share."""
     forward_batch_size: Optional[int] = None
     """Rows per no-grad forward on each rank when scoring experience; null = ppo.micro_batch_size."""
     max_new_tokens: int = 128
@@ -189,6 +192,20 @@ class RolloutConfig:
     """Generate with a static KV cache and a compiled decode step (torch.compile through HF generate)."""
     forward_batch_tokens: Optional[int] = None
     """Token budget of each no-grad forward when scoring experience (sequences bin-packed, longest first); replaces forward_batch_size when set. Counts packed tokens with ppo.packing, else rows x padded width."""
+    n_samples_per_prompt: int = 1
+    """G responses per prompt (a group, each with its own sampling noise): a rollout batch is rollout_batch_size prompts x G rows. grpo, rloo and reinforce_pp_baseline need G >= 2."""
+    dynamic_sampling: bool = False
+    """Drop groups whose raw rewards are all equal (no signal) and sample more prompts until the batch is full (DAPO, Yu et al. 2025); needs n_samples_per_prompt >= 2."""
+    dynamic_sampling_max_tries: int = 4
+    """Generation rounds per iteration with dynamic_sampling (the first included); still short after them, the batch is filled with dropped groups masked out of the update (logged as rollout/groups_short)."""
+
+
+@dataclass
+class RewardFunctionConfig:
+    name: str = MISSING
+    """The function as "module:function" (importable in the worker processes), e.g. fastppo.rewards:math_answer."""
+    weight: float = 1.0
+    """Its weight in the summed reward."""
 
 
 @dataclass
@@ -213,6 +230,16 @@ class RewardConfig:
     """Target sequence KL (nats) for the adaptive controller."""
     kl_horizon: int = 10000
     """Horizon (rollouts) of the adaptive controller."""
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
+    """Verifiable reward functions, e.g. [{name: "fastppo.rewards:math_answer", weight: 1.0}]: each called as fn(prompt_text, response_text, record) -> float | None, summed with their weights (and the reward model's score when model.reward_path is set)."""
+    invalid_score: float = 0.0
+    """A reward function's value when it returns None, times out (or raises, with function_errors=invalid)."""
+    function_timeout_s: Optional[float] = 30.0
+    """Seconds a reward function call may take before it is scored invalid_score (its worker process is replaced); null = no limit."""
+    function_errors: FunctionErrors = FunctionErrors["raise"]
+    """A reward function that raises: raise (stop the run, naming the prompt and the function) or invalid (score it invalid_score, with a warning)."""
+    function_workers: int = 4
+    """Worker processes running the reward functions on each rank."""
 
 
 @dataclass
@@ -259,6 +286,14 @@ class PPOConfig:
     """Padding-free forwards in the score phase, the update and the ptx loss: each micro-batch's sequences back to back in one row, positions restarting per sequence, attention confined to each (docs/packing.md). Same numbers as padded rows up to float32 summation order."""
     micro_batch_tokens: Optional[int] = None
     """Token budget of each forward/backward of the update (sequences bin-packed, longest first; a longer sequence gets one alone); replaces micro_batch_size when set (which still sizes the ptx batch). Counts packed tokens with packing, else rows x padded width."""
+    advantage: Advantage = Advantage.gae
+    """Advantage estimator: gae (PPO with a critic) or a critic-free one (no critic loaded): grpo, rloo, reinforce_pp, reinforce_pp_baseline (docs/estimators.md)."""
+    scale_by_std: bool = True
+    """grpo: divide by the group's reward std; false = Dr. GRPO (Liu et al. 2025)."""
+    loss_agg: LossAgg = LossAgg.token_mean
+    """Policy-loss aggregation over a minibatch: token_mean (all valid tokens), seq_mean_token_mean (mean per sequence, then over sequences) or seq_mean_token_sum_norm (each sequence's token sum / max_new_tokens, mean over sequences; Dr. GRPO)."""
+    clip_eps_high: Optional[float] = None
+    """Upper ratio clip 1 + clip_eps_high (clip-higher, DAPO); clip_eps stays the lower side; null = clip_eps."""
 
 
 @dataclass
@@ -361,7 +396,64 @@ def vanilla() -> Config:
     return cfg
 
 
-PRESETS = {"ppo_max": ppo_max, "moss_release": moss_release, "vanilla": vanilla}
+# Critic-free presets: no critic is loaded; the outcome reward is used raw (no running scale, norm or clip), sampling
+# at temperature 1 without top-p as these papers do. Their KL-to-reference *loss* term (DeepSeekMath's beta = 0.04)
+# is not part of fastppo's update: the reference KL is logged, and enters the reward only for reinforce_pp.
+
+def _critic_free(advantage: str, n_samples: int, *, policy_lr: float, kl_coef: float = 0.0) -> Config:
+    cfg = Config()
+    cfg.rollout = RolloutConfig(temperature=1.0, top_p=1.0, n_samples_per_prompt=n_samples)
+    cfg.reward = RewardConfig(reward_scale=False, reward_norm=False, reward_clip=None, kl_coef=kl_coef, kl_estimator="k1")
+    cfg.ppo = PPOConfig(advantage=advantage, gamma=1.0, whiten_advantages=False, clip_eps=0.2, value_clip=None,
+                        ptx_coef=0.0, critic_warmup_steps=0)
+    cfg.optim = OptimConfig(policy_lr=policy_lr, max_grad_norm=1.0)
+    return cfg
+
+
+def grpo() -> Config:
+    """GRPO (Shao et al. 2024, DeepSeekMath): 64 samples per question, (R - mean) / std within the group, policy lr
+    1e-6, 1024 responses per iteration (16 questions x 64) and one policy update per iteration."""
+    cfg = _critic_free("grpo", 64, policy_lr=1e-6)
+    cfg.rollout.rollout_batch_size, cfg.rollout.max_new_tokens = 16, 1024
+    cfg.ppo.minibatch_size = 1024
+    return cfg
+
+
+def dr_grpo() -> Config:
+    """Dr. GRPO (Liu et al. 2025): GRPO without the std division and without per-response length normalisation
+    (each response's token sum / max_new_tokens), no KL term; 8 samples per question, policy lr 1e-6."""
+    cfg = _critic_free("grpo", 8, policy_lr=1e-6)
+    cfg.ppo.scale_by_std, cfg.ppo.loss_agg = False, "seq_mean_token_sum_norm"
+    return cfg
+
+
+def rloo() -> Config:
+    """RLOO (Ahmadian et al. 2024): k = 4 samples per prompt, leave-one-out baseline, REINFORCE on the whole
+    batch (one update per iteration: the ratio is 1 and clipping never acts)."""
+    cfg = _critic_free("rloo", 4, policy_lr=1e-6)
+    cfg.ppo.minibatch_size = cfg.rollout.rollout_batch_size * 4
+    return cfg
+
+
+def reinforce_pp() -> Config:
+    """REINFORCE++ (Hu 2025): token-level KL penalty in the reward (beta 0.01, k1), returns-to-go with gamma 1,
+    advantages whitened over the whole batch, PPO's clipped surrogate; one sample per prompt."""
+    return _critic_free("reinforce_pp", 1, policy_lr=5e-7, kl_coef=0.01)
+
+
+def dapo() -> Config:
+    """DAPO (Yu et al. 2025): GRPO's group advantages with clip-higher (0.2 / 0.28), token-level loss, dynamic
+    sampling, no KL term; 512 prompts x 16 samples per iteration, 512 responses per update, policy lr 1e-6, responses
+    up to 20480 tokens (its overlong reward shaping is not implemented)."""
+    cfg = _critic_free("grpo", 16, policy_lr=1e-6)
+    cfg.rollout.rollout_batch_size, cfg.rollout.max_new_tokens = 512, 20480
+    cfg.rollout.dynamic_sampling, cfg.rollout.dynamic_sampling_max_tries = True, 10
+    cfg.ppo.minibatch_size, cfg.ppo.clip_eps_high, cfg.ppo.loss_agg = 512, 0.28, "token_mean"
+    return cfg
+
+
+PRESETS = {"ppo_max": ppo_max, "moss_release": moss_release, "vanilla": vanilla, "grpo": grpo, "dr_grpo": dr_grpo,
+           "rloo": rloo, "reinforce_pp": reinforce_pp, "dapo": dapo}
 
 
 # ----------------------------------------------------------------------------
@@ -738,8 +830,10 @@ def validate(cfg: Any) -> None:
                 SECTION_CHECKS[cls](section)
     if isinstance(cfg, Config):
         r, p = cfg.rollout, cfg.ppo
-        _check(r.rollout_batch_size % p.minibatch_size == 0, "ppo.minibatch_size",
-               f"must divide rollout.rollout_batch_size ({r.rollout_batch_size}), got {p.minibatch_size}")
+        _check(r.rollout_batch_size * r.n_samples_per_prompt % p.minibatch_size == 0, "ppo.minibatch_size",
+               f"must divide the rollouts per iteration, rollout.rollout_batch_size x rollout.n_samples_per_prompt "
+               f"({r.rollout_batch_size} x {r.n_samples_per_prompt}), got {p.minibatch_size}")
+        validate_critic_free(cfg)
         for name in ("rollout_is", "rollout_mask"):
             _check(getattr(p, name) == "none" or r.old_logprobs == "recompute", f"ppo.{name}",
                    f"is '{getattr(p, name)}', but rollout.old_logprobs is '{r.old_logprobs}': the correction weighs "
@@ -760,6 +854,43 @@ def validate_device(name: str, cuda_devices: int, local_rank: int = 0) -> None:
     _check(index < cuda_devices, "run.device",
            f"is {name!r}{f' (LOCAL_RANK {local_rank})' if ':' not in name else ''}, but this machine has "
            f"{cuda_devices} CUDA device(s): cuda:0 to cuda:{cuda_devices - 1}")
+
+
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
+REWARD_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def uses_critic(cfg: Config) -> bool:
+    """Only GAE needs a value model: the critic-free estimators load, shard, step and checkpoint no critic."""
+    return cfg.ppo.advantage == "gae"
+
+
+def validate_critic_free(cfg: Config) -> None:
+    """Checks of the estimators, groups, dynamic sampling and reward functions (docs/estimators.md)."""
+    r, rw, p = cfg.rollout, cfg.reward, cfg.ppo
+    _check(p.clip_eps_high is None or p.clip_eps_high > 0, "ppo.clip_eps_high", "must be > 0 or null")
+    _check(r.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt", "must be >= 1")
+    _check(p.advantage not in GROUP_ESTIMATORS or r.n_samples_per_prompt >= 2, "rollout.n_samples_per_prompt",
+           f"must be >= 2 with ppo.advantage={p.advantage} (its baseline is the rest of the group), "
+           f"got {r.n_samples_per_prompt}")
+    _check(not r.dynamic_sampling or r.n_samples_per_prompt >= 2, "rollout.dynamic_sampling",
+           f"needs groups: rollout.n_samples_per_prompt >= 2, got {r.n_samples_per_prompt}")
+    _check(r.dynamic_sampling_max_tries >= 1, "rollout.dynamic_sampling_max_tries", "must be >= 1")
+    if not uses_critic(cfg):
+        _check(p.critic_warmup_steps == 0, "ppo.critic_warmup_steps",
+               f"must be 0 with ppo.advantage={p.advantage} (no critic), got {p.critic_warmup_steps}")
+        _check(not p.whiten_advantages, "ppo.whiten_advantages",
+               f"must be false with ppo.advantage={p.advantage} (its advantages are already normalised)")
+    _check(not uses_critic(cfg) or cfg.model.reward_path is not None or cfg.model.critic_path is not None,
+           "model.critic_path", "ppo.advantage=gae trains a critic: set model.critic_path (or model.reward_path)")
+    _check(cfg.model.reward_path is not None or len(rw.functions) > 0, "model.reward_path",
+           "is null and reward.functions is empty: give a reward model, reward functions, or both")
+    for i, f in enumerate(rw.functions):
+        _check(REWARD_FUNCTION_NAME.fullmatch(f.name) is not None, f"reward.functions[{i}].name",
+               f"must look like module:function, got {f.name!r}")
+        _check(math.isfinite(f.weight), f"reward.functions[{i}].weight", f"must be a finite number, got {f.weight}")
+    _check(rw.function_timeout_s is None or rw.function_timeout_s > 0, "reward.function_timeout_s", "must be > 0 or null")
+    _check(rw.function_workers >= 1, "reward.function_workers", "must be >= 1")
 
 
 # Smallest learning rate a 16-bit master weight keeps. An AdamW step moves a weight by about lr (the
@@ -788,8 +919,11 @@ def validate_precision(cfg) -> None:
 def validate_world(cfg: Config, world_size: int) -> None:
     """Checks that need the number of processes: the global batch sizes must split evenly over ranks."""
     r, p = cfg.rollout, cfg.ppo
+    # Prompts, not rows, split over ranks: each rank holds whole groups of n_samples_per_prompt rows, so group
+    # statistics (grpo, rloo, dynamic sampling) need no collective.
     _check(r.rollout_batch_size % world_size == 0, "rollout.rollout_batch_size",
-           f"must be divisible by the number of processes ({world_size}), got {r.rollout_batch_size}")
+           f"must be divisible by the number of processes ({world_size}) so that each rank holds whole groups of "
+           f"rollout.n_samples_per_prompt rows, got {r.rollout_batch_size}")
     _check(p.minibatch_size % (world_size * p.micro_batch_size) == 0, "ppo.minibatch_size",
            f"must be divisible by processes x ppo.micro_batch_size ({world_size} x {p.micro_batch_size}), "
            f"got {p.minibatch_size}")
@@ -813,12 +947,15 @@ class Derived:
     forward_batch_size: int
     policy_optimizer_steps: int
     critic_optimizer_steps: int
+    groups_per_rank: int
+    """Prompts (groups of rollout.n_samples_per_prompt rows) each rank generates: groups are never split over ranks."""
 
 
 def derived(cfg: Config, world_size: int = 1) -> Derived:
-    mb_per_epoch = cfg.rollout.rollout_batch_size // cfg.ppo.minibatch_size
+    G = cfg.rollout.n_samples_per_prompt
+    mb_per_epoch = cfg.rollout.rollout_batch_size * G // cfg.ppo.minibatch_size
     steps_per_iter = mb_per_epoch * cfg.ppo.ppo_epochs
-    rollouts_per_rank = cfg.rollout.rollout_batch_size // world_size
+    rollouts_per_rank = cfg.rollout.rollout_batch_size // world_size * G
     return Derived(
         world_size=world_size,
         rollouts_per_rank=rollouts_per_rank,
@@ -828,5 +965,6 @@ def derived(cfg: Config, world_size: int = 1) -> Derived:
         generation_batch_size=cfg.rollout.generation_batch_size or rollouts_per_rank,
         forward_batch_size=cfg.rollout.forward_batch_size or cfg.ppo.micro_batch_size,
         policy_optimizer_steps=max(0, cfg.run.iterations - cfg.ppo.critic_warmup_steps) * steps_per_iter,
-        critic_optimizer_steps=cfg.run.iterations * steps_per_iter,
+        critic_optimizer_steps=cfg.run.iterations * steps_per_iter if uses_critic(cfg) else 0,
+        groups_per_rank=cfg.rollout.rollout_batch_size // world_size,
     )

@@ -194,13 +194,16 @@ def encode_prompt(tokenizer, value, *, where: str, field: str, prompt_format: st
 
 
 def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str, max_len: int,
-                 messages_field: str = "messages") -> list[list[int]]:
+                 messages_field: str = "messages", records: list[dict] | None = None) -> list[list[int]]:
     """Tokenised prompts, each truncated to its last max_len tokens.
 
     A record without `field` but with `messages_field` (the chat files `sft`
     reads) is a chat prompt. When a list of messages ends with the
     assistant's, that message is a reference response: the prompt is the
     turns before it.
+
+    `records`, when given, receives each prompt's whole record (in prompt order): its other fields (e.g. a
+    reference `answer`) are what reward functions see.
     """
     prompts = []
     for where, rec in read_records(path):
@@ -214,6 +217,8 @@ def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str,
         if not ids:
             raise DataError(f"{where}: field '{name}' tokenises to nothing")
         prompts.append(ids[-max_len:])
+        if records is not None:
+            records.append(rec)
     if not prompts:
         raise DataError(f"{path}: no prompts found (empty file?)")
     check_tokenizer(tokenizer, path, (field, messages_field))

@@ -37,6 +37,7 @@ from transformers.utils import logging as hf_logging
 from . import synthetic as S
 from .config import RMConfig, RolloutConfig, SFTConfig, load_config
 from .data import collate_prompts, load_prompts
+from .demo_arithmetic import ArithmeticPlan, quick_arithmetic_plan, run_arithmetic_demo
 from .models import ensure_pad_token, load_tokenizer, response_logprobs, score_at
 from .reward_training import train_rm
 from .rollout import generate, with_eos_for_scoring
@@ -434,11 +435,23 @@ def _demo_args(p) -> None:
     p.add_argument("--compare", nargs="*", default=[], choices=["vanilla", "moss_release"], metavar="PRESET",
                    help="also train these presets from the same SFT and reward model (vanilla, moss_release)")
     p.add_argument("--quick", action="store_true", help="a shortened demo (fewer examples and iterations)")
-    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30)")
+    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30; --task arithmetic: 60, quick: 25)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--task", choices=["preferences", "arithmetic"], default="preferences",
+                   help="preferences: SFT -> reward model -> PPO-max (default); arithmetic: SFT -> GRPO with a "
+                        "verifiable reward (fastppo.rewards:math_answer), held-out accuracy before/after")
 
 
 def _demo_run(args) -> int:
+    if args.task == "arithmetic":
+        plan = quick_arithmetic_plan() if args.quick else ArithmeticPlan()
+        plan.iterations = args.iterations or plan.iterations
+        out = Path(args.output_dir)
+        replace_earlier_demo(out)
+        with claim(out, field="--output-dir"):
+            (out / DEMO_MARKER).write_text(json.dumps({"task": "arithmetic", "seed": args.seed, **asdict(plan)}))
+            run_arithmetic_demo(out, seed=args.seed, plan=plan, progress_bar=not args.no_progress)
+        return 0
     plan = quick_plan() if args.quick else DemoPlan()
     if args.iterations:
         plan.ppo_iterations = args.iterations

@@ -1,6 +1,7 @@
 """Experience: score a rollout, shape rewards, GAE -> one typed batch (Zheng et al. 2023, §5.3).
 
-    score_rollout      old logprobs + entropy (policy), ref logprobs, values (critic), raw score (reward model)
+    outcome_scores     raw score: reward model at EOS + reward functions (`fastppo.rewards`)
+    score_rollout      old logprobs + entropy (policy), ref logprobs, values (critic, when there is one)
     reparameterise     running mean/std of scores; scale, normalise, clip (PPO-max §5.3.1)
     token_rewards      r_t = -beta * KL_t(old, ref), shaped score added at the last response token (§5.3.2)
     advantages         GAE, optional whitening and clipping
@@ -39,10 +40,11 @@ class Experience:
     response_mask:  (B, R)   bool    response tokens (EOS included)
     old_logprobs:   (B, R)   float32 policy logprobs at rollout time (logits / T)
     ref_logprobs:   (B, R)   float32 reference logprobs (logits / T)
-    old_values:     (B, R)   float32 critic values, V of y_t read at the state before y_t
+    old_values:     (B, R)   float32 critic values, V of y_t read at the state before y_t (0 without a critic)
     rewards:        (B, R)   float32 token rewards: -beta*KL_t, plus the shaped score at the last token
     advantages:     (B, R)   float32 GAE advantages (whitened/clipped if configured)
-    returns:        (B, R)   float32 advantages + old_values (before whitening)
+    returns:        (B, R)   float32 advantages + old_values (before whitening); without a critic the return the
+                             estimator starts from (R_i on each token, or REINFORCE++'s returns-to-go)
     prompt_width:   P
     policy_weight:  (B, R)   float32 off-policy weight of each token's policy surrogate (`rollout_correction`);
                                      None: every weight 1
@@ -106,20 +108,54 @@ class Scored:
 
 
 @torch.no_grad()
-def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool) -> Scored:
-    """Phase 2: run policy, reference, critic and reward model over the rollout, batch_size rows at a time
-    (or rollout.forward_batch_tokens tokens; padding-free with ppo.packing: `packing.micro_batches`).
+def outcome_scores(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int,
+                   function_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw outcome score of each response: the reward model's at EOS (batch_size rows at a time), plus
+    `function_scores` (B,), the reward functions' weighted sum (`fastppo.rewards`); either may be absent.
 
-    With rollout.old_logprobs=reuse the policy is not run: pi_old and its entropy are the generator's
-    (`Rollout.logprobs`, `Rollout.entropy`).
-
-    A NaN or infinite reward-model score (one odd response can overflow a half-precision reward model) is
-    set to 0 and flagged in `nonfinite`; `drop_rows` then takes those rows out of the update. Every row of
-    the global batch non-finite means the reward model itself is broken: that stops the run.
+    Returns (scores, nonfinite), (B,) float32 and bool. A NaN or infinite reward-model score (one odd response
+    can overflow a half-precision reward model) is set to 0 and flagged in `nonfinite`; `drop_rows` then takes
+    those rows out of the update. Every row of the global batch non-finite means the reward model itself is
+    broken: that stops the run.
     """
+    B = len(rollout.sequences)
+    scores = torch.zeros(B, device=rollout.sequences.device)
+    if models.reward is not None:
+        tok = models.tokenizer
+        rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        (every_row,) = micro_batches([(rm_mask, index_targets(eos_index, rm_mask.size(1)))], rows=batch_size,
+                                     tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing)
+        done, parts = [], []
+        for micro in every_row.micro:
+            (pack,), rows = micro.packs, micro.rows
+            score = score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows], pack=pack)
+            if not micro.dummy:                          # a dummy only keeps FSDP's collectives in step
+                done.append(rows)
+                parts.append(score)
+        scores = in_row_order(done, parts)
+    nonfinite = ~torch.isfinite(scores)
+    n_bad = int(dist.all_reduce(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
+    if n_bad:
+        rows = nonfinite.nonzero().flatten().tolist()
+        where = f"rank {dist.rank()} " if dist.world_size() > 1 else ""
+        if n_bad == dist.world_size() * nonfinite.numel():
+            raise ModelError(f"the reward model at {cfg.model.reward_path} scored every response of the batch NaN "
+                             f"or infinite (e.g. {scores[0].item()}): check its weights and model.dtype")
+        log.warning("the reward model at %s scored %s rows %s NaN/inf: they are dropped from this update",
+                    cfg.model.reward_path, where, rows[:16])
+    scores = torch.where(nonfinite, 0.0, scores.float())
+    if function_scores is not None:
+        scores = scores + function_scores.to(scores.device, torch.float32)
+    return scores, nonfinite
+
+
+@torch.no_grad()
+def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool,
+                  outcomes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Scored:
+    """Phase 2: run policy, reference and critic (when there is one) over the rollout, batch_size rows at a
+    time, and take the outcome scores (`outcome_scores`, computed here unless given as (scores, nonfinite)).
+    Without a critic the values are 0."""
     T = cfg.rollout.temperature
-    tok = models.tokenizer
-    rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     P = rollout.prompt_width
     kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size,
               vocab_size=models.vocab_size)
@@ -128,21 +164,20 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
         raise ConfigError("rollout.old_logprobs=reuse takes pi_old from the generator's logprobs, but the generation "
                           "engine returned none (Rollout.logprobs is None): set rollout.old_logprobs=recompute")
     recomputed = () if reuse else ("old_logprobs", "old_entropy")
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*recomputed, "ref_logprobs", "values", "scores")}
-    frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P)),
-              (rm_mask, index_targets(eos_index, rm_mask.size(1)))]
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*recomputed, "ref_logprobs", "values")}
+    frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P))]
     done = []
     (every_row,) = micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing)
     for micro in every_row.micro:
-        rows, (pack, rm_pack) = micro.rows, micro.packs
+        rows, (pack,) = micro.rows, micro.packs
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
         outs = []
         if not reuse:
             lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, pack=pack, **kw)
             outs += [lp.logprobs, lp.entropy]
-        outs += [response_logprobs(models.ref, ids, mask, rmask, pack=pack, **kw).logprobs,
-                 response_values(models.critic, ids, mask, rmask, prompt_width=P, pack=pack),
-                 score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows], pack=rm_pack)]
+        ref = response_logprobs(models.ref, ids, mask, rmask, pack=pack, **kw).logprobs
+        outs += [ref, torch.zeros_like(ref) if models.critic is None
+                 else response_values(models.critic, ids, mask, rmask, prompt_width=P, pack=pack)]
         if not micro.dummy:                              # a dummy only keeps FSDP's collectives in step
             done.append(rows)
             for k, v in zip(parts, outs):
@@ -152,18 +187,8 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
         rmask = rollout.response_mask
         out["old_logprobs"] = torch.where(rmask, rollout.logprobs.float(), 0.0)
         out["old_entropy"] = None if rollout.entropy is None else torch.where(rmask, rollout.entropy.float(), 0.0)
-    nonfinite = ~torch.isfinite(out["scores"])
-    n_bad = int(dist.all_reduce(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
-    if n_bad:
-        rows = nonfinite.nonzero().flatten().tolist()
-        where = f"rank {dist.rank()} " if dist.world_size() > 1 else ""
-        if n_bad == dist.world_size() * nonfinite.numel():
-            raise ModelError(f"the reward model at {cfg.model.reward_path} scored every response of the batch NaN "
-                             f"or infinite (e.g. {out['scores'][0].item()}): check its weights and model.dtype")
-        log.warning("the reward model at %s scored %s rows %s NaN/inf: they are dropped from this update",
-                    cfg.model.reward_path, where, rows[:16])
-    out["scores"] = torch.where(nonfinite, 0.0, out["scores"])
-    return Scored(**out, nonfinite=nonfinite)
+    scores, nonfinite = outcomes if outcomes is not None else outcome_scores(models, rollout, cfg, batch_size=batch_size)
+    return Scored(**out, scores=scores, nonfinite=nonfinite)
 
 
 def drop_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
@@ -347,7 +372,7 @@ def kl_controller(cfg: Config) -> AdaptiveKLController:
 
 
 def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, kl: torch.Tensor,
-                       exp: Experience, max_new_tokens: int) -> dict[str, torch.Tensor]:
+                       exp: Experience, max_new_tokens: int, with_critic: bool = True) -> dict[str, torch.Tensor]:
     """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023), as device tensors (synced once with the rest)."""
     mask = rollout.response_mask
     n_tokens = masked_count(mask, group=dist.group())
@@ -371,9 +396,10 @@ def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, k
         "response/total_tokens": masked_count(rollout.attention_mask, group=dist.group()),  # prompt + response tokens
         **masked_stats("advantages", exp.advantages, mask),
         **masked_stats("returns", exp.returns, mask),
-        **masked_stats("values", exp.old_values, mask),
-        "values/explained_variance_old": explained_variance(exp.old_values, exp.returns, mask),
         "reward/token_mean": dist.all_reduce(exp.rewards.sum()) / n_rows,
     }
+    if with_critic:
+        out.update({**masked_stats("values", exp.old_values, mask),
+                    "values/explained_variance_old": explained_variance(exp.old_values, exp.returns, mask)})
     return out
 

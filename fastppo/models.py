@@ -322,10 +322,10 @@ class Models:
     """Causal LM, trained."""
     ref: nn.Module
     """Frozen copy of the policy at start."""
-    critic: nn.Module
-    """Sequence-classification model, trained; head applied at every position."""
-    reward: nn.Module
-    """Sequence-classification model, frozen; score read at EOS."""
+    critic: nn.Module | None
+    """Sequence-classification model, trained; head applied at every position. None for a critic-free estimator."""
+    reward: nn.Module | None
+    """Sequence-classification model, frozen; score read at EOS. None when reward functions alone score."""
     tokenizer: object
     """Shared tokenizer (pad distinct from EOS)."""
     fused_lm_head: bool
@@ -334,13 +334,19 @@ class Models:
     """The real vocabulary, len(tokenizer): lm_head rows past it are alignment padding, never sampled nor in a softmax."""
 
 
-def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | dist.Autocast | None" = None) -> Models:
+def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | dist.Autocast | None" = None,
+                with_critic: bool = True) -> Models:
     """Load the four models; with `shard`, each is sharded (FSDP2) right after it is loaded, so that at most
-    two unsharded models exist at a time (the policy and its reference copy), on the host."""
+    two unsharded models exist at a time (the policy and its reference copy), on the host.
+
+    with_critic=False (a critic-free estimator) loads no critic; model.reward_path null loads no reward model."""
     critic_path, critic_field = (cfg.critic_path, "model.critic_path") if cfg.critic_path else (cfg.reward_path, "model.reward_path")
+    if not with_critic:
+        critic_path = None
     for path, field in ((cfg.policy_path, "model.policy_path"), (cfg.reward_path, "model.reward_path"),
                         (critic_path, critic_field)):
-        check_model_source(path, field)
+        if path is not None:
+            check_model_source(path, field)
     dtype = _dtype(cfg.dtype)
     compute_dtype = shard.param_dtype if shard is not None and shard.param_dtype is not None else dtype
     attn = attn_implementation(cfg.attn_implementation, compute_dtype=compute_dtype,
@@ -348,7 +354,8 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | d
     kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.policy_path, trust_remote_code=cfg.trust_remote_code)
     try:
-        reward_tok = load_tokenizer(cfg.reward_path, trust_remote_code=cfg.trust_remote_code)
+        reward_tok = None if cfg.reward_path is None else load_tokenizer(cfg.reward_path,
+                                                                           trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):
         reward_tok = None
         log.warning("no tokenizer found with the reward model at %s; assuming it shares the policy's", cfg.reward_path)
@@ -402,8 +409,10 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | d
     # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
     ref = prepare(copy.deepcopy(policy), "reference", trained=False)
     policy = prepare(policy, "policy", trained=True)
-    reward = prepare(classifier(cfg.reward_path, "model.reward_path", "reward"), "reward", trained=False)
-    critic = prepare(classifier(critic_path, critic_field, "critic"), "critic", trained=True)
+    reward = (None if cfg.reward_path is None
+              else prepare(classifier(cfg.reward_path, "model.reward_path", "reward"), "reward", trained=False))
+    critic = None if critic_path is None else prepare(classifier(critic_path, critic_field, "critic"), "critic",
+                                                      trained=True)
     if reason is not None:
         log.warning("fused lm_head logprobs disabled (%s): falling back to full logits + token_logprobs", reason)
     return Models(policy, ref, critic, reward, tokenizer, fused_lm_head=reason is None, vocab_size=n_tok)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import dist
+from .advantages import loss_agg_weight, minibatch_counts
 from .config import Config, OptimConfig
 from .data import SFTBatch
 from .experience import Experience
@@ -85,8 +86,13 @@ def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | 
     return -(logprobs * valid).sum() / masked_count(valid, group=dist.group()).clamp(min=1)
 
 
+def _times(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of two optional per-token weights (None = all ones)."""
+    return b if a is None else a if b is None else a * b
+
+
 def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Tensor, cfg: Config,
-                      pack: Packing | None = None):
+                      pack: Packing | None = None, weight: torch.Tensor | None = None):
     """Clipped surrogate − ent_coef·entropy of one micro-batch, from the policy's hidden states in one pass.
 
     `linear_ppo_loss` computes the loss and its gradients chunk by chunk in forward: 6·N·H·V lm_head
@@ -112,6 +118,7 @@ def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Te
             temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
             chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model), policy_weight=weight,
+            clip_eps_high=pc.clip_eps_high,
         )
         out = type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs
         return out if pack is None else out._replace(logprobs=pack.unpack(out.logprobs)[:, P - 1:-1])
@@ -191,9 +198,9 @@ def ppo_update(
     exp: Experience,
     *,
     policy: nn.Module,
-    critic: nn.Module,
+    critic: nn.Module | None,
     policy_opt: torch.optim.Optimizer,
-    critic_opt: torch.optim.Optimizer,
+    critic_opt: torch.optim.Optimizer | None,
     policy_sched,
     critic_sched,
     cfg: Config,
@@ -206,15 +213,18 @@ def ppo_update(
     """Phase 5: ppo_epochs passes of shuffled minibatches over `exp`, one optimizer step per minibatch.
 
     train_policy=False is the critic warm-up (PPO-max §5.4): the policy is not
-    run, its loss terms are zero, and only the critic steps.
+    run, its loss terms are zero, and only the critic steps. critic=None (a
+    critic-free estimator): no value forward, loss, metric or step.
     """
     pc, oc = cfg.ppo, cfg.optim
+    with_critic = critic is not None
     B = len(exp)
     T = cfg.rollout.temperature
     use_ptx = train_policy and ptx_batches is not None and pc.ptx_coef > 0
     # train() matters only for gradient checkpointing: dropout is 0 in every config (models.no_dropout_config).
     policy.train(train_policy)
-    critic.train()
+    if with_critic:
+        critic.train()
     # `exp` is the whole global batch on every rank (experience.gather_experience); the global RNG is the
     # same on all ranks, so all draw the same minibatches, and each rank trains on its own share of each.
     # Every epoch's permutation drawn up front (the global RNG, checkpointed; the same draws in the same order
@@ -232,15 +242,21 @@ def ppo_update(
             minibatch = exp.select(group.rows)
             # Token mean over the whole minibatch on all ranks, not per micro-batch.
             normalizer = masked_count(minibatch.response_mask, group=dist.group())
+            n_seqs = minibatch_counts(minibatch.response_mask)[1] if pc.loss_agg != "token_mean" else None
             losses, minibatch_sums, minibatch_values, minibatch_rows = [], {}, [], []
             for planned in group.micro:
                 micro, (pack,) = minibatch.select(planned.rows), planned.packs
                 mask = micro.response_mask
-                values = response_values(critic, micro.sequences, micro.attention_mask, mask, prompt_width=micro.prompt_width,
-                                         pack=pack)
+                values = (response_values(critic, micro.sequences, micro.attention_mask, mask,
+                                          prompt_width=micro.prompt_width, pack=pack)
+                          if with_critic else torch.zeros_like(micro.old_logprobs))
+                # The surrogate's per-token weight: rollout correction times the loss aggregation (None: all ones).
+                weight = _times(micro.policy_weight,
+                                loss_agg_weight(mask, mode=pc.loss_agg, n_tokens=normalizer, n_seqs=n_seqs,
+                                                max_new_tokens=cfg.rollout.max_new_tokens))
                 policy_out = None
                 if train_policy and fused and pc.fused_policy_loss:
-                    policy_out = fused_policy_loss(policy, micro, normalizer, cfg, pack)
+                    policy_out = fused_policy_loss(policy, micro, normalizer, cfg, pack, weight)
                     logprobs = policy_out.logprobs                  # detached: ppo_loss below only trains the critic
                 elif train_policy:
                     lp = response_logprobs(policy, micro.sequences, micro.attention_mask, mask, prompt_width=micro.prompt_width,
@@ -251,14 +267,15 @@ def ppo_update(
                     logprobs, entropy = micro.old_logprobs, torch.zeros_like(micro.old_logprobs)
                 out = ppo_loss(
                     logprobs, micro.old_logprobs, micro.advantages, values, micro.old_values, micro.returns, mask,
-                    clip_eps=pc.clip_eps, value_clip=pc.value_clip, vf_coef=pc.vf_coef, dual_clip=pc.dual_clip,
-                    normalizer=normalizer, backend=cfg.run.backend,
-                    policy_weight=micro.policy_weight,
+                    clip_eps=pc.clip_eps, value_clip=pc.value_clip if with_critic else None,
+                    vf_coef=pc.vf_coef if with_critic else 0.0, dual_clip=pc.dual_clip,
+                    normalizer=normalizer, backend=cfg.run.backend, clip_eps_high=pc.clip_eps_high,
+                    policy_weight=weight,
                 )
                 if policy_out is not None:
                     # The policy statistics of `out` are those of policy_out (same logprobs, same formulas).
                     entropy_mean = policy_out.entropy
-                    loss = policy_out.loss + pc.vf_coef * out.value_loss
+                    loss = policy_out.loss + pc.vf_coef * out.value_loss if with_critic else policy_out.loss
                 else:
                     entropy_mean = (entropy * mask).sum() / normalizer
                     # Without an entropy bonus the entropy is a metric only: keep it out of the backward pass.
@@ -270,18 +287,21 @@ def ppo_update(
                 losses.append(loss.detach())
                 # Each term is already divided by the minibatch normalizer: summing over
                 # micro-batches gives the minibatch value.
-                for k, v in (("loss/policy", out.policy_loss), ("loss/value", out.value_loss), ("loss/total", loss),
-                             ("policy/clipfrac", out.clipfrac), ("values/clipfrac", out.value_clipfrac),
-                             ("policy/approx_kl", out.approx_kl), ("policy/ratio_mean", out.ratio_mean),
-                             ("policy/entropy_new", entropy_mean)):
+                terms = [("loss/policy", out.policy_loss), ("loss/total", loss), ("policy/clipfrac", out.clipfrac),
+                         ("policy/approx_kl", out.approx_kl), ("policy/ratio_mean", out.ratio_mean),
+                         ("policy/entropy_new", entropy_mean)]
+                if with_critic:
+                    terms += [("loss/value", out.value_loss), ("values/clipfrac", out.value_clipfrac)]
+                for k, v in terms:
                     minibatch_sums[k] = minibatch_sums.get(k, 0.0) + v.detach()
                 minibatch_values.append(values.detach())
                 minibatch_rows.append(planned.rows)
-            metrics.add_dict(dist.all_reduce_dict(minibatch_sums))                             # this rank's share -> global
-            # Over the whole minibatch (all ranks), so it does not depend on how it is split into micro-batches.
-            metrics.add("values/explained_variance",
-                        explained_variance(in_row_order(minibatch_rows, minibatch_values), minibatch.returns,
-                                           minibatch.response_mask))
+            metrics.add_dict(dist.all_reduce_dict(minibatch_sums))                      # this rank's share -> global
+            if with_critic:
+                # Over the whole minibatch (all ranks), so it does not depend on how it is split into micro-batches.
+                metrics.add("values/explained_variance",
+                            explained_variance(in_row_order(minibatch_rows, minibatch_values), minibatch.returns,
+                                               minibatch.response_mask))
             if use_ptx:
                 ptx = pc.ptx_coef * ptx_loss(policy, next(ptx_batches), fused=fused, backend=cfg.run.backend,
                                              chunk_size=cfg.model.lm_head_chunk_size, packed=pc.packing)
@@ -289,13 +309,15 @@ def ppo_update(
                 losses.append(ptx.detach())
                 metrics.add("loss/ptx", dist.all_reduce(ptx.detach()) / pc.ptx_coef)
 
+            trained = [Trained("policy", policy, policy_opt, policy_sched, train=train_policy)]
+            if with_critic:
+                trained.append(Trained("critic", critic, critic_opt, critic_sched))
             optimizer_step(
-                torch.stack(losses).sum(),
-                [Trained("policy", policy, policy_opt, policy_sched, train=train_policy),
-                 Trained("critic", critic, critic_opt, critic_sched)],
+                torch.stack(losses).sum(), trained,
                 max_grad_norm=oc.max_grad_norm, counters=counters,
                 max_nonfinite_in_a_row=cfg.run.max_nonfinite_in_a_row, metrics=metrics,
                 advice="Lower optim.policy_lr / optim.critic_lr, set optim.max_grad_norm, or check the reward model's "
                        "scores (reward.reward_clip).")
     policy.eval()
-    critic.eval()
+    if with_critic:
+        critic.eval()

@@ -199,6 +199,28 @@ def pad_responses(rollout: "Rollout", width: int, pad_id: int) -> "Rollout":
     )
 
 
+def cat_rollouts(rollouts: list["Rollout"], pad_id: int, *, prompt_width: int = 0, response_width: int = 0) -> "Rollout":
+    """Rows of several rollouts in one (e.g. the generation rounds of dynamic sampling): prompts left-padded to
+    the widest prompt (at least prompt_width), responses right-padded to the widest response (at least
+    response_width)."""
+    P = max(prompt_width, *(r.prompt_width for r in rollouts))
+    R = max(response_width, *(r.response_mask.size(1) for r in rollouts))
+    pad = nn.functional.pad
+    parts = []
+    for r in rollouts:
+        r = pad_responses(r, R, pad_id)
+        left = P - r.prompt_width
+        parts.append(Rollout(sequences=pad(r.sequences, (left, 0), value=pad_id),
+                             attention_mask=pad(r.attention_mask, (left, 0), value=0),
+                             response_mask=r.response_mask, lengths=r.lengths, ended=r.ended, prompt_width=P,
+                             logprobs=r.logprobs, entropy=r.entropy))
+    # The generator's logprobs and entropies when every part has them (they are per response token: no shift).
+    per_token = {k: torch.cat([getattr(r, k) for r in parts]) if all(getattr(r, k) is not None for r in parts) else None
+                 for k in ("logprobs", "entropy")}
+    return Rollout(*(torch.cat([getattr(r, k) for r in parts]) for k in
+                     ("sequences", "attention_mask", "response_mask", "lengths", "ended")), prompt_width=P, **per_token)
+
+
 def response_mask_from_tokens(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask (B, R) bool up to and including the first EOS, ended (B,) bool)."""
     is_eos = responses == eos_id

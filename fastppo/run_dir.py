@@ -192,6 +192,8 @@ def model_fingerprint(models) -> dict[str, str]:
     out = {}
     for role in ("policy", "critic", "reward"):
         model = getattr(models, role)
+        if model is None:                                              # a critic-free run, or no reward model
+            continue
         n = sum(p.numel() for p in model.parameters())                # DTensor.numel() is the global size
         out[role] = f"{model.config.model_type} {n} parameters"
     tok = models.tokenizer

@@ -2,10 +2,11 @@
 
     setup: config, models, data, optimizers, (resume)
     for iteration:
-        1 rollout      sample prompts, generate responses
-        2 score        old logprobs + entropy, ref logprobs, values, raw scores
+        1 rollout      sample prompts, generate G responses each, outcome scores (reward model, reward functions);
+                       dynamic sampling repeats this for groups without signal
+        2 score        old logprobs + entropy, ref logprobs, values (with a critic)
         3 shape        score reparameterisation, token-level KL penalty
-        4 advantages   GAE, optional whitening/clipping
+        4 advantages   GAE, optional whitening/clipping; or a critic-free estimator (grpo, rloo, reinforce_pp)
         5 update       PPO epochs x minibatches x micro-batches
         6 log          one host sync: metrics to JSONL, TensorBoard, progress bar
         7 checkpoint   every save_every iterations, at the end, and on SIGTERM/Ctrl-C
@@ -37,18 +38,21 @@ import torch
 from . import dist
 from . import run_dir as rundir
 from .checkpoint import export_hf, load_checkpoint, resume_point, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, Derived, derived, from_dict, load_config, to_yaml, validate, validate_world
+from .advantages import critic_free_advantages, outcome_rewards, signal_groups
+from .config import (Config, ConfigError, Derived, derived, from_dict, load_config, to_yaml, uses_critic, validate,
+                     validate_world)
 from .data import EpochSampler, PromptBatch, SFTBatch, collate_prompts, collate_sft, load_prompts, load_sft
 from .experience import (Experience, compute_advantages, drop_rows, experience_metrics, gather_experience,
-                         AdaptiveKLController, kl_controller, reparameterise_scores, rollout_correction, score_rollout,
-                         token_rewards)
-from .engine import HFEngine
+                         AdaptiveKLController, kl_controller, outcome_scores, reparameterise_scores, rollout_correction,
+                         score_rollout, token_rewards)
+from .engine import Engine, HFEngine
 from .logs import seed_everything, setup_logging
 from .memory import peak_memory_mb
 from .metrics import MetricBuffer, MetricWriter, RunningMoments
 from .models import Models, _dtype, load_models
 from .ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
-from .rollout import pad_responses, sampling_seed
+from .rewards import RewardFunctions, decode_rollout
+from .rollout import Rollout, cat_rollouts, pad_responses, sampling_seed
 from .sft import progress
 
 log = logging.getLogger("fastppo")
@@ -141,7 +145,8 @@ class TrainState:
     those). Saved and loaded here alone, field by field under the field's name: a new field is resumed
     without another line."""
     policy_sched: torch.optim.lr_scheduler.LRScheduler
-    critic_sched: torch.optim.lr_scheduler.LRScheduler
+    critic_sched: torch.optim.lr_scheduler.LRScheduler | None
+    """None without a critic (a critic-free estimator)."""
     reward_moments: RunningMoments
     kl_controller: AdaptiveKLController
     counters: UpdateCounters
@@ -180,11 +185,137 @@ class Setup:
     models: Models
     prompts: list[list[int]]
     """Tokenised prompts (`data.load_prompts`)."""
+    records: list[dict]
+    """Each prompt's data row, for the reward functions."""
+    reward_fns: RewardFunctions
+    """reward.functions and their worker pool (falsy when there are none)."""
+    engine: Engine
+    """Generation (`fastppo.engine`): the policy's HF generate, or an external engine."""
     ptx_batches: Iterator[SFTBatch] | None
     """Endless ptx batches (None without data.ptx_path)."""
     policy_opt: torch.optim.Optimizer
-    critic_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer | None
     state: TrainState
+
+
+# ----------------------------------------------------------------------------
+# Phase 1: groups of responses and their outcome scores
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Sampled:
+    """Phase 1 on this rank: whole groups of rollout.n_samples_per_prompt consecutive rows (B rows)."""
+    rollout: Rollout
+    scores: torch.Tensor
+    """(B,) float32 raw outcome scores: reward model + reward functions (0 where the reward model gave NaN/inf)."""
+    nonfinite: torch.Tensor
+    """(B,) bool rows whose reward-model score was NaN or infinite."""
+    valid: torch.Tensor
+    """(B,) bool rows that enter the update: a finite score, and not a group padding a short dynamic-sampling batch."""
+    metrics: dict
+
+
+def _generate_groups(su: Setup, cfg: Config, d: Derived, it: int, indices: list[int],
+                     first_id: int) -> tuple[Rollout, list[int]]:
+    """G responses to each of this rank's prompts among `indices` (the global draw, the same on all ranks): the
+    rank's share is whole groups. Sampling noise is fixed per (seed, iteration, sample id); sample ids number the
+    rows of the iteration's draws from `first_id` on. Returns the rollout and each row's prompt index."""
+    G, world, rank = cfg.rollout.n_samples_per_prompt, dist.world_size(), dist.rank()
+    models, tok = su.models, su.models.tokenizer
+    rows = [i for i in indices for _ in range(G)]                      # global rows, each group contiguous
+    # Collated together, so that every rank has the same prompt width.
+    batch = collate_prompts([su.prompts[i] for i in rows], tok.pad_token_id)
+    n = len(rows) // world
+    mine = slice(rank * n, (rank + 1) * n)
+    batch = PromptBatch(batch.input_ids[mine], batch.attention_mask[mine])
+    # The engine samples from the current weights (FSDP: the policy all-gathered once, not per token).
+    with su.engine.policy_loaded():
+        rollout = su.engine.generate(batch, seed=sampling_seed(cfg.run.seed, it),
+                                     sample_ids=torch.arange(first_id + mine.start, first_id + mine.stop))
+    return rollout, rows[mine]
+
+
+def _outcomes(su: Setup, cfg: Config, d: Derived, rollout: Rollout, rows: list[int],
+              fn_stats: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw outcome scores (scores, nonfinite) of a rollout: reward functions (stats appended to fn_stats) + reward model."""
+    fn_scores = None
+    if su.reward_fns:
+        prompt_texts, response_texts = decode_rollout(su.models.tokenizer, rollout)
+        res = su.reward_fns.score(prompt_texts, response_texts, [su.records[i] for i in rows], rows)
+        fn_stats.append(res)
+        fn_scores = torch.tensor(res.totals)
+    return outcome_scores(su.models, rollout, cfg, batch_size=d.forward_batch_size, function_scores=fn_scores)
+
+
+def _group_rows(rollout: Rollout, scores: torch.Tensor, nonfinite: torch.Tensor, groups: torch.Tensor, G: int):
+    """Rows of `groups` (k,) int64: (Rollout, scores, nonfinite) of k * G rows."""
+    idx = (groups[:, None] * G + torch.arange(G, device=groups.device)).flatten()
+    return (Rollout(rollout.sequences[idx], rollout.attention_mask[idx], rollout.response_mask[idx],
+                    rollout.lengths[idx], rollout.ended[idx], rollout.prompt_width), scores[idx], nonfinite[idx])
+
+
+def _function_metrics(fn_stats: list, device: torch.device) -> dict[str, torch.Tensor]:
+    """reward_fn/<name>/mean and the invalid / timeout / error counts, over all ranks and rounds."""
+    if not fn_stats:
+        return {}
+    n = sum(len(r.totals) for r in fn_stats)
+    values = {f"reward_fn/{name}/sum": sum(r.means[name] * len(r.totals) for r in fn_stats) for name in fn_stats[0].means}
+    values.update({f"reward_fn/{k}": float(sum(getattr(r, k) for r in fn_stats)) for k in ("invalid", "timeouts", "errors")})
+    values["n"] = float(n)
+    keys = list(values)
+    total = dict(zip(keys, dist.all_reduce(torch.tensor([values[k] for k in keys], device=device)).unbind()))
+    out = {k.replace("/sum", "/mean"): v / total["n"] for k, v in total.items() if k.endswith("/sum")}
+    out.update({k: v for k, v in total.items() if not k.endswith("/sum") and k != "n"})
+    return out
+
+
+def sample_groups(su: Setup, cfg: Config, d: Derived, it: int, device: torch.device) -> Sampled:
+    """Phase 1: rollout_batch_size / world_size prompts on this rank, G responses each, with outcome scores.
+
+    Dynamic sampling (DAPO, Yu et al. 2025): a group whose valid rewards are all equal carries no signal; such
+    groups are dropped and more prompts drawn (all ranks draw together, as many as the neediest rank misses)
+    until every rank has its groups, for at most rollout.dynamic_sampling_max_tries rounds. A batch still short
+    then is filled with dropped groups of the last round whose rows are not valid: they are masked out of the
+    update, so the run trains on the groups it found (logged as rollout/groups_short) and never loops forever.
+    """
+    rc, G, world = cfg.rollout, cfg.rollout.n_samples_per_prompt, dist.world_size()
+    pad_id, sampler, fn_stats = su.models.tokenizer.pad_token_id, su.state.sampler, []
+    if not rc.dynamic_sampling:
+        rollout, rows = _generate_groups(su, cfg, d, it, sampler.next(rc.rollout_batch_size), 0)
+        # Responses padded to the widest on any rank: the ranks' experience rows then line up.
+        width = dist.all_reduce(torch.tensor(rollout.response_mask.size(1), device=device), "max")
+        rollout = pad_responses(rollout, int(width), pad_id)
+        scores, nonfinite = _outcomes(su, cfg, d, rollout, rows, fn_stats)
+        return Sampled(rollout, scores, nonfinite, ~nonfinite, _function_metrics(fn_stats, device))
+    need, parts, n_kept, tries, first_id, dropped, last = d.groups_per_rank, [], 0, 0, 0, 0, None
+    while tries < rc.dynamic_sampling_max_tries:
+        missing = need - n_kept
+        m = int(dist.all_reduce(torch.tensor(missing, device=device), "max"))    # host sync: one draw for all ranks
+        if m == 0:
+            break
+        rollout, rows = _generate_groups(su, cfg, d, it, sampler.next(m * world), first_id)
+        first_id, tries = first_id + m * world * G, tries + 1
+        scores, nonfinite = _outcomes(su, cfg, d, rollout, rows, fn_stats)
+        signal = signal_groups(scores, ~nonfinite, G)                             # (m,)
+        dropped += int((~signal).sum())
+        take = signal.nonzero().flatten()[:missing]
+        parts.append((*_group_rows(rollout, scores, nonfinite, take, G), True))
+        n_kept += len(take)
+        last = (rollout, scores, nonfinite, (~signal).nonzero().flatten())
+    short = need - n_kept
+    if short:
+        rollout, scores, nonfinite, no_signal = last
+        parts.append((*_group_rows(rollout, scores, nonfinite, no_signal[:short], G), False))
+    # One rollout whose prompt and response widths are the widest on any rank (the rows of all ranks line up).
+    widths = dist.all_reduce(torch.tensor([max(p[0].prompt_width for p in parts),
+                                           max(p[0].response_mask.size(1) for p in parts)], device=device), "max")
+    rollout = cat_rollouts([p[0] for p in parts], pad_id, prompt_width=int(widths[0]), response_width=int(widths[1]))
+    scores, nonfinite = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    kept = torch.cat([torch.full_like(p[2], p[3]) for p in parts])
+    counts = dist.all_reduce(torch.tensor([float(dropped), float(short)], device=device))
+    metrics = {"rollout/sampling_tries": float(tries), "rollout/groups_dropped": counts[0],
+               "rollout/groups_short": counts[1], **_function_metrics(fn_stats, device)}
+    return Sampled(rollout, scores, nonfinite, kept & ~nonfinite, metrics)
 
 
 # ----------------------------------------------------------------------------
@@ -233,10 +364,12 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
     # Precision: model.dtype master weights (and optimizer state), parallel.param_dtype compute: FSDP2's
     # MixedPrecisionPolicy when sharded (on CUDA also in one process), else autocast around the blocks.
     prepare = dist.parallelize(cfg.parallel, device, _compute_dtype(cfg.parallel.param_dtype, device))
-    models = load_models(cfg.model, device, shard=prepare)
+    reward_fns = RewardFunctions(cfg.reward)                   # imports the functions: fails before any model loads
+    models = load_models(cfg.model, device, shard=prepare, with_critic=uses_critic(cfg))
     tok = models.tokenizer
+    records: list[dict] = []
     prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
-                           prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len)
+                           prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len, records=records)
     sampler = EpochSampler(len(prompts), seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     ptx_sampler, ptx_iter = None, None
     if cfg.data.ptx_path:
@@ -250,13 +383,17 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
     log.info("%d prompts from %s", len(prompts), cfg.data.prompt_path)
 
     policy_opt = make_optimizer(models.policy, cfg.optim.policy_lr, cfg.optim)
-    critic_opt = make_optimizer(models.critic, cfg.optim.critic_lr, cfg.optim)
+    critic_opt = None if models.critic is None else make_optimizer(models.critic, cfg.optim.critic_lr, cfg.optim)
     state = TrainState(policy_sched=make_scheduler(policy_opt, cfg.optim, d.policy_optimizer_steps),
-                       critic_sched=make_scheduler(critic_opt, cfg.optim, d.critic_optimizer_steps),
+                       critic_sched=None if critic_opt is None else make_scheduler(critic_opt, cfg.optim,
+                                                                                   d.critic_optimizer_steps),
                        reward_moments=RunningMoments().to(device), kl_controller=kl_controller(cfg),
                        counters=UpdateCounters(), sampler=sampler, ptx_sampler=ptx_sampler)
-    return Setup(models=models, prompts=prompts, ptx_batches=ptx_iter, policy_opt=policy_opt, critic_opt=critic_opt,
-                 state=state)
+    engine = HFEngine(models.policy, cfg.rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                      vocab_size=len(tok), generation_batch_size=d.generation_batch_size,
+                      unshard=cfg.parallel.unshard_for_generation)
+    return Setup(models=models, prompts=prompts, records=records, reward_fns=reward_fns, engine=engine,
+                 ptx_batches=ptx_iter, policy_opt=policy_opt, critic_opt=critic_opt, state=state)
 
 
 def _train(cfg: Config, device: torch.device) -> TrainResult:
@@ -275,8 +412,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     log.info("run dir %s, device %s, %d process(es)", run_dir, device, world)
 
     su = _setup(cfg, device, d)
-    models, tok, prompts, ptx_iter = su.models, su.models.tokenizer, su.prompts, su.ptx_batches
+    models, tok, ptx_iter = su.models, su.models.tokenizer, su.ptx_batches
     policy_opt, critic_opt, state = su.policy_opt, su.critic_opt, su.state
+    with_critic = models.critic is not None
     start = 0
     fingerprint = rundir.model_fingerprint(models)
     if path is not None:
@@ -287,15 +425,11 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         start = saved["iteration"]
     # The loop's names for the state's parts (the same objects: a checkpoint saves what the loop changed).
     policy_sched, critic_sched, moments = state.policy_sched, state.critic_sched, state.reward_moments
-    kl_ctl, counters, sampler = state.kl_controller, state.counters, state.sampler
+    kl_ctl, counters = state.kl_controller, state.counters
 
     # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
     writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None)
     bar = progress(cfg.run.iterations, "ppo", cfg.run.progress_bar, initial=start)
-    mine = slice(rank * d.rollouts_per_rank, (rank + 1) * d.rollouts_per_rank)    # this rank's rows of the global batch
-    engine = HFEngine(models.policy, cfg.rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                      vocab_size=len(tok), generation_batch_size=d.generation_batch_size,
-                      unshard=cfg.parallel.unshard_for_generation)
     last_ckpt, scalars, done = None, {}, start
     with GracefulStop() as stop:
         try:
@@ -305,43 +439,43 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 t_iter = time.perf_counter()
                 train_policy = it >= cfg.ppo.critic_warmup_steps
 
-                # 1. Rollout: the next global batch of prompts (collated together, so every rank has the same
-                #    prompt width), this rank's share sampled with noise fixed per (seed, iteration, row).
+                # 1. Rollout: the next prompts (rollout_batch_size / world_size whole groups on this rank), G
+                #    responses each, sampled with noise fixed per (seed, iteration, sample), and their raw outcome
+                #    scores (reward model at EOS, reward functions); dynamic sampling redraws groups without signal.
                 with timer("rollout"):
-                    batch = collate_prompts([prompts[i] for i in sampler.next(cfg.rollout.rollout_batch_size)],
-                                            tok.pad_token_id)
-                    batch = PromptBatch(batch.input_ids[mine], batch.attention_mask[mine])
-                    # The engine samples from the current weights (FSDP: the policy all-gathered once, not per token).
-                    with engine.policy_loaded():
-                        rollout = engine.generate(batch, seed=sampling_seed(cfg.run.seed, it),
-                                                  sample_ids=torch.arange(mine.start, mine.stop))
-                    # Responses padded to the widest on any rank: the ranks' experience rows then line up.
-                    width = dist.all_reduce(torch.tensor(rollout.response_mask.size(1), device=device), "max")
-                    rollout = pad_responses(rollout, int(width), tok.pad_token_id)
+                    sampled = sample_groups(su, cfg, d, it, device)
+                    rollout = sampled.rollout
+                    buf.add_dict(sampled.metrics)
 
-                # 2. Score: old/ref logprobs at temperature T (old: the rollout's with old_logprobs=reuse), values,
-                #    raw reward-model scores at EOS.
+                # 2. Score: old/ref logprobs at temperature T, values (with a critic).
                 with timer("score"):
                     scored = score_rollout(models, rollout, cfg, batch_size=d.forward_batch_size,
-                                           fused=models.fused_lm_head)
+                                           fused=models.fused_lm_head, outcomes=(sampled.scores, sampled.nonfinite))
                     for m in (models.policy, models.ref, models.critic, models.reward):
-                        dist.reshard(m)                          # free the roots FSDP keeps gathered after forward
+                        if m is not None:
+                            dist.reshard(m)                      # free the roots FSDP keeps gathered after forward
 
-                # 3. Shape rewards: reparameterise the score (§5.3.1), token-level KL penalty (§5.3.2).
+                # 3. Shape rewards: reparameterise the score (§5.3.1), token-level KL penalty (§5.3.2); the score
+                #    at the last token is the group-centred one for reinforce_pp_baseline.
                 with timer("shape"):
-                    rollout = drop_rows(rollout, scored.nonfinite)  # NaN/inf scores: out of the update and moments
+                    valid = sampled.valid
+                    rollout = drop_rows(rollout, ~valid)         # NaN/inf scores, filler groups: out of the update
                     scores = scored.scores
                     if cfg.reward.missing_eos_penalty is not None:
                         scores = scores - cfg.reward.missing_eos_penalty * (~rollout.ended).float()
-                    shaped = reparameterise_scores(scores, moments, cfg, valid=~scored.nonfinite)
-                    rewards, kl = token_rewards(shaped, scored.old_logprobs, scored.ref_logprobs, rollout.response_mask,
+                    shaped = reparameterise_scores(scores, moments, cfg, valid=valid)
+                    rewards, kl = token_rewards(outcome_rewards(shaped, valid, cfg), scored.old_logprobs,
+                                                scored.ref_logprobs, rollout.response_mask,
                                                 kl_coef=kl_ctl.value, estimator=cfg.reward.kl_estimator,
                                                 clamp=cfg.reward.kl_clamp, backend=cfg.run.backend)
 
-                # 4. Advantages: GAE over response tokens, optional whitening / clipping; then every rank
-                #    receives the whole global batch.
+                # 4. Advantages: GAE over response tokens, optional whitening / clipping (or the critic-free
+                #    estimator); then every rank receives the whole global batch.
                 with timer("advantages"):
-                    advantages, returns = compute_advantages(rewards, scored.values, rollout.response_mask, cfg)
+                    if with_critic:
+                        advantages, returns = compute_advantages(rewards, scored.values, rollout.response_mask, cfg)
+                    else:
+                        advantages, returns = critic_free_advantages(shaped, rewards, rollout.response_mask, valid, cfg)
                     # pi_old vs the generator's pi_rollout: the mismatch, and the off-policy weight of the loss.
                     policy_weight, mismatch = rollout_correction(rollout, scored, cfg)
                     exp = Experience(
@@ -351,7 +485,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                         advantages=advantages, returns=returns, prompt_width=rollout.prompt_width,
                         policy_weight=policy_weight,
                     )
-                    buf.add_dict(experience_metrics(rollout, scored, shaped, kl, exp, cfg.rollout.max_new_tokens))
+                    buf.add_dict(experience_metrics(rollout, scored, shaped, kl, exp, cfg.rollout.max_new_tokens,
+                                                    with_critic=with_critic))
                     buf.add_dict(mismatch)
                     exp = gather_experience(exp)
 
@@ -370,7 +505,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 scalars.update({
                     "kl/coef": kl_ctl.value,
                     "reward/running_mean": float(moments.mean), "reward/running_std": float(moments.std),
-                    "lr/policy": policy_sched.get_last_lr()[0], "lr/critic": critic_sched.get_last_lr()[0],
+                    "lr/policy": policy_sched.get_last_lr()[0],
+                    **({"lr/critic": critic_sched.get_last_lr()[0]} if with_critic else {}),
                     "train/policy_trained": float(train_policy),
                     "train/skipped_steps": float(counters.skipped_steps),
                     "train/skipped_this_iter": float(counters.skipped_steps - steps_before),
@@ -381,7 +517,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                     "time/iteration_s": elapsed,
                     **{f"time/{k}_s": v for k, v in timer.times.items()},
                 })
-                kl_ctl.update(scalars["kl/ref_per_sequence"], cfg.rollout.rollout_batch_size)
+                kl_ctl.update(scalars["kl/ref_per_sequence"], len(exp))
                 writer.write(it + 1, scalars, histograms={"score/raw": dist.all_gather_cat(scored.scores)})
                 bar.set_postfix(refresh=False, reward=f"{scalars['score/raw/mean']:.3f}",
                                 kl=f"{scalars['kl/ref_per_sequence']:.3f}", len=f"{scalars['response/length_mean']:.1f}",
@@ -410,6 +546,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         finally:
             bar.close()
             writer.close()
+            su.reward_fns.close()
 
     export = None
     if cfg.run.export_at_end and not stop.requested and done == cfg.run.iterations:
