@@ -35,6 +35,18 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------
 
 @dataclass
+class LoraConfig:
+    rank: int = 16
+    """r: rank of each low-rank update B·A (Hu et al. 2021)."""
+    alpha: float = 32.0
+    """α: the update is scaled by α / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training (PEFT's lora_dropout). PPO compares update logprobs with rollout logprobs computed without dropout: keep 0 there."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or name suffixes) that get adapters; ["all-linear"]: every linear layer of the attention and MLP blocks, never the lm_head nor a scalar head."""
+
+
+@dataclass
 class ModelConfig:
     policy_path: str = MISSING
     """SFT model (local Hugging Face directory or hub id): initialises the policy and the frozen reference."""
@@ -52,6 +64,10 @@ class ModelConfig:
     """Recompute activations of the trained models (policy, critic) in backward to save memory."""
     lm_head_chunk_size: Optional[int] = None
     """Rows per chunk for the fused lm_head + logprob op; null = the op's default."""
+    lora: Optional[LoraConfig] = None
+    """LoRA adapters for the policy (through PEFT); null = full fine-tuning. With them the reference is the policy with its adapters disabled: no second copy is loaded. Set with e.g. model.lora.rank=16."""
+    critic_lora: Optional[LoraConfig] = None
+    """LoRA adapters for the critic; its scalar head stays fully trained. null = full fine-tuning."""
 
 
 @dataclass
@@ -208,6 +224,8 @@ class RunConfig:
     """Show a tqdm progress bar on a terminal; elsewhere (a log file, a pipe) log a progress line every 30 s instead."""
     log_level: str = "INFO"
     """Python logging level."""
+    export_adapter: bool = False
+    """With model.lora: export the policy's adapter alone in PEFT's format (adapter_config.json + weights, loaded with peft.PeftModel.from_pretrained over model.policy_path) instead of a merged Hugging Face model."""
 
 
 @dataclass
@@ -393,6 +411,16 @@ def _check_finite(cfg: Any, prefix: str = "") -> None:
             _check(not isinstance(value, float) or math.isfinite(value), name, f"must be a finite number, got {value}")
 
 
+def _check_lora(lc: "LoraConfig | None", name: str) -> None:
+    if lc is None:
+        return
+    _check(lc.rank > 0, f"{name}.rank", f"must be > 0, got {lc.rank}")
+    _check(lc.alpha > 0, f"{name}.alpha", f"must be > 0, got {lc.alpha}")
+    _check(0 <= lc.dropout < 1, f"{name}.dropout", f"must be in [0, 1), got {lc.dropout}")
+    _check(len(lc.target_modules) > 0 and all(t for t in lc.target_modules), f"{name}.target_modules",
+           "must name at least one module (or be [all-linear])")
+
+
 def validate_device(name: str, cuda_devices: int, local_rank: int = 0) -> None:
     """run.device against this machine (`dist.resolve_device` calls it with torch's CUDA device count).
 
@@ -481,6 +509,9 @@ def validate(cfg: Config) -> None:
            f"must be float32, bfloat16 or float16, got {par.reduce_dtype!r}")
     _check(par.backend in ("auto", "nccl", "gloo"), "parallel.backend", f"must be auto, nccl or gloo, got {par.backend!r}")
     _check(par.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+    _check_lora(m.lora, "model.lora")
+    _check_lora(m.critic_lora, "model.critic_lora")
+    _check(not run.export_adapter or m.lora is not None, "run.export_adapter", "needs model.lora (there is no adapter)")
     validate_precision(cfg)
 
 
@@ -578,6 +609,8 @@ class StageModelConfig:
     """Recompute activations in backward to save memory."""
     lm_head_chunk_size: Optional[int] = None
     """Rows per chunk for the fused lm_head + logprob op; null = the op's default."""
+    lora: Optional[LoraConfig] = None
+    """LoRA adapters (through PEFT) instead of full fine-tuning; train-rm also trains the scalar head fully. null = full fine-tuning."""
 
 
 @dataclass
@@ -656,6 +689,8 @@ class StageRunConfig:
     """Abort after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)."""
     log_level: str = "INFO"
     """Python logging level."""
+    export_adapter: bool = False
+    """With model.lora: export the adapter alone in PEFT's format instead of the merged model."""
 
 
 @dataclass
@@ -755,6 +790,8 @@ def validate_stage(cfg: Any) -> None:
     _check(run.backend in (None, "triton", "torch"), "run.backend", f"must be null, triton or torch, got {run.backend!r}")
     _check(DEVICE_NAME.fullmatch(run.device) is not None, "run.device", f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
     _check(run.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "run.log_level", "must be DEBUG, INFO, WARNING or ERROR")
+    _check_lora(m.lora, "model.lora")
+    _check(not run.export_adapter or m.lora is not None, "run.export_adapter", "needs model.lora (there is no adapter)")
     if isinstance(cfg, RMConfig):
         _check(cfg.loss.lm_coef >= 0, "loss.lm_coef", "must be >= 0")
         _check(cfg.loss.margin_reg >= 0, "loss.margin_reg", "must be >= 0")
