@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -56,7 +57,7 @@ def apply(model: nn.Module, lc: LoraConfig, *, field: str, classifier: bool) -> 
         task_type="SEQ_CLS" if classifier else "CAUSAL_LM",
     )
     try:
-        wrapper = peft.get_peft_model(model, config)
+        wrapper = _get_peft_model(model, config)
     except ValueError as exc:   # PEFT: "Target modules {...} not found in the base model"
         raise ConfigError(f"{field}.target_modules={list(targets)}: {str(exc).splitlines()[0]}") from None
     head = model.get_output_embeddings() if not classifier else None
@@ -71,6 +72,12 @@ def apply(model: nn.Module, lc: LoraConfig, *, field: str, classifier: bool) -> 
              lc.alpha, sum(isinstance(m, BaseTunerLayer) for m in model.modules()), trained, total,
              100.0 * trained / max(total, 1))
     return model
+
+
+def _get_peft_model(model: nn.Module, config: peft.LoraConfig) -> peft.PeftModel:
+    with warnings.catch_warnings():   # PEFT reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def peft_model(model: nn.Module) -> "peft.PeftModel | None":
@@ -132,10 +139,13 @@ def save_export(model: nn.Module, out: Path, *, state: dict[str, torch.Tensor] |
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     with torch.device("meta"):
         base = dist.plain_class(model)(copy.deepcopy(model.config))
-    copy_ = peft.get_peft_model(base, copy.deepcopy(wrapper.peft_config["default"]))
+    copy_ = _get_peft_model(base, copy.deepcopy(wrapper.peft_config["default"]))
     base.load_state_dict(state, strict=True, assign=True)
     base.tie_weights()   # assign=True replaced tied parameters one by one
     if adapter_only:
-        copy_.save_pretrained(out, safe_serialization=True)
+        # The adapter alone: the embedding rows fastppo may have added (a pad token, alignment rows) are not
+        # trained, and the pad token's row never changes another position's output, so they are not saved
+        # (PEFT would otherwise save both V x H matrices whole). docs/lora.md: loading it over model.policy_path.
+        copy_.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     else:
         copy_.merge_and_unload().save_pretrained(out, safe_serialization=True)

@@ -255,8 +255,10 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
                             fresh_ok=("score.", "classifier."), expected="train-rm starts from a causal LM or a "
                             "sequence-classification model of the same architecture", **kw)
     scalar_head(model)  # fails clearly when the head is not a single scalar
-    model = prepare_model(model, tokenizer, cfg.model, device, "reward model")
+    model = prepare_model(model, tokenizer, cfg.model, device, "reward model", classifier=True)
     lm_model = LMHeadAdapter(model, load_lm_head(cfg.model.path, model, kw, device)) if lc.lm_coef > 0 else None
+    if lm_model is not None and cfg.model.lora is not None:
+        lm_model.lm_head.requires_grad_(False)   # with LoRA the LM loss trains the adapters only, as it is not exported
     d = cfg.data
     pair_kw = dict(prompt_field=d.prompt_field, chosen_field=d.chosen_field, rejected_field=d.rejected_field,
                    max_len=d.max_len)
@@ -310,7 +312,7 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
 
     # 4. Export: a sequence-classification directory (num_labels=1) + tokenizer, loadable as reward model and critic.
     model.eval()
-    export_dir = export_hf(model, tokenizer, out / "export")
+    export_dir = export_hf(model, tokenizer, out / "export", adapter_only=run.export_adapter)
     seconds = time.perf_counter() - t0
     log.info("train-rm done in %.1fs: exported to %s", seconds, export_dir)
     return StageResult(out, export_dir, eval_metrics, history, seconds)

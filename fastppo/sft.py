@@ -33,7 +33,7 @@ from tqdm import tqdm
 from tqdm.auto import tqdm as tqdm_auto
 from transformers import AutoModelForCausalLM
 
-from . import dist
+from . import dist, lora
 from .checkpoint import export_hf
 from .config import SFTConfig, StageModelConfig, StageRunConfig, load_stage_config, to_yaml
 from .data import SFTExample, collate_sft, load_sft
@@ -76,15 +76,20 @@ def model_kwargs(mc: StageModelConfig) -> dict:
     return dict(dtype=_dtype(mc.dtype), attn_implementation=attn, trust_remote_code=mc.trust_remote_code)
 
 
-def prepare_model(model: nn.Module, tokenizer, mc: StageModelConfig, device: torch.device, what: str) -> nn.Module:
-    """Grow embeddings for an added pad token, record pad/EOS ids in the config, move to device, train mode."""
+def prepare_model(model: nn.Module, tokenizer, mc: StageModelConfig, device: torch.device, what: str, *,
+                  classifier: bool = False) -> nn.Module:
+    """Grow embeddings for an added pad token, record pad/EOS ids in the config, move to device; with model.lora,
+    add the adapters (`lora.apply`; classifier: a sequence classifier, whose scalar head then trains in full)."""
     _grow_embeddings(model, len(tokenizer), what)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if mc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model.to(device)
+    model = model.to(device)
+    if mc.lora is not None:
+        lora.apply(model, mc.lora, field="model.lora", classifier=classifier)
+    return model
 
 
 def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -292,7 +297,7 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
 
     # 4. Export (AutoModelForCausalLM + tokenizer).
     model.eval()
-    export_dir = export_hf(model, tokenizer, out / "export")
+    export_dir = export_hf(model, tokenizer, out / "export", adapter_only=run.export_adapter)
     seconds = time.perf_counter() - t0
     log.info("sft done in %.1fs: exported to %s", seconds, export_dir)
     return StageResult(out, export_dir, eval_metrics, history, seconds)
