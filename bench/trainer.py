@@ -8,7 +8,7 @@ time; float32, sampling at temperature 0.8 without top-p/top-k. Every response
 has the full 32 tokens (fastppo: EOS suppressed; TRL: no stop token), so every
 iteration does the same work.
 
-    .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl]
+    .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl] [--lora [RANK]]
     make bench-trl-venv     # once: TRL 1.12.0 in .venv-trl, for the comparison
 
 Each framework runs in its own fresh process on the same model directories and
@@ -22,7 +22,9 @@ Reported: seconds and tokens/s per phase (median over the iterations after the
 first, which is a warm-up in both), tokens/s of the whole iteration, peak
 memory (CPU: the process's peak RSS; CUDA: max allocated; read at the end of
 the last iteration in both), and fastppo/TRL ratios (tokens/s: > 1 means
-fastppo is faster; memory: < 1 means fastppo needs less). Tokens: rollout counts
+fastppo is faster; memory: < 1 means fastppo needs less). --lora runs fastppo with
+LoRA adapters of that rank on the policy and the critic (model.lora, model.critic_lora)
+beside full fine-tuning instead of TRL, and reports LoRA/full ratios. Tokens: rollout counts
 generated tokens per second of generation; score and shape+adv count prompt +
 response tokens per second; update counts prompt + response tokens x PPO
 epochs; the iteration counts prompt + response tokens per second of the whole
@@ -122,7 +124,8 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
         "ppo.critic_warmup_steps=0", f"run.seed={SEED}", f"run.iterations={spec['iterations']}",
         f"run.output_dir={run_dir}", "run.save_every=0", "run.export_at_end=false", "run.tensorboard=false",
         "run.progress_bar=false", "run.log_level=WARNING", f"run.device={spec['device']}",
-    ]
+    ] + ([f"model.lora.rank={spec['lora_rank']}", f"model.critic_lora.rank={spec['lora_rank']}"]
+         if spec.get("lora_rank") else [])
 
 
 # ----------------------------------------------------------------------------
@@ -243,6 +246,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in both runs")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL run")
     ap.add_argument("--trl-python", help="interpreter with trl==1.12.0 (default: .venv-trl/bin/python)")
+    ap.add_argument("--lora", type=int, nargs="?", const=16, metavar="RANK",
+                    help="compare fastppo with LoRA adapters of this rank (default 16) to full fine-tuning, instead of TRL")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -270,7 +275,17 @@ def main() -> int:
             print(err, file=sys.stderr)
             return 1
         results["fastppo"] = res
-        if args.no_trl:
+        if args.lora:
+            (root / "workload-lora.json").write_text(json.dumps({**spec, "lora_rank": args.lora}, indent=1))
+            res, err = run_worker(f"fastppo LoRA rank {args.lora}", [sys.executable, str(Path(__file__).resolve()),
+                                  "--worker", str(root / "workload-lora.json"), str(root / "lora.json")],
+                                  root / "lora.json", env)
+            if res is None:
+                print(err, file=sys.stderr)
+                return 1
+            results = {"fastppo-lora": res, **results}   # first: the table's ratios are LoRA / full
+            notes.append(f"fastppo-lora: model.lora.rank = model.critic_lora.rank = {args.lora}; TRL not run")
+        elif args.no_trl:
             notes.append("TRL comparison skipped (--no-trl)")
         else:
             py, info = trl_python(args.trl_python)
@@ -303,7 +318,7 @@ def main() -> int:
     print(f"\ntok/s: rollout = generated tokens / s; score, shape+adv = prompt + response tokens / s; "
           f"update = those x {PPO_EPOCHS} epochs / s; iteration = prompt + response tokens / s of the whole iteration. "
           f"peak MB: {mem}.")
-    if len(summaries) == 2:
+    if "trl" in summaries:
         f, t = summaries["fastppo"], summaries["trl"]
         speed = f["iteration_tokens_per_s"] / t["iteration_tokens_per_s"]
         print(f"fastppo vs TRL: {speed:.2f}x the throughput (goal >= 2x), "

@@ -113,7 +113,10 @@ class ReferenceView:
         self.__dict__["policy"] = policy
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__["policy"], name)
+        policy = self.__dict__.get("policy")
+        if policy is None:            # not initialised (copy, pickle)
+            raise AttributeError(name)
+        return getattr(policy, name)
 
     def _as_forward(self, fn, *args, **kwargs):
         with adapters_disabled(self.policy):
@@ -137,6 +140,10 @@ def save_export(model: nn.Module, out: Path, *, state: dict[str, torch.Tensor] |
     wrapper = peft_model(model)
     if state is None:
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    # Merged in the adapters' (master) dtype: frozen base weights stored in a 16-bit compute dtype (`dist.Sharder`)
+    # would round away a small W + (alpha / r) B A update, as 16-bit master weights do.
+    master = next(p.dtype for p in model.parameters() if p.requires_grad)
+    state = {k: v.to(master) if v.is_floating_point() else v for k, v in state.items()}
     with torch.device("meta"):
         base = dist.plain_class(model)(copy.deepcopy(model.config))
     copy_ = _get_peft_model(base, copy.deepcopy(wrapper.peft_config["default"]))
