@@ -75,8 +75,11 @@ def apply(model: nn.Module, lc: LoraConfig, *, field: str, classifier: bool) -> 
 
 
 def _get_peft_model(model: nn.Module, config: peft.LoraConfig) -> peft.PeftModel:
-    with warnings.catch_warnings():   # PEFT reads transformers' deprecated is_gradient_checkpointing
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated is_gradient_checkpointing, and says that it transposes GPT-2's
+        # Conv1D weights (fan_in_fan_out), which it handles: neither is the user's concern.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
         return peft.get_peft_model(model, config)
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -20,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fastppo import lora
+from fastppo import dist, lora
 from fastppo.checkpoint import export_hf, read_weights
 from fastppo.config import ConfigError, LoraConfig, RMConfig, SFTConfig, load_config, load_stage_config
 from fastppo.models import load_models, load_tokenizer, response_logprobs, scalar_head, score_at, sequence_logprobs
@@ -308,6 +309,24 @@ def test_sft_and_train_rm_take_model_lora(tiny_setups, tmp_path):
         a, b = score_at(rm, ids, mask, last), score_at(rm_peft, ids, mask, last)
     # Same seeds, same steps: the two runs trained the same weights; merged vs unmerged float32 (see above).
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_sharded_lora_stores_frozen_base_weights_in_the_compute_dtype(tiny_setups, tmp_path, monkeypatch):
+    """FSDP2 (one CPU process, shard=always) with bfloat16 compute: adapters and AdamW state in float32, the frozen
+    base weights of the policy and critic stored in bfloat16 like a frozen model's; an iteration runs."""
+    train_module = importlib.import_module("fastppo.train")       # `fastppo.train` the attribute is the function
+    setup = tiny_setups("llama")
+    loaded = []
+    real = train_module.load_models
+    monkeypatch.setattr(train_module, "load_models", lambda *a, **kw: loaded.append(real(*a, **kw)) or loaded[-1])
+    result = train(_lora_cfg(setup, **{"parallel.shard": "always", "parallel.param_dtype": "bfloat16",
+                                       "run.iterations": 1, "run.output_dir": tmp_path / "run"}))
+    assert result.iterations_done == 1 and result.metrics["train/skipped_steps"] == 0
+    models = loaded[0]
+    for model in (models.policy, models.critic):
+        assert lora.is_lora(model) and dist.is_sharded(model)
+        for name, p in model.named_parameters():
+            assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
 
 
 # ----------------------------------------------------------------------------
