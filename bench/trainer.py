@@ -148,7 +148,7 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     base_kwargs = rollout.generation_kwargs
     rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
                                                                 "suppress_tokens": [pad_id, eos_id]}
-    run_dir = spec_path.parent / "fastppo-run"
+    run_dir = spec_path.parent / ("fastppo-lora-run" if spec.get("lora_rank") else "fastppo-run")
     train(load_config(None, fastppo_overrides(spec, run_dir)))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     iterations, steps_before = [], 0
