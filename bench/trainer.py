@@ -8,7 +8,7 @@ time; float32, sampling at temperature 0.8 without top-p/top-k. Every response
 has the full 32 tokens (fastppo: EOS suppressed; TRL: no stop token), so every
 iteration does the same work.
 
-    .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl]
+    .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl] [--lora [RANK]]
                                       [--old-logprobs recompute reuse]
                                       [--lengths fixed|longtail]
     make bench-trl-venv     # once: TRL 1.12.0 in .venv-trl, for the comparison
@@ -25,7 +25,9 @@ first, which is a warm-up in both), tokens/s of the whole iteration, peak
 memory (CPU: the process's peak RSS; CUDA: max allocated; read at the end of
 the last iteration in both), and fastppo/TRL ratios (tokens/s: > 1 means
 fastppo is faster; memory: < 1 means fastppo needs less; with several fastppo runs,
-`--old-logprobs recompute reuse`, each against the last provider). Tokens: rollout counts
+`--old-logprobs recompute reuse`, each against the last provider). --lora runs fastppo with
+LoRA adapters of that rank on the policy and the critic (model.lora, model.critic_lora)
+beside full fine-tuning instead of TRL, and reports LoRA/full ratios. Tokens: rollout counts
 generated tokens per second of generation; score and shape+adv count prompt +
 response tokens per second; update counts prompt + response tokens x PPO
 epochs; the iteration counts prompt + response tokens per second of the whole
@@ -147,7 +149,8 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
         "run.progress_bar=false", "run.log_level=WARNING", f"run.device={spec['device']}",
         f"rollout.old_logprobs={spec.get('old_logprobs', 'recompute')}",
         f"ppo.packing={str(spec['packing']).lower()}",
-    ]
+    ] + ([f"model.lora.rank={spec['lora_rank']}", f"model.critic_lora.rank={spec['lora_rank']}"]
+         if spec.get("lora_rank") else [])
 
 
 # ----------------------------------------------------------------------------
@@ -279,6 +282,8 @@ def main() -> int:
                     help="fastppo's rollout.old_logprobs; one fastppo run per value given")
     ap.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
                     help="fixed: every response 32 tokens; longtail: seeded long-tailed lengths, fastppo packed and padded")
+    ap.add_argument("--lora", type=int, nargs="?", const=16, metavar="RANK",
+                    help="compare fastppo with LoRA adapters of this rank (default 16) to full fine-tuning, instead of TRL")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -311,7 +316,17 @@ def main() -> int:
                     print(err, file=sys.stderr)
                     return 1
                 results[name] = res
-        if args.no_trl:
+        if args.lora:
+            (root / "workload-lora.json").write_text(json.dumps({**spec, "lora_rank": args.lora}, indent=1))
+            res, err = run_worker(f"fastppo LoRA rank {args.lora}", [sys.executable, str(Path(__file__).resolve()),
+                                  "--worker", str(root / "workload-lora.json"), str(root / "lora.json")],
+                                  root / "lora.json", env)
+            if res is None:
+                print(err, file=sys.stderr)
+                return 1
+            results = {"fastppo-lora": res, **results}   # first: the table's ratios are LoRA / full
+            notes.append(f"fastppo-lora: model.lora.rank = model.critic_lora.rank = {args.lora}; TRL not run")
+        elif args.no_trl:
             notes.append("TRL comparison skipped (--no-trl)")
         else:
             py, info = trl_python(args.trl_python)

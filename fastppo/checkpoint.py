@@ -50,9 +50,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule
 
-from . import dist
+from . import dist, lora
 from .run_dir import RunDirError, config_changes, fingerprint_changes, refuse_earlier_run
 
 log = logging.getLogger("fastppo")
@@ -228,7 +227,9 @@ def _training_state(policy, critic, policy_opt, critic_opt) -> dict:
     models = {"policy": policy} if critic is None else {"policy": policy, "critic": critic}
     for model in models.values():
         dist.reshard(model)                                   # the shards, not a root FSDP keeps gathered
-    state = {name: get_model_state_dict(model) for name, model in models.items()}
+    # Frozen parameters (a LoRA model's base weights) are left out: they are the loaded model's, fixed on resume.
+    trained = StateDictOptions(ignore_frozen_params=True)
+    state = {name: get_model_state_dict(model, options=trained) for name, model in models.items()}
     for name, model, opt in (("policy_opt", policy, policy_opt), ("critic_opt", critic, critic_opt)):
         # An optimizer that has not stepped yet (the policy's during critic warm-up) has no state to save; reading
         # it through get_optimizer_state_dict would create some (a zero step) and shift Adam's bias correction.
@@ -389,9 +390,10 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
             state.pop(name, None)
     with _dcp_single_process_ok():
         dcp.load(state, checkpoint_id=str(path / "model"), no_dist=not dist.is_initialized())
-    set_model_state_dict(policy, state["policy"])
-    if critic is not None:
-        set_model_state_dict(critic, state["critic"])
+    for name, model in (("policy", policy), ("critic", critic)):
+        if model is not None:
+            # Not strict for a LoRA model, whose checkpoint has no frozen weights (DCP has checked every saved key).
+            set_model_state_dict(model, state[name], options=StateDictOptions(strict=not lora.is_lora(model)))
     for name, model, opt in (("policy_opt", policy, policy_opt), ("critic_opt", critic, critic_opt)):
         if name in state:
             set_optimizer_state_dict(model, opt, state[name])
@@ -412,19 +414,16 @@ def read_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _plain_class_name(model) -> str:
-    """The model's own class name (FSDP2 wraps it in a generated FSDP<Name> subclass)."""
-    cls = type(model)
-    if isinstance(model, FSDPModule):
-        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
-    return cls.__name__
+    return dist.plain_class(model).__name__
 
 
-def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
+def export_hf(model, tokenizer, out_dir: str | Path, *, adapter_only: bool = False) -> Path:
     """Save model + tokenizer as a Hugging Face directory (safetensors), atomically.
 
     A sharded model is gathered first: every rank takes part, rank 0 receives
     the full state dict on the CPU, the other ranks receive nothing and
-    return at once.
+    return at once. A LoRA model (`fastppo.lora`) is exported with its adapters
+    merged into the weights, or with adapter_only as the adapter alone in PEFT's format.
     """
     out = Path(out_dir)
     state = None
@@ -436,10 +435,13 @@ def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-        if state is not None:  # the config names the architecture, not the FSDP wrapper class
-            model.config.architectures = [_plain_class_name(model)]
-            model.config.save_pretrained(tmp)
+        if lora.is_lora(model):
+            lora.save_export(model, tmp, state=state, adapter_only=adapter_only)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+            if state is not None:  # the config names the architecture, not the FSDP wrapper class
+                model.config.architectures = [_plain_class_name(model)]
+                model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -75,6 +75,18 @@ FunctionErrors = _choice("FunctionErrors", "raise", "invalid")
 # ----------------------------------------------------------------------------
 
 @dataclass
+class LoraConfig:
+    rank: int = 16
+    """r: rank of each low-rank update B·A (Hu et al. 2021)."""
+    alpha: float = 32.0
+    """α: the update is scaled by α / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training (PEFT's lora_dropout). PPO compares update logprobs with rollout logprobs computed without dropout: keep 0 there."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or name suffixes) that get adapters; ["all-linear"]: every linear layer of the attention and MLP blocks, never the lm_head nor a scalar head."""
+
+
+@dataclass
 class BaseModelConfig:
     dtype: DType = DType.float32
     """Storage dtype of the models: the master weights of the trained ones (their AdamW state has it too). Keep float32 (`train` then computes in bfloat16 with parallel.param_dtype); bfloat16/float16 with a learning rate under 1e-5 is refused (the updates round away)."""
@@ -86,6 +98,8 @@ class BaseModelConfig:
     """Recompute activations of the trained models in backward to save memory."""
     lm_head_chunk_size: Optional[int] = None
     """Rows per chunk for the fused lm_head + logprob op; null = the op's default."""
+    lora: Optional[LoraConfig] = None
+    """LoRA adapters (through PEFT) instead of full fine-tuning, e.g. model.lora.rank=16; null = full fine-tuning. train: the policy's, and the reference is then the policy with its adapters disabled (no second copy is loaded); train-rm: the scalar head stays fully trained."""
 
 
 @dataclass
@@ -132,6 +146,8 @@ class BaseRunConfig:
     """Abort after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)."""
     log_level: str = "INFO"
     """Python logging level: DEBUG, INFO, WARNING or ERROR (any case)."""
+    export_adapter: bool = False
+    """With model.lora: export the adapter alone in PEFT's format (adapter_config.json + weights, loaded with peft.PeftModel.from_pretrained over the base model) instead of a merged Hugging Face model."""
 
 
 # ----------------------------------------------------------------------------
@@ -146,6 +162,8 @@ class ModelConfig(BaseModelConfig):
     """Reward model (AutoModelForSequenceClassification, num_labels=1), e.g. the export of `fastppo train-rm`; null = reward.functions alone score (one of the two is required)."""
     critic_path: Optional[str] = None
     """Sequence-classification model the critic starts from; null = reward_path (PPO-max: critic from the reward model)."""
+    critic_lora: Optional[LoraConfig] = None
+    """LoRA adapters for the critic; its scalar head stays fully trained. null = full fine-tuning."""
 
 
 @dataclass
@@ -687,8 +705,23 @@ def _check_fields(cfg: Any, prefix: str = "") -> None:
             _check(value in [c.value for c in choices], name, _one_of(choices, value))
 
 
+def _check_lora(lc: "LoraConfig | None", name: str) -> None:
+    if lc is None:
+        return
+    _check(lc.rank > 0, f"{name}.rank", f"must be > 0, got {lc.rank}")
+    _check(lc.alpha > 0, f"{name}.alpha", f"must be > 0, got {lc.alpha}")
+    _check(0 <= lc.dropout < 1, f"{name}.dropout", f"must be in [0, 1), got {lc.dropout}")
+    _check(len(lc.target_modules) > 0 and all(t for t in lc.target_modules), f"{name}.target_modules",
+           "must name at least one module (or be [all-linear])")
+
+
 def _check_base_model(m: BaseModelConfig) -> None:
     _check(m.lm_head_chunk_size is None or m.lm_head_chunk_size > 0, "model.lm_head_chunk_size", "must be > 0")
+    _check_lora(m.lora, "model.lora")
+
+
+def _check_model(m: ModelConfig) -> None:
+    _check_lora(m.critic_lora, "model.critic_lora")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -801,6 +834,7 @@ def _check_rm_loss(loss: RMLossConfig) -> None:
 
 SECTION_CHECKS: dict[type, Callable[[Any], None]] = {
     BaseModelConfig: _check_base_model,
+    ModelConfig: _check_model,
     DataConfig: _check_data,
     StageDataConfig: _check_stage_data,
     RolloutConfig: _check_rollout,
@@ -828,6 +862,8 @@ def validate(cfg: Any) -> None:
         for cls in reversed(type(section).__mro__):
             if cls in SECTION_CHECKS:
                 SECTION_CHECKS[cls](section)
+    _check(not cfg.run.export_adapter or cfg.model.lora is not None, "run.export_adapter",
+           "needs model.lora (there is no adapter)")
     if isinstance(cfg, Config):
         r, p = cfg.rollout, cfg.ppo
         _check(r.rollout_batch_size * r.n_samples_per_prompt % p.minibatch_size == 0, "ppo.minibatch_size",

@@ -289,6 +289,14 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(fsdp_modules(model))
 
 
+def plain_class(model: nn.Module) -> type:
+    """The model's own class (FSDP2 wraps it in a generated FSDP<Name> subclass)."""
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls
+
+
 def _call(self: nn.Module, fn: Callable, *args, **kwargs):
     return fn(self, *args, **kwargs)
 
@@ -368,6 +376,11 @@ class Sharder:
     def __call__(self, model: nn.Module, role: str, *, trained: bool) -> nn.Module:
         if trained:
             mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+            if self.param_dtype is not None:
+                # Parameters no optimizer updates (a LoRA model's base weights) are stored like a frozen model's.
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(self.param_dtype)
         else:
             if self.param_dtype is not None:
                 model.to(self.param_dtype)

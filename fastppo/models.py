@@ -41,7 +41,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.utils import cached_file, is_flash_attn_2_available
 
-from . import dist
+from . import dist, lora
 from .config import ModelConfig
 from .kernels import linear_token_logprobs, token_logprobs
 from .packing import Packing
@@ -276,6 +276,9 @@ def backbone(model: nn.Module) -> nn.Module:
 def scalar_head(model: nn.Module) -> nn.Module:
     for name in ("score", "classifier"):
         head = getattr(model, name, None)
+        copies = getattr(head, "modules_to_save", None)   # LoRA: PEFT keeps the fully trained head in a wrapper
+        if copies is not None:
+            head = next(iter(copies.values()))
         if isinstance(head, nn.Linear):
             if head.out_features != 1:
                 raise ModelError(f"{type(model).__name__}.{name} has {head.out_features} outputs; a reward model needs num_labels=1")
@@ -321,7 +324,7 @@ class Models:
     policy: nn.Module
     """Causal LM, trained."""
     ref: nn.Module
-    """Frozen copy of the policy at start."""
+    """Frozen copy of the policy at start; with model.lora the policy itself with its adapters disabled (`lora.ReferenceView`)."""
     critic: nn.Module | None
     """Sequence-classification model, trained; head applied at every position. None for a critic-free estimator."""
     reward: nn.Module | None
@@ -339,7 +342,10 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | d
     """Load the four models; with `shard`, each is sharded (FSDP2) right after it is loaded, so that at most
     two unsharded models exist at a time (the policy and its reference copy), on the host.
 
-    with_critic=False (a critic-free estimator) loads no critic; model.reward_path null loads no reward model."""
+    with_critic=False (a critic-free estimator) loads no critic; model.reward_path null loads no reward model.
+    With model.lora / model.critic_lora the policy / critic get LoRA adapters before they are prepared
+    (`lora.apply`), and with model.lora no reference copy is made: the reference is the policy with its
+    adapters disabled."""
     critic_path, critic_field = (cfg.critic_path, "model.critic_path") if cfg.critic_path else (cfg.reward_path, "model.reward_path")
     if not with_critic:
         critic_path = None
@@ -406,13 +412,21 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | d
         expected="the policy must be a causal LM (e.g. the export of `fastppo sft`)", **kw), "policy")
     mark_padding_rows(policy, n_tok)
     reason = fused_lm_head_supported(policy)
-    # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
-    ref = prepare(copy.deepcopy(policy), "reference", trained=False)
-    policy = prepare(policy, "policy", trained=True)
+    if cfg.lora is not None:
+        policy = prepare(lora.apply(policy, cfg.lora, field="model.lora", classifier=False), "policy", trained=True)
+        ref = lora.ReferenceView(policy)
+    else:
+        # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
+        ref = prepare(copy.deepcopy(policy), "reference", trained=False)
+        policy = prepare(policy, "policy", trained=True)
     reward = (None if cfg.reward_path is None
               else prepare(classifier(cfg.reward_path, "model.reward_path", "reward"), "reward", trained=False))
-    critic = None if critic_path is None else prepare(classifier(critic_path, critic_field, "critic"), "critic",
-                                                      trained=True)
+    critic = None
+    if critic_path is not None:
+        critic = classifier(critic_path, critic_field, "critic")
+        if cfg.critic_lora is not None:
+            critic = lora.apply(critic, cfg.critic_lora, field="model.critic_lora", classifier=True)
+        critic = prepare(critic, "critic", trained=True)
     if reason is not None:
         log.warning("fused lm_head logprobs disabled (%s): falling back to full logits + token_logprobs", reason)
     return Models(policy, ref, critic, reward, tokenizer, fused_lm_head=reason is None, vocab_size=n_tok)

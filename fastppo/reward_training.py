@@ -248,8 +248,10 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
                             fresh_ok=("score.", "classifier."), expected="train-rm starts from a causal LM or a "
                             "sequence-classification model of the same architecture", **kw)
     scalar_head(model)  # fails clearly when the head is not a single scalar
-    model = prepare_model(model, tokenizer, cfg.model, device, "reward model")
+    model = prepare_model(model, tokenizer, cfg.model, device, "reward model", classifier=True)
     lm_model = LMHeadAdapter(model, load_lm_head(cfg.model.path, model, kw, device)) if lc.lm_coef > 0 else None
+    if lm_model is not None and cfg.model.lora is not None:
+        lm_model.lm_head.requires_grad_(False)   # with LoRA the LM loss trains the adapters only, as it is not exported
     d = cfg.data
     pair_kw = dict(prompt_field=d.prompt_field, chosen_field=d.chosen_field, rejected_field=d.rejected_field,
                    max_len=d.max_len)
@@ -303,7 +305,7 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
         shown={"loss": "loss/total", "eval_acc": "eval/accuracy"}, on_step=on_step)
 
     # 4. Export: a sequence-classification directory (num_labels=1) + tokenizer, loadable as reward model and critic.
-    return export_stage("train-rm", model, tokenizer, out, t0, eval_metrics, history)
+    return export_stage("train-rm", model, tokenizer, out, t0, eval_metrics, history, adapter_only=run.export_adapter)
 
 
 # ----------------------------------------------------------------------------

@@ -36,8 +36,9 @@ log = logging.getLogger("fastppo")
 LOCK_NAME = ".fastppo.lock"
 
 # Settings a resumed run must share with its checkpoint: with another model the resumed run would continue the
-# checkpoint's policy and critic against another reference, reward model or critic architecture.
-FIXED_ON_RESUME = ("model.policy_path", "model.reward_path", "model.critic_path")
+# checkpoint's policy and critic against another reference, reward model or critic architecture; with other LoRA
+# settings (or none) the checkpoint's trained parameters would not fit the models.
+FIXED_ON_RESUME = ("model.policy_path", "model.reward_path", "model.critic_path", "model.lora", "model.critic_lora")
 # Settings that differ by design between the saved config and the resuming one.
 IGNORED_ON_RESUME = ("run.resume",)
 
@@ -182,7 +183,8 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
         a, b = old.get(key, missing), new.get(key, missing)
         if key in IGNORED_ON_RESUME or _same_value(key, a, b):
             continue
-        (refused if key in FIXED_ON_RESUME else changed).append(f"{key}: {a} -> {b}")
+        fixed = key in FIXED_ON_RESUME or key.startswith(tuple(f"{f}." for f in FIXED_ON_RESUME))  # model.lora.rank
+        (refused if fixed else changed).append(f"{key}: {a} -> {b}")
     return refused, changed
 
 

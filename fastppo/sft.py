@@ -33,7 +33,7 @@ from tqdm import tqdm
 from tqdm.auto import tqdm as tqdm_auto
 from transformers import AutoModelForCausalLM
 
-from . import dist
+from . import dist, lora
 from .checkpoint import export_hf
 from .config import SFTConfig, StageModelConfig, StageRunConfig, load_config, to_yaml
 from .data import SFTExample, collate_sft, load_sft
@@ -76,15 +76,20 @@ def model_kwargs(mc: StageModelConfig) -> dict:
     return dict(dtype=_dtype(mc.dtype), attn_implementation=attn, trust_remote_code=mc.trust_remote_code)
 
 
-def prepare_model(model: nn.Module, tokenizer, mc: StageModelConfig, device: torch.device, what: str) -> nn.Module:
-    """Grow embeddings for an added pad token, record pad/EOS ids in the config, move to device, train mode."""
+def prepare_model(model: nn.Module, tokenizer, mc: StageModelConfig, device: torch.device, what: str, *,
+                  classifier: bool = False) -> nn.Module:
+    """Grow embeddings for an added pad token, record pad/EOS ids in the config, move to device; with model.lora,
+    add the adapters (`lora.apply`; classifier: a sequence classifier, whose scalar head then trains in full)."""
     _grow_embeddings(model, len(tokenizer), what)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if mc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model.to(device)
+    model = model.to(device)
+    if mc.lora is not None:
+        lora.apply(model, mc.lora, field="model.lora", classifier=classifier)
+    return model
 
 
 def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -206,10 +211,11 @@ def stage_loop(what: str, *, out: Path, run: StageRunConfig, n_steps: int, n_ite
 
 
 def export_stage(what: str, model: nn.Module, tokenizer, out: Path, t0: float, eval_metrics: dict[str, float],
-                 history: list[dict]) -> StageResult:
-    """A stage's last phase: the trained model (eval mode) and tokenizer exported to <out>/export; its result."""
+                 history: list[dict], *, adapter_only: bool = False) -> StageResult:
+    """A stage's last phase: the trained model (eval mode; LoRA merged, or the adapter alone with adapter_only)
+    and tokenizer exported to <out>/export; its result."""
     model.eval()
-    export_dir = export_hf(model, tokenizer, out / "export")
+    export_dir = export_hf(model, tokenizer, out / "export", adapter_only=adapter_only)
     seconds = time.perf_counter() - t0
     log.info("%s done in %.1fs: exported to %s", what, seconds, export_dir)
     return StageResult(out, export_dir, eval_metrics, history, seconds)
@@ -301,7 +307,8 @@ def sft(cfg: SFTConfig, *, on_step: Callable[[int, dict], None] | None = None) -
         evaluate=(lambda: evaluate_lm(model, eval_ex, **eval_kw)) if eval_ex else None,  # 3. held-out NLL
         shown={"loss": "loss/sft", "eval_loss": "eval/loss"}, on_step=on_step)
 
-    return export_stage("sft", model, tokenizer, out, t0, eval_metrics, history)  # 4. AutoModelForCausalLM + tokenizer
+    return export_stage("sft", model, tokenizer, out, t0, eval_metrics, history,       # 4. AutoModelForCausalLM
+                        adapter_only=run.export_adapter)
 
 
 # ----------------------------------------------------------------------------

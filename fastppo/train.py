@@ -550,6 +550,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
 
     export = None
     if cfg.run.export_at_end and not stop.requested and done == cfg.run.iterations:
-        export = export_hf(models.policy, tok, run_dir / "export" / "policy")   # collective when sharded
+        export = export_hf(models.policy, tok, run_dir / "export" / "policy",   # collective when sharded
+                           adapter_only=cfg.run.export_adapter)
     return TrainResult(run_dir=run_dir, iterations_done=done, metrics=scalars, checkpoint=last_ckpt,
                        export=export, interrupted=stop.requested is not None)
