@@ -22,12 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, pre_tokenizers
-from tokenizers.models import WordLevel
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from . import synthetic as S
-from .config import RolloutConfig, SFTConfig, load_config, load_stage_config
+from .config import RolloutConfig, SFTConfig, load_config
 from .data import collate_prompts, load_prompts
 from .models import ensure_pad_token, load_tokenizer
 from .rewards import math_answer
@@ -85,16 +83,6 @@ def make_sft_data(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
-    core = Tokenizer(WordLevel(vocab={w: i for i, w in enumerate(ARITH_VOCAB)}, unk_token=S.UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)       # joins words with spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=S.PAD, eos_token=S.EOS, unk_token=S.UNK,
-                                  padding_side="left")
-    tok.save_pretrained(str(out_dir))
-    return tok
-
-
 @torch.no_grad()
 def accuracy(policy_dir: Path, prompts_path: Path, *, seed: int, max_new_tokens: int) -> tuple[float, list[dict]]:
     """Fraction of held-out prompts answered right (one sample each at temperature 1, scored by math_answer)."""
@@ -135,15 +123,15 @@ def run_arithmetic_demo(out: Path, *, seed: int = 0, plan: ArithmeticPlan | None
              "prompts": S.write_jsonl(data / "prompts.jsonl", [make_problem(rng) for _ in range(plan.n_prompts)]),
              "eval": S.write_jsonl(data / "prompts_eval.jsonl", [make_problem(eval_rng) for _ in range(plan.n_eval_prompts)])}
     init = out / "init"
-    tok = build_tokenizer(init)
+    tok = S.build_tokenizer(init, vocab=ARITH_VOCAB)
     torch.manual_seed(seed)
-    config = S.tiny_llama_config(len(tok), hidden_size=plan.hidden_size, layers=plan.layers, heads=plan.heads)
-    config.pad_token_id, config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    config = S.tiny_llama_config(len(tok), hidden_size=plan.hidden_size, layers=plan.layers, heads=plan.heads,
+                                 vocab=ARITH_VOCAB)
     LlamaForCausalLM(config).save_pretrained(init, safe_serialization=True)
     stage("data", t0)
 
     t0 = time.perf_counter()
-    sft(load_stage_config(SFTConfig, overrides=[
+    sft(load_config(None, schema=SFTConfig, overrides=[
         f"model.path={init}", f"data.train_path={paths['sft']}", "data.eval_fraction=0.05", f"optim.lr={plan.sft_lr}",
         "optim.warmup_steps=10", f"run.epochs={plan.sft_epochs}", "run.batch_size=32", "run.micro_batch_size=32",
         "run.eval_every=25", f"run.output_dir={out / 'sft'}", *common]))

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from fastppo import dist, lora
 from fastppo.checkpoint import export_hf, read_weights
-from fastppo.config import ConfigError, LoraConfig, RMConfig, SFTConfig, load_config, load_stage_config
+from fastppo.config import ConfigError, LoraConfig, RMConfig, SFTConfig, load_config
 from fastppo.models import load_models, load_tokenizer, response_logprobs, scalar_head, score_at, sequence_logprobs
 from fastppo.ppo import make_optimizer
 from fastppo.reward_training import train_rm
@@ -203,7 +203,7 @@ def test_an_adapted_lm_head_is_refused_and_bad_settings_name_the_field(tiny_setu
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_config(None, setup.overrides() + [override])
     with pytest.raises(ConfigError, match=r"model\.lora\.alpha"):
-        load_stage_config(SFTConfig, overrides=["model.path=x", "data.train_path=y", "model.lora.alpha=0"])
+        load_config(None, schema=SFTConfig, overrides=["model.path=x", "data.train_path=y", "model.lora.alpha=0"])
 
 
 # ----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_sft_and_train_rm_take_model_lora(tiny_setups, tmp_path):
            "run.tensorboard=false", "run.log_level=WARNING", "data.eval_fraction=0", "optim.lr=1e-2",
            "model.lora.rank=2"]
     # sft: the export is a plain causal LM whose adapted projections moved and whose embeddings did not.
-    res = sft(load_stage_config(SFTConfig, overrides=[f"model.path={setup.policy}", f"data.train_path={setup.sft}",
+    res = sft(load_config(None, schema=SFTConfig, overrides=[f"model.path={setup.policy}", f"data.train_path={setup.sft}",
                                                       f"run.output_dir={tmp_path / 'sft'}", *run]))
     out, init = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (res.export_dir, setup.policy))
     assert torch.equal(out["model.embed_tokens.weight"][:init["lm_head.weight"].size(0)],
@@ -297,8 +297,8 @@ def test_sft_and_train_rm_take_model_lora(tiny_setups, tmp_path):
         {"prompt": "describe the red fox :", "chosen": "the red fox is kind .", "rejected": "the fox is bad ."},
         {"prompt": "tell me about the cat :", "chosen": "the cat sleeps .", "rejected": "no ."}])
     rm_kw = [f"model.path={setup.policy}", f"data.train_path={pairs}", *run]
-    merged = train_rm(load_stage_config(RMConfig, overrides=[*rm_kw, f"run.output_dir={tmp_path / 'rm_m'}"]))
-    adapter = train_rm(load_stage_config(RMConfig, overrides=[*rm_kw, f"run.output_dir={tmp_path / 'rm_a'}",
+    merged = train_rm(load_config(None, schema=RMConfig, overrides=[*rm_kw, f"run.output_dir={tmp_path / 'rm_m'}"]))
+    adapter = train_rm(load_config(None, schema=RMConfig, overrides=[*rm_kw, f"run.output_dir={tmp_path / 'rm_a'}",
                                                               "run.export_adapter=true"]))
     rm = AutoModelForSequenceClassification.from_pretrained(merged.export_dir)
     base = AutoModelForSequenceClassification.from_pretrained(setup.policy, num_labels=1)
