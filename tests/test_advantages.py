@@ -14,7 +14,7 @@ import torch
 from fastppo.advantages import (GROUP_STD_EPS, critic_free_advantages, group_advantages, loss_agg_weight,
                                 minibatch_counts, outcome_rewards, signal_groups)
 from fastppo.checkpoint import read_weights
-from fastppo.config import LOSS_AGGREGATIONS, PRESETS, ConfigError, derived, load_config, validate_world
+from fastppo.config import PRESETS, ConfigError, LossAgg, derived, load_config, validate_world
 from fastppo.kernels import linear_ppo_loss, ppo_loss
 from fastppo.rollout import Rollout, cat_rollouts
 from fastppo.run_dir import RunDirError
@@ -178,7 +178,7 @@ def test_reinforce_pp_baseline_subtracts_the_group_mean():
     assert outcome_rewards(s, torch.ones(4, dtype=torch.bool), grpo) is s        # the other estimators: R_i as is
 
 
-@pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("mode", [m.value for m in LossAgg])
 def test_loss_aggregation_weights_give_each_definition(mode):
     """Σ over micro-batches of Σ_t w·ℓ / N (what the loss ops compute with policy_weight=w) against the float64
     definitions, with an empty row and uneven lengths."""
