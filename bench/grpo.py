@@ -22,7 +22,6 @@ advantages) = prompt + response tokens / s, update = prompt + response tokens
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,8 @@ from pathlib import Path
 import torch
 
 from common import append_csv, device_name
-from trainer import PROMPT_LEN, SEED, TEMPERATURE, build_workload, print_table, run_worker, summarize, trl_python
+from trainer import (PROMPT_LEN, SEED, TEMPERATURE, build_workload, comparison_parser, print_providers, print_table,
+                     run_worker, summarize, trl_python, write_fastppo_result)
 
 from fastppo.memory import status_mb
 
@@ -69,8 +69,6 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
 
 def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     """fastppo's trainer with the `grpo` preset in this process; per-iteration records to out_path."""
-    import transformers
-
     import fastppo.rollout as rollout
     from fastppo.config import load_config
     from fastppo.train import train
@@ -83,32 +81,13 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
                                                                 "suppress_tokens": [pad_id, eos_id]}
     run_dir = spec_path.parent / "fastppo-run"
     train(load_config(None, fastppo_overrides(spec, run_dir), preset="grpo"))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    iterations, steps_before = [], 0
-    for r in records:
-        steps = r["train/optimizer_steps"] + r["train/skipped_steps"]
-        score = sum(v for k, v in r.items() if k in ("time/score_s", "time/shape_s", "time/advantages_s"))
-        iterations.append({
-            "rollout_s": r["time/rollout_s"], "score_s": score, "update_s": r["time/update_s"],
-            "iteration_s": r["time/iteration_s"], "generated_tokens": r["response/tokens"],
-            "total_tokens": r["response/total_tokens"], "optimizer_steps": steps - steps_before,
-        })
-        steps_before = steps
-    out_path.write_text(json.dumps({
-        "provider": "fastppo", "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
-        "device": spec["device"], "threads": torch.get_num_threads(), "iterations": iterations,
-        "peak_memory_mb": records[-1]["memory/peak_mb"], "rss_after_imports_mb": rss_after_imports_mb,
-    }, indent=1))
+    # TRL scores (rewards, advantages) inside its generation step: fastppo's rewards are in its rollout phase.
+    write_fastppo_result(out_path, run_dir, spec, rss_after_imports_mb,
+                         {"score": ("score", "shape", "advantages")})
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=3, help="iterations per framework; the first is a warm-up")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in both runs")
-    ap.add_argument("--no-trl", action="store_true", help="skip the TRL run")
-    ap.add_argument("--trl-python", help="interpreter with the current TRL (default: .venv-trl-grpo/bin/python)")
-    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    ap = comparison_parser(__doc__, "interpreter with the current TRL (default: .venv-trl-grpo/bin/python)")
     args = ap.parse_args()
     if args.worker:
         fastppo_worker(Path(args.worker[0]), Path(args.worker[1]))
@@ -150,11 +129,7 @@ def main() -> int:
           f"{summaries['fastppo']['timed_iterations']} timed iteration(s) after 1 warm-up (medians)")
     print(f"workload: {N_PROMPTS} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens, bench/trainer.py's model, "
           f"minibatch {MINIBATCH}, micro-batch {MICRO}, one reward function, no critic, no KL, float32")
-    for name, r in results.items():
-        s = summaries[name]
-        print(f"  {name}: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}; per iteration "
-              f"{s['generated_tokens']:.0f} generated / {s['total_tokens']:.0f} prompt + response tokens, "
-              f"{s['optimizer_steps']:.0f} optimizer steps")
+    print_providers(results, summaries)
     print()
     print_table(summaries, cuda=args.device.startswith("cuda"), phases=PHASES)
     if len(summaries) == 2:

@@ -159,8 +159,6 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
 
 def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     """Run fastppo's trainer on the workload in this process; per-iteration records to out_path."""
-    import transformers
-
     import fastppo.rollout as rollout
     from fastppo.config import load_config
     from fastppo.train import train
@@ -180,15 +178,25 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
         rollout.LogitsProcessorList = lambda processors: base_list([*processors, forced])
     run_dir = spec_path.parent / f"run-{spec_path.stem}"
     train(load_config(None, fastppo_overrides(spec, run_dir)))
+    write_fastppo_result(out_path, run_dir, spec, rss_after_imports_mb,
+                         {"score": ("score",), "shape_advantages": ("shape", "advantages")})
+
+
+def write_fastppo_result(out_path: Path, run_dir: Path, spec: dict, rss_after_imports_mb: float,
+                         phases: dict[str, tuple[str, ...]]) -> None:
+    """A fastppo worker's result JSON from its run's metrics.jsonl: per iteration, rollout and update seconds,
+    each of `phases` as the sum of fastppo's phases it names (time/<name>_s), tokens and optimizer steps."""
+    import transformers
+
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     iterations, steps_before = [], 0
     for r in records:
         steps = r["train/optimizer_steps"] + r["train/skipped_steps"]
         iterations.append({
-            "rollout_s": r["time/rollout_s"], "score_s": r["time/score_s"],
-            "shape_advantages_s": r["time/shape_s"] + r["time/advantages_s"], "update_s": r["time/update_s"],
-            "iteration_s": r["time/iteration_s"], "generated_tokens": r["response/tokens"],
-            "total_tokens": r["response/total_tokens"], "optimizer_steps": steps - steps_before,
+            "rollout_s": r["time/rollout_s"], "update_s": r["time/update_s"], "iteration_s": r["time/iteration_s"],
+            **{f"{p}_s": sum(r.get(f"time/{n}_s", 0.0) for n in names) for p, names in phases.items()},
+            "generated_tokens": r["response/tokens"], "total_tokens": r["response/total_tokens"],
+            "optimizer_steps": steps - steps_before,
         })
         steps_before = steps
     out_path.write_text(json.dumps({
@@ -248,6 +256,15 @@ def summarize(result: dict, phases: list[str] = PHASES, epochs: int = PPO_EPOCHS
     return s
 
 
+def print_providers(results: dict[str, dict], summaries: dict[str, dict]) -> None:
+    """One line per provider: versions, and the work of one iteration."""
+    for name, r in results.items():
+        s = summaries[name]
+        print(f"  {name}: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}; per iteration "
+              f"{s['generated_tokens']:.0f} generated / {s['total_tokens']:.0f} prompt + response tokens, "
+              f"{s['optimizer_steps']:.0f} optimizer steps")
+
+
 def print_table(summaries: dict[str, dict], *, cuda: bool, phases: list[str] = PHASES) -> None:
     """Seconds and tokens/s per phase for each provider; with several, each one's ratio to the last (TRL)."""
     names = list(summaries)
@@ -271,20 +288,26 @@ def print_table(summaries: dict[str, dict], *, cuda: bool, phases: list[str] = P
         row("  peak-start", [f"{p - s:>{2 * w - 2}.0f}" for p, s in zip(peak, start)], [p - s for p, s in zip(peak, start)])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=3, help="PPO iterations per framework; the first is a warm-up")
+def comparison_parser(doc: str, trl_help: str) -> argparse.ArgumentParser:
+    """The options of a fastppo-vs-TRL benchmark (this one and bench/grpo.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=3, help="iterations per framework; the first is a warm-up")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in both runs")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL run")
-    ap.add_argument("--trl-python", help="interpreter with trl==1.12.0 (default: .venv-trl/bin/python)")
+    ap.add_argument("--trl-python", help=trl_help)
+    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> int:
+    ap = comparison_parser(__doc__, "interpreter with trl==1.12.0 (default: .venv-trl/bin/python)")
     ap.add_argument("--old-logprobs", nargs="+", choices=["recompute", "reuse"], default=["recompute"],
                     help="fastppo's rollout.old_logprobs; one fastppo run per value given")
     ap.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
                     help="fixed: every response 32 tokens; longtail: seeded long-tailed lengths, fastppo packed and padded")
     ap.add_argument("--lora", type=int, nargs="?", const=16, metavar="RANK",
                     help="compare fastppo with LoRA adapters of this rank (default 16) to full fine-tuning, instead of TRL")
-    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         fastppo_worker(Path(args.worker[0]), Path(args.worker[1]))
@@ -349,11 +372,7 @@ def main() -> int:
           f"{' (long-tailed lengths, forced)' if args.lengths == 'longtail' else ''}, hidden {HIDDEN}, "
           f"{LAYERS} layers, vocab {VOCAB}, {PPO_EPOCHS} PPO epochs, minibatch {MINIBATCH}, micro-batch {MICRO}, "
           f"generate/score {ROLLOUT_CHUNK} rows at a time, float32")
-    for name, r in results.items():
-        s = summaries[name]
-        print(f"  {name}: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}; per iteration "
-              f"{s['generated_tokens']:.0f} generated / {s['total_tokens']:.0f} prompt + response tokens, "
-              f"{s['optimizer_steps']:.0f} optimizer steps")
+    print_providers(results, summaries)
     print()
     print_table(summaries, cuda=args.device.startswith("cuda"))
     mem = "CUDA max allocated" if args.device.startswith("cuda") else "process peak RSS"

@@ -32,14 +32,12 @@ import time
 from pathlib import Path
 
 from grpo_reward import even_words
-from trl_workload import memory
+from trl_workload import memory, write_result
 
 
 def main(spec_path: str, out_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     import torch
-    import transformers
-    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -124,12 +122,7 @@ def main(spec_path: str, out_path: str) -> int:
         "generated_tokens": tokens[i][0], "total_tokens": tokens[i][1],
         "optimizer_steps": m["steps_end"] - m["steps_start"],
     } for i, m in enumerate(marks)]
-    Path(out_path).write_text(json.dumps({
-        "provider": "trl", "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
-                                        "torch": torch.__version__},
-        "device": str(device), "threads": torch.get_num_threads(), "iterations": iterations,
-        "peak_memory_mb": peak["mb"], "rss_after_imports_mb": rss_after_imports_mb,
-    }, indent=1))
+    write_result(out_path, iterations, device=device, peak_mb=peak["mb"], rss_after_imports_mb=rss_after_imports_mb)
     return 0
 
 

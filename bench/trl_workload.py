@@ -210,13 +210,22 @@ def main(spec_path: str, out_path: str) -> int:
             "total_tokens": tokens[i][1],
             "optimizer_steps": steps_at[i] - (steps_at[i - 1] if i else 0),
         })
+    write_result(out_path, iterations, device=device, peak_mb=peak["mb"], rss_after_imports_mb=rss_after_imports_mb)
+    return 0
+
+
+def write_result(out_path: str, iterations: list[dict], *, device, peak_mb: float, rss_after_imports_mb: float) -> None:
+    """A TRL worker's RESULT.json: versions, per-iteration records, peak memory (bench/trainer.py reads it)."""
+    import torch
+    import transformers
+    import trl
+
     Path(out_path).write_text(json.dumps({
         "provider": "trl", "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
                                         "torch": torch.__version__},
         "device": str(device), "threads": torch.get_num_threads(), "iterations": iterations,
-        "peak_memory_mb": peak["mb"], "rss_after_imports_mb": rss_after_imports_mb,
+        "peak_memory_mb": peak_mb, "rss_after_imports_mb": rss_after_imports_mb,
     }, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

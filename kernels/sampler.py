@@ -46,6 +46,7 @@ from ._checks import (
     FLOAT_DTYPES, INT_DTYPES, as_rows, check_positive, check_same_device, check_shape, check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
+from ._math import online_lse_step
 
 _M32 = 0xFFFFFFFF
 _TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
@@ -206,15 +207,7 @@ def _sample_kernel(
     for start in range(0, n_cols, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)     # finite while every x so far is -inf
-        alpha = tl.exp(m - m_ref)
-        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-        e = tl.exp(x - m_ref)
-        x_rel = tl.where(e > 0.0, x - m_ref, 0.0)
-        t = alpha * (t + shift * s) + tl.sum(e * x_rel, axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, t = online_lse_step(m, s, t, x)
         x_min = tl.minimum(x_min, tl.min(tl.where(offs < n_valid, x, float("inf")), axis=0))
         if not FILTERED:
             score = x + _gumbel(row_hash, offs)
