@@ -259,7 +259,7 @@ class Runner:
                             self.worker_info = {k: v for k, v in ev.items() if k != "event"}
                         elif ev["event"] == "start":
                             current, started = ev["check"], time.monotonic()
-                        elif ev["event"] == "result":
+                        elif ev["event"] == "result" and ev["check"] in todo:   # (not one already failed by a kill)
                             todo.remove(ev["check"])
                             self._record(ev["check"], {k: v for k, v in ev.items() if k not in ("event", "check")})
                             current, progressed = None, True

@@ -88,7 +88,6 @@ def generation_kwargs(cfg: RolloutConfig, *, eos_id: int, pad_id: int) -> dict:
         max_new_tokens=cfg.max_new_tokens,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        suppress_tokens=[pad_id],  # the added pad token must never be sampled
         use_cache=True,
         **compiled,
     )
@@ -113,8 +112,11 @@ class CounterSampler:
     """HF logits processor that draws each token with `fastppo.kernels.sample` (softmax(logits / T), top-k and
     top-p filtered, counter-based Gumbel-max) and makes it HF's greedy choice: the scores it returns are -inf
     but at the drawn token. It records every step's logprob and entropy (`logprobs`, `entropy`: lists of (B,)
-    float32, one per step) under the distribution of the scores it receives: the model's float32 logits after
-    HF's processors (the pad-token suppression and, when on, the repetition penalty), at temperature T.
+    float32, one per step) under softmax(scores / T) over every token of the vocabulary, before top-k/top-p:
+    the policy's distribution, the one the score phase recomputes, with the repetition penalty when it is on
+    (HF applies it to the scores first). `suppress_id` (the added pad token) is never drawn, but keeps its
+    probability in the recorded logprob and entropy: the op draws from the scores without it, and its
+    logprob and entropy are renormalised to the whole vocabulary in O(B) (`_with_token_back`).
 
     Token ids >= vocab_size (rows an embedding resize padded on, beyond the
     tokenizer's vocabulary) are never sampled. A decode step makes no host
@@ -124,20 +126,28 @@ class CounterSampler:
     """
 
     def __init__(self, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor, prompt_width: int,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, suppress_id: int | None = None) -> None:
         self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
         self.seed, self.sample_ids, self.prompt_width = seed, sample_ids, prompt_width
-        self.vocab_size = vocab_size
+        self.vocab_size, self.suppress_id = vocab_size, suppress_id
         self.logprobs: list[torch.Tensor] = []
         self.entropy: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.sample_ids.device != scores.device:
             self.sample_ids = self.sample_ids.to(scores.device)                        # once
+        suppressed = None
+        if self.suppress_id is not None:
+            suppressed = scores[:, self.suppress_id].clone()                             # (B,) its logit
+            scores[:, self.suppress_id] = float("-inf")
         drawn = sample(scores, seed=self.seed, sample_ids=self.sample_ids, step=input_ids.size(1) - self.prompt_width,
                        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, vocab_size=self.vocab_size)
-        self.logprobs.append(drawn.logprobs)
-        self.entropy.append(drawn.entropy)
+        lp, ent = drawn.logprobs, drawn.entropy
+        if suppressed is not None:
+            chosen = scores.gather(1, drawn.tokens[:, None]).squeeze(1)
+            lp, ent = _with_token_back(lp, ent, chosen / self.temperature, suppressed / self.temperature)
+        self.logprobs.append(lp)
+        self.entropy.append(ent)
         return scores.fill_(float("-inf")).scatter_(1, drawn.tokens[:, None], 0.0)
 
     def per_token(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +158,22 @@ class CounterSampler:
             x = torch.stack(steps, 1) if steps else torch.zeros(B, 0, device=self.sample_ids.device)
             out.append(nn.functional.pad(x, (0, width - x.size(1))))
         return out[0], out[1]
+
+
+def _with_token_back(logprob: torch.Tensor, entropy: torch.Tensor, z_chosen: torch.Tensor, z_back: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprob and entropy of a drawn token under a softmax that gets one token back, (B,) each.
+
+    From logp_r(y) = z_y − lse_r and H_r over the tokens without the one left out (scaled logit z_back), with
+    lse = logaddexp(lse_r, z_back) and its probability q = exp(z_back − lse): the whole softmax has
+    p(y) = (1 − q) r(y), so logp(y) = z_y − lse and H = (1 − q)·H_r − (1 − q)·log(1 − q) − q·log q.
+    """
+    lse_r = z_chosen - logprob
+    lse = torch.logaddexp(lse_r, z_back)
+    log_q, log_rest = z_back - lse, lse_r - lse                                   # log q, log(1 - q)
+    q, rest = log_q.exp(), log_rest.exp()
+    q_log_q = torch.where(q > 0, q * log_q, 0.0)
+    return z_chosen - lse, rest * entropy - rest * log_rest - q_log_q
 
 
 @contextlib.contextmanager
@@ -257,7 +283,7 @@ def generate(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig, *, eos
         for start in range(0, ids.size(0), generation_batch_size):
             rows = slice(start, start + generation_batch_size)
             sampler = CounterSampler(cfg, seed=sampling_seed(seed), sample_ids=sample_ids[rows], prompt_width=P,
-                                     vocab_size=vocab_size)
+                                     vocab_size=vocab_size, suppress_id=pad_id)
             out = policy.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=gen_cfg,
                                   logits_processor=LogitsProcessorList([sampler]))
             chunks.append(out[:, P:])                                                 # (b, R_chunk)

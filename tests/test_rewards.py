@@ -142,7 +142,9 @@ def test_reward_model_score_and_functions_add(monkeypatch):
                       response_mask=torch.ones(3, 2, dtype=torch.bool), lengths=torch.tensor([2, 2, 2]),
                       ended=torch.tensor([True, True, False]), prompt_width=1)
     models = SimpleNamespace(reward=object(), tokenizer=SimpleNamespace(eos_token_id=2, pad_token_id=0))
-    monkeypatch.setattr(experience, "score_at", lambda model, ids, mask, index: torch.tensor([1.0, float("nan"), -2.0]))
+    by_token = {6: 1.0, 7: float("nan"), 8: -2.0}       # each row's score from its own tokens: any row order works
+    monkeypatch.setattr(experience, "score_at", lambda model, ids, mask, index, pack=None:
+                        torch.tensor([by_token[int(i)] for i in ids[:, 1]]))
     cfg = load_config(None, ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"])
     scores, nonfinite = outcome_scores(models, rollout, cfg, batch_size=4,
                                        function_scores=torch.tensor([0.5, 0.25, 1.0]))

@@ -176,17 +176,18 @@ def test_generate_never_emits_padded_vocabulary_ids(policy_and_prompts):
 # ----------------------------------------------------------------------------
 
 def _recomputed(policy, rollout, cfg, pad_id, penalty=None):
-    """Each response token's logprob and entropy from one float32 forward over the whole sequence, at T, with
-    the scores the sampler saw: the pad token suppressed and, when given, HF's repetition penalty applied to
-    the tokens before it."""
+    """Each response token's logprob and entropy from one float32 forward over the whole sequence, at T, over the
+    whole vocabulary (the pad token, never drawn, included: the policy's distribution) and, when given, with
+    HF's repetition penalty applied to the tokens before it."""
     with torch.no_grad():
         logits = policy(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits.float()
     P, R = rollout.prompt_width, rollout.response_mask.size(1)
     steps = logits[:, P - 1:P - 1 + R].clone()                                         # (B, R, V)
     if penalty is not None:
         for t in range(R):
+            pad_logit = steps[:, t, pad_id].clone()
             steps[:, t] = penalty(rollout.sequences[:, :P + t], steps[:, t])
-    steps[..., pad_id] = float("-inf")
+            steps[:, t, pad_id] = pad_logit           # HF's generate leaves the pad token (left padding) unpenalised
     logp = torch.log_softmax(steps / cfg.temperature, -1)
     lp = logp.gather(-1, rollout.responses[..., None]).squeeze(-1)
     ent = -torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1)
@@ -263,3 +264,26 @@ def test_the_compiled_decode_step_draws_the_eager_tokens(policy_and_prompts, mon
     assert torch.equal(compiled.sequences, eager.sequences)
     m = eager.response_mask
     assert (compiled.logprobs[m] - eager.logprobs[m]).abs().max() < ATOL
+
+
+def test_a_suppressed_token_keeps_its_probability_in_the_recorded_logprob_and_entropy():
+    """The pad token is never drawn, but the recorded logprob and entropy are those of the whole softmax
+    (`_with_token_back` renormalises the op's, computed without it), against float64 on the full row."""
+    from fastppo.rollout import _with_token_back
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 37, generator=g, dtype=torch.float64) * 3
+    z[4, 7] = -30.0                                                       # a pad of negligible probability
+    pad, chosen = 7, torch.tensor([0, 3, 9, 36, 1])
+    rest = z.clone()
+    rest[:, pad] = float("-inf")
+    logp_r = torch.log_softmax(rest, -1)
+    ent_r = -torch.where(torch.isfinite(logp_r), logp_r.exp() * logp_r, 0.0).sum(-1)
+    lp, ent = _with_token_back(logp_r.gather(1, chosen[:, None]).squeeze(1).float(), ent_r.float(),
+                               z.gather(1, chosen[:, None]).squeeze(1).float(), z[:, pad].float())
+    logp = torch.log_softmax(z, -1)
+    want_lp, want_ent = logp.gather(1, chosen[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+    # float32 inputs and a handful of float32 operations on values of order 10: a few ulps of 10, ~1e-5.
+    torch.testing.assert_close(lp.double(), want_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.double(), want_ent, rtol=0, atol=1e-5)
+    assert ent[4] == ent[4] and abs(float(ent[4]) - float(ent_r[4])) < 1e-5   # q ~ 0: unchanged
