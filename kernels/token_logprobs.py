@@ -56,8 +56,13 @@ def _token_logprobs_fwd_kernel(
     is_ignored = label == ignore_index
     row_ptr = logits_ptr + row * stride_lm
 
+    # Nothing about is_ignored is left to do after the loop: a flag live across it costs a predicate that
+    # ptxas (triton 3.6, sm_90, unaligned V) spills to local memory. An ignored row reads no block, so it
+    # ends with s = 1, t = 0 and x_label = 0: lse = log 1 = 0 and H = 0 exactly, and its logprob 0 − 0.
+    label_ok = (label >= 0) & (label < n_valid) & (not is_ignored)
+    x_label = tl.load(row_ptr + label * stride_lv, mask=label_ok, other=0.0).to(tl.float32) / temp
     m = tl.cast(float("-inf"), tl.float32)
-    s = tl.cast(0.0, tl.float32)
+    s = tl.where(is_ignored, 1.0, 0.0)
     t = tl.cast(0.0, tl.float32)
     n_blocks = tl.where(is_ignored, 0, tl.cdiv(n_cols, BLOCK_V))
     for block in range(0, n_blocks):
@@ -65,12 +70,10 @@ def _token_logprobs_fwd_kernel(
         x = tl.load(row_ptr + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
         m, s, t = online_lse_step(m, s, t, tl.where(offs < n_valid, x / temp, float("-inf")))
 
-    label_ok = (label >= 0) & (label < n_valid) & (not is_ignored)
-    x_label = tl.load(row_ptr + label * stride_lv, mask=label_ok, other=0.0).to(tl.float32) / temp
-    lse, entropy = lse_and_entropy(m, tl.where(is_ignored, 1.0, s), t)       # an ignored row: s = 1, lse = H = 0
-    tl.store(logprobs_ptr + row, tl.where(is_ignored, 0.0, x_label - lse))
-    tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
-    tl.store(lse_ptr + row, tl.where(is_ignored, 0.0, lse))
+    lse, entropy = lse_and_entropy(m, s, t)
+    tl.store(logprobs_ptr + row, x_label - lse)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(lse_ptr + row, lse)
 
 
 @triton.jit

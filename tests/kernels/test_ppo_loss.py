@@ -13,6 +13,7 @@ import torch
 from fastppo import algo
 from fastppo.kernels import PPOLossOutput, ppo_loss
 from fastppo.kernels.ppo_loss import _fwd_triton
+from fastppo_testing.devices import VALUES_CHECKED_ON_CPU_ONLY, on_test_device
 
 BACKENDS = ["torch", "triton"]
 NAMES = ("logprobs", "old_logprobs", "advantages", "values", "old_values", "returns")
@@ -396,14 +397,13 @@ def test_policy_weight_off_the_mask_is_not_read(backend):
     (dict(policy_weight=torch.ones(2, 5, dtype=torch.long)), TypeError, "policy_weight"),
     (dict(policy_weight=[[1.0] * 5] * 2), TypeError, "policy_weight"),
     (dict(policy_weight=torch.ones(2, 5, device="meta")), ValueError, "policy_weight"),
-    (dict(policy_weight=torch.full((2, 5), -0.5)), ValueError, "policy_weight must be finite and >= 0"),
-    (dict(policy_weight=torch.full((2, 5), float("nan"))), ValueError, "policy_weight must be finite and >= 0"),
-    (dict(policy_weight=torch.full((2, 5), float("inf"))), ValueError, "policy_weight must be finite and >= 0"),
+    *(pytest.param(dict(policy_weight=torch.full((2, 5), bad)), ValueError, "policy_weight must be finite and >= 0",
+                   marks=VALUES_CHECKED_ON_CPU_ONLY) for bad in (-0.5, float("nan"), float("inf"))),
 ])
 def test_bad_new_arguments(over, exc, match):
     batch = make_batch((2, 5), p_valid=1.0)
     with pytest.raises(exc, match=match):
-        ppo_loss(*(batch[k] for k in NAMES), batch["mask"], **over)
+        ppo_loss(*(batch[k] for k in NAMES), batch["mask"], **{k: on_test_device(v) for k, v in over.items()})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastppo.kernels import gumbel_noise, sample
+from fastppo_testing.devices import on_test_device
 
 BACKENDS = ["torch", "triton"]
 U = 2.0 ** -24                         # float32 unit roundoff
@@ -346,7 +347,8 @@ def test_the_backends_draw_the_same_tokens():
     (dict(backend="cuda"), ValueError, "backend must be None or one of"),
 ])
 def test_bad_input_is_named(change, exc, words):
-    args = {**dict(logits=torch.zeros(4, 10), seed=0, sample_ids=torch.arange(4), step=0), **change}
+    args = {**dict(logits=torch.zeros(4, 10), seed=0, sample_ids=torch.arange(4), step=0),
+            **{k: on_test_device(v) for k, v in change.items()}}
     logits = args.pop("logits")
     with pytest.raises(exc) as err:
         sample(logits, **args)
