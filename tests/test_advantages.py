@@ -5,7 +5,6 @@ trainer runs that load no critic."""
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 import re
 
@@ -15,7 +14,6 @@ from fastppo.advantages import (GROUP_STD_EPS, critic_free_advantages, group_adv
                                 minibatch_counts, outcome_rewards, signal_groups)
 from fastppo.checkpoint import read_weights
 from fastppo.config import PRESETS, ConfigError, LossAgg, derived, load_config, validate_world
-from fastppo.kernels import linear_ppo_loss, ppo_loss
 from fastppo.rollout import Rollout, cat_rollouts
 from fastppo.run_dir import RunDirError
 from fastppo.train import train
@@ -281,14 +279,6 @@ def _train_module():
     return importlib.import_module("fastppo.train")              # (the package's `train` is the function)
 
 
-def _has_arg(name: str) -> bool:
-    return all(name in inspect.signature(op).parameters for op in (ppo_loss, linear_ppo_loss))
-
-
-NEEDS_POLICY_WEIGHT = pytest.mark.skipif(not _has_arg("policy_weight"), reason="the loss ops take no policy_weight= yet")
-NEEDS_CLIP_HIGH = pytest.mark.skipif(not _has_arg("clip_eps_high"), reason="the loss ops take no clip_eps_high= yet")
-
-
 def _overrides(setup, out, **extra):
     return setup.overrides(**{"run.output_dir": out, "run.iterations": 2, "run.export_at_end": False,
                               "rollout.rollout_batch_size": 2, "rollout.n_samples_per_prompt": 2,
@@ -339,24 +329,15 @@ def test_each_estimator_trains_without_a_critic(advantage, tiny_setups, tmp_path
         assert abs(m["advantages/mean"]) < 1e-6                                   # centred within each group
 
 
-@NEEDS_POLICY_WEIGHT
 def test_dr_grpo_preset_trains(tiny_setups, tmp_path, no_critic_spy):
     result = train(load_config(None, _overrides(tiny_setups("llama"), tmp_path / "run"), preset="dr_grpo"))
     assert result.iterations_done == 2 and no_critic_spy["models"][0].critic is None
 
 
-@NEEDS_CLIP_HIGH
 def test_dapo_preset_trains(tiny_setups, tmp_path, no_critic_spy):
     over = {"rollout.max_new_tokens": 6, "reward.functions": f"[{{name: '{REWARD_FNS}:text_hash'}}]"}
     result = train(load_config(None, _overrides(tiny_setups("llama"), tmp_path / "run", **over), preset="dapo"))
     assert result.iterations_done == 2
-
-
-@pytest.mark.skipif(_has_arg("policy_weight"), reason="the loss ops take policy_weight=")
-def test_a_loss_aggregation_the_ops_cannot_apply_is_refused_naming_the_field(tiny_setups, tmp_path):
-    cfg = load_config(None, _overrides(tiny_setups("llama"), tmp_path / "run"), preset="dr_grpo")
-    with pytest.raises(ConfigError, match=r"field 'ppo\.loss_agg': needs fastppo\.kernels\.ppo_loss\(policy_weight="):
-        train(cfg)
 
 
 def test_dynamic_sampling_that_finds_no_signal_keeps_the_batch_size_and_stops(tiny_setups, tmp_path, no_critic_spy):
