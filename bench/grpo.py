@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from common import append_csv, device_name
-from trainer import (PROMPT_LEN, SEED, TEMPERATURE, build_workload, comparison_parser, print_providers, print_table,
-                     run_worker, summarize, trl_python, write_fastppo_result)
+from trainer import (PROMPT_LEN, SEED, TEMPERATURE, build_workload, comparison_parser, parse_comparison_args,
+                     print_providers, print_table, run_worker, summarize, trl_python, write_fastppo_result)
 
 from fastppo.memory import status_mb
 
@@ -88,12 +88,9 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
 
 def main() -> int:
     ap = comparison_parser(__doc__, "interpreter with the current TRL (default: .venv-trl-grpo/bin/python)")
-    args = ap.parse_args()
-    if args.worker:
-        fastppo_worker(Path(args.worker[0]), Path(args.worker[1]))
+    args = parse_comparison_args(ap, fastppo_worker)
+    if args is None:
         return 0
-    if args.iterations < 2:
-        ap.error("--iterations must be >= 2 (the first iteration is a warm-up)")
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     if not args.device.startswith("cuda"):

@@ -288,6 +288,17 @@ def print_table(summaries: dict[str, dict], *, cuda: bool, phases: list[str] = P
         row("  peak-start", [f"{p - s:>{2 * w - 2}.0f}" for p, s in zip(peak, start)], [p - s for p, s in zip(peak, start)])
 
 
+def parse_comparison_args(ap: argparse.ArgumentParser, worker) -> argparse.Namespace | None:
+    """The parsed options; None after running `worker(spec, out)` when this process is a fastppo worker."""
+    args = ap.parse_args()
+    if args.worker:
+        worker(Path(args.worker[0]), Path(args.worker[1]))
+        return None
+    if args.iterations < 2:
+        ap.error("--iterations must be >= 2 (the first iteration is a warm-up)")
+    return args
+
+
 def comparison_parser(doc: str, trl_help: str) -> argparse.ArgumentParser:
     """The options of a fastppo-vs-TRL benchmark (this one and bench/grpo.py)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -308,12 +319,9 @@ def main() -> int:
                     help="fixed: every response 32 tokens; longtail: seeded long-tailed lengths, fastppo packed and padded")
     ap.add_argument("--lora", type=int, nargs="?", const=16, metavar="RANK",
                     help="compare fastppo with LoRA adapters of this rank (default 16) to full fine-tuning, instead of TRL")
-    args = ap.parse_args()
-    if args.worker:
-        fastppo_worker(Path(args.worker[0]), Path(args.worker[1]))
+    args = parse_comparison_args(ap, fastppo_worker)
+    if args is None:
         return 0
-    if args.iterations < 2:
-        ap.error("--iterations must be >= 2 (the first iteration is a warm-up)")
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "TRL_EXPERIMENTAL_SILENCE": "1"}

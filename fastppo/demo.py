@@ -49,7 +49,7 @@ log = logging.getLogger("fastppo")
 
 
 @dataclass
-class DemoPlan:
+class DemoPlan(S.TinyPlan):
     """Sizes and schedules of the demo (not the algorithm: each preset keeps its knobs)."""
     n_sft: int = 4000
     """SFT examples (train prompts only)."""
@@ -61,11 +61,6 @@ class DemoPlan:
     """PPO training prompts."""
     n_eval_prompts: int = 256
     """Held-out prompts for the before/after evaluation."""
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    sft_epochs: float = 2.0
-    sft_lr: float = 3e-3
     rm_epochs: float = 2.0
     rm_lr: float = 1e-3
     ppo_iterations: int = 150

@@ -42,16 +42,12 @@ ARITH_P_CORRECT = 0.5
 
 
 @dataclass
-class ArithmeticPlan:
+class ArithmeticPlan(S.TinyPlan):
     """Sizes and schedules (tiny-model settings; the grpo preset keeps its algorithmic knobs)."""
+    sft_epochs: float = 4.0
     n_sft: int = 3000
     n_prompts: int = 1024
     n_eval_prompts: int = 256
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    sft_epochs: float = 4.0
-    sft_lr: float = 3e-3
     iterations: int = 60
     policy_lr: float = 1e-3
     prompts_per_iteration: int = 16

@@ -195,6 +195,16 @@ def build_tokenizer(out_dir: Path | None = None, vocab: list[str] = VOCAB):
     return tokenizer
 
 
+@dataclass
+class TinyPlan:
+    """What the demos share: the tiny Llama's shape and its SFT schedule."""
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    sft_epochs: float = 2.0
+    sft_lr: float = 3e-3
+
+
 def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                       vocab: list[str] = VOCAB):
     """A small Llama: big enough to learn the task in seconds on a CPU."""
