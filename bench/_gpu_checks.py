@@ -505,6 +505,50 @@ def check_train(ctx: Context, shard: str) -> Result:
     return res
 
 
+def check_generate_compiled(ctx: Context) -> Result:
+    """rollout.compile: the static-cache compiled decode step against eager generation on the tiny policy: the
+    same tokens for the same seed, and generated tokens per second of each (after a warm-up call that compiles).
+    On CPU the compiled path is not timed (inductor needs minutes there; tests/test_rollout.py checks its
+    tokens with dynamo's eager backend)."""
+    from fastppo.config import RolloutConfig
+    from fastppo.data import collate_prompts, load_prompts
+    from fastppo.models import ensure_pad_token, load_tokenizer
+    from fastppo.rollout import generate
+    from transformers import AutoModelForCausalLM
+
+    root = tiny_models(ctx)
+    device = torch.device("cpu" if ctx.cpu else "cuda")
+    tok = load_tokenizer(str(root / "policy"))
+    ensure_pad_token(tok)
+    policy = AutoModelForCausalLM.from_pretrained(root / "policy", dtype=torch.bfloat16 if not ctx.cpu else None)
+    policy = policy.to(device).eval()
+    batch_size = 4 if ctx.cpu else 64
+    prompts = load_prompts(root / "prompts.jsonl", tok, field="prompt", prompt_format="plain", max_len=16)
+    batch = collate_prompts(prompts[:batch_size], tok.pad_token_id)
+    batch = type(batch)(batch.input_ids.to(device), batch.attention_mask.to(device))
+    res, tokens, rate = Result(), {}, {}
+    for compiled in ([False] if ctx.cpu else [False, True]):
+        cfg = RolloutConfig(max_new_tokens=8 if ctx.cpu else 64, temperature=1.0, top_p=0.9, compile=compiled)
+        kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generation_batch_size=batch_size, seed=3,
+                  vocab_size=len(tok))
+        generate(policy, batch, cfg, **kw)                                           # warm-up (compiles)
+        sync = torch.cuda.synchronize if not ctx.cpu else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        out = generate(policy, batch, cfg, **kw)
+        sync()
+        seconds = time.perf_counter() - t0
+        name = "compiled" if compiled else "eager"
+        tokens[name] = out.sequences
+        rate[name] = int(out.lengths.sum()) / seconds
+        res.add(f"{name}_tokens_per_s", rate[name], "tok/s")
+    if "compiled" in tokens:
+        res.add("compiled_vs_eager", rate["compiled"] / rate["eager"], "x")
+        if not torch.equal(tokens["compiled"], tokens["eager"]):
+            res.fail("the compiled decode step drew other tokens than eager generation for the same seed")
+    return res
+
+
 # ----------------------------------------------------------------------------
 # The worker
 # ----------------------------------------------------------------------------
@@ -517,6 +561,7 @@ CHECKS = {
     "train_no_fsdp": lambda ctx: check_train(ctx, "never"),
     "train_fsdp": lambda ctx: check_train(ctx, "always"),
     "roofline": check_roofline,
+    "generate_compiled": check_generate_compiled,
     **{name: (lambda ctx, name=name: check_bench(ctx, name)) for name in BENCHES},
 }
 
