@@ -100,6 +100,7 @@ def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Te
     `response_logprobs(fused=True)` it runs as a forward of the root (`dist.run_as_forward`), so that
     under FSDP the full lm_head weight is gathered and its gradient goes back to the shards.
     pack: padding-free (targets `packing.response_targets`): the op sees the response tokens only.
+    weight: (B, R) per-token weight of the surrogate (rollout correction × loss aggregation) or None.
     """
     P, pc = micro.prompt_width, cfg.ppo
 
@@ -107,17 +108,17 @@ def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Te
         # Float inputs come in through the closure: FSDP casts a forward's floating-point arguments to its
         # param dtype, and bf16 old logprobs would move every ratio by up to ~3%.
         per_token = (sequences[:, P:], micro.old_logprobs, micro.advantages, micro.response_mask)    # (B, R) each
-        weight = micro.policy_weight                                                   # (B, R) or None
+        token_weight = weight                                                          # (B, R) or None
         if pack is None:
             hidden = _hidden_states(model, sequences, attention_mask)[:, P - 1:-1]    # (B, R, H): state before y_t
         else:                                                                          # (M, H), (M,): response only
             hidden, per_token = _hidden_states(model, sequences, None, pack), [pack.take(x, P - 1) for x in per_token]
-            weight = None if weight is None else pack.take(weight, P - 1)
+            token_weight = None if weight is None else pack.take(weight, P - 1)
         out = linear_ppo_loss(
             hidden, model.get_output_embeddings().weight, *per_token,
             temperature=cfg.rollout.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=cfg.run.backend,
-            chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model), policy_weight=weight,
+            chunk_size=cfg.model.lm_head_chunk_size, vocab_size=real_vocab_size(model), policy_weight=token_weight,
             clip_eps_high=pc.clip_eps_high,
         )
         out = type(out)(*(t.clone() for t in out))      # not views of the op's buffer: FSDP hooks the outputs

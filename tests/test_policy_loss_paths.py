@@ -72,11 +72,17 @@ def synthetic_experience(models, cfg, *, prompt_width=5, response_lens=(6, 3, 4,
     )
 
 
+# The surrogate's per-token weight (a loss aggregation other than the token mean) and clip-higher must reach
+# both paths: a path that dropped them would train another loss than the one the other path logs.
+WEIGHTED = {"ppo.loss_agg": "seq_mean_token_mean", "ppo.clip_eps_high": 0.28}
+
+
+@pytest.mark.parametrize("extra", [{}, WEIGHTED], ids=["token_mean", "seq_mean_clip_high"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: lm_head tied to the input embedding
-def test_fused_and_composed_policy_loss_give_the_same_update(arch, tiny_setups, monkeypatch):
+def test_fused_and_composed_policy_loss_give_the_same_update(arch, extra, tiny_setups, monkeypatch):
     setup = tiny_setups(arch)
     overrides = setup.overrides(**{"ppo.ent_coef": 0.01, "ppo.dual_clip": 3.0, "rollout.temperature": 0.9,
-                                   "optim.max_grad_norm": None})
+                                   "optim.max_grad_norm": None, **extra})
     base = load_config(None, overrides)
     assert base.ppo.fused_policy_loss                                            # the default
     models = load_models(base.model, torch.device("cpu"))
