@@ -5,6 +5,9 @@ tensors, in whatever dtype it is given (the tests call it in float64: it is
 their oracle), and returns the same named results as the op of the same name
 in `fastppo.kernels`. The fast paths (the Triton kernels and their CPU
 backend) must agree with these functions; they are never used by them.
+Not stated here yet: clip-higher and the per-token surrogate weight of the loss
+ops, the rollout-correction weights, the critic-free estimators and the sampler
+(their tests state each in float64 themselves).
 
 Papers:
   PPO        Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy

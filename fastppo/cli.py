@@ -113,7 +113,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.stem not in ("common", "gpu_check") and p.stem[0] != "_")
+    # The benchmarks, not their helpers (the harness, the GPU check, the workers and pieces they load).
+    helpers = ("common", "gpu_check", "trl_workload", "trl_grpo_workload", "grpo_reward", "forced_lengths")
+    scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.stem not in helpers and p.stem[0] != "_")
     if not scripts:
         print(f"no benchmarks found in {BENCH_DIR}", file=sys.stderr)
         return 1

@@ -759,8 +759,8 @@ def _check_ppo(p: PPOConfig) -> None:
     _check(p.ppo_epochs > 0, "ppo.ppo_epochs", "must be > 0")
     _check(p.minibatch_size > 0, "ppo.minibatch_size", "must be > 0")
     _check(p.micro_batch_size > 0, "ppo.micro_batch_size", "must be > 0")
-    _check(p.minibatch_size % p.micro_batch_size == 0, "ppo.micro_batch_size",
-           f"must divide ppo.minibatch_size ({p.minibatch_size}), got {p.micro_batch_size}")
+    _check(p.micro_batch_tokens is not None or p.minibatch_size % p.micro_batch_size == 0, "ppo.micro_batch_size",
+           f"must divide ppo.minibatch_size ({p.minibatch_size}), got {p.micro_batch_size} (or set ppo.micro_batch_tokens)")
     _check(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
     _check(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
     _check(p.advantage_clip is None or p.advantage_clip > 0, "ppo.advantage_clip", "must be > 0 or null")
@@ -912,6 +912,9 @@ def validate_critic_free(cfg: Config) -> None:
     _check(not r.dynamic_sampling or r.n_samples_per_prompt >= 2, "rollout.dynamic_sampling",
            f"needs groups: rollout.n_samples_per_prompt >= 2, got {r.n_samples_per_prompt}")
     _check(r.dynamic_sampling_max_tries >= 1, "rollout.dynamic_sampling_max_tries", "must be >= 1")
+    _check(p.advantage not in ("grpo", "rloo") or (rw.kl_coef == 0 and not rw.adaptive_kl), "reward.kl_coef",
+           f"has no effect with ppo.advantage={p.advantage}: its advantages come from the outcome rewards alone "
+           "(a KL loss term is not implemented; the KL enters the token rewards of reinforce_pp); set 0")
     if not uses_critic(cfg):
         _check(p.critic_warmup_steps == 0, "ppo.critic_warmup_steps",
                f"must be 0 with ppo.advantage={p.advantage} (no critic), got {p.critic_warmup_steps}")
@@ -960,9 +963,12 @@ def validate_world(cfg: Config, world_size: int) -> None:
     _check(r.rollout_batch_size % world_size == 0, "rollout.rollout_batch_size",
            f"must be divisible by the number of processes ({world_size}) so that each rank holds whole groups of "
            f"rollout.n_samples_per_prompt rows, got {r.rollout_batch_size}")
-    _check(p.minibatch_size % (world_size * p.micro_batch_size) == 0, "ppo.minibatch_size",
-           f"must be divisible by processes x ppo.micro_batch_size ({world_size} x {p.micro_batch_size}), "
-           f"got {p.minibatch_size}")
+    # With a token budget the micro-batches are planned by tokens: a rank's share need only be whole.
+    per_rank = world_size if p.micro_batch_tokens is not None else world_size * p.micro_batch_size
+    _check(p.minibatch_size % per_rank == 0, "ppo.minibatch_size",
+           f"must be divisible by the number of processes ({world_size})" if p.micro_batch_tokens is not None else
+           f"must be divisible by processes x ppo.micro_batch_size ({world_size} x {p.micro_batch_size})"
+           + f", got {p.minibatch_size}")
     _check(world_size % cfg.parallel.replicate_degree == 0, "parallel.replicate_degree",
            f"must divide the number of processes ({world_size}), got {cfg.parallel.replicate_degree}")
 

@@ -215,7 +215,7 @@ class Sampled:
     metrics: dict
 
 
-def _generate_groups(su: Setup, cfg: Config, d: Derived, it: int, indices: list[int],
+def _generate_groups(su: Setup, cfg: Config, it: int, indices: list[int],
                      first_id: int) -> tuple[Rollout, list[int]]:
     """G responses to each of this rank's prompts among `indices` (the global draw, the same on all ranks): the
     rank's share is whole groups. Sampling noise is fixed per (seed, iteration, sample id); sample ids number the
@@ -281,7 +281,7 @@ def sample_groups(su: Setup, cfg: Config, d: Derived, it: int, device: torch.dev
     rc, G, world = cfg.rollout, cfg.rollout.n_samples_per_prompt, dist.world_size()
     pad_id, sampler, fn_stats = su.models.tokenizer.pad_token_id, su.state.sampler, []
     if not rc.dynamic_sampling:
-        rollout, rows = _generate_groups(su, cfg, d, it, sampler.next(rc.rollout_batch_size), 0)
+        rollout, rows = _generate_groups(su, cfg, it, sampler.next(rc.rollout_batch_size), 0)
         # Responses padded to the widest on any rank: the ranks' experience rows then line up.
         width = dist.all_reduce(torch.tensor(rollout.response_mask.size(1), device=device), "max")
         rollout = pad_responses(rollout, int(width), pad_id)
@@ -293,7 +293,7 @@ def sample_groups(su: Setup, cfg: Config, d: Derived, it: int, device: torch.dev
         m = int(dist.all_reduce(torch.tensor(missing, device=device), "max"))    # host sync: one draw for all ranks
         if m == 0:
             break
-        rollout, rows = _generate_groups(su, cfg, d, it, sampler.next(m * world), first_id)
+        rollout, rows = _generate_groups(su, cfg, it, sampler.next(m * world), first_id)
         first_id, tries = first_id + m * world * G, tries + 1
         scores, nonfinite = _outcomes(su, cfg, d, rollout, rows, fn_stats)
         signal = signal_groups(scores, ~nonfinite, G)                             # (m,)
