@@ -658,8 +658,13 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
     return _build(PRESETS[preset](), layers)
 
 
-def from_dict(d: dict, preset: str = "ppo_max") -> Config:
-    """Config from a nested dict (Python API), validated like a YAML file."""
+def from_dict(d: dict, preset: str | None = None) -> Config:
+    """Config from a nested dict (Python API), validated like a YAML file: its top-level `preset` key (or
+    `preset`) names the preset it starts from, ppo_max by default."""
+    d = dict(d)
+    preset = preset or d.pop("preset", None) or "ppo_max"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     return _build(PRESETS[preset](), [(OmegaConf.create(d), "dict")])
 
 

@@ -117,3 +117,14 @@ def test_stage_defaults_and_presets():
     with pytest.raises(ConfigError, match="schema must be one of Config, SFTConfig, RMConfig"):
         load_config(None, [], schema=ModelConfig)
     assert isinstance(_load(SFTConfig).model, StageModelConfig)
+
+
+def test_a_dict_config_names_its_preset_like_a_yaml_file():
+    """train(dict) reads a top-level `preset` key as a YAML file's is read, and an unknown one is a ConfigError."""
+    from fastppo.config import from_dict
+
+    required = {"model": {"policy_path": "p", "reward_path": "r"}, "data": {"prompt_path": "d"}}
+    assert from_dict({**required, "preset": "vanilla"}).reward.kl_coef == 0.0       # vanilla: no KL penalty
+    assert from_dict(required).reward.kl_coef == 0.05                              # ppo_max by default
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'"):
+        from_dict({**required, "preset": "nope"})
