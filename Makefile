@@ -12,8 +12,7 @@ TORCH_PIN  := torch==2.13.0
 TRITON_PIN := triton==3.7.1
 
 # TRL 1.12.0 (the last release with PPO, in trl.experimental.ppo) for bench/trainer.py's
-# comparison, in its own venv: TRL and fastppo need not agree on transformers. The
-# constraints file keeps pip from swapping torch for another (multi-GB CUDA) build.
+# comparison, in its own venv: TRL and fastppo need not agree on transformers.
 TRL_VENV  := .venv-trl
 TRL_PIN   := trl==1.12.0
 TRL_STAMP := $(TRL_VENV)/.trl-installed
@@ -41,12 +40,18 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/fastppo bench $(ARGS)
 
+# $(call trl_venv,DIR,PIN): a venv in DIR holding PIN over this project's torch pin (the constraints file keeps
+# pip from swapping torch for another, multi-GB CUDA build), stamped when done.
+define trl_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	echo "$(TORCH_PIN)" > $(1)/constraints.txt
+	$(1)/bin/python -m pip install -q $(TORCH_PIN)
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt $(2)
+	touch $(1)/.trl-installed
+endef
+
 $(TRL_STAMP): Makefile
-	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
-	echo "$(TORCH_PIN)" > $(TRL_VENV)/constraints.txt
-	$(TRL_VENV)/bin/python -m pip install -q $(TORCH_PIN)
-	$(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt $(TRL_PIN)
-	touch $(TRL_STAMP)
+	$(call trl_venv,$(TRL_VENV),$(TRL_PIN))
 
 bench-trl-venv: $(TRL_STAMP)
 
@@ -57,11 +62,7 @@ GRPO_PIN   := trl==1.16.0
 GRPO_STAMP := $(GRPO_VENV)/.trl-installed
 
 $(GRPO_STAMP): Makefile
-	test -x $(GRPO_VENV)/bin/python || $(PYTHON) -m venv $(GRPO_VENV)
-	echo "$(TORCH_PIN)" > $(GRPO_VENV)/constraints.txt
-	$(GRPO_VENV)/bin/python -m pip install -q $(TORCH_PIN)
-	$(GRPO_VENV)/bin/python -m pip install -q -c $(GRPO_VENV)/constraints.txt $(GRPO_PIN)
-	touch $(GRPO_STAMP)
+	$(call trl_venv,$(GRPO_VENV),$(GRPO_PIN))
 
 bench-grpo-venv: $(GRPO_STAMP)
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from common import append_csv, device_name
-from trainer import (PROMPT_LEN, SEED, TEMPERATURE, build_workload, comparison_parser, parse_comparison_args,
-                     print_providers, print_table, run_worker, summarize, trl_python, write_fastppo_result)
+from trainer import (PROMPT_LEN, SEED, TEMPERATURE, build_workload, comparison_parser, never_stop_early,
+                     parse_comparison_args, print_providers, print_table, run_worker, summarize, trl_python,
+                     write_fastppo_result)
 
 from fastppo.memory import status_mb
 
@@ -76,9 +77,7 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     rss_after_imports_mb = status_mb("VmRSS")
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
-    base_kwargs = rollout.generation_kwargs  # fixed work per iteration: never stop at EOS
-    rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
-                                                                "suppress_tokens": [pad_id, eos_id]}
+    never_stop_early(rollout)
     run_dir = spec_path.parent / "fastppo-run"
     train(load_config(None, fastppo_overrides(spec, run_dir), preset="grpo"))
     # TRL scores (rewards, advantages) inside its generation step: fastppo's rewards are in its rollout phase.

@@ -157,6 +157,13 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
 # Workers: one fresh process per framework, results as JSON
 # ----------------------------------------------------------------------------
 
+def never_stop_early(rollout) -> None:
+    """Fixed work per iteration: fastppo's generation never stops at EOS (a random model emits it at random)."""
+    base_kwargs = rollout.generation_kwargs
+    rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
+                                                                "suppress_tokens": [pad_id, eos_id]}
+
+
 def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     """Run fastppo's trainer on the workload in this process; per-iteration records to out_path."""
     import fastppo.rollout as rollout
@@ -168,10 +175,7 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     torch.set_num_threads(spec["threads"])
 
     if spec["lengths"] is None:
-        # Fixed work per iteration: never stop early at EOS (the random model emits it at random).
-        base_kwargs = rollout.generation_kwargs
-        rollout.generation_kwargs = lambda cfg, *, eos_id, pad_id: {**base_kwargs(cfg, eos_id=eos_id, pad_id=pad_id),
-                                                                    "suppress_tokens": [pad_id, eos_id]}
+        never_stop_early(rollout)
     else:  # every response ends with EOS at its drawn length (the processor runs after fastppo's sampler)
         forced = ForcedLengths(spec["lengths"], prompt_len=PROMPT_LEN, eos_id=2, pad_id=0)
         base_list = rollout.LogitsProcessorList
