@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from . import dist, lora
+from .models import rows_without_alignment
 from .run_dir import RunDirError, config_changes, fingerprint_changes, refuse_earlier_run
 
 log = logging.getLogger("fastppo")
@@ -417,13 +418,39 @@ def _plain_class_name(model) -> str:
     return dist.plain_class(model).__name__
 
 
+def _without_alignment_rows(model, state: dict | None, rows: int) -> dict:
+    """The model's state dict (`state`, or read from the unsharded model) with the input and output embeddings
+    cut to their first `rows` rows: the embedding rows fastppo added for alignment are not exported."""
+    if state is None:   # a copy: a LoRA export merges into the tensors it is given
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    tables = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in tables}
+    return {k: v[:rows] if k in names else v for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def _saved_vocab_size(model, rows: int | None):
+    """While the export is written, the model's config states `rows` (when not None) as its vocabulary size."""
+    if rows is None:
+        yield
+        return
+    config = model.config.get_text_config()
+    before, config.vocab_size = config.vocab_size, rows
+    try:
+        yield
+    finally:
+        config.vocab_size = before
+
+
 def export_hf(model, tokenizer, out_dir: str | Path, *, adapter_only: bool = False) -> Path:
     """Save model + tokenizer as a Hugging Face directory (safetensors), atomically.
 
     A sharded model is gathered first: every rank takes part, rank 0 receives
     the full state dict on the CPU, the other ranks receive nothing and
     return at once. A LoRA model (`fastppo.lora`) is exported with its adapters
-    merged into the weights, or with adapter_only as the adapter alone in PEFT's format.
+    merged into the weights, or with adapter_only as the adapter alone in PEFT's format. The embedding rows
+    `load_models` added for alignment are left out (`models.rows_without_alignment`): the export has the
+    rows of the checkpoint it started from, plus a pad token fastppo added.
     """
     out = Path(out_dir)
     state = None
@@ -431,17 +458,21 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, adapter_only: bool = Fal
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_main():
         return out
+    rows = rows_without_alignment(model)
+    if rows is not None:
+        state = _without_alignment_rows(model, state, rows)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        if lora.is_lora(model):
-            lora.save_export(model, tmp, state=state, adapter_only=adapter_only)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-            if state is not None:  # the config names the architecture, not the FSDP wrapper class
-                model.config.architectures = [_plain_class_name(model)]
-                model.config.save_pretrained(tmp)
+        with _saved_vocab_size(model, rows):
+            if lora.is_lora(model):
+                lora.save_export(model, tmp, state=state, adapter_only=adapter_only)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+                if dist.is_sharded(model):  # the config names the architecture, not the FSDP wrapper class
+                    model.config.architectures = [_plain_class_name(model)]
+                    model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -119,6 +119,15 @@ def _canonical(text: str) -> str:
     return "".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+def loaded(items: list, what: str, tokenizer, path: str | Path, fields: tuple[str, ...]) -> list:
+    """The end of every loader: `items` read from `path`, refused when there are none, and the tokenizer
+    checked on the texts of `fields` (check_tokenizer)."""
+    if not items:
+        raise DataError(f"{path}: no {what} found (empty file?)")
+    check_tokenizer(tokenizer, path, fields)
+    return items
+
+
 def check_tokenizer(tokenizer, path: str | Path, fields: tuple[str, ...]) -> None:
     """Refuse a tokenizer that does not round-trip the data: encode -> decode must give the texts back
     (modulo whitespace, NFKC and case) and unknown tokens must be rare.
@@ -219,10 +228,7 @@ def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str,
         prompts.append(ids[-max_len:])
         if records is not None:
             records.append(rec)
-    if not prompts:
-        raise DataError(f"{path}: no prompts found (empty file?)")
-    check_tokenizer(tokenizer, path, (field, messages_field))
-    return prompts
+    return loaded(prompts, "prompts", tokenizer, path, (field, messages_field))
 
 
 @dataclass
@@ -266,10 +272,7 @@ def load_sft(path: str | Path, tokenizer, *, prompt_field: str, response_field: 
         else:
             raise DataError(f"{where}: needs field '{prompt_field}' + '{response_field}' or '{messages_field}' (fields: {sorted(rec)})")
         out.append(SFTExample(*fit_to_length(p_ids, r_ids + [eos], max_len)))
-    if not out:
-        raise DataError(f"{path}: no SFT examples found (empty file?)")
-    check_tokenizer(tokenizer, path, (prompt_field, response_field, messages_field))
-    return out
+    return loaded(out, "SFT examples", tokenizer, path, (prompt_field, response_field, messages_field))
 
 
 # ----------------------------------------------------------------------------

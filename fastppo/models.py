@@ -161,8 +161,20 @@ def _grow_embeddings(model, n_tokens: int, what: str, multiple: int = 1) -> None
             for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
                 if layer is not None:
                     layer.weight[max(current, n_tokens):].zero_()
+        setattr(model, _ROWS_ATTR, max(current, n_tokens))
         log.info("%s: embeddings resized %d -> %d (%d tokens, rows a multiple of %d)", what, current,
                  model.get_input_embeddings().num_embeddings, n_tokens, multiple)
+
+
+_ROWS_ATTR = "fastppo_rows_without_alignment"
+
+
+def rows_without_alignment(model: nn.Module) -> int | None:
+    """The embedding rows the model had before `_grow_embeddings` added alignment rows (the checkpoint's rows
+    plus an added pad token); None when it added none. An export drops the alignment rows again: outside
+    fastppo nothing masks their logits (zero rows give logit 0), so a sampler could draw ids no tokenizer has."""
+    rows = getattr(model, _ROWS_ATTR, None)
+    return rows if rows is not None and rows < model.get_input_embeddings().num_embeddings else None
 
 
 _VOCAB_ATTR = "fastppo_vocab_size"

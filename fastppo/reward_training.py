@@ -46,8 +46,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .config import RMConfig
-from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, check_tokenizer, encode_prompt,
-                   fit_to_length, read_records)
+from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, encode_prompt,
+                   fit_to_length, loaded, read_records)
 from .metrics import MetricBuffer
 from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
 from .packing import Packing, index_targets
@@ -112,10 +112,7 @@ def load_pairs(path, tokenizer, *, prompt_field: str, chosen_field: str, rejecte
         rejected, n_r = fit_to_length(p_ids, r_ids, max_len)
         chosen[-1], rejected[-1] = eos, eos  # a cut response still ends with EOS: the score is read there
         out.append(PairExample(chosen, rejected, min(n_c, n_r)))
-    if not out:
-        raise DataError(f"{path}: no preference pairs found (empty file?)")
-    check_tokenizer(tokenizer, path, (prompt_field, chosen_field, rejected_field))
-    return out
+    return loaded(out, "preference pairs", tokenizer, path, (prompt_field, chosen_field, rejected_field))
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 import fastppo.experience as experience
 from fastppo import synthetic as S
 from fastppo.cli import main
+from fastppo.checkpoint import export_hf
 from fastppo.config import Config, StageModelConfig, load_config
 from fastppo.data import DataError, check_tokenizer, load_prompts
 from fastppo.experience import drop_rows, reparameterise_scores
@@ -385,6 +386,27 @@ def test_padded_vocabulary_leaves_real_token_logprobs_unchanged(tiny_setups, fus
         torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=0,
                                    atol=2 * delta + 8 * u * ref.logprobs.abs().max().item())
         torch.testing.assert_close(out.entropy, ref.entropy, rtol=0, atol=spread * delta + 8 * u * math.log(V))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])   # tied and untied lm_head
+def test_export_leaves_out_the_alignment_rows(tiny_setups, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    setup = tiny_setups(arch)
+    models = load_models(load_config(None, setup.overrides()).model, torch.device("cpu"))
+    V, policy = models.vocab_size, models.policy
+    before = AutoModelForCausalLM.from_pretrained(setup.policy).get_input_embeddings().num_embeddings
+    assert before % EMBEDDING_ROWS_MULTIPLE and not policy.get_input_embeddings().num_embeddings % EMBEDDING_ROWS_MULTIPLE
+    exported = AutoModelForCausalLM.from_pretrained(export_hf(policy, models.tokenizer, tmp_path / "export"))
+    # The checkpoint's rows plus the added pad token: nothing outside fastppo masks the zero alignment rows'
+    # logits, so HF generate on an export that kept them could sample ids the tokenizer does not have.
+    rows = max(before, V)
+    assert exported.get_input_embeddings().num_embeddings == exported.config.vocab_size == rows
+    assert exported.get_output_embeddings().weight.size(0) == rows
+    live = policy.state_dict()
+    for name, tensor in exported.state_dict().items():                        # every weight, the tables' first rows
+        torch.testing.assert_close(tensor, live[name][:tensor.size(0)], rtol=0, atol=0)
+    assert policy.get_input_embeddings().num_embeddings > rows and policy.config.vocab_size > rows  # live: unchanged
 
 
 def test_padding_ids_are_never_sampled(tiny_setups):
