@@ -301,7 +301,7 @@ class PPOConfig:
     rollout_mask_bounds: list[float] = field(default_factory=lambda: [0.5, 2.0])
     """[low, high] of rollout_mask, with low < 1 < high."""
     packing: bool = True
-    """Padding-free forwards in the score phase, the update and the ptx loss: each micro-batch's sequences back to back in one row, positions restarting per sequence, attention confined to each (docs/packing.md). Same numbers as padded rows up to float32 summation order."""
+    """Padding-free forwards in the score phase, the update and the ptx loss: each micro-batch's sequences back to back (in one row with flash-attn, else in rows as wide as the longest sequence), positions restarting per sequence, attention confined to each (docs/packing.md). Same numbers as padded rows up to float32 summation order."""
     micro_batch_tokens: Optional[int] = None
     """Token budget of each forward/backward of the update (sequences bin-packed, longest first; a longer sequence gets one alone); replaces micro_batch_size when set (which still sizes the ptx batch). Counts packed tokens with packing, else rows x padded width."""
     advantage: Advantage = Advantage.gae
@@ -527,7 +527,7 @@ class StageRunConfig(BaseRunConfig):
     log_every: int = 1
     """Write a metrics record every N optimizer steps."""
     packing: bool = True
-    """Padding-free forwards: each micro-batch's sequences back to back in one row (docs/packing.md); same numbers as padded rows up to float32 summation order."""
+    """Padding-free forwards: each micro-batch's sequences back to back (docs/packing.md); same numbers as padded rows up to float32 summation order."""
 
 
 def _stage_optim() -> StageOptimConfig:

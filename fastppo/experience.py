@@ -25,7 +25,7 @@ from .kernels import gae, kl_penalty
 from .masked import masked_count, masked_moments, masked_whiten
 from .metrics import RunningMoments, explained_variance, masked_stats
 from .models import ModelError, Models, response_logprobs, response_values, score_at
-from .packing import in_row_order, index_targets, micro_batches, response_targets
+from .packing import in_row_order, index_targets, micro_batches, response_targets, varlen_attention
 from .rollout import Rollout, with_eos_for_scoring
 
 log = logging.getLogger("fastppo")
@@ -124,7 +124,8 @@ def outcome_scores(models: Models, rollout: Rollout, cfg: Config, *, batch_size:
         tok = models.tokenizer
         rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
         (every_row,) = micro_batches([(rm_mask, index_targets(eos_index, rm_mask.size(1)))], rows=batch_size,
-                                     tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing)
+                                     tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing,
+                                     one_row=varlen_attention(models.reward))
         done, parts = [], []
         for micro in every_row.micro:
             (pack,), rows = micro.packs, micro.rows
@@ -167,7 +168,8 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*recomputed, "ref_logprobs", "values")}
     frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P))]
     done = []
-    (every_row,) = micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing)
+    (every_row,) = micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing,
+                                 one_row=varlen_attention(models.policy))
     for micro in every_row.micro:
         rows, (pack,) = micro.rows, micro.packs
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]

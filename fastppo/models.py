@@ -455,7 +455,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    pack: Packing | None = None) -> torch.Tensor:
-    """(B, L, H) last hidden states; with `pack`, the backbone runs on the packed row and this is (M, H), the
+    """(B, L, H) last hidden states; with `pack`, the backbone runs on the packed rows and this is (M, H), the
     target states only (`packing.Packing`)."""
     if pack is None:
         kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
@@ -465,7 +465,7 @@ def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                   **pack.attention_kwargs(backbone(model).config))
     out = backbone(model)(**kw, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden if pack is None else hidden[0, pack.select]
+    return hidden if pack is None else pack.gather(hidden)
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -486,7 +486,7 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
         return model(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[..., :vocab_size]
     return model(input_ids=pack.pack(input_ids), position_ids=pack.position_ids, use_cache=False,
-                 **pack.attention_kwargs(model.config)).logits[0, pack.select, :vocab_size]
+                 **pack.attention_kwargs(model.config)).logits.flatten(0, 1)[pack.select, :vocab_size]
 
 
 class ResponseLogprobs(NamedTuple):

@@ -3,10 +3,19 @@
 A padded batch (B, L) spends compute on padding: prompts are left-padded to
 the longest prompt, responses right-padded to the longest response. A
 `Packing` lays the valid tokens of such a batch (attention_mask == 1) back to
-back in one row of N tokens, with position ids restarting at 0 for each
-sequence, and records which packed positions a forward reads (its
-"targets": the states that predict the response tokens, the EOS state of a
-reward model, ...). The forward helpers of `models` take it as `pack=` and
+back in rows, with position ids restarting at 0 for each sequence, and
+records which packed positions a forward reads (its "targets": the states
+that predict the response tokens, the EOS state of a reward model, ...).
+
+The layout depends on the attention kernel. flash-attn's varlen kernel costs
+each sequence its own length squared, so everything goes in one row. sdpa and
+eager attend through a dense mask over the whole row, quadratic in the row's
+length: one row of a whole micro-batch (128 sequences of ~20 tokens) cost
+4x the padded forward on CPU. For them the sequences are binned (first fit
+decreasing) into rows as wide as the longest sequence, so no row costs more
+attention than a padded row, and there are fewer rows. A row's unused tail
+is filler: copies of a token at positions restarting from 0, a block of its
+own that no target reads. The forward helpers of `models` take it as `pack=` and
 return the same (B, ·) layout as the padded forward, with the same numbers up
 to float32 summation order; the fused ops in between see only the M target
 rows, never a padding row.
@@ -49,18 +58,31 @@ import torch
 from . import dist
 
 
+def _flash(config) -> bool:
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+def varlen_attention(model) -> bool:
+    """Whether the model attends with flash-attn (its varlen kernel: a packed row costs each sequence's own
+    length squared) rather than sdpa or eager (a dense mask over the whole row): whether to pack one row.
+    Either layout gives the same numbers with any kernel; a model without a config counts as sdpa."""
+    return _flash(getattr(model, "config", None))
+
+
 @dataclass(frozen=True)
 class Packing:
-    """The valid tokens of a padded (B, L) batch as one packed row of N tokens, and the M target states.
+    """The valid tokens of a padded (B, L) batch packed into R rows of W positions, and the M target states.
 
-    index:        (N,)   int64 flat indices into the (B*L) padded batch of the valid tokens, row by row
-    position_ids: (1, N) int64 positions, restarting at 0 for each sequence
-    cu_seqlens:   (S+1,) int32 cumulative lengths of the S non-empty sequences (flash-attn varlen)
-    max_seqlen:   longest sequence
-    select:       (M,)   int64 packed positions of the target states, in row-major padded order
+    index:        (R*W,) int64 flat index into the (B*L) padded batch of each packed position (filler: 0)
+    position_ids: (R, W) int64 positions, restarting at 0 for each sequence and each row's filler
+    cu_seqlens:   (S+1,) int32 cumulative lengths of the S blocks (sequences and fillers) of the flattened
+                  rows (flash-attn varlen)
+    max_seqlen:   longest block
+    select:       (M,)   int64 flat packed positions of the target states, in row-major padded order
     target_row:   (M,)   int64 padded row of each target
     target_col:   (M,)   int64 padded column of each target
     shape:        (B, L) of the padded batch
+    n_tokens:     the valid tokens packed (R*W less the filler)
     """
     index: torch.Tensor
     position_ids: torch.Tensor
@@ -70,12 +92,15 @@ class Packing:
     target_row: torch.Tensor
     target_col: torch.Tensor
     shape: tuple[int, int]
+    n_tokens: int
 
     @staticmethod
-    def build(attention_mask: torch.Tensor, targets: torch.Tensor, device: torch.device | str = "cpu") -> "Packing":
+    def build(attention_mask: torch.Tensor, targets: torch.Tensor, device: torch.device | str = "cpu", *,
+              one_row: bool = False) -> "Packing":
         """From attention_mask (B, L) and targets (B, L) bool (the states a forward reads, each on a valid
         token), built on the host (a device-to-host copy of the masks when they are on a device) and moved
-        to `device`. `micro_batches` builds many at once with one copy each way."""
+        to `device`. one_row: every sequence in one row (for flash-attn, `varlen_attention`); else rows as wide
+        as the longest sequence. `micro_batches` builds many at once with one copy each way."""
         valid = attention_mask.detach().cpu().bool()
         targets = targets.detach().cpu().bool()
         if targets.shape != valid.shape:
@@ -84,18 +109,41 @@ class Packing:
             raise ValueError("targets must lie on valid tokens (attention_mask == 1): a target state on padding "
                              "has no packed position")
         B, L = valid.shape
-        index = valid.flatten().nonzero().squeeze(1)                                   # (N,)
-        positions = (valid.long().cumsum(1) - 1).flatten()[index]                      # (N,) restart per row
-        lengths = valid.sum(1)
-        lengths = lengths[lengths > 0]
-        cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
-        cu_seqlens[1:] = lengths.cumsum(0)
+        lengths = valid.sum(1).tolist()
+        seqs = [b for b in range(B) if lengths[b]]
+        if one_row or not seqs:
+            rows = [seqs]
+        else:
+            cost = [lengths[b] for b in seqs]
+            rows = [[seqs[i] for i in r] for r in first_fit_decreasing(cost, max(cost))]
+        fill = [sum(lengths[b] for b in r) for r in rows]
+        W = max(fill)
+        row_of, start_of, blocks = [0] * B, [0] * B, []                # each sequence's row and first column
+        for r, members in enumerate(rows):
+            col = 0
+            for b in members:
+                row_of[b], start_of[b] = r, col
+                col += lengths[b]
+                blocks.append(lengths[b])
+            if W > col:
+                blocks.append(W - col)                                 # the filler, a block of its own
+        flat = valid.flatten().nonzero().squeeze(1)                    # (N,) valid padded positions
+        seq = flat // L
+        pos = (valid.long().cumsum(1) - 1).flatten()[flat]            # (N,) restart per sequence
+        dest = torch.tensor(row_of)[seq] * W + torch.tensor(start_of)[seq] + pos
+        column = torch.arange(len(rows) * W) % W                      # filler: positions from 0 after the fill
+        positions = column - torch.tensor(fill).repeat_interleave(W)
+        positions[dest] = pos
+        index = torch.zeros(len(rows) * W, dtype=torch.long)
+        index[dest] = flat
         packed_of = torch.full((B * L,), -1, dtype=torch.long)                         # padded flat -> packed
-        packed_of[index] = torch.arange(index.numel())
+        packed_of[flat] = dest
+        cu_seqlens = torch.zeros(len(blocks) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.tensor(blocks, dtype=torch.int32).cumsum(0)
         target_flat = targets.flatten().nonzero().squeeze(1)                           # (M,)
-        host = Packing(index=index, position_ids=positions[None], cu_seqlens=cu_seqlens,
-                       max_seqlen=int(lengths.max()) if lengths.numel() else 0, select=packed_of[target_flat],
-                       target_row=target_flat // L, target_col=target_flat % L, shape=(B, L))
+        host = Packing(index=index, position_ids=positions.view(len(rows), W), cu_seqlens=cu_seqlens,
+                       max_seqlen=max(blocks, default=0), select=packed_of[target_flat],
+                       target_row=target_flat // L, target_col=target_flat % L, shape=(B, L), n_tokens=flat.numel())
         if torch.device(device).type == "cpu":
             return host
         return host._from_tensors([t.to(device, non_blocking=True) for t in host._tensors()])
@@ -106,16 +154,17 @@ class Packing:
 
     def _from_tensors(self, ts: list[torch.Tensor]) -> "Packing":
         index, positions, cu, select, row, col = ts
-        return Packing(index=index, position_ids=positions.view(1, -1), cu_seqlens=cu.int(), max_seqlen=self.max_seqlen,
-                       select=select, target_row=row, target_col=col, shape=self.shape)
-
-    @property
-    def n_tokens(self) -> int:
-        return self.index.numel()
+        return Packing(index=index, position_ids=positions.view(self.position_ids.shape), cu_seqlens=cu.int(),
+                       max_seqlen=self.max_seqlen, select=select, target_row=row, target_col=col, shape=self.shape,
+                       n_tokens=self.n_tokens)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, ...) padded -> (1, N, ...) packed."""
-        return x.flatten(0, 1)[self.index][None]
+        """(B, L, ...) padded -> (R, W, ...) packed."""
+        return x.flatten(0, 1)[self.index].view(*self.position_ids.shape, *x.shape[2:])
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        """(R, W, ...) outputs of a packed forward -> (M, ...) at the target states."""
+        return y.flatten(0, 1)[self.select]
 
     def take(self, x: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
         """(B, W, ...) -> (M, ...): x at each target's (row, column - col_offset), e.g. a (B, R) response
@@ -130,7 +179,7 @@ class Packing:
     def attention_kwargs(self, model_config) -> dict:
         """Extra backbone kwargs: flash-attn's varlen lengths, computed once for every layer; none for sdpa/eager
         (they find the sequences from the position ids)."""
-        if "flash" not in str(getattr(model_config, "_attn_implementation", "") or ""):
+        if not _flash(model_config):
             return {}
         return dict(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
                     max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
@@ -228,13 +277,14 @@ class Group:
 
 
 def micro_batches(frames: list[tuple[torch.Tensor, torch.Tensor]], *, rows: int, tokens: int | None, packed: bool,
-                  groups: list[list[int]] | None = None) -> list[Group]:
+                  groups: list[list[int]] | None = None, one_row: bool = False) -> list[Group]:
     """Plan the micro-batches of each group of rows and build their packings.
 
     frames: (attention_mask (B, L_i), targets (B, L_i) bool) of each layout the micro-batches run in (e.g. the
     policy's sequences and the reward model's, which has one more column); the first one's lengths are
     budgeted. groups: lists of rows of the batch (default: one group of every row). rows, tokens: as in
-    `plan`. With a token budget the counts are made equal across ranks (`equalize`).
+    `plan`. With a token budget the counts are made equal across ranks (`equalize`). one_row: as in
+    `Packing.build`.
 
     All groups together cost one device-to-host copy (the masks), at most one all-reduce (the counts)
     and one host-to-device copy (every index tensor).
@@ -253,8 +303,8 @@ def micro_batches(frames: list[tuple[torch.Tensor, torch.Tensor]], *, rows: int,
     plans = [plan(ls, rows=rows, tokens=tokens, padded_width=mask0.size(1), packed=packed) for ls in lengths]
     if tokens is not None:                                 # (row counts: every rank holds as many rows)
         plans = equalize(plans, lengths, device)
-    built = [[(mb, tuple(Packing.build(m[[g[i] for i in mb.rows]], t[[g[i] for i in mb.rows]]) if packed else None
-                         for m, t in host)) for mb in p] for g, p in zip(groups, plans)]
+    built = [[(mb, tuple(Packing.build(m[[g[i] for i in mb.rows]], t[[g[i] for i in mb.rows]], one_row=one_row)
+                         if packed else None for m, t in host)) for mb in p] for g, p in zip(groups, plans)]
     return _to_device(built, groups, device)
 
 

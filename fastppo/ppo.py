@@ -31,7 +31,8 @@ from .kernels import linear_ppo_loss, ppo_loss
 from .metrics import MetricBuffer, explained_variance
 from .models import IGNORE_INDEX, _hidden_states, real_vocab_size, response_logprobs, response_values, sequence_logprobs
 from .masked import masked_count
-from .packing import Packing, in_row_order, micro_batches, minibatch_shares, response_targets
+from .packing import (Packing, in_row_order, micro_batches, minibatch_shares, response_targets,
+                      varlen_attention)
 
 log = logging.getLogger("fastppo")
 
@@ -80,7 +81,8 @@ def ptx_loss(policy: nn.Module, batch: SFTBatch, *, fused: bool, backend: str | 
     packed: one padding-free forward over the batch's sequences (`packing.Packing`).
     """
     valid = batch.labels != IGNORE_INDEX
-    pack = Packing.build(batch.attention_mask, valid, batch.input_ids.device) if packed else None
+    pack = Packing.build(batch.attention_mask, valid, batch.input_ids.device,
+                         one_row=varlen_attention(policy)) if packed else None
     logprobs = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
                                  backend=backend, chunk_size=chunk_size, pack=pack)         # (B, L)
     return -(logprobs * valid).sum() / masked_count(valid, group=dist.group()).clamp(min=1)
@@ -236,7 +238,7 @@ def ppo_update(
     orders = torch.stack([torch.randperm(B) for _ in range(pc.ppo_epochs)])
     schedule = iter(micro_batches([(exp.attention_mask, response_targets(exp.response_mask, exp.prompt_width))],
                                   rows=pc.micro_batch_size, tokens=pc.micro_batch_tokens, packed=pc.packing,
-                                  groups=minibatch_shares(orders, pc.minibatch_size)))
+                                  groups=minibatch_shares(orders, pc.minibatch_size), one_row=varlen_attention(policy)))
     for _ in orders:
         for _ in range(0, B, pc.minibatch_size):
             group = next(schedule)                                                      # this minibatch's share

@@ -50,7 +50,7 @@ from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, e
                    fit_to_length, loaded, read_records)
 from .metrics import MetricBuffer
 from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
-from .packing import Packing, index_targets
+from .packing import Packing, index_targets, varlen_attention
 from .ppo import Trained, make_optimizer, make_scheduler, ptx_loss
 from .run_dir import claimed_stage
 from .sft import (StageResult, add_stage_arguments, export_stage, load_stage_tokenizer, model_kwargs, prepare_model,
@@ -198,7 +198,7 @@ def pair_scores(model: nn.Module, batch: PairBatch, packed: bool = False) -> tup
     """(r_chosen (B,), r_rejected (B,)) read at the EOS token, through the same forward `train` uses
     (packed: one padding-free forward over the 2B sequences, the head applied at the EOS states only)."""
     pack = Packing.build(batch.attention_mask, index_targets(batch.eos_index, batch.input_ids.size(1)),
-                         batch.input_ids.device) if packed else None
+                         batch.input_ids.device, one_row=varlen_attention(model)) if packed else None
     scores = score_at(model, batch.input_ids, batch.attention_mask, batch.eos_index, pack)   # (2B,)
     B = scores.numel() // 2
     return scores[:B], scores[B:]
