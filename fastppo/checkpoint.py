@@ -420,11 +420,19 @@ def _plain_class_name(model) -> str:
 
 def _without_alignment_rows(model, state: dict | None, rows: int) -> dict:
     """The model's state dict (`state`, or read from the unsharded model) with the input and output embeddings
-    cut to their first `rows` rows: the embedding rows fastppo added for alignment are not exported."""
-    if state is None:   # a copy: a LoRA export merges into the tensors it is given
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    tables = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in tables}
+    (and an lm_head bias) cut to their first `rows` rows: the embedding rows fastppo added for alignment are
+    not exported. Read from the model, the tensors are views (tied tables keep sharing their storage, and
+    nothing is copied), except for a LoRA export, whose merge writes into the tensors it is given."""
+    if state is None:
+        state = model.state_dict()
+        if lora.is_lora(model):
+            state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    head = model.get_output_embeddings()
+    tables = [model.get_input_embeddings().weight, head.weight, getattr(head, "bias", None)]
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if any(p is t for t in tables)}
+    if not names or any(k not in state or state[k].size(0) <= rows for k in names):
+        raise RuntimeError(f"export: cannot find the embedding tables of {_plain_class_name(model)} in its state "
+                           f"dict to leave out the alignment rows ({sorted(names)})")
     return {k: v[:rows] if k in names else v for k, v in state.items()}
 
 

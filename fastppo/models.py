@@ -9,7 +9,7 @@
 
 Every forward builds position ids from the attention mask, so left padding
 never shifts positions. With `pack=` (a `packing.Packing`) the forwards run
-padding-free: the sequences back to back in one row, positions restarting
+padding-free: the sequences back to back in rows, positions restarting
 per sequence, only the states the caller reads going on to the heads, and the
 outputs returned in the padded layout. Logprobs come from the backbone's hidden states and
 the lm_head weight through the fused `linear_token_logprobs`, which never

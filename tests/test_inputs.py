@@ -10,9 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import fastppo.experience as experience
 from fastppo import synthetic as S
@@ -22,8 +25,8 @@ from fastppo.config import Config, StageModelConfig, load_config
 from fastppo.data import DataError, check_tokenizer, load_prompts
 from fastppo.experience import drop_rows, reparameterise_scores
 from fastppo.metrics import RunningMoments
-from fastppo.models import (EMBEDDING_ROWS_MULTIPLE, ModelError, attn_implementation, hidden_states, load_models,
-                            load_tokenizer, response_logprobs)
+from fastppo.models import (EMBEDDING_ROWS_MULTIPLE, ModelError, _grow_embeddings, attn_implementation, hidden_states,
+                            load_models, load_tokenizer, response_logprobs)
 from fastppo.rollout import Rollout
 from fastppo.sft import model_kwargs
 from fastppo.train import train
@@ -397,7 +400,10 @@ def test_export_leaves_out_the_alignment_rows(tiny_setups, tmp_path, arch):
     V, policy = models.vocab_size, models.policy
     before = AutoModelForCausalLM.from_pretrained(setup.policy).get_input_embeddings().num_embeddings
     assert before % EMBEDDING_ROWS_MULTIPLE and not policy.get_input_embeddings().num_embeddings % EMBEDDING_ROWS_MULTIPLE
-    exported = AutoModelForCausalLM.from_pretrained(export_hf(policy, models.tokenizer, tmp_path / "export"))
+    out = export_hf(policy, models.tokenizer, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    with safe_open(out / "model.safetensors", "pt") as new, safe_open(Path(setup.policy) / "model.safetensors", "pt") as old:
+        assert set(new.keys()) == set(old.keys())                # a tied lm_head is not written twice
     # The checkpoint's rows plus the added pad token: nothing outside fastppo masks the zero alignment rows'
     # logits, so HF generate on an export that kept them could sample ids the tokenizer does not have.
     rows = max(before, V)
@@ -407,6 +413,18 @@ def test_export_leaves_out_the_alignment_rows(tiny_setups, tmp_path, arch):
     for name, tensor in exported.state_dict().items():                        # every weight, the tables' first rows
         torch.testing.assert_close(tensor, live[name][:tensor.size(0)], rtol=0, atol=0)
     assert policy.get_input_embeddings().num_embeddings > rows and policy.config.vocab_size > rows  # live: unchanged
+
+
+def test_export_leaves_out_the_alignment_rows_of_an_lm_head_bias(tmp_path):
+    from transformers import AutoModelForCausalLM, GPTJConfig, GPTJForCausalLM
+
+    model = GPTJForCausalLM(GPTJConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=16))
+    _grow_embeddings(model, 101, "policy", EMBEDDING_ROWS_MULTIPLE)            # a pad token, then alignment rows
+    assert model.lm_head.bias.numel() == 128
+    out = export_hf(model, SimpleNamespace(save_pretrained=lambda path: None), tmp_path / "export")
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert back.lm_head.weight.size(0) == back.lm_head.bias.numel() == back.config.vocab_size == 101
+    torch.testing.assert_close(back.lm_head.bias, model.lm_head.bias[:101], rtol=0, atol=0)
 
 
 def test_padding_ids_are_never_sampled(tiny_setups):
