@@ -5,9 +5,10 @@ tensors, in whatever dtype it is given (the tests call it in float64: it is
 their oracle), and returns the same named results as the op of the same name
 in `fastppo.kernels`. The fast paths (the Triton kernels and their CPU
 backend) must agree with these functions; they are never used by them.
-Not stated here yet: clip-higher and the per-token surrogate weight of the loss
-ops, the rollout-correction weights, the critic-free estimators and the sampler
-(their tests state each in float64 themselves).
+Not stated here: the rollout-correction weights (`fastppo.experience`, a
+clamp of exp(log-ratio) tested by hand) and the sampler (`kernels.sample`,
+whose test states its float64 definition next to the float32 rounding
+windows that judge a draw).
 
 Papers:
   PPO        Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy
@@ -20,6 +21,16 @@ Papers:
              Deep Reinforcement Learning", AAAI.
   k1/k2/k3   Schulman 2020, "Approximating KL Divergence",
              http://joschu.net/blog/kl-approx.html.
+  GRPO       Shao et al. 2024, "DeepSeekMath: Pushing the Limits of
+             Mathematical Reasoning in Open Language Models", arXiv 2402.03300.
+  Dr. GRPO   Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+             Perspective", arXiv 2503.20783.
+  RLOO       Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+             Optimization for Learning from Human Feedback in LLMs", arXiv 2402.14740.
+  REINFORCE++ Hu 2025, "REINFORCE++: A Simple and Efficient Approach for
+             Aligning Large Language Models", arXiv 2501.03262.
+  DAPO       Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning
+             System at Scale", arXiv 2503.14476 (clip-higher).
 
 Conventions: a mask is bool or any numeric dtype, nonzero = a valid token;
 inputs are read as 0 where the mask is not set (whatever they hold there,
@@ -40,7 +51,7 @@ from .kernels import AdvantagesAndReturns, LinearPPOLossOutput, LogprobsAndEntro
 __all__ = [
     "token_logprobs", "kl_penalty", "KL_ESTIMATORS", "gae", "masked_whiten", "reparameterise_scores",
     "token_rewards", "PolicyTerms", "policy_loss_terms", "ValueTerms", "value_loss_terms", "token_mean",
-    "ppo_loss", "policy_loss_from_logits",
+    "ppo_loss", "policy_loss_from_logits", "grpo_advantages", "rloo_advantages", "reinforce_pp_advantages",
 ]
 
 
@@ -239,10 +250,12 @@ class PolicyTerms(NamedTuple):
 
 
 def policy_loss_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
-                      clip_eps: float = 0.2, dual_clip: float | None = None) -> PolicyTerms:
+                      clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                      dual_clip: float | None = None) -> PolicyTerms:
     """PPO's clipped surrogate per token, as a loss (PPO eq. 7, negated).
 
-    ρ = exp(log π_θ − log π_old),  pg = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)).
+    ρ = exp(log π_θ − log π_old),  pg = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε_high)),
+    ε_high = ε unless given (clip-higher: DAPO's 0.28 against ε = 0.2).
     Dual clip c > 1 (Ye et al. 2020): for A < 0 also pg = min(pg, −c·A),
     which bounds the loss of a token whose ratio has run far above 1 + ε.
     ``approx_kl`` = (ρ − 1) − log ρ is the k3 estimate of KL(π_old ‖ π_θ) on
@@ -251,7 +264,7 @@ def policy_loss_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
-    pg2 = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    pg2 = -advantages * ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high))
     pg = torch.maximum(pg1, pg2)
     clipped = pg2 > pg1
     if dual_clip is not None:
@@ -285,6 +298,10 @@ def value_loss_terms(values: torch.Tensor, old_values: torch.Tensor, returns: to
     return ValueTerms(0.5 * vf, clipped)
 
 
+def _weighted(pg: torch.Tensor, policy_weight: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+    return pg if policy_weight is None else pg * _on_mask(policy_weight, valid).to(pg.dtype)
+
+
 def token_mean(x: torch.Tensor, mask: torch.Tensor,
                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """Σ_valid x / n, n = ``normalizer`` (default: the number of valid tokens); n ≤ 0 counts as 1."""
@@ -297,25 +314,28 @@ def token_mean(x: torch.Tensor, mask: torch.Tensor,
 
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
              old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, clip_eps: float = 0.2,
-             value_clip: float | None = 0.2, vf_coef: float = 1.0, dual_clip: float | None = None,
-             normalizer: float | torch.Tensor | None = None) -> PPOLossOutput:
+             clip_eps_high: float | None = None, value_clip: float | None = 0.2, vf_coef: float = 1.0,
+             dual_clip: float | None = None, normalizer: float | torch.Tensor | None = None,
+             policy_weight: torch.Tensor | None = None) -> PPOLossOutput:
     """PPO's loss and statistics over the valid tokens of a (micro-)batch, as `fastppo.kernels.ppo_loss`.
 
     loss = policy_loss + vf_coef·value_loss, each a token mean of
-    `policy_loss_terms` / `value_loss_terms`; clipfrac, value_clipfrac,
+    `policy_loss_terms` / `value_loss_terms`, the policy term of token t
+    times policy_weight w_t when given (a constant: rollout correction and
+    loss aggregation; the normalizer is unchanged); clipfrac, value_clipfrac,
     approx_kl and ratio_mean are token means of the clipped indicators,
     (ρ − 1) − log ρ and ρ. Differentiable in logprobs and values.
     """
     valid = _valid(mask)
     lp, old_lp, adv, v, old_v, ret = (_on_mask(x, valid) for x in
                                       (logprobs, old_logprobs, advantages, values, old_values, returns))
-    pol = policy_loss_terms(lp, old_lp, adv, clip_eps=clip_eps, dual_clip=dual_clip)
+    pol = policy_loss_terms(lp, old_lp, adv, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
     val = value_loss_terms(v, old_v, ret, value_clip=value_clip)
 
     def mean(x: torch.Tensor) -> torch.Tensor:
         return token_mean(x.to(pol.pg.dtype), valid, normalizer)
 
-    policy_loss, value_loss = mean(pol.pg), mean(val.vf)
+    policy_loss, value_loss = mean(_weighted(pol.pg, policy_weight, valid)), mean(val.vf)
     return PPOLossOutput(loss=policy_loss + vf_coef * value_loss, policy_loss=policy_loss, value_loss=value_loss,
                          clipfrac=mean(pol.clipped), value_clipfrac=mean(val.clipped),
                          approx_kl=mean(pol.approx_kl), ratio_mean=mean(pol.ratio))
@@ -323,14 +343,16 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
 
 def policy_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
                             advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
-                            clip_eps: float = 0.2, dual_clip: float | None = None, ent_coef: float = 0.0,
+                            clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                            dual_clip: float | None = None, ent_coef: float = 0.0,
                             ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
                             kl_estimator: str = "k3", normalizer: float | torch.Tensor | None = None,
-                            vocab_size: int | None = None) -> LinearPPOLossOutput:
+                            vocab_size: int | None = None,
+                            policy_weight: torch.Tensor | None = None) -> LinearPPOLossOutput:
     """The policy's loss from its logits, as `fastppo.kernels.linear_ppo_loss` computes it from logits = h·Wᵀ.
 
     With lp, H = `token_logprobs` (at temperature T) and token means over the mask:
-        policy_loss = mean `policy_loss_terms`.pg,  entropy = mean H,
+        policy_loss = mean w·`policy_loss_terms`.pg (w = policy_weight, else 1),  entropy = mean H,
         kl = mean `kl_penalty`(lp, ref_logprobs, kl_estimator) (0 without ref_logprobs),
         loss = policy_loss − ent_coef·entropy + kl_coef·kl
     (the entropy bonus of PPO eq. 9; the KL term is the in-loss penalty of
@@ -341,7 +363,7 @@ def policy_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, old_logp
     lp, entropy = token_logprobs(logits, torch.where(valid, labels, -100), temperature=temperature,
                                  ignore_index=-100, vocab_size=vocab_size)
     old_lp, adv = _on_mask(old_logprobs, valid), _on_mask(advantages, valid)
-    pol = policy_loss_terms(lp, old_lp, adv, clip_eps=clip_eps, dual_clip=dual_clip)
+    pol = policy_loss_terms(lp, old_lp, adv, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
     if ref_logprobs is None:
         kl = torch.zeros_like(lp)
     else:
@@ -350,8 +372,61 @@ def policy_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, old_logp
     def mean(x: torch.Tensor) -> torch.Tensor:
         return token_mean(x.to(lp.dtype), valid, normalizer)
 
-    policy_loss, mean_entropy, mean_kl = mean(pol.pg), mean(entropy), mean(kl)
+    policy_loss, mean_entropy, mean_kl = mean(_weighted(pol.pg, policy_weight, valid)), mean(entropy), mean(kl)
     return LinearPPOLossOutput(loss=policy_loss - ent_coef * mean_entropy + kl_coef * mean_kl,
                                policy_loss=policy_loss, entropy=mean_entropy, kl=mean_kl,
                                clipfrac=mean(pol.clipped), approx_kl=mean(pol.approx_kl),
                                ratio_mean=mean(pol.ratio), logprobs=lp)
+
+
+# ----------------------------------------------------------------------------
+# 7. Critic-free advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++)
+# ----------------------------------------------------------------------------
+
+def grpo_advantages(scores: torch.Tensor, valid: torch.Tensor, group_size: int, *, scale_by_std: bool = True,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's outcome advantage of each response (B,), the rows grouped by `group_size` consecutive rows:
+    A_i = (R_i − mean_g R) / (std_g R + ε) over the valid responses of i's group, std with n − 1; Dr. GRPO
+    (scale_by_std=False): A_i = R_i − mean_g R. 0 for invalid rows and for the only valid row of a group."""
+    out = torch.zeros_like(scores)
+    for g in range(0, scores.numel(), group_size):
+        rows = [i for i in range(g, g + group_size) if valid[i]]
+        if len(rows) < 2:                               # no other response to compare with: no signal
+            continue
+        vals = scores[rows]
+        mean, std = vals.mean(), vals.std(unbiased=True)
+        for i in rows:
+            out[i] = (scores[i] - mean) / (std + eps) if scale_by_std else scores[i] - mean
+    return out
+
+
+def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage (B,): A_i = R_i − the mean of the other valid responses of i's group (the leave-one-out
+    baseline); 0 for an invalid row and for the only valid row of a group."""
+    out = torch.zeros_like(scores)
+    for g in range(0, scores.numel(), group_size):
+        rows = [i for i in range(g, g + group_size) if valid[i]]
+        for i in rows:
+            others = [j for j in rows if j != i]
+            if others:
+                out[i] = scores[i] - scores[others].mean()
+    return out
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
+                            eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (B, T): (advantages, returns). The return-to-go G_t = r_t + γ·G_{t'} over each response's
+    valid tokens (t' the next valid one), then whitened over every valid token of the batch:
+    A_t = (G_t − mean G) / sqrt(var G + ε), var with n − 1."""
+    valid = _valid(mask)
+    r = _on_mask(rewards, valid)
+    returns = torch.zeros_like(r)
+    for b in range(r.size(0)):
+        acc = torch.zeros((), dtype=r.dtype, device=r.device)
+        for t in reversed(range(r.size(1))):
+            if valid[b, t]:
+                acc = r[b, t] + gamma * acc
+                returns[b, t] = acc
+    vals = returns[valid]
+    advantages = (returns - vals.mean()) / torch.sqrt(vals.var(unbiased=True) + eps)
+    return _on_mask(advantages, valid), returns

@@ -1,5 +1,5 @@
-"""Critic-free estimators (`fastppo.advantages`): each against a float64 statement of its paper's formula written
-here, hand-checked small groups, the loss aggregations, dynamic sampling, presets and validation, and short
+"""Critic-free estimators (`fastppo.advantages`): each against the float64 statement of its paper's formula
+(`fastppo.algo`), hand-checked small groups, the loss aggregations, dynamic sampling, presets and validation, and short
 trainer runs that load no critic."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from fastppo import algo
 from fastppo.advantages import (GROUP_STD_EPS, critic_free_advantages, group_advantages, loss_agg_weight,
                                 minibatch_counts, outcome_rewards, signal_groups)
 from fastppo.checkpoint import read_weights
@@ -27,49 +28,6 @@ def _cfg(**over):
     base = {"model.policy_path": "p", "model.reward_path": "r", "data.prompt_path": "d"}
     base.update(over)
     return [f"{k}={v}" for k, v in base.items()]
-
-
-# ----------------------------------------------------------------------------
-# float64 statements of the estimators (the test oracles)
-# ----------------------------------------------------------------------------
-
-def grpo_reference(scores, valid, G, *, scale_by_std=True, eps=GROUP_STD_EPS):
-    """Shao et al. 2024: (R_i - mean) / (std + eps) over the group's valid rows, std with n - 1."""
-    out = []
-    for g in range(0, len(scores), G):
-        vals = [scores[i] for i in range(g, g + G) if valid[i]]
-        n = len(vals)
-        mean = sum(vals) / n if n else 0.0
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
-        for i in range(g, g + G):
-            a = scores[i] - mean
-            out.append(0.0 if not valid[i] else (a / (std + eps) if scale_by_std else a))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def rloo_reference(scores, valid, G):
-    """Ahmadian et al. 2024: R_i minus the mean of the other valid rows of its group."""
-    out = []
-    for g in range(0, len(scores), G):
-        for i in range(g, g + G):
-            others = [scores[j] for j in range(g, g + G) if valid[j] and j != i]
-            out.append(scores[i] - sum(others) / len(others) if valid[i] and others else 0.0)
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def reinforce_pp_reference(rewards, mask, gamma):
-    """Hu 2025: G_t = r_t + gamma * G_{t+1} over each response, whitened over all valid tokens (n - 1 variance)."""
-    r, m = rewards.double(), mask.bool()
-    returns = torch.zeros_like(r)
-    for b in range(r.size(0)):
-        acc = 0.0
-        for t in reversed(range(r.size(1))):
-            if m[b, t]:
-                acc = r[b, t].item() + gamma * acc
-                returns[b, t] = acc
-    vals = returns[m]
-    mean, var = vals.mean(), vals.var(unbiased=True)
-    return torch.where(m, (returns - mean) / torch.sqrt(var + 1e-8), 0.0), returns
 
 
 def _random_groups(seed, groups, G):
@@ -93,7 +51,7 @@ F32_OUT = dict(rtol=2 * U32, atol=1e-12)
 def test_grpo_and_dr_grpo_match_float64(G, scale_by_std):
     scores, valid = _random_groups(G, 6, G)
     got = group_advantages(scores, valid, G, estimator="grpo", scale_by_std=scale_by_std)
-    want = grpo_reference(scores.double().tolist(), valid.tolist(), G, scale_by_std=scale_by_std)
+    want = algo.grpo_advantages(scores.double(), valid, G, scale_by_std=scale_by_std, eps=GROUP_STD_EPS)
     torch.testing.assert_close(got.double(), want, **F32_OUT)
     assert got.dtype == torch.float32 and torch.all(got[G:2 * G] == 0)      # equal rewards: no signal
 
@@ -102,7 +60,7 @@ def test_grpo_and_dr_grpo_match_float64(G, scale_by_std):
 def test_rloo_matches_float64(G):
     scores, valid = _random_groups(10 + G, 6, G)
     got = group_advantages(scores, valid, G, estimator="rloo")
-    torch.testing.assert_close(got.double(), rloo_reference(scores.double().tolist(), valid.tolist(), G), **F32_OUT)
+    torch.testing.assert_close(got.double(), algo.rloo_advantages(scores.double(), valid, G), **F32_OUT)
 
 
 def test_group_estimators_by_hand():
@@ -157,7 +115,7 @@ def test_reinforce_pp_matches_float64(gamma):
     mask = torch.arange(R)[None] < lengths[:, None]
     rewards = torch.where(mask, torch.rand(B, R, generator=g) * 2 - 1, 0.0)
     got, returns = critic_free_advantages(torch.zeros(B), rewards, mask, torch.ones(B, dtype=torch.bool), cfg)
-    want, want_returns = reinforce_pp_reference(rewards, mask, gamma)
+    want, want_returns = algo.reinforce_pp_advantages(rewards.double(), mask, gamma=gamma)
     # The fused gae op sums the returns in float32: at most R additions of partial sums bounded by R·max|r|, each
     # rounding by 2^-24 relative, so |returns error| <= R^2·max|r|·2^-24. Whitening divides that by the std
     # (an error in the mean adds as much again, one in the std scales the result by 1 + err/std).

@@ -142,6 +142,66 @@ def test_ppo_loss_token_means_and_normalizer_by_hand():
     assert all(x.item() == 0 for x in zero)
 
 
+def test_clip_higher_and_policy_weight_by_hand():
+    """ε = 0.2, ε_high = 0.28 (DAPO), ratios 0.7 (A = −1), 1.1, 1.25, 1.4 (A = 1), old logprob 0:
+        0.7:  max(0.7, 0.8) = 0.8, clipped (below 1 − ε, A < 0);     1.1: −1.1, inside
+        1.25: −1.25, inside [0.8, 1.28] (clipped at 1.2 with ε_high = ε)
+        1.4:  max(−1.4, −1.28) = −1.28, clipped
+    Weights w = (2, 1, 0.5, 0) on the policy term, normaliser the 4 valid tokens (unchanged by w):
+        policy_loss = (2·0.8 − 1.1 − 0.5·1.25 − 0·1.28)/4 = −0.03125; dpolicy_loss/dlog π_t = w_t·(−A_t·ρ_t)/4
+        on unclipped tokens: (0, −1.1, −0.625, 0)/4."""
+    ratio = torch.tensor([0.7, 1.1, 1.25, 1.4], **F64)
+    adv = torch.tensor([-1.0, 1.0, 1.0, 1.0], **F64)
+    lp, old = ratio.log().requires_grad_(), torch.zeros(4, **F64)
+    terms = algo.policy_loss_terms(lp, old, adv, clip_eps=0.2, clip_eps_high=0.28)
+    close(terms.pg, [0.8, -1.1, -1.25, -1.28])
+    assert terms.clipped.tolist() == [True, False, False, True]
+    assert algo.policy_loss_terms(lp, old, adv, clip_eps=0.2).clipped.tolist() == [True, False, True, True]
+    w, zeros, mask = torch.tensor([2.0, 1.0, 0.5, 0.0], **F64), torch.zeros(4, **F64), torch.ones(4, dtype=torch.bool)
+    out = algo.ppo_loss(lp, old, adv, zeros, zeros, zeros, mask, clip_eps_high=0.28, policy_weight=w)
+    close(out.policy_loss, -0.03125)
+    close(out.clipfrac, 0.5)                                   # the statistics are not weighted
+    out.policy_loss.backward()
+    close(lp.grad, [0.0, -1.1 / 4, -0.625 / 4, 0.0])
+    logits = torch.stack([torch.zeros(4, **F64), lp.detach()], -1)      # labels 1: lp − log(1 + e^lp), not ρ
+    via_logits = algo.policy_loss_from_logits(logits, torch.ones(4, dtype=torch.long), old, adv, mask,
+                                              clip_eps_high=0.28, policy_weight=w)
+    terms = algo.policy_loss_terms(via_logits.logprobs, old, adv, clip_eps=0.2, clip_eps_high=0.28)
+    close(via_logits.policy_loss, (w * terms.pg).sum() / 4)
+
+
+# ----------------------------------------------------------------------------
+# Critic-free advantages
+# ----------------------------------------------------------------------------
+
+def test_group_advantages_by_hand():
+    """Groups of 3 (the last row of the second group invalid):
+        GRPO, (1, 3, 5): mean 3, std (n − 1) = 2 -> (−1, 0, 1) (ε = 0);  (2, 6, ·): mean 4, std √8 -> ∓2/√8
+        Dr. GRPO: R − mean -> (−2, 0, 2), (−2, 2, 0)
+        RLOO: R_i − mean of the others -> (1 − 4, 3 − 3, 5 − 2) = (−3, 0, 3);  (2 − 6, 6 − 2, 0) = (−4, 4, 0)
+    A group with one valid response gets 0 from all three."""
+    s = torch.tensor([1.0, 3.0, 5.0, 2.0, 6.0, 9.0, 7.0, 0.0, 0.0], **F64)
+    valid = torch.tensor([True, True, True, True, True, False, True, False, False])
+    r8 = 2 / math.sqrt(8)
+    close(algo.grpo_advantages(s, valid, 3, eps=0.0), [-1.0, 0.0, 1.0, -r8, r8, 0.0, 0.0, 0.0, 0.0])
+    close(algo.grpo_advantages(s, valid, 3, scale_by_std=False), [-2.0, 0.0, 2.0, -2.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    close(algo.rloo_advantages(s, valid, 3), [-3.0, 0.0, 3.0, -4.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_reinforce_pp_by_hand():
+    """γ = 0.5, rewards (0, 1) and (0, ·): returns-to-go G = (0 + 0.5·1, 1) and (0): mean 0.5, variance
+    (0 + 0.25 + 0.25)/2 = 0.25 -> advantages (0, 1) and (−1) (ε = 0); a hole is skipped (the next valid token's
+    return is discounted once)."""
+    rewards = torch.tensor([[0.0, 1.0], [0.0, NAN]], **F64)
+    mask = torch.tensor([[True, True], [True, False]])
+    adv, ret = algo.reinforce_pp_advantages(rewards, mask, gamma=0.5, eps=0.0)
+    close(ret, [[0.5, 1.0], [0.0, 0.0]])
+    close(adv, [[0.0, 1.0], [-1.0, 0.0]])
+    _, holes = algo.reinforce_pp_advantages(torch.tensor([[1.0, 7.0, 2.0]], **F64), torch.tensor([[1, 0, 1]]),
+                                           gamma=0.5)
+    close(holes, [[2.0, 0.0, 2.0]])
+
+
 # ----------------------------------------------------------------------------
 # Logprobs, entropy, KL
 # ----------------------------------------------------------------------------

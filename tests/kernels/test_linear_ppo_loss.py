@@ -630,42 +630,25 @@ def test_labels_off_the_mask_are_not_read():
 CLIP_EPS_HIGH = 0.28
 
 
-def weighted_oracle(hidden, weight, labels, old, adv, mask, policy_weight, *, clip_eps_high=None, dual_clip=None,
-                    ent_coef=0.0, ref_logprobs=None, kl_coef=0.0, temperature=1.0):
-    """float64 autograd of the loss with the ratio clipped to [1 − ε, 1 + ε_high] and the policy term of token t
-    times w_t (None: 1), normalised by the valid-token count.
+def weighted_oracle(hidden, weight, labels, old, adv, mask, policy_weight, **kw):
+    """float64 autograd of `algo.policy_loss_from_logits` (ratio clipped to [1 − ε, 1 + ε_high], the policy term
+    of token t times w_t) on logits = h·Wᵀ.
 
     Returns (policy_loss, loss, clipfrac, dhidden, dweight, terms), the gradients those of 0.7·loss, and
     terms = (Σ_v |dlogit_v·w_v| for each dhidden entry, Σ_n |dlogit_n·h_n| for each dweight entry): the
     magnitude of the products each gradient entry sums."""
     h = hidden.detach().double().requires_grad_()
     wt = weight.detach().double().requires_grad_()
-    valid = mask != 0
     z = h @ wt.T
     z.retain_grad()
-    x = z / temperature
-    logp = torch.log_softmax(x, dim=-1)
-    lp = logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    old, adv = old.double(), adv.double()
-    w = torch.ones_like(adv) if policy_weight is None else policy_weight.double()
-    high = CLIP_EPS if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(lp - old)
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - CLIP_EPS, 1 + high)
-    pg, clipped = torch.maximum(pg1, pg2), pg2 > pg1
-    if dual_clip is not None:
-        dual = (adv < 0) & (-dual_clip * adv < pg)
-        pg, clipped = torch.where(dual, -dual_clip * adv, pg), clipped | dual
-    d = lp - ref_logprobs.double() if ref_logprobs is not None else torch.zeros_like(lp)
-    kl = torch.exp(-d) + d - 1                                          # k3, the default estimator
-    m = valid.double()
-    n = m.sum().clamp(min=1)
-    policy_loss = (w * pg * m).sum() / n
-    loss = policy_loss - ent_coef * (ent * m).sum() / n + kl_coef * (kl * m).sum() / n
-    (0.7 * loss).backward()
+    ref = kw.pop("ref_logprobs", None)
+    out = algo.policy_loss_from_logits(z, labels, old.double(), adv.double(), mask, clip_eps=CLIP_EPS,
+                                       policy_weight=policy_weight,
+                                       ref_logprobs=None if ref is None else ref.double(), **kw)
+    (0.7 * out.loss).backward()
     dlogits = z.grad.abs()
     terms = (dlogits @ wt.detach().abs(), dlogits.T @ h.detach().abs())
-    return policy_loss.detach(), loss.detach(), (clipped.double() * m).sum() / n, h.grad, wt.grad, terms
+    return out.policy_loss.detach(), out.loss.detach(), out.clipfrac.detach(), h.grad, wt.grad, terms
 
 
 def weighted_inputs(n, size_h, vocab, dtype, weight_dtype=torch.float32):

@@ -237,40 +237,6 @@ def test_bad_inputs(call, exc, match):
 # clip_eps_high (clip-higher) and policy_weight
 # ----------------------------------------------------------------------------
 
-def weighted_oracle(batch, weight, *, clip_eps=0.2, clip_eps_high=None, value_clip=0.2, vf_coef=1.0, dual_clip=None,
-                    normalizer=None):
-    """float64 results straight from the formulas, with the ratio clipped to [1 − ε, 1 + ε_high] and the policy
-    term of token t times w_t (weight None: 1); returns (dict of results, lp, v) for autograd."""
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    lp = batch["logprobs"].double().requires_grad_()
-    v = batch["values"].double().requires_grad_()
-    old_lp, adv, old_v, ret = (batch[k].double() for k in ("old_logprobs", "advantages", "old_values", "returns"))
-    m = batch["mask"].bool()
-    w = torch.ones_like(adv) if weight is None else weight.double()
-    ratio = torch.exp(lp - old_lp)
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + high)
-    pg, clipped = torch.maximum(pg1, pg2), pg2 > pg1
-    if dual_clip is not None:
-        dual = (adv < 0) & (-dual_clip * adv < pg)
-        pg, clipped = torch.where(dual, -dual_clip * adv, pg), clipped | dual
-    vf = (v - ret) ** 2
-    vclipped = torch.zeros_like(m)
-    if value_clip is not None:
-        vf2 = (old_v + (v - old_v).clamp(-value_clip, value_clip) - ret) ** 2
-        vf, vclipped = torch.maximum(vf, vf2), vf2 > vf
-    n = torch.as_tensor(m.sum() if normalizer is None else normalizer, dtype=torch.float64)
-    n = torch.where(n > 0, n, torch.ones((), dtype=torch.float64))
-
-    def mean(x):
-        return torch.where(m, x, torch.zeros((), dtype=x.dtype)).sum() / n
-
-    policy_loss, value_loss = mean(w * pg), 0.5 * mean(vf)
-    out = dict(loss=policy_loss + vf_coef * value_loss, policy_loss=policy_loss, value_loss=value_loss,
-               clipfrac=mean(clipped.double()), value_clipfrac=mean(vclipped.double()),
-               approx_kl=mean((ratio - 1) - (lp - old_lp)), ratio_mean=mean(ratio))
-    return out, lp, v
-
-
 def random_weight(shape, dtype=torch.float32):
     """Weights as rollout correction makes them: ratios around 1, truncated, a fifth of the tokens dropped (0)."""
     w = torch.exp(torch.randn(shape) * 0.3).clamp(max=2.0)
@@ -299,7 +265,7 @@ def test_clip_higher_and_policy_weight_match_float64(backend, dtype, weight_dtyp
     weight = random_weight((3, 37), weight_dtype) if kw.pop("weight", False) else None
     kw.update(dual_clip=dual_clip, vf_coef=0.7)
     out, lp, v = run(batch, backend, policy_weight=weight, **kw)
-    want, lp64, v64 = weighted_oracle(batch, weight, **kw)
+    want, lp64, v64 = oracle(batch, policy_weight=weight, **kw)
     for name in PPOLossOutput._fields:
         torch.testing.assert_close(getattr(out, name).double(), want[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
     g = torch.randn(3)
