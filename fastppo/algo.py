@@ -5,10 +5,8 @@ tensors, in whatever dtype it is given (the tests call it in float64: it is
 their oracle), and returns the same named results as the op of the same name
 in `fastppo.kernels`. The fast paths (the Triton kernels and their CPU
 backend) must agree with these functions; they are never used by them.
-Not stated here: the rollout-correction weights (`fastppo.experience`, a
-clamp of exp(log-ratio) tested by hand) and the sampler (`kernels.sample`,
-whose test states its float64 definition next to the float32 rounding
-windows that judge a draw).
+Not stated here: the sampler (`kernels.sample`), whose test states its
+float64 definition next to the float32 rounding windows that judge a draw.
 
 Papers:
   PPO        Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy
@@ -31,6 +29,8 @@ Papers:
              Aligning Large Language Models", arXiv 2501.03262.
   DAPO       Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning
              System at Scale", arXiv 2503.14476 (clip-higher).
+  TIS        Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+             Off-Policy RL Training" (truncated importance sampling).
 
 Conventions: a mask is bool or any numeric dtype, nonzero = a valid token;
 inputs are read as 0 where the mask is not set (whatever they hold there,
@@ -42,6 +42,7 @@ minibatch's token count); a normalizer ≤ 0 counts as 1.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,7 @@ __all__ = [
     "token_logprobs", "kl_penalty", "KL_ESTIMATORS", "gae", "masked_whiten", "reparameterise_scores",
     "token_rewards", "PolicyTerms", "policy_loss_terms", "ValueTerms", "value_loss_terms", "token_mean",
     "ppo_loss", "policy_loss_from_logits", "grpo_advantages", "rloo_advantages", "reinforce_pp_advantages",
+    "rollout_correction_weight",
 ]
 
 
@@ -430,3 +432,42 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma:
     vals = returns[valid]
     advantages = (returns - vals.mean()) / torch.sqrt(vals.var(unbiased=True) + eps)
     return _on_mask(advantages, valid), returns
+
+
+# ----------------------------------------------------------------------------
+# 8. Rollout correction: the generator's and the trainer's logprobs differ
+# ----------------------------------------------------------------------------
+
+def rollout_correction_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                              is_mode: str, cap: float, mask_mode: str, bounds: tuple[float, float]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy term's weight of each token (B, R), and which tokens were truncated / masked (bool).
+
+    With w_t = π_old(y_t) / π_rollout(y_t), token by token over each response's valid tokens:
+      is_mode   token:    min(w_t, cap) (TIS);  sequence: min(Π_t w_t, cap) on every token;  none: 1
+      mask_mode token:    0 where w_t is outside [low, high];  sequence: 0 on the whole response where the
+                          geometric mean (Π_t w_t)^(1/n) is outside;  none: no mask
+    The log-ratios are summed exactly (math.fsum) in float64. 0 off the mask."""
+    low, high = bounds
+    B, R = mask.shape
+    weight = torch.zeros(B, R, dtype=torch.float64)
+    truncated = torch.zeros(B, R, dtype=torch.bool)
+    masked = torch.zeros(B, R, dtype=torch.bool)
+    valid = _valid(mask)
+    for b in range(B):
+        idx = [t for t in range(R) if valid[b, t]]
+        log_w = {t: float(old_logprobs[b, t]) - float(rollout_logprobs[b, t]) for t in idx}
+        seq = math.fsum(log_w.values())                                 # log Π_t w_t
+        geo = seq / max(len(idx), 1)
+        for t in idx:
+            w = 1.0
+            if is_mode == "token":
+                w, truncated[b, t] = min(math.exp(log_w[t]), cap), math.exp(log_w[t]) > cap
+            elif is_mode == "sequence":
+                w, truncated[b, t] = math.exp(min(seq, math.log(cap))), seq > math.log(cap)
+            if mask_mode == "token":
+                masked[b, t] = not low <= math.exp(log_w[t]) <= high
+            elif mask_mode == "sequence":
+                masked[b, t] = not low <= math.exp(geo) <= high
+            weight[b, t] = 0.0 if masked[b, t] else w
+    return weight, truncated, masked

@@ -202,6 +202,30 @@ def test_reinforce_pp_by_hand():
     close(holes, [[2.0, 0.0, 2.0]])
 
 
+def test_rollout_correction_weight_by_hand():
+    """w = π_old / π_rollout per token: row 0 (2, 0.5), row 1 (2, 2), a third padded token. Cap 1.5, bounds
+    [0.6, 1.7]:
+        token IS:    (min(2, 1.5), 0.5) = (1.5, 0.5), truncated (T, F);  (1.5, 1.5), (T, T)
+        sequence IS: Π = 1 -> (1, 1);  Π = 4 -> min(4, 1.5) = 1.5 on both tokens, truncated
+        token mask:  2 and 0.5 lie outside [0.6, 1.7]: every token masked (weight 0)
+        sequence mask: geometric means 1 (kept) and 2 (masked)"""
+    rollout = torch.tensor([[-1.0, -1.0, NAN], [-2.0, -3.0, NAN]], **F64)
+    old = rollout + torch.tensor([[math.log(2), math.log(0.5), 0.0], [math.log(2), math.log(2), 0.0]], **F64)
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    kw = dict(cap=1.5, bounds=(0.6, 1.7))
+    w, trunc, masked = algo.rollout_correction_weight(old, rollout, mask, is_mode="token", mask_mode="none", **kw)
+    close(w, [[1.5, 0.5, 0.0], [1.5, 1.5, 0.0]])
+    assert trunc.tolist() == [[True, False, False], [True, True, False]] and not masked.any()
+    w, trunc, _ = algo.rollout_correction_weight(old, rollout, mask, is_mode="sequence", mask_mode="none", **kw)
+    close(w, [[1.0, 1.0, 0.0], [1.5, 1.5, 0.0]])
+    assert trunc.tolist() == [[False, False, False], [True, True, False]]
+    w, _, masked = algo.rollout_correction_weight(old, rollout, mask, is_mode="none", mask_mode="token", **kw)
+    close(w, torch.zeros(2, 3))
+    assert masked.tolist() == [[True, True, False], [True, True, False]]
+    w, _, masked = algo.rollout_correction_weight(old, rollout, mask, is_mode="none", mask_mode="sequence", **kw)
+    close(w, [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+
+
 # ----------------------------------------------------------------------------
 # Logprobs, entropy, KL
 # ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Rollout logprobs: pi_old recomputed or reused, the generator/trainer mismatch, off-policy correction.
 
-The formulas are checked against a float64 implementation written here, token by token in Python (so the
+The formulas are checked against the float64 statement in `fastppo.algo`, token by token in Python (so the
 vectorised code is compared with a plain statement of the math), and against small cases checked by hand.
 
 Until generation returns its own logprobs, the `rollout_logprobs` fixture attaches to every rollout the
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fastppo.experience as experience
+from fastppo import algo
 from fastppo.config import ConfigError, load_config
 from fastppo.engine import HFEngine
 from fastppo.experience import correction_weight, mismatch_metrics, rollout_correction, score_rollout
@@ -37,36 +38,6 @@ MISMATCH_KEYS = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollo
 def rollout_logprobs(monkeypatch):
     """HFEngine.generate returns the teacher-forced logprobs and entropy of the policy when it gives none."""
     monkeypatch.setattr(HFEngine, "generate", with_teacher_forced_logprobs(HFEngine.generate))
-
-
-# ----------------------------------------------------------------------------
-# float64 reference, token by token
-# ----------------------------------------------------------------------------
-
-def _ref_weight(old, rollout_lp, mask, *, is_mode, cap, mask_mode, bounds):
-    """(weight (B, R) float64, truncated (B, R) bool, masked (B, R) bool) from the definitions."""
-    B, R = mask.shape
-    weight = torch.zeros(B, R, dtype=torch.float64)
-    truncated = torch.zeros(B, R, dtype=torch.bool)
-    masked = torch.zeros(B, R, dtype=torch.bool)
-    low, high = bounds
-    for b in range(B):
-        idx = [t for t in range(R) if mask[b, t]]
-        logw = {t: float(old[b, t]) - float(rollout_lp[b, t]) for t in idx}    # float32 inputs, exact in float64
-        seq = math.fsum(logw.values())                                         # log of the product, exactly rounded
-        geo = seq / max(len(idx), 1)
-        for t in idx:
-            w = 1.0
-            if is_mode == "token":
-                w, truncated[b, t] = min(math.exp(logw[t]), cap), math.exp(logw[t]) > cap
-            elif is_mode == "sequence":
-                w, truncated[b, t] = math.exp(min(seq, math.log(cap))), seq > math.log(cap)
-            if mask_mode == "token":
-                masked[b, t] = not (low <= math.exp(logw[t]) <= high)
-            elif mask_mode == "sequence":
-                masked[b, t] = not (low <= math.exp(geo) <= high)
-            weight[b, t] = 0.0 if masked[b, t] else w
-    return weight, truncated, masked
 
 
 def _mismatched(B=6, R=9, seed=0, scale=0.6):
@@ -89,8 +60,8 @@ def test_weight_matches_float64_formulas(is_mode, mask_mode):
     old, rollout_lp, mask = _mismatched()
     cap, bounds = 1.5, (0.6, 1.7)
     got, metrics = correction_weight(old, rollout_lp, mask, is_mode=is_mode, cap=cap, mask_mode=mask_mode, bounds=bounds)
-    want, truncated, masked = _ref_weight(old, rollout_lp, mask, is_mode=is_mode, cap=cap, mask_mode=mask_mode,
-                                          bounds=bounds)
+    want, truncated, masked = algo.rollout_correction_weight(old, rollout_lp, mask, is_mode=is_mode, cap=cap,
+                                                             mask_mode=mask_mode, bounds=bounds)
     assert got.dtype == torch.float32 and got.shape == mask.shape
     # float64 throughout, one rounding to float32 at the end: relative error <= 2^-24 (6e-8) plus float64 noise
     torch.testing.assert_close(got.double(), want, rtol=2e-7, atol=0)
