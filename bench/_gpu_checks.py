@@ -38,6 +38,7 @@ import common
 import linear_logprobs as bench_linear_logprobs
 import linear_ppo_loss as bench_linear_ppo_loss
 import logprobs as bench_logprobs
+import packed_forward as bench_packed_forward
 import rl_math as bench_rl_math
 import sampler as bench_sampler
 from common import device_name, matmul_peak_tflops, measured_copy_bandwidth_gbs, time_ms
@@ -549,6 +550,25 @@ def check_generate_compiled(ctx: Context) -> Result:
     return res
 
 
+def check_packed_forward(ctx: Context) -> Result:
+    """bench/packed_forward.py: a backbone forward (+ backward) on B rollouts, padded against the packed layouts
+    (rows as wide as the longest sequence for sdpa, one row for flash-attn; here both through sdpa). PASS when
+    every layout ran at every B; the numbers are the speedups over padded at the largest B."""
+    args = (["--rep", "1", "--hidden", "64", "--layers", "1", "--shapes", "8"] if ctx.cpu else
+            ["--rep", "10", "--hidden", "2048", "--layers", "4", "--shapes", "64,512"])
+    rows = bench_packed_forward.main(args) or []
+    res = Result()
+    if {r["provider"] for r in rows} != {"padded", "rows", "one_row"}:
+        res.fail(f"layouts measured: {sorted({r['provider'] for r in rows})} (see the log)")
+        return res
+    largest = max(r["B"] for r in rows)
+    for r in rows:
+        if r["B"] == largest and r["provider"] != "padded":
+            res.add(f"{r['provider']} {r['mode']} B={largest} speedup", r["speedup"], "x")
+    res.note = f"{len(rows)} rows in packed_forward.csv"
+    return res
+
+
 # ----------------------------------------------------------------------------
 # The worker
 # ----------------------------------------------------------------------------
@@ -562,6 +582,7 @@ CHECKS = {
     "train_fsdp": lambda ctx: check_train(ctx, "always"),
     "roofline": check_roofline,
     "generate_compiled": check_generate_compiled,
+    "packed_forward": check_packed_forward,
     **{name: (lambda ctx, name=name: check_bench(ctx, name)) for name in BENCHES},
 }
 

@@ -10,7 +10,8 @@ A Llama of --hidden / --layers (random weights, sdpa), B sequences with prompts 
 target states, the update). Reported: median ms (p20, p80), the speedup over padded in the same run, and the
 tokens each layout computes. On CPU only the ratios mean something.
 
-Usage: python bench/packed_forward.py [--quick] [--hidden H] [--layers N] [--threads N (CPU)] [--shapes B,...]
+Usage: python bench/packed_forward.py [--quick] [--hidden H] [--layers N] [--threads N (CPU)] [--rep R]
+       [--shapes B,...]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--rep", type=int, default=10, help="timed repetitions")
     add_shapes_argument(parser, "B")
     args = parser.parse_args(argv)
     device = bench_device()
@@ -76,7 +78,7 @@ def main(argv=None):
                 (h[targets] if pack is None else h).float().pow(2).mean().backward()
 
             for mode, fn in (("forward", forward), ("full", full)):
-                med, p20, p80 = time_ms(fn, device)
+                med, p20, p80 = time_ms(fn, device, rep=args.rep)
                 rows.append(dict(op="packed_forward", provider=name, mode=mode, B=B, tokens=int(mask.sum()),
                                  computed=computed, ms=med, p20=p20, p80=p80, hidden=args.hidden,
                                  layers=args.layers, dtype=str(dtype).removeprefix("torch.")))
@@ -89,6 +91,7 @@ def main(argv=None):
     save_results("packed_forward", rows, x="B", y="speedup", group="provider", ylabel="speedup over padded",
                  title="backbone forward+backward: packed layouts over padded",
                  plot_rows=[r for r in rows if r["mode"] == "full"])
+    return rows
 
 
 if __name__ == "__main__":

@@ -225,7 +225,9 @@ def trl_python(explicit: str | None, *, venv: str = ".venv-trl", env_var: str = 
                trainer: str = "trl.experimental.ppo import PPOTrainer",
                make_target: str = "bench-trl-venv") -> tuple[str | None, str]:
     """(interpreter that imports TRL's `trainer`, its TRL version), or (None, why not)."""
-    py = explicit or os.environ.get(env_var) or str(REPO / venv / "bin" / "python")
+    # Absolute (the probe runs in another directory), but not resolved: a venv's python is a symlink to the base
+    # interpreter, which would not see the venv's packages.
+    py = os.path.abspath(explicit or os.environ.get(env_var) or str(REPO / venv / "bin" / "python"))
     if not Path(py).exists():
         return None, f"no TRL interpreter at {py} (run `make {make_target}`, or pass --trl-python)"
     # Not from the repo root: `python -c` puts the working directory on sys.path, where kernels/ would be

@@ -427,8 +427,10 @@ def _without_alignment_rows(model, state: dict | None, rows: int) -> dict:
         state = model.state_dict()
         if lora.is_lora(model):
             state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-    head = model.get_output_embeddings()
-    tables = [model.get_input_embeddings().weight, head.weight, getattr(head, "bias", None)]
+    head = model.get_output_embeddings()                     # None for a sequence classifier
+    tables = [model.get_input_embeddings().weight]
+    if head is not None:
+        tables += [head.weight, getattr(head, "bias", None)]
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if any(p is t for t in tables)}
     if not names or any(k not in state or state[k].size(0) <= rows for k in names):
         raise RuntimeError(f"export: cannot find the embedding tables of {_plain_class_name(model)} in its state "

@@ -17,9 +17,11 @@ longest sequence, so no row costs more attention than a padded row, and
 there are fewer rows. A row's unused tail is filler: copies of a token at
 positions restarting from 0, a block of its own that no target reads. A
 token budget counts the sequences' tokens; the rows compute their full
-width (at most twice the tokens, ~1.1x in the benchmark). The forward helpers of `models` take it as `pack=` and
-return the same (B, ·) layout as the padded forward, with the same numbers up
-to float32 summation order; the fused ops in between see only the M target
+width (at most twice the tokens, ~1.1x in the benchmark).
+
+The forward helpers of `models` take a `Packing` as `pack=` and return the
+same (B, ·) layout as the padded forward, with the same numbers up to
+float32 summation order; the fused ops in between see only the M target
 rows, never a padding row.
 
 Attention stays inside each sequence:
