@@ -44,8 +44,8 @@ def group_advantages(scores: torch.Tensor, valid: torch.Tensor, group_size: int,
     Only `valid` rows enter a group's statistics; a group with one valid row gives it advantage 0. Computed in
     float64 (B numbers: free) so that a near-constant group does not lose its differences to cancellation.
     """
-    s = _groups(scores, group_size).double()
     v = _groups(valid, group_size).double()
+    s = torch.where(v > 0, _groups(scores, group_size).double(), 0.0)          # an invalid row's score never enters
     n = v.sum(-1, keepdim=True)                                                       # (B/G, 1) valid rows per group
     total = (s * v).sum(-1, keepdim=True)
     if estimator == "rloo":
@@ -67,7 +67,8 @@ def outcome_rewards(scores: torch.Tensor, valid: torch.Tensor, cfg: Config) -> t
     if cfg.ppo.advantage != "reinforce_pp_baseline":
         return scores
     G = cfg.rollout.n_samples_per_prompt
-    s, v = _groups(scores, G).double(), _groups(valid, G).double()
+    v = _groups(valid, G).double()
+    s = torch.where(v > 0, _groups(scores, G).double(), 0.0)
     mean = (s * v).sum(-1, keepdim=True) / v.sum(-1, keepdim=True).clamp(min=1)
     return ((s - mean) * v).flatten().float()
 

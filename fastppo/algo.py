@@ -418,8 +418,8 @@ def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor, group_size: int) 
 def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
                             eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (B, T): (advantages, returns). The return-to-go G_t = r_t + γ·G_{t'} over each response's
-    valid tokens (t' the next valid one), then whitened over every valid token of the batch:
-    A_t = (G_t − mean G) / sqrt(var G + ε), var with n − 1."""
+    valid tokens (t' the next valid one), then whitened over every valid token of the batch
+    (`masked_whiten`): A_t = (G_t − mean G) / sqrt(var G + ε), var with n − 1."""
     valid = _valid(mask)
     r = _on_mask(rewards, valid)
     returns = torch.zeros_like(r)
@@ -429,9 +429,7 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma:
             if valid[b, t]:
                 acc = r[b, t] + gamma * acc
                 returns[b, t] = acc
-    vals = returns[valid]
-    advantages = (returns - vals.mean()) / torch.sqrt(vals.var(unbiased=True) + eps)
-    return _on_mask(advantages, valid), returns
+    return masked_whiten(returns, valid, eps=eps), returns
 
 
 # ----------------------------------------------------------------------------

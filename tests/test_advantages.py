@@ -78,6 +78,11 @@ def test_group_estimators_by_hand():
     torch.testing.assert_close(group_advantages(s[2:5], v, 3, estimator="grpo", scale_by_std=False),
                                torch.tensor([-0.5, 0.5, 0.0]))
     torch.testing.assert_close(group_advantages(s[2:5], v, 3, estimator="rloo"), torch.tensor([-1.0, 1.0, 0.0]))
+    # whatever an invalid row holds (a NaN from a broken reward) never reaches its group
+    nan = torch.tensor([1.0, 2.0, float("nan")])
+    for estimator in ("grpo", "rloo"):
+        torch.testing.assert_close(group_advantages(nan, v, 3, estimator=estimator),
+                                   group_advantages(s[2:5], v, 3, estimator=estimator))
     # one valid row: no baseline, advantage 0
     assert group_advantages(s[:2], torch.tensor([True, False]), 2, estimator="rloo").tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="multiple of the group size 4"):
