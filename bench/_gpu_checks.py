@@ -555,7 +555,7 @@ def check_packed_forward(ctx: Context) -> Result:
     (rows as wide as the longest sequence for sdpa, one row for flash-attn; here both through sdpa). PASS when
     every layout ran at every B; the numbers are the speedups over padded at the largest B."""
     args = (["--rep", "1", "--hidden", "64", "--layers", "1", "--shapes", "8"] if ctx.cpu else
-            ["--rep", "10", "--hidden", "2048", "--layers", "4", "--shapes", "64,512"])
+            ["--rep", "10", "--hidden", "2048", "--layers", "4", "--shapes", "64,256"])
     rows = bench_packed_forward.main(args) or []
     res = Result()
     if {r["provider"] for r in rows} != {"padded", "rows", "one_row"}:
