@@ -27,6 +27,7 @@ softmax(logits/T) before top-k/top-p (π_rollout, see docs/rollout.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -67,6 +68,12 @@ class Rollout:
     def responses(self) -> torch.Tensor:
         """(B, R) int64."""
         return self.sequences[:, self.prompt_width:]
+
+    def take(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout's rows `rows` (k,) int64, every per-row field included."""
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "prompt_width"]
+        return dataclasses.replace(self, **{k: None if getattr(self, k) is None else getattr(self, k)[rows]
+                                            for k in fields})
 
 
 def generation_kwargs(cfg: RolloutConfig, *, eos_id: int, pad_id: int) -> dict:

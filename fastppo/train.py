@@ -250,8 +250,7 @@ def _outcomes(su: Setup, cfg: Config, d: Derived, rollout: Rollout, rows: list[i
 def _group_rows(rollout: Rollout, scores: torch.Tensor, nonfinite: torch.Tensor, groups: torch.Tensor, G: int):
     """Rows of `groups` (k,) int64: (Rollout, scores, nonfinite) of k * G rows."""
     idx = (groups[:, None] * G + torch.arange(G, device=groups.device)).flatten()
-    return (Rollout(rollout.sequences[idx], rollout.attention_mask[idx], rollout.response_mask[idx],
-                    rollout.lengths[idx], rollout.ended[idx], rollout.prompt_width), scores[idx], nonfinite[idx])
+    return rollout.take(idx), scores[idx], nonfinite[idx]
 
 
 def _function_metrics(fn_stats: list, device: torch.device) -> dict[str, torch.Tensor]:

@@ -322,6 +322,7 @@ def test_dynamic_sampling_refills_dropped_groups(tiny_setups, tmp_path, no_criti
     train(load_config(None, _overrides(tiny_setups("llama"), tmp_path / "run", **over), preset="grpo"))
     records = read_metrics(tmp_path / "run")
     assert all(r["rollout/groups_short"] == 0 for r in records)
+    assert all("rollout/logprob_diff_mean" in r for r in records)   # the kept groups keep the generator's logprobs
     assert sum(r["rollout/groups_dropped"] for r in records) > 0 and max(r["rollout/sampling_tries"] for r in records) > 1
     assert no_critic_spy["batches"] == [(4, 4), (4, 4)]         # full batches of valid rows
 
