@@ -22,7 +22,7 @@ import torch
 from . import dist
 from .config import Config
 from .kernels import gae
-from .masked import masked_count, masked_whiten
+from .masked import masked_whiten
 
 GROUP_STD_EPS = 1e-6
 """ε of GRPO's (R − mean) / (std + ε): keeps a group of nearly equal rewards finite (the advantage stays ~0)."""
@@ -66,11 +66,7 @@ def outcome_rewards(scores: torch.Tensor, valid: torch.Tensor, cfg: Config) -> t
     (over the group's valid rows) first; every other estimator uses the score as it is."""
     if cfg.ppo.advantage != "reinforce_pp_baseline":
         return scores
-    G = cfg.rollout.n_samples_per_prompt
-    v = _groups(valid, G).double()
-    s = torch.where(v > 0, _groups(scores, G).double(), 0.0)
-    mean = (s * v).sum(-1, keepdim=True) / v.sum(-1, keepdim=True).clamp(min=1)
-    return ((s - mean) * v).flatten().float()
+    return group_advantages(scores, valid, cfg.rollout.n_samples_per_prompt, estimator="grpo", scale_by_std=False)
 
 
 def returns_to_go_whitened(rewards: torch.Tensor, response_mask: torch.Tensor, *, gamma: float,
@@ -109,9 +105,10 @@ def critic_free_advantages(shaped: torch.Tensor, rewards: torch.Tensor, response
 
 def minibatch_counts(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid tokens, sequences with at least one valid token) of this rank's share of a minibatch, summed over
-    ranks: the two normalisers of `loss_agg_weight`. (B, R) bool in, two float32 scalars out."""
-    n_tokens = masked_count(response_mask, group=dist.group())
-    n_seqs = masked_count(response_mask.any(-1), group=dist.group())
+    ranks (one all-reduce): the two normalisers of `loss_agg_weight`. (B, R) bool in, two float32 scalars out."""
+    valid = response_mask.bool()
+    n_tokens, n_seqs = dist.all_reduce(torch.stack([valid.sum(dtype=torch.float32),
+                                                    valid.any(-1).sum(dtype=torch.float32)])).unbind(0)
     return n_tokens, n_seqs
 
 

@@ -424,9 +424,7 @@ def _without_alignment_rows(model, state: dict | None, rows: int) -> dict:
     not exported. Read from the model, the tensors are views (tied tables keep sharing their storage, and
     nothing is copied), except for a LoRA export, whose merge writes into the tensors it is given."""
     if state is None:
-        state = model.state_dict()
-        if lora.is_lora(model):
-            state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        state = lora.cpu_state(model) if lora.is_lora(model) else model.state_dict()
     head = model.get_output_embeddings()                     # None for a sequence classifier
     tables = [model.get_input_embeddings().weight]
     if head is not None:

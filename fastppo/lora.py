@@ -133,6 +133,11 @@ class ReferenceView:
 setattr(ReferenceView, dist.FORWARD_METHOD, ReferenceView._as_forward)   # the name run_as_forward looks up
 
 
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The (unsharded) model's state dict copied to the CPU: what an export may merge into."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def save_export(model: nn.Module, out: Path, *, state: dict[str, torch.Tensor] | None, adapter_only: bool) -> None:
     """Write the export of a LoRA model to `out`: the merged Hugging Face model, or the adapter alone.
 
@@ -142,7 +147,7 @@ def save_export(model: nn.Module, out: Path, *, state: dict[str, torch.Tensor] |
     """
     wrapper = peft_model(model)
     if state is None:
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        state = cpu_state(model)
     # Merged in the adapters' (master) dtype: frozen base weights stored in a 16-bit compute dtype (`dist.Sharder`)
     # would round away a small W + (alpha / r) B A update, as 16-bit master weights do.
     master = next(p.dtype for p in model.parameters() if p.requires_grad)

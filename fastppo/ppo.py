@@ -244,8 +244,8 @@ def ppo_update(
             group = next(schedule)                                                      # this minibatch's share
             minibatch = exp.select(group.rows)
             # Token mean over the whole minibatch on all ranks, not per micro-batch.
-            normalizer = masked_count(minibatch.response_mask, group=dist.group())
-            n_seqs = minibatch_counts(minibatch.response_mask)[1] if pc.loss_agg != "token_mean" else None
+            normalizer, n_seqs = ((masked_count(minibatch.response_mask, group=dist.group()), None)
+                                  if pc.loss_agg == "token_mean" else minibatch_counts(minibatch.response_mask))
             losses, minibatch_sums, minibatch_values, minibatch_rows = [], {}, [], []
             for planned in group.micro:
                 micro, (pack,) = minibatch.select(planned.rows), planned.packs

@@ -302,9 +302,9 @@ def _sample_torch(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_
         # Summed in float64: a float32 running sum over V terms drifts by up to V ulps of the mass.
         mass = torch.cumsum(e.gather(-1, order), -1, dtype=torch.float64)
         del order
-        mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], -1)
-        n_keep = (mass_before < top_p * mass[:, -1:]).sum(-1, keepdim=True).clamp(min=1)
-        del mass, mass_before
+        # A token is kept when the mass strictly before it is below top_p of the total: the first always.
+        n_keep = (mass[:, :-1] < top_p * mass[:, -1:]).sum(-1, keepdim=True) + 1
+        del mass
         x.masked_fill_(x < ordered.gather(-1, n_keep - 1), float("-inf"))              # ties at the threshold kept
         del ordered
     del e
