@@ -46,7 +46,7 @@ from ._checks import (
     FLOAT_DTYPES, INT_DTYPES, as_rows, check_positive, check_same_device, check_shape, check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from ._math import online_lse_step
+from ._math import lse_and_entropy, online_lse_step
 
 _M32 = 0xFFFFFFFF
 _TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
@@ -247,11 +247,10 @@ def _sample_kernel(
             best = tl.where(better, block_best, best)
 
     no_mass = m == float("-inf")
-    log_s = tl.log(tl.where(no_mass, 1.0, s))
-    lse = m_ref + log_s
+    lse, entropy = lse_and_entropy(m, tl.where(no_mass, 1.0, s), t)
     tl.store(tokens_ptr + row, best_tok)
     tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), best_x - lse))
-    tl.store(entropy_ptr + row, tl.where(no_mass, 0.0, log_s - t / tl.where(no_mass, 1.0, s)))
+    tl.store(entropy_ptr + row, tl.where(no_mass, 0.0, entropy))
 
 
 # ----------------------------------------------------------------------------
