@@ -113,23 +113,15 @@ def make_task(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
 # 1-3. The stages, configured as their commands would be
 # ----------------------------------------------------------------------------
 
-def _common_run(out_dir: Path, seed: int, progress_bar: bool) -> list[str]:
-    return [f"run.output_dir={out_dir}", f"run.seed={seed}", "run.device=cpu",
-            f"run.progress_bar={str(progress_bar).lower()}", "run.log_level=WARNING"]
-
-
 def sft_overrides(paths: dict, out: Path, plan: DemoPlan, seed: int, progress_bar: bool) -> list[str]:
-    return [f"model.path={paths['init']}", f"data.train_path={paths['sft']}", "data.eval_fraction=0.05",
-            f"optim.lr={plan.sft_lr}", "optim.warmup_steps=10", f"run.epochs={plan.sft_epochs}",
-            "run.batch_size=32", "run.micro_batch_size=32", "run.eval_every=25",
-            *_common_run(out / "sft", seed, progress_bar)]
+    return S.sft_overrides(paths["init"], paths["sft"], out / "sft", plan, seed, progress_bar)
 
 
 def rm_overrides(paths: dict, out: Path, plan: DemoPlan, seed: int, progress_bar: bool) -> list[str]:
     return [f"model.path={out / 'sft' / 'export'}", f"data.train_path={paths['pairs']}",
             f"data.eval_path={paths['pairs_eval']}", f"optim.lr={plan.rm_lr}", "optim.warmup_steps=10",
             f"run.epochs={plan.rm_epochs}", "run.batch_size=32", "run.micro_batch_size=32", "run.eval_every=25",
-            *_common_run(out / "rm", seed, progress_bar)]
+            *S.run_overrides(out / "rm", seed, progress_bar)]
 
 
 def ppo_overrides(preset: str, paths: dict, out: Path, plan: DemoPlan, seed: int, progress_bar: bool,
@@ -140,7 +132,7 @@ def ppo_overrides(preset: str, paths: dict, out: Path, plan: DemoPlan, seed: int
           f"run.iterations={iterations or plan.ppo_iterations}", "run.save_every=0", "run.keep_last=1",
           f"rollout.rollout_batch_size={plan.rollout_batch_size}", f"ppo.minibatch_size={plan.minibatch_size}",
           f"ppo.micro_batch_size={plan.micro_batch_size}", f"rollout.max_new_tokens={plan.max_new_tokens}",
-          *_common_run(out / preset, seed, progress_bar)]
+          *S.run_overrides(out / preset, seed, progress_bar)]
     if preset == "ppo_max":  # PPO-max's ptx loss on the SFT data (the other presets have ptx off)
         ov.append(f"data.ptx_path={paths['sft']}")
     return ov

@@ -36,7 +36,7 @@ from .train import train
 ARITH_WORDS = ["what", "is", "the", "answer", "+", "-", "?"]
 MAX_OPERAND = 5
 NUMBERS = [str(n) for n in range(2 * MAX_OPERAND + 1)]   # every sum a + b and difference a - b >= 0 of operands <= 5
-ARITH_VOCAB = [S.PAD, S.EOS, S.UNK, *ARITH_WORDS, *NUMBERS]
+ARITH_VOCAB = [*S.SPECIAL_TOKENS, *ARITH_WORDS, *NUMBERS]
 ARITH_P_CORRECT = 0.5
 """How often an SFT response holds the right answer (else a uniformly random number)."""
 
@@ -105,9 +105,6 @@ def run_arithmetic_demo(out: Path, *, seed: int = 0, plan: ArithmeticPlan | None
     """SFT -> GRPO with math_answer -> held-out accuracy before and after. Returns the summary (summary.json)."""
     plan = plan or ArithmeticPlan()
     t_all, seconds = time.perf_counter(), {}
-    common = [f"run.seed={seed}", "run.device=cpu", f"run.progress_bar={str(progress_bar).lower()}",
-              "run.log_level=WARNING"]
-
     def stage(name: str, t0: float) -> None:
         seconds[name] = time.perf_counter() - t0
         echo(f"[demo] {name:<10} done in {seconds[name]:6.1f}s  (total {time.perf_counter() - t_all:6.1f}s)")
@@ -121,16 +118,13 @@ def run_arithmetic_demo(out: Path, *, seed: int = 0, plan: ArithmeticPlan | None
     init = out / "init"
     tok = S.build_tokenizer(init, vocab=ARITH_VOCAB)
     torch.manual_seed(seed)
-    config = S.tiny_llama_config(len(tok), hidden_size=plan.hidden_size, layers=plan.layers, heads=plan.heads,
-                                 vocab=ARITH_VOCAB)
+    config = S.tiny_llama_config(len(tok), hidden_size=plan.hidden_size, layers=plan.layers, heads=plan.heads)
     LlamaForCausalLM(config).save_pretrained(init, safe_serialization=True)
     stage("data", t0)
 
     t0 = time.perf_counter()
-    sft(load_config(None, schema=SFTConfig, overrides=[
-        f"model.path={init}", f"data.train_path={paths['sft']}", "data.eval_fraction=0.05", f"optim.lr={plan.sft_lr}",
-        "optim.warmup_steps=10", f"run.epochs={plan.sft_epochs}", "run.batch_size=32", "run.micro_batch_size=32",
-        "run.eval_every=25", f"run.output_dir={out / 'sft'}", *common]))
+    sft(load_config(None, schema=SFTConfig,
+                    overrides=S.sft_overrides(init, paths["sft"], out / "sft", plan, seed, progress_bar)))
     stage("sft", t0)
 
     t0 = time.perf_counter()
@@ -141,7 +135,7 @@ def run_arithmetic_demo(out: Path, *, seed: int = 0, plan: ArithmeticPlan | None
         "run.save_every=0", "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
         f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
         f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
-        f"run.output_dir={out / 'grpo'}", *common], preset="grpo"))
+        *S.run_overrides(out / "grpo", seed, progress_bar)], preset="grpo"))
     stage("grpo", t0)
 
     t0 = time.perf_counter()

@@ -205,12 +205,25 @@ class TinyPlan:
     sft_lr: float = 3e-3
 
 
-def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                      vocab: list[str] = VOCAB):
-    """A small Llama: big enough to learn the task in seconds on a CPU."""
+def run_overrides(out_dir: Path, seed: int, progress_bar: bool) -> list[str]:
+    """The `run.*` overrides of every demo stage."""
+    return [f"run.output_dir={out_dir}", f"run.seed={seed}", "run.device=cpu",
+            f"run.progress_bar={str(progress_bar).lower()}", "run.log_level=WARNING"]
+
+
+def sft_overrides(init: Path, data: Path, out_dir: Path, plan: TinyPlan, seed: int, progress_bar: bool) -> list[str]:
+    """`fastppo sft` of a demo: the tiny model at `init` on the examples at `data`, by the plan's schedule."""
+    return [f"model.path={init}", f"data.train_path={data}", "data.eval_fraction=0.05", f"optim.lr={plan.sft_lr}",
+            "optim.warmup_steps=10", f"run.epochs={plan.sft_epochs}", "run.batch_size=32", "run.micro_batch_size=32",
+            "run.eval_every=25", *run_overrides(out_dir, seed, progress_bar)]
+
+
+def tiny_llama_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4):
+    """A small Llama: big enough to learn the task in seconds on a CPU (every demo vocabulary starts with
+    SPECIAL_TOKENS)."""
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=vocab.index(PAD), eos_token_id=vocab.index(EOS), bos_token_id=None,
+        pad_token_id=SPECIAL_TOKENS.index(PAD), eos_token_id=SPECIAL_TOKENS.index(EOS), bos_token_id=None,
     )
