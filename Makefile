@@ -1,13 +1,16 @@
 # The README's commands. Each target sets itself up: it creates .venv when it
-# is missing and (re)installs when pyproject.toml changed, so a fresh clone
-# needs nothing but python3 and make.
+# is missing and (re)installs when pyproject.toml or the lock changed, so a
+# fresh clone needs nothing but python3 and make.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastppo-installed
 
-# torch 2.13.0 installs a CPU build from local disk here; triton 3.7.1 is the
-# version that torch pins. pyproject.toml keeps loose ranges for users.
+# requirements.lock: the exact versions the suite last passed with (pip, torch and every dependency),
+# applied as pip constraints, so a fresh clone installs what was tested and not whatever the registry
+# serves that day; pyproject.toml keeps the ranges that work for library users. `make lock` refreshes it.
+# torch 2.13.0 installs a CPU build from local disk here; triton 3.7.1 is the version that torch pins.
+LOCK       := requirements.lock
 TORCH_PIN  := torch==2.13.0
 TRITON_PIN := triton==3.7.1
 
@@ -17,23 +20,36 @@ TRL_VENV  := .venv-trl
 TRL_PIN   := trl==1.12.0
 TRL_STAMP := $(TRL_VENV)/.trl-installed
 
-.PHONY: demo test bench bench-trl-venv bench-grpo-venv gpu-check gpu-wheels install clean
+.PHONY: demo test bench bench-trl-venv bench-grpo-venv gpu-check gpu-wheels install lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN)
-	$(PY) -m pip install -q -e ".[test,bench]" $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) -e ".[test,bench]"
 	touch $(STAMP)
+
+# `make lock`: the newest releases pyproject.toml admits (torch and triton pinned as above), installed in a
+# scratch venv; the whole suite runs there, and only when it passes is requirements.lock rewritten from
+# that venv. Review the diff of requirements.lock and commit it.
+LOCK_VENV := .venv-lock
+
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[test,bench]" $(TORCH_PIN) $(TRITON_PIN)
+	TRITON_INTERPRET=1 $(LOCK_VENV)/bin/pytest -p no:cacheprovider
+	{ echo "# The exact versions \`make test\` last passed with (pip constraints; \`make lock\` refreshes this file)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fastppo demo $(ARGS)
 
-# The whole suite on CPU: Triton kernels run under the interpreter. The venv's
-# scripts are called directly: `python -m` would put the repo root on sys.path,
-# where kernels/ would be importable as a top-level `kernels` package.
+# The whole suite on CPU: Triton kernels run under the interpreter.
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest $(ARGS)
 
@@ -86,4 +102,4 @@ gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .wheels $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) $(TRL_VENV) $(GRPO_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TRL_VENV) $(GRPO_VENV) $(LOCK_VENV) build *.egg-info .pytest_cache

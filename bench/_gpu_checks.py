@@ -107,8 +107,7 @@ def check_kernel_tests(ctx: Context) -> Result:
     """pytest in a subprocess; counts from its -v lines (they survive a timeout), else from its summary."""
     log = ctx.out / ("kernel_tests_cpu.log" if ctx.cpu else "kernel_tests.log")
     env = dict(os.environ, TRITON_INTERPRET="1" if ctx.cpu else "0")
-    # -P: the repo root (the working directory) stays off sys.path, so `kernels/` is only fastppo.kernels.
-    cmd = [sys.executable, "-P", "-m", "pytest", "--verbosity=1", "-p", "no:cacheprovider", "--timeout", "120",
+    cmd = [sys.executable, "-m", "pytest", "--verbosity=1", "-p", "no:cacheprovider", "--timeout", "120",
            *shlex.split(ctx.kernel_tests)]
     print(f"  $ {' '.join(cmd[1:])}  (log: {log})", flush=True)
     res = Result()

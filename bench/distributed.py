@@ -124,7 +124,7 @@ def _torchrun(nproc: int, argv: list[str], threads: int) -> float:
     exe = Path(sys.executable).with_name("torchrun")
     t0 = time.perf_counter()
     subprocess.run([str(exe), f"--nproc_per_node={nproc}", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
-                    *argv], check=True, env=_env(threads), cwd=tempfile.gettempdir(), capture_output=True)
+                    *argv], check=True, env=_env(threads), capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -138,7 +138,7 @@ def _train(paths: dict, out: Path, args, nproc: int, threads: int) -> dict:
     if nproc == 1:
         t0 = time.perf_counter()
         subprocess.run([str(Path(sys.executable).with_name("fastppo")), "train", *overrides], check=True,
-                       env=_env(threads), cwd=tempfile.gettempdir(), capture_output=True)
+                       env=_env(threads), capture_output=True)
         wall = time.perf_counter() - t0
     else:
         wall = _torchrun(nproc, ["-m", "fastppo.cli", "train", *overrides], threads)

@@ -71,27 +71,6 @@ CPU_KERNEL_TESTS = "tests/kernels/test_gae.py -k by_hand"
 # Making fastppo importable on a bare machine
 # ----------------------------------------------------------------------------
 
-SHIM = '''"""Written by bench/gpu_check.py: the checkout {root} as the package fastppo, not installed.
-
-pyproject.toml installs kernels/ as fastppo.kernels; the checkout's root on this package's __path__ does
-the same here, while the root itself stays off sys.path (a top-level `kernels` would shadow the one
-transformers imports).
-"""
-__path__ = [{pkg!r}, {root!r}]
-__file__ = {init!r}
-exec(compile(open(__file__).read(), __file__, "exec"))
-'''
-
-
-def write_shim(site: Path) -> Path:
-    """site/fastppo/__init__.py: this checkout as the package fastppo (kernels/ as fastppo.kernels)."""
-    pkg = site / "fastppo"
-    pkg.mkdir(parents=True, exist_ok=True)
-    init = pkg / "__init__.py"
-    init.write_text(SHIM.format(root=str(ROOT), pkg=str(ROOT / "fastppo"), init=str(ROOT / "fastppo" / "__init__.py")))
-    return init
-
-
 def unpack_wheels(wheels: Path, site: Path) -> list[str]:
     """Unpack into site each pure-Python wheel in `wheels` whose distribution this Python lacks (PEP 427:
     such a wheel is a site-packages tree; its .data/ scripts are not needed here). Returns their names."""
@@ -112,12 +91,13 @@ def prepare_imports(site: Path, wheels: Path = WHEELS) -> list[str]:
     """Make fastppo and its pure-Python dependencies importable here and in the worker (sys.path and
     PYTHONPATH get `site`). Returns the lines to print: what was set up, and what is still missing."""
     said = [f"using {name} from {wheels.name}/" for name in unpack_wheels(wheels, site)]
+    paths = [str(site)] if said else []
     if importlib.util.find_spec("fastppo") is None:
-        write_shim(site)
+        paths.append(str(ROOT))
         said.append(f"fastppo is not installed: importing it from {ROOT}")
-    if said:
-        sys.path.insert(0, str(site))
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if paths:
+        sys.path[:0] = paths
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
         importlib.invalidate_caches()
     for module, dist in (("omegaconf", "omegaconf"), ("pytest", "pytest"), ("pytest_timeout", "pytest-timeout")):
         if importlib.util.find_spec(module) is None:

@@ -230,10 +230,8 @@ def trl_python(explicit: str | None, *, venv: str = ".venv-trl", env_var: str = 
     py = os.path.abspath(explicit or os.environ.get(env_var) or str(REPO / venv / "bin" / "python"))
     if not Path(py).exists():
         return None, f"no TRL interpreter at {py} (run `make {make_target}`, or pass --trl-python)"
-    # Not from the repo root: `python -c` puts the working directory on sys.path, where kernels/ would be
-    # picked up by transformers as Hugging Face's `kernels` package.
     probe = subprocess.run([py, "-c", f"import trl; from {trainer}; print(trl.__version__)"],
-                           capture_output=True, text=True, cwd=tempfile.gettempdir())
+                           capture_output=True, text=True)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         return None, f"{py} cannot import {trainer.split()[0]}: {last}"

@@ -133,7 +133,6 @@ def _bench_run(args: argparse.Namespace) -> int:
     rc = 0
     for script in chosen:
         print(f"== bench/{script.name}", flush=True)
-        # The venv's interpreter by path, never `python -m` (it would put the repo root on sys.path).
         rc = subprocess.run([sys.executable, str(script), *shlex.split(args.args)], cwd=BENCH_DIR.parent).returncode or rc
     return rc
 

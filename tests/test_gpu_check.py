@@ -97,24 +97,24 @@ def test_a_check_over_its_box_fails_and_the_next_one_still_runs(tmp_path, monkey
     assert rows["fp32_gemm_probe"][1] == "PASS"
 
 
-def test_shim_imports_the_checkout_as_fastppo_without_a_top_level_kernels(tmp_path):
-    """In a fresh interpreter with the shim first on sys.path, fastppo and fastppo.kernels come from this
-    checkout's fastppo/ and kernels/, and `kernels` alone does not find this checkout's (-P: the working
-    directory stays off sys.path)."""
-    gpu_check.write_shim(tmp_path)
+def test_an_uninstalled_checkout_is_imported_as_fastppo_beside_transformers(tmp_path):
+    """In a fresh interpreter where fastppo is not installed (-S: no site-packages, so the editable install is
+    not seen; the venv's site-packages then goes last, as a bare image's would be), prepare_imports makes
+    fastppo and fastppo.kernels this checkout's, and transformers (which imports Hugging Face's `kernels` when
+    installed) imports beside it."""
+    import site as site_module
     code = (
-        "import sys, importlib.util; sys.path.insert(0, sys.argv[1]);"
-        "import fastppo, fastppo.kernels;"
-        "spec = importlib.util.find_spec('kernels');"
-        "print(fastppo.__file__); print(fastppo.kernels.__file__); print(spec and spec.origin)"
+        "import sys, importlib.util; sys.path.append(sys.argv[3]);"
+        "assert importlib.util.find_spec('fastppo') is None, 'fastppo visible before prepare_imports';"
+        "sys.path.insert(0, sys.argv[1]); import gpu_check;"
+        "gpu_check.prepare_imports(__import__('pathlib').Path(sys.argv[2]));"
+        "import fastppo.kernels, transformers.modeling_utils;"
+        "print(fastppo.kernels.__file__)"
     )
-    out = subprocess.run([sys.executable, "-P", "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(BENCH), str(tmp_path), site_module.getsitepackages()[0]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    init, kernels, top_level = out.stdout.split()[-3:]
-    assert Path(init) == ROOT / "fastppo" / "__init__.py"
-    assert Path(kernels) == ROOT / "kernels" / "__init__.py"
-    assert not top_level.startswith(str(ROOT))           # None, or Hugging Face's kernels package
+    assert Path(out.stdout.split()[-1]) == ROOT / "fastppo" / "kernels" / "__init__.py"
 
 
 def test_wheels_are_unpacked_only_where_missing(tmp_path):

@@ -428,9 +428,7 @@ def test_documented_peak_memory_matches_a_measured_peak(dtype):
     env = {k: v for k, v in os.environ.items() if k not in ("FASTPPO_POISON_OUTPUTS", "FASTPPO_BACKEND")}
     env.update(MALLOC_MMAP_THRESHOLD_="65536", FASTPPO_LINEAR_CHUNK_MB="8", TRITON_INTERPRET="0",
                OMP_NUM_THREADS="1")
-    # -P: without it `-c` puts the working directory (the checkout) first on sys.path, where fastppo/ is found
-    # without kernels/ under it; only an installed (or the GPU check's) fastppo maps kernels/ to fastppo.kernels.
-    proc = subprocess.run([sys.executable, "-P", "-c", _MEMORY_SCRIPT, dtype], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, dtype], capture_output=True, text=True, env=env,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -546,7 +546,7 @@ def test_peak_memory_does_not_grow_with_the_logits():
     env = {k: v for k, v in os.environ.items() if k not in ("FASTPPO_POISON_OUTPUTS", "FASTPPO_BACKEND")}
     env.update(MALLOC_MMAP_THRESHOLD_="65536", FASTPPO_LINEAR_CHUNK_MB=str(budget_mb), TRITON_INTERPRET="0",
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-P", "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,9 +1,8 @@
 """Multi-process tests on CPU: a torchrun launcher and the workers it starts.
 
 `torchrun(...)` starts `torchrun --nproc_per_node=N` (gloo, a free rendezvous
-port, one thread per process) in a scratch directory, never the repo root
-(`python -m` would put `kernels/` on sys.path), and returns its exit code and
-output. Workers run as `-m fastppo_testing.distributed <task> ...`:
+port, one thread per process) in a scratch directory, and returns its exit code
+and output. Workers run as `-m fastppo_testing.distributed <task> ...`:
 
     train ARGS...        `fastppo train ARGS...`, optionally failing one rank on the first attempt
                          (FASTPPO_TEST_FAULT="rank:iteration:raise|hang"; a hang lasts FASTPPO_TEST_HANG_S)
