@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,10 @@ H200_BF16_TFLOPS = 790.0
 # A pytest -v line of one test: "tests/kernels/test_gae.py::test_x[a-b] PASSED  [ 10%]".
 _PYTEST_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
 _PYTEST_SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
+# pytest's final line: "==== 3 failed, 1200 passed in 9.12s ====", or without the rules under -q (also printed after
+# a KeyboardInterrupt).
+_PYTEST_FINAL = re.compile(r"^=*\s*(\d+ (passed|failed|errors?|skipped|xfailed|xpassed|warnings?|deselected)\b.*|no tests ran)"
+                           r" in [\d.]+s\b")
 
 
 @dataclass
@@ -103,8 +108,22 @@ class Context:
 # 1. Kernel tests, compiled (on CUDA) or interpreted (CPU)
 # ----------------------------------------------------------------------------
 
+def pytest_counts(text: str) -> dict[str, int] | None:
+    """The counts of pytest's own final summary line ("== 3 failed, 1200 passed, 7 skipped, 2 errors in 9.1s =="),
+    as {passed, failed, skipped, errors, xfailed, xpassed}; None when the output has no summary line (pytest was
+    killed). A test with a failing teardown counts as passed and as an error there, as pytest reports it."""
+    lines = [line for line in text.splitlines() if _PYTEST_FINAL.match(line)]
+    if not lines:
+        return None
+    counts = dict.fromkeys(("passed", "failed", "skipped", "errors", "xfailed", "xpassed"), 0)
+    for n, what in _PYTEST_SUMMARY.findall(lines[-1]):
+        counts["errors" if what.startswith("error") else what] += int(n)
+    return counts
+
+
 def check_kernel_tests(ctx: Context) -> Result:
-    """pytest in a subprocess; counts from its -v lines (they survive a timeout), else from its summary."""
+    """pytest in a subprocess; the counts are those of pytest's own summary line. Past its time box pytest gets a
+    SIGINT, on which it stops and still prints that summary (the counts of the tests it ran)."""
     log = ctx.out / ("kernel_tests_cpu.log" if ctx.cpu else "kernel_tests.log")
     env = dict(os.environ, TRITON_INTERPRET="1" if ctx.cpu else "0")
     cmd = [sys.executable, "-m", "pytest", "--verbosity=1", "-p", "no:cacheprovider", "--timeout", "120",
@@ -116,29 +135,28 @@ def check_kernel_tests(ctx: Context) -> Result:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         while proc.poll() is None and time.monotonic() - t0 < ctx.kernel_tests_timeout:
             time.sleep(1)
-            if int(time.monotonic() - t0) % 15 == 0:                  # progress, from the log so far
+            if int(time.monotonic() - t0) % 15 == 0:                  # progress only: the -v lines so far
                 done = _PYTEST_LINE.findall(log.read_text(errors="replace"))
                 bad = sum(outcome in ("FAILED", "ERROR") for _, outcome in done)
-                print(f"  kernel tests: {len(done)} run, {bad} failed ({time.monotonic() - t0:.0f}s)", flush=True)
+                print(f"  kernel tests: about {len(done)} run, {bad} failing ({time.monotonic() - t0:.0f}s)", flush=True)
         timed_out = proc.poll() is None
         if timed_out:
-            proc.kill()
+            proc.send_signal(signal.SIGINT)                          # pytest stops and prints its summary
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         rc = proc.wait()
     text = log.read_text(errors="replace")
-    per_test = _PYTEST_LINE.findall(text)
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
-    for _, outcome in per_test:
-        key = {"PASSED": "passed", "XPASS": "passed", "SKIPPED": "skipped", "XFAIL": "skipped"}.get(outcome, "failed")
-        counts[key] += 1
-    if not per_test:                                 # e.g. a collection error: only the summary line has counts
-        for n, what in _PYTEST_SUMMARY.findall(text.splitlines()[-1] if text.strip() else ""):
-            counts[{"errors": "failed", "error": "failed", "xfailed": "skipped", "xpassed": "passed"}.get(what, what)] \
-                += int(n)
+    counts = pytest_counts(text)
+    if counts is None:
+        res.fail(f"pytest printed no summary (exit {rc}): no counts; see {log.name}")
+        return res
     for key, n in counts.items():
         res.add(key, n, "tests")
-    failed = [name for name, outcome in per_test if outcome in ("FAILED", "ERROR")]
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)     # pytest's short summary (-ra)
     if timed_out:
-        res.fail(f"pytest timed out after {ctx.kernel_tests_timeout:.0f}s (counts so far)")
+        res.fail(f"pytest stopped after {ctx.kernel_tests_timeout:.0f}s (the counts of the tests it ran)")
     elif rc != 0:
         where = f"first failures: {', '.join(failed[:3])}" if failed else f"see {log.name}"
         res.fail(f"pytest exit {rc}; {where}")

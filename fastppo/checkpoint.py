@@ -6,6 +6,7 @@ A checkpoint is a directory `<output_dir>/checkpoints/iter_<NNNNNNNN>/`:
     trainer_state.pt   schedulers, reward moments, KL controller, update counters, prompt and ptx
                        sampler positions, the iteration and every RNG state (written by rank 0)
     config.yaml
+    checksums.json     the CRC-32 of every other file (each rank sums the shard files it wrote)
 
 DCP writes each rank's shards of every tensor under the tensor's fully
 qualified name, and a load reads whatever slices the loading run needs: a
@@ -19,9 +20,11 @@ deleted (never the one just written, never a later one). With several nodes,
 output_dir must be on a filesystem all nodes share.
 
 Resuming (`resume_point`) verifies a checkpoint before using it (every file
-present and as long as its index says) and falls back from a damaged newest
-checkpoint to the newest intact one; it compares the run's config with the
-checkpoint's (`run_dir.config_changes`).
+present, as long as its index says and with the checksum it was written
+with) and falls back from a damaged newest checkpoint, truncated or with
+changed bytes, to the newest intact one; it compares the run's config with
+the checkpoint's (`run_dir.config_changes`). Checkpoints written before
+checksums existed are verified without them.
 
 The export (`export_hf`) is a plain Hugging Face directory (config,
 safetensors weights, tokenizer) loadable with
@@ -33,12 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import random
 import re
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +83,47 @@ def _iteration(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def verify_checkpoint(path: Path) -> dict:
+CHECKSUMS = "checksums.json"
+
+
+def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
+    """CRC-32 of a file's bytes, read in 16 MB pieces."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _checksums(root: Path) -> dict[str, int]:
+    """{path relative to the checkpoint: CRC-32} of the files under `root` this rank sums: every rank the DCP shard
+    files it wrote (`__<rank>_*`), rank 0 also every other file (DCP's .metadata, trainer_state.pt, config.yaml)."""
+    mine = f"__{dist.rank()}_"
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        shard = f.name.startswith("__") and f.suffix == ".distcp"
+        if f.name.startswith(mine) if shard else dist.is_main():
+            out[str(f.relative_to(root))] = file_crc32(f)
+    return out
+
+
+def verify_checkpoint(path: Path, *, checksums: bool = True) -> dict:
     """The trainer state of checkpoint `path`, after checking that every file it needs is there and whole
-    (DCP's index gives each shard file's length); a RunDirError naming the damaged file otherwise."""
+    (DCP's index gives each shard file's length) and, with `checksums`, that every file has the CRC-32 it was
+    written with; a RunDirError naming the damaged file otherwise."""
     state_file = path / "trainer_state.pt"
+    sums = path / CHECKSUMS
+    if checksums and sums.is_file():
+        try:
+            expected = json.loads(sums.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{sums}: unreadable ({type(exc).__name__}: {exc})") from None
+        for name, crc in sorted(expected.items()):
+            f = path / name
+            if not f.is_file():
+                raise RunDirError(f"{f}: missing")
+            if file_crc32(f) != crc:
+                raise RunDirError(f"{f}: damaged (its bytes differ from those written: CRC-32 mismatch)")
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated zip raises RuntimeError, EOFError or UnpicklingError, depending on where
@@ -273,7 +315,15 @@ def save_checkpoint(output_dir: str | Path, iteration: int, *, policy, critic, p
                         "rng": rng_state(), "iteration": iteration},
                        tmp / "trainer_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
-            for f in (tmp / "trainer_state.pt", tmp / "config.yaml"):  # data on disk before the rename makes it visible
+        except _WRITE_ERRORS as exc:
+            error = exc
+    _raise_if_failed(error, "save checkpoint", final, tmp, device)  # also the barrier: every file is written
+    # Every rank sums the shard files it wrote (in parallel), rank 0 the rest; rank 0 writes them all.
+    sums = dist.gather_object_to_main(_checksums(tmp))
+    if dist.is_main():
+        try:
+            (tmp / CHECKSUMS).write_text(json.dumps({k: v for part in sums for k, v in part.items()}, indent=0))
+            for f in (tmp / "trainer_state.pt", tmp / "config.yaml", tmp / CHECKSUMS):  # on disk before the rename
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             if final.exists():  # re-saving the same iteration: move the old one aside first
@@ -371,7 +421,7 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
     models: this run's `run_dir.model_fingerprint`; a checkpoint that recorded other models (another architecture
     or tokenizer behind the same paths) is refused. Collective under FSDP: every rank calls it.
     """
-    trainer_state = verify_checkpoint(path)
+    trainer_state = verify_checkpoint(path, checksums=False)     # `resume_point` has compared the checksums
     if trainer_state.get("has_critic", True) != (critic is not None):
         raise RunDirError(f"cannot resume {path}: it was saved {'with' if critic is None else 'without'} a critic and "
                           f"this run has {'none' if critic is None else 'one'}; a run resumes with its "
@@ -389,8 +439,12 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
             state[name] = get_optimizer_state_dict(model, opt)
         elif not saved.get(name):
             state.pop(name, None)
-    with _dcp_single_process_ok():
-        dcp.load(state, checkpoint_id=str(path / "model"), no_dist=not dist.is_initialized())
+    try:
+        with _dcp_single_process_ok():
+            dcp.load(state, checkpoint_id=str(path / "model"), no_dist=not dist.is_initialized())
+    except (RuntimeError, ValueError, OSError, CheckpointException) as exc:
+        raise RunDirError(f"cannot load the weights of checkpoint {path}: {write_failure_reason(exc, path)} (a damaged "
+                          "or foreign checkpoint: resume from an earlier one with run.resume=<its folder>)") from exc
     for name, model in (("policy", policy), ("critic", critic)):
         if model is not None:
             # Not strict for a LoRA model, whose checkpoint has no frozen weights (DCP has checked every saved key).

@@ -108,6 +108,8 @@ class BaseDataConfig:
     """Field holding the prompt: a string (plain text) or a list of {role, content} messages (chat template)."""
     shuffle: bool = True
     """Reshuffle the prompts (train) or the training records (sft, train-rm) every epoch (seeded by run.seed)."""
+    max_unknown_token_frac: float = 0.05
+    """Largest fraction of a text field's tokens (first 64 records) that may be the tokenizer's unknown token; more stops the run naming the field (often not the text, or the wrong tokenizer). 1 = no check."""
 
 
 @dataclass
@@ -729,6 +731,11 @@ def _check_model(m: ModelConfig) -> None:
     _check_lora(m.critic_lora, "model.critic_lora")
 
 
+def _check_base_data(d: BaseDataConfig) -> None:
+    _check(0 <= d.max_unknown_token_frac <= 1, "data.max_unknown_token_frac",
+           f"must be in [0, 1], got {d.max_unknown_token_frac}")
+
+
 def _check_data(d: DataConfig) -> None:
     _check(d.max_prompt_len > 0, "data.max_prompt_len", "must be > 0")
     _check(d.max_ptx_len > 1, "data.max_ptx_len", "must be > 1")
@@ -840,6 +847,7 @@ def _check_rm_loss(loss: RMLossConfig) -> None:
 SECTION_CHECKS: dict[type, Callable[[Any], None]] = {
     BaseModelConfig: _check_base_model,
     ModelConfig: _check_model,
+    BaseDataConfig: _check_base_data,
     DataConfig: _check_data,
     StageDataConfig: _check_stage_data,
     RolloutConfig: _check_rollout,
@@ -932,6 +940,9 @@ def validate_critic_free(cfg: Config) -> None:
     for i, f in enumerate(rw.functions):
         _check(REWARD_FUNCTION_NAME.fullmatch(f.name) is not None, f"reward.functions[{i}].name",
                f"must look like module:function, got {f.name!r}")
+        first = next(j for j, g in enumerate(rw.functions) if g.name == f.name)
+        _check(first == i, f"reward.functions[{i}].name", f"repeats reward.functions[{first}] ({f.name}): list each "
+               "function once, with its total weight (its metrics are reported per function)")
         _check(math.isfinite(f.weight), f"reward.functions[{i}].weight", f"must be a finite number, got {f.weight}")
     _check(rw.function_timeout_s is None or rw.function_timeout_s > 0, "reward.function_timeout_s", "must be > 0 or null")
     _check(rw.function_workers >= 1, "reward.function_workers", "must be >= 1")

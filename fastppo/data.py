@@ -100,7 +100,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
 TOKENIZER_CHECK_RECORDS = 64
 """Records whose texts `check_tokenizer` encodes and decodes."""
 MAX_UNK_FRACTION = 0.05
-"""Largest fraction of unknown tokens `check_tokenizer` accepts in that sample."""
+"""Default largest fraction of unknown tokens `check_tokenizer` accepts in that sample (data.max_unknown_token_frac)."""
 MIN_ROUNDTRIP_FRACTION = 0.9
 """Smallest fraction of the sampled texts (those without unknown tokens) that must decode back to themselves."""
 
@@ -119,56 +119,67 @@ def _canonical(text: str) -> str:
     return "".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
-def loaded(items: list, what: str, tokenizer, path: str | Path, fields: tuple[str, ...]) -> list:
+def loaded(items: list, what: str, tokenizer, path: str | Path, fields: dict[str, str],
+           max_unknown_frac: float = MAX_UNK_FRACTION) -> list:
     """The end of every loader: `items` read from `path`, refused when there are none, and the tokenizer
     checked on the texts of `fields` (check_tokenizer)."""
     if not items:
         raise DataError(f"{path}: no {what} found (empty file?)")
-    check_tokenizer(tokenizer, path, fields)
+    check_tokenizer(tokenizer, path, fields, max_unknown_frac)
     return items
 
 
-def check_tokenizer(tokenizer, path: str | Path, fields: tuple[str, ...]) -> None:
-    """Refuse a tokenizer that does not round-trip the data: encode -> decode must give the texts back
-    (modulo whitespace, NFKC and case) and unknown tokens must be rare.
+def check_tokenizer(tokenizer, path: str | Path, fields: dict[str, str],
+                    max_unknown_frac: float = MAX_UNK_FRACTION) -> None:
+    """Refuse data the tokenizer does not cover, and a tokenizer that does not round-trip the data:
+    encode -> decode must give the texts back (modulo whitespace, NFKC and case).
 
-    Catches tokenizers that load as something else than what was saved (for
-    example a word-level tokenizer read back as a byte-level BPE one), which
-    would otherwise train on garbled prompts and export the garbled tokenizer.
-    The texts are those of `fields` in the first TOKENIZER_CHECK_RECORDS records of `path`.
+    fields: record field -> the config key that chose it (named in the errors). More than `max_unknown_frac`
+    of a field's tokens being the unknown token is a DataError naming the field, its config key and examples
+    (often the field is not the text: an id, a label); 1 turns that check off. The round trip catches
+    tokenizers that load as something else than what was saved (for example a word-level tokenizer read
+    back as a byte-level BPE one), which would otherwise train on garbled prompts and export the garbled
+    tokenizer. The texts are those of the first TOKENIZER_CHECK_RECORDS records of `path`.
     """
-    texts = []
-    for i, (_, rec) in enumerate(read_records(path)):
+    texts: dict[str, list[tuple[str, str]]] = {f: [] for f in fields}       # field -> (where, text)
+    for i, (where, rec) in enumerate(read_records(path)):
         if i == TOKENIZER_CHECK_RECORDS:
             break
-        texts += [t for f in fields if f in rec for t in _texts(rec[f]) if t.strip()]
-    if not texts:
-        return
+        for f in fields:
+            texts[f] += [(where, t) for t in (_texts(rec[f]) if f in rec else []) if t.strip()]
     unk = tokenizer.unk_token_id
-    n_tokens = n_unk = 0
-    checked, failed = 0, []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        n_tokens += len(ids)
-        k = sum(i == unk for i in ids) if unk is not None else 0
-        n_unk += k
-        if k:  # an unknown token cannot decode back: the text is only counted in the unknown-token rate
-            continue
-        checked += 1
-        back = tokenizer.decode(ids, skip_special_tokens=True)
-        if _canonical(back) != _canonical(text):
-            failed.append((text, back))
     name = getattr(tokenizer, "name_or_path", "") or "?"
-    if n_tokens and n_unk / n_tokens > MAX_UNK_FRACTION:
-        raise ModelError(f"the tokenizer at {name} maps {n_unk} of {n_tokens} tokens of {path} to the unknown token "
-                         f"{tokenizer.unk_token!r}: it does not cover this data (wrong tokenizer, or one that did not "
-                         "load as saved)")
+    checked, failed = 0, []
+    for f, key in fields.items():
+        n_tokens = n_unk = 0
+        examples = []
+        for where, text in texts[f]:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            n_tokens += len(ids)
+            k = sum(i == unk for i in ids) if unk is not None else 0
+            n_unk += k
+            if k:  # an unknown token cannot decode back: the text only counts in the unknown-token rate
+                line = where[len(str(path)):].lstrip(": ") if where.startswith(str(path)) else where
+                line = f"line {line}" if line.isdigit() else line
+                examples.append(f"{text[:40]!r} -> {tokenizer.decode(ids)[:60]!r} ({line})")
+                continue
+            checked += 1
+            back = tokenizer.decode(ids, skip_special_tokens=True)
+            if _canonical(back) != _canonical(text):
+                failed.append((text, back))
+        if n_tokens and n_unk / n_tokens > max_unknown_frac:
+            chosen = f" ({key})" if key else ""
+            raise DataError(
+                f"{path}: {n_unk} of the {n_tokens} tokens ({n_unk / n_tokens:.0%}) of field '{f}'{chosen} in the first "
+                f"{TOKENIZER_CHECK_RECORDS} records are the unknown token {tokenizer.unk_token!r} of the tokenizer at "
+                f"{name}, e.g. {'; '.join(examples[:2])}. Check that '{f}' holds the text{f' (set {key})' if key else ''}"
+                f" and that the tokenizer is the model's; data.max_unknown_token_frac={max_unknown_frac:g} is the "
+                "limit (1 turns the check off)")
     if failed and len(failed) > (1 - MIN_ROUNDTRIP_FRACTION) * checked:
         text, back = failed[0]
         raise ModelError(f"the tokenizer at {name} does not reproduce the data of {path}: {len(failed)} of {checked} "
                          f"sampled texts change under encode -> decode, e.g. {text[:80]!r} -> {back[:80]!r} "
                          f"(it loads as {type(tokenizer).__name__}; was it saved by another version of transformers?)")
-
 
 
 def _check_messages(where: str, field: str, messages) -> list[dict]:
@@ -203,7 +214,9 @@ def encode_prompt(tokenizer, value, *, where: str, field: str, prompt_format: st
 
 
 def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str, max_len: int,
-                 messages_field: str = "messages", records: list[dict] | None = None) -> list[list[int]]:
+                 messages_field: str = "messages", records: list[dict] | None = None,
+                 keys: tuple[str, str] = ("data.prompt_field", ""), max_unknown_frac: float = MAX_UNK_FRACTION
+                 ) -> list[list[int]]:
     """Tokenised prompts, each truncated to its last max_len tokens.
 
     A record without `field` but with `messages_field` (the chat files `sft`
@@ -212,13 +225,14 @@ def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str,
     turns before it.
 
     `records`, when given, receives each prompt's whole record (in prompt order): its other fields (e.g. a
-    reference `answer`) are what reward functions see.
+    reference `answer`) are what reward functions see. keys: the config keys of `field` and `messages_field`
+    (for the errors); max_unknown_frac: as in `check_tokenizer`.
     """
     prompts = []
     for where, rec in read_records(path):
         name = field if field in rec or messages_field not in rec else messages_field
         if name not in rec:
-            raise DataError(f"{where}: missing field '{field}' (fields: {sorted(rec)}); set data.prompt_field")
+            raise DataError(f"{where}: missing field '{field}' (fields: {sorted(rec)}); set {keys[0]}")
         value = rec[name]
         if isinstance(value, list) and len(value) > 1 and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
             value = value[:-1]  # an SFT-style conversation: the last turn is the reference response
@@ -228,7 +242,7 @@ def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str,
         prompts.append(ids[-max_len:])
         if records is not None:
             records.append(rec)
-    return loaded(prompts, "prompts", tokenizer, path, (field, messages_field))
+    return loaded(prompts, "prompts", tokenizer, path, dict(zip((field, messages_field), keys)), max_unknown_frac)
 
 
 @dataclass
@@ -250,8 +264,11 @@ def fit_to_length(p_ids: list[int], r_ids: list[int], max_len: int) -> tuple[lis
 
 
 def load_sft(path: str | Path, tokenizer, *, prompt_field: str, response_field: str, messages_field: str,
-             max_len: int) -> list[SFTExample]:
-    """{prompt, response} records (or chat messages whose last turn is the response), EOS appended."""
+             max_len: int, keys: tuple[str, str, str] = ("data.prompt_field", "data.response_field",
+                                                         "data.messages_field"),
+             max_unknown_frac: float = MAX_UNK_FRACTION) -> list[SFTExample]:
+    """{prompt, response} records (or chat messages whose last turn is the response), EOS appended. keys: the
+    config keys of the three fields (for the errors); max_unknown_frac: as in `check_tokenizer`."""
     out = []
     eos = tokenizer.eos_token_id
     for where, rec in read_records(path):
@@ -272,7 +289,8 @@ def load_sft(path: str | Path, tokenizer, *, prompt_field: str, response_field: 
         else:
             raise DataError(f"{where}: needs field '{prompt_field}' + '{response_field}' or '{messages_field}' (fields: {sorted(rec)})")
         out.append(SFTExample(*fit_to_length(p_ids, r_ids + [eos], max_len)))
-    return loaded(out, "SFT examples", tokenizer, path, (prompt_field, response_field, messages_field))
+    return loaded(out, "SFT examples", tokenizer, path, dict(zip((prompt_field, response_field, messages_field), keys)),
+                  max_unknown_frac)
 
 
 # ----------------------------------------------------------------------------

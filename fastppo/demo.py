@@ -87,25 +87,24 @@ def quick_plan() -> DemoPlan:
 # 0. Data, tokenizer, initial model
 # ----------------------------------------------------------------------------
 
-def make_task(out: Path, plan: DemoPlan, seed: int) -> dict[str, Path]:
-    """Write the synthetic data sets, the tokenizer and a randomly initialised tiny Llama."""
-    data = out / "data"
-    paths = {
-        "sft": S.write_jsonl(data / "sft.jsonl", S.make_sft_data(plan.n_sft, seed * 10 + 1)),
-        "pairs": S.write_jsonl(data / "pairs.jsonl", S.make_preference_data(plan.n_pairs, seed * 10 + 2)),
-        "pairs_eval": S.write_jsonl(data / "pairs_eval.jsonl",
-                                    S.make_preference_data(plan.n_eval_pairs, seed * 10 + 3, split="eval", noisy=False)),
-        "prompts": S.write_jsonl(data / "prompts.jsonl", S.make_prompts(plan.n_prompts, seed * 10 + 4)),
-        "prompts_eval": S.write_jsonl(data / "prompts_eval.jsonl",
-                                      S.make_prompts(plan.n_eval_prompts, seed * 10 + 5, split="eval")),
-    }
-    init = out / "init"
+def make_task(out: Path, plan: DemoPlan, seed: int, write: bool = True) -> dict[str, Path]:
+    """Write the synthetic data sets, the tokenizer and a randomly initialised tiny Llama; their paths (write=False:
+    the paths alone)."""
+    data, init = out / "data", out / "init"
+    paths = {name: data / f"{name}.jsonl" for name in ("sft", "pairs", "pairs_eval", "prompts", "prompts_eval")}
+    paths["init"] = init
+    if not write:
+        return paths
+    S.write_jsonl(paths["sft"], S.make_sft_data(plan.n_sft, seed * 10 + 1))
+    S.write_jsonl(paths["pairs"], S.make_preference_data(plan.n_pairs, seed * 10 + 2))
+    S.write_jsonl(paths["pairs_eval"], S.make_preference_data(plan.n_eval_pairs, seed * 10 + 3, split="eval", noisy=False))
+    S.write_jsonl(paths["prompts"], S.make_prompts(plan.n_prompts, seed * 10 + 4))
+    S.write_jsonl(paths["prompts_eval"], S.make_prompts(plan.n_eval_prompts, seed * 10 + 5, split="eval"))
     tokenizer = S.build_tokenizer(init)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(S.tiny_llama_config(len(tokenizer), hidden_size=plan.hidden_size, layers=plan.layers,
                                                  heads=plan.heads))
     model.save_pretrained(init, safe_serialization=True)
-    paths["init"] = init
     return paths
 
 
@@ -125,14 +124,14 @@ def rm_overrides(paths: dict, out: Path, plan: DemoPlan, seed: int, progress_bar
 
 
 def ppo_overrides(preset: str, paths: dict, out: Path, plan: DemoPlan, seed: int, progress_bar: bool,
-                  iterations: int | None = None) -> list[str]:
+                  iterations: int | None = None, resume: bool = False) -> list[str]:
     ov = [f"model.policy_path={out / 'sft' / 'export'}", f"model.reward_path={out / 'rm' / 'export'}",
           f"data.prompt_path={paths['prompts']}",
           f"optim.policy_lr={plan.policy_lr}", f"optim.critic_lr={plan.critic_lr}",
           f"run.iterations={iterations or plan.ppo_iterations}", "run.save_every=0", "run.keep_last=1",
           f"rollout.rollout_batch_size={plan.rollout_batch_size}", f"ppo.minibatch_size={plan.minibatch_size}",
           f"ppo.micro_batch_size={plan.micro_batch_size}", f"rollout.max_new_tokens={plan.max_new_tokens}",
-          *S.run_overrides(out / preset, seed, progress_bar)]
+          *S.run_overrides(out / preset, seed, progress_bar), *(["run.resume=latest"] if resume else [])]
     if preset == "ppo_max":  # PPO-max's ptx loss on the SFT data (the other presets have ptx off)
         ov.append(f"data.ptx_path={paths['sft']}")
     return ov
@@ -222,6 +221,13 @@ COLORS = {"ppo_max": "tab:blue", "vanilla": "tab:red", "moss_release": "tab:gree
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_last_eval(run_dir: Path) -> dict:
+    """A stage's held-out metrics at its end (`eval/*` of its last record holding them), read back from its
+    metrics.jsonl: the same whether the stage ran now or in the demo this one resumes."""
+    evals = [r for r in read_metrics(run_dir) if any(k.startswith("eval/") for k in r)]
+    return {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval/")}
 
 
 def plot_runs(runs: dict[str, list[dict]], evals: dict[str, PolicyEval], out: Path) -> list[Path]:
@@ -328,70 +334,72 @@ def replace_earlier_demo(out: Path, echo=print) -> None:
 
 
 def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, compare: list[str] | None = None,
-             plan: DemoPlan | None = None, progress_bar: bool = True, echo=print) -> DemoResult:
+             plan: DemoPlan | None = None, progress_bar: bool = True, echo=print, resume: bool = False) -> DemoResult:
     """SFT -> reward model -> PPO-max (and the compared presets) -> held-out evaluation -> report.
 
     The folder is locked while the demo runs: a second demo there stops instead of replacing this one's files.
+    SIGTERM or Ctrl-C stop it with DemoStopped; resume=True continues a stopped demo in `output_dir` (its
+    stages done are kept, an interrupted `train` resumes from its checkpoint; `synthetic.Stages`).
     """
     out = Path(output_dir)
-    replace_earlier_demo(out, echo)
+    if not resume:
+        replace_earlier_demo(out, echo)
     with claim(out, field="--output-dir"):
-        return _run_demo(out, seed=seed, compare=compare, plan=plan, progress_bar=progress_bar, echo=echo)
+        return _run_demo(out, seed=seed, compare=compare, plan=plan, progress_bar=progress_bar, echo=echo,
+                         resume=resume)
 
 
 def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan | None, progress_bar: bool,
-              echo) -> DemoResult:
+              echo, resume: bool) -> DemoResult:
     _quiet_transformers()
     plan = plan or DemoPlan()
     presets = ["ppo_max", *[p for p in (compare or []) if p != "ppo_max"]]
-    seconds: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    def stage(name: str, t0: float) -> None:
-        seconds[name] = time.perf_counter() - t0
-        echo(f"[demo] {name:<10} done in {seconds[name]:6.1f}s  (total {time.perf_counter() - t_all:6.1f}s)")
-
     echo(f"[demo] seed {seed}; outputs in {out.resolve()}")
-    t0 = time.perf_counter()
-    paths = make_task(out, plan, seed)
-    (out / DEMO_MARKER).write_text(json.dumps({"seed": seed, "presets": presets, **asdict(plan)}, indent=2))
-    stage("data", t0)
+    with S.Stages(out, resume=resume, echo=echo) as stages:
+        (out / DEMO_MARKER).write_text(json.dumps({"task": "preferences", "seed": seed, "presets": presets,
+                                                   **asdict(plan)}, indent=2))
+        paths = make_task(out, plan, seed, write=False)
+        stages.run("data", lambda _: make_task(out, plan, seed), done=out / "init" / "config.json")
+        stages.run("sft", lambda _: sft(load_config(schema=SFTConfig,
+                                                    overrides=sft_overrides(paths, out, plan, seed, progress_bar))),
+                   done=out / "sft" / "export" / "config.json", run_dir=out / "sft")
+        stages.run("reward", lambda _: train_rm(load_config(schema=RMConfig, overrides=rm_overrides(
+            paths, out, plan, seed, progress_bar))), done=out / "rm" / "export" / "config.json", run_dir=out / "rm")
+        rm_metrics = read_last_eval(out / "rm")
 
-    t0 = time.perf_counter()
-    sft(load_config(schema=SFTConfig, overrides=sft_overrides(paths, out, plan, seed, progress_bar)))
-    stage("sft", t0)
+        runs: dict[str, list[dict]] = {}
+        cfgs = {}
+        for preset in presets:
+            cfgs[preset] = load_config(None, ppo_overrides(preset, paths, out, plan, seed, progress_bar), preset=preset)
+            stages.run(preset, lambda resumable: train(load_config(None, ppo_overrides(
+                preset, paths, out, plan, seed, progress_bar, resume=resumable), preset=preset)),
+                done=out / preset / "export" / "policy" / "config.json", run_dir=out / preset)
+            runs[preset] = read_metrics(out / preset)
 
-    t0 = time.perf_counter()
-    rm_result = train_rm(load_config(schema=RMConfig, overrides=rm_overrides(paths, out, plan, seed, progress_bar)))
-    stage("reward", t0)
+        rc = cfgs["ppo_max"].rollout
+        eval_kw = dict(seed=seed, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens)
+        sft_dir, rm_dir = out / "sft" / "export", out / "rm" / "export"
 
-    runs: dict[str, list[dict]] = {}
-    cfgs = {}
-    for preset in presets:
-        t0 = time.perf_counter()
-        cfgs[preset] = load_config(None, ppo_overrides(preset, paths, out, plan, seed, progress_bar), preset=preset)
-        train(cfgs[preset])
-        runs[preset] = read_metrics(out / preset)
-        stage(preset, t0)
+        def evaluate(_) -> dict[str, PolicyEval]:
+            evals = {"sft": evaluate_policy(sft_dir, sft_dir, rm_dir, paths["prompts_eval"], **eval_kw)}
+            for preset in presets:
+                evals[preset] = evaluate_policy(out / preset / "export" / "policy", sft_dir, rm_dir,
+                                                paths["prompts_eval"], **eval_kw)
+            return evals
 
-    t0 = time.perf_counter()
-    rc = cfgs["ppo_max"].rollout
-    eval_kw = dict(seed=seed, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens)
-    sft_dir, rm_dir = out / "sft" / "export", out / "rm" / "export"
-    evals = {"sft": evaluate_policy(sft_dir, sft_dir, rm_dir, paths["prompts_eval"], **eval_kw)}
-    for preset in presets:
-        evals[preset] = evaluate_policy(out / preset / "export" / "policy", sft_dir, rm_dir, paths["prompts_eval"], **eval_kw)
-    stage("evaluate", t0)
+        evals = stages.run("evaluate", evaluate)
+    seconds = stages.seconds
+    t_all = stages.t_all
 
     plots = plot_runs(runs, evals, out / "plots")
-    table = summary_table(rm_result.eval_metrics, evals)
+    table = summary_table(rm_metrics, evals)
     with open(out / "samples.jsonl", "w") as f:
         for name, e in evals.items():
             for s in e.samples:
                 f.write(json.dumps({"policy": name, **s}) + "\n")
     exports = {"sft": sft_dir, "reward_model": rm_dir, **{p: out / p / "export" / "policy" for p in presets}}
     summary = {
-        "seed": seed, "reward_model": rm_result.eval_metrics, "stage_seconds": seconds,
+        "seed": seed, "reward_model": rm_metrics, "stage_seconds": seconds,
         "held_out": {n: {k: v for k, v in asdict(e).items() if k != "samples"} for n, e in evals.items()},
         "exports": {k: str(v) for k, v in exports.items()},
     }
@@ -409,7 +417,7 @@ def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan
     echo(f"  plots/overview.png (+ one PNG per curve), summary.json, samples.jsonl,")
     echo(f"  <stage>/metrics.jsonl and <stage>/tensorboard (tensorboard --logdir {out}),")
     echo(f"  models: " + ", ".join(f"{k} -> {v.relative_to(out)}" for k, v in exports.items()))
-    return DemoResult(out, rm_result.eval_metrics, evals, seconds, plots, exports)
+    return DemoResult(out, rm_metrics, evals, seconds, plots, exports)
 
 
 # ----------------------------------------------------------------------------
@@ -427,22 +435,43 @@ def _demo_args(p) -> None:
     p.add_argument("--task", choices=["preferences", "arithmetic"], default="preferences",
                    help="preferences: SFT -> reward model -> PPO-max (default); arithmetic: SFT -> GRPO with a "
                         "verifiable reward (fastppo.rewards:math_answer), held-out accuracy before/after")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a demo stopped in --output-dir, with the settings it started with (its task, seed, "
+                        "sizes): finished stages are kept, an interrupted PPO/GRPO run resumes from its checkpoint")
+
+
+def _earlier_settings(out: Path) -> dict:
+    """What the demo in `out` started with (its DEMO_MARKER), for --resume."""
+    try:
+        return json.loads((out / DEMO_MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"--resume: {out} holds no demo to continue ({out / DEMO_MARKER}: {exc}); start one with "
+                          "`fastppo demo`") from None
 
 
 def _demo_run(args) -> int:
-    if args.task == "arithmetic":
-        plan = quick_arithmetic_plan() if args.quick else ArithmeticPlan()
-        plan.iterations = args.iterations or plan.iterations
-        out = Path(args.output_dir)
-        replace_earlier_demo(out)
+    out = Path(args.output_dir)
+    task, seed, settings = args.task, args.seed, None
+    if args.resume:
+        settings = _earlier_settings(out)
+        task, seed = settings.pop("task", "preferences"), settings.pop("seed")
+    if task == "arithmetic":
+        plan = ArithmeticPlan(**settings) if settings else quick_arithmetic_plan() if args.quick else ArithmeticPlan()
+        if not settings:
+            plan.iterations = args.iterations or plan.iterations
+            replace_earlier_demo(out)
         with claim(out, field="--output-dir"):
-            (out / DEMO_MARKER).write_text(json.dumps({"task": "arithmetic", "seed": args.seed, **asdict(plan)}))
-            run_arithmetic_demo(out, seed=args.seed, plan=plan, progress_bar=not args.no_progress)
+            (out / DEMO_MARKER).write_text(json.dumps({"task": "arithmetic", "seed": seed, **asdict(plan)}))
+            run_arithmetic_demo(out, seed=seed, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
         return 0
-    plan = quick_plan() if args.quick else DemoPlan()
-    if args.iterations:
-        plan.ppo_iterations = args.iterations
-    run_demo(args.output_dir, seed=args.seed, compare=args.compare, plan=plan, progress_bar=not args.no_progress)
+    compare = args.compare
+    if settings:
+        compare = settings.pop("presets")
+        plan = DemoPlan(**settings)
+    else:
+        plan = quick_plan() if args.quick else DemoPlan()
+        plan.ppo_iterations = args.iterations or plan.ppo_iterations
+    run_demo(out, seed=seed, compare=compare, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
     return 0
 
 

@@ -100,51 +100,41 @@ def accuracy(policy_dir: Path, prompts_path: Path, *, seed: int, max_new_tokens:
     return right / len(records), samples
 
 
-def run_arithmetic_demo(out: Path, *, seed: int = 0, plan: ArithmeticPlan | None = None, progress_bar: bool = True,
-                        echo=print) -> dict:
-    """SFT -> GRPO with math_answer -> held-out accuracy before and after. Returns the summary (summary.json)."""
-    plan = plan or ArithmeticPlan()
-    t_all, seconds = time.perf_counter(), {}
-    def stage(name: str, t0: float) -> None:
-        seconds[name] = time.perf_counter() - t0
-        echo(f"[demo] {name:<10} done in {seconds[name]:6.1f}s  (total {time.perf_counter() - t_all:6.1f}s)")
-
-    t0 = time.perf_counter()
+def make_task(out: Path, plan: ArithmeticPlan, seed: int) -> None:
+    """Write the problems (SFT answers, training and held-out prompts), the tokenizer and a tiny Llama."""
     rng, eval_rng = random.Random(seed * 10 + 4), random.Random(seed * 10 + 5)
-    data = out / "data"
-    paths = {"sft": S.write_jsonl(data / "sft.jsonl", make_sft_data(plan.n_sft, seed * 10 + 1)),
-             "prompts": S.write_jsonl(data / "prompts.jsonl", [make_problem(rng) for _ in range(plan.n_prompts)]),
-             "eval": S.write_jsonl(data / "prompts_eval.jsonl", [make_problem(eval_rng) for _ in range(plan.n_eval_prompts)])}
-    init = out / "init"
+    data, init = out / "data", out / "init"
+    S.write_jsonl(data / "sft.jsonl", make_sft_data(plan.n_sft, seed * 10 + 1))
+    S.write_jsonl(data / "prompts.jsonl", [make_problem(rng) for _ in range(plan.n_prompts)])
+    S.write_jsonl(data / "prompts_eval.jsonl", [make_problem(eval_rng) for _ in range(plan.n_eval_prompts)])
     tok = S.build_tokenizer(init, vocab=ARITH_VOCAB)
     torch.manual_seed(seed)
     config = S.tiny_llama_config(len(tok), hidden_size=plan.hidden_size, layers=plan.layers, heads=plan.heads)
     LlamaForCausalLM(config).save_pretrained(init, safe_serialization=True)
-    stage("data", t0)
 
-    t0 = time.perf_counter()
-    sft(load_config(None, schema=SFTConfig,
-                    overrides=S.sft_overrides(init, paths["sft"], out / "sft", plan, seed, progress_bar)))
-    stage("sft", t0)
 
-    t0 = time.perf_counter()
-    train(load_config(None, [
-        f"model.policy_path={out / 'sft' / 'export'}", "model.reward_path=null", f"data.prompt_path={paths['prompts']}",
-        "data.prompt_format=plain", "reward.functions=[{name: 'fastppo.rewards:math_answer', weight: 1.0}]",
-        "reward.function_workers=2", f"optim.policy_lr={plan.policy_lr}", f"run.iterations={plan.iterations}",
-        "run.save_every=0", "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
-        f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
-        f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
-        *S.run_overrides(out / "grpo", seed, progress_bar)], preset="grpo"))
-    stage("grpo", t0)
+def run_arithmetic_demo(out: Path, *, seed: int = 0, plan: ArithmeticPlan | None = None, progress_bar: bool = True,
+                        echo=print, resume: bool = False) -> dict:
+    """SFT -> GRPO with math_answer -> held-out accuracy before and after. Returns the summary (summary.json).
+    Stoppable and resumable as `demo.run_demo` (`synthetic.Stages`)."""
+    plan = plan or ArithmeticPlan()
+    data, init = out / "data", out / "init"
+    paths = {"sft": data / "sft.jsonl", "prompts": data / "prompts.jsonl", "eval": data / "prompts_eval.jsonl"}
+    with S.Stages(out, resume=resume, echo=echo) as stages:
+        stages.run("data", lambda _: make_task(out, plan, seed), done=init / "config.json")
+        stages.run("sft", lambda _: sft(load_config(None, schema=SFTConfig, overrides=S.sft_overrides(
+            init, paths["sft"], out / "sft", plan, seed, progress_bar))), done=out / "sft" / "export" / "config.json",
+            run_dir=out / "sft")
+        stages.run("grpo", lambda resumable: _grpo(out, paths, plan, seed, progress_bar, resumable),
+                   done=out / "grpo" / "export" / "policy" / "config.json", run_dir=out / "grpo")
 
-    t0 = time.perf_counter()
-    eval_seed = seed * 10 + 7                                     # sampling noise no training rollout used
-    before, samples_before = accuracy(out / "sft" / "export", paths["eval"], seed=eval_seed,
-                                      max_new_tokens=plan.max_new_tokens)
-    after, samples_after = accuracy(out / "grpo" / "export" / "policy", paths["eval"], seed=eval_seed,
-                                    max_new_tokens=plan.max_new_tokens)
-    stage("evaluate", t0)
+        def evaluate(_):
+            eval_seed = seed * 10 + 7                             # sampling noise no training rollout used
+            return [accuracy(policy, paths["eval"], seed=eval_seed, max_new_tokens=plan.max_new_tokens)
+                    for policy in (out / "sft" / "export", out / "grpo" / "export" / "policy")]
+
+        (before, samples_before), (after, samples_after) = stages.run("evaluate", evaluate)
+    seconds, t_all = stages.seconds, stages.t_all
 
     summary = {"seed": seed, "plan": asdict(plan), "stage_seconds": seconds,
                "held_out_accuracy": {"sft": before, "grpo": after},
@@ -156,3 +146,14 @@ def run_arithmetic_demo(out: Path, *, seed: int = 0, plan: ArithmeticPlan | None
         echo(f"  {s['prompt']} {s['response']}   [answer {s['answer']}, {'right' if s['right'] else 'wrong'}]")
     echo(f"[demo] total {time.perf_counter() - t_all:.1f}s. Everything is in {out.resolve()}")
     return summary
+
+
+def _grpo(out: Path, paths: dict, plan: ArithmeticPlan, seed: int, progress_bar: bool, resume: bool):
+    return train(load_config(None, [
+        f"model.policy_path={out / 'sft' / 'export'}", "model.reward_path=null", f"data.prompt_path={paths['prompts']}",
+        "data.prompt_format=plain", "reward.functions=[{name: 'fastppo.rewards:math_answer', weight: 1.0}]",
+        "reward.function_workers=2", f"optim.policy_lr={plan.policy_lr}", f"run.iterations={plan.iterations}",
+        "run.save_every=0", "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
+        f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
+        f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
+        *S.run_overrides(out / "grpo", seed, progress_bar), *(["run.resume=latest"] if resume else [])], preset="grpo"))

@@ -244,6 +244,15 @@ def all_gather_cat(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return out.bool() if is_bool else out
 
 
+def gather_object_to_main(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on rank 0 (an empty list elsewhere); [obj] in one process."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
 def all_reduce_dict(values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
     """Each 0-d tensor (as float32) reduced over ranks by op, all in a single all-reduce."""
     if not is_initialized() or not values:

@@ -96,8 +96,8 @@ class Scored:
     old_logprobs, old_entropy, ref_logprobs, values: (B, R) float32
         (with rollout.old_logprobs=reuse: old_logprobs and old_entropy are the rollout's; old_entropy None when
         the engine gives no entropy)
-    scores: (B,) float32 raw reward-model scores at EOS; 0 where nonfinite
-    nonfinite: (B,) bool rows whose reward-model score was NaN or infinite (dropped from the update)
+    scores: (B,) float32 raw outcome scores; 0 where nonfinite
+    nonfinite: (B,) bool rows whose score, logprobs, entropy or values were NaN or infinite (dropped from the update)
     """
     old_logprobs: torch.Tensor
     old_entropy: torch.Tensor | None
@@ -107,19 +107,50 @@ class Scored:
     nonfinite: torch.Tensor
 
 
+def _padded_again(bad: torch.Tensor, batch_size: int, forward, outs: list[torch.Tensor]) -> None:
+    """Rows `bad` (B,) bool of a packed pass, computed again padded, in place in `outs` (each (B, ...)).
+
+    In a packed row the sequences share the attention's matmuls, and a NaN or inf in one sequence's states
+    reaches the others through 0 x NaN (a masked-out attention weight times a NaN value); a padded batch keeps
+    it in its own row. The non-finite rows of a packed pass are such a row and its neighbours: computed again
+    padded (`forward(rows)`: the outputs of those rows, pack=None), only the rows that are non-finite on their
+    own stay so, and packed and padded passes drop the same rows. Under FSDP every rank runs as many forwards
+    (a rank with fewer bad rows repeats its row 0 and drops the result). Host sync: one nonzero.
+    """
+    idx = bad.nonzero().flatten()
+    n = int(dist.all_reduce(torch.tensor(idx.numel(), device=bad.device), "max"))
+    for start in range(0, n, batch_size):
+        rows = idx[start:start + batch_size]
+        results = forward(rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=bad.device))
+        if rows.numel():
+            for out, res in zip(outs, results):
+                out[rows] = res
+
+
+def _nonfinite_rows(*xs: torch.Tensor | None) -> torch.Tensor:
+    """(B,) bool: rows with a NaN or inf in any of the (B, ...) tensors."""
+    bad = None
+    for x in xs:
+        if x is not None:
+            row = ~torch.isfinite(x).flatten(1).all(1) if x.dim() > 1 else ~torch.isfinite(x)
+            bad = row if bad is None else bad | row
+    return bad
+
+
 @torch.no_grad()
 def outcome_scores(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int,
                    function_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw outcome score of each response: the reward model's at EOS (batch_size rows at a time), plus
     `function_scores` (B,), the reward functions' weighted sum (`fastppo.rewards`); either may be absent.
 
-    Returns (scores, nonfinite), (B,) float32 and bool. A NaN or infinite reward-model score (one odd response
-    can overflow a half-precision reward model) is set to 0 and flagged in `nonfinite`; `drop_rows` then takes
-    those rows out of the update. Every row of the global batch non-finite means the reward model itself is
-    broken: that stops the run.
+    Returns (scores, nonfinite), (B,) float32 and bool. A score that is NaN or infinite in float32 (one odd
+    response can overflow a half-precision reward model; reward functions' weighted sum can overflow float32)
+    is set to 0 and flagged in `nonfinite`; `drop_rows` then takes those rows out of the update. Every row of
+    the global batch non-finite from the reward model means the reward model itself is broken: that stops the run.
     """
     B = len(rollout.sequences)
-    scores = torch.zeros(B, device=rollout.sequences.device)
+    rm_scores = torch.zeros(B, device=rollout.sequences.device)
+    packed = False
     if models.reward is not None:
         tok = models.tokenizer
         rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
@@ -133,21 +164,30 @@ def outcome_scores(models: Models, rollout: Rollout, cfg: Config, *, batch_size:
             if not micro.dummy:                          # a dummy only keeps FSDP's collectives in step
                 done.append(rows)
                 parts.append(score)
-        scores = in_row_order(done, parts)
-    nonfinite = ~torch.isfinite(scores)
-    n_bad = int(dist.all_reduce(nonfinite.sum().float()).item())  # one scalar host sync, to say which rows
+        rm_scores = in_row_order(done, parts).float()
+        packed = cfg.ppo.packing
+    n_rm_bad = int(dist.all_reduce(_nonfinite_rows(rm_scores).sum().float()))      # one host sync, to say which rows
+    if n_rm_bad and packed:
+        _padded_again(_nonfinite_rows(rm_scores), batch_size,
+                      lambda rows: [score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]).float()],
+                      [rm_scores])
+        n_rm_bad = int(dist.all_reduce(_nonfinite_rows(rm_scores).sum().float()))
+    rm_bad = _nonfinite_rows(rm_scores)
+    scores = torch.where(rm_bad, 0.0, rm_scores)
+    if function_scores is not None:
+        scores = scores + function_scores.to(scores.device, torch.float32)
+    nonfinite = rm_bad | _nonfinite_rows(scores)
+    n_bad = n_rm_bad if function_scores is None else int(dist.all_reduce(nonfinite.sum().float()))
     if n_bad:
         rows = nonfinite.nonzero().flatten().tolist()
         where = f"rank {dist.rank()} " if dist.world_size() > 1 else ""
-        if n_bad == dist.world_size() * nonfinite.numel():
+        if n_rm_bad == dist.world_size() * B:
             raise ModelError(f"the reward model at {cfg.model.reward_path} scored every response of the batch NaN "
-                             f"or infinite (e.g. {scores[0].item()}): check its weights and model.dtype")
-        log.warning("the reward model at %s scored %s rows %s NaN/inf: they are dropped from this update",
-                    cfg.model.reward_path, where, rows[:16])
-    scores = torch.where(nonfinite, 0.0, scores.float())
-    if function_scores is not None:
-        scores = scores + function_scores.to(scores.device, torch.float32)
-    return scores, nonfinite
+                             f"or infinite (e.g. {rm_scores[0].item()}): check its weights and model.dtype")
+        source = "the reward model" if function_scores is None else "the reward model and functions"
+        log.warning("%s scored %srows %s NaN/inf in float32: they are dropped from this update", source, where,
+                    rows[:16])
+    return torch.where(_nonfinite_rows(scores), 0.0, scores), nonfinite
 
 
 @torch.no_grad()
@@ -155,7 +195,8 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
                   outcomes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Scored:
     """Phase 2: run policy, reference and critic (when there is one) over the rollout, batch_size rows at a
     time, and take the outcome scores (`outcome_scores`, computed here unless given as (scores, nonfinite)).
-    Without a critic the values are 0."""
+    Without a critic the values are 0. A row whose logprobs, entropy or values are NaN or infinite (computed
+    padded to tell, `_padded_again`) is flagged in `nonfinite` like a non-finite score, its values set to 0."""
     T = cfg.rollout.temperature
     P = rollout.prompt_width
     kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size,
@@ -165,38 +206,58 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
         raise ConfigError("rollout.old_logprobs=reuse takes pi_old from the generator's logprobs, but the generation "
                           "engine returned none (Rollout.logprobs is None): set rollout.old_logprobs=recompute")
     recomputed = () if reuse else ("old_logprobs", "old_entropy")
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*recomputed, "ref_logprobs", "values")}
-    frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P))]
-    done = []
-    (every_row,) = micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing,
-                                 one_row=varlen_attention(models.policy))
-    for micro in every_row.micro:
-        rows, (pack,) = micro.rows, micro.packs
+
+    def forward(rows: torch.Tensor, pack) -> list[torch.Tensor]:
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
         outs = []
         if not reuse:
             lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, pack=pack, **kw)
             outs += [lp.logprobs, lp.entropy]
         ref = response_logprobs(models.ref, ids, mask, rmask, pack=pack, **kw).logprobs
-        outs += [ref, torch.zeros_like(ref) if models.critic is None
-                 else response_values(models.critic, ids, mask, rmask, prompt_width=P, pack=pack)]
+        return outs + [ref, torch.zeros_like(ref) if models.critic is None
+                       else response_values(models.critic, ids, mask, rmask, prompt_width=P, pack=pack)]
+
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*recomputed, "ref_logprobs", "values")}
+    frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P))]
+    done = []
+    (every_row,) = micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing,
+                                 one_row=varlen_attention(models.policy))
+    for micro in every_row.micro:
+        outs = forward(micro.rows, micro.packs[0])
         if not micro.dummy:                              # a dummy only keeps FSDP's collectives in step
-            done.append(rows)
+            done.append(micro.rows)
             for k, v in zip(parts, outs):
                 parts[k].append(v)
     out = {k: in_row_order(done, v) for k, v in parts.items()}
+    bad = _nonfinite_rows(*out.values())
+    n_bad = int(dist.all_reduce(bad.sum().float()))                 # one host sync
+    if n_bad and cfg.ppo.packing:
+        _padded_again(bad, batch_size, lambda rows: forward(rows, None), list(out.values()))
+        bad = _nonfinite_rows(*out.values())
+        n_bad = int(dist.all_reduce(bad.sum().float()))
+    if n_bad:
+        if n_bad == dist.world_size() * bad.numel():
+            raise ModelError(f"the policy, reference or critic forward gave NaN or inf on every response of the batch "
+                             f"({cfg.model.policy_path}, {cfg.model.critic_path or cfg.model.reward_path}): check "
+                             "their weights and model.dtype")
+        log.warning("the policy, reference or critic forward gave NaN/inf on rows %s%s: they are dropped from this "
+                    "update", bad.nonzero().flatten().tolist()[:16],
+                    f" of rank {dist.rank()}" if dist.world_size() > 1 else "")
+        out = {k: torch.where(bad.view(-1, *[1] * (v.dim() - 1)), 0.0, v) for k, v in out.items()}
     if reuse:
         rmask = rollout.response_mask
         out["old_logprobs"] = torch.where(rmask, rollout.logprobs.float(), 0.0)
         out["old_entropy"] = None if rollout.entropy is None else torch.where(rmask, rollout.entropy.float(), 0.0)
     scores, nonfinite = outcomes if outcomes is not None else outcome_scores(models, rollout, cfg, batch_size=batch_size)
-    return Scored(**out, scores=scores, nonfinite=nonfinite)
+    return Scored(**out, scores=scores, nonfinite=nonfinite | bad)
 
 
-def drop_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
-    """The rollout with the response masks of `rows` (B,) bool zeroed: those rows add nothing to the
-    rewards, advantages, losses or statistics of the update."""
-    return dataclasses.replace(rollout, response_mask=rollout.response_mask & ~rows[:, None])
+def drop_rows(rollout: Rollout, rows: torch.Tensor, pad_id: int) -> Rollout:
+    """The rollout with `rows` (B,) bool blanked: response masks zeroed, so that they add nothing to the rewards,
+    advantages, losses or statistics of the update, and tokens replaced by padding, so that no forward of the
+    update sees them (a sequence whose forward gives NaN would otherwise spread it through the gradients)."""
+    return dataclasses.replace(rollout, response_mask=rollout.response_mask & ~rows[:, None],
+                               sequences=torch.where(rows[:, None], pad_id, rollout.sequences))
 
 
 def reparameterise_scores(scores: torch.Tensor, moments: RunningMoments, cfg: Config,

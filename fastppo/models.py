@@ -65,6 +65,16 @@ def check_model_source(path: str, field: str) -> None:
     (in the local cache when HF_HUB_OFFLINE is set)."""
     local = Path(path).expanduser()
     if local.is_dir():
+        if not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
+            try:
+                base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except ValueError:
+                base = None
+            raise ModelError(
+                f"{field}: {path} holds a LoRA adapter (adapter_config.json, e.g. a run.export_adapter=true export), "
+                f"not a whole model: export a merged model instead (run.export_adapter=false, the default), or merge "
+                f"this one with PEFT: PeftModel.from_pretrained(<AutoModel class>.from_pretrained({base or '<its base>'!r}), "
+                f"{str(path)!r}).merge_and_unload().save_pretrained(<folder>)")
         if not (local / "config.json").is_file():
             raise ModelError(f"{field}: {path} has no config.json, so it is not a saved Hugging Face model "
                              "(a folder written by save_pretrained, e.g. a fastppo export)")

@@ -46,7 +46,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .config import RMConfig
-from .data import (DataError, SFTBatch, _apply_chat_template, _check_messages, encode_prompt,
+from .data import (MAX_UNK_FRACTION, DataError, SFTBatch, _apply_chat_template, _check_messages, encode_prompt,
                    fit_to_length, loaded, read_records)
 from .metrics import MetricBuffer
 from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
@@ -88,8 +88,9 @@ def _response(value, where: str, field: str) -> tuple[list[dict] | None, str]:
 
 
 def load_pairs(path, tokenizer, *, prompt_field: str, chosen_field: str, rejected_field: str,
-               max_len: int) -> list[PairExample]:
-    """Tokenised preference pairs; EOS appended to both responses (the score is read there)."""
+               max_len: int, max_unknown_frac: float = MAX_UNK_FRACTION) -> list[PairExample]:
+    """Tokenised preference pairs; EOS appended to both responses (the score is read there). max_unknown_frac: as
+    in `data.check_tokenizer`."""
     eos = tokenizer.eos_token_id
     out = []
     for where, rec in read_records(path):
@@ -112,7 +113,9 @@ def load_pairs(path, tokenizer, *, prompt_field: str, chosen_field: str, rejecte
         rejected, n_r = fit_to_length(p_ids, r_ids, max_len)
         chosen[-1], rejected[-1] = eos, eos  # a cut response still ends with EOS: the score is read there
         out.append(PairExample(chosen, rejected, min(n_c, n_r)))
-    return loaded(out, "preference pairs", tokenizer, path, (prompt_field, chosen_field, rejected_field))
+    return loaded(out, "preference pairs", tokenizer, path, {prompt_field: "data.prompt_field",
+                                                             chosen_field: "data.chosen_field",
+                                                             rejected_field: "data.rejected_field"}, max_unknown_frac)
 
 
 @dataclass
@@ -251,7 +254,7 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
         lm_model.lm_head.requires_grad_(False)   # with LoRA the LM loss trains the adapters only, as it is not exported
     d = cfg.data
     pair_kw = dict(prompt_field=d.prompt_field, chosen_field=d.chosen_field, rejected_field=d.rejected_field,
-                   max_len=d.max_len)
+                   max_len=d.max_len, max_unknown_frac=d.max_unknown_token_frac)
     train_pairs = load_pairs(d.train_path, tokenizer, **pair_kw)
     if d.eval_path is not None:
         eval_pairs = load_pairs(d.eval_path, tokenizer, **pair_kw)

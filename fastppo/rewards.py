@@ -23,12 +23,17 @@ import logging
 import math
 import multiprocessing
 import numbers
+import os
+import signal
+import sys
 from concurrent.futures import BrokenExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import pebble
+import torch
 
 from .config import RewardConfig
 from .rollout import Rollout
@@ -51,6 +56,45 @@ class RewardFunctionError(RuntimeError):
     """A reward function failed; the message names the function and the prompt."""
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""Scores are computed in float32: a reward beyond ±3.4e38 (finite in Python) would become infinite there."""
+
+
+def import_object(name: str, field_name: str, what: str = "callable", error: type[Exception] = RewardFunctionError):
+    """The object behind "module:attribute", an `error` naming `field_name` when it cannot be had (`what`: the kind
+    of object, for the message).
+
+    A module that is not importable from sys.path is looked for in the working folder too (where a user who
+    runs `fastppo` next to `myrewards.py` expects it, as `python script.py` would find it): the folder is
+    appended to sys.path, after the installed packages, so it never shadows one of them.
+    """
+    module_name, _, attr = name.partition(":")
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            here = os.getcwd()
+            if exc.name != module_name.split(".")[0] or here in sys.path:
+                raise
+            sys.path.append(here)
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name.split(".")[0]:
+            raise error(f"{field_name}: no module named {exc.name!r} (from {name!r}) on sys.path nor in the working "
+                        f"folder {os.getcwd()}: put {exc.name}.py there, install it, or add its folder to PYTHONPATH"
+                        ) from None
+        raise error(f"{field_name}: cannot import module {module_name!r} of {name!r}: "
+                    f"ModuleNotFoundError: {exc}") from None
+    except Exception as exc:
+        raise error(f"{field_name}: cannot import module {module_name!r} of {name!r}: "
+                    f"{type(exc).__name__}: {exc}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise error(f"{field_name}: {module_name!r} has no {what} {attr!r} (from {name!r}; the module is "
+                    f"{getattr(module, '__file__', None) or 'built in'})")
+    return obj
+
+
 _LOADED: dict[str, Callable] = {}
 
 
@@ -59,29 +103,59 @@ def load_function(name: str, field_name: str = "reward.functions") -> Callable:
     cannot be imported or is not callable."""
     if name in _LOADED:
         return _LOADED[name]
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise RewardFunctionError(f"{field_name}: cannot import module {module_name!r} of {name!r}: "
-                                  f"{type(exc).__name__}: {exc}") from None
-    fn = getattr(module, attr, None)
+    fn = import_object(name, field_name)
     if not callable(fn):
-        raise RewardFunctionError(f"{field_name}: {module_name!r} has no callable {attr!r} (from {name!r})")
+        raise RewardFunctionError(f"{field_name}: {name!r} is a {type(fn).__name__}, not a function")
     _LOADED[name] = fn
     return fn
 
 
 def call_function(name: str, prompt_text: str, response_text: str, record: dict) -> float | None:
-    """Run one reward function (in a worker) and check what it returns: a finite number or None."""
-    value = load_function(name)(prompt_text, response_text, record)
+    """Run one reward function (in a worker) and check what it returns: a number finite in float32, or None.
+
+    A function that calls sys.exit raises an ordinary error here (reward.function_errors decides), instead of
+    ending the worker with nothing said."""
+    try:
+        value = load_function(name)(prompt_text, response_text, record)
+    except SystemExit as exc:
+        raise RuntimeError(f"it called sys.exit({exc.code!r}) (SystemExit); a reward function returns a float or "
+                           "None") from None
     if value is None:
         return None
     if not isinstance(value, numbers.Real):
         raise TypeError(f"returned {type(value).__name__} {value!r}; a reward function returns a float or None")
-    if not math.isfinite(value):
-        raise ValueError(f"returned {value}; a reward must be finite (return None for 'cannot score')")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise ValueError(f"returned {value}; a reward must be finite in float32, |r| <= {FLOAT32_MAX:.3g}, the dtype "
+                         "scores are computed in (return None for 'cannot score')")
     return float(value)
+
+
+def _worker_death(exc: BaseException) -> str:
+    """Why a worker process ended, from pebble's ProcessExpired (its exit code) or a broken pool."""
+    code = getattr(exc, "exitcode", None)
+    if code is None:
+        return f"the worker pool broke ({type(exc).__name__}: {exc})"
+    if code < 0:
+        try:
+            sig = signal.Signals(-code).name
+        except ValueError:
+            sig = f"signal {-code}"
+        return f"its worker process was killed by {sig} (exit code {code}), e.g. a crash in native code"
+    return f"its worker process exited with code {code} while running it (os._exit, or a library ending the process)"
+
+
+def _main_module_unguarded() -> str | None:
+    """The main script's path when it calls code at import time without an `if __name__ == '__main__':` guard
+    (worker processes import the main module: such a script runs again in each), else None."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not path.endswith(".py") or getattr(main, "__spec__", None) is not None:
+        return None                                         # `python -m`, an entry point or an interactive session
+    try:
+        source = Path(path).read_text()
+    except OSError:
+        return None
+    return None if "__name__" in source else path
 
 
 @dataclass
@@ -139,10 +213,11 @@ class RewardFunctions:
                                     "scored reward.invalid_score", f.name, k, cfg.function_timeout_s, index)
                         value = None
                     except (pebble.ProcessExpired, BrokenExecutor) as exc:
-                        raise RewardFunctionError(
-                            f"reward function {f.name} (reward.functions[{k}]) on prompt {index}: its worker process "
-                            f"died ({exc}); a script that calls fastppo.train must do so under "
-                            "`if __name__ == '__main__':` (worker processes import the main module)") from None
+                        unguarded = _main_module_unguarded()
+                        hint = ("" if unguarded is None else f"; {unguarded} calls fastppo at import time: do it under "
+                                "`if __name__ == '__main__':` (worker processes import the main module)")
+                        raise RewardFunctionError(f"reward function {f.name} (reward.functions[{k}]) on prompt {index}: "
+                                                  f"{_worker_death(exc)}{hint}") from None
                     except Exception as exc:
                         what = (f"reward function {f.name} (reward.functions[{k}]) raised on prompt {index}: "
                                 f"{type(exc).__name__}: {exc}")

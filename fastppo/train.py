@@ -368,7 +368,8 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
     tok = models.tokenizer
     records: list[dict] = []
     prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
-                           prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len, records=records)
+                           prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len, records=records,
+                           max_unknown_frac=cfg.data.max_unknown_token_frac)
     sampler = EpochSampler(len(prompts), seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     ptx_sampler, ptx_iter = None, None
     if cfg.data.ptx_path:
@@ -376,7 +377,9 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
             log.warning("data.ptx_path is set but ppo.ptx_coef is 0: the ptx loss is off")
         ptx_examples = load_sft(cfg.data.ptx_path, tok, prompt_field=cfg.data.ptx_prompt_field,
                                 response_field=cfg.data.ptx_response_field,
-                                messages_field=cfg.data.ptx_messages_field, max_len=cfg.data.max_ptx_len)
+                                messages_field=cfg.data.ptx_messages_field, max_len=cfg.data.max_ptx_len,
+                                keys=("data.ptx_prompt_field", "data.ptx_response_field", "data.ptx_messages_field"),
+                                max_unknown_frac=cfg.data.max_unknown_token_frac)
         ptx_sampler = EpochSampler(len(ptx_examples), seed=cfg.run.seed + 1, shuffle=True)
         ptx_iter = sft_batches(ptx_examples, ptx_sampler, cfg.ppo.micro_batch_size, tok.pad_token_id, device)
     log.info("%d prompts from %s", len(prompts), cfg.data.prompt_path)
@@ -457,8 +460,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 # 3. Shape rewards: reparameterise the score (§5.3.1), token-level KL penalty (§5.3.2); the score
                 #    at the last token is the group-centred one for reinforce_pp_baseline.
                 with timer("shape"):
-                    valid = sampled.valid
-                    rollout = drop_rows(rollout, ~valid)         # NaN/inf scores, filler groups: out of the update
+                    valid = sampled.valid & ~scored.nonfinite    # NaN/inf scores or forwards, filler groups:
+                    rollout = drop_rows(rollout, ~valid, tok.pad_token_id)          # out of the update
                     scores = scored.scores
                     if cfg.reward.missing_eos_penalty is not None:
                         scores = scores - cfg.reward.missing_eos_penalty * (~rollout.ended).float()

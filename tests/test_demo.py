@@ -80,3 +80,54 @@ def test_a_demo_never_replaces_a_running_demo(tmp_path):
         assert (running / DEMO_MARKER).is_file()
     replace_earlier_demo(running, print)               # once nothing runs there, it is replaced
     assert not running.exists()
+
+
+def _demo_until(out, *args, stop_when=None):
+    """`fastppo demo --quick` in a process of its own, sent SIGTERM once `stop_when()` holds (polled);
+    (exit code, stdout, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("fastppo")
+    proc = subprocess.Popen([str(exe), "demo", "--quick", "--no-progress", "--output-dir", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    while stop_when is not None and proc.poll() is None:
+        if stop_when():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.1)
+    printed, err = proc.communicate(timeout=600)
+    return proc.returncode, printed, err
+
+
+def test_a_stopped_demo_says_how_to_continue_and_resume_finishes_it(tmp_path):
+    """SIGTERM in a stage without a handler of its own (sft) and in a `train` (ppo_max, which saves a checkpoint and
+    returns early): each stop says so in one line with the command that continues the demo, never with a failure
+    of a later stage; `fastppo demo --resume` keeps the finished stages, resumes ppo_max from its checkpoint and
+    completes the demo (its evaluation and report)."""
+    out = tmp_path / "demo"
+    rc, printed, err = _demo_until(out, stop_when=lambda: (out / "sft" / "metrics.jsonl").exists())
+    assert rc == 130, (printed, err)
+    continue_it = f"continue it with `fastppo demo --resume --output-dir {out}`"
+    assert f"stopped during its sft stage (SIGTERM); {continue_it}" in err, err
+    assert "Repo id" not in err and "Traceback" not in err, err
+
+    rc, printed, err = _demo_until(out, "--resume", stop_when=lambda: (out / "ppo_max" / "metrics.jsonl").exists())
+    assert rc == 130 and "[demo] data       kept from the earlier run" in printed, (printed, err)
+    assert "[demo] sft        done" in printed and "[demo] reward     done" in printed, printed
+    assert f"stopped during its ppo_max stage (a stop signal; its checkpoint is saved); {continue_it}" in err, err
+    assert "Traceback" not in err, err
+    stopped_at = len(read_metrics(out / "ppo_max"))
+
+    rc, printed, err = _demo_until(out, "--resume")
+    assert rc == 0, (printed, err)
+    for stage in ("data", "sft", "reward"):
+        assert f"[demo] {stage:<10} kept from the earlier run" in printed
+    assert "[demo] ppo_max    done" in printed and "ppo_max (after)" in printed
+    assert 0 < stopped_at < 30 and len(read_metrics(out / "ppo_max")) == 30   # 30 iterations across the stop
+    assert (out / "summary.json").is_file() and (out / "plots" / "overview.png").is_file()

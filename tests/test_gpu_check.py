@@ -155,3 +155,34 @@ def test_fastppo_bench_does_not_list_the_gpu_check(capsys):
     assert main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out.split()
     assert "logprobs" in listed and "gpu_check" not in listed and "_gpu_checks" not in listed
+
+
+def test_kernel_test_counts_are_pytests_own(tmp_path, monkeypatch):
+    """The counts come from pytest's summary line, never from its per-test lines: a test whose teardown fails is
+    one passed and one error there (its -v lines say PASSED and ERROR), and a run stopped by SIGINT (the check's
+    time box) still reports the tests it ran."""
+    import signal
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    checks = importlib.import_module("_gpu_checks")
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest, time\n"
+        "@pytest.fixture\ndef breaks_on_teardown():\n    yield\n    raise RuntimeError('teardown')\n"
+        "def test_a(breaks_on_teardown): pass\n"
+        "def test_b(): assert 0\n"
+        "def test_c(): pass\n"
+        "@pytest.mark.skip\ndef test_d(): pass\n"
+        "def test_slow(): time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "pytest", "--verbosity=1", "-p", "no:cacheprovider", "-ra",
+                             "test_probe.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = b""
+    while b"test_probe.py::test_slow" not in seen:                 # -v names a test before it runs
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, seen.decode()
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    text = (seen + proc.communicate(timeout=60)[0]).decode()
+    assert "test_probe.py::test_a PASSED" in text and "test_probe.py::test_a ERROR" in text, text
+    assert checks.pytest_counts(text) == {"passed": 2, "failed": 1, "skipped": 1, "errors": 1, "xfailed": 0,
+                                          "xpassed": 0}, text
+    assert checks.pytest_counts("collected 3 items\ntest_x.py ..") is None       # killed: no summary, no counts

@@ -61,19 +61,25 @@ def test_dropped_rows_leave_the_response_mask():
     mask = torch.ones(3, 4, dtype=torch.bool)
     ro = Rollout(torch.zeros(3, 6, dtype=torch.long), torch.ones(3, 6, dtype=torch.long), mask,
                  torch.full((3,), 4), torch.ones(3, dtype=torch.bool), 2)
-    out = drop_rows(ro, torch.tensor([False, True, False]))
+    out = drop_rows(ro, torch.tensor([False, True, False]), pad_id=7)
     assert out.response_mask.sum(-1).tolist() == [4, 0, 4] and ro.response_mask.all()
+    # A dropped row's tokens become padding (no forward of the update sees them); the others are untouched.
+    assert (out.sequences[1] == 7).all() and (out.sequences[[0, 2]] == 0).all() and (ro.sequences == 0).all()
 
 
 def _nan_on(monkeypatch, every: int):
-    """Make the reward model's score NaN on one call in `every` (forward batches of one row: one row in `every`)."""
-    calls = []
+    """Make the reward model's score NaN on one call in `every` (forward batches of one row: one row in `every`),
+    and on every later call of the same sequences (as a reward model that overflows on them would)."""
+    calls, poisoned = [], set()
     real = experience.score_at
 
     def score_at(model, ids, mask, index, pack=None):
         calls.append(None)
         out = real(model, ids, mask, index, pack)
-        return out.fill_(float("nan")) if (len(calls) - 1) % every == 0 else out
+        rows = [tuple(r) for r in ids.tolist()]
+        if (len(calls) - 1) % every == 0:
+            poisoned.update(rows)
+        return torch.where(torch.tensor([r in poisoned for r in rows]), float("nan"), out)
 
     monkeypatch.setattr(experience, "score_at", score_at)
 
@@ -114,6 +120,22 @@ def test_causal_lm_as_reward_model_is_refused(tiny_setups, tmp_path, capsys):
                                                            "run.output_dir": tmp_path / "r"})])
     assert "model.reward_path" in err and str(setup.policy) in err and "score.weight" in err
     assert "sequence-classification" in err
+
+
+def test_an_adapter_export_as_reward_model_says_what_it_is(tiny_setups, tmp_path, capsys):
+    """A `train-rm` export with run.export_adapter=true holds a LoRA adapter, not a model: said so, with how to get a
+    merged model (not "not a saved Hugging Face model")."""
+    setup = tiny_setups("llama")
+    adapter = tmp_path / "rm_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(setup.policy),
+                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.reward_path": adapter,
+                                                           "run.output_dir": tmp_path / "r"})])
+    assert f"model.reward_path: {adapter} holds a LoRA adapter" in err, err
+    assert "run.export_adapter=false" in err and str(setup.policy) in err and "merge_and_unload" in err
+    assert "not a saved Hugging Face model" not in err
 
 
 def test_a_truncated_weights_file_is_one_line_naming_the_field(tiny_setups, tmp_path, capsys):
@@ -224,7 +246,7 @@ def test_a_tokenizer_that_garbles_the_prompts_is_refused(tmp_path):
     if garbling.decode(garbling(text, add_special_tokens=False)["input_ids"]).split() == text.split():
         pytest.skip("this transformers version loads the saved word-level tokenizer as saved")
     with pytest.raises(ModelError, match=f"tokenizer at {tmp_path / 'm'}.*change under encode -> decode"):
-        check_tokenizer(garbling, prompts, ("prompt",))
+        check_tokenizer(garbling, prompts, {"prompt": "data.prompt_field"})
     # fastppo loads the tokenizer class that was saved, and that one passes the check
     tok = load_tokenizer(str(tmp_path / "m"))
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
@@ -235,8 +257,28 @@ def test_a_tokenizer_that_does_not_cover_the_data_is_refused(tmp_path):
     tok = S.build_tokenizer(tmp_path / "m")
     rows = [{"prompt": "quelle est la couleur du renard ?"}, {"prompt": "describe the red fox :"}]
     path = S.write_jsonl(tmp_path / "p.jsonl", rows)
-    with pytest.raises(ModelError, match="unknown token"):
+    with pytest.raises(DataError, match="unknown token"):
         load_prompts(path, tok, field="prompt", prompt_format="auto", max_len=16)
+
+
+def test_unknown_tokens_name_the_field_and_examples_and_the_limit_is_a_setting(tiny_setups, tmp_path, capsys):
+    """A data.prompt_field pointing at a field that is not the text (here an id) is reported as that, with the field,
+    its config key, an example and the limit to change; data.max_unknown_token_frac moves the limit (1: off)."""
+    setup = tiny_setups("llama")
+    rows = [{"prompt": "describe the red fox :", "id": f"Q{i:04d}x"} for i in range(8)]
+    data = S.write_jsonl(tmp_path / "p.jsonl", rows)
+    ov = setup.overrides(**{"data.prompt_path": data, "data.prompt_field": "id", "run.output_dir": tmp_path / "a"})
+    err = cli_error(capsys, ["train", *ov])
+    assert "field 'id' (data.prompt_field)" in err and "'Q0000x' -> " in err and "(line 1)" in err, err
+    assert "data.max_unknown_token_frac=0.05" in err and "tokenizer at" in err, err
+    assert "does not cover" not in err                       # no longer blamed on the tokenizer alone
+    mostly = [{"prompt": "describe the red fox : " + ("zzz" if i < 3 else "")} for i in range(8)]
+    data = S.write_jsonl(tmp_path / "q.jsonl", mostly)       # 3 unknown words in 43 tokens: 7%
+    with pytest.raises(DataError, match=r"3 of the 43 tokens \(7%\)"):
+        train(load_config(None, setup.overrides(**{"data.prompt_path": data, "run.output_dir": tmp_path / "b"})))
+    result = train(load_config(None, setup.overrides(**{"data.prompt_path": data, "run.output_dir": tmp_path / "c",
+                                                        "run.iterations": 1, "data.max_unknown_token_frac": 0.1})))
+    assert result.iterations_done == 1
 
 
 # ----------------------------------------------------------------------------

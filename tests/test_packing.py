@@ -453,3 +453,53 @@ def test_forced_lengths_make_generate_stop_at_the_drawn_length(tiny_setups):
         n = lengths[fl.prompt_key(prompt)]
         assert row[n - 1] == eos and eos not in row[:n - 1] and pad not in row[:n], (n, row)
         assert all(t == pad for t in row[n:]), (n, row)
+
+
+def test_packed_and_padded_drop_the_same_nan_rows(tiny_setups):
+    """A sequence whose forward is NaN (here: a token with a NaN embedding in all four models) must not take the
+    sequences packed beside it down with it (0 x NaN in the attention): the reward-model scores and the
+    policy / reference / critic outputs of a packed pass flag exactly the rows a padded pass flags, and the
+    other rows keep their values."""
+    from fastppo.config import load_config
+    from fastppo.experience import outcome_scores, score_rollout
+    from fastppo.models import load_models
+    from fastppo.rollout import Rollout
+
+    setup = tiny_setups("llama")
+    cfg = load_config(None, setup.overrides())
+    models = load_models(cfg.model, torch.device("cpu"))
+    tok = models.tokenizer
+    poison = tok.convert_tokens_to_ids("sad")
+    with torch.no_grad():
+        for m in (models.policy, models.ref, models.critic, models.reward):
+            m.get_input_embeddings().weight[poison] = float("nan")
+    words = [tok.convert_tokens_to_ids(w) for w in "the red fox is kind and quick".split()]
+    # Left-padded prompts of 2-4 tokens, responses of 1-5: one long row sets the packed rows' width, the short
+    # ones share rows, the poisoned row 2 among them.
+    P, R = 4, 5
+    prompt_len, resp_len = [4, 2, 2, 3, 2, 2], [5, 2, 1, 2, 1, 2]
+    B = len(prompt_len)
+    seq = torch.full((B, P + R), tok.pad_token_id)
+    mask = torch.zeros(B, P + R, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    for b in range(B):
+        ids = torch.tensor(words)[torch.randint(len(words), (prompt_len[b] + resp_len[b],), generator=g)]
+        seq[b, P - prompt_len[b]:P + resp_len[b]] = ids
+        mask[b, P - prompt_len[b]:P + resp_len[b]] = 1
+    seq[2, P] = poison
+    rmask = mask[:, P:].bool()
+    rollout = Rollout(seq, mask, rmask, rmask.sum(-1), torch.ones(B, dtype=torch.bool), P)
+    results = {}
+    for packing in (False, True):
+        cfg.ppo.packing = packing
+        outcomes = outcome_scores(models, rollout, cfg, batch_size=B)
+        results[packing] = score_rollout(models, rollout, cfg, batch_size=B, fused=models.fused_lm_head,
+                                         outcomes=outcomes)
+    for packing, scored in results.items():
+        assert scored.nonfinite.tolist() == [False, False, True, False, False, False], (packing, scored.nonfinite)
+    padded, packed = results[False], results[True]
+    for name in ("scores", "old_logprobs", "old_entropy", "ref_logprobs", "values"):
+        a, b = getattr(padded, name), getattr(packed, name)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+        # float32 forwards of the same sequences in another layout: rounding-level differences
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

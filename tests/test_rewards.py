@@ -65,6 +65,67 @@ def test_an_exception_scores_invalid_when_configured(scorer):
     assert out.totals == [0.5, -1.0] and out.errors == 1
 
 
+def test_a_reward_beyond_float32_follows_function_errors(scorer):
+    """1e300 is finite in Python but infinite in float32, where scores are computed: an error (naming the range),
+    not a score that silently stops the learning."""
+    with pytest.raises(RewardFunctionError, match=rf"{MODULE}:huge .* prompt 4: ValueError: returned 1e\+300; a reward "
+                                                  r"must be finite in float32"):
+        scorer(("huge", 1.0)).score(["p"], ["a"], [{}], [4])
+    out = scorer(("huge", 1.0), function_errors="invalid", invalid_score=-1.0).score(["p"], ["a"], [{}], [4])
+    assert out.totals == [-1.0] and out.errors == 1
+
+
+def test_a_weighted_sum_beyond_float32_drops_the_row():
+    """Each value fits float32, their weighted sum does not: the row is non-finite (dropped, counted), not inf."""
+    from fastppo.experience import outcome_scores
+    from fastppo.rollout import Rollout
+
+    rollout = Rollout(sequences=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3).long(),
+                      response_mask=torch.ones(2, 2, dtype=torch.bool), lengths=torch.tensor([2, 2]),
+                      ended=torch.tensor([True, True]), prompt_width=1)
+    models = SimpleNamespace(reward=None, tokenizer=SimpleNamespace(eos_token_id=2, pad_token_id=0))
+    cfg = load_config(None, ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"])
+    scores, nonfinite = outcome_scores(models, rollout, cfg, batch_size=2,
+                                       function_scores=torch.tensor([3e38, 1.0], dtype=torch.float64) * 2)
+    assert nonfinite.tolist() == [True, False] and scores.tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize("name, said", [
+    ("exits", r"raised on prompt 5: RuntimeError: it called sys\.exit\(3\)"),
+    ("dies", r"on prompt 5: its worker process exited with code 7 while running it"),
+    ("segfaults", r"on prompt 5: its worker process was killed by SIGSEGV"),
+])
+def test_a_function_that_ends_its_process_is_named_with_how(scorer, name, said):
+    """sys.exit is an error like any other (function_errors decides); a worker that dies is reported with its exit
+    code or signal, naming the function and the prompt, not as a missing __main__ guard."""
+    with pytest.raises(RewardFunctionError, match=rf"{MODULE}:{name} \(reward\.functions\[0\]\) {said}") as err:
+        scorer((name, 1.0)).score(["p"], ["a"], [{}], [5])
+    assert "__main__" not in str(err.value)
+
+
+def test_a_module_in_the_working_folder_is_imported(tmp_path, monkeypatch, scorer):
+    """`fastppo` started next to myrewards.py finds myrewards:good (as `python script.py` would), in the trainer
+    and in the worker processes; a module that is nowhere says where it was looked for."""
+    (tmp_path / "myrewards_probe.py").write_text("def good(prompt, response, record):\n    return 2.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    fns = RewardFunctions(RewardConfig(functions=[RewardFunctionConfig(name="myrewards_probe:good")], function_workers=1))
+    try:
+        assert fns.score(["p"], ["a"], [{}], [0]).totals == [2.5]
+    finally:
+        fns.close()
+    with pytest.raises(RewardFunctionError, match=rf"no module named 'nowhere_probe' .* nor in the working folder "
+                                                  rf"{tmp_path}: put nowhere_probe\.py there"):
+        RewardFunctions(RewardConfig(functions=[RewardFunctionConfig(name="nowhere_probe:good")]))
+
+
+def test_the_same_function_twice_is_refused():
+    base = ["model.policy_path=p", "data.prompt_path=d"]
+    fns = f"reward.functions=[{{name: '{MODULE}:length'}}, {{name: '{MODULE}:field_x'}}, {{name: '{MODULE}:length'}}]"
+    with pytest.raises(ConfigError, match=r"field 'reward\.functions\[2\]\.name': repeats reward\.functions\[0\]"):
+        load_config(None, [*base, fns], preset="grpo")
+
+
 def test_a_hanging_function_times_out_and_its_worker_is_replaced(scorer):
     fns = scorer(("sleeps_on_2", 1.0), function_timeout_s=1.0, invalid_score=-4.0)
     t0 = time.monotonic()
@@ -80,7 +141,7 @@ def test_a_result_that_is_not_a_number_names_the_function(scorer):
 
 
 def test_functions_that_cannot_be_loaded_fail_at_start_up_naming_the_field():
-    with pytest.raises(RewardFunctionError, match=r"reward\.functions\[0\]\.name: cannot import module 'no_such_mod'"):
+    with pytest.raises(RewardFunctionError, match=r"reward\.functions\[0\]\.name: no module named 'no_such_mod'"):
         RewardFunctions(RewardConfig(functions=[RewardFunctionConfig(name="no_such_mod:f")]))
     with pytest.raises(RewardFunctionError, match=r"reward\.functions\[1\]\.name: 'fastppo\.rewards' has no callable"):
         RewardFunctions(RewardConfig(functions=[RewardFunctionConfig(name="fastppo.rewards:math_answer"),

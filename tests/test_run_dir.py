@@ -249,6 +249,31 @@ def test_resume_skips_a_truncated_newest_checkpoint(damaged, finished, tmp_path,
     assert rc == 2 and str(newest / damaged) in line and "truncated" in line, line
 
 
+def _flip_bytes(path: Path) -> None:
+    """Damage without truncation: a few bytes in the middle of the file changed, its length kept."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["trainer_state.pt", "model/__0_0.distcp", "model/.metadata", "config.yaml"])
+def test_resume_skips_a_newest_checkpoint_with_changed_bytes(damaged, finished, tmp_path, capsys, warnings_of_fastppo):
+    """Bytes changed in place (a bad disk, a faulty copy) are found by the checksums written with the checkpoint:
+    resume falls back to the previous checkpoint, with a warning naming the damaged file, and goes on."""
+    out = copy_run(finished, tmp_path)
+    newest = out / "checkpoints" / "iter_00000002"
+    _flip_bytes(newest / damaged)
+    assert resolve_resume("latest", out) == out / "checkpoints" / "iter_00000001"
+    text = warnings_of_fastppo.text
+    assert f"skipping damaged checkpoint {newest}" in text and str(newest / damaged) in text, text
+    assert "CRC-32 mismatch" in text
+    capsys.readouterr()
+    rc, err = cli_train(finished, out, capsys, "--resume", str(newest), **{"run.iterations": 3})
+    line = one_line(err)
+    assert rc == 2 and str(newest / damaged) in line and "damaged" in line, line
+
+
 def test_resume_drops_a_metrics_record_cut_short_by_a_crash(finished, tmp_path, warnings_of_fastppo):
     """A crash (kill -9, full disk) in the middle of a metrics.jsonl write leaves a partial last line: resuming
     drops it, with a warning naming the line, instead of failing with a JSONDecodeError traceback."""

@@ -122,11 +122,12 @@ def test_resume_is_bitwise_identical(tiny_setups, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tiny_setups, tmp_path, monkeypatch):
-    import fastppo.experience as experience
+    import fastppo.ppo as ppo
 
     setup = tiny_setups("llama")
-    # NaN critic values (NaN rewards never reach the update: those rows are dropped, see test_inputs.py)
-    monkeypatch.setattr(experience, "response_values", lambda model, ids, mask, rmask, prompt_width, pack=None:
+    # NaN critic values in the update (NaN rewards or score-phase forwards never reach it: those rows are dropped,
+    # see test_inputs.py and test_packing.py)
+    monkeypatch.setattr(ppo, "response_values", lambda model, ids, mask, rmask, prompt_width, pack=None:
                         torch.full(rmask.shape, float("nan")))
     cfg = load_config(None, setup.overrides(**{"run.output_dir": tmp_path / "run", "run.max_nonfinite_in_a_row": 3,
                                               "reward.reward_scale": False, "reward.reward_norm": False}))

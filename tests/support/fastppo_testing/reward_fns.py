@@ -50,3 +50,29 @@ def text_hash(prompt: str, response: str, record: dict) -> float:
 def hash_unless_blue(prompt: str, response: str, record: dict) -> float:
     """Signal only for prompts that do not mention 'blue' (about two thirds of the synthetic prompts)."""
     return 0.0 if "blue" in prompt else text_hash(prompt, response, record)
+
+
+def huge(prompt: str, response: str, record: dict) -> float:
+    """Finite in Python (float64), infinite in float32."""
+    return 1e300
+
+
+def exits(prompt: str, response: str, record: dict) -> float:
+    import sys
+
+    sys.exit(3)
+
+
+def dies(prompt: str, response: str, record: dict) -> float:
+    """Ends its process without a word (os._exit skips every handler)."""
+    import os
+
+    os._exit(7)
+
+
+def segfaults(prompt: str, response: str, record: dict) -> float:
+    """Dies as a crash in native code would (some machines map address 0, so no invalid read is sure to fault)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
