@@ -83,14 +83,14 @@ $(GRPO_STAMP): Makefile
 bench-grpo-venv: $(GRPO_STAMP)
 
 # `make gpu-check`: every GPU path in <= 8 minutes (docs/gpu_check.md). Where python3 sees a CUDA device it
-# runs with that python3 as it is: no venv, no install, no network (bench/gpu_check.py imports this
+# runs with that python3 as it is: no venv, no install, no network (tools/gpu_check.py imports this
 # checkout as fastppo and takes what the machine lacks from .wheels/). Elsewhere it runs in the venv, at
 # tiny sizes under the Triton interpreter, with results in bench/results/cpu_check/.
 gpu-check:
 	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
-		$(PYTHON) bench/gpu_check.py $(ARGS); \
+		$(PYTHON) tools/gpu_check.py $(ARGS); \
 	else \
-		$(MAKE) --no-print-directory $(STAMP) && $(PY) bench/gpu_check.py $(ARGS); \
+		$(MAKE) --no-print-directory $(STAMP) && $(PY) tools/gpu_check.py $(ARGS); \
 	fi
 
 # The pure-Python packages a bare torch 2.11 / Python 3.12 GPU image lacks (it has torch, triton,

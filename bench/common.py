@@ -126,7 +126,7 @@ def parse_shapes(text: str, dims: str) -> list[tuple[int, ...]]:
 
 
 def add_shapes_argument(parser: argparse.ArgumentParser, dims: str) -> None:
-    """--shapes: replaces the device's default shape list (bench/gpu_check.py passes a shorter one)."""
+    """--shapes: replaces the device's default shape list (tools/gpu_check.py passes a shorter one)."""
     parser.add_argument("--shapes", type=lambda text: parse_shapes(text, dims), default=None, metavar=f"{dims},...",
                         help=f"shapes to run instead of the defaults, as {dims} separated by commas")
 

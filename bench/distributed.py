@@ -7,7 +7,7 @@ GPU per process). A small Llama policy and reward model are built from config in
 directory (no downloads).
 
 1. generation: N processes shard the policy with FSDP2 and time `rollout.generate` of a batch of
-   prompts per rank, (a) inside `dist.unsharded` (one all-gather of the whole policy for the whole
+   prompts per rank, (a) inside `parallel.unsharded` (one all-gather of the whole policy for the whole
    generation, the trainer's default) and (b) without it (FSDP re-gathers every block for every
    token: layers x new tokens all-gathers); (c) one process with the unsharded model for reference.
 2. trainer: wall time of the same `fastppo train` run (global rollout batch of N x batch, 3
@@ -38,7 +38,7 @@ def build_models(root: Path, hidden: int, layers: int) -> dict[str, Path]:
     """Policy (causal LM) and reward model (sequence classification) from config, plus prompts."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from fastppo.synthetic import build_tokenizer, make_prompts, tiny_llama_config, write_jsonl
+    from fastppo.demos.synthetic import build_tokenizer, make_prompts, tiny_llama_config, write_jsonl
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -65,6 +65,8 @@ def generation_worker(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from fastppo import dist
+
+    from fastppo import parallel
     from fastppo.config import RolloutConfig
     from fastppo.data import collate_prompts, load_prompts
     from fastppo.models import load_tokenizer
@@ -76,7 +78,7 @@ def generation_worker(args) -> None:
     tok = load_tokenizer(str(args.root / "policy"))
     policy = AutoModelForCausalLM.from_pretrained(args.root / "policy").eval().requires_grad_(False)
     if dist.world_size() > 1:
-        sharder = dist.Sharder(dist.build_mesh(1, device), device=device,
+        sharder = parallel.Sharder(parallel.build_mesh(1, device), device=device,
                                param_dtype=torch.bfloat16 if device.type == "cuda" else None,
                                reduce_dtype=torch.float32, offload_frozen=False, reshard_after_forward=True)
         policy = sharder(policy, "policy", trained=True)
@@ -88,7 +90,7 @@ def generation_worker(args) -> None:
     rc = RolloutConfig(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0)
 
     def run(unshard: bool):
-        with dist.unsharded(policy, enabled=unshard):
+        with parallel.unsharded(policy, enabled=unshard):
             return generate(policy, batch, rc, eos_id=-1 % len(tok), pad_id=tok.pad_token_id,
                             generation_batch_size=args.batch, seed=0)
 

@@ -58,7 +58,8 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
     return [
         f"model.policy_path={spec['policy_path']}", f"data.prompt_path={spec['prompts_path']}",
         f"data.max_prompt_len={PROMPT_LEN}", f"reward.functions=[{{name: '{REWARD}', weight: 1.0}}]",
-        "reward.kl_coef=0.0", f"rollout.rollout_batch_size={N_PROMPTS}", f"rollout.n_samples_per_prompt={SAMPLES}",
+        "reward.kl_coef=0.0", "ppo.kl_loss_coef=0.0", f"rollout.rollout_batch_size={N_PROMPTS}",
+        f"rollout.n_samples_per_prompt={SAMPLES}",
         f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.temperature={spec['temperature']}", "rollout.top_p=1.0",
         "rollout.top_k=0", "ppo.ppo_epochs=1", f"ppo.minibatch_size={MINIBATCH}", f"ppo.micro_batch_size={MICRO}",
         f"ppo.clip_eps={spec['clip_eps']}", f"optim.policy_lr={spec['lr']}", f"run.seed={SEED}",

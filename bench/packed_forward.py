@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from common import add_ratios, add_shapes_argument, bench_device, device_name, print_table, save_results, time_ms
 
-from fastppo.models import hidden_states
+from fastppo.models import backbone_states
 from fastppo.packing import Packing, response_targets
 
 PROMPT, RESPONSE = 16, 48
@@ -63,19 +63,18 @@ def main(argv=None):
     for (B,) in shapes:
         ids, mask, rmask = rollout_batch(B, device, cfg.vocab_size)
         targets = response_targets(rmask, PROMPT)
-        layouts = {"padded": None, "rows": Packing.build(mask, targets, device),
+        layouts = {"padded": Packing.padded_batch(mask, targets), "rows": Packing.build(mask, targets, device),
                    "one_row": Packing.build(mask, targets, device, one_row=True)}
         for name, pack in layouts.items():
-            computed = mask.numel() if pack is None else pack.position_ids.numel()
+            computed = pack.position_ids.numel()
 
             def forward(pack=pack):
                 with torch.no_grad():
-                    hidden_states(model, ids, mask, pack)
+                    backbone_states(model, ids, mask, pack)
 
             def full(pack=pack):
                 model.zero_grad(set_to_none=True)
-                h = hidden_states(model, ids, mask, pack)
-                (h[targets] if pack is None else h).float().pow(2).mean().backward()
+                backbone_states(model, ids, mask, pack).float().pow(2).mean().backward()
 
             for mode, fn in (("forward", forward), ("full", full)):
                 med, p20, p80 = time_ms(fn, device, rep=args.rep)

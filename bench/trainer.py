@@ -120,7 +120,7 @@ def workload_spec(root: Path, iterations: int, device: str, threads: int) -> dic
         "ppo_epochs": PPO_EPOCHS, "minibatch": MINIBATCH, "micro_batch": MICRO, "rollout_chunk": ROLLOUT_CHUNK,
         "temperature": TEMPERATURE, "attn_implementation": defaults.model.attn_implementation,
         # PPO-max's numbers where TRL has the knob (they do not change the work done)
-        "kl_coef": defaults.reward.kl_coef, "gamma": defaults.ppo.gamma, "lam": defaults.ppo.lam,
+        "kl_coef": defaults.reward.kl_coef, "gamma": defaults.advantage.gamma, "lam": defaults.advantage.lam,
         "clip_eps": defaults.ppo.clip_eps, "value_clip": defaults.ppo.value_clip, "vf_coef": defaults.ppo.vf_coef,
         "lr": defaults.optim.policy_lr,
         "lengths": None, "packing": defaults.ppo.packing,   # --lengths longtail: {prompt ids: response length}

@@ -52,7 +52,7 @@ from .kernels import AdvantagesAndReturns, LinearPPOLossOutput, LogprobsAndEntro
 __all__ = [
     "token_logprobs", "kl_penalty", "KL_ESTIMATORS", "gae", "masked_whiten", "reparameterise_scores",
     "token_rewards", "PolicyTerms", "policy_loss_terms", "ValueTerms", "value_loss_terms", "token_mean",
-    "ppo_loss", "policy_loss_from_logits", "grpo_advantages", "rloo_advantages", "reinforce_pp_advantages",
+    "ppo_loss", "policy_loss_from_logits", "kl_loss", "grpo_advantages", "rloo_advantages", "reinforce_pp_advantages",
     "rollout_correction_weight",
 ]
 
@@ -379,6 +379,17 @@ def policy_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, old_logp
                                policy_loss=policy_loss, entropy=mean_entropy, kl=mean_kl,
                                clipfrac=mean(pol.clipped), approx_kl=mean(pol.approx_kl),
                                ratio_mean=mean(pol.ratio), logprobs=lp)
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *, estimator: str = "k3",
+            weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The KL-to-reference loss term of GRPO (Shao et al. 2024, eq. 4): the token mean of w·k(lp, ref), k the
+    `kl_penalty` estimator (k3 there: exp(ref − lp) − (ref − lp) − 1, an unbiased estimate of KL(π_θ ‖ π_ref) on
+    tokens sampled from π_θ), w the loss aggregation's per-token weight (1 when None), so that it is aggregated
+    like the policy loss. The gradient flows through logprobs only (the reference is data)."""
+    valid = _valid(mask)
+    k = kl_penalty(logprobs, _on_mask(ref_logprobs, valid).detach(), estimator=estimator)
+    return token_mean(_weighted(k, weight, valid), valid, normalizer)
 
 
 # ----------------------------------------------------------------------------

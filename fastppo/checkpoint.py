@@ -56,7 +56,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from . import dist, lora
+from . import dist, lora, parallel
+from .config import upgrade
 from .models import rows_without_alignment
 from .run_dir import RunDirError, config_changes, fingerprint_changes, refuse_earlier_run
 
@@ -218,12 +219,13 @@ def resume_point(cfg) -> Path | None:
     if cfg.run.iterations < done:
         raise RunDirError(f"run.iterations={cfg.run.iterations} is below the iteration of checkpoint {path} ({done}): "
                           f"set run.iterations to {done} or more to continue it")
-    saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
-    before, now = saved.get("ppo", {}).get("advantage", "gae"), cfg.ppo.advantage
+    saved = upgrade(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))   # keys of older versions moved
+    before, now = saved.get("advantage", {}).get("estimator", "gae"), cfg.advantage.estimator
     if (before == "gae") != (now == "gae"):
-        raise RunDirError(f"cannot resume {path} with ppo.advantage={now}: it was saved by a run with "
-                          f"ppo.advantage={before}, {'with' if before == 'gae' else 'without'} a critic (set "
-                          f"ppo.advantage={before} to continue it, or start a fresh run in another run.output_dir)")
+        raise RunDirError(f"cannot resume {path} with advantage.estimator={now}: it was saved by a run with "
+                          f"advantage.estimator={before}, {'with' if before == 'gae' else 'without'} a critic (set "
+                          f"advantage.estimator={before} to continue it, or start a fresh run in another "
+                          "run.output_dir)")
     refused, changed = config_changes(saved, OmegaConf.to_container(OmegaConf.structured(cfg)))
     if refused:
         raise RunDirError(f"cannot resume {path} with other models: {'; '.join(refused)} (set them back, or start a "
@@ -269,7 +271,7 @@ def _training_state(policy, critic, policy_opt, critic_opt) -> dict:
     critic and critic_opt are None in a critic-free run: the state then has no critic entries."""
     models = {"policy": policy} if critic is None else {"policy": policy, "critic": critic}
     for model in models.values():
-        dist.reshard(model)                                   # the shards, not a root FSDP keeps gathered
+        parallel.reshard(model)                                   # the shards, not a root FSDP keeps gathered
     # Frozen parameters (a LoRA model's base weights) are left out: they are the loaded model's, fixed on resume.
     trained = StateDictOptions(ignore_frozen_params=True)
     state = {name: get_model_state_dict(model, options=trained) for name, model in models.items()}
@@ -425,7 +427,7 @@ def load_checkpoint(path: Path, *, policy, critic, policy_opt, critic_opt, model
     if trainer_state.get("has_critic", True) != (critic is not None):
         raise RunDirError(f"cannot resume {path}: it was saved {'with' if critic is None else 'without'} a critic and "
                           f"this run has {'none' if critic is None else 'one'}; a run resumes with its "
-                          "ppo.advantage (gae trains a critic, the critic-free estimators do not)")
+                          "advantage.estimator (gae trains a critic, the critic-free estimators do not)")
     if models is not None and (changed := fingerprint_changes(trainer_state.get("models"), models)):
         raise RunDirError(f"cannot resume {path}: its models differ from this run's: {'; '.join(changed)} "
                           "(the model directories changed since the checkpoint)")
@@ -469,7 +471,7 @@ def read_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _plain_class_name(model) -> str:
-    return dist.plain_class(model).__name__
+    return parallel.plain_class(model).__name__
 
 
 def _without_alignment_rows(model, state: dict | None, rows: int) -> dict:
@@ -516,7 +518,7 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, adapter_only: bool = Fal
     """
     out = Path(out_dir)
     state = None
-    if dist.is_sharded(model):
+    if parallel.is_sharded(model):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_main():
         return out
@@ -532,7 +534,7 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, adapter_only: bool = Fal
                 lora.save_export(model, tmp, state=state, adapter_only=adapter_only)
             else:
                 model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-                if dist.is_sharded(model):  # the config names the architecture, not the FSDP wrapper class
+                if parallel.is_sharded(model):  # the config names the architecture, not the FSDP wrapper class
                     model.config.architectures = [_plain_class_name(model)]
                     model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

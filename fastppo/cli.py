@@ -1,8 +1,6 @@
 """Command line: `fastppo train | sft | train-rm | demo | bench`.
 
-Each subcommand registers itself in `COMMANDS` with a function that adds its
-arguments and one that runs it; stages added later (sft, train-rm, demo)
-plug in the same way, from their own modules, via `register`.
+Each subcommand is an entry of `COMMANDS`: its help, a function that adds its arguments, and one that runs it.
 
     fastppo train --config configs/tiny.yaml [--preset vanilla] [--resume [DIR]] [key.sub=value ...]
 
@@ -14,7 +12,6 @@ stop with a checkpoint), 1 the run failed, 2 the config, data, model or command 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import shlex
@@ -25,13 +22,17 @@ from typing import Callable
 
 from transformers.utils import logging as hf_logging
 
-from .config import PRESETS, ConfigError, load_config
+from . import demos
+from .config import PRESETS, RMConfig, SFTConfig, ConfigError, load_config
 from .data import DataError
 from .dist import DistributedError, env_world_size
 from .models import ModelError
-from .ppo import NonFiniteError
+from .optim import NonFiniteError
+from .reward_training import train_rm
 from .rewards import RewardFunctionError
 from .run_dir import RunDirError
+from .sft import sft
+from .stage import add_stage_arguments, stage_command
 from .train import train
 
 log = logging.getLogger("fastppo")
@@ -42,24 +43,6 @@ log = logging.getLogger("fastppo")
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelError, RunDirError, NonFiniteError,
                                                  DistributedError, RewardFunctionError, OSError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by Ctrl-C
-
-# name -> (help, add_arguments(parser), run(args) -> exit code)
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-# Subcommands that live in other modules: name -> "module:register_function".
-# The module defines `register_cli(register)` and calls
-# `register(name, help, add_arguments, run)`; a module (or hook) that does not
-# exist yet simply adds no command.
-PLUGINS = {
-    "sft": "fastppo.sft:register_cli",
-    "train-rm": "fastppo.reward_training:register_cli",
-    "demo": "fastppo.demo:register_cli",
-}
-
-
-def register(name: str, help: str, add_arguments, run) -> None:
-    COMMANDS[name] = (help, add_arguments, run)
-
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """--config / --preset / dotted overrides: shared by every command built on fastppo.config."""
@@ -95,9 +78,6 @@ def _train_run(args: argparse.Namespace) -> int:
     return 0
 
 
-register("train", "PPO-max RLHF training (policy, critic, reward, reference)", _train_args, _train_run)
-
-
 # ----------------------------------------------------------------------------
 # bench: runs the scripts in bench/ with this interpreter
 # ----------------------------------------------------------------------------
@@ -114,7 +94,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 def _bench_run(args: argparse.Namespace) -> int:
     # The benchmarks, not their helpers (the harness, the GPU check, the workers and pieces they load).
-    helpers = ("common", "gpu_check", "trl_workload", "trl_grpo_workload", "grpo_reward", "forced_lengths")
+    helpers = ("common", "trl_workload", "trl_grpo_workload", "grpo_reward", "forced_lengths")
     scripts = sorted(p for p in BENCH_DIR.glob("*.py") if p.stem not in helpers and p.stem[0] != "_")
     if not scripts:
         print(f"no benchmarks found in {BENCH_DIR}", file=sys.stderr)
@@ -137,31 +117,23 @@ def _bench_run(args: argparse.Namespace) -> int:
     return rc
 
 
-register("bench", "run the benchmarks in bench/ (fused ops and the end-to-end trainer)", _bench_args, _bench_run)
-
-
 # ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
 
-def _load_plugins() -> None:
-    for name, target in PLUGINS.items():
-        if name in COMMANDS:
-            continue
-        module, func = target.split(":")
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue  # that stage is not installed / not written yet
-            raise
-        hook = getattr(mod, func, None)
-        if hook is not None:  # the module registers its command when it provides the hook
-            hook(register)
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("PPO-max RLHF training (policy, critic, reward, reference)", _train_args, _train_run),
+    "sft": ("supervised fine-tuning on {prompt, response} records (loss on response tokens)", add_stage_arguments,
+            stage_command("sft", SFTConfig, sft)),
+    "train-rm": ("reward-model training on {prompt, chosen, rejected} pairs (-log sigmoid(r_c - r_r))", add_stage_arguments,
+                 stage_command("train-rm", RMConfig, train_rm)),
+    "demo": (demos.HELP, demos.add_arguments, demos.run),
+    "bench": ("run the benchmarks in bench/ (fused ops and the end-to-end trainer)", _bench_args, _bench_run),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
     parser = argparse.ArgumentParser(prog="fastppo", description="Fast PPO-max RLHF on fused Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (help_, add_arguments, _) in COMMANDS.items():

@@ -263,6 +263,22 @@ class RewardConfig:
 
 
 @dataclass
+class AdvantageConfig:
+    estimator: Advantage = Advantage.gae
+    """Advantage estimator: gae (PPO with a critic) or a critic-free one (no critic loaded): grpo, rloo, reinforce_pp, reinforce_pp_baseline (docs/estimators.md)."""
+    gamma: float = 1.0
+    """Discount (GAE; the returns-to-go of reinforce_pp)."""
+    lam: float = 0.9
+    """lambda of GAE."""
+    whiten: bool = False
+    """gae: whiten the advantages over the whole rollout batch (masked, global)."""
+    clip: Optional[float] = None
+    """Clamp the advantages to [-c, c] (after whitening); null = off."""
+    scale_by_std: bool = True
+    """grpo: divide by the group's reward std; false = Dr. GRPO (Liu et al. 2025)."""
+
+
+@dataclass
 class PPOConfig:
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
@@ -270,50 +286,46 @@ class PPOConfig:
     """Rollouts per optimizer step, all ranks together."""
     micro_batch_size: int = 8
     """Rollouts per forward/backward on each rank (gradient accumulation inside a minibatch); also the ptx batch per rank and step."""
-    gamma: float = 1.0
-    """Discount of GAE."""
-    lam: float = 0.9
-    """lambda of GAE."""
-    whiten_advantages: bool = False
-    """Whiten advantages over the whole rollout batch (masked, global)."""
-    advantage_clip: Optional[float] = None
-    """Clamp advantages to [-c, c] after whitening; null = off."""
+    micro_batch_tokens: Optional[int] = None
+    """Token budget of each forward/backward of the update (sequences bin-packed, longest first; a longer sequence gets one alone); replaces micro_batch_size when set (which still sizes the ptx batch). Counts packed tokens with packing, else rows x padded width."""
+    packing: bool = True
+    """Padding-free forwards in the score phase, the update and the ptx loss: each micro-batch's sequences back to back (in one row with flash-attn, else in rows as wide as the longest sequence), positions restarting per sequence, attention confined to each (docs/packing.md). Same numbers as padded rows up to float32 summation order."""
     clip_eps: float = 0.2
     """Policy ratio clip epsilon."""
-    value_clip: Optional[float] = 0.2
-    """Value clip epsilon around the old values; null = off."""
+    clip_eps_high: Optional[float] = None
+    """Upper ratio clip 1 + clip_eps_high (clip-higher, DAPO); clip_eps stays the lower side; null = clip_eps."""
     dual_clip: Optional[float] = None
     """Dual-clip constant c > 1 for negative advantages; null = off."""
+    loss_agg: LossAgg = LossAgg.token_mean
+    """Aggregation of the policy loss (and the KL loss) over a minibatch: token_mean (all valid tokens), seq_mean_token_mean (mean per sequence, then over sequences) or seq_mean_token_sum_norm (each sequence's token sum / max_new_tokens, mean over sequences; Dr. GRPO)."""
+    value_clip: Optional[float] = 0.2
+    """Value clip epsilon around the old values; null = off."""
     vf_coef: float = 1.0
     """Weight of the value loss in the total loss (it only reaches the critic's gradients)."""
     ent_coef: float = 0.0
     """Entropy bonus weight."""
+    kl_loss_coef: float = 0.0
+    """beta of a KL-to-reference loss term (DeepSeekMath's GRPO): loss += beta * the aggregated per-token estimate of KL(pi_theta || pi_ref), gradient through pi_theta only; logged as loss/kl. Distinct from reward.kl_coef (the KL penalty inside the token rewards): either, both or neither may be on. 0 = off."""
+    kl_loss_estimator: KLEstimator = KLEstimator.k3
+    """Per-token estimator of the KL loss: k3 (DeepSeekMath: exp(ref - lp) - (ref - lp) - 1), k1, k2 or abs."""
     fused_policy_loss: bool = True
-    """Policy loss + entropy bonus in one pass from the backbone's hidden states (`linear_ppo_loss`: gradients computed with the loss, no logits recompute); false = `linear_token_logprobs` + `ppo_loss`. Same numbers either way; lm_heads that are not a plain matmul always use full logits."""
+    """Policy loss + entropy bonus (+ KL loss) in one pass from the backbone's hidden states (`linear_ppo_loss`: gradients computed with the loss, no logits recompute); false = `linear_token_logprobs` + `ppo_loss`. Same numbers either way; lm_heads that are not a plain matmul always use full logits."""
     ptx_coef: float = 0.1
     """Weight of the ptx LM loss; used only when data.ptx_path is set."""
     critic_warmup_steps: int = 0
     """Iterations at the start during which only the critic trains (policy frozen; PPO-max §5.4)."""
-    rollout_is: RolloutCorrection = RolloutCorrection.none
-    """Off-policy correction of the generator/trainer mismatch (needs rollout.old_logprobs=recompute): the policy surrogate weighted by w = pi_old / pi_rollout (no gradient), per token truncated at rollout_is_cap (token, TIS) or per response, prod_t w_t truncated at the cap (sequence); none = off."""
-    rollout_is_cap: float = 2.0
-    """Truncation C of the rollout_is weight (>= 1)."""
-    rollout_mask: RolloutCorrection = RolloutCorrection.none
-    """Drop from the policy loss the tokens (token) or whole responses (sequence, on the geometric mean of w_t) whose w = pi_old / pi_rollout is outside rollout_mask_bounds; they still count in the token-mean normaliser. none = off."""
-    rollout_mask_bounds: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    """[low, high] of rollout_mask, with low < 1 < high."""
-    packing: bool = True
-    """Padding-free forwards in the score phase, the update and the ptx loss: each micro-batch's sequences back to back (in one row with flash-attn, else in rows as wide as the longest sequence), positions restarting per sequence, attention confined to each (docs/packing.md). Same numbers as padded rows up to float32 summation order."""
-    micro_batch_tokens: Optional[int] = None
-    """Token budget of each forward/backward of the update (sequences bin-packed, longest first; a longer sequence gets one alone); replaces micro_batch_size when set (which still sizes the ptx batch). Counts packed tokens with packing, else rows x padded width."""
-    advantage: Advantage = Advantage.gae
-    """Advantage estimator: gae (PPO with a critic) or a critic-free one (no critic loaded): grpo, rloo, reinforce_pp, reinforce_pp_baseline (docs/estimators.md)."""
-    scale_by_std: bool = True
-    """grpo: divide by the group's reward std; false = Dr. GRPO (Liu et al. 2025)."""
-    loss_agg: LossAgg = LossAgg.token_mean
-    """Policy-loss aggregation over a minibatch: token_mean (all valid tokens), seq_mean_token_mean (mean per sequence, then over sequences) or seq_mean_token_sum_norm (each sequence's token sum / max_new_tokens, mean over sequences; Dr. GRPO)."""
-    clip_eps_high: Optional[float] = None
-    """Upper ratio clip 1 + clip_eps_high (clip-higher, DAPO); clip_eps stays the lower side; null = clip_eps."""
+
+
+@dataclass
+class CorrectionConfig:
+    importance: RolloutCorrection = RolloutCorrection.none
+    """Off-policy correction of the generator/trainer mismatch (needs rollout.old_logprobs=recompute): the policy surrogate weighted by w = pi_old / pi_rollout (no gradient), per token truncated at importance_cap (token, TIS) or per response, prod_t w_t truncated at the cap (sequence); none = off."""
+    importance_cap: float = 2.0
+    """Truncation C of the importance weight (>= 1)."""
+    mask: RolloutCorrection = RolloutCorrection.none
+    """Drop from the policy loss the tokens (token) or whole responses (sequence, on the geometric mean of w_t) whose w = pi_old / pi_rollout is outside mask_bounds; they still count in the token-mean normaliser. none = off."""
+    mask_bounds: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    """[low, high] of the mask, with low < 1 < high."""
 
 
 @dataclass
@@ -371,9 +383,13 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Generation."""
     reward: RewardConfig = field(default_factory=RewardConfig)
-    """Score reparameterisation and KL penalty."""
+    """Outcome scores (reward functions), their reparameterisation and the KL penalty of the token rewards."""
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """The advantage estimator: GAE or a critic-free one."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    """GAE and the PPO update."""
+    """The update: batching, losses, critic warm-up."""
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    """Off-policy correction of the generator/trainer mismatch."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizers and schedules."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -390,8 +406,8 @@ def ppo_max() -> Config:
     """PPO-max as in the paper: token KL 0.05, reward scale+norm+clip 0.8, value clip, critic warm-up."""
     cfg = Config()
     cfg.reward = RewardConfig(reward_scale=True, reward_norm=True, reward_clip=0.8, kl_coef=0.05, kl_estimator=KLEstimator.k1)
-    cfg.ppo = PPOConfig(gamma=1.0, lam=0.9, whiten_advantages=False, clip_eps=0.2, value_clip=0.2,
-                        ptx_coef=0.1, critic_warmup_steps=10)
+    cfg.advantage = AdvantageConfig(estimator=Advantage.gae, gamma=1.0, lam=0.9, whiten=False)
+    cfg.ppo = PPOConfig(clip_eps=0.2, value_clip=0.2, ptx_coef=0.1, critic_warmup_steps=10)
     cfg.optim = OptimConfig(policy_lr=5e-7, critic_lr=1.65e-6, max_grad_norm=1.0)
     return cfg
 
@@ -400,8 +416,8 @@ def moss_release() -> Config:
     """The MOSS-RLHF reference scripts: KL 0.01, reward scaling only, lambda 0.95, no ptx."""
     cfg = Config()
     cfg.reward = RewardConfig(reward_scale=True, reward_norm=False, reward_clip=None, kl_coef=0.01, kl_estimator=KLEstimator.k1)
-    cfg.ppo = PPOConfig(gamma=1.0, lam=0.95, whiten_advantages=False, clip_eps=0.2, value_clip=0.2,
-                        ptx_coef=0.0, critic_warmup_steps=0)
+    cfg.advantage = AdvantageConfig(estimator=Advantage.gae, gamma=1.0, lam=0.95, whiten=False)
+    cfg.ppo = PPOConfig(clip_eps=0.2, value_clip=0.2, ptx_coef=0.0, critic_warmup_steps=0)
     cfg.optim = OptimConfig(policy_lr=5e-7, critic_lr=1.5e-6, max_grad_norm=1.0)
     return cfg
 
@@ -410,30 +426,33 @@ def vanilla() -> Config:
     """Plain PPO: no KL penalty, raw scores, advantage whitening, no value or grad-norm clipping."""
     cfg = Config()
     cfg.reward = RewardConfig(reward_scale=False, reward_norm=False, reward_clip=None, kl_coef=0.0, kl_estimator=KLEstimator.k1)
-    cfg.ppo = PPOConfig(gamma=1.0, lam=0.95, whiten_advantages=True, clip_eps=0.2, value_clip=None,
-                        ptx_coef=0.0, critic_warmup_steps=0)
+    cfg.advantage = AdvantageConfig(estimator=Advantage.gae, gamma=1.0, lam=0.95, whiten=True)
+    cfg.ppo = PPOConfig(clip_eps=0.2, value_clip=None, ptx_coef=0.0, critic_warmup_steps=0)
     cfg.optim = OptimConfig(policy_lr=5e-7, critic_lr=1.5e-6, max_grad_norm=None)
     return cfg
 
 
 # Critic-free presets: no critic is loaded; the outcome reward is used raw (no running scale, norm or clip), sampling
-# at temperature 1 without top-p as these papers do. Their KL-to-reference *loss* term (DeepSeekMath's beta = 0.04)
-# is not part of fastppo's update: the reference KL is logged, and enters the reward only for reinforce_pp.
+# at temperature 1 without top-p as these papers do. GRPO keeps DeepSeekMath's KL loss term (beta 0.04, k3);
+# reinforce_pp's KL is in its token rewards; the others have none (and load no reference model).
 
-def _critic_free(advantage: str, n_samples: int, *, policy_lr: float, kl_coef: float = 0.0) -> Config:
+def _critic_free(estimator: str, n_samples: int, *, policy_lr: float, kl_coef: float = 0.0,
+                 kl_loss_coef: float = 0.0) -> Config:
     cfg = Config()
     cfg.rollout = RolloutConfig(temperature=1.0, top_p=1.0, n_samples_per_prompt=n_samples)
     cfg.reward = RewardConfig(reward_scale=False, reward_norm=False, reward_clip=None, kl_coef=kl_coef, kl_estimator="k1")
-    cfg.ppo = PPOConfig(advantage=advantage, gamma=1.0, whiten_advantages=False, clip_eps=0.2, value_clip=None,
-                        ptx_coef=0.0, critic_warmup_steps=0)
+    cfg.advantage = AdvantageConfig(estimator=estimator, gamma=1.0, whiten=False)
+    cfg.ppo = PPOConfig(clip_eps=0.2, value_clip=None, ptx_coef=0.0, critic_warmup_steps=0, kl_loss_coef=kl_loss_coef,
+                        kl_loss_estimator=KLEstimator.k3)
     cfg.optim = OptimConfig(policy_lr=policy_lr, max_grad_norm=1.0)
     return cfg
 
 
 def grpo() -> Config:
-    """GRPO (Shao et al. 2024, DeepSeekMath): 64 samples per question, (R - mean) / std within the group, policy lr
-    1e-6, 1024 responses per iteration (16 questions x 64) and one policy update per iteration."""
-    cfg = _critic_free("grpo", 64, policy_lr=1e-6)
+    """GRPO (Shao et al. 2024, DeepSeekMath): 64 samples per question, (R - mean) / std within the group, a KL loss
+    to the reference (beta 0.04, the k3 estimator), policy lr 1e-6, 1024 responses per iteration (16 questions x 64)
+    and one policy update per iteration."""
+    cfg = _critic_free("grpo", 64, policy_lr=1e-6, kl_loss_coef=0.04)
     cfg.rollout.rollout_batch_size, cfg.rollout.max_new_tokens = 16, 1024
     cfg.ppo.minibatch_size = 1024
     return cfg
@@ -443,7 +462,7 @@ def dr_grpo() -> Config:
     """Dr. GRPO (Liu et al. 2025): GRPO without the std division and without per-response length normalisation
     (each response's token sum / max_new_tokens), no KL term; 8 samples per question, policy lr 1e-6."""
     cfg = _critic_free("grpo", 8, policy_lr=1e-6)
-    cfg.ppo.scale_by_std, cfg.ppo.loss_agg = False, "seq_mean_token_sum_norm"
+    cfg.advantage.scale_by_std, cfg.ppo.loss_agg = False, "seq_mean_token_sum_norm"
     return cfg
 
 
@@ -591,12 +610,35 @@ def _one_of(choices: type[Choice], value: Any) -> str:
     return f"must be one of {', '.join(c.value for c in choices)}, got {value!r}"
 
 
+MOVED = {
+    "ppo.advantage": "advantage.estimator", "ppo.gamma": "advantage.gamma", "ppo.lam": "advantage.lam",
+    "ppo.whiten_advantages": "advantage.whiten", "ppo.advantage_clip": "advantage.clip",
+    "ppo.scale_by_std": "advantage.scale_by_std", "ppo.rollout_is": "correction.importance",
+    "ppo.rollout_is_cap": "correction.importance_cap", "ppo.rollout_mask": "correction.mask",
+    "ppo.rollout_mask_bounds": "correction.mask_bounds",
+}
+"""Fields that moved to another section: old dotted key -> new. An old key in a config is an error naming the new
+one; a checkpoint's saved config is read with them moved (`upgrade`)."""
+
+
+def upgrade(saved: dict) -> dict:
+    """A config dict written before fields moved (a checkpoint's config.yaml), with each moved field at its new key."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for old, new in MOVED.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if old_key in out.get(old_section, {}):
+            out.setdefault(new_section, {})[new_key] = out[old_section].pop(old_key)
+    return out
+
+
 def _merge(base: Any, layer: Any, what: str) -> Any:
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as exc:
         key, owner = getattr(exc, "key", None), getattr(exc, "object_type", None)
         name = getattr(exc, "full_key", None) or key or "?"
+        if name in MOVED:
+            raise ConfigError(f"invalid config in {what}: field '{name}' has moved: it is '{MOVED[name]}' now") from None
         choices = (_choice_enum(typing.get_type_hints(owner).get(str(key)))
                    if key is not None and dataclasses.is_dataclass(owner) else None)
         msg = _one_of(choices, getattr(exc, "value", None)) if choices else str(exc).splitlines()[0]
@@ -773,9 +815,6 @@ def _check_ppo(p: PPOConfig) -> None:
     _check(p.micro_batch_size > 0, "ppo.micro_batch_size", "must be > 0")
     _check(p.micro_batch_tokens is not None or p.minibatch_size % p.micro_batch_size == 0, "ppo.micro_batch_size",
            f"must divide ppo.minibatch_size ({p.minibatch_size}), got {p.micro_batch_size} (or set ppo.micro_batch_tokens)")
-    _check(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
-    _check(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
-    _check(p.advantage_clip is None or p.advantage_clip > 0, "ppo.advantage_clip", "must be > 0 or null")
     _check(p.clip_eps > 0, "ppo.clip_eps", "must be > 0")
     _check(p.value_clip is None or p.value_clip > 0, "ppo.value_clip", "must be > 0 or null")
     _check(p.dual_clip is None or p.dual_clip > 1, "ppo.dual_clip", "must be > 1 or null")
@@ -784,10 +823,21 @@ def _check_ppo(p: PPOConfig) -> None:
     _check(p.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0")
     _check(p.critic_warmup_steps >= 0, "ppo.critic_warmup_steps", "must be >= 0")
     _check(p.micro_batch_tokens is None or p.micro_batch_tokens > 0, "ppo.micro_batch_tokens", "must be > 0 or null")
-    _check(p.rollout_is_cap >= 1, "ppo.rollout_is_cap",
-           f"must be >= 1 (a cap below 1 down-weights on-policy tokens), got {p.rollout_is_cap}")
-    bounds = list(p.rollout_mask_bounds)
-    _check(len(bounds) == 2 and 0 <= bounds[0] < 1 < bounds[1], "ppo.rollout_mask_bounds",
+    _check(p.clip_eps_high is None or p.clip_eps_high > 0, "ppo.clip_eps_high", "must be > 0 or null")
+    _check(p.kl_loss_coef >= 0, "ppo.kl_loss_coef", "must be >= 0")
+
+
+def _check_advantage(a: AdvantageConfig) -> None:
+    _check(0 <= a.gamma <= 1, "advantage.gamma", "must be in [0, 1]")
+    _check(0 <= a.lam <= 1, "advantage.lam", "must be in [0, 1]")
+    _check(a.clip is None or a.clip > 0, "advantage.clip", "must be > 0 or null")
+
+
+def _check_correction(c: CorrectionConfig) -> None:
+    _check(c.importance_cap >= 1, "correction.importance_cap",
+           f"must be >= 1 (a cap below 1 down-weights on-policy tokens), got {c.importance_cap}")
+    bounds = list(c.mask_bounds)
+    _check(len(bounds) == 2 and 0 <= bounds[0] < 1 < bounds[1], "correction.mask_bounds",
            f"must be [low, high] with 0 <= low < 1 < high, got {bounds}")
 
 
@@ -853,6 +903,8 @@ SECTION_CHECKS: dict[type, Callable[[Any], None]] = {
     RolloutConfig: _check_rollout,
     RewardConfig: _check_reward,
     PPOConfig: _check_ppo,
+    AdvantageConfig: _check_advantage,
+    CorrectionConfig: _check_correction,
     BaseOptimConfig: _check_base_optim,
     BaseRunConfig: _check_base_run,
     RunConfig: _check_run,
@@ -883,9 +935,10 @@ def validate(cfg: Any) -> None:
                f"must divide the rollouts per iteration, rollout.rollout_batch_size x rollout.n_samples_per_prompt "
                f"({r.rollout_batch_size} x {r.n_samples_per_prompt}), got {p.minibatch_size}")
         validate_critic_free(cfg)
-        for name in ("rollout_is", "rollout_mask"):
-            _check(getattr(p, name) == "none" or r.old_logprobs == "recompute", f"ppo.{name}",
-                   f"is '{getattr(p, name)}', but rollout.old_logprobs is '{r.old_logprobs}': the correction weighs "
+        for name in ("importance", "mask"):
+            mode = getattr(cfg.correction, name)
+            _check(mode == "none" or r.old_logprobs == "recompute", f"correction.{name}",
+                   f"is '{mode}', but rollout.old_logprobs is '{r.old_logprobs}': the correction weighs "
                    "pi_old / pi_rollout, which is 1 when pi_old is the rollout's logprobs; set "
                    "rollout.old_logprobs=recompute")
     validate_precision(cfg)
@@ -911,30 +964,36 @@ REWARD_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 def uses_critic(cfg: Config) -> bool:
     """Only GAE needs a value model: the critic-free estimators load, shard, step and checkpoint no critic."""
-    return cfg.ppo.advantage == "gae"
+    return cfg.advantage.estimator == "gae"
+
+
+def uses_reference(cfg: Config) -> bool:
+    """Whether anything reads the reference model's logprobs: the KL penalty of the token rewards
+    (reward.kl_coef or the adaptive controller, which starts from it) or the KL loss (ppo.kl_loss_coef). Without
+    either no reference is loaded and the score phase runs no reference forward."""
+    return cfg.reward.kl_coef > 0 or cfg.reward.adaptive_kl or cfg.ppo.kl_loss_coef > 0
 
 
 def validate_critic_free(cfg: Config) -> None:
     """Checks of the estimators, groups, dynamic sampling and reward functions (docs/estimators.md)."""
-    r, rw, p = cfg.rollout, cfg.reward, cfg.ppo
-    _check(p.clip_eps_high is None or p.clip_eps_high > 0, "ppo.clip_eps_high", "must be > 0 or null")
+    r, rw, p, est = cfg.rollout, cfg.reward, cfg.ppo, cfg.advantage.estimator
     _check(r.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt", "must be >= 1")
-    _check(p.advantage not in GROUP_ESTIMATORS or r.n_samples_per_prompt >= 2, "rollout.n_samples_per_prompt",
-           f"must be >= 2 with ppo.advantage={p.advantage} (its baseline is the rest of the group), "
+    _check(est not in GROUP_ESTIMATORS or r.n_samples_per_prompt >= 2, "rollout.n_samples_per_prompt",
+           f"must be >= 2 with advantage.estimator={est} (its baseline is the rest of the group), "
            f"got {r.n_samples_per_prompt}")
     _check(not r.dynamic_sampling or r.n_samples_per_prompt >= 2, "rollout.dynamic_sampling",
            f"needs groups: rollout.n_samples_per_prompt >= 2, got {r.n_samples_per_prompt}")
     _check(r.dynamic_sampling_max_tries >= 1, "rollout.dynamic_sampling_max_tries", "must be >= 1")
-    _check(p.advantage not in ("grpo", "rloo") or (rw.kl_coef == 0 and not rw.adaptive_kl), "reward.kl_coef",
-           f"has no effect with ppo.advantage={p.advantage}: its advantages come from the outcome rewards alone "
-           "(a KL loss term is not implemented; the KL enters the token rewards of reinforce_pp); set 0")
+    _check(est not in ("grpo", "rloo") or (rw.kl_coef == 0 and not rw.adaptive_kl), "reward.kl_coef",
+           f"has no effect with advantage.estimator={est}: its advantages come from the outcome rewards alone; a "
+           "KL to the reference enters the loss through ppo.kl_loss_coef (DeepSeekMath's GRPO); set 0")
     if not uses_critic(cfg):
         _check(p.critic_warmup_steps == 0, "ppo.critic_warmup_steps",
-               f"must be 0 with ppo.advantage={p.advantage} (no critic), got {p.critic_warmup_steps}")
-        _check(not p.whiten_advantages, "ppo.whiten_advantages",
-               f"must be false with ppo.advantage={p.advantage} (its advantages are already normalised)")
+               f"must be 0 with advantage.estimator={est} (no critic), got {p.critic_warmup_steps}")
+        _check(not cfg.advantage.whiten, "advantage.whiten",
+               f"must be false with advantage.estimator={est} (its advantages are already normalised)")
     _check(not uses_critic(cfg) or cfg.model.reward_path is not None or cfg.model.critic_path is not None,
-           "model.critic_path", "ppo.advantage=gae trains a critic: set model.critic_path (or model.reward_path)")
+           "model.critic_path", "advantage.estimator=gae trains a critic: set model.critic_path (or model.reward_path)")
     _check(cfg.model.reward_path is not None or len(rw.functions) > 0, "model.reward_path",
            "is null and reward.functions is empty: give a reward model, reward functions, or both")
     for i, f in enumerate(rw.functions):

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from . import dist
 from .models import ModelError
 
 
@@ -182,7 +183,7 @@ def check_tokenizer(tokenizer, path: str | Path, fields: dict[str, str],
                          f"(it loads as {type(tokenizer).__name__}; was it saved by another version of transformers?)")
 
 
-def _check_messages(where: str, field: str, messages) -> list[dict]:
+def check_messages(where: str, field: str, messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{field}' must be a non-empty list of messages")
     for j, m in enumerate(messages):
@@ -191,7 +192,7 @@ def _check_messages(where: str, field: str, messages) -> list[dict]:
     return messages
 
 
-def _apply_chat_template(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool) -> list[int]:
+def apply_chat_template(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: chat messages need a tokenizer with a chat template, and this tokenizer has none")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -204,12 +205,12 @@ def encode_prompt(tokenizer, value, *, where: str, field: str, prompt_format: st
         if not value.strip():
             raise DataError(f"{where}: field '{field}' is empty")
         if prompt_format == "chat":
-            return _apply_chat_template(tokenizer, [{"role": "user", "content": value}], where, True)
+            return apply_chat_template(tokenizer, [{"role": "user", "content": value}], where, True)
         return tokenizer(value, add_special_tokens=True)["input_ids"]
     if isinstance(value, list):
         if prompt_format == "plain":
             raise DataError(f"{where}: field '{field}' holds messages but data.prompt_format is 'plain'")
-        return _apply_chat_template(tokenizer, _check_messages(where, field, value), where, True)
+        return apply_chat_template(tokenizer, check_messages(where, field, value), where, True)
     raise DataError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
 
 
@@ -281,10 +282,10 @@ def load_sft(path: str | Path, tokenizer, *, prompt_field: str, response_field: 
             p_ids = encode_prompt(tokenizer, prompt, where=where, field=prompt_field, prompt_format="auto")
             r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         elif messages_field in rec:
-            msgs = _check_messages(where, messages_field, rec[messages_field])
+            msgs = check_messages(where, messages_field, rec[messages_field])
             if msgs[-1]["role"] != "assistant":
                 raise DataError(f"{where}: field '{messages_field}': the last message must be the assistant's response")
-            p_ids = _apply_chat_template(tokenizer, msgs[:-1], where, True)
+            p_ids = apply_chat_template(tokenizer, msgs[:-1], where, True)
             r_ids = tokenizer(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
         else:
             raise DataError(f"{where}: needs field '{prompt_field}' + '{response_field}' or '{messages_field}' (fields: {sorted(rec)})")
@@ -383,3 +384,23 @@ class EpochSampler:
             raise DataError(f"the resumed run saw {d['n']} records but the data now has {self.n}; data changed since the checkpoint")
         self.epoch, self.position = d["epoch"], d["position"]
         self._perm = self._permutation(self.epoch)
+
+
+def ptx_batches(dc, tokenizer, *, seed: int, batch_size: int, device) -> tuple[EpochSampler, Iterator[SFTBatch]]:
+    """The ptx loss's data (`train`'s data.ptx_path and its fields, `DataConfig` dc): its resumable sampler (the
+    state a checkpoint records) and endless batches. Each draw takes batch_size x world_size examples (the same on
+    every rank) and keeps this rank's batch_size of them."""
+    examples = load_sft(dc.ptx_path, tokenizer, prompt_field=dc.ptx_prompt_field, response_field=dc.ptx_response_field,
+                        messages_field=dc.ptx_messages_field, max_len=dc.max_ptx_len,
+                        keys=("data.ptx_prompt_field", "data.ptx_response_field", "data.ptx_messages_field"),
+                        max_unknown_frac=dc.max_unknown_token_frac)
+    sampler = EpochSampler(len(examples), seed=seed + 1, shuffle=True)
+
+    def batches() -> Iterator[SFTBatch]:
+        r = dist.rank()
+        while True:
+            drawn = sampler.next(batch_size * dist.world_size())
+            b = collate_sft([examples[i] for i in drawn[r * batch_size:(r + 1) * batch_size]], tokenizer.pad_token_id)
+            yield SFTBatch(*(t.to(device) for t in (b.input_ids, b.attention_mask, b.labels)))
+
+    return sampler, batches()

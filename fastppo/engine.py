@@ -19,7 +19,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from . import dist
+from . import parallel
 from .config import RolloutConfig
 from .data import PromptBatch
 from .rollout import Rollout, generate
@@ -53,7 +53,7 @@ class HFEngine(Engine):
     """Hugging Face generate on the training policy (KV cache, counter-based sampling: `rollout.generate`).
 
     Under FSDP2 `policy_loaded` all-gathers the policy once for the whole
-    generation (`dist.unsharded`), instead of once per block per token.
+    generation (`parallel.unsharded`), instead of once per block per token.
     """
 
     def __init__(self, policy: nn.Module, cfg: RolloutConfig, *, eos_id: int, pad_id: int, vocab_size: int,
@@ -65,7 +65,7 @@ class HFEngine(Engine):
     def policy_loaded(self) -> ContextManager[None]:
         # The generator is the trained module itself: its weights are always current; only FSDP's
         # all-gather is needed.
-        return dist.unsharded(self.policy, enabled=self.unshard)
+        return parallel.unsharded(self.policy, enabled=self.unshard)
 
     def generate(self, prompts: PromptBatch, *, seed: int, sample_ids: torch.Tensor) -> Rollout:
         return generate(self.policy, prompts, self.cfg, eos_id=self.eos_id, pad_id=self.pad_id,

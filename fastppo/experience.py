@@ -1,11 +1,10 @@
-"""Experience: score a rollout, shape rewards, GAE -> one typed batch (Zheng et al. 2023, §5.3).
+"""Phase 2 of an iteration: score the rollout with the models, and the typed batch the update trains on.
 
-    outcome_scores     raw score: reward model at EOS + reward functions (`fastppo.rewards`)
-    score_rollout      old logprobs + entropy (policy), ref logprobs, values (critic, when there is one)
-    reparameterise     running mean/std of scores; scale, normalise, clip (PPO-max §5.3.1)
-    token_rewards      r_t = -beta * KL_t(old, ref), shaped score added at the last response token (§5.3.2)
-    advantages         GAE, optional whitening and clipping
-    rollout_correction the generator/trainer mismatch measured; off-policy weights of the policy loss
+    score_rollout       old logprobs + entropy (policy), ref logprobs (when a reference is loaded), values (critic,
+                        when there is one); rows whose forward is not finite flagged
+    drop_rows           rows out of the update (non-finite, filler groups): masked and blanked
+    rollout_correction  the generator/trainer mismatch measured; off-policy weights of the policy loss
+    Experience          one rollout batch ready for the update; `gather_experience` makes it global
 
 Everything here runs without gradients.
 """
@@ -20,13 +19,11 @@ from dataclasses import dataclass, fields
 import torch
 
 from . import dist
-from .config import Config, ConfigError
-from .kernels import gae, kl_penalty
-from .masked import masked_count, masked_moments, masked_whiten
-from .metrics import RunningMoments, explained_variance, masked_stats
-from .models import ModelError, Models, response_logprobs, response_values, score_at
-from .packing import in_row_order, index_targets, micro_batches, response_targets, varlen_attention
-from .rollout import Rollout, with_eos_for_scoring
+from .config import ConfigError, CorrectionConfig
+from .masked import masked_count
+from .models import Forward, ModelError, Models
+from .packing import in_row_order, micro_batches, nonfinite_rows, padded_again, response_targets, varlen_attention
+from .rollout import Rollout
 
 log = logging.getLogger("fastppo")
 
@@ -39,7 +36,7 @@ class Experience:
     attention_mask: (B, P+R) int64
     response_mask:  (B, R)   bool    response tokens (EOS included)
     old_logprobs:   (B, R)   float32 policy logprobs at rollout time (logits / T)
-    ref_logprobs:   (B, R)   float32 reference logprobs (logits / T)
+    ref_logprobs:   (B, R)   float32 reference logprobs (logits / T); None when no reference model is loaded
     old_values:     (B, R)   float32 critic values, V of y_t read at the state before y_t (0 without a critic)
     rewards:        (B, R)   float32 token rewards: -beta*KL_t, plus the shaped score at the last token
     advantages:     (B, R)   float32 GAE advantages (whitened/clipped if configured)
@@ -53,13 +50,23 @@ class Experience:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
     old_values: torch.Tensor
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
     prompt_width: int
     policy_weight: torch.Tensor | None = None
+
+    @staticmethod
+    def of(rollout: Rollout, scored: "Scored", rewards: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+           policy_weight: torch.Tensor | None) -> "Experience":
+        """The batch of a scored rollout with its token rewards, advantages, returns and policy weights."""
+        return Experience(sequences=rollout.sequences, attention_mask=rollout.attention_mask,
+                          response_mask=rollout.response_mask, old_logprobs=scored.old_logprobs,
+                          ref_logprobs=scored.ref_logprobs, old_values=scored.values, rewards=rewards,
+                          advantages=advantages, returns=returns, prompt_width=rollout.prompt_width,
+                          policy_weight=policy_weight)
 
     def __len__(self) -> int:
         return self.sequences.size(0)
@@ -95,132 +102,50 @@ class Scored:
 
     old_logprobs, old_entropy, ref_logprobs, values: (B, R) float32
         (with rollout.old_logprobs=reuse: old_logprobs and old_entropy are the rollout's; old_entropy None when
-        the engine gives no entropy)
+        the engine gives no entropy; ref_logprobs None when no reference model is loaded; values 0 without a critic)
     scores: (B,) float32 raw outcome scores; 0 where nonfinite
     nonfinite: (B,) bool rows whose score, logprobs, entropy or values were NaN or infinite (dropped from the update)
     """
     old_logprobs: torch.Tensor
     old_entropy: torch.Tensor | None
-    ref_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
     values: torch.Tensor
     scores: torch.Tensor
     nonfinite: torch.Tensor
 
 
-def _padded_again(bad: torch.Tensor, batch_size: int, forward, outs: list[torch.Tensor]) -> None:
-    """Rows `bad` (B,) bool of a packed pass, computed again padded, in place in `outs` (each (B, ...)).
-
-    In a packed row the sequences share the attention's matmuls, and a NaN or inf in one sequence's states
-    reaches the others through 0 x NaN (a masked-out attention weight times a NaN value); a padded batch keeps
-    it in its own row. The non-finite rows of a packed pass are such a row and its neighbours: computed again
-    padded (`forward(rows)`: the outputs of those rows, pack=None), only the rows that are non-finite on their
-    own stay so, and packed and padded passes drop the same rows. Under FSDP every rank runs as many forwards
-    (a rank with fewer bad rows repeats its row 0 and drops the result). Host sync: one nonzero.
-    """
-    idx = bad.nonzero().flatten()
-    n = int(dist.all_reduce(torch.tensor(idx.numel(), device=bad.device), "max"))
-    for start in range(0, n, batch_size):
-        rows = idx[start:start + batch_size]
-        results = forward(rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=bad.device))
-        if rows.numel():
-            for out, res in zip(outs, results):
-                out[rows] = res
-
-
-def _nonfinite_rows(*xs: torch.Tensor | None) -> torch.Tensor:
-    """(B,) bool: rows with a NaN or inf in any of the (B, ...) tensors."""
-    bad = None
-    for x in xs:
-        if x is not None:
-            row = ~torch.isfinite(x).flatten(1).all(1) if x.dim() > 1 else ~torch.isfinite(x)
-            bad = row if bad is None else bad | row
-    return bad
-
-
 @torch.no_grad()
-def outcome_scores(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int,
-                   function_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The raw outcome score of each response: the reward model's at EOS (batch_size rows at a time), plus
-    `function_scores` (B,), the reward functions' weighted sum (`fastppo.rewards`); either may be absent.
-
-    Returns (scores, nonfinite), (B,) float32 and bool. A score that is NaN or infinite in float32 (one odd
-    response can overflow a half-precision reward model; reward functions' weighted sum can overflow float32)
-    is set to 0 and flagged in `nonfinite`; `drop_rows` then takes those rows out of the update. Every row of
-    the global batch non-finite from the reward model means the reward model itself is broken: that stops the run.
-    """
-    B = len(rollout.sequences)
-    rm_scores = torch.zeros(B, device=rollout.sequences.device)
-    packed = False
-    if models.reward is not None:
-        tok = models.tokenizer
-        rm_ids, rm_mask, eos_index = with_eos_for_scoring(rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-        (every_row,) = micro_batches([(rm_mask, index_targets(eos_index, rm_mask.size(1)))], rows=batch_size,
-                                     tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing,
-                                     one_row=varlen_attention(models.reward))
-        done, parts = [], []
-        for micro in every_row.micro:
-            (pack,), rows = micro.packs, micro.rows
-            score = score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows], pack=pack)
-            if not micro.dummy:                          # a dummy only keeps FSDP's collectives in step
-                done.append(rows)
-                parts.append(score)
-        rm_scores = in_row_order(done, parts).float()
-        packed = cfg.ppo.packing
-    n_rm_bad = int(dist.all_reduce(_nonfinite_rows(rm_scores).sum().float()))      # one host sync, to say which rows
-    if n_rm_bad and packed:
-        _padded_again(_nonfinite_rows(rm_scores), batch_size,
-                      lambda rows: [score_at(models.reward, rm_ids[rows], rm_mask[rows], eos_index[rows]).float()],
-                      [rm_scores])
-        n_rm_bad = int(dist.all_reduce(_nonfinite_rows(rm_scores).sum().float()))
-    rm_bad = _nonfinite_rows(rm_scores)
-    scores = torch.where(rm_bad, 0.0, rm_scores)
-    if function_scores is not None:
-        scores = scores + function_scores.to(scores.device, torch.float32)
-    nonfinite = rm_bad | _nonfinite_rows(scores)
-    n_bad = n_rm_bad if function_scores is None else int(dist.all_reduce(nonfinite.sum().float()))
-    if n_bad:
-        rows = nonfinite.nonzero().flatten().tolist()
-        where = f"rank {dist.rank()} " if dist.world_size() > 1 else ""
-        if n_rm_bad == dist.world_size() * B:
-            raise ModelError(f"the reward model at {cfg.model.reward_path} scored every response of the batch NaN "
-                             f"or infinite (e.g. {rm_scores[0].item()}): check its weights and model.dtype")
-        source = "the reward model" if function_scores is None else "the reward model and functions"
-        log.warning("%s scored %srows %s NaN/inf in float32: they are dropped from this update", source, where,
-                    rows[:16])
-    return torch.where(_nonfinite_rows(scores), 0.0, scores), nonfinite
-
-
-@torch.no_grad()
-def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: int, fused: bool,
-                  outcomes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Scored:
-    """Phase 2: run policy, reference and critic (when there is one) over the rollout, batch_size rows at a
-    time, and take the outcome scores (`outcome_scores`, computed here unless given as (scores, nonfinite)).
-    Without a critic the values are 0. A row whose logprobs, entropy or values are NaN or infinite (computed
-    padded to tell, `_padded_again`) is flagged in `nonfinite` like a non-finite score, its values set to 0."""
-    T = cfg.rollout.temperature
+def score_rollout(models: Models, rollout: Rollout, fwd: Forward, *, outcomes: tuple[torch.Tensor, torch.Tensor],
+                  old_logprobs: str = "recompute", rows: int, tokens: int | None = None) -> Scored:
+    """Phase 2: run policy, reference and critic (those loaded) over the rollout in micro-batches of `rows` rows
+    (or `tokens` tokens), as `fwd` says, and join the outcome scores of phase 1, (scores, nonfinite).
+    old_logprobs: rollout.old_logprobs (reuse: pi_old is the generator's, no policy forward). Without a critic
+    the values are 0; without a reference the ref logprobs are None. A row whose logprobs, entropy or values
+    are NaN or infinite (computed padded to tell, `packing.padded_again`) is flagged in `nonfinite` like a
+    non-finite score, its values set to 0."""
     P = rollout.prompt_width
-    kw = dict(prompt_width=P, temperature=T, fused=fused, backend=cfg.run.backend, chunk_size=cfg.model.lm_head_chunk_size,
-              vocab_size=models.vocab_size)
-    reuse = cfg.rollout.old_logprobs == "reuse"
+    reuse = old_logprobs == "reuse"
     if reuse and rollout.logprobs is None:
         raise ConfigError("rollout.old_logprobs=reuse takes pi_old from the generator's logprobs, but the generation "
                           "engine returned none (Rollout.logprobs is None): set rollout.old_logprobs=recompute")
-    recomputed = () if reuse else ("old_logprobs", "old_entropy")
+    names = [*(() if reuse else ("old_logprobs", "old_entropy")), *(() if models.ref is None else ("ref_logprobs",)),
+             *(() if models.critic is None else ("values",))]
 
     def forward(rows: torch.Tensor, pack) -> list[torch.Tensor]:
         ids, mask, rmask = rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
         outs = []
         if not reuse:
-            lp = response_logprobs(models.policy, ids, mask, rmask, return_entropy=True, pack=pack, **kw)
-            outs += [lp.logprobs, lp.entropy]
-        ref = response_logprobs(models.ref, ids, mask, rmask, pack=pack, **kw).logprobs
-        return outs + [ref, torch.zeros_like(ref) if models.critic is None
-                       else response_values(models.critic, ids, mask, rmask, prompt_width=P, pack=pack)]
+            outs += fwd.response_logprobs(models.policy, ids, mask, rmask, P, return_entropy=True, pack=pack)
+        if models.ref is not None:
+            outs.append(fwd.response_logprobs(models.ref, ids, mask, rmask, P, pack=pack).logprobs)
+        if models.critic is not None:
+            outs.append(fwd.response_values(models.critic, ids, mask, rmask, P, pack=pack))
+        return outs
 
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*recomputed, "ref_logprobs", "values")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     frames = [(rollout.attention_mask, response_targets(rollout.response_mask, P))]
     done = []
-    (every_row,) = micro_batches(frames, rows=batch_size, tokens=cfg.rollout.forward_batch_tokens, packed=cfg.ppo.packing,
+    (every_row,) = micro_batches(frames, rows=rows, tokens=tokens, packed=fwd.packed,
                                  one_row=varlen_attention(models.policy))
     for micro in every_row.micro:
         outs = forward(micro.rows, micro.packs[0])
@@ -229,17 +154,17 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
             for k, v in zip(parts, outs):
                 parts[k].append(v)
     out = {k: in_row_order(done, v) for k, v in parts.items()}
-    bad = _nonfinite_rows(*out.values())
+    B = rollout.sequences.size(0)
+    bad = nonfinite_rows(*out.values()) if out else torch.zeros(B, dtype=torch.bool, device=rollout.sequences.device)
     n_bad = int(dist.all_reduce(bad.sum().float()))                 # one host sync
-    if n_bad and cfg.ppo.packing:
-        _padded_again(bad, batch_size, lambda rows: forward(rows, None), list(out.values()))
-        bad = _nonfinite_rows(*out.values())
+    if n_bad and fwd.packed:
+        padded_again(bad, rows, lambda again: forward(again, None), list(out.values()))
+        bad = nonfinite_rows(*out.values())
         n_bad = int(dist.all_reduce(bad.sum().float()))
     if n_bad:
         if n_bad == dist.world_size() * bad.numel():
-            raise ModelError(f"the policy, reference or critic forward gave NaN or inf on every response of the batch "
-                             f"({cfg.model.policy_path}, {cfg.model.critic_path or cfg.model.reward_path}): check "
-                             "their weights and model.dtype")
+            raise ModelError("the policy, reference or critic forward gave NaN or inf on every response of the batch: "
+                             "check their weights and model.dtype")
         log.warning("the policy, reference or critic forward gave NaN/inf on rows %s%s: they are dropped from this "
                     "update", bad.nonzero().flatten().tolist()[:16],
                     f" of rank {dist.rank()}" if dist.world_size() > 1 else "")
@@ -248,8 +173,10 @@ def score_rollout(models: Models, rollout: Rollout, cfg: Config, *, batch_size: 
         rmask = rollout.response_mask
         out["old_logprobs"] = torch.where(rmask, rollout.logprobs.float(), 0.0)
         out["old_entropy"] = None if rollout.entropy is None else torch.where(rmask, rollout.entropy.float(), 0.0)
-    scores, nonfinite = outcomes if outcomes is not None else outcome_scores(models, rollout, cfg, batch_size=batch_size)
-    return Scored(**out, scores=scores, nonfinite=nonfinite | bad)
+    scores, nonfinite = outcomes
+    return Scored(old_logprobs=out["old_logprobs"], old_entropy=out["old_entropy"], ref_logprobs=out.get("ref_logprobs"),
+                  values=out.get("values", torch.zeros_like(out["old_logprobs"])), scores=scores,
+                  nonfinite=nonfinite | bad)
 
 
 def drop_rows(rollout: Rollout, rows: torch.Tensor, pad_id: int) -> Rollout:
@@ -258,63 +185,6 @@ def drop_rows(rollout: Rollout, rows: torch.Tensor, pad_id: int) -> Rollout:
     update sees them (a sequence whose forward gives NaN would otherwise spread it through the gradients)."""
     return dataclasses.replace(rollout, response_mask=rollout.response_mask & ~rows[:, None],
                                sequences=torch.where(rows[:, None], pad_id, rollout.sequences))
-
-
-def reparameterise_scores(scores: torch.Tensor, moments: RunningMoments, cfg: Config,
-                          valid: torch.Tensor | None = None) -> torch.Tensor:
-    """PPO-max §5.3.1: update the running moments with this batch, then (s - mu)/sigma or s/sigma, clipped.
-
-    The moments are updated with the current batch before they are used, so
-    the first iteration is already normalised by its own statistics. Only
-    `valid` (B,) bool rows (default: the finite scores) enter the moments; the
-    others come out as 0, so a non-finite score never reaches the running
-    statistics or a checkpoint.
-    """
-    rc = cfg.reward
-    valid = torch.isfinite(scores) if valid is None else valid & torch.isfinite(scores)
-    if rc.reward_scale or rc.reward_norm:
-        moments.to(scores.device).merge(*masked_moments(scores, valid, unbiased=False, group=dist.group()))
-    out = scores.float()
-    std = moments.std.clamp(min=1e-8).float()
-    if rc.reward_norm:
-        out = (out - moments.mean.float()) / std
-    elif rc.reward_scale:
-        out = out / std
-    if rc.reward_clip is not None:
-        out = out.clamp(-rc.reward_clip, rc.reward_clip)
-    return torch.where(valid, out, 0.0)
-
-
-def token_rewards(shaped_scores: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                  response_mask: torch.Tensor, *, kl_coef: float, estimator: str, clamp: float | None,
-                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO-max §5.3.2: r_t = -beta * KL_t on every response token, + shaped score at the last one.
-
-    Returns (rewards (B, R), kl (B, R)); both 0 off the mask.
-    """
-    mask = response_mask.float()
-    kl = kl_penalty(old_logprobs, ref_logprobs, estimator=estimator, clamp=clamp, backend=backend) * mask
-    rewards = -kl_coef * kl
-    last = (response_mask.long().sum(-1) - 1).clamp(min=0)                           # (B,) last response column
-    rewards = rewards.scatter_add(1, last[:, None], shaped_scores[:, None].float())
-    return rewards, kl
-
-
-def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, cfg: Config
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over response tokens (V after the last token = 0), then optional global whitening and clipping.
-
-    Returns (advantages, returns), each (B, R) float32; returns are computed
-    from the raw advantages (R_t = A_t + V_t) before whitening.
-    """
-    advantages, returns = gae(rewards, values, response_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
-                                  backend=cfg.run.backend)
-    if cfg.ppo.whiten_advantages:
-        # Global over the batch: statistics of all ranks' valid tokens (group=None in one process).
-        advantages = masked_whiten(advantages, response_mask, shift_mean=True, group=dist.group()) * response_mask
-    if cfg.ppo.advantage_clip is not None:
-        advantages = advantages.clamp(-cfg.ppo.advantage_clip, cfg.ppo.advantage_clip)
-    return advantages, returns
 
 
 # ----------------------------------------------------------------------------
@@ -359,6 +229,7 @@ def correction_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor
     number of valid tokens as before), so masking never raises the weight of the tokens left.
     Metrics (global, fractions of valid tokens): rollout/is_truncated_frac (the IS weight was capped, whether
     or not the token is also masked), rollout/masked_frac. None and no metrics when both modes are none.
+    = `algo.rollout_correction_weight`, with its metrics global over ranks.
     """
     if is_mode == "none" and mask_mode == "none":
         return None, {}
@@ -388,81 +259,22 @@ def correction_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor
     return weight, metrics
 
 
-def rollout_correction(rollout: Rollout, scored: Scored, cfg: Config) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Phase 4: `Experience.policy_weight` (`correction_weight` with ppo.rollout_is / rollout_mask) and the
-    rollout/* metrics: with rollout.old_logprobs=recompute and the engine's logprobs, the mismatch
+def rollout_correction(rollout: Rollout, scored: Scored, correction: CorrectionConfig, old_logprobs: str
+                       ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """`Experience.policy_weight` (`correction_weight` with the correction section) and the rollout/* metrics:
+    with rollout.old_logprobs=recompute (`old_logprobs`) and the engine's logprobs, the mismatch
     (`mismatch_metrics`) every iteration. With reuse there is nothing to measure (pi_old is pi_rollout)."""
-    pc = cfg.ppo
-    correcting = pc.rollout_is != "none" or pc.rollout_mask != "none"
-    if cfg.rollout.old_logprobs == "reuse" or rollout.logprobs is None:
+    c = correction
+    correcting = c.importance != "none" or c.mask != "none"
+    if old_logprobs == "reuse" or rollout.logprobs is None:
         if correcting:
-            raise ConfigError(f"ppo.rollout_is={pc.rollout_is} / ppo.rollout_mask={pc.rollout_mask} weigh "
+            raise ConfigError(f"correction.importance={c.importance} / correction.mask={c.mask} weigh "
                               "pi_old / pi_rollout, but the generation engine returned no logprobs "
                               "(Rollout.logprobs is None): set both to none")
         return None, {}
     mask = rollout.response_mask
-    weight, metrics = correction_weight(scored.old_logprobs, rollout.logprobs, mask, is_mode=pc.rollout_is,
-                                        cap=pc.rollout_is_cap, mask_mode=pc.rollout_mask,
-                                        bounds=tuple(pc.rollout_mask_bounds))
+    weight, metrics = correction_weight(scored.old_logprobs, rollout.logprobs, mask, is_mode=c.importance,
+                                        cap=c.importance_cap, mask_mode=c.mask, bounds=tuple(c.mask_bounds))
     return weight, {**mismatch_metrics(scored.old_logprobs, rollout.logprobs, mask), **metrics}
 
-
-class AdaptiveKLController:
-    """Proportional controller of Ziegler et al. (2019): beta *= 1 + clip(KL/target - 1, ±0.2) * n / horizon."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.value = float(d["value"])
-
-
-class FixedKLController(AdaptiveKLController):
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-
-def kl_controller(cfg: Config) -> AdaptiveKLController:
-    cls = AdaptiveKLController if cfg.reward.adaptive_kl else FixedKLController
-    return cls(cfg.reward.kl_coef, cfg.reward.kl_target, cfg.reward.kl_horizon)
-
-
-def experience_metrics(rollout: Rollout, scored: Scored, shaped: torch.Tensor, kl: torch.Tensor,
-                       exp: Experience, max_new_tokens: int, with_critic: bool = True) -> dict[str, torch.Tensor]:
-    """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023), as device tensors (synced once with the rest)."""
-    mask = rollout.response_mask
-    n_tokens = masked_count(mask, group=dist.group())
-    n_rows = float(mask.size(0) * dist.world_size())                 # every rank scores the same number of rows
-    seq_kl = dist.all_reduce(kl.sum()) / n_rows
-    mean_logprob = dist.all_reduce((scored.old_logprobs * mask).sum()) / n_tokens
-    out = {
-        **masked_stats("score/raw", scored.scores, ~scored.nonfinite),
-        **masked_stats("score/shaped", shaped, ~scored.nonfinite),
-        "score/nonfinite": dist.all_reduce(scored.nonfinite.sum().float()),
-        "kl/ref_per_sequence": seq_kl,
-        "kl/ref_per_token": dist.all_reduce(kl.sum()) / n_tokens,
-        **({} if scored.old_entropy is None else
-           {"policy/entropy": dist.all_reduce((scored.old_entropy * mask).sum()) / n_tokens}),
-        "policy/perplexity": torch.exp(-mean_logprob),
-        "response/length_mean": n_tokens / n_rows,
-        "response/length_max": dist.all_reduce(rollout.lengths.max().float(), "max"),
-        "response/clipped_frac": dist.all_reduce((rollout.lengths >= max_new_tokens).float().sum()) / n_rows,
-        "response/no_eos_frac": dist.all_reduce((~rollout.ended).float().sum()) / n_rows,
-        "response/tokens": n_tokens,
-        "response/total_tokens": masked_count(rollout.attention_mask, group=dist.group()),  # prompt + response tokens
-        **masked_stats("advantages", exp.advantages, mask),
-        **masked_stats("returns", exp.returns, mask),
-        "reward/token_mean": dist.all_reduce(exp.rewards.sum()) / n_rows,
-    }
-    if with_critic:
-        out.update({**masked_stats("values", exp.old_values, mask),
-                    "values/explained_variance_old": explained_variance(exp.old_values, exp.returns, mask)})
-    return out
 

@@ -33,7 +33,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from . import dist
+from . import parallel
 from .config import ConfigError, LoraConfig
 
 log = logging.getLogger("fastppo")
@@ -102,7 +102,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 class ReferenceView:
     """The PPO reference of a LoRA policy: the policy itself, run with its adapters disabled.
 
-    Stands where a frozen copy of the policy would (`Models.ref`): its forwards (`dist.run_as_forward`,
+    Stands where a frozen copy of the policy would (`Models.ref`): its forwards (`parallel.run_as_forward`,
     which every function of `fastppo.models` goes through, and a plain call) run the policy inside
     `adapters_disabled`; every other attribute is the policy's (config, parameters, modules, ...). Under FSDP
     it is a forward of the policy's root, so the lm_head weight the fused op reads is the policy's own,
@@ -123,14 +123,14 @@ class ReferenceView:
 
     def _as_forward(self, fn, *args, **kwargs):
         with adapters_disabled(self.policy):
-            return dist.run_as_forward(self.policy, fn, *args, **kwargs)
+            return parallel.run_as_forward(self.policy, fn, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         with adapters_disabled(self.policy):
             return self.policy(*args, **kwargs)
 
 
-setattr(ReferenceView, dist.FORWARD_METHOD, ReferenceView._as_forward)   # the name run_as_forward looks up
+setattr(ReferenceView, parallel.FORWARD_METHOD, ReferenceView._as_forward)   # the name run_as_forward looks up
 
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -148,12 +148,12 @@ def save_export(model: nn.Module, out: Path, *, state: dict[str, torch.Tensor] |
     wrapper = peft_model(model)
     if state is None:
         state = cpu_state(model)
-    # Merged in the adapters' (master) dtype: frozen base weights stored in a 16-bit compute dtype (`dist.Sharder`)
+    # Merged in the adapters' (master) dtype: frozen base weights stored in a 16-bit compute dtype (`parallel.Sharder`)
     # would round away a small W + (alpha / r) B A update, as 16-bit master weights do.
     master = next(p.dtype for p in model.parameters() if p.requires_grad)
     state = {k: v.to(master) if v.is_floating_point() else v for k, v in state.items()}
     with torch.device("meta"):
-        base = dist.plain_class(model)(copy.deepcopy(model.config))
+        base = parallel.plain_class(model)(copy.deepcopy(model.config))
     copy_ = _get_peft_model(base, copy.deepcopy(wrapper.peft_config["default"]))
     base.load_state_dict(state, strict=True, assign=True)
     base.tie_weights()   # assign=True replaced tied parameters one by one

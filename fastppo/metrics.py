@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .masked import masked_moments
+from .masked import masked_count, masked_moments
 
 log = logging.getLogger("fastppo")
 
@@ -202,3 +202,38 @@ def histogram_counts(x: torch.Tensor, bins: int = 10) -> dict[str, list[float]]:
     counts = torch.histc(x, bins=bins, min=lo, max=hi)
     edges = torch.linspace(lo, hi, bins + 1)
     return {"edges": [round(e, 6) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}
+
+
+def experience_metrics(rollout, scored, shaped: torch.Tensor, kl: torch.Tensor, exp, max_new_tokens: int,
+                       with_critic: bool = True, with_ref: bool = True) -> dict[str, torch.Tensor]:
+    """Rollout-side diagnostics of pattern collapse (Zheng et al. 2023), as device tensors (synced once with the
+    rest), from the iteration's `rollout.Rollout`, `experience.Scored`, shaped scores (B,), token KL (B, R) and
+    `experience.Experience`. The KL to the reference only with one (`with_ref`), the values' only with a critic."""
+    mask = rollout.response_mask
+    n_tokens = masked_count(mask, group=dist.group())
+    n_rows = float(mask.size(0) * dist.world_size())                 # every rank scores the same number of rows
+    seq_kl = dist.all_reduce(kl.sum()) / n_rows
+    mean_logprob = dist.all_reduce((scored.old_logprobs * mask).sum()) / n_tokens
+    out = {
+        **masked_stats("score/raw", scored.scores, ~scored.nonfinite),
+        **masked_stats("score/shaped", shaped, ~scored.nonfinite),
+        "score/nonfinite": dist.all_reduce(scored.nonfinite.sum().float()),
+        **({"kl/ref_per_sequence": seq_kl, "kl/ref_per_token": dist.all_reduce(kl.sum()) / n_tokens}
+           if with_ref else {}),
+        **({} if scored.old_entropy is None else
+           {"policy/entropy": dist.all_reduce((scored.old_entropy * mask).sum()) / n_tokens}),
+        "policy/perplexity": torch.exp(-mean_logprob),
+        "response/length_mean": n_tokens / n_rows,
+        "response/length_max": dist.all_reduce(rollout.lengths.max().float(), "max"),
+        "response/clipped_frac": dist.all_reduce((rollout.lengths >= max_new_tokens).float().sum()) / n_rows,
+        "response/no_eos_frac": dist.all_reduce((~rollout.ended).float().sum()) / n_rows,
+        "response/tokens": n_tokens,
+        "response/total_tokens": masked_count(rollout.attention_mask, group=dist.group()),  # prompt + response tokens
+        **masked_stats("advantages", exp.advantages, mask),
+        **masked_stats("returns", exp.returns, mask),
+        "reward/token_mean": dist.all_reduce(exp.rewards.sum()) / n_rows,
+    }
+    if with_critic:
+        out.update({**masked_stats("values", exp.old_values, mask),
+                    "values/explained_variance_old": explained_variance(exp.old_values, exp.returns, mask)})
+    return out

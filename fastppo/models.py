@@ -7,17 +7,19 @@
 - critic: a sequence-classification model initialised from the reward model
   (PPO-max), its scalar head applied at every position.
 
-Every forward builds position ids from the attention mask, so left padding
-never shifts positions. With `pack=` (a `packing.Packing`) the forwards run
-padding-free: the sequences back to back in rows, positions restarting
-per sequence, only the states the caller reads going on to the heads, and the
-outputs returned in the padded layout. Logprobs come from the backbone's hidden states and
-the lm_head weight through the fused `linear_token_logprobs`, which never
-materialises the (B, T, V) logits.
+Every forward has one code path: it runs the backbone on the rows of a
+`packing.Packing` (`pack=`) and reads the states at its targets. A padded
+batch is the trivial packing (positions from the attention mask, so left
+padding never shifts positions); a packed one holds the sequences back to
+back, positions restarting per sequence. Only the states the caller reads
+go on to the heads, and the outputs come back in the padded (B, ·) layout.
+Logprobs come from the backbone's hidden states and the lm_head weight
+through the fused `linear_token_logprobs`, which never materialises the
+(B, T, V) logits.
 
-Under FSDP2 (`dist.Sharder`) every function here that reads the backbone
+Under FSDP2 (`parallel.Sharder`) every function here that reads the backbone
 and then the root's own parameters (lm_head weight, scalar head) runs as a
-forward of the root module (`dist.run_as_forward`): FSDP has all-gathered
+forward of the root module (`parallel.run_as_forward`): FSDP has all-gathered
 them there, so the fused op sees the full (V, H) weight, and its gradient
 goes back to the shards.
 """
@@ -41,10 +43,11 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.utils import cached_file, is_flash_attn_2_available
 
-from . import dist, lora
+from . import dist, lora, parallel
 from .config import ModelConfig
 from .kernels import linear_token_logprobs, token_logprobs
-from .packing import Packing
+from .masked import masked_count
+from .packing import Packing, index_targets, varlen_attention, whole_batch
 
 log = logging.getLogger("fastppo")
 
@@ -146,7 +149,7 @@ def check_same_vocab(policy_tok, reward_tok, policy_path: str, reward_path: str)
 # Loading
 # ----------------------------------------------------------------------------
 
-def _dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -155,7 +158,7 @@ EMBEDDING_ROWS_MULTIPLE = 64
 would cost the lm_head matmul its aligned 128-bit loads and cuBLAS its fastest kernels."""
 
 
-def _grow_embeddings(model, n_tokens: int, what: str, multiple: int = 1) -> None:
+def grow_embeddings(model, n_tokens: int, what: str, multiple: int = 1) -> None:
     """Give the model at least n_tokens embedding rows, a multiple of `multiple`.
 
     Rows past n_tokens are alignment padding (see `mark_padding_rows`).
@@ -180,7 +183,7 @@ _ROWS_ATTR = "fastppo_rows_without_alignment"
 
 
 def rows_without_alignment(model: nn.Module) -> int | None:
-    """The embedding rows the model had before `_grow_embeddings` added alignment rows (the checkpoint's rows
+    """The embedding rows the model had before `grow_embeddings` added alignment rows (the checkpoint's rows
     plus an added pad token); None when it added none. An export drops the alignment rows again: outside
     fastppo nothing masks their logits (zero rows give logit 0), so a sampler could draw ids no tokenizer has."""
     rows = getattr(model, _ROWS_ATTR, None)
@@ -240,14 +243,14 @@ def _no_load_report(record: logging.LogRecord) -> bool:
 
 
 def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_ok: tuple[str, ...] = (),
-                    shard: "dist.Sharder | None" = None, config=None, **kwargs):
+                    shard: "parallel.Sharder | None" = None, config=None, **kwargs):
     """`auto_class.from_pretrained(path)`, refusing a model that would get a randomly initialised head.
 
     transformers initialises randomly every weight the checkpoint lacks (a causal LM read as a
     sequence classifier gets a new `score`, and the reverse a new `lm_head`) and only says so in its
     load report. fresh_ok: name prefixes allowed to start random (the scalar head train-rm trains).
     With a Sharder over several processes only rank 0 reads (and checks) the checkpoint
-    (`dist.from_pretrained`); if it refuses, torchrun stops the other ranks.
+    (`parallel.from_pretrained`); if it refuses, torchrun stops the other ranks.
     """
     # transformers' load report (a multi-line table on the console, printed before any refusal below) is
     # replaced by the refusal or by one log line of what starts new and what goes unused.
@@ -255,7 +258,7 @@ def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_o
     hf_log = logging.getLogger("transformers.modeling_utils")
     hf_log.addFilter(_no_load_report)
     try:
-        model, info = dist.from_pretrained(auto_class, path, shard, config=config, **kwargs)
+        model, info = parallel.from_pretrained(auto_class, path, shard, config=config, **kwargs)
     except SafetensorError as exc:  # a weights file cut short (an interrupted copy or download, a full disk)
         raise ModelError(f"{field}: cannot read the weights of {path}, probably truncated ({exc})") from None
     finally:
@@ -345,8 +348,8 @@ def no_dropout_config(path: str, cfg: ModelConfig, **overrides):
 class Models:
     policy: nn.Module
     """Causal LM, trained."""
-    ref: nn.Module
-    """Frozen copy of the policy at start; with model.lora the policy itself with its adapters disabled (`lora.ReferenceView`)."""
+    ref: nn.Module | None
+    """Frozen copy of the policy at start; with model.lora the policy itself with its adapters disabled (`lora.ReferenceView`). None when nothing reads the reference (`config.uses_reference`)."""
     critic: nn.Module | None
     """Sequence-classification model, trained; head applied at every position. None for a critic-free estimator."""
     reward: nn.Module | None
@@ -359,12 +362,13 @@ class Models:
     """The real vocabulary, len(tokenizer): lm_head rows past it are alignment padding, never sampled nor in a softmax."""
 
 
-def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | dist.Autocast | None" = None,
-                with_critic: bool = True) -> Models:
+def load_models(cfg: ModelConfig, device: torch.device, shard: "parallel.Sharder | parallel.Autocast | None" = None,
+                with_critic: bool = True, with_reference: bool = True) -> Models:
     """Load the four models; with `shard`, each is sharded (FSDP2) right after it is loaded, so that at most
     two unsharded models exist at a time (the policy and its reference copy), on the host.
 
-    with_critic=False (a critic-free estimator) loads no critic; model.reward_path null loads no reward model.
+    with_critic=False (a critic-free estimator) loads no critic; with_reference=False (no KL penalty nor KL loss)
+    no reference; model.reward_path null loads no reward model.
     With model.lora / model.critic_lora the policy / critic get LoRA adapters before they are prepared
     (`lora.apply`), and with model.lora no reference copy is made: the reference is the policy with its
     adapters disabled."""
@@ -375,7 +379,7 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | d
                         (critic_path, critic_field)):
         if path is not None:
             check_model_source(path, field)
-    dtype = _dtype(cfg.dtype)
+    dtype = torch_dtype(cfg.dtype)
     compute_dtype = shard.param_dtype if shard is not None and shard.param_dtype is not None else dtype
     attn = attn_implementation(cfg.attn_implementation, compute_dtype=compute_dtype,
                                fields="model.dtype and parallel.param_dtype")
@@ -399,7 +403,7 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | d
         if emb < n_tok - 1:  # only the pad token may be missing
             raise ModelError(f"the {what} model has {emb} embeddings but the tokenizer has {n_tok} tokens: "
                              "the model and tokenizer do not belong together")
-        _grow_embeddings(model, n_tok, what, EMBEDDING_ROWS_MULTIPLE)
+        grow_embeddings(model, n_tok, what, EMBEDDING_ROWS_MULTIPLE)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
         if what in ("reward", "critic"):
@@ -434,12 +438,14 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | d
         expected="the policy must be a causal LM (e.g. the export of `fastppo sft`)", **kw), "policy")
     mark_padding_rows(policy, n_tok)
     reason = fused_lm_head_supported(policy)
+    ref = None
     if cfg.lora is not None:
         policy = prepare(lora.apply(policy, cfg.lora, field="model.lora", classifier=False), "policy", trained=True)
-        ref = lora.ReferenceView(policy)
+        ref = lora.ReferenceView(policy) if with_reference else None
     else:
         # The reference must equal the policy exactly, including any resized rows: copy it before either is sharded.
-        ref = prepare(copy.deepcopy(policy), "reference", trained=False)
+        if with_reference:
+            ref = prepare(copy.deepcopy(policy), "reference", trained=False)
         policy = prepare(policy, "policy", trained=True)
     reward = (None if cfg.reward_path is None
               else prepare(classifier(cfg.reward_path, "model.reward_path", "reward"), "reward", trained=False))
@@ -455,48 +461,38 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "dist.Sharder | d
 
 
 # ----------------------------------------------------------------------------
-# Forwards
+# Forwards: one code path, padded or packed (`packing.Packing`)
 # ----------------------------------------------------------------------------
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) positions counting only attended tokens; 0 on left padding (as HF generate does)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def _padded(pack: Packing | None, attention_mask: torch.Tensor, targets: torch.Tensor) -> Packing:
+    """`pack`, or when it is None (a caller outside the micro-batch planner) the padded batch with `targets`."""
+    return pack if pack is not None else Packing.padded_batch(attention_mask, targets)
 
 
-def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   pack: Packing | None = None) -> torch.Tensor:
-    """(B, L, H) last hidden states; with `pack`, the backbone runs on the packed rows and this is (M, H), the
-    target states only (`packing.Packing`)."""
-    if pack is None:
-        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
-    else:
-        # No attention mask: transformers confines attention to each sequence from the restarting position ids.
-        kw = dict(input_ids=pack.pack(input_ids), position_ids=pack.position_ids,
-                  **pack.attention_kwargs(backbone(model).config))
-    out = backbone(model)(**kw, use_cache=False)
+def _window(attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """(B, L) bool: the states before every response column (P-1 .. L-2), padding included."""
+    out = torch.zeros_like(attention_mask, dtype=torch.bool)
+    out[:, prompt_width - 1:-1] = True
+    return out
+
+
+def backbone_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: Packing) -> torch.Tensor:
+    """(M, H) last hidden states of the model's backbone (final norm included) at the targets of `pack`: the
+    backbone runs on the packing's rows (for a padded batch: the rows as they are, through their attention
+    mask). Call it inside `parallel.run_as_forward` when the root's own parameters are read next."""
+    body = backbone(model)
+    out = body(input_ids=pack.pack(input_ids), position_ids=pack.position_ids, use_cache=False,
+               **pack.attention_kwargs(body.config, attention_mask))
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden if pack is None else pack.gather(hidden)
+    return pack.gather(hidden)
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  pack: Packing | None = None) -> torch.Tensor:
-    """Last hidden states (B, L, H) of the model's backbone (final norm included); with `pack`, (M, H) at its targets.
-
-    Under FSDP this is a forward of the root, whose parameters (embeddings,
-    lm_head) then stay gathered until its backward or `dist.reshard`, so a
-    caller may still read `model.get_output_embeddings().weight` in full.
-    """
-    return dist.run_as_forward(model, _hidden_states, input_ids, attention_mask, pack)
-
-
-def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: Packing | None,
+def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: Packing,
             vocab_size: int | None) -> torch.Tensor:
-    """Full logits (B, L, V), or (M, V) at the targets of `pack` (the model's own forward: logit transforms included)."""
-    if pack is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[..., :vocab_size]
-    return model(input_ids=pack.pack(input_ids), position_ids=pack.position_ids, use_cache=False,
-                 **pack.attention_kwargs(model.config)).logits.flatten(0, 1)[pack.select, :vocab_size]
+    """(M, V) full logits at the targets of `pack` (the model's own forward: logit transforms included)."""
+    out = model(input_ids=pack.pack(input_ids), position_ids=pack.position_ids, use_cache=False,
+                **pack.attention_kwargs(model.config, attention_mask))
+    return pack.gather(out.logits)[:, :vocab_size]
 
 
 class ResponseLogprobs(NamedTuple):
@@ -504,6 +500,52 @@ class ResponseLogprobs(NamedTuple):
     """(B, R) float32 log pi(y_t | y_<t) at temperature T; 0 off the response mask."""
     entropy: torch.Tensor | None
     """(B, R) float32 entropy of pi(. | y_<t) at temperature T; 0 off the mask; None when not asked."""
+
+
+@dataclass(frozen=True)
+class Forward:
+    """How the trainer runs its logprob and value forwards, fixed for a run (`train` builds it from the config)."""
+    temperature: float
+    """rollout.temperature: every logprob of the loop is one of softmax(logits / T)."""
+    packed: bool
+    """ppo.packing: micro-batches padding-free (`packing`)."""
+    backend: str | None = None
+    """run.backend of the fused ops."""
+    chunk_size: int | None = None
+    """model.lm_head_chunk_size of the fused lm_head ops."""
+    fused: bool = True
+    """Logprobs from the backbone's states and the lm_head weight (`Models.fused_lm_head`), else from full logits."""
+    vocab_size: int | None = None
+    """The real vocabulary (`Models.vocab_size`)."""
+
+    def response_logprobs(self, model, input_ids, attention_mask, response_mask, prompt_width: int, *,
+                          return_entropy: bool = False, pack: Packing | None = None) -> "ResponseLogprobs":
+        return response_logprobs(model, input_ids, attention_mask, response_mask, prompt_width=prompt_width,
+                                 temperature=self.temperature, return_entropy=return_entropy, fused=self.fused,
+                                 backend=self.backend, chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+                                 pack=pack)
+
+    def response_values(self, model, input_ids, attention_mask, response_mask, prompt_width: int, *,
+                        pack: Packing | None = None) -> torch.Tensor:
+        return response_values(model, input_ids, attention_mask, response_mask, prompt_width=prompt_width, pack=pack)
+
+
+def _target_logprobs(model, input_ids, attention_mask, labels, pack, *, fused, temperature, return_entropy, backend,
+                     chunk_size, vocab_size):
+    """(B, L) logprobs (and entropy) of labels (B, L) at the targets of `pack`, 0 elsewhere: from the backbone's
+    states and the lm_head weight (`linear_token_logprobs`: no (M, V) logits stored) or from full logits."""
+    target = pack.take(labels)                                                        # (M,)
+    if fused:
+        hidden = backbone_states(model, input_ids, attention_mask, pack)             # (M, H)
+        out = linear_token_logprobs(hidden, model.get_output_embeddings().weight, target, temperature=temperature,
+                                    return_entropy=return_entropy, ignore_index=IGNORE_INDEX, backend=backend,
+                                    chunk_size=chunk_size, vocab_size=vocab_size)    # the full (V, H) weight
+    else:
+        out = token_logprobs(_logits(model, input_ids, attention_mask, pack, vocab_size), target,
+                             temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX,
+                             backend=backend)
+    # (B, L) new tensors, not views of the op's buffer: FSDP hooks the backward on what a forward returns.
+    return tuple(pack.unpack(t) for t in out) if return_entropy else pack.unpack(out)
 
 
 def response_logprobs(
@@ -527,47 +569,19 @@ def response_logprobs(
     Token y_t at column P+t is predicted by the hidden state at column P+t-1.
     vocab_size: the real vocabulary (`Models.vocab_size`); logit columns past it (alignment padding of the
     lm_head) are left out of the softmax. None: the size `mark_padding_rows` recorded, else every column.
-    pack: run padding-free (`packing.Packing` of attention_mask with targets `packing.response_targets`);
-    the ops then see only the response tokens' states, and the outputs come back in the (B, R) layout.
+    pack: how the forward runs (`packing.micro_batches`, targets `packing.response_targets`): padding-free,
+    the ops then see only the response tokens' states; None: the padded batch. The outputs are (B, R) either way.
     """
-    vocab_size = real_vocab_size(model, vocab_size)
-
-    labels = torch.where(response_mask, input_ids[:, prompt_width:], IGNORE_INDEX)     # (B, R)
-    if fused:
-        out = dist.run_as_forward(model, _fused_response_logprobs, input_ids, attention_mask, labels, pack=pack,
-                                  prompt_width=prompt_width, temperature=temperature, return_entropy=return_entropy,
-                                  backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
-    else:
-        logits = _logits(model, input_ids, attention_mask, pack, vocab_size)
-        if pack is None:
-            logits, target = logits[:, prompt_width - 1:-1], labels                      # (B, R, V)
-        else:
-            target = pack.take(labels, prompt_width - 1)                                 # (M,)
-        out = token_logprobs(logits, target, temperature=temperature, return_entropy=return_entropy,
-                             ignore_index=IGNORE_INDEX, backend=backend)
-        if pack is not None:
-            out = tuple(pack.unpack(t)[:, prompt_width - 1:-1] for t in out) if return_entropy else \
-                pack.unpack(out)[:, prompt_width - 1:-1]
+    P = prompt_width
+    labels = nn.functional.pad(torch.where(response_mask, input_ids[:, P:], IGNORE_INDEX), (P - 1, 1),
+                               value=IGNORE_INDEX)                                 # (B, L): the label of each state
+    pack = _padded(pack, attention_mask, _window(attention_mask, P))
+    out = parallel.run_as_forward(model, _target_logprobs, input_ids, attention_mask, labels, pack, fused=fused,
+                                  temperature=temperature, return_entropy=return_entropy, backend=backend,
+                                  chunk_size=chunk_size, vocab_size=real_vocab_size(model, vocab_size))
     if return_entropy:
-        return ResponseLogprobs(out[0], out[1])
-    return ResponseLogprobs(out, None)
-
-
-def _fused_response_logprobs(model, input_ids, attention_mask, labels, *, pack, prompt_width, temperature,
-                             return_entropy, backend, chunk_size, vocab_size):
-    if pack is None:
-        hidden = _hidden_states(model, input_ids, attention_mask)[:, prompt_width - 1:-1]  # (B, R, H)
-    else:
-        hidden, labels = _hidden_states(model, input_ids, None, pack), pack.take(labels, prompt_width - 1)  # (M, H), (M,)
-    out = linear_token_logprobs(
-        hidden, model.get_output_embeddings().weight, labels,                            # the full (V, H) weight
-        temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE_INDEX,
-        backend=backend, chunk_size=chunk_size, vocab_size=vocab_size,
-    )
-    # (B, R) copies, not views of the op's buffer: FSDP hooks the backward on what a forward returns.
-    outs = out if return_entropy else (out,)
-    outs = tuple(t.clone() if pack is None else pack.unpack(t)[:, prompt_width - 1:-1].clone() for t in outs)
-    return outs if return_entropy else outs[0]
+        return ResponseLogprobs(*(t[:, P - 1:-1] for t in out))
+    return ResponseLogprobs(out[:, P - 1:-1], None)
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
@@ -575,37 +589,31 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                       vocab_size: int | None = None, pack: Packing | None = None) -> torch.Tensor:
     """(B, L) float32 log pi(labels[:, j] | input_ids[:, :j+1]) at temperature 1; 0 where labels == IGNORE_INDEX.
 
-    vocab_size: as in `response_logprobs`. pack: padding-free, with targets labels != IGNORE_INDEX.
+    vocab_size: as in `response_logprobs`. pack: as there, with targets labels != IGNORE_INDEX (None: padded).
     """
-    vocab_size = real_vocab_size(model, vocab_size)
-
-    if fused:
-        return dist.run_as_forward(model, _fused_sequence_logprobs, input_ids, attention_mask, labels, pack=pack,
-                                   backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
-    logits = _logits(model, input_ids, attention_mask, pack, vocab_size)
-    if pack is None:
-        return token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)
-    return pack.unpack(token_logprobs(logits, pack.take(labels), ignore_index=IGNORE_INDEX, backend=backend))
+    pack = _padded(pack, attention_mask, torch.ones_like(labels, dtype=torch.bool))
+    return parallel.run_as_forward(model, _target_logprobs, input_ids, attention_mask, labels, pack, fused=fused,
+                                   temperature=1.0, return_entropy=False, backend=backend, chunk_size=chunk_size,
+                                   vocab_size=real_vocab_size(model, vocab_size))
 
 
-def _fused_sequence_logprobs(model, input_ids, attention_mask, labels, *, pack, backend, chunk_size, vocab_size):
-    hidden = _hidden_states(model, input_ids, attention_mask, pack)                      # (B, L, H) or (M, H)
-    out = linear_token_logprobs(hidden, model.get_output_embeddings().weight,
-                                labels if pack is None else pack.take(labels), ignore_index=IGNORE_INDEX,
-                                backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
-    return out.clone() if pack is None else pack.unpack(out)                             # not a view (as above)
+def ptx_loss(policy: nn.Module, batch, *, fused: bool, backend: str | None, chunk_size: int | None,
+             packed: bool = False) -> torch.Tensor:
+    """Token-mean LM loss (temperature 1) on the response tokens of an SFT batch (`data.SFTBatch`; the mean over
+    all ranks' tokens).
+
+    packed: one padding-free forward over the batch's sequences (`packing.Packing`).
+    """
+    valid = batch.labels != IGNORE_INDEX
+    pack = whole_batch(batch.attention_mask, valid, packed=packed, one_row=varlen_attention(policy))
+    logprobs = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
+                                 backend=backend, chunk_size=chunk_size, pack=pack)         # (B, L)
+    return -(logprobs * valid).sum() / masked_count(valid, group=dist.group()).clamp(min=1)
 
 
-def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 pack: Packing | None = None) -> torch.Tensor:
-    """(B, L) float32: the scalar head applied at every position (with `pack`: at its targets, 0 elsewhere)."""
-    return dist.run_as_forward(model, _token_values, input_ids, attention_mask, pack)
-
-
-def _token_values(model, input_ids, attention_mask, pack=None):
-    # A copy, not a view of the head's output (FSDP's backward hooks live on the forward's output tensor).
-    values = scalar_head(model)(_hidden_states(model, input_ids, attention_mask, pack)).squeeze(-1)
-    return values.to(torch.float32, copy=True) if pack is None else pack.unpack(values.float())
+def _target_values(model, input_ids, attention_mask, pack):
+    """(B, L) float32: the scalar head at the targets of `pack`, 0 elsewhere (a new tensor: FSDP hooks outputs)."""
+    return pack.unpack(scalar_head(model)(backbone_states(model, input_ids, attention_mask, pack)).squeeze(-1).float())
 
 
 def response_values(
@@ -614,9 +622,10 @@ def response_values(
 ) -> torch.Tensor:
     """(B, R) float32 critic values aligned with logprobs: V of y_t is read at column P+t-1 (the state before y_t).
 
-    pack: padding-free, with targets `packing.response_targets` (the head then runs on the response states only).
+    pack: as in `response_logprobs` (targets `packing.response_targets`; None: padded).
     """
-    values = token_values(model, input_ids, attention_mask, pack)[:, prompt_width - 1:-1]
+    pack = _padded(pack, attention_mask, _window(attention_mask, prompt_width))
+    values = parallel.run_as_forward(model, _target_values, input_ids, attention_mask, pack)[:, prompt_width - 1:-1]
     return values * response_mask
 
 
@@ -624,14 +633,8 @@ def score_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              pack: Packing | None = None) -> torch.Tensor:
     """(B,) float32 reward-model score read at column index[b] (the EOS token).
 
-    pack: padding-free, with targets `packing.index_targets(index, L)`.
+    pack: as in `response_logprobs`, with targets `packing.index_targets(index, L)` (None: padded).
     """
-    return dist.run_as_forward(model, _score_at, input_ids, attention_mask, index, pack)
-
-
-def _score_at(model, input_ids, attention_mask, index, pack=None):
-    if pack is not None:
-        return _token_values(model, input_ids, attention_mask, pack).gather(1, index.view(-1, 1)).squeeze(1)
-    hidden = _hidden_states(model, input_ids, attention_mask)                           # (B, L, H)
-    at = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.size(-1))).squeeze(1)  # (B, H)
-    return scalar_head(model)(at).squeeze(-1).to(torch.float32, copy=True)
+    pack = _padded(pack, attention_mask, index_targets(index, attention_mask.size(1)))
+    values = parallel.run_as_forward(model, _target_values, input_ids, attention_mask, pack)
+    return values.gather(1, index.view(-1, 1)).squeeze(1)

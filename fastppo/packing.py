@@ -19,10 +19,14 @@ positions restarting from 0, a block of its own that no target reads. A
 token budget counts the sequences' tokens; the rows compute their full
 width (at most twice the tokens, ~1.1x in the benchmark).
 
-The forward helpers of `models` take a `Packing` as `pack=` and return the
-same (B, ·) layout as the padded forward, with the same numbers up to
+A padded batch is the trivial packing (`Packing.padded`: each row as it is,
+positions from the attention mask, the mask itself passed to the backbone),
+so the forward helpers of `models` have one code path: they take a
+`Packing` as `pack=`, run the backbone on its rows, read its M target states,
+and return the same (B, ·) layout either way, with the same numbers up to
 float32 summation order; the fused ops in between see only the M target
-rows, never a padding row.
+rows, never a padding row. The micro-batch planner (`micro_batches`) builds
+every packing, padded or packed.
 
 Attention stays inside each sequence:
 
@@ -87,6 +91,8 @@ class Packing:
     target_col:   (M,)   int64 padded column of each target
     shape:        (B, L) of the padded batch
     n_tokens:     the valid tokens packed (R*W less the filler)
+    padded:       the trivial packing of the padded batch (`padded`): the backbone attends through its
+                  attention mask
     """
     index: torch.Tensor
     position_ids: torch.Tensor
@@ -97,6 +103,21 @@ class Packing:
     target_col: torch.Tensor
     shape: tuple[int, int]
     n_tokens: int
+    padded: bool = False
+
+    @staticmethod
+    def padded_batch(attention_mask: torch.Tensor, targets: torch.Tensor) -> "Packing":
+        """The trivial packing of a padded batch (B, L), on the masks' device: B rows of L positions as they are
+        (identity index), position ids counting the attended tokens (0 on left padding, as HF generate does),
+        and the targets (B, L) bool, which may lie on padding (their outputs are then the op's for an ignored
+        label, or a value the caller masks)."""
+        B, L = attention_mask.shape
+        device = attention_mask.device
+        flat = targets.flatten().nonzero().squeeze(1)
+        return Packing(index=torch.arange(B * L, device=device),
+                       position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+                       cu_seqlens=torch.zeros(1, dtype=torch.int32, device=device), max_seqlen=L, select=flat,
+                       target_row=flat // L, target_col=flat % L, shape=(B, L), n_tokens=int(B * L), padded=True)
 
     @staticmethod
     def build(attention_mask: torch.Tensor, targets: torch.Tensor, device: torch.device | str = "cpu", *,
@@ -160,7 +181,7 @@ class Packing:
         index, positions, cu, select, row, col = ts
         return Packing(index=index, position_ids=positions.view(self.position_ids.shape), cu_seqlens=cu.int(),
                        max_seqlen=self.max_seqlen, select=select, target_row=row, target_col=col, shape=self.shape,
-                       n_tokens=self.n_tokens)
+                       n_tokens=self.n_tokens, padded=self.padded)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) padded -> (R, W, ...) packed."""
@@ -180,13 +201,22 @@ class Packing:
         out = y.new_zeros((*self.shape, *y.shape[1:]))
         return out.index_put((self.target_row, self.target_col), y)
 
-    def attention_kwargs(self, model_config) -> dict:
-        """Extra backbone kwargs: flash-attn's varlen lengths, computed once for every layer; none for sdpa/eager
-        (they find the sequences from the position ids)."""
+    def attention_kwargs(self, model_config, attention_mask: torch.Tensor | None = None) -> dict:
+        """Extra backbone kwargs: for a padded batch its attention mask; packed, flash-attn's varlen lengths,
+        computed once for every layer, and nothing for sdpa/eager (they find the sequences from the position ids)."""
+        if self.padded:
+            return {"attention_mask": attention_mask}
         if not _flash(model_config):
             return {}
         return dict(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
                     max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+
+
+def whole_batch(attention_mask: torch.Tensor, targets: torch.Tensor, *, packed: bool, one_row: bool = False) -> Packing:
+    """A whole batch as one micro-batch, on the masks' device: packed (`Packing.build`) or padded."""
+    if not packed:
+        return Packing.padded_batch(attention_mask, targets)
+    return Packing.build(attention_mask, targets, attention_mask.device, one_row=one_row)
 
 
 def response_targets(response_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
@@ -266,8 +296,8 @@ class Planned:
     """One micro-batch, ready to run."""
     rows: torch.Tensor
     """(b,) int64 positions in its group (see `micro_batches`), on the batch's device."""
-    packs: tuple[Packing | None, ...]
-    """One per frame given to `micro_batches` (None: padded forwards)."""
+    packs: tuple[Packing, ...]
+    """One per frame given to `micro_batches` (padded forwards: `Packing.padded_batch`)."""
     dummy: bool
     """Run it, then drop its results (see `MicroBatch.dummy`)."""
 
@@ -307,8 +337,9 @@ def micro_batches(frames: list[tuple[torch.Tensor, torch.Tensor]], *, rows: int,
     plans = [plan(ls, rows=rows, tokens=tokens, padded_width=mask0.size(1), packed=packed) for ls in lengths]
     if tokens is not None:                                 # (row counts: every rank holds as many rows)
         plans = equalize(plans, lengths, device)
-    built = [[(mb, tuple(Packing.build(m[[g[i] for i in mb.rows]], t[[g[i] for i in mb.rows]], one_row=one_row)
-                         if packed else None for m, t in host)) for mb in p] for g, p in zip(groups, plans)]
+    built = [[(mb, tuple(Packing.build(m[rows], t[rows], one_row=one_row) if packed else Packing.padded_batch(m[rows], t[rows])
+                         for m, t in host for rows in [[g[i] for i in mb.rows]])) for mb in p]
+             for g, p in zip(groups, plans)]
     return _to_device(built, groups, device)
 
 
@@ -319,13 +350,12 @@ def _to_device(built: list[list[tuple[MicroBatch, tuple]]], groups: list[list[in
         parts.append(torch.tensor(g, dtype=torch.long))
         for mb, packs in pairs:
             parts.append(torch.tensor(mb.rows, dtype=torch.long))
-            parts += [t for p in packs if p is not None for t in p._tensors()]
+            parts += [t for p in packs for t in p._tensors()]
     views = iter(torch.cat(parts).to(device, non_blocking=True).split([t.numel() for t in parts]))
     out = []
     for pairs in built:
         group_rows = next(views)
-        micro = [Planned(next(views), tuple(None if p is None else p._from_tensors([next(views) for _ in range(6)])
-                                            for p in packs), mb.dummy)
+        micro = [Planned(next(views), tuple(p._from_tensors([next(views) for _ in range(6)]) for p in packs), mb.dummy)
                  for mb, packs in pairs]
         out.append(Group(group_rows, micro))
     return out
@@ -343,3 +373,33 @@ def in_row_order(rows: list[torch.Tensor], values: list[torch.Tensor]) -> torch.
     """The micro-batches' outputs (each (b, ...), for `rows`) as one (B, ...) tensor in the batch's row order."""
     index, stacked = torch.cat(rows), torch.cat(values)
     return torch.empty_like(stacked).index_copy_(0, index, stacked)
+
+
+def padded_again(bad: torch.Tensor, batch_size: int, forward, outs: list[torch.Tensor]) -> None:
+    """Rows `bad` (B,) bool of a packed pass, computed again padded, in place in `outs` (each (B, ...)).
+
+    In a packed row the sequences share the attention's matmuls, and a NaN or inf in one sequence's states
+    reaches the others through 0 x NaN (a masked-out attention weight times a NaN value); a padded batch keeps
+    it in its own row. The non-finite rows of a packed pass are such a row and its neighbours: computed again
+    padded (`forward(rows)`: the outputs of those rows, padded), only the rows that are non-finite on their
+    own stay so, and packed and padded passes drop the same rows. Under FSDP every rank runs as many forwards
+    (a rank with fewer bad rows repeats its row 0 and drops the result). Host sync: one nonzero.
+    """
+    idx = bad.nonzero().flatten()
+    n = int(dist.all_reduce(torch.tensor(idx.numel(), device=bad.device), "max"))
+    for start in range(0, n, batch_size):
+        rows = idx[start:start + batch_size]
+        results = forward(rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=bad.device))
+        if rows.numel():
+            for out, res in zip(outs, results):
+                out[rows] = res
+
+
+def nonfinite_rows(*xs: torch.Tensor | None) -> torch.Tensor:
+    """(B,) bool: rows with a NaN or inf in any of the (B, ...) tensors."""
+    bad = None
+    for x in xs:
+        if x is not None:
+            row = ~torch.isfinite(x).flatten(1).all(1) if x.dim() > 1 else ~torch.isfinite(x)
+            bad = row if bad is None else bad | row
+    return bad

@@ -46,15 +46,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .config import RMConfig
-from .data import (MAX_UNK_FRACTION, DataError, SFTBatch, _apply_chat_template, _check_messages, encode_prompt,
+from .data import (MAX_UNK_FRACTION, DataError, SFTBatch, apply_chat_template, check_messages, encode_prompt,
                    fit_to_length, loaded, read_records)
 from .metrics import MetricBuffer
-from .models import IGNORE_INDEX, backbone, load_pretrained, scalar_head, score_at, sequence_classifier_config
-from .packing import Packing, index_targets, varlen_attention
-from .ppo import Trained, make_optimizer, make_scheduler, ptx_loss
+from .models import IGNORE_INDEX, backbone, load_pretrained, ptx_loss, scalar_head, score_at, sequence_classifier_config
+from .packing import index_targets, varlen_attention, whole_batch
+from .optim import Trained, make_optimizer, make_scheduler
 from .run_dir import claimed_stage
-from .sft import (StageResult, add_stage_arguments, export_stage, load_stage_tokenizer, model_kwargs, prepare_model,
-                  setup_stage_run, split_held_out, stage_command, stage_loop, total_steps)
+from .stage import (StageResult, export_stage, load_stage_tokenizer, model_kwargs, prepare_model, setup_stage_run,
+                    split_held_out, stage_loop, total_steps)
 
 log = logging.getLogger("fastppo")
 
@@ -80,7 +80,7 @@ def _response(value, where: str, field: str) -> tuple[list[dict] | None, str]:
             raise DataError(f"{where}: field '{field}' is empty")
         return None, value
     if isinstance(value, list):
-        msgs = _check_messages(where, field, value)
+        msgs = check_messages(where, field, value)
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: field '{field}': the last message must be the assistant's response")
         return msgs[:-1], msgs[-1]["content"]
@@ -104,7 +104,7 @@ def load_pairs(path, tokenizer, *, prompt_field: str, chosen_field: str, rejecte
         elif c_ctx:  # the conversation before the assistant's turn is the prompt
             if c_ctx != r_ctx:
                 raise DataError(f"{where}: '{chosen_field}' and '{rejected_field}' must share the turns before the response")
-            p_ids = _apply_chat_template(tokenizer, c_ctx, where, True)
+            p_ids = apply_chat_template(tokenizer, c_ctx, where, True)
         else:
             raise DataError(f"{where}: missing field '{prompt_field}' (fields: {sorted(rec)}); set data.prompt_field")
         c_ids = tokenizer(c_text, add_special_tokens=False)["input_ids"] + [eos]
@@ -200,8 +200,8 @@ def load_lm_head(path: str, reward_model: nn.Module, kw: dict, device: torch.dev
 def pair_scores(model: nn.Module, batch: PairBatch, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen (B,), r_rejected (B,)) read at the EOS token, through the same forward `train` uses
     (packed: one padding-free forward over the 2B sequences, the head applied at the EOS states only)."""
-    pack = Packing.build(batch.attention_mask, index_targets(batch.eos_index, batch.input_ids.size(1)),
-                         batch.input_ids.device, one_row=varlen_attention(model)) if packed else None
+    pack = whole_batch(batch.attention_mask, index_targets(batch.eos_index, batch.input_ids.size(1)), packed=packed,
+                       one_row=varlen_attention(model))
     scores = score_at(model, batch.input_ids, batch.attention_mask, batch.eos_index, pack)   # (2B,)
     B = scores.numel() // 2
     return scores[:B], scores[B:]
@@ -306,12 +306,3 @@ def train_rm(cfg: RMConfig, *, on_step: Callable[[int, dict], None] | None = Non
 
     # 4. Export: a sequence-classification directory (num_labels=1) + tokenizer, loadable as reward model and critic.
     return export_stage("train-rm", model, tokenizer, out, t0, eval_metrics, history, adapter_only=run.export_adapter)
-
-
-# ----------------------------------------------------------------------------
-# Command line: `fastppo train-rm --config rm.yaml [key.sub=value ...]` (registered by cli.PLUGINS)
-# ----------------------------------------------------------------------------
-
-def register_cli(register) -> None:
-    register("train-rm", "reward-model training on {prompt, chosen, rejected} pairs (-log sigmoid(r_c - r_r))",
-             add_stage_arguments, stage_command("train-rm", RMConfig, train_rm))

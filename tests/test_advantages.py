@@ -11,8 +11,9 @@ import re
 import pytest
 import torch
 from fastppo import algo
-from fastppo.advantages import (GROUP_STD_EPS, critic_free_advantages, group_advantages, loss_agg_weight,
-                                minibatch_counts, outcome_rewards, signal_groups)
+from fastppo.advantages import GROUP_STD_EPS, estimate_advantages, group_advantages, outcome_rewards
+from fastppo.groups import signal_groups
+from fastppo.update import loss_agg_weight, minibatch_counts
 from fastppo.checkpoint import read_weights
 from fastppo.config import PRESETS, ConfigError, LossAgg, derived, load_config, validate_world
 from fastppo.rollout import Rollout, cat_rollouts
@@ -96,7 +97,7 @@ def test_signal_groups_by_hand():
 
 
 def _reinforce_cfg(advantage, G=2, gamma=1.0):
-    return load_config(None, _cfg(**{"rollout.n_samples_per_prompt": G, "ppo.gamma": gamma, "ppo.advantage": advantage,
+    return load_config(None, _cfg(**{"rollout.n_samples_per_prompt": G, "advantage.gamma": gamma, "advantage.estimator": advantage,
                                      "rollout.rollout_batch_size": 4, "ppo.minibatch_size": 4,
                                      "ppo.micro_batch_size": 4}), preset="reinforce_pp")
 
@@ -105,7 +106,8 @@ def test_reinforce_pp_returns_to_go_by_hand():
     cfg = _reinforce_cfg("reinforce_pp", G=1, gamma=0.5)
     rewards = torch.tensor([[0.1, 0.2, 1.0, 0.0], [0.3, 0.0, 0.0, 0.0], [0.0, 0.5, -1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    _, returns = critic_free_advantages(torch.zeros(4), rewards, mask, torch.ones(4, dtype=torch.bool), cfg)
+    _, returns = estimate_advantages(cfg.advantage, rewards=rewards, values=torch.zeros_like(rewards), response_mask=mask,
+                                     shaped=torch.zeros(4), valid=torch.ones(4, dtype=torch.bool), group_size=1)
     # 0.1 + 0.5 * 0.2 + 0.25 * 1 = 0.45, 0.2 + 0.5 * 1 = 0.7, 1
     torch.testing.assert_close(returns[0], torch.tensor([0.45, 0.7, 1.0, 0.0]))
     torch.testing.assert_close(returns[3], torch.tensor([1.875, 1.75, 1.5, 1.0]))
@@ -119,7 +121,9 @@ def test_reinforce_pp_matches_float64(gamma):
     lengths = torch.tensor([8, 1, 5, 3])
     mask = torch.arange(R)[None] < lengths[:, None]
     rewards = torch.where(mask, torch.rand(B, R, generator=g) * 2 - 1, 0.0)
-    got, returns = critic_free_advantages(torch.zeros(B), rewards, mask, torch.ones(B, dtype=torch.bool), cfg)
+    got, returns = estimate_advantages(cfg.advantage, rewards=rewards, values=torch.zeros_like(rewards),
+                                       response_mask=mask, shaped=torch.zeros(B), valid=torch.ones(B, dtype=torch.bool),
+                                       group_size=1)
     want, want_returns = algo.reinforce_pp_advantages(rewards.double(), mask, gamma=gamma)
     # The fused gae op sums the returns in float32: at most R additions of partial sums bounded by R·max|r|, each
     # rounding by 2^-24 relative, so |returns error| <= R^2·max|r|·2^-24. Whitening divides that by the std
@@ -133,10 +137,10 @@ def test_reinforce_pp_matches_float64(gamma):
 def test_reinforce_pp_baseline_subtracts_the_group_mean():
     cfg = _reinforce_cfg("reinforce_pp_baseline", G=2)
     s = torch.tensor([1.0, 3.0, 7.0, 5.0])
-    assert outcome_rewards(s, torch.ones(4, dtype=torch.bool), cfg).tolist() == [-1.0, 1.0, 1.0, -1.0]
-    assert outcome_rewards(s, torch.tensor([True, True, False, True]), cfg).tolist() == [-1.0, 1.0, 0.0, 0.0]
+    assert outcome_rewards(s, torch.ones(4, dtype=torch.bool), cfg.advantage, 2).tolist() == [-1.0, 1.0, 1.0, -1.0]
+    assert outcome_rewards(s, torch.tensor([True, True, False, True]), cfg.advantage, 2).tolist() == [-1.0, 1.0, 0.0, 0.0]
     grpo = load_config(None, _cfg(), preset="grpo")
-    assert outcome_rewards(s, torch.ones(4, dtype=torch.bool), grpo) is s        # the other estimators: R_i as is
+    assert outcome_rewards(s, torch.ones(4, dtype=torch.bool), grpo.advantage, 2) is s        # the other estimators: R_i as is
 
 
 @pytest.mark.parametrize("mode", [m.value for m in LossAgg])
@@ -186,14 +190,14 @@ def test_cat_rollouts_pads_prompts_left_and_responses_right():
 
 def test_presets_hold_their_papers_settings():
     cfgs = {name: load_config(None, _cfg(), preset=name) for name in ("grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo")}
-    assert [cfgs[n].ppo.advantage for n in cfgs] == ["grpo", "grpo", "rloo", "reinforce_pp", "grpo"]
-    assert cfgs["grpo"].rollout.n_samples_per_prompt == 64 and cfgs["grpo"].ppo.scale_by_std
-    assert not cfgs["dr_grpo"].ppo.scale_by_std and cfgs["dr_grpo"].ppo.loss_agg == "seq_mean_token_sum_norm"
+    assert [cfgs[n].advantage.estimator for n in cfgs] == ["grpo", "grpo", "rloo", "reinforce_pp", "grpo"]
+    assert cfgs["grpo"].rollout.n_samples_per_prompt == 64 and cfgs["grpo"].advantage.scale_by_std
+    assert not cfgs["dr_grpo"].advantage.scale_by_std and cfgs["dr_grpo"].ppo.loss_agg == "seq_mean_token_sum_norm"
     assert cfgs["rloo"].rollout.n_samples_per_prompt == 4
     assert cfgs["reinforce_pp"].reward.kl_coef == 0.01 and cfgs["reinforce_pp"].rollout.n_samples_per_prompt == 1
     dapo = cfgs["dapo"]
     assert (dapo.ppo.clip_eps, dapo.ppo.clip_eps_high, dapo.rollout.dynamic_sampling) == (0.2, 0.28, True)
-    assert load_config(None, _cfg()).ppo.advantage == "gae"                       # PPO-max stays the default
+    assert load_config(None, _cfg()).advantage.estimator == "gae"                       # PPO-max stays the default
     for name, cfg in cfgs.items():
         assert derived(cfg).critic_optimizer_steps == 0, name
     assert set(cfgs) < set(PRESETS)
@@ -201,12 +205,12 @@ def test_presets_hold_their_papers_settings():
 
 @pytest.mark.parametrize("over, field, message", [
     ({"rollout.n_samples_per_prompt": 1, "ppo.minibatch_size": 16}, "rollout.n_samples_per_prompt",
-     "must be >= 2 with ppo.advantage=grpo"),
-    ({"ppo.advantage": "ppo"}, "ppo.advantage", "must be one of gae, grpo"),
+     "must be >= 2 with advantage.estimator=grpo"),
+    ({"advantage.estimator": "ppo"}, "advantage.estimator", "must be one of gae, grpo"),
     ({"ppo.loss_agg": "sum"}, "ppo.loss_agg", "must be one of token_mean"),
     ({"ppo.clip_eps_high": -0.1}, "ppo.clip_eps_high", "must be > 0 or null"),
-    ({"ppo.critic_warmup_steps": 3}, "ppo.critic_warmup_steps", "must be 0 with ppo.advantage=grpo"),
-    ({"ppo.whiten_advantages": True}, "ppo.whiten_advantages", "must be false with ppo.advantage=grpo"),
+    ({"ppo.critic_warmup_steps": 3}, "ppo.critic_warmup_steps", "must be 0 with advantage.estimator=grpo"),
+    ({"advantage.whiten": True}, "advantage.whiten", "must be false with advantage.estimator=grpo"),
     ({"rollout.dynamic_sampling_max_tries": 0}, "rollout.dynamic_sampling_max_tries", "must be >= 1"),
     ({"ppo.minibatch_size": 48}, "ppo.minibatch_size", r"must divide the rollouts per iteration, rollout.rollout_batch_size x rollout.n_samples_per_prompt \(16 x 64\)"),
 ])
@@ -218,7 +222,7 @@ def test_validation_names_the_field(over, field, message):
 def test_dynamic_sampling_needs_groups_and_gae_needs_a_critic():
     with pytest.raises(ConfigError, match=r"field 'rollout\.dynamic_sampling': needs groups"):
         load_config(None, _cfg(**{"rollout.dynamic_sampling": True}), preset="reinforce_pp")
-    with pytest.raises(ConfigError, match=r"field 'model\.critic_path': ppo\.advantage=gae trains a critic"):
+    with pytest.raises(ConfigError, match=r"field 'model\.critic_path': advantage\.estimator=gae trains a critic"):
         load_config(None, _cfg(**{"model.reward_path": "null", "reward.functions": "[{name: a:b}]"}))
 
 
@@ -251,8 +255,7 @@ def _overrides(setup, out, **extra):
 @pytest.fixture
 def no_critic_spy(monkeypatch):
     """Fails on any critic forward; records the loaded models, the optimizers made and each update's batch."""
-    import fastppo.experience as experience
-    import fastppo.ppo as ppo
+    import fastppo.models as models
 
     tm = _train_module()
     spy = {"models": [], "optimizers": [], "batches": []}
@@ -260,15 +263,14 @@ def no_critic_spy(monkeypatch):
     def no_values(*a, **kw):
         raise AssertionError("a critic forward in a critic-free run")
 
-    monkeypatch.setattr(experience, "response_values", no_values)
-    monkeypatch.setattr(ppo, "response_values", no_values)
+    monkeypatch.setattr(models, "response_values", no_values)
     real_load, real_opt, real_update = tm.load_models, tm.make_optimizer, tm.ppo_update
     monkeypatch.setattr(tm, "load_models", lambda *a, **kw: spy["models"].append(real_load(*a, **kw)) or spy["models"][-1])
     monkeypatch.setattr(tm, "make_optimizer", lambda model, *a: spy["optimizers"].append(model) or real_opt(model, *a))
 
-    def update(exp, **kw):
+    def update(exp, *a, **kw):
         spy["batches"].append((len(exp), int(exp.response_mask.any(-1).sum())))
-        return real_update(exp, **kw)
+        return real_update(exp, *a, **kw)
 
     monkeypatch.setattr(tm, "ppo_update", update)
     return spy
@@ -278,7 +280,7 @@ def no_critic_spy(monkeypatch):
 def test_each_estimator_trains_without_a_critic(advantage, tiny_setups, tmp_path, no_critic_spy):
     setup = tiny_setups("llama")
     preset = "reinforce_pp" if advantage.startswith("reinforce") else advantage
-    result = train(load_config(None, _overrides(setup, tmp_path / "run", **{"ppo.advantage": advantage}), preset=preset))
+    result = train(load_config(None, _overrides(setup, tmp_path / "run", **{"advantage.estimator": advantage}), preset=preset))
     assert result.iterations_done == 2
     models = no_critic_spy["models"][0]
     assert models.critic is None and models.reward is not None
@@ -290,6 +292,30 @@ def test_each_estimator_trains_without_a_critic(advantage, tiny_setups, tmp_path
     assert read_weights(result.checkpoint, "critic") == {} and read_weights(result.checkpoint, "policy")
     if advantage in ("grpo", "rloo"):
         assert abs(m["advantages/mean"]) < 1e-6                                   # centred within each group
+
+
+@pytest.mark.parametrize("kl_loss_coef", [0.04, 0.0])
+def test_grpo_loads_a_reference_only_for_its_kl_loss(kl_loss_coef, tiny_setups, tmp_path, no_critic_spy, monkeypatch):
+    """The grpo preset's KL loss term (DeepSeekMath's beta 0.04, k3) needs the reference: it is loaded, scored and
+    logged as loss/kl. With ppo.kl_loss_coef=0 nothing reads the reference: no reference model is loaded and the
+    score phase runs no reference forward (the policy's logprobs alone)."""
+    import fastppo.models as models_module
+
+    assert load_config(None, _cfg(), preset="grpo").ppo.kl_loss_coef == 0.04
+    scored_models = []
+    real = models_module.response_logprobs
+    monkeypatch.setattr(models_module, "response_logprobs",
+                        lambda model, *a, **kw: scored_models.append(model) or real(model, *a, **kw))
+    train(load_config(None, _overrides(tiny_setups("llama"), tmp_path / "run",
+                                       **{"ppo.kl_loss_coef": kl_loss_coef}), preset="grpo"))
+    models = no_critic_spy["models"][0]
+    m = read_metrics(tmp_path / "run")[-1]
+    if kl_loss_coef:
+        assert models.ref is not None and any(x is models.ref for x in scored_models)
+        assert m["loss/kl"] >= 0 and "kl/ref_per_sequence" in m
+    else:
+        assert models.ref is None and "loss/kl" not in m and "kl/ref_per_sequence" not in m
+        assert all(x is models.policy for x in scored_models)
 
 
 def test_dr_grpo_preset_trains(tiny_setups, tmp_path, no_critic_spy):
@@ -351,6 +377,6 @@ def test_a_ppo_checkpoint_is_not_resumed_by_a_critic_free_run(tiny_setups, tmp_p
     train(load_config(None, setup.overrides(**{"run.output_dir": tmp_path / "run", "run.iterations": 1,
                                                "run.export_at_end": False})))
     cfg = load_config(None, _overrides(setup, tmp_path / "run", **{"run.resume": "latest"}), preset="grpo")
-    with pytest.raises(RunDirError, match=r"cannot resume .* with ppo\.advantage=grpo: it was saved by a run with "
-                                          r"ppo\.advantage=gae, with a critic"):
+    with pytest.raises(RunDirError, match=r"cannot resume .* with advantage\.estimator=grpo: it was saved by a run with "
+                                          r"advantage\.estimator=gae, with a critic"):
         train(cfg)

@@ -4,7 +4,7 @@ PPO-max raises the held-out mean reward, and every promised output exists and re
 import json
 
 from fastppo.cli import main
-from fastppo.demo import read_metrics
+from fastppo.demos.common import read_metrics
 
 
 def test_quick_demo_improves_reward_and_writes_everything(tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_a_rerun_replaces_an_earlier_demo_but_never_another_folder(tmp_path):
     that holds no earlier demo is refused and left as it was."""
     import pytest
 
-    from fastppo.demo import DEMO_MARKER, replace_earlier_demo
+    from fastppo.demos.common import DEMO_MARKER, replace_earlier_demo
     from fastppo.run_dir import RunDirError
 
     earlier = tmp_path / "demo"
@@ -67,7 +67,7 @@ def test_a_demo_never_replaces_a_running_demo(tmp_path):
     """A second demo in the folder of a running one stops with one line and deletes nothing."""
     import pytest
 
-    from fastppo.demo import DEMO_MARKER, replace_earlier_demo
+    from fastppo.demos.common import DEMO_MARKER, replace_earlier_demo
     from fastppo.run_dir import RunDirError, claim
 
     running = tmp_path / "demo"

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as tdist
 
 from fastppo import dist
+
+from fastppo import optim
 from fastppo.masked import masked_moments
 
 
@@ -56,7 +58,7 @@ def test_grad_norm_returns_the_norm_and_clips_the_parameters_gradients(max_norm)
     model[0].bias.requires_grad_(False)                                 # a frozen parameter: no .grad
     model(torch.randn(5, 3)).pow(2).sum().backward()
     before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    norm = dist.grad_norm(model, max_norm)
+    norm = optim.grad_norm(model, max_norm)
     full = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in before]))
     # Both sides are float32 sums of ~30 squares: a relative error of a few ulps (1.3e-6 is ~10 ulps).
     torch.testing.assert_close(norm, full, rtol=1.3e-6, atol=0.0)

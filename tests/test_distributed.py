@@ -55,7 +55,7 @@ def _common(setup, out: Path, **extra) -> list[str]:
     (whitening, reward moments, ptx, entropy bonus), activation checkpointing on."""
     return setup.overrides(**{
         "run.output_dir": out, "run.iterations": 3, "run.save_every": 2, "run.keep_last": 5,
-        "data.ptx_path": setup.sft, "ppo.ptx_coef": 0.5, "ppo.ent_coef": 0.01, "ppo.whiten_advantages": True,
+        "data.ptx_path": setup.sft, "ppo.ptx_coef": 0.5, "ppo.ent_coef": 0.01, "advantage.whiten": True,
         "model.gradient_checkpointing": True, "run.log_level": "INFO", **extra})
 
 

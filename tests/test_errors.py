@@ -16,14 +16,14 @@ import pytest
 import torch
 
 import fastppo.engine as engine_module
-import fastppo.experience as experience
+import fastppo.update as update
 from fastppo import cli
-from fastppo import sft as sft_module
+from fastppo import logs as sft_module
 from fastppo.checkpoint import list_checkpoints, read_weights
 from fastppo.cli import main
 from fastppo.config import Config, ConfigError, RMConfig, SFTConfig, load_config, validate, validate_device
-from fastppo.train import GracefulStop
-from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+from fastppo.logs import GracefulStop
+from fastppo_testing.trainer import nan_value_loss, read_metrics, tiny_setups  # noqa: F401  (fixture)
 
 train_module = sys.modules["fastppo.train"]
 PATHS = ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"]
@@ -133,10 +133,10 @@ def test_a_data_error_after_start_up_also_lands_in_train_log(tmp_path, capsys, t
 
 
 def test_a_non_finite_abort_is_one_line_naming_what_and_the_fields(tmp_path, capsys, monkeypatch, tiny_setups):
-    """NaN critic values make every loss non-finite: the run stops after run.max_nonfinite_in_a_row steps.
-    (NaN reward-model scores no longer do: those rows are dropped, see test_inputs.py.)"""
-    monkeypatch.setattr(experience, "response_values", lambda model, ids, mask, rmask, prompt_width, pack=None:
-                        torch.full(rmask.shape, math.nan))
+    """A NaN value loss makes every step's loss non-finite: the run stops after run.max_nonfinite_in_a_row steps.
+    (NaN reward-model scores or score-phase forwards no longer do: those rows are dropped, see test_inputs.py
+    and test_packing.py.)"""
+    monkeypatch.setattr(update, "ppo_loss", nan_value_loss(update.ppo_loss))
     out = tmp_path / "run"
     rc = main(["train", *tiny_setups("llama").overrides(**{"run.output_dir": out, "run.max_nonfinite_in_a_row": 2})])
     assert rc == 1

@@ -13,13 +13,14 @@ import torch
 
 from fastppo import algo
 from fastppo.config import Config, load_config
-from fastppo.experience import (Experience, compute_advantages, reparameterise_scores, score_rollout,
-                                token_rewards)
+from fastppo.advantages import estimate_advantages
+from fastppo.experience import Experience
+from fastppo.shaping import reparameterise_scores, token_rewards
 from fastppo.metrics import MetricBuffer, RunningMoments
 from fastppo.models import load_models, response_logprobs, response_values, score_at
-from fastppo.ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
+from fastppo.optim import UpdateCounters, make_optimizer, make_scheduler
 from fastppo.rollout import Rollout, response_mask_from_tokens, with_eos_for_scoring
-from fastppo_testing.trainer import tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import score, tiny_setups, update  # noqa: F401  (fixture)
 
 
 def _cfg(setup, **extra):
@@ -173,7 +174,7 @@ def test_reward_shaping_and_advantages_follow_the_float64_formulas(scale, norm, 
     """
     cfg = Config()
     cfg.reward.reward_scale, cfg.reward.reward_norm, cfg.reward.reward_clip = scale, norm, clip
-    cfg.ppo.gamma, cfg.ppo.lam, cfg.ppo.whiten_advantages, cfg.ppo.advantage_clip = 0.99, 0.9, True, 1.5
+    cfg.advantage.gamma, cfg.advantage.lam, cfg.advantage.whiten, cfg.advantage.clip = 0.99, 0.9, True, 1.5
     moments, earlier = RunningMoments(), torch.zeros(0, dtype=torch.float64)
     lengths = torch.tensor([7, 3, 1, 5, 2, 6])
     mask = torch.arange(7) < lengths[:, None]                                       # (6, 7) right padding
@@ -181,7 +182,7 @@ def test_reward_shaping_and_advantages_follow_the_float64_formulas(scale, norm, 
         scores = torch.randn(6) * 3 + 2
         scores[1] = float("nan")
         valid = torch.tensor([True, True, True, True, False, True])              # row 4 dropped
-        shaped = reparameterise_scores(scores, moments, cfg, valid)
+        shaped = reparameterise_scores(scores, moments, cfg.reward, valid)
         shaped64 = algo.reparameterise_scores(scores.double(), scale=scale, norm=norm, clip=clip,
                                               earlier_scores=earlier, valid=valid)
         torch.testing.assert_close(shaped.double(), shaped64, atol=1e-5, rtol=0)
@@ -196,7 +197,8 @@ def test_reward_shaping_and_advantages_follow_the_float64_formulas(scale, norm, 
         torch.testing.assert_close(rewards.double(), rewards64, atol=2e-5, rtol=0)
 
         values = torch.randn(6, 7) * 2 * mask
-        adv, ret = compute_advantages(rewards, values, mask, cfg)
+        adv, ret = estimate_advantages(cfg.advantage, rewards=rewards, values=values, response_mask=mask,
+                                       shaped=shaped, valid=mask.any(-1), group_size=1)
         adv64, ret64 = algo.gae(rewards64, values.double(), mask, gamma=0.99, lam=0.9)
         torch.testing.assert_close(ret.double(), ret64, atol=5e-5, rtol=0)
         white64 = algo.masked_whiten(adv64, mask).clamp(-1.5, 1.5)
@@ -207,7 +209,7 @@ def test_one_iteration_matches_float64_reference(tiny_setups):
     setup = tiny_setups("llama")
     T, gamma, lam, beta, delta, clip_eps, vclip = 0.8, 0.99, 0.9, 0.1, 0.8, 0.05, 0.2
     cfg = _cfg(setup, **{
-        "rollout.temperature": T, "rollout.max_new_tokens": 5, "ppo.gamma": gamma, "ppo.lam": lam,
+        "rollout.temperature": T, "rollout.max_new_tokens": 5, "advantage.gamma": gamma, "advantage.lam": lam,
         "reward.kl_coef": beta, "reward.reward_clip": delta, "ppo.clip_eps": clip_eps, "ppo.value_clip": vclip,
         "ppo.minibatch_size": 4, "ppo.micro_batch_size": 2, "ppo.ppo_epochs": 1, "optim.policy_lr": 3e-3,
         "optim.critic_lr": 3e-3, "optim.max_grad_norm": None, "rollout.rollout_batch_size": 4})
@@ -220,12 +222,14 @@ def test_one_iteration_matches_float64_reference(tiny_setups):
     critic64, reward64 = copy.deepcopy(models.critic).double(), copy.deepcopy(models.reward).double()
 
     # fastppo: phases 2-4
-    scored = score_rollout(models, rollout, cfg, batch_size=2, fused=True)
+    scored = score(models, rollout, cfg, batch_size=2, fused=True)
     moments = RunningMoments()
-    shaped = reparameterise_scores(scored.scores, moments, cfg)
+    shaped = reparameterise_scores(scored.scores, moments, cfg.reward)
     rewards, kl = token_rewards(shaped, scored.old_logprobs, scored.ref_logprobs, rollout.response_mask,
                                 kl_coef=beta, estimator="k1", clamp=None)
-    advantages, returns = compute_advantages(rewards, scored.values, rollout.response_mask, cfg)
+    advantages, returns = estimate_advantages(cfg.advantage, rewards=rewards, values=scored.values,
+                                              response_mask=rollout.response_mask, shaped=shaped,
+                                              valid=rollout.response_mask.any(-1), group_size=1)
 
     # reference: phases 2-4 in float64
     old_lp = _ref_logprobs(policy64, rollout, T)
@@ -265,7 +269,7 @@ def test_one_iteration_matches_float64_reference(tiny_setups):
         expected = _ref_losses(_ref_logprobs(p64, rollout, T), old_lp, adv64, _ref_values(c64, rollout), values,
                                ret64, mask, clip_eps=clip_eps, value_clip=vclip)
         buf = MetricBuffer()
-        ppo_update(exp, policy=models.policy, critic=models.critic, policy_opt=popt, critic_opt=copt,
+        update(exp, policy=models.policy, critic=models.critic, policy_opt=popt, critic_opt=copt,
                    policy_sched=psched, critic_sched=csched, cfg=cfg, train_policy=True, fused=True,
                    ptx_batches=None, counters=UpdateCounters(), metrics=buf)
         got = buf.flush()

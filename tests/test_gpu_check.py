@@ -1,4 +1,4 @@
-"""bench/gpu_check.py (`make gpu-check`) in its CPU mode: every check runs at tiny sizes under the Triton
+"""tools/gpu_check.py (`make gpu-check`) in its CPU mode: every check runs at tiny sizes under the Triton
 interpreter and reports; a check over its time box is killed and fails while the others still run; and
 the two things a bare GPU machine relies on: the checkout importable as fastppo without installing it,
 and pure-Python wheels unpacked only where the machine lacks them.
@@ -19,11 +19,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+TOOLS = ROOT / "tools"
 
 
-def load(name: str):
-    """A bench/ script as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+def load(name: str, folder: Path = TOOLS):
+    """A tools/ (or bench/) script as a module (neither is a package)."""
+    spec = importlib.util.spec_from_file_location(f"{folder.name}_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -54,7 +55,7 @@ def cpu_env() -> dict[str, str]:
 @pytest.mark.timeout(600)
 def test_cpu_mode_runs_every_check_and_writes_the_summary(tmp_path):
     before = committed_results()
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(TOOLS / "gpu_check.py"), "--out", str(tmp_path)], cwd=ROOT,
                           env=cpu_env(), capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "no CUDA device" in proc.stdout
@@ -111,7 +112,7 @@ def test_an_uninstalled_checkout_is_imported_as_fastppo_beside_transformers(tmp_
         "import fastppo.kernels, transformers.modeling_utils;"
         "print(fastppo.kernels.__file__)"
     )
-    out = subprocess.run([sys.executable, "-S", "-c", code, str(BENCH), str(tmp_path), site_module.getsitepackages()[0]],
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(TOOLS), str(tmp_path), site_module.getsitepackages()[0]],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert Path(out.stdout.split()[-1]) == ROOT / "fastppo" / "kernels" / "__init__.py"
@@ -137,7 +138,7 @@ def test_wheels_are_unpacked_only_where_missing(tmp_path):
 def test_shapes_option_errors_name_the_option(capsys):
     import argparse
 
-    common = load("common")
+    common = load("common", BENCH)
     parser = argparse.ArgumentParser()
     common.add_shapes_argument(parser, "NxV")
     assert parser.parse_args(["--shapes", "4096x32000, 16x8"]).shapes == [(4096, 32000), (16, 8)]
@@ -154,7 +155,7 @@ def test_fastppo_bench_does_not_list_the_gpu_check(capsys):
 
     assert main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out.split()
-    assert "logprobs" in listed and "gpu_check" not in listed and "_gpu_checks" not in listed
+    assert "logprobs" in listed and "gpu_check" not in listed and "gpu_checks" not in listed
 
 
 def test_kernel_test_counts_are_pytests_own(tmp_path, monkeypatch):
@@ -163,8 +164,8 @@ def test_kernel_test_counts_are_pytests_own(tmp_path, monkeypatch):
     time box) still reports the tests it ran."""
     import signal
 
-    monkeypatch.syspath_prepend(str(BENCH))
-    checks = importlib.import_module("_gpu_checks")
+    monkeypatch.syspath_prepend(str(TOOLS))
+    checks = importlib.import_module("gpu_checks")
     (tmp_path / "test_probe.py").write_text(
         "import pytest, time\n"
         "@pytest.fixture\ndef breaks_on_teardown():\n    yield\n    raise RuntimeError('teardown')\n"

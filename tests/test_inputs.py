@@ -17,16 +17,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import fastppo.experience as experience
-from fastppo import synthetic as S
+import fastppo.groups as groups
+from fastppo.demos import synthetic as S
 from fastppo.cli import main
 from fastppo.checkpoint import export_hf
 from fastppo.config import Config, StageModelConfig, load_config
 from fastppo.data import DataError, check_tokenizer, load_prompts
-from fastppo.experience import drop_rows, reparameterise_scores
+from fastppo.experience import drop_rows
+from fastppo.shaping import reparameterise_scores
 from fastppo.metrics import RunningMoments
-from fastppo.models import (EMBEDDING_ROWS_MULTIPLE, ModelError, _grow_embeddings, attn_implementation, hidden_states,
+from fastppo.models import (EMBEDDING_ROWS_MULTIPLE, ModelError, grow_embeddings, attn_implementation, backbone_states,
                             load_models, load_tokenizer, response_logprobs)
+from fastppo.packing import Packing
 from fastppo.rollout import Rollout
 from fastppo.sft import model_kwargs
 from fastppo.train import train
@@ -51,7 +53,7 @@ def test_nonfinite_scores_stay_out_of_the_running_moments():
     cfg = Config()
     moments = RunningMoments()
     scores = torch.tensor([1.0, float("nan"), 3.0, float("inf")])
-    shaped = reparameterise_scores(scores, moments, cfg)
+    shaped = reparameterise_scores(scores, moments, cfg.reward)
     assert moments.count.item() == 2 and moments.mean.item() == 2.0 and moments.var.item() == 1.0
     assert torch.isfinite(shaped).all() and shaped[1] == 0 and shaped[3] == 0
     assert shaped[0] == -cfg.reward.reward_clip and shaped[2] == cfg.reward.reward_clip  # (s - 2) / 1, clipped
@@ -71,7 +73,7 @@ def _nan_on(monkeypatch, every: int):
     """Make the reward model's score NaN on one call in `every` (forward batches of one row: one row in `every`),
     and on every later call of the same sequences (as a reward model that overflows on them would)."""
     calls, poisoned = [], set()
-    real = experience.score_at
+    real = groups.score_at
 
     def score_at(model, ids, mask, index, pack=None):
         calls.append(None)
@@ -81,7 +83,7 @@ def _nan_on(monkeypatch, every: int):
             poisoned.update(rows)
         return torch.where(torch.tensor([r in poisoned for r in rows]), float("nan"), out)
 
-    monkeypatch.setattr(experience, "score_at", score_at)
+    monkeypatch.setattr(groups, "score_at", score_at)
 
 
 def test_one_nan_score_is_dropped_and_never_checkpointed(tiny_setups, tmp_path, monkeypatch):
@@ -422,7 +424,8 @@ def test_padded_vocabulary_leaves_real_token_logprobs_unchanged(tiny_setups, fus
     # z = logits / T differ by delta <= 2 gamma_H max sum|h_i w_i| / T. log-softmax is 2-Lipschitz in the
     # max-norm of z; the entropy's gradient -p (z - E_p z) has 1-norm <= max z - min z. Add a few ulp of the
     # results for the final roundings.
-    h = hidden_states(exact, ids, mask)[:, P - 1:-1]                                    # (B, R, H)
+    every = Packing.padded_batch(mask, torch.ones_like(mask, dtype=torch.bool))        # the padded batch, all states
+    h = backbone_states(exact, ids, mask, every).view(*ids.shape, -1)[:, P - 1:-1]     # (B, R, H)
     z = (h @ exact.get_output_embeddings().weight.T) / kw["temperature"]                # (B, R, V)
     u = torch.finfo(torch.float32).eps / 2
     delta = 2 * h.size(-1) * u * (h.abs() @ exact.get_output_embeddings().weight.abs().T).max().item() / kw["temperature"]
@@ -461,7 +464,7 @@ def test_export_leaves_out_the_alignment_rows_of_an_lm_head_bias(tmp_path):
     from transformers import AutoModelForCausalLM, GPTJConfig, GPTJForCausalLM
 
     model = GPTJForCausalLM(GPTJConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=16))
-    _grow_embeddings(model, 101, "policy", EMBEDDING_ROWS_MULTIPLE)            # a pad token, then alignment rows
+    grow_embeddings(model, 101, "policy", EMBEDDING_ROWS_MULTIPLE)            # a pad token, then alignment rows
     assert model.lm_head.bias.numel() == 128
     out = export_hf(model, SimpleNamespace(save_pretrained=lambda path: None), tmp_path / "export")
     back = AutoModelForCausalLM.from_pretrained(out)

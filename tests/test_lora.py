@@ -21,11 +21,11 @@ from peft.tuners.lora import LoraLayer
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fastppo import dist, lora
+from fastppo import lora, parallel
 from fastppo.checkpoint import export_hf, read_weights
 from fastppo.config import ConfigError, LoraConfig, RMConfig, SFTConfig, load_config
 from fastppo.models import load_models, load_tokenizer, response_logprobs, scalar_head, score_at, sequence_logprobs
-from fastppo.ppo import make_optimizer
+from fastppo.optim import make_optimizer
 from fastppo.reward_training import train_rm
 from fastppo.sft import sft
 from fastppo.train import train
@@ -324,7 +324,7 @@ def test_sharded_lora_stores_frozen_base_weights_in_the_compute_dtype(tiny_setup
     assert result.iterations_done == 1 and result.metrics["train/skipped_steps"] == 0
     models = loaded[0]
     for model in (models.policy, models.critic):
-        assert lora.is_lora(model) and dist.is_sharded(model)
+        assert lora.is_lora(model) and parallel.is_sharded(model)
         for name, p in model.named_parameters():
             assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
 

@@ -21,18 +21,18 @@ import torch
 
 from fastppo import packing
 from fastppo.config import ConfigError, load_config
-from fastppo.experience import Experience, score_rollout
+from fastppo.experience import Experience
 from fastppo.models import IGNORE_INDEX, load_models, response_logprobs, response_values, score_at
 from fastppo.packing import (Packing, first_fit_decreasing, in_row_order, index_targets, micro_batches, plan,
                              response_targets)
-from fastppo.ppo import ptx_loss
+from fastppo.models import ptx_loss
 from fastppo.data import SFTBatch
 from fastppo.reward_training import PairBatch, pair_scores
 from fastppo.rollout import Rollout
 from fastppo.train import train
 from fastppo_testing.distributed import RESPONSE_LENGTHS, output, run_update, torchrun, uneven_experience
 from fastppo_testing.tiny_models import ARCHS
-from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import outcomes_for, read_metrics, score, tiny_setups  # noqa: F401  (fixture)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 MAX_NEW_TOKENS = 6
@@ -191,7 +191,7 @@ def test_fused_ops_see_no_padding_rows(tiny_setups, monkeypatch):
     """The fused lm_head ops get exactly the valid response tokens' states (a spy on their inputs), in the
     score phase and in the update."""
     import fastppo.models as models_module
-    import fastppo.ppo as ppo_module
+    import fastppo.update as ppo_module
 
     _, cfg, models = _setup(tiny_setups, "llama", **{"ppo.micro_batch_size": 6})
     exp = mixed_experience(models)
@@ -208,7 +208,7 @@ def test_fused_ops_see_no_padding_rows(tiny_setups, monkeypatch):
     monkeypatch.setattr(ppo_module, "linear_ppo_loss", spy(ppo_module.linear_ppo_loss))
     ro = Rollout(exp.sequences, exp.attention_mask, exp.response_mask, exp.response_mask.sum(1),
                  torch.ones(len(exp), dtype=torch.bool), exp.prompt_width)
-    score_rollout(models, ro, cfg, batch_size=6, fused=True)
+    score(models, ro, cfg, batch_size=6, fused=True)
     assert seen == [("linear_token_logprobs", n_valid)] * 2         # policy and reference
     seen.clear()
     run_update(models, cfg, exp)
@@ -226,12 +226,12 @@ def test_score_phase_packed_with_a_token_budget_equals_padded(tiny_setups, arch)
     row-count results in the rollout's row order."""
     _, cfg, models = _setup(tiny_setups, arch, **{"ppo.packing": False})
     ro = mixed_rollout(models)
-    want = score_rollout(models, ro, cfg, batch_size=2, fused=True)
+    want = score(models, ro, cfg, batch_size=2, fused=True)
     cfg_packed = _config(tiny_setups, arch, **{"rollout.forward_batch_tokens": 12})[1]
     (every_row,) = micro_batches([(ro.attention_mask, response_targets(ro.response_mask, ro.prompt_width))],
                                  rows=2, tokens=12, packed=True)
     assert len(every_row.micro) > 2 and any(len(mb.rows) > 1 for mb in every_row.micro)
-    got = score_rollout(models, ro, cfg_packed, batch_size=2, fused=True)
+    got = score(models, ro, cfg_packed, batch_size=2, fused=True)
     for name in ("old_logprobs", "old_entropy", "ref_logprobs", "values", "scores"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL, msg=lambda m: f"{name}: {m}")
 
@@ -461,7 +461,6 @@ def test_packed_and_padded_drop_the_same_nan_rows(tiny_setups):
     policy / reference / critic outputs of a packed pass flag exactly the rows a padded pass flags, and the
     other rows keep their values."""
     from fastppo.config import load_config
-    from fastppo.experience import outcome_scores, score_rollout
     from fastppo.models import load_models
     from fastppo.rollout import Rollout
 
@@ -492,8 +491,8 @@ def test_packed_and_padded_drop_the_same_nan_rows(tiny_setups):
     results = {}
     for packing in (False, True):
         cfg.ppo.packing = packing
-        outcomes = outcome_scores(models, rollout, cfg, batch_size=B)
-        results[packing] = score_rollout(models, rollout, cfg, batch_size=B, fused=models.fused_lm_head,
+        outcomes = outcomes_for(models, rollout, cfg, batch_size=B)
+        results[packing] = score(models, rollout, cfg, batch_size=B, fused=models.fused_lm_head,
                                          outcomes=outcomes)
     for packing, scored in results.items():
         assert scored.nonfinite.tolist() == [False, False, True, False, False, False], (packing, scored.nonfinite)

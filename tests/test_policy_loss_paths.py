@@ -1,5 +1,6 @@
 """The PPO update's two policy-loss paths: fused `linear_ppo_loss` (ppo.fused_policy_loss=true, the
-default) and composed `linear_token_logprobs` + `ppo_loss` give the same update on a tiny model."""
+default) and composed `linear_token_logprobs` + `ppo_loss` give the same update on a tiny model, with and
+without the KL loss term (ppo.kl_loss_coef), whose value is `algo.kl_loss` of the policy's logprobs."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import math
 import pytest
 import torch
 
-import fastppo.ppo
+import fastppo.update
+from fastppo import algo
 from fastppo.config import load_config
 from fastppo.experience import Experience
 from fastppo.metrics import MetricBuffer
 from fastppo.models import load_models, response_logprobs, response_values
-from fastppo.ppo import UpdateCounters, ppo_update
-from fastppo_testing.trainer import tiny_setups  # noqa: F401  (fixture)
+from fastppo.optim import UpdateCounters
+from fastppo_testing.trainer import tiny_setups, update  # noqa: F401  (fixture)
 
 
 class RecordingOptimizer:
@@ -66,7 +68,7 @@ def synthetic_experience(models, cfg, *, prompt_width=5, response_lens=(6, 3, 4,
     m = response_mask.float()
     return Experience(
         sequences=sequences, attention_mask=attention_mask, response_mask=response_mask,
-        old_logprobs=(lp - noise) * m, ref_logprobs=lp * m, old_values=(values + 0.1 * torch.randn(b, r)) * m,
+        old_logprobs=(lp - noise) * m, ref_logprobs=(lp + 0.3 * torch.randn(b, r)) * m, old_values=(values + 0.1 * torch.randn(b, r)) * m,
         rewards=torch.zeros(b, r), advantages=torch.randn(b, r) * m, returns=torch.randn(b, r) * m,
         prompt_width=prompt_width,
     )
@@ -75,9 +77,11 @@ def synthetic_experience(models, cfg, *, prompt_width=5, response_lens=(6, 3, 4,
 # The surrogate's per-token weight (a loss aggregation other than the token mean) and clip-higher must reach
 # both paths: a path that dropped them would train another loss than the one the other path logs.
 WEIGHTED = {"ppo.loss_agg": "seq_mean_token_mean", "ppo.clip_eps_high": 0.28}
+KL = {"ppo.kl_loss_coef": 0.2, "ppo.kl_loss_estimator": "k3"}
 
 
-@pytest.mark.parametrize("extra", [{}, WEIGHTED], ids=["token_mean", "seq_mean_clip_high"])
+@pytest.mark.parametrize("extra", [{}, WEIGHTED, KL, {**WEIGHTED, **KL}],
+                         ids=["token_mean", "seq_mean_clip_high", "kl_token_mean", "kl_seq_mean"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: lm_head tied to the input embedding
 def test_fused_and_composed_policy_loss_give_the_same_update(arch, extra, tiny_setups, monkeypatch):
     setup = tiny_setups(arch)
@@ -90,8 +94,8 @@ def test_fused_and_composed_policy_loss_give_the_same_update(arch, extra, tiny_s
     exp = synthetic_experience(models, base)
 
     calls = []
-    real = fastppo.ppo.linear_ppo_loss
-    monkeypatch.setattr(fastppo.ppo, "linear_ppo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fastppo.update.linear_ppo_loss
+    monkeypatch.setattr(fastppo.update, "linear_ppo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = {}
     for fused_loss in (True, False):
         cfg = load_config(None, overrides + [f"ppo.fused_policy_loss={str(fused_loss).lower()}"])
@@ -99,7 +103,7 @@ def test_fused_and_composed_policy_loss_give_the_same_update(arch, extra, tiny_s
         policy_opt, critic_opt = RecordingOptimizer(policy), RecordingOptimizer(critic)
         metrics = MetricBuffer()
         torch.manual_seed(0)                                                     # the same minibatch order
-        ppo_update(exp, policy=policy, critic=critic, policy_opt=policy_opt, critic_opt=critic_opt,
+        update(exp, policy=policy, critic=critic, policy_opt=policy_opt, critic_opt=critic_opt,
                    policy_sched=NoSchedule(), critic_sched=NoSchedule(), cfg=cfg, train_policy=True,
                    fused=models.fused_lm_head, ptx_batches=None, counters=UpdateCounters(), metrics=metrics)
         runs[fused_loss] = (policy_opt.steps, critic_opt.steps, metrics.flush())
@@ -120,3 +124,33 @@ def test_fused_and_composed_policy_loss_give_the_same_update(arch, extra, tiny_s
     assert m_fused.keys() == m_comp.keys()
     for key in m_comp:
         assert m_fused[key] == pytest.approx(m_comp[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_the_kl_loss_is_algos(agg, fused_loss, tiny_setups):
+    """loss/kl of one minibatch (the whole batch, one step) is `algo.kl_loss` of the policy's logprobs against the
+    reference's, aggregated as the policy loss, in float64 from the same float32 logprobs (k3 of a difference d
+    moves by |1 - e^-d|·|err d| <= (e^|d| + 1)·u·|lp| per token: a few float32 ulps of the logprobs)."""
+    setup = tiny_setups("llama")
+    cfg = load_config(None, setup.overrides(**{"ppo.kl_loss_coef": 0.5, "ppo.loss_agg": agg,
+                                               "ppo.fused_policy_loss": fused_loss, "ppo.minibatch_size": 4,
+                                               "ppo.micro_batch_size": 2, "rollout.rollout_batch_size": 4}))
+    models = load_models(cfg.model, torch.device("cpu"))
+    exp = synthetic_experience(models, cfg)
+    with torch.no_grad():
+        lp = response_logprobs(models.policy, exp.sequences, exp.attention_mask, exp.response_mask,
+                               prompt_width=exp.prompt_width, temperature=cfg.rollout.temperature).logprobs
+    mask = exp.response_mask
+    n_i = mask.sum(-1, keepdim=True).double()
+    weight = None if agg == "token_mean" else (mask.sum() / (mask.any(-1).sum() * n_i)).expand_as(lp)
+    want = algo.kl_loss(lp.double(), exp.ref_logprobs.double(), mask, estimator="k3", weight=weight)
+    metrics = MetricBuffer()
+    update(exp, policy=models.policy, critic=models.critic, policy_opt=RecordingOptimizer(models.policy),
+           critic_opt=RecordingOptimizer(models.critic), policy_sched=NoSchedule(), critic_sched=NoSchedule(), cfg=cfg,
+           counters=UpdateCounters(), metrics=metrics)
+    got = metrics.flush()["loss/kl"]
+    d = (lp.double() - exp.ref_logprobs.double()).abs()
+    bound = (((d.exp() + 1) * lp.double().abs() * 2 ** -23).sum() / mask.sum()).item() * 4 + 1e-7
+    assert got == pytest.approx(want.item(), abs=bound), (got, want.item(), bound)
+    assert want.item() > 1e-3                                                   # the reference differs: a real KL

@@ -26,11 +26,15 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import fastppo
 import fastppo.experience
+import fastppo.groups
 from fastppo import dist
+from fastppo import parallel
 from fastppo.config import ConfigError, RMConfig, RolloutConfig, SFTConfig, load_config
-from fastppo.models import _hidden_states, load_models
+from fastppo.models import backbone_states, load_models
+from fastppo.packing import Packing
 from fastppo.rollout import CounterSampler
-from fastppo.train import _compute_dtype, train
+from fastppo.parallel import compute_dtype
+from fastppo.train import train
 from fastppo_testing.distributed import output, torchrun
 from fastppo_testing.tiny_models import build_tokenizer, make_tiny_setup, model_configs
 from fastppo_testing.trainer import tiny_setups  # noqa: F401  (fixture)
@@ -48,17 +52,17 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
     ("auto", CPU, 2, True),
     ("auto", CUDA, 8, True),
     ("always", CPU, 1, True),
-    ("never", CUDA, 1, False),     # autocast instead (dist.Autocast)
+    ("never", CUDA, 1, False),     # autocast instead (parallel.Autocast)
 ])
 def test_shard_auto_uses_fsdp_on_cuda_even_in_one_process(shard, device, world, sharded):
     assert dist.wants_sharding(shard, device, world) is sharded
 
 
 def test_compute_dtype_is_bfloat16_on_cuda_and_the_storage_dtype_on_cpu():
-    assert _compute_dtype("auto", CUDA) == torch.bfloat16
-    assert _compute_dtype("auto", CPU) is None
-    assert _compute_dtype("bfloat16", CPU) == torch.bfloat16
-    assert _compute_dtype("float32", CUDA) == torch.float32
+    assert compute_dtype("auto", CUDA) == torch.bfloat16
+    assert compute_dtype("auto", CPU) is None
+    assert compute_dtype("bfloat16", CPU) == torch.bfloat16
+    assert compute_dtype("float32", CUDA) == torch.float32
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -97,7 +101,8 @@ def _linear_output_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
                for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     try:
         ids = torch.randint(5, 30, (2, 7))
-        hidden = _hidden_states(model, ids, torch.ones_like(ids))
+        mask = torch.ones_like(ids)
+        hidden = backbone_states(model, ids, mask, Packing.padded_batch(mask, mask.bool()))
     finally:
         for h in handles:
             h.remove()
@@ -109,24 +114,24 @@ def _linear_output_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
                                            (torch.float32, torch.float32)])
 def test_autocast_runs_the_blocks_in_the_compute_dtype_over_float32_weights(tiny_setups, compute, want):
     model = AutoModelForCausalLM.from_pretrained(tiny_setups("llama").policy, dtype=torch.float32)
-    model = dist.Autocast(CPU, compute)(model, "policy", trained=True)
+    model = parallel.Autocast(CPU, compute)(model, "policy", trained=True)
     dtypes = _linear_output_dtypes(model)
     assert all(p.dtype == torch.float32 for p in model.parameters())            # master weights untouched
     blocks = {name: d for name, d in dtypes.items() if ".layers." in name}
     assert blocks and set(blocks.values()) == {want}, dtypes
     # The final norm runs outside autocast: the fused lm_head ops get float32 hidden states (and weight).
     assert dtypes["<hidden>"] == torch.float32
-    assert all(dist.autocast_dtype(b) == (want if compute == torch.bfloat16 else None)
-               for b in dist.transformer_blocks(model))
+    assert all(parallel.autocast_dtype(b) == (want if compute == torch.bfloat16 else None)
+               for b in parallel.transformer_blocks(model))
 
 
 def test_load_models_prepares_with_autocast_when_not_sharded(tiny_setups):
-    """`train` without FSDP hands load_models a dist.Autocast: its compute dtype is read like a Sharder's."""
+    """`train` without FSDP hands load_models a parallel.Autocast: its compute dtype is read like a Sharder's."""
     cfg = load_config(None, tiny_setups("llama").overrides())
-    models = load_models(cfg.model, CPU, shard=dist.Autocast(CPU, torch.bfloat16))
+    models = load_models(cfg.model, CPU, shard=parallel.Autocast(CPU, torch.bfloat16))
     for model in (models.policy, models.ref, models.critic, models.reward):
         assert all(p.dtype == torch.float32 for p in model.parameters())
-        assert {dist.autocast_dtype(b) for b in dist.transformer_blocks(model)} == {torch.bfloat16}
+        assert {parallel.autocast_dtype(b) for b in parallel.transformer_blocks(model)} == {torch.bfloat16}
 
 
 def _capture_optimizers(monkeypatch) -> list[torch.optim.Optimizer]:
@@ -232,21 +237,24 @@ def test_a_decode_step_makes_no_host_sync_and_no_host_copy():
 
 def test_scoring_and_the_update_sync_once_per_optimizer_step_and_copy_once_per_update(tiny_setups, tmp_path):
     """One iteration, 2 epochs x 2 minibatches x 2 micro-batches: the update's only host sync is the finiteness
-    check of each optimizer step, its only host-to-device copy the minibatch order; scoring syncs once per
-    iteration, to count the non-finite reward-model scores (dropped and named, or the run stops), and copies nothing."""
+    check of each optimizer step, its only host-to-device copy the minibatch order; scoring syncs once per phase
+    per iteration, to count the non-finite outcome scores (phase 1) and the non-finite forwards (phase 2) (each
+    dropped and named, or the run stops), and copies nothing."""
     setup = tiny_setups("llama")
     cfg = load_config(None, setup.overrides(**{
         "ppo.ppo_epochs": 2, "run.iterations": 1, "run.output_dir": tmp_path / "run", "run.export_at_end": False}))
-    with HostTraffic(("ppo.py", "experience.py")) as traffic:
+    with HostTraffic(("update.py", "optim.py", "groups.py", "experience.py")) as traffic:
         result = train(cfg)
     steps = int(result.metrics["train/optimizer_steps"])
     assert steps == 4
-    ppo_syncs = {k: v for k, v in traffic.syncs.items() if k.startswith("ppo.py")}
-    assert sum(ppo_syncs.values()) == steps and len(ppo_syncs) == 1, traffic.syncs
-    source = Path(fastppo.experience.__file__).read_text().splitlines()
-    nonfinite_count = next(i for i, line in enumerate(source, start=1) if "n_bad = " in line)
-    assert {k: v for k, v in traffic.syncs.items() if k.startswith("experience.py")} == {
-        f"experience.py:{nonfinite_count}": 1}, traffic.syncs
+    step_syncs = {k: v for k, v in traffic.syncs.items() if k.startswith(("update.py", "optim.py"))}
+    assert sum(step_syncs.values()) == steps and len(step_syncs) == 1, traffic.syncs
+    # phase 1 also agrees on the response width of all ranks (one scalar), as it did before counting non-finite scores
+    for module, markers in (("groups", ("int(width)", "n_rm_bad = int(")), ("experience", ("n_bad = int(",))):
+        source = Path(getattr(fastppo, module).__file__).read_text().splitlines()
+        lines = [next(i for i, text in enumerate(source, start=1) if marker in text) for marker in markers]
+        assert {k: v for k, v in traffic.syncs.items() if k.startswith(f"{module}.py")} == {
+            f"{module}.py:{line}": 1 for line in lines}, traffic.syncs
     assert sum(traffic.copies.values()) <= 1, traffic.copies
 
 

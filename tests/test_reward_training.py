@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fastppo import synthetic as S
+from fastppo.demos import synthetic as S
 from fastppo.cli import main
 from fastppo.config import ConfigError, ModelConfig, RMConfig, load_config
 from fastppo.data import DataError

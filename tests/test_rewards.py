@@ -14,7 +14,7 @@ from fastppo.data import load_prompts
 from fastppo.rewards import RewardFunctionError, RewardFunctions, math_answer
 from fastppo.train import train
 from fastppo_testing.tiny_models import build_tokenizer, write_jsonl
-from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import outcomes_for, read_metrics, tiny_setups  # noqa: F401  (fixture)
 
 MODULE = "fastppo_testing.reward_fns"
 
@@ -77,7 +77,6 @@ def test_a_reward_beyond_float32_follows_function_errors(scorer):
 
 def test_a_weighted_sum_beyond_float32_drops_the_row():
     """Each value fits float32, their weighted sum does not: the row is non-finite (dropped, counted), not inf."""
-    from fastppo.experience import outcome_scores
     from fastppo.rollout import Rollout
 
     rollout = Rollout(sequences=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3).long(),
@@ -85,7 +84,7 @@ def test_a_weighted_sum_beyond_float32_drops_the_row():
                       ended=torch.tensor([True, True]), prompt_width=1)
     models = SimpleNamespace(reward=None, tokenizer=SimpleNamespace(eos_token_id=2, pad_token_id=0))
     cfg = load_config(None, ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"])
-    scores, nonfinite = outcome_scores(models, rollout, cfg, batch_size=2,
+    scores, nonfinite = outcomes_for(models, rollout, cfg, batch_size=2,
                                        function_scores=torch.tensor([3e38, 1.0], dtype=torch.float64) * 2)
     assert nonfinite.tolist() == [True, False] and scores.tolist() == [0.0, 2.0]
 
@@ -195,8 +194,7 @@ def test_reward_functions_alone_score_a_grpo_run(tiny_setups, tmp_path, monkeypa
 
 def test_reward_model_score_and_functions_add(monkeypatch):
     """The raw score is the reward model's (0 where it is NaN/inf: that row is dropped) plus the functions' sum."""
-    import fastppo.experience as experience
-    from fastppo.experience import outcome_scores
+    import fastppo.groups as groups
     from fastppo.rollout import Rollout
 
     rollout = Rollout(sequences=torch.tensor([[5, 6, 2], [5, 7, 2], [5, 8, 8]]), attention_mask=torch.ones(3, 3).long(),
@@ -204,21 +202,21 @@ def test_reward_model_score_and_functions_add(monkeypatch):
                       ended=torch.tensor([True, True, False]), prompt_width=1)
     models = SimpleNamespace(reward=object(), tokenizer=SimpleNamespace(eos_token_id=2, pad_token_id=0))
     by_token = {6: 1.0, 7: float("nan"), 8: -2.0}       # each row's score from its own tokens: any row order works
-    monkeypatch.setattr(experience, "score_at", lambda model, ids, mask, index, pack=None:
+    monkeypatch.setattr(groups, "score_at", lambda model, ids, mask, index, pack=None:
                         torch.tensor([by_token[int(i)] for i in ids[:, 1]]))
     cfg = load_config(None, ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"])
-    scores, nonfinite = outcome_scores(models, rollout, cfg, batch_size=4,
+    scores, nonfinite = outcomes_for(models, rollout, cfg, batch_size=4,
                                        function_scores=torch.tensor([0.5, 0.25, 1.0]))
     assert scores.tolist() == [1.5, 0.25, -1.0] and nonfinite.tolist() == [False, True, False]
     models.reward = None                                          # functions alone
-    scores, nonfinite = outcome_scores(models, rollout, cfg, batch_size=4, function_scores=torch.tensor([0.5, 0.25, 1.0]))
+    scores, nonfinite = outcomes_for(models, rollout, cfg, batch_size=4, function_scores=torch.tensor([0.5, 0.25, 1.0]))
     assert scores.tolist() == [0.5, 0.25, 1.0] and not nonfinite.any()
 
 
 def test_arithmetic_demo_runs_sft_then_grpo_with_math_answer(tmp_path, capsys):
     """`fastppo demo --task arithmetic` on a tiny plan: every stage runs, the policy is scored by math_answer
     (no reward model), and the summary holds the held-out accuracy before and after."""
-    from fastppo.demo_arithmetic import ArithmeticPlan, run_arithmetic_demo
+    from fastppo.demos.arithmetic import ArithmeticPlan, run_arithmetic_demo
 
     plan = ArithmeticPlan(n_sft=64, n_prompts=32, n_eval_prompts=16, sft_epochs=1.0, iterations=2,
                           prompts_per_iteration=4, samples_per_prompt=4, minibatch_size=16)

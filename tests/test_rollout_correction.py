@@ -17,19 +17,19 @@ import math
 import pytest
 import torch
 
-import fastppo.experience as experience
+import fastppo.models as models_module
 from fastppo import algo
 from fastppo.config import ConfigError, load_config
 from fastppo.engine import HFEngine
-from fastppo.experience import correction_weight, mismatch_metrics, rollout_correction, score_rollout
+from fastppo.experience import correction_weight, mismatch_metrics, rollout_correction
 from fastppo.metrics import MetricBuffer
 from fastppo.models import load_models
-from fastppo.ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
+from fastppo.optim import UpdateCounters, make_optimizer, make_scheduler
 from fastppo.rollout import Rollout
 from fastppo.train import train
 from fastppo_testing.distributed import output, torchrun
 from fastppo_testing.rollout_logprobs import SCRIPT, with_teacher_forced_logprobs
-from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import read_metrics, score, tiny_setups, update  # noqa: F401  (fixture)
 
 MISMATCH_KEYS = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/kl_k3", "rollout/diff_gt_0.1_frac")
 
@@ -163,14 +163,14 @@ def test_k3_of_a_rounding_level_mismatch():
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,field", [
-    (["rollout.old_logprobs=reuse", "ppo.rollout_is=token"], "ppo.rollout_is"),
-    (["rollout.old_logprobs=reuse", "ppo.rollout_mask=sequence"], "ppo.rollout_mask"),
+    (["rollout.old_logprobs=reuse", "correction.importance=token"], "correction.importance"),
+    (["rollout.old_logprobs=reuse", "correction.mask=sequence"], "correction.mask"),
     (["rollout.old_logprobs=keep"], "rollout.old_logprobs"),
-    (["ppo.rollout_is=seq"], "ppo.rollout_is"),
-    (["ppo.rollout_is_cap=0.5"], "ppo.rollout_is_cap"),
-    (["ppo.rollout_mask=tokens"], "ppo.rollout_mask"),
-    (["ppo.rollout_mask_bounds=[1.2,2.0]"], "ppo.rollout_mask_bounds"),
-    (["ppo.rollout_mask_bounds=[0.5]"], "ppo.rollout_mask_bounds"),
+    (["correction.importance=seq"], "correction.importance"),
+    (["correction.importance_cap=0.5"], "correction.importance_cap"),
+    (["correction.mask=tokens"], "correction.mask"),
+    (["correction.mask_bounds=[1.2,2.0]"], "correction.mask_bounds"),
+    (["correction.mask_bounds=[0.5]"], "correction.mask_bounds"),
 ])
 def test_config_refuses_naming_the_field(overrides, field):
     base = ["model.policy_path=x", "model.reward_path=x", "data.prompt_path=x"]
@@ -183,7 +183,7 @@ def test_config_refuses_naming_the_field(overrides, field):
 @pytest.mark.parametrize("preset", ["ppo_max", "moss_release", "vanilla"])
 def test_every_preset_recomputes(preset):
     cfg = load_config(None, ["model.policy_path=x", "model.reward_path=x", "data.prompt_path=x"], preset=preset)
-    assert cfg.rollout.old_logprobs == "recompute" and cfg.ppo.rollout_is == "none" and cfg.ppo.rollout_mask == "none"
+    assert cfg.rollout.old_logprobs == "recompute" and cfg.correction.importance == "none" and cfg.correction.mask == "none"
 
 
 # ----------------------------------------------------------------------------
@@ -216,9 +216,9 @@ def test_score_phase_policy_forwards(mode, llama, rollout_logprobs, monkeypatch)
     rollout = _sampled(setup, models, cfg)
     assert rollout.logprobs is not None and rollout.response_mask.any()
     calls = []
-    original = experience.response_logprobs
-    monkeypatch.setattr(experience, "response_logprobs", lambda model, *a, **kw: calls.append(model) or original(model, *a, **kw))
-    scored = score_rollout(models, rollout, cfg, batch_size=2, fused=True)
+    original = models_module.response_logprobs
+    monkeypatch.setattr(models_module, "response_logprobs", lambda model, *a, **kw: calls.append(model) or original(model, *a, **kw))
+    scored = score(models, rollout, cfg, batch_size=2, fused=True)
     policy_calls = sum(m is models.policy for m in calls)
     assert sum(m is models.ref for m in calls) == 2                           # 4 rows, 2 at a time
     mask = rollout.response_mask
@@ -226,13 +226,13 @@ def test_score_phase_policy_forwards(mode, llama, rollout_logprobs, monkeypatch)
         assert policy_calls == 0
         assert torch.equal(scored.old_logprobs, torch.where(mask, rollout.logprobs, 0.0))
         assert torch.equal(scored.old_entropy, torch.where(mask, rollout.entropy, 0.0))
-        weight, metrics = rollout_correction(rollout, scored, cfg)
+        weight, metrics = rollout_correction(rollout, scored, cfg.correction, cfg.rollout.old_logprobs)
         assert weight is None and metrics == {}                               # nothing to measure: pi_old is pi_rollout
     else:
         assert policy_calls == 2
         # recomputed: the same distribution as the generator's, up to float32 rounding of another batch shape
         torch.testing.assert_close(scored.old_logprobs, torch.where(mask, rollout.logprobs, 0.0), rtol=0, atol=1e-4)
-        _, metrics = rollout_correction(rollout, scored, cfg)
+        _, metrics = rollout_correction(rollout, scored, cfg.correction, cfg.rollout.old_logprobs)
         assert set(metrics) == set(MISMATCH_KEYS)
         assert metrics["rollout/logprob_diff_max"] < 1e-4 and metrics["rollout/diff_gt_0.1_frac"] == 0
 
@@ -243,18 +243,18 @@ def test_reuse_without_engine_logprobs_says_what_to_set(llama):
     rollout = _sampled(setup, models, cfg)
     rollout = dataclasses.replace(rollout, logprobs=None, entropy=None)
     with pytest.raises(ConfigError, match="rollout.old_logprobs=recompute"):
-        score_rollout(models, rollout, cfg, batch_size=2, fused=True)
+        score(models, rollout, cfg, batch_size=2, fused=True)
 
 
 def test_correction_weight_is_the_function_of_scored_and_rollout_logprobs(llama, rollout_logprobs):
     setup, models = llama
-    cfg = load_config(None, setup.overrides(**{"ppo.rollout_is": "sequence", "ppo.rollout_mask": "token"}))
+    cfg = load_config(None, setup.overrides(**{"correction.importance": "sequence", "correction.mask": "token"}))
     rollout = _sampled(setup, models, cfg)
-    scored = score_rollout(models, rollout, cfg, batch_size=4, fused=True)
+    scored = score(models, rollout, cfg, batch_size=4, fused=True)
     # a generator that drifted: half the tokens 0.3 nats more likely than under pi_old
     drift = torch.where(torch.rand(rollout.logprobs.shape, generator=torch.Generator().manual_seed(0)) < 0.5, 0.3, 0.0)
     rollout = dataclasses.replace(rollout, logprobs=(rollout.logprobs + drift) * rollout.response_mask)
-    weight, metrics = rollout_correction(rollout, scored, cfg)
+    weight, metrics = rollout_correction(rollout, scored, cfg.correction, cfg.rollout.old_logprobs)
     want, _ = correction_weight(scored.old_logprobs, rollout.logprobs, rollout.response_mask, is_mode="sequence",
                                 cap=2.0, mask_mode="token", bounds=(0.5, 2.0))
     torch.testing.assert_close(weight, want, rtol=0, atol=0)   # the same function on the same inputs
@@ -289,7 +289,7 @@ def test_weighted_update_equals_scaled_advantages(fused_policy_loss, llama):
         popt, copt = make_optimizer(policy, 1e-3, cfg.optim), make_optimizer(critic, 1e-3, cfg.optim)
         buf = MetricBuffer()
         torch.manual_seed(0)
-        ppo_update(e, policy=policy, critic=critic, policy_opt=popt, critic_opt=copt,
+        update(e, policy=policy, critic=critic, policy_opt=popt, critic_opt=copt,
                    policy_sched=make_scheduler(popt, cfg.optim, 1), critic_sched=make_scheduler(copt, cfg.optim, 1),
                    cfg=cfg, train_policy=True, fused=True, ptx_batches=None, counters=UpdateCounters(), metrics=buf)
         results.append(buf.flush())
@@ -312,8 +312,8 @@ def _run(setup, out, **extra):
 def test_trainer_recompute_and_reuse(tiny_setups, tmp_path, rollout_logprobs, monkeypatch):
     setup = tiny_setups("llama")
     policy_scoring = []
-    original = experience.response_logprobs
-    monkeypatch.setattr(experience, "response_logprobs",
+    original = models_module.response_logprobs
+    monkeypatch.setattr(models_module, "response_logprobs",
                         lambda model, *a, **kw: policy_scoring.append(kw.get("return_entropy", False)) or original(model, *a, **kw))
     recompute = _run(setup, tmp_path / "recompute")
     n_recompute = sum(policy_scoring)                  # the policy's forwards return the entropy, the ref's do not
@@ -368,8 +368,8 @@ def test_trainer_with_correction(is_mode, mask_mode, tiny_setups, tmp_path, roll
         return dataclasses.replace(r, logprobs=torch.where(every_other & r.response_mask, r.logprobs - 0.3, r.logprobs))
 
     monkeypatch.setattr(HFEngine, "generate", drifted)
-    _run(setup, tmp_path / "run", **{"ppo.rollout_is": is_mode, "ppo.rollout_mask": mask_mode,
-                                     "ppo.rollout_is_cap": 1.2, "ppo.rollout_mask_bounds": "[0.8,1.1]"})
+    _run(setup, tmp_path / "run", **{"correction.importance": is_mode, "correction.mask": mask_mode,
+                                     "correction.importance_cap": 1.2, "correction.mask_bounds": "[0.8,1.1]"})
     for r in read_metrics(tmp_path / "run"):
         assert set(MISMATCH_KEYS) <= set(r)
         assert r["rollout/diff_gt_0.1_frac"] > 0.4 and r["rollout/logprob_diff_max"] == pytest.approx(0.3, abs=1e-4)
@@ -388,7 +388,7 @@ def test_two_processes_equal_one_with_reuse(tiny_setups, tmp_path, rollout_logpr
     def overrides(out, micro):
         return setup.overrides(**{"run.output_dir": out, "run.iterations": 2, "run.export_at_end": False,
                                   "rollout.old_logprobs": "reuse", "ppo.micro_batch_size": micro,
-                                  "ppo.whiten_advantages": True, "run.log_level": "INFO"})
+                                  "advantage.whiten": True, "run.log_level": "INFO"})
 
     script = tmp_path / "run_with_rollout_logprobs.py"
     script.write_text(SCRIPT)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from fastppo import algo
-from fastppo import synthetic as S
+from fastppo.demos import synthetic as S
 from fastppo.cli import main
 from fastppo.config import ConfigError, SFTConfig, load_config
 from fastppo.data import collate_sft, load_sft
 from fastppo.models import IGNORE_INDEX
-from fastppo.ppo import ptx_loss
+from fastppo.models import ptx_loss
 
 
 def make_init(root, *, hidden=32, seed=0):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import fastppo.sft as sft_module
-from fastppo import synthetic as S
+from fastppo.demos import synthetic as S
 from fastppo.cli import main
 from fastppo.config import ConfigError, SFTConfig, load_config
-from fastppo.ppo import lr_lambda
+from fastppo.optim import lr_lambda
 
 
 def _init(root):

@@ -9,9 +9,9 @@ import torch
 
 import fastppo
 from fastppo.data import EpochSampler
-from fastppo.experience import AdaptiveKLController
+from fastppo.shaping import AdaptiveKLController
 from fastppo.metrics import RunningMoments
-from fastppo.ppo import UpdateCounters
+from fastppo.optim import UpdateCounters
 from fastppo.train import TrainState
 
 

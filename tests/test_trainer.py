@@ -14,9 +14,9 @@ import torch
 from fastppo.checkpoint import read_weights
 from fastppo.cli import main
 from fastppo.config import load_config
-from fastppo.ppo import NonFiniteError
+from fastppo.optim import NonFiniteError
 from fastppo.train import train
-from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import nan_value_loss, read_metrics, tiny_setups  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,13 +122,12 @@ def test_resume_is_bitwise_identical(tiny_setups, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tiny_setups, tmp_path, monkeypatch):
-    import fastppo.ppo as ppo
+    import fastppo.update as ppo
 
     setup = tiny_setups("llama")
-    # NaN critic values in the update (NaN rewards or score-phase forwards never reach it: those rows are dropped,
+    # A NaN value loss in the update (NaN rewards or score-phase forwards never reach it: those rows are dropped,
     # see test_inputs.py and test_packing.py)
-    monkeypatch.setattr(ppo, "response_values", lambda model, ids, mask, rmask, prompt_width, pack=None:
-                        torch.full(rmask.shape, float("nan")))
+    monkeypatch.setattr(ppo, "ppo_loss", nan_value_loss(ppo.ppo_loss))
     cfg = load_config(None, setup.overrides(**{"run.output_dir": tmp_path / "run", "run.max_nonfinite_in_a_row": 3,
                                               "reward.reward_scale": False, "reward.reward_norm": False}))
     with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):

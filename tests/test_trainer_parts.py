@@ -25,12 +25,12 @@ REQUIRED = ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"]
 
 def test_presets_follow_spec_table():
     m, r, v = PRESETS["ppo_max"](), PRESETS["moss_release"](), PRESETS["vanilla"]()
-    assert (m.reward.kl_coef, m.reward.reward_clip, m.ppo.lam, m.optim.critic_lr) == (0.05, 0.8, 0.9, 1.65e-6)
+    assert (m.reward.kl_coef, m.reward.reward_clip, m.advantage.lam, m.optim.critic_lr) == (0.05, 0.8, 0.9, 1.65e-6)
     assert m.reward.reward_scale and m.reward.reward_norm and m.ppo.critic_warmup_steps > 0
-    assert (r.reward.kl_coef, r.reward.reward_norm, r.reward.reward_clip, r.ppo.lam) == (0.01, False, None, 0.95)
+    assert (r.reward.kl_coef, r.reward.reward_norm, r.reward.reward_clip, r.advantage.lam) == (0.01, False, None, 0.95)
     assert r.reward.reward_scale and r.ppo.ptx_coef == 0
     assert (v.reward.kl_coef, v.reward.reward_scale, v.ppo.value_clip, v.optim.max_grad_norm) == (0.0, False, None, None)
-    assert v.ppo.whiten_advantages and not m.ppo.whiten_advantages
+    assert v.advantage.whiten and not m.advantage.whiten
     for cfg in (m, r, v):
         assert (cfg.rollout.rollout_batch_size, cfg.ppo.minibatch_size, cfg.ppo.ppo_epochs) == (128, 32, 1)
         assert (cfg.rollout.temperature, cfg.rollout.top_p) == (0.8, 0.9)
@@ -57,10 +57,10 @@ def test_every_field_has_a_docstring():
 
 def test_yaml_preset_and_overrides_layer(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("preset: vanilla\nmodel:\n  policy_path: p\n  reward_path: r\ndata:\n  prompt_path: d\nppo:\n  lam: 0.5\n")
-    cfg = load_config(y, ["ppo.lam=0.7", "reward.reward_clip=0.3"])
-    assert cfg.ppo.lam == 0.7 and cfg.reward.reward_clip == 0.3 and cfg.ppo.whiten_advantages  # vanilla base
-    assert load_config(y, [], preset="ppo_max").ppo.whiten_advantages is False  # explicit preset wins
+    y.write_text("preset: vanilla\nmodel:\n  policy_path: p\n  reward_path: r\ndata:\n  prompt_path: d\nadvantage:\n  lam: 0.5\n")
+    cfg = load_config(y, ["advantage.lam=0.7", "reward.reward_clip=0.3"])
+    assert cfg.advantage.lam == 0.7 and cfg.reward.reward_clip == 0.3 and cfg.advantage.whiten  # vanilla base
+    assert load_config(y, [], preset="ppo_max").advantage.whiten is False  # explicit preset wins
     again = tmp_path / "again.yaml"
     again.write_text(to_yaml(cfg))
     assert load_config(again) == cfg  # the saved resolved config round-trips

@@ -108,7 +108,7 @@ def _kl_penalty(dtype, length, estimator, clamp, grad):
 
 def _gae(dtype, length):
     rewards, values = torch.randn(8, length, dtype=dtype), torch.randn(8, length, dtype=dtype)
-    gae(rewards, values, torch.rand(8, length) < 0.8, gamma=TRAINER.ppo.gamma, lam=TRAINER.ppo.lam, backend="triton")
+    gae(rewards, values, torch.rand(8, length) < 0.8, gamma=TRAINER.advantage.gamma, lam=TRAINER.advantage.lam, backend="triton")
 
 
 def _ppo_loss(dtype, rows, length, *, trainer=True):

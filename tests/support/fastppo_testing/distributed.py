@@ -80,8 +80,10 @@ def run_update(models, cfg, exp) -> dict:
     step and the full parameters afterwards."""
     from fastppo.metrics import MetricBuffer
     from fastppo.models import response_logprobs
-    from fastppo.ppo import UpdateCounters, make_optimizer, make_scheduler, ppo_update
+    from fastppo.optim import UpdateCounters, make_optimizer, make_scheduler
 
+    from .trainer import update
+    
     kw = dict(prompt_width=exp.prompt_width, temperature=cfg.rollout.temperature, return_entropy=True)
     with torch.no_grad():
         fused = response_logprobs(models.policy, exp.sequences, exp.attention_mask, exp.response_mask, fused=True, **kw)
@@ -100,7 +102,7 @@ def run_update(models, cfg, exp) -> dict:
         opt.register_step_pre_hook(record_grads(name))
     buf = MetricBuffer()
     torch.manual_seed(0)                                                       # the minibatch shuffle
-    ppo_update(exp, policy=models.policy, critic=models.critic, policy_opt=opts["policy"], critic_opt=opts["critic"],
+    update(exp, policy=models.policy, critic=models.critic, policy_opt=opts["policy"], critic_opt=opts["critic"],
                policy_sched=scheds["policy"], critic_sched=scheds["critic"], cfg=cfg, train_policy=True, fused=True,
                ptx_batches=None, counters=UpdateCounters(), metrics=buf)
     return {"metrics": buf.flush(), "fused_logprobs": fused.logprobs, "plain_logprobs": plain.logprobs,
@@ -134,13 +136,14 @@ def shard_layout(model) -> list[tuple[str, tuple, tuple, str]]:
 
 def _update_worker(out_dir: str, overrides: list[str]) -> None:
     from fastppo import dist
+    from fastppo import parallel
     from fastppo.config import load_config
     from fastppo.models import load_models
 
     cfg = load_config(None, overrides)
     device = torch.device("cpu")
     dist.setup("auto", "gloo", 60, device)
-    sharder = dist.Sharder(dist.build_mesh(1, device), device=device, param_dtype=None, reduce_dtype=torch.float32,
+    sharder = parallel.Sharder(parallel.build_mesh(1, device), device=device, param_dtype=None, reduce_dtype=torch.float32,
                            offload_frozen=False, reshard_after_forward=True)
     models = load_models(cfg.model, device, shard=sharder)
     exp = uneven_experience(len(models.tokenizer))

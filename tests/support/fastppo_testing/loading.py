@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 -m fastppo_testing.loading OUT OVERRIDES...
 
-Each rank loads the four models with FSDP2 (`load_models` with a `dist.Sharder`) and records, in
+Each rank loads the four models with FSDP2 (`load_models` with a `parallel.Sharder`) and records, in
 OUT/rank<R>.pt, its resident memory before loading and its peak while loading (VmHWM, reset just before),
 the bytes of its shards and of the largest full model; rank 0 also saves every model's full state dict
 and non-persistent buffers, and the RNG state after loading, for comparison with a one-process load.
@@ -29,6 +29,8 @@ def main(out_dir: str, overrides: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from fastppo import dist
+
+    from fastppo import parallel
     from fastppo.config import load_config
     from fastppo.models import load_models
 
@@ -40,7 +42,7 @@ def main(out_dir: str, overrides: list[str]) -> None:
     with torch.device("meta"):
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.policy_path))
         AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(cfg.model.reward_path, num_labels=1))
-    sharder = dist.Sharder(dist.build_mesh(1, device), device=device, param_dtype=None, reduce_dtype=torch.float32,
+    sharder = parallel.Sharder(parallel.build_mesh(1, device), device=device, param_dtype=None, reduce_dtype=torch.float32,
                            offload_frozen=False, reshard_after_forward=True)
     dist.barrier()
     rss_before = _status_kb("VmRSS") * 1024

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,22 +33,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from ..config import RMConfig, RolloutConfig, SFTConfig, load_config
+from ..data import collate_prompts, load_prompts
+from ..models import ensure_pad_token, load_tokenizer, response_logprobs, score_at
+from ..reward_training import train_rm
+from ..rollout import generate, with_eos_for_scoring
+from ..run_dir import claim
+from ..sft import sft
+from ..train import train
+from . import common
 from . import synthetic as S
-from .config import RMConfig, RolloutConfig, SFTConfig, load_config
-from .data import collate_prompts, load_prompts
-from .demo_arithmetic import ArithmeticPlan, quick_arithmetic_plan, run_arithmetic_demo
-from .models import ensure_pad_token, load_tokenizer, response_logprobs, score_at
-from .reward_training import train_rm
-from .rollout import generate, with_eos_for_scoring
-from .run_dir import LOCK_NAME, RunDirError, claim, held_locks
-from .sft import sft
-from .train import train
+from .common import DEMO_MARKER, Stages, TinyPlan, read_last_eval, read_metrics, replace_earlier_demo, run_overrides
 
 log = logging.getLogger("fastppo")
 
 
 @dataclass
-class DemoPlan(S.TinyPlan):
+class DemoPlan(TinyPlan):
     """Sizes and schedules of the demo (not the algorithm: each preset keeps its knobs)."""
     n_sft: int = 4000
     """SFT examples (train prompts only)."""
@@ -113,14 +113,14 @@ def make_task(out: Path, plan: DemoPlan, seed: int, write: bool = True) -> dict[
 # ----------------------------------------------------------------------------
 
 def sft_overrides(paths: dict, out: Path, plan: DemoPlan, seed: int, progress_bar: bool) -> list[str]:
-    return S.sft_overrides(paths["init"], paths["sft"], out / "sft", plan, seed, progress_bar)
+    return common.sft_overrides(paths["init"], paths["sft"], out / "sft", plan, seed, progress_bar)
 
 
 def rm_overrides(paths: dict, out: Path, plan: DemoPlan, seed: int, progress_bar: bool) -> list[str]:
     return [f"model.path={out / 'sft' / 'export'}", f"data.train_path={paths['pairs']}",
             f"data.eval_path={paths['pairs_eval']}", f"optim.lr={plan.rm_lr}", "optim.warmup_steps=10",
             f"run.epochs={plan.rm_epochs}", "run.batch_size=32", "run.micro_batch_size=32", "run.eval_every=25",
-            *S.run_overrides(out / "rm", seed, progress_bar)]
+            *run_overrides(out / "rm", seed, progress_bar)]
 
 
 def ppo_overrides(preset: str, paths: dict, out: Path, plan: DemoPlan, seed: int, progress_bar: bool,
@@ -131,7 +131,7 @@ def ppo_overrides(preset: str, paths: dict, out: Path, plan: DemoPlan, seed: int
           f"run.iterations={iterations or plan.ppo_iterations}", "run.save_every=0", "run.keep_last=1",
           f"rollout.rollout_batch_size={plan.rollout_batch_size}", f"ppo.minibatch_size={plan.minibatch_size}",
           f"ppo.micro_batch_size={plan.micro_batch_size}", f"rollout.max_new_tokens={plan.max_new_tokens}",
-          *S.run_overrides(out / preset, seed, progress_bar), *(["run.resume=latest"] if resume else [])]
+          *run_overrides(out / preset, seed, progress_bar), *(["run.resume=latest"] if resume else [])]
     if preset == "ppo_max":  # PPO-max's ptx loss on the SFT data (the other presets have ptx off)
         ov.append(f"data.ptx_path={paths['sft']}")
     return ov
@@ -216,18 +216,6 @@ CURVES = [
     ("policy/entropy", "entropy", "entropy"),
 ]
 COLORS = {"ppo_max": "tab:blue", "vanilla": "tab:red", "moss_release": "tab:green"}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_last_eval(run_dir: Path) -> dict:
-    """A stage's held-out metrics at its end (`eval/*` of its last record holding them), read back from its
-    metrics.jsonl: the same whether the stage ran now or in the demo this one resumes."""
-    evals = [r for r in read_metrics(run_dir) if any(k.startswith("eval/") for k in r)]
-    return {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval/")}
 
 
 def plot_runs(runs: dict[str, list[dict]], evals: dict[str, PolicyEval], out: Path) -> list[Path]:
@@ -315,24 +303,6 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-DEMO_MARKER = "demo_plan.json"
-
-
-def replace_earlier_demo(out: Path, echo=print) -> None:
-    """The demo owns its folder: an earlier demo there is replaced (each stage refuses a used run folder), but a
-    folder holding anything else is left alone."""
-    if not out.exists() or (out.is_dir() and all(p.name == LOCK_NAME for p in out.iterdir())):
-        return
-    if not (out / DEMO_MARKER).is_file():
-        raise RunDirError(f"--output-dir {out} is not empty and holds no earlier demo ({DEMO_MARKER}); "
-                          "choose an empty or new folder")
-    if held := held_locks(out):
-        raise RunDirError(f"--output-dir {out} is in use by a running demo or stage (it holds {held[0]}): wait for "
-                          "it to finish or choose another folder")
-    echo(f"[demo] replacing the earlier demo in {out}")
-    shutil.rmtree(out)
-
-
 def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, compare: list[str] | None = None,
              plan: DemoPlan | None = None, progress_bar: bool = True, echo=print, resume: bool = False) -> DemoResult:
     """SFT -> reward model -> PPO-max (and the compared presets) -> held-out evaluation -> report.
@@ -355,7 +325,7 @@ def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan
     plan = plan or DemoPlan()
     presets = ["ppo_max", *[p for p in (compare or []) if p != "ppo_max"]]
     echo(f"[demo] seed {seed}; outputs in {out.resolve()}")
-    with S.Stages(out, resume=resume, echo=echo) as stages:
+    with Stages(out, resume=resume, echo=echo) as stages:
         (out / DEMO_MARKER).write_text(json.dumps({"task": "preferences", "seed": seed, "presets": presets,
                                                    **asdict(plan)}, indent=2))
         paths = make_task(out, plan, seed, write=False)
@@ -414,67 +384,9 @@ def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan
             echo(f"  {s['prompt']} {s['response']}   [reward {s['reward']:+.2f}, rule {s['rule_score']:+.0f}]")
     echo("")
     echo(f"[demo] total {time.perf_counter() - t_all:.1f}s. Everything is in {out.resolve()}:")
-    echo(f"  plots/overview.png (+ one PNG per curve), summary.json, samples.jsonl,")
+    echo("  plots/overview.png (+ one PNG per curve), summary.json, samples.jsonl,")
     echo(f"  <stage>/metrics.jsonl and <stage>/tensorboard (tensorboard --logdir {out}),")
-    echo(f"  models: " + ", ".join(f"{k} -> {v.relative_to(out)}" for k, v in exports.items()))
+    echo("  models: " + ", ".join(f"{k} -> {v.relative_to(out)}" for k, v in exports.items()))
     return DemoResult(out, rm_metrics, evals, seconds, plots, exports)
 
 
-# ----------------------------------------------------------------------------
-# Command line: `fastppo demo [--compare vanilla] [--seed N] [--output-dir DIR]`
-# ----------------------------------------------------------------------------
-
-def _demo_args(p) -> None:
-    p.add_argument("--output-dir", "-o", default="runs/demo", help="where everything goes (default: runs/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the models and every run (default 0)")
-    p.add_argument("--compare", nargs="*", default=[], choices=["vanilla", "moss_release"], metavar="PRESET",
-                   help="also train these presets from the same SFT and reward model (vanilla, moss_release)")
-    p.add_argument("--quick", action="store_true", help="a shortened demo (fewer examples and iterations)")
-    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30; --task arithmetic: 60, quick: 25)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--task", choices=["preferences", "arithmetic"], default="preferences",
-                   help="preferences: SFT -> reward model -> PPO-max (default); arithmetic: SFT -> GRPO with a "
-                        "verifiable reward (fastppo.rewards:math_answer), held-out accuracy before/after")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a demo stopped in --output-dir, with the settings it started with (its task, seed, "
-                        "sizes): finished stages are kept, an interrupted PPO/GRPO run resumes from its checkpoint")
-
-
-def _earlier_settings(out: Path) -> dict:
-    """What the demo in `out` started with (its DEMO_MARKER), for --resume."""
-    try:
-        return json.loads((out / DEMO_MARKER).read_text())
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"--resume: {out} holds no demo to continue ({out / DEMO_MARKER}: {exc}); start one with "
-                          "`fastppo demo`") from None
-
-
-def _demo_run(args) -> int:
-    out = Path(args.output_dir)
-    task, seed, settings = args.task, args.seed, None
-    if args.resume:
-        settings = _earlier_settings(out)
-        task, seed = settings.pop("task", "preferences"), settings.pop("seed")
-    if task == "arithmetic":
-        plan = ArithmeticPlan(**settings) if settings else quick_arithmetic_plan() if args.quick else ArithmeticPlan()
-        if not settings:
-            plan.iterations = args.iterations or plan.iterations
-            replace_earlier_demo(out)
-        with claim(out, field="--output-dir"):
-            (out / DEMO_MARKER).write_text(json.dumps({"task": "arithmetic", "seed": seed, **asdict(plan)}))
-            run_arithmetic_demo(out, seed=seed, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
-        return 0
-    compare = args.compare
-    if settings:
-        compare = settings.pop("presets")
-        plan = DemoPlan(**settings)
-    else:
-        plan = quick_plan() if args.quick else DemoPlan()
-        plan.ppo_iterations = args.iterations or plan.ppo_iterations
-    run_demo(out, seed=seed, compare=compare, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
-    return 0
-
-
-def register_cli(register) -> None:
-    register("demo", "the whole pipeline on a synthetic task, on CPU, offline: SFT -> reward model -> PPO-max",
-             _demo_args, _demo_run)

@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from ..config import RolloutConfig, SFTConfig, load_config
+from ..data import collate_prompts, load_prompts
+from ..models import ensure_pad_token, load_tokenizer
+from ..rewards import math_answer
+from ..rollout import generate
+from ..sft import sft
+from ..train import train
 from . import synthetic as S
-from .config import RolloutConfig, SFTConfig, load_config
-from .data import collate_prompts, load_prompts
-from .models import ensure_pad_token, load_tokenizer
-from .rewards import math_answer
-from .rollout import generate
-from .sft import sft
-from .train import train
+from .common import Stages, TinyPlan, run_overrides, sft_overrides
 
 ARITH_WORDS = ["what", "is", "the", "answer", "+", "-", "?"]
 MAX_OPERAND = 5
@@ -42,7 +43,7 @@ ARITH_P_CORRECT = 0.5
 
 
 @dataclass
-class ArithmeticPlan(S.TinyPlan):
+class ArithmeticPlan(TinyPlan):
     """Sizes and schedules (tiny-model settings; the grpo preset keeps its algorithmic knobs)."""
     sft_epochs: float = 4.0
     n_sft: int = 3000
@@ -120,9 +121,9 @@ def run_arithmetic_demo(out: Path, *, seed: int = 0, plan: ArithmeticPlan | None
     plan = plan or ArithmeticPlan()
     data, init = out / "data", out / "init"
     paths = {"sft": data / "sft.jsonl", "prompts": data / "prompts.jsonl", "eval": data / "prompts_eval.jsonl"}
-    with S.Stages(out, resume=resume, echo=echo) as stages:
+    with Stages(out, resume=resume, echo=echo) as stages:
         stages.run("data", lambda _: make_task(out, plan, seed), done=init / "config.json")
-        stages.run("sft", lambda _: sft(load_config(None, schema=SFTConfig, overrides=S.sft_overrides(
+        stages.run("sft", lambda _: sft(load_config(None, schema=SFTConfig, overrides=sft_overrides(
             init, paths["sft"], out / "sft", plan, seed, progress_bar))), done=out / "sft" / "export" / "config.json",
             run_dir=out / "sft")
         stages.run("grpo", lambda resumable: _grpo(out, paths, plan, seed, progress_bar, resumable),
@@ -156,4 +157,4 @@ def _grpo(out: Path, paths: dict, plan: ArithmeticPlan, seed: int, progress_bar:
         "run.save_every=0", "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
         f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
         f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
-        *S.run_overrides(out / "grpo", seed, progress_bar), *(["run.resume=latest"] if resume else [])], preset="grpo"))
+        *run_overrides(out / "grpo", seed, progress_bar), *(["run.resume=latest"] if resume else [])], preset="grpo"))

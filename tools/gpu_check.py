@@ -11,7 +11,7 @@ On CUDA, each check time-boxed, in this order (docs/gpu_check.md):
   bench_*               bench/logprobs.py, linear_logprobs.py, linear_ppo_loss.py, rl_math.py at GPU shapes
 Without CUDA the same checks run at tiny shapes under the Triton interpreter, in seconds.
 
-The checks run in a worker process (bench/_gpu_checks.py); this process only watches it: it prints the
+The checks run in a worker process (tools/gpu_checks.py); this process only watches it: it prints the
 worker's progress, enforces each check's time box and the global budget (a check over its box is
 killed and FAILs; checks that no longer fit are SKIPped) and starts a fresh worker after a crash or a
 failed check. Results are written as they arrive: rows to <out>/gpu_check.csv (device, commit, date;
@@ -23,7 +23,7 @@ transformers: this script makes the checkout importable as `fastppo` without ins
 the pure-Python packages the image lacks (omegaconf, pytest, ...) from the wheels in .wheels/, brought
 along from a machine with network (`make gpu-wheels`).
 
-Usage: python3 bench/gpu_check.py [--out DIR] [--budget-s S] [--checks a,b,...] [--kernel-tests 'PYTEST ARGS']
+Usage: python3 tools/gpu_check.py [--out DIR] [--budget-s S] [--checks a,b,...] [--kernel-tests 'PYTEST ARGS']
   --out: default bench/results on CUDA, bench/results/cpu_check elsewhere (the GPU results stay untouched)
 """
 
@@ -44,8 +44,10 @@ from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+TOOLS = ROOT / "tools"
+sys.path.insert(0, str(BENCH))                       # bench/common.py writes the CSV rows
 WHEELS = ROOT / ".wheels"
 
 CHECKS = ["kernel_tests", "fp32_gemm_probe", "gae_long", "sync_counts", "train_no_fsdp", "train_fsdp",
@@ -224,7 +226,7 @@ class Runner:
                 break
             # pytest's own timeout stops it a little before the box, so that its counts so far come back.
             pytest_s = max(5.0, self.box("kernel_tests", time.monotonic()) - 5)
-            cmd = [sys.executable, str(BENCH / "_gpu_checks.py"), "--out", str(self.out), "--events",
+            cmd = [sys.executable, str(TOOLS / "gpu_checks.py"), "--out", str(self.out), "--events",
                    str(self.events), "--checks", ",".join(todo), "--kernel-tests", self.args.kernel_tests,
                    "--kernel-tests-timeout", str(pytest_s)]
             with open(self.log, "a") as log:
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
         else:
             os.environ["TRITON_INTERPRET"] = "0"
         report = Report(out, checks, cpu, budget_s=args.budget_s,
-                        command=" ".join(["python3", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]))
+                        command=" ".join(["python3", "tools/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]))
         events, log = out / "gpu_check.events.jsonl", out / "gpu_check.log"
         events.unlink(missing_ok=True)
         log.unlink(missing_ok=True)

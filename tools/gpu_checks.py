@@ -1,4 +1,4 @@
-"""The checks of bench/gpu_check.py, run in a worker process that it starts (and restarts after a failure).
+"""The checks of tools/gpu_check.py, run in a worker process that it starts (and restarts after a failure).
 
 Each check is a function of a `Context` returning a `Result` (PASS / FAIL / SKIP, metrics, a note). The
 worker runs the checks it is given in order and appends one JSON line per event to the events file:
@@ -9,7 +9,7 @@ so the parent starts a fresh worker for the checks that remain.
 On CUDA the checks run at the GPU shapes; without CUDA, at tiny shapes under the Triton interpreter (the
 parent sets TRITON_INTERPRET=1 before this module is imported), through the same code.
 
-Usage (bench/gpu_check.py runs it): python bench/_gpu_checks.py --out DIR --events FILE --checks a,b
+Usage (tools/gpu_check.py runs it): python tools/gpu_checks.py --out DIR --events FILE --checks a,b
     [--kernel-tests 'PYTEST ARGS'] [--kernel-tests-timeout S]
 """
 
@@ -35,7 +35,10 @@ from pathlib import Path
 import torch
 import triton
 
-import common
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))             # the benchmarks it runs, and their bench/common.py
+
+import common  # noqa: E402
 import linear_logprobs as bench_linear_logprobs
 import linear_ppo_loss as bench_linear_ppo_loss
 import logprobs as bench_logprobs
@@ -44,14 +47,13 @@ import rl_math as bench_rl_math
 import sampler as bench_sampler
 from common import device_name, matmul_peak_tflops, measured_copy_bandwidth_gbs, time_ms
 
-from fastppo import algo, synthetic
+from fastppo import algo
+from fastppo.demos import synthetic
 from fastppo.config import load_config
 from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, token_logprobs
 from fastppo.kernels.gae import _gae_triton
 from fastppo.kernels.linear_token_logprobs import _has_fp32_out_gemm
 from fastppo.train import train
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # The H200 this project borrows, as measured (docs/gpu_check.md): device-to-device copy (bytes read +
 # written) and an 8192³ bf16 matmul. The check also measures both in the same run.

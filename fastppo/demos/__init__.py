@@ -1,0 +1,71 @@
+"""`fastppo demo`: whole pipelines on synthetic tasks, offline, on a laptop CPU.
+
+    preferences  SFT -> reward model -> PPO-max (and compared presets), held-out evaluation (`preferences`)
+    arithmetic   SFT -> GRPO with a verifiable reward (`arithmetic`)
+
+Each demo runs the stages through the same functions as their commands, with dotted overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from ..run_dir import RunDirError, claim
+from .arithmetic import ArithmeticPlan, quick_arithmetic_plan, run_arithmetic_demo
+from .common import DEMO_MARKER, replace_earlier_demo
+from .preferences import DemoPlan, quick_plan, run_demo
+
+HELP = "the whole pipeline on a synthetic task, on CPU, offline: SFT -> reward model -> PPO-max"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--output-dir", "-o", default="runs/demo", help="where everything goes (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the models and every run (default 0)")
+    p.add_argument("--compare", nargs="*", default=[], choices=["vanilla", "moss_release"], metavar="PRESET",
+                   help="also train these presets from the same SFT and reward model (vanilla, moss_release)")
+    p.add_argument("--quick", action="store_true", help="a shortened demo (fewer examples and iterations)")
+    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30; --task arithmetic: 60, quick: 25)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--task", choices=["preferences", "arithmetic"], default="preferences",
+                   help="preferences: SFT -> reward model -> PPO-max (default); arithmetic: SFT -> GRPO with a "
+                        "verifiable reward (fastppo.rewards:math_answer), held-out accuracy before/after")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a demo stopped in --output-dir, with the settings it started with (its task, seed, "
+                        "sizes): finished stages are kept, an interrupted PPO/GRPO run resumes from its checkpoint")
+
+
+def _earlier_settings(out: Path) -> dict:
+    """What the demo in `out` started with (its DEMO_MARKER), for --resume."""
+    try:
+        return json.loads((out / DEMO_MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"--resume: {out} holds no demo to continue ({out / DEMO_MARKER}: {exc}); start one with "
+                          "`fastppo demo`") from None
+
+
+def run(args) -> int:
+    out = Path(args.output_dir)
+    task, seed, settings = args.task, args.seed, None
+    if args.resume:
+        settings = _earlier_settings(out)
+        task, seed = settings.pop("task", "preferences"), settings.pop("seed")
+    if task == "arithmetic":
+        plan = ArithmeticPlan(**settings) if settings else quick_arithmetic_plan() if args.quick else ArithmeticPlan()
+        if not settings:
+            plan.iterations = args.iterations or plan.iterations
+            replace_earlier_demo(out)
+        with claim(out, field="--output-dir"):
+            (out / DEMO_MARKER).write_text(json.dumps({"task": "arithmetic", "seed": seed, **asdict(plan)}))
+            run_arithmetic_demo(out, seed=seed, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
+        return 0
+    compare = args.compare
+    if settings:
+        compare = settings.pop("presets")
+        plan = DemoPlan(**settings)
+    else:
+        plan = quick_plan() if args.quick else DemoPlan()
+        plan.ppo_iterations = args.iterations or plan.ppo_iterations
+    run_demo(out, seed=seed, compare=compare, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
+    return 0
