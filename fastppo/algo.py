@@ -51,7 +51,7 @@ from .kernels import AdvantagesAndReturns, LinearPPOLossOutput, LogprobsAndEntro
 
 __all__ = [
     "token_logprobs", "kl_penalty", "KL_ESTIMATORS", "gae", "masked_whiten", "reparameterise_scores",
-    "token_rewards", "PolicyTerms", "policy_loss_terms", "ValueTerms", "value_loss_terms", "token_mean",
+    "token_rewards", "overlong_penalty", "PolicyTerms", "policy_loss_terms", "ValueTerms", "value_loss_terms", "token_mean",
     "ppo_loss", "policy_loss_from_logits", "kl_loss", "grpo_advantages", "rloo_advantages", "reinforce_pp_advantages",
     "rollout_correction_weight",
 ]
@@ -221,13 +221,16 @@ def reparameterise_scores(scores: torch.Tensor, *, scale: bool, norm: bool, clip
 
 def token_rewards(shaped_scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                   mask: torch.Tensor, *, kl_coef: float, estimator: str = "k1",
-                  clamp: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  clamp: float | None = None, step_rewards: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO-max's token rewards: r_t = −β·KL_t on every valid token, plus the shaped score at the last one.
 
     shaped_scores (B,); logprobs, ref_logprobs, mask (B, T), logprobs those
     of the policy that sampled the tokens. KL_t is `kl_penalty` with the
-    given estimator and clamp. Returns (rewards, kl), both (B, T), 0 off the
-    mask; a row with no valid token gets no score.
+    given estimator and clamp. With an environment's step rewards (B, T), each
+    stays at its token and the last valid token gets the shaped score less
+    their sum. Returns (rewards, kl), both (B, T), 0 off the mask; a row with
+    no valid token gets no score.
     """
     valid = _valid(mask)
     kl = kl_penalty(_on_mask(logprobs, valid), _on_mask(ref_logprobs, valid), estimator=estimator, clamp=clamp)
@@ -235,8 +238,25 @@ def token_rewards(shaped_scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     for b in range(rewards.shape[0]):
         steps = valid[b].nonzero().flatten()
         if len(steps):
-            rewards[b, steps[-1]] += shaped_scores[b]
+            rest = shaped_scores[b]
+            if step_rewards is not None:
+                for t in steps:
+                    rewards[b, t] += step_rewards[b, t]
+                    rest = rest - step_rewards[b, t]
+            rewards[b, steps[-1]] += rest
     return rewards, kl
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of responses of `lengths` tokens: 0 for
+    L ≤ max_len − buffer, else (L − (max_len − buffer)) / buffer · penalty (the whole penalty at the cap); a buffer
+    longer than max_len is max_len (DAPO's 4096 of 20480 tokens kept by a preset used with short responses)."""
+    buffer = min(buffer, max_len)
+    out = torch.zeros(lengths.shape, dtype=torch.float64)
+    for i, length in enumerate(lengths.tolist()):
+        if length > max_len - buffer:
+            out[i] = (length - (max_len - buffer)) / buffer * penalty
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -244,29 +264,56 @@ def token_rewards(shaped_scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
 # ----------------------------------------------------------------------------
 
 class PolicyTerms(NamedTuple):
-    """Per-token terms of the clipped surrogate, each of the inputs' shape."""
+    """Per-token terms of the policy loss, each of the inputs' shape."""
     pg: torch.Tensor          # the loss term (to minimise)
-    clipped: torch.Tensor     # bool: a clipped branch (ε or dual) is the larger, so the gradient is 0
-    ratio: torch.Tensor       # ρ = π_θ / π_old
-    approx_kl: torch.Tensor   # (ρ − 1) − log ρ
+    clipped: torch.Tensor     # bool: ppo: a clipped branch (ε or dual) is the larger, so the gradient is 0;
+    #                           cispo: the weight was truncated
+    ratio: torch.Tensor       # ρ: π_θ / π_old of the token, or of the sequence (GSPO)
+    approx_kl: torch.Tensor   # (r − 1) − log r of the token ratio r
+
+
+RATIO_LEVELS = ("token", "sequence")
+POLICY_LOSSES = ("ppo", "cispo")
 
 
 def policy_loss_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
-                      clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                      dual_clip: float | None = None) -> PolicyTerms:
-    """PPO's clipped surrogate per token, as a loss (PPO eq. 7, negated).
+                      clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
+                      ratio_level: str = "token", policy_loss: str = "ppo",
+                      mask: torch.Tensor | None = None) -> PolicyTerms:
+    """The policy's loss per token: PPO's clipped surrogate (PPO eq. 7, negated) or CISPO's, at the token's or the
+    sequence's ratio.
 
-    ρ = exp(log π_θ − log π_old),  pg = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε_high)),
-    ε_high = ε unless given (clip-higher: DAPO's 0.28 against ε = 0.2).
-    Dual clip c > 1 (Ye et al. 2020): for A < 0 also pg = min(pg, −c·A),
-    which bounds the loss of a token whose ratio has run far above 1 + ε.
-    ``approx_kl`` = (ρ − 1) − log ρ is the k3 estimate of KL(π_old ‖ π_θ) on
-    tokens drawn from π_old (Schulman 2020), ≥ 0, as CleanRL logs it.
+    ρ = exp(log π_θ − log π_old) per token (ratio_level="token"), or GSPO's sequence ratio (Zheng et al. 2025,
+    ratio_level="sequence"): s = exp(mean over the row's valid tokens (``mask``) of log π_θ − log π_old) on every
+    token of the row, its gradient flowing to each token through the mean.
+    ppo:   pg = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε_high)), ε_high = ε unless given (clip-higher: DAPO's 0.28
+           against ε = 0.2). Dual clip c > 1 (Ye et al. 2020): for A < 0 also pg = min(pg, −c·A), which bounds
+           the loss of a token whose ratio has run far above 1 + ε.
+    cispo: pg = −sg(min(ρ, 1 + ε_high))·A·log π_θ (MiniMax-M1, 2025): the importance weight truncated and
+           detached, so every token keeps the gradient −w·A of its logprob; `clipped` marks truncated weights.
+    ``approx_kl`` = (r − 1) − log r of the token ratio r is the k3 estimate of KL(π_old ‖ π_θ) on tokens drawn
+    from π_old (Schulman 2020), ≥ 0, as CleanRL logs it; ``ratio`` is ρ.
     """
+    if ratio_level not in RATIO_LEVELS or policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS} and policy_loss one of {POLICY_LOSSES}, got "
+                         f"{ratio_level!r}, {policy_loss!r}")
+    high = 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "sequence":
+        if mask is None:
+            raise ValueError("ratio_level='sequence' needs the mask of each row's valid tokens")
+        valid = _valid(mask)
+        row_mean = _on_mask(log_ratio, valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+        ratio = torch.exp(row_mean.expand_as(log_ratio))
+    else:
+        ratio = torch.exp(log_ratio)
+    approx_kl = (torch.exp(log_ratio) - 1) - log_ratio
+    if policy_loss == "cispo":
+        if dual_clip is not None:
+            raise ValueError("dual_clip bounds PPO's surrogate; cispo has no such term")
+        return PolicyTerms(-ratio.clamp(max=high).detach() * advantages * logprobs, ratio > high, ratio, approx_kl)
     pg1 = -advantages * ratio
-    pg2 = -advantages * ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high))
+    pg2 = -advantages * ratio.clamp(1 - clip_eps, high)
     pg = torch.maximum(pg1, pg2)
     clipped = pg2 > pg1
     if dual_clip is not None:
@@ -274,7 +321,7 @@ def policy_loss_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
         dual = (advantages < 0) & (bound < pg)
         pg = torch.where(dual, bound, pg)
         clipped = clipped | dual
-    return PolicyTerms(pg, clipped, ratio, (ratio - 1) - log_ratio)
+    return PolicyTerms(pg, clipped, ratio, approx_kl)
 
 
 class ValueTerms(NamedTuple):
@@ -318,7 +365,8 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
              old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, clip_eps: float = 0.2,
              clip_eps_high: float | None = None, value_clip: float | None = 0.2, vf_coef: float = 1.0,
              dual_clip: float | None = None, normalizer: float | torch.Tensor | None = None,
-             policy_weight: torch.Tensor | None = None) -> PPOLossOutput:
+             policy_weight: torch.Tensor | None = None, ratio_level: str = "token",
+             policy_loss: str = "ppo") -> PPOLossOutput:
     """PPO's loss and statistics over the valid tokens of a (micro-)batch, as `fastppo.kernels.ppo_loss`.
 
     loss = policy_loss + vf_coef·value_loss, each a token mean of
@@ -331,7 +379,8 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     valid = _valid(mask)
     lp, old_lp, adv, v, old_v, ret = (_on_mask(x, valid) for x in
                                       (logprobs, old_logprobs, advantages, values, old_values, returns))
-    pol = policy_loss_terms(lp, old_lp, adv, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+    pol = policy_loss_terms(lp, old_lp, adv, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+                            ratio_level=ratio_level, policy_loss=policy_loss, mask=valid)
     val = value_loss_terms(v, old_v, ret, value_clip=value_clip)
 
     def mean(x: torch.Tensor) -> torch.Tensor:
@@ -349,8 +398,8 @@ def policy_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, old_logp
                             dual_clip: float | None = None, ent_coef: float = 0.0,
                             ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
                             kl_estimator: str = "k3", normalizer: float | torch.Tensor | None = None,
-                            vocab_size: int | None = None,
-                            policy_weight: torch.Tensor | None = None) -> LinearPPOLossOutput:
+                            vocab_size: int | None = None, policy_weight: torch.Tensor | None = None,
+                            ratio_level: str = "token", policy_loss: str = "ppo") -> LinearPPOLossOutput:
     """The policy's loss from its logits, as `fastppo.kernels.linear_ppo_loss` computes it from logits = h·Wᵀ.
 
     With lp, H = `token_logprobs` (at temperature T) and token means over the mask:
@@ -365,7 +414,8 @@ def policy_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, old_logp
     lp, entropy = token_logprobs(logits, torch.where(valid, labels, -100), temperature=temperature,
                                  ignore_index=-100, vocab_size=vocab_size)
     old_lp, adv = _on_mask(old_logprobs, valid), _on_mask(advantages, valid)
-    pol = policy_loss_terms(lp, old_lp, adv, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+    pol = policy_loss_terms(lp, old_lp, adv, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+                            ratio_level=ratio_level, policy_loss=policy_loss, mask=valid)
     if ref_logprobs is None:
         kl = torch.zeros_like(lp)
     else:

@@ -68,6 +68,9 @@ RolloutCorrection = _choice("RolloutCorrection", "none", "token", "sequence")
 Advantage = _choice("Advantage", "gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 LossAgg = _choice("LossAgg", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 FunctionErrors = _choice("FunctionErrors", "raise", "invalid")
+ObservationRole = _choice("ObservationRole", "user", "tool")
+RatioLevel = _choice("RatioLevel", "token", "sequence")
+PolicyLoss = _choice("PolicyLoss", "ppo", "cispo")
 
 
 # ----------------------------------------------------------------------------
@@ -260,6 +263,10 @@ class RewardConfig:
     """A reward function that raises: raise (stop the run, naming the prompt and the function) or invalid (score it invalid_score, with a warning)."""
     function_workers: int = 4
     """Worker processes running the reward functions on each rank."""
+    overlong_buffer: Optional[int] = None
+    """DAPO's overlong reward shaping (Yu et al. 2025): a response of L sampled tokens longer than L_max - overlong_buffer loses (L - (L_max - overlong_buffer)) / overlong_buffer * overlong_penalty from its raw score (the whole penalty at the cap L_max: rollout.max_new_tokens, times env.max_turns with an environment; a buffer longer than L_max is L_max); null = off."""
+    overlong_penalty: float = 1.0
+    """The overlong shaping's penalty at the length cap (in raw-score units)."""
 
 
 @dataclass
@@ -296,6 +303,10 @@ class PPOConfig:
     """Upper ratio clip 1 + clip_eps_high (clip-higher, DAPO); clip_eps stays the lower side; null = clip_eps."""
     dual_clip: Optional[float] = None
     """Dual-clip constant c > 1 for negative advantages; null = off."""
+    ratio_level: RatioLevel = RatioLevel.token
+    """Importance ratio of the policy loss: token (PPO) or sequence (GSPO, Zheng et al. 2025: exp of the mean token log-ratio of each response, clipped per response, at the small clip_eps GSPO uses, e.g. 3e-4 / 4e-4 with clip_eps_high)."""
+    policy_loss: PolicyLoss = PolicyLoss.ppo
+    """ppo (the clipped surrogate) or cispo (MiniMax-M1 2025: -sg(min(ratio, 1 + clip_eps_high)) * A * logprob: the weight truncated and detached, every token keeps its gradient; clip_eps_high, else clip_eps, sets the cap)."""
     loss_agg: LossAgg = LossAgg.token_mean
     """Aggregation of the policy loss (and the KL loss) over a minibatch: token_mean (all valid tokens), seq_mean_token_mean (mean per sequence, then over sequences) or seq_mean_token_sum_norm (each sequence's token sum / max_new_tokens, mean over sequences; Dr. GRPO)."""
     value_clip: Optional[float] = 0.2
@@ -326,6 +337,26 @@ class CorrectionConfig:
     """Drop from the policy loss the tokens (token) or whole responses (sequence, on the geometric mean of w_t) whose w = pi_old / pi_rollout is outside mask_bounds; they still count in the token-mean normaliser. none = off."""
     mask_bounds: list[float] = field(default_factory=lambda: [0.5, 2.0])
     """[low, high] of the mask, with low < 1 < high."""
+
+
+@dataclass
+class EnvConfig:
+    name: Optional[str] = None
+    """Environment class "module:Class" for multi-turn rollouts (docs/environments.md), e.g. fastppo.envs:ToolEnv; built once per trajectory with kwargs, reset(record) gives the first user turn and step(response) -> (observation, reward, done). null = single-turn prompts."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment's constructor."""
+    max_turns: int = 4
+    """Policy answers per trajectory at most; a trajectory still running after them is truncated."""
+    max_tokens: Optional[int] = None
+    """Tokens of the whole trajectory (first turn, answers, observations) at most; null = no limit beyond max_turns x rollout.max_new_tokens."""
+    observation_role: ObservationRole = ObservationRole.user
+    """Role of an observation turn in the chat template: user or tool (templates with a tool role). Plain prompts append the observation's text."""
+    truncation_reward: Optional[float] = None
+    """Step rewards of a truncated trajectory sum to this; null = the sum so far."""
+    timeout_s: Optional[float] = 30.0
+    """Seconds an environment call (reset, step) may take before it is killed; it then counts as an error (reward.function_errors decides)."""
+    workers: int = 4
+    """Worker processes running the environments on each rank."""
 
 
 @dataclass
@@ -390,6 +421,8 @@ class Config:
     """The update: batching, losses, critic warm-up."""
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     """Off-policy correction of the generator/trainer mismatch."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn rollouts against an environment (null name: single-turn prompts)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizers and schedules."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -482,12 +515,13 @@ def reinforce_pp() -> Config:
 
 def dapo() -> Config:
     """DAPO (Yu et al. 2025): GRPO's group advantages with clip-higher (0.2 / 0.28), token-level loss, dynamic
-    sampling, no KL term; 512 prompts x 16 samples per iteration, 512 responses per update, policy lr 1e-6, responses
-    up to 20480 tokens (its overlong reward shaping is not implemented)."""
+    sampling, overlong reward shaping (a 4096-token buffer, penalty 1), no KL term; 512 prompts x 16 samples per
+    iteration, 512 responses per update, policy lr 1e-6, responses up to 20480 tokens."""
     cfg = _critic_free("grpo", 16, policy_lr=1e-6)
     cfg.rollout.rollout_batch_size, cfg.rollout.max_new_tokens = 512, 20480
     cfg.rollout.dynamic_sampling, cfg.rollout.dynamic_sampling_max_tries = True, 10
     cfg.ppo.minibatch_size, cfg.ppo.clip_eps_high, cfg.ppo.loss_agg = 512, 0.28, "token_mean"
+    cfg.reward.overlong_buffer, cfg.reward.overlong_penalty = 4096, 1.0
     return cfg
 
 
@@ -801,12 +835,23 @@ def _check_rollout(r: RolloutConfig) -> None:
            "must be > 0 or null")
 
 
+def _check_env(e: EnvConfig) -> None:
+    _check(e.name is None or REWARD_FUNCTION_NAME.fullmatch(e.name) is not None, "env.name",
+           f"must look like module:Class, got {e.name!r}")
+    _check(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
+    _check(e.max_tokens is None or e.max_tokens > 1, "env.max_tokens", "must be > 1 or null")
+    _check(e.timeout_s is None or e.timeout_s > 0, "env.timeout_s", "must be > 0 or null")
+    _check(e.workers >= 1, "env.workers", "must be >= 1")
+
+
 def _check_reward(rw: RewardConfig) -> None:
     _check(rw.reward_clip is None or rw.reward_clip > 0, "reward.reward_clip", "must be > 0 or null")
     _check(rw.kl_coef >= 0, "reward.kl_coef", "must be >= 0")
     _check(rw.kl_clamp is None or rw.kl_clamp > 0, "reward.kl_clamp", "must be > 0 or null")
     _check(rw.kl_target > 0, "reward.kl_target", "must be > 0")
     _check(rw.kl_horizon > 0, "reward.kl_horizon", "must be > 0")
+    _check(rw.overlong_buffer is None or rw.overlong_buffer > 0, "reward.overlong_buffer", "must be > 0 or null")
+    _check(rw.overlong_penalty >= 0, "reward.overlong_penalty", "must be >= 0")
 
 
 def _check_ppo(p: PPOConfig) -> None:
@@ -825,6 +870,8 @@ def _check_ppo(p: PPOConfig) -> None:
     _check(p.micro_batch_tokens is None or p.micro_batch_tokens > 0, "ppo.micro_batch_tokens", "must be > 0 or null")
     _check(p.clip_eps_high is None or p.clip_eps_high > 0, "ppo.clip_eps_high", "must be > 0 or null")
     _check(p.kl_loss_coef >= 0, "ppo.kl_loss_coef", "must be >= 0")
+    _check(p.policy_loss == "ppo" or p.dual_clip is None, "ppo.dual_clip",
+           "bounds PPO's surrogate; with ppo.policy_loss=cispo set it to null")
 
 
 def _check_advantage(a: AdvantageConfig) -> None:
@@ -904,6 +951,7 @@ SECTION_CHECKS: dict[type, Callable[[Any], None]] = {
     RewardConfig: _check_reward,
     PPOConfig: _check_ppo,
     AdvantageConfig: _check_advantage,
+    EnvConfig: _check_env,
     CorrectionConfig: _check_correction,
     BaseOptimConfig: _check_base_optim,
     BaseRunConfig: _check_base_run,
@@ -994,8 +1042,8 @@ def validate_critic_free(cfg: Config) -> None:
                f"must be false with advantage.estimator={est} (its advantages are already normalised)")
     _check(not uses_critic(cfg) or cfg.model.reward_path is not None or cfg.model.critic_path is not None,
            "model.critic_path", "advantage.estimator=gae trains a critic: set model.critic_path (or model.reward_path)")
-    _check(cfg.model.reward_path is not None or len(rw.functions) > 0, "model.reward_path",
-           "is null and reward.functions is empty: give a reward model, reward functions, or both")
+    _check(cfg.model.reward_path is not None or len(rw.functions) > 0 or cfg.env.name is not None, "model.reward_path",
+           "is null and reward.functions is empty: give a reward model, reward functions, an environment, or several")
     for i, f in enumerate(rw.functions):
         _check(REWARD_FUNCTION_NAME.fullmatch(f.name) is not None, f"reward.functions[{i}].name",
                f"must look like module:function, got {f.name!r}")
@@ -1066,6 +1114,9 @@ class Derived:
     critic_optimizer_steps: int
     groups_per_rank: int
     """Prompts (groups of rollout.n_samples_per_prompt rows) each rank generates: groups are never split over ranks."""
+    max_sampled_tokens: int
+    """Tokens a response samples at most: rollout.max_new_tokens, times env.max_turns with an environment (the cap of
+    the overlong shaping, the constant of the seq_mean_token_sum_norm aggregation)."""
 
 
 def derived(cfg: Config, world_size: int = 1) -> Derived:
@@ -1084,4 +1135,5 @@ def derived(cfg: Config, world_size: int = 1) -> Derived:
         policy_optimizer_steps=max(0, cfg.run.iterations - cfg.ppo.critic_warmup_steps) * steps_per_iter,
         critic_optimizer_steps=cfg.run.iterations * steps_per_iter if uses_critic(cfg) else 0,
         groups_per_rank=cfg.rollout.rollout_batch_size // world_size,
+        max_sampled_tokens=cfg.rollout.max_new_tokens * (1 if cfg.env.name is None else cfg.env.max_turns),
     )

@@ -246,6 +246,14 @@ def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str,
     return loaded(prompts, "prompts", tokenizer, path, dict(zip((field, messages_field), keys)), max_unknown_frac)
 
 
+def load_records(path: str | Path) -> list[dict]:
+    """Every record of a prompt file, as it is (an environment's reset reads them: `fastppo.envs`)."""
+    records = [rec for _, rec in read_records(path)]
+    if not records:
+        raise DataError(f"{path}: no records found (empty file?)")
+    return records
+
+
 @dataclass
 class SFTExample:
     input_ids: list[int]

@@ -227,6 +227,15 @@ def gather_object_to_main(obj) -> list:
     return out or []
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank; [obj] in one process."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_dict(values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
     """Each 0-d tensor (as float32) reduced over ranks by op, all in a single all-reduce."""
     if not is_initialized() or not values:

@@ -22,10 +22,11 @@ from . import dist
 from .config import RolloutConfig
 from .data import EpochSampler, PromptBatch, collate_prompts
 from .engine import Engine
+from .envs import EnvRunner
 from .models import Forward, ModelError, score_at
 from .packing import in_row_order, index_targets, micro_batches, nonfinite_rows, padded_again, varlen_attention
 from .rewards import FunctionScores, RewardFunctions, decode_rollout
-from .rollout import Rollout, cat_rollouts, pad_responses, sampling_seed, with_eos_for_scoring
+from .rollout import Rollout, cat_rollouts, sampling_seed, with_eos_for_scoring
 
 log = logging.getLogger("fastppo")
 
@@ -95,7 +96,8 @@ class OutcomeScorer:
         self.stats: list[FunctionScores] = []
 
     def __call__(self, rollout: Rollout, prompt_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores, nonfinite) of the rollout whose rows answer the prompts `prompt_rows` (indices into the data)."""
+        """(scores, nonfinite) of the rollout whose rows answer the prompts `prompt_rows` (indices into the data).
+        With an environment the score also holds the sum of its step rewards."""
         fn_scores = None
         if self.reward_fns:
             prompt_texts, response_texts = decode_rollout(self.tokenizer, rollout)
@@ -103,6 +105,9 @@ class OutcomeScorer:
                                         prompt_rows)
             self.stats.append(res)
             fn_scores = torch.tensor(res.totals)
+        if rollout.step_rewards is not None:
+            steps = rollout.step_rewards.sum(-1).cpu()
+            fn_scores = steps if fn_scores is None else fn_scores + steps
         return outcome_scores(self.reward, self.tokenizer, rollout, self.fwd, rows=self.rows, tokens=self.tokens,
                               function_scores=fn_scores, reward_path=self.reward_path)
 
@@ -125,9 +130,11 @@ class OutcomeScorer:
 
 @dataclass
 class Prompts:
-    """Where phase 1 draws its prompts: the tokenised prompts (`data.load_prompts`) and the resumable sampler."""
-    ids: list[list[int]]
+    """Where phase 1 draws its prompts: the tokenised prompts (`data.load_prompts`; None with an environment, whose
+    reset gives each first turn) and the resumable sampler; with an environment, its trajectories' runner."""
+    ids: list[list[int]] | None
     sampler: EpochSampler
+    env: EnvRunner | None = None
 
 
 @dataclass
@@ -150,15 +157,22 @@ def _generate_groups(engine: Engine, prompts: Prompts, indices: list[int], *, G:
     the iteration's draws from `first_id` on. Returns the rollout and each row's prompt index."""
     world, rank = dist.world_size(), dist.rank()
     rows = [i for i in indices for _ in range(G)]                      # global rows, each group contiguous
-    # Collated together, so that every rank has the same prompt width.
-    batch = collate_prompts([prompts.ids[i] for i in rows], pad_id)
     n = len(rows) // world
     mine = slice(rank * n, (rank + 1) * n)
-    batch = PromptBatch(batch.input_ids[mine], batch.attention_mask[mine])
+    sample_ids = torch.arange(first_id + mine.start, first_id + mine.stop)
     # The engine samples from the current weights (FSDP: the policy all-gathered once, not per token).
     with engine.policy_loaded():
-        rollout = engine.generate(batch, seed=seed, sample_ids=torch.arange(first_id + mine.start, first_id + mine.stop))
-    return rollout, rows[mine]
+        if prompts.env is not None:                                    # trajectories, turn by turn
+            return prompts.env.run(engine, rows[mine], seed=seed, sample_ids=sample_ids), rows[mine]
+        # Collated together, so that every rank has the same prompt width.
+        batch = collate_prompts([prompts.ids[i] for i in rows], pad_id)
+        batch = PromptBatch(batch.input_ids[mine], batch.attention_mask[mine])
+        return engine.generate(batch, seed=seed, sample_ids=sample_ids), rows[mine]
+
+
+def _phase_metrics(scorer: OutcomeScorer, prompts: Prompts, device) -> dict[str, torch.Tensor]:
+    """The reward functions' and the environment's metrics of the iteration's generation rounds."""
+    return {**scorer.function_metrics(device), **({} if prompts.env is None else prompts.env.metrics(device))}
 
 
 def _group_rows(rollout: Rollout, scores: torch.Tensor, nonfinite: torch.Tensor, groups: torch.Tensor, G: int):
@@ -183,11 +197,12 @@ def sample_groups(rc: RolloutConfig, prompts: Prompts, engine: Engine, scorer: O
     if not rc.dynamic_sampling:
         rollout, rows = _generate_groups(engine, prompts, prompts.sampler.next(rc.rollout_batch_size), first_id=0,
                                          **draw)
-        # Responses padded to the widest on any rank: the ranks' experience rows then line up.
-        width = dist.all_reduce(torch.tensor(rollout.response_mask.size(1), device=device), "max")
-        rollout = pad_responses(rollout, int(width), pad_id)
+        # Prompts and responses padded to the widest on any rank: the ranks' experience rows then line up.
+        local = torch.tensor([rollout.prompt_width, rollout.response_mask.size(1)], device=device)
+        width_p, width_r = dist.all_reduce(local, "max").tolist()
+        rollout = cat_rollouts([rollout], pad_id, prompt_width=width_p, response_width=width_r)
         scores, nonfinite = scorer(rollout, rows)
-        return Sampled(rollout, scores, nonfinite, ~nonfinite, scorer.function_metrics(device))
+        return Sampled(rollout, scores, nonfinite, ~nonfinite, _phase_metrics(scorer, prompts, device))
     need = rc.rollout_batch_size // world                               # groups on each rank
     parts, n_kept, tries, first_id, dropped, last = [], 0, 0, 0, 0, None
     while tries < rc.dynamic_sampling_max_tries:
@@ -216,7 +231,7 @@ def sample_groups(rc: RolloutConfig, prompts: Prompts, engine: Engine, scorer: O
     kept = torch.cat([torch.full_like(p[2], p[3]) for p in parts])
     counts = dist.all_reduce(torch.tensor([float(dropped), float(short)], device=device))
     metrics = {"rollout/sampling_tries": float(tries), "rollout/groups_dropped": counts[0],
-               "rollout/groups_short": counts[1], **scorer.function_metrics(device)}
+               "rollout/groups_short": counts[1], **_phase_metrics(scorer, prompts, device)}
     return Sampled(rollout, scores, nonfinite, kept & ~nonfinite, metrics)
 
 

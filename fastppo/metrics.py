@@ -214,6 +214,8 @@ def experience_metrics(rollout, scored, shaped: torch.Tensor, kl: torch.Tensor, 
     n_rows = float(mask.size(0) * dist.world_size())                 # every rank scores the same number of rows
     seq_kl = dist.all_reduce(kl.sum()) / n_rows
     mean_logprob = dist.all_reduce((scored.old_logprobs * mask).sum()) / n_tokens
+    # Cut by the length limit: rollout.max_new_tokens, or (an environment's trajectories) env.max_turns/max_tokens.
+    clipped = rollout.lengths >= max_new_tokens if rollout.truncated is None else rollout.truncated
     out = {
         **masked_stats("score/raw", scored.scores, ~scored.nonfinite),
         **masked_stats("score/shaped", shaped, ~scored.nonfinite),
@@ -225,7 +227,7 @@ def experience_metrics(rollout, scored, shaped: torch.Tensor, kl: torch.Tensor, 
         "policy/perplexity": torch.exp(-mean_logprob),
         "response/length_mean": n_tokens / n_rows,
         "response/length_max": dist.all_reduce(rollout.lengths.max().float(), "max"),
-        "response/clipped_frac": dist.all_reduce((rollout.lengths >= max_new_tokens).float().sum()) / n_rows,
+        "response/clipped_frac": dist.all_reduce(clipped.float().sum()) / n_rows,
         "response/no_eos_frac": dist.all_reduce((~rollout.ended).float().sum()) / n_rows,
         "response/tokens": n_tokens,
         "response/total_tokens": masked_count(rollout.attention_mask, group=dist.group()),  # prompt + response tokens

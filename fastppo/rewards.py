@@ -9,46 +9,40 @@ response (without EOS), record the prompt's whole data row (e.g. a reference `an
 score" and becomes reward.invalid_score. The functions' weighted sum is the response's outcome reward, added to
 the reward model's score when there is one.
 
-Calls run in a pebble process pool (forkserver start), not threads: a call past reward.function_timeout_s is
-killed with its worker process (a thread cannot be stopped, and would keep a core busy for the rest of the
-run), CPU-bound verifiers run in parallel free of the GIL, and math-verify's own signal-based timeouts need the
-main thread of their process. The forkserver starts one clean process that imports this module once; workers
-fork from it cheaply, never from the trainer (which holds CUDA state and threads).
+Calls run in worker processes (`workers.WorkerPool`, whose docstring says why processes): a call past
+reward.function_timeout_s is killed with its worker and scored reward.invalid_score.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-import multiprocessing
 import numbers
-import os
-import signal
-import sys
-from concurrent.futures import BrokenExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-import pebble
 import torch
 
 from .config import RewardConfig
 from .rollout import Rollout
+from .workers import WorkerPool, import_object
 
 log = logging.getLogger("fastppo")
 
 
 def decode_rollout(tokenizer, rollout: Rollout) -> tuple[list[str], list[str]]:
-    """(prompt texts, response texts) of a rollout's rows, special tokens (padding, EOS, chat markers) dropped."""
+    """(prompt texts, response texts) of a rollout's rows, special tokens (padding, EOS, chat markers) dropped. With
+    an environment the prompt is the first turn and the response the last answer (the final answer a reward
+    function scores)."""
     P = rollout.prompt_width
     prompt_mask = rollout.attention_mask[:, :P].bool()
+    answer = rollout.response_mask
+    if rollout.turn_index is not None:
+        answer = answer & (rollout.turn_index == rollout.turns[:, None] - 1)
     prompts = [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
                for ids, m in zip(rollout.sequences[:, :P].cpu(), prompt_mask.cpu())]
     responses = [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
-                 for ids, m in zip(rollout.responses.cpu(), rollout.response_mask.cpu())]
+                 for ids, m in zip(rollout.responses.cpu(), answer.cpu())]
     return prompts, responses
 
 
@@ -60,41 +54,6 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 """Scores are computed in float32: a reward beyond ±3.4e38 (finite in Python) would become infinite there."""
 
 
-def import_object(name: str, field_name: str, what: str = "callable", error: type[Exception] = RewardFunctionError):
-    """The object behind "module:attribute", an `error` naming `field_name` when it cannot be had (`what`: the kind
-    of object, for the message).
-
-    A module that is not importable from sys.path is looked for in the working folder too (where a user who
-    runs `fastppo` next to `myrewards.py` expects it, as `python script.py` would find it): the folder is
-    appended to sys.path, after the installed packages, so it never shadows one of them.
-    """
-    module_name, _, attr = name.partition(":")
-    try:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            here = os.getcwd()
-            if exc.name != module_name.split(".")[0] or here in sys.path:
-                raise
-            sys.path.append(here)
-            module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name.split(".")[0]:
-            raise error(f"{field_name}: no module named {exc.name!r} (from {name!r}) on sys.path nor in the working "
-                        f"folder {os.getcwd()}: put {exc.name}.py there, install it, or add its folder to PYTHONPATH"
-                        ) from None
-        raise error(f"{field_name}: cannot import module {module_name!r} of {name!r}: "
-                    f"ModuleNotFoundError: {exc}") from None
-    except Exception as exc:
-        raise error(f"{field_name}: cannot import module {module_name!r} of {name!r}: "
-                    f"{type(exc).__name__}: {exc}") from None
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise error(f"{field_name}: {module_name!r} has no {what} {attr!r} (from {name!r}; the module is "
-                    f"{getattr(module, '__file__', None) or 'built in'})")
-    return obj
-
-
 _LOADED: dict[str, Callable] = {}
 
 
@@ -103,7 +62,7 @@ def load_function(name: str, field_name: str = "reward.functions") -> Callable:
     cannot be imported or is not callable."""
     if name in _LOADED:
         return _LOADED[name]
-    fn = import_object(name, field_name)
+    fn = import_object(name, field_name, RewardFunctionError)
     if not callable(fn):
         raise RewardFunctionError(f"{field_name}: {name!r} is a {type(fn).__name__}, not a function")
     _LOADED[name] = fn
@@ -130,34 +89,6 @@ def call_function(name: str, prompt_text: str, response_text: str, record: dict)
     return float(value)
 
 
-def _worker_death(exc: BaseException) -> str:
-    """Why a worker process ended, from pebble's ProcessExpired (its exit code) or a broken pool."""
-    code = getattr(exc, "exitcode", None)
-    if code is None:
-        return f"the worker pool broke ({type(exc).__name__}: {exc})"
-    if code < 0:
-        try:
-            sig = signal.Signals(-code).name
-        except ValueError:
-            sig = f"signal {-code}"
-        return f"its worker process was killed by {sig} (exit code {code}), e.g. a crash in native code"
-    return f"its worker process exited with code {code} while running it (os._exit, or a library ending the process)"
-
-
-def _main_module_unguarded() -> str | None:
-    """The main script's path when it calls code at import time without an `if __name__ == '__main__':` guard
-    (worker processes import the main module: such a script runs again in each), else None."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if not path or not path.endswith(".py") or getattr(main, "__spec__", None) is not None:
-        return None                                         # `python -m`, an entry point or an interactive session
-    try:
-        source = Path(path).read_text()
-    except OSError:
-        return None
-    return None if "__name__" in source else path
-
-
 @dataclass
 class FunctionScores:
     """What `RewardFunctions.score` returns for B responses."""
@@ -180,17 +111,10 @@ class RewardFunctions:
         self.cfg = cfg
         for i, f in enumerate(cfg.functions):               # fail at start-up, not at the first rollout
             load_function(f.name, f"reward.functions[{i}].name")
-        self._pool: pebble.ProcessPool | None = None
+        self.pool = WorkerPool(cfg.function_workers, preload=[__name__])
 
     def __bool__(self) -> bool:
         return bool(self.cfg.functions)
-
-    def _workers(self) -> pebble.ProcessPool:
-        if self._pool is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])
-            self._pool = pebble.ProcessPool(max_workers=self.cfg.function_workers, context=ctx)
-        return self._pool
 
     def score(self, prompts: list[str], responses: list[str], records: list[dict],
               prompt_indices: list[int]) -> FunctionScores:
@@ -198,38 +122,28 @@ class RewardFunctions:
         with a RewardFunctionError naming the function and the prompt's index in the data (unless
         reward.function_errors=invalid); a call past the timeout is killed and scored invalid."""
         cfg, fns = self.cfg, self.cfg.functions
-        pool = self._workers()
-        futures = [[pool.schedule(call_function, (f.name, p, r, rec), timeout=cfg.function_timeout_s) for f in fns]
+        futures = [[self.pool.submit(call_function, (f.name, p, r, rec), cfg.function_timeout_s) for f in fns]
                    for p, r, rec in zip(prompts, responses, records)]
         out = FunctionScores(totals=[0.0] * len(prompts), means={f.name: 0.0 for f in fns})
         try:
             for row, (row_futures, index) in enumerate(zip(futures, prompt_indices)):
                 for k, (f, fut) in enumerate(zip(fns, row_futures)):
-                    try:
-                        value = fut.result()
-                    except FutureTimeout:
+                    name = f"reward function {f.name} (reward.functions[{k}])"
+                    called = WorkerPool.outcome(fut, f"{name} on prompt {index}", RewardFunctionError)
+                    if called.timed_out:
                         out.timeouts += 1
-                        log.warning("reward function %s (reward.functions[%d]) timed out after %gs on prompt %d: "
-                                    "scored reward.invalid_score", f.name, k, cfg.function_timeout_s, index)
-                        value = None
-                    except (pebble.ProcessExpired, BrokenExecutor) as exc:
-                        unguarded = _main_module_unguarded()
-                        hint = ("" if unguarded is None else f"; {unguarded} calls fastppo at import time: do it under "
-                                "`if __name__ == '__main__':` (worker processes import the main module)")
-                        raise RewardFunctionError(f"reward function {f.name} (reward.functions[{k}]) on prompt {index}: "
-                                                  f"{_worker_death(exc)}{hint}") from None
-                    except Exception as exc:
-                        what = (f"reward function {f.name} (reward.functions[{k}]) raised on prompt {index}: "
-                                f"{type(exc).__name__}: {exc}")
+                        log.warning("%s timed out after %gs on prompt %d: scored reward.invalid_score", name,
+                                    cfg.function_timeout_s, index)
+                    elif called.error is not None:
+                        what = f"{name} raised on prompt {index}: {called.error}"
                         if cfg.function_errors != "invalid":
                             raise RewardFunctionError(f"{what} (set reward.function_errors=invalid to score such "
-                                                      "responses reward.invalid_score instead)") from None
+                                                      "responses reward.invalid_score instead)")
                         out.errors += 1
                         log.warning("%s: scored reward.invalid_score", what)
-                        value = None
                     else:
-                        out.invalid += value is None
-                    value = cfg.invalid_score if value is None else value
+                        out.invalid += called.value is None
+                    value = cfg.invalid_score if called.value is None else called.value
                     out.totals[row] += f.weight * value
                     out.means[f.name] += value / len(prompts)
         finally:
@@ -238,10 +152,7 @@ class RewardFunctions:
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool.join()
-            self._pool = None
+        self.pool.close()
 
 
 # ----------------------------------------------------------------------------

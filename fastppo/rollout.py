@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -54,6 +54,14 @@ class Rollout:
     logprobs:       (B, R)   float32 each response token's logprob under the sampler's softmax(logits/T),
                                      before top-k/top-p (π_rollout); 0 past the response. None: not recorded
     entropy:        (B, R)   float32 the entropy of that distribution at each response token; 0 past the response
+    With an environment (`fastppo.envs`) the response holds several policy turns with the environment's
+    observations between them: response_mask marks the sampled tokens only (observations are context, with
+    attention_mask 1), lengths counts every response column up to the last token, ended is whether the last
+    turn ended with EOS, and
+    step_rewards:   (B, R)   float32 the reward each turn earned, at its last sampled token; 0 elsewhere
+    turn_index:     (B, R)   int64   the policy turn of each sampled token (0, 1, ...); -1 elsewhere
+    turns:          (B,)     int64   policy turns
+    truncated:      (B,)     bool    the trajectory was cut by env.max_turns or env.max_tokens
     """
     sequences: torch.Tensor
     attention_mask: torch.Tensor
@@ -63,6 +71,13 @@ class Rollout:
     prompt_width: int
     logprobs: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    step_rewards: Optional[torch.Tensor] = None
+    turn_index: Optional[torch.Tensor] = None
+    turns: Optional[torch.Tensor] = None
+    truncated: Optional[torch.Tensor] = None
+
+    PER_TOKEN: ClassVar[dict[str, float]] = {"logprobs": 0.0, "entropy": 0.0, "step_rewards": 0.0, "turn_index": -1}
+    """The optional (B, R) fields and the value a response is right-padded with."""
 
     @property
     def responses(self) -> torch.Tensor:
@@ -222,13 +237,13 @@ def pad_responses(rollout: "Rollout", width: int, pad_id: int) -> "Rollout":
     if extra <= 0:
         return rollout
     pad = nn.functional.pad
-    return Rollout(
+    return dataclasses.replace(
+        rollout,
         sequences=pad(rollout.sequences, (0, extra), value=pad_id),
         attention_mask=pad(rollout.attention_mask, (0, extra), value=0),
         response_mask=pad(rollout.response_mask, (0, extra), value=False),
-        lengths=rollout.lengths, ended=rollout.ended, prompt_width=rollout.prompt_width,
-        **{k: None if getattr(rollout, k) is None else pad(getattr(rollout, k), (0, extra), value=0.0)
-           for k in ("logprobs", "entropy")},
+        **{k: None if getattr(rollout, k) is None else pad(getattr(rollout, k), (0, extra), value=v)
+           for k, v in Rollout.PER_TOKEN.items()},
     )
 
 
@@ -243,15 +258,12 @@ def cat_rollouts(rollouts: list["Rollout"], pad_id: int, *, prompt_width: int = 
     for r in rollouts:
         r = pad_responses(r, R, pad_id)
         left = P - r.prompt_width
-        parts.append(Rollout(sequences=pad(r.sequences, (left, 0), value=pad_id),
-                             attention_mask=pad(r.attention_mask, (left, 0), value=0),
-                             response_mask=r.response_mask, lengths=r.lengths, ended=r.ended, prompt_width=P,
-                             logprobs=r.logprobs, entropy=r.entropy))
-    # The generator's logprobs and entropies when every part has them (they are per response token: no shift).
-    per_token = {k: torch.cat([getattr(r, k) for r in parts]) if all(getattr(r, k) is not None for r in parts) else None
-                 for k in ("logprobs", "entropy")}
-    return Rollout(*(torch.cat([getattr(r, k) for r in parts]) for k in
-                     ("sequences", "attention_mask", "response_mask", "lengths", "ended")), prompt_width=P, **per_token)
+        parts.append(dataclasses.replace(r, sequences=pad(r.sequences, (left, 0), value=pad_id),
+                                         attention_mask=pad(r.attention_mask, (left, 0), value=0), prompt_width=P))
+    # An optional field when every part has it (the per-token ones are per response token: no shift).
+    fields = [f.name for f in dataclasses.fields(Rollout) if f.name != "prompt_width"]
+    return Rollout(prompt_width=P, **{k: torch.cat([getattr(r, k) for r in parts])
+                                      if all(getattr(r, k) is not None for r in parts) else None for k in fields})
 
 
 def response_mask_from_tokens(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,8 +38,9 @@ from .advantages import estimate_advantages, outcome_rewards
 from .checkpoint import export_hf, load_checkpoint, resume_point, save_checkpoint, set_rng_state
 from .config import (Config, ConfigError, Derived, derived, from_dict, load_config, to_yaml, uses_critic, uses_reference,
                      validate, validate_world)
-from .data import EpochSampler, load_prompts, ptx_batches
+from .data import EpochSampler, load_prompts, load_records, ptx_batches
 from .engine import Engine, HFEngine
+from .envs import EnvRunner
 from .experience import Experience, drop_rows, gather_experience, rollout_correction, score_rollout
 from .groups import OutcomeScorer, Prompts, sample_groups
 from .logs import GracefulStop, PhaseTimer, progress, seed_everything, setup_logging
@@ -48,7 +49,7 @@ from .metrics import MetricBuffer, MetricWriter, RunningMoments, experience_metr
 from .models import Forward, Models, load_models
 from .optim import Trained, UpdateCounters, make_optimizer, make_scheduler
 from .rewards import RewardFunctions
-from .shaping import AdaptiveKLController, kl_controller, shape_scores, token_rewards
+from .shaping import AdaptiveKLController, kl_controller, score_slope, shape_scores, token_rewards
 from .update import ppo_update
 
 log = logging.getLogger("fastppo")
@@ -168,11 +169,17 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
                          with_reference=uses_reference(cfg))
     tok = models.tokenizer
     records: list[dict] = []
-    prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
-                           prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len, records=records,
-                           max_unknown_frac=cfg.data.max_unknown_token_frac)
-    log.info("%d prompts from %s", len(prompts), cfg.data.prompt_path)
-    sampler = EpochSampler(len(prompts), seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    if cfg.env.name is None:
+        prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
+                               prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len, records=records,
+                               max_unknown_frac=cfg.data.max_unknown_token_frac)
+        env = None
+    else:                                    # the environment's reset(record) gives each trajectory's first turn
+        prompts, records = None, load_records(cfg.data.prompt_path)
+        env = EnvRunner(cfg.env, cfg.reward, tok, records, max_new_tokens=cfg.rollout.max_new_tokens,
+                        max_prompt_len=cfg.data.max_prompt_len, prompt_format=cfg.data.prompt_format)
+    log.info("%d prompts from %s", len(records), cfg.data.prompt_path)
+    sampler = EpochSampler(len(records), seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     ptx_sampler, ptx = ptx_batches(cfg.data, tok, seed=cfg.run.seed, batch_size=cfg.ppo.micro_batch_size,
                                    device=device) if cfg.data.ptx_path else (None, None)
     if ptx is not None and cfg.ppo.ptx_coef == 0:
@@ -191,7 +198,7 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
     engine = HFEngine(models.policy, cfg.rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                       vocab_size=len(tok), generation_batch_size=d.generation_batch_size,
                       unshard=cfg.parallel.unshard_for_generation)
-    return Setup(models=models, fwd=fwd, prompts=Prompts(prompts, sampler), scorer=scorer, engine=engine,
+    return Setup(models=models, fwd=fwd, prompts=Prompts(prompts, sampler, env), scorer=scorer, engine=engine,
                  ptx_batches=ptx, policy_opt=policy_opt, critic_opt=critic_opt, state=state)
 
 
@@ -264,11 +271,14 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 with timer("shape"):
                     valid = sampled.valid & ~scored.nonfinite
                     rollout = drop_rows(sampled.rollout, ~valid, pad_id)
-                    shaped = shape_scores(scored.scores, rollout.ended, valid, state.reward_moments, cfg.reward)
+                    shaped = shape_scores(scored.scores, rollout.ended, rollout.response_mask.sum(-1), valid,
+                                          state.reward_moments, cfg.reward, d.max_sampled_tokens)
+                    steps = (None if rollout.step_rewards is None else     # an environment's, where they were earned
+                             rollout.step_rewards * score_slope(state.reward_moments, cfg.reward).to(device))
                     rewards, kl = token_rewards(outcome_rewards(shaped, valid, cfg.advantage, G), scored.old_logprobs,
                                                 scored.ref_logprobs, rollout.response_mask,
                                                 kl_coef=state.kl_controller.value, estimator=cfg.reward.kl_estimator,
-                                                clamp=cfg.reward.kl_clamp, backend=cfg.run.backend)
+                                                clamp=cfg.reward.kl_clamp, backend=cfg.run.backend, step_rewards=steps)
 
                 # 4. Advantages by the configured estimator; the off-policy weights of the generator/trainer
                 #    mismatch; then every rank receives the whole global batch.
@@ -287,7 +297,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 with timer("update"):
                     skipped = state.counters.skipped_steps
                     ppo_update(exp, policy, critic, cfg.ppo, fwd, max_grad_norm=cfg.optim.max_grad_norm,
-                               max_new_tokens=cfg.rollout.max_new_tokens,
+                               max_new_tokens=d.max_sampled_tokens,
                                max_nonfinite_in_a_row=cfg.run.max_nonfinite_in_a_row, ptx_batches=su.ptx_batches,
                                counters=state.counters, metrics=buf)
 
@@ -323,6 +333,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             bar.close()
             writer.close()
             su.scorer.reward_fns.close()
+            if su.prompts.env is not None:
+                su.prompts.env.close()
 
     export = None
     if cfg.run.export_at_end and not stop.requested and done == cfg.run.iterations:

@@ -335,3 +335,61 @@ def test_policy_loss_from_logits_by_hand():
     close(out.kl, ln2 - 0.5)
     close(out.ratio_mean, 1.0)
     close(out.logprobs, [-ln2, 0.0])
+
+
+# ----------------------------------------------------------------------------
+# Losses for long trajectories: GSPO, CISPO, overlong shaping
+# ----------------------------------------------------------------------------
+
+def test_gspo_sequence_ratio_by_hand():
+    """Row 0: log-ratios (log 2, 0, −log 2 + log 1.5) over 3 valid tokens → s = exp(log 1.5 / 3); row 1: one valid
+    token of log-ratio log 0.5 (its padding NaN) → s = 0.5. ε = 0.2, A = (1, −1) per row:
+        row 0: s = 1.5^(1/3) = 1.1447 inside [0.8, 1.2]: pg = −s on each token, gradient −s/3 to each token
+               (through the mean), summed over the 3 tokens' losses: −s per token logprob;
+        row 1: s = 0.5 < 0.8 with A < 0: clipped, pg = 0.8, no gradient."""
+    s0 = 1.5 ** (1 / 3)
+    lp = torch.tensor([[math.log(2), 0.0, math.log(0.75)], [math.log(0.5), NAN, NAN]], **F64).requires_grad_()
+    old = torch.zeros(2, 3, **F64)
+    adv = torch.tensor([[1.0] * 3, [-1.0] * 3], **F64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    t = algo.policy_loss_terms(lp, old, adv, ratio_level="sequence", mask=mask)
+    close(t.ratio[0], [s0] * 3)
+    close(t.ratio[1, 0], 0.5)
+    close(t.pg[0], [-s0] * 3)
+    close(t.pg[1, 0], 0.8)
+    assert t.clipped[0].tolist() == [False] * 3 and t.clipped[1, 0]
+    close(t.approx_kl[0], [(2 - 1) - math.log(2), 0.0, (0.75 - 1) - math.log(0.75)])   # of the token ratios
+    t.pg[0].sum().backward()
+    close(lp.grad[0], [-s0] * 3)
+    # The same gradient as GSPO-token (Zheng et al. 2025, eq. 11: sg[s]·π/sg[π] per token) when A is the
+    # sequence's: the mean's gradient equals the per-token form.
+    lp2 = lp.detach()[0].clone().requires_grad_()
+    token_form = -(s0 * torch.exp(lp2 - lp2.detach()))
+    token_form.sum().backward()
+    close(lp2.grad, [-s0] * 3)
+
+
+def test_cispo_by_hand():
+    """ε_high = 0.28, ratios 0.5, 1.2, 2 with A = (1, −1, 2), old logprob log 0.5 (lp = log(ρ/2)):
+        w = sg(min(ρ, 1.28)) = (0.5, 1.2, 1.28); pg = −w·A·lp;  d pg/d lp = −w·A = (−0.5, 1.2, −2.56)
+    (no zero gradient anywhere, unlike the clipped surrogate at ρ = 2, A > 0); only ρ = 2 is truncated."""
+    ratio = torch.tensor([0.5, 1.2, 2.0], **F64)
+    old = torch.full((3,), math.log(0.5), **F64)
+    lp = (ratio.log() + old).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 2.0], **F64)
+    t = algo.policy_loss_terms(lp, old, adv, clip_eps=0.2, clip_eps_high=0.28, policy_loss="cispo")
+    w = torch.tensor([0.5, 1.2, 1.28], **F64)
+    close(t.pg, -w * adv * lp.detach())
+    assert t.clipped.tolist() == [False, False, True]
+    t.pg.sum().backward()
+    close(lp.grad, [-0.5, 1.2, -2.56])
+    with pytest.raises(ValueError, match="dual_clip"):
+        algo.policy_loss_terms(lp, old, adv, dual_clip=3.0, policy_loss="cispo")
+    with pytest.raises(ValueError, match="ratio_level"):
+        algo.policy_loss_terms(lp, old, adv, ratio_level="segment")
+
+
+def test_overlong_penalty_by_hand():
+    """Cap 16, buffer 4, penalty 2 (DAPO eq. 13): lengths 12 → 0, 13 → 1/4·2 = 0.5, 16 → 2."""
+    close(algo.overlong_penalty(torch.tensor([3, 12, 13, 16]), 16, 4, 2.0), [0.0, 0.0, 0.5, 2.0])
+    close(algo.overlong_penalty(torch.tensor([0, 4, 16]), 16, 4096, 2.0), [0.0, 0.5, 2.0])    # buffer = the cap

@@ -15,7 +15,7 @@ from fastppo import algo
 from fastppo.config import Config, load_config
 from fastppo.advantages import estimate_advantages
 from fastppo.experience import Experience
-from fastppo.shaping import reparameterise_scores, token_rewards
+from fastppo.shaping import overlong_penalty, reparameterise_scores, token_rewards
 from fastppo.metrics import MetricBuffer, RunningMoments
 from fastppo.models import load_models, response_logprobs, response_values, score_at
 from fastppo.optim import UpdateCounters, make_optimizer, make_scheduler
@@ -203,6 +203,27 @@ def test_reward_shaping_and_advantages_follow_the_float64_formulas(scale, norm, 
         torch.testing.assert_close(ret.double(), ret64, atol=5e-5, rtol=0)
         white64 = algo.masked_whiten(adv64, mask).clamp(-1.5, 1.5)
         torch.testing.assert_close(adv.double(), white64, atol=5e-5, rtol=0)
+
+
+def test_overlong_shaping_and_step_rewards_follow_the_float64_formulas():
+    """DAPO's overlong penalty and an environment's step rewards in the token rewards, against fastppo.algo. A few
+    float32 roundings of numbers ≤ 10 each (u = 2^-24): ≤ 1e-6 absolute; the tolerance is 2e-6."""
+    lengths = torch.tensor([1, 9, 10, 13, 16, 16])
+    torch.testing.assert_close(overlong_penalty(lengths, 16, 6, 1.5).double(),
+                               algo.overlong_penalty(lengths, 16, 6, 1.5), atol=2e-6, rtol=0)
+    torch.testing.assert_close(overlong_penalty(lengths, 16, 4096, 1.5).double(),
+                               algo.overlong_penalty(lengths, 16, 4096, 1.5), atol=2e-6, rtol=0)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    steps = torch.zeros(3, 6)
+    steps[0, 1], steps[0, 4], steps[1, 0] = 0.5, 2.0, -1.0      # each turn's reward at its last sampled token
+    shaped = torch.tensor([3.0, -1.0, 7.0])
+    old_lp, ref_lp = -torch.rand(3, 6) * 3, -torch.rand(3, 6) * 3
+    rewards, _ = token_rewards(shaped, old_lp, ref_lp, mask, kl_coef=0.1, estimator="k1", clamp=None,
+                               step_rewards=steps)
+    rewards64, _ = algo.token_rewards(shaped.double(), old_lp.double(), ref_lp.double(), mask, kl_coef=0.1,
+                                      step_rewards=steps.double())
+    torch.testing.assert_close(rewards.double(), rewards64, atol=2e-6, rtol=0)
+    assert rewards[0, 1] != rewards[0, 0] and rewards[2].abs().sum() == 0
 
 
 def test_one_iteration_matches_float64_reference(tiny_setups):

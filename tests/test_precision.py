@@ -249,8 +249,8 @@ def test_scoring_and_the_update_sync_once_per_optimizer_step_and_copy_once_per_u
     assert steps == 4
     step_syncs = {k: v for k, v in traffic.syncs.items() if k.startswith(("update.py", "optim.py"))}
     assert sum(step_syncs.values()) == steps and len(step_syncs) == 1, traffic.syncs
-    # phase 1 also agrees on the response width of all ranks (one scalar), as it did before counting non-finite scores
-    for module, markers in (("groups", ("int(width)", "n_rm_bad = int(")), ("experience", ("n_bad = int(",))):
+    # phase 1 also agrees on the prompt and response widths of all ranks, as it did before counting non-finite scores
+    for module, markers in (("groups", ('"max").tolist()', "n_rm_bad = int(")), ("experience", ("n_bad = int(",))):
         source = Path(getattr(fastppo, module).__file__).read_text().splitlines()
         lines = [next(i for i, text in enumerate(source, start=1) if marker in text) for marker in markers]
         assert {k: v for k, v in traffic.syncs.items() if k.startswith(f"{module}.py")} == {

@@ -2,6 +2,7 @@
 
     preferences  SFT -> reward model -> PPO-max (and compared presets), held-out evaluation (`preferences`)
     arithmetic   SFT -> GRPO with a verifiable reward (`arithmetic`)
+    tools        SFT -> GRPO through a calculator tool, multi-turn (`tools`)
 
 Each demo runs the stages through the same functions as their commands, with dotted overrides.
 """
@@ -16,6 +17,10 @@ from ..run_dir import RunDirError, claim
 from .arithmetic import ArithmeticPlan, quick_arithmetic_plan, run_arithmetic_demo
 from .common import DEMO_MARKER, replace_earlier_demo
 from .preferences import DemoPlan, quick_plan, run_demo
+from .tools import ToolsPlan, quick_tools_plan, run_tools_demo
+
+GRPO_TASKS = {"arithmetic": (ArithmeticPlan, quick_arithmetic_plan, run_arithmetic_demo),
+              "tools": (ToolsPlan, quick_tools_plan, run_tools_demo)}
 
 HELP = "the whole pipeline on a synthetic task, on CPU, offline: SFT -> reward model -> PPO-max"
 
@@ -26,11 +31,14 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", nargs="*", default=[], choices=["vanilla", "moss_release"], metavar="PRESET",
                    help="also train these presets from the same SFT and reward model (vanilla, moss_release)")
     p.add_argument("--quick", action="store_true", help="a shortened demo (fewer examples and iterations)")
-    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30; --task arithmetic: 60, quick: 25)")
+    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30; --task arithmetic: 60, "
+                   "quick: 25; --task tools: 40, quick: 20)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--task", choices=["preferences", "arithmetic"], default="preferences",
+    p.add_argument("--task", choices=["preferences", *GRPO_TASKS], default="preferences",
                    help="preferences: SFT -> reward model -> PPO-max (default); arithmetic: SFT -> GRPO with a "
-                        "verifiable reward (fastppo.rewards:math_answer), held-out accuracy before/after")
+                        "verifiable reward (fastppo.rewards:math_answer), held-out accuracy before/after; tools: "
+                        "SFT -> GRPO through a calculator tool (fastppo.envs:ToolEnv), accuracy and tool use "
+                        "before/after")
     p.add_argument("--resume", action="store_true",
                    help="continue a demo stopped in --output-dir, with the settings it started with (its task, seed, "
                         "sizes): finished stages are kept, an interrupted PPO/GRPO run resumes from its checkpoint")
@@ -51,14 +59,15 @@ def run(args) -> int:
     if args.resume:
         settings = _earlier_settings(out)
         task, seed = settings.pop("task", "preferences"), settings.pop("seed")
-    if task == "arithmetic":
-        plan = ArithmeticPlan(**settings) if settings else quick_arithmetic_plan() if args.quick else ArithmeticPlan()
+    if task in GRPO_TASKS:
+        plan_class, quick, run_task = GRPO_TASKS[task]
+        plan = plan_class(**settings) if settings else quick() if args.quick else plan_class()
         if not settings:
             plan.iterations = args.iterations or plan.iterations
             replace_earlier_demo(out)
         with claim(out, field="--output-dir"):
-            (out / DEMO_MARKER).write_text(json.dumps({"task": "arithmetic", "seed": seed, **asdict(plan)}))
-            run_arithmetic_demo(out, seed=seed, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
+            (out / DEMO_MARKER).write_text(json.dumps({"task": task, "seed": seed, **asdict(plan)}))
+            run_task(out, seed=seed, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
         return 0
     compare = args.compare
     if settings:
