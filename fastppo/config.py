@@ -1090,6 +1090,14 @@ def validate_device(name: str, cuda_devices: int, local_rank: int = 0) -> None:
            f"{cuda_devices} CUDA device(s): cuda:0 to cuda:{cuda_devices - 1}")
 
 
+def validate_backend(backend: str | None, device: str, interpreter: bool) -> None:
+    """run.backend against the run's device type (`dist.resolve_device` calls it): the Triton kernels need CUDA
+    tensors, or Triton's CPU interpreter (TRITON_INTERPRET=1, the tests' set-up)."""
+    _check(backend != "triton" or device == "cuda" or interpreter, "run.backend",
+           f"is 'triton', but this run is on {device} and the Triton kernels need CUDA: set run.backend=torch, or "
+           "null (triton on CUDA, torch elsewhere)")
+
+
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
 REWARD_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 

@@ -143,7 +143,7 @@ def train(config: Config | dict | str | Path) -> TrainResult:
         validate(cfg)
     else:
         raise ConfigError(f"train() takes a Config, dict or YAML path, got {type(config).__name__}")
-    device = dist.resolve_device(cfg.run.device)
+    device = dist.resolve_device(cfg.run.device, cfg.run.backend)
     pc = cfg.parallel
     created = dist.setup(pc.shard, pc.backend, pc.timeout_s, device)
     try:
