@@ -44,8 +44,8 @@ def setup_stage_run(cfg, what: str) -> tuple[Path, torch.device]:
 
 def load_stage_tokenizer(mc: StageModelConfig):
     """The model's tokenizer with a pad token distinct from EOS."""
-    check_model_source(mc.path, "model.path")
-    tokenizer = load_tokenizer(mc.path, trust_remote_code=mc.trust_remote_code)
+    check_model_source(mc.path, "model.path", mc.trust_remote_code)
+    tokenizer = load_tokenizer(mc.path, trust_remote_code=mc.trust_remote_code, field="model.path")
     ensure_pad_token(tokenizer)
     return tokenizer
 

@@ -45,7 +45,7 @@ from .groups import OutcomeScorer, Prompts, sample_groups
 from .logs import GracefulStop, PhaseTimer, progress, seed_everything, setup_logging
 from .memory import peak_memory_mb
 from .metrics import MetricBuffer, MetricWriter, RunningMoments, experience_metrics
-from .models import Forward, Models, load_models
+from .models import Forward, Models, check_positions, load_models
 from .optim import Trained, UpdateCounters, make_optimizer, make_scheduler
 from .rewards import RewardFunctions
 from .shaping import AdaptiveKLController, kl_controller, shape_scores, token_rewards
@@ -172,6 +172,10 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
                            prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len, records=records,
                            max_unknown_frac=cfg.data.max_unknown_token_frac)
     log.info("%d prompts from %s", len(prompts), cfg.data.prompt_path)
+    longest = max(map(len, prompts))
+    check_positions(models, cfg.model, longest + cfg.rollout.max_new_tokens,
+                    f"the longest prompt ({longest} tokens; data.max_prompt_len={cfg.data.max_prompt_len}) + "
+                    f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens})")
     sampler = EpochSampler(len(prompts), seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     ptx_sampler, ptx = ptx_batches(cfg.data, tok, seed=cfg.run.seed, batch_size=cfg.ppo.micro_batch_size,
                                    device=device) if cfg.data.ptx_path else (None, None)

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from fastppo.rollout import Rollout
 from fastppo.sft import model_kwargs
 from fastppo.train import train
 from fastppo_testing.tiny_models import model_configs
-from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import logged, read_metrics, tiny_setups  # noqa: F401  (fixtures)
 
 
 def cli_error(capsys, argv) -> str:
@@ -482,3 +483,80 @@ def test_padding_ids_are_never_sampled(tiny_setups):
     probs = logits.float().softmax(-1)
     assert torch.isfinite(logits).all() and probs[..., V:].max().item() == 0.0  # exp underflows to exactly 0
     assert torch.allclose(probs[..., :V].sum(-1), torch.ones(2, 5))
+
+
+# ----------------------------------------------------------------------------
+# 8. Model folders that are broken: one line naming the field, the folder and the fix
+# ----------------------------------------------------------------------------
+
+def _break(policy: Path, how: str) -> None:
+    config = json.loads((policy / "config.json").read_text())
+    if how == "unknown model_type":
+        config["model_type"] = "llamax"
+    elif how == "no model_type":
+        del config["model_type"]
+    elif how == "other shapes":
+        config["hidden_size"], config["intermediate_size"] = 2 * config["hidden_size"], 2 * config["intermediate_size"]
+    (policy / "config.json").write_text(json.dumps(config))
+    if how == "truncated config.json":
+        (policy / "config.json").write_text(json.dumps(config)[:40])
+    elif how == "no weights":
+        (policy / "model.safetensors").unlink()
+    elif how == "no tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (policy / name).unlink()
+
+
+@pytest.mark.parametrize("how, said", [
+    ("unknown model_type", "{p}/config.json: model_type 'llamax' is not known to transformers .* \\(a typo, or a model "
+                           "that needs a newer transformers or model.trust_remote_code=true\\)"),
+    ("no model_type", "{p}/config.json has no model_type, so transformers cannot tell the architecture: add it"),
+    ("truncated config.json", "{p}/config.json is not valid JSON \\(.*line 1 column 41.*\\), probably truncated"),
+    ("no weights", "{p} has a config.json but no weights \\(model.safetensors, .*\\): copy them there, or save the "
+                   "model with save_pretrained"),
+    ("no tokenizer", "{p} holds no tokenizer \\(no tokenizer.json or tokenizer_config.json\\): save the model's "
+                     "tokenizer next to it"),
+    ("other shapes", "the weights in {p} do not match its config.json \\(e.g. .*: \\(.*, 32\\) in the weights, "
+                     "\\(.*, 64\\) by the config; .* weights differ\\): the config was edited"),
+])
+def test_a_broken_model_folder_is_one_line_naming_the_field(how, said, tiny_setups, tmp_path, capsys):
+    """Not transformers' traceback (or its advice to install sentencepiece, or to set ignore_mismatched_sizes)."""
+    setup = tiny_setups("llama")
+    policy = tmp_path / "policy"
+    shutil.copytree(setup.policy, policy)
+    _break(policy, how)
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": policy, "run.output_dir": tmp_path / "r"})])
+    assert re.search("model.policy_path: " + said.format(p=re.escape(str(policy))), err), err
+
+
+def test_a_hub_id_that_cannot_be_reached_suggests_the_offline_mode(monkeypatch):
+    import fastppo.models as models
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(models, "cached_file", unreachable)
+    monkeypatch.setattr(models.hf_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelError, match="model.reward_path: org/rm is not a local folder.*couldn't connect.*without a "
+                                         "network, HF_HUB_OFFLINE=1 reads the local cache at once"):
+        models.check_model_source("org/rm", "model.reward_path")
+
+
+def test_rollouts_longer_than_the_models_positions_are_refused_at_start_up(tiny_setups, tmp_path, capsys):
+    """A learned position table would be indexed out of range in the middle of the first rollout (IndexError; on
+    CUDA a device-side assert): refused before it, naming the fields that make the length."""
+    from fastppo.models import check_positions
+
+    setup = tiny_setups("llama")                                         # max_position_embeddings 256
+    out = tmp_path / "r"
+    err = cli_error(capsys, ["train", *setup.overrides(**{"rollout.max_new_tokens": 250, "run.output_dir": out})])
+    assert re.search(rf"model.policy_path: {re.escape(str(setup.policy))} takes at most 256 positions "
+                     r"\(max_position_embeddings in its config.json\), but the longest prompt \((\d+) tokens; "
+                     r"data.max_prompt_len=16\) \+ rollout.max_new_tokens \(250\) = 2\d\d: lower one of them", err), err
+    assert not (out / "metrics.jsonl").exists()
+    limit = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=20))
+    models = SimpleNamespace(policy=limit, critic=None, reward=limit)
+    check_positions(models, Config().model, 19, "x")
+    with pytest.raises(ModelError, match=r"model.reward_path: None takes at most 20 positions .* but x \+ 1 \(the EOS "
+                                         r"appended to score a cut response\) = 21"):
+        check_positions(models, Config().model, 20, "x")
