@@ -175,11 +175,11 @@ class ModelConfig(BaseModelConfig):
 @dataclass
 class DataConfig(BaseDataConfig):
     prompt_path: str = MISSING
-    """Prompts: a .jsonl or .parquet file, or a directory (a saved `datasets` dataset, or .jsonl/.parquet files)."""
+    """Prompts: a JSON Lines file (.jsonl or .json, one object per line) or a .parquet file, or a directory (a saved `datasets` dataset, or such files, all read; files named like held-out splits, test.jsonl or eval.parquet, are refused there)."""
     prompt_format: PromptFormat = PromptFormat.auto
     """auto: strings are plain text and message lists use the chat template; chat: strings become one user message; plain: never use the template."""
     max_prompt_len: int = 256
-    """Prompts longer than this many tokens keep their last max_prompt_len tokens (the end holds the generation prompt)."""
+    """Prompts longer than this many tokens keep their last max_prompt_len tokens (the end holds the generation prompt), counted in a warning; data in which every prompt would lose more than half its tokens is refused."""
     ptx_path: Optional[str] = None
     """Optional SFT data for the ptx loss: JSONL/Parquet with prompt and response fields (or messages)."""
     ptx_prompt_field: str = "prompt"
@@ -512,7 +512,7 @@ class StageModelConfig(BaseModelConfig):
 @dataclass
 class StageDataConfig(BaseDataConfig):
     train_path: str = MISSING
-    """Training records: .jsonl, .parquet or a directory (as data.prompt_path of `train`)."""
+    """Training records: .jsonl, .json (JSON Lines), .parquet or a directory (as data.prompt_path of `train`)."""
     eval_path: Optional[str] = None
     """Held-out records; null = hold out eval_fraction of train_path (a seeded split)."""
     eval_fraction: float = 0.05

@@ -171,7 +171,6 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
     prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
                            prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len, records=records,
                            max_unknown_frac=cfg.data.max_unknown_token_frac)
-    log.info("%d prompts from %s", len(prompts), cfg.data.prompt_path)
     longest = max(map(len, prompts))
     check_positions(models, cfg.model, longest + cfg.rollout.max_new_tokens,
                     f"the longest prompt ({longest} tokens; data.max_prompt_len={cfg.data.max_prompt_len}) + "

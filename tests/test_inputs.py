@@ -560,3 +560,82 @@ def test_rollouts_longer_than_the_models_positions_are_refused_at_start_up(tiny_
     with pytest.raises(ModelError, match=r"model.reward_path: None takes at most 20 positions .* but x \+ 1 \(the EOS "
                                          r"appended to score a cut response\) = 21"):
         check_positions(models, Config().model, 20, "x")
+
+
+# ----------------------------------------------------------------------------
+# 9. Data: folders, JSON arrays, chat roles, truncation, identical pairs
+# ----------------------------------------------------------------------------
+
+FOX = {"prompt": "describe the red fox :"}
+
+
+def test_a_prompt_folder_reads_every_data_file_says_which_and_refuses_held_out_splits(tmp_path, logged):
+    tok = S.build_tokenizer()
+    folder = tmp_path / "prompts"
+    S.write_jsonl(folder / "a.jsonl", [FOX] * 2)
+    S.write_jsonl(folder / "b.json", [FOX] * 3)                          # read like a .json file given alone
+    (folder / "notes.txt").write_text("not data\n")
+    assert len(load_prompts(folder, tok, field="prompt", prompt_format="auto", max_len=16)) == 5
+    assert f"INFO 5 prompts from {folder}: a.jsonl, b.json" in logged
+    assert f"WARNING {folder}: skipped notes.txt (records are read from .jsonl/.json/.parquet files)" in logged
+    S.write_jsonl(folder / "test.jsonl", [FOX])
+    with pytest.raises(DataError, match=rf"{folder}: holds files named like held-out splits \(test.jsonl\), which would "
+                                        r"be read together with the others: give the file to train on"):
+        load_prompts(folder, tok, field="prompt", prompt_format="auto", max_len=16)
+    only_json = tmp_path / "only_json"
+    S.write_jsonl(only_json / "x.json", [FOX])
+    assert len(load_prompts(only_json, tok, field="prompt", prompt_format="auto", max_len=16)) == 1
+
+
+@pytest.mark.parametrize("text", ['[\n  {"prompt": "describe the red fox :"}\n]\n', '[{"prompt": "describe the red fox :"}]\n'])
+def test_a_json_array_is_refused_saying_how_records_are_read(text, tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"prompts.json:1: each line must be a JSON object, and this file holds a JSON "
+                                        r"array: .json and .jsonl files are read as JSON Lines, one object per line; "
+                                        rf"convert it, e.g. jq -c '.\[\]' {path} > {tmp_path}/prompts_lines.jsonl"):
+        load_prompts(path, S.build_tokenizer(), field="prompt", prompt_format="auto", max_len=16)
+
+
+@pytest.mark.parametrize("messages, said", [
+    ([{"role": "user", "content": "describe the red fox"}, {"role": "Assistant", "content": "it runs"}],
+     "message 1: role 'Assistant' is not one of system, user, assistant, tool \\(roles are lower case\\)"),
+    ([{"role": "bot", "content": "describe the red fox"}], "message 0: role 'bot' is not one of system, user"),
+    ([{"role": "assistant", "content": "the red fox"}], "has no user message \\(roles: assistant\\): a prompt needs one"),
+])
+def test_chat_roles_are_checked(messages, said, tmp_path):
+    """'Assistant' would not be taken for the reference response and would leak it into the prompt, 'bot' would
+    be rendered by the template as something else."""
+    tok = S.build_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} . {% endfor %}assistant :"
+    path = S.write_jsonl(tmp_path / "chat.jsonl", [{"prompt": messages}])
+    with pytest.raises(DataError, match=rf"chat.jsonl:1: field 'prompt' {said}"):
+        load_prompts(path, tok, field="prompt", prompt_format="auto", max_len=16)
+
+
+def test_truncated_prompts_are_counted_and_all_cut_to_a_fragment_refused(tmp_path, logged):
+    tok = S.build_tokenizer()
+    path = S.write_jsonl(tmp_path / "p.jsonl", [FOX, {"prompt": "the fox :"}])
+    n, short = (len(tok(r["prompt"])["input_ids"]) for r in (FOX, {"prompt": "the fox :"}))
+    assert n > short + 1
+    load_prompts(path, tok, field="prompt", prompt_format="auto", max_len=n - 1)
+    assert (f"WARNING 1 of 2 prompts of {path} are longer than data.max_prompt_len={n - 1} tokens and keep only their "
+            f"last {n - 1} (longest: {n})") in logged
+    cut = (short - 1) // 2                                          # every prompt keeps less than half itself
+    with pytest.raises(DataError, match=rf"every prompt is longer than data.max_prompt_len={cut} tokens and would keep "
+                                        rf"less than half of itself, the end \({short} to {n} tokens\): raise "
+                                        r"data.max_prompt_len"):
+        load_prompts(path, tok, field="prompt", prompt_format="auto", max_len=cut)
+
+
+def test_preference_pairs_without_a_preference_are_refused_or_counted(tmp_path, logged):
+    from fastppo.reward_training import load_pairs
+
+    tok = S.build_tokenizer()
+    same = {"prompt": "describe the red fox :", "chosen": "the red fox is kind .", "rejected": "the red fox is kind ."}
+    kw = dict(prompt_field="prompt", chosen_field="chosen", rejected_field="rejected", max_len=32)
+    with pytest.raises(DataError, match="in every pair 'chosen' and 'rejected' are the same tokens"):
+        load_pairs(S.write_jsonl(tmp_path / "same.jsonl", [same] * 2), tok, **kw)
+    path = S.write_jsonl(tmp_path / "some.jsonl", [same, {**same, "rejected": "the red fox is quick ."}])
+    assert len(load_pairs(path, tok, **kw)) == 2
+    assert [m for m in logged if "1 of 2 pairs have the same tokens in 'chosen' and 'rejected'" in m]
