@@ -1134,8 +1134,9 @@ def validate_critic_free(cfg: Config) -> None:
                f"must be false with advantage.estimator={est} (its advantages are already normalised)")
     _check(not uses_critic(cfg) or cfg.model.reward_path is not None or cfg.model.critic_path is not None,
            "model.critic_path", "advantage.estimator=gae trains a critic: set model.critic_path (or model.reward_path)")
-    _check(cfg.model.reward_path is not None or len(rw.functions) > 0, "model.reward_path",
-           "is null and reward.functions is empty: give a reward model, reward functions, or both")
+    _check(cfg.model.reward_path is not None or any(f.weight != 0 for f in rw.functions), "model.reward_path",
+           f"is null and reward.functions is {'empty' if not rw.functions else 'all weight 0'}: give a reward model, "
+           "reward functions, or both")
     for i, f in enumerate(rw.functions):
         _check(REWARD_FUNCTION_NAME.fullmatch(f.name) is not None, f"reward.functions[{i}].name",
                f"must look like module:function, got {f.name!r}")
