@@ -35,6 +35,7 @@ safetensors weights, tokenizer) loadable with
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import json
 import logging
@@ -153,13 +154,30 @@ def verify_checkpoint(path: Path, *, checksums: bool = True) -> dict:
     return state
 
 
+def _not_a_checkpoint(path: Path) -> str:
+    """What `path`, given as a checkpoint to resume, is instead, and what to give."""
+    if not path.exists():
+        typo = difflib.get_close_matches(str(path), ["latest", "auto"], n=1)
+        return ("no such folder" + (f"; did you mean '{typo[0]}'?" if typo else "")
+                + " (run.resume takes latest, auto or a checkpoint folder, checkpoints/iter_NNNNNNNN)")
+    if not path.is_dir():
+        return "is a file; give a checkpoint folder (checkpoints/iter_NNNNNNNN)"
+    if checkpoint_dir(path).is_dir():
+        found = list_checkpoints(path)
+        return (f"is a run folder, not a checkpoint: continue it with run.output_dir={path} run.resume=latest "
+                f"(--resume)" + (f", or give one of its checkpoints, e.g. {found[-1]}" if found else ""))
+    if path.name == checkpoint_dir("").name and list_checkpoints(path.parent):
+        return f"holds checkpoints: give one of them, e.g. the newest, {list_checkpoints(path.parent)[-1]}"
+    return "not a fastppo checkpoint (no trainer_state.pt)"
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """The checkpoint to resume from, verified. 'latest': the newest intact one in output_dir (damaged newer ones
     are skipped with a warning); 'auto': the same, or None when there is none; else the given directory."""
     if resume not in ("auto", "latest"):
         path = Path(resume)
         if not (path / "trainer_state.pt").exists():
-            raise RunDirError(f"run.resume={resume}: not a fastppo checkpoint (no trainer_state.pt)")
+            raise RunDirError(f"run.resume={resume}: {_not_a_checkpoint(path)}")
         verify_checkpoint(path)
         return path
     damaged = []

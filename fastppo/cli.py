@@ -32,7 +32,7 @@ from .reward_training import train_rm
 from .rewards import RewardFunctionError
 from .run_dir import RunDirError
 from .sft import sft
-from .stage import add_stage_arguments, stage_command
+from .stage import OneConfigFile, add_stage_arguments, stage_command
 from .train import train
 
 log = logging.getLogger("fastppo")
@@ -46,7 +46,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by C
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """--config / --preset / dotted overrides: shared by every command built on fastppo.config."""
-    p.add_argument("--config", "-c", type=Path, help="YAML config file (layered on the preset)")
+    p.add_argument("--config", "-c", type=Path, action=OneConfigFile, help="YAML config file (layered on the preset)")
     p.add_argument("--preset", choices=list(PRESETS),
                    help="base preset (docs/training.md); default: the YAML's `preset:` key, else ppo_max")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides, e.g. ppo.clip_eps=0.1")
@@ -68,6 +68,9 @@ def _train_run(args: argparse.Namespace) -> int:
         overrides.append(args.resume)  # `--resume key=value ...`: the override is not a checkpoint path
         args.resume = "latest"
     if args.resume is not None:
+        given = [o for o in overrides if o.split("=", 1)[0].strip() == "run.resume"]
+        if given:
+            raise ConfigError(f"the checkpoint is given twice, by --resume ({args.resume}) and {given[0]}: give one")
         overrides.append(f"run.resume={args.resume}")
     cfg = load_config(args.config, overrides, preset=args.preset)
     result = train(cfg)

@@ -18,7 +18,9 @@ Presets (Zheng et al. 2023 and the MOSS-RLHF scripts) are plain functions return
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from typing import Any, Callable, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger("fastppo")
 
 
 class ConfigError(ValueError):
@@ -138,7 +142,7 @@ class BaseRunConfig:
     output_dir: str = "runs/fastppo"
     """Run directory: the resolved config, metrics.jsonl, TensorBoard logs, train.log, checkpoints (train) and the export."""
     seed: int = 0
-    """Seed of every random choice (data order and split, sampling, minibatch shuffles, new head initialisation)."""
+    """Seed of every random choice (data order and split, sampling, minibatch shuffles, new head initialisation), in [0, 2^32)."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda or cuda:N."""
     backend: Optional[OpBackend] = None
@@ -174,11 +178,11 @@ class ModelConfig(BaseModelConfig):
 @dataclass
 class DataConfig(BaseDataConfig):
     prompt_path: str = MISSING
-    """Prompts: a .jsonl or .parquet file, or a directory (a saved `datasets` dataset, or .jsonl/.parquet files)."""
+    """Prompts: a JSON Lines file (.jsonl or .json, one object per line) or a .parquet file, or a directory (a saved `datasets` dataset, or such files, all read; files named like held-out splits, test.jsonl or eval.parquet, are refused there)."""
     prompt_format: PromptFormat = PromptFormat.auto
     """auto: strings are plain text and message lists use the chat template; chat: strings become one user message; plain: never use the template."""
     max_prompt_len: int = 256
-    """Prompts longer than this many tokens keep their last max_prompt_len tokens (the end holds the generation prompt)."""
+    """Prompts longer than this many tokens keep their last max_prompt_len tokens (the end holds the generation prompt), counted in a warning; data in which every prompt would lose more than half its tokens is refused."""
     ptx_path: Optional[str] = None
     """Optional SFT data for the ptx loss: JSONL/Parquet with prompt and response fields (or messages)."""
     ptx_prompt_field: str = "prompt"
@@ -542,7 +546,7 @@ class StageModelConfig(BaseModelConfig):
 @dataclass
 class StageDataConfig(BaseDataConfig):
     train_path: str = MISSING
-    """Training records: .jsonl, .parquet or a directory (as data.prompt_path of `train`)."""
+    """Training records: .jsonl, .json (JSON Lines), .parquet or a directory (as data.prompt_path of `train`)."""
     eval_path: Optional[str] = None
     """Held-out records; null = hold out eval_fraction of train_path (a seeded split)."""
     eval_fraction: float = 0.05
@@ -665,6 +669,69 @@ def upgrade(saved: dict) -> dict:
     return out
 
 
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(the type inside Optional[...], whether the field may be None)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def _flow(value: Any) -> str:
+    """A value as an override writes it (YAML flow style)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _list_form(elem: Any, value: Any) -> str:
+    """What was given for a list field (a value, a string, the items of an indexed override `a.0.b=...`), written
+    as the list it stands for: items of a section class get its fields, a string its first required one."""
+    items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    if dataclasses.is_dataclass(elem):
+        fields = dataclasses.fields(elem)
+        first = next((f.name for f in fields if f.default == MISSING), fields[0].name)
+        items = [{f.name: given.get(f.name, f"<{f.name}>" if f.default == MISSING else f.default) for f in fields}
+                 for given in (v if isinstance(v, dict) else {first: v} for v in items)]
+    return _flow(items)
+
+
+def _check_layer(cls: type, layer: dict, what: str, prefix: str = "") -> None:
+    """What OmegaConf's merge reports as '?' or a raw TypeError, or lets through, in a layer (a YAML file, the
+    overrides, a dict) about to be merged onto section class `cls`: a section set to a value, a list set to anything
+    but a list (an indexed override `a.0.b=...` included), a bool field given a number other than 0 or 1 (read as
+    true) and a string field given true or false (stored as 'True' or 'False'). Unknown keys are the merge's."""
+    hints = typing.get_type_hints(cls)
+    for key, value in layer.items():
+        if key not in hints or (isinstance(value, str) and "${" in value):          # unknown, or an interpolation
+            continue
+        name, (tp, optional), problem = f"{prefix}{key}", _unwrap(hints[key]), None
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problem = (f"is a section, not a value: set its fields, e.g. {name}.{dataclasses.fields(tp)[0].name}=..."
+                           + (f", or {name}=null" if optional else ""))
+            else:
+                _check_layer(tp, value, what, f"{name}.")
+        elif typing.get_origin(tp) is list:
+            elem = typing.get_args(tp)[0]
+            if not isinstance(value, list) or (dataclasses.is_dataclass(elem)
+                                               and not all(isinstance(v, dict) for v in value)):
+                problem = f"is a list: set it whole, e.g. {name}={_list_form(elem, value)}"
+            elif dataclasses.is_dataclass(elem):
+                for i, v in enumerate(value):
+                    _check_layer(elem, v, what, f"{name}[{i}].")
+        elif tp is bool and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+            problem = f"must be true or false, got {value}"
+        elif tp is str and isinstance(value, bool):
+            problem = f"must be a string{' or null' if optional else ''}, got {_flow(value)}"
+        if problem:
+            raise ConfigError(f"invalid config in {what}: field '{name}': {problem}")
+
+
 def _merge(base: Any, layer: Any, what: str) -> Any:
     try:
         return OmegaConf.merge(base, layer)
@@ -679,16 +746,38 @@ def _merge(base: Any, layer: Any, what: str) -> Any:
         raise ConfigError(f"invalid config in {what}: field '{name}': {msg}") from None
 
 
+PATH_FIELDS = ("policy_path", "reward_path", "critic_path", "path", "prompt_path", "ptx_path", "train_path",
+               "eval_path", "output_dir", "resume")
+"""Fields holding a file or folder: a leading `~` in them is the home folder (`_expand_user`)."""
+
+
+def _expand_user(cfg: Any) -> None:
+    """A leading `~` of every path field (PATH_FIELDS) made the home folder, as a shell does, in place. The shell
+    leaves `key=~/x` alone, and a YAML file is no shell: without this, run.output_dir=~/x would create a folder
+    named `~` in the working folder."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _expand_user(value)
+        elif f.name in PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, f.name, os.path.expanduser(value))
+
+
 def _build(base: Any, layers: list[tuple[Any, str]]) -> Any:
     """`base` (a schema instance) <- each (layer, where it comes from), then validated."""
     merged = OmegaConf.structured(base)
     for layer, what in layers:
+        _check_layer(type(base), OmegaConf.to_container(layer), what)
         merged = _merge(merged, layer, what)
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"required config field(s) not set: {', '.join(missing)}")
     cfg = OmegaConf.to_object(merged)
+    _expand_user(cfg)
     validate(cfg)
+    if (isinstance(cfg, Config) and cfg.ppo.ptx_coef > 0 and cfg.data.ptx_path is None
+            and any(OmegaConf.select(layer, "ppo.ptx_coef") is not None for layer, _ in layers)):
+        log.warning("ppo.ptx_coef=%g but data.ptx_path is not set: the ptx loss is off", cfg.ppo.ptx_coef)
     return cfg
 
 
@@ -702,11 +791,16 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
     """
     if schema not in SCHEMAS:
         raise ConfigError(f"schema must be one of {', '.join(s.__name__ for s in SCHEMAS)}, got {schema!r}")
+    if isinstance(overrides, str) or not isinstance(overrides, (list, tuple, type(None))):
+        raise TypeError(f"overrides must be a list of 'key.sub=value' strings, got {type(overrides).__name__} "
+                        f"{overrides!r}")
     layers = []
     if yaml_path is not None:
         path = Path(yaml_path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory, not a YAML file")
         try:
             file_cfg = OmegaConf.load(path)
         except Exception as exc:  # yaml parse errors
@@ -718,9 +812,11 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
             preset = preset or file_preset
         layers.append((file_cfg, str(path)))
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
+        bad = [o for o in overrides if not isinstance(o, str) or not o.split("=", 1)[0].strip() or "=" not in o]
         if bad:
-            raise ConfigError(f"overrides must look like key.sub=value, got {bad[0]!r}")
+            yaml_file = isinstance(bad[0], str) and bad[0].endswith((".yaml", ".yml"))
+            raise ConfigError(f"overrides must look like key.sub=value, got {bad[0]!r}"
+                              + (f" (a YAML file? pass it as --config {bad[0]})" if yaml_file else ""))
         try:
             layers.append((OmegaConf.from_dotlist(list(overrides)), "command-line overrides"))
         except OmegaConfBaseException as exc:
@@ -764,24 +860,55 @@ DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def _type_problem(tp: Any, value: Any) -> str | None:
+    """Why `value` cannot be the value of a field of type `tp`, or None. OmegaConf has checked the types of a loaded
+    config; one built or edited in Python has only had this."""
+    tp, optional = _unwrap(tp)
+    if value is None:
+        ok = optional
+    elif dataclasses.is_dataclass(tp):
+        ok = isinstance(value, tp)
+    elif typing.get_origin(tp) is list:
+        ok = isinstance(value, (list, tuple))
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp in (int, float):
+        ok = isinstance(value, (int, float) if tp is float else int) and not isinstance(value, bool)
+    else:                                                           # str and the Choice enums
+        ok = not isinstance(tp, type) or isinstance(value, tp) or (issubclass(tp, str) and isinstance(value, str))
+    if ok:
+        return None
+    want = (f"a {tp.__name__}" if dataclasses.is_dataclass(tp) else "a list" if typing.get_origin(tp) is list
+            else {bool: "true or false", int: "an int", float: "a number"}.get(tp, "a string"))
+    return f"must be {want}{' or None' if optional else ''}, got {type(value).__name__} {value!r}"
+
+
 def _check_fields(cfg: Any, prefix: str = "") -> None:
-    """Every field of a config in one walk: set (not MISSING), finite, and one of its choices.
+    """Every field of a config in one walk: of its type, set (not MISSING), finite, and one of its choices.
 
     YAML and OmegaConf accept `.inf`, `inf` and `nan` for float fields; no field of fastppo gives them a meaning
-    (an infinite kl_coef or timeout would only fail later, or silently poison the run). The choices are also
-    checked here for configs built in Python, which OmegaConf has not seen.
+    (an infinite kl_coef or timeout would only fail later, or silently poison the run). The types and choices are
+    also checked here for configs built in Python, which OmegaConf has not seen.
     """
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, name = getattr(cfg, f.name), f"{prefix}{f.name}"
+        problem = _type_problem(hints[f.name], value)
+        _check(problem is None, name, problem)
         if dataclasses.is_dataclass(value):
             _check_fields(value, f"{name}.")
             continue
         if value is MISSING or (isinstance(value, str) and value == "???"):
             raise ConfigError(f"required config field not set: {name}")
         items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        elem = typing.get_args(_unwrap(hints[f.name])[0])[0] if isinstance(value, (list, tuple)) else None
         for i, v in items:
             where = name if i is None else f"{name}[{i}]"
+            if elem is not None:
+                problem = _type_problem(elem, v)
+                _check(problem is None, where, problem)
+                if dataclasses.is_dataclass(v):
+                    _check_fields(v, f"{where}.")
             _check(not isinstance(v, float) or math.isfinite(v), where, f"must be a finite number, got {v}")
         choices = _choice_enum(hints[f.name])
         if choices is not None and value is not None:
@@ -905,7 +1032,12 @@ def _check_base_optim(o: BaseOptimConfig) -> None:
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 or null")
 
 
+SEED_LIMIT = 2 ** 32
+"""run.seed lies in [0, SEED_LIMIT): the range NumPy's global generator accepts (`logs.seed_everything`)."""
+
+
 def _check_base_run(run: BaseRunConfig) -> None:
+    _check(0 <= run.seed < SEED_LIMIT, "run.seed", f"must lie in [0, 2^32), got {run.seed}")
     _check(DEVICE_NAME.fullmatch(run.device) is not None, "run.device", f"must be auto, cpu, cuda or cuda:N, got {run.device!r}")
     _check(run.max_nonfinite_in_a_row >= 1, "run.max_nonfinite_in_a_row", "must be >= 1")
     _check(run.log_level.upper() in LOG_LEVELS, "run.log_level", f"must be {', '.join(LOG_LEVELS)} (any case), "
@@ -1006,6 +1138,14 @@ def validate_device(name: str, cuda_devices: int, local_rank: int = 0) -> None:
            f"{cuda_devices} CUDA device(s): cuda:0 to cuda:{cuda_devices - 1}")
 
 
+def validate_backend(backend: str | None, device: str, interpreter: bool) -> None:
+    """run.backend against the run's device type (`dist.resolve_device` calls it): the Triton kernels need CUDA
+    tensors, or Triton's CPU interpreter (TRITON_INTERPRET=1, the tests' set-up)."""
+    _check(backend != "triton" or device == "cuda" or interpreter, "run.backend",
+           f"is 'triton', but this run is on {device} and the Triton kernels need CUDA: set run.backend=torch, or "
+           "null (triton on CUDA, torch elsewhere)")
+
+
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
 REWARD_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
@@ -1042,15 +1182,15 @@ def validate_critic_free(cfg: Config) -> None:
                f"must be false with advantage.estimator={est} (its advantages are already normalised)")
     _check(not uses_critic(cfg) or cfg.model.reward_path is not None or cfg.model.critic_path is not None,
            "model.critic_path", "advantage.estimator=gae trains a critic: set model.critic_path (or model.reward_path)")
-    _check(cfg.model.reward_path is not None or len(rw.functions) > 0 or cfg.env.name is not None, "model.reward_path",
-           "is null and reward.functions is empty: give a reward model, reward functions, an environment, or several")
+    _check(cfg.model.reward_path is not None or any(f.weight != 0 for f in rw.functions) or cfg.env.name is not None,
+           "model.reward_path", f"is null and reward.functions is {'empty' if not rw.functions else 'all weight 0'}: "
+           "give a reward model, reward functions, an environment, or several")
     for i, f in enumerate(rw.functions):
         _check(REWARD_FUNCTION_NAME.fullmatch(f.name) is not None, f"reward.functions[{i}].name",
                f"must look like module:function, got {f.name!r}")
         first = next(j for j, g in enumerate(rw.functions) if g.name == f.name)
         _check(first == i, f"reward.functions[{i}].name", f"repeats reward.functions[{first}] ({f.name}): list each "
                "function once, with its total weight (its metrics are reported per function)")
-        _check(math.isfinite(f.weight), f"reward.functions[{i}].weight", f"must be a finite number, got {f.weight}")
     _check(rw.function_timeout_s is None or rw.function_timeout_s > 0, "reward.function_timeout_s", "must be > 0 or null")
     _check(rw.function_workers >= 1, "reward.function_workers", "must be >= 1")
 

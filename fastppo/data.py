@@ -1,14 +1,16 @@
 """Prompt and SFT (ptx) datasets, chat templates, left-padding collate, a resumable sampler.
 
-Records come from a .jsonl file, a .parquet file, or a directory holding a
-saved `datasets` dataset or .jsonl/.parquet files. Every record is validated
-and tokenised up front, so a malformed file fails at start-up with its path,
-line (JSONL; row for Parquet) and field.
+Records come from a JSON Lines file (.jsonl or .json: one object per line), a .parquet file, or a directory
+holding a saved `datasets` dataset (its train split) or such files (all of them, in name order; a directory with
+files named like held-out splits, test.jsonl or eval.parquet, is refused). Every record is validated and
+tokenised up front, so a malformed file fails at start-up with its path, line (JSONL; row for Parquet) and field.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,8 @@ import torch
 
 from . import dist
 from .models import ModelError
+
+log = logging.getLogger("fastppo")
 
 
 class DataError(ValueError):
@@ -42,10 +46,20 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
+                if lineno == 1 and line.lstrip().startswith("["):      # a JSON array written over several lines
+                    raise DataError(_json_array(where, path)) from None
                 raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             if not isinstance(rec, dict):
+                if lineno == 1 and isinstance(rec, list):
+                    raise DataError(_json_array(where, path))
                 raise DataError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
             yield where, rec
+
+
+def _json_array(where: str, path: Path) -> str:
+    return (f"{where}: each line must be a JSON object, and this file holds a JSON array: .json and .jsonl files are "
+            f"read as JSON Lines, one object per line; convert it, e.g. jq -c '.[]' {path} > "
+            f"{path.with_name(path.stem + '_lines.jsonl')}")
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
@@ -60,7 +74,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_dataset_dir(path: Path) -> Iterator[tuple[str, dict]]:
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    if _is_saved_dataset(path):
         try:
             import datasets  # lazy: an optional dependency, only saved `datasets` directories need it
         except ImportError:
@@ -73,11 +87,34 @@ def _read_dataset_dir(path: Path) -> Iterator[tuple[str, dict]]:
         for i, rec in enumerate(ds):
             yield f"{path}: row {i}", rec
         return
-    files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet"))
-    if not files:
-        raise DataError(f"{path}: directory holds no saved dataset and no .jsonl/.parquet files")
-    for f in files:
+    for f in data_files(path)[0]:
         yield from read_records(f)
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+HELD_OUT = re.compile(r"(^|[-_.])(test|tests|eval|evaluation|valid|validation|val|dev|heldout)([-_.]|$)")
+"""A file name naming a held-out split (test.jsonl, prompts_eval.jsonl, validation-00000-of-00001.parquet)."""
+
+
+def data_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(the data files a directory's records are read from, in name order; the other files, skipped). A file named
+    like a held-out split is refused: reading it with the others would train on the held-out data."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    skipped = sorted(p for p in path.iterdir() if p.is_file() and p not in files and not p.name.startswith("."))
+    held_out = [p.name for p in files if HELD_OUT.search(p.stem.lower())]
+    if held_out:
+        train = [p.name for p in files if p.name not in held_out]
+        raise DataError(f"{path}: holds files named like held-out splits ({', '.join(held_out)}), which would be read "
+                        f"together with the others: give the file to train on" +
+                        (f" ({path / train[0]})" if len(train) == 1 else "") + ", or move the held-out files out")
+    if not files:
+        raise DataError(f"{path}: directory holds no saved dataset and no {'/'.join(DATA_SUFFIXES)} files"
+                        + (f" (it holds {', '.join(p.name for p in skipped[:5])})" if skipped else ""))
+    return files, skipped
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
@@ -91,7 +128,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
         return _read_jsonl(path)
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    raise DataError(f"{path}: unsupported data format {path.suffix!r} (use .jsonl, .parquet or a dataset directory)")
+    raise DataError(f"{path}: unsupported data format {path.suffix!r} (use .jsonl, .json, .parquet or a dataset "
+                    "directory)")
 
 
 # ----------------------------------------------------------------------------
@@ -122,11 +160,20 @@ def _canonical(text: str) -> str:
 
 def loaded(items: list, what: str, tokenizer, path: str | Path, fields: dict[str, str],
            max_unknown_frac: float = MAX_UNK_FRACTION) -> list:
-    """The end of every loader: `items` read from `path`, refused when there are none, and the tokenizer
-    checked on the texts of `fields` (check_tokenizer)."""
+    """The end of every loader: `items` read from `path`, refused when there are none, the tokenizer checked on the
+    texts of `fields` (check_tokenizer), and logged (for a directory, the files read and those skipped)."""
     if not items:
         raise DataError(f"{path}: no {what} found (empty file?)")
     check_tokenizer(tokenizer, path, fields, max_unknown_frac)
+    folder = Path(path)
+    if folder.is_dir() and not _is_saved_dataset(folder):
+        files, skipped = data_files(folder)
+        log.info("%d %s from %s: %s", len(items), what, path, ", ".join(p.name for p in files))
+        if skipped:
+            log.warning("%s: skipped %s (records are read from %s files)", path, ", ".join(p.name for p in skipped),
+                        "/".join(DATA_SUFFIXES))
+    else:
+        log.info("%d %s from %s", len(items), what, path)
     return items
 
 
@@ -183,12 +230,20 @@ def check_tokenizer(tokenizer, path: str | Path, fields: dict[str, str],
                          f"(it loads as {type(tokenizer).__name__}; was it saved by another version of transformers?)")
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""The roles of chat messages (what chat templates read; any other role is misread or dropped by them)."""
+
+
 def check_messages(where: str, field: str, messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{field}' must be a non-empty list of messages")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: field '{field}' message {j} must be an object with string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: field '{field}' message {j}: role {m['role']!r} is not one of "
+                            f"{', '.join(CHAT_ROLES)}" + (" (roles are lower case)" if m["role"].lower() in CHAT_ROLES
+                                                          else ""))
     return messages
 
 
@@ -216,20 +271,23 @@ def encode_prompt(tokenizer, value, *, where: str, field: str, prompt_format: st
 
 def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str, max_len: int,
                  messages_field: str = "messages", records: list[dict] | None = None,
-                 keys: tuple[str, str] = ("data.prompt_field", ""), max_unknown_frac: float = MAX_UNK_FRACTION
-                 ) -> list[list[int]]:
+                 keys: tuple[str, str] = ("data.prompt_field", ""), max_unknown_frac: float = MAX_UNK_FRACTION,
+                 max_len_key: str = "data.max_prompt_len") -> list[list[int]]:
     """Tokenised prompts, each truncated to its last max_len tokens.
 
     A record without `field` but with `messages_field` (the chat files `sft`
     reads) is a chat prompt. When a list of messages ends with the
     assistant's, that message is a reference response: the prompt is the
-    turns before it.
+    turns before it, which must include a user message.
+
+    Truncated prompts are counted in a warning; when every prompt loses more than half its tokens (the start, which
+    holds the instruction) the data is refused, naming `max_len_key`.
 
     `records`, when given, receives each prompt's whole record (in prompt order): its other fields (e.g. a
     reference `answer`) are what reward functions see. keys: the config keys of `field` and `messages_field`
     (for the errors); max_unknown_frac: as in `check_tokenizer`.
     """
-    prompts = []
+    prompts, lengths = [], []
     for where, rec in read_records(path):
         name = field if field in rec or messages_field not in rec else messages_field
         if name not in rec:
@@ -238,11 +296,22 @@ def load_prompts(path: str | Path, tokenizer, *, field: str, prompt_format: str,
         if isinstance(value, list) and len(value) > 1 and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
             value = value[:-1]  # an SFT-style conversation: the last turn is the reference response
         ids = encode_prompt(tokenizer, value, where=where, field=name, prompt_format=prompt_format)
+        if isinstance(value, list) and not any(m["role"] == "user" for m in value):
+            raise DataError(f"{where}: field '{name}' has no user message (roles: "
+                            f"{', '.join(m['role'] for m in value)}): a prompt needs one")
         if not ids:
             raise DataError(f"{where}: field '{name}' tokenises to nothing")
         prompts.append(ids[-max_len:])
+        lengths.append(len(ids))
         if records is not None:
             records.append(rec)
+    cut = [n for n in lengths if n > max_len]
+    if cut and all(n > 2 * max_len for n in lengths):
+        raise DataError(f"{path}: every prompt is longer than {max_len_key}={max_len} tokens and would keep less than "
+                        f"half of itself, the end ({min(lengths)} to {max(lengths)} tokens): raise {max_len_key}")
+    if cut:
+        log.warning("%d of %d prompts of %s are longer than %s=%d tokens and keep only their last %d (longest: %d)",
+                    len(cut), len(lengths), path, max_len_key, max_len, max_len, max(cut))
     return loaded(prompts, "prompts", tokenizer, path, dict(zip((field, messages_field), keys)), max_unknown_frac)
 
 

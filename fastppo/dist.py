@@ -25,7 +25,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .config import validate_device
+from .config import validate_backend, validate_device
+from .kernels._dispatch import triton_interpreter_enabled
 
 log = logging.getLogger("fastppo")
 
@@ -73,14 +74,17 @@ def group():
     return dist.group.WORLD if is_initialized() else None
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
+def resolve_device(name: str, backend: str | None = None) -> torch.device:
+    """run.device: `auto` -> cuda:LOCAL_RANK when CUDA is available, else cpu; checked against this machine, and
+    run.backend (`backend`) against it."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
-    validate_device(name, torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank())
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank()}")
+        device = torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        validate_device(name, torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank())
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank()}")
+    validate_backend(backend, device.type, triton_interpreter_enabled())
     return device
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import transformers
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
@@ -41,7 +42,9 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedTokenizerFast)
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
-from transformers.utils import cached_file, is_flash_attn_2_available
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, cached_file,
+                                is_flash_attn_2_available)
 
 from . import dist, lora, parallel
 from .config import ModelConfig
@@ -63,9 +66,36 @@ class ModelError(ValueError):
 # Tokenizer
 # ----------------------------------------------------------------------------
 
-def check_model_source(path: str, field: str) -> None:
-    """Fail in one line naming `field` unless `path` is a saved model folder or a hub id that resolves
-    (in the local cache when HF_HUB_OFFLINE is set)."""
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+"""The weight files from_pretrained looks for in a folder (whole, or the index of a sharded save)."""
+
+
+def _check_model_folder(local: Path, path: str, field: str, trust_remote_code: bool) -> None:
+    """A saved model folder's config.json (valid JSON, naming an architecture this transformers has) and weights."""
+    config_file = local / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:                               # invalid JSON, or not UTF-8
+        raise ModelError(f"{field}: {config_file} is not valid JSON ({exc}), probably truncated or hand-edited: copy "
+                         "or save the model again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not model_type:
+        raise ModelError(f"{field}: {config_file} has no model_type, so transformers cannot tell the architecture: "
+                         "add it (e.g. \"model_type\": \"llama\"), or save the model again with save_pretrained")
+    if model_type not in CONFIG_MAPPING and not ("auto_map" in config and trust_remote_code):
+        why = (f"it comes with its own modelling code (auto_map): set model.trust_remote_code=true if you trust {path}"
+               if "auto_map" in config else
+               "a typo, or a model that needs a newer transformers or model.trust_remote_code=true")
+        raise ModelError(f"{field}: {config_file}: model_type {model_type!r} is not known to transformers "
+                         f"{transformers.__version__} ({why})")
+    if not any((local / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(f"{field}: {path} has a config.json but no weights ({', '.join(WEIGHT_FILES)}): copy them "
+                         "there, or save the model with save_pretrained")
+
+
+def check_model_source(path: str, field: str, trust_remote_code: bool = False) -> None:
+    """Fail in one line naming `field` unless `path` is a saved model folder (a config.json transformers can read,
+    and weights) or a hub id that resolves (in the local cache when HF_HUB_OFFLINE is set)."""
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
@@ -81,6 +111,7 @@ def check_model_source(path: str, field: str) -> None:
         if not (local / "config.json").is_file():
             raise ModelError(f"{field}: {path} has no config.json, so it is not a saved Hugging Face model "
                              "(a folder written by save_pretrained, e.g. a fastppo export)")
+        _check_model_folder(local, path, field, trust_remote_code)
         return
     if local.exists():
         raise ModelError(f"{field}: {path} is a file; give the model's folder (the one holding config.json) or a hub id")
@@ -93,18 +124,31 @@ def check_model_source(path: str, field: str) -> None:
     except OSError as exc:
         offline = " with HF_HUB_OFFLINE set, only models already in the local cache can be used;" if hf_constants.HF_HUB_OFFLINE else ""
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{field}: {path} is not a local folder, and as a hub id it cannot be loaded:{offline} {reason}") from None
+        hint = ("" if hf_constants.HF_HUB_OFFLINE else
+                " (without a network, HF_HUB_OFFLINE=1 reads the local cache at once, without retries)")
+        raise ModelError(f"{field}: {path} is not a local folder, and as a hub id it cannot be loaded:{offline} "
+                         f"{reason}{hint}") from None
 
 
 # Tokenizer classes that load a tokenizer.json exactly as saved.
 _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, field: str | None = None):
+    """The tokenizer saved at `path`; field: the config field that names it (for the errors)."""
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except json.JSONDecodeError as exc:  # tokenizer.json / tokenizer_config.json cut short or hand-edited
         raise ModelError(f"the tokenizer at {path} has a file that is not valid JSON, probably truncated ({exc})") from None
+    except (OSError, ValueError):        # transformers then blames a missing sentencepiece or tiktoken
+        local = Path(path).expanduser()
+        if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelError(f"{f'{field}: ' if field else ''}{path} holds no tokenizer (no {' or '.join(TOKENIZER_FILES)}):"
+                             f" save the model's tokenizer next to it, tokenizer.save_pretrained({str(path)!r})") from None
+        raise
     declared = get_tokenizer_config(path).get("tokenizer_class")
     if declared in _GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in _GENERIC_TOKENIZER_CLASSES:
         # transformers 5 replaces a generic saved tokenizer by the model type's own class (e.g. Qwen2's
@@ -261,6 +305,17 @@ def load_pretrained(auto_class, path: str, *, field: str, expected: str, fresh_o
         model, info = parallel.from_pretrained(auto_class, path, shard, config=config, **kwargs)
     except SafetensorError as exc:  # a weights file cut short (an interrupted copy or download, a full disk)
         raise ModelError(f"{field}: cannot read the weights of {path}, probably truncated ({exc})") from None
+    except RuntimeError as exc:     # transformers refuses weights of other shapes than the config's, naming none
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        _, info = auto_class.from_pretrained(path, config=config, output_loading_info=True, ignore_mismatched_sizes=True,
+                                             **kwargs)                  # again, for the names and shapes
+        if not info["mismatched_keys"]:
+            raise exc
+        key, saved, wanted = sorted(info["mismatched_keys"], key=str)[0]
+        raise ModelError(f"{field}: the weights in {path} do not match its config.json (e.g. {key}: {tuple(saved)} in "
+                         f"the weights, {tuple(wanted)} by the config; {len(info['mismatched_keys'])} weights differ): "
+                         "the config was edited, or belongs to another model") from None
     finally:
         hf_log.removeFilter(_no_load_report)
     if info is None:
@@ -378,13 +433,13 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "parallel.Sharder
     for path, field in ((cfg.policy_path, "model.policy_path"), (cfg.reward_path, "model.reward_path"),
                         (critic_path, critic_field)):
         if path is not None:
-            check_model_source(path, field)
+            check_model_source(path, field, cfg.trust_remote_code)
     dtype = torch_dtype(cfg.dtype)
     compute_dtype = shard.param_dtype if shard is not None and shard.param_dtype is not None else dtype
     attn = attn_implementation(cfg.attn_implementation, compute_dtype=compute_dtype,
                                fields="model.dtype and parallel.param_dtype")
     kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.policy_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.policy_path, trust_remote_code=cfg.trust_remote_code, field="model.policy_path")
     try:
         reward_tok = None if cfg.reward_path is None else load_tokenizer(cfg.reward_path,
                                                                            trust_remote_code=cfg.trust_remote_code)
@@ -458,6 +513,22 @@ def load_models(cfg: ModelConfig, device: torch.device, shard: "parallel.Sharder
     if reason is not None:
         log.warning("fused lm_head logprobs disabled (%s): falling back to full logits + token_logprobs", reason)
     return Models(policy, ref, critic, reward, tokenizer, fused_lm_head=reason is None, vocab_size=n_tok)
+
+
+def check_positions(models: Models, cfg: ModelConfig, longest: int, what: str) -> None:
+    """Refuse rollouts longer than a model takes: `longest` tokens (prompt + response; the reward model reads one
+    more, the EOS appended to a cut response) against each model's max_position_embeddings (GPT-2's n_positions).
+    Past it a learned position table is indexed out of range (on CUDA a device-side assert) and rotary positions
+    run beyond the lengths the model was trained on. what: how `longest` comes about, naming the fields."""
+    critic_field = "model.critic_path" if cfg.critic_path else "model.reward_path"
+    for model, field, extra in ((models.policy, "model.policy_path", 0), (models.critic, critic_field, 0),
+                                (models.reward, "model.reward_path", 1)):
+        limit = None if model is None else getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and longest + extra > limit:
+            plus = " + 1 (the EOS appended to score a cut response)" if extra else ""
+            raise ModelError(f"{field}: {getattr(cfg, field.split('.')[1])} takes at most {limit} positions "
+                             f"(max_position_embeddings in its config.json), but {what}{plus} = {longest + extra}: "
+                             "lower one of them")
 
 
 # ----------------------------------------------------------------------------

@@ -113,6 +113,14 @@ def load_pairs(path, tokenizer, *, prompt_field: str, chosen_field: str, rejecte
         rejected, n_r = fit_to_length(p_ids, r_ids, max_len)
         chosen[-1], rejected[-1] = eos, eos  # a cut response still ends with EOS: the score is read there
         out.append(PairExample(chosen, rejected, min(n_c, n_r)))
+    same = sum(p.chosen == p.rejected for p in out)
+    if same and same == len(out):
+        raise DataError(f"{path}: in every pair '{chosen_field}' and '{rejected_field}' are the same tokens (cut to "
+                        "data.max_len): there is no preference to learn; do data.chosen_field and data.rejected_field "
+                        "name two different responses?")
+    if same:
+        log.warning("%s: %d of %d pairs have the same tokens in '%s' and '%s' (cut to data.max_len): they carry no "
+                    "preference", path, same, len(out), chosen_field, rejected_field)
     return loaded(out, "preference pairs", tokenizer, path, {prompt_field: "data.prompt_field",
                                                              chosen_field: "data.chosen_field",
                                                              rejected_field: "data.rejected_field"}, max_unknown_frac)

@@ -15,12 +15,14 @@ reward.function_timeout_s is killed with its worker and scored reward.invalid_sc
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .config import RewardConfig
@@ -50,6 +52,11 @@ class RewardFunctionError(RuntimeError):
     """A reward function failed; the message names the function and the prompt."""
 
 
+class UnusableRewardFunction(RewardFunctionError, ValueError):
+    """A reward function that cannot be imported, or called as one: a wrong input, found at start-up (a ValueError:
+    the command line exits 2)."""
+
+
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 """Scores are computed in float32: a reward beyond ±3.4e38 (finite in Python) would become infinite there."""
 
@@ -58,13 +65,25 @@ _LOADED: dict[str, Callable] = {}
 
 
 def load_function(name: str, field_name: str = "reward.functions") -> Callable:
-    """The callable behind "module:function" (cached per process); a RewardFunctionError naming `field_name` if it
-    cannot be imported or is not callable."""
+    """The callable behind "module:function" (cached per process); an UnusableRewardFunction naming `field_name` if
+    it cannot be imported, is not callable, or cannot be called as fn(prompt_text, response_text, record)."""
     if name in _LOADED:
         return _LOADED[name]
-    fn = import_object(name, field_name, RewardFunctionError)
+    fn = import_object(name, field_name, UnusableRewardFunction)
     if not callable(fn):
-        raise RewardFunctionError(f"{field_name}: {name!r} is a {type(fn).__name__}, not a function")
+        raise UnusableRewardFunction(f"{field_name}: {name!r} is a {type(fn).__name__}, not a function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):                         # a builtin without one: its calls will tell
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind("", "", {})
+        except TypeError as exc:
+            signature = signature.replace(parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+                                          return_annotation=signature.empty)
+            raise UnusableRewardFunction(f"{field_name}: {name}{signature} cannot be called as fn(prompt_text, "
+                                      f"response_text, record) ({exc}): give it these three parameters") from None
     _LOADED[name] = fn
     return fn
 
@@ -81,7 +100,7 @@ def call_function(name: str, prompt_text: str, response_text: str, record: dict)
                            "None") from None
     if value is None:
         return None
-    if not isinstance(value, numbers.Real):
+    if not isinstance(value, (numbers.Real, np.bool_)):
         raise TypeError(f"returned {type(value).__name__} {value!r}; a reward function returns a float or None")
     if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         raise ValueError(f"returned {value}; a reward must be finite in float32, |r| <= {FLOAT32_MAX:.3g}, the dtype "
@@ -125,6 +144,7 @@ class RewardFunctions:
         futures = [[self.pool.submit(call_function, (f.name, p, r, rec), cfg.function_timeout_s) for f in fns]
                    for p, r, rec in zip(prompts, responses, records)]
         out = FunctionScores(totals=[0.0] * len(prompts), means={f.name: 0.0 for f in fns})
+        raised = [0] * len(fns)
         try:
             for row, (row_futures, index) in enumerate(zip(futures, prompt_indices)):
                 for k, (f, fut) in enumerate(zip(fns, row_futures)):
@@ -140,6 +160,7 @@ class RewardFunctions:
                             raise RewardFunctionError(f"{what} (set reward.function_errors=invalid to score such "
                                                       "responses reward.invalid_score instead)")
                         out.errors += 1
+                        raised[k] += 1
                         log.warning("%s: scored reward.invalid_score", what)
                     else:
                         out.invalid += called.value is None
@@ -149,6 +170,10 @@ class RewardFunctions:
         finally:
             for fut in (fut for row_futures in futures for fut in row_futures):
                 fut.cancel()
+        for k, f in enumerate(fns):
+            if raised[k] == len(prompts):
+                log.warning("reward function %s (reward.functions[%d]) raised on every one of the %d responses: it "
+                            "gives no signal, only reward.invalid_score (see its errors above)", f.name, k, len(prompts))
         return out
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ Hugging Face model to <output_dir>/export.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import time
@@ -36,15 +37,15 @@ def setup_stage_run(cfg, what: str) -> tuple[Path, torch.device]:
     setup_logging(out, cfg.run.log_level)  # console + <run dir>/train.log, as `train`
     seed_everything(cfg.run.seed)
     (out / "config.yaml").write_text(to_yaml(cfg))  # to_yaml works for any config dataclass
-    device = dist.resolve_device(cfg.run.device)
+    device = dist.resolve_device(cfg.run.device, cfg.run.backend)
     log.info("%s: run directory %s, device %s", what, out, device)
     return out, device
 
 
 def load_stage_tokenizer(mc: StageModelConfig):
     """The model's tokenizer with a pad token distinct from EOS."""
-    check_model_source(mc.path, "model.path")
-    tokenizer = load_tokenizer(mc.path, trust_remote_code=mc.trust_remote_code)
+    check_model_source(mc.path, "model.path", mc.trust_remote_code)
+    tokenizer = load_tokenizer(mc.path, trust_remote_code=mc.trust_remote_code, field="model.path")
     ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -170,9 +171,21 @@ def export_stage(what: str, model: nn.Module, tokenizer, out: Path, t0: float, e
     return StageResult(out, export_dir, eval_metrics, history, seconds)
 
 
+class OneConfigFile(argparse.Action):
+    """--config: one YAML file. A second one is refused: it would replace the first, not layer on it."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, f"given twice ({getattr(namespace, self.dest)}, {value}): give one "
+                                               "file, and the settings to change on top of it as key=value overrides")
+        setattr(namespace, self.dest, value)
+
+
 def add_stage_arguments(p) -> None:
-    """--config and dotted overrides, shared by sft and train-rm."""
-    p.add_argument("--config", "-c", type=Path, help="YAML config file (layered on the defaults)")
+    """--config and dotted overrides, shared by sft and train-rm (and a hidden --preset, which the config loader
+    refuses for them with its reason)."""
+    p.add_argument("--config", "-c", type=Path, action=OneConfigFile, help="YAML config file (layered on the defaults)")
+    p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted config overrides, e.g. model.path=runs/init data.train_path=sft.jsonl optim.lr=1e-5")
 
@@ -187,6 +200,6 @@ def stage_command(what: str, schema: type, stage: Callable[[Any], StageResult]) 
     """The run(args) of a stage's subcommand: its config (--config, overrides) loaded as `schema`, the stage run
     on it, its result printed."""
     def run(args) -> int:
-        print_stage_result(what, stage(load_config(args.config, list(args.overrides), schema=schema)))
+        print_stage_result(what, stage(load_config(args.config, list(args.overrides), args.preset, schema=schema)))
         return 0
     return run

@@ -46,7 +46,7 @@ from .groups import OutcomeScorer, Prompts, sample_groups
 from .logs import GracefulStop, PhaseTimer, progress, seed_everything, setup_logging
 from .memory import peak_memory_mb
 from .metrics import MetricBuffer, MetricWriter, RunningMoments, experience_metrics
-from .models import Forward, Models, load_models
+from .models import Forward, Models, check_positions, load_models
 from .optim import Trained, UpdateCounters, make_optimizer, make_scheduler
 from .rewards import RewardFunctions
 from .shaping import AdaptiveKLController, kl_controller, score_slope, shape_scores, token_rewards
@@ -144,7 +144,7 @@ def train(config: Config | dict | str | Path) -> TrainResult:
         validate(cfg)
     else:
         raise ConfigError(f"train() takes a Config, dict or YAML path, got {type(config).__name__}")
-    device = dist.resolve_device(cfg.run.device)
+    device = dist.resolve_device(cfg.run.device, cfg.run.backend)
     pc = cfg.parallel
     created = dist.setup(pc.shard, pc.backend, pc.timeout_s, device)
     try:
@@ -173,12 +173,17 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
         prompts = load_prompts(cfg.data.prompt_path, tok, field=cfg.data.prompt_field,
                                prompt_format=cfg.data.prompt_format, max_len=cfg.data.max_prompt_len, records=records,
                                max_unknown_frac=cfg.data.max_unknown_token_frac)
+        longest = max(map(len, prompts))
+        check_positions(models, cfg.model, longest + cfg.rollout.max_new_tokens,
+                        f"the longest prompt ({longest} tokens; data.max_prompt_len={cfg.data.max_prompt_len}) + "
+                        f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens})")
         env = None
     else:                                    # the environment's reset(record) gives each trajectory's first turn
         prompts, records = None, load_records(cfg.data.prompt_path)
+        if cfg.env.max_tokens is not None:   # else the observations' lengths are known only as they come
+            check_positions(models, cfg.model, cfg.env.max_tokens, f"env.max_tokens ({cfg.env.max_tokens})")
         env = EnvRunner(cfg.env, cfg.reward, tok, records, max_new_tokens=cfg.rollout.max_new_tokens,
                         max_prompt_len=cfg.data.max_prompt_len, prompt_format=cfg.data.prompt_format)
-    log.info("%d prompts from %s", len(records), cfg.data.prompt_path)
     sampler = EpochSampler(len(records), seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     ptx_sampler, ptx = ptx_batches(cfg.data, tok, seed=cfg.run.seed, batch_size=cfg.ppo.micro_batch_size,
                                    device=device) if cfg.data.ptx_path else (None, None)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
+import re
 
 import pytest
 
 import fastppo.config as config_module
 from fastppo.config import (Config, ConfigError, KLEstimator, ModelConfig, RMConfig, SFTConfig, StageModelConfig,
                             load_config, to_yaml, validate)
+from fastppo_testing.trainer import logged  # noqa: F401  (fixture)
 
 PATHS = {Config: ["model.policy_path=p", "model.reward_path=r", "data.prompt_path=d"],
          SFTConfig: ["model.path=m", "data.train_path=t"], RMConfig: ["model.path=m", "data.train_path=t"]}
@@ -128,3 +131,114 @@ def test_a_dict_config_names_its_preset_like_a_yaml_file():
     assert from_dict(required).reward.kl_coef == 0.05                              # ppo_max by default
     with pytest.raises(ConfigError, match=r"unknown preset 'nope'"):
         from_dict({**required, "preset": "nope"})
+
+
+# ----------------------------------------------------------------------------
+# Values of the wrong shape: one line naming the field and what to write
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_the_seed_lies_in_numpys_range(schema):
+    assert _load(schema, f"run.seed={2 ** 32 - 1}").run.seed == 2 ** 32 - 1
+    for seed in (-1, 2 ** 32):
+        with pytest.raises(ConfigError, match=rf"field 'run\.seed': must lie in \[0, 2\^32\), got {seed}"):
+            _load(schema, f"run.seed={seed}")
+
+
+@pytest.mark.parametrize("override, form", [
+    ("reward.functions.0.name=fastppo.rewards:math_answer",
+     "reward.functions=[{name: fastppo.rewards:math_answer, weight: 1.0}]"),
+    ("reward.functions=fastppo.rewards:math_answer", "reward.functions=[{name: fastppo.rewards:math_answer, weight: 1.0}]"),
+    ("reward.functions=[a:b, c:d]", "reward.functions=[{name: a:b, weight: 1.0}, {name: c:d, weight: 1.0}]"),
+    ("reward.functions.0.weight=2", "reward.functions=[{name: <name>, weight: 2}]"),
+    ("model.lora.target_modules=q_proj", "model.lora.target_modules=[q_proj]"),
+    ("optim.betas=0.9", "optim.betas=[0.9]"),
+])
+def test_a_list_set_as_anything_but_a_list_says_the_list_form(override, form):
+    """An indexed override, a bare string or a list of strings for a list of sections: the list to write, built from
+    what was given (not OmegaConf's 'Cannot merge incompatible container types' traceback or 'AnyNode')."""
+    name = form.split("=", 1)[0]
+    with pytest.raises(ConfigError, match=rf"command-line overrides: field '{re.escape(name)}': is a list: set it whole, "
+                                          rf"e\.g\. {re.escape(form)}$"):
+        _load(Config, override)
+
+
+def test_a_section_set_to_a_value_names_the_section():
+    from fastppo.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"field 'ppo': is a section, not a value: set its fields, e\.g\. ppo\.ppo_epochs"):
+        _load(Config, "ppo=3")
+    with pytest.raises(ConfigError, match=r"field 'model\.lora': is a section, .*, or model\.lora=null"):
+        _load(Config, "model.lora=3")
+    with pytest.raises(ConfigError, match=r"in dict: field 'ppo': is a section"):
+        from_dict({"ppo": 3, "model": {"policy_path": "p", "reward_path": "r"}, "data": {"prompt_path": "d"}})
+    with pytest.raises(ConfigError, match=r"overrides must look like key\.sub=value, got '=3'"):
+        _load(Config, "=3")
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_a_bool_takes_true_or_false_and_a_string_no_bool(schema):
+    """OmegaConf reads 2 as true and stores false in a string field as 'False' (then 'no such checkpoint: False')."""
+    with pytest.raises(ConfigError, match=r"field 'run\.tensorboard': must be true or false, got 2"):
+        _load(schema, "run.tensorboard=2")
+    assert _load(schema, "run.tensorboard=0").run.tensorboard is False
+    with pytest.raises(ConfigError, match=r"field 'data\.prompt_field': must be a string, got true"):
+        _load(schema, "data.prompt_field=true")
+    if schema is Config:
+        with pytest.raises(ConfigError, match=r"field 'ppo\.packing': must be true or false, got 2"):
+            _load(schema, "ppo.packing=2")
+        with pytest.raises(ConfigError, match=r"field 'run\.resume': must be a string or null, got false"):
+            _load(schema, "run.resume=false")
+
+
+@pytest.mark.parametrize("attr, value, said", [
+    ("ppo.clip_eps", "0.2", "field 'ppo.clip_eps': must be a number, got str '0.2'"),
+    ("run.iterations", None, "field 'run.iterations': must be an int, got NoneType None"),
+    ("rollout.rollout_batch_size", 4.0, "field 'rollout.rollout_batch_size': must be an int, got float 4.0"),
+    ("ppo.packing", 2, "field 'ppo.packing': must be true or false, got int 2"),
+    ("ppo", {"clip_eps": 0.1}, "field 'ppo': must be a PPOConfig, got dict {'clip_eps': 0.1}"),
+    ("reward.functions", ["fastppo.rewards:math_answer"],
+     "field 'reward.functions[0]': must be a RewardFunctionConfig, got str 'fastppo.rewards:math_answer'"),
+    ("reward.kl_clamp", "1", "field 'reward.kl_clamp': must be a number or None, got str '1'"),
+])
+def test_a_config_edited_in_python_gets_its_types_checked(attr, value, said):
+    cfg = _load(Config)
+    section, _, name = attr.rpartition(".")
+    setattr(functools.reduce(getattr, section.split("."), cfg) if section else cfg, name, value)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        validate(cfg)
+
+
+def test_a_config_edited_in_python_keeps_ints_for_floats_and_str_for_choices():
+    cfg = _load(Config)
+    cfg.ppo.clip_eps, cfg.reward.kl_estimator = 1, "k3"
+    validate(cfg)
+
+
+def test_a_tilde_in_a_path_field_is_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["model.policy_path=~/p", "model.reward_path=r", "data.prompt_path=~/d.jsonl",
+                             "run.output_dir=~/runs/x", "run.resume=~/runs/x/checkpoints/iter_00000001"])
+    assert (cfg.model.policy_path, cfg.data.prompt_path, cfg.run.output_dir, cfg.run.resume) == (
+        f"{tmp_path}/p", f"{tmp_path}/d.jsonl", f"{tmp_path}/runs/x", f"{tmp_path}/runs/x/checkpoints/iter_00000001")
+    assert cfg.model.reward_path == "r" and cfg.data.prompt_field == "prompt"
+    stage = load_config(None, ["model.path=~/m", "data.train_path=~/t.jsonl", "data.eval_path=~/e.jsonl"],
+                        schema=SFTConfig)
+    assert (stage.model.path, stage.data.train_path, stage.data.eval_path) == (
+        f"{tmp_path}/m", f"{tmp_path}/t.jsonl", f"{tmp_path}/e.jsonl")
+
+
+def test_overrides_are_a_list_and_a_config_file_a_file(tmp_path):
+    with pytest.raises(TypeError, match=r"overrides must be a list of 'key\.sub=value' strings, got str 'ppo\.clip_eps=0\.1'"):
+        load_config(None, "ppo.clip_eps=0.1")
+    with pytest.raises(ConfigError, match=rf"config file {tmp_path} is a directory, not a YAML file"):
+        load_config(tmp_path, PATHS[Config])
+    with pytest.raises(ConfigError, match=r"got 'my\.yaml' \(a YAML file\? pass it as --config my\.yaml\)"):
+        load_config(None, [*PATHS[Config], "my.yaml"])
+
+
+def test_ptx_coef_without_ptx_data_warns_when_set(logged):
+    _load(Config)                                                      # ppo_max's 0.1: on only with data.ptx_path
+    assert not [m for m in logged if "ptx" in m]
+    _load(Config, "ppo.ptx_coef=0.5")
+    assert "WARNING ppo.ptx_coef=0.5 but data.ptx_path is not set: the ptx loss is off" in logged

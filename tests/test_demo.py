@@ -131,3 +131,32 @@ def test_a_stopped_demo_says_how_to_continue_and_resume_finishes_it(tmp_path):
     assert "[demo] ppo_max    done" in printed and "ppo_max (after)" in printed
     assert 0 < stopped_at < 30 and len(read_metrics(out / "ppo_max")) == 30   # 30 iterations across the stop
     assert (out / "summary.json").is_file() and (out / "plots" / "overview.png").is_file()
+
+
+def test_out_of_range_arguments_are_refused_before_anything_runs(tmp_path, capsys):
+    """--iterations 0 used to run the default 150 iterations, --iterations -1 failed after SFT and the reward model
+    had trained, --seed -1 ended in NumPy's traceback."""
+    import pytest
+
+    from fastppo.cli import parse_args
+
+    for argv, said in ((["--iterations", "0"], "argument --iterations: must be >= 1, got 0"),
+                       (["--iterations", "-1"], "argument --iterations: must be >= 1, got -1"),
+                       (["--seed", "-1"], r"argument --seed: must lie in [0, 2^32), got -1"),
+                       (["--seed", str(2 ** 32)], "argument --seed: must lie in [0, 2^32), got 4294967296")):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["demo", "-o", str(tmp_path / "demo"), *argv])
+        assert exit_.value.code == 2
+        assert f"fastppo demo: error: {said}" in capsys.readouterr().err
+    assert parse_args(["demo", "--iterations", "1", "--seed", str(2 ** 32 - 1)]).iterations == 1
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_file_as_output_dir_is_named_a_file(tmp_path, capsys):
+    out = tmp_path / "outfile"
+    out.write_text("")
+    for task in ("preferences", "arithmetic"):
+        assert main(["demo", "-o", str(out), "--task", task, "--iterations", "1"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if ": error" in line]
+        assert err == [f"fastppo demo: error: --output-dir {out} is a file, not a folder: choose another --output-dir"]
+    assert out.read_text() == ""

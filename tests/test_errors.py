@@ -281,3 +281,71 @@ def test_overrides_after_resume_are_overrides(monkeypatch, capsys):
     assert sorted(seen) == ["a.b=1", "run.iterations=300", "run.resume=latest", "run.save_every=10"], seen
     with pytest.raises(SystemExit):
         cli.parse_args(["train", "--resume", "run.iterations=300", "--no-such-flag"])
+
+
+# ----------------------------------------------------------------------------
+# The command line: what was meant, said in one line
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_a_second_config_file_is_refused_not_silently_dropped(command, tmp_path, capsys):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--config", str(first), "--config", str(second)])
+    assert exit_.value.code == 2
+    line = _one_error_line(capsys, command)
+    assert f"argument --config/-c: given twice ({first}, {second}): give one file" in line, line
+
+
+def test_a_config_file_without_config_and_a_preset_for_sft_say_so(tmp_path, capsys):
+    assert main(["train", "base.yaml", *PATHS]) == 2
+    assert "got 'base.yaml' (a YAML file? pass it as --config base.yaml)" in _one_error_line(capsys, "train")
+    assert main(["train", "--config", str(tmp_path), *PATHS]) == 2
+    assert f"config file {tmp_path} is a directory" in _one_error_line(capsys, "train")
+    assert main(["sft", "--preset", "grpo", *STAGE_PATHS]) == 2
+    assert "presets are for `fastppo train` only" in _one_error_line(capsys, "sft")
+
+
+def test_a_checkpoint_given_twice_is_refused(capsys):
+    assert main(["train", *PATHS, "--resume", "latest", "run.resume=/tmp/x"]) == 2
+    line = _one_error_line(capsys, "train")
+    assert "the checkpoint is given twice, by --resume (latest) and run.resume=/tmp/x: give one" in line, line
+
+
+def test_the_triton_backend_without_cuda_is_refused_at_start_up(tmp_path, capsys, monkeypatch):
+    """Without CUDA (and without Triton's CPU interpreter) run.backend=triton would fail in the first fused op, after
+    the models loaded, blaming a `backend=` argument; now it stops first, naming the field."""
+    from fastppo.config import validate_backend
+
+    validate_backend("triton", "cuda", interpreter=False)
+    validate_backend("triton", "cpu", interpreter=True)
+    validate_backend(None, "cpu", interpreter=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for command, paths in (("train", PATHS), ("sft", STAGE_PATHS)):
+        out = tmp_path / command
+        assert main([command, *paths, "run.backend=triton", "run.device=cpu", f"run.output_dir={out}"]) == 2
+        line = _one_error_line(capsys, command)
+        assert "field 'run.backend': is 'triton', but this run is on cpu and the Triton kernels need CUDA" in line
+    assert not (tmp_path / "train").exists()                      # before the run folder
+
+
+def test_a_resume_value_that_is_not_a_checkpoint_says_what_it_is(tmp_path):
+    from fastppo.checkpoint import resolve_resume
+    from fastppo.run_dir import RunDirError
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "iter_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "file.yaml").write_text("")
+    for resume, said in [
+        ("latestt", r"run\.resume=latestt: no such folder; did you mean 'latest'\?"),
+        (str(tmp_path / "nope"), "no such folder \\(run\\.resume takes latest, auto or a checkpoint folder"),
+        (str(tmp_path / "file.yaml"), "is a file; give a checkpoint folder"),
+        (str(run), f"is a run folder, not a checkpoint: continue it with run\\.output_dir={run} run\\.resume=latest "
+                   f"\\(--resume\\), or give one of its checkpoints, e\\.g\\. {ckpt}"),
+        (str(run / "checkpoints"), f"holds checkpoints: give one of them, e\\.g\\. the newest, {ckpt}"),
+        (str(tmp_path), "not a fastppo checkpoint \\(no trainer_state\\.pt\\)"),
+    ]:
+        with pytest.raises(RunDirError, match=said):
+            resolve_resume(resume, tmp_path / "elsewhere")

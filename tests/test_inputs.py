@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from fastppo.rollout import Rollout
 from fastppo.sft import model_kwargs
 from fastppo.train import train
 from fastppo_testing.tiny_models import model_configs
-from fastppo_testing.trainer import read_metrics, tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import logged, read_metrics, tiny_setups  # noqa: F401  (fixtures)
 
 
 def cli_error(capsys, argv) -> str:
@@ -482,3 +483,159 @@ def test_padding_ids_are_never_sampled(tiny_setups):
     probs = logits.float().softmax(-1)
     assert torch.isfinite(logits).all() and probs[..., V:].max().item() == 0.0  # exp underflows to exactly 0
     assert torch.allclose(probs[..., :V].sum(-1), torch.ones(2, 5))
+
+
+# ----------------------------------------------------------------------------
+# 8. Model folders that are broken: one line naming the field, the folder and the fix
+# ----------------------------------------------------------------------------
+
+def _break(policy: Path, how: str) -> None:
+    config = json.loads((policy / "config.json").read_text())
+    if how == "unknown model_type":
+        config["model_type"] = "llamax"
+    elif how == "no model_type":
+        del config["model_type"]
+    elif how == "other shapes":
+        config["hidden_size"], config["intermediate_size"] = 2 * config["hidden_size"], 2 * config["intermediate_size"]
+    (policy / "config.json").write_text(json.dumps(config))
+    if how == "truncated config.json":
+        (policy / "config.json").write_text(json.dumps(config)[:40])
+    elif how == "no weights":
+        (policy / "model.safetensors").unlink()
+    elif how == "no tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (policy / name).unlink()
+
+
+@pytest.mark.parametrize("how, said", [
+    ("unknown model_type", "{p}/config.json: model_type 'llamax' is not known to transformers .* \\(a typo, or a model "
+                           "that needs a newer transformers or model.trust_remote_code=true\\)"),
+    ("no model_type", "{p}/config.json has no model_type, so transformers cannot tell the architecture: add it"),
+    ("truncated config.json", "{p}/config.json is not valid JSON \\(.*line 1 column 41.*\\), probably truncated"),
+    ("no weights", "{p} has a config.json but no weights \\(model.safetensors, .*\\): copy them there, or save the "
+                   "model with save_pretrained"),
+    ("no tokenizer", "{p} holds no tokenizer \\(no tokenizer.json or tokenizer_config.json\\): save the model's "
+                     "tokenizer next to it"),
+    ("other shapes", "the weights in {p} do not match its config.json \\(e.g. .*: \\(.*, 32\\) in the weights, "
+                     "\\(.*, 64\\) by the config; .* weights differ\\): the config was edited"),
+])
+def test_a_broken_model_folder_is_one_line_naming_the_field(how, said, tiny_setups, tmp_path, capsys):
+    """Not transformers' traceback (or its advice to install sentencepiece, or to set ignore_mismatched_sizes)."""
+    setup = tiny_setups("llama")
+    policy = tmp_path / "policy"
+    shutil.copytree(setup.policy, policy)
+    _break(policy, how)
+    err = cli_error(capsys, ["train", *setup.overrides(**{"model.policy_path": policy, "run.output_dir": tmp_path / "r"})])
+    assert re.search("model.policy_path: " + said.format(p=re.escape(str(policy))), err), err
+
+
+def test_a_hub_id_that_cannot_be_reached_suggests_the_offline_mode(monkeypatch):
+    import fastppo.models as models
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(models, "cached_file", unreachable)
+    monkeypatch.setattr(models.hf_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelError, match="model.reward_path: org/rm is not a local folder.*couldn't connect.*without a "
+                                         "network, HF_HUB_OFFLINE=1 reads the local cache at once"):
+        models.check_model_source("org/rm", "model.reward_path")
+
+
+def test_rollouts_longer_than_the_models_positions_are_refused_at_start_up(tiny_setups, tmp_path, capsys):
+    """A learned position table would be indexed out of range in the middle of the first rollout (IndexError; on
+    CUDA a device-side assert): refused before it, naming the fields that make the length."""
+    from fastppo.models import check_positions
+
+    setup = tiny_setups("llama")                                         # max_position_embeddings 256
+    out = tmp_path / "r"
+    err = cli_error(capsys, ["train", *setup.overrides(**{"rollout.max_new_tokens": 250, "run.output_dir": out})])
+    assert re.search(rf"model.policy_path: {re.escape(str(setup.policy))} takes at most 256 positions "
+                     r"\(max_position_embeddings in its config.json\), but the longest prompt \((\d+) tokens; "
+                     r"data.max_prompt_len=16\) \+ rollout.max_new_tokens \(250\) = 2\d\d: lower one of them", err), err
+    assert not (out / "metrics.jsonl").exists()
+    limit = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=20))
+    models = SimpleNamespace(policy=limit, critic=None, reward=limit)
+    check_positions(models, Config().model, 19, "x")
+    with pytest.raises(ModelError, match=r"model.reward_path: None takes at most 20 positions .* but x \+ 1 \(the EOS "
+                                         r"appended to score a cut response\) = 21"):
+        check_positions(models, Config().model, 20, "x")
+
+
+# ----------------------------------------------------------------------------
+# 9. Data: folders, JSON arrays, chat roles, truncation, identical pairs
+# ----------------------------------------------------------------------------
+
+FOX = {"prompt": "describe the red fox :"}
+
+
+def test_a_prompt_folder_reads_every_data_file_says_which_and_refuses_held_out_splits(tmp_path, logged):
+    tok = S.build_tokenizer()
+    folder = tmp_path / "prompts"
+    S.write_jsonl(folder / "a.jsonl", [FOX] * 2)
+    S.write_jsonl(folder / "b.json", [FOX] * 3)                          # read like a .json file given alone
+    (folder / "notes.txt").write_text("not data\n")
+    assert len(load_prompts(folder, tok, field="prompt", prompt_format="auto", max_len=16)) == 5
+    assert f"INFO 5 prompts from {folder}: a.jsonl, b.json" in logged
+    assert f"WARNING {folder}: skipped notes.txt (records are read from .jsonl/.json/.parquet files)" in logged
+    S.write_jsonl(folder / "test.jsonl", [FOX])
+    with pytest.raises(DataError, match=rf"{folder}: holds files named like held-out splits \(test.jsonl\), which would "
+                                        r"be read together with the others: give the file to train on"):
+        load_prompts(folder, tok, field="prompt", prompt_format="auto", max_len=16)
+    only_json = tmp_path / "only_json"
+    S.write_jsonl(only_json / "x.json", [FOX])
+    assert len(load_prompts(only_json, tok, field="prompt", prompt_format="auto", max_len=16)) == 1
+
+
+@pytest.mark.parametrize("text", ['[\n  {"prompt": "describe the red fox :"}\n]\n', '[{"prompt": "describe the red fox :"}]\n'])
+def test_a_json_array_is_refused_saying_how_records_are_read(text, tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"prompts.json:1: each line must be a JSON object, and this file holds a JSON "
+                                        r"array: .json and .jsonl files are read as JSON Lines, one object per line; "
+                                        rf"convert it, e.g. jq -c '.\[\]' {path} > {tmp_path}/prompts_lines.jsonl"):
+        load_prompts(path, S.build_tokenizer(), field="prompt", prompt_format="auto", max_len=16)
+
+
+@pytest.mark.parametrize("messages, said", [
+    ([{"role": "user", "content": "describe the red fox"}, {"role": "Assistant", "content": "it runs"}],
+     "message 1: role 'Assistant' is not one of system, user, assistant, tool \\(roles are lower case\\)"),
+    ([{"role": "bot", "content": "describe the red fox"}], "message 0: role 'bot' is not one of system, user"),
+    ([{"role": "assistant", "content": "the red fox"}], "has no user message \\(roles: assistant\\): a prompt needs one"),
+])
+def test_chat_roles_are_checked(messages, said, tmp_path):
+    """'Assistant' would not be taken for the reference response and would leak it into the prompt, 'bot' would
+    be rendered by the template as something else."""
+    tok = S.build_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} . {% endfor %}assistant :"
+    path = S.write_jsonl(tmp_path / "chat.jsonl", [{"prompt": messages}])
+    with pytest.raises(DataError, match=rf"chat.jsonl:1: field 'prompt' {said}"):
+        load_prompts(path, tok, field="prompt", prompt_format="auto", max_len=16)
+
+
+def test_truncated_prompts_are_counted_and_all_cut_to_a_fragment_refused(tmp_path, logged):
+    tok = S.build_tokenizer()
+    path = S.write_jsonl(tmp_path / "p.jsonl", [FOX, {"prompt": "the fox :"}])
+    n, short = (len(tok(r["prompt"])["input_ids"]) for r in (FOX, {"prompt": "the fox :"}))
+    assert n > short + 1
+    load_prompts(path, tok, field="prompt", prompt_format="auto", max_len=n - 1)
+    assert (f"WARNING 1 of 2 prompts of {path} are longer than data.max_prompt_len={n - 1} tokens and keep only their "
+            f"last {n - 1} (longest: {n})") in logged
+    cut = (short - 1) // 2                                          # every prompt keeps less than half itself
+    with pytest.raises(DataError, match=rf"every prompt is longer than data.max_prompt_len={cut} tokens and would keep "
+                                        rf"less than half of itself, the end \({short} to {n} tokens\): raise "
+                                        r"data.max_prompt_len"):
+        load_prompts(path, tok, field="prompt", prompt_format="auto", max_len=cut)
+
+
+def test_preference_pairs_without_a_preference_are_refused_or_counted(tmp_path, logged):
+    from fastppo.reward_training import load_pairs
+
+    tok = S.build_tokenizer()
+    same = {"prompt": "describe the red fox :", "chosen": "the red fox is kind .", "rejected": "the red fox is kind ."}
+    kw = dict(prompt_field="prompt", chosen_field="chosen", rejected_field="rejected", max_len=32)
+    with pytest.raises(DataError, match="in every pair 'chosen' and 'rejected' are the same tokens"):
+        load_pairs(S.write_jsonl(tmp_path / "same.jsonl", [same] * 2), tok, **kw)
+    path = S.write_jsonl(tmp_path / "some.jsonl", [same, {**same, "rejected": "the red fox is quick ."}])
+    assert len(load_pairs(path, tok, **kw)) == 2
+    assert [m for m in logged if "1 of 2 pairs have the same tokens in 'chosen' and 'rejected'" in m]

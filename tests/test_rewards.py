@@ -11,10 +11,10 @@ import pytest
 import torch
 from fastppo.config import ConfigError, RewardConfig, RewardFunctionConfig, load_config
 from fastppo.data import load_prompts
-from fastppo.rewards import RewardFunctionError, RewardFunctions, math_answer
+from fastppo.rewards import RewardFunctionError, RewardFunctions, UnusableRewardFunction, call_function, math_answer
 from fastppo.train import train
 from fastppo_testing.tiny_models import build_tokenizer, write_jsonl
-from fastppo_testing.trainer import outcomes_for, read_metrics, tiny_setups  # noqa: F401  (fixture)
+from fastppo_testing.trainer import logged, outcomes_for, read_metrics, tiny_setups  # noqa: F401  (fixtures)
 
 MODULE = "fastppo_testing.reward_fns"
 
@@ -226,3 +226,43 @@ def test_arithmetic_demo_runs_sft_then_grpo_with_math_answer(tmp_path, capsys):
     records = read_metrics(tmp_path / "demo" / "grpo")
     assert len(records) == 2 and "reward_fn/fastppo.rewards:math_answer/mean" in records[-1]
     assert "held-out accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, signature", [("two_args", r"\(prompt, response\)"),
+                                             ("record_keyword_only", r"\(prompt, response, \*, record\)")])
+def test_a_function_of_another_signature_is_refused_at_start_up(name, signature):
+    """Not after the models load and a rollout is sampled, blamed on a prompt, with advice to score it invalid."""
+    with pytest.raises(UnusableRewardFunction, match=rf"reward\.functions\[0\]\.name: {MODULE}:{name}{signature} cannot "
+                                                     r"be called as fn\(prompt_text, response_text, record\) \(.*\): "
+                                                     r"give it these three parameters"):
+        _fns((name, 1.0))
+    assert issubclass(UnusableRewardFunction, ValueError)              # wrong input: the command line exits 2
+
+
+def test_a_function_raising_on_every_response_is_warned_about(scorer, logged):
+    out = scorer(("always_raises", 1.0), ("length", 1.0), function_errors="invalid").score(["p", "p"], ["a", "bb"],
+                                                                                          [{}, {}], [0, 1])
+    assert out.errors == 2 and out.totals == [1.0, 2.0]
+    assert [m for m in logged if m.startswith(f"WARNING reward function {MODULE}:always_raises (reward.functions[0]) "
+                                              "raised on every one of the 2 responses: it gives no signal")]
+    assert not [m for m in logged if "length" in m]
+
+
+def test_a_numpy_bool_counts_like_a_bool():
+    assert call_function(f"{MODULE}:returns_np_bool", "p", "the fox", {}) == 1.0
+
+
+def test_reward_functions_of_weight_zero_are_no_reward():
+    base = ["model.policy_path=p", "data.prompt_path=d", f"reward.functions=[{{name: '{MODULE}:length', weight: 0}}]"]
+    with pytest.raises(ConfigError, match=r"field 'model\.reward_path': is null and reward\.functions is all weight 0"):
+        load_config(None, base, preset="grpo")
+
+
+def test_an_unusable_function_is_wrong_input_on_the_command_line(tmp_path, capsys):
+    from fastppo.cli import main
+
+    argv = ["train", "model.policy_path=p", "model.reward_path=r", "data.prompt_path=d", "run.device=cpu",
+            f"reward.functions=[{{name: '{MODULE}:two_args'}}]", f"run.output_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2                                             # before any model is loaded
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error" in line]
+    assert len(err) == 1 and "fastppo train: error: reward.functions[0].name: " in err[0], err

@@ -9,10 +9,12 @@ Each demo runs the stages through the same functions as their commands, with dot
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ..config import SEED_LIMIT
 from ..run_dir import RunDirError, claim
 from .arithmetic import ArithmeticPlan, quick_arithmetic_plan, run_arithmetic_demo
 from .common import DEMO_MARKER, replace_earlier_demo
@@ -25,14 +27,30 @@ GRPO_TASKS = {"arithmetic": (ArithmeticPlan, quick_arithmetic_plan, run_arithmet
 HELP = "the whole pipeline on a synthetic task, on CPU, offline: SFT -> reward model -> PPO-max"
 
 
+def _in_range(low: int, high: int | None = None):
+    """An argparse type: an int in [low, high) (high None: no upper bound), refused when the arguments are parsed."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}" if high is None else
+                                             f"must lie in [{low}, 2^32), got {value}")
+        return value
+    return parse
+
+
 def add_arguments(p) -> None:
     p.add_argument("--output-dir", "-o", default="runs/demo", help="where everything goes (default: runs/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the models and every run (default 0)")
+    p.add_argument("--seed", type=_in_range(0, SEED_LIMIT), default=0,
+                   help="seed of the data, the models and every run, in [0, 2^32) (default 0)")
     p.add_argument("--compare", nargs="*", default=[], choices=["vanilla", "moss_release"], metavar="PRESET",
                    help="also train these presets from the same SFT and reward model (vanilla, moss_release)")
     p.add_argument("--quick", action="store_true", help="a shortened demo (fewer examples and iterations)")
-    p.add_argument("--iterations", type=int, help="PPO iterations (default: 150, quick: 30; --task arithmetic: 60, "
-                   "quick: 25; --task tools: 40, quick: 20)")
+    p.add_argument("--iterations", type=_in_range(1),
+                   help="PPO iterations, >= 1 (default: 150, quick: 30; --task arithmetic: 60, quick: 25; --task tools: "
+                        "40, quick: 20)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--task", choices=["preferences", *GRPO_TASKS], default="preferences",
                    help="preferences: SFT -> reward model -> PPO-max (default); arithmetic: SFT -> GRPO with a "
@@ -63,7 +81,7 @@ def run(args) -> int:
         plan_class, quick, run_task = GRPO_TASKS[task]
         plan = plan_class(**settings) if settings else quick() if args.quick else plan_class()
         if not settings:
-            plan.iterations = args.iterations or plan.iterations
+            plan.iterations = plan.iterations if args.iterations is None else args.iterations
             replace_earlier_demo(out)
         with claim(out, field="--output-dir"):
             (out / DEMO_MARKER).write_text(json.dumps({"task": task, "seed": seed, **asdict(plan)}))
@@ -75,6 +93,6 @@ def run(args) -> int:
         plan = DemoPlan(**settings)
     else:
         plan = quick_plan() if args.quick else DemoPlan()
-        plan.ppo_iterations = args.iterations or plan.ppo_iterations
+        plan.ppo_iterations = plan.ppo_iterations if args.iterations is None else args.iterations
     run_demo(out, seed=seed, compare=compare, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
     return 0

@@ -103,7 +103,9 @@ DEMO_MARKER = "demo_plan.json"
 def replace_earlier_demo(out: Path, echo=print) -> None:
     """The demo owns its folder: an earlier demo there is replaced (each stage refuses a used run folder), but a
     folder holding anything else is left alone."""
-    if not out.exists() or (out.is_dir() and all(p.name == LOCK_NAME for p in out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--output-dir {out} is a file, not a folder: choose another --output-dir")
+    if not out.exists() or all(p.name == LOCK_NAME for p in out.iterdir()):
         return
     if not (out / DEMO_MARKER).is_file():
         raise RunDirError(f"--output-dir {out} is not empty and holds no earlier demo ({DEMO_MARKER}); "

@@ -76,3 +76,23 @@ def segfaults(prompt: str, response: str, record: dict) -> float:
     import signal
 
     os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def two_args(prompt: str, response: str) -> float:
+    """A function without the record parameter: cannot be called as a reward function."""
+    return 1.0
+
+
+def record_keyword_only(prompt: str, response: str, *, record: dict) -> float:
+    """The record as a keyword-only parameter: cannot be called as fn(prompt, response, record) either."""
+    return 1.0
+
+
+def always_raises(prompt: str, response: str, record: dict) -> float:
+    raise RuntimeError("broken verifier")
+
+
+def returns_np_bool(prompt: str, response: str, record: dict):
+    import numpy as np
+
+    return np.bool_("fox" in response)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,25 @@ def tiny_setups(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture
+def logged():
+    """The messages ("LEVEL message") of the `fastppo` logger during the test, INFO and up (a handler of its own: the
+    logger stops propagating once a run has set up its logging)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(f"{record.levelname} {record.getMessage()}")
+
+    logger, handler = logging.getLogger("fastppo"), Collect(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
