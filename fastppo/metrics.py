@@ -214,8 +214,14 @@ def experience_metrics(rollout, scored, shaped: torch.Tensor, kl: torch.Tensor, 
     n_rows = float(mask.size(0) * dist.world_size())                 # every rank scores the same number of rows
     seq_kl = dist.all_reduce(kl.sum()) / n_rows
     mean_logprob = dist.all_reduce((scored.old_logprobs * mask).sum()) / n_tokens
-    # Cut by the length limit: rollout.max_new_tokens, or (an environment's trajectories) env.max_turns/max_tokens.
-    clipped = rollout.lengths >= max_new_tokens if rollout.truncated is None else rollout.truncated
+    # Cut by a length limit: an answer of rollout.max_new_tokens tokens, or (an environment's trajectories) also
+    # env.max_turns / env.max_tokens.
+    if rollout.turn_index is None:
+        clipped = rollout.lengths >= max_new_tokens
+    else:
+        per_turn = torch.zeros(mask.size(0), int(rollout.turns.max()) + 1, device=mask.device)
+        per_turn.scatter_add_(1, rollout.turn_index + 1, mask.float())          # column 0: the observations
+        clipped = rollout.truncated | (per_turn[:, 1:] >= max_new_tokens).any(1)
     out = {
         **masked_stats("score/raw", scored.scores, ~scored.nonfinite),
         **masked_stats("score/shaped", shaped, ~scored.nonfinite),

@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="a shortened demo (fewer examples and iterations)")
     p.add_argument("--iterations", type=_in_range(1),
                    help="PPO iterations, >= 1 (default: 150, quick: 30; --task arithmetic: 60, quick: 25; --task tools: "
-                        "40, quick: 20)")
+                        "30, quick: 12)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--task", choices=["preferences", *GRPO_TASKS], default="preferences",
                    help="preferences: SFT -> reward model -> PPO-max (default); arithmetic: SFT -> GRPO with a "
