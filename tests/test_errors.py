@@ -21,7 +21,7 @@ from fastppo import cli
 from fastppo import logs as sft_module
 from fastppo.checkpoint import list_checkpoints, read_weights
 from fastppo.cli import main
-from fastppo.config import Config, ConfigError, RMConfig, SFTConfig, load_config, validate, validate_device
+from fastppo.config import ConfigError, RMConfig, SFTConfig, load_config, validate, validate_device
 from fastppo.logs import GracefulStop
 from fastppo_testing.trainer import nan_value_loss, read_metrics, tiny_setups  # noqa: F401  (fixture)
 

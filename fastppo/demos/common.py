@@ -25,6 +25,20 @@ class TinyPlan:
     sft_lr: float = 3e-3
 
 
+@dataclass
+class GRPOPlan(TinyPlan):
+    """What the GRPO demos share: the schedule of the RL stage (the grpo preset keeps its algorithmic knobs)."""
+    n_sft: int = 3000
+    n_prompts: int = 1024
+    n_eval_prompts: int = 256
+    iterations: int = 60
+    policy_lr: float = 1e-3
+    prompts_per_iteration: int = 16
+    samples_per_prompt: int = 8
+    minibatch_size: int = 64
+    max_new_tokens: int = 6
+
+
 def run_overrides(out_dir: Path, seed: int, progress_bar: bool) -> list[str]:
     """The `run.*` overrides of every demo stage."""
     return [f"run.output_dir={out_dir}", f"run.seed={seed}", "run.device=cpu",
@@ -36,6 +50,18 @@ def sft_overrides(init: Path, data: Path, out_dir: Path, plan: TinyPlan, seed: i
     return [f"model.path={init}", f"data.train_path={data}", "data.eval_fraction=0.05", f"optim.lr={plan.sft_lr}",
             "optim.warmup_steps=10", f"run.epochs={plan.sft_epochs}", "run.batch_size=32", "run.micro_batch_size=32",
             "run.eval_every=25", *run_overrides(out_dir, seed, progress_bar)]
+
+
+def grpo_overrides(policy: Path, prompts: Path, out_dir: Path, plan: GRPOPlan, seed: int, progress_bar: bool,
+                   resume: bool) -> list[str]:
+    """`fastppo train --preset grpo` of a demo: the SFT policy on `prompts`, scored by `math_answer`."""
+    return [f"model.policy_path={policy}", "model.reward_path=null", f"data.prompt_path={prompts}",
+            "reward.functions=[{name: 'fastppo.rewards:math_answer', weight: 1.0}]", "reward.function_workers=2",
+            f"optim.policy_lr={plan.policy_lr}", f"run.iterations={plan.iterations}", "run.save_every=0",
+            "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
+            f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
+            f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
+            *run_overrides(out_dir, seed, progress_bar), *(["run.resume=latest"] if resume else [])]
 
 
 class DemoStopped(KeyboardInterrupt):

@@ -35,7 +35,7 @@ from ..rewards import decode_rollout, math_answer
 from ..sft import sft
 from ..train import train
 from . import synthetic as S
-from .common import Stages, TinyPlan, run_overrides, sft_overrides
+from .common import GRPOPlan, Stages, grpo_overrides, sft_overrides
 
 MIN_OPERAND, MAX_OPERAND = 10, 99
 CALL_HEAD, CALL_MIDDLE, CALL_TAIL = '{"name":"add","arguments":{"a":', ',"b":', '}}'
@@ -55,17 +55,11 @@ def add(a: int, b: int) -> int:
 
 
 @dataclass
-class ToolsPlan(TinyPlan):
-    """Sizes and schedules (tiny-model settings; the grpo preset keeps its algorithmic knobs)."""
+class ToolsPlan(GRPOPlan):
+    """Sizes and schedules (tiny-model settings)."""
     sft_epochs: float = 6.0
     n_sft: int = 6000
-    n_prompts: int = 1024
-    n_eval_prompts: int = 256
     iterations: int = 30
-    policy_lr: float = 1e-3
-    prompts_per_iteration: int = 16
-    samples_per_prompt: int = 8
-    minibatch_size: int = 64
     max_new_tokens: int = 10
     max_turns: int = 3
 
@@ -190,11 +184,6 @@ def run_tools_demo(out: Path, *, seed: int = 0, plan: ToolsPlan | None = None, p
 
 def _grpo(out: Path, paths: dict, plan: ToolsPlan, seed: int, progress_bar: bool, resume: bool):
     return train(load_config(None, [
-        f"model.policy_path={out / 'sft' / 'export'}", "model.reward_path=null", f"data.prompt_path={paths['prompts']}",
-        "data.prompt_format=chat", *(f"env.{k}={json.dumps(v)}" for k, v in env_section(plan).items()),
-        "reward.functions=[{name: 'fastppo.rewards:math_answer', weight: 1.0}]", "reward.function_workers=2",
-        f"optim.policy_lr={plan.policy_lr}", f"run.iterations={plan.iterations}", "run.save_every=0",
-        "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
-        f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
-        f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
-        *run_overrides(out / "grpo", seed, progress_bar), *(["run.resume=latest"] if resume else [])], preset="grpo"))
+        *grpo_overrides(out / "sft" / "export", paths["prompts"], out / "grpo", plan, seed, progress_bar, resume),
+        "data.prompt_format=chat", *(f"env.{k}={json.dumps(v)}" for k, v in env_section(plan).items())],
+        preset="grpo"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +20,25 @@ def check_tensor(name: str, x, *, dtypes: Sequence[torch.dtype] | None = None, m
         raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).removeprefix('torch.')}")
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data): materialise it first (for a model "
+                         f"built on the meta device: to_empty() then load its weights)")
+
+
+def check_number(name: str, value, *, integer: bool = False, allow_none: bool = False, finite: bool = False):
+    """value: a real number (Python or NumPy scalar, not a bool), finite when `finite`; returned as float (int when
+    `integer`)."""
+    if value is None and allow_none:
+        return None
+    kind = numbers.Integral if integer else numbers.Real
+    if not isinstance(value, kind) or isinstance(value, bool) or type(value).__name__ == "bool_":
+        what = "an integer" if integer else "a number"
+        raise TypeError(f"{name} must be {what}{' or None' if allow_none else ''}, got {type(value).__name__}")
+    if integer:
+        return int(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def check_same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -30,19 +51,18 @@ def check_shape(name: str, x: torch.Tensor, expected: Sequence[int], what: str) 
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(x.shape)}")
 
 
-def check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+def check_positive(name: str, value: float) -> float:
+    """value: a finite number > 0, returned as a Python float (a NumPy scalar would reach the kernels as such)."""
+    value = check_number(name, value, finite=True)
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    return value
 
 
 def check_non_negative(name: str, value: float | None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number{' or None' if allow_none else ''}, got {type(value).__name__}")
-    if not value >= 0:
+    if not check_number(name, value, allow_none=allow_none) >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
@@ -50,9 +70,7 @@ def check_dual_clip(dual_clip) -> float | None:
     """dual_clip: None, or a number c > 1 (the bound −c·A of the surrogate for A < 0)."""
     if dual_clip is None:
         return None
-    if not isinstance(dual_clip, (int, float)) or isinstance(dual_clip, bool):
-        raise TypeError(f"dual_clip must be a number or None, got {type(dual_clip).__name__}")
-    if not dual_clip > 1:
+    if not check_number("dual_clip", dual_clip, allow_none=True) > 1:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     return float(dual_clip)
 
