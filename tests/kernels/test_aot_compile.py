@@ -196,6 +196,12 @@ STREAMING = {f"fastppo.kernels.{kernel}": args for kernel, args in {
     "ppo_loss:_ppo_loss_bwd_kernel": (*_PPO_ROWS, "dlp_ptr", "dval_ptr", "stride_dm"),
 }.items()}
 
+# Per-element pointers of each kernel, for its bandwidth budget of instructions (fastppo_testing/sass.py): the
+# streaming kernels' and the sampler's logits (one pass over them) and gae's five (B, T) tensors.
+STREAMED = {**STREAMING,
+            "fastppo.kernels.sampler:_sample_kernel": ("logits_ptr",),
+            "fastppo.kernels.gae:_gae_fwd_kernel": ("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "ret_ptr")}
+
 
 def _alignment_allows_wide_loads(case) -> bool:
     """Every deciding argument is 16-divisible, or the constant 1 (a unit stride)."""
