@@ -53,6 +53,7 @@ _TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
 _STEP_SALT = 0x632BE5AB
 _NPROBE = 16          # thresholds probed per search pass
 _SEARCH_PASSES = 8    # 16^8 = 2^32: a 32-bit key range narrowed to one key
+_CHECKS = 4           # top-p alone: check passes before a row falls back to the search (kernel docstring)
 _MAX_VOCAB = 1 << 24  # token counts are summed in float32, exact up to 2^24
 _U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
 
@@ -173,21 +174,50 @@ def _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi, targe
     return new_lo, new_hi, lo_mass
 
 
+@triton.jit
+def _draw_block(x, offs, row_hash, keep, best, best_x, best_tok, start):
+    """Fold one block into the running Gumbel argmax (best score, its x and token) over the tokens `keep`.
+
+    The noise (two hashes and two logs per token, the costly part) is only computed when the block can win:
+    g < 16.7 (u <= 1 - 2^-24), so a block whose largest x is at least 17 below the best score cannot beat
+    it, exactly. The smallest id wins a tie: first within the block, then the earlier block (strict >)."""
+    if tl.max(tl.where(keep, x, float("-inf")), axis=0) + 17.0 > best:
+        score = tl.where(keep, x + _gumbel(row_hash, offs), float("-inf"))
+        block_best = tl.max(score, axis=0)
+        block_tok = tl.argmax(score, axis=0, tie_break_left=True)
+        better = block_best > best
+        best_x = tl.where(better, tl.max(tl.where(offs == start + block_tok, x, float("-inf")), axis=0), best_x)
+        best_tok = tl.where(better, start + block_tok, best_tok)
+        best = tl.where(better, block_best, best)
+    return best, best_x, best_tok
+
+
 @triton.jit(do_not_specialize=["seed", "step", "top_k"])
 def _sample_kernel(
     logits_ptr, ids_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
     n_cols, n_valid, stride_lm, stride_lv, stride_id,
     seed, step, temperature, top_k, top_p,
-    BLOCK_V: tl.constexpr, NPROBE: tl.constexpr, SEARCH_PASSES: tl.constexpr,
+    BLOCK_V: tl.constexpr, NPROBE: tl.constexpr, SEARCH_PASSES: tl.constexpr, CHECKS: tl.constexpr,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
 ):
     """One program per row.
 
     Pass 1: online log-sum-exp and entropy (running s = sum exp(x - m),
     t = sum exp(x - m)(x - m), m from -inf, as in token_logprobs), the row's
-    smallest and largest x, and, without filters, the Gumbel argmax.
-    With filters: 8 search passes per filter for its threshold key, then the
-    Gumbel argmax over the tokens at or above it.
+    smallest x, and, without top-k, the unfiltered Gumbel argmax c.
+
+    Top-p alone: the kept set is the tokens whose strictly more likely tokens
+    hold < top_p of the mass, an upper set in x. A check pass sums the mass
+    strictly above x_c: below top_p·s, c is kept and, being the argmax over
+    all tokens, is the argmax over the kept set: done (2 passes). Otherwise no
+    token with x <= x_c is kept, and the same pass has drawn the next
+    candidate among the tokens with x > x_c (a superset of the kept set, so its
+    argmax, once kept, is again the draw). Up to CHECKS check passes; a row
+    still unresolved after them (the draw fell outside the nucleus CHECKS
+    times in a row) takes the threshold search below.
+
+    With top-k (or for unresolved rows): 8 search passes per filter for its
+    threshold key, then the Gumbel argmax over the tokens at or above it.
     """
     row = tl.program_id(0).to(tl.int64)
     temp = tl.cast(temperature, tl.float32)
@@ -196,6 +226,7 @@ def _sample_kernel(
     step_hash = _mix32(step.to(tl.uint32) + 0x632BE5AB)
     row_hash = _mix32(_mix32(_mix32(sample_id) ^ seed.to(tl.uint32)) ^ step_hash)
     FILTERED: tl.constexpr = HAS_TOP_K or HAS_TOP_P
+    NUCLEUS: tl.constexpr = HAS_TOP_P and not HAS_TOP_K
 
     m = tl.cast(float("-inf"), tl.float32)
     s = tl.cast(0.0, tl.float32)
@@ -209,17 +240,36 @@ def _sample_kernel(
         x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
         m, s, t = online_lse_step(m, s, t, x)
         x_min = tl.minimum(x_min, tl.min(tl.where(offs < n_valid, x, float("inf")), axis=0))
-        if not FILTERED:
-            score = x + _gumbel(row_hash, offs)
-            block_best = tl.max(score, axis=0)
-            block_tok = tl.argmax(score, axis=0, tie_break_left=True)
-            better = block_best > best                             # strict: the smallest id wins a tie
-            best_x = tl.where(better, tl.max(tl.where(offs == start + block_tok, x, float("-inf")), axis=0), best_x)
-            best_tok = tl.where(better, start + block_tok, best_tok)
-            best = tl.where(better, block_best, best)
+        if (not FILTERED) or NUCLEUS:
+            best, best_x, best_tok = _draw_block(x, offs, row_hash, offs < n_valid, best, best_x, best_tok, start)
 
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     if FILTERED:
+        n_search = SEARCH_PASSES
+        n_draw = n_cols
+        if NUCLEUS:
+            target = tl.cast(top_p, tl.float32) * s
+            resolved = best == float("-inf")                       # no finite logit: token 0, nothing to check
+            for _ in range(CHECKS):
+                mass = tl.cast(0.0, tl.float32)
+                next_best = tl.cast(float("-inf"), tl.float32)
+                next_x = tl.cast(float("-inf"), tl.float32)
+                next_tok = tl.cast(0, tl.int64)
+                for start in range(0, tl.where(resolved, 0, n_cols), BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
+                    above = x > best_x                             # -inf (padding, past the row) never is
+                    mass += tl.sum(tl.where(above, tl.exp(x - m_ref), 0.0), axis=0)
+                    next_best, next_x, next_tok = _draw_block(x, offs, row_hash, above, next_best, next_x, next_tok,
+                                                              start)
+                move = (not resolved) & (mass >= target)
+                resolved = resolved | (mass < target)
+                best = tl.where(move, next_best, best)
+                best_x = tl.where(move, next_x, best_x)
+                best_tok = tl.where(move, next_tok, best_tok)
+            n_search = tl.where(resolved, 0, SEARCH_PASSES)
+            n_draw = tl.where(resolved, 0, n_cols)
+            best = tl.where(resolved, best, float("-inf"))          # the search's draw starts afresh
         lo = _order_key(x_min)                                     # everything kept
         lo_mass = s
         if HAS_TOP_K:
@@ -231,20 +281,14 @@ def _sample_kernel(
         if HAS_TOP_P:
             hi = _order_key(m) + 1
             target = tl.cast(top_p, tl.float32) * lo_mass           # top_p of the top-k set's mass
-            for _ in range(SEARCH_PASSES):
+            for _ in range(n_search):
                 lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
                                                target, False, BLOCK_V, NPROBE)
-        for start in range(0, n_cols, BLOCK_V):
+        for start in range(0, n_draw, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
             kept = (offs < n_valid) & (_order_key(x) >= lo)
-            score = tl.where(kept, x + _gumbel(row_hash, offs), float("-inf"))
-            block_best = tl.max(score, axis=0)
-            block_tok = tl.argmax(score, axis=0, tie_break_left=True)
-            better = block_best > best
-            best_x = tl.where(better, tl.max(tl.where(offs == start + block_tok, x, float("-inf")), axis=0), best_x)
-            best_tok = tl.where(better, start + block_tok, best_tok)
-            best = tl.where(better, block_best, best)
+            best, best_x, best_tok = _draw_block(x, offs, row_hash, kept, best, best_x, best_tok, start)
 
     no_mass = m == float("-inf")
     lse, entropy = lse_and_entropy(m, tl.where(no_mass, 1.0, s), t)
@@ -273,7 +317,7 @@ def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab
             # seed | 2^32: always typed int64 (a bare 32-bit value is i32 or u32 by its top bit: two compilations);
             # the kernel keeps its low 32 bits.
             seed | (1 << 32), step, float(temperature), top_k, float(top_p),
-            BLOCK_V=block_v, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES,
+            BLOCK_V=block_v, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES, CHECKS=_CHECKS,
             HAS_TOP_K=0 < top_k < vocab_size, HAS_TOP_P=top_p < 1.0, num_warps=8,
         )
     return tokens, out[0], out[1]
