@@ -159,19 +159,26 @@ def online_lse2_step(r, s, t, x, scale, FTZ: tl.constexpr):
 
     With y = x·scale (scale = log2(e) / T: base-2 units) and a reference point r,
     the per-lane vectors s and t hold Σ 2^(y − r) and Σ 2^(y − r)·(y − r): no
-    reduction per block but the block's max. r starts at −inf and moves (both
-    vectors rescaled) only when a block's max exceeds it by RESCALE_LOG2, so terms
-    stay ≤ 2^8 and the common block costs per element one FFMA (y − r), one max
-    (−inf → −1000: 2^−1000 is 0 and 0·(−1000) is 0, where 0·(−inf) would be NaN),
-    one MUFU and two adds. Reduce with `lse2_and_entropy`.
+    reduction per block but the block's max. Reduce with `lse2_and_entropy`.
     """
-    x_max = tl.max(x, axis=0) * scale
-    if x_max > r + RESCALE_LOG2:
-        alpha = tl.exp2(r - x_max)                               # 0 from r = −inf
-        shift = tl.where(r == float("-inf"), 0.0, r - x_max)
+    return online_lse2_fold(r, s, t, x, tl.max(x, axis=0) * scale, scale, FTZ)
+
+
+@triton.jit
+def online_lse2_fold(r, s, t, x, y_max, scale, FTZ: tl.constexpr):
+    """`online_lse2_step` given the block's max y_max = max(x)·scale (for a caller that needs the max too).
+
+    r starts at −inf and moves (both vectors rescaled) only when a block's max
+    exceeds it by RESCALE_LOG2, so terms stay ≤ 2^8 and the common block costs
+    per element one FFMA (y − r), one max (−inf → −1000: 2^−1000 is 0 and
+    0·(−1000) is 0, where 0·(−inf) would be NaN), one MUFU and two adds.
+    """
+    if y_max > r + RESCALE_LOG2:
+        alpha = tl.exp2(r - y_max)                               # 0 from r = −inf
+        shift = tl.where(r == float("-inf"), 0.0, r - y_max)
         t = alpha * (t + shift * s)
         s = alpha * s
-        r = x_max
+        r = y_max
     r_ref = tl.where(r == float("-inf"), 0.0, r)                 # a block of −inf before any finite logit
     d = tl.maximum(x * scale - r_ref, -1000.0)
     e = fast_exp2(d, FTZ)

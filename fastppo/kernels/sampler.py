@@ -46,7 +46,7 @@ from ._checks import (
     FLOAT_DTYPES, INT_DTYPES, as_rows, check_positive, check_same_device, check_shape, check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from ._math import lse_and_entropy, online_lse_step
+from ._math import LN2, LOG2E, fast_exp2, lse2_and_entropy, online_lse2_fold
 
 _M32 = 0xFFFFFFFF
 _TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
@@ -175,21 +175,29 @@ def _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi, targe
 
 
 @triton.jit
-def _draw_block(x, offs, row_hash, keep, best, best_x, best_tok, start):
-    """Fold one block into the running Gumbel argmax (best score, its x and token) over the tokens `keep`.
+def _lane_draw(x, offs, row_hash, keep, m, best, best_x, best_tok):
+    """Fold one block into per-lane running Gumbel argmaxes (score, x, token) over the tokens `keep`.
 
-    The noise (two hashes and two logs per token, the costly part) is only computed when the block can win:
-    g < 16.7 (u <= 1 - 2^-24), so a block whose largest x is at least 17 below the best score cannot beat
-    it, exactly. The smallest id wins a tie: first within the block, then the earlier block (strict >)."""
-    if tl.max(tl.where(keep, x, float("-inf")), axis=0) + 17.0 > best:
+    No reduction: each lane keeps its own best, its tokens coming in increasing order (strict >: the smallest
+    id of a tie); `_lane_result` reduces once per row. The noise (two hashes and two logs per token, the
+    costly part) is skipped for a block that cannot win: g lies in [-2.86, 16.7] (u in [2^-25, 1 - 2^-24]), so
+    the best score is at least m - 2.86, m the largest x folded so far or in the set, and a block whose
+    largest kept x is at most m - 20 has no score above it."""
+    if tl.max(tl.where(keep, x, float("-inf")), axis=0) + 20.0 > m:
         score = tl.where(keep, x + _gumbel(row_hash, offs), float("-inf"))
-        block_best = tl.max(score, axis=0)
-        block_tok = tl.argmax(score, axis=0, tie_break_left=True)
-        better = block_best > best
-        best_x = tl.where(better, tl.max(tl.where(offs == start + block_tok, x, float("-inf")), axis=0), best_x)
-        best_tok = tl.where(better, start + block_tok, best_tok)
-        best = tl.where(better, block_best, best)
+        better = score > best
+        best = tl.where(better, score, best)
+        best_x = tl.where(better, x, best_x)
+        best_tok = tl.where(better, offs, best_tok)
     return best, best_x, best_tok
+
+
+@triton.jit
+def _lane_result(best, best_x, best_tok):
+    """(score, x, token) of the per-lane argmaxes: the largest score, the smallest token among equal ones."""
+    top = tl.max(best, axis=0)
+    tok = tl.min(tl.where(best == top, best_tok, 2147483647), axis=0)
+    return top, tl.max(tl.where(best_tok == tok, best_x, float("-inf")), axis=0), tok
 
 
 @triton.jit(do_not_specialize=["seed", "step", "top_k"])
@@ -197,14 +205,15 @@ def _sample_kernel(
     logits_ptr, ids_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
     n_cols, n_valid, stride_lm, stride_lv, stride_id,
     seed, step, temperature, top_k, top_p,
-    BLOCK_V: tl.constexpr, NPROBE: tl.constexpr, SEARCH_PASSES: tl.constexpr, CHECKS: tl.constexpr,
-    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NPROBE: tl.constexpr, SEARCH_PASSES: tl.constexpr,
+    CHECKS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, FTZ: tl.constexpr,
 ):
-    """One program per row.
+    """One program per row; per-lane running state in every row pass (one reduction per block, the max).
 
-    Pass 1: online log-sum-exp and entropy (running s = sum exp(x - m),
-    t = sum exp(x - m)(x - m), m from -inf, as in token_logprobs), the row's
-    smallest x, and, without top-k, the unfiltered Gumbel argmax c.
+    Pass 1: the log-sum-exp and entropy in base 2 (_math.online_lse2_step:
+    per-lane s = sum 2^(y - r), t = sum 2^(y - r)(y - r), y = x·log2 e), the
+    row's largest and smallest x, and, without top-k, the unfiltered Gumbel
+    argmax c.
 
     Top-p alone: the kept set is the tokens whose strictly more likely tokens
     hold < top_p of the mass, an upper set in x. A check pass sums the mass
@@ -217,7 +226,8 @@ def _sample_kernel(
     times in a row) takes the threshold search below.
 
     With top-k (or for unresolved rows): 8 search passes per filter for its
-    threshold key, then the Gumbel argmax over the tokens at or above it.
+    threshold key (blocks of BLOCK_S: a pass holds (NPROBE, BLOCK_S) tiles),
+    then the Gumbel argmax over the tokens at or above it.
     """
     row = tl.program_id(0).to(tl.int64)
     temp = tl.cast(temperature, tl.float32)
@@ -227,73 +237,82 @@ def _sample_kernel(
     row_hash = _mix32(_mix32(_mix32(sample_id) ^ seed.to(tl.uint32)) ^ step_hash)
     FILTERED: tl.constexpr = HAS_TOP_K or HAS_TOP_P
     NUCLEUS: tl.constexpr = HAS_TOP_P and not HAS_TOP_K
+    lanes = tl.arange(0, BLOCK_V)
 
     m = tl.cast(float("-inf"), tl.float32)
-    s = tl.cast(0.0, tl.float32)
-    t = tl.cast(0.0, tl.float32)
-    x_min = tl.cast(float("inf"), tl.float32)
-    best = tl.cast(float("-inf"), tl.float32)
-    best_x = tl.cast(float("-inf"), tl.float32)
-    best_tok = tl.cast(0, tl.int64)
+    r = tl.cast(float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    low = tl.full([BLOCK_V], float("inf"), tl.float32)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_tok = tl.zeros([BLOCK_V], dtype=tl.int32)
     for start in range(0, n_cols, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
+        offs = start + lanes
         x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
-        m, s, t = online_lse_step(m, s, t, x)
-        x_min = tl.minimum(x_min, tl.min(tl.where(offs < n_valid, x, float("inf")), axis=0))
+        x_max = tl.max(x, axis=0)
+        r, s, t = online_lse2_fold(r, s, t, x, x_max * LOG2E, LOG2E, FTZ)
+        m = tl.maximum(m, x_max)
+        if FILTERED:
+            low = tl.minimum(low, tl.where(offs < n_valid, x, float("inf")))
         if (not FILTERED) or NUCLEUS:
-            best, best_x, best_tok = _draw_block(x, offs, row_hash, offs < n_valid, best, best_x, best_tok, start)
+            best, best_x, best_tok = _lane_draw(x, offs, row_hash, offs < n_valid, m, best, best_x, best_tok)
+    no_mass = m == float("-inf")
+    r_ref, log2_s, entropy = lse2_and_entropy(r, s, t, no_mass)
+    lse = (r_ref + log2_s) * LN2
+    top, top_x, top_tok = _lane_result(best, best_x, best_tok)
 
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
     if FILTERED:
+        m_ref = tl.where(no_mass, 0.0, m)
+        s_nat = tl.exp2(log2_s + (r_ref - m_ref * LOG2E))          # sum exp(x - m), the search's unit of mass
         n_search = SEARCH_PASSES
         n_draw = n_cols
         if NUCLEUS:
-            target = tl.cast(top_p, tl.float32) * s
-            resolved = best == float("-inf")                       # no finite logit: token 0, nothing to check
+            target = tl.cast(top_p, tl.float32) * tl.exp2(log2_s)   # of sum 2^(y - r)
+            resolved = no_mass                                     # no finite logit: token 0, nothing to check
             for _ in range(CHECKS):
-                mass = tl.cast(0.0, tl.float32)
-                next_best = tl.cast(float("-inf"), tl.float32)
-                next_x = tl.cast(float("-inf"), tl.float32)
-                next_tok = tl.cast(0, tl.int64)
+                mass = tl.zeros([BLOCK_V], dtype=tl.float32)
+                best = tl.full([BLOCK_V], float("-inf"), tl.float32)
                 for start in range(0, tl.where(resolved, 0, n_cols), BLOCK_V):
-                    offs = start + tl.arange(0, BLOCK_V)
+                    offs = start + lanes
                     x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
-                    above = x > best_x                             # -inf (padding, past the row) never is
-                    mass += tl.sum(tl.where(above, tl.exp(x - m_ref), 0.0), axis=0)
-                    next_best, next_x, next_tok = _draw_block(x, offs, row_hash, above, next_best, next_x, next_tok,
-                                                              start)
-                move = (not resolved) & (mass >= target)
-                resolved = resolved | (mass < target)
-                best = tl.where(move, next_best, best)
-                best_x = tl.where(move, next_x, best_x)
-                best_tok = tl.where(move, next_tok, best_tok)
+                    above = x > top_x                              # -inf (padding, past the row) never is
+                    mass += tl.where(above, fast_exp2(x * LOG2E - r_ref, FTZ), 0.0)
+                    best, best_x, best_tok = _lane_draw(x, offs, row_hash, above, m, best, best_x, best_tok)
+                above_mass = tl.sum(mass, axis=0)
+                move = (not resolved) & (above_mass >= target)
+                resolved = resolved | (above_mass < target)
+                next_top, next_x, next_tok = _lane_result(best, best_x, best_tok)
+                top = tl.where(move, next_top, top)
+                top_x = tl.where(move, next_x, top_x)
+                top_tok = tl.where(move, next_tok, top_tok)
             n_search = tl.where(resolved, 0, SEARCH_PASSES)
             n_draw = tl.where(resolved, 0, n_cols)
-            best = tl.where(resolved, best, float("-inf"))          # the search's draw starts afresh
-        lo = _order_key(x_min)                                     # everything kept
-        lo_mass = s
+        lo = _order_key(tl.min(low, axis=0))                       # everything kept
+        lo_mass = s_nat
         if HAS_TOP_K:
             hi = _order_key(m) + 1
             n_pass = tl.where(top_k < n_valid, SEARCH_PASSES, 0)
             for _ in range(n_pass):
                 lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
-                                               tl.cast(top_k, tl.float32), True, BLOCK_V, NPROBE)
+                                               tl.cast(top_k, tl.float32), True, BLOCK_S, NPROBE)
         if HAS_TOP_P:
             hi = _order_key(m) + 1
             target = tl.cast(top_p, tl.float32) * lo_mass           # top_p of the top-k set's mass
             for _ in range(n_search):
                 lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
-                                               target, False, BLOCK_V, NPROBE)
+                                               target, False, BLOCK_S, NPROBE)
+        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
         for start in range(0, n_draw, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
+            offs = start + lanes
             x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
             kept = (offs < n_valid) & (_order_key(x) >= lo)
-            best, best_x, best_tok = _draw_block(x, offs, row_hash, kept, best, best_x, best_tok, start)
+            best, best_x, best_tok = _lane_draw(x, offs, row_hash, kept, m, best, best_x, best_tok)
+        if n_draw > 0:
+            top, top_x, top_tok = _lane_result(best, best_x, best_tok)
 
-    no_mass = m == float("-inf")
-    lse, entropy = lse_and_entropy(m, tl.where(no_mass, 1.0, s), t)
-    tl.store(tokens_ptr + row, best_tok)
-    tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), best_x - lse))
+    tl.store(tokens_ptr + row, top_tok.to(tl.int64))
+    tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), top_x - lse))
     tl.store(entropy_ptr + row, tl.where(no_mass, 0.0, entropy))
 
 
@@ -308,8 +327,11 @@ def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab
     if n_rows == 0:
         return tokens, out[0], out[1]
     # The interpreter costs ~1 ms per program per loop trip whatever the block size: the largest blocks there.
-    # On a GPU a search pass holds a (16, BLOCK_V) tile: 1024 columns = 64 registers per thread at 8 warps.
-    block_v = min(triton.next_power_of_2(n_cols), (1 << 16) if triton_interpreter_enabled() else 1024)
+    # On a GPU the row passes take 2048 columns (8 per thread at 8 warps: seven per-lane vectors in registers)
+    # and a search pass holds a (16, BLOCK_S) tile: 1024 columns = 64 registers per thread.
+    interpreted = triton_interpreter_enabled()
+    block_v = min(triton.next_power_of_2(n_cols), (1 << 16) if interpreted else 2048)
+    block_s = min(block_v, (1 << 16) if interpreted else 1024)
     with on_device_of(logits2d):
         _sample_kernel[(n_rows,)](
             logits2d, ids1d, tokens, out[0], out[1],
@@ -317,8 +339,8 @@ def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab
             # seed | 2^32: always typed int64 (a bare 32-bit value is i32 or u32 by its top bit: two compilations);
             # the kernel keeps its low 32 bits.
             seed | (1 << 32), step, float(temperature), top_k, float(top_p),
-            BLOCK_V=block_v, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES, CHECKS=_CHECKS,
-            HAS_TOP_K=0 < top_k < vocab_size, HAS_TOP_P=top_p < 1.0, num_warps=8,
+            BLOCK_V=block_v, BLOCK_S=block_s, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES, CHECKS=_CHECKS,
+            HAS_TOP_K=0 < top_k < vocab_size, HAS_TOP_P=top_p < 1.0, FTZ=not interpreted, num_warps=8,
         )
     return tokens, out[0], out[1]
 

@@ -102,12 +102,13 @@ def check_draw(got, logits, **kw):
     V = logits.size(-1)
     slack = U * (4 * x_max + 2 * math.log2(V) + V / 1024 + 16) if kw.get("top_p", 1.0) < 1.0 else 0.0
     sure, score, _, _ = reference(logits, mass_slack=-slack, **kw)
-    maybe, _, _, _ = reference(logits, mass_slack=slack, **kw)
+    maybe, maybe_score, _, _ = reference(logits, mass_slack=slack, **kw)
     best_sure = score.max(-1).values
     rows = torch.arange(len(tokens), device=tokens.device)
     finite = torch.isfinite(best_sure)
     tol = U * (2 * x_max + 8 * (1 + 17.0))                    # |g| <= -log(-log(1 - 2^-24)) < 17
-    candidate = maybe & (score.nan_to_num(neginf=-1e300) >= (best_sure - tol)[:, None])
+    # A token inside the boundary window is scored too (maybe_score: x + g on every possibly kept token).
+    candidate = maybe & (maybe_score.nan_to_num(neginf=-1e300) >= (best_sure - tol)[:, None])
     assert candidate[rows, tokens][finite].all(), (tokens, score.argmax(-1))
     # A row without a finite logit draws token 0.
     assert (tokens[~finite] == 0).all()

@@ -21,8 +21,7 @@ MUFU (exp2, log2, rcp) issues at 16 per SM per cycle: its own budget is
 Counting. SASS on sm_80/sm_90 is 16 bytes an instruction, and a loop is a
 backward branch: the instructions from its target to the branch are its body,
 executed once per trip by every warp of the program. A trip covers the
-program's block (the product of its BLOCK_* constexprs) with num_warps x 32
-threads, so
+program's block (`block_elements`) with num_warps x 32 threads, so
 
     per element = body x num_warps x 32 / block.
 
@@ -85,8 +84,14 @@ def count(sass: str) -> SassCounts:
 
 
 def block_elements(constexprs: dict) -> int:
-    """Elements one trip of a program's loop covers: the product of its BLOCK_* sizes."""
-    return math.prod(v for k, v in constexprs.items() if k.startswith("BLOCK_"))
+    """Elements one trip of a program's hot loop covers: BLOCK_V for a row kernel, BLOCK_M x BLOCK_T for a
+    (B, T) tile, else BLOCK_T or BLOCK_P (other block sizes, e.g. the sampler's search tile, are not the hot
+    loop's)."""
+    if "BLOCK_V" in constexprs:
+        return constexprs["BLOCK_V"]
+    if "BLOCK_T" in constexprs:
+        return constexprs["BLOCK_T"] * constexprs.get("BLOCK_M", 1)
+    return constexprs["BLOCK_P"]
 
 
 def per_element(instructions: int, num_warps: int, constexprs: dict) -> float:
