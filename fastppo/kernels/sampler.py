@@ -27,11 +27,13 @@ full sort and two softmaxes for top-p, ~20 elementwise passes over (B, V) for
 the Gumbel noise) moves ~230 bytes per logit (~9 GB per step at B=256,
 V=151936). The kernel reads each logit once per pass and writes 16 bytes per
 row: 1 pass without top-k/top-p (statistics and the Gumbel argmax together);
-with them 1 + 8 per filter + 1 (statistics, threshold search, draw), the
-later passes re-reading the row (V·4 bytes) from L2 when the rows in flight fit.
-No sort and no (B, V) temporary: the thresholds are found by a 16-way search
-on the float32 order key, which pins a 32-bit key range to one key in 8 passes
-(16^8 = 2^32), so they are exact, not approximations of the mass.
+2 for most rows with top-p alone (the draw, then a check of the mass above it:
+`_sample_kernel`); with top-k 1 + 8 per filter + 1 (statistics, threshold
+search, draw), the later passes re-reading the row (V·4 bytes) from L2 when
+the rows in flight fit. No sort and no (B, V) temporary: the thresholds are
+found by a 16-way search on the float32 order key, which pins a 32-bit key
+range to one key in 8 passes (16^8 = 2^32), so they are exact, not
+approximations of the mass.
 """
 
 from __future__ import annotations
