@@ -54,7 +54,8 @@ def rows(sms, label):
                        hot_loop_mufu=c.hot_loop_mufu,
                        per_element=round(per_element(c.hot_loop, case.num_warps, case.constexprs), 2),
                        mufu_per_element=round(per_element(c.hot_loop_mufu, case.num_warps, case.constexprs), 3),
-                       bytes_per_element=n_bytes or "", budget="", mufu_budget="", within_budget="")
+                       bytes_per_element=n_bytes or "", budget="", mufu_budget="", within_budget="",
+                       loops="/".join(map(str, c.loop_sizes)))
             if n_bytes:
                 instr, mufu = budget(n_bytes)
                 row.update(budget=round(instr, 1), mufu_budget=round(mufu, 2),
@@ -69,15 +70,17 @@ def main():
     args = parser.parse_args()
     sms = tuple(int(s) for s in args.sm.split(","))
     out = list(rows(sms, args.label))
-    header = ["sm", "case", "warps", "block", "regs", "spills", "loop", "per_elem", "budget", "mufu/el", "ok"]
+    header = ["sm", "case", "warps", "block", "regs", "spills", "loop", "per_elem", "budget", "mufu/el", "ok",
+              "innermost loops"]
     print(" | ".join(header))
     for r in out:
         print(" | ".join(str(r[k]) for k in ("sm", "case", "num_warps", "block", "registers", "spills", "hot_loop",
-                                             "per_element", "budget", "mufu_per_element", "within_budget")))
+                                             "per_element", "budget", "mufu_per_element", "within_budget",
+                                             "loops")))
     path = RESULTS / "sass_counts.csv"
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")      # `loops`: printed only
         if new:
             writer.writeheader()
         writer.writerows(out)

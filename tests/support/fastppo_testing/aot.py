@@ -177,6 +177,7 @@ class Compiled:
     MUFU among them: see fastppo_testing/sass.py."""
     hot_loop_mufu: int = 0
     n_loops: int = 0
+    loop_sizes: list = field(default_factory=list)
 
 
 def _compile_one(case: dict, sm: int) -> dict:
@@ -203,7 +204,8 @@ def _compile_one(case: dict, sm: int) -> dict:
         counts = count_sass(sass)
         return asdict(Compiled(int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"]), int(fields["SHARED"]), loads,
                                spills=spills, instructions=counts.instructions, hot_loop=counts.hot_loop,
-                               hot_loop_mufu=counts.hot_loop_mufu, n_loops=counts.n_loops))
+                               hot_loop_mufu=counts.hot_loop_mufu, n_loops=counts.n_loops,
+                               loop_sizes=list(counts.loop_sizes)))
     except Exception as exc:  # reported per case by the test
         return asdict(Compiled(-1, -1, -1, -1, [], error=f"{type(exc).__name__}: {exc}"))
 

@@ -57,6 +57,7 @@ class SassCounts:
     hot_loop: int                 # body of the largest innermost loop; `instructions` without a loop
     hot_loop_mufu: int
     n_loops: int
+    loop_sizes: tuple = ()        # every innermost loop's body, in code order
 
 
 def count(sass: str) -> SassCounts:
@@ -80,7 +81,8 @@ def count(sass: str) -> SassCounts:
     else:
         lo, hi = body[0][0], end
     hot = size(lo, hi)
-    return SassCounts(len(body), len(hot), sum(bool(re.search(r"\bMUFU\b", t)) for t in hot), len(innermost))
+    return SassCounts(len(body), len(hot), sum(bool(re.search(r"\bMUFU\b", t)) for t in hot), len(innermost),
+                      tuple(len(size(lo, hi)) for lo, hi in sorted(innermost)))
 
 
 def block_elements(constexprs: dict) -> int:
