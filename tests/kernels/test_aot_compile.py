@@ -200,7 +200,8 @@ STREAMING = {f"fastppo.kernels.{kernel}": args for kernel, args in {
 # Per-element pointers of each kernel, for its bandwidth budget of instructions (fastppo_testing/sass.py): the
 # streaming kernels' and the sampler's logits (one pass over them) and gae's five (B, T) tensors.
 STREAMED = {**STREAMING,
-            "fastppo.kernels.sampler:_sample_kernel": ("logits_ptr",),
+            "fastppo.kernels.sampler:_sample_stats_kernel": ("logits_ptr",),
+            "fastppo.kernels.sampler:_sample_check_kernel": ("logits_ptr",),
             "fastppo.kernels.gae:_gae_fwd_kernel": ("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "ret_ptr")}
 
 
