@@ -19,6 +19,13 @@ measured in the same run, GB/s of the minimum traffic and peak extra MB. On a
 GPU the GB/s column is the kernels' bandwidth; on a CPU only the ratios mean
 something.
 
+Host and device apart: host_us is the wall time of issuing one call (calls
+back to back, one synchronisation after them: on a GPU the Python wrappers'
+and launches' cost, on a CPU the whole call), gpu_us the device time of one
+call replayed from a CUDA graph (no host work at all; CUDA only, empty where a
+provider cannot be captured). A small shape such as --shapes 1x8 shows the
+wrappers' own cost.
+
 Usage: python bench/rl_math.py [--quick] [--compile | --no-compile] [--threads N (CPU; default 1)] [--rep R]
        [--shapes BxT,...]
 """
@@ -26,7 +33,9 @@ Usage: python bench/rl_math.py [--quick] [--compile | --no-compile] [--threads N
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 
@@ -186,6 +195,50 @@ def bench_ppo(providers, n_rows, n_cols, device):
         yield name, "full", full, 25 + 25 + 8, "right"
 
 
+def host_us(call, device, n: int = 20, batches: int = 5) -> float:
+    """Wall µs per call of `n` calls issued back to back (one synchronisation after them, on CUDA): the
+    median over `batches` batches."""
+    call()
+    per_call = []
+    for _ in range(batches):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        per_call.append((time.perf_counter() - t0) / n * 1e6)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return statistics.median(per_call)
+
+
+def graph_us(call, device, n: int = 20) -> float | None:
+    """Device µs per call replayed from a CUDA graph of one call; None off CUDA or where capture fails."""
+    if device.type != "cuda":
+        return None
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):              # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / n * 1e3
+    except Exception as exc:  # noqa: BLE001 - host syncs, CPU scalars: reported as not capturable
+        print(f"    (no CUDA graph: {type(exc).__name__}: {str(exc)[:80]})", file=sys.stderr)
+        return None
+
+
 def make_providers(device, use_compile):
     def with_compile(eager):
         out = {"eager": eager}
@@ -235,6 +288,8 @@ def main(argv=None):
                 try:
                     ms, p20, p80 = time_ms(call, device, warmup=1 if slow else 3, rep=args.rep or (5 if slow else 15))
                     peak = peak_extra_mb(call, device)
+                    host = host_us(call, device, n=1 if slow else 20, batches=3 if slow else 5)
+                    gpu = graph_us(call, device)
                 except Exception as exc:  # a provider that fails here is reported, not fatal
                     print(f"  {op}/{name} failed at B={n_rows} T={n_cols}: {type(exc).__name__}: {exc}",
                           file=sys.stderr)
@@ -244,7 +299,8 @@ def main(argv=None):
                              "dtype": "float32", "ms": round(ms, 4), "p20": round(p20, 4), "p80": round(p80, 4),
                              "GB/s": round(gbs, 2),
                              "pct_copy_bw": round(100 * gbs / bandwidth, 1) if bandwidth else None,
-                             "peak_extra_MB": round(peak, 1), "device": device_name(device),
+                             "peak_extra_MB": round(peak, 1), "host_us": round(host, 1),
+                             "gpu_us": round(gpu, 1) if gpu is not None else None, "device": device_name(device),
                              "threads": torch.get_num_threads() if device.type == "cpu" else None})
                 print(f"  {op:>10} {mode:>7} {mask:>5} B={n_rows:<4} T={n_cols:<5} {name:>8} {ms:10.3f} ms",
                       flush=True)
@@ -255,7 +311,8 @@ def main(argv=None):
     print_table(rows, [("op", "op", 10, ""), ("mode", "mode", 7, ""), ("mask", "mask", 5, ""), ("B", "B", 4, ""),
                        ("T", "T", 5, ""), ("provider", "provider", 8, ""), ("ms", "ms", 10, ".3f"),
                        ("p20", "p20", 9, ".3f"), ("p80", "p80", 9, ".3f"), ("GB/s", "GB/s", 7, ".2f"),
-                       ("peakMB", "peak_extra_MB", 7, ".1f"), ("speedup", "speedup_vs_baseline", 8, "")])
+                       ("peakMB", "peak_extra_MB", 7, ".1f"), ("host_us", "host_us", 9, ".1f"),
+                       ("gpu_us", "gpu_us", 8, ""), ("speedup", "speedup_vs_baseline", 8, "")])
     fused = [dict(r, case=f"{r['op']} {r['mode']}" + (" (holes)" if r["mask"] == "holes" else ""),
                   shape=f"B={r['B']} T={r['T']}") for r in rows if r["provider"] == "fastppo"]
     save_results("rl_math", rows, x="case", y="speedup_vs_baseline", group="shape", plot_rows=fused,

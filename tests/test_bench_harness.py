@@ -108,8 +108,8 @@ COLUMNS = {
                                      "mem_vs_composed"),
     "logprobs": ("16x50", "commit,date,op,provider,mode,N,V,dtype,ms,p20,p80,GB/s,pct_copy_bw,peak_extra_MB,device,"
                           "time_vs_eager,mem_vs_eager"),
-    "rl_math": ("2x8", "commit,date,op,provider,mode,mask,B,T,dtype,ms,p20,p80,GB/s,pct_copy_bw,peak_extra_MB,device,"
-                       "threads,speedup_vs_baseline"),
+    "rl_math": ("2x8", "commit,date,op,provider,mode,mask,B,T,dtype,ms,p20,p80,GB/s,pct_copy_bw,peak_extra_MB,host_us,"
+                       "gpu_us,device,threads,speedup_vs_baseline"),
 }
 
 

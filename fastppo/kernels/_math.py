@@ -130,3 +130,69 @@ def kl_estimate(d, ESTIMATOR: tl.constexpr):
         kl = tl.abs(d)
         slope = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
     return kl, slope
+
+
+# -- base-2 row statistics: the row kernels' hot loops ---------------------------------------------------------------
+# exp2 is one MUFU instruction; exp(x) is exp2(x·log2 e), a multiply more. Scaling the logits by log2(e) / T in
+# the same fused multiply-add that subtracts the reference point leaves one FFMA and one MUFU per element.
+
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
+RESCALE_LOG2 = tl.constexpr(8.0)       # the reference point moves when a block's max passes it by 2^8
+
+
+@triton.jit
+def fast_exp2(x, FTZ: tl.constexpr):
+    """2^x; with FTZ the single PTX instruction ex2.approx.ftz.f32 (results below 2^-126 flush to 0; without
+    .ftz ptxas adds three instructions per element to rescale subnormal results). FTZ needs the compiler
+    (inline PTX): the interpreter takes tl.exp2."""
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def online_lse2_step(r, s, t, x, scale, FTZ: tl.constexpr):
+    """Fold one block x of raw logits into the running state; returns (r, s, t).
+
+    With y = x·scale (scale = log2(e) / T: base-2 units) and a reference point r,
+    the per-lane vectors s and t hold Σ 2^(y − r) and Σ 2^(y − r)·(y − r): no
+    reduction per block but the block's max. Reduce with `lse2_and_entropy`.
+    """
+    return online_lse2_fold(r, s, t, x, tl.max(x, axis=0) * scale, scale, FTZ)
+
+
+@triton.jit
+def online_lse2_fold(r, s, t, x, y_max, scale, FTZ: tl.constexpr):
+    """`online_lse2_step` given the block's max y_max = max(x)·scale (for a caller that needs the max too).
+
+    r starts at −inf and moves (both vectors rescaled) only when a block's max
+    exceeds it by RESCALE_LOG2, so terms stay ≤ 2^8 and the common block costs
+    per element one FFMA (y − r), one max (−inf → −1000: 2^−1000 is 0 and
+    0·(−1000) is 0, where 0·(−inf) would be NaN), one MUFU and two adds.
+    """
+    if y_max > r + RESCALE_LOG2:
+        alpha = tl.exp2(r - y_max)                               # 0 from r = −inf
+        shift = tl.where(r == float("-inf"), 0.0, r - y_max)
+        t = alpha * (t + shift * s)
+        s = alpha * s
+        r = y_max
+    r_ref = tl.where(r == float("-inf"), 0.0, r)                 # a block of −inf before any finite logit
+    d = tl.maximum(x * scale - r_ref, -1000.0)
+    e = fast_exp2(d, FTZ)
+    return r, s + e, t + e * d
+
+
+@triton.jit
+def lse2_and_entropy(r, s, t, is_empty):
+    """(reference point, log₂ S, natural entropy) from the state of `online_lse2_step`; the row's base-2
+    log-sum-exp of the scaled logits is their sum. is_empty: a row that folded nothing (0, 0 and 0 then).
+
+    S = Σ s, T = Σ t: lse₂ = r + log₂ S and H = −Σ p ln p = ln 2·(log₂ S − T / S), both relative to r, so no
+    large difference; a logprob is (y − r) − log₂ S, times ln 2."""
+    s_sum = tl.where(is_empty, 1.0, tl.sum(s, axis=0))
+    t_sum = tl.sum(t, axis=0)
+    log2_s = tl.log2(s_sum)
+    return tl.where(r == float("-inf"), 0.0, r), log2_s, (log2_s - t_sum / s_sum) * LN2

@@ -15,6 +15,7 @@ scan is the well-trodden path.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -134,8 +135,8 @@ def _gae_triton(rewards2d, values2d, mask2d, gamma, lam, *, block_t: int | None 
 
 
 # ----------------------------------------------------------------------------
-# 3. Autograd: none. Advantages and returns are targets; the op runs under
-#    no_grad and its outputs do not require grad.
+# 3. Autograd: none. Advantages and returns are targets; the op records no
+#    graph and its outputs do not require grad.
 # ----------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------
@@ -155,7 +156,6 @@ class AdvantagesAndReturns(NamedTuple):
     returns: torch.Tensor
 
 
-@torch.no_grad()
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95,
         backend: str | None = None) -> AdvantagesAndReturns:
     """Generalised advantage estimation (Schulman et al. 2016) over each row's valid tokens.
@@ -190,16 +190,27 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     check_same_device("mask", mask, "rewards", rewards)
     check_shape("values", values, rewards.shape, "the shape of rewards")
     check_shape("mask", mask, rewards.shape, "the shape of rewards")
-    gamma = _check_discount("gamma", gamma)
-    lam = _check_discount("lam", lam)
+    numbers = all(isinstance(v, (int, float)) for v in (gamma, lam))
+    gamma, lam = (_cached_discounts if numbers else _discounts)(gamma, lam)
     backend = resolve_backend(backend, rewards)
     if rewards.numel() == 0:                   # no token: empty outputs, on either backend
         out = torch.zeros((2, *rewards.shape), dtype=torch.float32, device=rewards.device)
         return AdvantagesAndReturns(out[0], out[1])
 
     r2d, v2d, m2d = rows_unit_stride(rewards), rows_unit_stride(values), rows_unit_stride(mask)
-    if backend == "triton":
+    if backend == "triton":                    # a launch: never part of a graph
         adv, ret = _gae_triton(r2d, v2d, m2d, gamma, lam)
+    elif torch.is_grad_enabled() and (rewards.requires_grad or values.requires_grad):
+        with torch.no_grad():                  # targets: no graph through the torch ops
+            adv, ret = torch_backend.gae(r2d, v2d, m2d, gamma, lam)
     else:
         adv, ret = torch_backend.gae(r2d, v2d, m2d, gamma, lam)
     return AdvantagesAndReturns(adv.view(rewards.shape), ret.view(rewards.shape))
+
+
+def _discounts(gamma, lam) -> tuple[float, float]:
+    return _check_discount("gamma", gamma), _check_discount("lam", lam)
+
+
+# A trainer passes the same pair every call: then the checks cost one dictionary lookup (typed: True is not 1).
+_cached_discounts = functools.lru_cache(maxsize=64, typed=True)(_discounts)

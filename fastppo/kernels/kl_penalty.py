@@ -13,6 +13,8 @@ and writes both gradients in one pass.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -199,6 +201,21 @@ def kl_penalty(
     check_tensor("ref_logprobs", ref_logprobs, dtypes=FLOAT_DTYPES)
     check_same_device("ref_logprobs", ref_logprobs, "logprobs", logprobs)
     check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "the shape of logprobs")
+    hashable = isinstance(estimator, str) and (clamp is None or isinstance(clamp, (int, float)))
+    estimator, clamp = (_cached_settings if hashable else _settings)(estimator, clamp)
+    backend = resolve_backend(backend, logprobs)
+    lp2d, ref2d = rows_unit_stride(logprobs), rows_unit_stride(ref_logprobs)
+    if torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad):
+        out = _KLPenalty.apply(lp2d, ref2d, estimator, clamp, backend)
+    elif backend == "triton":          # no graph to record: the launch alone, without the autograd Function
+        out = _fwd_triton(lp2d, ref2d, estimator, clamp)
+    else:
+        out, _ = torch_backend.kl_penalty_forward(lp2d, ref2d, estimator, clamp)
+    return out.view(logprobs.shape)
+
+
+def _settings(estimator, clamp) -> tuple[str, float | None]:
+    """(estimator, clamp) checked, as the kernel takes them."""
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     estimator = ESTIMATORS[ESTIMATORS.index(estimator)]  # a plain str for the kernel's constexpr (not a str Enum)
@@ -208,6 +225,8 @@ def kl_penalty(
         if not clamp > 0:
             raise ValueError(f"clamp must be > 0 (or None for no clamp), got {clamp}")
         clamp = float(clamp)
-    backend = resolve_backend(backend, logprobs)
-    out = _KLPenalty.apply(rows_unit_stride(logprobs), rows_unit_stride(ref_logprobs), estimator, clamp, backend)
-    return out.view(logprobs.shape)
+    return estimator, clamp
+
+
+# A trainer passes the same pair every call: then the checks cost one dictionary lookup (typed: True is not 1).
+_cached_settings = functools.lru_cache(maxsize=64, typed=True)(_settings)

@@ -27,11 +27,13 @@ full sort and two softmaxes for top-p, ~20 elementwise passes over (B, V) for
 the Gumbel noise) moves ~230 bytes per logit (~9 GB per step at B=256,
 V=151936). The kernel reads each logit once per pass and writes 16 bytes per
 row: 1 pass without top-k/top-p (statistics and the Gumbel argmax together);
-with them 1 + 8 per filter + 1 (statistics, threshold search, draw), the
-later passes re-reading the row (V·4 bytes) from L2 when the rows in flight fit.
-No sort and no (B, V) temporary: the thresholds are found by a 16-way search
-on the float32 order key, which pins a 32-bit key range to one key in 8 passes
-(16^8 = 2^32), so they are exact, not approximations of the mass.
+2 for most rows with top-p alone (the draw, then a check of the mass above it:
+`_sample_final_kernel`); with top-k 1 + 8 per filter + 1 (statistics, threshold
+search, draw), the later passes re-reading the row (V·4 bytes) from L2 when
+the rows in flight fit. No sort and no (B, V) temporary: the thresholds are
+found by a 16-way search on the float32 order key, which pins a 32-bit key
+range to one key in 8 passes (16^8 = 2^32), so they are exact, not
+approximations of the mass.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ from ._checks import (
     FLOAT_DTYPES, INT_DTYPES, as_rows, check_positive, check_same_device, check_shape, check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from ._math import lse_and_entropy, online_lse_step
+from ._math import LN2, LOG2E, fast_exp2, lse2_and_entropy, online_lse2_fold
 
 _M32 = 0xFFFFFFFF
 _TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
 _STEP_SALT = 0x632BE5AB
 _NPROBE = 16          # thresholds probed per search pass
 _SEARCH_PASSES = 8    # 16^8 = 2^32: a 32-bit key range narrowed to one key
+_CHECKS = 4           # top-p alone: check passes before a row falls back to the search (_sample_final_kernel)
+_MAX_SPLITS = 8       # programs per row in the passes that read it (at most; fewer for short rows)
 _MAX_VOCAB = 1 << 24  # token counts are summed in float32, exact up to 2^24
 _U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
 
@@ -173,83 +177,274 @@ def _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi, targe
     return new_lo, new_hi, lo_mass
 
 
-@triton.jit(do_not_specialize=["seed", "step", "top_k"])
-def _sample_kernel(
-    logits_ptr, ids_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
-    n_cols, n_valid, stride_lm, stride_lv, stride_id,
-    seed, step, temperature, top_k, top_p,
-    BLOCK_V: tl.constexpr, NPROBE: tl.constexpr, SEARCH_PASSES: tl.constexpr,
-    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
-):
-    """One program per row.
+@triton.jit
+def _lane_draw(x, offs, row_hash, keep, m, best, best_x, best_tok):
+    """Fold one block into per-lane running Gumbel argmaxes (score, x, token) over the tokens `keep`.
 
-    Pass 1: online log-sum-exp and entropy (running s = sum exp(x - m),
-    t = sum exp(x - m)(x - m), m from -inf, as in token_logprobs), the row's
-    smallest and largest x, and, without filters, the Gumbel argmax.
-    With filters: 8 search passes per filter for its threshold key, then the
-    Gumbel argmax over the tokens at or above it.
+    No reduction: each lane keeps its own best, its tokens coming in increasing order (strict >: the smallest
+    id of a tie); `_lane_result` reduces once per row. The noise (two hashes and two logs per token, the
+    costly part) is skipped for a block that cannot win: g lies in [-2.86, 16.7] (u in [2^-25, 1 - 2^-24]), so
+    the best score is at least m - 2.86, m the largest x folded so far or in the set, and a block whose
+    largest kept x is at most m - 20 has no score above it."""
+    if tl.max(tl.where(keep, x, float("-inf")), axis=0) + 20.0 > m:
+        score = tl.where(keep, x + _gumbel(row_hash, offs), float("-inf"))
+        better = score > best
+        best = tl.where(better, score, best)
+        best_x = tl.where(better, x, best_x)
+        best_tok = tl.where(better, offs, best_tok)
+    return best, best_x, best_tok
+
+
+@triton.jit
+def _lane_result(best, best_x, best_tok):
+    """(score, x, token) of the per-lane argmaxes: the largest score, the smallest token among equal ones."""
+    top = tl.max(best, axis=0)
+    tok = tl.min(tl.where(best == top, best_tok, 2147483647), axis=0)
+    return top, tl.max(tl.where(best_tok == tok, best_x, float("-inf")), axis=0), tok
+
+
+@triton.jit
+def _row_hash(ids_ptr, row, stride_id, seed, step):
+    """The counter half of a row's noise: mix(mix(mix(id) ^ seed) ^ mix(step + salt)) (see `gumbel_noise`)."""
+    sample_id = tl.load(ids_ptr + row * stride_id).to(tl.uint32)
+    step_hash = _mix32(step.to(tl.uint32) + 0x632BE5AB)
+    return _mix32(_mix32(_mix32(sample_id) ^ seed.to(tl.uint32)) ^ step_hash)
+
+
+@triton.jit
+def _merge_draws(part_ptr, stride_f, offs, valid):
+    """(score, x, token) of the best of per-split draws stored as fields 0, 1, 2 (token as float32, exact below
+    2^24): the largest score, the smallest token among equal ones (the earlier split's, as in one pass)."""
+    best = tl.load(part_ptr + offs, mask=valid, other=float("-inf"))
+    best_x = tl.load(part_ptr + stride_f + offs, mask=valid, other=float("-inf"))
+    best_tok = tl.load(part_ptr + 2 * stride_f + offs, mask=valid, other=0.0).to(tl.int32)
+    return _lane_result(best, best_x, best_tok)
+
+
+@triton.jit
+def _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS: tl.constexpr):
+    """Merge a row's per-split statistics (fields m, r, s, t, low, then the draw): exact up to rounding.
+
+    Each split holds s_i = sum 2^(y - r_i), t_i = sum 2^(y - r_i)(y - r_i) (y = x·log2 e) for its own reference
+    r_i; relative to R = max r_i they are s_i·2^(r_i - R) and 2^(r_i - R)·(t_i + (r_i - R)·s_i).
+    Returns (m, R, log2 S, entropy, low, score, x, token of the unfiltered draw)."""
+    offs = row * n_splits + tl.arange(0, SPLITS)
+    valid = tl.arange(0, SPLITS) < n_splits
+    m = tl.max(tl.load(stats_ptr + offs, mask=valid, other=float("-inf")), axis=0)
+    r = tl.load(stats_ptr + stride_f + offs, mask=valid, other=float("-inf"))
+    s = tl.load(stats_ptr + 2 * stride_f + offs, mask=valid, other=0.0)
+    t = tl.load(stats_ptr + 3 * stride_f + offs, mask=valid, other=0.0)
+    low = tl.min(tl.load(stats_ptr + 4 * stride_f + offs, mask=valid, other=float("inf")), axis=0)
+    big_r = tl.max(r, axis=0)
+    r_ref = tl.where(big_r == float("-inf"), 0.0, big_r)
+    shift = tl.where(r == float("-inf"), 0.0, r - r_ref)
+    alpha = tl.exp2(shift)
+    t = tl.where(r == float("-inf"), 0.0, alpha * (t + shift * s))
+    s = tl.where(r == float("-inf"), 0.0, s * alpha)
+    _, log2_s, entropy = lse2_and_entropy(big_r, s, t, m == float("-inf"))
+    top, top_x, top_tok = _merge_draws(stats_ptr + 5 * stride_f, stride_f, offs, valid)
+    return m, r_ref, log2_s, entropy, low, top, top_x, top_tok
+
+
+@triton.jit
+def _candidate(stats_ptr, check_ptr, state_ptr, row, n_splits, n_rows, stride_f, top_p, FIRST: tl.constexpr,
+               SPLITS: tl.constexpr):
+    """The row's top-p candidate (score, x, token) and whether it is known kept, after the previous check.
+
+    FIRST: the unfiltered draw, unchecked (resolved only for a row without a finite logit). Otherwise the
+    state before the previous check (state_ptr: score, x, token, resolved) and that check's per-split
+    results (check_ptr: mass above the candidate, then the draw above it): mass < top_p·S keeps the
+    candidate (resolved), else the draw above it becomes the candidate."""
+    m, r_ref, log2_s, _, _, top, top_x, top_tok = _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS)
+    if FIRST:
+        resolved = m == float("-inf")
+    else:
+        offs = row * n_splits + tl.arange(0, SPLITS)
+        valid = tl.arange(0, SPLITS) < n_splits
+        mass = tl.sum(tl.load(check_ptr + offs, mask=valid, other=0.0), axis=0)
+        next_top, next_x, next_tok = _merge_draws(check_ptr + stride_f, stride_f, offs, valid)
+        top = tl.load(state_ptr + row)
+        top_x = tl.load(state_ptr + n_rows + row)
+        top_tok = tl.load(state_ptr + 2 * n_rows + row).to(tl.int32)
+        was_resolved = tl.load(state_ptr + 3 * n_rows + row) != 0.0
+        target = tl.cast(top_p, tl.float32) * tl.exp2(log2_s)       # of sum 2^(y - R)
+        move = (not was_resolved) & (mass >= target)
+        resolved = was_resolved | (mass < target)
+        top = tl.where(move, next_top, top)
+        top_x = tl.where(move, next_x, top_x)
+        top_tok = tl.where(move, next_tok, top_tok)
+    return top, top_x, top_tok, resolved, m, r_ref
+
+
+@triton.jit(do_not_specialize=["seed", "step"])
+def _sample_stats_kernel(
+    logits_ptr, ids_ptr, stats_ptr,
+    n_cols, n_valid, stride_lm, stride_lv, stride_id, blocks_per_split, stride_f,
+    seed, step, temperature,
+    BLOCK_V: tl.constexpr, DRAW: tl.constexpr, FTZ: tl.constexpr,
+):
+    """Grid (rows, splits): pass 1 over one split of a row, its statistics written for `_merge_stats`.
+
+    Per-lane state, one reduction per block (its max): the log-sum-exp and entropy in base 2
+    (_math.online_lse2_fold), the smallest x and, with DRAW, the Gumbel argmax (`_lane_draw`)."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    temp = tl.cast(temperature, tl.float32)
+    row_ptr = logits_ptr + row * stride_lm
+    row_hash = _row_hash(ids_ptr, row, stride_id, seed, step)
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.cast(float("-inf"), tl.float32)
+    r = tl.cast(float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    low = tl.full([BLOCK_V], float("inf"), tl.float32)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_tok = tl.zeros([BLOCK_V], dtype=tl.int32)
+    first = split * blocks_per_split
+    for block in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(n_cols, BLOCK_V))):
+        offs = block * BLOCK_V + lanes
+        x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
+        x_max = tl.max(x, axis=0)
+        r, s, t = online_lse2_fold(r, s, t, x, x_max * LOG2E, LOG2E, FTZ)
+        m = tl.maximum(m, x_max)
+        low = tl.minimum(low, tl.where(offs < n_valid, x, float("inf")))
+        if DRAW:
+            best, best_x, best_tok = _lane_draw(x, offs, row_hash, offs < n_valid, m, best, best_x, best_tok)
+    top, top_x, top_tok = _lane_result(best, best_x, best_tok)
+    out = stats_ptr + row * n_splits + split
+    tl.store(out, m)
+    tl.store(out + stride_f, r)
+    tl.store(out + 2 * stride_f, tl.sum(s, axis=0))
+    tl.store(out + 3 * stride_f, tl.sum(t, axis=0))
+    tl.store(out + 4 * stride_f, tl.min(low, axis=0))
+    tl.store(out + 5 * stride_f, top)
+    tl.store(out + 6 * stride_f, top_x)
+    tl.store(out + 7 * stride_f, top_tok.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["seed", "step"])
+def _sample_check_kernel(
+    logits_ptr, ids_ptr, stats_ptr, prev_ptr, state_in_ptr, state_out_ptr, check_ptr,
+    n_rows, n_cols, n_valid, stride_lm, stride_lv, stride_id, blocks_per_split, stride_f,
+    seed, step, temperature, top_p,
+    BLOCK_V: tl.constexpr, SPLITS: tl.constexpr, FIRST: tl.constexpr, FTZ: tl.constexpr,
+):
+    """Grid (rows, splits): one check of top-p's candidate over one split (see `_sample_final_kernel`).
+
+    Every program of a row derives the same candidate from the previous launch's results (`_candidate`);
+    split 0 records it for the next launch. Unresolved rows sum the mass strictly above x_c over the split
+    and draw among the tokens above it; resolved rows read nothing."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    top, top_x, top_tok, resolved, m, r_ref = _candidate(stats_ptr, prev_ptr, state_in_ptr, row, n_splits, n_rows,
+                                                         stride_f, top_p, FIRST, SPLITS)
+    if split == 0:
+        tl.store(state_out_ptr + row, top)
+        tl.store(state_out_ptr + n_rows + row, top_x)
+        tl.store(state_out_ptr + 2 * n_rows + row, top_tok.to(tl.float32))
+        tl.store(state_out_ptr + 3 * n_rows + row, resolved.to(tl.float32))
+    temp = tl.cast(temperature, tl.float32)
+    row_ptr = logits_ptr + row * stride_lm
+    row_hash = _row_hash(ids_ptr, row, stride_id, seed, step)
+    lanes = tl.arange(0, BLOCK_V)
+    mass = tl.zeros([BLOCK_V], dtype=tl.float32)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_tok = tl.zeros([BLOCK_V], dtype=tl.int32)
+    first = split * blocks_per_split
+    last = tl.where(resolved, first, tl.minimum(first + blocks_per_split, tl.cdiv(n_cols, BLOCK_V)))
+    for block in range(first, last):
+        offs = block * BLOCK_V + lanes
+        x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
+        above = x > top_x                                          # -inf (padding, past the row) never is
+        mass += tl.where(above, fast_exp2(x * LOG2E - r_ref, FTZ), 0.0)
+        best, best_x, best_tok = _lane_draw(x, offs, row_hash, above, m, best, best_x, best_tok)
+    next_top, next_x, next_tok = _lane_result(best, best_x, best_tok)
+    out = check_ptr + row * n_splits + split
+    tl.store(out, tl.sum(mass, axis=0))
+    tl.store(out + stride_f, next_top)
+    tl.store(out + 2 * stride_f, next_x)
+    tl.store(out + 3 * stride_f, next_tok.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["seed", "step", "top_k"])
+def _sample_final_kernel(
+    logits_ptr, ids_ptr, stats_ptr, check_ptr, state_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
+    n_rows, n_splits, n_cols, n_valid, stride_lm, stride_lv, stride_id, stride_f,
+    seed, step, temperature, top_k, top_p,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, NPROBE: tl.constexpr,
+    SEARCH_PASSES: tl.constexpr, HAS_CHECKS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+):
+    """One program per row: the merged statistics, the filters' outcome, and the outputs.
+
+    Rows are split across programs for the passes that read them (`_sample_stats_kernel`, then for top-p
+    alone the checks); the merges are exact up to rounding (log-sum-exp rescaled to the largest reference;
+    argmax: largest score, smallest token).
+
+    Top-p alone: the kept set is the tokens whose strictly more likely tokens
+    hold < top_p of the mass, an upper set in x. A check pass sums the mass
+    strictly above the candidate x_c (first the unfiltered Gumbel argmax):
+    below top_p·S, c is kept and, being the argmax over a superset of the kept
+    set, is the draw (2 reads of the row in all). Otherwise no token with
+    x <= x_c is kept, and the same pass has drawn the next candidate among the
+    tokens with x > x_c (again a superset of the kept set). A row unresolved
+    after the checks (the draw fell outside the nucleus each time) takes the
+    threshold search here.
+
+    With top-k (or for unresolved rows): 8 search passes per filter for its
+    threshold key (blocks of BLOCK_S: a pass holds (NPROBE, BLOCK_S) tiles),
+    then the Gumbel argmax over the tokens at or above it.
     """
     row = tl.program_id(0).to(tl.int64)
     temp = tl.cast(temperature, tl.float32)
     row_ptr = logits_ptr + row * stride_lm
-    sample_id = tl.load(ids_ptr + row * stride_id).to(tl.uint32)
-    step_hash = _mix32(step.to(tl.uint32) + 0x632BE5AB)
-    row_hash = _mix32(_mix32(_mix32(sample_id) ^ seed.to(tl.uint32)) ^ step_hash)
     FILTERED: tl.constexpr = HAS_TOP_K or HAS_TOP_P
+    NUCLEUS: tl.constexpr = HAS_TOP_P and not HAS_TOP_K
+    m, r_ref, log2_s, entropy, low, top, top_x, top_tok = _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS)
+    no_mass = m == float("-inf")
+    lse = (r_ref + log2_s) * LN2
 
-    m = tl.cast(float("-inf"), tl.float32)
-    s = tl.cast(0.0, tl.float32)
-    t = tl.cast(0.0, tl.float32)
-    x_min = tl.cast(float("inf"), tl.float32)
-    best = tl.cast(float("-inf"), tl.float32)
-    best_x = tl.cast(float("-inf"), tl.float32)
-    best_tok = tl.cast(0, tl.int64)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
-        m, s, t = online_lse_step(m, s, t, x)
-        x_min = tl.minimum(x_min, tl.min(tl.where(offs < n_valid, x, float("inf")), axis=0))
-        if not FILTERED:
-            score = x + _gumbel(row_hash, offs)
-            block_best = tl.max(score, axis=0)
-            block_tok = tl.argmax(score, axis=0, tie_break_left=True)
-            better = block_best > best                             # strict: the smallest id wins a tie
-            best_x = tl.where(better, tl.max(tl.where(offs == start + block_tok, x, float("-inf")), axis=0), best_x)
-            best_tok = tl.where(better, start + block_tok, best_tok)
-            best = tl.where(better, block_best, best)
-
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
     if FILTERED:
-        lo = _order_key(x_min)                                     # everything kept
-        lo_mass = s
+        m_ref = tl.where(no_mass, 0.0, m)
+        s_nat = tl.exp2(log2_s + (r_ref - m_ref * LOG2E))          # sum exp(x - m), the search's unit of mass
+        n_search = SEARCH_PASSES
+        n_draw = n_cols
+        if NUCLEUS and HAS_CHECKS:
+            top, top_x, top_tok, resolved, _, _ = _candidate(stats_ptr, check_ptr, state_ptr, row, n_splits, n_rows,
+                                                             stride_f, top_p, False, SPLITS)
+            n_search = tl.where(resolved, 0, SEARCH_PASSES)
+            n_draw = tl.where(resolved, 0, n_cols)
+        lo = _order_key(low)                                       # everything kept
+        lo_mass = s_nat
         if HAS_TOP_K:
             hi = _order_key(m) + 1
             n_pass = tl.where(top_k < n_valid, SEARCH_PASSES, 0)
             for _ in range(n_pass):
                 lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
-                                               tl.cast(top_k, tl.float32), True, BLOCK_V, NPROBE)
+                                               tl.cast(top_k, tl.float32), True, BLOCK_S, NPROBE)
         if HAS_TOP_P:
             hi = _order_key(m) + 1
             target = tl.cast(top_p, tl.float32) * lo_mass           # top_p of the top-k set's mass
-            for _ in range(SEARCH_PASSES):
+            for _ in range(n_search):
                 lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
-                                               target, False, BLOCK_V, NPROBE)
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
-            kept = (offs < n_valid) & (_order_key(x) >= lo)
-            score = tl.where(kept, x + _gumbel(row_hash, offs), float("-inf"))
-            block_best = tl.max(score, axis=0)
-            block_tok = tl.argmax(score, axis=0, tie_break_left=True)
-            better = block_best > best
-            best_x = tl.where(better, tl.max(tl.where(offs == start + block_tok, x, float("-inf")), axis=0), best_x)
-            best_tok = tl.where(better, start + block_tok, best_tok)
-            best = tl.where(better, block_best, best)
+                                               target, False, BLOCK_S, NPROBE)
+        if n_draw > 0:
+            row_hash = _row_hash(ids_ptr, row, stride_id, seed, step)
+            best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+            best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
+            best_tok = tl.zeros([BLOCK_V], dtype=tl.int32)
+            for start in range(0, n_draw, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
+                kept = (offs < n_valid) & (_order_key(x) >= lo)
+                best, best_x, best_tok = _lane_draw(x, offs, row_hash, kept, m, best, best_x, best_tok)
+            top, top_x, top_tok = _lane_result(best, best_x, best_tok)
 
-    no_mass = m == float("-inf")
-    lse, entropy = lse_and_entropy(m, tl.where(no_mass, 1.0, s), t)
-    tl.store(tokens_ptr + row, best_tok)
-    tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), best_x - lse))
+    tl.store(tokens_ptr + row, top_tok.to(tl.int64))
+    tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), top_x - lse))
     tl.store(entropy_ptr + row, tl.where(no_mass, 0.0, entropy))
 
 
@@ -257,24 +452,58 @@ def _sample_kernel(
 # 2. Backends: the launcher and the torch twin
 # ----------------------------------------------------------------------------
 
+def _row_block(n_cols: int) -> int:
+    """Columns per trip of the row passes: the interpreter costs ~1 ms per program per loop trip whatever the
+    block size (the largest blocks there); a GPU takes 2048 (8 per thread at 8 warps: seven per-lane vectors
+    in registers)."""
+    return min(triton.next_power_of_2(n_cols), (1 << 16) if triton_interpreter_enabled() else 2048)
+
+
 def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_size):
     n_rows, n_cols = logits2d.shape
-    tokens = torch.empty(n_rows, dtype=torch.int64, device=logits2d.device)
-    out = empty_output((2, n_rows), torch.float32, logits2d.device)
+    device = logits2d.device
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
+    out = empty_output((2, n_rows), torch.float32, device)
     if n_rows == 0:
         return tokens, out[0], out[1]
-    # The interpreter costs ~1 ms per program per loop trip whatever the block size: the largest blocks there.
-    # On a GPU a search pass holds a (16, BLOCK_V) tile: 1024 columns = 64 registers per thread at 8 warps.
-    block_v = min(triton.next_power_of_2(n_cols), (1 << 16) if triton_interpreter_enabled() else 1024)
+    interpreted = triton_interpreter_enabled()
+    block_v = _row_block(n_cols)
+    has_top_k, has_top_p = 0 < top_k < vocab_size, top_p < 1.0
+    nucleus = has_top_p and not has_top_k
+    # A search pass holds a (16, BLOCK_S) tile; the final kernel (search and draw for the rows that need them)
+    # takes that block for its draw too. Larger blocks there make ptxas spill (2048 always, 1024 with the
+    # checks' merge; tests/kernels/test_aot_compile.py): the search is only the rare fallback of top-p alone.
+    block_s = min(block_v, (1 << 16) if interpreted else 512 if nucleus else 1024)
+    # Splits depend on V only, never on the batch: a row's result (rounding included) is the same in any batch.
+    n_blocks = triton.cdiv(n_cols, block_v)
+    per_split = triton.cdiv(n_blocks, min(n_blocks, _MAX_SPLITS))
+    n_splits = triton.cdiv(n_blocks, per_split)
+    splits_p2 = triton.next_power_of_2(n_splits)
+    n_checks = _CHECKS if nucleus else 0
+    stats = empty_output((8, n_rows, n_splits), torch.float32, device)
+    checks = empty_output((2, 4, n_rows, n_splits), torch.float32, device) if n_checks else stats
+    states = empty_output((2, 4, n_rows), torch.float32, device) if n_checks else stats
+    common = (n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), ids1d.stride(0))
+    # seed | 2^32: always typed int64 (a bare 32-bit value is i32 or u32 by its top bit: two compilations); the
+    # kernels keep its low 32 bits.
+    draw_args = (seed | (1 << 32), step, float(temperature))
     with on_device_of(logits2d):
-        _sample_kernel[(n_rows,)](
-            logits2d, ids1d, tokens, out[0], out[1],
-            n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), ids1d.stride(0),
-            # seed | 2^32: always typed int64 (a bare 32-bit value is i32 or u32 by its top bit: two compilations);
-            # the kernel keeps its low 32 bits.
-            seed | (1 << 32), step, float(temperature), top_k, float(top_p),
-            BLOCK_V=block_v, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES,
-            HAS_TOP_K=0 < top_k < vocab_size, HAS_TOP_P=top_p < 1.0, num_warps=8,
+        _sample_stats_kernel[(n_rows, n_splits)](
+            logits2d, ids1d, stats, *common, per_split, stats.stride(0), *draw_args,
+            BLOCK_V=block_v, DRAW=not has_top_k, FTZ=not interpreted, num_warps=8,
+        )
+        for i in range(n_checks):       # check i reads check i - 1's results and state, writes its own
+            _sample_check_kernel[(n_rows, n_splits)](
+                logits2d, ids1d, stats, checks[(i + 1) % 2], states[(i + 1) % 2], states[i % 2], checks[i % 2],
+                n_rows, *common, per_split, stats.stride(0), *draw_args, float(top_p),
+                BLOCK_V=block_v, SPLITS=splits_p2, FIRST=i == 0, FTZ=not interpreted, num_warps=8,
+            )
+        last = (n_checks - 1) % 2
+        _sample_final_kernel[(n_rows,)](
+            logits2d, ids1d, stats, checks[last] if n_checks else stats, states[last] if n_checks else stats,
+            tokens, out[0], out[1], n_rows, n_splits, *common, stats.stride(0), *draw_args, top_k, float(top_p),
+            BLOCK_V=block_s, BLOCK_S=block_s, SPLITS=splits_p2, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES,
+            HAS_CHECKS=n_checks > 0, HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, num_warps=8,
         )
     return tokens, out[0], out[1]
 

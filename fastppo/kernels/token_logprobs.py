@@ -12,6 +12,7 @@ from the saved log-sum-exp.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ from ._checks import (
     check_shape, check_tensor, check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from ._math import lse_and_entropy, online_lse_step, softmax_grad
+from ._math import LN2, LOG2E, fast_exp2, lse2_and_entropy, online_lse2_step
 from . import torch_backend
 
 
@@ -35,80 +36,105 @@ from . import torch_backend
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
     n_cols, n_valid, stride_lm, stride_lv, stride_label,
-    temperature, ignore_index,
-    BLOCK_V: tl.constexpr,
+    scale, ignore_index,
+    BLOCK_V: tl.constexpr, FTZ: tl.constexpr,
 ):
-    """One program per row: an online log-sum-exp over vocab blocks in fp32.
+    """One program per row: an online log-sum-exp over vocab blocks in fp32, in base 2.
 
-    Columns in [n_valid, n_cols) are alignment padding: excluded from the
-    softmax. They are loaded with the rest (a mask on the padded width n_cols,
-    a multiple of 16 in practice, keeps the loads 128-bit wide; one on an odd
-    n_valid would not) and replaced by −inf.
-
-    Running state (_math.online_lse_step), all relative to the running max m:
-      s = Σ exp(x − m),  t = Σ exp(x − m)·(x − m)
-    so that lse = m + log s and entropy = log s − t / s without cancellation
-    at large logits. m starts at −inf (not 0: all-negative rows must work).
+    scale = log2(e) / T: the temperature and the change of base are one
+    multiply, fused with the subtraction of the reference point
+    (_math.online_lse2_step: per-lane sums, one reduction per block, the max).
+    The blocks wholly inside [0, n_valid) are loaded without a mask; the last,
+    partial block alone is masked. Columns in [n_valid, n_cols) are alignment
+    padding, excluded from the softmax: that block is loaded masked on the
+    padded width n_cols (a multiple of 16 in practice, so its loads stay
+    128-bit wide) and the padding replaced by −inf.
     """
     row = tl.program_id(0).to(tl.int64)
-    temp = tl.cast(temperature, tl.float32)
+    k = tl.cast(scale, tl.float32)
     label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
     is_ignored = label == ignore_index
     row_ptr = logits_ptr + row * stride_lm
 
-    # Nothing about is_ignored is left to do after the loop: a flag live across it costs a predicate that
-    # ptxas (triton 3.6, sm_90, unaligned V) spills to local memory. An ignored row reads no block, so it
-    # ends with s = 1, t = 0 and x_label = 0: lse = log 1 = 0 and H = 0 exactly, and its logprob 0 − 0.
+    # An ignored row reads no block: row_end = 0 carries that through the loop as an integer (a flag live across
+    # it would cost a predicate that ptxas has spilled), and the row ends with lse = 0, H = 0, logprob 0 − 0.
     label_ok = (label >= 0) & (label < n_valid) & (not is_ignored)
-    x_label = tl.load(row_ptr + label * stride_lv, mask=label_ok, other=0.0).to(tl.float32) / temp
-    m = tl.cast(float("-inf"), tl.float32)
-    s = tl.where(is_ignored, 1.0, 0.0)
-    t = tl.cast(0.0, tl.float32)
-    n_blocks = tl.where(is_ignored, 0, tl.cdiv(n_cols, BLOCK_V))
-    for block in range(0, n_blocks):
+    x_label = tl.load(row_ptr + label * stride_lv, mask=label_ok, other=0.0).to(tl.float32)
+    row_end = tl.where(is_ignored, 0, n_valid)
+    n_full = row_end // BLOCK_V
+    r = tl.cast(float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for block in range(0, n_full):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + offs * stride_lv).to(tl.float32)
+        r, s, t = online_lse2_step(r, s, t, x, k, FTZ)
+    if n_full * BLOCK_V < row_end:
+        offs = n_full * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        m, s, t = online_lse_step(m, s, t, tl.where(offs < n_valid, x / temp, float("-inf")))
+        r, s, t = online_lse2_step(r, s, t, tl.where(offs < n_valid, x, float("-inf")), k, FTZ)
 
-    lse, entropy = lse_and_entropy(m, s, t)
-    tl.store(logprobs_ptr + row, x_label - lse)
+    r_ref, log2_s, entropy = lse2_and_entropy(r, s, t, row_end == 0)
+    tl.store(logprobs_ptr + row, ((x_label * k - r_ref) - log2_s) * LN2)
     tl.store(entropy_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, (r_ref + log2_s) * LN2)
+
+
+@triton.jit
+def _token_logprobs_bwd_block(x, offs, label, lse2, k, c_label, a, b, FTZ: tl.constexpr):
+    """dlogits of one block: c_label·[j = label] + p_j·(a + b·d_j), d_j = log2 p_j = x_j·k − lse2."""
+    d = tl.maximum(x * k - lse2, -1000.0)              # −inf → −1000: p = 0 and p·(a + b·d) = 0, not NaN
+    p = fast_exp2(d, FTZ)
+    return p * (a + b * d) + tl.where(offs == label, c_label, 0.0)
 
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, entropy_ptr, dlogprobs_ptr, dentropy_ptr, dlogits_ptr,
-    n_cols, n_valid, stride_lm, stride_lv, stride_label, stride_dm,
-    temperature, ignore_index,
-    BLOCK_V: tl.constexpr, HAS_DLOGPROBS: tl.constexpr, HAS_DENTROPY: tl.constexpr,
+    n_cols, n_valid, stride_lm, stride_lv, stride_label, stride_dm, blocks_per_program,
+    scale, inv_temp, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_DLOGPROBS: tl.constexpr, HAS_DENTROPY: tl.constexpr, FTZ: tl.constexpr,
 ):
-    """Grid (rows, vocab blocks): recompute p from the saved lse, write dlogits.
+    """Grid (rows, splits): each program recomputes p from the saved lse over `blocks_per_program` vocab
+    blocks of its row and writes dlogits.
 
-    Columns in [n_valid, n_cols) are alignment padding: taken as −inf (after a
-    load masked on n_cols, for wide loads), so p = 0 there and their gradient
-    is written as exactly 0.
-
-    With x = logits / T:  d logprob/dx_j = [j = label] − p_j,
-    d entropy/dx_j = −p_j (log p_j + H) (_math.softmax_grad); both divided by T.
+    With x = logits / T, p_j = 2^(d_j), d_j = x_j·log2(e) − lse·log2(e):
+      d logprob/dx_j = [j = label] − p_j,  d entropy/dx_j = −p_j (ln p_j + H),
+    so the gradient, times 1/T, is c·[j = label] + p_j·(a + b·d_j) with the row
+    scalars c = g_lp / T, a = −(g_lp + g_ent·H) / T, b = −g_ent·ln 2 / T (all 0 for
+    an ignored row): per element an FFMA, a max, a MUFU, two FFMAs and the label
+    select. Blocks wholly inside [0, n_valid) go unmasked; the blocks from the
+    last partial one to n_cols are masked, with the padding columns
+    [n_valid, n_cols) taken as −inf (p = 0, gradient exactly 0).
     """
     row = tl.program_id(0).to(tl.int64)
-    col_block = tl.program_id(1).to(tl.int64)
-    temp = tl.cast(temperature, tl.float32)
-    offs = col_block * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = offs < n_cols
+    first = tl.program_id(1) * blocks_per_program
+    k = tl.cast(scale, tl.float32)
     label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
-    is_ignored = label == ignore_index
-
-    x = tl.load(logits_ptr + row * stride_lm + offs * stride_lv, mask=col_mask, other=float("-inf"))
-    x = tl.where(offs < n_valid, x.to(tl.float32), float("-inf"))
-    logp = x / temp - tl.load(lse_ptr + row)
-    dlogp = tl.load(dlogprobs_ptr + row) if HAS_DLOGPROBS else 0.0
-    dent = tl.load(dentropy_ptr + row) if HAS_DENTROPY else 0.0
+    keep = tl.where(label == ignore_index, 0.0, tl.cast(inv_temp, tl.float32))
+    lse2 = tl.load(lse_ptr + row) * LOG2E
+    g_lp = tl.load(dlogprobs_ptr + row) * keep if HAS_DLOGPROBS else 0.0
+    g_ent = tl.load(dentropy_ptr + row) * keep if HAS_DENTROPY else 0.0
     ent = tl.load(entropy_ptr + row) if HAS_DENTROPY else 0.0
-    grad = softmax_grad(offs == label, logp, ent, dlogp, dent, HAS_DLOGPROBS, HAS_DENTROPY)
-    grad = tl.where(is_ignored, 0.0, grad / temp)
-    tl.store(dlogits_ptr + row * stride_dm + offs, grad.to(dlogits_ptr.dtype.element_ty), mask=col_mask)
+    a = -(g_lp + g_ent * ent)
+    b = -g_ent * LN2
+    x_row = logits_ptr + row * stride_lm
+    d_row = dlogits_ptr + row * stride_dm
+    out_ty = dlogits_ptr.dtype.element_ty
+
+    last = tl.minimum(first + blocks_per_program, tl.cdiv(n_cols, BLOCK_V))
+    full_end = tl.minimum(last, n_valid // BLOCK_V)
+    for block in range(first, full_end):
+        offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        x = tl.load(x_row + offs * stride_lv).to(tl.float32)
+        grad = _token_logprobs_bwd_block(x, offs, label, lse2, k, g_lp, a, b, FTZ)
+        tl.store(d_row + offs, grad.to(out_ty))
+    for block in range(tl.maximum(first, full_end), last):
+        offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        x = tl.load(x_row + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+        x = tl.where(offs < n_valid, x, float("-inf"))
+        grad = _token_logprobs_bwd_block(x, offs, label, lse2, k, g_lp, a, b, FTZ)
+        tl.store(d_row + offs, grad.to(out_ty), mask=offs < n_cols)
 
 
 # ----------------------------------------------------------------------------
@@ -123,19 +149,33 @@ def _block_v(n_cols: int, cap: int) -> int:
     return min(triton.next_power_of_2(n_cols), cap)
 
 
+# GPU launch shapes of the row kernels: 4096 columns in 8 warps, 16 per thread: two 128-bit loads of bf16 per
+# thread and trip, and the per-trip cost (the block max's shuffles and barrier) spread over 4096 elements.
+_ROW_BLOCK, _ROW_WARPS = 4096, 8
+# The backward splits rows into programs of at least this many blocks when there are few rows (decode-sized N),
+# and gives whole rows to programs when there are enough of them to fill a GPU.
+_BWD_PROGRAMS = 1024
+
+
+def _row_launch(n_cols: int):
+    """(BLOCK_V, num_warps, FTZ) of the row kernels: FTZ (the one-instruction exp2) only when compiled."""
+    block_v = _block_v(n_cols, _ROW_BLOCK)
+    return block_v, _ROW_WARPS if block_v >= 2048 else 4, not triton_interpreter_enabled()
+
+
 def _fwd_triton(logits2d, labels1d, temperature, ignore_index, vocab_size):
     # Only the first vocab_size columns enter the softmax; the row stride is the padded one.
     n_rows, n_cols = logits2d.shape
     out = empty_output((3, n_rows), torch.float32, logits2d.device)
     if n_rows == 0:
         return out[0], out[1], out[2]
-    block_v = _block_v(n_cols, 4096)
+    block_v, warps, ftz = _row_launch(n_cols)
     with on_device_of(logits2d):
         _token_logprobs_fwd_kernel[(n_rows,)](
             logits2d, labels1d, out[0], out[1], out[2],
             n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0),
-            float(temperature), int(ignore_index),
-            BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+            math.log2(math.e) / temperature, int(ignore_index),
+            BLOCK_V=block_v, FTZ=ftz, num_warps=warps,
         )
     return out[0], out[1], out[2]
 
@@ -143,14 +183,16 @@ def _fwd_triton(logits2d, labels1d, temperature, ignore_index, vocab_size):
 def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
                 vocab_size, out=None):
     # `out` (rows, V) with unit column stride, any float dtype, may alias logits2d
-    # (each program reads its block before writing it): used by linear_token_logprobs.
+    # (each program reads each of its blocks before writing it): used by linear_token_logprobs.
     # Columns from vocab_size on get exactly 0.
     n_rows, n_cols = logits2d.shape
     dlogits = out if out is not None else empty_output((n_rows, n_cols), logits2d.dtype, logits2d.device)
     if n_rows == 0 or n_cols == 0:
         return dlogits
-    block_v = _block_v(n_cols, 4096)
-    grid = (n_rows, triton.cdiv(n_cols, block_v))
+    block_v, warps, ftz = _row_launch(n_cols)
+    n_blocks = triton.cdiv(n_cols, block_v)
+    per_program = triton.cdiv(n_blocks, min(n_blocks, triton.cdiv(_BWD_PROGRAMS, n_rows)))
+    grid = (n_rows, triton.cdiv(n_blocks, per_program))
     with on_device_of(logits2d):
         _token_logprobs_bwd_kernel[grid](
             logits2d, labels1d, lse, entropy,
@@ -158,9 +200,9 @@ def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, t
             grad_entropy if grad_entropy is not None else lse,
             dlogits,
             n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), labels1d.stride(0), dlogits.stride(0),
-            float(temperature), int(ignore_index),
+            per_program, math.log2(math.e) / temperature, 1.0 / temperature, int(ignore_index),
             BLOCK_V=block_v, HAS_DLOGPROBS=grad_logprobs is not None, HAS_DENTROPY=grad_entropy is not None,
-            num_warps=8 if block_v >= 2048 else 4,
+            FTZ=ftz, num_warps=warps,
         )
     return dlogits
 

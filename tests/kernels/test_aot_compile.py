@@ -29,6 +29,7 @@ import fastppo.kernels
 from fastppo.config import ppo_max
 from fastppo.kernels import gae, kl_penalty, linear_ppo_loss, linear_token_logprobs, ppo_loss, sample, token_logprobs
 from fastppo_testing.aot import compile_cases, record_launches
+from fastppo_testing.sass import budget, per_element, streamed_bytes
 
 SMS = (80, 90)
 V_EVEN, V_ODD = 32000, 32001          # Llama's vocabulary, and one whose rows cannot be 16-byte aligned
@@ -196,6 +197,13 @@ STREAMING = {f"fastppo.kernels.{kernel}": args for kernel, args in {
     "ppo_loss:_ppo_loss_bwd_kernel": (*_PPO_ROWS, "dlp_ptr", "dval_ptr", "stride_dm"),
 }.items()}
 
+# Per-element pointers of each kernel, for its bandwidth budget of instructions (fastppo_testing/sass.py): the
+# streaming kernels' and the sampler's logits (one pass over them) and gae's five (B, T) tensors.
+STREAMED = {**STREAMING,
+            "fastppo.kernels.sampler:_sample_stats_kernel": ("logits_ptr",),
+            "fastppo.kernels.sampler:_sample_check_kernel": ("logits_ptr",),
+            "fastppo.kernels.gae:_gae_fwd_kernel": ("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "ret_ptr")}
+
 
 def _alignment_allows_wide_loads(case) -> bool:
     """Every deciding argument is 16-divisible, or the constant 1 (a unit stride)."""
@@ -293,3 +301,23 @@ def test_no_reverse_scan():
     modules = set(_all_jit_kernels().values())
     offenders = [m.__name__ for m in modules if "reverse=True" in inspect.getsource(m)]
     assert not offenders, f"reverse scans in {offenders}"
+
+
+# The row kernels held to their bandwidth budget of instructions on sm_90 (fastppo_testing/sass.py: issue rate
+# over copy bandwidth, ~8.1 thread-instructions per byte on an H200; bf16 forward ~16 per element).
+ROW_KERNELS = ("fastppo.kernels.token_logprobs:_token_logprobs_fwd_kernel",
+               "fastppo.kernels.token_logprobs:_token_logprobs_bwd_kernel")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kernel in ROW_KERNELS], ids=lambda c: c.name)
+def test_row_kernels_within_bandwidth_budget(compiled, case):
+    result = compiled[(case.name, 90)]
+    assert result.error is None, result.error
+    assert result.n_loops >= 1, f"{case.name}: no loop over the row found in its SASS"
+    n_bytes = streamed_bytes(case.signature, STREAMED[case.kernel])
+    instructions, mufu = budget(n_bytes)
+    got = per_element(result.hot_loop, case.num_warps, case.constexprs)
+    got_mufu = per_element(result.hot_loop_mufu, case.num_warps, case.constexprs)
+    assert got <= instructions, (f"{case.name}: {got:.1f} SASS instructions per element on sm_90 > budget "
+                                 f"{instructions:.1f} ({n_bytes} bytes per element)")
+    assert got_mufu <= mufu, f"{case.name}: {got_mufu:.2f} MUFU per element > budget {mufu:.2f}"

@@ -102,12 +102,13 @@ def check_draw(got, logits, **kw):
     V = logits.size(-1)
     slack = U * (4 * x_max + 2 * math.log2(V) + V / 1024 + 16) if kw.get("top_p", 1.0) < 1.0 else 0.0
     sure, score, _, _ = reference(logits, mass_slack=-slack, **kw)
-    maybe, _, _, _ = reference(logits, mass_slack=slack, **kw)
+    maybe, maybe_score, _, _ = reference(logits, mass_slack=slack, **kw)
     best_sure = score.max(-1).values
     rows = torch.arange(len(tokens), device=tokens.device)
     finite = torch.isfinite(best_sure)
     tol = U * (2 * x_max + 8 * (1 + 17.0))                    # |g| <= -log(-log(1 - 2^-24)) < 17
-    candidate = maybe & (score.nan_to_num(neginf=-1e300) >= (best_sure - tol)[:, None])
+    # A token inside the boundary window is scored too (maybe_score: x + g on every possibly kept token).
+    candidate = maybe & (maybe_score.nan_to_num(neginf=-1e300) >= (best_sure - tol)[:, None])
     assert candidate[rows, tokens][finite].all(), (tokens, score.argmax(-1))
     # A row without a finite logit draws token 0.
     assert (tokens[~finite] == 0).all()
@@ -383,3 +384,41 @@ def test_gumbel_noise_is_a_pure_function_with_gumbel_moments():
     # No visible correlation between neighbouring rows, steps or tokens.
     for a, b in ((g[:-1], g[1:]), (g[:, :-1], g[:, 1:]), (g, gumbel_noise(7, ids, step=4, vocab=1000))):
         assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.01
+
+
+# ----------------------------------------------------------------------------
+# Top-p by candidate checks: the same draw as the threshold search
+# ----------------------------------------------------------------------------
+
+def test_top_p_checks_draw_what_the_threshold_search_draws(monkeypatch):
+    """Top-p alone is drawn by checking the unfiltered Gumbel argmax against the mass above it and redrawing
+    above it when it falls outside the nucleus (sampler._CHECKS passes, then the threshold search). With 0
+    checks every row takes the search (the earlier definition's path); 1 check leaves many rows to fall back
+    (top_p 0.3 on flat rows), 4 resolve most. Rows split across programs (blocks of 64 columns: 5 splits
+    whose statistics and draws are merged) must not change a token either. The tokens must be the same, the
+    torch twin's too: logits on a grid of 0.5 give ties in x, inside the nucleus and at its boundary."""
+    from fastppo.kernels import sampler
+
+    B, V = 12, 300                     # the interpreter: ~1 ms per program and launch (6 launches, 5 splits)
+    logits = torch.round(torch.randn(B, V) * 4) / 2
+    logits[:4] = torch.round(torch.randn(4, V)) / 2                    # flat rows: the draw often misses
+    logits[4, :10] = 6.0                                               # a tied top group holding the nucleus
+    row_block = sampler._row_block
+    draws = {}
+    for checks, split in ((0, False), (1, True), (4, False), (4, True)):
+        monkeypatch.setattr(sampler, "_CHECKS", checks)
+        monkeypatch.setattr(sampler, "_row_block", (lambda n: 64) if split else row_block)
+        for seed, step, T, p in ((1, 0, 1.0, 0.9), (2, 5, 0.7, 0.3), (4, 2, 1.3, 0.05)):
+            ids = torch.arange(B) + 100 * seed
+            out = sample(logits, seed=seed, sample_ids=ids, step=step, temperature=T, top_p=p, backend="triton")
+            draws.setdefault((seed, step, T, p), []).append(out)
+            if checks == 4 and not split:
+                twin = sample(logits, seed=seed, sample_ids=ids, step=step, temperature=T, top_p=p, backend="torch")
+                assert torch.equal(out.tokens, twin.tokens), (seed, p)
+                check_draw(out, logits, seed=seed, sample_ids=ids, step=step, temperature=T, top_p=p)
+    for key, (search, *others) in draws.items():
+        for other in others:
+            assert torch.equal(other.tokens, search.tokens), key
+            # Split rows merge their sums in another order: equal up to rounding.
+            torch.testing.assert_close(other.logprobs, search.logprobs, atol=4e-6, rtol=0)
+            torch.testing.assert_close(other.entropy, search.entropy, atol=4e-6, rtol=0)

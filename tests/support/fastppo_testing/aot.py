@@ -36,6 +36,7 @@ from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
 from fastppo.kernels import _dispatch
+from fastppo_testing.sass import count as count_sass
 
 
 @dataclass
@@ -170,6 +171,13 @@ class Compiled:
     spills: int = 0
     """Local-memory stores and loads in the SASS (STL/LDL): what a register spill compiles to. A stack frame
     (`stack`) alone is not one: ptxas may reserve a few bytes of frame that no instruction touches."""
+    instructions: int = 0
+    hot_loop: int = 0
+    """SASS instructions of the largest innermost loop's body (the whole kernel when it has no loop), and the
+    MUFU among them: see fastppo_testing/sass.py."""
+    hot_loop_mufu: int = 0
+    n_loops: int = 0
+    loop_sizes: list = field(default_factory=list)
 
 
 def _compile_one(case: dict, sm: int) -> dict:
@@ -193,8 +201,11 @@ def _compile_one(case: dict, sm: int) -> dict:
         fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
         loads = sorted(set(re.findall(r"\bLDG\.E[.\w]*", sass)))
         spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
+        counts = count_sass(sass)
         return asdict(Compiled(int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"]), int(fields["SHARED"]), loads,
-                               spills=spills))
+                               spills=spills, instructions=counts.instructions, hot_loop=counts.hot_loop,
+                               hot_loop_mufu=counts.hot_loop_mufu, n_loops=counts.n_loops,
+                               loop_sizes=list(counts.loop_sizes)))
     except Exception as exc:  # reported per case by the test
         return asdict(Compiled(-1, -1, -1, -1, [], error=f"{type(exc).__name__}: {exc}"))
 
@@ -202,7 +213,9 @@ def _compile_one(case: dict, sm: int) -> dict:
 def compile_cases(cases: list[AotCase], sms: tuple[int, ...]) -> dict[tuple[str, int], Compiled]:
     """Compile every case for every SM in one worker process; keyed by (case name, sm)."""
     payload = json.dumps({"cases": [asdict(c) for c in cases], "sms": list(sms)})
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    support = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # fastppo_testing's parent, for the worker
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join(p for p in (support, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=payload, capture_output=True,
                           text=True, env=env, check=False)
     if proc.returncode != 0:
