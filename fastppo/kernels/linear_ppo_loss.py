@@ -59,8 +59,9 @@ from ._layout import MASK_DTYPES, loadable_mask, valid_of
 from ._math import kl_estimate, lse_and_entropy, online_lse_step, policy_surrogate, softmax_grad
 from . import torch_backend
 from .kl_penalty import ESTIMATORS
-from .linear_token_logprobs import _chunks, _dhidden_into, _logits_into, _plan, _weight_operand
-from .token_logprobs import _block_v, _bwd_triton, _fwd_triton
+from .linear_token_logprobs import chunk_plan
+from .lm_head import accumulate_grads, chunk_logits, chunk_ranges, fp16_grad_scale, fused_grad_forward, weight_operand
+from .token_logprobs import _block_v
 
 
 # ----------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def compacts_rows(device: torch.device) -> bool:
 
 
 def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params: LinearPPOParams, vocab_size, backend,
-             plan, need_dh, need_dw):
+             plan, need_dh, need_dw, grad_scale):
     """Chunked loss, statistics and gradients.
 
     token_inputs: old_lp, adv, ref_lp, policy_weight (the last two may be None).
@@ -205,6 +206,8 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
     are zeroed off it (the hidden rows are zeroed as they are loaded). Returns
     tok (7, n) float32 (0 off the mask), dhidden (N, H) in hidden's dtype (zero
     on invalid rows) or None, and the float32 dW (V, H) accumulator or None.
+    grad_scale: `lm_head.fp16_grad_scale` (the dlogits are computed at norm / grad_scale and the GEMM results
+    unscaled), or None.
     """
     n_rows, size_h = hidden2d.shape
     vocab, device = weight.shape[0], hidden2d.device
@@ -219,14 +222,15 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
     if n_tok == 0:
         return tok, dhidden, dw_acc
     temperature = params.temperature
-    w = _weight_operand(weight, plan)
+    grad_norm = norm if grad_scale is None else norm / grad_scale          # read by the gradients only
+    w = weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
     dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dh else None
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
     # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
     dlogits = logits if plan.operand_dtype == torch.float32 or not with_grad else empty_output(
         (plan.chunk, vocab), plan.operand_dtype, device)
-    for start, n in _chunks(n_tok, plan.chunk):
+    for start, n in chunk_ranges(n_tok, plan.chunk):
         rows = slice(start, start + n)
         valid_rows = None
         if index is None:
@@ -238,48 +242,21 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
         if n < plan.chunk:
             h_buf[n:].zero_()                                           # padded rows: zero logits, no gradient
         token_args = (labels[rows], *(None if x is None else x[rows] for x in token_inputs))
-        _chunk_logits(logits, h_buf, w, plan, backend, temperature)
+        chunk_logits(logits, h_buf, w, plan, backend, temperature)
         if backend == "triton":
-            _chunk_triton(logits[:n], dlogits[:n], *token_args, valid_rows, norm, tok[:, rows], params, vocab_size,
-                          with_grad)
+            _chunk_triton(logits[:n], dlogits[:n], *token_args, valid_rows, grad_norm, tok[:, rows], params,
+                          vocab_size, with_grad)
         else:
             tok[:, rows] = torch_backend.linear_ppo_chunk_(
-                logits[:n], *token_args, norm, params, with_grad, vocab_size, valid_rows)
+                logits[:n], *token_args, grad_norm, params, with_grad, vocab_size, valid_rows)
             if with_grad and dlogits is not logits:
                 dlogits[:n] = logits[:n]
         if with_grad:
-            _accumulate_grads(dlogits, n, h_buf, dh_buf, w, plan, dhidden, dw_acc, rows,
-                              None if index is None else index[rows])
+            accumulate_grads(dlogits, n, h_buf, dh_buf, w, plan, dhidden, dw_acc, rows,
+                             None if index is None else index[rows], grad_scale)
+    if dw_acc is not None and grad_scale is not None:
+        dw_acc.div_(grad_scale)
     return tok, dhidden, dw_acc
-
-
-def _chunk_logits(logits, h_buf, w, plan, backend, temperature):
-    """The chunk's float32 logits (C, V): as they are for the Triton kernels (which divide by T), divided by T
-    for the torch backend (folded into the GEMM where that is free)."""
-    if backend == "triton" or plan.fp32_out or temperature == 1.0:
-        _logits_into(logits, h_buf, w, plan)
-        if backend != "triton" and temperature != 1.0:
-            logits.div_(temperature)
-    else:
-        torch.addmm(logits, h_buf, w.t(), beta=0.0, alpha=1.0 / temperature, out=logits)
-
-
-def _accumulate_grads(dlogits, n, h_buf, dh_buf, w, plan, dhidden, dw_acc, rows, index_rows):
-    """dhidden rows (dlogits @ W, at `rows`, or at hidden rows index_rows when compacted) and dW += dlogitsᵀ @ h
-    for one chunk of n tokens (the chunk's padding rows zeroed first: no gradient)."""
-    if n < plan.chunk:
-        dlogits[n:].zero_()
-    if dhidden is not None:
-        _dhidden_into(dh_buf, dlogits, w, plan)                         # (C, V) @ (V, H), float32
-        if index_rows is None:
-            dhidden[rows] = dh_buf[:n]                                  # rounded once
-        else:
-            dhidden.index_copy_(0, index_rows, dh_buf[:n].to(dhidden.dtype))
-    if dw_acc is not None:
-        if plan.fp32_out:
-            torch.addmm(dw_acc, dlogits.t(), h_buf, torch.float32, out=dw_acc)
-        else:
-            torch.addmm(dw_acc, dlogits.t(), h_buf, out=dw_acc)          # (V, C) @ (C, H), float32
 
 
 def sequence_groups(starts: list[int], n_tokens: int, chunk: int) -> list[tuple[int, int]]:
@@ -325,82 +302,38 @@ def sequence_policy_terms(logprobs, entropy, old_logprobs, advantages, ref_logpr
 
 
 def _forward_sequences(hidden2d, weight, index, starts, labels, token_inputs, norm, params: LinearPPOParams,
-                       vocab_size, backend, plan, need_dh, need_dw):
-    """ratio_level="sequence": as `_forward` on the compacted valid tokens (index (n,)), whose sequences begin at
-    `starts` (host ints), with chunks cut at sequence boundaries (`sequence_groups`).
+                       vocab_size, backend, plan, need_dh, need_dw, grad_scale):
+    """ratio_level="sequence": as `_forward` on the gathered valid tokens (index (n,)), whose sequences begin at
+    `starts` (host ints), in chunks cut at sequence boundaries (`sequence_groups`).
 
-    A sequence's ratio needs all of its logprobs before any of its gradients: per group, each chunk's logits
-    are reduced to (logprob, entropy, log-sum-exp) by one row pass, the sequence terms computed on the (n,)
-    vectors, and a second row pass turns the logits, still in memory, into dlogits, as the token-level kernel
-    does within a row. A sequence longer than a chunk has its logits computed twice (its stats, then its
-    gradients): 8·n·H·V FLOP for its tokens instead of 6.
+    A sequence's ratio needs all of its logprobs before any of its gradients: `lm_head.fused_grad_forward`
+    reduces each chunk's logits to (logprob, entropy, log-sum-exp) in one row pass, `sequence_policy_terms`
+    gives the group's statistics and d loss / d logprob on the (n,) vectors, and a second row pass turns the
+    logits, still in memory, into dlogits (the token-level kernel also reads each row twice). A sequence
+    longer than a chunk has its logits computed twice: 8·n·H·V FLOP for its tokens instead of 6.
     """
-    n_rows, size_h = hidden2d.shape
-    vocab, device = weight.shape[0], hidden2d.device
     n_tok = index.numel()
-    with_grad = need_dh or need_dw
-    tok = torch.zeros((len(torch_backend.PPO_TOKEN_STATS), n_tok), dtype=torch.float32, device=device)
-    dhidden = torch.zeros((n_rows, size_h), dtype=hidden2d.dtype, device=device) if need_dh else None
-    dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dw else None
-    if n_tok == 0:
-        return tok, dhidden, dw_acc
-    temperature = params.temperature
-    lengths = torch.tensor([b - a for a, b in zip(starts, starts[1:] + [n_tok])])
-    seg_all = torch.repeat_interleave(torch.arange(len(starts)), lengths).to(device)
-    w = _weight_operand(weight, plan)
-    h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
-    dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dh else None
-    logits = empty_output((plan.chunk, vocab), torch.float32, device)
-    dlogits = logits if plan.operand_dtype == torch.float32 or not with_grad else empty_output(
-        (plan.chunk, vocab), plan.operand_dtype, device)
-    aux = torch.empty(2, n_tok, dtype=torch.float32, device=device)    # triton: lse; torch: s, t
+    tok = torch.zeros((len(torch_backend.PPO_TOKEN_STATS), n_tok), dtype=torch.float32, device=hidden2d.device)
+    lengths = torch.tensor([b - a for a, b in zip(starts, starts[1:] + [n_tok])], dtype=torch.long)
+    seg_all = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(hidden2d.device)
     old_lp, adv, ref_lp, pweight = token_inputs
+    g_ent = torch.full((), -params.ent_coef, device=hidden2d.device) / norm if params.ent_coef else None
+    with_grad = need_dh or need_dw
 
-    def logits_of(start, n):
-        h_buf[:n].copy_(hidden2d.index_select(0, index[start:start + n]))
-        if n < plan.chunk:
-            h_buf[n:].zero_()
-        _chunk_logits(logits, h_buf, w, plan, backend, temperature)
-
-    def stats_of(start, n):
-        rows = slice(start, start + n)
-        if backend == "triton":
-            tok[0, rows], tok[1, rows], aux[0, rows] = _fwd_triton(logits[:n], labels[rows], temperature, -100,
-                                                                   vocab_size)
-        else:
-            tok[0, rows], tok[1, rows], aux[0, rows], aux[1, rows] = torch_backend.linear_ppo_chunk_stats_(
-                logits[:n], labels[rows], vocab_size)
-
-    for a, b in sequence_groups(starts, n_tok, plan.chunk):
-        for start, n in _chunks(b - a, plan.chunk):
-            logits_of(a + start, n)
-            stats_of(a + start, n)
-        group = slice(a, b)
-        seg = seg_all[group]
-        seg = seg - seg[0]
+    def coefficients(group, logprobs, entropy):
+        seg = seg_all[group] - seg_all[group.start]
         stats, g_lp = sequence_policy_terms(
-            tok[0, group], tok[1, group], old_lp[group], adv[group], None if ref_lp is None else ref_lp[group],
+            logprobs, entropy, old_lp[group], adv[group], None if ref_lp is None else ref_lp[group],
             None if pweight is None else pweight[group], seg, int(seg[-1]) + 1, norm, params)
         tok[:, group] = stats
-        if not with_grad:
-            continue
-        for start, n in _chunks(b - a, plan.chunk):
-            rows = slice(a + start, a + start + n)
-            if b - a > plan.chunk:                                      # a long sequence: its logits again
-                logits_of(a + start, n)
-                if backend != "triton":
-                    torch_backend.linear_ppo_chunk_stats_(logits[:n], labels[rows], vocab_size)   # shifts them
-            if backend == "triton":
-                g_ent = None if params.ent_coef == 0 else (-params.ent_coef / norm).expand(n).contiguous()
-                _bwd_triton(logits[:n], labels[rows], aux[0, rows], tok[1, rows], g_lp[start:start + n], g_ent,
-                            temperature, -100, vocab_size, out=dlogits[:n])
-            else:
-                torch_backend.linear_ppo_chunk_grad_(logits[:n], labels[rows], aux[0, rows], aux[1, rows],
-                                                     g_lp[start:start + n], -params.ent_coef / norm, temperature,
-                                                     vocab_size, params.ent_coef != 0)
-                if dlogits is not logits:
-                    dlogits[:n] = logits[:n]
-            _accumulate_grads(dlogits, n, h_buf, dh_buf, w, plan, dhidden, dw_acc, rows, index[rows])
+        return g_lp, g_ent
+
+    groups = sequence_groups(starts, n_tok, plan.chunk)
+    lp_ent, dhidden, dw_acc = fused_grad_forward(hidden2d, weight, index, labels, plan, backend, params.temperature,
+                                                 vocab_size, groups, coefficients, need_dh, need_dw, grad_scale)
+    if not with_grad:                                   # the statistics alone: no coefficients were asked for
+        for a, b in groups:
+            coefficients(slice(a, b), lp_ent[0, a:b], lp_ent[1, a:b])
     return tok, dhidden, dw_acc
 
 
@@ -451,13 +384,15 @@ class _LinearPPOLoss(torch.autograd.Function):
         if norm is None:
             norm = torch.full((), count, device=device) if index is not None else count
         norm = torch.where(norm > 0, norm, 1.0)                         # 0 (nothing valid) counts as 1
-        plan = _plan(hidden2d, weight, backend, chunk_size)
+        plan = chunk_plan(hidden2d, weight, backend, chunk_size)
+        # fp16 dlogits: coefficients of a token mean are ~1/norm; scaled to ~1 before the half cast.
+        scale = fp16_grad_scale(plan, hidden.dtype, 1.0 / torch.as_tensor(norm, device=device))
         if starts is not None:
             tok, dhidden, dw_acc = _forward_sequences(hidden2d, weight, index, starts, labels_t, token_inputs, norm,
-                                                      params, vocab_size, backend, plan, need_dh, need_dw)
+                                                      params, vocab_size, backend, plan, need_dh, need_dw, scale)
         else:
             tok, dhidden, dw_acc = _forward(hidden2d, weight, index, valid, labels_t, token_inputs, norm, params,
-                                            vocab_size, backend, plan, need_dh, need_dw)
+                                            vocab_size, backend, plan, need_dh, need_dw, scale)
 
         sums = tok[1:].sum(dim=1)                                       # entropy, pg, clipped, approx_kl, ratio, kl
         means = sums / norm

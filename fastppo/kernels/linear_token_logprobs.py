@@ -34,8 +34,6 @@ call.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 
 from ._checks import (
@@ -44,6 +42,9 @@ from ._checks import (
 )
 from ._dispatch import empty_output, resolve_backend
 from . import torch_backend
+from .lm_head import (
+    ChunkPlan, accumulate_grads, chunk_ranges, fp16_grad_scale, load_rows, logits_into, weight_operand,
+)
 from .token_logprobs import _bwd_triton, _fwd_triton, as_result
 
 
@@ -139,24 +140,6 @@ def _has_fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     return _FP32_OUT_GEMM[key]
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """How one call runs: chunk rows C and the GEMM operand dtype.
-
-    fp32_out: half-precision operands, float32 GEMM output (cuBLAS ``out_dtype``):
-        the logits are exact float32 sums of exact bf16 products. dlogits are
-        rounded to the input dtype for the two backward GEMMs, as in any
-        bf16 lm_head backward.
-    Otherwise operands are float32: float32 inputs as they are, and half inputs
-    where no mixed GEMM exists (CPU) upcast (the weight once per forward and
-    once per backward: an extra V·H·4 bytes, outside the chunk budget).
-    """
-
-    chunk: int
-    operand_dtype: torch.dtype
-    fp32_out: bool
-
-
 def bytes_per_chunk_row(vocab: int, hidden_size: int, dtype: torch.dtype, backend: str, fp32_out: bool) -> int:
     """Bytes of chunk buffers per chunk row, V the (padded) number of weight rows.
 
@@ -228,49 +211,13 @@ def peak_extra_bytes(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dty
     return total
 
 
-def _plan(hidden2d: torch.Tensor, weight: torch.Tensor, backend: str, chunk_size: int | None) -> _Plan:
+def chunk_plan(hidden2d: torch.Tensor, weight: torch.Tensor, backend: str, chunk_size: int | None) -> ChunkPlan:
+    """The `ChunkPlan` of one call of either linear op: chunk rows (chunk_size, else `chunk_rows`) and operands."""
     fp32_out = _has_fp32_out_gemm(hidden2d.device, hidden2d.dtype)
     chunk = chunk_size if chunk_size is not None else chunk_rows(
         weight.shape[0], weight.shape[1], hidden2d.dtype, hidden2d.device, backend)
     operand = hidden2d.dtype if fp32_out else torch.float32
-    return _Plan(chunk, operand, fp32_out)
-
-
-def _chunks(n_rows: int, chunk: int):
-    """(start, rows) of each chunk; chunk boundaries are fixed at multiples of C from row 0."""
-    for start in range(0, n_rows, chunk):
-        yield start, min(chunk, n_rows - start)
-
-
-def _load_rows(h_buf: torch.Tensor, hidden2d: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    """Copy hidden rows [start, start + n) into the (C, H) operand buffer, zeros below."""
-    h_buf[:n].copy_(hidden2d[start:start + n])
-    if n < h_buf.shape[0]:
-        h_buf[n:].zero_()
-    return h_buf
-
-
-def _weight_operand(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    return weight if weight.dtype == plan.operand_dtype else weight.to(plan.operand_dtype)
-
-
-def _logits_into(logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """logits (C, V) float32 = h (C, H) @ w (V, H)ᵀ, float32 accumulation."""
-    if plan.fp32_out:
-        return torch.mm(h, w.t(), torch.float32, out=logits)
-    return torch.mm(h, w.t(), out=logits)
-
-
-def _dhidden_into(dh32: torch.Tensor, dlogits: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """dh32 (C, H) float32 = dlogits (C, V) @ w (V, H).
-
-    The reduction runs over K = V (~150k) terms: written in float32 and rounded
-    to the input dtype once by the caller. A half-precision output would let
-    cuBLAS reduce split-K partial sums in that precision.
-    """
-    if plan.fp32_out:
-        return torch.mm(dlogits, w, torch.float32, out=dh32)
-    return torch.mm(dlogits, w, out=dh32)
+    return ChunkPlan(chunk, operand, fp32_out)
 
 
 def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend, plan):
@@ -280,11 +227,11 @@ def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, 
     if n_rows == 0:
         return out[0], out[1], out[2]
     fwd = _fwd_triton if backend == "triton" else torch_backend.linear_logits_chunk_forward_
-    w = _weight_operand(weight, plan)
+    w = weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, hidden2d.shape[1], dtype=plan.operand_dtype, device=device)
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
-    for start, n in _chunks(n_rows, plan.chunk):
-        _logits_into(logits, _load_rows(h_buf, hidden2d, start, n), w, plan)
+    for start, n in chunk_ranges(n_rows, plan.chunk):
+        logits_into(logits, load_rows(h_buf, hidden2d, start, n), w, plan)
         stats = fwd(logits[:n], labels1d[start:start + n], temperature, ignore_index, vocab_size)
         for dst, src in zip(out, stats):
             dst[start:start + n] = src
@@ -299,17 +246,26 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
     dhidden = empty_output((n_rows, size_h), hidden2d.dtype, device) if need_dhidden else None
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dweight else None
     if n_rows > 0:
-        w = _weight_operand(weight, plan)
+        w = weight_operand(weight, plan)
         h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
         dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dhidden else None
         logits = empty_output((plan.chunk, vocab), torch.float32, device)
         # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
         dlogits = logits if plan.operand_dtype == torch.float32 else empty_output(
             (plan.chunk, vocab), plan.operand_dtype, device)
-        for start, n in _chunks(n_rows, plan.chunk):
+        # fp16 dlogits: the upstream gradients scaled by a power of two so that the largest is ~1 (lm_head).
+        largest = torch.zeros((), device=device)
+        for g in (grad_logprobs, grad_entropy):
+            if g is not None:
+                largest = torch.maximum(largest, g.abs().amax())
+        scale = fp16_grad_scale(plan, hidden2d.dtype, largest)
+        if scale is not None:
+            grad_logprobs = None if grad_logprobs is None else grad_logprobs * scale
+            grad_entropy = None if grad_entropy is None else grad_entropy * scale
+        for start, n in chunk_ranges(n_rows, plan.chunk):
             rows = slice(start, start + n)
-            h = _load_rows(h_buf, hidden2d, start, n)
-            _logits_into(logits, h, w, plan)                                    # recompute (C, V)
+            h = load_rows(h_buf, hidden2d, start, n)
+            logits_into(logits, h, w, plan)                                    # recompute (C, V)
             args = (labels1d[rows], lse[rows], entropy[rows],
                     None if grad_logprobs is None else grad_logprobs[rows],
                     None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, vocab_size)
@@ -319,16 +275,9 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
                 torch_backend.linear_logits_chunk_backward_(logits[:n], *args)             # in place
                 if dlogits is not logits:
                     dlogits[:n] = logits[:n]
-            if n < plan.chunk:
-                dlogits[n:].zero_()                                             # padded rows: no gradient
-            if need_dhidden:
-                _dhidden_into(dh_buf, dlogits, w, plan)                         # (C, V) @ (V, H)
-                dhidden[rows] = dh_buf[:n]                                      # rounded once
-            if need_dweight:
-                if plan.fp32_out:
-                    torch.addmm(dw_acc, dlogits.t(), h, torch.float32, out=dw_acc)
-                else:
-                    torch.addmm(dw_acc, dlogits.t(), h, out=dw_acc)             # (V, C) @ (C, H), float32
+            accumulate_grads(dlogits, n, h, dh_buf, w, plan, dhidden, dw_acc, rows, unscale=scale)
+        if dw_acc is not None and scale is not None:
+            dw_acc.div_(scale)
     dweight = None
     if need_dweight:
         dweight = dw_acc if weight.dtype == torch.float32 else dw_acc.to(weight.dtype)
@@ -342,7 +291,7 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend, chunk_size):
-        plan = _plan(hidden2d, weight, backend, chunk_size)
+        plan = chunk_plan(hidden2d, weight, backend, chunk_size)
         logprobs, entropy, lse = _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend,
                                           plan)
         # Only (N,) statistics are saved besides the inputs; the logits are recomputed in backward.
