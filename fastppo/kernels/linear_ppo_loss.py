@@ -60,7 +60,10 @@ from ._math import kl_estimate, lse_and_entropy, online_lse_step, policy_surroga
 from . import torch_backend
 from .kl_penalty import ESTIMATORS
 from .linear_token_logprobs import chunk_plan
-from .lm_head import accumulate_grads, chunk_logits, chunk_ranges, fp16_grad_scale, fused_grad_forward, weight_operand
+from .lm_head import (
+    accumulate_grads, chunk_logits, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
+    weight_operand,
+)
 from .token_logprobs import _block_v
 
 
@@ -217,7 +220,7 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
     dhidden = None
     if need_dh:                                                         # all rows written when index is None
         dhidden = (torch.zeros if index is not None else empty_output)(
-            (n_rows, size_h), dtype=hidden2d.dtype, device=device)
+            (n_rows, size_h), dtype=held_grad_dtype(hidden2d.dtype), device=device)
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dw else None
     if n_tok == 0:
         return tok, dhidden, dw_acc
@@ -408,8 +411,9 @@ class _LinearPPOLoss(torch.autograd.Function):
         # The gradients are final up to the upstream scalar: kept on the node, no inputs saved.
         dweight = None
         if need_dw:
-            dweight = dw_acc if weight.dtype == torch.float32 else dw_acc.to(weight.dtype)
+            dweight = dw_acc if held_grad_dtype(weight.dtype) == torch.float32 else dw_acc.to(weight.dtype)
         ctx.grads = (dhidden.view(hidden.shape) if need_dh else None, dweight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         results = tuple(out[i] for i in range(7))
         ctx.mark_non_differentiable(*results[1:], logprobs)
         ctx.set_materialize_grads(False)
@@ -428,11 +432,7 @@ class _LinearPPOLoss(torch.autograd.Function):
         dhidden, dweight = ctx.grads
         ctx.grads = None                                                # the memory goes with the .grad
         g = grad_loss.float()
-        if dhidden is not None:
-            dhidden.mul_(g)
-        if dweight is not None:
-            dweight.mul_(g)
-        return (dhidden, dweight) + nothing
+        return (hand_over(dhidden, g, ctx.dtypes[0]), hand_over(dweight, g, ctx.dtypes[1])) + nothing
 
 
 # ----------------------------------------------------------------------------
@@ -570,7 +570,9 @@ def linear_ppo_loss(
     grad (with grad mode on), and kept until the backward, which scales them by
     the upstream gradient in place and hands them over: one backward per call
     (a second one raises). Extra memory from forward to backward: dhidden
-    (N, H) and dW (V, H) in the inputs' dtypes. Under ``torch.no_grad()`` only
+    (N, H) and dW (V, H) in the inputs' dtypes (float32 for fp16 inputs, so
+    that the upstream gradient, e.g. a loss scale, is applied before the fp16
+    rounding: `lm_head.held_grad_dtype`). Under ``torch.no_grad()`` only
     the loss and statistics are computed.
     """
     vocab = check_lm_head(hidden, weight, vocab_size)

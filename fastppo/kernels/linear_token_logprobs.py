@@ -34,16 +34,20 @@ call.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._checks import (
-    INT_DTYPES, as_rows, check_chunk_size, check_ignore_index, check_labels_in_range, check_lm_head, check_positive,
-    check_same_device, check_shape, check_tensor,
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_chunk_size, check_ignore_index, check_labels_in_range, check_lm_head,
+    check_normalizer, check_positive, check_same_device, check_shape, check_tensor,
 )
 from ._dispatch import empty_output, resolve_backend
 from . import torch_backend
 from .lm_head import (
-    ChunkPlan, accumulate_grads, chunk_ranges, fp16_grad_scale, load_rows, logits_into, weight_operand,
+    ChunkPlan, accumulate_grads, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
+    load_rows, logits_into, weight_operand,
 )
 from .token_logprobs import _bwd_triton, _fwd_triton, as_result
 
@@ -390,3 +394,141 @@ def linear_token_logprobs(
     logprobs, entropy, _ = _LinearTokenLogprobs.apply(
         hidden2d, weight, labels1d, float(temperature), ignore_index, vocab, backend, chunk_size)
     return as_result(logprobs, entropy, hidden.shape[:-1], return_entropy)
+
+
+# ----------------------------------------------------------------------------
+# 5. The loss form: the gradients in the forward, no logits recomputed
+# ----------------------------------------------------------------------------
+
+class LogprobLossOutput(NamedTuple):
+    """Results of `linear_logprob_loss`: ``loss`` (0-dim float32, differentiable in hidden and weight) and the
+    per-token ``logprobs`` (float32, detached, 0 at ignored labels)."""
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+
+
+class _LinearLogprobLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels1d, weight1d, norm, temperature, ignore_index, vocab_size, backend,
+                chunk_size, need_dh, need_dw):
+        hidden2d = as_rows(hidden, hidden.shape[-1])
+        device = hidden.device
+        valid = labels1d != ignore_index
+        if backend == "torch" or device.type == "cpu":                   # only the scored tokens' rows (a sync)
+            index = valid.nonzero().squeeze(1)
+            labels_t = labels1d.index_select(0, index).long()
+            w_t = None if weight1d is None else weight1d.index_select(0, index).float()
+            count = torch.full((), float(index.numel()), device=device)
+        else:                                                           # every row; the kernels skip label -100
+            index = None
+            labels_t = torch.where(valid, labels1d, -100).long()
+            w_t = torch.where(valid, 1.0 if weight1d is None else weight1d.float(), 0.0)
+            count = valid.sum(dtype=torch.float32)
+        norm = count if norm is None else norm
+        norm = torch.where(norm > 0, norm, 1.0)                         # 0 (nothing scored) counts as 1
+        plan = chunk_plan(hidden2d, weight, backend, chunk_size)
+        largest = (torch.ones((), device=device) if w_t is None or w_t.numel() == 0 else w_t.abs().amax()) / norm
+        scale = fp16_grad_scale(plan, hidden.dtype, largest)
+
+        def coefficients(group, _logprobs, _entropy):                   # d loss / d logprob = −w / n
+            g = -(w_t[group] if w_t is not None else torch.ones(group.stop - group.start, device=device))
+            return g / norm, None
+
+        n_tok = labels_t.numel()
+        groups = [(start, start + n) for start, n in chunk_ranges(n_tok, plan.chunk)]
+        lp_ent, dhidden, dw_acc = fused_grad_forward(hidden2d, weight, index, labels_t, plan, backend, temperature,
+                                                     vocab_size, groups, coefficients, need_dh, need_dw, scale)
+        lp = lp_ent[0]
+        loss = -(lp if w_t is None else lp * w_t).sum() / norm
+        if index is None:
+            logprobs = lp
+        else:
+            logprobs = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=device)
+            logprobs.index_copy_(0, index, lp)
+        dweight = None
+        if need_dw:
+            dweight = dw_acc if held_grad_dtype(weight.dtype) == torch.float32 else dw_acc.to(weight.dtype)
+        ctx.grads = (dhidden.view(hidden.shape) if need_dh else None, dweight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(logprobs)
+        ctx.set_materialize_grads(False)
+        return loss, logprobs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_logprobs):
+        nothing = (None,) * 10
+        if grad_loss is None:
+            return (None, None) + nothing
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_logprob_loss: backward through the same result twice; its gradients are computed in "
+                "forward and handed over (scaled in place) by the first backward. Call linear_logprob_loss again.")
+        dhidden, dweight = ctx.grads
+        ctx.grads = None
+        g = grad_loss.float()
+        return (hand_over(dhidden, g, ctx.dtypes[0]), hand_over(dweight, g, ctx.dtypes[1])) + nothing
+
+
+def linear_logprob_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss_weight: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> LogprobLossOutput:
+    """The loss form of `linear_token_logprobs`: loss = −Σ_t w_t·log p(label_t) / normalizer, over the tokens
+    whose label is not ignore_index, p = softmax(hidden @ weightᵀ / temperature), with its gradients computed
+    in the same pass (as `linear_ppo_loss`): the language-model loss of SFT, of the reward model's LM term and
+    of PPO's ptx term.
+
+    ``linear_token_logprobs`` + a weighted sum is the same loss but recomputes each chunk's logits in its
+    backward (8·N·H·V FLOP); here the per-token coefficient −w_t / normalizer is known in the forward, so each
+    chunk's logits are computed once and turned into dlogits while in memory (6·N·H·V FLOP, see
+    `lm_head.fused_grad_forward`). dhidden and dW are kept from the forward to the backward, which scales them
+    by the upstream gradient in place: one backward per call. Under ``torch.no_grad()`` (or without inputs
+    that require grad) only the loss is computed.
+
+    Args:
+        hidden, weight, labels, temperature, ignore_index, vocab_size, backend, chunk_size: as in
+            `linear_token_logprobs`. On CPU (and with the torch backend) only the scored tokens' rows are
+            computed; on a GPU with the Triton kernels every row (no host sync), the ignored ones masked.
+        loss_weight: None (w = 1), or a float tensor of labels' shape on hidden's device, never differentiated
+            (e.g. a per-sequence aggregation weight). Read only where labels are not ignore_index.
+        normalizer: the denominator: None (the number of scored tokens here), a number ≥ 0 or a 1-element
+            tensor (e.g. the count over all ranks, so that micro-batch losses add up). 0 counts as 1.
+
+    Returns:
+        `LogprobLossOutput` (loss 0-dim float32; logprobs of labels' shape, float32, detached). Gradients come
+        back in the inputs' dtypes, dW summed over chunks in float32 and cast once; with fp16 inputs and half
+        GEMMs the dlogits are scaled before the half cast (`lm_head.fp16_grad_scale`).
+    """
+    vocab = check_lm_head(hidden, weight, vocab_size)
+    check_tensor("labels", labels, dtypes=INT_DTYPES)
+    check_same_device("labels", labels, "hidden", hidden)
+    check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
+    if loss_weight is not None:
+        check_tensor("loss_weight", loss_weight, dtypes=(*FLOAT_DTYPES, torch.float64))
+        check_same_device("loss_weight", loss_weight, "hidden", hidden)
+        check_shape("loss_weight", loss_weight, labels.shape, "the shape of labels")
+    check_positive("temperature", temperature)
+    check_ignore_index(ignore_index)
+    check_chunk_size(chunk_size)
+    norm = check_normalizer(normalizer, "hidden", hidden)
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        norm = torch.full((), norm, device=hidden.device)
+    backend = resolve_backend(backend, hidden)
+    check_labels_in_range(labels, vocab, ignore_index)
+    grad_on = torch.is_grad_enabled()
+    need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    loss, logprobs = _LinearLogprobLoss.apply(
+        hidden, weight, labels.reshape(-1), None if loss_weight is None else loss_weight.detach().reshape(-1), norm,
+        float(temperature), ignore_index, vocab, backend, chunk_size, need_dh, need_dw)
+    return LogprobLossOutput(loss, logprobs.view(labels.shape))

@@ -141,6 +141,21 @@ def fp16_grad_scale(plan: ChunkPlan, hidden_dtype: torch.dtype, largest: torch.T
     return torch.exp2(-exponent)
 
 
+def held_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss form keeps a gradient in from its forward to its backward: the input's, except float32
+    for fp16, so that the upstream gradient (e.g. a GradScaler's 2^16) is applied before the fp16 rounding: dW
+    of a token mean over 10^4 tokens is ~1e-8 per entry, below fp16's smallest subnormal."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def hand_over(grad: torch.Tensor | None, upstream: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A loss form's kept gradient times the upstream one (in place), in the input's `dtype`."""
+    if grad is None:
+        return None
+    grad.mul_(upstream)
+    return grad if grad.dtype == dtype else grad.to(dtype)
+
+
 # The per-token coefficients of a loss form, from a group of tokens' logprobs and entropies:
 # (group slice, logprobs (n,), entropy (n,)) -> (g_lp (n,), g_ent: 0-dim or (n,) or None), both d loss / d ·.
 Coefficients = Callable[[slice, torch.Tensor, torch.Tensor], tuple]
@@ -157,7 +172,7 @@ def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend
     computed from all of its logprobs at once (`coefficients`), after which its logits become dlogits. A group
     of at most C tokens is one chunk (its logits computed once: 6·n·H·V FLOP); a longer one has its logits
     computed twice (statistics, then gradients). grad_scale: `fp16_grad_scale`, or None.
-    Returns lp_ent (2, n) float32, dhidden (N, H) in hidden's dtype (0 on rows not in index) or None, and the
+    Returns lp_ent (2, n) float32, dhidden (N, H) in `held_grad_dtype` (0 on rows not in index) or None, and the
     float32 dW (V, H) accumulator (unscaled) or None.
     """
     n_rows, size_h = hidden2d.shape
@@ -167,7 +182,8 @@ def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend
     lp_ent = torch.zeros(2, n_tok, dtype=torch.float32, device=device)
     dhidden = None
     if need_dh:
-        dhidden = (empty_output if index is None else torch.zeros)((n_rows, size_h), dtype=hidden2d.dtype,
+        dhidden = (empty_output if index is None else torch.zeros)((n_rows, size_h),
+                                                                   dtype=held_grad_dtype(hidden2d.dtype),
                                                                    device=device)
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dw else None
     if n_tok == 0:
