@@ -177,7 +177,7 @@ def _production_inputs():
     return hidden, weight, torch.randint(0, VOCAB, (ROWS,))
 
 
-@pytest.mark.parametrize("op", ["linear_logprob_loss", "linear_ppo_loss"])
+@pytest.mark.parametrize("op", ["linear_logprob_loss", "linear_ppo_loss", "linear_token_logprobs"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp16_gradients_survive_at_production_magnitudes(op, backend):
     """A token mean over n = 10⁴ tokens with V = 151936: dlogit_j = p_j / n ≈ 10⁻⁹·(p_j·V), below fp16's smallest
@@ -185,8 +185,9 @@ def test_fp16_gradients_survive_at_production_magnitudes(op, backend):
     term (checked below: a relative error of order 1). Scaled by a power of two before the cast (and
     unscaled after the GEMMs) each dlogit keeps fp16's relative precision u = 2⁻¹¹, so dhidden = Σ_j dlogit_j·W_j
     is off by at most u·Σ_j |dlogit_j·W_j| (`terms`) plus its own rounding to fp16. dW (~10⁻⁸ per entry) is
-    checked under a GradScaler's 2¹⁶ loss scale, applied before the fp16 rounding (the op keeps dW in float32
-    until its backward). Only the rows of one chunk: H = 8 keeps the GEMMs cheap on CPU."""
+    checked under a GradScaler's 2¹⁶ loss scale, applied before the fp16 rounding (the loss forms keep dW in
+    float32 until their backward; linear_token_logprobs' backward sees the scaled upstream gradient). Only
+    the rows of one chunk: H = 8 keeps the GEMMs cheap on CPU."""
     hidden, weight, labels = _production_inputs()
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
@@ -194,16 +195,19 @@ def test_fp16_gradients_survive_at_production_magnitudes(op, backend):
         old = algo.token_logprobs(h64 @ w64.T, labels).logprobs.float()       # ratios ≈ 1
     with half_gemm_plan():
         if op == "linear_logprob_loss":
-            out = linear_logprob_loss(h, w, labels, normalizer=float(N_TOKENS), backend=backend, chunk_size=ROWS)
+            loss16 = linear_logprob_loss(h, w, labels, normalizer=float(N_TOKENS), backend=backend,
+                                         chunk_size=ROWS).loss
+        elif op == "linear_token_logprobs":                       # the backward scales the upstream gradients
+            loss16 = -linear_token_logprobs(h, w, labels, backend=backend, chunk_size=ROWS).sum() / N_TOKENS
         else:
-            out = linear_ppo_loss(h, w, labels, old, torch.ones(ROWS), torch.ones(ROWS, dtype=torch.bool),
-                                  normalizer=float(N_TOKENS), backend=backend, chunk_size=ROWS)
-        (2.0 ** 16 * out.loss).backward()
+            loss16 = linear_ppo_loss(h, w, labels, old, torch.ones(ROWS), torch.ones(ROWS, dtype=torch.bool),
+                                     normalizer=float(N_TOKENS), backend=backend, chunk_size=ROWS).loss
+        (2.0 ** 16 * loss16).backward()
     # float64: d loss / d logprob ≈ −1 / n per token for both ops (PPO's: A = 1, ρ ≈ 1, unclipped).
     z = h64 @ w64.T
     z.retain_grad()
     lp = algo.token_logprobs(z, labels).logprobs
-    loss = -lp.sum() / N_TOKENS if op == "linear_logprob_loss" else -(lp - old.double()).exp().sum() / N_TOKENS
+    loss = -(lp - old.double()).exp().sum() / N_TOKENS if op == "linear_ppo_loss" else -lp.sum() / N_TOKENS
     (2.0 ** 16 * loss).backward()
     terms_h = z.grad.abs() @ w64.detach().abs()                     # Σ_j |dlogit_j·W_j| per dhidden entry
     terms_w = z.grad.abs().T @ h64.detach().abs()
