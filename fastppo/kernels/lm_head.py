@@ -174,7 +174,7 @@ def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend
     Σ_t g_lp_t·logprob_t + g_ent_t·entropy_t, all in the forward.
 
     hidden2d (N, H); index (n,) int64: the rows of the n tokens (their labels (n,) int64 in [0, vocab_size)),
-    or None: all N rows. groups: [a, b) token ranges in order covering [0, n); a group's coefficients are
+    or None: all N rows, those labelled −100 ignored (Triton backend only: its kernels skip them). groups: [a, b) token ranges in order covering [0, n); a group's coefficients are
     computed from all of its logprobs at once (`coefficients`), after which its logits become dlogits. A group
     of at most C tokens is one chunk (its logits computed once: 6·n·H·V FLOP); a longer one has its logits
     computed twice (statistics, then gradients). grad_scale: `fp16_grad_scale`, or None.
@@ -204,6 +204,8 @@ def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend
 
     def logits_of(start, n):
         load_rows(h_buf, hidden2d, start, n, index)
+        if index is None:                               # ignored rows (label −100): whatever they hold, NaN too
+            h_buf[:n].masked_fill_((labels[start:start + n] < 0)[:, None], 0.0)
         chunk_logits(logits, h_buf, w, plan, backend, temperature)
 
     def stats_of(start, n):

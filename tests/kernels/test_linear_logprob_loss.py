@@ -220,3 +220,18 @@ def test_fp16_gradients_survive_at_production_magnitudes(op, backend):
     # Unscaled, the same dlogits flush to zero: the check above can fail.
     naive = (z.grad / 2.0 ** 16).half().double() @ w64.detach() * 2.0 ** 16
     assert (naive - h64.grad).abs().max() > 0.1 * h64.grad.abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_are_not_read(backend):
+    """Hidden rows of ignored tokens may hold anything (NaN padding): the loss and gradients do not see them."""
+    hidden, weight, labels, lw = make_inputs(13, 8, 31, torch.float32, weighted=True)
+    runs = []
+    for fill in (0.0, float("nan")):
+        h = torch.where((labels == IGNORE)[..., None], fill, hidden).requires_grad_()
+        w = weight.clone().requires_grad_()
+        out = linear_logprob_loss(h, w, labels, loss_weight=lw, backend=backend, chunk_size=8)
+        out.loss.backward()
+        runs.append((out.loss, h.grad, w.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
