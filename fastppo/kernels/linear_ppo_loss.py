@@ -182,7 +182,8 @@ def _chunk_triton(logits, dlogits, labels, old_lp, adv, ref_lp, weight, valid, n
             p.temperature, p.clip_eps, p.clip_eps_high, p.dual_clip if p.dual_clip is not None else 0.0,
             p.ent_coef, p.kl_coef,
             HAS_DUAL_CLIP=p.dual_clip is not None, HAS_REF=ref_lp is not None, ESTIMATOR=p.kl_estimator,
-            HAS_WEIGHT=weight is not None, CISPO=p.cispo, WITH_GRAD=with_grad, HAS_VALID=valid is not None, BLOCK_V=block_v,
+            HAS_WEIGHT=weight is not None, CISPO=p.cispo, WITH_GRAD=with_grad, HAS_VALID=valid is not None,
+            BLOCK_V=block_v,
             num_warps=8 if block_v >= 2048 else 4,
         )
 

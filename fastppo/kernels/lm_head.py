@@ -174,8 +174,9 @@ def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend
     Σ_t g_lp_t·logprob_t + g_ent_t·entropy_t, all in the forward.
 
     hidden2d (N, H); index (n,) int64: the rows of the n tokens (their labels (n,) int64 in [0, vocab_size)),
-    or None: all N rows, those labelled −100 ignored (Triton backend only: its kernels skip them). groups: [a, b) token ranges in order covering [0, n); a group's coefficients are
-    computed from all of its logprobs at once (`coefficients`), after which its logits become dlogits. A group
+    or None: all N rows, those labelled −100 ignored (Triton backend only: its kernels skip them).
+    groups: [a, b) token ranges in order covering [0, n); a group's coefficients are computed from all of
+    its logprobs at once (`coefficients`), after which its logits become dlogits. A group
     of at most C tokens is one chunk (its logits computed once: 6·n·H·V FLOP); a longer one has its logits
     computed twice (statistics, then gradients). grad_scale: `fp16_grad_scale`, or None.
     Returns lp_ent (2, n) float32, dhidden (N, H) in `held_grad_dtype` (0 on rows not in index) or None, and the
