@@ -31,6 +31,13 @@ and the backward only scales them by the upstream gradient, in place. Peak
 extra memory: one chunk's buffers (the budget of linear_token_logprobs, see
 ``chunk_rows``), the float32 dW accumulator and dhidden, whatever N is.
 
+CISPO (policy_loss="cispo") is a switch of the same per-token math. GSPO's
+sequence ratio (ratio_level="sequence") makes a token's gradient depend on its
+whole sequence's logprobs: the chunks are then cut at sequence boundaries and
+each chunk's logits are reduced, the sequence terms computed, and the logits
+turned into dlogits while still in memory (`_forward_sequences`; a sequence
+longer than a chunk has its logits computed twice).
+
 On CPU only the valid tokens (mask nonzero) are computed: their rows are
 gathered into the chunk buffer, so padding costs no GEMM work. On a GPU every
 row is computed and invalid ones are masked: counting the valid tokens would

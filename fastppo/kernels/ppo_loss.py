@@ -7,6 +7,13 @@ inputs once (6·4 + 1 = 25 bytes per token in fp32) and writes 8 floats; the
 backward reads them once more and writes dlogprobs and dvalues (8 bytes per
 token), recomputing ratio and clip decisions instead of saving them.
 
+GSPO's sequence ratio (ratio_level="sequence") enters as one more (rows,)
+input, each row's mean log-ratio, computed by a differentiable torch reduction
+(`sequence_log_ratio`): the kernels use exp of it as the ratio, and the
+backward's per-token slopes are summed per row, autograd spreading them over
+the row's tokens. CISPO (policy_loss="cispo") is a switch of the per-token
+math (_math.policy_surrogate).
+
 Forward: each program sums its share of (BLOCK_M, BLOCK_T) tiles into
 per-lane fp32 accumulators. A batch of at most 8 tiles (16384 tokens on a
 GPU) is one program and one launch; a larger one writes per-program partial
