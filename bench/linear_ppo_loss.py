@@ -9,6 +9,9 @@ and its gradients in hidden and weight (every token valid):
   compile   torch.compile of naive (skipped, with the reason printed, when it fails here; --no-compile)
   composed  fastppo.kernels.linear_token_logprobs (chunked; logits recomputed in backward) + ppo_loss
   fastppo   fastppo.kernels.linear_ppo_loss (chunked; gradients computed in forward, no recompute)
+  gspo      the same op with ratio_level="sequence" (GSPO: sequences of SEQ_LEN tokens, packed back to back,
+            sequence_ids given; chunks cut at sequence boundaries, two row passes per chunk)
+  cispo     the same op with policy_loss="cispo" (a switch of the one-pass kernel)
 
 CPU: N=8192, H=512, V=32000 float32, forward + backward: time and peak extra host memory of each provider
 as ratios to naive, and fastppo against composed. The script re-executes itself with
@@ -34,6 +37,7 @@ from linear_logprobs import KEY, measure_modes, report_linear, run_linear
 from fastppo.kernels import linear_ppo_loss, linear_token_logprobs, ppo_loss
 
 CLIP_EPS, ENT_COEF, TEMPERATURE = 0.2, 0.01, 1.0
+SEQ_LEN = 256               # gspo: tokens per sequence (shorter than a chunk: no logits computed twice)
 
 
 def naive(hidden, weight, labels, old, adv, mask):
@@ -59,12 +63,25 @@ def fastppo(hidden, weight, labels, old, adv, mask):
                            ent_coef=ENT_COEF).loss
 
 
+def gspo(hidden, weight, labels, old, adv, mask):
+    seq = torch.arange(labels.numel(), device=labels.device) // SEQ_LEN
+    return linear_ppo_loss(hidden, weight, labels, old, adv, mask, temperature=TEMPERATURE, clip_eps=CLIP_EPS,
+                           ent_coef=ENT_COEF, ratio_level="sequence", sequence_ids=seq).loss
+
+
+def cispo(hidden, weight, labels, old, adv, mask):
+    return linear_ppo_loss(hidden, weight, labels, old, adv, mask, temperature=TEMPERATURE, clip_eps=CLIP_EPS,
+                           ent_coef=ENT_COEF, policy_loss="cispo").loss
+
+
 def make_providers(device, use_compile: bool):
     providers = {"naive": naive}
     if use_compile:
         providers["compile"] = torch.compile(naive, dynamic=False)
     providers["composed"] = composed
     providers["fastppo"] = fastppo
+    providers["gspo"] = gspo
+    providers["cispo"] = cispo
     return providers, {}
 
 

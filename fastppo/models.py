@@ -48,7 +48,7 @@ from transformers.utils import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIG
 
 from . import dist, lora, parallel
 from .config import ModelConfig
-from .kernels import linear_token_logprobs, token_logprobs
+from .kernels import linear_logprob_loss, linear_token_logprobs, token_logprobs
 from .masked import masked_count
 from .packing import Packing, index_targets, varlen_attention, whole_batch
 
@@ -671,15 +671,28 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 def ptx_loss(policy: nn.Module, batch, *, fused: bool, backend: str | None, chunk_size: int | None,
              packed: bool = False) -> torch.Tensor:
     """Token-mean LM loss (temperature 1) on the response tokens of an SFT batch (`data.SFTBatch`; the mean over
-    all ranks' tokens).
+    all ranks' tokens). fused: `linear_logprob_loss` on the backbone's states (6·N·H·V lm_head FLOP, the
+    gradients computed with the loss), else full logits + `token_logprobs`.
 
     packed: one padding-free forward over the batch's sequences (`packing.Packing`).
     """
     valid = batch.labels != IGNORE_INDEX
     pack = whole_batch(batch.attention_mask, valid, packed=packed, one_row=varlen_attention(policy))
-    logprobs = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.labels, fused=fused,
+    n_tokens = masked_count(valid, group=dist.group()).clamp(min=1)
+    if fused:
+        # The loss form of the fused lm_head op: its gradients computed with the loss, no logits recomputed.
+        # The normalizer comes in through the closure (FSDP casts a forward's floating-point arguments).
+        def run(model, input_ids, attention_mask):
+            out = linear_logprob_loss(backbone_states(model, input_ids, attention_mask, pack),
+                                      model.get_output_embeddings().weight, pack.take(batch.labels),
+                                      normalizer=n_tokens, ignore_index=IGNORE_INDEX, backend=backend,
+                                      chunk_size=chunk_size, vocab_size=real_vocab_size(model))
+            return out.loss.clone()                             # a new tensor: FSDP hooks what a forward returns
+
+        return parallel.run_as_forward(policy, run, batch.input_ids, batch.attention_mask)
+    logprobs = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.labels, fused=False,
                                  backend=backend, chunk_size=chunk_size, pack=pack)         # (B, L)
-    return -(logprobs * valid).sum() / masked_count(valid, group=dist.group()).clamp(min=1)
+    return -(logprobs * valid).sum() / n_tokens
 
 
 def _target_values(model, input_ids, attention_mask, pack):

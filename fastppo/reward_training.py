@@ -22,7 +22,7 @@ The LM loss "when the model has an LM head": a sequence-classification model
 has none, so fastppo keeps the LM head of the causal LM the reward model
 starts from (model.path must then be a causal LM, e.g. the SFT export) beside
 the reward model during training: the LM loss runs the shared backbone's
-hidden states through that head (fused `linear_token_logprobs`, token mean
+hidden states through that head (fused `linear_logprob_loss`, token mean
 over the chosen responses' tokens), so it regularises the backbone towards
 staying a language model, as in the paper's reward models. The head trains
 with the backbone and is not exported: the export is a plain

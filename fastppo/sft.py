@@ -5,8 +5,9 @@ Records are {prompt, response} (prompt: text or chat messages) or
 appended to every response (`data.load_sft`). The loss is the token mean of
 −log π(y_t | y_<t) over the response tokens of a whole optimizer step (all
 micro-batches), the same loss as PPO's ptx term (`models.ptx_loss`), computed
-through the fused `linear_token_logprobs` on the backbone's hidden states and
-the lm_head weight, so the (B, L, V) logits are never materialised.
+through the fused `linear_logprob_loss` on the backbone's hidden states and
+the lm_head weight, so the (B, L, V) logits are never materialised and its
+gradients come with the loss (no logits recomputed in backward).
 
 The machinery is the stages' (`stage`): OmegaConf config with the resolved copy saved in the run directory,
 AdamW + warmup/decay schedule (`optim`), metrics to metrics.jsonl and TensorBoard, and the atomic Hugging

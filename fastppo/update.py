@@ -37,6 +37,11 @@ def _times(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
     return b if a is None else a if b is None else a * b
 
 
+def policy_loss_kind(pc: PPOConfig) -> dict:
+    """The loss ops' ratio_level (token: PPO; sequence: GSPO) and policy_loss (ppo or cispo) arguments."""
+    return dict(ratio_level=str(pc.ratio_level), policy_loss=str(pc.policy_loss))
+
+
 def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Tensor, pc: PPOConfig, fwd: Forward,
                       pack: Packing, weight: torch.Tensor | None = None, kl: bool = False):
     """Clipped surrogate − ent_coef·entropy (+ kl_loss_coef·KL to the reference when `kl`) of one micro-batch, from
@@ -46,7 +51,8 @@ def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Te
     FLOP, where response_logprobs + ppo_loss take 8 (the logits are recomputed in backward). Like
     `response_logprobs` it runs as a forward of the root (`parallel.run_as_forward`), so that under FSDP the
     full lm_head weight is gathered and its gradient goes back to the shards. The op sees the target states of
-    `pack` (the response tokens). weight: (B, R) per-token weight of the surrogate (rollout correction × loss
+    `pack` (the response tokens), each sequence's contiguous (GSPO's sequence ratio reads their padded rows as
+    sequence ids). weight: (B, R) per-token weight of the surrogate (rollout correction × loss
     aggregation) or None. The KL term is the token mean over the minibatch (ppo.loss_agg token_mean).
     """
     P = micro.prompt_width
@@ -61,7 +67,8 @@ def fused_policy_loss(policy: nn.Module, micro: Experience, normalizer: torch.Te
             *per_token, temperature=fwd.temperature, clip_eps=pc.clip_eps, dual_clip=pc.dual_clip,
             ent_coef=pc.ent_coef, normalizer=normalizer, backend=fwd.backend, chunk_size=fwd.chunk_size,
             vocab_size=real_vocab_size(model, fwd.vocab_size), policy_weight=None if weight is None else pack.take(weight, P - 1),
-            clip_eps_high=pc.clip_eps_high,
+            clip_eps_high=pc.clip_eps_high, **policy_loss_kind(pc),
+            sequence_ids=pack.target_row if pc.ratio_level == "sequence" else None,
             **(dict(ref_logprobs=pack.take(micro.ref_logprobs, P - 1), kl_coef=pc.kl_loss_coef,
                     kl_estimator=pc.kl_loss_estimator) if kl else {}),
         )
@@ -141,7 +148,7 @@ def ppo_update(exp: Experience, policy: Trained, critic: Trained | None, pc: PPO
                     clip_eps=pc.clip_eps, value_clip=pc.value_clip if critic is not None else None,
                     vf_coef=pc.vf_coef if critic is not None else 0.0, dual_clip=pc.dual_clip,
                     normalizer=normalizer, backend=fwd.backend, clip_eps_high=pc.clip_eps_high,
-                    policy_weight=weight,
+                    policy_weight=weight, **policy_loss_kind(pc),
                 )
                 kl_mean = None
                 if policy_out is not None:

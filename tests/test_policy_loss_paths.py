@@ -80,8 +80,15 @@ WEIGHTED = {"ppo.loss_agg": "seq_mean_token_mean", "ppo.clip_eps_high": 0.28}
 KL = {"ppo.kl_loss_coef": 0.2, "ppo.kl_loss_estimator": "k3"}
 
 
-@pytest.mark.parametrize("extra", [{}, WEIGHTED, KL, {**WEIGHTED, **KL}],
-                         ids=["token_mean", "seq_mean_clip_high", "kl_token_mean", "kl_seq_mean"])
+# GSPO's sequence ratio and CISPO's truncated weight must reach both paths too (the fused op cuts its chunks at
+# sequence boundaries: a chunk of 4 rows splits the 6-token response, whose logits it then computes twice).
+GSPO = {"ppo.ratio_level": "sequence", "model.lm_head_chunk_size": 4}
+CISPO = {"ppo.policy_loss": "cispo", "ppo.dual_clip": None, "ppo.clip_eps_high": 0.1}
+
+
+@pytest.mark.parametrize("extra", [{}, WEIGHTED, KL, {**WEIGHTED, **KL}, {**GSPO, **WEIGHTED}, {**CISPO, **KL}],
+                         ids=["token_mean", "seq_mean_clip_high", "kl_token_mean", "kl_seq_mean", "gspo_seq_mean",
+                              "cispo_kl"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: lm_head tied to the input embedding
 def test_fused_and_composed_policy_loss_give_the_same_update(arch, extra, tiny_setups, monkeypatch):
     setup = tiny_setups(arch)
@@ -154,3 +161,42 @@ def test_the_kl_loss_is_algos(agg, fused_loss, tiny_setups):
     bound = (((d.exp() + 1) * lp.double().abs() * 2 ** -23).sum() / mask.sum()).item() * 4 + 1e-7
     assert got == pytest.approx(want.item(), abs=bound), (got, want.item(), bound)
     assert want.item() > 1e-3                                                   # the reference differs: a real KL
+
+
+@pytest.mark.parametrize("fused_loss", [True, False])
+@pytest.mark.parametrize("kind", [("sequence", "ppo"), ("token", "cispo"), ("sequence", "cispo")],
+                         ids=["gspo", "cispo", "gspo_cispo"])
+def test_the_policy_loss_is_algos(kind, fused_loss, tiny_setups):
+    """A critic-free (GRPO) update with ppo.ratio_level / ppo.policy_loss: loss/policy of one minibatch (the whole
+    batch) is `algo.ppo_loss`'s with the same options, in float64 from the same float32 logprobs, and not the
+    token-level PPO value (an update that ignored the options would log that). Bound: each token's term moves
+    by at most |A|·max(ρ, 1)·(1 + |lp|)·|err lp| (the ratio, and CISPO's lp factor), |err lp| ≤ 4 ulps of lp."""
+    ratio_level, policy_loss = kind
+    setup = tiny_setups("llama")
+    cfg = load_config(None, setup.overrides(**{"advantage.estimator": "grpo", "ppo.ratio_level": ratio_level,
+                                               "ppo.policy_loss": policy_loss, "ppo.clip_eps": 0.1,
+                                               "ppo.fused_policy_loss": fused_loss, "ppo.minibatch_size": 4,
+                                               "ppo.micro_batch_size": 2, "rollout.rollout_batch_size": 2,
+                                               "rollout.n_samples_per_prompt": 2, "reward.kl_coef": 0.0}))
+    models = load_models(cfg.model, torch.device("cpu"))                         # the critic: old values only
+    torch.manual_seed(1)
+    exp = synthetic_experience(models, cfg)
+    with torch.no_grad():
+        lp = response_logprobs(models.policy, exp.sequences, exp.attention_mask, exp.response_mask,
+                               prompt_width=exp.prompt_width, temperature=cfg.rollout.temperature).logprobs
+    mask = exp.response_mask
+    args = (lp.double(), exp.old_logprobs.double(), exp.advantages.double(), torch.zeros_like(lp).double(),
+            torch.zeros_like(lp).double(), torch.zeros_like(lp).double(), mask)
+    want = algo.ppo_loss(*args, clip_eps=0.1, value_clip=None, ratio_level=ratio_level, policy_loss=policy_loss)
+    token_ppo = algo.ppo_loss(*args, clip_eps=0.1, value_clip=None)
+    metrics = MetricBuffer()
+    update(exp, policy=models.policy, critic=None, policy_opt=RecordingOptimizer(models.policy), critic_opt=None,
+           policy_sched=NoSchedule(), critic_sched=None, cfg=cfg, counters=UpdateCounters(), metrics=metrics)
+    got = metrics.flush()
+    ratio = (lp.double() - exp.old_logprobs.double()).exp().clamp(min=1)
+    term = exp.advantages.double().abs() * ratio * (1 + lp.double().abs()) * lp.double().abs() * 2 ** -23 * 4
+    bound = (term * mask).sum().item() / mask.sum().item() + 1e-7
+    assert got["loss/policy"] == pytest.approx(want.policy_loss.item(), abs=bound)
+    assert abs(want.policy_loss.item() - token_ppo.policy_loss.item()) > 100 * bound
+    for key, name in (("policy/clipfrac", "clipfrac"), ("policy/ratio_mean", "ratio_mean")):
+        assert got[key] == pytest.approx(getattr(want, name).item(), abs=1e-5), key

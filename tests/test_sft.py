@@ -106,3 +106,32 @@ def test_sft_bad_config_names_the_field(tmp_path, capsys):
         load_config(schema=SFTConfig, overrides=["data.train_path=y"])
     assert main(["sft", "model.path=x", "data.train_path=y", "optim.bogus=1"]) == 2
     assert "optim.bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_lm_loss_is_the_loss_form_and_equals_full_logits(tmp_path, monkeypatch, packed):
+    """ptx_loss (SFT, the reward model's LM term, PPO's ptx term) with fused=True runs the loss form
+    `linear_logprob_loss` (gradients computed with the loss: no `linear_token_logprobs`, whose backward
+    recomputes the logits) and gives the full-logits path's loss and gradients, to float32 rounding."""
+    import fastppo.models as models_module
+    from transformers import AutoModelForCausalLM
+
+    tok = make_init(tmp_path)
+    rows = S.make_sft_data(6, seed=3)
+    examples = load_sft(S.write_jsonl(tmp_path / "sft.jsonl", rows), tok, prompt_field="prompt",
+                        response_field="response", messages_field="messages", max_len=64)
+    batch = collate_sft(examples, tok.pad_token_id)
+    calls = []
+    real = models_module.linear_logprob_loss
+    monkeypatch.setattr(models_module, "linear_logprob_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(models_module, "linear_token_logprobs", None)          # must not be reached
+    results = {}
+    for fused in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path)
+        loss = ptx_loss(model, batch, fused=fused, backend=None, chunk_size=None, packed=packed)
+        loss.backward()
+        results[fused] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    assert calls == [1]
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-6 * max(1.0, b.abs().max().item()), rtol=1e-4)

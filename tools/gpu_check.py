@@ -9,6 +9,8 @@ On CUDA, each check time-boxed, in this order (docs/gpu_check.md):
   train_fsdp              parallel.shard=never, then =always (FSDP2 on one rank): finite, s/iter, peak MB
   roofline              a device copy and an 8192³ bf16 matmul, against the H200's 4.3 TB/s and 790 TFLOP/s
   bench_*               bench/logprobs.py, linear_logprobs.py, linear_ppo_loss.py, rl_math.py at GPU shapes
+  gpu_iteration         bench/gpu_iteration.py: a GRPO and a PPO-max iteration of a Qwen2-1.5B-shaped model,
+                          fastppo against naive logits (last: run it alone with --checks gpu_iteration)
 Without CUDA the same checks run at tiny shapes under the Triton interpreter, in seconds.
 
 The checks run in a worker process (tools/gpu_checks.py); this process only watches it: it prints the
@@ -52,14 +54,14 @@ WHEELS = ROOT / ".wheels"
 
 CHECKS = ["kernel_tests", "fp32_gemm_probe", "gae_long", "sync_counts", "train_no_fsdp", "train_fsdp",
           "roofline", "bench_logprobs", "bench_linear_logprobs", "bench_linear_ppo_loss", "bench_rl_math",
-          "bench_sampler", "generate_compiled", "packed_forward"]
+          "bench_sampler", "generate_compiled", "packed_forward", "gpu_iteration"]
 
 # Seconds each check may take on a GPU (the sum is above the budget: checks that run short leave time to the
 # rest, and those that no longer fit are skipped). Compiling the kernels dominates the first two entries.
 BOX_S = {"kernel_tests": 200, "fp32_gemm_probe": 30, "gae_long": 60, "sync_counts": 60, "train_no_fsdp": 60,
          "train_fsdp": 60, "roofline": 30, "bench_logprobs": 60, "bench_linear_logprobs": 75,
          "bench_linear_ppo_loss": 75, "bench_rl_math": 60, "bench_sampler": 45,
-         "generate_compiled": 120, "packed_forward": 45}
+         "generate_compiled": 120, "packed_forward": 45, "gpu_iteration": 300}
 # Without CUDA every check runs at tiny sizes in seconds; the interpreter is slow enough to keep a box.
 CPU_BOX_S = 120
 # A check is started only with at least this much of the budget left (a worker's start-up included).

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))             # the benchmarks it runs, and their bench/common.py
 
 import common  # noqa: E402
+import gpu_iteration as bench_gpu_iteration
 import linear_logprobs as bench_linear_logprobs
 import linear_ppo_loss as bench_linear_ppo_loss
 import logprobs as bench_logprobs
@@ -366,6 +367,37 @@ def check_bench(ctx: Context, name: str) -> Result:
     return res
 
 
+def check_gpu_iteration(ctx: Context) -> Result:
+    """bench/gpu_iteration.py: one GRPO and one PPO-max iteration of a Qwen2-1.5B-shaped model (CPU: the tiny
+    shape), fastppo's fused lm_head ops against naive logits; PASS when fastppo ran both."""
+    rows = bench_gpu_iteration.main(["--iterations", "2"] + (["--tiny"] if ctx.cpu else []))
+    res = Result()
+    by = {(r["algo"], r["path"]): r for r in rows}
+    phrases = []
+    for algo in ("grpo", "ppo_max"):
+        fast, naive = by.get((algo, "fastppo")), by.get((algo, "naive"))
+        if fast is None or "iteration_s" not in fast:
+            res.fail(f"fastppo's {algo} iteration did not run (see the log)")
+            continue
+        res.add(f"{algo} iteration s", fast["iteration_s"], "s")
+        res.add(f"{algo} update s", fast["update_s"], "s")
+        res.add(f"{algo} peak memory", fast["peak_memory_mb"], "MB")
+        phrase = f"{algo}: {fast['iteration_s']} s/iteration, peak {fast['peak_memory_mb']} MB"
+        if fast.get("update_mfu_pct") is not None:
+            res.add(f"{algo} update MFU", fast["update_mfu_pct"], "%")
+            phrase += f", update MFU {fast['update_mfu_pct']}%"
+        if naive is not None and "iteration_s" in naive:
+            speedup = naive["iteration_s"] / max(fast["iteration_s"], 1e-9)
+            res.add(f"{algo} speedup vs naive logits", speedup, "x")
+            phrase += f", {speedup:.2f}x the naive iteration"
+        elif naive is not None:
+            phrase += f" (naive: {naive.get('error', 'failed')})"
+        phrases.append(phrase)
+    res.headline = "; ".join(phrases)
+    res.note = f"{len(rows)} rows in gpu_iteration.csv"
+    return res
+
+
 # ----------------------------------------------------------------------------
 # 5. Host syncs per op, forward and backward
 # ----------------------------------------------------------------------------
@@ -603,6 +635,7 @@ CHECKS = {
     "generate_compiled": check_generate_compiled,
     "packed_forward": check_packed_forward,
     **{name: (lambda ctx, name=name: check_bench(ctx, name)) for name in BENCHES},
+    "gpu_iteration": check_gpu_iteration,
 }
 
 

@@ -82,6 +82,22 @@ def check_clip_range(clip_eps, clip_eps_high) -> tuple[float, float]:
     return float(clip_eps), float(clip_eps if clip_eps_high is None else clip_eps_high)
 
 
+RATIO_LEVELS = ("token", "sequence")
+POLICY_LOSSES = ("ppo", "cispo")
+
+
+def check_policy_loss_kind(ratio_level, policy_loss, dual_clip) -> tuple[bool, bool]:
+    """(sequence, cispo) from ratio_level ("token" | "sequence") and policy_loss ("ppo" | "cispo"); CISPO has no
+    dual clip (it bounds PPO's surrogate)."""
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    if policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
+    if policy_loss == "cispo" and dual_clip is not None:
+        raise ValueError("dual_clip bounds PPO's surrogate; with policy_loss='cispo' pass dual_clip=None")
+    return ratio_level == "sequence", policy_loss == "cispo"
+
+
 def check_normalizer(normalizer, ref_name: str, ref: torch.Tensor) -> torch.Tensor | float | None:
     """normalizer: None, a number ≥ 0 (-> float) or a 1-element real tensor on ref's device (-> 0-dim float32)."""
     if isinstance(normalizer, torch.Tensor):

@@ -88,6 +88,30 @@ def clipped_surrogate(ratio, adv, weight, clip_eps, clip_eps_high, dual_clip,
 
 
 @triton.jit
+def policy_surrogate(ratio, logp, adv, weight, clip_eps, clip_eps_high, dual_clip,
+                     HAS_DUAL_CLIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, CISPO: tl.constexpr):
+    """The policy loss per token -> (pg, dpg, clipped): PPO's `clipped_surrogate` at the ratio ρ (a token's, or
+    its sequence's: GSPO), or with CISPO (MiniMax-M1, 2025) the truncated importance weight, detached:
+
+      pg  = −w·min(ρ, 1 + ε_high)·A·logp,  dpg = d pg / d logp = −w·min(ρ, 1 + ε_high)·A,
+      clipped = ρ > 1 + ε_high (the weight was truncated).
+    PPO's dpg is d pg / d log ρ (the token's logp when ρ is the token's ratio); CISPO's is d pg / d logp at
+    any ratio level (the weight is a constant). logp is read by CISPO only; dual_clip is PPO's.
+    """
+    if CISPO:
+        iw = tl.minimum(ratio, 1.0 + tl.cast(clip_eps_high, tl.float32))
+        dpg = -iw * adv
+        clipped = ratio > 1.0 + tl.cast(clip_eps_high, tl.float32)
+        if HAS_WEIGHT:
+            dpg = dpg * weight
+        pg = dpg * logp
+    else:
+        pg, dpg, clipped = clipped_surrogate(ratio, adv, weight, clip_eps, clip_eps_high, dual_clip,
+                                             HAS_DUAL_CLIP, HAS_WEIGHT)
+    return pg, dpg, clipped
+
+
+@triton.jit
 def clipped_value_error(v, ret, old_v, value_clip, HAS_VALUE_CLIP: tl.constexpr):
     """PPO's clipped value error per token (Schulman et al. 2017, eq. 9) -> (vf2, dvf, clipped):
 

@@ -31,6 +31,13 @@ and the backward only scales them by the upstream gradient, in place. Peak
 extra memory: one chunk's buffers (the budget of linear_token_logprobs, see
 ``chunk_rows``), the float32 dW accumulator and dhidden, whatever N is.
 
+CISPO (policy_loss="cispo") is a switch of the same per-token math. GSPO's
+sequence ratio (ratio_level="sequence") makes a token's gradient depend on its
+whole sequence's logprobs: the chunks are then cut at sequence boundaries and
+each chunk's logits are reduced, the sequence terms computed, and the logits
+turned into dlogits while still in memory (`_forward_sequences`; a sequence
+longer than a chunk has its logits computed twice).
+
 On CPU only the valid tokens (mask nonzero) are computed: their rows are
 gathered into the chunk buffer, so padding costs no GEMM work. On a GPU every
 row is computed and invalid ones are masked: counting the valid tokens would
@@ -51,15 +58,19 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import (
     FLOAT_DTYPES, INT_DTYPES, as_rows, check_chunk_size, check_clip_range, check_dual_clip, check_labels_in_range,
-    check_lm_head, check_non_negative, check_normalizer, check_policy_weight, check_positive, check_same_device,
-    check_shape, check_tensor,
+    check_lm_head, check_non_negative, check_normalizer, check_policy_loss_kind, check_policy_weight,
+    check_positive, check_same_device, check_shape, check_tensor,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import MASK_DTYPES, loadable_mask, valid_of
-from ._math import clipped_surrogate, kl_estimate, lse_and_entropy, online_lse_step, softmax_grad
+from ._math import kl_estimate, lse_and_entropy, online_lse_step, policy_surrogate, softmax_grad
 from . import torch_backend
 from .kl_penalty import ESTIMATORS
-from .linear_token_logprobs import _chunks, _dhidden_into, _logits_into, _plan, _weight_operand
+from .linear_token_logprobs import chunk_plan
+from .lm_head import (
+    accumulate_grads, chunk_logits, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
+    weight_operand,
+)
 from .token_logprobs import _block_v
 
 
@@ -73,7 +84,7 @@ def _linear_ppo_loss_fwd_kernel(
     n_cols, n_vocab, stride_lm, stride_dm, stride_tok,
     temperature, clip_eps, clip_eps_high, dual_clip, ent_coef, kl_coef,
     HAS_DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, ESTIMATOR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    WITH_GRAD: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
+    CISPO: tl.constexpr, WITH_GRAD: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per token (a row of the float32 chunk of logits, unit column stride).
 
@@ -84,7 +95,8 @@ def _linear_ppo_loss_fwd_kernel(
 
     Pass 1 (as token_logprobs' forward, _math.online_lse_step): lse, the
     label's logprob and the entropy H. Then the token's terms:
-      ρ = exp(lp − old), pg and its slope dpg = _math.clipped_surrogate (weighted by w when HAS_WEIGHT),
+      ρ = exp(lp − old), pg and its slope dpg = d pg / d lp: _math.policy_surrogate (PPO's clipped
+      surrogate, or CISPO's; weighted by w when HAS_WEIGHT),
       approx_kl = (ρ − 1) − log ρ,  kl = k(lp − ref) for the estimator k (_math.kl_estimate),
     written to the (7, tokens) statistics at tok_ptr (torch_backend.PPO_TOKEN_STATS order).
     Pass 2 (WITH_GRAD): with n the normalizer,
@@ -116,8 +128,8 @@ def _linear_ppo_loss_fwd_kernel(
     log_ratio = logp - tl.load(old_lp_ptr + row).to(tl.float32)
     ratio = tl.exp(log_ratio)
     w = tl.load(w_ptr + row).to(tl.float32) if HAS_WEIGHT else 1.0
-    pg, dpg, clipped = clipped_surrogate(ratio, tl.load(adv_ptr + row).to(tl.float32), w, clip_eps, clip_eps_high,
-                                         dual_clip, HAS_DUAL_CLIP, HAS_WEIGHT)
+    pg, dpg, clipped = policy_surrogate(ratio, logp, tl.load(adv_ptr + row).to(tl.float32), w, clip_eps,
+                                        clip_eps_high, dual_clip, HAS_DUAL_CLIP, HAS_WEIGHT, CISPO)
     kl = 0.0
     slope = 0.0
     if HAS_REF:
@@ -158,6 +170,7 @@ class LinearPPOParams(NamedTuple):
     kl_coef: float
     kl_estimator: str
     temperature: float
+    cispo: bool = False
 
 
 def _chunk_triton(logits, dlogits, labels, old_lp, adv, ref_lp, weight, valid, norm, tok, params: LinearPPOParams,
@@ -176,7 +189,8 @@ def _chunk_triton(logits, dlogits, labels, old_lp, adv, ref_lp, weight, valid, n
             p.temperature, p.clip_eps, p.clip_eps_high, p.dual_clip if p.dual_clip is not None else 0.0,
             p.ent_coef, p.kl_coef,
             HAS_DUAL_CLIP=p.dual_clip is not None, HAS_REF=ref_lp is not None, ESTIMATOR=p.kl_estimator,
-            HAS_WEIGHT=weight is not None, WITH_GRAD=with_grad, HAS_VALID=valid is not None, BLOCK_V=block_v,
+            HAS_WEIGHT=weight is not None, CISPO=p.cispo, WITH_GRAD=with_grad, HAS_VALID=valid is not None,
+            BLOCK_V=block_v,
             num_warps=8 if block_v >= 2048 else 4,
         )
 
@@ -193,7 +207,7 @@ def compacts_rows(device: torch.device) -> bool:
 
 
 def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params: LinearPPOParams, vocab_size, backend,
-             plan, need_dh, need_dw):
+             plan, need_dh, need_dw, grad_scale):
     """Chunked loss, statistics and gradients.
 
     token_inputs: old_lp, adv, ref_lp, policy_weight (the last two may be None).
@@ -203,6 +217,8 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
     are zeroed off it (the hidden rows are zeroed as they are loaded). Returns
     tok (7, n) float32 (0 off the mask), dhidden (N, H) in hidden's dtype (zero
     on invalid rows) or None, and the float32 dW (V, H) accumulator or None.
+    grad_scale: `lm_head.fp16_grad_scale` (the dlogits are computed at norm / grad_scale and the GEMM results
+    unscaled), or None.
     """
     n_rows, size_h = hidden2d.shape
     vocab, device = weight.shape[0], hidden2d.device
@@ -212,19 +228,20 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
     dhidden = None
     if need_dh:                                                         # all rows written when index is None
         dhidden = (torch.zeros if index is not None else empty_output)(
-            (n_rows, size_h), dtype=hidden2d.dtype, device=device)
+            (n_rows, size_h), dtype=held_grad_dtype(hidden2d.dtype), device=device)
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dw else None
     if n_tok == 0:
         return tok, dhidden, dw_acc
     temperature = params.temperature
-    w = _weight_operand(weight, plan)
+    grad_norm = norm if grad_scale is None else norm / grad_scale          # read by the gradients only
+    w = weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
     dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dh else None
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
     # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
     dlogits = logits if plan.operand_dtype == torch.float32 or not with_grad else empty_output(
         (plan.chunk, vocab), plan.operand_dtype, device)
-    for start, n in _chunks(n_tok, plan.chunk):
+    for start, n in chunk_ranges(n_tok, plan.chunk):
         rows = slice(start, start + n)
         valid_rows = None
         if index is None:
@@ -236,36 +253,98 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
         if n < plan.chunk:
             h_buf[n:].zero_()                                           # padded rows: zero logits, no gradient
         token_args = (labels[rows], *(None if x is None else x[rows] for x in token_inputs))
+        chunk_logits(logits, h_buf, w, plan, backend, temperature)
         if backend == "triton":
-            _logits_into(logits, h_buf, w, plan)                        # (C, V) float32
-            _chunk_triton(logits[:n], dlogits[:n], *token_args, valid_rows, norm, tok[:, rows], params, vocab_size,
-                          with_grad)
+            _chunk_triton(logits[:n], dlogits[:n], *token_args, valid_rows, grad_norm, tok[:, rows], params,
+                          vocab_size, with_grad)
         else:
-            if plan.fp32_out or temperature == 1.0:
-                _logits_into(logits, h_buf, w, plan)
-                if temperature != 1.0:
-                    logits.div_(temperature)
-            else:                                                       # 1/T folded into the GEMM (free)
-                torch.addmm(logits, h_buf, w.t(), beta=0.0, alpha=1.0 / temperature, out=logits)
             tok[:, rows] = torch_backend.linear_ppo_chunk_(
-                logits[:n], *token_args, norm, params, with_grad, vocab_size, valid_rows)
+                logits[:n], *token_args, grad_norm, params, with_grad, vocab_size, valid_rows)
             if with_grad and dlogits is not logits:
                 dlogits[:n] = logits[:n]
-        if not with_grad:
-            continue
-        if n < plan.chunk:
-            dlogits[n:].zero_()
-        if need_dh:
-            _dhidden_into(dh_buf, dlogits, w, plan)                     # (C, V) @ (V, H), float32
-            if index is None:
-                dhidden[rows] = dh_buf[:n]                              # rounded once
-            else:
-                dhidden.index_copy_(0, index[rows], dh_buf[:n].to(hidden2d.dtype))
-        if need_dw:
-            if plan.fp32_out:
-                torch.addmm(dw_acc, dlogits.t(), h_buf, torch.float32, out=dw_acc)
-            else:
-                torch.addmm(dw_acc, dlogits.t(), h_buf, out=dw_acc)      # (V, C) @ (C, H), float32
+        if with_grad:
+            accumulate_grads(dlogits, n, h_buf, dh_buf, w, plan, dhidden, dw_acc, rows,
+                             None if index is None else index[rows], grad_scale)
+    if dw_acc is not None and grad_scale is not None:
+        dw_acc.div_(grad_scale)
+    return tok, dhidden, dw_acc
+
+
+def sequence_groups(starts: list[int], n_tokens: int, chunk: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of whole sequences, in order, each of at most `chunk` tokens, except a sequence longer than
+    that, which is a range of its own. starts: the first token of each sequence (starts[0] = 0)."""
+    groups, a = [], 0
+    for seq_start, seq_end in zip(starts, starts[1:] + [n_tokens]):
+        if seq_end - a > chunk and seq_start > a:
+            groups.append((a, seq_start))
+            a = seq_start
+    if n_tokens > a:
+        groups.append((a, n_tokens))
+    return groups
+
+
+def sequence_policy_terms(logprobs, entropy, old_logprobs, advantages, ref_logprobs, policy_weight, seg, n_seg,
+                          norm, params: LinearPPOParams):
+    """The per-token statistics (7, n) and d loss / d logprob (n,) of n valid tokens at GSPO's sequence ratio.
+
+    seg (n,) int64: each token's sequence in [0, n_seg), every sequence with at least one token. With
+    s = exp(mean of lp − old over the sequence) on each of its tokens, pg = `torch_backend.policy_surrogate`
+    at ρ = s; PPO's gradient reaches every token of a sequence through the mean:
+    d Σ pg / d lp_t = (Σ over t's sequence of d pg / d log s) / (its tokens); CISPO's is the token's own
+    (its weight is a constant). Plus the KL term's kl_coef·k'(lp − ref); all divided by norm.
+    """
+    log_ratio = logprobs - old_logprobs
+    counts = torch.zeros(n_seg, dtype=torch.float32, device=seg.device).index_add_(0, seg, torch.ones_like(log_ratio))
+    seq_log_ratio = torch.zeros_like(counts).index_add_(0, seg, log_ratio) / counts
+    ratio = torch.exp(seq_log_ratio)[seg]
+    pg, clipped, dpg = torch_backend.policy_surrogate(ratio, logprobs, advantages, params.clip_eps,
+                                                      params.clip_eps_high, params.dual_clip, params.cispo,
+                                                      policy_weight)
+    if not params.cispo:
+        dpg = (torch.zeros_like(counts).index_add_(0, seg, dpg) / counts)[seg]
+    approx_kl = (torch.exp(log_ratio) - 1.0) - log_ratio
+    if ref_logprobs is not None:
+        kl, slope = torch_backend.kl_penalty_forward(logprobs, ref_logprobs, params.kl_estimator, None,
+                                                     with_slope=True)
+        dpg = dpg + params.kl_coef * slope
+    else:
+        kl = torch.zeros_like(logprobs)
+    return torch.stack([logprobs, entropy, pg, clipped, approx_kl, ratio, kl]), dpg / norm
+
+
+def _forward_sequences(hidden2d, weight, index, starts, labels, token_inputs, norm, params: LinearPPOParams,
+                       vocab_size, backend, plan, need_dh, need_dw, grad_scale):
+    """ratio_level="sequence": as `_forward` on the gathered valid tokens (index (n,)), whose sequences begin at
+    `starts` (host ints), in chunks cut at sequence boundaries (`sequence_groups`).
+
+    A sequence's ratio needs all of its logprobs before any of its gradients: `lm_head.fused_grad_forward`
+    reduces each chunk's logits to (logprob, entropy, log-sum-exp) in one row pass, `sequence_policy_terms`
+    gives the group's statistics and d loss / d logprob on the (n,) vectors, and a second row pass turns the
+    logits, still in memory, into dlogits (the token-level kernel also reads each row twice). A sequence
+    longer than a chunk has its logits computed twice: 8·n·H·V FLOP for its tokens instead of 6.
+    """
+    n_tok = index.numel()
+    tok = torch.zeros((len(torch_backend.PPO_TOKEN_STATS), n_tok), dtype=torch.float32, device=hidden2d.device)
+    lengths = torch.tensor([b - a for a, b in zip(starts, starts[1:] + [n_tok])], dtype=torch.long)
+    seg_all = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(hidden2d.device)
+    old_lp, adv, ref_lp, pweight = token_inputs
+    g_ent = torch.full((), -params.ent_coef, device=hidden2d.device) / norm if params.ent_coef else None
+    with_grad = need_dh or need_dw
+
+    def coefficients(group, logprobs, entropy):
+        seg = seg_all[group] - seg_all[group.start]
+        stats, g_lp = sequence_policy_terms(
+            logprobs, entropy, old_lp[group], adv[group], None if ref_lp is None else ref_lp[group],
+            None if pweight is None else pweight[group], seg, int(seg[-1]) + 1, norm, params)
+        tok[:, group] = stats
+        return g_lp, g_ent
+
+    groups = sequence_groups(starts, n_tok, plan.chunk)
+    lp_ent, dhidden, dw_acc = fused_grad_forward(hidden2d, weight, index, labels, plan, backend, params.temperature,
+                                                 vocab_size, groups, coefficients, need_dh, need_dw, grad_scale)
+    if not with_grad:                                   # the statistics alone: no coefficients were asked for
+        for a, b in groups:
+            coefficients(slice(a, b), lp_ent[0, a:b], lp_ent[1, a:b])
     return tok, dhidden, dw_acc
 
 
@@ -273,22 +352,40 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
 # 3. Autograd
 # ----------------------------------------------------------------------------
 
+def sequence_starts(seq_ids: torch.Tensor) -> list[int]:
+    """The first position of each run of equal ids in seq_ids (n,) (read on the host); a ValueError when an id
+    comes back after another (the tokens of a sequence must be contiguous)."""
+    ids = seq_ids.cpu()
+    if ids.numel() == 0:
+        return [0]
+    change = torch.ones(ids.numel(), dtype=torch.bool)
+    change[1:] = ids[1:] != ids[:-1]
+    starts = change.nonzero().squeeze(1)
+    if ids[starts].unique().numel() != starts.numel():
+        raise ValueError("sequence_ids: the valid tokens of each sequence must be contiguous (in row-major order); "
+                         "an id appears in two separate runs")
+    return starts.tolist()
+
+
 class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels1d, old1d, adv1d, ref1d, pweight1d, valid1d, norm, params, vocab_size,
-                backend, chunk_size, need_dh, need_dw):
+    def forward(ctx, hidden, weight, labels1d, old1d, adv1d, ref1d, pweight1d, valid1d, seq1d, norm, params,
+                vocab_size, backend, chunk_size, need_dh, need_dw):
         size_h = hidden.shape[-1]
         hidden2d = as_rows(hidden, size_h)
         device = hidden.device
         # A ValueError on CPU; on a GPU a device-side assert (no host sync).
         check_labels_in_range(labels1d, vocab_size, where=valid1d)
-        if compacts_rows(device):
+        starts = None
+        if seq1d is not None or compacts_rows(device):
             index = valid1d.nonzero().squeeze(1)                        # a host sync: free on CPU
             valid = None
             labels_t = labels1d.index_select(0, index).long()
             token_inputs = [x.index_select(0, index).float() if x is not None else None
                             for x in (old1d, adv1d, ref1d, pweight1d)]
             count = float(index.numel())
+            if seq1d is not None:                                      # GSPO: sequence boundaries on the host
+                starts = sequence_starts(seq1d.index_select(0, index))
         else:
             index, valid = None, valid1d.contiguous()
             labels_t = torch.where(valid, labels1d, 0).long()
@@ -298,9 +395,15 @@ class _LinearPPOLoss(torch.autograd.Function):
         if norm is None:
             norm = torch.full((), count, device=device) if index is not None else count
         norm = torch.where(norm > 0, norm, 1.0)                         # 0 (nothing valid) counts as 1
-        plan = _plan(hidden2d, weight, backend, chunk_size)
-        tok, dhidden, dw_acc = _forward(hidden2d, weight, index, valid, labels_t, token_inputs, norm, params,
-                                        vocab_size, backend, plan, need_dh, need_dw)
+        plan = chunk_plan(hidden2d, weight, backend, chunk_size)
+        # fp16 dlogits: coefficients of a token mean are ~1/norm; scaled to ~1 before the half cast.
+        scale = fp16_grad_scale(plan, hidden.dtype, 1.0 / torch.as_tensor(norm, device=device))
+        if starts is not None:
+            tok, dhidden, dw_acc = _forward_sequences(hidden2d, weight, index, starts, labels_t, token_inputs, norm,
+                                                      params, vocab_size, backend, plan, need_dh, need_dw, scale)
+        else:
+            tok, dhidden, dw_acc = _forward(hidden2d, weight, index, valid, labels_t, token_inputs, norm, params,
+                                            vocab_size, backend, plan, need_dh, need_dw, scale)
 
         sums = tok[1:].sum(dim=1)                                       # entropy, pg, clipped, approx_kl, ratio, kl
         means = sums / norm
@@ -316,8 +419,9 @@ class _LinearPPOLoss(torch.autograd.Function):
         # The gradients are final up to the upstream scalar: kept on the node, no inputs saved.
         dweight = None
         if need_dw:
-            dweight = dw_acc if weight.dtype == torch.float32 else dw_acc.to(weight.dtype)
+            dweight = dw_acc if held_grad_dtype(weight.dtype) == torch.float32 else dw_acc.to(weight.dtype)
         ctx.grads = (dhidden.view(hidden.shape) if need_dh else None, dweight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         results = tuple(out[i] for i in range(7))
         ctx.mark_non_differentiable(*results[1:], logprobs)
         ctx.set_materialize_grads(False)
@@ -326,7 +430,7 @@ class _LinearPPOLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_non_differentiable):
-        nothing = (None,) * 13
+        nothing = (None,) * 14
         if grad_loss is None:
             return (None, None) + nothing
         if ctx.grads is None:
@@ -336,11 +440,7 @@ class _LinearPPOLoss(torch.autograd.Function):
         dhidden, dweight = ctx.grads
         ctx.grads = None                                                # the memory goes with the .grad
         g = grad_loss.float()
-        if dhidden is not None:
-            dhidden.mul_(g)
-        if dweight is not None:
-            dweight.mul_(g)
-        return (dhidden, dweight) + nothing
+        return (hand_over(dhidden, g, ctx.dtypes[0]), hand_over(dweight, g, ctx.dtypes[1])) + nothing
 
 
 # ----------------------------------------------------------------------------
@@ -385,6 +485,9 @@ def linear_ppo_loss(
     chunk_size: int | None = None,
     clip_eps_high: float | None = None,
     policy_weight: torch.Tensor | None = None,
+    ratio_level: str = "token",
+    policy_loss: str = "ppo",
+    sequence_ids: torch.Tensor | None = None,
 ) -> LinearPPOLossOutput:
     """PPO's clipped policy loss (+ entropy bonus, + KL to a reference) from the lm_head's input, in one pass.
 
@@ -398,14 +501,16 @@ def linear_ppo_loss(
 
         policy_loss = mean w·max(−A·ρ, −A·clip(ρ, 1 − clip_eps, 1 + clip_eps_high)),
             and with dual_clip c, for A < 0: mean w·min(that, −c·A);
-            w = policy_weight (1 when None)
+            w = policy_weight (1 when None); or CISPO's mean −w·sg(min(ρ, 1 + clip_eps_high))·A·lp
+            (policy_loss="cispo"); ρ the token's ratio, or GSPO's sequence ratio
+            (ratio_level="sequence"), as in ``ppo_loss``
         entropy     = mean H
         kl          = mean k(lp − ref_logprobs), k the ``kl_estimator`` (as
             ``kl_penalty``: k1 = d, k2 = ½d², k3 = e^(−d) + d − 1, abs = |d|);
             0 when ref_logprobs is None
         loss        = policy_loss − ent_coef·entropy + kl_coef·kl
-        clipfrac    = mean [a clipped branch (ε or dual) was taken]
-        approx_kl   = mean (ρ − 1) − log ρ,  ratio_mean = mean ρ
+        clipfrac    = mean [a clipped branch (ε or dual) was taken; cispo: ρ > 1 + clip_eps_high]
+        approx_kl   = mean (r − 1) − log r of the token ratio r,  ratio_mean = mean ρ
 
     The KL term is the per-token estimate on the sampled tokens, differentiated
     through lp (the KL-in-the-loss of GRPO-style trainers; k3's gradient
@@ -448,6 +553,18 @@ def linear_ppo_loss(
             weight w ≥ 0 of the policy term only (shape of labels, any float
             dtype, never differentiated; the normalizer, entropy, kl and the
             statistics are not weighted; checked finite and ≥ 0 on CPU only).
+        ratio_level, policy_loss: as in ``ppo_loss``: "token" or "sequence"
+            (GSPO), "ppo" or "cispo" (no dual_clip with cispo).
+        sequence_ids: with ratio_level="sequence", (...) integer of the
+            shape of labels: the sequence of each token, read where mask is
+            set, each sequence's valid tokens contiguous in row-major order
+            (a packed layout: e.g. the padded row of each token). None: each
+            row of the last leading dimension is one sequence (all tokens
+            for 1-D labels). The sequence path reads the boundaries on the
+            host (a host sync per call on a GPU, and the valid tokens are
+            gathered as on CPU), cuts the chunks at sequence boundaries and
+            keeps the one-pass gradients; a sequence longer than a chunk
+            has its logits computed twice (8·n·H·V FLOP for its tokens).
 
     Returns:
         A `LinearPPOLossOutput`: ``loss, policy_loss, entropy, kl, clipfrac,
@@ -461,12 +578,24 @@ def linear_ppo_loss(
     grad (with grad mode on), and kept until the backward, which scales them by
     the upstream gradient in place and hands them over: one backward per call
     (a second one raises). Extra memory from forward to backward: dhidden
-    (N, H) and dW (V, H) in the inputs' dtypes. Under ``torch.no_grad()`` only
+    (N, H) and dW (V, H) in the inputs' dtypes (float32 for fp16 inputs, so
+    that the upstream gradient, e.g. a loss scale, is applied before the fp16
+    rounding: `lm_head.held_grad_dtype`). Under ``torch.no_grad()`` only
     the loss and statistics are computed.
     """
     vocab = check_lm_head(hidden, weight, vocab_size)
     check_tensor("labels", labels, dtypes=INT_DTYPES)
     lead = hidden.shape[:-1]
+    sequence, cispo = check_policy_loss_kind(ratio_level, policy_loss, dual_clip)
+    if sequence_ids is not None:
+        if not sequence:
+            raise ValueError("sequence_ids is read only with ratio_level='sequence'")
+        check_tensor("sequence_ids", sequence_ids, dtypes=INT_DTYPES)
+        check_same_device("sequence_ids", sequence_ids, "hidden", hidden)
+        check_shape("sequence_ids", sequence_ids, lead, "the leading dimensions of hidden")
+    elif sequence:
+        rows = torch.arange(lead[:-1].numel() if len(lead) > 1 else 1, device=hidden.device)
+        sequence_ids = rows[:, None].expand(-1, lead[-1] if len(lead) else 1).reshape(lead)
     named = [("labels", labels), ("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)]
     if ref_logprobs is not None:
         named.append(("ref_logprobs", ref_logprobs))
@@ -494,12 +623,12 @@ def linear_ppo_loss(
     grad_on = torch.is_grad_enabled()
     need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     params = LinearPPOParams(clip_eps, clip_eps_high, dual_clip, float(ent_coef), float(kl_coef), kl_estimator,
-                             float(temperature))
+                             float(temperature), cispo)
     flat = [x.reshape(-1) if x is not None else None
             for x in (labels, old_logprobs, advantages, ref_logprobs, policy_weight)]
     if policy_weight is not None:
         flat[-1] = flat[-1].detach()
     *results, logprobs = _LinearPPOLoss.apply(
-        hidden, weight, *flat, valid_of(mask).reshape(-1), norm, params, vocab, backend, chunk_size, need_dh,
-        need_dw)
+        hidden, weight, *flat, valid_of(mask).reshape(-1), None if sequence_ids is None else sequence_ids.reshape(-1),
+        norm, params, vocab, backend, chunk_size, need_dh, need_dw)
     return LinearPPOLossOutput(*results, logprobs.view(lead))

@@ -34,16 +34,21 @@ call.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._checks import (
-    INT_DTYPES, as_rows, check_chunk_size, check_ignore_index, check_labels_in_range, check_lm_head, check_positive,
-    check_same_device, check_shape, check_tensor,
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_chunk_size, check_ignore_index, check_labels_in_range, check_lm_head,
+    check_normalizer, check_positive, check_same_device, check_shape, check_tensor,
 )
 from ._dispatch import empty_output, resolve_backend
 from . import torch_backend
+from .lm_head import (
+    ChunkPlan, accumulate_grads, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
+    load_rows, logits_into, weight_operand,
+)
 from .token_logprobs import _bwd_triton, _fwd_triton, as_result
 
 
@@ -139,24 +144,6 @@ def _has_fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     return _FP32_OUT_GEMM[key]
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """How one call runs: chunk rows C and the GEMM operand dtype.
-
-    fp32_out: half-precision operands, float32 GEMM output (cuBLAS ``out_dtype``):
-        the logits are exact float32 sums of exact bf16 products. dlogits are
-        rounded to the input dtype for the two backward GEMMs, as in any
-        bf16 lm_head backward.
-    Otherwise operands are float32: float32 inputs as they are, and half inputs
-    where no mixed GEMM exists (CPU) upcast (the weight once per forward and
-    once per backward: an extra V·H·4 bytes, outside the chunk budget).
-    """
-
-    chunk: int
-    operand_dtype: torch.dtype
-    fp32_out: bool
-
-
 def bytes_per_chunk_row(vocab: int, hidden_size: int, dtype: torch.dtype, backend: str, fp32_out: bool) -> int:
     """Bytes of chunk buffers per chunk row, V the (padded) number of weight rows.
 
@@ -228,49 +215,13 @@ def peak_extra_bytes(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dty
     return total
 
 
-def _plan(hidden2d: torch.Tensor, weight: torch.Tensor, backend: str, chunk_size: int | None) -> _Plan:
+def chunk_plan(hidden2d: torch.Tensor, weight: torch.Tensor, backend: str, chunk_size: int | None) -> ChunkPlan:
+    """The `ChunkPlan` of one call of either linear op: chunk rows (chunk_size, else `chunk_rows`) and operands."""
     fp32_out = _has_fp32_out_gemm(hidden2d.device, hidden2d.dtype)
     chunk = chunk_size if chunk_size is not None else chunk_rows(
         weight.shape[0], weight.shape[1], hidden2d.dtype, hidden2d.device, backend)
     operand = hidden2d.dtype if fp32_out else torch.float32
-    return _Plan(chunk, operand, fp32_out)
-
-
-def _chunks(n_rows: int, chunk: int):
-    """(start, rows) of each chunk; chunk boundaries are fixed at multiples of C from row 0."""
-    for start in range(0, n_rows, chunk):
-        yield start, min(chunk, n_rows - start)
-
-
-def _load_rows(h_buf: torch.Tensor, hidden2d: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    """Copy hidden rows [start, start + n) into the (C, H) operand buffer, zeros below."""
-    h_buf[:n].copy_(hidden2d[start:start + n])
-    if n < h_buf.shape[0]:
-        h_buf[n:].zero_()
-    return h_buf
-
-
-def _weight_operand(weight: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    return weight if weight.dtype == plan.operand_dtype else weight.to(plan.operand_dtype)
-
-
-def _logits_into(logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """logits (C, V) float32 = h (C, H) @ w (V, H)ᵀ, float32 accumulation."""
-    if plan.fp32_out:
-        return torch.mm(h, w.t(), torch.float32, out=logits)
-    return torch.mm(h, w.t(), out=logits)
-
-
-def _dhidden_into(dh32: torch.Tensor, dlogits: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """dh32 (C, H) float32 = dlogits (C, V) @ w (V, H).
-
-    The reduction runs over K = V (~150k) terms: written in float32 and rounded
-    to the input dtype once by the caller. A half-precision output would let
-    cuBLAS reduce split-K partial sums in that precision.
-    """
-    if plan.fp32_out:
-        return torch.mm(dlogits, w, torch.float32, out=dh32)
-    return torch.mm(dlogits, w, out=dh32)
+    return ChunkPlan(chunk, operand, fp32_out)
 
 
 def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend, plan):
@@ -280,11 +231,11 @@ def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, 
     if n_rows == 0:
         return out[0], out[1], out[2]
     fwd = _fwd_triton if backend == "triton" else torch_backend.linear_logits_chunk_forward_
-    w = _weight_operand(weight, plan)
+    w = weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, hidden2d.shape[1], dtype=plan.operand_dtype, device=device)
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
-    for start, n in _chunks(n_rows, plan.chunk):
-        _logits_into(logits, _load_rows(h_buf, hidden2d, start, n), w, plan)
+    for start, n in chunk_ranges(n_rows, plan.chunk):
+        logits_into(logits, load_rows(h_buf, hidden2d, start, n), w, plan)
         stats = fwd(logits[:n], labels1d[start:start + n], temperature, ignore_index, vocab_size)
         for dst, src in zip(out, stats):
             dst[start:start + n] = src
@@ -299,17 +250,26 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
     dhidden = empty_output((n_rows, size_h), hidden2d.dtype, device) if need_dhidden else None
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dweight else None
     if n_rows > 0:
-        w = _weight_operand(weight, plan)
+        w = weight_operand(weight, plan)
         h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
         dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dhidden else None
         logits = empty_output((plan.chunk, vocab), torch.float32, device)
         # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
         dlogits = logits if plan.operand_dtype == torch.float32 else empty_output(
             (plan.chunk, vocab), plan.operand_dtype, device)
-        for start, n in _chunks(n_rows, plan.chunk):
+        # fp16 dlogits: the upstream gradients scaled by a power of two so that the largest is ~1 (lm_head).
+        largest = torch.zeros((), device=device)
+        for g in (grad_logprobs, grad_entropy):
+            if g is not None:
+                largest = torch.maximum(largest, g.abs().amax())
+        scale = fp16_grad_scale(plan, hidden2d.dtype, largest)
+        if scale is not None:
+            grad_logprobs = None if grad_logprobs is None else grad_logprobs * scale
+            grad_entropy = None if grad_entropy is None else grad_entropy * scale
+        for start, n in chunk_ranges(n_rows, plan.chunk):
             rows = slice(start, start + n)
-            h = _load_rows(h_buf, hidden2d, start, n)
-            _logits_into(logits, h, w, plan)                                    # recompute (C, V)
+            h = load_rows(h_buf, hidden2d, start, n)
+            logits_into(logits, h, w, plan)                                    # recompute (C, V)
             args = (labels1d[rows], lse[rows], entropy[rows],
                     None if grad_logprobs is None else grad_logprobs[rows],
                     None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, vocab_size)
@@ -319,16 +279,9 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
                 torch_backend.linear_logits_chunk_backward_(logits[:n], *args)             # in place
                 if dlogits is not logits:
                     dlogits[:n] = logits[:n]
-            if n < plan.chunk:
-                dlogits[n:].zero_()                                             # padded rows: no gradient
-            if need_dhidden:
-                _dhidden_into(dh_buf, dlogits, w, plan)                         # (C, V) @ (V, H)
-                dhidden[rows] = dh_buf[:n]                                      # rounded once
-            if need_dweight:
-                if plan.fp32_out:
-                    torch.addmm(dw_acc, dlogits.t(), h, torch.float32, out=dw_acc)
-                else:
-                    torch.addmm(dw_acc, dlogits.t(), h, out=dw_acc)             # (V, C) @ (C, H), float32
+            accumulate_grads(dlogits, n, h, dh_buf, w, plan, dhidden, dw_acc, rows, unscale=scale)
+        if dw_acc is not None and scale is not None:
+            dw_acc.div_(scale)
     dweight = None
     if need_dweight:
         dweight = dw_acc if weight.dtype == torch.float32 else dw_acc.to(weight.dtype)
@@ -342,7 +295,7 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend, chunk_size):
-        plan = _plan(hidden2d, weight, backend, chunk_size)
+        plan = chunk_plan(hidden2d, weight, backend, chunk_size)
         logprobs, entropy, lse = _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend,
                                           plan)
         # Only (N,) statistics are saved besides the inputs; the logits are recomputed in backward.
@@ -441,3 +394,141 @@ def linear_token_logprobs(
     logprobs, entropy, _ = _LinearTokenLogprobs.apply(
         hidden2d, weight, labels1d, float(temperature), ignore_index, vocab, backend, chunk_size)
     return as_result(logprobs, entropy, hidden.shape[:-1], return_entropy)
+
+
+# ----------------------------------------------------------------------------
+# 5. The loss form: the gradients in the forward, no logits recomputed
+# ----------------------------------------------------------------------------
+
+class LogprobLossOutput(NamedTuple):
+    """Results of `linear_logprob_loss`: ``loss`` (0-dim float32, differentiable in hidden and weight) and the
+    per-token ``logprobs`` (float32, detached, 0 at ignored labels)."""
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+
+
+class _LinearLogprobLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels1d, weight1d, norm, temperature, ignore_index, vocab_size, backend,
+                chunk_size, need_dh, need_dw):
+        hidden2d = as_rows(hidden, hidden.shape[-1])
+        device = hidden.device
+        valid = labels1d != ignore_index
+        if backend == "torch" or device.type == "cpu":                   # only the scored tokens' rows (a sync)
+            index = valid.nonzero().squeeze(1)
+            labels_t = labels1d.index_select(0, index).long()
+            w_t = None if weight1d is None else weight1d.index_select(0, index).float()
+            count = torch.full((), float(index.numel()), device=device)
+        else:                                                           # every row; the kernels skip label -100
+            index = None
+            labels_t = torch.where(valid, labels1d, -100).long()
+            w_t = torch.where(valid, 1.0 if weight1d is None else weight1d.float(), 0.0)
+            count = valid.sum(dtype=torch.float32)
+        norm = count if norm is None else norm
+        norm = torch.where(norm > 0, norm, 1.0)                         # 0 (nothing scored) counts as 1
+        plan = chunk_plan(hidden2d, weight, backend, chunk_size)
+        largest = (torch.ones((), device=device) if w_t is None or w_t.numel() == 0 else w_t.abs().amax()) / norm
+        scale = fp16_grad_scale(plan, hidden.dtype, largest)
+
+        def coefficients(group, _logprobs, _entropy):                   # d loss / d logprob = −w / n
+            g = -(w_t[group] if w_t is not None else torch.ones(group.stop - group.start, device=device))
+            return g / norm, None
+
+        n_tok = labels_t.numel()
+        groups = [(start, start + n) for start, n in chunk_ranges(n_tok, plan.chunk)]
+        lp_ent, dhidden, dw_acc = fused_grad_forward(hidden2d, weight, index, labels_t, plan, backend, temperature,
+                                                     vocab_size, groups, coefficients, need_dh, need_dw, scale)
+        lp = lp_ent[0]
+        loss = -(lp if w_t is None else lp * w_t).sum() / norm
+        if index is None:
+            logprobs = lp
+        else:
+            logprobs = torch.zeros(hidden2d.shape[0], dtype=torch.float32, device=device)
+            logprobs.index_copy_(0, index, lp)
+        dweight = None
+        if need_dw:
+            dweight = dw_acc if held_grad_dtype(weight.dtype) == torch.float32 else dw_acc.to(weight.dtype)
+        ctx.grads = (dhidden.view(hidden.shape) if need_dh else None, dweight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(logprobs)
+        ctx.set_materialize_grads(False)
+        return loss, logprobs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_logprobs):
+        nothing = (None,) * 10
+        if grad_loss is None:
+            return (None, None) + nothing
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_logprob_loss: backward through the same result twice; its gradients are computed in "
+                "forward and handed over (scaled in place) by the first backward. Call linear_logprob_loss again.")
+        dhidden, dweight = ctx.grads
+        ctx.grads = None
+        g = grad_loss.float()
+        return (hand_over(dhidden, g, ctx.dtypes[0]), hand_over(dweight, g, ctx.dtypes[1])) + nothing
+
+
+def linear_logprob_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss_weight: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> LogprobLossOutput:
+    """The loss form of `linear_token_logprobs`: loss = −Σ_t w_t·log p(label_t) / normalizer, over the tokens
+    whose label is not ignore_index, p = softmax(hidden @ weightᵀ / temperature), with its gradients computed
+    in the same pass (as `linear_ppo_loss`): the language-model loss of SFT, of the reward model's LM term and
+    of PPO's ptx term.
+
+    ``linear_token_logprobs`` + a weighted sum is the same loss but recomputes each chunk's logits in its
+    backward (8·N·H·V FLOP); here the per-token coefficient −w_t / normalizer is known in the forward, so each
+    chunk's logits are computed once and turned into dlogits while in memory (6·N·H·V FLOP, see
+    `lm_head.fused_grad_forward`). dhidden and dW are kept from the forward to the backward, which scales them
+    by the upstream gradient in place: one backward per call. Under ``torch.no_grad()`` (or without inputs
+    that require grad) only the loss is computed.
+
+    Args:
+        hidden, weight, labels, temperature, ignore_index, vocab_size, backend, chunk_size: as in
+            `linear_token_logprobs`. On CPU (and with the torch backend) only the scored tokens' rows are
+            computed; on a GPU with the Triton kernels every row (no host sync), the ignored ones masked.
+        loss_weight: None (w = 1), or a float tensor of labels' shape on hidden's device, never differentiated
+            (e.g. a per-sequence aggregation weight). Read only where labels are not ignore_index.
+        normalizer: the denominator: None (the number of scored tokens here), a number ≥ 0 or a 1-element
+            tensor (e.g. the count over all ranks, so that micro-batch losses add up). 0 counts as 1.
+
+    Returns:
+        `LogprobLossOutput` (loss 0-dim float32; logprobs of labels' shape, float32, detached). Gradients come
+        back in the inputs' dtypes, dW summed over chunks in float32 and cast once; with fp16 inputs and half
+        GEMMs the dlogits are scaled before the half cast (`lm_head.fp16_grad_scale`).
+    """
+    vocab = check_lm_head(hidden, weight, vocab_size)
+    check_tensor("labels", labels, dtypes=INT_DTYPES)
+    check_same_device("labels", labels, "hidden", hidden)
+    check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
+    if loss_weight is not None:
+        check_tensor("loss_weight", loss_weight, dtypes=(*FLOAT_DTYPES, torch.float64))
+        check_same_device("loss_weight", loss_weight, "hidden", hidden)
+        check_shape("loss_weight", loss_weight, labels.shape, "the shape of labels")
+    check_positive("temperature", temperature)
+    check_ignore_index(ignore_index)
+    check_chunk_size(chunk_size)
+    norm = check_normalizer(normalizer, "hidden", hidden)
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        norm = torch.full((), norm, device=hidden.device)
+    backend = resolve_backend(backend, hidden)
+    check_labels_in_range(labels, vocab, ignore_index)
+    grad_on = torch.is_grad_enabled()
+    need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    loss, logprobs = _LinearLogprobLoss.apply(
+        hidden, weight, labels.reshape(-1), None if loss_weight is None else loss_weight.detach().reshape(-1), norm,
+        float(temperature), ignore_index, vocab, backend, chunk_size, need_dh, need_dw)
+    return LogprobLossOutput(loss, logprobs.view(labels.shape))

@@ -7,6 +7,13 @@ inputs once (6·4 + 1 = 25 bytes per token in fp32) and writes 8 floats; the
 backward reads them once more and writes dlogprobs and dvalues (8 bytes per
 token), recomputing ratio and clip decisions instead of saving them.
 
+GSPO's sequence ratio (ratio_level="sequence") enters as one more (rows,)
+input, each row's mean log-ratio, computed by a differentiable torch reduction
+(`sequence_log_ratio`): the kernels use exp of it as the ratio, and the
+backward's per-token slopes are summed per row, autograd spreading them over
+the row's tokens. CISPO (policy_loss="cispo") is a switch of the per-token
+math (_math.policy_surrogate).
+
 Forward: each program sums its share of (BLOCK_M, BLOCK_T) tiles into
 per-lane fp32 accumulators. A batch of at most 8 tiles (16384 tokens on a
 GPU) is one program and one launch; a larger one writes per-program partial
@@ -23,12 +30,12 @@ import triton
 import triton.language as tl
 
 from ._checks import (
-    FLOAT_DTYPES, check_clip_range, check_dual_clip, check_non_negative, check_normalizer, check_policy_weight,
-    check_same_device, check_shape, check_tensor,
+    FLOAT_DTYPES, check_clip_range, check_dual_clip, check_non_negative, check_normalizer, check_policy_loss_kind,
+    check_policy_weight, check_same_device, check_shape, check_tensor,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend
 from ._layout import MASK_DTYPES, loadable_mask, rows_unit_stride, tile_shape
-from ._math import clipped_surrogate, clipped_value_error
+from ._math import clipped_value_error, policy_surrogate
 from . import torch_backend
 
 # Partial sums per program: pg, vf, clipped, value-clipped, kl, ratio, count (+1 pad).
@@ -44,6 +51,12 @@ def _load_tile(ptrs, in_bounds, valid):
     """A float32 tile, loaded under the bounds only (so that loads vectorise), 0 off the token mask whatever
     it holds there (NaN included)."""
     return tl.where(valid, tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows):
+    """A (BLOCK_M,) float32 vector of per-row values (0 past the last row)."""
+    return tl.load(ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -73,16 +86,18 @@ def _write_results(out_ptr, norm_ptr, s_pg, s_vf, s_clip, s_vclip, s_kl, s_ratio
 
 @triton.jit
 def _ppo_loss_fwd_kernel(
-    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, w_ptr, norm_ptr, partial_ptr, out_ptr,
-    n_rows, n_cols, tiles_per_program,
+    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, w_ptr, seq_ptr, norm_ptr, partial_ptr,
+    out_ptr, n_rows, n_cols, tiles_per_program,
     stride_lm, stride_om, stride_am, stride_vm, stride_wm, stride_rm, stride_mm, stride_xm,
     clip_eps, clip_eps_high, value_clip, dual_clip, vf_coef, normalizer,
     HAS_VALUE_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_MODE: tl.constexpr,
+    SEQ_RATIO: tl.constexpr, CISPO: tl.constexpr,
     ONE_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Sums over this program's tiles of the per-token terms (all 0 off the mask):
 
-      pg = the weighted clipped surrogate (_math.clipped_surrogate; w at w_ptr when HAS_WEIGHT)
+      pg = the weighted policy term (_math.policy_surrogate: PPO's clipped surrogate, or CISPO's; w at w_ptr
+           when HAS_WEIGHT) at the token's ratio, or with SEQ_RATIO at its row's exp(seq_ptr[row]) (GSPO)
       vf = ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²)
       clipped = the policy term took a clipped branch; vclipped likewise
       kl = (ρ − 1) − log ρ,  ρ,  1
@@ -104,8 +119,8 @@ def _ppo_loss_fwd_kernel(
         in_bounds = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
         r2, c2 = rows[:, None], cols[None, :]
         valid = tl.load(mask_ptr + r2 * stride_mm + c2, mask=in_bounds, other=0) != 0
-        log_ratio = (_load_tile(lp_ptr + r2 * stride_lm + c2, in_bounds, valid)
-                     - _load_tile(old_lp_ptr + r2 * stride_om + c2, in_bounds, valid))
+        lp = _load_tile(lp_ptr + r2 * stride_lm + c2, in_bounds, valid)
+        log_ratio = lp - _load_tile(old_lp_ptr + r2 * stride_om + c2, in_bounds, valid)
         adv = _load_tile(adv_ptr + r2 * stride_am + c2, in_bounds, valid)
         w = _load_tile(w_ptr + r2 * stride_xm + c2, in_bounds, valid) if HAS_WEIGHT else 1.0
         v = _load_tile(val_ptr + r2 * stride_vm + c2, in_bounds, valid)
@@ -113,16 +128,20 @@ def _ppo_loss_fwd_kernel(
         old_v = _load_tile(old_val_ptr + r2 * stride_wm + c2, in_bounds, valid) if HAS_VALUE_CLIP else 0.0
 
         ratio = tl.exp(log_ratio)
-        pg, _dpg, clipped = clipped_surrogate(ratio, adv, w, clip_eps, clip_eps_high, dual_clip,
-                                              HAS_DUAL_CLIP, HAS_WEIGHT)
+        if SEQ_RATIO:
+            s_ratio = tl.exp(_load_rows(seq_ptr, rows, n_rows))[:, None] + tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+        else:
+            s_ratio = ratio
+        pg, _dpg, clipped = policy_surrogate(s_ratio, lp, adv, w, clip_eps, clip_eps_high, dual_clip,
+                                             HAS_DUAL_CLIP, HAS_WEIGHT, CISPO)
         vf, _dvf, vclipped = clipped_value_error(v, ret, old_v, value_clip, HAS_VALUE_CLIP)
         if HAS_VALUE_CLIP:
             acc_vclip += vclipped.to(tl.float32)
         acc_pg += pg
         acc_vf += vf
-        acc_clip += clipped.to(tl.float32)
+        acc_clip += (clipped & valid).to(tl.float32)
         acc_kl += (ratio - 1.0) - log_ratio
-        acc_ratio += tl.where(valid, ratio, 0.0)
+        acc_ratio += tl.where(valid, s_ratio, 0.0)
         acc_count += valid.to(tl.float32)
 
     s_pg = tl.sum(tl.sum(acc_pg, axis=1), axis=0)
@@ -167,19 +186,21 @@ def _ppo_loss_reduce_kernel(
 
 @triton.jit
 def _ppo_loss_bwd_kernel(
-    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, w_ptr, out_ptr,
+    lp_ptr, old_lp_ptr, adv_ptr, val_ptr, old_val_ptr, ret_ptr, mask_ptr, w_ptr, seq_ptr, out_ptr,
     g_loss_ptr, g_pg_ptr, g_vf_ptr, dlp_ptr, dval_ptr,
     n_rows, n_cols,
     stride_lm, stride_om, stride_am, stride_vm, stride_wm, stride_rm, stride_mm, stride_xm, stride_dm,
     clip_eps, clip_eps_high, value_clip, dual_clip, vf_coef,
     HAS_VALUE_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_G_LOSS: tl.constexpr, HAS_G_PG: tl.constexpr, HAS_G_VF: tl.constexpr,
+    SEQ_RATIO: tl.constexpr, CISPO: tl.constexpr, HAS_G_LOSS: tl.constexpr, HAS_G_PG: tl.constexpr, HAS_G_VF: tl.constexpr,
     NEEDS_DLP: tl.constexpr, NEEDS_DVAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Grid (row tiles, column tiles). With n the normalizer saved at out_ptr[7]:
 
-      d/d logprobs = (g_loss + g_pg) / n · (w·(−A·ρ) where no clip is active, else 0)
+      d/d logprobs = (g_loss + g_pg) / n · dpg of _math.policy_surrogate (PPO: w·(−A·ρ) where no clip is
+                     active, else 0; CISPO: −w·min(ρ, 1 + ε_high)·A); with SEQ_RATIO and PPO this is the
+                     token's share of d/d log s of its row, which the launcher sums per row
       d/d values   = (vf_coef·g_loss + g_vf) / n · (V − R where the unclipped error is larger, else 0)
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,12 +213,15 @@ def _ppo_loss_bwd_kernel(
     if NEEDS_DLP:
         g_pg = tl.load(g_pg_ptr).to(tl.float32) if HAS_G_PG else 0.0
         scale = (g_loss + g_pg) / n
-        log_ratio = (_load_tile(lp_ptr + r2 * stride_lm + c2, in_bounds, valid)
-                     - _load_tile(old_lp_ptr + r2 * stride_om + c2, in_bounds, valid))
+        lp = _load_tile(lp_ptr + r2 * stride_lm + c2, in_bounds, valid)
+        if SEQ_RATIO:
+            ratio = tl.exp(_load_rows(seq_ptr, rows, n_rows))[:, None] + tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+        else:
+            ratio = tl.exp(lp - _load_tile(old_lp_ptr + r2 * stride_om + c2, in_bounds, valid))
         adv = _load_tile(adv_ptr + r2 * stride_am + c2, in_bounds, valid)
         w = _load_tile(w_ptr + r2 * stride_xm + c2, in_bounds, valid) if HAS_WEIGHT else 1.0
-        _pg, dpg, _clipped = clipped_surrogate(tl.exp(log_ratio), adv, w, clip_eps, clip_eps_high, dual_clip,
-                                               HAS_DUAL_CLIP, HAS_WEIGHT)
+        _pg, dpg, _clipped = policy_surrogate(ratio, lp, adv, w, clip_eps, clip_eps_high, dual_clip,
+                                              HAS_DUAL_CLIP, HAS_WEIGHT, CISPO)
         dlp = tl.where(valid, dpg * scale, 0.0)
         tl.store(dlp_ptr + r2 * stride_dm + c2, dlp.to(dlp_ptr.dtype.element_ty), mask=in_bounds)
     if NEEDS_DVAL:
@@ -235,6 +259,7 @@ class _Inputs(NamedTuple):
     returns: torch.Tensor
     mask: torch.Tensor
     policy_weight: torch.Tensor | None = None
+    seq_log_ratio: torch.Tensor | None = None     # (rows,) float32: GSPO's mean log-ratio of each row
 
 
 class _Params(NamedTuple):
@@ -246,12 +271,13 @@ class _Params(NamedTuple):
     vf_coef: float
     dual_clip: float | None
     normalizer: float | None
+    cispo: bool = False
 
 
 def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *, clip_eps_high=None,
-                tile: int = _TILE, one_program_tiles: int = _ONE_PROGRAM_TILES):
+                cispo: bool = False, tile: int = _TILE, one_program_tiles: int = _ONE_PROGRAM_TILES):
     """The (8,) float32 results; `inputs` an _Inputs or a tuple of its first 7 fields."""
-    lp, old_lp, adv, val, old_val, ret, mask, weight = _Inputs(*inputs)
+    lp, old_lp, adv, val, old_val, ret, mask, weight, seq = _Inputs(*inputs)
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     n_rows, n_cols = lp.shape
     if n_rows * n_cols == 0:
@@ -274,14 +300,14 @@ def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *,
     norm_value = float(normalizer) if mode == 1 else 0.0
     with on_device_of(lp):
         _ppo_loss_fwd_kernel[(n_programs,)](
-            lp, old_lp, adv, val, old_val, ret, mask, weight if weight is not None else lp, norm_ptr, partials, out,
-            n_rows, n_cols, per_program,
+            lp, old_lp, adv, val, old_val, ret, mask, weight if weight is not None else lp,
+            seq if seq is not None else lp, norm_ptr, partials, out, n_rows, n_cols, per_program,
             lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
             mask.stride(0), weight.stride(0) if weight is not None else 0,
             float(clip_eps), float(clip_eps_high), float(value_clip or 0.0), float(dual_clip or 0.0),
             float(vf_coef), norm_value,
             HAS_VALUE_CLIP=value_clip is not None, HAS_DUAL_CLIP=dual_clip is not None,
-            HAS_WEIGHT=weight is not None, NORM_MODE=mode,
+            HAS_WEIGHT=weight is not None, NORM_MODE=mode, SEQ_RATIO=seq is not None, CISPO=cispo,
             ONE_PROGRAM=n_programs == 1, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
         )
     if n_programs > 1:
@@ -293,10 +319,11 @@ def _fwd_triton(inputs, normalizer, clip_eps, value_clip, vf_coef, dual_clip, *,
     return out
 
 
-def _bwd_triton(inputs: _Inputs, out, grad_loss, grad_pg, grad_vf, params: _Params, need_dlp, need_dval):
-    lp, old_lp, adv, val, old_val, ret, mask, weight = inputs
+def _bwd_triton(inputs: _Inputs, out, grad_loss, grad_pg, grad_vf, params: _Params, need_dlp, need_dval, *,
+                dlp_dtype=None):
+    lp, old_lp, adv, val, old_val, ret, mask, weight, seq = inputs
     n_rows, n_cols = lp.shape
-    dlp = empty_output((n_rows, n_cols), lp.dtype, lp.device) if need_dlp else None
+    dlp = empty_output((n_rows, n_cols), dlp_dtype or lp.dtype, lp.device) if need_dlp else None
     dval = empty_output((n_rows, n_cols), val.dtype, val.device) if need_dval else None
     if n_rows * n_cols == 0:
         return dlp, dval
@@ -306,16 +333,16 @@ def _bwd_triton(inputs: _Inputs, out, grad_loss, grad_pg, grad_vf, params: _Para
     p = params
     with on_device_of(lp):
         _ppo_loss_bwd_kernel[grid](
-            lp, old_lp, adv, val, old_val, ret, mask, weight if weight is not None else lp, out,
-            grad_loss if grad_loss is not None else out, grad_pg if grad_pg is not None else out,
-            grad_vf if grad_vf is not None else out,
+            lp, old_lp, adv, val, old_val, ret, mask, weight if weight is not None else lp,
+            seq if seq is not None else lp, out, grad_loss if grad_loss is not None else out,
+            grad_pg if grad_pg is not None else out, grad_vf if grad_vf is not None else out,
             dlp if need_dlp else dval, dval if need_dval else dlp,
             n_rows, n_cols,
             lp.stride(0), old_lp.stride(0), adv.stride(0), val.stride(0), old_val.stride(0), ret.stride(0),
             mask.stride(0), weight.stride(0) if weight is not None else 0, n_cols,
             p.clip_eps, p.clip_eps_high, float(p.value_clip or 0.0), float(p.dual_clip or 0.0), p.vf_coef,
             HAS_VALUE_CLIP=p.value_clip is not None, HAS_DUAL_CLIP=p.dual_clip is not None,
-            HAS_WEIGHT=weight is not None,
+            HAS_WEIGHT=weight is not None, SEQ_RATIO=seq is not None, CISPO=p.cispo,
             HAS_G_LOSS=grad_loss is not None, HAS_G_PG=grad_pg is not None, HAS_G_VF=grad_vf is not None,
             NEEDS_DLP=need_dlp, NEEDS_DVAL=need_dval, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=8,
         )
@@ -327,24 +354,29 @@ def _bwd_triton(inputs: _Inputs, out, grad_loss, grad_pg, grad_vf, params: _Para
 # ----------------------------------------------------------------------------
 
 class _PPOLoss(torch.autograd.Function):
+    """Differentiable in lp (index 0), val (3) and, for GSPO, seq (8): the rows' mean log-ratio, which the
+    caller computes from lp with torch ops, so that autograd spreads d/d seq over each row's tokens."""
+
     @staticmethod
-    def forward(ctx, lp, old_lp, adv, val, old_val, ret, mask, weight, normalizer, params: _Params, backend):
-        inputs = _Inputs(lp, old_lp, adv, val, old_val, ret, mask, weight)
+    def forward(ctx, lp, old_lp, adv, val, old_val, ret, mask, weight, seq, normalizer, params: _Params, backend):
+        inputs = _Inputs(lp, old_lp, adv, val, old_val, ret, mask, weight, seq)
         norm = normalizer if normalizer is not None else params.normalizer
         if backend == "triton":
             out = _fwd_triton(inputs, norm, params.clip_eps, params.value_clip, params.vf_coef, params.dual_clip,
-                              clip_eps_high=params.clip_eps_high)
+                              clip_eps_high=params.clip_eps_high, cispo=params.cispo)
             ctx.save_for_backward(*inputs, out)                     # the backward recomputes the terms
         else:
             # The CPU path keeps the two per-token derivatives instead (8 bytes per token).
-            with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
+            with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[3] or ctx.needs_input_grad[8]
             result = torch_backend.ppo_loss_forward(
                 *inputs[:7], params.clip_eps, params.value_clip, params.vf_coef, params.dual_clip, norm,
-                with_grads=with_grads, clip_eps_high=params.clip_eps_high, weight=weight)
+                with_grads=with_grads, clip_eps_high=params.clip_eps_high, weight=weight, seq_log_ratio=seq,
+                cispo=params.cispo)
             out, dpg, derr = result if with_grads else (result, None, None)
             ctx.save_for_backward(dpg, derr, out)
             ctx.dtypes = (lp.dtype, val.dtype)
         ctx.params, ctx.backend = params, backend
+        ctx.seq_ppo = seq is not None and not params.cispo          # the surrogate's gradient goes through seq
         results = tuple(out[i] for i in range(7))
         ctx.mark_non_differentiable(*results[3:])
         ctx.set_materialize_grads(False)
@@ -352,21 +384,29 @@ class _PPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_pg, grad_vf, *_stats):
-        need_dlp, need_dval = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        nothing = (None,) * 11
-        if not (need_dlp or need_dval) or (grad_loss is None and grad_pg is None and grad_vf is None):
+        need_dpg = ctx.needs_input_grad[8] if ctx.seq_ppo else ctx.needs_input_grad[0]
+        need_dval = ctx.needs_input_grad[3]
+        nothing = (None,) * 12
+        if not (need_dpg or need_dval) or (grad_loss is None and grad_pg is None and grad_vf is None):
             return nothing
         grads = [g.float().contiguous() if g is not None else None for g in (grad_loss, grad_pg, grad_vf)]
         if ctx.backend == "triton":
             *inputs, out = ctx.saved_tensors
-            dlp, dval = _bwd_triton(_Inputs(*inputs), out, *grads, ctx.params, need_dlp, need_dval)
+            inputs = _Inputs(*inputs)
+            dpg, dval = _bwd_triton(inputs, out, *grads, ctx.params, need_dpg, need_dval,
+                                    dlp_dtype=torch.float32 if ctx.seq_ppo else inputs.logprobs.dtype)
         else:
             # d loss = (g_loss + g_pg)·d policy_loss + (vf_coef·g_loss + g_vf)·d value_loss, each / n.
             dpg, derr, out = ctx.saved_tensors
             g_loss, g_pg, g_vf = (g if g is not None else torch.zeros((), device=out.device) for g in grads)
-            dlp = (dpg * ((g_loss + g_pg) / out[7])).to(ctx.dtypes[0]) if need_dlp else None
+            dpg = dpg * ((g_loss + g_pg) / out[7]) if need_dpg else None
+            if dpg is not None and not ctx.seq_ppo:
+                dpg = dpg.to(ctx.dtypes[0])
             dval = (derr * ((ctx.params.vf_coef * g_loss + g_vf) / out[7])).to(ctx.dtypes[1]) if need_dval else None
-        return dlp, None, None, dval, *nothing[4:]
+        if ctx.seq_ppo:                  # d/d seq[row] = Σ over the row's tokens of d pg / d log s (0 off the mask)
+            dseq = dpg.sum(-1) if dpg is not None else None
+            return None, None, None, dval, None, None, None, None, dseq, *nothing[9:]
+        return dpg, None, None, dval, *nothing[4:]
 
 
 # ----------------------------------------------------------------------------
@@ -409,6 +449,8 @@ def ppo_loss(
     backend: str | None = None,
     clip_eps_high: float | None = None,
     policy_weight: torch.Tensor | None = None,
+    ratio_level: str = "token",
+    policy_loss: str = "ppo",
 ) -> PPOLossOutput:
     """PPO's clipped losses and their diagnostics in one fused pass (Schulman et al. 2017, eq. 7 and 9).
 
@@ -416,14 +458,21 @@ def ppo_loss(
     token means Σ_valid(·) / normalizer:
         policy_loss = mean w·max(−A·ρ, −A·clip(ρ, 1 − clip_eps, 1 + clip_eps_high)),
             and with dual_clip c, for A < 0: mean w·min(that, −c·A) (Ye et al. 2020);
-            w = policy_weight (1 when None)
+            w = policy_weight (1 when None). With policy_loss="cispo" (MiniMax-M1, 2025):
+            mean −w·sg(min(ρ, 1 + clip_eps_high))·A·logprobs, the weight detached.
+            With ratio_level="sequence" (GSPO, Zheng et al. 2025) ρ is, on every token of a
+            row, s = exp(mean of logprobs − old_logprobs over the row's valid tokens): the last
+            dimension holds one sequence per row, and the gradient reaches every token of the
+            row through the mean.
         value_loss  = ½·mean max((V − R)², (clip(V, V_old ± value_clip) − R)²),
             or ½·mean (V − R)² when value_clip is None
         loss        = policy_loss + vf_coef·value_loss
-        clipfrac    = mean [the policy term took a clipped branch (ε- or dual clip)]
+        clipfrac    = mean [the policy term took a clipped branch (ε- or dual clip);
+                      cispo: the weight was truncated, ρ > 1 + clip_eps_high]
         value_clipfrac = mean [the clipped value error was the larger]
-        approx_kl   = mean (ρ − 1) − log ρ  (the k3 estimator of KL(old ‖ new), ≥ 0, as in CleanRL)
-        ratio_mean  = mean ρ
+        approx_kl   = mean (r − 1) − log r of the token ratio r (the k3 estimator of KL(old ‖ new),
+                      ≥ 0, as in CleanRL), at either ratio level
+        ratio_mean  = mean ρ (the sequence ratio s with ratio_level="sequence")
 
     Args:
         logprobs: (...) float32, bfloat16 or float16: log π_θ(y_t), differentiable.
@@ -460,6 +509,8 @@ def ppo_loss(
             set; there it must be finite and ≥ 0, checked on CPU (a
             ValueError). On a GPU it is not checked (that would cost a host
             sync): a non-finite weight gives a non-finite loss.
+        ratio_level: "token" (PPO) or "sequence" (GSPO: one ratio per row).
+        policy_loss: "ppo" (the clipped surrogate) or "cispo" (no dual_clip).
 
     Returns:
         A `PPOLossOutput` of 0-dim float32 tensors. Gradients flow to
@@ -478,12 +529,22 @@ def ppo_loss(
     check_non_negative("value_clip", value_clip, allow_none=True)
     check_non_negative("vf_coef", vf_coef)
     dual_clip = check_dual_clip(dual_clip)
+    sequence, cispo = check_policy_loss_kind(ratio_level, policy_loss, dual_clip)
     norm = check_normalizer(normalizer, "logprobs", logprobs)
     backend = resolve_backend(backend, logprobs)
 
     rows = [rows_unit_stride(x) for x in (*tensors, mask)]
     weight = None if policy_weight is None else rows_unit_stride(policy_weight.detach())
+    seq = sequence_log_ratio(rows[0], rows[1], rows[6]) if sequence else None
     params = _Params(clip_eps, clip_eps_high, None if value_clip is None else float(value_clip), float(vf_coef),
-                     dual_clip, None if isinstance(norm, torch.Tensor) else norm)
+                     dual_clip, None if isinstance(norm, torch.Tensor) else norm, cispo)
     norm_tensor = norm if isinstance(norm, torch.Tensor) else None
-    return PPOLossOutput(*_PPOLoss.apply(*rows, weight, norm_tensor, params, backend))
+    return PPOLossOutput(*_PPOLoss.apply(*rows, weight, seq, norm_tensor, params, backend))
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(rows,) float32: the mean of logprobs − old_logprobs over each row's valid tokens (0 for a row without
+    any), differentiable in logprobs: log of GSPO's sequence ratio. One cheap (rows, T) reduction."""
+    valid = mask != 0
+    diff = torch.where(valid, logprobs.float() - old_logprobs.float(), 0.0)
+    return diff.sum(-1) / valid.sum(-1).clamp(min=1)

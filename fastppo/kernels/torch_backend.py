@@ -281,14 +281,29 @@ def clipped_surrogate(ratio, advantages, clip_eps: float, clip_eps_high: float, 
     return pg, clipped, dpg
 
 
+def policy_surrogate(ratio, logprobs, advantages, clip_eps: float, clip_eps_high: float, dual_clip: float | None,
+                     cispo: bool, weight=None):
+    """The policy loss per token -> pg, clipped, dpg: PPO's `clipped_surrogate` at the ratio ρ (a token's or its
+    sequence's), or CISPO's (MiniMax-M1, 2025) pg = −w·min(ρ, 1 + ε_high)·A·logprobs, its weight detached:
+    dpg = −w·min(ρ, 1 + ε_high)·A = d pg / d logprobs, clipped = 1.0 where ρ > 1 + ε_high (as
+    _math.policy_surrogate). PPO's dpg is d pg / d log ρ."""
+    if not cispo:
+        return clipped_surrogate(ratio, advantages, clip_eps, clip_eps_high, dual_clip, weight)
+    dpg = ratio.clamp(max=1.0 + clip_eps_high).mul_(advantages).neg_()
+    if weight is not None:
+        dpg = dpg.mul_(weight)
+    return dpg * logprobs, mask_as_float(ratio > 1.0 + clip_eps_high), dpg
+
+
 def ppo_loss_terms(logprobs, old_logprobs, advantages, values, old_values, returns, keep,
                    clip_eps: float, value_clip: float | None, dual_clip: float | None, *,
-                   clip_eps_high: float | None = None, weight=None):
+                   clip_eps_high: float | None = None, weight=None, seq_log_ratio=None, cispo: bool = False):
     """Per-token PPO terms in float32; the inputs are read as 0 where keep (float 0/1) is 0.
 
     Returns (pg, vf2, pg_clipped, vf_clipped, kl, ratio, dpg, derr), all 0 off the mask:
-      pg, pg_clipped, dpg: `clipped_surrogate` (ε_high = clip_eps_high, or clip_eps when None;
-          weighted by `weight` when given)
+      pg, pg_clipped, dpg: `policy_surrogate` (ε_high = clip_eps_high, or clip_eps when None;
+          weighted by `weight` when given) at the token's ratio, or with seq_log_ratio (rows,) at
+          exp(seq_log_ratio) of its row (GSPO: dpg is then d pg / d seq_log_ratio)
       vf2 = max((V − R)², (clip(V, V_old ± ε_v) − R)²)   (twice the value loss term)
       vf_clipped: 1.0 where the clipped branch is strictly the larger (zero gradient)
       kl  = (ρ − 1) − log ρ;  ratio = ρ on the mask
@@ -298,8 +313,14 @@ def ppo_loss_terms(logprobs, old_logprobs, advantages, values, old_values, retur
     adv = zero_off_mask(advantages.float(), keep)
     ratio = torch.exp(log_ratio)
     w = None if weight is None else zero_off_mask(weight.float(), keep)
-    pg, pg_clipped, dpg = clipped_surrogate(ratio, adv, clip_eps, clip_eps if clip_eps_high is None else clip_eps_high,
-                                            dual_clip, w)
+    surrogate_ratio = ratio if seq_log_ratio is None else torch.exp(seq_log_ratio.float())[:, None].expand_as(ratio)
+    pg, pg_clipped, dpg = policy_surrogate(
+        surrogate_ratio, zero_off_mask(logprobs.float(), keep) if cispo else None, adv, clip_eps,
+        clip_eps if clip_eps_high is None else clip_eps_high, dual_clip, cispo, w)
+    kl = (ratio - 1.0).sub_(log_ratio)                                                 # of the token's ratio
+    if seq_log_ratio is not None:
+        pg_clipped = pg_clipped * keep
+        ratio = surrogate_ratio.contiguous()
     err = zero_off_mask(values.float() - returns.float(), keep)
     vf = err.square()
     vf_clipped = None
@@ -310,18 +331,18 @@ def ppo_loss_terms(logprobs, old_logprobs, advantages, values, old_values, retur
         vf_clipped = torch.sign(vf_c - vf)
         vf = vf_c
         err = err.mul_(1.0 - vf_clipped)
-    kl = (ratio - 1.0).sub_(log_ratio)
     return pg, vf, pg_clipped, vf_clipped, kl, ratio.mul_(keep), dpg, err
 
 
 def ppo_loss_forward(logprobs, old_logprobs, advantages, values, old_values, returns, mask,
                      clip_eps: float, value_clip: float | None, vf_coef: float, dual_clip: float | None,
-                     normalizer, *, with_grads: bool = False, clip_eps_high: float | None = None, weight=None):
+                     normalizer, *, with_grads: bool = False, clip_eps_high: float | None = None, weight=None,
+                     seq_log_ratio=None, cispo: bool = False):
     """(N, T) inputs -> (8,) float32: loss, policy_loss, value_loss, clipfrac, value_clipfrac, approx_kl,
     ratio_mean, and the normalizer used [, then the (N, T) per-token derivatives of n·policy_loss
     w.r.t. logprobs and of n·value_loss w.r.t. values, when ``with_grads``].
     ``weight`` (N, T) any float dtype, or None: the per-token weight of the
-    policy term (clip_eps_high and weight: see `ppo_loss_terms`).
+    policy term (clip_eps_high, weight, seq_log_ratio and cispo: see `ppo_loss_terms`).
 
     Token means divide by `normalizer` (None: the number of valid tokens; a
     number or a 1-element tensor otherwise); a normalizer ≤ 0 is replaced by 1
@@ -344,7 +365,8 @@ def ppo_loss_forward(logprobs, old_logprobs, advantages, values, old_values, ret
         pg, vf, pg_clipped, vf_clipped, kl, ratio, dpg, derr = ppo_loss_terms(
             logprobs[rows], old_logprobs[rows], advantages[rows], values[rows], old_values[rows], returns[rows],
             keep, clip_eps, value_clip, dual_clip, clip_eps_high=clip_eps_high,
-            weight=None if weight is None else weight[rows])
+            weight=None if weight is None else weight[rows],
+            seq_log_ratio=None if seq_log_ratio is None else seq_log_ratio[rows], cispo=cispo)
         zero = torch.zeros((), device=device)
         sums += torch.stack([pg.sum(), vf.sum(), pg_clipped.sum(), vf_clipped.sum() if vf_clipped is not None else zero,
                              kl.sum(), ratio.sum(), keep.sum()]).double()
@@ -470,7 +492,7 @@ def linear_ppo_chunk_(
     never read, and its gradient is 0). With ``with_grad`` it becomes
     d loss / d logits (the 1/T included), where
         loss = Σ_tokens [pg − ent_coef·H + kl_coef·k(logprob − ref)] / normalizer,
-    pg the weighted surrogate of `clipped_surrogate`. labels (C,) int in
+    pg the weighted policy term of `policy_surrogate` (PPO or CISPO, params.cispo). labels (C,) int in
     [0, vocab_size); old_logprobs, advantages, ref_logprobs, policy_weight (C,)
     float32 (ref_logprobs and policy_weight may be None); normalizer a 0-dim
     float32 tensor > 0; params a ``linear_ppo_loss.LinearPPOParams`` (clip
@@ -481,7 +503,7 @@ def linear_ppo_chunk_(
 
     With p = softmax(x), H its entropy and
       g_lp  = (dpg + kl_coef·k'(d)) / n,   g_ent = −ent_coef / n
-    (d = logprob − ref, dpg from clipped_surrogate, k' the estimator's slope):
+    (d = logprob − ref, dpg from policy_surrogate, k' the estimator's slope):
       dlogits_j = (g_lp·([j = label] − p_j) − g_ent·p_j·(log p_j + H)) / T.
     With x' = x − max, e = exp(x'), s = Σ e, t = Σ e·x' (so log p = x' − log s
     and H = log s − t / s), that is
@@ -491,26 +513,11 @@ def linear_ppo_chunk_(
     one block of PPO_ROW_BLOCK_ELEMENTS floats; e is recomputed for the
     gradient inside each block instead of being stored for the chunk.
     """
-    n_rows, vocab = x.shape[0], vocab_size
-    if with_grad:
-        x[:, vocab:] = 0.0
-    x = x[:, :vocab]
-    step = max(1, PPO_ROW_BLOCK_ELEMENTS // max(1, vocab))
-    tmp = torch.empty(min(step, n_rows), vocab, dtype=torch.float32, device=x.device)
-    m = x.amax(dim=-1)
-    x.sub_(m[:, None])                                          # x' = x − m ≤ 0
-    s, t = torch.empty(2, n_rows, dtype=torch.float32, device=x.device)
-    for r in range(0, n_rows, step):
-        xb, eb = x[r:r + step], tmp[:min(step, n_rows - r)]
-        torch.sum(torch.exp(xb, out=eb), dim=-1, out=s[r:r + step])
-        torch.sum(eb.mul_(xb), dim=-1, out=t[r:r + step])
-    log_s = s.log()
-    logprobs = x.gather(-1, labels.long()[:, None]).squeeze(-1) - log_s
-    entropy = log_s - t / s
+    logprobs, entropy, s, t = linear_ppo_chunk_stats_(x, labels, vocab_size)
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
-    pg, clipped, dpg = clipped_surrogate(ratio, advantages, params.clip_eps, params.clip_eps_high, params.dual_clip,
-                                         policy_weight)
+    pg, clipped, dpg = policy_surrogate(ratio, logprobs, advantages, params.clip_eps, params.clip_eps_high,
+                                        params.dual_clip, params.cispo, policy_weight)
     approx_kl = (ratio - 1.0).sub_(log_ratio)
     if ref_logprobs is not None:
         kl, slope = kl_penalty_forward(logprobs, ref_logprobs, params.kl_estimator, None, with_slope=with_grad)
@@ -521,22 +528,54 @@ def linear_ppo_chunk_(
         stats = torch.where(valid, stats, 0.0)
     if not with_grad:
         return stats
-    temperature, ent_coef, kl_coef = params.temperature, params.ent_coef, params.kl_coef
-    g_lp = dpg if slope is None or kl_coef == 0 else dpg + kl_coef * slope
+    g_lp = dpg if slope is None or params.kl_coef == 0 else dpg + params.kl_coef * slope
     g_lp = g_lp / normalizer
-    g_ent = -ent_coef / normalizer                               # 0-dim, or (C,) with a valid mask
+    g_ent = -params.ent_coef / normalizer                        # 0-dim, or (C,) with a valid mask
     if valid is not None:
         g_lp = torch.where(valid, g_lp, 0.0)
         g_ent = torch.where(valid, g_ent, 0.0)
+    linear_ppo_chunk_grad_(x, labels, s, t, g_lp, g_ent, params.temperature, vocab_size, params.ent_coef != 0)
+    return stats
+
+
+def linear_ppo_chunk_stats_(x: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """x (C, V) float32 scaled logits, shifted in place to x' = x − max over the first vocab_size columns
+    -> logprobs, entropy, s = Σ e^x', t = Σ e^x'·x', each (C,) (see `linear_ppo_chunk_`)."""
+    n_rows = x.shape[0]
+    x = x[:, :vocab_size]
+    step = max(1, PPO_ROW_BLOCK_ELEMENTS // max(1, vocab_size))
+    tmp = torch.empty(min(step, n_rows), vocab_size, dtype=torch.float32, device=x.device)
+    m = x.amax(dim=-1)
+    x.sub_(m[:, None])                                          # x' = x − m ≤ 0
+    s, t = torch.empty(2, n_rows, dtype=torch.float32, device=x.device)
+    for r in range(0, n_rows, step):
+        xb, eb = x[r:r + step], tmp[:min(step, n_rows - r)]
+        torch.sum(torch.exp(xb, out=eb), dim=-1, out=s[r:r + step])
+        torch.sum(eb.mul_(xb), dim=-1, out=t[r:r + step])
+    log_s = s.log()
+    logprobs = x.gather(-1, labels.long()[:, None]).squeeze(-1) - log_s
+    return logprobs, log_s - t / s, s, t
+
+
+def linear_ppo_chunk_grad_(x: torch.Tensor, labels: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                           g_lp: torch.Tensor, g_ent: torch.Tensor, temperature: float, vocab_size: int,
+                           has_entropy: bool) -> None:
+    """x' (C, V) from `linear_ppo_chunk_stats_` -> d (Σ g_lp·logprob + g_ent·H) / d logits, written over it (the
+    1/T included; padding columns 0): dlogits_j = e_j·(α·x'_j + β) + [j = label]·g_lp / T (`linear_ppo_chunk_`).
+    g_lp (C,), g_ent 0-dim or (C,); has_entropy False when g_ent is 0 (α = 0: one multiply per logit)."""
+    n_rows = x.shape[0]
+    x[:, vocab_size:] = 0.0
+    x = x[:, :vocab_size]
+    step = max(1, PPO_ROW_BLOCK_ELEMENTS // max(1, vocab_size))
     inv_t = 1.0 / temperature
     beta = (g_lp - g_ent * (t / s)).mul_(-inv_t).div_(s)[:, None]
     alpha = ((-inv_t * g_ent) / s)[:, None]
+    tmp = torch.empty(min(step, n_rows), vocab_size, dtype=torch.float32, device=x.device) if has_entropy else None
     for r in range(0, n_rows, step):
         xb = x[r:r + step]
-        if ent_coef == 0:
+        if not has_entropy:
             xb.exp_().mul_(beta[r:r + step])
         else:
             eb = torch.exp(xb, out=tmp[:xb.shape[0]])
             torch.addcmul(beta[r:r + step], xb, alpha[r:r + step], out=xb).mul_(eb)
     x.scatter_add_(-1, labels.long()[:, None], (g_lp * inv_t)[:, None])
-    return stats

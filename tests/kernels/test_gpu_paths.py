@@ -391,7 +391,7 @@ def test_chunk_does_not_depend_on_the_number_of_rows():
     """A call with few rows pays a whole chunk of GEMM rows: the price of a row's result
     not depending on the batch (rollout and training logprobs agree bitwise)."""
     weight = torch.randn(1000, 32)
-    plans = {n: ppo_mod._plan(torch.randn(n, 32), weight, "torch", None) for n in (1, 100, 5000)}
+    plans = {n: ppo_mod.chunk_plan(torch.randn(n, 32), weight, "torch", None) for n in (1, 100, 5000)}
     assert len({p.chunk for p in plans.values()}) == 1
 
 

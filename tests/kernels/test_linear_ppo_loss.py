@@ -647,7 +647,7 @@ def weighted_oracle(hidden, weight, labels, old, adv, mask, policy_weight, **kw)
                                        ref_logprobs=None if ref is None else ref.double(), **kw)
     (0.7 * out.loss).backward()
     dlogits = z.grad.abs()
-    terms = (dlogits @ wt.detach().abs(), dlogits.T @ h.detach().abs())
+    terms = (dlogits @ wt.detach().abs(), dlogits.flatten(0, -2).T @ h.detach().abs().flatten(0, -2))
     return out.policy_loss.detach(), out.loss.detach(), out.clipfrac.detach(), h.grad, wt.grad, terms
 
 
@@ -790,3 +790,135 @@ def test_policy_weight_gets_no_gradient(backend):
     weight = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
     linear_ppo_loss(*args.values(), policy_weight=weight, backend=backend).loss.backward()
     assert weight.grad is None and args["hidden"].grad is not None
+
+
+# ----------------------------------------------------------------------------
+# ratio_level="sequence" (GSPO) and policy_loss="cispo"
+# ----------------------------------------------------------------------------
+
+# Each sequence's mean log-ratio: ≥ 0.03 from log(1 − ε), log(1 + ε), log(1 + ε_high) and log c, both sides.
+SEQ_LOG_RATIOS = [-0.5, -0.1, 0.05, 0.215, 0.6, 1.3]
+SEQ_KINDS = {"gspo": dict(ratio_level="sequence"), "cispo": dict(policy_loss="cispo"),
+             "gspo_cispo": dict(ratio_level="sequence", policy_loss="cispo")}
+SEQ_EXTRAS = {"plain": {}, "dual": dict(dual_clip=DUAL_CLIP),
+              "high_weight": dict(clip_eps_high=CLIP_EPS_HIGH, weight=True)}
+
+
+def sequence_inputs(dtype, rows=6, cols=13):
+    """Padded (rows, cols) inputs: right-padded sequences of 13, 12, ..., 8 tokens with a few holes, whose mean
+    log-ratios over their valid tokens are SEQ_LOG_RATIOS, each token's own log-ratio MARGIN away from the
+    clip points too (CISPO's token-level truncation); a policy weight as in weighted_inputs."""
+    hidden = torch.randn(rows, cols, 33).to(dtype)
+    weight = (torch.randn(101, 33) * 3 / math.sqrt(33)).to(dtype)
+    labels = torch.randint(0, 101, (rows, cols))
+    lengths = torch.arange(cols, cols - rows, -1)
+    mask = (torch.arange(cols) < lengths[:, None]) & (torch.rand(rows, cols) > 0.15)
+    mask[:, 0] = True
+    noise = torch.randn(rows, cols).double() * 0.3 * mask
+    r = noise - noise.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True) + torch.tensor(SEQ_LOG_RATIOS)[:, None]
+    r = _away_from(r, [math.log(1 - CLIP_EPS), math.log(1 + CLIP_EPS), math.log(1 + CLIP_EPS_HIGH),
+                       math.log(DUAL_CLIP)])
+    old = (_exact_logprobs(hidden, weight, labels, 1.0) - r).float()
+    w = torch.exp(torch.randn(rows, cols) * 0.3).clamp(max=2.0)
+    w = torch.where(torch.rand(rows, cols) < 0.2, 0.0, w)
+    return hidden, weight, torch.where(mask, labels, -100), old, torch.randn(rows, cols), mask, w, lengths
+
+
+SEQ_CASES = [(backend, dtype, kind, extra, layout)
+             for backend in BACKENDS
+             for i, (kind, extra) in enumerate((k, e) for k in SEQ_KINDS for e in SEQ_EXTRAS
+                                               if not (SEQ_KINDS[k].get("policy_loss") == "cispo" and e == "dual"))
+             for dtype in (torch.float32, torch.bfloat16, torch.float16)
+             for layout in ("padded", "packed")
+             # the interpreter: each (kind, extra) once per layout, the dtypes in turn
+             if backend == "torch" or dtype == (torch.float32, torch.bfloat16, torch.float16)[i % 3]]
+
+
+@pytest.mark.parametrize("backend,dtype,kind,extra,layout", SEQ_CASES, ids=str)
+def test_sequence_ratio_and_cispo_match_float64(backend, dtype, kind, extra, layout):
+    """GSPO and CISPO against float64 autograd of `algo.policy_loss_from_logits` on the padded (6, 13) batch:
+    the op reads it padded (each row a sequence) or packed (its in-sequence positions back to back, (M,), with
+    each token's row as sequence_ids, as the update passes them), with chunks of 8 rows (sequences of 8-13
+    tokens: longer ones take the two-pass path, shorter ones share chunks with their neighbours), entropy bonus
+    and KL on. Tolerances as test_clip_higher_and_policy_weight_match_float64 (float32 logits; GSPO's row
+    means add ≤ 13 float32 terms more, well inside 2e-5 relative)."""
+    kw = dict(SEQ_KINDS[kind], **SEQ_EXTRAS[extra])
+    hidden, weight, labels, old, adv, mask, w, lengths = sequence_inputs(dtype)
+    pw = w if kw.pop("weight", False) else None
+    ref = old + 0.05
+    kw.update(ent_coef=0.01, ref_logprobs=ref, kl_coef=0.05)
+    policy_loss, loss, clipfrac, dh, dw, terms = weighted_oracle(hidden, weight, labels, old, adv, mask, pw, **kw)
+    assert 0 < clipfrac.item() < 1
+    h, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if layout == "padded":
+        out = linear_ppo_loss(h, wt, labels, old, adv, mask, backend=backend, chunk_size=8, policy_weight=pw, **kw)
+    else:
+        inside = torch.arange(mask.shape[1]) < lengths[:, None]                  # (row, col) of each packed token
+        rows = torch.arange(mask.shape[0])[:, None].expand_as(mask)[inside]
+        take = [x[inside] if x is not None else None for x in (labels, old, adv, mask, pw, ref)]
+        out = linear_ppo_loss(h[inside], wt, *take[:4], backend=backend, chunk_size=8, policy_weight=take[4],
+                              **dict(kw, ref_logprobs=take[5]),
+                              sequence_ids=rows if kw.get("ratio_level") == "sequence" else None)
+    (0.7 * out.loss).backward()
+    for name, got, want in (("policy_loss", out.policy_loss, policy_loss), ("loss", out.loss, loss),
+                            ("clipfrac", out.clipfrac, clipfrac)):
+        torch.testing.assert_close(got.double(), want, atol=2e-5 * (1 + want.abs().item()), rtol=0, msg=name)
+    assert h.grad.dtype == dtype and wt.grad.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    rounded_dlogits = hidden.is_cuda and dtype != torch.float32           # see the test named above
+    for name, got, want, scale in (("dhidden", h.grad, dh, terms[0]), ("dweight", wt.grad, dw, terms[1])):
+        tol = 2 * eps * want.abs() + 4e-5 * want.abs().max() + (eps * scale if rounded_dlogits else 0)
+        excess = ((got.double() - want).abs() - tol).max().item()
+        assert excess <= 0, f"{name}: beyond the tolerance by {excess:.3g}"
+    assert (h.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(SEQ_KINDS))
+def test_sequence_results_do_not_depend_on_the_chunking(backend, kind):
+    """The same sequences through chunks of 4 (every sequence split: two passes), 16 and 128 rows (whole
+    sequences per chunk, one pass): the statistics agree to float32 rounding, the gradients too."""
+    hidden, weight, labels, old, adv, mask, _, _ = sequence_inputs(torch.float32)
+    runs = []
+    for chunk in (4, 16, 128):
+        h, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = linear_ppo_loss(h, wt, labels, old, adv, mask, backend=backend, chunk_size=chunk, ent_coef=0.01,
+                              **SEQ_KINDS[kind])
+        out.loss.backward()
+        runs.append((*out, h.grad, wt.grad))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_sequence_ratio_backends_agree():
+    hidden, weight, labels, old, adv, mask, w, _ = sequence_inputs(torch.float32)
+    kw = dict(ent_coef=0.01, clip_eps_high=CLIP_EPS_HIGH, policy_weight=w, chunk_size=8, ratio_level="sequence")
+    a = linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="torch", **kw)
+    b = linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="triton", **kw)
+    for name in (*STATS, "logprobs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(ratio_level="seq"), ValueError, "ratio_level"),
+    (dict(policy_loss="gspo"), ValueError, "policy_loss"),
+    (dict(policy_loss="cispo", dual_clip=3.0), ValueError, "dual_clip"),
+    (dict(sequence_ids=torch.zeros(3, dtype=torch.long)), ValueError, "sequence_ids"),
+    (dict(ratio_level="sequence", sequence_ids=torch.zeros(3)), TypeError, "sequence_ids"),
+    (dict(ratio_level="sequence", sequence_ids=torch.zeros(2, dtype=torch.long)), ValueError, "sequence_ids"),
+    (dict(ratio_level="sequence", sequence_ids=torch.tensor([0, 1, 0])), ValueError, "contiguous"),
+], ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(v))
+def test_bad_sequence_arguments(over, exc, match):
+    args, kwargs = _args(**over)
+    with pytest.raises(exc, match=match):
+        linear_ppo_loss(*args.values(), **kwargs)
+
+
+def test_sequence_ids_off_the_mask_are_not_read():
+    """Only the valid tokens' ids delimit the sequences: a masked token between two runs of one id is ignored."""
+    args, _ = _args()
+    args["mask"] = torch.tensor([True, False, True])
+    outs = [linear_ppo_loss(*args.values(), ratio_level="sequence", sequence_ids=torch.tensor([0, bad, 0]))
+            for bad in (0, 7)]
+    assert torch.equal(outs[0].loss, outs[1].loss)

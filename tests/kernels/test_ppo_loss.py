@@ -380,3 +380,101 @@ def test_policy_weight_gets_no_gradient(backend):
     out, lp, _ = run(batch, backend, policy_weight=weight)
     out.loss.backward()
     assert weight.grad is None and lp.grad is not None
+
+
+# ----------------------------------------------------------------------------
+# ratio_level="sequence" (GSPO) and policy_loss="cispo"
+# ----------------------------------------------------------------------------
+
+# Each row's mean log-ratio, away from the clip points log(1 − 0.1), log(1 + 0.15) by ≥ 0.04 (far beyond the
+# float32 error of a mean), on both sides of them and beyond the dual clip c = 3 (log 4).
+ROW_LOG_RATIOS = [-0.5, -0.15, -0.02, 0.03, 0.2, 0.6, 1.3863, 0.0]
+KINDS = {"gspo": dict(ratio_level="sequence"), "cispo": dict(policy_loss="cispo"),
+         "gspo_cispo": dict(ratio_level="sequence", policy_loss="cispo")}
+EXTRAS = {"plain": {}, "dual": dict(dual_clip=3.0), "high_weight": dict(clip_eps_high=0.15, weight=True)}
+
+
+def sequence_batch(dtype, rows=8, cols=37):
+    """A padded (rows, cols) batch whose rows' mean log-ratios are ROW_LOG_RATIOS (the last row fully masked)."""
+    batch = make_batch((rows, cols))
+    mask = batch["mask"]
+    mask[-1] = False
+    noise = (batch["logprobs"] - batch["old_logprobs"]) * mask
+    mean = noise.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    batch["logprobs"] = batch["old_logprobs"] + noise - mean + torch.tensor(ROW_LOG_RATIOS[:rows])[:, None]
+    return {k: v.to(dtype) if k != "mask" else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind,extra", [(k, e) for k in KINDS for e in EXTRAS
+                                         if not (KINDS[k].get("policy_loss") == "cispo" and e == "dual")])
+def test_sequence_ratio_and_cispo_match_float64(backend, dtype, kind, extra):
+    """GSPO's sequence ratio and CISPO's truncated weight against `algo.ppo_loss` (float64 autograd), forward and
+    backward, on an odd padded shape with a fully masked row, every input dtype, with the dual clip (PPO only)
+    or clip-higher and a policy weight. The same error budget as the token-level tests: a few float32
+    roundings per token and sums of ≤ 37 terms per row mean and ≤ 296 per result (rtol 1e-5, atol 1e-6), the
+    gradients rounded once to the input dtype (the GSPO row sums stay in float32 until then)."""
+    kw = dict(KINDS[kind], **EXTRAS[extra])
+    batch = sequence_batch(dtype)
+    weight = random_weight(batch["mask"].shape) if kw.pop("weight", False) else None
+    kw.update(clip_eps=0.1, vf_coef=0.7)
+    out, lp, v = run(batch, backend, policy_weight=weight, **kw)
+    want, lp64, v64 = oracle(batch, policy_weight=weight, **kw)
+    for name in PPOLossOutput._fields:
+        torch.testing.assert_close(getattr(out, name).double(), want[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+    assert 0 < want["clipfrac"].item() < 1                     # both branches taken
+    g = torch.randn(3)
+    (g[0] * out.loss + g[1] * out.policy_loss + g[2] * out.value_loss).backward()
+    g = g.double()
+    (g[0] * want["loss"] + g[1] * want["policy_loss"] + g[2] * want["value_loss"]).backward()
+    assert lp.grad.dtype == dtype and v.grad.dtype == dtype
+    ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+    for got, exp in ((lp.grad, lp64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), exp, atol=1e-7, rtol=1e-5 + ulp)
+    assert (lp.grad[~batch["mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_ratio_by_hand(backend):
+    """Two rows with token ratios (2, 0.5) and (1.21, 1): sequence ratios exp(mean log) = 1 and 1.1. With
+    A = 1, ε = 0.05: row 0 unclipped, each token's loss −1, row 1 clipped at 1.05 (no gradient):
+    policy_loss = (−1 − 1 − 1.05 − 1.05) / 4. The row-0 tokens share d/d log s = −1 − 1, and d log s / d lp_t
+    = 1/2: gradient −1 / 4 each, the same for both although their own ratios differ."""
+    lp = torch.tensor([[2.0, 0.5], [1.21, 1.0]]).log()
+    zeros = torch.zeros(2, 2)
+    batch = dict(logprobs=lp, old_logprobs=zeros, advantages=torch.ones(2, 2), values=zeros, old_values=zeros,
+                 returns=zeros, mask=torch.ones(2, 2, dtype=torch.bool))
+    out, lp_, _ = run(batch, backend, clip_eps=0.05, ratio_level="sequence")
+    torch.testing.assert_close(out.policy_loss.item(), (-2 - 2.1) / 4, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.ratio_mean.item(), (2 + 2.2) / 4, atol=1e-6, rtol=0)
+    assert out.clipfrac.item() == 0.5
+    out.policy_loss.backward()
+    torch.testing.assert_close(lp_.grad, torch.tensor([[-1.0, -1.0], [0.0, 0.0]]) / 4, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo_by_hand(backend):
+    """Token ratios 0.5, 1.1, 2 with A = (1, −1, 1), ε_high = 0.2: weights 0.5, 1.1, 1.2 (the last truncated), so
+    the gradients are −w·A / 3 even where PPO's clip would cut them (ratio 2, A > 0)."""
+    lp = torch.tensor([[0.5, 1.1, 2.0]]).log()
+    zeros = torch.zeros(1, 3)
+    batch = dict(logprobs=lp, old_logprobs=zeros, advantages=torch.tensor([[1.0, -1.0, 1.0]]), values=zeros,
+                 old_values=zeros, returns=zeros, mask=torch.ones(1, 3, dtype=torch.bool))
+    out, lp_, _ = run(batch, backend, clip_eps=0.2, policy_loss="cispo")
+    want = -(0.5 * lp[0, 0] - 1.1 * lp[0, 1] + 1.2 * lp[0, 2]).item() / 3
+    torch.testing.assert_close(out.policy_loss.item(), want, atol=1e-6, rtol=0)
+    assert out.clipfrac.item() == pytest.approx(1 / 3)
+    out.policy_loss.backward()
+    torch.testing.assert_close(lp_.grad, torch.tensor([[-0.5, 1.1, -1.2]]) / 3, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(ratio_level="seq"), "ratio_level must be one of"),
+    (dict(policy_loss="grpo"), "policy_loss must be one of"),
+    (dict(policy_loss="cispo", dual_clip=3.0), "dual_clip"),
+])
+def test_bad_ratio_level_and_policy_loss(over, match):
+    batch = make_batch((2, 5))
+    with pytest.raises(ValueError, match=match):
+        ppo_loss(*(batch[k] for k in NAMES), batch["mask"], **over)
