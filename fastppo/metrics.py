@@ -149,11 +149,13 @@ def open_wandb(cfg, run_dir: Path, *, resumed: bool):
     from omegaconf import OmegaConf
 
     id_file = Path(run_dir) / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else wandb.util.generate_id()
-    id_file.write_text(run_id)
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None      # None: wandb picks one
     config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    return wandb.init(project=cfg.run.wandb_project, name=cfg.run.wandb_name or Path(cfg.run.output_dir).name,
-                      tags=list(cfg.run.wandb_tags), config=config, dir=str(run_dir), id=run_id, resume="allow")
+    run = wandb.init(project=cfg.run.wandb_project, name=cfg.run.wandb_name or Path(cfg.run.output_dir).name,
+                     tags=list(cfg.run.wandb_tags), config=config, dir=str(run_dir), id=run_id,
+                     resume="allow" if run_id else None)
+    id_file.write_text(run.id)
+    return run
 
 
 class MetricWriter:

@@ -103,9 +103,10 @@ def pyplot():
 
 
 def dashboard(run_dirs: list[str | Path] | dict[str, list[dict]], out: str | Path, *, title: str | None = None,
-              extra=None) -> Path:
+              extra=None, colors: dict[str, str] | None = None) -> Path:
     """One PNG of PANELS for one or more runs, overlaid: run directories (named by their folder names), or
-    name -> metric records. extra: (title, fn(ax)) of one more panel (the demo's held-out scores). Returns `out`."""
+    name -> metric records. extra: (title, fn(ax)) of one more panel (the demo's held-out scores); colors: run name
+    -> matplotlib colour (default: COLORS in order). Returns `out`."""
     plt = pyplot()
     if isinstance(run_dirs, dict):
         runs = run_dirs
@@ -120,7 +121,7 @@ def dashboard(run_dirs: list[str | Path] | dict[str, list[dict]], out: str | Pat
     rows = -(-n_panels // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, PANELS):
-        draw_panel(ax, runs, panel)
+        draw_panel(ax, runs, panel, colors)
     if extra is not None:
         ax = axes.flat[len(PANELS)]
         extra[1](ax)
