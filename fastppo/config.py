@@ -1210,6 +1210,8 @@ def validate(cfg: Any) -> None:
                f"must divide the rollouts per iteration, rollout.rollout_batch_size x rollout.n_samples_per_prompt "
                f"({r.rollout_batch_size} x {r.n_samples_per_prompt}), got {p.minibatch_size}")
         validate_critic_free(cfg)
+        _check(cfg.eval.data_path is None or cfg.env.name is None, "eval.data_path",
+               f"evaluates single-turn prompts; with env.name={cfg.env.name} set it to null")
         for name in ("importance", "mask"):
             mode = getattr(cfg.correction, name)
             _check(mode == "none" or r.old_logprobs == "recompute", f"correction.{name}",
