@@ -72,7 +72,7 @@ class HealthMonitor:
 
         def fire(check: str, message: str) -> None:
             if check not in self.fired:
-                alert = Alert(check, iteration, f"health: {message} at iteration {iteration}")
+                alert = Alert(check, iteration, f"{message} at iteration {iteration}")
                 self.fired[check] = alert
                 new.append(alert)
 
@@ -185,7 +185,7 @@ class RunMonitor:
             out.update(self.evaluator(iteration))
         alerts = self.health.observe(iteration, out)
         for a in alerts:
-            log.warning("%s", a.message)
+            log.warning("health: %s", a.message)
         if alerts and self.cfg.health.action == "stop" and self.stop_reason is None:
             self.stop_reason = f"the health monitor ({alerts[0].check}; health.action=stop)"
         return {**out, **self.health.metrics(alerts)}
