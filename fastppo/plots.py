@@ -6,7 +6,8 @@
 
 Each run has one colour; in a panel the left-axis metrics are solid lines, the right-axis ones dashed, evaluation
 points (eval/*) markers. The iterations where the health monitor fired (health/<check>) are dotted vertical lines
-in the run's colour. matplotlib is an optional dependency (the `plot` extra).
+in the run's colour. A panel no run logged is left out of the dashboard. matplotlib is an optional dependency
+(the `plot` extra).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def logged(runs: dict[str, list[dict]], panel: Panel) -> bool:
+    """Whether any run logged a metric of the panel."""
+    return any(_series(records, key)[0] for records in runs.values() for pattern in (*panel.left, *panel.right)
+               for key in _keys(records, pattern))
+
+
 def draw_panel(ax, runs: dict[str, list[dict]], panel: Panel, colors: dict[str, str] | None = None) -> bool:
     """Draw `panel` for every run (name -> records) on `ax`; False when no run logged any of its metrics."""
     colors = colors or {name: COLORS[i % len(COLORS)] for i, name in enumerate(runs)}
@@ -73,7 +80,7 @@ def draw_panel(ax, runs: dict[str, list[dict]], panel: Panel, colors: dict[str, 
                             marker="o" if is_eval else None, markersize=3)
                 drawn = True
     for name, records in runs.items():
-        for r in records:
+        for r in records if drawn else []:
             if any(k.startswith("health/") and k != "health/alerts" for k in r):
                 ax.axvline(r["iteration"], color=colors[name], linestyle=":", linewidth=1)
     ax.set_title(panel.title, fontsize=9)
@@ -104,8 +111,8 @@ def pyplot():
 
 def dashboard(run_dirs: list[str | Path] | dict[str, list[dict]], out: str | Path, *, title: str | None = None,
               extra=None, colors: dict[str, str] | None = None) -> Path:
-    """One PNG of PANELS for one or more runs, overlaid: run directories (named by their folder names), or
-    name -> metric records. extra: (title, fn(ax)) of one more panel (the demo's held-out scores); colors: run name
+    """One PNG of the PANELS any run logged, for one or more runs overlaid: run directories (named by their folder
+    names), or name -> metric records. extra: (title, fn(ax)) of one more panel (the demo's held-out scores); colors: run name
     -> matplotlib colour (default: COLORS in order). Returns `out`."""
     plt = pyplot()
     if isinstance(run_dirs, dict):
@@ -116,14 +123,15 @@ def dashboard(run_dirs: list[str | Path] | dict[str, list[dict]], out: str | Pat
         if len(set(names)) < len(names):                  # the same folder name twice: the whole paths tell them apart
             names = [str(p) for p in paths]
         runs = {n: read_metrics(p) for n, p in zip(names, paths)}
-    n_panels = len(PANELS) + (extra is not None)
+    panels = [p for p in PANELS if logged(runs, p)] or list(PANELS[:1])
+    n_panels = len(panels) + (extra is not None)
     cols = 3
     rows = -(-n_panels // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
-    for ax, panel in zip(axes.flat, PANELS):
+    for ax, panel in zip(axes.flat, panels):
         draw_panel(ax, runs, panel, colors)
     if extra is not None:
-        ax = axes.flat[len(PANELS)]
+        ax = axes.flat[len(panels)]
         extra[1](ax)
         ax.set_title(extra[0], fontsize=9)
     for ax in list(axes.flat)[n_panels:]:
