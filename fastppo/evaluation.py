@@ -62,7 +62,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
-def eval_metrics(scores: torch.Tensor, lengths: torch.Tensor, *, pass_k: list[int], threshold: float) -> dict[str, float]:
+def eval_metrics(scores: torch.Tensor, lengths: torch.Tensor, *, pass_k: list[int],
+                 threshold: float) -> dict[str, float]:
     """The eval/* metrics of P prompts x k samples: scores and lengths (P, k) on the host. A NaN score (a response
     scored NaN/inf) counts as incorrect and is left out of eval/reward_mean."""
     n = scores.size(1)

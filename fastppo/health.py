@@ -186,6 +186,8 @@ class RunMonitor:
         alerts = self.health.observe(iteration, out)
         for a in alerts:
             log.warning("health: %s", a.message)
-        if alerts and self.cfg.health.action == "stop" and self.stop_reason is None:
+        # health.action=stop ends the run early; an alert at the last iteration leaves the run to finish (and export).
+        stopping = self.cfg.health.action == "stop" and iteration < self.cfg.run.iterations
+        if alerts and stopping and self.stop_reason is None:
             self.stop_reason = f"the health monitor ({alerts[0].check}; health.action=stop)"
         return {**out, **self.health.metrics(alerts)}

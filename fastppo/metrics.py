@@ -255,25 +255,18 @@ def histogram_counts(x: torch.Tensor, bins: int = 10) -> dict[str, list[float]]:
     return {"edges": [round(e, 6) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}
 
 
-REPEAT_NGRAM = 2
-"""n of response/repeat_frac: token bigrams (the demo's collapse repeats short phrases, "and gentle and gentle")."""
-
-
-def repeat_counts(responses: torch.Tensor, mask: torch.Tensor, n: int = REPEAT_NGRAM) -> tuple[torch.Tensor, torch.Tensor]:
-    """(repeated, total) token n-grams of responses (B, R) over mask (B, R), each a 0-d tensor: an n-gram is
-    repeated when it occurred earlier in the same response (seq-rep-n, Welleck et al. 2019: 1 - unique / total).
-    Sorting each row's n-gram keys finds the repeats on the device, with no host sync."""
-    B, R = responses.shape
-    if R < n:
+def bigram_repeats(responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(repeated, total) token bigrams of responses (B, R) over mask (B, R), each a 0-d float tensor: a bigram is
+    repeated when it occurred earlier in the same response (seq-rep-2, Welleck et al. 2019: 1 - unique / total; bigrams
+    because the demo's collapse repeats short phrases, "and gentle and gentle"). Sorting each row's bigram keys
+    (a * 2^31 + b: exact in int64 for token ids below 2^31) finds the repeats on the device, with no host sync."""
+    if responses.size(1) < 2:
         zero = torch.zeros((), device=responses.device)
         return zero, zero
-    valid = mask[:, n - 1:].clone()
-    key = torch.zeros(B, R - n + 1, dtype=torch.int64, device=responses.device)
-    for j in range(n):                                       # ids < 2^31: n = 2 keys fit in int64 exactly
-        valid &= mask[:, j:R - n + 1 + j]
-        key = key * (1 << 31) + responses[:, j:R - n + 1 + j].long()
-    # Positions outside the mask get distinct negative keys: never equal to each other or to a real n-gram.
-    key = torch.where(valid, key, -1 - torch.arange(R - n + 1, device=key.device))
+    valid = mask[:, :-1] & mask[:, 1:]
+    key = responses[:, :-1].long() * (1 << 31) + responses[:, 1:].long()
+    # Positions outside the mask get distinct negative keys: never equal to each other or to a real bigram.
+    key = torch.where(valid, key, -1 - torch.arange(key.size(1), device=key.device))
     ordered = key.sort(dim=1).values
     repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).sum()
     return repeated.float(), valid.sum().float()
@@ -297,7 +290,7 @@ def experience_metrics(rollout, scored, shaped: torch.Tensor, kl: torch.Tensor, 
         per_turn = torch.zeros(mask.size(0), int(rollout.turns.max()) + 1, device=mask.device)
         per_turn.scatter_add_(1, rollout.turn_index + 1, mask.float())          # column 0: the observations
         clipped = rollout.truncated | (per_turn[:, 1:] >= max_new_tokens).any(1)
-    repeated, ngrams = dist.all_reduce(torch.stack(repeat_counts(rollout.responses, mask))).unbind()
+    repeated, ngrams = dist.all_reduce(torch.stack(bigram_repeats(rollout.responses, mask))).unbind()
     out = {
         **masked_stats("score/raw", scored.scores, ~scored.nonfinite),
         **masked_stats("score/shaped", shaped, ~scored.nonfinite),

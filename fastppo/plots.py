@@ -112,8 +112,8 @@ def pyplot():
 def dashboard(run_dirs: list[str | Path] | dict[str, list[dict]], out: str | Path, *, title: str | None = None,
               extra=None, colors: dict[str, str] | None = None) -> Path:
     """One PNG of the PANELS any run logged, for one or more runs overlaid: run directories (named by their folder
-    names), or name -> metric records. extra: (title, fn(ax)) of one more panel (the demo's held-out scores); colors: run name
-    -> matplotlib colour (default: COLORS in order). Returns `out`."""
+    names), or name -> metric records. extra: (title, fn(ax)) of one more panel (the demo's held-out scores);
+    colors: run name -> matplotlib colour (default: COLORS in order). Returns `out`."""
     plt = pyplot()
     if isinstance(run_dirs, dict):
         runs = run_dirs

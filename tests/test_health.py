@@ -123,3 +123,22 @@ def test_health_action_warn_logs_and_stop_checkpoints_and_stops(tiny_setups, tmp
                                                                     "run.resume": "latest"})))
     assert resumed.iterations_done == 4 and not resumed.interrupted
     assert sum("entropy collapse" in m for m in logged) == 2          # warn run + stop run, none after the resume
+
+
+def test_bigram_repeats_counts_what_seq_rep_2_counts():
+    # Reference: per response, the bigrams of consecutive masked tokens; repeated = total - distinct (Welleck et al.).
+    import torch
+    from fastppo.metrics import bigram_repeats
+
+    g = torch.Generator().manual_seed(0)
+    responses = torch.randint(0, 5, (7, 13), generator=g)
+    mask = torch.rand(7, 13, generator=g) < 0.8                 # holes too: an environment's observations
+    mask[0] = False                                              # an empty row
+    repeated = total = 0
+    for row, m in zip(responses.tolist(), mask.tolist()):
+        grams = [(row[t], row[t + 1]) for t in range(len(row) - 1) if m[t] and m[t + 1]]
+        repeated, total = repeated + len(grams) - len(set(grams)), total + len(grams)
+    assert total > repeated > 0
+    assert [float(x) for x in bigram_repeats(responses, mask)] == [repeated, total]
+    big = torch.tensor([[2 ** 31 - 1, 2 ** 31 - 2, 2 ** 31 - 1, 2 ** 31 - 2]])     # the largest token ids stay exact
+    assert [float(x) for x in bigram_repeats(big, torch.ones_like(big, dtype=torch.bool))] == [1.0, 3.0]
