@@ -183,8 +183,7 @@ class Evaluator:
     def __init__(self, cfg: Config, models: Models, reward_fns: RewardFunctions, fwd: Forward, *, run_dir: Path,
                  device: torch.device, resume_from: int | None) -> None:
         d = derived(cfg, dist.world_size())
-        self.cfg, self.models, self.device = cfg, models, device
-        self.rows, self.generation_batch_size = d.forward_batch_size, d.generation_batch_size
+        self.cfg, self.models, self.device, self.generation_batch_size = cfg, models, device, d.generation_batch_size
         self.evalset = EvalSet.load(cfg, models, reward_fns, fwd, rows=d.forward_batch_size)
         self.path = Path(run_dir) / SAMPLES_FILE
         if dist.is_main():

@@ -51,6 +51,16 @@ class Alert:
     """One line: the metric, its value, the threshold."""
 
 
+THRESHOLD_CHECKS = (
+    ("entropy_collapse", "policy/entropy", "entropy_floor", True),
+    ("kl_drift", "kl/ref_per_sequence", "kl_ceiling", False),
+    ("rollout_mismatch_kl", "rollout/kl_k3", "mismatch_kl_ceiling", False),
+    ("rollout_mismatch_frac", "rollout/diff_gt_0.1_frac", "mismatch_frac_ceiling", False),
+    ("clip_frac", "policy/clipfrac", "clip_frac_ceiling", False),
+)
+"""(check, metric, its health.* threshold field, True: fires below the threshold, False: above)."""
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -98,19 +108,11 @@ class HealthMonitor:
             if (v := value(key)) is not None:
                 self.series.setdefault(key, []).append(v)
 
-        for check, key, limit, below in (
-                ("entropy_collapse", "policy/entropy", h.entropy_floor, True),
-                ("kl_drift", "kl/ref_per_sequence", h.kl_ceiling, False),
-                ("rollout_mismatch_kl", "rollout/kl_k3", h.mismatch_kl_ceiling, False),
-                ("rollout_mismatch_frac", "rollout/diff_gt_0.1_frac", h.mismatch_frac_ceiling, False),
-                ("clip_frac", "policy/clipfrac", h.clip_frac_ceiling, False)):
-            v = value(key)
-            if limit is None or v is None or not (v < limit if below else v > limit):
-                continue
-            field = {"entropy_collapse": "entropy_floor", "kl_drift": "kl_ceiling", "clip_frac": "clip_frac_ceiling",
-                     "rollout_mismatch_kl": "mismatch_kl_ceiling",
-                     "rollout_mismatch_frac": "mismatch_frac_ceiling"}[check]
-            fire(check, f"{check.replace('_', ' ')}: {key} = {v:.4g} {'<' if below else '>'} health.{field} = {limit:g}")
+        for check, key, field, below in THRESHOLD_CHECKS:
+            v, limit = value(key), getattr(h, field)
+            if limit is not None and v is not None and (v < limit if below else v > limit):
+                fire(check, f"{check.replace('_', ' ')}: {key} = {v:.4g} {'<' if below else '>'} "
+                            f"health.{field} = {limit:g}")
 
         if h.clipped_rise is not None and (clipped := self._trend("response/clipped_frac")) is not None:
             repeat, ppl = self._trend("response/repeat_frac"), self._trend("policy/perplexity")
