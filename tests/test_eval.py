@@ -97,3 +97,26 @@ def test_eval_without_prompts_or_with_a_bad_k_names_the_field(tiny_setups, tmp_p
     assert "eval.data_path" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="eval.pass_k"):
         load_config(None, setup.overrides(**{"eval.n_samples": 2, "eval.pass_k": "[1,4]"}))
+
+
+def test_two_processes_evaluate_what_one_process_does(tiny_setups, tmp_path):
+    """Each rank evaluates its share of 5 prompts (3 + 2, the last prompt repeated and left out) and the metrics are
+    reduced over both: the same samples and metrics as one process. Scores may differ by float32 rounding (the
+    reward model runs on other batches, sharded), a few ulps of numbers of order 1: rtol 1e-5."""
+    from fastppo_testing.distributed import output, torchrun
+
+    setup = tiny_setups("llama")
+    common = {"run.iterations": 1, "run.save_every": 0, "run.export_at_end": False}
+    one = tmp_path / "one"
+    train(load_config(None, _eval_overrides(setup, **common, **{"run.output_dir": one})))
+    proc = torchrun(["-m", "fastppo.cli", "train", *_eval_overrides(setup, **common, **{
+        "run.output_dir": tmp_path / "two"})], cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    for ra, rb in zip(read_metrics(one), read_metrics(tmp_path / "two")):
+        assert ra["iteration"] == rb["iteration"]
+        for key in ("eval/reward_mean", "eval/mean@3", "eval/pass@1", "eval/pass@3", "eval/length_mean"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["iteration"], key)
+    sa, sb = ([json.loads(line) for line in (d / SAMPLES_FILE).read_text().splitlines()] for d in (one, tmp_path / "two"))
+    assert len(sa) == len(sb) == 2 * 5 * 3
+    assert [(s["iteration"], s["prompt_index"], s["sample"], s["response"]) for s in sb] == \
+        [(s["iteration"], s["prompt_index"], s["sample"], s["response"]) for s in sa]
