@@ -1,4 +1,4 @@
-"""Command line: `fastppo train | sft | train-rm | demo | bench`.
+"""Command line: `fastppo train | sft | train-rm | eval | plot | demo | bench`.
 
 Each subcommand is an entry of `COMMANDS`: its help, a function that adds its arguments, and one that runs it.
 
@@ -25,9 +25,11 @@ from transformers.utils import logging as hf_logging
 from . import demos
 from .config import PRESETS, RMConfig, SFTConfig, ConfigError, load_config
 from .data import DataError
+from .evaluation import SAMPLES_FILE, evaluate_model
 from .dist import DistributedError, env_world_size
 from .models import ModelError
 from .optim import NonFiniteError
+from .plots import dashboard
 from .reward_training import train_rm
 from .rewards import RewardFunctionError
 from .run_dir import RunDirError
@@ -82,6 +84,43 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------
+# eval and plot (docs/monitoring.md)
+# ----------------------------------------------------------------------------
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="a model folder (a Hugging Face export, e.g. <run>/export/policy), or "
+                                            "with --checkpoint a checkpoint folder (<run>/checkpoints/iter_N)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="MODEL is a checkpoint of `fastppo train`; its config.yaml is the config unless --config")
+    p.add_argument("--data", type=Path, help="the prompt file (sets eval.data_path)")
+    p.add_argument("--output-dir", "-o", type=Path, default=Path("runs/eval"),
+                   help="where metrics.jsonl and eval_samples.jsonl go (default: runs/eval)")
+    add_config_arguments(p)
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    metrics = evaluate_model(args.config, args.model, data_path=args.data, checkpoint=args.checkpoint,
+                             output_dir=args.output_dir, overrides=args.overrides, preset=args.preset)
+    print("\n".join(f"{k:<28} {v:.6g}" for k, v in metrics.items()))
+    print(f"fastppo eval: samples in {args.output_dir / SAMPLES_FILE}, metrics in {args.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run directories (each with its metrics.jsonl); several are overlaid")
+    p.add_argument("--output", "-o", type=Path,
+                   help="the PNG to write (default: RUN_DIR/dashboard.png for one run, dashboard.png for several)")
+    p.add_argument("--title", help="the figure's title (default: the runs' names)")
+
+
+def _plot_run(args: argparse.Namespace) -> int:
+    out = args.output or (args.run_dirs[0] / "dashboard.png" if len(args.run_dirs) == 1 else Path("dashboard.png"))
+    print(f"fastppo plot: {dashboard(args.run_dirs, out, title=args.title)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # bench: runs the scripts in bench/ with this interpreter
 # ----------------------------------------------------------------------------
 
@@ -131,6 +170,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
             stage_command("sft", SFTConfig, sft)),
     "train-rm": ("reward-model training on {prompt, chosen, rejected} pairs (-log sigmoid(r_c - r_r))", add_stage_arguments,
                  stage_command("train-rm", RMConfig, train_rm)),
+    "eval": ("evaluate a model on prompts: eval.n_samples responses each, reward, mean@k, pass@k, length",
+             _eval_args, _eval_run),
+    "plot": ("one PNG dashboard of the standard curves of one or more runs (overlaid)", _plot_args, _plot_run),
     "demo": (demos.HELP, demos.add_arguments, demos.run),
     "bench": ("run the benchmarks in bench/ (fused ops and the end-to-end trainer)", _bench_args, _bench_run),
 }

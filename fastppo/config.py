@@ -75,6 +75,7 @@ FunctionErrors = _choice("FunctionErrors", "raise", "invalid")
 ObservationRole = _choice("ObservationRole", "user", "tool")
 RatioLevel = _choice("RatioLevel", "token", "sequence")
 PolicyLoss = _choice("PolicyLoss", "ppo", "cispo")
+HealthAction = _choice("HealthAction", "warn", "stop")
 
 
 # ----------------------------------------------------------------------------
@@ -385,6 +386,69 @@ class RunConfig(BaseRunConfig):
     """Stop this invocation after N iterations with a resumable checkpoint (e.g. a time-limited job slot); null = run to `iterations`."""
     export_at_end: bool = True
     """Export the policy as a Hugging Face directory (safetensors + tokenizer) at the end."""
+    wandb: bool = False
+    """Also log every metric and the resolved config to Weights & Biases (the optional `wandb` extra: pip install fastppo[wandb]); WANDB_MODE=offline writes the run locally (wandb sync uploads it later). docs/monitoring.md."""
+    wandb_project: str = "fastppo"
+    """The wandb project."""
+    wandb_name: Optional[str] = None
+    """The wandb run name; null = the name of run.output_dir."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """Tags of the wandb run."""
+
+
+@dataclass
+class EvalConfig:
+    data_path: Optional[str] = None
+    """Held-out prompts (a file or folder as data.prompt_path reads, with data.prompt_field, data.prompt_format and data.max_prompt_len), evaluated by `train` before the first update, every `every` iterations and at the end (docs/monitoring.md); null = no evaluation during training. `fastppo eval --data` sets it."""
+    every: int = 0
+    """Evaluate every N iterations during `train`; 0 = only before the first update and at the end."""
+    n_samples: int = 4
+    """k: responses sampled per prompt (eval/mean@k, and the n of the pass@k estimator)."""
+    temperature: float = 1.0
+    """Sampling temperature of the evaluation (top-p, top-k and max_new_tokens are rollout's)."""
+    pass_k: list[int] = field(default_factory=lambda: [1, 4])
+    """The k of each eval/pass@k, each in [1, n_samples] (the unbiased estimator of Chen et al. 2021)."""
+    pass_threshold: float = 1.0
+    """A response is correct when its outcome score (reward model + weighted reward functions) is >= this (1.0: a verifiable 0/1 reward such as fastppo.rewards:math_answer)."""
+    max_prompts: Optional[int] = None
+    """Evaluate the first N prompts of data_path only; null = all."""
+    seed: int = 0
+    """Seed of the evaluation's sampling noise, its own stream: evaluating never changes what training samples (and the same seed samples the same responses from the same weights)."""
+
+
+@dataclass
+class HealthConfig:
+    """Thresholds of the health monitor (`fastppo.health`, docs/monitoring.md): each check fires once, with a
+    one-line message naming the metric, its value and the threshold; null turns a check off. The defaults come
+    from the demo's ppo_max (healthy) and vanilla (collapsing) runs."""
+    action: HealthAction = HealthAction.warn
+    """warn: log the message and go on; stop: also save a checkpoint and stop the run (resumable)."""
+    warmup: int = 5
+    """Iterations ignored at the start by every check but non-finite steps (the first rollouts and the critic warm-up are noisy)."""
+    entropy_floor: Optional[float] = 0.2
+    """Entropy collapse: policy/entropy (nats per token, at rollout.temperature) below this."""
+    kl_ceiling: Optional[float] = 15.0
+    """Drift from the reference: kl/ref_per_sequence (nats) above this."""
+    window: int = 10
+    """Iterations averaged by the trend checks (pattern collapse, reward hacking): the mean of the last `window` iterations is compared with that of the first `window` after warmup."""
+    clipped_rise: Optional[float] = 0.25
+    """Pattern collapse (Zheng et al. 2023): response/clipped_frac up by this much (and response/repeat_frac up by repeat_rise) while policy/perplexity falls by perplexity_drop, over the windows."""
+    repeat_rise: float = 0.1
+    """Pattern collapse: the rise of response/repeat_frac (responses repeating a token trigram) it needs."""
+    perplexity_drop: float = 0.2
+    """Pattern collapse: the relative fall of policy/perplexity it needs (0.2: to 80% of the first window's)."""
+    mismatch_kl_ceiling: Optional[float] = 0.01
+    """Rollout mismatch: rollout/kl_k3 (per token, generator vs trainer logprobs; rollout.old_logprobs=recompute) above this."""
+    mismatch_frac_ceiling: Optional[float] = 0.05
+    """Rollout mismatch: rollout/diff_gt_0.1_frac (tokens whose probabilities differ by more than 0.1) above this."""
+    clip_frac_ceiling: Optional[float] = 0.3
+    """policy/clipfrac (tokens whose ratio is clipped) above this: the update moves the policy too far per step."""
+    nonfinite_steps: Optional[int] = 1
+    """Non-finite steps: train/skipped_steps (optimizer steps skipped for a NaN/inf loss or gradient) reaching this; also score/nonfinite (rollouts scored NaN/inf) as often."""
+    hacking_reward_rise: Optional[float] = 0.5
+    """Reward hacking: score/raw/mean up by this (raw-score units) over the windows while eval/reward_mean falls by hacking_eval_drop between the first and the last evaluation (needs eval.data_path)."""
+    hacking_eval_drop: float = 0.1
+    """Reward hacking: the fall of eval/reward_mean (raw-score units) it needs."""
 
 
 @dataclass
@@ -431,6 +495,10 @@ class Config:
     """Optimizers and schedules."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run control, logging, checkpoints."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation on held-out prompts (`train`, `fastppo eval`): pass@k, mean@k, reward, length."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """The health monitor: entropy and pattern collapse, KL, rollout mismatch, clipping, non-finite steps, reward hacking."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Multi-GPU / multi-node: process group, FSDP2 sharding, mixed precision."""
 
@@ -1049,6 +1117,8 @@ def _check_run(run: RunConfig) -> None:
     _check(run.save_every >= 0, "run.save_every", "must be >= 0")
     _check(run.stop_after is None or run.stop_after > 0, "run.stop_after", "must be > 0 or null")
     _check(run.keep_last >= 1, "run.keep_last", "must be >= 1")
+    _check(bool(run.wandb_project), "run.wandb_project", "must not be empty")
+    _check(all(t for t in run.wandb_tags), "run.wandb_tags", f"must be non-empty strings, got {list(run.wandb_tags)}")
 
 
 def _check_stage_run(run: StageRunConfig) -> None:
@@ -1061,6 +1131,29 @@ def _check_stage_run(run: StageRunConfig) -> None:
     _check(run.eval_every >= 0, "run.eval_every", "must be >= 0")
     _check(run.eval_batch_size > 0, "run.eval_batch_size", "must be > 0")
     _check(run.log_every > 0, "run.log_every", "must be > 0")
+
+
+def _check_eval(e: EvalConfig) -> None:
+    _check(e.every >= 0, "eval.every", f"must be >= 0, got {e.every}")
+    _check(e.n_samples >= 1, "eval.n_samples", f"must be >= 1, got {e.n_samples}")
+    _check(e.temperature > 0, "eval.temperature", f"must be > 0, got {e.temperature}")
+    _check(len(e.pass_k) > 0 and all(1 <= k <= e.n_samples for k in e.pass_k), "eval.pass_k",
+           f"must be one or more k in [1, eval.n_samples={e.n_samples}], got {list(e.pass_k)}")
+    _check(e.max_prompts is None or e.max_prompts >= 1, "eval.max_prompts", "must be >= 1 or null")
+    _check(0 <= e.seed < SEED_LIMIT, "eval.seed", f"must lie in [0, 2^32), got {e.seed}")
+
+
+def _check_health(h: HealthConfig) -> None:
+    _check(h.warmup >= 0, "health.warmup", f"must be >= 0, got {h.warmup}")
+    _check(h.window >= 1, "health.window", f"must be >= 1, got {h.window}")
+    for name in ("entropy_floor", "kl_ceiling", "clipped_rise", "mismatch_kl_ceiling", "mismatch_frac_ceiling",
+                 "clip_frac_ceiling", "hacking_reward_rise"):
+        value = getattr(h, name)
+        _check(value is None or value > 0, f"health.{name}", f"must be > 0 or null, got {value}")
+    for name in ("repeat_rise", "hacking_eval_drop"):
+        _check(getattr(h, name) >= 0, f"health.{name}", f"must be >= 0, got {getattr(h, name)}")
+    _check(0 <= h.perplexity_drop < 1, "health.perplexity_drop", f"must be in [0, 1), got {h.perplexity_drop}")
+    _check(h.nonfinite_steps is None or h.nonfinite_steps >= 1, "health.nonfinite_steps", "must be >= 1 or null")
 
 
 def _check_parallel(par: ParallelConfig) -> None:
@@ -1088,6 +1181,8 @@ SECTION_CHECKS: dict[type, Callable[[Any], None]] = {
     BaseOptimConfig: _check_base_optim,
     BaseRunConfig: _check_base_run,
     RunConfig: _check_run,
+    EvalConfig: _check_eval,
+    HealthConfig: _check_health,
     StageRunConfig: _check_stage_run,
     ParallelConfig: _check_parallel,
     RMLossConfig: _check_rm_loss,
@@ -1115,6 +1210,8 @@ def validate(cfg: Any) -> None:
                f"must divide the rollouts per iteration, rollout.rollout_batch_size x rollout.n_samples_per_prompt "
                f"({r.rollout_batch_size} x {r.n_samples_per_prompt}), got {p.minibatch_size}")
         validate_critic_free(cfg)
+        _check(cfg.eval.data_path is None or cfg.env.name is None, "eval.data_path",
+               f"evaluates single-turn prompts; with env.name={cfg.env.name} set it to null")
         for name in ("importance", "mask"):
             mode = getattr(cfg.correction, name)
             _check(mode == "none" or r.old_logprobs == "recompute", f"correction.{name}",

@@ -1,4 +1,4 @@
-"""Running moments, metric aggregation and writers (JSONL, TensorBoard).
+"""Running moments, metric aggregation and writers (JSONL, TensorBoard, wandb).
 
 Metrics are accumulated as device tensors during an iteration and brought to
 the host in a single `.tolist()` per iteration (`MetricBuffer.flush`), so the
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import dist
+from .config import ConfigError
 from .masked import masked_count, masked_moments
 
 log = logging.getLogger("fastppo")
@@ -131,14 +132,43 @@ def masked_stats(prefix: str, x: torch.Tensor, mask: torch.Tensor | None = None)
     }
 
 
-class MetricWriter:
-    """Writes one record per iteration to metrics.jsonl and TensorBoard (main rank only)."""
+WANDB_ID_FILE = "wandb_run_id"
+"""The wandb run's id, kept in the run directory: a resumed run logs to the same wandb run."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_from: int | None = None) -> None:
-        """resume_from: the iteration a resumed run restarts after; later records are dropped."""
+
+def open_wandb(cfg, run_dir: Path, *, resumed: bool):
+    """The wandb run of a `train` config with run.wandb (None without it, and on ranks other than 0): project, name
+    and tags from run.wandb_*, the resolved config as its config; WANDB_MODE (e.g. offline) is wandb's own."""
+    if not cfg.run.wandb or not dist.is_main():
+        return None
+    try:
+        import wandb  # lazy: the optional `wandb` extra
+    except ImportError:
+        raise ConfigError("run.wandb is true but wandb is not installed: pip install 'fastppo[wandb]' (or set "
+                          "run.wandb=false)") from None
+    from omegaconf import OmegaConf
+
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None      # None: wandb picks one
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    run = wandb.init(project=cfg.run.wandb_project, name=cfg.run.wandb_name or Path(cfg.run.output_dir).name,
+                     tags=list(cfg.run.wandb_tags), config=config, dir=str(run_dir), id=run_id,
+                     resume="allow" if run_id else None)
+    id_file.write_text(run.id)
+    return run
+
+
+class MetricWriter:
+    """Writes one record per iteration to metrics.jsonl, TensorBoard and wandb (main rank only)."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_from: int | None = None,
+                 wandb=None) -> None:
+        """resume_from: the iteration a resumed run restarts after; later records are dropped. wandb: a wandb run
+        (`open_wandb`) the scalars are also logged to (finished by `close`)."""
         self.enabled = dist.is_main()
         self.jsonl = None
         self.tb = None
+        self.wandb = wandb
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +210,8 @@ class MetricWriter:
                 self.tb.add_scalar(k, v, step)
             for k, h in (histograms or {}).items():
                 self.tb.add_histogram(k, h.detach().float().cpu(), step)
+        if self.wandb is not None:
+            self.wandb.log(dict(scalars), step=step)
 
     def close(self) -> None:
         if self.jsonl is not None:
@@ -187,6 +219,25 @@ class MetricWriter:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run directory's metrics.jsonl (a line cut short by a crash is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl: give the run directory of `fastppo train` "
+                                "(its run.output_dir) or of `fastppo eval`")
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "iteration" in record:
+            records.append(record)
+    return records
 
 
 def _finite_or_str(v: float):
@@ -202,6 +253,23 @@ def histogram_counts(x: torch.Tensor, bins: int = 10) -> dict[str, list[float]]:
     counts = torch.histc(x, bins=bins, min=lo, max=hi)
     edges = torch.linspace(lo, hi, bins + 1)
     return {"edges": [round(e, 6) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}
+
+
+def bigram_repeats(responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(repeated, total) token bigrams of responses (B, R) over mask (B, R), each a 0-d float tensor: a bigram is
+    repeated when it occurred earlier in the same response (seq-rep-2, Welleck et al. 2019: 1 - unique / total; bigrams
+    because the demo's collapse repeats short phrases, "and gentle and gentle"). Sorting each row's bigram keys
+    (a * 2^31 + b: exact in int64 for token ids below 2^31) finds the repeats on the device, with no host sync."""
+    if responses.size(1) < 2:
+        zero = torch.zeros((), device=responses.device)
+        return zero, zero
+    valid = mask[:, :-1] & mask[:, 1:]
+    key = responses[:, :-1].long() * (1 << 31) + responses[:, 1:].long()
+    # Positions outside the mask get distinct negative keys: never equal to each other or to a real bigram.
+    key = torch.where(valid, key, -1 - torch.arange(key.size(1), device=key.device))
+    ordered = key.sort(dim=1).values
+    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).sum()
+    return repeated.float(), valid.sum().float()
 
 
 def experience_metrics(rollout, scored, shaped: torch.Tensor, kl: torch.Tensor, exp, max_new_tokens: int,
@@ -222,6 +290,7 @@ def experience_metrics(rollout, scored, shaped: torch.Tensor, kl: torch.Tensor, 
         per_turn = torch.zeros(mask.size(0), int(rollout.turns.max()) + 1, device=mask.device)
         per_turn.scatter_add_(1, rollout.turn_index + 1, mask.float())          # column 0: the observations
         clipped = rollout.truncated | (per_turn[:, 1:] >= max_new_tokens).any(1)
+    repeated, ngrams = dist.all_reduce(torch.stack(bigram_repeats(rollout.responses, mask))).unbind()
     out = {
         **masked_stats("score/raw", scored.scores, ~scored.nonfinite),
         **masked_stats("score/shaped", shaped, ~scored.nonfinite),
@@ -235,6 +304,7 @@ def experience_metrics(rollout, scored, shaped: torch.Tensor, kl: torch.Tensor, 
         "response/length_max": dist.all_reduce(rollout.lengths.max().float(), "max"),
         "response/clipped_frac": dist.all_reduce(clipped.float().sum()) / n_rows,
         "response/no_eos_frac": dist.all_reduce((~rollout.ended).float().sum()) / n_rows,
+        "response/repeat_frac": repeated / ngrams.clamp(min=1),
         "response/tokens": n_tokens,
         "response/total_tokens": masked_count(rollout.attention_mask, group=dist.group()),  # prompt + response tokens
         **masked_stats("advantages", exp.advantages, mask),

@@ -8,7 +8,8 @@
         3 shape        `shaping`: score reparameterisation, token-level KL penalty
         4 advantages   `advantages`: GAE, or a critic-free estimator (grpo, rloo, reinforce_pp)
         5 update       `update`: PPO epochs x minibatches x micro-batches
-        6 log          `metrics`: one host sync; JSONL, TensorBoard, progress bar
+        6 log          `metrics`: one host sync; JSONL, TensorBoard, wandb, progress bar; `health`: the evaluation
+                       (eval.*) when due and the health checks (health.*)
         7 checkpoint   `checkpoint`: every save_every iterations, at the end, and on SIGTERM/Ctrl-C
     export the policy as a Hugging Face directory
 
@@ -43,9 +44,10 @@ from .engine import Engine, HFEngine
 from .envs import EnvRunner
 from .experience import Experience, drop_rows, gather_experience, rollout_correction, score_rollout
 from .groups import OutcomeScorer, Prompts, sample_groups
+from .health import RunMonitor
 from .logs import GracefulStop, PhaseTimer, progress, seed_everything, setup_logging
 from .memory import peak_memory_mb
-from .metrics import MetricBuffer, MetricWriter, RunningMoments, experience_metrics
+from .metrics import MetricBuffer, MetricWriter, RunningMoments, experience_metrics, open_wandb
 from .models import Forward, Models, check_positions, load_models
 from .optim import Trained, UpdateCounters, make_optimizer, make_scheduler
 from .rewards import RewardFunctions
@@ -246,7 +248,11 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     fingerprint = rundir.model_fingerprint(models)
     start = _resume(path, su, fingerprint)
     # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
-    writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None)
+    writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None,
+                          wandb=open_wandb(cfg, run_dir, resumed=path is not None))
+    monitor = RunMonitor(cfg, models, su.scorer.reward_fns, fwd, run_dir=run_dir, device=device,
+                         resume_from=start if path is not None else None)
+    monitor.start(writer, start)                                 # the evaluation before the first update
     bar = progress(cfg.run.iterations, "ppo", cfg.run.progress_bar, initial=start)
     critic = None if models.critic is None else Trained("critic", models.critic, su.critic_opt, state.critic_sched)
     last_ckpt, scalars, done, G = None, {}, start, cfg.rollout.n_samples_per_prompt
@@ -306,9 +312,10 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                                max_nonfinite_in_a_row=cfg.run.max_nonfinite_in_a_row, ptx_batches=su.ptx_batches,
                                counters=state.counters, metrics=buf)
 
-                # 6. Log: the iteration's single host sync for metrics.
+                # 6. Log: the iteration's single host sync for metrics; the evaluation when due, the health checks.
                 buf.add("memory/peak_mb", dist.all_reduce(torch.tensor(peak_memory_mb(device), device=device), "max"))
-                scalars = _scalars(buf, state, policy, critic, skipped, timer, time.perf_counter() - t_iter)
+                scalars = monitor.after(it + 1, _scalars(buf, state, policy, critic, skipped, timer,
+                                                         time.perf_counter() - t_iter))
                 if "kl/ref_per_sequence" in scalars:
                     state.kl_controller.update(scalars["kl/ref_per_sequence"], len(exp))
                 writer.write(it + 1, scalars, histograms={"score/raw": dist.all_gather_cat(scored.scores)})
@@ -322,6 +329,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 done = it + 1
                 if cfg.run.stop_after is not None and done - start >= cfg.run.stop_after and not stop.requested:
                     stop.requested = "run.stop_after"
+                stop.requested = stop.requested or monitor.stop_reason        # health.action=stop
                 if dist.any_rank(stop.requested is not None, device) and not stop.requested:
                     stop.requested = "a stop on another rank"
                 if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.iterations or stop.requested:

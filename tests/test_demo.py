@@ -16,11 +16,13 @@ def test_quick_demo_improves_reward_and_writes_everything(tmp_path, capsys):
     assert "SFT (before PPO)" in printed and "ppo_max (after)" in printed and str(out.resolve()) in printed
     for stage in ("data", "sft", "reward", "ppo_max", "evaluate"):
         assert f"[demo] {stage}" in printed
+    assert "health monitor, ppo_max: no warning" in printed                # `fastppo.health`'s verdict
 
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["held_out"]["sft"], summary["held_out"]["ppo_max"]
     assert after["reward"] > before["reward"] + 0.5, (before, after)  # PPO raises the held-out mean reward
     assert summary["reward_model"]["eval/accuracy"] > 0.7
+    assert summary["health"] == {"ppo_max": []}
 
     # plots, metrics JSONL (one record per PPO iteration), TensorBoard logs, samples
     for name in ("overview", "reward", "kl", "length", "perplexity", "entropy"):

@@ -3,7 +3,6 @@ of a demo takes."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import threading
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import list_checkpoints
+from ..metrics import read_metrics
 from ..run_dir import LOCK_NAME, RunDirError, held_locks
 
 
@@ -141,11 +141,6 @@ def replace_earlier_demo(out: Path, echo=print) -> None:
                           "it to finish or choose another folder")
     echo(f"[demo] replacing the earlier demo in {out}")
     shutil.rmtree(out)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def read_last_eval(run_dir: Path) -> dict:

@@ -34,7 +34,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.utils import logging as hf_logging
 
 from ..config import RMConfig, RolloutConfig, SFTConfig, load_config
+from .. import plots
 from ..data import collate_prompts, load_prompts
+from ..health import check_run
 from ..models import ensure_pad_token, load_tokenizer, response_logprobs, score_at
 from ..reward_training import train_rm
 from ..rollout import generate, with_eos_for_scoring
@@ -219,53 +221,35 @@ COLORS = {"ppo_max": "tab:blue", "vanilla": "tab:red", "moss_release": "tab:gree
 
 
 def plot_runs(runs: dict[str, list[dict]], evals: dict[str, PolicyEval], out: Path) -> list[Path]:
-    """One PNG per curve (presets side by side on the same axes) and an overview with the hidden rule score."""
-    import matplotlib  # lazy: an optional dependency (the bench/test extras), only the plots need it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The dashboard of `fastppo plot` (`fastppo.plots`) of the presets overlaid, with the hidden rule score on the
+    held-out prompts as a last panel (overview.png), and one PNG per curve of CURVES, drawn by the same panels."""
+    plt = plots.pyplot()
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    colors = {name: COLORS.get(name, "tab:grey") for name in runs}
 
-    def draw(ax, key, title):
-        for name, records in runs.items():
-            xs = [r["iteration"] for r in records if isinstance(r.get(key), (int, float))]
-            ys = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-            ax.plot(xs, ys, label=name, color=COLORS.get(name), linewidth=1.6)
-        ax.set_title(title)
-        ax.set_xlabel("PPO iteration")
-        ax.grid(alpha=0.3)
-        if key == "policy/perplexity":
-            ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-        ax.legend(fontsize=8)
+    def rule_bars(ax) -> None:
+        names = list(evals)
+        ax.bar(range(len(names)), [evals[n].rule for n in names], color=[COLORS.get(n, "tab:grey") for n in names])
+        ax.set_xticks(range(len(names)), names)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.grid(alpha=0.3, axis="y")
 
+    overview = plots.dashboard(runs, out / "overview.png", extra=("hidden rule score, held-out prompts (the 'human')",
+                                                                  rule_bars),
+                               title="fastppo demo: PPO on a tiny Llama (reward model learned from preferences)",
+                               colors=colors)
+    written = [overview]
     for key, title, name in CURVES:
         fig, ax = plt.subplots(figsize=(5, 3.4))
-        draw(ax, key, title)
+        plots.draw_panel(ax, runs, plots.Panel(title, (key,)), colors)
+        if key == "policy/perplexity":
+            ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    for ax, (key, title, _) in zip(axes.flat, CURVES):
-        draw(ax, key, title)
-    ax = axes.flat[5]
-    names = list(evals)
-    ax.bar(range(len(names)), [evals[n].rule for n in names],
-           color=[COLORS.get(n, "tab:grey") for n in names])
-    ax.set_xticks(range(len(names)), names)
-    ax.set_title("hidden rule score, held-out prompts (the 'human')")
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("fastppo demo: PPO on a tiny Llama (reward model learned from preferences)")
-    fig.tight_layout()
-    overview = out / "overview.png"
-    fig.savefig(overview, dpi=110)
-    plt.close(fig)
-    return [overview, *written]
+    return written
 
 
 def summary_table(rm_metrics: dict, evals: dict[str, PolicyEval]) -> str:
@@ -296,6 +280,8 @@ class DemoResult:
     stage_seconds: dict[str, float]
     plots: list[Path]
     exports: dict[str, Path]
+    health: dict[str, list[str]]
+    """The health monitor's messages on each PPO run (none: healthy)."""
 
 
 def _quiet_transformers() -> None:
@@ -361,8 +347,11 @@ def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan
     seconds = stages.seconds
     t_all = stages.t_all
 
-    plots = plot_runs(runs, evals, out / "plots")
+    pngs = plot_runs(runs, evals, out / "plots")
     table = summary_table(rm_metrics, evals)
+    # The health monitor's verdict on each PPO run (`health.check_run`: its checks replayed on the run's metrics,
+    # the same ones it printed while the run trained; also right after a --resume that kept the runs).
+    health = {preset: [a.message for a in check_run(out / preset)] for preset in presets}
     with open(out / "samples.jsonl", "w") as f:
         for name, e in evals.items():
             for s in e.samples:
@@ -371,12 +360,15 @@ def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan
     summary = {
         "seed": seed, "reward_model": rm_metrics, "stage_seconds": seconds,
         "held_out": {n: {k: v for k, v in asdict(e).items() if k != "samples"} for n, e in evals.items()},
-        "exports": {k: str(v) for k, v in exports.items()},
+        "exports": {k: str(v) for k, v in exports.items()}, "health": health,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     echo("")
     echo(table)
+    echo("")
+    for preset, messages in health.items():
+        echo(f"health monitor, {preset}: " + ("; ".join(messages) if messages else "no warning"))
     echo("")
     for name in evals:
         echo(f"samples, {name}:")
@@ -387,6 +379,6 @@ def _run_demo(out: Path, *, seed: int, compare: list[str] | None, plan: DemoPlan
     echo("  plots/overview.png (+ one PNG per curve), summary.json, samples.jsonl,")
     echo(f"  <stage>/metrics.jsonl and <stage>/tensorboard (tensorboard --logdir {out}),")
     echo("  models: " + ", ".join(f"{k} -> {v.relative_to(out)}" for k, v in exports.items()))
-    return DemoResult(out, rm_metrics, evals, seconds, plots, exports)
+    return DemoResult(out, rm_metrics, evals, seconds, pngs, exports, health)
 
 
