@@ -71,7 +71,7 @@ from .lm_head import (
     accumulate_grads, chunk_logits, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
     weight_operand,
 )
-from .token_logprobs import _block_v
+from .token_logprobs import row_block_size
 
 
 # ----------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def _chunk_triton(logits, dlogits, labels, old_lp, adv, ref_lp, weight, valid, n
     (None: all valid), weight (n,) float32 or None, tok (7, n) float32 out."""
     n_rows, n_cols = logits.shape
     p = params
-    block_v = _block_v(n_cols, 4096)
+    block_v = row_block_size(n_cols, 4096)
     out = dlogits if with_grad else logits
     with on_device_of(logits):
         _linear_ppo_loss_fwd_kernel[(n_rows,)](
@@ -605,7 +605,7 @@ def linear_ppo_loss(
         check_same_device(name, x, "hidden", hidden)
         check_shape(name, x, lead, "the leading dimensions of hidden")
     check_policy_weight(policy_weight, mask, "hidden", hidden, "the leading dimensions of hidden")
-    check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     clip_eps, clip_eps_high = check_clip_range(clip_eps, clip_eps_high)
     dual_clip = check_dual_clip(dual_clip)
     check_non_negative("ent_coef", ent_coef)

@@ -49,7 +49,7 @@ from .lm_head import (
     ChunkPlan, accumulate_grads, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
     load_rows, logits_into, weight_operand,
 )
-from .token_logprobs import _bwd_triton, _fwd_triton, as_result
+from .token_logprobs import logprob_rows_backward, logprob_rows_forward, as_result
 
 
 # ----------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, 
     out = torch.zeros(3, n_rows, dtype=torch.float32, device=device)
     if n_rows == 0:
         return out[0], out[1], out[2]
-    fwd = _fwd_triton if backend == "triton" else torch_backend.linear_logits_chunk_forward_
+    fwd = logprob_rows_forward if backend == "triton" else torch_backend.linear_logits_chunk_forward_
     w = weight_operand(weight, plan)
     h_buf = torch.empty(plan.chunk, hidden2d.shape[1], dtype=plan.operand_dtype, device=device)
     logits = empty_output((plan.chunk, vocab), torch.float32, device)
@@ -274,7 +274,7 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
                     None if grad_logprobs is None else grad_logprobs[rows],
                     None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, vocab_size)
             if backend == "triton":
-                _bwd_triton(logits[:n], *args, out=dlogits[:n])
+                logprob_rows_backward(logits[:n], *args, out=dlogits[:n])
             else:
                 torch_backend.linear_logits_chunk_backward_(logits[:n], *args)             # in place
                 if dlogits is not logits:
@@ -383,7 +383,7 @@ def linear_token_logprobs(
     check_tensor("labels", labels, dtypes=INT_DTYPES)
     check_same_device("labels", labels, "hidden", hidden)
     check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
-    check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     check_ignore_index(ignore_index)
     check_chunk_size(chunk_size)
     backend = resolve_backend(backend, hidden)
@@ -518,7 +518,7 @@ def linear_logprob_loss(
         check_tensor("loss_weight", loss_weight, dtypes=(*FLOAT_DTYPES, torch.float64))
         check_same_device("loss_weight", loss_weight, "hidden", hidden)
         check_shape("loss_weight", loss_weight, labels.shape, "the shape of labels")
-    check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     check_ignore_index(ignore_index)
     check_chunk_size(chunk_size)
     norm = check_normalizer(normalizer, "hidden", hidden)

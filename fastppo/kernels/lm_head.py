@@ -27,7 +27,7 @@ import torch
 
 from ._dispatch import empty_output
 from . import torch_backend
-from .token_logprobs import _bwd_triton, _fwd_triton
+from .token_logprobs import logprob_rows_backward, logprob_rows_forward
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend
     def stats_of(start, n):
         rows = slice(start, start + n)
         if backend == "triton":
-            lp_ent[0, rows], lp_ent[1, rows], aux[0, rows] = _fwd_triton(logits[:n], labels[rows], temperature,
+            lp_ent[0, rows], lp_ent[1, rows], aux[0, rows] = logprob_rows_forward(logits[:n], labels[rows], temperature,
                                                                          -100, vocab_size)
         else:
             lp_ent[0, rows], lp_ent[1, rows], aux[0, rows], aux[1, rows] = torch_backend.linear_ppo_chunk_stats_(
@@ -238,7 +238,7 @@ def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend
                 if backend != "triton":
                     torch_backend.linear_ppo_chunk_stats_(logits[:n], labels[rows], vocab_size)   # shifts them
             if backend == "triton":
-                _bwd_triton(logits[:n], labels[rows], aux[0, rows], lp_ent[1, rows], g_lp_rows,
+                logprob_rows_backward(logits[:n], labels[rows], aux[0, rows], lp_ent[1, rows], g_lp_rows,
                             None if g_ent_rows is None else g_ent_rows.contiguous(), temperature, -100, vocab_size,
                             out=dlogits[:n])
             else:

@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from ._checks import (
-    FLOAT_DTYPES, INT_DTYPES, as_rows, check_positive, check_same_device, check_shape, check_tensor, check_vocab_size,
+    FLOAT_DTYPES, INT_DTYPES, as_rows, check_number, check_positive, check_same_device, check_shape, check_tensor,
+    check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
 from ._math import LN2, LOG2E, fast_exp2, lse2_and_entropy, online_lse2_fold
@@ -554,8 +555,7 @@ class Sample(NamedTuple):
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = check_number(name, value, integer=True)
     if high is None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     if high is not None and not low <= value < high:
@@ -598,12 +598,10 @@ def sample(
     check_tensor("sample_ids", sample_ids, dtypes=INT_DTYPES)
     check_same_device("sample_ids", sample_ids, "logits", logits)
     check_shape("sample_ids", sample_ids, logits.shape[:-1], "the leading dimensions of logits")
-    _check_int("seed", seed, 0, 1 << 32)
-    _check_int("step", step, 0, 1 << 31)
-    check_positive("temperature", temperature)
-    _check_int("top_k", top_k, 0)
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
-        raise TypeError(f"top_p must be a number, got {type(top_p).__name__}")
+    seed, step = _check_int("seed", seed, 0, 1 << 32), _check_int("step", step, 0, 1 << 31)
+    temperature = check_positive("temperature", temperature)
+    top_k = _check_int("top_k", top_k, 0)
+    top_p = check_number("top_p", top_p)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     width = logits.shape[-1]

@@ -141,7 +141,8 @@ def _token_logprobs_bwd_kernel(
 # 2. Launchers: check, allocate, launch
 # ----------------------------------------------------------------------------
 
-def _block_v(n_cols: int, cap: int) -> int:
+def row_block_size(n_cols: int, cap: int) -> int:
+    """Columns per block of a row kernel (also the linear ops' row passes)."""
     # The interpreter costs ~1 ms per program per loop trip whatever the
     # block size, so it gets the largest blocks; GPUs get register-sized ones.
     if triton_interpreter_enabled():
@@ -159,11 +160,12 @@ _BWD_PROGRAMS = 1024
 
 def _row_launch(n_cols: int):
     """(BLOCK_V, num_warps, FTZ) of the row kernels: FTZ (the one-instruction exp2) only when compiled."""
-    block_v = _block_v(n_cols, _ROW_BLOCK)
+    block_v = row_block_size(n_cols, _ROW_BLOCK)
     return block_v, _ROW_WARPS if block_v >= 2048 else 4, not triton_interpreter_enabled()
 
 
-def _fwd_triton(logits2d, labels1d, temperature, ignore_index, vocab_size):
+def logprob_rows_forward(logits2d, labels1d, temperature, ignore_index, vocab_size):
+    """The Triton forward over (rows, V) logits: (3, rows) float32 of logprob, entropy and natural-log lse."""
     # Only the first vocab_size columns enter the softmax; the row stride is the padded one.
     n_rows, n_cols = logits2d.shape
     out = empty_output((3, n_rows), torch.float32, logits2d.device)
@@ -180,8 +182,9 @@ def _fwd_triton(logits2d, labels1d, temperature, ignore_index, vocab_size):
     return out[0], out[1], out[2]
 
 
-def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
-                vocab_size, out=None):
+def logprob_rows_backward(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+                          vocab_size, out=None):
+    """The Triton backward: dlogits from the forward's lse and entropy and the incoming gradients."""
     # `out` (rows, V) with unit column stride, any float dtype, may alias logits2d
     # (each program reads each of its blocks before writing it): used by linear_token_logprobs.
     # Columns from vocab_size on get exactly 0.
@@ -214,7 +217,7 @@ def _bwd_triton(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, t
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels1d, temperature, ignore_index, vocab_size, backend):
-        fwd = _fwd_triton if backend == "triton" else torch_backend.token_logprobs_forward
+        fwd = logprob_rows_forward if backend == "triton" else torch_backend.token_logprobs_forward
         logprobs, entropy, lse = fwd(logits2d, labels1d, temperature, ignore_index, vocab_size)
         ctx.save_for_backward(logits2d, labels1d, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.vocab_size, ctx.backend = temperature, ignore_index, vocab_size, backend
@@ -232,7 +235,7 @@ class _TokenLogprobs(torch.autograd.Function):
             grad_logprobs = grad_logprobs.float().contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
-        bwd = _bwd_triton if ctx.backend == "triton" else torch_backend.token_logprobs_backward
+        bwd = logprob_rows_backward if ctx.backend == "triton" else torch_backend.token_logprobs_backward
         dlogits = bwd(logits2d, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature, ctx.ignore_index,
                       ctx.vocab_size)
         return dlogits, None, None, None, None, None
@@ -287,7 +290,7 @@ def token_logprobs(
     check_tensor("labels", labels, dtypes=INT_DTYPES)
     check_same_device("labels", labels, "logits", logits)
     check_shape("labels", labels, logits.shape[:-1], "the leading dimensions of logits")
-    check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     check_ignore_index(ignore_index)
     width = logits.shape[-1]
     if width == 0:

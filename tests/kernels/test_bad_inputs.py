@@ -80,3 +80,15 @@ def test_a_temperature_that_is_not_a_finite_number_is_named(bad, backend):
         token_logprobs(x["logits"], x["labels"], temperature=bad, backend=backend)
     with pytest.raises((TypeError, ValueError), match="^temperature must be"):
         linear_token_logprobs(x["hidden"], x["weight"], x["flat_labels"], temperature=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_sampler_takes_numpy_scalars(backend):
+    x = _inputs(torch.Generator().manual_seed(3))
+    logits, ids = x["logits"][:, 0], x["ids"]
+    want = sample(logits, seed=5, sample_ids=ids, step=2, temperature=0.75, top_k=4, top_p=0.9, backend=backend)
+    got = sample(logits, seed=np.uint32(5), sample_ids=ids, step=np.int64(2), temperature=np.float32(0.75),
+                 top_k=np.int64(4), top_p=np.float64(0.9), backend=backend)
+    torch.testing.assert_close(tuple(got), tuple(want), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="^top_k must be an integer"):
+        sample(logits, seed=5, sample_ids=ids, step=2, top_k=4.0, backend=backend)
