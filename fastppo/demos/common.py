@@ -61,6 +61,8 @@ def grpo_overrides(policy: Path, prompts: Path, out_dir: Path, plan: GRPOPlan, s
             "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
             f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
             f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
+            # One right answer in a fixed format: a converged policy is nearly deterministic (docs/monitoring.md).
+            "health.entropy_floor=0.01",
             *run_overrides(out_dir, seed, progress_bar), *(["run.resume=latest"] if resume else [])]
 
 
