@@ -14,6 +14,9 @@ included). What differs is the schedule:
   that slot's cache rows), so no slot decodes padding while prompts wait;
 - **shared prefixes**: the rows of one call with the same prompt (a group's
   G samples) are prefilled once and their caches copied from that prefill;
+- **a shrinking tail**: once no prompt waits, the slots still generating are
+  gathered into a smaller batch whenever half of them have ended (not with
+  a captured CUDA graph, whose shapes are fixed);
 - **a decode step without host synchronisation**: state lives in
   preallocated tensors updated in place; the host looks at the slots (to
   refill them and to stop) once every `sync_every` steps. On CUDA with
@@ -154,6 +157,15 @@ class _Slots:
         self.pos[slots] = p_mask.sum(-1)[which] - 1
         self._draw(logits[which].clone(), slots)
 
+    def compact(self) -> None:
+        """Keep only the slots still generating (once no prompt waits): later steps run fewer rows."""
+        keep = self.active.nonzero().flatten()
+        for name in ("row", "active", "step", "pos", "last", "valid", "key_pos"):
+            setattr(self, name, getattr(self, name)[keep])
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+        self.S = keep.numel()
+
     def _allocate(self, prefill: DynamicCache) -> None:
         layers = []
         for layer in prefill.layers:
@@ -260,8 +272,12 @@ def generate_static(policy: nn.Module, prompts: PromptBatch, cfg: RolloutConfig,
                 state.admit(free, rows, ids[:, P - width:], mask[:, P - width:], source[rows])
                 waiting += rows.numel()
                 continue                                                        # an admitted row may end at once
-            if waiting >= B and not bool(state.active.any()):
-                break
+            if waiting >= B:
+                n_active = int(state.active.sum())
+                if n_active == 0:
+                    break
+                if state.graph is None and n_active <= state.S // 2:
+                    state.compact()
             for _ in range(sync_every):
                 state.advance()
     tokens, logprobs, entropy = state.tokens[:B], state.logprobs[:B], state.entropy[:B]

@@ -72,7 +72,7 @@ def test_a_group_is_prefilled_once(tiny_setups, monkeypatch):
     prefills = [w for w in widths if w[1] > 1]
     distinct = len({tuple(r) for r in batch.input_ids.tolist()})       # 5 prompts, some of them equal
     assert len(prefills) == 1 and prefills[0][0] == distinct < 15
-    assert all(w == (15, 1) for w in widths if w[1] == 1)                # every decode step runs all slots
+    assert all(w[0] <= 15 for w in widths if w[1] == 1)                  # decode steps: one token per slot
 
 
 def test_static_with_lora_draws_the_tokens_hf_draws(tiny_setups):
