@@ -136,3 +136,32 @@ def test_grpo_static_in_two_processes_equals_hf_in_one(tiny_setups, tmp_path):
         assert k in m1, k
         torch.testing.assert_close(torch.tensor(m2[k], dtype=torch.float64), torch.tensor(m1[k], dtype=torch.float64),
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_an_environment_trajectory_is_the_same_with_both_engines(tiny_setups):
+    """Three turns of `Countdown` (the observations between the turns, each turn a generate call with the
+    trajectory so far as its prompt): the same trajectories, rewards and logprobs with static as with hf."""
+    import json
+
+    from fastppo.config import EnvConfig, RewardConfig
+    from fastppo.envs import EnvRunner
+
+    setup = tiny_setups("llama")
+    policy, tok, _ = _policy_and_groups(setup)
+    records = [json.loads(line) for line in setup.prompts.read_text().splitlines()][:4]
+    rc = RolloutConfig(max_new_tokens=6, temperature=1.0, top_p=0.9)
+    ec = EnvConfig(name="fastppo_testing.envs:Countdown", max_turns=3, workers=1)
+    runner = EnvRunner(ec, RewardConfig(), tok, records, max_new_tokens=6, max_prompt_len=64, prompt_format="auto")
+    out = []
+    try:
+        for engine in (HFEngine, StaticEngine):
+            e = engine(policy, rc, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, vocab_size=len(tok),
+                       generation_batch_size=3)
+            with e.policy_loaded():
+                out.append(runner.run(e, [0, 1, 2, 3], seed=5, sample_ids=torch.arange(4)))
+    finally:
+        runner.close()
+    a, b = out
+    _assert_same(a, b)
+    assert torch.equal(a.turns, b.turns) and a.turns.max() == 3
+    assert torch.equal(a.step_rewards, b.step_rewards) and torch.equal(a.turn_index, b.turn_index)
