@@ -32,6 +32,7 @@ import torch
 
 from common import (append_csv, device_name, matmul_peak_tflops, measured_copy_bandwidth_gbs, print_table,
                     reexec_with_malloc_threshold)
+from forced_lengths import force_lengths
 
 from fastppo.config import RolloutConfig
 from fastppo.data import PromptBatch
@@ -76,18 +77,8 @@ def workload(n_prompts: int, G: int, lo: int, hi: int, cap: int, vocab: int) -> 
     return (PromptBatch(ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)), lengths.repeat_interleave(G))
 
 
-def force(scores: torch.Tensor, target: torch.Tensor, steps: torch.Tensor | int) -> None:
-    """EOS and pad never before each row's target length, EOS the only choice at it (in place, no host sync)."""
-    before = (steps + 1 < target)[:, None]
-    at = (steps + 1 == target)[:, None]
-    scores[:, EOS:EOS + 1].masked_fill_(before, float("-inf"))
-    scores[:, PAD:PAD + 1].masked_fill_(before, float("-inf"))
-    scores.masked_fill_(at, float("-inf"))
-    scores[:, EOS:EOS + 1].masked_fill_(at, 0.0)
-
-
 class ForcedHF:
-    """`force` as an HF logits processor: each generate call's rows are found once, at its first step (the rows
+    """`force_lengths` as an HF logits processor: each generate call's rows are found once, at its first step (the rows
     come in order, generation_batch_size at a time)."""
 
     def __init__(self, lengths: torch.Tensor, prompt_width: int) -> None:
@@ -98,8 +89,7 @@ class ForcedHF:
         if step == 0:
             rows = slice(self.next_row, self.next_row + input_ids.size(0))
             self.target, self.next_row = self.lengths[rows].to(scores.device), rows.stop
-        force(scores, self.target, step)
-        return scores
+        return force_lengths(scores, self.target, step, eos_id=EOS, pad_id=PAD)
 
 
 def run_engine(engine: str, policy, batch: PromptBatch, lengths: torch.Tensor, cap: int, slots: int):
@@ -109,8 +99,8 @@ def run_engine(engine: str, policy, batch: PromptBatch, lengths: torch.Tensor, c
     kw = dict(eos_id=EOS, pad_id=PAD, seed=SEED, vocab_size=policy.config.vocab_size)
     if engine == "static":
         target = torch.cat([lengths, torch.zeros(1, dtype=torch.long)]).to(next(policy.parameters()).device)
-        return generate_static(policy, batch, rc, slots=slots, logits_hook=lambda s, rows, steps: force(s, target[rows], steps),
-                               **kw)
+        hook = lambda s, rows, steps: force_lengths(s, target[rows], steps, eos_id=EOS, pad_id=PAD)  # noqa: E731
+        return generate_static(policy, batch, rc, slots=slots, logits_hook=hook, **kw)
     forced = ForcedHF(lengths, batch.input_ids.size(1))
     base = policy.generate
     policy.generate = lambda *a, logits_processor, **k: base(*a, logits_processor=LogitsProcessorList(

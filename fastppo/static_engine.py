@@ -58,12 +58,22 @@ LogitsHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 force response lengths; device ops only."""
 
 
+ATTENTION = ("sdpa", "eager")
+"""Attention implementations the static engine serves (those that take its per-slot 4D masks)."""
+
+
 def check_servable(policy: nn.Module) -> None:
     """Raise a ConfigError naming rollout.engine when the static engine cannot serve this policy."""
-    model_type = getattr(getattr(policy, "config", None), "model_type", None)
+    config = getattr(policy, "config", None)
+    model_type = getattr(config, "model_type", None)
     if model_type not in SERVED:
         raise ConfigError(f"invalid config: field 'rollout.engine': static serves {', '.join(SERVED)} models; the "
                           f"policy is {model_type!r} ({type(policy).__name__}): use rollout.engine=hf")
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in ATTENTION:
+        raise ConfigError(f"invalid config: field 'rollout.engine': static runs attention through "
+                          f"{' or '.join(ATTENTION)} (per-slot masks); the policy uses {attention!r}: set "
+                          f"model.attn_implementation=sdpa or use rollout.engine=hf")
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -120,9 +130,12 @@ class _Slots:
         self.logprobs = torch.zeros(B + 1, N, dtype=torch.float32, device=device)
         self.entropy = torch.zeros(B + 1, N, dtype=torch.float32, device=device)
         config = policy.config
-        types = getattr(config, "layer_types", None) or []
-        self.window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
-        self.dtype = next(policy.parameters()).dtype
+        # Sliding-window attention: on the layers config.layer_types names (a mask per layer type), or, without
+        # layer types (Mistral), on every layer when config.sliding_window is set (one mask).
+        types = getattr(config, "layer_types", None)
+        self.per_type = types is not None and "sliding_attention" in types
+        self.window = getattr(config, "sliding_window", None) if self.per_type or types is None else None
+        self.additive_mask = config._attn_implementation == "eager"    # eager adds the mask; sdpa takes booleans
         self.cache: Optional[Cache] = None
         self.use_graph = graph
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -136,7 +149,7 @@ class _Slots:
         reps, which = torch.unique(source, return_inverse=True)          # distinct prompts; each row's one
         p_ids, p_mask = ids[reps], mask[reps]
         positions = (p_mask.cumsum(-1) - 1).masked_fill_(p_mask == 0, 1)   # as HF generate
-        prefill = DynamicCache(config=self.policy.config)
+        prefill = DynamicCache()                 # full layers: a sliding one would keep only the window
         logits = self.policy(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, cache=prefill,
                              use_cache=True).logits[:, -1]                 # (n, V) float32
         if self.cache is None:
@@ -229,14 +242,17 @@ class _Slots:
         self.column.add_(1).remainder_(self.L)
 
     def _mask(self) -> torch.Tensor | dict[str, torch.Tensor]:
-        """(S, 1, 1, L) additive masks: each slot's own columns; per layer type when some layers slide."""
-        low = torch.finfo(self.dtype).min
-        full = torch.where(self.valid, 0.0, low).to(self.dtype)[:, None, None, :]
-        if self.window is None:
-            return full
-        near = self.valid & (self.pos[:, None] - self.key_pos < self.window)
-        return {"full_attention": full,
-                "sliding_attention": torch.where(near, 0.0, low).to(self.dtype)[:, None, None, :]}
+        """(S, 1, 1, L) masks: each slot's own columns (and the window, on sliding layers); boolean (True: attend)
+        for sdpa, additive float32 for eager attention."""
+        masks = {"full_attention": self.valid}
+        if self.window is not None:
+            masks["sliding_attention"] = self.valid & (self.pos[:, None] - self.key_pos < self.window)
+        for k, m in masks.items():
+            m = m[:, None, None, :]
+            masks[k] = torch.where(m, 0.0, torch.finfo(torch.float32).min) if self.additive_mask else m
+        if self.per_type:
+            return masks
+        return masks["full_attention" if self.window is None else "sliding_attention"]
 
 
 @torch.no_grad()

@@ -58,6 +58,36 @@ def test_static_draws_the_tokens_hf_draws(tiny_setups, arch):
         assert hf.lengths.unique().numel() > 1 and hf.ended.any()        # responses end at different steps
 
 
+@pytest.mark.parametrize("arch,window,attention", [("mistral", {"sliding_window": 5}, "sdpa"),
+                                                     ("qwen2", {"use_sliding_window": True, "sliding_window": 5,
+                                                                "max_window_layers": 1}, "sdpa"),
+                                                     ("mistral", {"sliding_window": 5}, "eager"),
+                                                     ("llama", {}, "eager")])
+def test_sliding_windows_and_eager_attention(arch, window, attention):
+    """A window of 5 tokens shorter than every sequence (Mistral: every layer; Qwen2: the layers past the first,
+    a mask per layer type) and eager attention (an additive mask): the tokens HF generate draws."""
+    from transformers import AutoModelForCausalLM
+
+    from fastppo_testing.tiny_models import build_tokenizer, model_configs
+
+    tok = build_tokenizer()
+    cfg = model_configs(arch, len(tok), bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    cfg = type(cfg)(**{**cfg.to_dict(), **window, "layer_types": None})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, len(tok), (6, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[1, :5] = 0
+    batch = PromptBatch(ids.masked_fill(mask == 0, tok.pad_token_id).repeat_interleave(2, 0),
+                        mask.repeat_interleave(2, 0))
+    rc = RolloutConfig(max_new_tokens=14, temperature=1.0, top_p=0.9)
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=3, vocab_size=len(tok))
+    _assert_same(generate(model, batch, rc, generation_batch_size=12, **kw),
+                 generate_static(model, batch, rc, slots=5, **kw))
+
+
 def test_a_group_is_prefilled_once(tiny_setups, monkeypatch):
     """With slots for every row, one prefill over the distinct prompts, not over the 15 rows."""
     policy, tok, batch = _policy_and_groups(tiny_setups("llama"))
@@ -108,6 +138,13 @@ def test_unserved_models_and_repetition_penalty_are_start_up_errors(tiny_setups)
                                              num_attention_heads=2, intermediate_size=32))
     with pytest.raises(ConfigError, match="rollout.engine.*gpt_neox"):
         make_engine(model, rc, eos_id=1, pad_id=0, vocab_size=32, generation_batch_size=2)
+    policy, tok, _ = _policy_and_groups(tiny_setups("llama"))
+    policy.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ConfigError, match="rollout.engine.*flash_attention_2"):
+            make_engine(policy, rc, eos_id=1, pad_id=0, vocab_size=32, generation_batch_size=2)
+    finally:
+        policy.config._attn_implementation = "sdpa"
     setup = tiny_setups("llama")
     with pytest.raises(ConfigError, match="rollout.engine"):
         load_config(None, setup.overrides(**{"rollout.engine": "static", "rollout.repetition_penalty": 1.1}))
