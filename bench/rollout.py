@@ -13,19 +13,20 @@ through its logits hook), so all engines generate the same tokens and differ onl
 Model: a Qwen2-1.5B-shaped policy with random weights in bfloat16 on GPU; on CPU the tiny Llama of
 bench/trainer.py (hidden 256, 4 layers, vocabulary 32000) in float32, with B in {8, 32} on CPU (--quick: 8).
 
-Reported per engine and shape: generated tokens/s (EOS included; the first run of each engine is a warm-up),
-seconds, decode steps, peak memory (CUDA: max allocated above the model; CPU: peak RSS above the start of the
+Reported per engine and shape: generated tokens/s (EOS included; each engine first warms up on a small batch),
+seconds (median of --repeat runs, the engines interleaved), decode steps, peak memory (CUDA: max allocated above the model; CPU: peak RSS above the start of the
 run), ratio of tokens/s to hf, and on GPU the fraction of the decode roofline: per decode step
 max((weight bytes + bytes of the live KV cache) / measured copy bandwidth, FLOPs / measured bf16 matmul rate),
 summed over the steps and divided by the measured time. Rows go to bench/results/rollout.csv.
 
-    python bench/rollout.py [--quick] [--engines hf hf+compile static] [--slots N] [--threads N]
+    python bench/rollout.py [--quick] [--engines hf hf+compile static] [--slots N] [--threads N] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -158,6 +159,7 @@ def main() -> None:
                     choices=["hf", "hf+compile", "static"])
     ap.add_argument("--slots", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each engine per shape, interleaved (median)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,9 +180,14 @@ def main() -> None:
     for B in Bs:
         for G in (1, 8):
             batch, lengths = workload(B, G, lo, hi, cap, policy.config.vocab_size)
-            ref = None
+            ref, runs = None, {e: [] for e in args.engines}
+            for _ in range(args.repeat):                  # interleaved: load on a shared machine hits all alike
+                for engine in args.engines:
+                    runs[engine].append(measure(engine, policy, batch, lengths, cap, slots, device))
             for engine in args.engines:
-                seconds, n_steps, peak, ro = measure(engine, policy, batch, lengths, cap, slots, device)
+                seconds = statistics.median(r[0] for r in runs[engine])
+                _, n_steps, _, ro = runs[engine][0]
+                peak = max(r[2] for r in runs[engine])
                 assert torch.equal(ro.lengths.cpu(), lengths), f"{engine}: the forced lengths were not generated"
                 if ref is None:
                     ref = ro
@@ -188,8 +195,9 @@ def main() -> None:
                     assert torch.equal(ro.sequences, ref.sequences), f"{engine} drew other tokens than {args.engines[0]}"
                 tokens = int(lengths.sum())
                 row = {"device": device_name(device), "engine": engine, "B": B, "G": G, "slots": slots, "cap": cap,
-                       "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-                       "decode_steps": n_steps, "peak_mb": round(peak, 1), "roofline_frac": None}
+                       "repeats": args.repeat, "tokens": tokens, "seconds": round(seconds, 3),
+                       "tokens_per_s": round(tokens / seconds, 1), "decode_steps": n_steps, "peak_mb": round(peak, 1),
+                       "roofline_frac": None}
                 if gpu:
                     context = float(batch.attention_mask.sum(1).float().mean()) + float(lengths.float().mean()) / 2
                     row["roofline_frac"] = round(roofline_s(policy, n_steps, min(slots, B * G), context, bw, rate)
