@@ -23,6 +23,8 @@ class TinyPlan:
     heads: int = 4
     sft_epochs: float = 2.0
     sft_lr: float = 3e-3
+    rollout_engine: str = "hf"
+    """rollout.engine of the PPO / GRPO stage (`fastppo demo --engine`)."""
 
 
 def run_overrides(out_dir: Path, seed: int, progress_bar: bool) -> list[str]:

@@ -196,5 +196,6 @@ def _grpo(out: Path, paths: dict, plan: ToolsPlan, seed: int, progress_bar: bool
         f"optim.policy_lr={plan.policy_lr}", f"run.iterations={plan.iterations}", "run.save_every=0",
         "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
         f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
+        f"rollout.engine={plan.rollout_engine}",
         f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
         *run_overrides(out / "grpo", seed, progress_bar), *(["run.resume=latest"] if resume else [])], preset="grpo"))
