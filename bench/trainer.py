@@ -175,7 +175,7 @@ def force_static_lengths(target_of) -> None:
 
     base = engine.generate_static
 
-    def generate_static(policy, prompts, cfg, **kw):
+    def generate_static(policy, prompts, cfg, logits_hook=None, **kw):
         target = target_of(prompts, cfg.max_new_tokens).to(prompts.input_ids.device)
         target = torch.cat([target, target.new_zeros(1)])                   # row B: the empty slots
         hook = lambda s, rows, steps: force_lengths(s, target[rows], steps, eos_id=kw["eos_id"],  # noqa: E731
