@@ -9,8 +9,9 @@ The loop (`fastppo.train`) talks to an engine through two calls:
 `generate` on the training policy itself. `StaticEngine` (`rollout.engine:
 static`) samples the same tokens with its own decode loop on the policy's
 modules (`fastppo.static_engine`: one KV cache of fixed slots, continuous
-batching, shared prompt prefixes). `make_engine` builds the configured one. An engine in another process or library (vLLM, SGLang) would
-implement the same two calls; docs/engines.md says what such an adapter must
+batching, shared prompt prefixes). `make_engine` builds the configured one.
+An engine in another process or library (vLLM, SGLang) would implement the
+same two calls; docs/engines.md says what such an adapter must
 do (weight sync from FSDP2 shards, logprob semantics).
 """
 
