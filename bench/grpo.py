@@ -34,8 +34,8 @@ import torch
 
 from common import append_csv, device_name
 from trainer import (PROMPT_LEN, SEED, TEMPERATURE, build_workload, comparison_parser, force_static_lengths,
-                     never_stop_early, never_stop_early_static, parse_comparison_args, print_providers, print_table, run_worker, summarize, trl_python,
-                     write_fastppo_result)
+                     never_stop_early, never_stop_early_static, parse_comparison_args, print_providers, print_table,
+                     run_worker, summarize, trl_python, write_fastppo_result)
 
 from fastppo.memory import status_mb
 

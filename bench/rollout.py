@@ -14,10 +14,10 @@ Model: a Qwen2-1.5B-shaped policy with random weights in bfloat16 on GPU; on CPU
 bench/trainer.py (hidden 256, 4 layers, vocabulary 32000) in float32, with B in {8, 32} on CPU (--quick: 8).
 
 Reported per engine and shape: generated tokens/s (EOS included; each engine first warms up on a small batch),
-seconds (median of --repeat runs, the engines interleaved), decode steps, peak memory (CUDA: max allocated above the model; CPU: peak RSS above the start of the
-run), ratio of tokens/s to hf, and on GPU the fraction of the decode roofline: per decode step
-max((weight bytes + bytes of the live KV cache) / measured copy bandwidth, FLOPs / measured bf16 matmul rate),
-summed over the steps and divided by the measured time. Rows go to bench/results/rollout.csv.
+seconds (median of --repeat runs, the engines interleaved), decode steps, peak memory (CUDA: max allocated above
+the model; CPU: peak RSS above the start of the run), ratio of tokens/s to hf, and on GPU the fraction of the
+decode roofline: per decode step max((weight bytes + bytes of the live KV cache) / measured copy bandwidth,
+FLOPs / measured bf16 matmul rate), summed over the steps and divided by the measured time. Rows go to bench/results/rollout.csv.
 
     python bench/rollout.py [--quick] [--engines hf hf+compile static] [--slots N] [--threads N] [--repeat 3]
 """
@@ -192,7 +192,8 @@ def main() -> None:
                 if ref is None:
                     ref = ro
                 else:   # the same tokens in every engine
-                    assert torch.equal(ro.sequences, ref.sequences), f"{engine} drew other tokens than {args.engines[0]}"
+                    assert torch.equal(ro.sequences, ref.sequences), \
+                        f"{engine} drew other tokens than {args.engines[0]}"
                 tokens = int(lengths.sum())
                 row = {"device": device_name(device), "engine": engine, "B": B, "G": G, "slots": slots, "cap": cap,
                        "repeats": args.repeat, "tokens": tokens, "seconds": round(seconds, 3),

@@ -159,7 +159,8 @@ class CounterSampler:
         if self.sample_ids.device != scores.device:
             self.sample_ids = self.sample_ids.to(scores.device)                        # once
         drawn = draw(scores, self.cfg, seed=self.seed, sample_ids=self.sample_ids,
-                     step=input_ids.size(1) - self.prompt_width, vocab_size=self.vocab_size, suppress_id=self.suppress_id)
+                     step=input_ids.size(1) - self.prompt_width, vocab_size=self.vocab_size,
+                     suppress_id=self.suppress_id)
         self.logprobs.append(drawn.logprobs)
         self.entropy.append(drawn.entropy)
         return scores.fill_(float("-inf")).scatter_(1, drawn.tokens[:, None], 0.0)

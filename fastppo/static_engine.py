@@ -212,8 +212,9 @@ class _Slots:
         row, step = self.row[slots], self.step[slots]
         if self.logits_hook is not None:
             self.logits_hook(logits, row, step)
-        drawn = draw(logits, self.cfg, seed=self.seed, sample_ids=step_sample_ids(self.seed, self.sample_ids[row], step),
-                     step=0, vocab_size=self.vocab_size, suppress_id=self.pad_id)
+        ids = step_sample_ids(self.seed, self.sample_ids[row], step)     # each row's noise at its own step
+        drawn = draw(logits, self.cfg, seed=self.seed, sample_ids=ids, step=0, vocab_size=self.vocab_size,
+                     suppress_id=self.pad_id)
         at = (row, step.clamp(max=self.N - 1))                   # empty slots write row B
         self.tokens[at] = drawn.tokens
         self.logprobs[at] = drawn.logprobs

@@ -55,7 +55,8 @@ def test_step_sample_ids_give_each_row_its_own_steps_noise():
     seed, ids, steps = 0xDEADBEEF, torch.tensor([0, 5, 2**40 + 3, 123456789]), torch.tensor([0, 7, 3, 1000])
     folded = step_sample_ids(seed, ids, steps)
     for i in range(4):
-        assert torch.equal(gumbel_noise(seed, folded[i:i + 1], 0, 64), gumbel_noise(seed, ids[i:i + 1], int(steps[i]), 64))
+        assert torch.equal(gumbel_noise(seed, folded[i:i + 1], 0, 64),
+                           gumbel_noise(seed, ids[i:i + 1], int(steps[i]), 64))
     assert not torch.equal(gumbel_noise(seed, folded[1:2], 0, 64), gumbel_noise(seed, ids[1:2], 0, 64))
 
 

@@ -157,4 +157,5 @@ def _grpo(out: Path, paths: dict, plan: ArithmeticPlan, seed: int, progress_bar:
         "run.save_every=0", "run.keep_last=1", f"rollout.rollout_batch_size={plan.prompts_per_iteration}",
         f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
         f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
-        f"rollout.engine={plan.rollout_engine}", *run_overrides(out / "grpo", seed, progress_bar), *(["run.resume=latest"] if resume else [])], preset="grpo"))
+        f"rollout.engine={plan.rollout_engine}",
+        *run_overrides(out / "grpo", seed, progress_bar), *(["run.resume=latest"] if resume else [])], preset="grpo"))
