@@ -1,4 +1,4 @@
-"""Benchmark the rollout engines on one long-tailed workload: hf, hf + rollout.compile, static.
+"""Benchmark the rollout engines on one long-tailed workload: hf, hf + rollout.compile, static (+ its CUDA graph).
 
 Every engine gets the same prompts, seed and sample ids, and every response is forced to the same length
 (EOS exactly at a seeded, long-tailed step, the same in every engine: HF through a logits processor, static
@@ -17,9 +17,11 @@ Reported per engine and shape: generated tokens/s (EOS included; each engine fir
 seconds (median of --repeat runs, the engines interleaved), decode steps, peak memory (CUDA: max allocated above
 the model; CPU: peak RSS above the start of the run), ratio of tokens/s to hf, and on GPU the fraction of the
 decode roofline: per decode step max((weight bytes + bytes of the live KV cache) / measured copy bandwidth,
-FLOPs / measured bf16 matmul rate), summed over the steps and divided by the measured time. Rows go to bench/results/rollout.csv.
+FLOPs / measured bf16 matmul rate), summed over the steps and divided by the measured time (every step counted at min(slots, rows) rows: for eager
+static, whose tail steps run fewer rows, an upper bound). Rows go to bench/results/rollout.csv.
 
-    python bench/rollout.py [--quick] [--engines hf hf+compile static] [--slots N] [--threads N] [--repeat 3]
+    python bench/rollout.py [--quick] [--engines hf hf+compile static static+graph] [--slots N] [--threads N]
+                            [--repeat 3]
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from fastppo.rollout import generate
 from fastppo.static_engine import generate_static
 
 SEED, TEMPERATURE, TOP_P, SIGMA = 0, 0.8, 0.9, 1.0
+ENGINES = ["hf", "hf+compile", "static", "static+graph"]
+"""hf+compile: rollout.compile with hf; static+graph: rollout.compile with static (its decode step as a CUDA graph)."""
 EOS, PAD, BOS = 2, 0, 1
 
 
@@ -96,9 +100,10 @@ class ForcedHF:
 def run_engine(engine: str, policy, batch: PromptBatch, lengths: torch.Tensor, cap: int, slots: int):
     from transformers import LogitsProcessorList
 
-    rc = RolloutConfig(max_new_tokens=cap, temperature=TEMPERATURE, top_p=TOP_P, compile=engine == "hf+compile")
+    rc = RolloutConfig(max_new_tokens=cap, temperature=TEMPERATURE, top_p=TOP_P,
+                       compile=engine in ("hf+compile", "static+graph"))
     kw = dict(eos_id=EOS, pad_id=PAD, seed=SEED, vocab_size=policy.config.vocab_size)
-    if engine == "static":
+    if engine.startswith("static"):
         target = torch.cat([lengths, torch.zeros(1, dtype=torch.long)]).to(next(policy.parameters()).device)
         hook = lambda s, rows, steps: force_lengths(s, target[rows], steps, eos_id=EOS, pad_id=PAD)  # noqa: E731
         return generate_static(policy, batch, rc, slots=slots, logits_hook=hook, **kw)
@@ -155,8 +160,8 @@ def roofline_s(policy, n_steps: int, slots: int, context: float, bw_gbs: float, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--engines", nargs="+", default=["hf", "hf+compile", "static"],
-                    choices=["hf", "hf+compile", "static"])
+    ap.add_argument("--engines", nargs="+", default=None, choices=ENGINES,
+                    help="default: all (static+graph on CUDA only)")
     ap.add_argument("--slots", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each engine per shape, interleaved (median)")
@@ -165,6 +170,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    args.engines = args.engines or [e for e in ENGINES if gpu or e != "static+graph"]
     policy = build_policy(device)
     cap = 1024 if gpu else 48
     lo, hi = 64, 256
