@@ -5,8 +5,8 @@ Every engine gets the same prompts, seed and sample ids, and every response is f
 through its logits hook), so all engines generate the same tokens and differ only in schedule:
 
 - prompts: B in {64, 256} prompts x G in {1, 8} samples each, prompt lengths uniform in [64, 256] tokens;
-- response lengths: log-normal per prompt, median cap / 4, log-space std 1, clamped to [1, cap] (cap 1024 on
-  GPU, 48 on CPU): about 1 prompt in 12 reaches the cap;
+- response lengths: log-normal per response, median cap / 4, log-space std 1, clamped to [1, cap] (cap 1024 on
+  GPU, 48 on CPU): about 1 response in 12 reaches the cap;
 - generation_batch_size (HF's rows per generate call, static's slots): --slots (default 16 on CPU, 256 on GPU);
 - temperature 0.8, top_p 0.9 (the ppo_max default).
 
@@ -67,7 +67,8 @@ def build_policy(device: torch.device) -> torch.nn.Module:
 
 
 def workload(n_prompts: int, G: int, lo: int, hi: int, cap: int, vocab: int) -> tuple[PromptBatch, torch.Tensor]:
-    """Left-padded prompts (n_prompts x G rows, each prompt repeated G times) and each row's response length."""
+    """Left-padded prompts (n_prompts x G rows, each prompt repeated G times) and each row's response length (drawn
+    per row: the G samples of a prompt end at different steps, as sampled responses do)."""
     g = torch.Generator().manual_seed(SEED)
     lens = torch.randint(lo, hi + 1, (n_prompts,), generator=g)
     P = int(lens.max())
@@ -77,9 +78,9 @@ def workload(n_prompts: int, G: int, lo: int, hi: int, cap: int, vocab: int) -> 
         ids[i, P - n:] = torch.randint(3, vocab, (n,), generator=g)
         ids[i, P - n] = BOS
         mask[i, P - n:] = 1
-    z = torch.randn(n_prompts, generator=g, dtype=torch.float64)
+    z = torch.randn(n_prompts * G, generator=g, dtype=torch.float64)
     lengths = (math.log(cap / 4) + SIGMA * z).exp().ceil().clamp(1, cap).long()
-    return (PromptBatch(ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)), lengths.repeat_interleave(G))
+    return PromptBatch(ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)), lengths
 
 
 class ForcedHF:
