@@ -8,7 +8,8 @@ to both frameworks' generate calls, makes every response exactly that long:
 EOS and the pad token are masked out before the drawn step, EOS is the only
 choice at it, and the pad token the only one after it (for a generate call
 that does not stop rows at EOS). Both frameworks then process the same
-tokens; what differs is how much padding their forwards compute.
+tokens; what differs is how much padding their forwards compute. fastppo's
+static engine gets the same rule (`force_lengths`) as its logits hook.
 
 Imports only torch: TRL's worker loads this file by path.
 """
@@ -50,11 +51,18 @@ class ForcedLengths:
         step = input_ids.size(1) - self.prompt_len                     # tokens generated so far
         target = torch.tensor([self.lengths[prompt_key(row)] for row in input_ids[:, :self.prompt_len].tolist()],
                               device=scores.device)
-        scores = scores.clone()
-        before = step + 1 < target
-        scores[before, self.eos_id] = float("-inf")
-        scores[before, self.pad_id] = float("-inf")
-        for token, rows in ((self.eos_id, step + 1 == target), (self.pad_id, step + 1 > target)):
-            scores[rows] = float("-inf")
-            scores[rows, token] = 0.0
-        return scores
+        return force_lengths(scores.clone(), target, step, eos_id=self.eos_id, pad_id=self.pad_id)
+
+
+def force_lengths(scores: torch.Tensor, target: torch.Tensor, step, *, eos_id: int, pad_id: int) -> torch.Tensor:
+    """scores (B, V) edited in place and returned: row b's response ends with EOS at length target[b]: EOS and
+    pad masked out before it, EOS the only choice at it, pad after it. step: the tokens generated so far, an
+    int or (B,) per row; device ops only (no host sync)."""
+    step = torch.as_tensor(step, device=scores.device)
+    for token, rows in ((eos_id, step + 1 == target), (pad_id, step + 1 > target)):
+        scores.masked_fill_(rows[:, None], float("-inf"))
+        scores[:, token].masked_fill_(rows, 0.0)
+    before = step + 1 < target
+    scores[:, eos_id].masked_fill_(before, float("-inf"))
+    scores[:, pad_id].masked_fill_(before, float("-inf"))
+    return scores

@@ -10,6 +10,7 @@ advantages; one pass over each batch in minibatches of 32 responses
 (micro-batch 16): 4 optimizer steps per iteration in both.
 
     .venv/bin/python bench/grpo.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl]
+                                   [--engine hf static]
     make bench-grpo-venv    # once: the current TRL release in .venv-trl-grpo, for the comparison
 
 Each framework runs in its own fresh process (bench/trainer.py's harness);
@@ -17,7 +18,8 @@ the TRL worker is bench/trl_grpo_workload.py. Reported per phase (median over
 the iterations after the first): seconds and tokens/s, with rollout =
 generated tokens / s, score (logprobs the estimator needs, rewards,
 advantages) = prompt + response tokens / s, update = prompt + response tokens
-/ s; peak memory as in bench/trainer.py. Rows go to bench/results/grpo.csv.
+/ s; peak memory as in bench/trainer.py. `--engine hf static`: one fastppo run per rollout engine
+(`rollout.engine`; provider fastppo-static for static). Rows go to bench/results/grpo.csv.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from pathlib import Path
 import torch
 
 from common import append_csv, device_name
-from trainer import (PROMPT_LEN, SEED, TEMPERATURE, build_workload, comparison_parser, never_stop_early,
-                     parse_comparison_args, print_providers, print_table, run_worker, summarize, trl_python,
-                     write_fastppo_result)
+from trainer import (PROMPT_LEN, SEED, TEMPERATURE, build_workload, comparison_parser, force_static_lengths,
+                     never_stop_early, never_stop_early_static, parse_comparison_args, print_providers, print_table,
+                     run_worker, summarize, trl_python, write_fastppo_result)
 
 from fastppo.memory import status_mb
 
@@ -65,7 +67,7 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
         f"ppo.clip_eps={spec['clip_eps']}", f"optim.policy_lr={spec['lr']}", f"run.seed={SEED}",
         f"run.iterations={spec['iterations']}", f"run.output_dir={run_dir}", "run.save_every=0",
         "run.export_at_end=false", "run.tensorboard=false", "run.progress_bar=false", "run.log_level=WARNING",
-        f"run.device={spec['device']}",
+        f"run.device={spec['device']}", f"rollout.engine={spec.get('engine', 'hf')}",
     ]
 
 
@@ -79,7 +81,8 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
     never_stop_early(rollout)
-    run_dir = spec_path.parent / "fastppo-run"
+    force_static_lengths(never_stop_early_static)
+    run_dir = spec_path.parent / f"fastppo-run-{spec.get('engine', 'hf')}"
     train(load_config(None, fastppo_overrides(spec, run_dir), preset="grpo"))
     # TRL scores (rewards, advantages) inside its generation step: fastppo's rewards are in its rollout phase.
     write_fastppo_result(out_path, run_dir, spec, rss_after_imports_mb,
@@ -88,6 +91,8 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
 
 def main() -> int:
     ap = comparison_parser(__doc__, "interpreter with the current TRL (default: .venv-trl-grpo/bin/python)")
+    ap.add_argument("--engine", nargs="+", choices=["hf", "static"], default=["hf"],
+                    help="fastppo's rollout.engine; one fastppo run per value given (static: provider fastppo-static)")
     args = parse_comparison_args(ap, fastppo_worker)
     if args is None:
         return 0
@@ -100,14 +105,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         spec = workload(root, args.iterations, args.device, args.threads)
-        (root / "workload.json").write_text(json.dumps(spec, indent=1))
-        res, err = run_worker("fastppo", [sys.executable, str(Path(__file__).resolve()), "--worker",
-                                          str(root / "workload.json"), str(root / "fastppo.json")],
-                              root / "fastppo.json", env)
-        if res is None:
-            print(err, file=sys.stderr)
-            return 1
-        results["fastppo"] = res
+        for engine in dict.fromkeys(args.engine):
+            name = "fastppo" if engine == "hf" else f"fastppo-{engine}"
+            (root / f"workload-{name}.json").write_text(json.dumps({**spec, "engine": engine}, indent=1))
+            res, err = run_worker(name, [sys.executable, str(Path(__file__).resolve()), "--worker",
+                                         str(root / f"workload-{name}.json"), str(root / f"{name}.json")],
+                                  root / f"{name}.json", env)
+            if res is None:
+                print(err, file=sys.stderr)
+                return 1
+            results[name] = res
         py, info = (None, "--no-trl") if args.no_trl else trl_python(
             args.trl_python, venv=".venv-trl-grpo", env_var="FASTPPO_TRL_GRPO_PYTHON",
             trainer="trl import GRPOTrainer", make_target="bench-grpo-venv")
@@ -123,16 +130,21 @@ def main() -> int:
 
     summaries = {name: summarize(r, PHASES, epochs=1) for name, r in results.items()}
     print(f"\nGRPO benchmark on {dev}, {args.threads} torch thread(s), "
-          f"{summaries['fastppo']['timed_iterations']} timed iteration(s) after 1 warm-up (medians)")
+          f"{next(iter(summaries.values()))['timed_iterations']} timed iteration(s) after 1 warm-up (medians)")
     print(f"workload: {N_PROMPTS} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens, bench/trainer.py's model, "
           f"minibatch {MINIBATCH}, micro-batch {MICRO}, one reward function, no critic, no KL, float32")
     print_providers(results, summaries)
     print()
     print_table(summaries, cuda=args.device.startswith("cuda"), phases=PHASES)
-    if len(summaries) == 2:
-        f, t = summaries["fastppo"], summaries["trl"]
-        print(f"fastppo vs TRL: {f['iteration_tokens_per_s'] / t['iteration_tokens_per_s']:.2f}x the throughput "
+    for name, f in summaries.items():
+        if name == "trl" or "trl" not in summaries:
+            continue
+        t = summaries["trl"]
+        print(f"{name} vs TRL: {f['iteration_tokens_per_s'] / t['iteration_tokens_per_s']:.2f}x the throughput "
               f"(goal >= 2x), {f['peak_memory_mb'] / t['peak_memory_mb']:.2f}x the peak memory (goal <= 0.6x)")
+    if "fastppo-static" in summaries and "fastppo" in summaries:
+        f, s = summaries["fastppo"], summaries["fastppo-static"]
+        print(f"rollout: static {s['rollout_tokens_per_s'] / f['rollout_tokens_per_s']:.2f}x hf's tokens/s")
     for n in notes:
         print(n)
     rows = [{"device": dev, "provider": name, "threads": args.threads, "iterations": s["timed_iterations"],

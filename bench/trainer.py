@@ -9,7 +9,7 @@ has the full 32 tokens (fastppo: EOS suppressed; TRL: no stop token), so every
 iteration does the same work.
 
     .venv/bin/python bench/trainer.py [--iterations 3] [--device cpu|cuda] [--threads N] [--no-trl] [--lora [RANK]]
-                                      [--old-logprobs recompute reuse]
+                                      [--old-logprobs recompute reuse] [--engine hf static]
                                       [--lengths fixed|longtail]
     make bench-trl-venv     # once: TRL 1.12.0 in .venv-trl, for the comparison
 
@@ -32,6 +32,10 @@ generated tokens per second of generation; score and shape+adv count prompt +
 response tokens per second; update counts prompt + response tokens x PPO
 epochs; the iteration counts prompt + response tokens per second of the whole
 iteration. Rows are appended to bench/results/trainer.csv.
+
+`--engine hf static`: one fastppo run per rollout engine (`rollout.engine`; provider fastppo-static for
+static), each forced to the same lengths (the static engine through its logits hook, the same rule,
+`forced_lengths.force_lengths`).
 
 `--lengths longtail`: variable-length responses instead. Each prompt's
 response length is drawn once from a long-tailed (log-normal) distribution
@@ -57,7 +61,7 @@ from pathlib import Path
 import torch
 
 from common import append_csv, device_name
-from forced_lengths import ForcedLengths, draw_lengths
+from forced_lengths import ForcedLengths, draw_lengths, force_lengths, prompt_key
 
 from fastppo.memory import status_mb
 
@@ -148,7 +152,7 @@ def fastppo_overrides(spec: dict, run_dir: Path) -> list[str]:
         f"run.output_dir={run_dir}", "run.save_every=0", "run.export_at_end=false", "run.tensorboard=false",
         "run.progress_bar=false", "run.log_level=WARNING", f"run.device={spec['device']}",
         f"rollout.old_logprobs={spec.get('old_logprobs', 'recompute')}",
-        f"ppo.packing={str(spec['packing']).lower()}",
+        f"ppo.packing={str(spec['packing']).lower()}", f"rollout.engine={spec.get('engine', 'hf')}",
     ] + ([f"model.lora.rank={spec['lora_rank']}", f"model.critic_lora.rank={spec['lora_rank']}"]
          if spec.get("lora_rank") else [])
 
@@ -164,6 +168,28 @@ def never_stop_early(rollout) -> None:
                                                                 "suppress_tokens": [pad_id, eos_id]}
 
 
+def force_static_lengths(target_of) -> None:
+    """The static engine's counterpart of the processors above: a logits hook (`force_lengths`) on every
+    generate_static call, with target_of(prompts, max_new_tokens) -> (B,) each row's response length."""
+    import fastppo.engine as engine
+
+    base = engine.generate_static
+
+    def generate_static(policy, prompts, cfg, logits_hook=None, **kw):
+        target = target_of(prompts, cfg.max_new_tokens).to(prompts.input_ids.device)
+        target = torch.cat([target, target.new_zeros(1)])                   # row B: the empty slots
+        hook = lambda s, rows, steps: force_lengths(s, target[rows], steps, eos_id=kw["eos_id"],  # noqa: E731
+                                                    pad_id=kw["pad_id"])
+        return base(policy, prompts, cfg, logits_hook=hook, **kw)
+
+    engine.generate_static = generate_static
+
+
+def never_stop_early_static(prompts, max_new_tokens: int) -> torch.Tensor:
+    """force_static_lengths' targets that never end a response before max_new_tokens (EOS always masked)."""
+    return torch.full((prompts.input_ids.size(0),), max_new_tokens + 1)
+
+
 def fastppo_worker(spec_path: Path, out_path: Path) -> None:
     """Run fastppo's trainer on the workload in this process; per-iteration records to out_path."""
     import fastppo.rollout as rollout
@@ -176,10 +202,13 @@ def fastppo_worker(spec_path: Path, out_path: Path) -> None:
 
     if spec["lengths"] is None:
         never_stop_early(rollout)
+        force_static_lengths(never_stop_early_static)
     else:  # every response ends with EOS at its drawn length (the processor runs after fastppo's sampler)
         forced = ForcedLengths(spec["lengths"], prompt_len=PROMPT_LEN, eos_id=2, pad_id=0)
         base_list = rollout.LogitsProcessorList
         rollout.LogitsProcessorList = lambda processors: base_list([*processors, forced])
+        force_static_lengths(lambda prompts, _: torch.tensor(
+            [spec["lengths"][prompt_key(row)] for row in prompts.input_ids[:, :PROMPT_LEN].tolist()]))
     run_dir = spec_path.parent / f"run-{spec_path.stem}"
     train(load_config(None, fastppo_overrides(spec, run_dir)))
     write_fastppo_result(out_path, run_dir, spec, rss_after_imports_mb,
@@ -321,6 +350,8 @@ def main() -> int:
                     help="fastppo's rollout.old_logprobs; one fastppo run per value given")
     ap.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
                     help="fixed: every response 32 tokens; longtail: seeded long-tailed lengths, fastppo packed and padded")
+    ap.add_argument("--engine", nargs="+", choices=["hf", "static"], default=["hf"],
+                    help="fastppo's rollout.engine; one fastppo run per value given (static: provider fastppo-static)")
     ap.add_argument("--lora", type=int, nargs="?", const=16, metavar="RANK",
                     help="compare fastppo with LoRA adapters of this rank (default 16) to full fine-tuning, instead of TRL")
     args = parse_comparison_args(ap, fastppo_worker)
@@ -340,11 +371,14 @@ def main() -> int:
             spec["lengths"] = longtail_lengths(root)
         results, notes = {}, []
         packings = {"": True, "-padded": False} if args.lengths == "longtail" else {"": spec["packing"]}
-        for mode in dict.fromkeys(args.old_logprobs):
+        runs = [(mode, engine) for engine in dict.fromkeys(args.engine) for mode in dict.fromkeys(args.old_logprobs)]
+        for mode, engine in runs:
             for suffix, packed in packings.items():
-                name = ("fastppo" if mode == "recompute" else f"fastppo-{mode}") + suffix
+                name = ("fastppo" if mode == "recompute" else f"fastppo-{mode}") + \
+                    ("" if engine == "hf" else f"-{engine}") + suffix
                 spec_path = root / f"workload-{name}.json"
-                spec_path.write_text(json.dumps({**spec, "packing": packed, "old_logprobs": mode}, indent=1))
+                spec_path.write_text(json.dumps({**spec, "packing": packed, "old_logprobs": mode, "engine": engine},
+                                                indent=1))
                 res, err = run_worker(name, [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path),
                                              str(root / f"{name}.json")], root / f"{name}.json", env)
                 if res is None:

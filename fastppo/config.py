@@ -68,6 +68,7 @@ Schedule = _choice("Schedule", "constant", "linear", "cosine")
 Shard = _choice("Shard", "auto", "always", "never")
 CommBackend = _choice("CommBackend", "auto", "nccl", "gloo")
 OldLogprobs = _choice("OldLogprobs", "recompute", "reuse")
+RolloutEngine = _choice("RolloutEngine", "hf", "static")
 RolloutCorrection = _choice("RolloutCorrection", "none", "token", "sequence")
 Advantage = _choice("Advantage", "gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 LossAgg = _choice("LossAgg", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -217,7 +218,9 @@ class RolloutConfig:
     old_logprobs: OldLogprobs = OldLogprobs.recompute
     """pi_old of the PPO ratio: recompute (the score phase runs the policy again and logs its mismatch with the generator's logprobs, rollout/*) or reuse (pi_old := the generator's logprobs; no policy forward when scoring). See docs/engines.md."""
     compile: bool = False
-    """Generate with a static KV cache and a compiled decode step (torch.compile through HF generate)."""
+    """Generate with a static KV cache and a compiled decode step: with engine hf, torch.compile through HF generate; with engine static, the decode step captured as a CUDA graph (CUDA only)."""
+    engine: RolloutEngine = RolloutEngine.hf
+    """Generation engine: hf (HF generate on the policy, the reference) or static (one KV cache for generation_batch_size slots, continuous batching, each prompt prefilled once for its G samples; the same tokens as hf for a seed; Llama, Qwen2, Mistral and GPT-2 policies, repetition_penalty 1). See docs/rollout.md."""
     forward_batch_tokens: Optional[int] = None
     """Token budget of each no-grad forward when scoring experience (sequences bin-packed, longest first); replaces forward_batch_size when set. Counts packed tokens with ppo.packing, else rows x padded width."""
     n_samples_per_prompt: int = 1
@@ -1026,6 +1029,8 @@ def _check_rollout(r: RolloutConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.top_k >= 0, "rollout.top_k", "must be >= 0")
     _check(r.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0")
+    _check(r.engine != "static" or r.repetition_penalty == 1.0, "rollout.engine",
+           "static samples without a repetition penalty: set rollout.repetition_penalty=1.0 or rollout.engine=hf")
     _check(r.forward_batch_tokens is None or r.forward_batch_tokens > 0, "rollout.forward_batch_tokens",
            "must be > 0 or null")
 

@@ -5,9 +5,13 @@ The loop (`fastppo.train`) talks to an engine through two calls:
     with engine.policy_loaded():                      # the engine samples from the policy's current weights
         rollout = engine.generate(prompts, seed=..., sample_ids=...)
 
-`HFEngine` is the built-in engine: Hugging Face `generate` on the training
-policy itself. An engine in another process or library (vLLM, SGLang) would
-implement the same two calls; docs/engines.md says what such an adapter must
+`HFEngine` (`rollout.engine: hf`) is the reference engine: Hugging Face
+`generate` on the training policy itself. `StaticEngine` (`rollout.engine:
+static`) samples the same tokens with its own decode loop on the policy's
+modules (`fastppo.static_engine`: one KV cache of fixed slots, continuous
+batching, shared prompt prefixes). `make_engine` builds the configured one.
+An engine in another process or library (vLLM, SGLang) would implement the
+same two calls; docs/engines.md says what such an adapter must
 do (weight sync from FSDP2 shards, logprob semantics).
 """
 
@@ -23,6 +27,7 @@ from . import parallel
 from .config import RolloutConfig
 from .data import PromptBatch
 from .rollout import Rollout, generate
+from .static_engine import LogitsHook, check_servable, generate_static
 
 
 class Engine(abc.ABC):
@@ -71,3 +76,29 @@ class HFEngine(Engine):
         return generate(self.policy, prompts, self.cfg, eos_id=self.eos_id, pad_id=self.pad_id,
                         generation_batch_size=self.generation_batch_size, seed=seed, sample_ids=sample_ids,
                         vocab_size=self.vocab_size)
+
+
+class StaticEngine(HFEngine):
+    """The static engine (`fastppo.static_engine`) on the training policy: the same tokens, logprobs and entropy
+    as `HFEngine` for a seed and sample ids, generation_batch_size slots of one KV cache with continuous batching.
+
+    Under FSDP2 `policy_loaded` all-gathers the policy once per rollout, as HFEngine's. logits_hook: see
+    `static_engine.LogitsHook` (benchmarks).
+    """
+
+    def __init__(self, policy: nn.Module, cfg: RolloutConfig, *, eos_id: int, pad_id: int, vocab_size: int,
+                 generation_batch_size: int, unshard: bool = True, logits_hook: LogitsHook | None = None) -> None:
+        check_servable(policy)
+        super().__init__(policy, cfg, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
+                         generation_batch_size=generation_batch_size, unshard=unshard)
+        self.logits_hook = logits_hook
+
+    def generate(self, prompts: PromptBatch, *, seed: int, sample_ids: torch.Tensor) -> Rollout:
+        return generate_static(self.policy, prompts, self.cfg, eos_id=self.eos_id, pad_id=self.pad_id,
+                               slots=self.generation_batch_size, seed=seed, sample_ids=sample_ids,
+                               vocab_size=self.vocab_size, logits_hook=self.logits_hook)
+
+
+def make_engine(policy: nn.Module, cfg: RolloutConfig, **kwargs) -> Engine:
+    """The engine `cfg.engine` names (`HFEngine` or `StaticEngine`), with HFEngine's arguments."""
+    return (StaticEngine if cfg.engine == "static" else HFEngine)(policy, cfg, **kwargs)

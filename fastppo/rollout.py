@@ -37,8 +37,8 @@ from transformers import CompileConfig, GenerationConfig, LogitsProcessorList
 
 from .config import RolloutConfig
 from .data import PromptBatch
-from .kernels import sample
-from .kernels.sampler import mix32
+from .kernels import Sample, sample
+from .kernels.sampler import _STEP_SALT, mix32
 
 
 @dataclass
@@ -149,7 +149,7 @@ class CounterSampler:
 
     def __init__(self, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor, prompt_width: int,
                  vocab_size: int | None = None, suppress_id: int | None = None) -> None:
-        self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
+        self.cfg = cfg
         self.seed, self.sample_ids, self.prompt_width = seed, sample_ids, prompt_width
         self.vocab_size, self.suppress_id = vocab_size, suppress_id
         self.logprobs: list[torch.Tensor] = []
@@ -158,18 +158,11 @@ class CounterSampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.sample_ids.device != scores.device:
             self.sample_ids = self.sample_ids.to(scores.device)                        # once
-        suppressed = None
-        if self.suppress_id is not None:
-            suppressed = scores[:, self.suppress_id].clone()                             # (B,) its logit
-            scores[:, self.suppress_id] = float("-inf")
-        drawn = sample(scores, seed=self.seed, sample_ids=self.sample_ids, step=input_ids.size(1) - self.prompt_width,
-                       temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, vocab_size=self.vocab_size)
-        lp, ent = drawn.logprobs, drawn.entropy
-        if suppressed is not None:
-            chosen = scores.gather(1, drawn.tokens[:, None]).squeeze(1)
-            lp, ent = _with_token_back(lp, ent, chosen / self.temperature, suppressed / self.temperature)
-        self.logprobs.append(lp)
-        self.entropy.append(ent)
+        drawn = draw(scores, self.cfg, seed=self.seed, sample_ids=self.sample_ids,
+                     step=input_ids.size(1) - self.prompt_width, vocab_size=self.vocab_size,
+                     suppress_id=self.suppress_id)
+        self.logprobs.append(drawn.logprobs)
+        self.entropy.append(drawn.entropy)
         return scores.fill_(float("-inf")).scatter_(1, drawn.tokens[:, None], 0.0)
 
     def per_token(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +173,54 @@ class CounterSampler:
             x = torch.stack(steps, 1) if steps else torch.zeros(B, 0, device=self.sample_ids.device)
             out.append(nn.functional.pad(x, (0, width - x.size(1))))
         return out[0], out[1]
+
+
+def draw(scores: torch.Tensor, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor, step: int,
+         vocab_size: int | None, suppress_id: int | None) -> Sample:
+    """One decode step's draw from (B, V) float32 scores (`CounterSampler`'s, with its rules): the token, its
+    logprob and the entropy under softmax(scores / T) over the whole vocabulary, `suppress_id` never drawn but
+    keeping its probability. The scores' column `suppress_id` is set to -inf in place."""
+    suppressed = None
+    if suppress_id is not None:
+        suppressed = scores[:, suppress_id].clone()                                      # (B,) its logit
+        scores[:, suppress_id] = float("-inf")
+    drawn = sample(scores, seed=seed, sample_ids=sample_ids, step=step, temperature=cfg.temperature,
+                   top_k=cfg.top_k, top_p=cfg.top_p, vocab_size=vocab_size)
+    if suppressed is None:
+        return drawn
+    chosen = scores.gather(1, drawn.tokens[:, None]).squeeze(1)
+    lp, ent = _with_token_back(drawn.logprobs, drawn.entropy, chosen / cfg.temperature, suppressed / cfg.temperature)
+    return Sample(drawn.tokens, lp, ent)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for x (int64) in [0, 2^32), in int64 without overflow (c split into 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+_MIX_A, _MIX_B = 0x7FEB352D, 0x5BD1E995                       # mix32's multipliers
+
+
+def unmix32(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `mix32` on int64 tensors in [0, 2^32): each xorshift and odd multiplication undone."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, pow(_MIX_B, -1, 1 << 32))
+    x = x ^ (x >> 15) ^ (x >> 30)
+    x = _mul32(x, pow(_MIX_A, -1, 1 << 32))
+    return x ^ (x >> 16)
+
+
+def step_sample_ids(seed: int, sample_ids: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Sample ids whose noise at step 0 is the noise of `sample_ids` at `steps` (B,) int64, for one sampler
+    call over rows at different steps (continuous batching), no host sync.
+
+    The sampler's counter for a row is mix32(h ^ mix32(step + salt)) with h = mix32(mix32(id) ^ seed)
+    (`gumbel_noise`): the returned id has h' = h ^ mix32(step + salt) ^ mix32(salt), so that the counter at
+    step 0 is the one of (id, step). mix32 is a bijection on 32 bits, so the id exists and is unique.
+    """
+    h = mix32(mix32(sample_ids & _M32) ^ seed)
+    h = h ^ mix32((steps + _STEP_SALT) & _M32) ^ mix32(_STEP_SALT)
+    return unmix32(unmix32(h) ^ seed)
 
 
 def _with_token_back(logprob: torch.Tensor, entropy: torch.Tensor, z_chosen: torch.Tensor, z_back: torch.Tensor

@@ -40,7 +40,7 @@ from .checkpoint import export_hf, load_checkpoint, resume_point, save_checkpoin
 from .config import (Config, ConfigError, Derived, derived, from_dict, load_config, to_yaml, uses_critic, uses_reference,
                      validate, validate_world)
 from .data import EpochSampler, load_prompts, load_records, ptx_batches
-from .engine import Engine, HFEngine
+from .engine import Engine, make_engine
 from .envs import EnvRunner
 from .experience import Experience, drop_rows, gather_experience, rollout_correction, score_rollout
 from .groups import OutcomeScorer, Prompts, sample_groups
@@ -202,9 +202,9 @@ def _setup(cfg: Config, device: torch.device, d: Derived) -> Setup:
                                                                                    d.critic_optimizer_steps),
                        reward_moments=RunningMoments().to(device), kl_controller=kl_controller(cfg.reward),
                        counters=UpdateCounters(), sampler=sampler, ptx_sampler=ptx_sampler)
-    engine = HFEngine(models.policy, cfg.rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                      vocab_size=len(tok), generation_batch_size=d.generation_batch_size,
-                      unshard=cfg.parallel.unshard_for_generation)
+    engine = make_engine(models.policy, cfg.rollout, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                         vocab_size=len(tok), generation_batch_size=d.generation_batch_size,
+                         unshard=cfg.parallel.unshard_for_generation)
     return Setup(models=models, fwd=fwd, prompts=Prompts(prompts, sampler, env), scorer=scorer, engine=engine,
                  ptx_batches=ptx, policy_opt=policy_opt, critic_opt=critic_opt, state=state)
 

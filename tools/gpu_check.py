@@ -54,14 +54,14 @@ WHEELS = ROOT / ".wheels"
 
 CHECKS = ["kernel_tests", "fp32_gemm_probe", "gae_long", "sync_counts", "train_no_fsdp", "train_fsdp",
           "roofline", "bench_logprobs", "bench_linear_logprobs", "bench_linear_ppo_loss", "bench_rl_math",
-          "bench_sampler", "generate_compiled", "packed_forward", "gpu_iteration"]
+          "bench_sampler", "generate_compiled", "generate_static", "packed_forward", "gpu_iteration"]
 
 # Seconds each check may take on a GPU (the sum is above the budget: checks that run short leave time to the
 # rest, and those that no longer fit are skipped). Compiling the kernels dominates the first two entries.
 BOX_S = {"kernel_tests": 200, "fp32_gemm_probe": 30, "gae_long": 60, "sync_counts": 60, "train_no_fsdp": 60,
          "train_fsdp": 60, "roofline": 30, "bench_logprobs": 60, "bench_linear_logprobs": 75,
          "bench_linear_ppo_loss": 75, "bench_rl_math": 60, "bench_sampler": 45,
-         "generate_compiled": 120, "packed_forward": 45, "gpu_iteration": 300}
+         "generate_compiled": 120, "generate_static": 60, "packed_forward": 45, "gpu_iteration": 300}
 # Without CUDA every check runs at tiny sizes in seconds; the interpreter is slow enough to keep a box.
 CPU_BOX_S = 120
 # A check is started only with at least this much of the budget left (a worker's start-up included).

@@ -57,6 +57,8 @@ def add_arguments(p) -> None:
                         "verifiable reward (fastppo.rewards:math_answer), held-out accuracy before/after; tools: "
                         "SFT -> GRPO through a calculator tool (fastppo.envs:ToolEnv), accuracy and tool use "
                         "before/after")
+    p.add_argument("--engine", choices=["hf", "static"], default="hf",
+                   help="rollout.engine of the PPO / GRPO stage: hf (HF generate, default) or static (docs/rollout.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue a demo stopped in --output-dir, with the settings it started with (its task, seed, "
                         "sizes): finished stages are kept, an interrupted PPO/GRPO run resumes from its checkpoint")
@@ -82,6 +84,7 @@ def run(args) -> int:
         plan = plan_class(**settings) if settings else quick() if args.quick else plan_class()
         if not settings:
             plan.iterations = plan.iterations if args.iterations is None else args.iterations
+            plan.rollout_engine = args.engine
             replace_earlier_demo(out)
         with claim(out, field="--output-dir"):
             (out / DEMO_MARKER).write_text(json.dumps({"task": task, "seed": seed, **asdict(plan)}))
@@ -94,5 +97,6 @@ def run(args) -> int:
     else:
         plan = quick_plan() if args.quick else DemoPlan()
         plan.ppo_iterations = plan.ppo_iterations if args.iterations is None else args.iterations
+        plan.rollout_engine = args.engine
     run_demo(out, seed=seed, compare=compare, plan=plan, progress_bar=not args.no_progress, resume=args.resume)
     return 0

@@ -23,6 +23,8 @@ class TinyPlan:
     heads: int = 4
     sft_epochs: float = 2.0
     sft_lr: float = 3e-3
+    rollout_engine: str = "hf"
+    """rollout.engine of the PPO / GRPO stage (`fastppo demo --engine`)."""
 
 
 @dataclass
@@ -62,7 +64,7 @@ def grpo_overrides(policy: Path, prompts: Path, out_dir: Path, plan: GRPOPlan, s
             f"rollout.n_samples_per_prompt={plan.samples_per_prompt}", f"rollout.max_new_tokens={plan.max_new_tokens}",
             f"ppo.minibatch_size={plan.minibatch_size}", f"ppo.micro_batch_size={plan.minibatch_size}",
             # One right answer in a fixed format: a converged policy is nearly deterministic (docs/monitoring.md).
-            "health.entropy_floor=0.01",
+            "health.entropy_floor=0.01", f"rollout.engine={plan.rollout_engine}",
             *run_overrides(out_dir, seed, progress_bar), *(["run.resume=latest"] if resume else [])]
 
 

@@ -133,6 +133,7 @@ def ppo_overrides(preset: str, paths: dict, out: Path, plan: DemoPlan, seed: int
           f"run.iterations={iterations or plan.ppo_iterations}", "run.save_every=0", "run.keep_last=1",
           f"rollout.rollout_batch_size={plan.rollout_batch_size}", f"ppo.minibatch_size={plan.minibatch_size}",
           f"ppo.micro_batch_size={plan.micro_batch_size}", f"rollout.max_new_tokens={plan.max_new_tokens}",
+          f"rollout.engine={plan.rollout_engine}",
           *run_overrides(out / preset, seed, progress_bar), *(["run.resume=latest"] if resume else [])]
     if preset == "ppo_max":  # PPO-max's ptx loss on the SFT data (the other presets have ptx off)
         ov.append(f"data.ptx_path={paths['sft']}")
