@@ -38,7 +38,7 @@ from transformers import CompileConfig, GenerationConfig, LogitsProcessorList
 from .config import RolloutConfig
 from .data import PromptBatch
 from .kernels import Sample, sample
-from .kernels.sampler import _STEP_SALT, mix32
+from .kernels.sampler import mix32
 
 
 @dataclass
@@ -193,34 +193,6 @@ def draw(scores: torch.Tensor, cfg: RolloutConfig, *, seed: int, sample_ids: tor
     return Sample(drawn.tokens, lp, ent)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2^32 for x (int64) in [0, 2^32), in int64 without overflow (c split into 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-_MIX_A, _MIX_B = 0x7FEB352D, 0x5BD1E995                       # mix32's multipliers
-
-
-def unmix32(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of `mix32` on int64 tensors in [0, 2^32): each xorshift and odd multiplication undone."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, pow(_MIX_B, -1, 1 << 32))
-    x = x ^ (x >> 15) ^ (x >> 30)
-    x = _mul32(x, pow(_MIX_A, -1, 1 << 32))
-    return x ^ (x >> 16)
-
-
-def step_sample_ids(seed: int, sample_ids: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Sample ids whose noise at step 0 is the noise of `sample_ids` at `steps` (B,) int64, for one sampler
-    call over rows at different steps (continuous batching), no host sync.
-
-    The sampler's counter for a row is mix32(h ^ mix32(step + salt)) with h = mix32(mix32(id) ^ seed)
-    (`gumbel_noise`): the returned id has h' = h ^ mix32(step + salt) ^ mix32(salt), so that the counter at
-    step 0 is the one of (id, step). mix32 is a bijection on 32 bits, so the id exists and is unique.
-    """
-    h = mix32(mix32(sample_ids & _M32) ^ seed)
-    h = h ^ mix32((steps + _STEP_SALT) & _M32) ^ mix32(_STEP_SALT)
-    return unmix32(unmix32(h) ^ seed)
 
 
 def _with_token_back(logprob: torch.Tensor, entropy: torch.Tensor, z_chosen: torch.Tensor, z_back: torch.Tensor

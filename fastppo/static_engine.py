@@ -33,7 +33,7 @@ columns (and, for sliding-window layers, to the window).
 
 Different slots are at different response steps; the sampler takes one step
 per call, so each row's sample id is mapped to the id whose step-0 noise is
-its noise at its own step (`rollout.step_sample_ids`).
+its noise at its own step (`kernels.sampler.step_sample_ids`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import ConfigError, RolloutConfig
 from .data import PromptBatch
-from .rollout import Rollout, draw, float32_logits, response_mask_from_tokens, sampling_seed, step_sample_ids
+from .kernels.sampler import step_sample_ids
+from .rollout import Rollout, draw, float32_logits, response_mask_from_tokens, sampling_seed
 
 SERVED = ("llama", "qwen2", "mistral", "gpt2")
 """model_type of the policies the static engine serves (those its tests compare with HF generate)."""

@@ -47,8 +47,7 @@ def test_step_sample_ids_give_each_row_its_own_steps_noise():
     """One sampler call over rows at different steps: the id `step_sample_ids` gives a row has, at step 0, the
     noise of the row's own id at its own step (and mix32 is undone exactly)."""
     from fastppo.kernels import gumbel_noise
-    from fastppo.kernels.sampler import mix32
-    from fastppo.rollout import step_sample_ids, unmix32
+    from fastppo.kernels.sampler import mix32, step_sample_ids, unmix32
 
     x = torch.randint(0, 2**32, (4096,), dtype=torch.int64)
     assert torch.equal(unmix32(mix32(x)), x)

@@ -54,6 +54,7 @@ from ._math import LN2, LOG2E, fast_exp2, lse2_and_entropy, online_lse2_fold
 _M32 = 0xFFFFFFFF
 _TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
 _STEP_SALT = 0x632BE5AB
+_MIX_A, _MIX_B = 0x7FEB352D, 0x5BD1E995  # mix32's multipliers
 _NPROBE = 16          # thresholds probed per search pass
 _SEARCH_PASSES = 8    # 16^8 = 2^32: a 32-bit key range narrowed to one key
 _CHECKS = 4           # top-p alone: check passes before a row falls back to the search (_sample_final_kernel)
@@ -74,20 +75,47 @@ def mix32(x):
     if isinstance(x, torch.Tensor):
         return _mix32_(x.clone())
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
+    x = (x * _MIX_A) & _M32
     x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _M32
+    x = (x * _MIX_B) & _M32
     return x ^ (x >> 16)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for x (int64) in [0, 2^32), in int64 without overflow (c split into 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def unmix32(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `mix32` on int64 tensors in [0, 2^32): each xorshift and odd multiplication undone."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, pow(_MIX_B, -1, 1 << 32))
+    x = x ^ (x >> 15) ^ (x >> 30)
+    x = _mul32(x, pow(_MIX_A, -1, 1 << 32))
+    return x ^ (x >> 16)
+
+
+def step_sample_ids(seed: int, sample_ids: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Sample ids whose noise at step 0 is the noise of `sample_ids` at `steps` (B,) int64, for one sampler
+    call over rows at different steps (continuous batching), no host sync.
+
+    The sampler's counter for a row is mix32(h ^ mix32(step + salt)) with h = mix32(mix32(id) ^ seed)
+    (`gumbel_noise`): the returned id has h' = h ^ mix32(step + salt) ^ mix32(salt), so that the counter at
+    step 0 is the one of (id, step). mix32 is a bijection on 32 bits, so the id exists and is unique.
+    """
+    h = mix32(mix32(sample_ids & _M32) ^ seed)
+    h = h ^ mix32((steps + _STEP_SALT) & _M32) ^ mix32(_STEP_SALT)
+    return unmix32(unmix32(h) ^ seed)
 
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
     """`mix32` of an int64 tensor in place, with one scratch tensor (a (B, V) counter is 8 bytes an element)."""
     t = x >> 16
     x ^= t
-    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x.mul_(_MIX_A).bitwise_and_(_M32)
     torch.bitwise_right_shift(x, 15, out=t)
     x ^= t
-    x.mul_(0x5BD1E995).bitwise_and_(_M32)
+    x.mul_(_MIX_B).bitwise_and_(_M32)
     torch.bitwise_right_shift(x, 16, out=t)
     x ^= t
     return x
