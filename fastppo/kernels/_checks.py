@@ -20,9 +20,6 @@ def check_tensor(name: str, x, *, dtypes: Sequence[torch.dtype] | None = None, m
         raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).removeprefix('torch.')}")
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
-    if x.is_meta:
-        raise ValueError(f"{name} is on the meta device (a shape without data): materialise it first (for a model "
-                         f"built on the meta device: to_empty() then load its weights)")
 
 
 def check_number(name: str, value, *, integer: bool = False, allow_none: bool = False, finite: bool = False):

@@ -21,8 +21,11 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
-    """Return ``"triton"`` or ``"torch"`` for an op whose main input is ``x``."""
+def resolve_backend(backend: str | None, x: torch.Tensor, name: str) -> str:
+    """Return ``"triton"`` or ``"torch"`` for an op whose main input is ``x`` (the argument ``name``).
+
+    Meta tensors (shapes without data) go through the torch backend as through any PyTorch op, giving meta
+    results (the tests trace the GPU paths so); the Triton kernels need data."""
     if backend is None:
         env = os.environ.get("FASTPPO_BACKEND", "").strip().lower()
         if env in ("", "auto"):
@@ -32,6 +35,9 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
         backend = env
     if backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and x.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data), which backend='triton' cannot run: "
+                         f"materialise it first (a model built on the meta device: to_empty(), then load its weights)")
     if backend == "triton" and not x.is_cuda and not triton_interpreter_enabled():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before fastppo is "

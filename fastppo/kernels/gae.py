@@ -192,7 +192,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     check_shape("mask", mask, rewards.shape, "the shape of rewards")
     numbers = all(isinstance(v, (int, float)) for v in (gamma, lam))
     gamma, lam = (_cached_discounts if numbers else _discounts)(gamma, lam)
-    backend = resolve_backend(backend, rewards)
+    backend = resolve_backend(backend, rewards, "rewards")
     if rewards.numel() == 0:                   # no token: empty outputs, on either backend
         out = torch.zeros((2, *rewards.shape), dtype=torch.float32, device=rewards.device)
         return AdvantagesAndReturns(out[0], out[1])

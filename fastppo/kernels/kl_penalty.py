@@ -203,7 +203,7 @@ def kl_penalty(
     check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "the shape of logprobs")
     hashable = isinstance(estimator, str) and (clamp is None or isinstance(clamp, (int, float)))
     estimator, clamp = (_cached_settings if hashable else _settings)(estimator, clamp)
-    backend = resolve_backend(backend, logprobs)
+    backend = resolve_backend(backend, logprobs, "logprobs")
     lp2d, ref2d = rows_unit_stride(logprobs), rows_unit_stride(ref_logprobs)
     if torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad):
         out = _KLPenalty.apply(lp2d, ref2d, estimator, clamp, backend)

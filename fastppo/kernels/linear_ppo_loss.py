@@ -618,7 +618,7 @@ def linear_ppo_loss(
     if norm is not None and not isinstance(norm, torch.Tensor):
         norm = torch.full((), norm, device=hidden.device)
     check_chunk_size(chunk_size)
-    backend = resolve_backend(backend, hidden)
+    backend = resolve_backend(backend, hidden, "hidden")
 
     grad_on = torch.is_grad_enabled()
     need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad

@@ -386,7 +386,7 @@ def linear_token_logprobs(
     temperature = check_positive("temperature", temperature)
     check_ignore_index(ignore_index)
     check_chunk_size(chunk_size)
-    backend = resolve_backend(backend, hidden)
+    backend = resolve_backend(backend, hidden, "hidden")
     check_labels_in_range(labels, vocab, ignore_index)
 
     hidden2d = as_rows(hidden, hidden.shape[-1])
@@ -524,7 +524,7 @@ def linear_logprob_loss(
     norm = check_normalizer(normalizer, "hidden", hidden)
     if norm is not None and not isinstance(norm, torch.Tensor):
         norm = torch.full((), norm, device=hidden.device)
-    backend = resolve_backend(backend, hidden)
+    backend = resolve_backend(backend, hidden, "hidden")
     check_labels_in_range(labels, vocab, ignore_index)
     grad_on = torch.is_grad_enabled()
     need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad

@@ -531,7 +531,7 @@ def ppo_loss(
     dual_clip = check_dual_clip(dual_clip)
     sequence, cispo = check_policy_loss_kind(ratio_level, policy_loss, dual_clip)
     norm = check_normalizer(normalizer, "logprobs", logprobs)
-    backend = resolve_backend(backend, logprobs)
+    backend = resolve_backend(backend, logprobs, "logprobs")
 
     rows = [rows_unit_stride(x) for x in (*tensors, mask)]
     weight = None if policy_weight is None else rows_unit_stride(policy_weight.detach())

@@ -636,7 +636,7 @@ def sample(
     if not 1 <= width <= _MAX_VOCAB:
         raise ValueError(f"logits must have a last (vocabulary) dimension in [1, 2^24], got {width}")
     vocab = check_vocab_size(vocab_size, width, "the last dimension of logits")
-    backend = resolve_backend(backend, logits)
+    backend = resolve_backend(backend, logits, "logits")
 
     logits2d = as_rows(logits.detach(), width)
     ids1d = sample_ids.reshape(-1)

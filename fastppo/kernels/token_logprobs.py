@@ -296,7 +296,7 @@ def token_logprobs(
     if width == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
     vocab = check_vocab_size(vocab_size, width, "the last dimension of logits")
-    backend = resolve_backend(backend, logits)
+    backend = resolve_backend(backend, logits, "logits")
     check_labels_in_range(labels, vocab, ignore_index)
 
     logits2d = as_rows(logits, width)

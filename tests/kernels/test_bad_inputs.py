@@ -1,7 +1,8 @@
 """Inputs a user gets wrong across the fused ops: the error names the argument, whichever backend runs.
 
 Meta tensors (a model built on the meta device whose weights were never loaded) have a shape and no data: the
-Triton backend failed deep in the launcher and the torch backend returned meta results. NumPy scalars
+Triton backend failed deep in the launcher ("Cannot copy out of meta tensor"); now it names the argument, while
+the torch backend propagates shapes as every PyTorch op does (the GPU-path tests trace with it). NumPy scalars
 (a value read from a NumPy array or a config computed with NumPy) are numbers like Python's; a non-finite
 temperature makes every probability NaN.
 """
@@ -27,34 +28,50 @@ def _inputs(gen):
     )
 
 
-def _calls(x, backend):
-    """(argument made meta, call) for every op; `m` turns the named argument into a meta tensor."""
-    lp, mask = x["lp"], x["mask"]
-    n = x["flat_labels"].numel()
+def _calls(backend):
+    """op -> (its main argument, a call of the op on the inputs `x` of `_inputs`)."""
+    def n(x):
+        return x["flat_labels"].numel()
     return {
-        "token_logprobs": ("logits", lambda m: token_logprobs(m(x["logits"]), x["labels"], backend=backend)),
-        "kl_penalty": ("logprobs", lambda m: kl_penalty(m(lp), lp, backend=backend)),
-        "gae": ("rewards", lambda m: gae(m(lp), lp, mask, backend=backend)),
-        "ppo_loss": ("logprobs", lambda m: ppo_loss(m(lp), lp, lp, lp, lp, lp, mask, backend=backend)),
-        "linear_token_logprobs": ("hidden", lambda m: linear_token_logprobs(m(x["hidden"]), x["weight"],
-                                                                           x["flat_labels"], backend=backend)),
-        "linear_ppo_loss": ("hidden", lambda m: linear_ppo_loss(m(x["hidden"]), x["weight"], x["flat_labels"],
-                                                                lp.reshape(n), lp.reshape(n), mask.reshape(n),
-                                                                backend=backend)),
-        "sample": ("logits", lambda m: sample(m(x["logits"][:, 0]), seed=0, sample_ids=x["ids"], step=0,
+        "token_logprobs": ("logits", lambda x: token_logprobs(x["logits"], x["labels"], backend=backend)),
+        "kl_penalty": ("logprobs", lambda x: kl_penalty(x["lp"], x["lp"], backend=backend)),
+        "gae": ("rewards", lambda x: gae(x["lp"], x["lp"], x["mask"], backend=backend)),
+        "ppo_loss": ("logprobs", lambda x: ppo_loss(*[x["lp"]] * 6, x["mask"], backend=backend)),
+        "linear_token_logprobs": ("hidden", lambda x: linear_token_logprobs(x["hidden"], x["weight"], x["flat_labels"],
+                                                                           backend=backend)),
+        "linear_ppo_loss": ("hidden", lambda x: linear_ppo_loss(x["hidden"], x["weight"], x["flat_labels"],
+                                                                x["lp"].reshape(n(x)), x["lp"].reshape(n(x)),
+                                                                x["mask"].reshape(n(x)), backend=backend)),
+        "sample": ("logits", lambda x: sample(x["logits"][:, 0], seed=0, sample_ids=x["ids"], step=0,
                                               backend=backend)),
     }
 
 
+def _on_meta(x: dict) -> dict:
+    return {k: v.to("meta") for k, v in x.items()}
+
+
+OPS = ["token_logprobs", "kl_penalty", "gae", "ppo_loss", "linear_token_logprobs", "linear_ppo_loss", "sample"]
+
+
 @pytest.mark.cpu_only("meta tensors are built on the CPU here; the check does not depend on the device")
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ["token_logprobs", "kl_penalty", "gae", "ppo_loss", "linear_token_logprobs",
-                                "linear_ppo_loss", "sample"])
-def test_a_meta_tensor_is_named(op, backend):
-    arg, call = _calls(_inputs(torch.Generator().manual_seed(0)), backend)[op]
-    with pytest.raises(ValueError, match=rf"^{arg} is on the meta device"):
-        call(lambda t: t.to("meta"))
-    call(lambda t: t)                                   # the same call with data runs
+@pytest.mark.parametrize("op", OPS)
+def test_a_meta_tensor_is_named_by_the_triton_backend(op):
+    x = _inputs(torch.Generator().manual_seed(0))
+    arg, call = _calls("triton")[op]
+    with pytest.raises(ValueError, match=rf"^{arg} is on the meta device .* backend='triton' cannot run"):
+        call(_on_meta(x))
+    call(x)                                             # the same call with data runs
+
+
+@pytest.mark.cpu_only("meta tensors are built on the CPU here")
+@pytest.mark.parametrize("op", OPS)
+def test_the_torch_backend_propagates_meta_shapes_like_any_pytorch_op(op):
+    x = _inputs(torch.Generator().manual_seed(0))
+    _, call = _calls("torch")[op]
+    meta, real = call(_on_meta(x)), call(x)
+    for m, r in zip(meta if isinstance(meta, tuple) else (meta,), real if isinstance(real, tuple) else (real,)):
+        assert m.is_meta and m.shape == r.shape and m.dtype == r.dtype
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
