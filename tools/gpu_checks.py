@@ -557,15 +557,9 @@ def check_train(ctx: Context, shard: str) -> Result:
     return res
 
 
-def check_generate_compiled(ctx: Context) -> Result:
-    """rollout.compile: the static-cache compiled decode step against eager generation on the tiny policy: the
-    same tokens for the same seed, and generated tokens per second of each (after a warm-up call that compiles).
-    On CPU the compiled path is not timed (inductor needs minutes there; tests/test_rollout.py checks its
-    tokens with dynamo's eager backend)."""
-    from fastppo.config import RolloutConfig
-    from fastppo.data import collate_prompts, load_prompts
+def tiny_policy(ctx: Context):
+    """(models folder, device, tokenizer, the tiny policy in eval mode: bf16 on CUDA, float32 on CPU)."""
     from fastppo.models import ensure_pad_token, load_tokenizer
-    from fastppo.rollout import generate
     from transformers import AutoModelForCausalLM
 
     root = tiny_models(ctx)
@@ -573,7 +567,19 @@ def check_generate_compiled(ctx: Context) -> Result:
     tok = load_tokenizer(str(root / "policy"))
     ensure_pad_token(tok)
     policy = AutoModelForCausalLM.from_pretrained(root / "policy", dtype=torch.bfloat16 if not ctx.cpu else None)
-    policy = policy.to(device).eval()
+    return root, device, tok, policy.to(device).eval()
+
+
+def check_generate_compiled(ctx: Context) -> Result:
+    """rollout.compile: the static-cache compiled decode step against eager generation on the tiny policy: the
+    same tokens for the same seed, and generated tokens per second of each (after a warm-up call that compiles).
+    On CPU the compiled path is not timed (inductor needs minutes there; tests/test_rollout.py checks its
+    tokens with dynamo's eager backend)."""
+    from fastppo.config import RolloutConfig
+    from fastppo.data import collate_prompts, load_prompts
+    from fastppo.rollout import generate
+
+    root, device, tok, policy = tiny_policy(ctx)
     batch_size = 4 if ctx.cpu else 64
     prompts = load_prompts(root / "prompts.jsonl", tok, field="prompt", prompt_format="plain", max_len=16)
     batch = collate_prompts(prompts[:batch_size], tok.pad_token_id)
@@ -607,17 +613,10 @@ def check_generate_static(ctx: Context) -> Result:
     its CUDA graph, and generated tokens per second of each (after a warm-up call)."""
     from fastppo.config import RolloutConfig
     from fastppo.data import PromptBatch, collate_prompts, load_prompts
-    from fastppo.models import ensure_pad_token, load_tokenizer
     from fastppo.rollout import generate
     from fastppo.static_engine import generate_static
-    from transformers import AutoModelForCausalLM
 
-    root = tiny_models(ctx)
-    device = torch.device("cpu" if ctx.cpu else "cuda")
-    tok = load_tokenizer(str(root / "policy"))
-    ensure_pad_token(tok)
-    policy = AutoModelForCausalLM.from_pretrained(root / "policy", dtype=torch.bfloat16 if not ctx.cpu else None)
-    policy = policy.to(device).eval()
+    root, device, tok, policy = tiny_policy(ctx)
     n, G = (4, 2) if ctx.cpu else (64, 4)
     prompts = load_prompts(root / "prompts.jsonl", tok, field="prompt", prompt_format="plain", max_len=16)
     batch = collate_prompts(prompts[:n], tok.pad_token_id)

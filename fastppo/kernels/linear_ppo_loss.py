@@ -68,8 +68,8 @@ from . import torch_backend
 from .kl_penalty import ESTIMATORS
 from .linear_token_logprobs import chunk_plan
 from .lm_head import (
-    accumulate_grads, chunk_logits, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
-    weight_operand,
+    accumulate_grads, chunk_buffers, chunk_logits, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over,
+    held_grad_dtype,
 )
 from .token_logprobs import row_block_size
 
@@ -234,13 +234,7 @@ def _forward(hidden2d, weight, index, valid, labels, token_inputs, norm, params:
         return tok, dhidden, dw_acc
     temperature = params.temperature
     grad_norm = norm if grad_scale is None else norm / grad_scale          # read by the gradients only
-    w = weight_operand(weight, plan)
-    h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
-    dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dh else None
-    logits = empty_output((plan.chunk, vocab), torch.float32, device)
-    # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
-    dlogits = logits if plan.operand_dtype == torch.float32 or not with_grad else empty_output(
-        (plan.chunk, vocab), plan.operand_dtype, device)
+    w, h_buf, dh_buf, logits, dlogits = chunk_buffers(weight, plan, size_h, vocab, need_dh, with_grad, device)
     for start, n in chunk_ranges(n_tok, plan.chunk):
         rows = slice(start, start + n)
         valid_rows = None

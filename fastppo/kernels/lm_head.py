@@ -167,6 +167,18 @@ def hand_over(grad: torch.Tensor | None, upstream: torch.Tensor, dtype: torch.dt
 Coefficients = Callable[[slice, torch.Tensor, torch.Tensor], tuple]
 
 
+def chunk_buffers(weight: torch.Tensor, plan: ChunkPlan, size_h: int, vocab: int, need_dh: bool, with_grad: bool,
+                  device: torch.device):
+    """A chunk loop's operands and buffers: (weight operand, hidden rows, float32 dhidden rows, float32 logits,
+    dlogits). The dlogits overwrite the float32 logits in place unless the GEMMs take half operands."""
+    h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
+    dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dh else None
+    logits = empty_output((plan.chunk, vocab), torch.float32, device)
+    dlogits = logits if plan.operand_dtype == torch.float32 or not with_grad else empty_output(
+        (plan.chunk, vocab), plan.operand_dtype, device)
+    return weight_operand(weight, plan), h_buf, dh_buf, logits, dlogits
+
+
 def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend: str, temperature: float,
                        vocab_size: int, groups: list[tuple[int, int]], coefficients: Coefficients, need_dh: bool,
                        need_dw: bool, grad_scale: torch.Tensor | None = None):
@@ -195,12 +207,7 @@ def fused_grad_forward(hidden2d, weight, index, labels, plan: ChunkPlan, backend
     dw_acc = torch.zeros(vocab, size_h, dtype=torch.float32, device=device) if need_dw else None
     if n_tok == 0:
         return lp_ent, dhidden, dw_acc
-    w = weight_operand(weight, plan)
-    h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
-    dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dh else None
-    logits = empty_output((plan.chunk, vocab), torch.float32, device)
-    dlogits = logits if plan.operand_dtype == torch.float32 or not with_grad else empty_output(
-        (plan.chunk, vocab), plan.operand_dtype, device)
+    w, h_buf, dh_buf, logits, dlogits = chunk_buffers(weight, plan, size_h, vocab, need_dh, with_grad, device)
     aux = torch.empty(2, n_tok, dtype=torch.float32, device=device)    # triton: lse; torch: s, t
 
     def logits_of(start, n):
