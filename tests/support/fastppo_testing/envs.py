@@ -102,3 +102,12 @@ def slow_tool(seconds: float) -> str:
 
 def failing_tool(x: int) -> int:
     raise ZeroDivisionError("no")
+
+
+class LongerIsBetter(Countdown):
+    """Countdown whose last step also pays 0.01 per character of the answer: rewards that differ between the samples
+    of a group, so the critic-free estimators have a signal."""
+
+    def step(self, response: str):
+        observation, reward, done = super().step(response)
+        return observation, reward + (0.01 * len(response) if done else 0.0), done
