@@ -26,22 +26,23 @@ def resolve_backend(backend: str | None, x: torch.Tensor, name: str) -> str:
 
     Meta tensors (shapes without data) go through the torch backend as through any PyTorch op, giving meta
     results (the tests trace the GPU paths so); the Triton kernels need data."""
+    source = "backend='triton'"
     if backend is None:
         env = os.environ.get("FASTPPO_BACKEND", "").strip().lower()
         if env in ("", "auto"):
             return "triton" if x.is_cuda else "torch"
         if env not in BACKENDS:
             raise ValueError(f"FASTPPO_BACKEND must be one of {BACKENDS} or 'auto', got {env!r}")
-        backend = env
+        backend, source = env, "FASTPPO_BACKEND=triton"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     if backend == "triton" and x.is_meta:
-        raise ValueError(f"{name} is on the meta device (a shape without data), which backend='triton' cannot run: "
+        raise ValueError(f"{name} is on the meta device (a shape without data), which {source} cannot run: "
                          f"materialise it first (a model built on the meta device: to_empty(), then load its weights)")
     if backend == "triton" and not x.is_cuda and not triton_interpreter_enabled():
         raise ValueError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before fastppo is "
-            f"imported, to run the kernels on CPU); got a tensor on {x.device}"
+            f"{source} needs CUDA tensors (or TRITON_INTERPRET=1 set before fastppo is imported, to run the "
+            f"kernels on CPU); got {name} on {x.device}"
         )
     return backend
 

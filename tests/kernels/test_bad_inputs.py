@@ -109,3 +109,14 @@ def test_the_sampler_takes_numpy_scalars(backend):
     torch.testing.assert_close(tuple(got), tuple(want), rtol=0, atol=0)
     with pytest.raises(TypeError, match="^top_k must be an integer"):
         sample(logits, seed=5, sample_ids=ids, step=2, top_k=4.0, backend=backend)
+
+
+@pytest.mark.cpu_only("the Triton backend without CUDA and without the interpreter")
+def test_fastppo_backend_triton_without_cuda_names_the_variable(monkeypatch):
+    x = _inputs(torch.Generator().manual_seed(4))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTPPO_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"^FASTPPO_BACKEND=triton needs CUDA tensors .* got logits on cpu"):
+        token_logprobs(x["logits"], x["labels"])
+    with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors .* got logits on cpu"):
+        token_logprobs(x["logits"], x["labels"], backend="triton")
