@@ -175,7 +175,8 @@ def test_kernel_test_counts_are_pytests_own(tmp_path, monkeypatch):
         "@pytest.mark.skip\ndef test_d(): pass\n"
         "def test_slow(): time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-u", "-m", "pytest", "--verbosity=1", "-p", "no:cacheprovider", "-ra",
-                             "test_probe.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "test_probe.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=checks.interruptible)      # as the check starts it
     seen = b""
     while b"test_probe.py::test_slow" not in seen:                 # -v names a test before it runs
         chunk = os.read(proc.stdout.fileno(), 4096)

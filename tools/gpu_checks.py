@@ -124,6 +124,12 @@ def pytest_counts(text: str) -> dict[str, int] | None:
     return counts
 
 
+def interruptible() -> None:
+    """A child's SIGINT back at its default: a process started in the background (`make gpu-check &`, nohup)
+    inherits SIGINT ignored, and a Python child then never installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def check_kernel_tests(ctx: Context) -> Result:
     """pytest in a subprocess; the counts are those of pytest's own summary line. Past its time box pytest gets a
     SIGINT, on which it stops and still prints that summary (the counts of the tests it ran)."""
@@ -135,7 +141,8 @@ def check_kernel_tests(ctx: Context) -> Result:
     res = Result()
     t0 = time.monotonic()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=interruptible)
         while proc.poll() is None and time.monotonic() - t0 < ctx.kernel_tests_timeout:
             time.sleep(1)
             if int(time.monotonic() - t0) % 15 == 0:                  # progress only: the -v lines so far
