@@ -2,13 +2,13 @@
 
 Every public trainer runs GAE as a Python loop over reversed(range(T)), 5–13
 small kernels per step: T·(5..13) launches, each reading and writing a (B,)
-column. The fused kernel reads rewards, values and the mask once (plus one
-shifted re-read of values and mask that hits the cache) and writes advantages
-and returns once: about 4 + 4 + 1 + 8 = 17 bytes per token in fp32, in one
-launch. Each program owns one row and walks it from the end in blocks of
+column. The fused kernel reads rewards, values and the mask once and writes
+advantages and returns once: 4 + 4 + 1 + 8 = 17 bytes per token in fp32, in one
+launch. Each program owns BLOCK_M rows and walks them from the end in blocks of
 BLOCK_T tokens, each block loaded in reverse (lane j holds token T−1−j of the
 row's tail), so the backward recursion is a forward associative scan of affine
-maps x ↦ a·x + b, in fp32. Compiled Triton has had open bugs in reverse scans
+maps x ↦ a·x + b, in fp32: one scan per block for λ ≥ 1/2 (the λ-return form,
+see the kernel), two below. Compiled Triton has had open bugs in reverse scans
 (the scan's reverse flag) with such non-commutative combine functions; the forward
 scan is the well-trodden path.
 """
@@ -44,92 +44,128 @@ def _gae_scan_combine(a_acc, b_acc, a_cur, b_cur):
 
 
 @triton.jit
+def _gae_max_combine(x, y):
+    """The larger of two lane numbers: the forward max-scan in _gae_fwd_kernel (compiled inside it)."""
+    return tl.maximum(x, y)
+
+
+@triton.jit
 def _gae_fwd_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
-    n_cols, stride_rm, stride_vm, stride_mm, stride_om, gamma, lam,
-    BLOCK_T: tl.constexpr,
+    n_rows, n_cols, stride_rm, stride_vm, stride_mm, stride_om, gamma, lam,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, ONE_SCAN: tl.constexpr,
 ):
-    """One program per row, blocks from the last to the first, each read in reverse.
+    """BLOCK_M rows per program, each walked from its end in blocks of BLOCK_T tokens read in reverse.
 
     Lane j of block i holds token t = T − 1 − i·BLOCK_T − j, so the backward
     (suffix) recursions of GAE are forward scans over the lanes: a plain
-    forward tl.associative_scan, no reverse scan. Two scans per block, each
-    carried across blocks by one scalar:
-      1. next_value_t = V of the first valid token after t (0 after the last):
-         x_t = (1 − m_(t+1))·x_(t+1) + m_(t+1)·V_(t+1), read through a load
-         shifted by one token (lane j − 1's token); lane 0 takes the carry.
-      2. A_t = δ_t + γλ·A_(next valid) on valid tokens, A_t = A_(t+1) across
-         holes: x_t = a_t·x_(t+1) + b_t with (a, b) = (γλ, δ_t) or (1, 0).
+    forward tl.associative_scan along axis 1, no reverse scan, each carried
+    across blocks by one value per row. With t' the next valid token after t:
+
+    ONE_SCAN (λ ≥ 1/2): the λ-return form. Z_t = λ·A_t + V_t obeys one recursion,
+        Z_t = λ·(r_t + γ·V_t' − V_t + γλ·A_t') + V_t = λ·r_t + (1 − λ)·V_t + γλ·Z_t'
+    (Z after the last valid token is 0): one scan of x ↦ a·x + b with (a, b) =
+    (γλ, λ·r_t + (1 − λ)·V_t) on valid tokens and (1, 0) across holes, then
+    A_t = (Z_t − V_t)·(1/λ), which scales the scan's rounding by 1/λ ≤ 2.
+    Otherwise two scans: next_value_t = V_t' (a max-scan finds the lane of the nearest valid token to the
+    right, whose V is then loaded; lane 0 takes the carry), then A_t = δ_t + γλ·A_t' with (a, b) = (γλ, δ_t)
+    or (1, 0).
+
     Invalid tokens read as 0 (whatever they hold, NaN included) and get 0.
-    Loads and stores walk addresses downwards, so they are not vectorised:
-    the op moves ~17 bytes per token and is bound by its one launch.
+    Loads and stores walk addresses downwards, so they are not vectorised.
     """
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)
     g = tl.cast(gamma, tl.float32)
-    gl = g * tl.cast(lam, tl.float32)
-    r_row = rewards_ptr + row * stride_rm
-    v_row = values_ptr + row * stride_vm
-    m_row = mask_ptr + row * stride_mm
-    o_row = row * stride_om
-    lanes = tl.arange(0, BLOCK_T)
+    lam32 = tl.cast(lam, tl.float32)
+    gl = g * lam32
+    if ONE_SCAN:
+        inv_lam = 1.0 / lam32
+    r_row = (rewards_ptr + rows * stride_rm)[:, None]
+    v_row = (values_ptr + rows * stride_vm)[:, None]
+    m_row = (mask_ptr + rows * stride_mm)[:, None]
+    o_row = (rows * stride_om)[:, None]
+    lanes = tl.arange(0, BLOCK_T)[None, :]
     is_first_lane = lanes == 0
     is_last_lane = lanes == BLOCK_T - 1
-    next_value = tl.cast(0.0, tl.float32)      # V of the first valid token at or after the block's end
-    next_adv = tl.cast(0.0, tl.float32)        # A of that token (0 past the episode)
+    carry = tl.zeros((BLOCK_M,), tl.float32)        # Z (or A) of the first valid token at or after the block's end
+    next_value = tl.zeros((BLOCK_M,), tl.float32)   # two scans: V of that token
     n_blocks = tl.cdiv(n_cols, BLOCK_T)
     for i in range(0, n_blocks):
-        t = (n_cols - 1 - i * BLOCK_T) - lanes  # descending: lane 0 is the block's last token
-        in_row = t >= 0
+        t = (n_cols - 1 - i * BLOCK_T) - lanes      # descending: lane 0 is the block's last token
+        in_row = row_ok[:, None] & (t >= 0)
         valid = tl.load(m_row + t, mask=in_row, other=0) != 0
         v = tl.where(valid, tl.load(v_row + t, mask=in_row, other=0.0).to(tl.float32), 0.0)
         r = tl.where(valid, tl.load(r_row + t, mask=in_row, other=0.0).to(tl.float32), 0.0)
-        # 1. value of the next valid token (token t + 1 is lane j − 1, or the carry for lane 0)
-        shifted = in_row & (lanes > 0)
-        valid_1 = tl.load(m_row + t + 1, mask=shifted, other=0) != 0
-        v_1 = tl.where(valid_1, tl.load(v_row + t + 1, mask=shifted, other=0.0).to(tl.float32), 0.0)
-        a = tl.where(valid_1 | is_first_lane, 0.0, 1.0)
-        b = tl.where(is_first_lane, next_value, v_1)
-        _, v_next = tl.associative_scan((a, b), 0, _gae_scan_combine)
-        # 2. advantages, carried in from the block to the right
-        delta = r + g * v_next - v
         a = tl.where(valid, gl, 1.0)
-        b = tl.where(valid, delta, 0.0)
-        a_cum, b_cum = tl.associative_scan((a, b), 0, _gae_scan_combine)
-        adv = b_cum + a_cum * next_adv
+        if ONE_SCAN:
+            b = tl.where(valid, lam32 * r + (1.0 - lam32) * v, 0.0)
+            a_cum, b_cum = tl.associative_scan((a, b), 1, _gae_scan_combine)
+            z = b_cum + a_cum * carry[:, None]
+            adv = (z - v) * inv_lam
+            carry = tl.sum(tl.where(is_last_lane, z, 0.0), axis=1)
+        else:
+            # 1. value of the next valid token (token t + 1 is lane j − 1, or the carry for lane 0)
+            #    = V at the last lane before j whose token is valid: a max-scan of those lanes' numbers,
+            #    then one (cached) load of V there
+            valid_1 = tl.load(m_row + t + 1, mask=in_row & (lanes > 0), other=0) != 0
+            last = tl.associative_scan(tl.where(valid_1, lanes - 1, -1), 1, _gae_max_combine)
+            found = last >= 0
+            v_next = tl.load(v_row + t + (lanes - last), mask=in_row & found, other=0.0).to(tl.float32)
+            v_next = tl.where(found, v_next, next_value[:, None])
+            # 2. advantages, carried in from the block to the right
+            b = tl.where(valid, r + g * v_next - v, 0.0)
+            a_cum, b_cum = tl.associative_scan((a, b), 1, _gae_scan_combine)
+            adv = b_cum + a_cum * carry[:, None]
+            # carries for the block to the left: the state at this block's first token (the last lane; only
+            # the row's first block can have lanes past t = 0, and nothing follows it)
+            carry = tl.sum(tl.where(is_last_lane, adv, 0.0), axis=1)
+            next_value = tl.sum(tl.where(is_last_lane, tl.where(valid, v, v_next), 0.0), axis=1)
         tl.store(adv_ptr + o_row + t, tl.where(valid, adv, 0.0), mask=in_row)
         tl.store(ret_ptr + o_row + t, tl.where(valid, adv + v, 0.0), mask=in_row)
-        # carries for the block to the left: the state at this block's first token (the last lane;
-        # only the row's first block can have lanes past t = 0, and nothing follows it)
-        next_adv = tl.sum(tl.where(is_last_lane, adv, 0.0), axis=0)
-        next_value = tl.sum(tl.where(is_last_lane, tl.where(valid, v, v_next), 0.0), axis=0)
 
 
 # ----------------------------------------------------------------------------
 # 2. Launchers: check, allocate, launch
 # ----------------------------------------------------------------------------
 
-def _block_t(n_cols: int) -> int:
+ONE_SCAN_MIN_LAM = 0.5
+"""From this λ up the kernel scans once (the λ-return form), its rounding scaled by at most 1/λ = 2."""
+
+
+def _blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_T): a row's tokens in blocks of up to 1024, shorter rows stacked up to 512 elements a
+    program (4 warps: 4 to 8 tokens a thread, so the scan's in-thread part carries most of it; sm_90 SASS,
+    one scan: ~92 instructions per bf16 token at 1024 against ~116 at 2048 with 8 warps, bench/sass_counts.py)."""
     # The interpreter runs a scan's combine function once per element in Python
-    # (~0.2 ms each), so padding lanes cost more than loop trips there: 64-token
-    # blocks (T=257, B=5: 0.65 s against 0.94 s for one 512-token block).
-    cap = 64 if triton_interpreter_enabled() else 2048
-    return min(triton.next_power_of_2(max(n_cols, 1)), cap)
+    # (~0.2 ms each), so padding lanes cost more than loop trips there: 64-element
+    # programs (T=257, B=5: 0.65 s against 0.94 s for one 512-token block).
+    per_program = 64 if triton_interpreter_enabled() else 1024
+    block_t = min(triton.next_power_of_2(max(n_cols, 1)), per_program)
+    if block_t < per_program:          # several rows: 512 elements (at 1024, ptxas spills [8, 128] on sm_80)
+        per_program //= 2
+    block_m = min(triton.next_power_of_2(max(n_rows, 1)), max(1, per_program // block_t))
+    return block_m, block_t
 
 
-def _gae_triton(rewards2d, values2d, mask2d, gamma, lam, *, block_t: int | None = None):
+def _gae_triton(rewards2d, values2d, mask2d, gamma, lam, *, block_t: int | None = None, block_m: int | None = None):
     """rewards, values, mask (N, T) with unit stride along T -> (advantages, returns) (N, T) float32."""
     n_rows, n_cols = rewards2d.shape
     out = empty_output((2, n_rows, n_cols), torch.float32, rewards2d.device)
     if n_rows * n_cols == 0:
         return out[0], out[1]
-    block_t = block_t or _block_t(n_cols)
+    auto_m, auto_t = _blocks(n_rows, n_cols)
+    block_t = block_t or auto_t
+    block_m = block_m or (auto_m if block_t == auto_t else 1)
     mask2d = loadable_mask(mask2d)
     with on_device_of(rewards2d):
-        _gae_fwd_kernel[(n_rows,)](
+        _gae_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
             rewards2d, values2d, mask2d, out[0], out[1],
-            n_cols, rewards2d.stride(0), values2d.stride(0), mask2d.stride(0), out.stride(1),
+            n_rows, n_cols, rewards2d.stride(0), values2d.stride(0), mask2d.stride(0), out.stride(1),
             float(gamma), float(lam),
-            BLOCK_T=block_t, num_warps=8 if block_t >= 2048 else 4,
+            BLOCK_M=block_m, BLOCK_T=block_t, ONE_SCAN=lam >= ONE_SCAN_MIN_LAM,
+            num_warps=8 if block_m * block_t >= 2048 else 4,     # 8: forced blocks of 2048 and more
         )
     return out[0], out[1]
 

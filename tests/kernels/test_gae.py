@@ -12,7 +12,7 @@ import torch
 
 from fastppo import algo
 from fastppo.kernels import gae, torch_backend
-from fastppo.kernels.gae import _gae_triton
+from fastppo.kernels.gae import ONE_SCAN_MIN_LAM, _gae_triton
 
 BACKENDS = ["torch", "triton"]
 
@@ -110,15 +110,18 @@ def test_edge_discounts(backend, gamma, lam):
     torch.testing.assert_close(ret.double(), want_ret, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lam", [0.95, 0.3], ids=["one_scan", "two_scans"])
 @pytest.mark.parametrize("pattern", ["right", "holes"])
-def test_kernel_carries_across_blocks(pattern):
-    """Rows longer than one block: the value and advantage carried from block to block."""
-    rewards, values = torch.randn(3, 100), torch.randn(3, 100)
-    mask = make_mask(3, 100, pattern)
+def test_kernel_carries_across_blocks(pattern, lam):
+    """Rows longer than one block: the values carried from block to block, with one row or several rows a
+    program (5 rows in programs of 4: the last program's rows past the batch are masked)."""
+    assert (lam >= ONE_SCAN_MIN_LAM) == (lam == 0.95)
+    rewards, values = torch.randn(5, 100), torch.randn(5, 100)
+    mask = make_mask(5, 100, pattern)
     mask[0, 48:72] = False                                       # a hole across block edges
-    want_adv, want_ret = oracle(rewards, values, mask, 0.99, 0.95)
-    for block_t in (8, 16):
-        adv, ret = _gae_triton(rewards, values, mask, 0.99, 0.95, block_t=block_t)
+    want_adv, want_ret = oracle(rewards, values, mask, 0.99, lam)
+    for block_t, block_m in ((8, 1), (16, 1), (16, 4)):
+        adv, ret = _gae_triton(rewards, values, mask, 0.99, lam, block_t=block_t, block_m=block_m)
         torch.testing.assert_close(adv.double(), want_adv, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(ret.double(), want_ret, atol=2e-5, rtol=1e-5)
 
@@ -155,7 +158,9 @@ def test_kernel_forced_block_sizes(block_t, length, patterns):
     so a term carries a relative error ≤ 2u per level (u = 2^-24) and the sum ≤ 2u·(d + 2)·Σ_k (γλ)^k·|δ_k|
     ≤ 2u·(d + 2)·max|δ| / (1 − γλ) (the +2: δ's own rounding and the carry into the block). Carries from
     the blocks to the right are multiplied by (γλ)^k ≤ 1, so their errors do not grow. Returns add V:
-    one more rounding. Twice that bound is allowed, on top of twice the float32 loop's own error.
+    one more rounding. At λ ≥ 1/2 the kernel scans Z = λ·A + V instead, whose terms λ·r + (1 − λ)·V are
+    bounded by the same max|δ|, and A = (Z − V)/λ scales that error by 1/λ (≈ 1.05 here) plus two roundings
+    of A: within the factor of 2. Twice that bound is allowed, on top of twice the float32 loop's own error.
     """
     gamma, lam = 0.99, 0.95
     rows = len(patterns)                       # few rows: the interpreter runs a scan element by element
