@@ -11,7 +11,8 @@ through its logits hook), so all engines generate the same tokens and differ onl
 - temperature 0.8, top_p 0.9 (the ppo_max default).
 
 Model: a Qwen2-1.5B-shaped policy with random weights in bfloat16 on GPU; on CPU the tiny Llama of
-bench/trainer.py (hidden 256, 4 layers, vocabulary 32000) in float32, with B in {8, 32} on CPU (--quick: 8).
+bench/trainer.py (hidden 256, 4 layers, vocabulary 32000) in float32, with B in {8, 32} on CPU (--quick: 8;
+--batches picks others).
 
 Reported per engine and shape: generated tokens/s (EOS included; each engine first warms up on a small batch),
 seconds (median of --repeat runs, the engines interleaved), decode steps, peak memory (CUDA: max allocated above
@@ -21,7 +22,7 @@ FLOPs / measured bf16 matmul rate), summed over the steps and divided by the mea
 static, whose tail steps run fewer rows, an upper bound). Rows go to bench/results/rollout.csv.
 
     python bench/rollout.py [--quick] [--engines hf hf+compile static static+graph] [--slots N] [--threads N]
-                            [--repeat 3]
+                            [--repeat 3] [--batches B ...] [--groups G ...]
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each engine per shape, interleaved (median)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="prompts per shape (default: 64 256 on CUDA; 8 32 on CPU, 8 with --quick)")
+    ap.add_argument("--groups", type=int, nargs="+", default=[1, 8], help="samples per prompt (default: 1 8)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,7 +180,7 @@ def main() -> None:
     cap = 1024 if gpu else 48
     lo, hi = 64, 256
     slots = args.slots or (256 if gpu else 16)
-    Bs = [64, 256] if gpu else ([8] if args.quick else [8, 32])
+    Bs = args.batches or ([64, 256] if gpu else ([8] if args.quick else [8, 32]))
     bw = measured_copy_bandwidth_gbs(device) if gpu else None
     rate = matmul_peak_tflops(device, torch.bfloat16) if gpu else None
     # Warm-up of every engine on a small batch (hf+compile: the compilation).
@@ -185,7 +189,7 @@ def main() -> None:
         run_engine(engine, policy, wb, wl, 8, slots)
     rows = []
     for B in Bs:
-        for G in (1, 8):
+        for G in args.groups:
             batch, lengths = workload(B, G, lo, hi, cap, policy.config.vocab_size)
             ref, runs = None, {e: [] for e in args.engines}
             for _ in range(args.repeat):                  # interleaved: load on a shared machine hits all alike

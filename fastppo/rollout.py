@@ -175,8 +175,8 @@ class CounterSampler:
         return out[0], out[1]
 
 
-def draw(scores: torch.Tensor, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor, step: int,
-         vocab_size: int | None, suppress_id: int | None) -> Sample:
+def draw(scores: torch.Tensor, cfg: RolloutConfig, *, seed: int, sample_ids: torch.Tensor,
+         step: int | torch.Tensor, vocab_size: int | None, suppress_id: int | None) -> Sample:
     """One decode step's draw from (B, V) float32 scores (`CounterSampler`'s, with its rules): the token, its
     logprob and the entropy under softmax(scores / T) over the whole vocabulary, `suppress_id` never drawn but
     keeping its probability. The scores' column `suppress_id` is set to -inf in place."""

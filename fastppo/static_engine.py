@@ -31,9 +31,8 @@ embeddings to the input), so attention over the ring in any column order is
 attention over the sequence; a per-slot mask keeps each row to its own
 columns (and, for sliding-window layers, to the window).
 
-Different slots are at different response steps; the sampler takes one step
-per call, so each row's sample id is mapped to the id whose step-0 noise is
-its noise at its own step (`kernels.sampler.step_sample_ids`).
+Different slots are at different response steps: the sampler takes each
+row's own step (a tensor), so a row's noise is that of its id at its step.
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import ConfigError, RolloutConfig
 from .data import PromptBatch
-from .kernels.sampler import step_sample_ids
 from .rollout import Rollout, draw, float32_logits, response_mask_from_tokens, sampling_seed
 
 SERVED = ("llama", "qwen2", "mistral", "gpt2")
@@ -213,9 +211,8 @@ class _Slots:
         row, step = self.row[slots], self.step[slots]
         if self.logits_hook is not None:
             self.logits_hook(logits, row, step)
-        ids = step_sample_ids(self.seed, self.sample_ids[row], step)     # each row's noise at its own step
-        drawn = draw(logits, self.cfg, seed=self.seed, sample_ids=ids, step=0, vocab_size=self.vocab_size,
-                     suppress_id=self.pad_id)
+        drawn = draw(logits, self.cfg, seed=self.seed, sample_ids=self.sample_ids[row], step=step,
+                     vocab_size=self.vocab_size, suppress_id=self.pad_id)
         at = (row, step.clamp(max=self.N - 1))                   # empty slots write row B
         self.tokens[at] = drawn.tokens
         self.logprobs[at] = drawn.logprobs

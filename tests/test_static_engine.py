@@ -43,22 +43,6 @@ def _assert_same(a, b):
     assert (a.entropy - b.entropy).abs().max() < ATOL
 
 
-def test_step_sample_ids_give_each_row_its_own_steps_noise():
-    """One sampler call over rows at different steps: the id `step_sample_ids` gives a row has, at step 0, the
-    noise of the row's own id at its own step (and mix32 is undone exactly)."""
-    from fastppo.kernels import gumbel_noise
-    from fastppo.kernels.sampler import mix32, step_sample_ids, unmix32
-
-    x = torch.randint(0, 2**32, (4096,), dtype=torch.int64)
-    assert torch.equal(unmix32(mix32(x)), x)
-    seed, ids, steps = 0xDEADBEEF, torch.tensor([0, 5, 2**40 + 3, 123456789]), torch.tensor([0, 7, 3, 1000])
-    folded = step_sample_ids(seed, ids, steps)
-    for i in range(4):
-        assert torch.equal(gumbel_noise(seed, folded[i:i + 1], 0, 64),
-                           gumbel_noise(seed, ids[i:i + 1], int(steps[i]), 64))
-    assert not torch.equal(gumbel_noise(seed, folded[1:2], 0, 64), gumbel_noise(seed, ids[1:2], 0, 64))
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
 def test_static_draws_the_tokens_hf_draws(tiny_setups, arch):
     """G = 3 samples of 5 prompts on 4 slots (refilled as responses end at different steps), sample ids that do

@@ -81,33 +81,6 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2^32 for x (int64) in [0, 2^32), in int64 without overflow (c split into 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def unmix32(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of `mix32` on int64 tensors in [0, 2^32): each xorshift and odd multiplication undone."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, pow(_MIX_B, -1, 1 << 32))
-    x = x ^ (x >> 15) ^ (x >> 30)
-    x = _mul32(x, pow(_MIX_A, -1, 1 << 32))
-    return x ^ (x >> 16)
-
-
-def step_sample_ids(seed: int, sample_ids: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Sample ids whose noise at step 0 is the noise of `sample_ids` at `steps` (B,) int64, for one sampler
-    call over rows at different steps (continuous batching), no host sync.
-
-    The sampler's counter for a row is mix32(h ^ mix32(step + salt)) with h = mix32(mix32(id) ^ seed)
-    (`gumbel_noise`): the returned id has h' = h ^ mix32(step + salt) ^ mix32(salt), so that the counter at
-    step 0 is the one of (id, step). mix32 is a bijection on 32 bits, so the id exists and is unique.
-    """
-    h = mix32(mix32(sample_ids & _M32) ^ seed)
-    h = h ^ mix32((steps + _STEP_SALT) & _M32) ^ mix32(_STEP_SALT)
-    return unmix32(unmix32(h) ^ seed)
-
-
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
     """`mix32` of an int64 tensor in place, with one scratch tensor (a (B, V) counter is 8 bytes an element)."""
     t = x >> 16
@@ -121,15 +94,20 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id).
+def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id); `step` an
+    int or each row's, (B,) integer (its low 32 bits enter the counter).
 
     24 random bits per (row, token): u = (bits + 0.5) / 2^24 in float32, g = -log(-log u). u is clamped to
     1 - 2^-24, the largest float32 below 1: (2^24 - 1) + 0.5 rounds to 2^24 in float32, and u = 1 would give
     g = +inf (once in 2^24 tokens; at V = 151936 about one row-step in 110 drew a uniformly random kept token).
     """
     sample_hash = mix32(mix32(sample_ids.to(torch.int64) & _M32) ^ seed)                 # (B,)
-    row = mix32(sample_hash ^ mix32(step + _STEP_SALT))                                  # (B,)
+    if isinstance(step, torch.Tensor):
+        step = (step.to(device=sample_ids.device, dtype=torch.int64) + _STEP_SALT) & _M32
+    else:
+        step = step + _STEP_SALT
+    row = mix32(sample_hash ^ mix32(step))                                               # (B,)
     tokens = mix32((torch.arange(vocab, device=sample_ids.device, dtype=torch.int64) + _TOKEN_SALT) & _M32)
     bits = _mix32_(row[:, None] ^ tokens[None, :]).bitwise_right_shift_(8)                # (B, V) 24 random bits
     u = bits.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24)).clamp_(max=_U_MAX)
@@ -233,10 +211,11 @@ def _lane_result(best, best_x, best_tok):
 
 
 @triton.jit
-def _row_hash(ids_ptr, row, stride_id, seed, step):
-    """The counter half of a row's noise: mix(mix(mix(id) ^ seed) ^ mix(step + salt)) (see `gumbel_noise`)."""
+def _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed):
+    """The counter half of a row's noise: mix(mix(mix(id) ^ seed) ^ mix(step + salt)) (see `gumbel_noise`);
+    the row's step at steps_ptr + row·stride_step (stride 0: one step for every row)."""
     sample_id = tl.load(ids_ptr + row * stride_id).to(tl.uint32)
-    step_hash = _mix32(step.to(tl.uint32) + 0x632BE5AB)
+    step_hash = _mix32(tl.load(steps_ptr + row * stride_step).to(tl.uint32) + 0x632BE5AB)
     return _mix32(_mix32(_mix32(sample_id) ^ seed.to(tl.uint32)) ^ step_hash)
 
 
@@ -305,11 +284,11 @@ def _candidate(stats_ptr, check_ptr, state_ptr, row, n_splits, n_rows, stride_f,
     return top, top_x, top_tok, resolved, m, r_ref
 
 
-@triton.jit(do_not_specialize=["seed", "step"])
+@triton.jit(do_not_specialize=["seed"])
 def _sample_stats_kernel(
-    logits_ptr, ids_ptr, stats_ptr,
-    n_cols, n_valid, stride_lm, stride_lv, stride_id, blocks_per_split, stride_f,
-    seed, step, temperature,
+    logits_ptr, ids_ptr, steps_ptr, stats_ptr,
+    n_cols, n_valid, stride_lm, stride_lv, stride_id, stride_step, blocks_per_split, stride_f,
+    seed, temperature,
     BLOCK_V: tl.constexpr, DRAW: tl.constexpr, FTZ: tl.constexpr,
 ):
     """Grid (rows, splits): pass 1 over one split of a row, its statistics written for `_merge_stats`.
@@ -321,7 +300,7 @@ def _sample_stats_kernel(
     n_splits = tl.num_programs(1)
     temp = tl.cast(temperature, tl.float32)
     row_ptr = logits_ptr + row * stride_lm
-    row_hash = _row_hash(ids_ptr, row, stride_id, seed, step)
+    row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
     lanes = tl.arange(0, BLOCK_V)
     m = tl.cast(float("-inf"), tl.float32)
     r = tl.cast(float("-inf"), tl.float32)
@@ -353,11 +332,11 @@ def _sample_stats_kernel(
     tl.store(out + 7 * stride_f, top_tok.to(tl.float32))
 
 
-@triton.jit(do_not_specialize=["seed", "step"])
+@triton.jit(do_not_specialize=["seed"])
 def _sample_check_kernel(
-    logits_ptr, ids_ptr, stats_ptr, prev_ptr, state_in_ptr, state_out_ptr, check_ptr,
-    n_rows, n_cols, n_valid, stride_lm, stride_lv, stride_id, blocks_per_split, stride_f,
-    seed, step, temperature, top_p,
+    logits_ptr, ids_ptr, steps_ptr, stats_ptr, prev_ptr, state_in_ptr, state_out_ptr, check_ptr,
+    n_rows, n_cols, n_valid, stride_lm, stride_lv, stride_id, stride_step, blocks_per_split, stride_f,
+    seed, temperature, top_p,
     BLOCK_V: tl.constexpr, SPLITS: tl.constexpr, FIRST: tl.constexpr, FTZ: tl.constexpr,
 ):
     """Grid (rows, splits): one check of top-p's candidate over one split (see `_sample_final_kernel`).
@@ -377,7 +356,7 @@ def _sample_check_kernel(
         tl.store(state_out_ptr + 3 * n_rows + row, resolved.to(tl.float32))
     temp = tl.cast(temperature, tl.float32)
     row_ptr = logits_ptr + row * stride_lm
-    row_hash = _row_hash(ids_ptr, row, stride_id, seed, step)
+    row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
     lanes = tl.arange(0, BLOCK_V)
     mass = tl.zeros([BLOCK_V], dtype=tl.float32)
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -399,11 +378,11 @@ def _sample_check_kernel(
     tl.store(out + 3 * stride_f, next_tok.to(tl.float32))
 
 
-@triton.jit(do_not_specialize=["seed", "step", "top_k"])
+@triton.jit(do_not_specialize=["seed", "top_k"])
 def _sample_final_kernel(
-    logits_ptr, ids_ptr, stats_ptr, check_ptr, state_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
-    n_rows, n_splits, n_cols, n_valid, stride_lm, stride_lv, stride_id, stride_f,
-    seed, step, temperature, top_k, top_p,
+    logits_ptr, ids_ptr, steps_ptr, stats_ptr, check_ptr, state_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
+    n_rows, n_splits, n_cols, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
+    seed, temperature, top_k, top_p,
     BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, NPROBE: tl.constexpr,
     SEARCH_PASSES: tl.constexpr, HAS_CHECKS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
 ):
@@ -461,7 +440,7 @@ def _sample_final_kernel(
                 lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
                                                target, False, BLOCK_S, NPROBE)
         if n_draw > 0:
-            row_hash = _row_hash(ids_ptr, row, stride_id, seed, step)
+            row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
             best = tl.full([BLOCK_V], float("-inf"), tl.float32)
             best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
             best_tok = tl.zeros([BLOCK_V], dtype=tl.int32)
@@ -488,7 +467,7 @@ def _row_block(n_cols: int) -> int:
     return min(triton.next_power_of_2(n_cols), (1 << 16) if triton_interpreter_enabled() else 2048)
 
 
-def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_size):
+def _sample_triton(logits2d, ids1d, steps1d, seed, temperature, top_k, top_p, vocab_size):
     n_rows, n_cols = logits2d.shape
     device = logits2d.device
     tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
@@ -512,24 +491,24 @@ def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab
     stats = empty_output((8, n_rows, n_splits), torch.float32, device)
     checks = empty_output((2, 4, n_rows, n_splits), torch.float32, device) if n_checks else stats
     states = empty_output((2, 4, n_rows), torch.float32, device) if n_checks else stats
-    common = (n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), ids1d.stride(0))
+    common = (n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), ids1d.stride(0), steps1d.stride(0))
     # seed | 2^32: always typed int64 (a bare 32-bit value is i32 or u32 by its top bit: two compilations); the
     # kernels keep its low 32 bits.
-    draw_args = (seed | (1 << 32), step, float(temperature))
+    draw_args = (seed | (1 << 32), float(temperature))
     with on_device_of(logits2d):
         _sample_stats_kernel[(n_rows, n_splits)](
-            logits2d, ids1d, stats, *common, per_split, stats.stride(0), *draw_args,
+            logits2d, ids1d, steps1d, stats, *common, per_split, stats.stride(0), *draw_args,
             BLOCK_V=block_v, DRAW=not has_top_k, FTZ=not interpreted, num_warps=8,
         )
         for i in range(n_checks):       # check i reads check i - 1's results and state, writes its own
             _sample_check_kernel[(n_rows, n_splits)](
-                logits2d, ids1d, stats, checks[(i + 1) % 2], states[(i + 1) % 2], states[i % 2], checks[i % 2],
+                logits2d, ids1d, steps1d, stats, checks[(i + 1) % 2], states[(i + 1) % 2], states[i % 2], checks[i % 2],
                 n_rows, *common, per_split, stats.stride(0), *draw_args, float(top_p),
                 BLOCK_V=block_v, SPLITS=splits_p2, FIRST=i == 0, FTZ=not interpreted, num_warps=8,
             )
         last = (n_checks - 1) % 2
         _sample_final_kernel[(n_rows,)](
-            logits2d, ids1d, stats, checks[last] if n_checks else stats, states[last] if n_checks else stats,
+            logits2d, ids1d, steps1d, stats, checks[last] if n_checks else stats, states[last] if n_checks else stats,
             tokens, out[0], out[1], n_rows, n_splits, *common, stats.stride(0), *draw_args, top_k, float(top_p),
             BLOCK_V=block_s, BLOCK_S=block_s, SPLITS=splits_p2, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES,
             HAS_CHECKS=n_checks > 0, HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, num_warps=8,
@@ -537,7 +516,7 @@ def _sample_triton(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab
     return tokens, out[0], out[1]
 
 
-def _sample_torch(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_size):
+def _sample_torch(logits2d, ids1d, steps1d, seed, temperature, top_k, top_p, vocab_size):
     """The same draw with torch ops on (B, V) temporaries, in place where it can (a sort for top-p)."""
     x = logits2d.float() / temperature                                                  # a new (B, V) tensor
     V = x.size(-1)
@@ -565,7 +544,7 @@ def _sample_torch(logits2d, ids1d, seed, step, temperature, top_k, top_p, vocab_
         x.masked_fill_(x < ordered.gather(-1, n_keep - 1), float("-inf"))              # ties at the threshold kept
         del ordered
     del e
-    tokens = gumbel_noise(seed, ids1d, step, V).add_(x).argmax(-1)                      # first of equal maxima
+    tokens = gumbel_noise(seed, ids1d, steps1d, V).add_(x).argmax(-1)                      # first of equal maxima
     no_mass = s == 0
     x_token = x.gather(-1, tokens[:, None]).squeeze(-1)
     logprobs = torch.where(no_mass, float("-inf"), x_token - m.squeeze(-1) - log_s)
@@ -596,7 +575,7 @@ def sample(
     *,
     seed: int,
     sample_ids: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -611,7 +590,10 @@ def sample(
         seed: int in [0, 2^32): the run's sampling seed.
         sample_ids: (...) integer: each row's sample id (its low 32 bits enter the noise). The draw of a row
             depends on (seed, its id, step, its logits) only, not on the other rows.
-        step: int in [0, 2^31): the decode step (0 for the first response token).
+        step: int in [0, 2^31): the decode step (0 for the first response token); or each row's step, an
+            integer tensor of sample_ids' shape on its device (rows at different steps: continuous batching),
+            whose values are not checked (that would synchronise with the device): their low 32 bits enter the
+            noise as an int step's do.
         temperature: > 0.
         top_k: >= 0; 0 = off. top_p: in (0, 1]; 1 = off.
         vocab_size: columns >= vocab_size are alignment padding, never drawn and outside the softmax.
@@ -626,7 +608,13 @@ def sample(
     check_tensor("sample_ids", sample_ids, dtypes=INT_DTYPES)
     check_same_device("sample_ids", sample_ids, "logits", logits)
     check_shape("sample_ids", sample_ids, logits.shape[:-1], "the leading dimensions of logits")
-    seed, step = _check_int("seed", seed, 0, 1 << 32), _check_int("step", step, 0, 1 << 31)
+    seed = _check_int("seed", seed, 0, 1 << 32)
+    if isinstance(step, torch.Tensor):
+        check_tensor("step", step, dtypes=INT_DTYPES)
+        check_same_device("step", step, "logits", logits)
+        check_shape("step", step, logits.shape[:-1], "the leading dimensions of logits")
+    else:
+        step = _check_int("step", step, 0, 1 << 31)
     temperature = check_positive("temperature", temperature)
     top_k = _check_int("top_k", top_k, 0)
     top_p = check_number("top_p", top_p)
@@ -640,8 +628,11 @@ def sample(
 
     logits2d = as_rows(logits.detach(), width)
     ids1d = sample_ids.reshape(-1)
+    # One step for every row: a 1-element tensor read with stride 0 (a device fill, no synchronisation).
+    steps1d = step.reshape(-1) if isinstance(step, torch.Tensor) else \
+        torch.full((1,), step, dtype=torch.int64, device=logits.device).expand(ids1d.numel())
     run = _sample_triton if backend == "triton" else _sample_torch
-    tokens, logprobs, entropy = run(logits2d, ids1d, seed, step, float(temperature), min(top_k, vocab), float(top_p),
-                                    vocab)
+    tokens, logprobs, entropy = run(logits2d, ids1d, steps1d, seed, float(temperature), min(top_k, vocab),
+                                    float(top_p), vocab)
     lead = logits.shape[:-1]
     return Sample(tokens.view(lead), logprobs.view(lead), entropy.view(lead))

@@ -312,6 +312,32 @@ def test_one_and_n_processes_draw_the_same(backend):
         assert (other.tokens != flat.tokens).float().mean() > 0.5, change
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_per_row_draws_what_each_rows_step_draws(backend):
+    """Rows at different steps in one call (continuous batching): row i draws, to the bit, what a call at its
+    own int step draws; a tensor of equal steps is the int step; steps enter by their low 32 bits."""
+    B, V = 6, 300
+    logits = torch.randn(B, V) * 2
+    ids = torch.arange(50, 50 + B)
+    steps = torch.tensor([0, 3, 3, 17, 1000, 2**31 - 1])
+    kw = dict(seed=11, temperature=0.9, top_k=40, top_p=0.9, backend=backend)
+    mixed = sample(logits, sample_ids=ids, step=steps, **kw)
+    for i in range(B):
+        alone = sample(logits[i:i + 1], sample_ids=ids[i:i + 1], step=int(steps[i]), **kw)
+        assert torch.equal(mixed.tokens[i:i + 1], alone.tokens), i
+        assert torch.equal(mixed.logprobs[i:i + 1], alone.logprobs) and torch.equal(mixed.entropy[i:i + 1],
+                                                                                    alone.entropy), i
+    same = sample(logits, sample_ids=ids, step=torch.full((B,), 3, dtype=torch.int32), **kw)
+    assert torch.equal(same.tokens, sample(logits, sample_ids=ids, step=3, **kw).tokens)
+    wrapped = sample(logits, sample_ids=ids, step=steps + 2**32, **kw)
+    assert torch.equal(wrapped.tokens, mixed.tokens)
+    grid = sample(logits.view(2, 3, V), sample_ids=ids.view(2, 3), step=steps.view(2, 3), **kw)
+    assert torch.equal(grid.tokens.view(-1), mixed.tokens)
+    noise = gumbel_noise(11, ids, steps, V)
+    for i in (0, 4):
+        assert torch.equal(noise[i], gumbel_noise(11, ids[i:i + 1], int(steps[i]), V)[0])
+
+
 def test_the_backends_draw_the_same_tokens():
     """The kernel and the torch twin agree token for token (float32 both; ties in x + g are measure-zero)."""
     logits = torch.randn(16, 2000) * 3
@@ -337,6 +363,8 @@ def test_the_backends_draw_the_same_tokens():
     (dict(seed=1.5), TypeError, "seed must be an int"),
     (dict(step=-1), ValueError, "step must lie in"),
     (dict(step=True), TypeError, "step must be an int"),
+    (dict(step=torch.zeros(4)), TypeError, "step must have dtype"),
+    (dict(step=torch.zeros(3, dtype=torch.long)), ValueError, "step must have shape (4,)"),
     (dict(temperature=0.0), ValueError, "temperature must be > 0"),
     (dict(top_k=-1), ValueError, "top_k must be >= 0, got -1"),
     (dict(top_k=2.0), TypeError, "top_k must be an int"),
@@ -360,6 +388,9 @@ def test_bad_input_is_named(change, exc, words):
 def test_ids_on_another_device_are_named():
     with pytest.raises(ValueError, match="sample_ids is on meta but logits is on cpu"):
         sample(torch.zeros(2, 3), seed=0, sample_ids=torch.zeros(2, dtype=torch.long, device="meta"), step=0)
+    with pytest.raises(ValueError, match="step is on meta but logits is on cpu"):
+        sample(torch.zeros(2, 3), seed=0, sample_ids=torch.zeros(2, dtype=torch.long),
+               step=torch.zeros(2, dtype=torch.long, device="meta"))
 
 
 # ----------------------------------------------------------------------------
