@@ -2,8 +2,9 @@
 
 Every public trainer runs GAE as a Python loop over reversed(range(T)), 5–13
 small kernels per step: T·(5..13) launches, each reading and writing a (B,)
-column. The fused kernel reads rewards, values and the mask once and writes
-advantages and returns once: 4 + 4 + 1 + 8 = 17 bytes per token in fp32, in one
+column. The fused kernel reads rewards, values and the mask once (below λ = ½
+also the next token's mask and value, from the cache) and writes advantages
+and returns once: 4 + 4 + 1 + 8 = 17 bytes per token in fp32, in one
 launch. Each program owns BLOCK_M rows and walks them from the end in blocks of
 BLOCK_T tokens, each block loaded in reverse (lane j holds token T−1−j of the
 row's tail), so the backward recursion is a forward associative scan of affine

@@ -151,6 +151,9 @@ SCENARIOS = {
         backend="triton") for name, d, v, k, p in (("fp32,top-k,top-p,V=32000", torch.float32, V_EVEN, 50, 0.9),
                                                    ("bf16,top-p,V=32001", torch.bfloat16, V_ODD, 0, 0.9),
                                                    ("fp32,V=32000", torch.float32, V_EVEN, 0, 1.0))},
+    "sample[fp32,top-p,a step per row,V=32000]": lambda: sample(    # the static engine's call (stride 1)
+        torch.randn(4, V_EVEN), seed=7, sample_ids=torch.arange(4), step=torch.arange(4), temperature=0.8,
+        top_p=0.9, backend="triton"),
 }
 
 
