@@ -88,7 +88,6 @@ def _gae_fwd_kernel(
     m_row = (mask_ptr + rows * stride_mm)[:, None]
     o_row = (rows * stride_om)[:, None]
     lanes = tl.arange(0, BLOCK_T)[None, :]
-    is_first_lane = lanes == 0
     is_last_lane = lanes == BLOCK_T - 1
     carry = tl.zeros((BLOCK_M,), tl.float32)        # Z (or A) of the first valid token at or after the block's end
     next_value = tl.zeros((BLOCK_M,), tl.float32)   # two scans: V of that token
