@@ -581,7 +581,8 @@ def check_generate_compiled(ctx: Context) -> Result:
     """rollout.compile: the static-cache compiled decode step against eager generation on the tiny policy: the
     same tokens for the same seed, and generated tokens per second of each (after a warm-up call that compiles).
     On CPU the compiled path is not timed (inductor needs minutes there; tests/test_rollout.py checks its
-    tokens with dynamo's eager backend)."""
+    tokens with dynamo's eager backend), and the eager one is a smoke run: 4 tokens, no warm-up (the
+    interpreted sampler takes about a second a step)."""
     from fastppo.config import RolloutConfig
     from fastppo.data import collate_prompts, load_prompts
     from fastppo.rollout import generate
@@ -593,10 +594,11 @@ def check_generate_compiled(ctx: Context) -> Result:
     batch = type(batch)(batch.input_ids.to(device), batch.attention_mask.to(device))
     res, tokens, rate = Result(), {}, {}
     for compiled in ([False] if ctx.cpu else [False, True]):
-        cfg = RolloutConfig(max_new_tokens=8 if ctx.cpu else 64, temperature=1.0, top_p=0.9, compile=compiled)
+        cfg = RolloutConfig(max_new_tokens=4 if ctx.cpu else 64, temperature=1.0, top_p=0.9, compile=compiled)
         kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generation_batch_size=batch_size, seed=3,
                   vocab_size=len(tok))
-        generate(policy, batch, cfg, **kw)                                           # warm-up (compiles)
+        if not ctx.cpu:
+            generate(policy, batch, cfg, **kw)                                       # warm-up (compiles)
         sync = torch.cuda.synchronize if not ctx.cpu else (lambda: None)
         sync()
         t0 = time.perf_counter()
@@ -617,7 +619,8 @@ def check_generate_compiled(ctx: Context) -> Result:
 def check_generate_static(ctx: Context) -> Result:
     """rollout.engine=static against hf on the tiny policy: 64 prompts x G = 4 on 64 slots, so slots are refilled
     as responses end; the same tokens for the same seed from the eager decode step and (CUDA, rollout.compile)
-    its CUDA graph, and generated tokens per second of each (after a warm-up call)."""
+    its CUDA graph, and generated tokens per second of each (after a warm-up call). On CPU a smoke run: 8 new
+    tokens (slots are still refilled), no warm-up (the interpreted sampler takes about a second a step)."""
     from fastppo.config import RolloutConfig
     from fastppo.data import PromptBatch, collate_prompts, load_prompts
     from fastppo.rollout import generate
@@ -641,7 +644,8 @@ def check_generate_static(ctx: Context) -> Result:
                 return generate(policy, batch, cfg, generation_batch_size=n, **kw)
             return generate_static(policy, batch, cfg, slots=n, **kw)
 
-        run()                                                                          # warm-up
+        if not ctx.cpu:
+            run()                                                                      # warm-up
         sync()
         t0 = time.perf_counter()
         out = run()
