@@ -184,19 +184,13 @@ def online_lse2_step(r, s, t, x, scale, FTZ: tl.constexpr):
     With y = x·scale (scale = log2(e) / T: base-2 units) and a reference point r,
     the per-lane vectors s and t hold Σ 2^(y − r) and Σ 2^(y − r)·(y − r): no
     reduction per block but the block's max. Reduce with `lse2_and_entropy`.
-    """
-    return online_lse2_fold(r, s, t, x, tl.max(x, axis=0) * scale, scale, FTZ)
-
-
-@triton.jit
-def online_lse2_fold(r, s, t, x, y_max, scale, FTZ: tl.constexpr):
-    """`online_lse2_step` given the block's max y_max = max(x)·scale (for a caller that needs the max too).
 
     r starts at −inf and moves (both vectors rescaled) only when a block's max
     exceeds it by RESCALE_LOG2, so terms stay ≤ 2^8 and the common block costs
     per element one FFMA (y − r), one max (−inf → −1000: 2^−1000 is 0 and
     0·(−1000) is 0, where 0·(−inf) would be NaN), one MUFU and two adds.
     """
+    y_max = tl.max(x, axis=0) * scale
     if y_max > r + RESCALE_LOG2:
         alpha = tl.exp2(r - y_max)                               # 0 from r = −inf
         shift = tl.where(r == float("-inf"), 0.0, r - y_max)
@@ -207,6 +201,32 @@ def online_lse2_fold(r, s, t, x, y_max, scale, FTZ: tl.constexpr):
     d = tl.maximum(x * scale - r_ref, -1000.0)
     e = fast_exp2(d, FTZ)
     return r, s + e, t + e * d
+
+
+@triton.jit
+def online_lse2_mass_step(r, s, c, t, x, scale, FTZ: tl.constexpr):
+    """`online_lse2_step` for a caller that needs each block's mass (the sampler's chunks): returns (r, s, c,
+    t, the block's mass Σ 2^(y − r), the block's max x).
+
+    The mass S = Σ 2^(y − r) is a scalar s, the sum of the blocks' masses (the
+    reduction the caller needs anyway, in place of a per-lane add), and
+    T = Σ 2^(y − r)·(y − r) is per-lane t plus a scalar c: moving r rescales one
+    vector, T' = α(T + shift·S) putting α·shift·S into c.
+    """
+    x_max = tl.max(x, axis=0)
+    y_max = x_max * scale
+    if y_max > r + RESCALE_LOG2:
+        alpha = tl.exp2(r - y_max)
+        shift = tl.where(r == float("-inf"), 0.0, r - y_max)
+        c = alpha * (c + shift * s)
+        s = alpha * s
+        t = alpha * t
+        r = y_max
+    r_ref = tl.where(r == float("-inf"), 0.0, r)
+    d = tl.maximum(x * scale - r_ref, -1000.0)
+    e = fast_exp2(d, FTZ)
+    mass = tl.sum(e, axis=0)
+    return r, s + mass, c, t + e * d, mass, x_max
 
 
 @triton.jit

@@ -1,6 +1,6 @@
-"""sample: one decode step's token draw, with its logprob and entropy, in one fused pass over the logits.
+"""sample: one decode step's token draw, with its logprob and entropy, in fused passes over the logits.
 
-What is drawn, per row (x = logits / T over the first vocab_size columns):
+What is drawn, per row (x = logits·(1/T) in float32, 1/T rounded to float32, over the first vocab_size columns):
 
 1. top-k keeps every token whose x is >= the k-th largest x (ties at the
    threshold all kept; k = 0 or k >= vocab_size: all);
@@ -10,10 +10,29 @@ What is drawn, per row (x = logits / T over the first vocab_size columns):
    reaches top_p, with every token tied at the threshold kept (equivalently: a
    token is kept when the mass of the tokens strictly more likely than it is
    < top_p). top_p = 1: all;
-3. the token is argmax over the kept set of x + g, g a standard Gumbel
-   variable that is a pure function of (seed, sample id, step, token id)
-   (`gumbel_noise`); equal x + g go to the smallest token id. This is a draw
-   from softmax(x) restricted to the kept set (the Gumbel-max trick).
+3. a token is drawn from softmax(x) restricted to the kept set in two levels,
+   each a Gumbel-max (Gumbel 1954; the trick as in Maddison et al. 2014): the
+   vocabulary is cut into chunks of CHUNK = 2048 tokens; the chunk is the
+   argmax over chunks of ln(the chunk's kept mass) + G_c, then the token the
+   argmax over the chunk's kept tokens of x + g_i. The maximum of x_i + g_i
+   over a chunk is itself Gumbel(ln of its mass) and its argmax is independent
+   of it, so the two levels draw exactly softmax(x) over the kept set, while
+   only one chunk per row pays for per-token noise. g and G are standard Gumbel
+   variables, pure functions of (seed, sample id, step, token id) and of (seed,
+   sample id, step, stage, chunk id) (`gumbel_noise`, `chunk_noise`); equal
+   scores go to the smallest id.
+
+Top-p alone is drawn by rejection, in stages: stage 0 draws from every token;
+a check sums the mass strictly above the drawn token: below top_p of the
+total, the token is kept (the kept set is an upper set in x) and is the draw;
+otherwise stage i + 1 draws from the tokens above it (a superset of the kept
+set) with stage i + 1's chunk noise. A draw from a superset, accepted when it
+lands in the kept set, is a draw from the kept set, so every stage's accepted
+token follows softmax over the nucleus (the per-token noise may be shared
+across stages: given the argmax of a chunk, the argmax of any subset of it
+that excludes it is again softmax-distributed). After CHECKS = 4 rejections
+the kept set is found by the threshold search and drawn with stage CHECKS's
+noise. With top-k, the thresholds are searched first and the draw is stage 0.
 
 Returned with it: the token's float32 logprob under softmax(x) over all
 vocab_size columns, before top-k/top-p (the policy's distribution, which the
@@ -25,15 +44,15 @@ entropy 0.
 Memory traffic. The logits-processor path it replaces (temperature, top-k, a
 full sort and two softmaxes for top-p, ~20 elementwise passes over (B, V) for
 the Gumbel noise) moves ~230 bytes per logit (~9 GB per step at B=256,
-V=151936). The kernel reads each logit once per pass and writes 16 bytes per
-row: 1 pass without top-k/top-p (statistics and the Gumbel argmax together);
-2 for most rows with top-p alone (the draw, then a check of the mass above it:
-`_sample_final_kernel`); with top-k 1 + 8 per filter + 1 (statistics, threshold
-search, draw), the later passes re-reading the row (V·4 bytes) from L2 when
-the rows in flight fit. No sort and no (B, V) temporary: the thresholds are
-found by a 16-way search on the float32 order key, which pins a 32-bit key
-range to one key in 8 passes (16^8 = 2^32), so they are exact, not
-approximations of the mass.
+V=151936). The kernel reads each logit once per pass and writes a few floats
+per row and chunk: 1 pass without top-k/top-p (statistics and the chunk
+draw), then one chunk of the row; 2 for most rows with top-p alone (the draw,
+then the check of the mass above it); with top-k 1 + 8 per filter + 1
+(statistics, threshold search, draw), the later passes re-reading the row
+(V·4 bytes) from L2 when the rows in flight fit. No sort and no (B, V)
+temporary: the thresholds are found by a 16-way search on the float32 order
+key, which pins a 32-bit key range to one key in 8 passes (16^8 = 2^32), so
+they are exact, not approximations of the mass.
 """
 
 from __future__ import annotations
@@ -41,6 +60,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -49,18 +69,21 @@ from ._checks import (
     check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from ._math import LN2, LOG2E, fast_exp2, lse2_and_entropy, online_lse2_fold
+from ._math import LN2, LOG2E, fast_exp2, lse2_and_entropy, online_lse2_mass_step
 
 _M32 = 0xFFFFFFFF
-_TOKEN_SALT = 0x85EBCA6B  # (the kernel writes these two constants in place)
+_TOKEN_SALT = 0x85EBCA6B  # (the kernels write these three constants in place)
 _STEP_SALT = 0x632BE5AB
+_CHUNK_SALT = 0x10000000  # a chunk's counter: salt + stage·2^13 + chunk (< 2^16 above it: never a token's)
 _MIX_A, _MIX_B = 0x7FEB352D, 0x5BD1E995  # mix32's multipliers
+_CHUNK = 2048         # tokens per chunk of the two-level draw: part of the definition, and the kernels' block
 _NPROBE = 16          # thresholds probed per search pass
 _SEARCH_PASSES = 8    # 16^8 = 2^32: a 32-bit key range narrowed to one key
-_CHECKS = 4           # top-p alone: check passes before a row falls back to the search (_sample_final_kernel)
+_CHECKS = 4           # top-p alone: rejection stages checked before a row falls back to the search
 _MAX_SPLITS = 8       # programs per row in the passes that read it (at most; fewer for short rows)
-_MAX_VOCAB = 1 << 24  # token counts are summed in float32, exact up to 2^24
+_MAX_VOCAB = 1 << 24  # token counts are summed in float32, exact up to 2^24; chunk ids stay below 2^13
 _U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
+_G_MAX_LOG2 = 24.1    # the largest noise, -log(-log(1 - 2^-24)) < 16.7, in base 2 (·log2 e)
 
 
 # ----------------------------------------------------------------------------
@@ -82,7 +105,7 @@ def mix32(x):
 
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """`mix32` of an int64 tensor in place, with one scratch tensor (a (B, V) counter is 8 bytes an element)."""
+    """`mix32` of an int64 tensor in place, with one scratch tensor."""
     t = x >> 16
     x ^= t
     x.mul_(_MIX_A).bitwise_and_(_M32)
@@ -94,29 +117,46 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
-    """(B, vocab) float32 standard Gumbel noise, a pure function of (seed, sample id, step, token id); `step` an
-    int or each row's, (B,) integer (its low 32 bits enter the counter).
-
-    24 random bits per (row, token): u = (bits + 0.5) / 2^24 in float32, g = -log(-log u). u is clamped to
-    1 - 2^-24, the largest float32 below 1: (2^24 - 1) + 0.5 rounds to 2^24 in float32, and u = 1 would give
-    g = +inf (once in 2^24 tokens; at V = 151936 about one row-step in 110 drew a uniformly random kept token).
-    """
-    sample_hash = mix32(mix32(sample_ids.to(torch.int64) & _M32) ^ seed)                 # (B,)
+def _row_hashes(seed: int, sample_ids: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """(B,) int64: each row's counter half, mix(mix(mix(id) ^ seed) ^ mix(step + salt))."""
+    sample_hash = mix32(mix32(sample_ids.reshape(-1).to(torch.int64) & _M32) ^ seed)
     if isinstance(step, torch.Tensor):
-        step = (step.to(device=sample_ids.device, dtype=torch.int64) + _STEP_SALT) & _M32
+        step = (step.reshape(-1).to(device=sample_ids.device, dtype=torch.int64) + _STEP_SALT) & _M32
     else:
         step = step + _STEP_SALT
-    row = mix32(sample_hash ^ mix32(step))                                               # (B,)
-    tokens = mix32((torch.arange(vocab, device=sample_ids.device, dtype=torch.int64) + _TOKEN_SALT) & _M32)
-    bits = _mix32_(row[:, None] ^ tokens[None, :]).bitwise_right_shift_(8)                # (B, V) 24 random bits
+    return mix32(sample_hash ^ mix32(step))
+
+
+def _gumbel_of(rows: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """float32 standard Gumbel noise of counters (B, n) or (n,) for rows (B,) (see `gumbel_noise`)."""
+    bits = _mix32_(rows[:, None] ^ mix32(counters)).bitwise_right_shift_(8)              # 24 random bits
     u = bits.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24)).clamp_(max=_U_MAX)
     del bits
     return u.log_().neg_().log_().neg_()
 
 
+def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, vocab) float32 standard Gumbel noise of the tokens, a pure function of (seed, sample id, step, token
+    id); `step` an int or each row's, (B,) integer (its low 32 bits enter the counter).
+
+    24 random bits per (row, token): u = (bits + 0.5) / 2^24 in float32, g = -log(-log u). u is clamped to
+    1 - 2^-24, the largest float32 below 1: (2^24 - 1) + 0.5 rounds to 2^24 in float32, and u = 1 would give
+    g = +inf.
+    """
+    tokens = torch.arange(vocab, device=sample_ids.device, dtype=torch.int64) + _TOKEN_SALT
+    return _gumbel_of(_row_hashes(seed, sample_ids, step), tokens & _M32)
+
+
+def chunk_noise(seed: int, sample_ids: torch.Tensor, step: int | torch.Tensor, stage: int,
+                n_chunks: int) -> torch.Tensor:
+    """(B, n_chunks) float32 standard Gumbel noise of the chunks at a stage of the draw (module docstring):
+    `gumbel_noise`'s bits, from the counter salt + stage·2^13 + chunk id."""
+    chunks = torch.arange(n_chunks, device=sample_ids.device, dtype=torch.int64) + _CHUNK_SALT + (stage << 13)
+    return _gumbel_of(_row_hashes(seed, sample_ids, step), chunks)
+
+
 # ----------------------------------------------------------------------------
-# 1. Kernel
+# 1. Kernels
 # ----------------------------------------------------------------------------
 
 @triton.jit
@@ -130,22 +170,63 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel(row_hash, offs):
-    """Standard Gumbel noise of tokens `offs` for the row whose counter half is row_hash (see `gumbel_noise`).
+def _gumbel(row_hash, counter):
+    """Standard Gumbel noise of uint32 counters for the row whose counter half is row_hash (`_gumbel_of`).
 
     tl.log of float32 compiles to libdevice's logf (1 ulp; checked in the PTX for sm_90), not lg2.approx, whose
     absolute error near 1 would make -log(u) 0 or negative for u within a few ulps of 1."""
-    token_hash = _mix32(offs.to(tl.uint32) + 0x85EBCA6B)
-    bits = _mix32(row_hash ^ token_hash) >> 8
-    u = tl.minimum((bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)   # 1 - 2^-24, as in gumbel_noise
+    bits = _mix32(row_hash ^ _mix32(counter)) >> 8
+    u = tl.minimum((bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)   # 1 - 2^-24, as in _gumbel_of
     return -tl.log(-tl.log(u))
 
 
 @triton.jit
-def _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp):
-    """x = logits / T for columns offs; -inf on padding (>= n_valid) and past the row."""
-    x = tl.load(row_ptr + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-    return tl.where(offs < n_valid, x / temp, float("-inf"))
+def _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed):
+    """The counter half of a row's noise (`_row_hashes`); the row's step at steps_ptr + row·stride_step
+    (stride 0: one step for every row)."""
+    sample_id = tl.load(ids_ptr + row * stride_id).to(tl.uint32)
+    step_hash = _mix32(tl.load(steps_ptr + row * stride_step).to(tl.uint32) + 0x632BE5AB)
+    return _mix32(_mix32(_mix32(sample_id) ^ seed.to(tl.uint32)) ^ step_hash)
+
+
+@triton.jit
+def _log2_mass(mass):
+    """log2 of a non-negative sum, -inf for 0 (the interpreter's numpy warns on log2(0))."""
+    return tl.where(mass > 0.0, tl.log2(tl.maximum(mass, 1e-30)), float("-inf"))
+
+
+@triton.jit
+def _best_chunk(chunk_lse2, first, row_hash, stage, CH: tl.constexpr):
+    """(key, chunk) of the best of chunks first + [0, CH): lane j holds chunk first + j's base-2 log-mass
+    (-inf: no kept mass, or past the split). key = log2 mass + G·log2 e; equal keys: the smallest chunk."""
+    ids = first + tl.arange(0, CH)
+    g = _gumbel(row_hash, (ids + stage * 8192 + 0x10000000).to(tl.uint32))
+    key = chunk_lse2 + g * LOG2E
+    best = tl.max(key, axis=0)
+    return best, tl.min(tl.where(key == best, ids, 2147483647), axis=0)
+
+
+@triton.jit
+def _merge_chunks(part_ptr, stride_f, offs, valid):
+    """(key, chunk) of the best of per-split chunk draws stored as fields 0 and 1 (chunk as float32)."""
+    key = tl.load(part_ptr + offs, mask=valid, other=float("-inf"))
+    chunk = tl.load(part_ptr + stride_f + offs, mask=valid, other=0.0).to(tl.int32)
+    best = tl.max(key, axis=0)
+    return best, tl.min(tl.where(valid & (key == best), chunk, 2147483647), axis=0)
+
+
+@triton.jit
+def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, BLOCK_V: tl.constexpr):
+    """(x, token) of the argmax of x + g over the chunk's tokens whose order key is >= lo (`_order_key`).
+
+    Equal scores: the smallest token. A chunk without such a finite token gives (-inf, its first token)."""
+    offs = chunk.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    x = _masked_block(row_ptr, offs, n_valid, stride_lv, inv_t)
+    noise = _gumbel(row_hash, offs.to(tl.uint32) + 0x85EBCA6B)
+    score = tl.where(_order_key(x) >= lo, x + noise, float("-inf"))
+    top = tl.max(score, axis=0)
+    token = tl.min(tl.where(score == top, offs, 2147483647), axis=0)
+    return tl.max(tl.where(offs == token, x, float("-inf")), axis=0), token.to(tl.int32)
 
 
 @triton.jit
@@ -157,7 +238,13 @@ def _order_key(x):
 
 
 @triton.jit
-def _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi, target,
+def _masked_block(row_ptr, offs, n_valid, stride_lv, inv_t):
+    """x for columns offs; -inf on padding and past the row (the last, partial block of a row)."""
+    return tl.load(row_ptr + offs * stride_lv, mask=offs < n_valid, other=float("-inf")).to(tl.float32) * inv_t
+
+
+@triton.jit
+def _search_pass(row_ptr, n_valid, stride_lv, inv_t, m_ref, lo, hi, target,
                  BY_COUNT: tl.constexpr, BLOCK_V: tl.constexpr, NPROBE: tl.constexpr):
     """One pass of a 16-way search for the largest key v with F(v) >= target, known to lie in [lo, hi).
 
@@ -170,9 +257,9 @@ def _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi, targe
     probes = lo + ((hi - lo) * probe_ix) // NPROBE                                     # (NPROBE,) ascending
     count = tl.zeros([NPROBE], dtype=tl.float32)
     mass = tl.zeros([NPROBE], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, n_valid, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
+        x = _masked_block(row_ptr, offs, n_valid, stride_lv, inv_t)
         above = (_order_key(x)[None, :] >= probes[:, None]) & (offs < n_valid)[None, :]  # (NPROBE, BLOCK_V)
         count += tl.sum(above.to(tl.float32), axis=1)
         mass += tl.sum(tl.where(above, tl.exp(x - m_ref)[None, :], 0.0), axis=1)
@@ -185,64 +272,18 @@ def _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi, targe
 
 
 @triton.jit
-def _lane_draw(x, offs, row_hash, keep, m, best, best_x, best_tok):
-    """Fold one block into per-lane running Gumbel argmaxes (score, x, token) over the tokens `keep`.
-
-    No reduction: each lane keeps its own best, its tokens coming in increasing order (strict >: the smallest
-    id of a tie); `_lane_result` reduces once per row. The noise (two hashes and two logs per token, the
-    costly part) is skipped for a block that cannot win: g lies in [-2.86, 16.7] (u in [2^-25, 1 - 2^-24]), so
-    the best score is at least m - 2.86, m the largest x folded so far or in the set, and a block whose
-    largest kept x is at most m - 20 has no score above it."""
-    if tl.max(tl.where(keep, x, float("-inf")), axis=0) + 20.0 > m:
-        score = tl.where(keep, x + _gumbel(row_hash, offs), float("-inf"))
-        better = score > best
-        best = tl.where(better, score, best)
-        best_x = tl.where(better, x, best_x)
-        best_tok = tl.where(better, offs, best_tok)
-    return best, best_x, best_tok
-
-
-@triton.jit
-def _lane_result(best, best_x, best_tok):
-    """(score, x, token) of the per-lane argmaxes: the largest score, the smallest token among equal ones."""
-    top = tl.max(best, axis=0)
-    tok = tl.min(tl.where(best == top, best_tok, 2147483647), axis=0)
-    return top, tl.max(tl.where(best_tok == tok, best_x, float("-inf")), axis=0), tok
-
-
-@triton.jit
-def _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed):
-    """The counter half of a row's noise: mix(mix(mix(id) ^ seed) ^ mix(step + salt)) (see `gumbel_noise`);
-    the row's step at steps_ptr + row·stride_step (stride 0: one step for every row)."""
-    sample_id = tl.load(ids_ptr + row * stride_id).to(tl.uint32)
-    step_hash = _mix32(tl.load(steps_ptr + row * stride_step).to(tl.uint32) + 0x632BE5AB)
-    return _mix32(_mix32(_mix32(sample_id) ^ seed.to(tl.uint32)) ^ step_hash)
-
-
-@triton.jit
-def _merge_draws(part_ptr, stride_f, offs, valid):
-    """(score, x, token) of the best of per-split draws stored as fields 0, 1, 2 (token as float32, exact below
-    2^24): the largest score, the smallest token among equal ones (the earlier split's, as in one pass)."""
-    best = tl.load(part_ptr + offs, mask=valid, other=float("-inf"))
-    best_x = tl.load(part_ptr + stride_f + offs, mask=valid, other=float("-inf"))
-    best_tok = tl.load(part_ptr + 2 * stride_f + offs, mask=valid, other=0.0).to(tl.int32)
-    return _lane_result(best, best_x, best_tok)
-
-
-@triton.jit
 def _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS: tl.constexpr):
-    """Merge a row's per-split statistics (fields m, r, s, t, low, then the draw): exact up to rounding.
+    """Merge a row's per-split statistics (fields m, r, s, t, then the chunk draw): exact up to rounding.
 
     Each split holds s_i = sum 2^(y - r_i), t_i = sum 2^(y - r_i)(y - r_i) (y = x·log2 e) for its own reference
     r_i; relative to R = max r_i they are s_i·2^(r_i - R) and 2^(r_i - R)·(t_i + (r_i - R)·s_i).
-    Returns (m, R, log2 S, entropy, low, score, x, token of the unfiltered draw)."""
+    Returns (m, R, log2 S, entropy)."""
     offs = row * n_splits + tl.arange(0, SPLITS)
     valid = tl.arange(0, SPLITS) < n_splits
     m = tl.max(tl.load(stats_ptr + offs, mask=valid, other=float("-inf")), axis=0)
     r = tl.load(stats_ptr + stride_f + offs, mask=valid, other=float("-inf"))
     s = tl.load(stats_ptr + 2 * stride_f + offs, mask=valid, other=0.0)
     t = tl.load(stats_ptr + 3 * stride_f + offs, mask=valid, other=0.0)
-    low = tl.min(tl.load(stats_ptr + 4 * stride_f + offs, mask=valid, other=float("inf")), axis=0)
     big_r = tl.max(r, axis=0)
     r_ref = tl.where(big_r == float("-inf"), 0.0, big_r)
     shift = tl.where(r == float("-inf"), 0.0, r - r_ref)
@@ -250,206 +291,224 @@ def _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS: tl.constexpr):
     t = tl.where(r == float("-inf"), 0.0, alpha * (t + shift * s))
     s = tl.where(r == float("-inf"), 0.0, s * alpha)
     _, log2_s, entropy = lse2_and_entropy(big_r, s, t, m == float("-inf"))
-    top, top_x, top_tok = _merge_draws(stats_ptr + 5 * stride_f, stride_f, offs, valid)
-    return m, r_ref, log2_s, entropy, low, top, top_x, top_tok
-
-
-@triton.jit
-def _candidate(stats_ptr, check_ptr, state_ptr, row, n_splits, n_rows, stride_f, top_p, FIRST: tl.constexpr,
-               SPLITS: tl.constexpr):
-    """The row's top-p candidate (score, x, token) and whether it is known kept, after the previous check.
-
-    FIRST: the unfiltered draw, unchecked (resolved only for a row without a finite logit). Otherwise the
-    state before the previous check (state_ptr: score, x, token, resolved) and that check's per-split
-    results (check_ptr: mass above the candidate, then the draw above it): mass < top_p·S keeps the
-    candidate (resolved), else the draw above it becomes the candidate."""
-    m, r_ref, log2_s, _, _, top, top_x, top_tok = _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS)
-    if FIRST:
-        resolved = m == float("-inf")
-    else:
-        offs = row * n_splits + tl.arange(0, SPLITS)
-        valid = tl.arange(0, SPLITS) < n_splits
-        mass = tl.sum(tl.load(check_ptr + offs, mask=valid, other=0.0), axis=0)
-        next_top, next_x, next_tok = _merge_draws(check_ptr + stride_f, stride_f, offs, valid)
-        top = tl.load(state_ptr + row)
-        top_x = tl.load(state_ptr + n_rows + row)
-        top_tok = tl.load(state_ptr + 2 * n_rows + row).to(tl.int32)
-        was_resolved = tl.load(state_ptr + 3 * n_rows + row) != 0.0
-        target = tl.cast(top_p, tl.float32) * tl.exp2(log2_s)       # of sum 2^(y - R)
-        move = (not was_resolved) & (mass >= target)
-        resolved = was_resolved | (mass < target)
-        top = tl.where(move, next_top, top)
-        top_x = tl.where(move, next_x, top_x)
-        top_tok = tl.where(move, next_tok, top_tok)
-    return top, top_x, top_tok, resolved, m, r_ref
+    return m, r_ref, log2_s, entropy
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _sample_stats_kernel(
     logits_ptr, ids_ptr, steps_ptr, stats_ptr,
-    n_cols, n_valid, stride_lm, stride_lv, stride_id, stride_step, blocks_per_split, stride_f,
-    seed, temperature,
-    BLOCK_V: tl.constexpr, DRAW: tl.constexpr, FTZ: tl.constexpr,
+    n_valid, stride_lm, stride_lv, stride_id, stride_step, blocks_per_split, stride_f,
+    seed, inv_temperature,
+    BLOCK_V: tl.constexpr, CH: tl.constexpr, DRAW: tl.constexpr, FTZ: tl.constexpr,
 ):
-    """Grid (rows, splits): pass 1 over one split of a row, its statistics written for `_merge_stats`.
+    """Grid (rows, splits): pass 1 over one split of a row (blocks of one chunk), its statistics written for
+    `_merge_stats` and, with DRAW, its best chunk of stage 0 over every token.
 
-    Per-lane state, one reduction per block (its max): the log-sum-exp and entropy in base 2
-    (_math.online_lse2_fold), the smallest x and, with DRAW, the Gumbel argmax (`_lane_draw`)."""
+    Two reductions per block, its max and its mass (_math.online_lse2_mass_step); the mass is the chunk's.
+    The blocks inside [0, n_valid) are loaded without a mask; the row's last, partial block alone is masked.
+    The split's chunks get their noise once, after the loop, a lane each (`_best_chunk`). m = max(raw)·(1/T) is
+    max(x): rounding is monotone."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    temp = tl.cast(temperature, tl.float32)
+    inv_t = tl.cast(inv_temperature, tl.float32)
+    k2 = inv_t * LOG2E
     row_ptr = logits_ptr + row * stride_lm
-    row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
     lanes = tl.arange(0, BLOCK_V)
-    m = tl.cast(float("-inf"), tl.float32)
+    chunk_lanes = tl.arange(0, CH)
+    raw_max = tl.cast(float("-inf"), tl.float32)
     r = tl.cast(float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    s = tl.cast(0.0, tl.float32)
+    c = tl.cast(0.0, tl.float32)
     t = tl.zeros([BLOCK_V], dtype=tl.float32)
-    low = tl.full([BLOCK_V], float("inf"), tl.float32)
-    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_tok = tl.zeros([BLOCK_V], dtype=tl.int32)
+    chunk_lse2 = tl.full([CH], float("-inf"), tl.float32)
     first = split * blocks_per_split
-    for block in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(n_cols, BLOCK_V))):
-        offs = block * BLOCK_V + lanes
-        x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
-        x_max = tl.max(x, axis=0)
-        r, s, t = online_lse2_fold(r, s, t, x, x_max * LOG2E, LOG2E, FTZ)
-        m = tl.maximum(m, x_max)
-        low = tl.minimum(low, tl.where(offs < n_valid, x, float("inf")))
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(n_valid, BLOCK_V))
+    n_full = n_valid // BLOCK_V
+    for block in range(first, tl.minimum(last, n_full)):
+        raw = tl.load(row_ptr + (block * BLOCK_V + lanes) * stride_lv).to(tl.float32)
+        r, s, c, t, mass, block_max = online_lse2_mass_step(r, s, c, t, raw, k2, FTZ)
+        raw_max = tl.maximum(raw_max, block_max)
         if DRAW:
-            best, best_x, best_tok = _lane_draw(x, offs, row_hash, offs < n_valid, m, best, best_x, best_tok)
-    top, top_x, top_tok = _lane_result(best, best_x, best_tok)
-    out = stats_ptr + row * n_splits + split
-    tl.store(out, m)
+            chunk_lse2 = tl.where(chunk_lanes == block - first, r + _log2_mass(mass), chunk_lse2)
+    if n_full < last:                                              # the split holds the partial last block
+        offs = n_full * BLOCK_V + lanes
+        raw = tl.load(row_ptr + offs * stride_lv, mask=offs < n_valid, other=float("-inf")).to(tl.float32)
+        r, s, c, t, mass, block_max = online_lse2_mass_step(r, s, c, t, raw, k2, FTZ)
+        raw_max = tl.maximum(raw_max, block_max)
+        if DRAW:
+            chunk_lse2 = tl.where(chunk_lanes == n_full - first, r + _log2_mass(mass), chunk_lse2)
+    out = stats_ptr + row * tl.num_programs(1) + split
+    tl.store(out, raw_max * inv_t)
     tl.store(out + stride_f, r)
-    tl.store(out + 2 * stride_f, tl.sum(s, axis=0))
-    tl.store(out + 3 * stride_f, tl.sum(t, axis=0))
-    tl.store(out + 4 * stride_f, tl.min(low, axis=0))
-    tl.store(out + 5 * stride_f, top)
-    tl.store(out + 6 * stride_f, top_x)
-    tl.store(out + 7 * stride_f, top_tok.to(tl.float32))
+    tl.store(out + 2 * stride_f, s)
+    tl.store(out + 3 * stride_f, tl.sum(t, axis=0) + c)
+    if DRAW:
+        row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
+        key, chunk = _best_chunk(chunk_lse2, first, row_hash, 0, CH)
+        tl.store(out + 4 * stride_f, key)
+        tl.store(out + 5 * stride_f, chunk.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _sample_pick_kernel(
+    logits_ptr, ids_ptr, steps_ptr, stats_ptr, check_ptr, state_in_ptr, state_out_ptr,
+    n_rows, n_splits, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
+    seed, inv_temperature, top_p,
+    BLOCK_V: tl.constexpr, SPLITS: tl.constexpr, FIRST: tl.constexpr,
+):
+    """One program per row, top-p alone: the next candidate of the rejection stages (module docstring).
+
+    FIRST: stage 0's draw (the chunk from the statistics, then the token in it). Otherwise the previous
+    candidate (state_in: x, token, resolved) and the check of it (check_ptr: per split the mass strictly above
+    it, then the best chunk above it): a mass below top_p·S keeps it (resolved); else the next candidate is
+    drawn in the chosen chunk among the tokens above it. Writes state_out."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = row * n_splits + tl.arange(0, SPLITS)
+    valid = tl.arange(0, SPLITS) < n_splits
+    m, r_ref, log2_s, _ = _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS)
+    if FIRST:
+        x_c = tl.cast(float("-inf"), tl.float32)
+        token = tl.cast(0, tl.int32)
+        resolved = m == float("-inf")
+        _, chunk = _merge_chunks(stats_ptr + 4 * stride_f, stride_f, offs, valid)
+    else:
+        x_c = tl.load(state_in_ptr + row)
+        token = tl.load(state_in_ptr + n_rows + row).to(tl.int32)
+        mass = tl.sum(tl.load(check_ptr + offs, mask=valid, other=0.0), axis=0)
+        resolved = (tl.load(state_in_ptr + 2 * n_rows + row) != 0.0) | (mass < top_p * tl.exp2(log2_s))
+        _, chunk = _merge_chunks(check_ptr + stride_f, stride_f, offs, valid)
+    if not resolved:                                               # the tokens strictly above x_c
+        row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
+        x_c, token = _draw_in_chunk(logits_ptr + row * stride_lm, chunk, n_valid, stride_lv,
+                                    tl.cast(inv_temperature, tl.float32), row_hash, _order_key(x_c) + 1, BLOCK_V)
+    tl.store(state_out_ptr + row, x_c)
+    tl.store(state_out_ptr + n_rows + row, token.to(tl.float32))
+    tl.store(state_out_ptr + 2 * n_rows + row, resolved.to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _sample_check_kernel(
-    logits_ptr, ids_ptr, steps_ptr, stats_ptr, prev_ptr, state_in_ptr, state_out_ptr, check_ptr,
-    n_rows, n_cols, n_valid, stride_lm, stride_lv, stride_id, stride_step, blocks_per_split, stride_f,
-    seed, temperature, top_p,
-    BLOCK_V: tl.constexpr, SPLITS: tl.constexpr, FIRST: tl.constexpr, FTZ: tl.constexpr,
+    logits_ptr, ids_ptr, steps_ptr, stats_ptr, state_ptr, check_ptr,
+    n_rows, n_valid, stride_lm, stride_lv, stride_id, stride_step, blocks_per_split, stride_f,
+    seed, inv_temperature, stage,
+    BLOCK_V: tl.constexpr, CH: tl.constexpr, SPLITS: tl.constexpr, DRAW: tl.constexpr, FTZ: tl.constexpr,
 ):
-    """Grid (rows, splits): one check of top-p's candidate over one split (see `_sample_final_kernel`).
+    """Grid (rows, splits): the check of a row's top-p candidate over one split (`_sample_pick_kernel`).
 
-    Every program of a row derives the same candidate from the previous launch's results (`_candidate`);
-    split 0 records it for the next launch. Unresolved rows sum the mass strictly above x_c over the split
-    and draw among the tokens above it; resolved rows read nothing."""
+    An unresolved row sums the mass strictly above the candidate's x per block (a chunk's mass above it) and,
+    with DRAW, picks the split's best chunk of the next stage among them; resolved rows read nothing."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    top, top_x, top_tok, resolved, m, r_ref = _candidate(stats_ptr, prev_ptr, state_in_ptr, row, n_splits, n_rows,
-                                                         stride_f, top_p, FIRST, SPLITS)
-    if split == 0:
-        tl.store(state_out_ptr + row, top)
-        tl.store(state_out_ptr + n_rows + row, top_x)
-        tl.store(state_out_ptr + 2 * n_rows + row, top_tok.to(tl.float32))
-        tl.store(state_out_ptr + 3 * n_rows + row, resolved.to(tl.float32))
-    temp = tl.cast(temperature, tl.float32)
+    _, r_ref, _, _ = _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS)
+    x_c = tl.load(state_ptr + row)
+    resolved = tl.load(state_ptr + 2 * n_rows + row) != 0.0
+    inv_t = tl.cast(inv_temperature, tl.float32)
+    k2 = inv_t * LOG2E
     row_ptr = logits_ptr + row * stride_lm
-    row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
     lanes = tl.arange(0, BLOCK_V)
-    mass = tl.zeros([BLOCK_V], dtype=tl.float32)
-    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_tok = tl.zeros([BLOCK_V], dtype=tl.int32)
+    chunk_lanes = tl.arange(0, CH)
+    mass = tl.cast(0.0, tl.float32)
+    chunk_lse2 = tl.full([CH], float("-inf"), tl.float32)
     first = split * blocks_per_split
-    last = tl.where(resolved, first, tl.minimum(first + blocks_per_split, tl.cdiv(n_cols, BLOCK_V)))
-    for block in range(first, last):
-        offs = block * BLOCK_V + lanes
-        x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
-        above = x > top_x                                          # -inf (padding, past the row) never is
-        mass += tl.where(above, fast_exp2(x * LOG2E - r_ref, FTZ), 0.0)
-        best, best_x, best_tok = _lane_draw(x, offs, row_hash, above, m, best, best_x, best_tok)
-    next_top, next_x, next_tok = _lane_result(best, best_x, best_tok)
+    last = tl.where(resolved, first, tl.minimum(first + blocks_per_split, tl.cdiv(n_valid, BLOCK_V)))
+    n_full = n_valid // BLOCK_V
+    for block in range(first, tl.minimum(last, n_full)):
+        raw = tl.load(row_ptr + (block * BLOCK_V + lanes) * stride_lv).to(tl.float32)
+        block_mass = tl.sum(tl.where(raw * inv_t > x_c, fast_exp2(raw * k2 - r_ref, FTZ), 0.0), axis=0)
+        mass += block_mass
+        if DRAW:
+            chunk_lse2 = tl.where(chunk_lanes == block - first, r_ref + _log2_mass(block_mass), chunk_lse2)
+    if n_full < last:
+        offs = n_full * BLOCK_V + lanes
+        raw = tl.load(row_ptr + offs * stride_lv, mask=offs < n_valid, other=float("-inf")).to(tl.float32)
+        block_mass = tl.sum(tl.where(raw * inv_t > x_c, fast_exp2(raw * k2 - r_ref, FTZ), 0.0), axis=0)
+        mass += block_mass
+        if DRAW:
+            chunk_lse2 = tl.where(chunk_lanes == n_full - first, r_ref + _log2_mass(block_mass), chunk_lse2)
     out = check_ptr + row * n_splits + split
-    tl.store(out, tl.sum(mass, axis=0))
-    tl.store(out + stride_f, next_top)
-    tl.store(out + 2 * stride_f, next_x)
-    tl.store(out + 3 * stride_f, next_tok.to(tl.float32))
+    tl.store(out, mass)
+    if DRAW:
+        row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
+        key, chunk = _best_chunk(chunk_lse2, first, row_hash, stage, CH)
+        tl.store(out + stride_f, key)
+        tl.store(out + 2 * stride_f, chunk.to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["seed", "top_k"])
 def _sample_final_kernel(
     logits_ptr, ids_ptr, steps_ptr, stats_ptr, check_ptr, state_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
-    n_rows, n_splits, n_cols, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
-    seed, temperature, top_k, top_p,
+    n_rows, n_splits, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
+    seed, inv_temperature, top_k, top_p, stage,
     BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, NPROBE: tl.constexpr,
     SEARCH_PASSES: tl.constexpr, HAS_CHECKS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
 ):
-    """One program per row: the merged statistics, the filters' outcome, and the outputs.
+    """One program per row: the merged statistics, the filters' outcome, the draw, and the outputs.
 
-    Rows are split across programs for the passes that read them (`_sample_stats_kernel`, then for top-p
-    alone the checks); the merges are exact up to rounding (log-sum-exp rescaled to the largest reference;
-    argmax: largest score, smallest token).
+    Rows are split across programs for the passes that read them; the merges are exact up to rounding
+    (log-sum-exp rescaled to the largest reference; chunk draws: largest key, smallest chunk).
 
-    Top-p alone: the kept set is the tokens whose strictly more likely tokens
-    hold < top_p of the mass, an upper set in x. A check pass sums the mass
-    strictly above the candidate x_c (first the unfiltered Gumbel argmax):
-    below top_p·S, c is kept and, being the argmax over a superset of the kept
-    set, is the draw (2 reads of the row in all). Otherwise no token with
-    x <= x_c is kept, and the same pass has drawn the next candidate among the
-    tokens with x > x_c (again a superset of the kept set). A row unresolved
-    after the checks (the draw fell outside the nucleus each time) takes the
-    threshold search here.
-
-    With top-k (or for unresolved rows): 8 search passes per filter for its
-    threshold key (blocks of BLOCK_S: a pass holds (NPROBE, BLOCK_S) tiles),
-    then the Gumbel argmax over the tokens at or above it.
+    No filter: the token in stats' chunk. Top-p alone: the last candidate, kept when the last check's mass
+    above it is below top_p·S. With top-k, or for a row the checks left unresolved: 8 search passes per
+    filter for its threshold key (blocks of BLOCK_S: a pass holds (NPROBE, BLOCK_S) tiles), then the
+    two-level draw over the tokens at or above it (`stage`): a pass for the chunks' kept mass (a chunk that
+    cannot beat the best key by the noise's bound skips its noise), and the token in the chosen chunk.
     """
     row = tl.program_id(0).to(tl.int64)
-    temp = tl.cast(temperature, tl.float32)
+    inv_t = tl.cast(inv_temperature, tl.float32)
     row_ptr = logits_ptr + row * stride_lm
+    offs_s = row * n_splits + tl.arange(0, SPLITS)
+    valid_s = tl.arange(0, SPLITS) < n_splits
     FILTERED: tl.constexpr = HAS_TOP_K or HAS_TOP_P
     NUCLEUS: tl.constexpr = HAS_TOP_P and not HAS_TOP_K
-    m, r_ref, log2_s, entropy, low, top, top_x, top_tok = _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS)
+    m, r_ref, log2_s, entropy = _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS)
     no_mass = m == float("-inf")
     lse = (r_ref + log2_s) * LN2
+    row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
 
-    if FILTERED:
-        m_ref = tl.where(no_mass, 0.0, m)
-        s_nat = tl.exp2(log2_s + (r_ref - m_ref * LOG2E))          # sum exp(x - m), the search's unit of mass
-        n_search = SEARCH_PASSES
-        n_draw = n_cols
+    if not FILTERED:
+        _, chunk = _merge_chunks(stats_ptr + 4 * stride_f, stride_f, offs_s, valid_s)
+        top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash,
+                                        _order_key(tl.cast(float("-inf"), tl.float32)) + 1, BLOCK_V)
+    else:
+        top_x = tl.cast(float("-inf"), tl.float32)
+        top_tok = tl.cast(0, tl.int32)
+        resolved = no_mass
         if NUCLEUS and HAS_CHECKS:
-            top, top_x, top_tok, resolved, _, _ = _candidate(stats_ptr, check_ptr, state_ptr, row, n_splits, n_rows,
-                                                             stride_f, top_p, False, SPLITS)
-            n_search = tl.where(resolved, 0, SEARCH_PASSES)
-            n_draw = tl.where(resolved, 0, n_cols)
-        lo = _order_key(low)                                       # everything kept
-        lo_mass = s_nat
-        if HAS_TOP_K:
-            hi = _order_key(m) + 1
-            n_pass = tl.where(top_k < n_valid, SEARCH_PASSES, 0)
-            for _ in range(n_pass):
-                lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
-                                               tl.cast(top_k, tl.float32), True, BLOCK_S, NPROBE)
-        if HAS_TOP_P:
-            hi = _order_key(m) + 1
-            target = tl.cast(top_p, tl.float32) * lo_mass           # top_p of the top-k set's mass
-            for _ in range(n_search):
-                lo, hi, lo_mass = _search_pass(row_ptr, n_cols, n_valid, stride_lv, temp, m_ref, lo, hi,
-                                               target, False, BLOCK_S, NPROBE)
-        if n_draw > 0:
-            row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
-            best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-            best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
-            best_tok = tl.zeros([BLOCK_V], dtype=tl.int32)
-            for start in range(0, n_draw, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                x = _scaled_block(row_ptr, offs, n_cols, n_valid, stride_lv, temp)
-                kept = (offs < n_valid) & (_order_key(x) >= lo)
-                best, best_x, best_tok = _lane_draw(x, offs, row_hash, kept, m, best, best_x, best_tok)
-            top, top_x, top_tok = _lane_result(best, best_x, best_tok)
+            top_x = tl.load(state_ptr + row)
+            top_tok = tl.load(state_ptr + n_rows + row).to(tl.int32)
+            mass = tl.sum(tl.load(check_ptr + offs_s, mask=valid_s, other=0.0), axis=0)
+            resolved = (tl.load(state_ptr + 2 * n_rows + row) != 0.0) | (mass < top_p * tl.exp2(log2_s))
+        if not resolved:
+            m_ref = tl.where(no_mass, 0.0, m)
+            s_nat = tl.exp2(log2_s + (r_ref - m_ref * LOG2E))          # sum exp(x - m), the search's unit of mass
+            lo = _order_key(tl.cast(float("-inf"), tl.float32))        # everything kept
+            lo_mass = s_nat
+            if HAS_TOP_K:
+                hi = _order_key(m) + 1
+                n_pass = tl.where(top_k < n_valid, SEARCH_PASSES, 0)
+                for _ in range(n_pass):
+                    lo, hi, lo_mass = _search_pass(row_ptr, n_valid, stride_lv, inv_t, m_ref, lo, hi,
+                                                   tl.cast(top_k, tl.float32), True, BLOCK_S, NPROBE)
+            if HAS_TOP_P:
+                hi = _order_key(m) + 1
+                target = tl.cast(top_p, tl.float32) * lo_mass           # top_p of the top-k set's mass
+                for _ in range(SEARCH_PASSES):
+                    lo, hi, lo_mass = _search_pass(row_ptr, n_valid, stride_lv, inv_t, m_ref, lo, hi,
+                                                   target, False, BLOCK_S, NPROBE)
+            # The kept set is the tokens whose key is >= lo: their chunks' mass, then the token.
+            best = tl.cast(float("-inf"), tl.float32)
+            chunk = tl.cast(0, tl.int32)
+            for c in range(0, tl.cdiv(n_valid, BLOCK_V)):
+                offs = c * BLOCK_V + tl.arange(0, BLOCK_V)
+                x = _masked_block(row_ptr, offs, n_valid, stride_lv, inv_t)
+                kept = _order_key(x) >= lo
+                c_lse2 = r_ref + _log2_mass(tl.sum(tl.where(kept, tl.exp2(x * LOG2E - r_ref), 0.0), axis=0))
+                if c_lse2 + 24.1 > best:                               # _G_MAX_LOG2: else its key cannot win
+                    key = c_lse2 + _gumbel(row_hash, (c + stage * 8192 + 0x10000000).to(tl.uint32)) * LOG2E
+                    chunk = tl.where(key > best, c, chunk)
+                    best = tl.maximum(key, best)
+            top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, BLOCK_V)
 
     tl.store(tokens_ptr + row, top_tok.to(tl.int64))
     tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), top_x - lse))
@@ -460,67 +519,94 @@ def _sample_final_kernel(
 # 2. Backends: the launcher and the torch twin
 # ----------------------------------------------------------------------------
 
-def _row_block(n_cols: int) -> int:
-    """Columns per trip of the row passes: the interpreter costs ~1 ms per program per loop trip whatever the
-    block size (the largest blocks there); a GPU takes 2048 (8 per thread at 8 warps: seven per-lane vectors
-    in registers)."""
-    return min(triton.next_power_of_2(n_cols), (1 << 16) if triton_interpreter_enabled() else 2048)
-
-
-def _sample_triton(logits2d, ids1d, steps1d, seed, temperature, top_k, top_p, vocab_size):
-    n_rows, n_cols = logits2d.shape
+def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_size):
+    n_rows = logits2d.size(0)
     device = logits2d.device
     tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
     out = empty_output((2, n_rows), torch.float32, device)
     if n_rows == 0:
         return tokens, out[0], out[1]
     interpreted = triton_interpreter_enabled()
-    block_v = _row_block(n_cols)
+    # A block is a chunk (one chunk, a smaller block, for a vocabulary shorter than one): 8 tokens per thread.
+    block_v = _CHUNK if vocab_size > _CHUNK else triton.next_power_of_2(vocab_size)
     has_top_k, has_top_p = 0 < top_k < vocab_size, top_p < 1.0
     nucleus = has_top_p and not has_top_k
-    # A search pass holds a (16, BLOCK_S) tile; the final kernel (search and draw for the rows that need them)
-    # takes that block for its draw too. Larger blocks there make ptxas spill (2048 always, 1024 with the
-    # checks' merge; tests/kernels/test_aot_compile.py): the search is only the rare fallback of top-p alone.
-    block_s = min(block_v, (1 << 16) if interpreted else 512 if nucleus else 1024)
+    # A search pass holds a (16, BLOCK_S) tile: larger blocks there make ptxas spill
+    # (tests/kernels/test_aot_compile.py); the interpreter costs ~1 ms per program and loop trip whatever the size.
+    block_s = min(triton.next_power_of_2(vocab_size), (1 << 16) if interpreted else 512 if nucleus else 1024)
     # Splits depend on V only, never on the batch: a row's result (rounding included) is the same in any batch.
-    n_blocks = triton.cdiv(n_cols, block_v)
+    n_blocks = triton.cdiv(vocab_size, block_v)
     per_split = triton.cdiv(n_blocks, min(n_blocks, _MAX_SPLITS))
     n_splits = triton.cdiv(n_blocks, per_split)
-    splits_p2 = triton.next_power_of_2(n_splits)
+    splits_p2, chunks_p2 = triton.next_power_of_2(n_splits), triton.next_power_of_2(per_split)
     n_checks = _CHECKS if nucleus else 0
-    stats = empty_output((8, n_rows, n_splits), torch.float32, device)
-    checks = empty_output((2, 4, n_rows, n_splits), torch.float32, device) if n_checks else stats
-    states = empty_output((2, 4, n_rows), torch.float32, device) if n_checks else stats
-    common = (n_cols, vocab_size, logits2d.stride(0), logits2d.stride(1), ids1d.stride(0), steps1d.stride(0))
+    stats = empty_output((6, n_rows, n_splits), torch.float32, device)
+    checks = empty_output((2, 3, n_rows, n_splits), torch.float32, device) if n_checks else stats
+    states = empty_output((2, 3, n_rows), torch.float32, device) if n_checks else stats
+    common = (vocab_size, logits2d.stride(0), logits2d.stride(1), ids1d.stride(0), steps1d.stride(0))
     # seed | 2^32: always typed int64 (a bare 32-bit value is i32 or u32 by its top bit: two compilations); the
     # kernels keep its low 32 bits.
-    draw_args = (seed | (1 << 32), float(temperature))
+    draw_args = (seed | (1 << 32), inv_t)
+    ftz = not interpreted
     with on_device_of(logits2d):
         _sample_stats_kernel[(n_rows, n_splits)](
             logits2d, ids1d, steps1d, stats, *common, per_split, stats.stride(0), *draw_args,
-            BLOCK_V=block_v, DRAW=not has_top_k, FTZ=not interpreted, num_warps=8,
+            BLOCK_V=block_v, CH=chunks_p2, DRAW=not (has_top_k or nucleus and not n_checks), FTZ=ftz, num_warps=4,
         )
-        for i in range(n_checks):       # check i reads check i - 1's results and state, writes its own
+        pick = dict(BLOCK_V=block_v, SPLITS=splits_p2, num_warps=8)
+        if n_checks:                    # stage 0's candidate, then check i (stage i's chunks) and its pick
+            _sample_pick_kernel[(n_rows,)](logits2d, ids1d, steps1d, stats, stats, states[1], states[0], n_rows,
+                                           n_splits, *common, stats.stride(0), *draw_args, top_p, FIRST=True, **pick)
+        for stage in range(1, n_checks + 1):
+            state, check = states[(stage - 1) % 2], checks[stage % 2]
             _sample_check_kernel[(n_rows, n_splits)](
-                logits2d, ids1d, steps1d, stats, checks[(i + 1) % 2], states[(i + 1) % 2], states[i % 2], checks[i % 2],
-                n_rows, *common, per_split, stats.stride(0), *draw_args, float(top_p),
-                BLOCK_V=block_v, SPLITS=splits_p2, FIRST=i == 0, FTZ=not interpreted, num_warps=8,
+                logits2d, ids1d, steps1d, stats, state, check, n_rows, *common, per_split, stats.stride(0),
+                *draw_args, stage, BLOCK_V=block_v, CH=chunks_p2, SPLITS=splits_p2, DRAW=stage < n_checks, FTZ=ftz,
+                num_warps=4,
             )
-        last = (n_checks - 1) % 2
+            if stage < n_checks:
+                _sample_pick_kernel[(n_rows,)](logits2d, ids1d, steps1d, stats, check, state, states[stage % 2],
+                                               n_rows, n_splits, *common, stats.stride(0), *draw_args, top_p,
+                                               FIRST=False, **pick)
         _sample_final_kernel[(n_rows,)](
-            logits2d, ids1d, steps1d, stats, checks[last] if n_checks else stats, states[last] if n_checks else stats,
-            tokens, out[0], out[1], n_rows, n_splits, *common, stats.stride(0), *draw_args, top_k, float(top_p),
-            BLOCK_V=block_s, BLOCK_S=block_s, SPLITS=splits_p2, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES,
+            logits2d, ids1d, steps1d, stats, checks[n_checks % 2] if n_checks else stats,
+            states[(n_checks - 1) % 2] if n_checks else stats, tokens, out[0], out[1], n_rows, n_splits, *common,
+            stats.stride(0), *draw_args, top_k, top_p, n_checks,
+            BLOCK_V=block_v, BLOCK_S=block_s, SPLITS=splits_p2, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES,
             HAS_CHECKS=n_checks > 0, HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, num_warps=8,
         )
     return tokens, out[0], out[1]
 
 
-def _sample_torch(logits2d, ids1d, steps1d, seed, temperature, top_k, top_p, vocab_size):
-    """The same draw with torch ops on (B, V) temporaries, in place where it can (a sort for top-p)."""
-    x = logits2d.float() / temperature                                                  # a new (B, V) tensor
-    V = x.size(-1)
-    if vocab_size < V:
+def _draw_torch(x, keep, rows, stage):
+    """The two-level draw (module docstring) over the tokens `keep` of each row of x (B, V): (B,) tokens."""
+    B, V = x.shape
+    size = min(_CHUNK, V)
+    n_chunks = triton.cdiv(V, size)
+    xs = F.pad(torch.where(keep, x, float("-inf")), (0, n_chunks * size - V), value=float("-inf"))
+    xs = xs.view(B, n_chunks, size)
+    chunk_ids = torch.arange(n_chunks, device=x.device) + _CHUNK_SALT + (stage << 13)
+    chunk = (torch.logsumexp(xs, -1) + _gumbel_of(rows, chunk_ids)).argmax(-1)         # first of equal maxima
+    tokens = chunk[:, None] * size + torch.arange(size, device=x.device)
+    score = xs[torch.arange(B, device=x.device), chunk] + _gumbel_of(rows, (tokens + _TOKEN_SALT) & _M32)
+    return chunk * size + score.argmax(-1)
+
+
+def _top_p_keep(x, e, top_p):
+    """The top-p set of each row of x, e = exp(x - max) on its candidates (0 elsewhere): by a sort."""
+    ordered, order = torch.sort(x, dim=-1, descending=True)
+    # Summed in float64: a float32 running sum over V terms drifts by up to V ulps of the mass.
+    mass = torch.cumsum(e.gather(-1, order), -1, dtype=torch.float64)
+    del order
+    # A token is kept when the mass strictly before it is below top_p of the total: the first always.
+    n_keep = (mass[:, :-1] < top_p * mass[:, -1:]).sum(-1, keepdim=True) + 1
+    return x >= ordered.gather(-1, n_keep - 1)                                          # ties at the threshold kept
+
+
+def _sample_torch(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_size):
+    """The same draw with torch ops on (B, V) temporaries (a sort for the top-p set)."""
+    x = logits2d.float() * inv_t                                                        # a new (B, V) tensor
+    if vocab_size < x.size(-1):
         x[:, vocab_size:] = float("-inf")
     m = x.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)                                          # a row with no finite logit
@@ -528,23 +614,26 @@ def _sample_torch(logits2d, ids1d, steps1d, seed, temperature, top_k, top_p, voc
     s = e.sum(-1)
     log_s = torch.log(s)
     entropy = log_s - torch.special.xlogy(e, e).sum(-1) / s                             # log s - sum e (x - m) / s
-    if 0 < top_k < vocab_size:
-        below = x < torch.topk(x, top_k, dim=-1).values[:, -1:]                         # ties with the k-th kept
-        e.masked_fill_(below, 0.0)                                                      # the top-k set's mass
-        x.masked_fill_(below, float("-inf"))                                            # the drawn token's x stays
-        del below
-    if top_p < 1.0:
-        ordered, order = torch.sort(x, dim=-1, descending=True)
-        # Summed in float64: a float32 running sum over V terms drifts by up to V ulps of the mass.
-        mass = torch.cumsum(e.gather(-1, order), -1, dtype=torch.float64)
-        del order
-        # A token is kept when the mass strictly before it is below top_p of the total: the first always.
-        n_keep = (mass[:, :-1] < top_p * mass[:, -1:]).sum(-1, keepdim=True) + 1
-        del mass
-        x.masked_fill_(x < ordered.gather(-1, n_keep - 1), float("-inf"))              # ties at the threshold kept
-        del ordered
-    del e
-    tokens = gumbel_noise(seed, ids1d, steps1d, V).add_(x).argmax(-1)                      # first of equal maxima
+    rows = _row_hashes(seed, ids1d, steps1d)
+    has_top_k = 0 < top_k < vocab_size
+    keep = x > float("-inf")
+    if has_top_k:
+        keep &= x >= torch.topk(x, top_k, dim=-1).values[:, -1:]                       # ties with the k-th kept
+    if top_p < 1.0 and not has_top_k and _CHECKS:                                       # rejection stages
+        tokens = _draw_torch(x, keep, rows, 0)
+        resolved = s == 0
+        for stage in range(1, _CHECKS + 1):
+            above = x > x.gather(-1, tokens[:, None])
+            resolved |= torch.where(above, e, 0.0).sum(-1) < top_p * s
+            if stage < _CHECKS and not resolved.all():
+                tokens = torch.where(resolved, tokens, _draw_torch(x, above, rows, stage))
+        if not resolved.all():
+            searched = _draw_torch(x, _top_p_keep(x, e, top_p), rows, _CHECKS)
+            tokens = torch.where(resolved, tokens, searched)
+    else:
+        if top_p < 1.0:
+            keep &= _top_p_keep(x, torch.where(keep, e, 0.0), top_p)
+        tokens = _draw_torch(x, keep, rows, 0)
     no_mass = s == 0
     x_token = x.gather(-1, tokens[:, None]).squeeze(-1)
     logprobs = torch.where(no_mass, float("-inf"), x_token - m.squeeze(-1) - log_s)
@@ -632,7 +721,8 @@ def sample(
     steps1d = step.reshape(-1) if isinstance(step, torch.Tensor) else \
         torch.full((1,), step, dtype=torch.int64, device=logits.device).expand(ids1d.numel())
     run = _sample_triton if backend == "triton" else _sample_torch
-    tokens, logprobs, entropy = run(logits2d, ids1d, steps1d, seed, float(temperature), min(top_k, vocab),
+    inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))                 # 1/T rounded to float32
+    tokens, logprobs, entropy = run(logits2d, ids1d, steps1d, seed, inv_t, min(top_k, vocab),
                                     float(top_p), vocab)
     lead = logits.shape[:-1]
     return Sample(tokens.view(lead), logprobs.view(lead), entropy.view(lead))

@@ -150,6 +150,7 @@ SCENARIOS = {
         torch.randn(4, v, dtype=d), seed=7, sample_ids=torch.arange(4), step=3, temperature=0.8, top_k=k, top_p=p,
         backend="triton") for name, d, v, k, p in (("fp32,top-k,top-p,V=32000", torch.float32, V_EVEN, 50, 0.9),
                                                    ("bf16,top-p,V=32001", torch.bfloat16, V_ODD, 0, 0.9),
+                                                   ("bf16,top-p,V=32000", torch.bfloat16, V_EVEN, 0, 0.9),
                                                    ("fp32,V=32000", torch.float32, V_EVEN, 0, 1.0))},
     "sample[fp32,top-p,a step per row,V=32000]": lambda: sample(    # the static engine's call (stride 1)
         torch.randn(4, V_EVEN), seed=7, sample_ids=torch.arange(4), step=torch.arange(4), temperature=0.8,
@@ -310,9 +311,11 @@ def test_no_reverse_scan():
 
 # The kernels held to their bandwidth budget of instructions on sm_90 (fastppo_testing/sass.py: issue rate
 # over copy bandwidth, ~8.1 thread-instructions per byte on an H200; bf16 forward ~16 per element): the row
-# kernels, and gae (its scans included; at T = 1 the row loop compiles away and the whole kernel counts).
+# kernels, the sampler's passes over a row, and gae (its scans included; at T = 1 the row loop compiles away
+# and the whole kernel counts).
 ROW_KERNELS = ("fastppo.kernels.token_logprobs:_token_logprobs_fwd_kernel",
-               "fastppo.kernels.token_logprobs:_token_logprobs_bwd_kernel")
+               "fastppo.kernels.token_logprobs:_token_logprobs_bwd_kernel",
+               "fastppo.kernels.sampler:_sample_stats_kernel", "fastppo.kernels.sampler:_sample_check_kernel")
 BUDGET_KERNELS = (*ROW_KERNELS, "fastppo.kernels.gae:_gae_fwd_kernel")
 
 
