@@ -19,8 +19,8 @@ What is drawn, per row (x = logits·(1/T) in float32, 1/T rounded to float32, ov
    of it, so the two levels draw exactly softmax(x) over the kept set, while
    only one chunk per row pays for per-token noise. g and G are standard Gumbel
    variables, pure functions of (seed, sample id, step, token id) and of (seed,
-   sample id, step, stage, chunk id) (`gumbel_noise`, `chunk_noise`); equal
-   scores go to the smallest id.
+   sample id, step, stage, chunk id) (`gumbel_noise`; a chunk's counter is
+   _CHUNK_SALT + stage·2^13 + chunk id); equal scores go to the smallest id.
 
 Top-p alone is drawn by rejection, in stages: stage 0 draws from every token;
 a check sums the mass strictly above the drawn token: below top_p of the
@@ -145,14 +145,6 @@ def gumbel_noise(seed: int, sample_ids: torch.Tensor, step: int | torch.Tensor, 
     """
     tokens = torch.arange(vocab, device=sample_ids.device, dtype=torch.int64) + _TOKEN_SALT
     return _gumbel_of(_row_hashes(seed, sample_ids, step), tokens & _M32)
-
-
-def chunk_noise(seed: int, sample_ids: torch.Tensor, step: int | torch.Tensor, stage: int,
-                n_chunks: int) -> torch.Tensor:
-    """(B, n_chunks) float32 standard Gumbel noise of the chunks at a stage of the draw (module docstring):
-    `gumbel_noise`'s bits, from the counter salt + stage·2^13 + chunk id."""
-    chunks = torch.arange(n_chunks, device=sample_ids.device, dtype=torch.int64) + _CHUNK_SALT + (stage << 13)
-    return _gumbel_of(_row_hashes(seed, sample_ids, step), chunks)
 
 
 # ----------------------------------------------------------------------------
