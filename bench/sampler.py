@@ -89,7 +89,6 @@ def run_case(name, fn, shape, device, bandwidth, rep):
 
 
 def main(argv=None):
-    reexec_with_malloc_threshold()                       # CPU: repeatable peak host memory
     parser = op_parser(__doc__, "BxV")
     parser.add_argument("--quick", action="store_true", help="B=16 and 64 at V=32000, and B=64 at V=151936")
     args = parser.parse_args(argv)
@@ -122,4 +121,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_threshold()                       # CPU: repeatable peak host memory
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,9 @@ def test_cpu_mode_runs_every_check_and_writes_the_summary(tmp_path):
                           env=cpu_env(), capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "no CUDA device" in proc.stdout
+    # One worker ran every check: nothing re-executed it (a bench re-executes itself only when run as a script).
+    events = (tmp_path / "gpu_check.events.jsonl").read_text().splitlines()
+    assert sum(json.loads(e)["event"] == "hello" for e in events if e.strip()) == 1
 
     rows = summary_rows(tmp_path / "gpu_check.md")
     assert sorted(rows) == sorted(gpu_check.CHECKS)
