@@ -28,9 +28,11 @@ total, the token is kept (the kept set is an upper set in x) and is the draw;
 otherwise stage i + 1 draws from the tokens above it (a superset of the kept
 set) with stage i + 1's chunk noise. A draw from a superset, accepted when it
 lands in the kept set, is a draw from the kept set, so every stage's accepted
-token follows softmax over the nucleus (the per-token noise may be shared
-across stages: given the argmax of a chunk, the argmax of any subset of it
-that excludes it is again softmax-distributed). After CHECKS = 4 rejections
+token follows softmax over the nucleus. The per-token noise may be shared
+across stages: within a chunk each stage's set is nested in the previous
+one's and excludes its draw, so what the earlier draws reveal about a
+subset's noise is a bound on its maximum, which is independent of its
+argmax: the argmax over the subset is again softmax-distributed. After CHECKS = 4 rejections
 the kept set is found by the threshold search and drawn with stage CHECKS's
 noise. With top-k, the thresholds are searched first and the draw is stage 0.
 
@@ -47,12 +49,13 @@ the Gumbel noise) moves ~230 bytes per logit (~9 GB per step at B=256,
 V=151936). The kernel reads each logit once per pass and writes a few floats
 per row and chunk: 1 pass without top-k/top-p (statistics and the chunk
 draw), then one chunk of the row; 2 for most rows with top-p alone (the draw,
-then the check of the mass above it); with top-k 1 + 8 per filter + 1
-(statistics, threshold search, draw), the later passes re-reading the row
-(V·4 bytes) from L2 when the rows in flight fit. No sort and no (B, V)
-temporary: the thresholds are found by a 16-way search on the float32 order
-key, which pins a 32-bit key range to one key in 8 passes (16^8 = 2^32), so
-they are exact, not approximations of the mass.
+then the check of the mass above it), and a chunk per stage; with top-k
+1 + 8 per filter + 1 (statistics, threshold search, the chunks' kept mass)
+and one chunk, the later passes re-reading the row (V·4 bytes) from L2 when
+the rows in flight fit. No sort and no (B, V) temporary: the thresholds are
+found by a 16-way search on the float32 order key, which pins a 32-bit key
+range to one key in 8 passes (16^8 = 2^32), so they are exact, not
+approximations of the mass.
 """
 
 from __future__ import annotations
@@ -213,7 +216,7 @@ def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, BLOC
 
     Equal scores: the smallest token. A chunk without such a finite token gives (-inf, its first token)."""
     offs = chunk.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    x = _masked_block(row_ptr, offs, n_valid, stride_lv, inv_t)
+    x = _raw_block(row_ptr, chunk.to(tl.int64) * BLOCK_V, n_valid, stride_lv, BLOCK_V, True) * inv_t
     noise = _gumbel(row_hash, offs.to(tl.uint32) + 0x85EBCA6B)
     score = tl.where(_order_key(x) >= lo, x + noise, float("-inf"))
     top = tl.max(score, axis=0)
@@ -230,9 +233,16 @@ def _order_key(x):
 
 
 @triton.jit
-def _masked_block(row_ptr, offs, n_valid, stride_lv, inv_t):
-    """x for columns offs; -inf on padding and past the row (the last, partial block of a row)."""
-    return tl.load(row_ptr + offs * stride_lv, mask=offs < n_valid, other=float("-inf")).to(tl.float32) * inv_t
+def _raw_block(row_ptr, start, n_valid, stride_lv, BLOCK_V: tl.constexpr, MASKED: tl.constexpr):
+    """float32 raw logits of columns start + [0, BLOCK_V) (the block's offset in 64 bits, its lanes' in 32);
+    MASKED: -inf at and past n_valid (padding and past the row: the row's last, partial block)."""
+    lanes = tl.arange(0, BLOCK_V)
+    ptrs = row_ptr + tl.cast(start, tl.int64) * stride_lv + lanes * stride_lv
+    if MASKED:
+        raw = tl.load(ptrs, mask=lanes < n_valid - start, other=float("-inf"))
+    else:
+        raw = tl.load(ptrs)
+    return raw.to(tl.float32)
 
 
 @triton.jit
@@ -251,7 +261,7 @@ def _search_pass(row_ptr, n_valid, stride_lv, inv_t, m_ref, lo, hi, target,
     mass = tl.zeros([NPROBE], dtype=tl.float32)
     for start in range(0, n_valid, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        x = _masked_block(row_ptr, offs, n_valid, stride_lv, inv_t)
+        x = _raw_block(row_ptr, start, n_valid, stride_lv, BLOCK_V, True) * inv_t
         above = (_order_key(x)[None, :] >= probes[:, None]) & (offs < n_valid)[None, :]  # (NPROBE, BLOCK_V)
         count += tl.sum(above.to(tl.float32), axis=1)
         mass += tl.sum(tl.where(above, tl.exp(x - m_ref)[None, :], 0.0), axis=1)
@@ -305,7 +315,6 @@ def _sample_stats_kernel(
     inv_t = tl.cast(inv_temperature, tl.float32)
     k2 = inv_t * LOG2E
     row_ptr = logits_ptr + row * stride_lm
-    lanes = tl.arange(0, BLOCK_V)
     chunk_lanes = tl.arange(0, CH)
     raw_max = tl.cast(float("-inf"), tl.float32)
     r = tl.cast(float("-inf"), tl.float32)
@@ -317,14 +326,13 @@ def _sample_stats_kernel(
     last = tl.minimum(first + blocks_per_split, tl.cdiv(n_valid, BLOCK_V))
     n_full = n_valid // BLOCK_V
     for block in range(first, tl.minimum(last, n_full)):
-        raw = tl.load(row_ptr + (block * BLOCK_V + lanes) * stride_lv).to(tl.float32)
+        raw = _raw_block(row_ptr, block * BLOCK_V, n_valid, stride_lv, BLOCK_V, False)
         r, s, c, t, mass, block_max = online_lse2_mass_step(r, s, c, t, raw, k2, FTZ)
         raw_max = tl.maximum(raw_max, block_max)
         if DRAW:
             chunk_lse2 = tl.where(chunk_lanes == block - first, r + _log2_mass(mass), chunk_lse2)
     if n_full < last:                                              # the split holds the partial last block
-        offs = n_full * BLOCK_V + lanes
-        raw = tl.load(row_ptr + offs * stride_lv, mask=offs < n_valid, other=float("-inf")).to(tl.float32)
+        raw = _raw_block(row_ptr, n_full * BLOCK_V, n_valid, stride_lv, BLOCK_V, True)
         r, s, c, t, mass, block_max = online_lse2_mass_step(r, s, c, t, raw, k2, FTZ)
         raw_max = tl.maximum(raw_max, block_max)
         if DRAW:
@@ -398,7 +406,6 @@ def _sample_check_kernel(
     inv_t = tl.cast(inv_temperature, tl.float32)
     k2 = inv_t * LOG2E
     row_ptr = logits_ptr + row * stride_lm
-    lanes = tl.arange(0, BLOCK_V)
     chunk_lanes = tl.arange(0, CH)
     mass = tl.cast(0.0, tl.float32)
     chunk_lse2 = tl.full([CH], float("-inf"), tl.float32)
@@ -406,14 +413,13 @@ def _sample_check_kernel(
     last = tl.where(resolved, first, tl.minimum(first + blocks_per_split, tl.cdiv(n_valid, BLOCK_V)))
     n_full = n_valid // BLOCK_V
     for block in range(first, tl.minimum(last, n_full)):
-        raw = tl.load(row_ptr + (block * BLOCK_V + lanes) * stride_lv).to(tl.float32)
+        raw = _raw_block(row_ptr, block * BLOCK_V, n_valid, stride_lv, BLOCK_V, False)
         block_mass = tl.sum(tl.where(raw * inv_t > x_c, fast_exp2(raw * k2 - r_ref, FTZ), 0.0), axis=0)
         mass += block_mass
         if DRAW:
             chunk_lse2 = tl.where(chunk_lanes == block - first, r_ref + _log2_mass(block_mass), chunk_lse2)
     if n_full < last:
-        offs = n_full * BLOCK_V + lanes
-        raw = tl.load(row_ptr + offs * stride_lv, mask=offs < n_valid, other=float("-inf")).to(tl.float32)
+        raw = _raw_block(row_ptr, n_full * BLOCK_V, n_valid, stride_lv, BLOCK_V, True)
         block_mass = tl.sum(tl.where(raw * inv_t > x_c, fast_exp2(raw * k2 - r_ref, FTZ), 0.0), axis=0)
         mass += block_mass
         if DRAW:
@@ -492,8 +498,7 @@ def _sample_final_kernel(
             best = tl.cast(float("-inf"), tl.float32)
             chunk = tl.cast(0, tl.int32)
             for c in range(0, tl.cdiv(n_valid, BLOCK_V)):
-                offs = c * BLOCK_V + tl.arange(0, BLOCK_V)
-                x = _masked_block(row_ptr, offs, n_valid, stride_lv, inv_t)
+                x = _raw_block(row_ptr, c * BLOCK_V, n_valid, stride_lv, BLOCK_V, True) * inv_t
                 kept = _order_key(x) >= lo
                 c_lse2 = r_ref + _log2_mass(tl.sum(tl.where(kept, tl.exp2(x * LOG2E - r_ref), 0.0), axis=0))
                 if c_lse2 + 24.1 > best:                               # _G_MAX_LOG2: else its key cannot win

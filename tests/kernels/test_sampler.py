@@ -99,7 +99,7 @@ def draw64(x, keep, rows, stage, chunk_tol, token_tol):
     chunk = keys.argmax(-1)
     tokens = chunk[:, None] * size + torch.arange(size)
     score = xs[torch.arange(B), chunk] + _noise64(rows, tokens + 0x85EBCA6B)
-    close = (_second_gap(keys) <= chunk_tol) | (_second_gap(score) <= token_tol)
+    close = (_second_gap(keys) <= 2 * chunk_tol) | (_second_gap(score) <= 2 * token_tol)   # both keys err
     return chunk * size + score.argmax(-1), close
 
 
@@ -114,7 +114,8 @@ def reference(logits, *, seed, sample_ids, step, temperature=1.0, top_k=0, top_p
     - top-p's mass above a candidate against top_p·S, and the top-p set's boundary: n exp terms of relative
       error u·(|x| + |max x| + 2) summed in blocks and trees: a relative error of at most
       slack = u·(4 max|x| + 2 log2 V + V/1024 + 16) on either side.
-    |g| <= -log(-log(1 - 2^-24)) < 17. top-k's set is exact (an order of float32 values).
+    |g| <= -log(-log(1 - 2^-24)) < 17. Two keys can swap when their gap is within both errors. top-k's set is
+    exact (an order of float32 values).
     """
     x = scaled64(logits, temperature, vocab_size)
     B, V = x.shape
@@ -405,13 +406,30 @@ def test_a_step_per_row_draws_what_each_rows_step_draws(backend):
 
 
 def test_the_backends_draw_the_same_tokens():
-    """The kernel and the torch twin agree token for token (float32 both; ties in x + g or in chunk keys are
-    measure-zero; 3 chunks a row)."""
+    """The kernel and the torch twin agree token for token on 3 chunks a row, top-p alone included, wherever
+    float32 rounding cannot change the draw (check_draw: the reference's ambiguous rows are left out)."""
     logits = torch.randn(16, 5000) * 3
-    for k, p in ((100, 0.95), (0, 1.0)):
+    for k, p in ((100, 0.95), (0, 0.9), (0, 1.0)):
         kw = dict(seed=3, sample_ids=torch.arange(16), step=9, temperature=0.8, top_k=k, top_p=p)
         a, b = sample(logits, backend="triton", **kw), sample(logits, backend="torch", **kw)
-        assert (a.tokens == b.tokens).float().mean() >= 15 / 16
+        assert check_draw(a, logits, **kw) + check_draw(b, logits, **kw) <= 2, (k, p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_split_across_programs_draw_what_one_program_draws(monkeypatch, backend):
+    """Chunks of 64 tokens: a row of 1000 is 16 chunks, one program or 8 (statistics and chunk draws merged
+    across them): the same tokens, and logprobs equal up to the merge's rounding."""
+    monkeypatch.setattr(sampler, "_CHUNK", 64)
+    logits = torch.randn(6, 1000) * 3
+    outs = []
+    for splits in (1, 8):
+        monkeypatch.setattr(sampler, "_MAX_SPLITS", splits)
+        outs.append([sample(logits, seed=5, sample_ids=torch.arange(6), step=1, temperature=0.9, top_k=k, top_p=p,
+                            backend=backend) for k, p in ((0, 1.0), (0, 0.8), (30, 0.9))])
+    for one, many in zip(*outs):
+        assert torch.equal(one.tokens, many.tokens)
+        torch.testing.assert_close(many.logprobs, one.logprobs, atol=4e-6, rtol=0)
+        torch.testing.assert_close(many.entropy, one.entropy, atol=4e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------
@@ -488,14 +506,13 @@ def test_gumbel_noise_is_a_pure_function_with_gumbel_moments():
 # Top-p by rejection stages, rows in several chunks and splits
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunk", [2048, 64], ids=["one chunk", "5 chunks"])
-def test_top_p_stages_and_chunks_draw_the_definition(monkeypatch, chunk):
+def test_top_p_stages_and_chunks_draw_the_definition(monkeypatch):
     """Top-p alone is drawn by rejection stages (sampler._CHECKS checks, then the threshold search): 0 checks
     send every row to the search, 1 leaves many rows to fall back (top_p 0.3 on flat rows), 4 resolve most.
     Chunks of 64 tokens split a row of 300 across 5 programs whose statistics and chunk draws are merged.
     Kernel and twin draw the definition's tokens (float64, every stage emulated), logits on a grid of 0.5 give
     ties in x, inside the nucleus and at its boundary."""
-    monkeypatch.setattr(sampler, "_CHUNK", chunk)
+    monkeypatch.setattr(sampler, "_CHUNK", 64)
     B, V = 12, 300                     # the interpreter: ~1 ms per program and launch
     logits = torch.round(torch.randn(B, V) * 4) / 2
     logits[:4] = torch.round(torch.randn(4, V)) / 2                    # flat rows: the draw often misses
