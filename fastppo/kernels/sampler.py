@@ -386,7 +386,7 @@ def _sample_pick_kernel(
     tl.store(state_out_ptr + 2 * n_rows + row, resolved.to(tl.float32))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "stage"])
 def _sample_check_kernel(
     logits_ptr, ids_ptr, steps_ptr, stats_ptr, state_ptr, check_ptr,
     n_rows, n_valid, stride_lm, stride_lv, stride_id, stride_step, blocks_per_split, stride_f,
@@ -524,7 +524,8 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
     if n_rows == 0:
         return tokens, out[0], out[1]
     interpreted = triton_interpreter_enabled()
-    # A block is a chunk (one chunk, a smaller block, for a vocabulary shorter than one): 8 tokens per thread.
+    # A block is a chunk (one chunk, a smaller block, for a vocabulary shorter than one): the passes over a row
+    # run 4 warps (16 tokens a thread: half the per-block reductions' share), the draw in one chunk 8.
     block_v = _CHUNK if vocab_size > _CHUNK else triton.next_power_of_2(vocab_size)
     has_top_k, has_top_p = 0 < top_k < vocab_size, top_p < 1.0
     nucleus = has_top_p and not has_top_k
