@@ -359,9 +359,10 @@ def test_frequencies_follow_the_filtered_softmax(monkeypatch, chunk, checks):
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_and_n_processes_draw_the_same(backend):
+def test_one_and_n_processes_draw_the_same(monkeypatch, backend):
     """Rows drawn alone, in another order or split between "ranks" get the same tokens and logprobs; seed,
-    step and sample id each change the draw."""
+    step and sample id each change the draw. Chunks of 64 tokens: 5 a row, in 5 programs."""
+    monkeypatch.setattr(sampler, "_CHUNK", 64)
     B, V = 12, 300
     logits = torch.randn(B, V) * 2
     ids = torch.arange(1000, 1000 + B)
@@ -380,9 +381,11 @@ def test_one_and_n_processes_draw_the_same(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_step_per_row_draws_what_each_rows_step_draws(backend):
+def test_a_step_per_row_draws_what_each_rows_step_draws(monkeypatch, backend):
     """Rows at different steps in one call (continuous batching): row i draws, to the bit, what a call at its
-    own int step draws; a tensor of equal steps is the int step; steps enter by their low 32 bits."""
+    own int step draws; a tensor of equal steps is the int step; steps enter by their low 32 bits. Chunks of
+    64 tokens: the step reaches the chunk noise too."""
+    monkeypatch.setattr(sampler, "_CHUNK", 64)
     B, V = 6, 300
     logits = torch.randn(B, V) * 2
     ids = torch.arange(50, 50 + B)
