@@ -61,14 +61,15 @@ def _rows(seed, ids, step):
 
 
 def noise64(seed, ids, step, vocab):
-    """(B, V) float64 token noise."""
-    return _noise64(_rows(seed, ids, step), torch.arange(vocab, dtype=torch.int64)[None, :] + 0x85EBCA6B)
+    """(B, V) float64 token noise, on ids' device."""
+    return _noise64(_rows(seed, ids, step), torch.arange(vocab, dtype=torch.int64)[None, :] + 0x85EBCA6B).to(ids.device)
 
 
 def scaled64(logits, temperature=1.0, vocab_size=None):
-    """x = logits·(1/T) in float32 (1/T rounded to float32: the definition), as float64; padding at -inf."""
+    """x = logits·(1/T) in float32 (1/T rounded to float32: the definition), as float64 on the CPU (the reference
+    computes there whatever device the kernel ran on); padding at -inf."""
     inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
-    x = (logits.reshape(-1, logits.size(-1)).float() * inv_t).double()
+    x = (logits.detach().cpu().reshape(-1, logits.size(-1)).float() * inv_t).double()
     if vocab_size is not None:
         x[:, vocab_size:] = float("-inf")
     return x
@@ -181,7 +182,7 @@ def check_logprob_entropy(got, logits, **kw):
     (the flash-attn criterion; the atol covers the rounding the plain computation shares)."""
     logp64, ent64 = stats64(logits, kw.get("temperature", 1.0), kw.get("vocab_size"))
     tokens = got.tokens.reshape(-1, 1).cpu()
-    x32 = scaled64(logits.cpu(), kw.get("temperature", 1.0), kw.get("vocab_size")).float()
+    x32 = scaled64(logits, kw.get("temperature", 1.0), kw.get("vocab_size")).float()
     plain = torch.log_softmax(x32, -1)
     plain_ent = -torch.where(torch.isfinite(plain), plain.exp() * plain, 0.0).sum(-1)
     x_max = x32.abs().nan_to_num(posinf=0).max().item()
