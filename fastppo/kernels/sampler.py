@@ -50,12 +50,14 @@ V=151936). The kernel reads each logit once per pass and writes a few floats
 per row and chunk: 1 pass without top-k/top-p (statistics and the chunk
 draw), then one chunk of the row; 2 for most rows with top-p alone (the draw,
 then the check of the mass above it), and a chunk per stage; with top-k
-1 + 8 per filter + 1 (statistics, threshold search, the chunks' kept mass)
-and one chunk, the later passes re-reading the row (V·4 bytes) from L2 when
-the rows in flight fit. No sort and no (B, V) temporary: the thresholds are
-found by a 16-way search on the float32 order key, which pins a 32-bit key
-range to one key in 8 passes (16^8 = 2^32), so they are exact, not
-approximations of the mass.
+1 + 16 per filter + 1 (statistics, threshold search, the chunks' kept mass;
+one more for the top-k set's mass when top-p follows) and one chunk, the
+later passes re-reading the row from L2 when the rows in flight fit. No sort
+and no (B, V) temporary: the thresholds are found by a 4-way search on the
+float32 order key, which pins a 32-bit key range to one key in 16 passes
+(4^16 = 2^32), so they are exact, not approximations of the mass. A search
+pass costs two instructions per token and probe (a float compare against the
+probe's value and an add), within the bandwidth's budget of instructions.
 """
 
 from __future__ import annotations
@@ -80,13 +82,12 @@ _STEP_SALT = 0x632BE5AB
 _CHUNK_SALT = 0x10000000  # a chunk's counter: salt + stage·2^13 + chunk (< 2^16 above it: never a token's)
 _MIX_A, _MIX_B = 0x7FEB352D, 0x5BD1E995  # mix32's multipliers
 _CHUNK = 2048         # tokens per chunk of the two-level draw: part of the definition, and the kernels' block
-_NPROBE = 16          # thresholds probed per search pass
-_SEARCH_PASSES = 8    # 16^8 = 2^32: a 32-bit key range narrowed to one key
+_SEARCH_PASSES = 16   # 4-way: 4^16 = 2^32, a 32-bit key range narrowed to one key
+_SEARCH_BLOCK_INTERPRETED = 1 << 16   # the search's block under the interpreter (a chunk when compiled)
 _CHECKS = 4           # top-p alone: rejection stages checked before a row falls back to the search
 _MAX_SPLITS = 8       # programs per row in the passes that read it (at most; fewer for short rows)
 _MAX_VOCAB = 1 << 24  # token counts are summed in float32, exact up to 2^24; chunk ids stay below 2^13
 _U_MAX = 1.0 - 2.0 ** -24  # the largest float32 below 1
-_G_MAX_LOG2 = 24.1    # the largest noise, -log(-log(1 - 2^-24)) < 16.7, in base 2 (·log2 e)
 
 
 # ----------------------------------------------------------------------------
@@ -246,31 +247,86 @@ def _raw_block(row_ptr, start, n_valid, stride_lv, BLOCK_V: tl.constexpr, MASKED
 
 
 @triton.jit
-def _search_pass(row_ptr, n_valid, stride_lv, inv_t, m_ref, lo, hi, target,
-                 BY_COUNT: tl.constexpr, BLOCK_V: tl.constexpr, NPROBE: tl.constexpr):
-    """One pass of a 16-way search for the largest key v with F(v) >= target, known to lie in [lo, hi).
+def _key_value(key):
+    """The float32 whose `_order_key` is key, for keys from key(-inf) to key(+inf) (the key -1, which no float
+    has, gives -0.0: x >= it exactly when key(x) >= 0): x >= _key_value(k) is key(x) >= k for every non-NaN x."""
+    bits = key.to(tl.int32)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
 
-    F(v) is the number (BY_COUNT) or the mass sum exp(x - m_ref) of the valid
-    tokens whose key is >= v. Returns the narrowed [lo, hi) and F(lo) by mass.
-    F is a sum of non-negative terms in a fixed order, so its float value is
-    monotone in v and the probes' verdicts are consistent.
+
+@triton.jit
+def _search_block(a1, a2, a3, raw, inv_t, k2, r_ref, p1, p2, p3, BY_COUNT: tl.constexpr, FTZ: tl.constexpr):
+    """Add a block's tokens whose x is >= each probe to per-lane sums: a count (in float32: exact below 2^24,
+    which bounds the vocabulary), or the mass 2^(raw·k2 - r_ref)."""
+    x = raw * inv_t
+    if BY_COUNT:
+        a1 += (x >= p1).to(tl.float32)
+        a2 += (x >= p2).to(tl.float32)
+        a3 += (x >= p3).to(tl.float32)
+    else:
+        e = fast_exp2(raw * k2 - r_ref, FTZ)
+        a1 += tl.where(x >= p1, e, 0.0)
+        a2 += tl.where(x >= p2, e, 0.0)
+        a3 += tl.where(x >= p3, e, 0.0)
+    return a1, a2, a3
+
+
+@triton.jit
+def _search_pass(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo, hi, target,
+                 BY_COUNT: tl.constexpr, BLOCK_S: tl.constexpr, FTZ: tl.constexpr):
+    """One pass of a 4-way search for the largest key v with F(v) >= target, known to lie in [lo, hi): the
+    probes lo + (hi - lo)·j / 4 cut the range into 4 parts, and one read of the row keeps the part that holds
+    v. Returns the narrowed [lo, hi).
+
+    F(v) is the number (BY_COUNT) or the mass sum 2^(raw·k2 - r_ref) of the tokens whose key is >= v; F(lo)
+    >= target holds on entry. Per-lane sums, reduced once per pass; blocks of BLOCK_S, the last alone masked
+    (its padding is -inf: below every probe). F is a sum of non-negative terms in a fixed order, so its float
+    value is monotone in v and the verdicts are consistent. The probes compare x as floats (`_key_value`).
     """
-    probe_ix = tl.arange(0, NPROBE).to(tl.int64)
-    probes = lo + ((hi - lo) * probe_ix) // NPROBE                                     # (NPROBE,) ascending
-    count = tl.zeros([NPROBE], dtype=tl.float32)
-    mass = tl.zeros([NPROBE], dtype=tl.float32)
-    for start in range(0, n_valid, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        x = _raw_block(row_ptr, start, n_valid, stride_lv, BLOCK_V, True) * inv_t
-        above = (_order_key(x)[None, :] >= probes[:, None]) & (offs < n_valid)[None, :]  # (NPROBE, BLOCK_V)
-        count += tl.sum(above.to(tl.float32), axis=1)
-        mass += tl.sum(tl.where(above, tl.exp(x - m_ref)[None, :], 0.0), axis=1)
-    score = count if BY_COUNT else mass
-    ok = (score >= target) | (probes == lo)                                             # F(lo) >= target by invariant
-    new_lo = tl.max(tl.where(ok, probes, lo), axis=0)
-    new_hi = tl.min(tl.where(ok, hi, probes), axis=0)
-    lo_mass = tl.max(tl.where(probes == new_lo, mass, 0.0), axis=0)
-    return new_lo, new_hi, lo_mass
+    q1 = lo + (hi - lo) // 4
+    q2 = lo + (hi - lo) // 2
+    q3 = lo + (hi - lo) * 3 // 4
+    p1 = _key_value(q1)
+    p2 = _key_value(q2)
+    p3 = _key_value(q3)
+    a1 = tl.zeros([BLOCK_S], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_S], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_S], dtype=tl.float32)
+    n_left = tl.where(hi - lo > 1, n_valid, 0)                         # a range of one key: nothing to read
+    n_full = n_left // BLOCK_S
+    for block in range(0, n_full):
+        raw = _raw_block(row_ptr, block * BLOCK_S, n_valid, stride_lv, BLOCK_S, False)
+        a1, a2, a3 = _search_block(a1, a2, a3, raw, inv_t, k2, r_ref, p1, p2, p3, BY_COUNT, FTZ)
+    if n_full * BLOCK_S < n_left:
+        raw = _raw_block(row_ptr, n_full * BLOCK_S, n_valid, stride_lv, BLOCK_S, True)
+        a1, a2, a3 = _search_block(a1, a2, a3, raw, inv_t, k2, r_ref, p1, p2, p3, BY_COUNT, FTZ)
+    f1 = tl.sum(a1, axis=0)
+    f2 = tl.sum(a2, axis=0)
+    f3 = tl.sum(a3, axis=0)
+    # F does not increase with v: the last probe whose F reaches the target starts the part that holds v (a
+    # probe equal to lo, in a range under 4 keys wide, holds by the invariant).
+    new_lo = tl.where(f3 >= target, q3, tl.where(f2 >= target, q2, tl.where(f1 >= target, q1, lo)))
+    new_hi = tl.where(f3 >= target, hi, tl.where(f2 >= target, q3, tl.where(f1 >= target, q2, q1)))
+    return new_lo, tl.where(hi - lo > 1, tl.maximum(new_hi, new_lo + 1), hi)
+
+
+@triton.jit
+def _kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo_x, BLOCK_V: tl.constexpr, CH: tl.constexpr,
+                 FTZ: tl.constexpr):
+    """(CH,): lane c holds the base-2 log-mass (relative to r_ref: + r_ref) of chunk c's tokens whose x is >=
+    lo_x (-inf: none, or past the row). One read of the row, a block per chunk, the last alone masked."""
+    lanes = tl.arange(0, CH)
+    chunk_lse2 = tl.full([CH], float("-inf"), tl.float32)
+    n_full = n_valid // BLOCK_V
+    for c in range(0, n_full):
+        raw = _raw_block(row_ptr, c * BLOCK_V, n_valid, stride_lv, BLOCK_V, False)
+        mass = tl.sum(tl.where(raw * inv_t >= lo_x, fast_exp2(raw * k2 - r_ref, FTZ), 0.0), axis=0)
+        chunk_lse2 = tl.where(lanes == c, r_ref + _log2_mass(mass), chunk_lse2)
+    if n_full * BLOCK_V < n_valid:
+        raw = _raw_block(row_ptr, n_full * BLOCK_V, n_valid, stride_lv, BLOCK_V, True)
+        mass = tl.sum(tl.where(raw * inv_t >= lo_x, fast_exp2(raw * k2 - r_ref, FTZ), 0.0), axis=0)
+        chunk_lse2 = tl.where(lanes == n_full, r_ref + _log2_mass(mass), chunk_lse2)
+    return chunk_lse2
 
 
 @triton.jit
@@ -438,8 +494,9 @@ def _sample_final_kernel(
     logits_ptr, ids_ptr, steps_ptr, stats_ptr, check_ptr, state_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
     n_rows, n_splits, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
     seed, inv_temperature, top_k, top_p, stage,
-    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, NPROBE: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, CH: tl.constexpr,
     SEARCH_PASSES: tl.constexpr, HAS_CHECKS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+    FTZ: tl.constexpr,
 ):
     """One program per row: the merged statistics, the filters' outcome, the draw, and the outputs.
 
@@ -447,10 +504,11 @@ def _sample_final_kernel(
     (log-sum-exp rescaled to the largest reference; chunk draws: largest key, smallest chunk).
 
     No filter: the token in stats' chunk. Top-p alone: the last candidate, kept when the last check's mass
-    above it is below top_p·S. With top-k, or for a row the checks left unresolved: 8 search passes per
-    filter for its threshold key (blocks of BLOCK_S: a pass holds (NPROBE, BLOCK_S) tiles), then the
-    two-level draw over the tokens at or above it (`stage`): a pass for the chunks' kept mass (a chunk that
-    cannot beat the best key by the noise's bound skips its noise), and the token in the chosen chunk.
+    above it is below top_p·S. With top-k, or for a row the checks left unresolved: SEARCH_PASSES search
+    passes per filter for its threshold key (blocks of BLOCK_S: a chunk when compiled), then the two-level
+    draw over the tokens at or above it (`stage`): a pass for the chunks' kept mass, their noise once after
+    it (`_best_chunk`), and the token in the chosen chunk. Top-p after top-k takes top_p of the top-k set's
+    mass, summed by one more pass of the same kind.
     """
     row = tl.program_id(0).to(tl.int64)
     inv_t = tl.cast(inv_temperature, tl.float32)
@@ -478,33 +536,26 @@ def _sample_final_kernel(
             mass = tl.sum(tl.load(check_ptr + offs_s, mask=valid_s, other=0.0), axis=0)
             resolved = (tl.load(state_ptr + 2 * n_rows + row) != 0.0) | (mass < top_p * tl.exp2(log2_s))
         if not resolved:
-            m_ref = tl.where(no_mass, 0.0, m)
-            s_nat = tl.exp2(log2_s + (r_ref - m_ref * LOG2E))          # sum exp(x - m), the search's unit of mass
+            k2 = inv_t * LOG2E
             lo = _order_key(tl.cast(float("-inf"), tl.float32))        # everything kept
-            lo_mass = s_nat
+            kept_mass = tl.exp2(log2_s)                                 # sum 2^(y - r_ref) over the kept tokens
             if HAS_TOP_K:
                 hi = _order_key(m) + 1
-                n_pass = tl.where(top_k < n_valid, SEARCH_PASSES, 0)
-                for _ in range(n_pass):
-                    lo, hi, lo_mass = _search_pass(row_ptr, n_valid, stride_lv, inv_t, m_ref, lo, hi,
-                                                   tl.cast(top_k, tl.float32), True, BLOCK_S, NPROBE)
+                for _ in range(SEARCH_PASSES):
+                    lo, hi = _search_pass(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo, hi,
+                                          tl.cast(top_k, tl.float32), True, BLOCK_S, FTZ)
+                if HAS_TOP_P:                                           # the top-k set's mass
+                    kept_mass = tl.sum(tl.exp2(_kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref,
+                                                            _key_value(lo), BLOCK_V, CH, FTZ) - r_ref), axis=0)
             if HAS_TOP_P:
                 hi = _order_key(m) + 1
-                target = tl.cast(top_p, tl.float32) * lo_mass           # top_p of the top-k set's mass
+                target = top_p * kept_mass
                 for _ in range(SEARCH_PASSES):
-                    lo, hi, lo_mass = _search_pass(row_ptr, n_valid, stride_lv, inv_t, m_ref, lo, hi,
-                                                   target, False, BLOCK_S, NPROBE)
-            # The kept set is the tokens whose key is >= lo: their chunks' mass, then the token.
-            best = tl.cast(float("-inf"), tl.float32)
-            chunk = tl.cast(0, tl.int32)
-            for c in range(0, tl.cdiv(n_valid, BLOCK_V)):
-                x = _raw_block(row_ptr, c * BLOCK_V, n_valid, stride_lv, BLOCK_V, True) * inv_t
-                kept = _order_key(x) >= lo
-                c_lse2 = r_ref + _log2_mass(tl.sum(tl.where(kept, tl.exp2(x * LOG2E - r_ref), 0.0), axis=0))
-                if c_lse2 + 24.1 > best:                               # _G_MAX_LOG2: else its key cannot win
-                    key = c_lse2 + _gumbel(row_hash, (c + stage * 8192 + 0x10000000).to(tl.uint32)) * LOG2E
-                    chunk = tl.where(key > best, c, chunk)
-                    best = tl.maximum(key, best)
+                    lo, hi = _search_pass(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo, hi, target,
+                                          False, BLOCK_S, FTZ)
+            # The kept set is the tokens whose key is >= lo: the chunk by its kept mass, then the token.
+            _, chunk = _best_chunk(_kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, _key_value(lo),
+                                                BLOCK_V, CH, FTZ), 0, row_hash, stage, CH)
             top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, BLOCK_V)
 
     tl.store(tokens_ptr + row, top_tok.to(tl.int64))
@@ -525,13 +576,14 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
         return tokens, out[0], out[1]
     interpreted = triton_interpreter_enabled()
     # A block is a chunk (one chunk, a smaller block, for a vocabulary shorter than one): the passes over a row
-    # run 4 warps (16 tokens a thread: half the per-block reductions' share), the draw in one chunk 8.
+    # run 4 warps (16 tokens a thread: half the per-block reductions' share), the draw in one chunk 8 (the
+    # final kernel: 4 where it may search, which reads the row).
     block_v = _CHUNK if vocab_size > _CHUNK else triton.next_power_of_2(vocab_size)
     has_top_k, has_top_p = 0 < top_k < vocab_size, top_p < 1.0
     nucleus = has_top_p and not has_top_k
-    # A search pass holds a (16, BLOCK_S) tile: larger blocks there make ptxas spill
-    # (tests/kernels/test_aot_compile.py); the interpreter costs ~1 ms per program and loop trip whatever the size.
-    block_s = min(triton.next_power_of_2(vocab_size), (1 << 16) if interpreted else 512 if nucleus else 1024)
+    # The search passes read blocks of a chunk (the interpreter, whole rows: it costs ~1 ms per program and loop
+    # trip whatever the size).
+    block_s = min(triton.next_power_of_2(vocab_size), _SEARCH_BLOCK_INTERPRETED) if interpreted else block_v
     # Splits depend on V only, never on the batch: a row's result (rounding included) is the same in any batch.
     n_blocks = triton.cdiv(vocab_size, block_v)
     per_split = triton.cdiv(n_blocks, min(n_blocks, _MAX_SPLITS))
@@ -570,8 +622,9 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
             logits2d, ids1d, steps1d, stats, checks[n_checks % 2] if n_checks else stats,
             states[(n_checks - 1) % 2] if n_checks else stats, tokens, out[0], out[1], n_rows, n_splits, *common,
             stats.stride(0), *draw_args, top_k, top_p, n_checks,
-            BLOCK_V=block_v, BLOCK_S=block_s, SPLITS=splits_p2, NPROBE=_NPROBE, SEARCH_PASSES=_SEARCH_PASSES,
-            HAS_CHECKS=n_checks > 0, HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, num_warps=8,
+            BLOCK_V=block_v, BLOCK_S=block_s, SPLITS=splits_p2, CH=triton.next_power_of_2(n_blocks),
+            SEARCH_PASSES=_SEARCH_PASSES, HAS_CHECKS=n_checks > 0, HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, FTZ=ftz,
+            num_warps=4 if has_top_k or has_top_p else 8,
         )
     return tokens, out[0], out[1]
 

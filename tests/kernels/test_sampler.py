@@ -275,6 +275,10 @@ def test_ties_at_the_threshold_are_all_kept(backend):
                        (0, 0.6, {1, 2, 4})):
         drawn = set(draw(logits, backend, seed=9, sample_ids=ids, step=0, top_k=k, top_p=p).tokens.tolist())
         assert drawn == want if n == 128 else drawn <= want, (k, p)
+    # -0.0 and +0.0 are one value: tied at the top-k threshold, both kept.
+    logits = torch.tensor([0.0, -1.0, 2.0, -0.0, -2.0]).expand(n, -1)
+    drawn = set(draw(logits, backend, seed=5, sample_ids=ids, step=0, top_k=2).tokens.tolist())
+    assert drawn == {0, 2, 3} if n == 128 else drawn <= {0, 2, 3}
     # Equal x + g: two tokens of one row and chunk whose noise is equal (24 bits: about 2048^2 / 2^25 such
     # pairs per chunk), given the same, dominant logit (their chunk wins: its mass is e^43 times any other's).
     V = 20_000
@@ -513,14 +517,18 @@ def test_gumbel_noise_is_a_pure_function_with_gumbel_moments():
 def test_top_p_stages_and_chunks_draw_the_definition(monkeypatch):
     """Top-p alone is drawn by rejection stages (sampler._CHECKS checks, then the threshold search): 0 checks
     send every row to the search, 1 leaves many rows to fall back (top_p 0.3 on flat rows), 4 resolve most.
-    Chunks of 64 tokens split a row of 300 across 5 programs whose statistics and chunk draws are merged.
-    Kernel and twin draw the definition's tokens (float64, every stage emulated), logits on a grid of 0.5 give
-    ties in x, inside the nucleus and at its boundary."""
+    Chunks of 64 tokens split a row of 300 across 5 programs whose statistics and chunk draws are merged, and
+    the threshold searches read it in 3 blocks (the last partial), as on a GPU. Kernel and twin draw the
+    definition's tokens (float64, every stage emulated), logits on a grid of 0.5 give ties in x, inside the
+    nucleus and at its boundary, and rows below 0 searched over negative keys; top-k, alone and with top-p,
+    searches its threshold the same way."""
     monkeypatch.setattr(sampler, "_CHUNK", 64)
+    monkeypatch.setattr(sampler, "_SEARCH_BLOCK_INTERPRETED", 128)
     B, V = 12, 300                     # the interpreter: ~1 ms per program and launch
     logits = torch.round(torch.randn(B, V) * 4) / 2
     logits[:4] = torch.round(torch.randn(4, V)) / 2                    # flat rows: the draw often misses
     logits[4, :10] = 6.0                                               # a tied top group holding the nucleus
+    logits[5:8] -= 40.0                                                # thresholds below 0: negative keys
     outs = {}
     for checks in (0, 1, 4):
         monkeypatch.setattr(sampler, "_CHECKS", checks)
@@ -531,6 +539,10 @@ def test_top_p_stages_and_chunks_draw_the_definition(monkeypatch):
                 assert check_draw(out, logits, **kw) <= B // 4, (checks, seed)
                 check_logprob_entropy(out, logits, **kw)
                 outs.setdefault((seed, backend), []).append(out)
+    for k, p in ((40, 1.0), (40, 0.8)):
+        kw = dict(seed=6, sample_ids=torch.arange(B), step=1, temperature=0.9, top_k=k, top_p=p)
+        for backend in BACKENDS:
+            assert check_draw(sample(logits, backend=backend, **kw), logits, **kw) <= B // 4, (k, p)
     for (seed, backend), (first, *others) in outs.items():        # the checks change the tokens, not the stats
         for other in others:
             torch.testing.assert_close(other.logprobs[other.tokens == first.tokens],

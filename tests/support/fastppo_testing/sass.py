@@ -86,11 +86,8 @@ def count(sass: str) -> SassCounts:
 
 
 def block_elements(constexprs: dict) -> int:
-    """Elements one trip of a program's hot loop covers: BLOCK_V for a row kernel, BLOCK_M x BLOCK_T for a
-    (B, T) tile, else BLOCK_T or BLOCK_P. The sampler's search tile (BLOCK_S) is the hot loop's block when
-    the search runs on every row (HAS_TOP_K); otherwise its row passes (BLOCK_V) are."""
-    if "BLOCK_S" in constexprs and constexprs.get("HAS_TOP_K"):
-        return constexprs["BLOCK_S"]
+    """Elements one trip of a program's hot loop covers: BLOCK_V for a row kernel (the sampler's searches read
+    blocks of the same size), BLOCK_M x BLOCK_T for a (B, T) tile, else BLOCK_T or BLOCK_P."""
     if "BLOCK_V" in constexprs:
         return constexprs["BLOCK_V"]
     if "BLOCK_T" in constexprs:
