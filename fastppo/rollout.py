@@ -14,9 +14,9 @@ actually generated.
 
 Sampling is counter-based (`CounterSampler`, on the fused op
 `fastppo.kernels.sample`): the token drawn for a sample at step t is a
-two-level Gumbel-max over logits/T, top-k/top-p filtered (a chunk of the
-vocabulary, then a token in it: docs/rollout.md), the noise a hash of
-(seed, sample id, t, chunk or token id). A sample's response depends on its prompt,
+three-level Gumbel-max over logits/T, top-k/top-p filtered (a chunk of the
+vocabulary, a group in it, then a token: docs/rollout.md), the noise a hash
+of (seed, sample id, t, chunk, group or token id). A sample's response depends on its prompt,
 the policy, the seed and its id only: not on the rest of its batch, on
 generation_batch_size or on which rank generates it. The trainer numbers
 samples by their place in the global rollout batch, so each rank draws its

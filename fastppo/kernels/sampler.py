@@ -10,31 +10,35 @@ What is drawn, per row (x = logits·(1/T) in float32, 1/T rounded to float32, ov
    reaches top_p, with every token tied at the threshold kept (equivalently: a
    token is kept when the mass of the tokens strictly more likely than it is
    < top_p). top_p = 1: all;
-3. a token is drawn from softmax(x) restricted to the kept set in two levels,
-   each a Gumbel-max (Gumbel 1954; the trick as in Maddison et al. 2014): the
-   vocabulary is cut into chunks of CHUNK = 2048 tokens; the chunk is the
-   argmax over chunks of ln(the chunk's kept mass) + G_c, then the token the
-   argmax over the chunk's kept tokens of x + g_i. The maximum of x_i + g_i
-   over a chunk is itself Gumbel(ln of its mass) and its argmax is independent
-   of it, so the two levels draw exactly softmax(x) over the kept set, while
-   only one chunk per row pays for per-token noise. g and G are standard Gumbel
-   variables, pure functions of (seed, sample id, step, token id) and of (seed,
-   sample id, step, stage, chunk id) (`gumbel_noise`; a chunk's counter is
-   _CHUNK_SALT + stage·2^13 + chunk id); equal scores go to the smallest id.
+3. a token is drawn from softmax(x) restricted to the kept set in three
+   levels, each a Gumbel-max (Gumbel 1954; the trick as in Maddison et al.
+   2014): the vocabulary is cut into chunks of CHUNK = 2048 tokens and each
+   chunk into groups of GROUP = 64; the chunk is the argmax over chunks of
+   ln(the chunk's kept mass) + G_c, the group the argmax over the chunk's
+   groups of ln(the group's kept mass) + G_g, then the token the argmax over
+   the group's kept tokens of x + g_i. The maximum of x_i + g_i over a set is
+   itself Gumbel(ln of its mass) and its argmax is independent of it, so the
+   levels draw exactly softmax(x) over the kept set, while only one group per
+   row pays for per-token noise. g, G_g and G_c are standard Gumbel variables,
+   pure functions of (seed, sample id, step, token id) and of (seed, sample
+   id, step, stage, group or chunk id) (`gumbel_noise`; a chunk's counter is
+   _CHUNK_SALT + stage·2^13 + chunk id, a group's _GROUP_SALT + stage·2^18 +
+   token id // GROUP); equal keys and scores go to the smallest id.
 
 Top-p alone is drawn by rejection, in stages: stage 0 draws from every token;
 a check sums the mass strictly above the drawn token: below top_p of the
 total, the token is kept (the kept set is an upper set in x) and is the draw;
 otherwise stage i + 1 draws from the tokens above it (a superset of the kept
-set) with stage i + 1's chunk noise. A draw from a superset, accepted when it
-lands in the kept set, is a draw from the kept set, so every stage's accepted
-token follows softmax over the nucleus. The per-token noise may be shared
-across stages: within a chunk each stage's set is nested in the previous
-one's and excludes its draw, so what the earlier draws reveal about a
-subset's noise is a bound on its maximum, which is independent of its
-argmax: the argmax over the subset is again softmax-distributed. After CHECKS = 4 rejections
-the kept set is found by the threshold search and drawn with stage CHECKS's
-noise. With top-k, the thresholds are searched first and the draw is stage 0.
+set) with stage i + 1's chunk and group noise. A draw from a superset,
+accepted when it lands in the kept set, is a draw from the kept set, so every
+stage's accepted token follows softmax over the nucleus. The per-token noise
+may be shared across stages: within a group each stage's set is nested in the
+previous one's and excludes its draw, so what the earlier draws reveal about a
+subset's noise is a bound on its maximum, which is independent of its argmax:
+the argmax over the subset is again softmax-distributed. After CHECKS = 4
+rejections the kept set is found by the threshold search and drawn with stage
+CHECKS's noise. With top-k, the thresholds are searched first and the draw is
+stage 0.
 
 Returned with it: the token's float32 logprob under softmax(x) over all
 vocab_size columns, before top-k/top-p (the policy's distribution, which the
@@ -47,17 +51,18 @@ Memory traffic. The logits-processor path it replaces (temperature, top-k, a
 full sort and two softmaxes for top-p, ~20 elementwise passes over (B, V) for
 the Gumbel noise) moves ~230 bytes per logit (~9 GB per step at B=256,
 V=151936). The kernel reads each logit once per pass and writes a few floats
-per row and chunk: 1 pass without top-k/top-p (statistics and the chunk
-draw), then one chunk of the row; 2 for most rows with top-p alone (the draw,
-then the check of the mass above it), and a chunk per stage; with top-k
-1 + 16 per filter + 1 (statistics, threshold search, the chunks' kept mass;
-one more for the top-k set's mass when top-p follows) and one chunk, the
-later passes re-reading the row from L2 when the rows in flight fit. No sort
-and no (B, V) temporary: the thresholds are found by a 4-way search on the
-float32 order key, which pins a 32-bit key range to one key in 16 passes
-(4^16 = 2^32), so they are exact, not approximations of the mass. A search
-pass costs two instructions per token and probe (a float compare against the
-probe's value and an add), within the bandwidth's budget of instructions.
+per row and chunk: 1 pass without top-k/top-p (statistics and the chunk draw),
+then one chunk of the row (its groups' mass, and one group's tokens); 2 for
+most rows with top-p alone (the draw, then the check of the mass above it),
+and a chunk per stage; with top-k 1 + 16 per filter + 1 (statistics, threshold
+search, the chunks' kept mass; one more for the top-k set's mass when top-p
+follows) and one chunk, the later passes re-reading the row from L2 when the
+rows in flight fit. No sort and no (B, V) temporary: the thresholds are found
+by a 4-way search on the float32 order key, which pins a 32-bit key range to
+one key in 16 passes (4^16 = 2^32), so they are exact, not approximations of
+the mass. A search pass costs two instructions per token and probe (a float
+compare against the probe's value and an add), within the bandwidth's budget
+of instructions.
 """
 
 from __future__ import annotations
@@ -81,7 +86,9 @@ _TOKEN_SALT = 0x85EBCA6B  # (the kernels write these three constants in place)
 _STEP_SALT = 0x632BE5AB
 _CHUNK_SALT = 0x10000000  # a chunk's counter: salt + stage·2^13 + chunk (< 2^16 above it: never a token's)
 _MIX_A, _MIX_B = 0x7FEB352D, 0x5BD1E995  # mix32's multipliers
-_CHUNK = 2048         # tokens per chunk of the two-level draw: part of the definition, and the kernels' block
+_CHUNK = 2048         # tokens per chunk of the draw: part of the definition, and the kernels' block
+_GROUP = 64           # tokens per group of a chunk: part of the definition
+_GROUP_SALT = 0x20000000  # a group's counter: salt + stage·2^18 + group (token // _GROUP < 2^18)
 _SEARCH_PASSES = 16   # 4-way: 4^16 = 2^32, a 32-bit key range narrowed to one key
 _SEARCH_BLOCK_INTERPRETED = 1 << 16   # the search's block under the interpreter (a chunk when compiled)
 _CHECKS = 4           # top-p alone: rejection stages checked before a row falls back to the search
@@ -212,17 +219,31 @@ def _merge_chunks(part_ptr, stride_f, offs, valid):
 
 
 @triton.jit
-def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, BLOCK_V: tl.constexpr):
-    """(x, token) of the argmax of x + g over the chunk's tokens whose order key is >= lo (`_order_key`).
+def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, stage, BLOCK_V: tl.constexpr,
+                   GROUP: tl.constexpr):
+    """(x, token) of the draw in a chunk among its tokens whose order key is >= lo (`_order_key`): the group
+    of GROUP tokens by ln(its kept mass) + its noise of this stage, then the argmax of x + g over the group's
+    kept tokens (equal keys or scores: the smallest id). Callers draw only in a chunk with kept mass.
 
-    Equal scores: the smallest token. A chunk without such a finite token gives (-inf, its first token)."""
-    offs = chunk.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    x = _raw_block(row_ptr, chunk.to(tl.int64) * BLOCK_V, n_valid, stride_lv, BLOCK_V, True) * inv_t
-    noise = _gumbel(row_hash, offs.to(tl.uint32) + 0x85EBCA6B)
-    score = tl.where(_order_key(x) >= lo, x + noise, float("-inf"))
-    top = tl.max(score, axis=0)
-    token = tl.min(tl.where(score == top, offs, 2147483647), axis=0)
-    return tl.max(tl.where(offs == token, x, float("-inf")), axis=0), token.to(tl.int32)
+    Masses relative to the chunk's largest kept x (one more reduction): a chosen chunk's groups never all
+    underflow. Per-token noise for one group, re-read from cache."""
+    base = chunk.to(tl.int64) * BLOCK_V
+    x = _raw_block(row_ptr, base, n_valid, stride_lv, BLOCK_V, True) * inv_t
+    lo_x = _key_value(lo)
+    kept_x = tl.where(x >= lo_x, x, float("-inf"))
+    top = tl.max(kept_x, axis=0)
+    e = tl.exp2((kept_x - tl.where(top == float("-inf"), 0.0, top)) * LOG2E)
+    group_mass = tl.sum(tl.reshape(e, (BLOCK_V // GROUP, GROUP)), axis=1)
+    groups = chunk * (BLOCK_V // GROUP) + tl.arange(0, BLOCK_V // GROUP)
+    key = _log2_mass(group_mass) + _gumbel(row_hash, (groups + stage * 262144 + 0x20000000).to(tl.uint32)) * LOG2E
+    best = tl.max(key, axis=0)
+    group = tl.min(tl.where(key == best, groups, 2147483647), axis=0)
+    offs = group.to(tl.int64) * GROUP + tl.arange(0, GROUP)
+    xg = _raw_block(row_ptr, group.to(tl.int64) * GROUP, n_valid, stride_lv, GROUP, True) * inv_t
+    score = tl.where(xg >= lo_x, xg + _gumbel(row_hash, offs.to(tl.uint32) + 0x85EBCA6B), float("-inf"))
+    best = tl.max(score, axis=0)
+    token = tl.min(tl.where(score == best, offs, 2147483647), axis=0)
+    return tl.max(tl.where(offs == token, xg, float("-inf")), axis=0), token.to(tl.int32)
 
 
 @triton.jit
@@ -405,12 +426,12 @@ def _sample_stats_kernel(
         tl.store(out + 5 * stride_f, chunk.to(tl.float32))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "stage"])
 def _sample_pick_kernel(
     logits_ptr, ids_ptr, steps_ptr, stats_ptr, check_ptr, state_in_ptr, state_out_ptr,
     n_rows, n_splits, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
-    seed, inv_temperature, top_p,
-    BLOCK_V: tl.constexpr, SPLITS: tl.constexpr, FIRST: tl.constexpr,
+    seed, inv_temperature, top_p, stage,
+    BLOCK_V: tl.constexpr, GROUP: tl.constexpr, SPLITS: tl.constexpr, FIRST: tl.constexpr,
 ):
     """One program per row, top-p alone: the next candidate of the rejection stages (module docstring).
 
@@ -436,7 +457,8 @@ def _sample_pick_kernel(
     if not resolved:                                               # the tokens strictly above x_c
         row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
         x_c, token = _draw_in_chunk(logits_ptr + row * stride_lm, chunk, n_valid, stride_lv,
-                                    tl.cast(inv_temperature, tl.float32), row_hash, _order_key(x_c) + 1, BLOCK_V)
+                                    tl.cast(inv_temperature, tl.float32), row_hash, _order_key(x_c) + 1, stage,
+                                    BLOCK_V, GROUP)
     tl.store(state_out_ptr + row, x_c)
     tl.store(state_out_ptr + n_rows + row, token.to(tl.float32))
     tl.store(state_out_ptr + 2 * n_rows + row, resolved.to(tl.float32))
@@ -494,7 +516,7 @@ def _sample_final_kernel(
     logits_ptr, ids_ptr, steps_ptr, stats_ptr, check_ptr, state_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
     n_rows, n_splits, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
     seed, inv_temperature, top_k, top_p, stage,
-    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, CH: tl.constexpr,
+    BLOCK_V: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, CH: tl.constexpr,
     SEARCH_PASSES: tl.constexpr, HAS_CHECKS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
     FTZ: tl.constexpr,
 ):
@@ -505,9 +527,9 @@ def _sample_final_kernel(
 
     No filter: the token in stats' chunk. Top-p alone: the last candidate, kept when the last check's mass
     above it is below top_p·S. With top-k, or for a row the checks left unresolved: SEARCH_PASSES search
-    passes per filter for its threshold key (blocks of BLOCK_S: a chunk when compiled), then the two-level
-    draw over the tokens at or above it (`stage`): a pass for the chunks' kept mass, their noise once after
-    it (`_best_chunk`), and the token in the chosen chunk. Top-p after top-k takes top_p of the top-k set's
+    passes per filter for its threshold key (blocks of BLOCK_S: a chunk when compiled), then the draw over
+    the tokens at or above it (`stage`): a pass for the chunks' kept mass, their noise once after it
+    (`_best_chunk`), and the group and token in the chosen chunk. Top-p after top-k takes top_p of the top-k set's
     mass, summed by one more pass of the same kind.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -525,7 +547,7 @@ def _sample_final_kernel(
     if not FILTERED:
         _, chunk = _merge_chunks(stats_ptr + 4 * stride_f, stride_f, offs_s, valid_s)
         top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash,
-                                        _order_key(tl.cast(float("-inf"), tl.float32)) + 1, BLOCK_V)
+                                        _order_key(tl.cast(float("-inf"), tl.float32)) + 1, 0, BLOCK_V, GROUP)
     else:
         top_x = tl.cast(float("-inf"), tl.float32)
         top_tok = tl.cast(0, tl.int32)
@@ -556,7 +578,8 @@ def _sample_final_kernel(
             # The kept set is the tokens whose key is >= lo: the chunk by its kept mass, then the token.
             _, chunk = _best_chunk(_kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, _key_value(lo),
                                                 BLOCK_V, CH, FTZ), 0, row_hash, stage, CH)
-            top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, BLOCK_V)
+            top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, stage,
+                                            BLOCK_V, GROUP)
 
     tl.store(tokens_ptr + row, top_tok.to(tl.int64))
     tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), top_x - lse))
@@ -575,10 +598,11 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
     if n_rows == 0:
         return tokens, out[0], out[1]
     interpreted = triton_interpreter_enabled()
-    # A block is a chunk (one chunk, a smaller block, for a vocabulary shorter than one): the passes over a row
-    # run 4 warps (16 tokens a thread: half the per-block reductions' share), the draw in one chunk 8 (the
-    # final kernel: 4 where it may search, which reads the row).
+    # A block is a chunk (one chunk, a smaller block, for a vocabulary shorter than one). Every kernel runs 4
+    # warps: 16 tokens a thread in the passes over a row (half the per-block reductions' share of 8 warps),
+    # and fewer replicated lanes in the draw in one chunk, whose group and token noise are small tensors.
     block_v = _CHUNK if vocab_size > _CHUNK else triton.next_power_of_2(vocab_size)
+    group = min(_GROUP, block_v)          # a block under one group (V < _GROUP) is that group: ids agree
     has_top_k, has_top_p = 0 < top_k < vocab_size, top_p < 1.0
     nucleus = has_top_p and not has_top_k
     # The search passes read blocks of a chunk (the interpreter, whole rows: it costs ~1 ms per program and loop
@@ -603,10 +627,10 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
             logits2d, ids1d, steps1d, stats, *common, per_split, stats.stride(0), *draw_args,
             BLOCK_V=block_v, CH=chunks_p2, DRAW=not (has_top_k or nucleus and not n_checks), FTZ=ftz, num_warps=4,
         )
-        pick = dict(BLOCK_V=block_v, SPLITS=splits_p2, num_warps=8)
+        pick = dict(BLOCK_V=block_v, GROUP=group, SPLITS=splits_p2, num_warps=4)
         if n_checks:                    # stage 0's candidate, then check i (stage i's chunks) and its pick
             _sample_pick_kernel[(n_rows,)](logits2d, ids1d, steps1d, stats, stats, states[1], states[0], n_rows,
-                                           n_splits, *common, stats.stride(0), *draw_args, top_p, FIRST=True, **pick)
+                                           n_splits, *common, stats.stride(0), *draw_args, top_p, 0, FIRST=True, **pick)
         for stage in range(1, n_checks + 1):
             state, check = states[(stage - 1) % 2], checks[stage % 2]
             _sample_check_kernel[(n_rows, n_splits)](
@@ -617,30 +641,35 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
             if stage < n_checks:
                 _sample_pick_kernel[(n_rows,)](logits2d, ids1d, steps1d, stats, check, state, states[stage % 2],
                                                n_rows, n_splits, *common, stats.stride(0), *draw_args, top_p,
-                                               FIRST=False, **pick)
+                                               stage, FIRST=False, **pick)
         _sample_final_kernel[(n_rows,)](
             logits2d, ids1d, steps1d, stats, checks[n_checks % 2] if n_checks else stats,
             states[(n_checks - 1) % 2] if n_checks else stats, tokens, out[0], out[1], n_rows, n_splits, *common,
             stats.stride(0), *draw_args, top_k, top_p, n_checks,
-            BLOCK_V=block_v, BLOCK_S=block_s, SPLITS=splits_p2, CH=triton.next_power_of_2(n_blocks),
+            BLOCK_V=block_v, GROUP=group, BLOCK_S=block_s, SPLITS=splits_p2, CH=triton.next_power_of_2(n_blocks),
             SEARCH_PASSES=_SEARCH_PASSES, HAS_CHECKS=n_checks > 0, HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, FTZ=ftz,
-            num_warps=4 if has_top_k or has_top_p else 8,
+            num_warps=4,
         )
     return tokens, out[0], out[1]
 
 
 def _draw_torch(x, keep, rows, stage):
-    """The two-level draw (module docstring) over the tokens `keep` of each row of x (B, V): (B,) tokens."""
+    """The three-level draw (module docstring) over the tokens `keep` of each row of x (B, V): (B,) tokens."""
     B, V = x.shape
-    size = min(_CHUNK, V)
-    n_chunks = triton.cdiv(V, size)
+    size = min(_CHUNK, triton.next_power_of_2(V))
+    group = min(_GROUP, size)
+    n_chunks, n_groups = triton.cdiv(V, size), size // group
     xs = F.pad(torch.where(keep, x, float("-inf")), (0, n_chunks * size - V), value=float("-inf"))
     xs = xs.view(B, n_chunks, size)
     chunk_ids = torch.arange(n_chunks, device=x.device) + _CHUNK_SALT + (stage << 13)
     chunk = (torch.logsumexp(xs, -1) + _gumbel_of(rows, chunk_ids)).argmax(-1)         # first of equal maxima
-    tokens = chunk[:, None] * size + torch.arange(size, device=x.device)
-    score = xs[torch.arange(B, device=x.device), chunk] + _gumbel_of(rows, (tokens + _TOKEN_SALT) & _M32)
-    return chunk * size + score.argmax(-1)
+    xg = xs[torch.arange(B, device=x.device), chunk].view(B, n_groups, group)
+    groups = chunk[:, None] * n_groups + torch.arange(n_groups, device=x.device)
+    group_ids = groups[torch.arange(B, device=x.device),
+                       (torch.logsumexp(xg, -1) + _gumbel_of(rows, groups + _GROUP_SALT + (stage << 18))).argmax(-1)]
+    tokens = group_ids[:, None] * group + torch.arange(group, device=x.device)
+    score = xs.view(B, -1).gather(-1, tokens) + _gumbel_of(rows, (tokens + _TOKEN_SALT) & _M32)
+    return group_ids * group + score.argmax(-1)
 
 
 def _top_p_keep(x, e, top_p):

@@ -90,18 +90,24 @@ def _second_gap(v):
 
 
 def draw64(x, keep, rows, stage, chunk_tol, token_tol):
-    """The two-level draw over `keep` in float64: (tokens (B,), close (B,) bool: a decision within rounding)."""
+    """The three-level draw over `keep` in float64: (tokens (B,), close (B,) bool: a decision within rounding)."""
     B, V = x.shape
-    size = min(sampler._CHUNK, V)
-    n_chunks = -(-V // size)
+    size = min(sampler._CHUNK, 1 << (V - 1).bit_length())
+    group = min(sampler._GROUP, size)
+    n_chunks, n_groups = -(-V // size), size // group
     xs = torch.nn.functional.pad(torch.where(keep, x, float("-inf")), (0, n_chunks * size - V), value=float("-inf"))
-    xs = xs.view(B, n_chunks, size)
-    keys = torch.logsumexp(xs, -1) + _noise64(rows, torch.arange(n_chunks)[None, :] + 0x10000000 + (stage << 13))
+    keys = torch.logsumexp(xs.view(B, n_chunks, size), -1) + _noise64(
+        rows, torch.arange(n_chunks)[None, :] + 0x10000000 + (stage << 13))
     chunk = keys.argmax(-1)
-    tokens = chunk[:, None] * size + torch.arange(size)
-    score = xs[torch.arange(B), chunk] + _noise64(rows, tokens + 0x85EBCA6B)
-    close = (_second_gap(keys) <= 2 * chunk_tol) | (_second_gap(score) <= 2 * token_tol)   # both keys err
-    return chunk * size + score.argmax(-1), close
+    groups = chunk[:, None] * n_groups + torch.arange(n_groups)
+    group_keys = torch.logsumexp(xs.view(B, -1, group).gather(1, groups[:, :, None].expand(-1, -1, group)), -1)
+    group_keys = group_keys + _noise64(rows, groups + 0x20000000 + (stage << 18))
+    g = groups.gather(-1, group_keys.argmax(-1, keepdim=True)).squeeze(-1)
+    tokens = g[:, None] * group + torch.arange(group)
+    score = xs.gather(-1, tokens) + _noise64(rows, tokens + 0x85EBCA6B)
+    close = (_second_gap(keys) <= 2 * chunk_tol) | (_second_gap(group_keys) <= 2 * chunk_tol) | (
+        _second_gap(score) <= 2 * token_tol)                                           # both keys err
+    return g * group + score.argmax(-1), close
 
 
 def reference(logits, *, seed, sample_ids, step, temperature=1.0, top_k=0, top_p=1.0, vocab_size=None):
@@ -109,8 +115,9 @@ def reference(logits, *, seed, sample_ids, step, temperature=1.0, top_k=0, top_p
     whether float32 rounding can change it. A float32 kernel's decisions can differ from these only where
     their margins are within rounding:
 
-    - a chunk's key ln(mass) + G: the log-sum-exp of up to 2048 terms of relative error u·(|y - r| + 2)
-      each, summed in a tree, then its log and the noise's two logs: |error| <= u·(4 max|x| + 8(1 + |g|) + 64);
+    - a chunk's or a group's key ln(mass) + G: the log-sum-exp of up to 2048 terms of relative error
+      u·(|y - r| + 2) each, summed in a tree, then its log and the noise's two logs:
+      |error| <= u·(4 max|x| + 8(1 + |g|) + 64);
     - a token's x + g: u·(2|x| + 8(1 + |g|)) (x exact by the definition; g: two logs, 2 ulps each, the clamp);
     - top-p's mass above a candidate against top_p·S, and the top-p set's boundary: n exp terms of relative
       error u·(|x| + |max x| + 2) summed in blocks and trees: a relative error of at most
@@ -279,13 +286,13 @@ def test_ties_at_the_threshold_are_all_kept(backend):
     logits = torch.tensor([0.0, -1.0, 2.0, -0.0, -2.0]).expand(n, -1)
     drawn = set(draw(logits, backend, seed=5, sample_ids=ids, step=0, top_k=2).tokens.tolist())
     assert drawn == {0, 2, 3} if n == 128 else drawn <= {0, 2, 3}
-    # Equal x + g: two tokens of one row and chunk whose noise is equal (24 bits: about 2048^2 / 2^25 such
-    # pairs per chunk), given the same, dominant logit (their chunk wins: its mass is e^43 times any other's).
+    # Equal x + g: two tokens of one row and group whose noise is equal (24 bits: about 64^2 / 2^25 such pairs
+    # per group), given the same, dominant logit (their group wins: its mass is e^43 times any other's).
     V = 20_000
-    g = gumbel_noise(9, torch.arange(16), 0, V)
-    for row in range(16):
+    g = gumbel_noise(9, torch.arange(256), 0, V)
+    for row in range(256):
         values, order = torch.sort(g[row])
-        dup = (values[1:] == values[:-1]) & (order[1:] // 2048 == order[:-1] // 2048)
+        dup = (values[1:] == values[:-1]) & (order[1:] // 64 == order[:-1] // 64)
         if dup.any():
             i = int(dup.nonzero()[0, 0])
             t1, t2 = sorted(order[i:i + 2].tolist())
@@ -339,13 +346,15 @@ def test_the_last_noise_value_is_finite(backend):
                   backend=backend).tokens.item() == 0
 
 
-@pytest.mark.parametrize("chunk,checks", [(2048, 4), (2, 4), (2, 1)], ids=["one chunk", "3 chunks", "1 check"])
-def test_frequencies_follow_the_filtered_softmax(monkeypatch, chunk, checks):
+@pytest.mark.parametrize("chunk,group,checks", [(2048, 64, 4), (4, 2, 4), (4, 2, 1)],
+                         ids=["one group", "2 chunks of 2 groups", "1 check"])
+def test_frequencies_follow_the_filtered_softmax(monkeypatch, chunk, group, checks):
     """Over sample ids, the draws follow softmax(x / T) renormalised on the kept set (4 sigma): top-k, and
-    top-p alone by its rejection stages (1 check: many rows fall back to the search). Chunks of 2 tokens
-    make the first level of the draw choose among 3 chunks. On the torch twin; the kernel draws its tokens
+    top-p alone by its rejection stages (1 check: many rows fall back to the search). Chunks of 4 tokens in
+    groups of 2 give every level of the draw a choice. On the torch twin; the kernel draws its tokens
     (test_the_backends_draw_the_same_tokens, test_top_p_stages_and_chunks_draw_the_definition)."""
     monkeypatch.setattr(sampler, "_CHUNK", chunk)
+    monkeypatch.setattr(sampler, "_GROUP", group)
     monkeypatch.setattr(sampler, "_CHECKS", checks)
     n = 20_000
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -389,8 +398,9 @@ def test_one_and_n_processes_draw_the_same(monkeypatch, backend):
 def test_a_step_per_row_draws_what_each_rows_step_draws(monkeypatch, backend):
     """Rows at different steps in one call (continuous batching): row i draws, to the bit, what a call at its
     own int step draws; a tensor of equal steps is the int step; steps enter by their low 32 bits. Chunks of
-    64 tokens: the step reaches the chunk noise too."""
+    64 tokens in groups of 16: the step reaches the chunk and group noise too."""
     monkeypatch.setattr(sampler, "_CHUNK", 64)
+    monkeypatch.setattr(sampler, "_GROUP", 16)
     B, V = 6, 300
     logits = torch.randn(B, V) * 2
     ids = torch.arange(50, 50 + B)
@@ -517,12 +527,13 @@ def test_gumbel_noise_is_a_pure_function_with_gumbel_moments():
 def test_top_p_stages_and_chunks_draw_the_definition(monkeypatch):
     """Top-p alone is drawn by rejection stages (sampler._CHECKS checks, then the threshold search): 0 checks
     send every row to the search, 1 leaves many rows to fall back (top_p 0.3 on flat rows), 4 resolve most.
-    Chunks of 64 tokens split a row of 300 across 5 programs whose statistics and chunk draws are merged, and
-    the threshold searches read it in 3 blocks (the last partial), as on a GPU. Kernel and twin draw the
-    definition's tokens (float64, every stage emulated), logits on a grid of 0.5 give ties in x, inside the
-    nucleus and at its boundary, and rows below 0 searched over negative keys; top-k, alone and with top-p,
-    searches its threshold the same way."""
+    Chunks of 64 tokens in groups of 16 split a row of 300 across 5 programs whose statistics and chunk draws
+    are merged, and the threshold searches read it in 3 blocks (the last partial), as on a GPU. Kernel and
+    twin draw the definition's tokens (float64, every stage emulated), logits on a grid of 0.5 give ties in
+    x, inside the nucleus and at its boundary, and rows below 0 searched over negative keys; top-k, alone and
+    with top-p, searches its threshold the same way."""
     monkeypatch.setattr(sampler, "_CHUNK", 64)
+    monkeypatch.setattr(sampler, "_GROUP", 16)
     monkeypatch.setattr(sampler, "_SEARCH_BLOCK_INTERPRETED", 128)
     B, V = 12, 300                     # the interpreter: ~1 ms per program and launch
     logits = torch.round(torch.randn(B, V) * 4) / 2
