@@ -529,8 +529,8 @@ def _sample_final_kernel(
     above it is below top_p·S. With top-k, or for a row the checks left unresolved: SEARCH_PASSES search
     passes per filter for its threshold key (blocks of BLOCK_S: a chunk when compiled), then the draw over
     the tokens at or above it (`stage`): a pass for the chunks' kept mass, their noise once after it
-    (`_best_chunk`), and the group and token in the chosen chunk. Top-p after top-k takes top_p of the top-k set's
-    mass, summed by one more pass of the same kind.
+    (`_best_chunk`), and the group and token in the chosen chunk. Top-p after top-k takes top_p of the
+    top-k set's mass, summed by one more pass of the same kind.
     """
     row = tl.program_id(0).to(tl.int64)
     inv_t = tl.cast(inv_temperature, tl.float32)

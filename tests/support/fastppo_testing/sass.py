@@ -32,7 +32,6 @@ body. Both are upper bounds: predicated-off and skipped instructions count.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
