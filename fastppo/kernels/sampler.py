@@ -60,9 +60,9 @@ follows) and one chunk, the later passes re-reading the row from L2 when the
 rows in flight fit. No sort and no (B, V) temporary: the thresholds are found
 by a 4-way search on the float32 order key, which pins a 32-bit key range to
 one key in 16 passes (4^16 = 2^32), so they are exact, not approximations of
-the mass. A search pass costs two instructions per token and probe (a float
-compare against the probe's value and an add), within the bandwidth's budget
-of instructions.
+the mass. A search pass costs a float compare against the probe's value and an
+add per token and probe (and, summing mass, a select, with one exponential per
+token), within the bandwidth's budget of instructions.
 """
 
 from __future__ import annotations
@@ -301,8 +301,9 @@ def _search_pass(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo, hi, target,
 
     F(v) is the number (BY_COUNT) or the mass sum 2^(raw·k2 - r_ref) of the tokens whose key is >= v; F(lo)
     >= target holds on entry. Per-lane sums, reduced once per pass; blocks of BLOCK_S, the last alone masked
-    (its padding is -inf: below every probe). F is a sum of non-negative terms in a fixed order, so its float
-    value is monotone in v and the verdicts are consistent. The probes compare x as floats (`_key_value`).
+    (its padding is -inf: no mass, and below every probe but one at key(-inf), which can only be lo, whose
+    verdict is known). F is a sum of non-negative terms in a fixed order, so its float value is monotone in v
+    and the verdicts are consistent. The probes compare x as floats (`_key_value`).
     """
     q1 = lo + (hi - lo) // 4
     q2 = lo + (hi - lo) // 2
@@ -334,20 +335,24 @@ def _search_pass(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo, hi, target,
 @triton.jit
 def _kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo_x, BLOCK_V: tl.constexpr, CH: tl.constexpr,
                  FTZ: tl.constexpr):
-    """(CH,): lane c holds the base-2 log-mass (relative to r_ref: + r_ref) of chunk c's tokens whose x is >=
-    lo_x (-inf: none, or past the row). One read of the row, a block per chunk, the last alone masked."""
+    """((CH,), total): lane c holds the base-2 log-mass (r_ref + log2 of the sum of 2^(raw·k2 - r_ref)) of
+    chunk c's tokens whose x is >= lo_x (-inf: none, or past the row); total is the sum of those masses
+    (relative to r_ref). One read of the row, a block per chunk, the last alone masked."""
     lanes = tl.arange(0, CH)
     chunk_lse2 = tl.full([CH], float("-inf"), tl.float32)
+    total = tl.cast(0.0, tl.float32)
     n_full = n_valid // BLOCK_V
     for c in range(0, n_full):
         raw = _raw_block(row_ptr, c * BLOCK_V, n_valid, stride_lv, BLOCK_V, False)
         mass = tl.sum(tl.where(raw * inv_t >= lo_x, fast_exp2(raw * k2 - r_ref, FTZ), 0.0), axis=0)
         chunk_lse2 = tl.where(lanes == c, r_ref + _log2_mass(mass), chunk_lse2)
+        total += mass
     if n_full * BLOCK_V < n_valid:
         raw = _raw_block(row_ptr, n_full * BLOCK_V, n_valid, stride_lv, BLOCK_V, True)
         mass = tl.sum(tl.where(raw * inv_t >= lo_x, fast_exp2(raw * k2 - r_ref, FTZ), 0.0), axis=0)
         chunk_lse2 = tl.where(lanes == n_full, r_ref + _log2_mass(mass), chunk_lse2)
-    return chunk_lse2
+        total += mass
+    return chunk_lse2, total
 
 
 @triton.jit
@@ -567,8 +572,8 @@ def _sample_final_kernel(
                     lo, hi = _search_pass(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo, hi,
                                           tl.cast(top_k, tl.float32), True, BLOCK_S, FTZ)
                 if HAS_TOP_P:                                           # the top-k set's mass
-                    kept_mass = tl.sum(tl.exp2(_kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref,
-                                                            _key_value(lo), BLOCK_V, CH, FTZ) - r_ref), axis=0)
+                    _, kept_mass = _kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, _key_value(lo),
+                                                BLOCK_V, CH, FTZ)
             if HAS_TOP_P:
                 hi = _order_key(m) + 1
                 target = top_p * kept_mass
@@ -576,8 +581,9 @@ def _sample_final_kernel(
                     lo, hi = _search_pass(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo, hi, target,
                                           False, BLOCK_S, FTZ)
             # The kept set is the tokens whose key is >= lo: the chunk by its kept mass, then the token.
-            _, chunk = _best_chunk(_kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, _key_value(lo),
-                                                BLOCK_V, CH, FTZ), 0, row_hash, stage, CH)
+            chunk_lse2, _ = _kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, _key_value(lo), BLOCK_V,
+                                         CH, FTZ)
+            _, chunk = _best_chunk(chunk_lse2, 0, row_hash, stage, CH)
             top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, stage,
                                             BLOCK_V, GROUP)
 
@@ -664,6 +670,8 @@ def _draw_torch(x, keep, rows, stage):
     chunk_ids = torch.arange(n_chunks, device=x.device) + _CHUNK_SALT + (stage << 13)
     chunk = (torch.logsumexp(xs, -1) + _gumbel_of(rows, chunk_ids)).argmax(-1)         # first of equal maxima
     xg = xs[torch.arange(B, device=x.device), chunk].view(B, n_groups, group)
+    top = xg.amax((1, 2), keepdim=True)                     # relative to the chunk's largest x, as the kernel
+    xg = xg - torch.where(torch.isfinite(top), top, 0.0)
     groups = chunk[:, None] * n_groups + torch.arange(n_groups, device=x.device)
     group_ids = groups[torch.arange(B, device=x.device),
                        (torch.logsumexp(xg, -1) + _gumbel_of(rows, groups + _GROUP_SALT + (stage << 18))).argmax(-1)]
