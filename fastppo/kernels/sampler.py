@@ -79,7 +79,7 @@ from ._checks import (
     check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from ._math import LN2, LOG2E, fast_exp2, lse2_and_entropy, online_lse2_mass_step
+from ._math import LN2, LOG2E, fast_exp2, fast_log2, lse2_and_entropy, online_lse2_mass_step
 
 _M32 = 0xFFFFFFFF
 _TOKEN_SALT = 0x85EBCA6B  # (the kernels write these three constants in place)
@@ -91,6 +91,8 @@ _GROUP = 64           # tokens per group of a chunk: part of the definition
 _GROUP_SALT = 0x20000000  # a group's counter: salt + stage·2^18 + group (token // _GROUP < 2^18)
 _SEARCH_PASSES = 16   # 4-way: 4^16 = 2^32, a 32-bit key range narrowed to one key
 _SEARCH_BLOCK_INTERPRETED = 1 << 16   # the search's block under the interpreter (a chunk when compiled)
+_PASS_WARPS = 4       # a pass over a row: 16 tokens a thread (half the per-block reductions' share of 8 warps)
+_DRAW_WARPS = 1       # a program that only draws in one chunk: 64 tokens a thread, its noise and reductions paid once
 _CHECKS = 4           # top-p alone: rejection stages checked before a row falls back to the search
 _MAX_SPLITS = 8       # programs per row in the passes that read it (at most; fewer for short rows)
 _MAX_VOCAB = 1 << 24  # token counts are summed in float32, exact up to 2^24; chunk ids stay below 2^13
@@ -173,14 +175,15 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel(row_hash, counter):
-    """Standard Gumbel noise of uint32 counters for the row whose counter half is row_hash (`_gumbel_of`).
+def _exponential(row_hash, counter):
+    """E = -ln(u), standard exponential, of uint32 counters for the row whose counter half is row_hash: the
+    Gumbel noise is -ln(E) (`_gumbel_of`).
 
     tl.log of float32 compiles to libdevice's logf (1 ulp; checked in the PTX for sm_90), not lg2.approx, whose
     absolute error near 1 would make -log(u) 0 or negative for u within a few ulps of 1."""
     bits = _mix32(row_hash ^ _mix32(counter)) >> 8
     u = tl.minimum((bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)   # 1 - 2^-24, as in _gumbel_of
-    return -tl.log(-tl.log(u))
+    return -tl.log(u)
 
 
 @triton.jit
@@ -193,9 +196,9 @@ def _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed):
 
 
 @triton.jit
-def _log2_mass(mass):
-    """log2 of a non-negative sum, -inf for 0 (the interpreter's numpy warns on log2(0))."""
-    return tl.where(mass > 0.0, tl.log2(tl.maximum(mass, 1e-30)), float("-inf"))
+def _log2_mass(mass, FAST: tl.constexpr = False):
+    """log2 of a non-negative sum, -inf for 0 (the interpreter's numpy warns on log2(0)); FAST: `fast_log2`."""
+    return tl.where(mass > 0.0, fast_log2(tl.maximum(mass, 1e-30), FAST), float("-inf"))
 
 
 @triton.jit
@@ -203,8 +206,7 @@ def _best_chunk(chunk_lse2, first, row_hash, stage, CH: tl.constexpr):
     """(key, chunk) of the best of chunks first + [0, CH): lane j holds chunk first + j's base-2 log-mass
     (-inf: no kept mass, or past the split). key = log2 mass + G·log2 e; equal keys: the smallest chunk."""
     ids = first + tl.arange(0, CH)
-    g = _gumbel(row_hash, (ids + stage * 8192 + 0x10000000).to(tl.uint32))
-    key = chunk_lse2 + g * LOG2E
+    key = chunk_lse2 - tl.log(_exponential(row_hash, (ids + stage * 8192 + 0x10000000).to(tl.uint32))) * LOG2E
     best = tl.max(key, axis=0)
     return best, tl.min(tl.where(key == best, ids, 2147483647), axis=0)
 
@@ -219,31 +221,53 @@ def _merge_chunks(part_ptr, stride_f, offs, valid):
 
 
 @triton.jit
-def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, stage, BLOCK_V: tl.constexpr,
-                   GROUP: tl.constexpr):
-    """(x, token) of the draw in a chunk among its tokens whose order key is >= lo (`_order_key`): the group
-    of GROUP tokens by ln(its kept mass) + its noise of this stage, then the argmax of x + g over the group's
-    kept tokens (equal keys or scores: the smallest id). Callers draw only in a chunk with kept mass.
+def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, r_ref, row_hash, lo, stage, BLOCK_V: tl.constexpr,
+                   GROUP: tl.constexpr, VEC: tl.constexpr, KEEP_ALL: tl.constexpr, FTZ: tl.constexpr):
+    """(x, token) of the draw in a chunk among its tokens whose order key is >= lo (`_order_key`; KEEP_ALL:
+    every token, lo unused): the group of GROUP tokens by ln(its kept mass) + its noise of this stage, then the
+    argmax of x + g over the group's kept tokens (equal keys or scores: the smallest id).
 
-    Masses relative to the chunk's largest kept x (one more reduction): a chosen chunk's groups never all
-    underflow. Per-token noise for one group, re-read from cache."""
-    base = chunk.to(tl.int64) * BLOCK_V
-    x = _raw_block(row_ptr, base, n_valid, stride_lv, BLOCK_V, True) * inv_t
+    The chunk is read as a (GROUP/VEC, groups, VEC) tensor (token g·GROUP + a·VEC + b at [a, g, b]), VEC the
+    tokens one vector load holds (1 where a compiled load cannot be a vector): a thread's loads then fall in
+    one group, the group masses are sums within threads, and a thread computes one group's noise instead of
+    the noise of every group its loads touch. A filtered draw takes the masses 2^(y - r_ref) of the pass that
+    chose the chunk (the same terms: a chunk chosen for its kept mass has a group with mass); KEEP_ALL, whose
+    chunk the statistics chose relative to their split's running reference, takes them relative to the chunk's
+    largest x, so that they never all underflow. Per-token noise for one group, re-read from cache."""
+    NG: tl.constexpr = BLOCK_V // GROUP
+    if VEC == 1 and GROUP > 1:    # no vectors: the lanes swapped in pairs, whose contiguity would lay threads
+        lanes = tl.arange(0, NG)[None, :, None] * GROUP + (tl.arange(0, GROUP)[:, None, None] ^ 1)   # along a group
+    else:
+        lanes = (tl.arange(0, NG)[None, :, None] * GROUP + tl.arange(0, GROUP // VEC)[:, None, None] * VEC
+                 + tl.arange(0, VEC)[None, None, :])
+    raw = tl.load(row_ptr + chunk.to(tl.int64) * BLOCK_V * stride_lv + lanes * stride_lv,
+                  mask=lanes < n_valid - chunk * BLOCK_V, other=float("-inf")).to(tl.float32)
+    k2 = inv_t * LOG2E
     lo_x = _key_value(lo)
-    kept_x = tl.where(x >= lo_x, x, float("-inf"))
-    top = tl.max(kept_x, axis=0)
-    e = tl.exp2((kept_x - tl.where(top == float("-inf"), 0.0, top)) * LOG2E)
-    group_mass = tl.sum(tl.reshape(e, (BLOCK_V // GROUP, GROUP)), axis=1)
-    groups = chunk * (BLOCK_V // GROUP) + tl.arange(0, BLOCK_V // GROUP)
-    key = _log2_mass(group_mass) + _gumbel(row_hash, (groups + stage * 262144 + 0x20000000).to(tl.uint32)) * LOG2E
+    if KEEP_ALL:
+        top = tl.max(tl.max(tl.max(raw, axis=2), axis=0), axis=0) * k2
+        e = fast_exp2(raw * k2 - tl.where(top == float("-inf"), 0.0, top), FTZ)     # (a row without mass)
+    else:
+        e = fast_exp2(raw * k2 - r_ref, FTZ)
+        if FTZ:
+            e = tl.inline_asm_elementwise("{ .reg .pred p; setp.ge.f32 p, $1, $2; selp.f32 $0, $3, 0f00000000, p; }",
+                                          "=f,f,f,f", [raw * inv_t, lo_x, e], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            e = tl.where(raw * inv_t >= lo_x, e, 0.0)
+    group_mass = tl.sum(tl.sum(e, axis=2), axis=0)
+    groups = chunk * NG + tl.arange(0, NG)
+    e_group = _exponential(row_hash, (groups + stage * 262144 + 0x20000000).to(tl.uint32))
+    key = _log2_mass(group_mass, FTZ) - fast_log2(e_group, FTZ)                 # log2 mass + G·log2 e
     best = tl.max(key, axis=0)
     group = tl.min(tl.where(key == best, groups, 2147483647), axis=0)
     offs = group.to(tl.int64) * GROUP + tl.arange(0, GROUP)
     xg = _raw_block(row_ptr, group.to(tl.int64) * GROUP, n_valid, stride_lv, GROUP, True) * inv_t
-    score = tl.where(xg >= lo_x, xg + _gumbel(row_hash, offs.to(tl.uint32) + 0x85EBCA6B), float("-inf"))
+    score = xg - fast_log2(_exponential(row_hash, offs.to(tl.uint32) + 0x85EBCA6B), FTZ) * LN2
+    if not KEEP_ALL:
+        score = tl.where(xg >= lo_x, score, float("-inf"))
     best = tl.max(score, axis=0)
     token = tl.min(tl.where(score == best, offs, 2147483647), axis=0)
-    return tl.max(tl.where(offs == token, xg, float("-inf")), axis=0), token.to(tl.int32)
+    return tl.load(row_ptr + token * stride_lv).to(tl.float32) * inv_t, token.to(tl.int32)
 
 
 @triton.jit
@@ -436,7 +460,8 @@ def _sample_pick_kernel(
     logits_ptr, ids_ptr, steps_ptr, stats_ptr, check_ptr, state_in_ptr, state_out_ptr,
     n_rows, n_splits, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
     seed, inv_temperature, top_p, stage,
-    BLOCK_V: tl.constexpr, GROUP: tl.constexpr, SPLITS: tl.constexpr, FIRST: tl.constexpr,
+    BLOCK_V: tl.constexpr, GROUP: tl.constexpr, VEC: tl.constexpr, SPLITS: tl.constexpr, FIRST: tl.constexpr,
+    FTZ: tl.constexpr,
 ):
     """One program per row, top-p alone: the next candidate of the rejection stages (module docstring).
 
@@ -462,8 +487,8 @@ def _sample_pick_kernel(
     if not resolved:                                               # the tokens strictly above x_c
         row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)
         x_c, token = _draw_in_chunk(logits_ptr + row * stride_lm, chunk, n_valid, stride_lv,
-                                    tl.cast(inv_temperature, tl.float32), row_hash, _order_key(x_c) + 1, stage,
-                                    BLOCK_V, GROUP)
+                                    tl.cast(inv_temperature, tl.float32), r_ref, row_hash, _order_key(x_c) + 1, stage,
+                                    BLOCK_V, GROUP, VEC, FIRST, FTZ)
     tl.store(state_out_ptr + row, x_c)
     tl.store(state_out_ptr + n_rows + row, token.to(tl.float32))
     tl.store(state_out_ptr + 2 * n_rows + row, resolved.to(tl.float32))
@@ -521,7 +546,8 @@ def _sample_final_kernel(
     logits_ptr, ids_ptr, steps_ptr, stats_ptr, check_ptr, state_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
     n_rows, n_splits, n_valid, stride_lm, stride_lv, stride_id, stride_step, stride_f,
     seed, inv_temperature, top_k, top_p, stage,
-    BLOCK_V: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, CH: tl.constexpr,
+    BLOCK_V: tl.constexpr, GROUP: tl.constexpr, VEC: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+    CH: tl.constexpr,
     SEARCH_PASSES: tl.constexpr, HAS_CHECKS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
     FTZ: tl.constexpr,
 ):
@@ -551,8 +577,8 @@ def _sample_final_kernel(
 
     if not FILTERED:
         _, chunk = _merge_chunks(stats_ptr + 4 * stride_f, stride_f, offs_s, valid_s)
-        top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash,
-                                        _order_key(tl.cast(float("-inf"), tl.float32)) + 1, 0, BLOCK_V, GROUP)
+        top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, r_ref, row_hash, _order_key(m), 0,
+                                        BLOCK_V, GROUP, VEC, True, FTZ)      # lo: unused (every token kept)
     else:
         top_x = tl.cast(float("-inf"), tl.float32)
         top_tok = tl.cast(0, tl.int32)
@@ -584,8 +610,8 @@ def _sample_final_kernel(
             chunk_lse2, _ = _kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, _key_value(lo), BLOCK_V,
                                          CH, FTZ)
             _, chunk = _best_chunk(chunk_lse2, 0, row_hash, stage, CH)
-            top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, row_hash, lo, stage,
-                                            BLOCK_V, GROUP)
+            top_x, top_tok = _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, r_ref, row_hash, lo, stage,
+                                            BLOCK_V, GROUP, VEC, False, FTZ)
 
     tl.store(tokens_ptr + row, top_tok.to(tl.int64))
     tl.store(logprobs_ptr + row, tl.where(no_mass, float("-inf"), top_x - lse))
@@ -596,6 +622,13 @@ def _sample_final_kernel(
 # 2. Backends: the launcher and the torch twin
 # ----------------------------------------------------------------------------
 
+def _vector_width(logits2d: torch.Tensor) -> int:
+    """Tokens per 16-byte load where a compiled kernel's loads of a row can be vectors (the data pointer and the
+    row stride divisible by 16, as Triton specialises them; contiguous columns), else 1."""
+    aligned = logits2d.data_ptr() % 16 == 0 and logits2d.stride(0) % 16 == 0 and logits2d.stride(1) == 1
+    return 16 // logits2d.element_size() if aligned else 1
+
+
 def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_size):
     n_rows = logits2d.size(0)
     device = logits2d.device
@@ -604,11 +637,10 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
     if n_rows == 0:
         return tokens, out[0], out[1]
     interpreted = triton_interpreter_enabled()
-    # A block is a chunk (one chunk, a smaller block, for a vocabulary shorter than one). Every kernel runs 4
-    # warps: 16 tokens a thread in the passes over a row (half the per-block reductions' share of 8 warps),
-    # and fewer replicated lanes in the draw in one chunk, whose group and token noise are small tensors.
+    # A block is a chunk (one chunk, a smaller block, for a vocabulary shorter than one).
     block_v = _CHUNK if vocab_size > _CHUNK else triton.next_power_of_2(vocab_size)
     group = min(_GROUP, block_v)          # a block under one group (V < _GROUP) is that group: ids agree
+    vec = min(_vector_width(logits2d), group)
     has_top_k, has_top_p = 0 < top_k < vocab_size, top_p < 1.0
     nucleus = has_top_p and not has_top_k
     # The search passes read blocks of a chunk (the interpreter, whole rows: it costs ~1 ms per program and loop
@@ -631,9 +663,10 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
     with on_device_of(logits2d):
         _sample_stats_kernel[(n_rows, n_splits)](
             logits2d, ids1d, steps1d, stats, *common, per_split, stats.stride(0), *draw_args,
-            BLOCK_V=block_v, CH=chunks_p2, DRAW=not (has_top_k or nucleus and not n_checks), FTZ=ftz, num_warps=4,
+            BLOCK_V=block_v, CH=chunks_p2, DRAW=not (has_top_k or nucleus and not n_checks), FTZ=ftz,
+            num_warps=_PASS_WARPS,
         )
-        pick = dict(BLOCK_V=block_v, GROUP=group, SPLITS=splits_p2, num_warps=4)
+        pick = dict(BLOCK_V=block_v, GROUP=group, VEC=vec, SPLITS=splits_p2, FTZ=ftz, num_warps=_DRAW_WARPS)
         if n_checks:                    # stage 0's candidate, then check i (stage i's chunks) and its pick
             _sample_pick_kernel[(n_rows,)](logits2d, ids1d, steps1d, stats, stats, states[1], states[0], n_rows,
                                            n_splits, *common, stats.stride(0), *draw_args, top_p, 0, FIRST=True, **pick)
@@ -642,7 +675,7 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
             _sample_check_kernel[(n_rows, n_splits)](
                 logits2d, ids1d, steps1d, stats, state, check, n_rows, *common, per_split, stats.stride(0),
                 *draw_args, stage, BLOCK_V=block_v, CH=chunks_p2, SPLITS=splits_p2, DRAW=stage < n_checks, FTZ=ftz,
-                num_warps=4,
+                num_warps=_PASS_WARPS,
             )
             if stage < n_checks:
                 _sample_pick_kernel[(n_rows,)](logits2d, ids1d, steps1d, stats, check, state, states[stage % 2],
@@ -652,9 +685,10 @@ def _sample_triton(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_si
             logits2d, ids1d, steps1d, stats, checks[n_checks % 2] if n_checks else stats,
             states[(n_checks - 1) % 2] if n_checks else stats, tokens, out[0], out[1], n_rows, n_splits, *common,
             stats.stride(0), *draw_args, top_k, top_p, n_checks,
-            BLOCK_V=block_v, GROUP=group, BLOCK_S=block_s, SPLITS=splits_p2, CH=triton.next_power_of_2(n_blocks),
-            SEARCH_PASSES=_SEARCH_PASSES, HAS_CHECKS=n_checks > 0, HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, FTZ=ftz,
-            num_warps=4,
+            BLOCK_V=block_v, GROUP=group, VEC=vec, BLOCK_S=block_s, SPLITS=splits_p2,
+            CH=triton.next_power_of_2(n_blocks), SEARCH_PASSES=_SEARCH_PASSES, HAS_CHECKS=n_checks > 0,
+            HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, FTZ=ftz,
+            num_warps=_PASS_WARPS if has_top_k or has_top_p else _DRAW_WARPS,
         )
     return tokens, out[0], out[1]
 

@@ -204,11 +204,12 @@ STREAMING = {f"fastppo.kernels.{kernel}": args for kernel, args in {
 }.items()}
 
 # Per-element pointers of each kernel, for its bandwidth budget of instructions (fastppo_testing/sass.py): the
-# streaming kernels' and the sampler's logits (one pass over them) and gae's five (B, T) tensors.
+# streaming kernels' and the sampler's logits (one pass over them, or one chunk) and gae's five (B, T) tensors.
 STREAMED = {**STREAMING,
             "fastppo.kernels.sampler:_sample_stats_kernel": ("logits_ptr",),
             "fastppo.kernels.sampler:_sample_check_kernel": ("logits_ptr",),
             "fastppo.kernels.sampler:_sample_final_kernel": ("logits_ptr",),
+            "fastppo.kernels.sampler:_sample_pick_kernel": ("logits_ptr",),
             "fastppo.kernels.gae:_gae_fwd_kernel": ("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "ret_ptr")}
 
 
@@ -315,20 +316,30 @@ def test_no_reverse_scan():
 # The kernels held to their bandwidth budget of instructions on sm_90 (fastppo_testing/sass.py: issue rate
 # over copy bandwidth, ~8.1 thread-instructions per byte on an H200; bf16 forward ~16 per element): the row
 # kernels, the sampler's passes over a row (its final kernel's with a filter: the threshold searches and the
-# chunks' kept mass), and gae (its scans included; at T = 1 the row loop compiles away and the whole kernel
-# counts).
+# chunks' kept mass) and its draw in one chunk, and gae (its scans included; at T = 1 the row loop compiles
+# away and the whole kernel counts).
 ROW_KERNELS = ("fastppo.kernels.token_logprobs:_token_logprobs_fwd_kernel",
                "fastppo.kernels.token_logprobs:_token_logprobs_bwd_kernel",
                "fastppo.kernels.sampler:_sample_stats_kernel", "fastppo.kernels.sampler:_sample_check_kernel",
                "fastppo.kernels.sampler:_sample_final_kernel")
-BUDGET_KERNELS = (*ROW_KERNELS, "fastppo.kernels.gae:_gae_fwd_kernel")
+BUDGET_KERNELS = (*ROW_KERNELS, "fastppo.kernels.sampler:_sample_pick_kernel", "fastppo.kernels.gae:_gae_fwd_kernel")
+
+
+def draws_only(case) -> bool:
+    """A program per row that reads one chunk (BLOCK_V tokens) and draws in it, without a loop: the sampler's
+    pick kernel, and its final kernel without a filter."""
+    if case.kernel == "fastppo.kernels.sampler:_sample_final_kernel":
+        return not (case.constexprs["HAS_TOP_K"] or case.constexprs["HAS_TOP_P"])
+    return case.kernel == "fastppo.kernels.sampler:_sample_pick_kernel"
 
 
 def streams(case) -> bool:
-    """Whether the case's hot loop moves its STREAMED bytes per element: the sampler's final kernel does only
-    with a filter (its searches); without one it reads a single chunk per row."""
-    if case.kernel == "fastppo.kernels.sampler:_sample_final_kernel":
-        return case.constexprs["HAS_TOP_K"] or case.constexprs["HAS_TOP_P"]
+    """Whether the case moves its STREAMED bytes per element of what its hot loop (or, without a loop, its whole
+    code) covers, so that the budget holds it: every pass over a row, and the draw in one chunk when its rows
+    allow vector loads (VEC > 1). A draw in rows that do not loads one token at a time: bench/sass_counts.py
+    reports it against the budget, the test does not hold it."""
+    if draws_only(case):
+        return case.constexprs["VEC"] > 1
     return case.kernel in STREAMED
 
 
@@ -337,7 +348,7 @@ def streams(case) -> bool:
 def test_kernels_within_bandwidth_budget(compiled, case):
     result = compiled[(case.name, 90)]
     assert result.error is None, result.error
-    if case.kernel in ROW_KERNELS:
+    if case.kernel in ROW_KERNELS and not draws_only(case):
         assert result.n_loops >= 1, f"{case.name}: no loop over the row found in its SASS"
     n_bytes = streamed_bytes(case.signature, STREAMED[case.kernel])
     instructions, mufu = budget(n_bytes)

@@ -118,7 +118,9 @@ def reference(logits, *, seed, sample_ids, step, temperature=1.0, top_k=0, top_p
     - a chunk's or a group's key ln(mass) + G: the log-sum-exp of up to 2048 terms of relative error
       u·(|y - r| + 2) each, summed in a tree, then its log and the noise's two logs:
       |error| <= u·(4 max|x| + 8(1 + |g|) + 64);
-    - a token's x + g: u·(2|x| + 8(1 + |g|)) (x exact by the definition; g: two logs, 2 ulps each, the clamp);
+    - a token's x + g: u·(2|x| + 8(1 + |g|)) (x exact by the definition; g: two logs and the clamp: the inner
+      log 1 ulp, the outer one, in the compiled draw in a chunk lg2.approx (absolute error below 2^-22 in
+      log2, under 3u in ln), 2 ulps elsewhere; the log of a group's mass the same);
     - top-p's mass above a candidate against top_p·S, and the top-p set's boundary: n exp terms of relative
       error u·(|x| + |max x| + 2) summed in blocks and trees: a relative error of at most
       slack = u·(4 max|x| + 2 log2 V + V/1024 + 16) on either side.
@@ -431,6 +433,25 @@ def test_the_backends_draw_the_same_tokens():
         kw = dict(seed=3, sample_ids=torch.arange(16), step=9, temperature=0.8, top_k=k, top_p=p)
         a, b = sample(logits, backend="triton", **kw), sample(logits, backend="torch", **kw)
         assert check_draw(a, logits, **kw) + check_draw(b, logits, **kw) <= 2, (k, p)
+
+
+@pytest.mark.parametrize("dtype,vec", [(torch.float32, 4), (torch.bfloat16, 8)], ids=str)
+def test_vector_and_scalar_reads_of_a_chunk_draw_the_definition(dtype, vec):
+    """The draw in one chunk reads a chunk as vectors of VEC tokens (rows 16-byte aligned) or a token at a time
+    (a row starting 4 bytes in): the same logits, both layouts, the reference's tokens. Rows of 2 full chunks
+    and a partial one, filterless, top-p alone (the stages' draws) and top-k with top-p."""
+    B, V = 6, 2 * 2048 + 64
+    values = (torch.randn(B, V) * 3).to(dtype)
+    aligned = values.clone()
+    shifted = torch.empty(B * V + 2, dtype=dtype)[4 // dtype.itemsize:][:B * V].view(B, V)   # 4 bytes in
+    shifted.copy_(values)
+    assert sampler._vector_width(aligned) == vec and sampler._vector_width(shifted) == 1
+    ambiguous = 0
+    for k, p in ((0, 1.0), (0, 0.9), (50, 0.9)):
+        kw = dict(seed=8, sample_ids=torch.arange(B), step=4, temperature=0.9, top_k=k, top_p=p)
+        for logits in (aligned, shifted):
+            ambiguous += check_draw(sample(logits, backend="triton", **kw), values, **kw)
+    assert ambiguous <= B
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
