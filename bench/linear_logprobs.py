@@ -4,6 +4,8 @@ Providers, side by side in one run:
   naive    F.linear -> log_softmax(.float()) -> gather, + entropy from the softmax
   compile  torch.compile of naive (skipped, with the reason printed, when it fails here)
   fastppo  fastppo.kernels.linear_token_logprobs (chunked; logits never stored)
+  fused    the same with FASTPPO_LINEAR_FUSED_FORWARD=1: its forward a GEMM kernel with the row statistics
+           in the epilogue (no logits in memory), the backward chunked; CUDA only
   liger    Liger-Kernel's fused linear cross-entropy (its summed loss: no entropy, but the
            same memory profile), CUDA only, when importable
 
@@ -20,6 +22,8 @@ Usage: python bench/linear_logprobs.py [--no-compile] [--rep R] [--shapes NxHxV,
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +58,14 @@ def fastppo(hidden, weight, labels):
     return linear_token_logprobs(hidden, weight, labels, return_entropy=True)
 
 
+def fastppo_fused(hidden, weight, labels):
+    os.environ["FASTPPO_LINEAR_FUSED_FORWARD"] = "1"
+    try:
+        return linear_token_logprobs(hidden, weight, labels, return_entropy=True)
+    finally:
+        del os.environ["FASTPPO_LINEAR_FUSED_FORWARD"]
+
+
 def make_providers(device, use_compile: bool):
     providers = {"naive": naive}
     notes = {}
@@ -61,6 +73,7 @@ def make_providers(device, use_compile: bool):
         providers["compile"] = torch.compile(naive, dynamic=False)
     providers["fastppo"] = fastppo
     if device.type == "cuda":
+        providers["fused"] = fastppo_fused
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -73,7 +86,7 @@ def make_providers(device, use_compile: bool):
         except Exception as exc:  # not installed, or an API this script does not know
             notes["liger"] = f"not run: {type(exc).__name__}: {exc}"
     else:
-        notes["liger"] = "not run: CUDA only"
+        notes["fused"] = notes["liger"] = "not run: CUDA only"
     return providers, notes
 
 

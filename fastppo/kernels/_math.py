@@ -189,6 +189,15 @@ def fast_log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def exp2_terms(x, scale, r, FTZ: tl.constexpr):
+    """d = y − r, at least −1000, and 2^d for raw logits x (y = x·scale) against a running reference r (−inf: no
+    finite logit yet, taken as 0): −inf → −1000, where 2^−1000 is 0 and 0·(−1000) is 0, not NaN."""
+    r_ref = tl.where(r == float("-inf"), 0.0, r)
+    d = tl.maximum(x * scale - r_ref, -1000.0)
+    return d, fast_exp2(d, FTZ)
+
+
+@triton.jit
 def online_lse2_step(r, s, t, x, scale, FTZ: tl.constexpr):
     """Fold one block x of raw logits into the running state; returns (r, s, t).
 
@@ -208,9 +217,7 @@ def online_lse2_step(r, s, t, x, scale, FTZ: tl.constexpr):
         t = alpha * (t + shift * s)
         s = alpha * s
         r = y_max
-    r_ref = tl.where(r == float("-inf"), 0.0, r)                 # a block of −inf before any finite logit
-    d = tl.maximum(x * scale - r_ref, -1000.0)
-    e = fast_exp2(d, FTZ)
+    d, e = exp2_terms(x, scale, r, FTZ)
     return r, s + e, t + e * d
 
 
@@ -233,21 +240,33 @@ def online_lse2_mass_step(r, s, c, t, x, scale, FTZ: tl.constexpr):
         s = alpha * s
         t = alpha * t
         r = y_max
-    r_ref = tl.where(r == float("-inf"), 0.0, r)
-    d = tl.maximum(x * scale - r_ref, -1000.0)
-    e = fast_exp2(d, FTZ)
+    d, e = exp2_terms(x, scale, r, FTZ)
     mass = tl.sum(e, axis=0)
     return r, s + mass, c, t + e * d, mass, x_max
 
 
 @triton.jit
-def lse2_and_entropy(r, s, t, is_empty):
+def lse2_and_entropy(r, s, t, is_empty, AXIS: tl.constexpr = 0):
     """(reference point, log₂ S, natural entropy) from the state of `online_lse2_step`; the row's base-2
     log-sum-exp of the scaled logits is their sum. is_empty: a row that folded nothing (0, 0 and 0 then).
 
-    S = Σ s, T = Σ t: lse₂ = r + log₂ S and H = −Σ p ln p = ln 2·(log₂ S − T / S), both relative to r, so no
-    large difference; a logprob is (y − r) − log₂ S, times ln 2."""
-    s_sum = tl.where(is_empty, 1.0, tl.sum(s, axis=0))
-    t_sum = tl.sum(t, axis=0)
+    S = Σ s, T = Σ t (along AXIS): lse₂ = r + log₂ S and H = −Σ p ln p = ln 2·(log₂ S − T / S), both relative
+    to r, so no large difference; a logprob is (y − r) − log₂ S, times ln 2."""
+    s_sum = tl.where(is_empty, 1.0, tl.sum(s, axis=AXIS))
+    t_sum = tl.sum(t, axis=AXIS)
     log2_s = tl.log2(s_sum)
     return tl.where(r == float("-inf"), 0.0, r), log2_s, (log2_s - t_sum / s_sum) * LN2
+
+
+@triton.jit
+def merge_lse2(r, s, t, AXIS: tl.constexpr):
+    """`lse2_and_entropy` of partial states along AXIS (a row's splits), each reduced to a reference r_i (−inf:
+    empty), s_i = Σ 2^(y − r_i) and t_i = Σ 2^(y − r_i)(y − r_i): exact up to rounding. Relative to
+    R = max r_i they are s_i·2^(r_i − R) and 2^(r_i − R)·(t_i + (r_i − R)·s_i)."""
+    big_r = tl.max(r, axis=AXIS)
+    r_ref = tl.expand_dims(tl.where(big_r == float("-inf"), 0.0, big_r), AXIS)
+    shift = tl.where(r == float("-inf"), 0.0, r - r_ref)
+    alpha = tl.exp2(shift)
+    t = tl.where(r == float("-inf"), 0.0, alpha * (t + shift * s))
+    s = tl.where(r == float("-inf"), 0.0, s * alpha)
+    return lse2_and_entropy(big_r, s, t, big_r == float("-inf"), AXIS)

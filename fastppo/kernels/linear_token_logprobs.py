@@ -33,17 +33,21 @@ call.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._checks import (
     FLOAT_DTYPES, INT_DTYPES, as_rows, check_chunk_size, check_ignore_index, check_labels_in_range, check_lm_head,
     check_normalizer, check_positive, check_same_device, check_shape, check_tensor,
 )
-from ._dispatch import empty_output, resolve_backend
+from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
+from ._math import LN2, exp2_terms, merge_lse2
 from . import torch_backend
 from .lm_head import (
     ChunkPlan, accumulate_grads, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
@@ -53,12 +57,94 @@ from .token_logprobs import logprob_rows_backward, logprob_rows_forward, as_resu
 
 
 # ----------------------------------------------------------------------------
-# 1. Kernels
+# 1. Kernels: the forward with the row statistics in the GEMM's epilogue
 # ----------------------------------------------------------------------------
-# None of its own: the per-row math is token_logprobs' two kernels, run on one
-# float32 chunk of logits at a time. (A GEMM-epilogue kernel that keeps the
-# chunk's logits on chip is the GPU follow-up; this chunked path stays the
-# fallback.)
+# The chunked path (section 2) runs token_logprobs' row kernels on one float32
+# chunk of logits at a time, written by a GEMM and read back: 8 bytes of
+# traffic per logit. The fused forward computes (BLOCK_M, BLOCK_N) tiles of
+# logits with tl.dot and folds each into per-row running statistics while it
+# is still in registers, so no logit reaches memory. It serves the forward of
+# the triton backend when FASTPPO_LINEAR_FUSED_FORWARD=1 (`fused_forward_enabled`),
+# until a GPU has measured it against the chunked path (bench/linear_logprobs.py);
+# the backward recomputes the logits chunk by chunk either way.
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    h_ptr, w_ptr, labels_ptr, part_ptr,
+    n_rows, size_h, n_cols, n_valid, stride_hm, stride_hk, stride_wv, stride_wk, stride_label, stride_f,
+    tiles_per_split, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, FTZ: tl.constexpr,
+):
+    """Grid (row blocks, splits of the weight rows): per row, the base-2 running statistics of y = logit·scale
+    (scale = log2(e) / T) over the split's tiles of BLOCK_N columns, each tile's logits a float32 tl.dot over H
+    in steps of BLOCK_K (IEEE: float32 operands, exact products, not TF32; half operands' products are exact
+    either way). Writes fields r, s, t of
+    `_math.online_lse2_step` (reduced per row: the reference moves every tile, a BLOCK_M vector) and the
+    label's y (0 outside the split), fields 0-3 at part_ptr + field·stride_f + row·splits + split. Columns
+    in [n_valid, n_cols) are padding: -inf."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    row_ok = rows < n_rows
+    labels = tl.load(labels_ptr + rows.to(tl.int64) * stride_label, mask=row_ok, other=-1).to(tl.int64)
+    k = tl.cast(scale, tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
+    r = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    t = tl.zeros([BLOCK_M], tl.float32)
+    y_label = tl.zeros([BLOCK_M], tl.float32)
+    first = split * tiles_per_split
+    for tile in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, size_h, BLOCK_K):
+            ks = k0 + kk
+            a = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & (ks[None, :] < size_h), other=0.0)
+            b = tl.load(w_cols + ks[:, None] * stride_wk, mask=(cols[None, :] < n_cols) & (ks[:, None] < size_h),
+                        other=0.0)
+            if IEEE:        # (the interpreter's tl.dot takes no 16-bit operands: it gets them in float32)
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        x = tl.where(cols[None, :] < n_valid, acc, float("-inf"))
+        y_label += tl.sum(tl.where(cols[None, :] == labels[:, None], x * k, 0.0), axis=1)
+        r_new = tl.maximum(r, tl.max(x, axis=1) * k)
+        shift = tl.where(r == float("-inf"), 0.0, r - tl.where(r_new == float("-inf"), 0.0, r_new))
+        alpha = tl.exp2(shift)                                       # (r = -inf: s = t = 0 so far)
+        t = alpha * (t + shift * s)
+        s = alpha * s
+        d, e = exp2_terms(x, k, r_new[:, None], FTZ)
+        s += tl.sum(e, axis=1)
+        t += tl.sum(e * d, axis=1)
+        r = r_new
+    out = part_ptr + rows.to(tl.int64) * tl.num_programs(1) + split
+    tl.store(out, r, mask=row_ok)
+    tl.store(out + stride_f, s, mask=row_ok)
+    tl.store(out + 2 * stride_f, t, mask=row_ok)
+    tl.store(out + 3 * stride_f, y_label, mask=row_ok)
+
+
+@triton.jit
+def _linear_logprobs_merge_kernel(
+    part_ptr, labels_ptr, out_ptr, n_rows, n_splits, stride_f, stride_label, stride_o, ignore_index,
+    BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Per row, the splits' statistics merged (`_math.merge_lse2`): logprob, entropy and natural-log lse at
+    out_ptr + field·stride_o + row; an ignored row gets 0, 0, 0 (as token_logprobs)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    offs = rows.to(tl.int64)[:, None] * n_splits + tl.arange(0, SPLITS)[None, :]
+    valid = row_ok[:, None] & (tl.arange(0, SPLITS)[None, :] < n_splits)
+    r = tl.load(part_ptr + offs, mask=valid, other=float("-inf"))
+    s = tl.load(part_ptr + stride_f + offs, mask=valid, other=0.0)
+    t = tl.load(part_ptr + 2 * stride_f + offs, mask=valid, other=0.0)
+    y_label = tl.sum(tl.load(part_ptr + 3 * stride_f + offs, mask=valid, other=0.0), axis=1)
+    r_ref, log2_s, entropy = merge_lse2(r, s, t, 1)
+    keep = tl.load(labels_ptr + rows.to(tl.int64) * stride_label, mask=row_ok, other=ignore_index) != ignore_index
+    tl.store(out_ptr + rows, tl.where(keep, (y_label - r_ref - log2_s) * LN2, 0.0), mask=row_ok)
+    tl.store(out_ptr + stride_o + rows, tl.where(keep, entropy, 0.0), mask=row_ok)
+    tl.store(out_ptr + 2 * stride_o + rows, tl.where(keep, (r_ref + log2_s) * LN2, 0.0), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------
@@ -242,6 +328,57 @@ def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, 
     return out[0], out[1], out[2]
 
 
+# The fused forward's tiles on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), by operand dtype: half operands
+# on the tensor cores; float32 exact (IEEE), smaller. The largest that compile without spills on sm_80 and
+# sm_90 (BLOCK_K = 64 spills on sm_80: the tile's epilogue holds its 128 x 128 float32 logits and their
+# exponentials); not yet tuned on a GPU. The interpreter's cost is per program and loop trip, and
+# tl.dot needs 16 or more: small tiles. Splits of the weight rows per row block: by V only (at most
+# _FUSED_SPLITS), so that a row's result never depends on N.
+_FUSED_TILES = {torch.bfloat16: (128, 128, 32, 8, 4), torch.float16: (128, 128, 32, 8, 4),
+                torch.float32: (64, 64, 16, 4, 2)}
+_FUSED_TILES_INTERPRETED = (16, 32, 16, 4, 1)
+_FUSED_SPLITS = 8
+_MERGE_ROWS = 128
+
+
+def fused_forward_enabled() -> bool:
+    """Whether the triton backend's forward is the fused GEMM-epilogue kernel (FASTPPO_LINEAR_FUSED_FORWARD=1,
+    read per call) rather than the chunked path."""
+    value = os.environ.get("FASTPPO_LINEAR_FUSED_FORWARD", "0").strip().lower()
+    if value not in ("0", "1", "false", "true", ""):
+        raise ValueError(f"FASTPPO_LINEAR_FUSED_FORWARD must be 0 or 1, got {value!r}")
+    return value in ("1", "true")
+
+
+def _fused_forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size):
+    """The triton forward without logits in memory: -> logprobs, entropy, lse, each (N,) float32."""
+    n_rows, size_h = hidden2d.shape
+    n_cols, device = weight.shape[0], hidden2d.device
+    out = torch.zeros(3, n_rows, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return out[0], out[1], out[2]
+    interpreted = triton_interpreter_enabled()
+    bm, bn, bk, warps, stages = _FUSED_TILES_INTERPRETED if interpreted else _FUSED_TILES[hidden2d.dtype]
+    n_tiles = triton.cdiv(n_cols, bn)
+    per_split = triton.cdiv(n_tiles, min(n_tiles, _FUSED_SPLITS))
+    n_splits = triton.cdiv(n_tiles, per_split)
+    part = empty_output((4, n_rows, n_splits), torch.float32, device)
+    with on_device_of(hidden2d):
+        _linear_logprobs_fwd_kernel[(triton.cdiv(n_rows, bm), n_splits)](
+            hidden2d, weight, labels1d, part, n_rows, size_h, n_cols, vocab_size, hidden2d.stride(0),
+            hidden2d.stride(1), weight.stride(0), weight.stride(1), labels1d.stride(0), part.stride(0), per_split,
+            math.log2(math.e) / temperature,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=interpreted or hidden2d.dtype == torch.float32,
+            FTZ=not interpreted,
+            num_warps=warps, num_stages=stages,
+        )
+        _linear_logprobs_merge_kernel[(triton.cdiv(n_rows, _MERGE_ROWS),)](
+            part, labels1d, out, n_rows, n_splits, part.stride(0), labels1d.stride(0), out.stride(0),
+            int(ignore_index), BLOCK_M=_MERGE_ROWS, SPLITS=triton.next_power_of_2(n_splits),
+        )
+    return out[0], out[1], out[2]
+
+
 def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
               vocab_size, backend, plan, need_dhidden, need_dweight):
     """-> dhidden (N, H) in hidden's dtype or None, dweight (V, H) in weight's dtype or None."""
@@ -296,8 +433,11 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend, chunk_size):
         plan = chunk_plan(hidden2d, weight, backend, chunk_size)
-        logprobs, entropy, lse = _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend,
-                                          plan)
+        if backend == "triton" and fused_forward_enabled():
+            logprobs, entropy, lse = _fused_forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size)
+        else:
+            logprobs, entropy, lse = _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size,
+                                              backend, plan)
         # Only (N,) statistics are saved besides the inputs; the logits are recomputed in backward.
         ctx.save_for_backward(hidden2d, weight, labels1d, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.vocab_size = temperature, ignore_index, vocab_size

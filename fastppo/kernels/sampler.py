@@ -79,7 +79,7 @@ from ._checks import (
     check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from ._math import LN2, LOG2E, fast_exp2, fast_log2, lse2_and_entropy, online_lse2_mass_step
+from ._math import LN2, LOG2E, fast_exp2, fast_log2, merge_lse2, online_lse2_mass_step
 
 _M32 = 0xFFFFFFFF
 _TOKEN_SALT = 0x85EBCA6B  # (the kernels write these three constants in place)
@@ -384,21 +384,14 @@ def _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS: tl.constexpr):
     """Merge a row's per-split statistics (fields m, r, s, t, then the chunk draw): exact up to rounding.
 
     Each split holds s_i = sum 2^(y - r_i), t_i = sum 2^(y - r_i)(y - r_i) (y = x·log2 e) for its own reference
-    r_i; relative to R = max r_i they are s_i·2^(r_i - R) and 2^(r_i - R)·(t_i + (r_i - R)·s_i).
-    Returns (m, R, log2 S, entropy)."""
+    r_i (`_math.merge_lse2`). Returns (m, R, log2 S, entropy)."""
     offs = row * n_splits + tl.arange(0, SPLITS)
     valid = tl.arange(0, SPLITS) < n_splits
     m = tl.max(tl.load(stats_ptr + offs, mask=valid, other=float("-inf")), axis=0)
     r = tl.load(stats_ptr + stride_f + offs, mask=valid, other=float("-inf"))
     s = tl.load(stats_ptr + 2 * stride_f + offs, mask=valid, other=0.0)
     t = tl.load(stats_ptr + 3 * stride_f + offs, mask=valid, other=0.0)
-    big_r = tl.max(r, axis=0)
-    r_ref = tl.where(big_r == float("-inf"), 0.0, big_r)
-    shift = tl.where(r == float("-inf"), 0.0, r - r_ref)
-    alpha = tl.exp2(shift)
-    t = tl.where(r == float("-inf"), 0.0, alpha * (t + shift * s))
-    s = tl.where(r == float("-inf"), 0.0, s * alpha)
-    _, log2_s, entropy = lse2_and_entropy(big_r, s, t, m == float("-inf"))
+    r_ref, log2_s, entropy = merge_lse2(r, s, t, 0)
     return m, r_ref, log2_s, entropy
 
 
@@ -743,15 +736,18 @@ def _sample_torch(logits2d, ids1d, steps1d, seed, inv_t, top_k, top_p, vocab_siz
         keep &= x >= torch.topk(x, top_k, dim=-1).values[:, -1:]                       # ties with the k-th kept
     if top_p < 1.0 and not has_top_k and _CHECKS:                                       # rejection stages
         tokens = _draw_torch(x, keep, rows, 0)
-        resolved = s == 0
+        todo = torch.nonzero(s != 0).squeeze(-1)                  # the rows not resolved yet (a draw is per row)
         for stage in range(1, _CHECKS + 1):
-            above = x > x.gather(-1, tokens[:, None])
-            resolved |= torch.where(above, e, 0.0).sum(-1) < top_p * s
-            if stage < _CHECKS and not resolved.all():
-                tokens = torch.where(resolved, tokens, _draw_torch(x, above, rows, stage))
-        if not resolved.all():
-            searched = _draw_torch(x, _top_p_keep(x, e, top_p), rows, _CHECKS)
-            tokens = torch.where(resolved, tokens, searched)
+            x_todo = x[todo]
+            above = x_todo > x_todo.gather(-1, tokens[todo, None])
+            open_ = torch.where(above, e[todo], 0.0).sum(-1) >= top_p * s[todo]
+            todo, above = todo[open_], above[open_]
+            if todo.numel() == 0:
+                break
+            if stage < _CHECKS:
+                tokens[todo] = _draw_torch(x[todo], above, rows[todo], stage)
+        if todo.numel():
+            tokens[todo] = _draw_torch(x[todo], _top_p_keep(x[todo], e[todo], top_p), rows[todo], _CHECKS)
     else:
         if top_p < 1.0:
             keep &= _top_p_keep(x, torch.where(keep, e, 0.0), top_p)

@@ -27,6 +27,13 @@ from fastppo_testing.tolerances import assert_within, gemm_error, logprob_entrop
 
 IGNORE = -100
 BACKENDS = ["torch", "triton"]
+FORWARDS = [*BACKENDS, "triton-fused"]      # the triton backend with its fused forward
+
+
+def use_forward(monkeypatch, name):
+    """The backend of a FORWARDS name; "triton-fused" turns FASTPPO_LINEAR_FUSED_FORWARD on."""
+    monkeypatch.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "1" if name == "triton-fused" else "0")
+    return name.removesuffix("-fused")
 
 
 # ----------------------------------------------------------------------------
@@ -206,16 +213,56 @@ def test_triton_backend_matches_oracle(n, size_h, vocab, dtype, temperature, chu
     check_against_oracle("triton", n, size_h, vocab, dtype, temperature, _chunk(n, chunk_kind))
 
 
+# The triton backend's fused forward (GEMM tiles, the row statistics in the epilogue, no logits in memory),
+# opt-in by FASTPPO_LINEAR_FUSED_FORWARD; the backward recomputes the logits chunk by chunk from its lse.
+FUSED_CASES = [
+    (1, 33, 1003, torch.float32, 1.0),
+    (37, 64, 4099, torch.bfloat16, 0.9),
+    (300, 33, 1003, torch.float16, 0.9),
+    (37, 48, 515, torch.float32, 0.9),       # 17 tiles of 32 columns under the interpreter: 6 splits of 3
+]
+
+
+@pytest.mark.parametrize("n,size_h,vocab,dtype,temperature", FUSED_CASES, ids=str)
+def test_fused_forward_matches_oracle(monkeypatch, n, size_h, vocab, dtype, temperature):
+    monkeypatch.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "1")
+    check_against_oracle("triton", n, size_h, vocab, dtype, temperature, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_forward_is_the_chunked_forward_with_padding_rows(monkeypatch, dtype):
+    """vocab_size < V (alignment padding rows of the weight): excluded from the softmax by both forwards, which
+    agree to float32 rounding (the same exact products, summed in another order)."""
+    hidden, weight, labels = make_inputs(29, 40, 1000, dtype)
+    labels[labels >= 997] = 5
+    kw = dict(temperature=0.9, return_entropy=True, vocab_size=997, backend="triton", chunk_size=16)
+    chunked = linear_token_logprobs(hidden, weight, labels, **kw)
+    monkeypatch.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "1")
+    got = linear_token_logprobs(hidden, weight, labels, **kw)
+    want_lp, want_ent = oracle(hidden[:, :], weight[:997], labels, 0.9)
+    for a, b, w in ((got.logprobs, chunked.logprobs, want_lp), (got.entropy, chunked.entropy, want_ent)):
+        torch.testing.assert_close(a, b, atol=2e-5 * (1 + w.abs().max().item()), rtol=0)
+        torch.testing.assert_close(a.double(), w, atol=2e-5 * (1 + w.abs().max().item()), rtol=0)
+
+
+def test_fused_forward_switch_is_named(monkeypatch):
+    hidden, weight, labels = make_inputs(3, 16, 64, torch.float32)
+    monkeypatch.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "yes please")
+    with pytest.raises(ValueError, match="FASTPPO_LINEAR_FUSED_FORWARD must be 0 or 1"):
+        linear_token_logprobs(hidden, weight, labels, backend="triton")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_default_chunk_size(backend, dtype):
     check_against_oracle(backend, 37, 64, 4099, dtype, 0.9, None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_leading_dims_and_noncontiguous_inputs(backend):
+@pytest.mark.parametrize("backend", FORWARDS)
+def test_leading_dims_and_noncontiguous_inputs(monkeypatch, backend):
     """(B, T, H) hidden as a transposed view, weight as a slice of a NaN-padded buffer
     (an out-of-bounds read would show as NaN), non-contiguous labels."""
+    backend = use_forward(monkeypatch, backend)
     b, t, size_h, vocab = 3, 5, 24, 1003
     hidden = torch.randn(t, b, size_h).transpose(0, 1)                      # (B, T, H), non-contiguous
     buf = torch.full((vocab, size_h + 7), float("nan"))
@@ -304,9 +351,10 @@ def test_tied_embedding_gradient(backend):
 # Properties
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FORWARDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_extreme_and_all_negative_logits(backend, dtype):
+def test_extreme_and_all_negative_logits(monkeypatch, backend, dtype):
+    backend = use_forward(monkeypatch, backend)
     n, size_h, vocab = 7, 16, 777
     labels = torch.randint(0, vocab, (n,))
     hidden_pos = torch.rand(n, size_h) + 0.5
@@ -335,8 +383,9 @@ def test_extreme_and_all_negative_logits(backend, dtype):
         assert_within(f"{name} entropy", ent, want_ent, tol_ent)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fully_ignored_batch_and_empty_batch(backend):
+@pytest.mark.parametrize("backend", FORWARDS)
+def test_fully_ignored_batch_and_empty_batch(monkeypatch, backend):
+    backend = use_forward(monkeypatch, backend)
     hidden = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
     lp, ent = linear_token_logprobs(hidden, weight, torch.full((2, 3), IGNORE), return_entropy=True,
@@ -353,8 +402,9 @@ def test_fully_ignored_batch_and_empty_batch(backend):
     assert empty.grad.shape == (0, 8) and (weight.grad == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_custom_ignore_index_and_int32_labels(backend):
+@pytest.mark.parametrize("backend", FORWARDS)
+def test_custom_ignore_index_and_int32_labels(monkeypatch, backend):
+    backend = use_forward(monkeypatch, backend)
     hidden, weight, _ = make_inputs(4, 16, 64, torch.float32)
     labels = torch.tensor([3, 7, 7, 60], dtype=torch.int32)
     lp = linear_token_logprobs(hidden, weight, labels, ignore_index=7, backend=backend)
@@ -365,13 +415,14 @@ def test_custom_ignore_index_and_int32_labels(backend):
 
 @pytest.mark.parametrize("chunk_size", [16, None], ids=["chunk16", "default_chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_row_result_does_not_depend_on_the_batch(backend, dtype, chunk_size):
+@pytest.mark.parametrize("backend", FORWARDS)
+def test_row_result_does_not_depend_on_the_batch(monkeypatch, backend, dtype, chunk_size):
     """Bitwise: logprobs, entropy and dhidden of a row are the same alone, in a prefix,
     permuted to another position, and next to different rows. (BLAS results do depend
     on the number of rows of a matmul; every matmul here has the shape of one chunk.)
     Alone and in a prefix only where the backend is batch-size invariant (not the torch
     backend on CUDA: `batch_size_invariant`)."""
+    backend = use_forward(monkeypatch, backend)
     n, size_h, vocab = 45, 24, 1003
     hidden, weight, labels = make_inputs(n, size_h, vocab, dtype)
     g_lp, g_ent = torch.randn(n), torch.randn(n)
