@@ -86,12 +86,15 @@ def count(sass: str) -> SassCounts:
 
 def block_elements(constexprs: dict) -> int:
     """Elements one trip of a program's hot loop covers: BLOCK_V for a row kernel (the sampler's searches read
-    blocks of the same size), BLOCK_M x BLOCK_T for a (B, T) tile, else BLOCK_T or BLOCK_P."""
+    blocks of the same size), BLOCK_M x BLOCK_T for a (B, T) tile, BLOCK_M x BLOCK_N for a tile of logits (a
+    GEMM's: its hot loop is a step along K), else BLOCK_T, BLOCK_P or BLOCK_M (rows)."""
     if "BLOCK_V" in constexprs:
         return constexprs["BLOCK_V"]
     if "BLOCK_T" in constexprs:
         return constexprs["BLOCK_T"] * constexprs.get("BLOCK_M", 1)
-    return constexprs["BLOCK_P"]
+    if "BLOCK_N" in constexprs:
+        return constexprs["BLOCK_M"] * constexprs["BLOCK_N"]
+    return constexprs["BLOCK_P"] if "BLOCK_P" in constexprs else constexprs["BLOCK_M"]
 
 
 def per_element(instructions: int, num_warps: int, constexprs: dict) -> float:
