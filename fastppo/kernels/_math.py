@@ -166,26 +166,24 @@ RESCALE_LOG2 = tl.constexpr(8.0)       # the reference point moves when a block'
 
 
 @triton.jit
+def _ptx(x, INSTRUCTION: tl.constexpr):
+    """One PTX instruction `INSTRUCTION d, a;` on float32 x (inline PTX: compiled kernels only)."""
+    return tl.inline_asm_elementwise(INSTRUCTION, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def fast_exp2(x, FTZ: tl.constexpr):
     """2^x; with FTZ the single PTX instruction ex2.approx.ftz.f32 (results below 2^-126 flush to 0; without
     .ftz ptxas adds three instructions per element to rescale subnormal results). FTZ needs the compiler
     (inline PTX): the interpreter takes tl.exp2."""
-    if FTZ:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.exp2(x)
+    return _ptx(x, "ex2.approx.ftz.f32 $0, $1;") if FTZ else tl.exp2(x)
 
 
 @triton.jit
 def fast_log2(x, FAST: tl.constexpr):
     """log2(x) for x > 0; with FAST the single PTX instruction lg2.approx.ftz.f32 (absolute error below 2^-22
     for normal x, PTX ISA) instead of libdevice's ~20-instruction log2f. FAST needs the compiler (inline PTX)."""
-    if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.log2(x)
+    return _ptx(x, "lg2.approx.ftz.f32 $0, $1;") if FAST else tl.log2(x)
 
 
 @triton.jit

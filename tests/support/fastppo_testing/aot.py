@@ -202,11 +202,11 @@ def _compile_one(case: dict, sm: int) -> dict:
             sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
         fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
         loads = sorted(set(re.findall(r"\bLDG\.E[.\w]*", sass)))
-        mma = sorted(set(re.findall(r"\bH(?:G)?MMA\.[.\w]+", sass)))
+        mma = sorted(set(re.findall(r"\bHG?MMA\.[.\w]+", sass)))
         spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
         counts = count_sass(sass)
-        return asdict(Compiled(int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"]), int(fields["SHARED"]), loads,
-                               mma=mma, spills=spills, instructions=counts.instructions, hot_loop=counts.hot_loop,
+        return asdict(Compiled(int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"]), int(fields["SHARED"]),
+                               loads, mma=mma, spills=spills, instructions=counts.instructions, hot_loop=counts.hot_loop,
                                hot_loop_mufu=counts.hot_loop_mufu, n_loops=counts.n_loops,
                                loop_sizes=list(counts.loop_sizes)))
     except Exception as exc:  # reported per case by the test
