@@ -78,10 +78,9 @@ def _linear_logprobs_fwd_kernel(
     """Grid (row blocks, splits of the weight rows): per row, the base-2 running statistics of y = logit·scale
     (scale = log2(e) / T) over the split's tiles of BLOCK_N columns, each tile's logits a float32 tl.dot over H
     in steps of BLOCK_K (IEEE: float32 operands, exact products, not TF32; half operands' products are exact
-    either way). Writes fields r, s, t of
-    `_math.online_lse2_step` (reduced per row: the reference moves every tile, a BLOCK_M vector) and the
-    label's y (0 outside the split), fields 0-3 at part_ptr + field·stride_f + row·splits + split. Columns
-    in [n_valid, n_cols) are padding: -inf."""
+    either way). Writes the fields r, s, t of `_math.online_lse2_step`, reduced per row (the reference moves
+    every tile: a BLOCK_M vector), and the label's y (0 outside the split) as fields 0-3 at
+    part_ptr + field·stride_f + row·splits + split. Columns in [n_valid, n_cols) are padding: -inf."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     row_ok = rows < n_rows
@@ -369,8 +368,7 @@ def _fused_forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_
             hidden2d.stride(1), weight.stride(0), weight.stride(1), labels1d.stride(0), part.stride(0), per_split,
             math.log2(math.e) / temperature,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=interpreted or hidden2d.dtype == torch.float32,
-            FTZ=not interpreted,
-            num_warps=warps, num_stages=stages,
+            FTZ=not interpreted, num_warps=warps, num_stages=stages,
         )
         _linear_logprobs_merge_kernel[(triton.cdiv(n_rows, _MERGE_ROWS),)](
             part, labels1d, out, n_rows, n_splits, part.stride(0), labels1d.stride(0), out.stride(0),
