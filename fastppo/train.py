@@ -252,12 +252,13 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                           wandb=open_wandb(cfg, run_dir, resumed=path is not None))
     monitor = RunMonitor(cfg, models, su.scorer.reward_fns, fwd, run_dir=run_dir, device=device,
                          resume_from=start if path is not None else None)
-    monitor.start(writer, start)                                 # the evaluation before the first update
     bar = progress(cfg.run.iterations, "ppo", cfg.run.progress_bar, initial=start)
     critic = None if models.critic is None else Trained("critic", models.critic, su.critic_opt, state.critic_sched)
     last_ckpt, scalars, done, G = None, {}, start, cfg.rollout.n_samples_per_prompt
     with GracefulStop() as stop:
         try:
+            # The evaluation before the first update: a stop during it ends the run after iteration 1's checkpoint.
+            monitor.start(writer, start)
             for it in range(start, cfg.run.iterations):
                 timer, buf, t_iter = PhaseTimer(device), MetricBuffer(), time.perf_counter()
                 policy = Trained("policy", models.policy, su.policy_opt, state.policy_sched,

@@ -125,6 +125,29 @@ def test_health_action_warn_logs_and_stop_checkpoints_and_stops(tiny_setups, tmp
     assert sum("entropy collapse" in m for m in logged) == 2          # warn run + stop run, none after the resume
 
 
+def test_a_stop_during_the_first_evaluation_checkpoints_after_iteration_one(tiny_setups, tmp_path, monkeypatch):
+    """SIGTERM while `train` evaluates before its first update is a graceful stop like any other: the run goes
+    on to iteration 1's checkpoint and returns (it used to arrive before the stop handler and end the process)."""
+    import os
+    import signal
+
+    from fastppo import health
+
+    start = health.RunMonitor.start
+
+    def start_and_stop(self, writer, iteration):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None), \
+            "no stop handler while train evaluates before its first update"
+        os.kill(os.getpid(), signal.SIGTERM)
+        start(self, writer, iteration)
+
+    monkeypatch.setattr(health.RunMonitor, "start", start_and_stop)
+    setup = tiny_setups("llama")
+    result = train(load_config(None, setup.overrides(**{"run.iterations": 3, "run.output_dir": tmp_path})))
+    assert result.interrupted and result.iterations_done == 1
+    assert result.checkpoint is not None and result.checkpoint.name == "iter_00000001"
+
+
 def test_bigram_repeats_counts_what_seq_rep_2_counts():
     # Reference: per response, the bigrams of consecutive masked tokens; repeated = total - distinct (Welleck et al.).
     import torch
