@@ -247,17 +247,19 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     models, state, fwd, pad_id = su.models, su.state, su.fwd, su.models.tokenizer.pad_token_id
     fingerprint = rundir.model_fingerprint(models)
     start = _resume(path, su, fingerprint)
-    # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
-    writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard, resume_from=start if path is not None else None,
-                          wandb=open_wandb(cfg, run_dir, resumed=path is not None))
-    monitor = RunMonitor(cfg, models, su.scorer.reward_fns, fwd, run_dir=run_dir, device=device,
-                         resume_from=start if path is not None else None)
-    bar = progress(cfg.run.iterations, "ppo", cfg.run.progress_bar, initial=start)
     critic = None if models.critic is None else Trained("critic", models.critic, su.critic_opt, state.critic_sched)
     last_ckpt, scalars, done, G = None, {}, start, cfg.rollout.n_samples_per_prompt
+    # From its metrics.jsonl on (the evaluation before the first update included), a stop signal ends the run at
+    # the next safe point: after an iteration and its checkpoint.
     with GracefulStop() as stop:
+        # On resume, records past the checkpoint (written before a crash) are dropped from the logs.
+        writer = MetricWriter(run_dir, tensorboard=cfg.run.tensorboard,
+                              resume_from=start if path is not None else None,
+                              wandb=open_wandb(cfg, run_dir, resumed=path is not None))
+        monitor = RunMonitor(cfg, models, su.scorer.reward_fns, fwd, run_dir=run_dir, device=device,
+                             resume_from=start if path is not None else None)
+        bar = progress(cfg.run.iterations, "ppo", cfg.run.progress_bar, initial=start)
         try:
-            # The evaluation before the first update: a stop during it ends the run after iteration 1's checkpoint.
             monitor.start(writer, start)
             for it in range(start, cfg.run.iterations):
                 timer, buf, t_iter = PhaseTimer(device), MetricBuffer(), time.perf_counter()

@@ -126,8 +126,9 @@ def test_health_action_warn_logs_and_stop_checkpoints_and_stops(tiny_setups, tmp
 
 
 def test_a_stop_during_the_first_evaluation_checkpoints_after_iteration_one(tiny_setups, tmp_path, monkeypatch):
-    """SIGTERM while `train` evaluates before its first update is a graceful stop like any other: the run goes
-    on to iteration 1's checkpoint and returns (it used to arrive before the stop handler and end the process)."""
+    """SIGTERM once `train` has opened its metrics.jsonl (here: while it evaluates before its first update) is a
+    graceful stop like any other: the run goes on to iteration 1's checkpoint and returns. It used to arrive
+    before the stop handler, which `fastppo demo`'s stop test hit now and then."""
     import os
     import signal
 
