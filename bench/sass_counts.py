@@ -30,7 +30,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")      # the launchers record on CP
 from common import RESULTS, git_commit  # noqa: E402
 from fastppo_testing.aot import compile_cases  # noqa: E402
 from fastppo_testing.sass import budget, per_element, streamed_bytes  # noqa: E402
-from test_aot_compile import CASES, STREAMED, draws_only, streams  # noqa: E402
+from test_aot_compile import CASES, STREAMED  # noqa: E402
 
 FIELDS = ["commit", "label", "sm", "case", "kernel", "num_warps", "block", "registers", "spills", "instructions",
           "hot_loop", "hot_loop_mufu", "per_element", "mufu_per_element", "bytes_per_element", "budget",
@@ -56,7 +56,7 @@ def rows(sms, label):
                        mufu_per_element=round(per_element(c.hot_loop_mufu, case.num_warps, case.constexprs), 3),
                        bytes_per_element=n_bytes or "", budget="", mufu_budget="", within_budget="",
                        loops="/".join(map(str, c.loop_sizes)))
-            if n_bytes and (streams(case) or draws_only(case)):
+            if n_bytes:
                 instr, mufu = budget(n_bytes)
                 row.update(budget=round(instr, 1), mufu_budget=round(mufu, 2),
                            within_budget=row["per_element"] <= instr and row["mufu_per_element"] <= mufu)

@@ -257,14 +257,21 @@ def lse2_and_entropy(r, s, t, is_empty, AXIS: tl.constexpr = 0):
 
 
 @triton.jit
-def merge_lse2(r, s, t, AXIS: tl.constexpr):
-    """`lse2_and_entropy` of partial states along AXIS (a row's splits), each reduced to a reference r_i (−inf:
-    empty), s_i = Σ 2^(y − r_i) and t_i = Σ 2^(y − r_i)(y − r_i): exact up to rounding. Relative to
-    R = max r_i they are s_i·2^(r_i − R) and 2^(r_i − R)·(t_i + (r_i − R)·s_i)."""
+def to_largest_reference(r, s, AXIS: tl.constexpr):
+    """Partial states along AXIS, each a reference r_i (−inf: empty) and a mass s_i = Σ 2^(y − r_i), taken to
+    R = max r_i: (R, r_i − R, s_i·2^(r_i − R)); an empty part's shift and mass are 0. The total mass relative
+    to R is the sum of the third."""
     big_r = tl.max(r, axis=AXIS)
     r_ref = tl.expand_dims(tl.where(big_r == float("-inf"), 0.0, big_r), AXIS)
     shift = tl.where(r == float("-inf"), 0.0, r - r_ref)
-    alpha = tl.exp2(shift)
-    t = tl.where(r == float("-inf"), 0.0, alpha * (t + shift * s))
-    s = tl.where(r == float("-inf"), 0.0, s * alpha)
-    return lse2_and_entropy(big_r, s, t, big_r == float("-inf"), AXIS)
+    return big_r, shift, tl.where(r == float("-inf"), 0.0, s * tl.exp2(shift))
+
+
+@triton.jit
+def merge_lse2(r, s, t, AXIS: tl.constexpr):
+    """`lse2_and_entropy` of partial states along AXIS (a row's splits), each reduced to a reference r_i (−inf:
+    empty), s_i = Σ 2^(y − r_i) and t_i = Σ 2^(y − r_i)(y − r_i): exact up to rounding. Relative to
+    R = max r_i they are s_i·2^(r_i − R) and 2^(r_i − R)·(t_i + (r_i − R)·s_i) (`to_largest_reference`)."""
+    big_r, shift, s_big = to_largest_reference(r, s, AXIS)
+    t = tl.where(r == float("-inf"), 0.0, tl.exp2(shift) * (t + shift * s))
+    return lse2_and_entropy(big_r, s_big, t, big_r == float("-inf"), AXIS)

@@ -79,7 +79,7 @@ from ._checks import (
     check_vocab_size,
 )
 from ._dispatch import empty_output, on_device_of, resolve_backend, triton_interpreter_enabled
-from ._math import LN2, LOG2E, fast_exp2, fast_log2, merge_lse2, online_lse2_mass_step
+from ._math import LN2, LOG2E, fast_exp2, fast_log2, merge_lse2, online_lse2_mass_step, to_largest_reference
 
 _M32 = 0xFFFFFFFF
 _TOKEN_SALT = 0x85EBCA6B  # (the kernels write these three constants in place)
@@ -221,6 +221,19 @@ def _merge_chunks(part_ptr, stride_f, offs, valid):
 
 
 @triton.jit
+def _kept_terms(raw, k2, inv_t, ref, lo_x, KEEP_ALL: tl.constexpr, FTZ: tl.constexpr):
+    """2^(raw·k2 - ref) of the tokens whose x = raw·inv_t is >= lo_x, else 0 (KEEP_ALL: of every token)."""
+    e = fast_exp2(raw * k2 - ref, FTZ)
+    if not KEEP_ALL:
+        if FTZ:
+            e = tl.inline_asm_elementwise("{ .reg .pred p; setp.ge.f32 p, $1, $2; selp.f32 $0, $3, 0f00000000, p; }",
+                                          "=f,f,f,f", [raw * inv_t, lo_x, e], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            e = tl.where(raw * inv_t >= lo_x, e, 0.0)
+    return e
+
+
+@triton.jit
 def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, r_ref, row_hash, lo, stage, BLOCK_V: tl.constexpr,
                    GROUP: tl.constexpr, VEC: tl.constexpr, KEEP_ALL: tl.constexpr, FTZ: tl.constexpr):
     """(x, token) of the draw in a chunk among its tokens whose order key is >= lo (`_order_key`; KEEP_ALL:
@@ -230,32 +243,42 @@ def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, r_ref, row_hash, l
     The chunk is read as a (GROUP/VEC, groups, VEC) tensor (token g·GROUP + a·VEC + b at [a, g, b]), VEC the
     tokens one vector load holds (1 where a compiled load cannot be a vector): a thread's loads then fall in
     one group, the group masses are sums within threads, and a thread computes one group's noise instead of
-    the noise of every group its loads touch. A filtered draw takes the masses 2^(y - r_ref) of the pass that
-    chose the chunk (the same terms: a chunk chosen for its kept mass has a group with mass); KEEP_ALL, whose
-    chunk the statistics chose relative to their split's running reference, takes them relative to the chunk's
+    the noise of every group its loads touch. The loads carry no mask: a group that the chunk's end cuts or
+    that lies past it reads the chunk's last GROUP tokens instead (VEC-aligned, inside the row) and its mass
+    is replaced: 0 past the end, and for the cut group a masked read of its own tokens (a vocabulary of one
+    group is that masked read alone). A filtered draw takes the masses 2^(y - r_ref) of the pass that chose
+    the chunk (the same terms: a chunk chosen for its kept mass has a group with mass); KEEP_ALL, whose chunk
+    the statistics chose relative to their split's running reference, takes them relative to the chunk's
     largest x, so that they never all underflow. Per-token noise for one group, re-read from cache."""
     NG: tl.constexpr = BLOCK_V // GROUP
+    chunk_ptr = row_ptr + chunk.to(tl.int64) * BLOCK_V * stride_lv
+    n_rem = n_valid - chunk * BLOCK_V                                        # the chunk's tokens
+    ids = tl.arange(0, NG)
     if VEC == 1 and GROUP > 1:    # no vectors: the lanes swapped in pairs, whose contiguity would lay threads
-        lanes = tl.arange(0, NG)[None, :, None] * GROUP + (tl.arange(0, GROUP)[:, None, None] ^ 1)   # along a group
+        in_group = tl.arange(0, GROUP)[:, None, None] ^ 1                                           # along a group
     else:
-        lanes = (tl.arange(0, NG)[None, :, None] * GROUP + tl.arange(0, GROUP // VEC)[:, None, None] * VEC
-                 + tl.arange(0, VEC)[None, None, :])
-    raw = tl.load(row_ptr + chunk.to(tl.int64) * BLOCK_V * stride_lv + lanes * stride_lv,
-                  mask=lanes < n_valid - chunk * BLOCK_V, other=float("-inf")).to(tl.float32)
+        in_group = tl.arange(0, GROUP // VEC)[:, None, None] * VEC + tl.arange(0, VEC)[None, None, :]
+    full = (ids + 1) * GROUP <= n_rem
+    if NG == 1:
+        raw = tl.load(chunk_ptr + in_group * stride_lv, mask=in_group < n_rem, other=float("-inf")).to(tl.float32)
+        top = tl.max(tl.max(tl.max(raw, axis=2), axis=0), axis=0)
+    else:
+        start = tl.multiple_of(tl.where(full, ids * GROUP, (n_rem - GROUP) & -VEC), [VEC])
+        raw = tl.load((chunk_ptr + start[None, :, None] * stride_lv) + in_group * stride_lv).to(tl.float32)
+        cut = n_rem // GROUP                                                 # NG for a full chunk: nothing read
+        raw_cut = _raw_block(chunk_ptr, cut * GROUP, n_rem, stride_lv, GROUP, True)
+        top = tl.maximum(tl.max(tl.where(full, tl.max(tl.max(raw, axis=2), axis=0), float("-inf")), axis=0),
+                         tl.max(raw_cut, axis=0))
     k2 = inv_t * LOG2E
     lo_x = _key_value(lo)
+    ref = r_ref
     if KEEP_ALL:
-        top = tl.max(tl.max(tl.max(raw, axis=2), axis=0), axis=0) * k2
-        e = fast_exp2(raw * k2 - tl.where(top == float("-inf"), 0.0, top), FTZ)     # (a row without mass)
-    else:
-        e = fast_exp2(raw * k2 - r_ref, FTZ)
-        if FTZ:
-            e = tl.inline_asm_elementwise("{ .reg .pred p; setp.ge.f32 p, $1, $2; selp.f32 $0, $3, 0f00000000, p; }",
-                                          "=f,f,f,f", [raw * inv_t, lo_x, e], dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            e = tl.where(raw * inv_t >= lo_x, e, 0.0)
-    group_mass = tl.sum(tl.sum(e, axis=2), axis=0)
-    groups = chunk * NG + tl.arange(0, NG)
+        ref = tl.where(top == float("-inf"), 0.0, top * k2)                 # (a row without mass)
+    group_mass = tl.sum(tl.sum(_kept_terms(raw, k2, inv_t, ref, lo_x, KEEP_ALL, FTZ), axis=2), axis=0)
+    if NG > 1:
+        cut_mass = tl.sum(_kept_terms(raw_cut, k2, inv_t, ref, lo_x, KEEP_ALL, FTZ), axis=0)
+        group_mass = tl.where(full, group_mass, tl.where(ids == cut, cut_mass, 0.0))
+    groups = chunk * NG + ids
     e_group = _exponential(row_hash, (groups + stage * 262144 + 0x20000000).to(tl.uint32))
     key = _log2_mass(group_mass, FTZ) - fast_log2(e_group, FTZ)                 # log2 mass + G·log2 e
     best = tl.max(key, axis=0)
@@ -380,19 +403,36 @@ def _kept_chunks(row_ptr, n_valid, stride_lv, inv_t, k2, r_ref, lo_x, BLOCK_V: t
 
 
 @triton.jit
-def _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS: tl.constexpr):
-    """Merge a row's per-split statistics (fields m, r, s, t, then the chunk draw): exact up to rounding.
-
-    Each split holds s_i = sum 2^(y - r_i), t_i = sum 2^(y - r_i)(y - r_i) (y = x·log2 e) for its own reference
-    r_i (`_math.merge_lse2`). Returns (m, R, log2 S, entropy)."""
+def _split_fields(stats_ptr, row, n_splits, stride_f, SPLITS: tl.constexpr):
+    """A row's per-split statistics (fields m, r, s, t, then the chunk draw): m merged, then r, s and t per split
+    (r -inf, s and t 0 past n_splits)."""
     offs = row * n_splits + tl.arange(0, SPLITS)
     valid = tl.arange(0, SPLITS) < n_splits
     m = tl.max(tl.load(stats_ptr + offs, mask=valid, other=float("-inf")), axis=0)
     r = tl.load(stats_ptr + stride_f + offs, mask=valid, other=float("-inf"))
     s = tl.load(stats_ptr + 2 * stride_f + offs, mask=valid, other=0.0)
     t = tl.load(stats_ptr + 3 * stride_f + offs, mask=valid, other=0.0)
+    return m, r, s, t
+
+
+@triton.jit
+def _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS: tl.constexpr):
+    """Merge a row's per-split statistics: exact up to rounding.
+
+    Each split holds s_i = sum 2^(y - r_i), t_i = sum 2^(y - r_i)(y - r_i) (y = x·log2 e) for its own reference
+    r_i (`_math.merge_lse2`). Returns (m, R, log2 S, entropy)."""
+    m, r, s, t = _split_fields(stats_ptr, row, n_splits, stride_f, SPLITS)
     r_ref, log2_s, entropy = merge_lse2(r, s, t, 0)
     return m, r_ref, log2_s, entropy
+
+
+@triton.jit
+def _merge_mass(stats_ptr, row, n_splits, stride_f, SPLITS: tl.constexpr):
+    """(m, R, S) of `_merge_stats` without logarithms: S the row's mass relative to R (0 for a row without
+    mass, whose R is 0)."""
+    m, r, s, _ = _split_fields(stats_ptr, row, n_splits, stride_f, SPLITS)
+    big_r, _, s = to_largest_reference(r, s, 0)
+    return m, tl.where(big_r == float("-inf"), 0.0, big_r), tl.sum(s, axis=0)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -465,7 +505,7 @@ def _sample_pick_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = row * n_splits + tl.arange(0, SPLITS)
     valid = tl.arange(0, SPLITS) < n_splits
-    m, r_ref, log2_s, _ = _merge_stats(stats_ptr, row, n_splits, stride_f, SPLITS)
+    m, r_ref, total = _merge_mass(stats_ptr, row, n_splits, stride_f, SPLITS)
     if FIRST:
         x_c = tl.cast(float("-inf"), tl.float32)
         token = tl.cast(0, tl.int32)
@@ -475,7 +515,7 @@ def _sample_pick_kernel(
         x_c = tl.load(state_in_ptr + row)
         token = tl.load(state_in_ptr + n_rows + row).to(tl.int32)
         mass = tl.sum(tl.load(check_ptr + offs, mask=valid, other=0.0), axis=0)
-        resolved = (tl.load(state_in_ptr + 2 * n_rows + row) != 0.0) | (mass < top_p * tl.exp2(log2_s))
+        resolved = (tl.load(state_in_ptr + 2 * n_rows + row) != 0.0) | (mass < top_p * total)
         _, chunk = _merge_chunks(check_ptr + stride_f, stride_f, offs, valid)
     if not resolved:                                               # the tokens strictly above x_c
         row_hash = _row_hash(ids_ptr, steps_ptr, row, stride_id, stride_step, seed)

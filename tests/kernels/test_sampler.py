@@ -454,6 +454,35 @@ def test_vector_and_scalar_reads_of_a_chunk_draw_the_definition(dtype, vec):
     assert ambiguous <= B
 
 
+@pytest.mark.parametrize("V", [50, 100, 2048 + 37, 2 * 2048 + 101])
+def test_draws_in_a_group_the_vocabulary_cuts_are_the_definitions(V):
+    """The draw in one chunk reads each group's tokens unmasked, a group that the chunk's end cuts (or one past
+    it) the chunk's last 64 instead, and replaces its mass: a vocabulary within one group (50), a cut group
+    after a full one (100), a last chunk shorter than a group (its reads start in the chunk before), and a cut
+    group whose reads are rounded down to a vector. The mass is put in the cut group, so most draws land
+    there: the reference's tokens, bf16 rows read as vectors of 8 (a padded row stride) and a token at a time,
+    filterless and top-p alone (p = 0.5: stages past the first; top-k's draw is a filtered draw like theirs)."""
+    B, chunk = 16, min(2048, 1 << (V - 1).bit_length())
+    cut = V // 64 * 64
+    values = torch.randn(B, V)
+    values[:, (V - 1) // chunk * chunk:] += 4.0                      # the last chunk
+    values[:, cut:] += 2.0
+    rows = torch.empty(B, -(-V // 16) * 16, dtype=torch.bfloat16)[:, :V]     # rows 16-byte aligned
+    rows.copy_(values)
+    shifted = torch.empty(B * V + 2, dtype=torch.bfloat16)[2:][:B * V].view(B, V)   # 4 bytes in
+    shifted.copy_(values)
+    assert sampler._vector_width(rows) == 8 and sampler._vector_width(shifted) == 1
+    ambiguous, in_cut = 0, 0
+    for p in (1.0, 0.5):
+        kw = dict(seed=3, sample_ids=torch.arange(B), step=2, temperature=0.8, top_p=p)
+        for logits in (rows, shifted):
+            out = sample(logits, backend="triton", **kw)
+            ambiguous += check_draw(out, rows, **kw)
+            in_cut += int((out.tokens >= cut).sum())
+    assert ambiguous <= B // 2
+    assert in_cut >= 2 * B, in_cut          # of 4·B draws: most in the cut group
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_split_across_programs_draw_what_one_program_draws(monkeypatch, backend):
     """Chunks of 64 tokens: a row of 1000 is 16 chunks, one program or 8 (statistics and chunk draws merged
