@@ -243,16 +243,17 @@ def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, r_ref, row_hash, l
     The chunk is read as a (GROUP/VEC, groups, VEC) tensor (token g·GROUP + a·VEC + b at [a, g, b]), VEC the
     tokens one vector load holds (1 where a compiled load cannot be a vector): a thread's loads then fall in
     one group, the group masses are sums within threads, and a thread computes one group's noise instead of
-    the noise of every group its loads touch. The loads carry no mask: a group that the chunk's end cuts or
-    that lies past it reads the chunk's last GROUP tokens instead (VEC-aligned, inside the row) and its mass
-    is replaced: 0 past the end, and for the cut group a masked read of its own tokens (a vocabulary of one
-    group is that masked read alone). A filtered draw takes the masses 2^(y - r_ref) of the pass that chose
-    the chunk (the same terms: a chunk chosen for its kept mass has a group with mass); KEEP_ALL, whose chunk
-    the statistics chose relative to their split's running reference, takes them relative to the chunk's
-    largest x, so that they never all underflow. Per-token noise for one group, re-read from cache."""
+    the noise of every group its loads touch. The loads carry no mask: a group that the row's end cuts or that
+    lies past it reads instead the GROUP tokens that end with the chunk's last, their start rounded down to a
+    vector (inside the row: in the chunk before when this one holds fewer), and its mass is replaced: 0 past
+    the end, and for the cut group a masked read of its own tokens (a vocabulary of one group is that masked
+    read alone). A filtered draw takes the masses 2^(y - r_ref) of the pass that chose the chunk (the same
+    terms: a chunk chosen for its kept mass has a group with mass); KEEP_ALL, whose chunk the statistics chose
+    relative to their split's running reference, takes them relative to the chunk's largest x, so that they
+    never all underflow. Per-token noise for one group, re-read from cache."""
     NG: tl.constexpr = BLOCK_V // GROUP
     chunk_ptr = row_ptr + chunk.to(tl.int64) * BLOCK_V * stride_lv
-    n_rem = n_valid - chunk * BLOCK_V                                        # the chunk's tokens
+    n_rem = tl.minimum(n_valid - chunk * BLOCK_V, BLOCK_V)                   # the chunk's tokens
     ids = tl.arange(0, NG)
     if VEC == 1 and GROUP > 1:    # no vectors: the lanes swapped in pairs, whose contiguity would lay threads
         in_group = tl.arange(0, GROUP)[:, None, None] ^ 1                                           # along a group
@@ -265,7 +266,7 @@ def _draw_in_chunk(row_ptr, chunk, n_valid, stride_lv, inv_t, r_ref, row_hash, l
     else:
         start = tl.multiple_of(tl.where(full, ids * GROUP, (n_rem - GROUP) & -VEC), [VEC])
         raw = tl.load((chunk_ptr + start[None, :, None] * stride_lv) + in_group * stride_lv).to(tl.float32)
-        cut = n_rem // GROUP                                                 # NG for a full chunk: nothing read
+        cut = n_rem // GROUP                                                # NG in a full chunk: nothing read
         raw_cut = _raw_block(chunk_ptr, cut * GROUP, n_rem, stride_lv, GROUP, True)
         top = tl.maximum(tl.max(tl.where(full, tl.max(tl.max(raw, axis=2), axis=0), float("-inf")), axis=0),
                          tl.max(raw_cut, axis=0))

@@ -456,12 +456,13 @@ def test_vector_and_scalar_reads_of_a_chunk_draw_the_definition(dtype, vec):
 
 @pytest.mark.parametrize("V", [50, 100, 2048 + 37, 2 * 2048 + 101])
 def test_draws_in_a_group_the_vocabulary_cuts_are_the_definitions(V):
-    """The draw in one chunk reads each group's tokens unmasked, a group that the chunk's end cuts (or one past
-    it) the chunk's last 64 instead, and replaces its mass: a vocabulary within one group (50), a cut group
-    after a full one (100), a last chunk shorter than a group (its reads start in the chunk before), and a cut
-    group whose reads are rounded down to a vector. The mass is put in the cut group, so most draws land
-    there: the reference's tokens, bf16 rows read as vectors of 8 (a padded row stride) and a token at a time,
-    filterless and top-p alone (p = 0.5: stages past the first; top-k's draw is a filtered draw like theirs)."""
+    """The draw in one chunk reads each group's tokens unmasked, a group that the row's end cuts (or one past
+    it) the 64 that end with the chunk's last instead, and replaces its mass: a vocabulary within one group
+    (50), a cut group after a full one (100), a last chunk shorter than a group (its reads start in the chunk
+    before), and a cut group whose reads are rounded down to a vector. The mass is put in the cut group, so
+    most draws land there: the reference's tokens, bf16 rows read as vectors of 8 (a padded row stride) and a
+    token at a time, filterless and top-p alone (p = 0.5: stages past the first; top-k's draw is a filtered
+    draw like theirs)."""
     B, chunk = 16, min(2048, 1 << (V - 1).bit_length())
     cut = V // 64 * 64
     values = torch.randn(B, V)
