@@ -112,7 +112,9 @@ def _token_logprobs_bwd_kernel(
     k = tl.cast(scale, tl.float32)
     label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
     keep = tl.where(label == ignore_index, 0.0, tl.cast(inv_temp, tl.float32))
-    lse2 = tl.load(lse_ptr + row) * LOG2E
+    # An ignored row's lse is 0 (the forward reads none of it): +inf makes its p 0, not 2^(x·k), whose overflow
+    # (x above ~88) times the row's zero coefficients would be NaN.
+    lse2 = tl.where(label == ignore_index, float("inf"), tl.load(lse_ptr + row) * LOG2E)
     g_lp = tl.load(dlogprobs_ptr + row) * keep if HAS_DLOGPROBS else 0.0
     g_ent = tl.load(dentropy_ptr + row) * keep if HAS_DENTROPY else 0.0
     ent = tl.load(entropy_ptr + row) if HAS_DENTROPY else 0.0

@@ -393,6 +393,16 @@ def test_fully_ignored_batch_and_empty_batch(monkeypatch, backend):
     (lp.sum() + ent.sum()).backward()
     assert (lp == 0).all() and (ent == 0).all() and (hidden.grad == 0).all() and (weight.grad == 0).all()
 
+    # Ignored rows whose logits (~1e3) are far above exp's range, beside a kept row: no gradient, no NaN.
+    labels = torch.full((2, 3), IGNORE)
+    labels[1, 2] = 4
+    big = (hidden.detach() * 40).requires_grad_()
+    hidden.grad = weight.grad = None
+    lp, ent = linear_token_logprobs(big, weight, labels, return_entropy=True, backend=backend, chunk_size=4)
+    (lp.sum() + ent.sum()).backward()
+    assert (big.grad[labels == IGNORE] == 0).all()
+    assert torch.isfinite(big.grad).all() and torch.isfinite(weight.grad).all()
+
     empty = torch.randn(0, 8, requires_grad=True)
     weight.grad = None
     lp, ent = linear_token_logprobs(empty, weight, torch.zeros(0, dtype=torch.long), return_entropy=True,

@@ -195,12 +195,23 @@ def test_minus_inf_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fully_ignored_batch(backend):
-    x = torch.randn(2, 3, 50, requires_grad=True)
+@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["normal", "huge"])
+def test_ignored_rows_have_zero_outputs_and_gradients(backend, scale):
+    """A fully ignored batch, and ignored rows beside kept ones: logprob, entropy and gradient 0, also for
+    logits far above exp's range (an ignored row's saved lse is 0: its p must not become 2^(x·log2 e))."""
+    x = (torch.randn(2, 3, 50) * scale).requires_grad_()
     labels = torch.full((2, 3), -100)
     lp, ent = token_logprobs(x, labels, return_entropy=True, backend=backend)
     (lp.sum() + ent.sum()).backward()
     assert (lp == 0).all() and (ent == 0).all() and (x.grad == 0).all()
+
+    x.grad = None
+    labels[0, 1] = 7
+    lp, ent = token_logprobs(x, labels, return_entropy=True, backend=backend)
+    (lp.sum() + ent.sum()).backward()
+    ignored = labels == -100
+    assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all() and (x.grad[ignored] == 0).all()
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
