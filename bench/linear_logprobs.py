@@ -4,8 +4,8 @@ Providers, side by side in one run:
   naive    F.linear -> log_softmax(.float()) -> gather, + entropy from the softmax
   compile  torch.compile of naive (skipped, with the reason printed, when it fails here)
   fastppo  fastppo.kernels.linear_token_logprobs (chunked; logits never stored)
-  fused    the same with FASTPPO_LINEAR_FUSED_FORWARD=1: its forward a GEMM kernel with the row statistics
-           in the epilogue (no logits in memory), the backward chunked; CUDA only
+  fused    the same with FASTPPO_LINEAR_FUSED=1: GEMM kernels with the row statistics (forward) and the
+           dlogits (backward) in the epilogue, no logits in memory; CUDA only
   liger    Liger-Kernel's fused linear cross-entropy (its summed loss: no entropy, but the
            same memory profile), CUDA only, when importable
 
@@ -59,11 +59,11 @@ def fastppo(hidden, weight, labels):
 
 
 def fastppo_fused(hidden, weight, labels):
-    os.environ["FASTPPO_LINEAR_FUSED_FORWARD"] = "1"
+    os.environ["FASTPPO_LINEAR_FUSED"] = "1"
     try:
         return linear_token_logprobs(hidden, weight, labels, return_entropy=True)
     finally:
-        del os.environ["FASTPPO_LINEAR_FUSED_FORWARD"]
+        del os.environ["FASTPPO_LINEAR_FUSED"]
 
 
 def make_providers(device, use_compile: bool):

@@ -53,20 +53,46 @@ from .lm_head import (
     ChunkPlan, accumulate_grads, chunk_ranges, fp16_grad_scale, fused_grad_forward, hand_over, held_grad_dtype,
     load_rows, logits_into, weight_operand,
 )
-from .token_logprobs import logprob_rows_backward, logprob_rows_forward, as_result
+from .token_logprobs import (
+    as_result, logprob_grad_block, logprob_grad_terms, logprob_rows_backward, logprob_rows_forward,
+)
 
 
 # ----------------------------------------------------------------------------
-# 1. Kernels: the forward with the row statistics in the GEMM's epilogue
+# 1. Kernels: the row statistics and the dlogits in the GEMM's epilogue
 # ----------------------------------------------------------------------------
 # The chunked path (section 2) runs token_logprobs' row kernels on one float32
 # chunk of logits at a time, written by a GEMM and read back: 8 bytes of
-# traffic per logit. The fused forward computes (BLOCK_M, BLOCK_N) tiles of
-# logits with tl.dot and folds each into per-row running statistics while it
-# is still in registers, so no logit reaches memory. It serves the forward of
-# the triton backend when FASTPPO_LINEAR_FUSED_FORWARD=1 (`fused_forward_enabled`),
-# until a GPU has measured it against the chunked path (bench/linear_logprobs.py);
-# the backward recomputes the logits chunk by chunk either way.
+# traffic per logit, in the forward and again in the backward's recompute. The
+# fused kernels compute (BLOCK_M, BLOCK_N) tiles of logits with tl.dot and use
+# each while it is still in registers, so no logit reaches memory: the forward
+# folds it into per-row running statistics, the backward turns it into dlogits
+# (written in the GEMM operands' dtype for the two cuBLAS GEMMs of dhidden and
+# dW). They serve the triton backend when FASTPPO_LINEAR_FUSED=1
+# (`fused_enabled`), until a GPU has measured them against the chunked path
+# (bench/linear_logprobs.py).
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, size_h, n_cols, stride_hm, stride_hk, stride_wv, stride_wk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 logits h[rows]·w[cols]ᵀ, a tl.dot over H in steps of BLOCK_K (IEEE: float32
+    operands, exact products, not TF32; half operands' products are exact either way); rows outside row_ok and
+    columns from n_cols on read as 0."""
+    kk = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, size_h, BLOCK_K):
+        ks = k0 + kk
+        a = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & (ks[None, :] < size_h), other=0.0)
+        b = tl.load(w_cols + ks[:, None] * stride_wk, mask=(cols[None, :] < n_cols) & (ks[:, None] < size_h),
+                    other=0.0)
+        if IEEE:        # (the interpreter's tl.dot takes no 16-bit operands: it gets them in float32)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
@@ -76,18 +102,15 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, FTZ: tl.constexpr,
 ):
     """Grid (row blocks, splits of the weight rows): per row, the base-2 running statistics of y = logit·scale
-    (scale = log2(e) / T) over the split's tiles of BLOCK_N columns, each tile's logits a float32 tl.dot over H
-    in steps of BLOCK_K (IEEE: float32 operands, exact products, not TF32; half operands' products are exact
-    either way). Writes the fields r, s, t of `_math.online_lse2_step`, reduced per row (the reference moves
-    every tile: a BLOCK_M vector), and the label's y (0 outside the split) as fields 0-3 at
-    part_ptr + field·stride_f + row·splits + split. Columns in [n_valid, n_cols) are padding: -inf."""
+    (scale = log2(e) / T) over the split's tiles of BLOCK_N columns (`_logits_tile`). Writes the fields r, s, t
+    of `_math.online_lse2_step`, reduced per row (the reference moves every tile: a BLOCK_M vector), and the
+    label's y (0 outside the split) as fields 0-3 at part_ptr + field·stride_f + row·splits + split. Columns in
+    [n_valid, n_cols) are padding: -inf."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     row_ok = rows < n_rows
     labels = tl.load(labels_ptr + rows.to(tl.int64) * stride_label, mask=row_ok, other=-1).to(tl.int64)
     k = tl.cast(scale, tl.float32)
-    kk = tl.arange(0, BLOCK_K)
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
     r = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     t = tl.zeros([BLOCK_M], tl.float32)
@@ -95,17 +118,8 @@ def _linear_logprobs_fwd_kernel(
     first = split * tiles_per_split
     for tile in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(n_cols, BLOCK_N))):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, size_h, BLOCK_K):
-            ks = k0 + kk
-            a = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & (ks[None, :] < size_h), other=0.0)
-            b = tl.load(w_cols + ks[:, None] * stride_wk, mask=(cols[None, :] < n_cols) & (ks[:, None] < size_h),
-                        other=0.0)
-            if IEEE:        # (the interpreter's tl.dot takes no 16-bit operands: it gets them in float32)
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+        acc = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, size_h, n_cols, stride_hm, stride_hk, stride_wv,
+                           stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         x = tl.where(cols[None, :] < n_valid, acc, float("-inf"))
         y_label += tl.sum(tl.where(cols[None, :] == labels[:, None], x * k, 0.0), axis=1)
         r_new = tl.maximum(r, tl.max(x, axis=1) * k)
@@ -144,6 +158,38 @@ def _linear_logprobs_merge_kernel(
     tl.store(out_ptr + rows, tl.where(keep, (y_label - r_ref - log2_s) * LN2, 0.0), mask=row_ok)
     tl.store(out_ptr + stride_o + rows, tl.where(keep, entropy, 0.0), mask=row_ok)
     tl.store(out_ptr + 2 * stride_o + rows, tl.where(keep, (r_ref + log2_s) * LN2, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, dlogprobs_ptr, dentropy_ptr, dlogits_ptr,
+    n_rows, size_h, n_cols, n_valid, stride_hm, stride_hk, stride_wv, stride_wk, stride_label, stride_dm,
+    scale, inv_temp, ignore_index,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DLOGPROBS: tl.constexpr,
+    HAS_DENTROPY: tl.constexpr, IEEE: tl.constexpr, FTZ: tl.constexpr,
+):
+    """Grid (row blocks, column tiles; row blocks vary fastest, so that the programs in flight share a tile of
+    the weight): the dlogits of a (BLOCK_M, BLOCK_N) tile, its logits recomputed by `_logits_tile` and turned
+    into gradients in registers (token_logprobs' backward formula, from the saved lse), stored in dlogits'
+    dtype at dlogits_ptr + row·stride_dm + column. Columns in [n_valid, n_cols) are padding (gradient 0)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    labels = tl.load(labels_ptr + rows64 * stride_label, mask=row_ok, other=ignore_index).to(tl.int64)
+    lse2, c, a, b = logprob_grad_terms(
+        labels == ignore_index, tl.cast(inv_temp, tl.float32),
+        tl.load(lse_ptr + rows, mask=row_ok, other=0.0),
+        tl.load(dlogprobs_ptr + rows, mask=row_ok, other=0.0) if HAS_DLOGPROBS else 0.0,
+        tl.load(dentropy_ptr + rows, mask=row_ok, other=0.0) if HAS_DENTROPY else 0.0,
+        tl.load(entropy_ptr + rows, mask=row_ok, other=0.0) if HAS_DENTROPY else 0.0)
+    acc = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, size_h, n_cols, stride_hm, stride_hk, stride_wv,
+                       stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    x = tl.where(cols[None, :] < n_valid, acc, float("-inf"))
+    grad = logprob_grad_block(x, cols[None, :], labels[:, None], lse2[:, None], tl.cast(scale, tl.float32),
+                                     c[:, None], a[:, None], b[:, None], FTZ)
+    tl.store(dlogits_ptr + rows64[:, None] * stride_dm + cols[None, :], grad.to(dlogits_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols[None, :] < n_cols))
 
 
 # ----------------------------------------------------------------------------
@@ -327,10 +373,10 @@ def _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, 
     return out[0], out[1], out[2]
 
 
-# The fused forward's tiles on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), by operand dtype: half operands
+# The fused kernels' tiles on a GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), by operand dtype: half operands
 # on the tensor cores; float32 exact (IEEE), smaller. The largest that compile without spills on sm_80 and
-# sm_90 (BLOCK_K = 64 spills on sm_80: the tile's epilogue holds its 128 x 128 float32 logits and their
-# exponentials); not yet tuned on a GPU. The interpreter's cost is per program and loop trip, and
+# sm_90 (BLOCK_K = 64 spills the forward on sm_80: the tile's epilogue holds its 128 x 128 float32 logits and
+# their exponentials); not yet tuned on a GPU. The interpreter's cost is per program and loop trip, and
 # tl.dot needs 16 or more: small tiles. Splits of the weight rows per row block: by V only (at most
 # _FUSED_SPLITS), so that a row's result never depends on N.
 _FUSED_TILES = {torch.bfloat16: (128, 128, 32, 8, 4), torch.float16: (128, 128, 32, 8, 4),
@@ -340,13 +386,18 @@ _FUSED_SPLITS = 8
 _MERGE_ROWS = 128
 
 
-def fused_forward_enabled() -> bool:
-    """Whether the triton backend's forward is the fused GEMM-epilogue kernel (FASTPPO_LINEAR_FUSED_FORWARD=1,
-    read per call) rather than the chunked path."""
-    value = os.environ.get("FASTPPO_LINEAR_FUSED_FORWARD", "0").strip().lower()
+def fused_enabled() -> bool:
+    """Whether the triton backend runs the fused GEMM-epilogue kernels (FASTPPO_LINEAR_FUSED=1, read by each
+    forward; its backward follows it): the forward's row statistics and the backward's dlogits from tiles of
+    logits in registers, rather than from a chunk of float32 logits written to memory and read back."""
+    value = os.environ.get("FASTPPO_LINEAR_FUSED", "0").strip().lower()
     if value not in ("0", "1", "false", "true", ""):
-        raise ValueError(f"FASTPPO_LINEAR_FUSED_FORWARD must be 0 or 1, got {value!r}")
+        raise ValueError(f"FASTPPO_LINEAR_FUSED must be 0 or 1, got {value!r}")
     return value in ("1", "true")
+
+
+def _fused_tiles(dtype: torch.dtype) -> tuple:
+    return _FUSED_TILES_INTERPRETED if triton_interpreter_enabled() else _FUSED_TILES[dtype]
 
 
 def _fused_forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size):
@@ -357,7 +408,7 @@ def _fused_forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_
     if n_rows == 0:
         return out[0], out[1], out[2]
     interpreted = triton_interpreter_enabled()
-    bm, bn, bk, warps, stages = _FUSED_TILES_INTERPRETED if interpreted else _FUSED_TILES[hidden2d.dtype]
+    bm, bn, bk, warps, stages = _fused_tiles(hidden2d.dtype)
     n_tiles = triton.cdiv(n_cols, bn)
     per_split = triton.cdiv(n_tiles, min(n_tiles, _FUSED_SPLITS))
     n_splits = triton.cdiv(n_tiles, per_split)
@@ -377,9 +428,30 @@ def _fused_forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_
     return out[0], out[1], out[2]
 
 
+def _fused_dlogits(out, h, w, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+                   vocab_size):
+    """dlogits of h's rows into out (rows, V) in out's dtype, from tiles of logits in registers
+    (`_linear_logprobs_bwd_kernel`): no logits in memory."""
+    n_rows, size_h = h.shape
+    n_cols = w.shape[0]
+    bm, bn, bk, warps, stages = _fused_tiles(h.dtype)
+    with on_device_of(h):
+        _linear_logprobs_bwd_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
+            h, w, labels1d, lse, entropy,
+            grad_logprobs if grad_logprobs is not None else lse,
+            grad_entropy if grad_entropy is not None else lse,
+            out, n_rows, size_h, n_cols, vocab_size, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+            labels1d.stride(0), out.stride(0), math.log2(math.e) / temperature, 1.0 / temperature, int(ignore_index),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_DLOGPROBS=grad_logprobs is not None,
+            HAS_DENTROPY=grad_entropy is not None, IEEE=triton_interpreter_enabled() or h.dtype == torch.float32,
+            FTZ=not triton_interpreter_enabled(), num_warps=warps, num_stages=stages,
+        )
+
+
 def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
-              vocab_size, backend, plan, need_dhidden, need_dweight):
-    """-> dhidden (N, H) in hidden's dtype or None, dweight (V, H) in weight's dtype or None."""
+              vocab_size, backend, plan, need_dhidden, need_dweight, fused):
+    """-> dhidden (N, H) in hidden's dtype or None, dweight (V, H) in weight's dtype or None. fused: the dlogits
+    from `_fused_dlogits` (triton backend)."""
     n_rows, size_h = hidden2d.shape
     vocab, device = weight.shape[0], hidden2d.device
     dhidden = empty_output((n_rows, size_h), hidden2d.dtype, device) if need_dhidden else None
@@ -388,9 +460,10 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
         w = weight_operand(weight, plan)
         h_buf = torch.empty(plan.chunk, size_h, dtype=plan.operand_dtype, device=device)
         dh_buf = torch.empty(plan.chunk, size_h, dtype=torch.float32, device=device) if need_dhidden else None
-        logits = empty_output((plan.chunk, vocab), torch.float32, device)
-        # dlogits overwrite the float32 logits in place unless the GEMMs take half operands.
-        dlogits = logits if plan.operand_dtype == torch.float32 else empty_output(
+        # The fused kernel writes dlogits alone; else dlogits overwrite the float32 logits in place unless the
+        # GEMMs take half operands.
+        logits = None if fused else empty_output((plan.chunk, vocab), torch.float32, device)
+        dlogits = logits if logits is not None and plan.operand_dtype == torch.float32 else empty_output(
             (plan.chunk, vocab), plan.operand_dtype, device)
         # fp16 dlogits: the upstream gradients scaled by a power of two so that the largest is ~1 (lm_head).
         largest = torch.zeros((), device=device)
@@ -404,14 +477,15 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
         for start, n in chunk_ranges(n_rows, plan.chunk):
             rows = slice(start, start + n)
             h = load_rows(h_buf, hidden2d, start, n)
-            logits_into(logits, h, w, plan)                                    # recompute (C, V)
             args = (labels1d[rows], lse[rows], entropy[rows],
                     None if grad_logprobs is None else grad_logprobs[rows],
                     None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, vocab_size)
-            if backend == "triton":
-                logprob_rows_backward(logits[:n], *args, out=dlogits[:n])
+            if fused:                                                          # recompute in registers
+                _fused_dlogits(dlogits[:n], h[:n], w, *args)
+            elif backend == "triton":
+                logprob_rows_backward(logits_into(logits, h, w, plan)[:n], *args, out=dlogits[:n])  # recompute
             else:
-                torch_backend.linear_logits_chunk_backward_(logits[:n], *args)             # in place
+                torch_backend.linear_logits_chunk_backward_(logits_into(logits, h, w, plan)[:n], *args)  # in place
                 if dlogits is not logits:
                     dlogits[:n] = logits[:n]
             accumulate_grads(dlogits, n, h, dh_buf, w, plan, dhidden, dw_acc, rows, unscale=scale)
@@ -431,7 +505,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, labels1d, temperature, ignore_index, vocab_size, backend, chunk_size):
         plan = chunk_plan(hidden2d, weight, backend, chunk_size)
-        if backend == "triton" and fused_forward_enabled():
+        ctx.fused = backend == "triton" and fused_enabled()          # the backward follows its forward's switch
+        if ctx.fused:
             logprobs, entropy, lse = _fused_forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size)
         else:
             logprobs, entropy, lse = _forward(hidden2d, weight, labels1d, temperature, ignore_index, vocab_size,
@@ -457,7 +532,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             grad_entropy = grad_entropy.float().contiguous()
         dhidden, dweight = _backward(
             hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature,
-            ctx.ignore_index, ctx.vocab_size, ctx.backend, ctx.plan, need_dhidden, need_dweight)
+            ctx.ignore_index, ctx.vocab_size, ctx.backend, ctx.plan, need_dhidden, need_dweight, ctx.fused)
         return (dhidden, dweight) + (None,) * 6
 
 

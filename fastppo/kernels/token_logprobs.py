@@ -81,7 +81,19 @@ def _token_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _token_logprobs_bwd_block(x, offs, label, lse2, k, c_label, a, b, FTZ: tl.constexpr):
+def logprob_grad_terms(ignored, inv_temp, lse, g_lp, g_ent, entropy):
+    """The row scalars of `logprob_grad_block` (scalars or per-row vectors): lse2 = lse·log2 e, c = g_lp / T,
+    a = −(g_lp + g_ent·H) / T, b = −g_ent·ln 2 / T. An ignored row's are 0 and its lse2 +inf (p = 0): its saved
+    lse is 0 (the forward reads none of the row), and p_j = 2^(x_j·k) would overflow for x above ~88, where
+    p·0 is NaN."""
+    keep = tl.where(ignored, 0.0, inv_temp)
+    g_lp = g_lp * keep
+    g_ent = g_ent * keep
+    return tl.where(ignored, float("inf"), lse * LOG2E), g_lp, -(g_lp + g_ent * entropy), -g_ent * LN2
+
+
+@triton.jit
+def logprob_grad_block(x, offs, label, lse2, k, c_label, a, b, FTZ: tl.constexpr):
     """dlogits of one block: c_label·[j = label] + p_j·(a + b·d_j), d_j = log2 p_j = x_j·k − lse2."""
     d = tl.maximum(x * k - lse2, -1000.0)              # −inf → −1000: p = 0 and p·(a + b·d) = 0, not NaN
     p = fast_exp2(d, FTZ)
@@ -102,7 +114,7 @@ def _token_logprobs_bwd_kernel(
       d logprob/dx_j = [j = label] − p_j,  d entropy/dx_j = −p_j (ln p_j + H),
     so the gradient, times 1/T, is c·[j = label] + p_j·(a + b·d_j) with the row
     scalars c = g_lp / T, a = −(g_lp + g_ent·H) / T, b = −g_ent·ln 2 / T (all 0 for
-    an ignored row): per element an FFMA, a max, a MUFU, two FFMAs and the label
+    an ignored row: `logprob_grad_terms`): per element an FFMA, a max, a MUFU, two FFMAs and the label
     select. Blocks wholly inside [0, n_valid) go unmasked; the blocks from the
     last partial one to n_cols are masked, with the padding columns
     [n_valid, n_cols) taken as −inf (p = 0, gradient exactly 0).
@@ -111,15 +123,11 @@ def _token_logprobs_bwd_kernel(
     first = tl.program_id(1) * blocks_per_program
     k = tl.cast(scale, tl.float32)
     label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
-    keep = tl.where(label == ignore_index, 0.0, tl.cast(inv_temp, tl.float32))
-    # An ignored row's lse is 0 (the forward reads none of it): +inf makes its p 0, not 2^(x·k), whose overflow
-    # (x above ~88) times the row's zero coefficients would be NaN.
-    lse2 = tl.where(label == ignore_index, float("inf"), tl.load(lse_ptr + row) * LOG2E)
-    g_lp = tl.load(dlogprobs_ptr + row) * keep if HAS_DLOGPROBS else 0.0
-    g_ent = tl.load(dentropy_ptr + row) * keep if HAS_DENTROPY else 0.0
-    ent = tl.load(entropy_ptr + row) if HAS_DENTROPY else 0.0
-    a = -(g_lp + g_ent * ent)
-    b = -g_ent * LN2
+    lse2, g_lp, a, b = logprob_grad_terms(label == ignore_index, tl.cast(inv_temp, tl.float32),
+                                          tl.load(lse_ptr + row),
+                                          tl.load(dlogprobs_ptr + row) if HAS_DLOGPROBS else 0.0,
+                                          tl.load(dentropy_ptr + row) if HAS_DENTROPY else 0.0,
+                                          tl.load(entropy_ptr + row) if HAS_DENTROPY else 0.0)
     x_row = logits_ptr + row * stride_lm
     d_row = dlogits_ptr + row * stride_dm
     out_ty = dlogits_ptr.dtype.element_ty
@@ -129,13 +137,13 @@ def _token_logprobs_bwd_kernel(
     for block in range(first, full_end):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(x_row + offs * stride_lv).to(tl.float32)
-        grad = _token_logprobs_bwd_block(x, offs, label, lse2, k, g_lp, a, b, FTZ)
+        grad = logprob_grad_block(x, offs, label, lse2, k, g_lp, a, b, FTZ)
         tl.store(d_row + offs, grad.to(out_ty))
     for block in range(tl.maximum(first, full_end), last):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(x_row + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
         x = tl.where(offs < n_valid, x, float("-inf"))
-        grad = _token_logprobs_bwd_block(x, offs, label, lse2, k, g_lp, a, b, FTZ)
+        grad = logprob_grad_block(x, offs, label, lse2, k, g_lp, a, b, FTZ)
         tl.store(d_row + offs, grad.to(out_ty), mask=offs < n_cols)
 
 

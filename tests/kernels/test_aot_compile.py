@@ -84,14 +84,15 @@ def _linear_token_logprobs(dtype, vocab):
         (out.logprobs.sum() + out.entropy.sum()).backward()
 
 
-def _linear_fused_forward(dtype, vocab):
-    """linear_token_logprobs' fused forward (GEMM tiles with the row statistics in the epilogue), its backward
-    the chunked one."""
+def _linear_fused(dtype, vocab):
+    """linear_token_logprobs' fused kernels: the forward (GEMM tiles with the row statistics in the epilogue)
+    and the backward's dlogits (GEMM tiles with the gradient in the epilogue)."""
     hidden, weight, labels = _linear_inputs(dtype, vocab)
     with _gpu_gemm_plan(), pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "1")
-        linear_token_logprobs(hidden, weight, labels, temperature=TRAINER.rollout.temperature, return_entropy=True,
-                              backend="triton", chunk_size=16)
+        mp.setenv("FASTPPO_LINEAR_FUSED", "1")
+        out = linear_token_logprobs(hidden, weight, labels, temperature=TRAINER.rollout.temperature,
+                                    return_entropy=True, backend="triton", chunk_size=16)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
 
 
 def _linear_ppo_loss(dtype, vocab, *, trainer=True):
@@ -145,8 +146,8 @@ SCENARIOS = {
     "token_logprobs[fp16,V=32000,logprobs only]": lambda: _token_logprobs(torch.float16, V_EVEN, entropy=False),
     "token_logprobs[fp32,V=32001]": lambda: _token_logprobs(torch.float32, V_ODD),
     "linear_token_logprobs[bf16 GPU plan,V=32000]": lambda: _linear_token_logprobs(torch.bfloat16, V_EVEN),
-    "linear_token_logprobs[fused forward,bf16,V=32000]": lambda: _linear_fused_forward(torch.bfloat16, V_EVEN),
-    "linear_token_logprobs[fused forward,fp32,V=32001]": lambda: _linear_fused_forward(torch.float32, V_ODD),
+    "linear_token_logprobs[fused,bf16,V=32000]": lambda: _linear_fused(torch.bfloat16, V_EVEN),
+    "linear_token_logprobs[fused,fp32,V=32001]": lambda: _linear_fused(torch.float32, V_ODD),
     "linear_ppo_loss[trainer,bf16 GPU plan,V=32000]": lambda: _linear_ppo_loss(torch.bfloat16, V_EVEN),
     "linear_ppo_loss[all terms,fp32,V=32001]": lambda: _linear_ppo_loss(torch.float32, V_ODD, trainer=False),
     "kl_penalty[trainer,fp32,T=R]": lambda: _kl_penalty(
@@ -254,12 +255,16 @@ def test_compiles_without_spills(compiled, case, sm):
         assert "LDG.E.128" in result.loads, f"{case.name} on sm_{sm} has no 128-bit loads: {result.loads}"
 
 
+@pytest.mark.parametrize("kernel", ["linear_logprobs_fwd", "linear_logprobs_bwd"])
 @pytest.mark.parametrize("sm,mma", [(80, "HMMA."), (90, "HGMMA.")])
-def test_fused_lm_head_forward_runs_on_the_tensor_cores(compiled, sm, mma):
-    """linear_token_logprobs' fused forward with half operands: its tl.dot compiles to the SM's tensor-core
+def test_fused_lm_head_kernels_run_on_the_tensor_cores(compiled, sm, mma, kernel):
+    """linear_token_logprobs' fused kernels with half operands: their tl.dot compiles to the SM's tensor-core
     instructions (wgmma on sm_90)."""
-    result = compiled[("linear_token_logprobs[fused forward,bf16,V=32000]:linear_logprobs_fwd", sm)]
-    assert any(m.startswith(mma) and m.endswith(".F32.BF16") for m in result.mma), result.mma
+    names = [c.name for c in CASES if c.name.split("#")[0] == f"linear_token_logprobs[fused,bf16,V=32000]:{kernel}"]
+    assert names
+    for name in names:
+        result = compiled[(name, sm)]
+        assert any(m.startswith(mma) and m.endswith(".F32.BF16") for m in result.mma), (name, result.mma)
 
 
 def test_recorded_cases_are_the_real_ones():

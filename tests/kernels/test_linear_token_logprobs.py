@@ -8,6 +8,7 @@ The matmuls are torch.mm in both.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -27,12 +28,12 @@ from fastppo_testing.tolerances import assert_within, gemm_error, logprob_entrop
 
 IGNORE = -100
 BACKENDS = ["torch", "triton"]
-FORWARDS = [*BACKENDS, "triton-fused"]      # the triton backend with its fused forward
+FORWARDS = [*BACKENDS, "triton-fused"]      # the triton backend with its fused kernels
 
 
 def use_forward(monkeypatch, name):
-    """The backend of a FORWARDS name; "triton-fused" turns FASTPPO_LINEAR_FUSED_FORWARD on."""
-    monkeypatch.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "1" if name == "triton-fused" else "0")
+    """The backend of a FORWARDS name; "triton-fused" turns FASTPPO_LINEAR_FUSED on."""
+    monkeypatch.setenv("FASTPPO_LINEAR_FUSED", "1" if name == "triton-fused" else "0")
     return name.removesuffix("-fused")
 
 
@@ -213,8 +214,8 @@ def test_triton_backend_matches_oracle(n, size_h, vocab, dtype, temperature, chu
     check_against_oracle("triton", n, size_h, vocab, dtype, temperature, _chunk(n, chunk_kind))
 
 
-# The triton backend's fused forward (GEMM tiles, the row statistics in the epilogue, no logits in memory),
-# opt-in by FASTPPO_LINEAR_FUSED_FORWARD; the backward recomputes the logits chunk by chunk from its lse.
+# The triton backend's fused kernels (GEMM tiles, the row statistics or the dlogits in the epilogue, no logits
+# in memory), opt-in by FASTPPO_LINEAR_FUSED.
 FUSED_CASES = [
     (1, 33, 1003, torch.float32, 1.0),
     (37, 64, 4099, torch.bfloat16, 0.9),
@@ -224,31 +225,67 @@ FUSED_CASES = [
 
 
 @pytest.mark.parametrize("n,size_h,vocab,dtype,temperature", FUSED_CASES, ids=str)
-def test_fused_forward_matches_oracle(monkeypatch, n, size_h, vocab, dtype, temperature):
-    monkeypatch.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "1")
+def test_fused_kernels_match_oracle(monkeypatch, n, size_h, vocab, dtype, temperature):
+    monkeypatch.setenv("FASTPPO_LINEAR_FUSED", "1")
     check_against_oracle("triton", n, size_h, vocab, dtype, temperature, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_forward_is_the_chunked_forward_with_padding_rows(monkeypatch, dtype):
-    """vocab_size < V (alignment padding rows of the weight): excluded from the softmax by both forwards, which
-    agree to float32 rounding (the same exact products, summed in another order)."""
+def test_fused_kernels_are_the_chunked_path_with_padding_rows(monkeypatch, dtype):
+    """vocab_size < V (alignment padding rows of the weight): excluded from the softmax by both paths, which
+    agree to float32 rounding (the same exact products, summed in another order), forward and backward; the
+    padding rows get no gradient."""
     hidden, weight, labels = make_inputs(29, 40, 1000, dtype)
     labels[labels >= 997] = 5
+    g_lp, g_ent = torch.randn(29), torch.randn(29)
     kw = dict(temperature=0.9, return_entropy=True, vocab_size=997, backend="triton", chunk_size=16)
-    chunked = linear_token_logprobs(hidden, weight, labels, **kw)
-    monkeypatch.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "1")
-    got = linear_token_logprobs(hidden, weight, labels, **kw)
-    want_lp, want_ent = oracle(hidden[:, :], weight[:997], labels, 0.9)
-    for a, b, w in ((got.logprobs, chunked.logprobs, want_lp), (got.entropy, chunked.entropy, want_ent)):
-        torch.testing.assert_close(a, b, atol=2e-5 * (1 + w.abs().max().item()), rtol=0)
-        torch.testing.assert_close(a.double(), w, atol=2e-5 * (1 + w.abs().max().item()), rtol=0)
+
+    def run():
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = linear_token_logprobs(h, w, labels, **kw)
+        (out.logprobs * g_lp + out.entropy * g_ent).sum().backward()
+        return out.logprobs.detach(), out.entropy.detach(), h.grad.float(), w.grad.float()
+
+    chunked = run()
+    monkeypatch.setenv("FASTPPO_LINEAR_FUSED", "1")
+    got = run()
+    h64, w64 = hidden.double().requires_grad_(), weight[:997].double().requires_grad_()
+    want_lp, want_ent = oracle(h64, w64, labels, 0.9)
+    (want_lp * g_lp + want_ent * g_ent).sum().backward()
+    for a, b, w in zip(got[:2], chunked[:2], (want_lp.detach(), want_ent.detach())):
+        atol = 2e-5 * (1 + w.abs().max().item())          # float32 logits either way
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+        torch.testing.assert_close(a.double(), w, atol=atol, rtol=0)
+    for name, grads, w in (("dhidden", (got[2], chunked[2]), h64.grad), ("dweight", (got[3][:997], chunked[3][:997]),
+                                                                         w64.grad)):
+        tol = torch.finfo(dtype).eps * w.abs() + 1e-5 * w.abs().max()   # one ulp of the stored dtype + float32
+        for g in grads:
+            assert ((g.double() - w).abs() <= tol).all(), name
+    assert (got[3][997:] == 0).all() and (chunked[3][997:] == 0).all()
 
 
-def test_fused_forward_switch_is_named(monkeypatch):
+def test_the_backward_follows_its_forwards_switch(monkeypatch):
+    """FASTPPO_LINEAR_FUSED is read when the forward runs; its backward runs the same path whatever the variable
+    says by then (a benchmark or a context manager may have changed it in between)."""
+    module = importlib.import_module("fastppo.kernels.linear_token_logprobs")
+    calls = []
+    real = module._fused_dlogits
+    monkeypatch.setattr(module, "_fused_dlogits", lambda *a: calls.append(1) or real(*a))
+    hidden, weight, labels = make_inputs(5, 16, 64, torch.float32)
+    for on in (True, False):
+        monkeypatch.setenv("FASTPPO_LINEAR_FUSED", "1" if on else "0")
+        h = hidden.clone().requires_grad_()
+        lp = linear_token_logprobs(h, weight, labels, backend="triton")
+        monkeypatch.setenv("FASTPPO_LINEAR_FUSED", "0" if on else "1")
+        calls.clear()
+        lp.sum().backward()
+        assert bool(calls) == on
+
+
+def test_fused_switch_is_named(monkeypatch):
     hidden, weight, labels = make_inputs(3, 16, 64, torch.float32)
-    monkeypatch.setenv("FASTPPO_LINEAR_FUSED_FORWARD", "yes please")
-    with pytest.raises(ValueError, match="FASTPPO_LINEAR_FUSED_FORWARD must be 0 or 1"):
+    monkeypatch.setenv("FASTPPO_LINEAR_FUSED", "yes please")
+    with pytest.raises(ValueError, match="FASTPPO_LINEAR_FUSED must be 0 or 1"):
         linear_token_logprobs(hidden, weight, labels, backend="triton")
 
 
