@@ -171,7 +171,8 @@ def _linear_logprobs_bwd_kernel(
     """Grid (row blocks, column tiles; row blocks vary fastest, so that the programs in flight share a tile of
     the weight): the dlogits of a (BLOCK_M, BLOCK_N) tile, its logits recomputed by `_logits_tile` and turned
     into gradients in registers (token_logprobs' backward formula, from the saved lse), stored in dlogits'
-    dtype at dlogits_ptr + row·stride_dm + column. Columns in [n_valid, n_cols) are padding (gradient 0)."""
+    dtype at dlogits_ptr + row·stride_dm + column. Columns in [n_valid, n_cols) are padding, an ignored row's
+    logits are taken as −inf (gradient 0 either way: `logprob_grad_terms`)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -185,7 +186,7 @@ def _linear_logprobs_bwd_kernel(
         tl.load(entropy_ptr + rows, mask=row_ok, other=0.0) if HAS_DENTROPY else 0.0)
     acc = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, size_h, n_cols, stride_hm, stride_hk, stride_wv,
                        stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-    x = tl.where(cols[None, :] < n_valid, acc, float("-inf"))
+    x = tl.where((cols[None, :] < n_valid) & (labels != ignore_index)[:, None], acc, float("-inf"))
     grad = logprob_grad_block(x, cols[None, :], labels[:, None], lse2[:, None], tl.cast(scale, tl.float32),
                                      c[:, None], a[:, None], b[:, None], FTZ)
     tl.store(dlogits_ptr + rows64[:, None] * stride_dm + cols[None, :], grad.to(dlogits_ptr.dtype.element_ty),
@@ -477,6 +478,9 @@ def _backward(hidden2d, weight, labels1d, lse, entropy, grad_logprobs, grad_entr
         for start, n in chunk_ranges(n_rows, plan.chunk):
             rows = slice(start, start + n)
             h = load_rows(h_buf, hidden2d, start, n)
+            # Ignored rows get no gradient whatever they hold (NaN too): their dlogits are 0, and dW's 0·h must
+            # not meet a NaN.
+            h[:n].masked_fill_((labels1d[rows] == ignore_index)[:, None], 0.0)
             args = (labels1d[rows], lse[rows], entropy[rows],
                     None if grad_logprobs is None else grad_logprobs[rows],
                     None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, vocab_size)

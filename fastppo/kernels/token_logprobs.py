@@ -83,13 +83,13 @@ def _token_logprobs_fwd_kernel(
 @triton.jit
 def logprob_grad_terms(ignored, inv_temp, lse, g_lp, g_ent, entropy):
     """The row scalars of `logprob_grad_block` (scalars or per-row vectors): lse2 = lse·log2 e, c = g_lp / T,
-    a = −(g_lp + g_ent·H) / T, b = −g_ent·ln 2 / T. An ignored row's are 0 and its lse2 +inf (p = 0): its saved
-    lse is 0 (the forward reads none of the row), and p_j = 2^(x_j·k) would overflow for x above ~88, where
-    p·0 is NaN."""
+    a = −(g_lp + g_ent·H) / T, b = −g_ent·ln 2 / T; an ignored row's c, a and b are 0. Its logits must reach
+    `logprob_grad_block` as −inf (p = 0): its saved lse is 0 (the forward reads none of the row), so its own
+    logits would give p = 2^(x·k), which overflows above x ≈ 88, and p·0 is NaN (as for NaN or inf logits)."""
     keep = tl.where(ignored, 0.0, inv_temp)
     g_lp = g_lp * keep
     g_ent = g_ent * keep
-    return tl.where(ignored, float("inf"), lse * LOG2E), g_lp, -(g_lp + g_ent * entropy), -g_ent * LN2
+    return lse * LOG2E, g_lp, -(g_lp + g_ent * entropy), -g_ent * LN2
 
 
 @triton.jit
@@ -117,13 +117,17 @@ def _token_logprobs_bwd_kernel(
     an ignored row: `logprob_grad_terms`): per element an FFMA, a max, a MUFU, two FFMAs and the label
     select. Blocks wholly inside [0, n_valid) go unmasked; the blocks from the
     last partial one to n_cols are masked, with the padding columns
-    [n_valid, n_cols) taken as −inf (p = 0, gradient exactly 0).
+    [n_valid, n_cols) taken as −inf (p = 0, gradient exactly 0). An ignored row
+    reads nothing: all its blocks are masked, every x −inf, its gradient 0.
     """
     row = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1) * blocks_per_program
     k = tl.cast(scale, tl.float32)
     label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
-    lse2, g_lp, a, b = logprob_grad_terms(label == ignore_index, tl.cast(inv_temp, tl.float32),
+    ignored = label == ignore_index
+    cols_end = tl.where(ignored, 0, n_cols)             # (0 keeps the bounds' divisibility: vector loads)
+    valid_end = tl.where(ignored, 0, n_valid)
+    lse2, g_lp, a, b = logprob_grad_terms(ignored, tl.cast(inv_temp, tl.float32),
                                           tl.load(lse_ptr + row),
                                           tl.load(dlogprobs_ptr + row) if HAS_DLOGPROBS else 0.0,
                                           tl.load(dentropy_ptr + row) if HAS_DENTROPY else 0.0,
@@ -133,7 +137,7 @@ def _token_logprobs_bwd_kernel(
     out_ty = dlogits_ptr.dtype.element_ty
 
     last = tl.minimum(first + blocks_per_program, tl.cdiv(n_cols, BLOCK_V))
-    full_end = tl.minimum(last, n_valid // BLOCK_V)
+    full_end = tl.minimum(last, valid_end // BLOCK_V)
     for block in range(first, full_end):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         x = tl.load(x_row + offs * stride_lv).to(tl.float32)
@@ -141,8 +145,8 @@ def _token_logprobs_bwd_kernel(
         tl.store(d_row + offs, grad.to(out_ty))
     for block in range(tl.maximum(first, full_end), last):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        x = tl.load(x_row + offs * stride_lv, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        x = tl.where(offs < n_valid, x, float("-inf"))
+        x = tl.load(x_row + offs * stride_lv, mask=offs < cols_end, other=float("-inf")).to(tl.float32)
+        x = tl.where(offs < valid_end, x, float("-inf"))
         grad = logprob_grad_block(x, offs, label, lse2, k, g_lp, a, b, FTZ)
         tl.store(d_row + offs, grad.to(out_ty), mask=offs < n_cols)
 

@@ -122,7 +122,7 @@ def kl_penalty_forward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estim
         slope = d.sign() if with_slope else None
     if clamp is not None:
         if with_slope:                                              # torch.clamp passes the gradient at the bounds
-            slope = slope * ((kl.abs() if estimator == "k1" else kl) <= clamp)
+            slope = torch.where((kl.abs() if estimator == "k1" else kl) <= clamp, slope, 0.0)   # (slope may be inf)
         kl = kl.clamp_(-clamp, clamp)
     return kl, slope
 
@@ -275,7 +275,7 @@ def clipped_surrogate(ratio, advantages, clip_eps: float, clip_eps_high: float, 
         dual = (advantages < 0) & (bound < pg)
         pg = torch.where(dual, bound, pg)
         clipped = torch.maximum(clipped, mask_as_float(dual))
-    dpg = pg1.mul_(1.0 - clipped)
+    dpg = pg1.masked_fill_(clipped > 0, 0.0)                # (not a product: pg1 is ±inf where the ratio is)
     if weight is not None:
         pg, dpg = pg.mul_(weight), dpg.mul_(weight)
     return pg, clipped, dpg
@@ -434,12 +434,14 @@ def linear_logits_chunk_backward_(
     As token_logprobs_backward, with x = logits / T, log p = x − lse:
       dlogits_j = (g_lp·([j = label] − p_j) − g_ent·p_j (log p_j + H)) / T
                 = (p_j · (−g_ent·log p_j − (g_ent·H + g_lp)) + g_lp·[j = label]) / T.
-    `lse` must be finite on every row (linear_logits_chunk_forward_ gives it so);
-    ignored rows get zero upstream gradients and so exactly zero dlogits.
+    `lse` must be finite on every kept row (linear_logits_chunk_forward_ gives it so); ignored rows get zero
+    upstream gradients, their lse and entropy are not read, and so their dlogits are exactly zero wherever
+    their logits are finite (the caller zeroes their hidden states: NaN ones too).
     """
     valid = labels != ignore_index
     g_lp = torch.zeros_like(lse) if grad_logprobs is None else torch.where(valid, grad_logprobs, 0.0)
     g_ent = torch.zeros_like(lse) if grad_entropy is None else torch.where(valid, grad_entropy, 0.0)
+    lse, entropy = torch.where(valid, lse, 0.0), torch.where(valid, entropy, 0.0)
     logits[:, vocab_size:] = 0.0
     logp = logits[:, :vocab_size]
     if temperature != 1.0:

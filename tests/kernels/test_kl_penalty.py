@@ -73,6 +73,24 @@ def test_properties(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_clamped_estimates_far_from_the_reference_have_finite_gradients(backend, estimator):
+    """Log ratios beyond exp's float32 range (lp − ref = ±100): a clamped estimate gets gradient 0 there (the
+    clamp's), not the NaN of an infinite slope times 0; inside the clamp, the float64 slope."""
+    lp = torch.tensor([-100.0, 100.0, -1.0], requires_grad=True)
+    ref = torch.tensor([0.0, 0.0, -1.2])
+    kl = kl_penalty(lp, ref, estimator=estimator, clamp=10.0, backend=backend)
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(lp.grad).all()
+    lp64 = lp.detach().double().requires_grad_()
+    want = algo.kl_penalty(lp64, ref.double(), estimator=estimator, clamp=10.0)
+    want.sum().backward()
+    torch.testing.assert_close(kl.double(), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lp.grad[2].double(), lp64.grad[2], atol=1e-6, rtol=1e-6)
+    assert (lp.grad[:2] == 0).all()                      # every estimate is clamped there
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_of_sum_and_one_input(backend):
     """The upstream gradient of .sum() is an expanded (stride-0) tensor; only logprobs needs a gradient."""
     lp, ref = make_inputs((3, 50), torch.float32)

@@ -430,15 +430,17 @@ def test_fully_ignored_batch_and_empty_batch(monkeypatch, backend):
     (lp.sum() + ent.sum()).backward()
     assert (lp == 0).all() and (ent == 0).all() and (hidden.grad == 0).all() and (weight.grad == 0).all()
 
-    # Ignored rows whose logits (~1e3) are far above exp's range, beside a kept row: no gradient, no NaN.
+    # Ignored rows whose logits (~1e3) are far above exp's range, or whose hidden states are NaN (a padding
+    # position's), beside a kept row: no gradient, no NaN.
     labels = torch.full((2, 3), IGNORE)
     labels[1, 2] = 4
-    big = (hidden.detach() * 40).requires_grad_()
-    hidden.grad = weight.grad = None
-    lp, ent = linear_token_logprobs(big, weight, labels, return_entropy=True, backend=backend, chunk_size=4)
-    (lp.sum() + ent.sum()).backward()
-    assert (big.grad[labels == IGNORE] == 0).all()
-    assert torch.isfinite(big.grad).all() and torch.isfinite(weight.grad).all()
+    for bad in (hidden.detach() * 40, torch.where(labels[..., None] == IGNORE, float("nan"), hidden.detach())):
+        big = bad.clone().requires_grad_()
+        weight.grad = None
+        lp, ent = linear_token_logprobs(big, weight, labels, return_entropy=True, backend=backend, chunk_size=4)
+        (lp.sum() + ent.sum()).backward()
+        assert (lp[labels == IGNORE] == 0).all() and (big.grad[labels == IGNORE] == 0).all()
+        assert torch.isfinite(big.grad).all() and torch.isfinite(weight.grad).all()
 
     empty = torch.randn(0, 8, requires_grad=True)
     weight.grad = None

@@ -112,6 +112,22 @@ def test_fully_masked_micro_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ratio_beyond_exps_range_is_clipped_without_nan(backend):
+    """A valid token whose log ratio exceeds float32 exp's range (old logprob −100 or −inf, A > 0): the clipped
+    branch wins, its gradient is 0 (not ∞·0), and the loss is the clipped one."""
+    for old in (-100.0, float("-inf")):
+        lp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+        olds, adv = torch.tensor([[old, -1.1]]), torch.tensor([[1.0, 1.0]])
+        v = torch.zeros(1, 2, requires_grad=True)
+        out = ppo_loss(lp, olds, adv, v, v.detach(), v.detach(), torch.ones(1, 2, dtype=torch.bool), backend=backend)
+        out.loss.backward()
+        assert torch.isfinite(lp.grad).all() and lp.grad[0, 0] == 0, old
+        ratio = torch.exp(torch.tensor(0.1))
+        want = -(1.2 + torch.minimum(ratio, torch.tensor(1.2)).item()) / 2       # both tokens' −min(ρA, clip(ρ)A)
+        torch.testing.assert_close(out.policy_loss, torch.tensor(want), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0,), (0, 7), (3, 0), (2, 0, 5)], ids=str)
 def test_empty_inputs(backend, shape):
     """No token at all is a fully masked batch: zero results, and zero (empty) gradients."""

@@ -195,11 +195,15 @@ def test_minus_inf_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["normal", "huge"])
+@pytest.mark.parametrize("scale", [1.0, 1e4, float("nan")], ids=["normal", "huge", "nan"])
 def test_ignored_rows_have_zero_outputs_and_gradients(backend, scale):
     """A fully ignored batch, and ignored rows beside kept ones: logprob, entropy and gradient 0, also for
-    logits far above exp's range (an ignored row's saved lse is 0: its p must not become 2^(x·log2 e))."""
-    x = (torch.randn(2, 3, 50) * scale).requires_grad_()
+    logits far above exp's range (an ignored row's saved lse is 0: its p must not become 2^(x·log2 e)) and for
+    NaN and inf ones (e.g. a padding position's hidden state)."""
+    x = torch.randn(2, 3, 50) * scale if scale == scale else torch.randn(2, 3, 50)
+    if scale != scale:
+        x[..., ::3], x[..., 1::3] = float("nan"), float("inf")
+    x.requires_grad_()
     labels = torch.full((2, 3), -100)
     lp, ent = token_logprobs(x, labels, return_entropy=True, backend=backend)
     (lp.sum() + ent.sum()).backward()
@@ -207,6 +211,8 @@ def test_ignored_rows_have_zero_outputs_and_gradients(backend, scale):
 
     x.grad = None
     labels[0, 1] = 7
+    if scale != scale:
+        x.data[0, 1] = torch.randn(50)                      # the kept row: finite logits
     lp, ent = token_logprobs(x, labels, return_entropy=True, backend=backend)
     (lp.sum() + ent.sum()).backward()
     ignored = labels == -100
