@@ -188,7 +188,7 @@ def _linear_logprobs_bwd_kernel(
                        stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
     x = tl.where((cols[None, :] < n_valid) & (labels != ignore_index)[:, None], acc, float("-inf"))
     grad = logprob_grad_block(x, cols[None, :], labels[:, None], lse2[:, None], tl.cast(scale, tl.float32),
-                                     c[:, None], a[:, None], b[:, None], FTZ)
+                              c[:, None], a[:, None], b[:, None], FTZ)
     tl.store(dlogits_ptr + rows64[:, None] * stride_dm + cols[None, :], grad.to(dlogits_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols[None, :] < n_cols))
 
