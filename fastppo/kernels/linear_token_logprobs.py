@@ -435,6 +435,7 @@ def _fused_dlogits(out, h, w, labels1d, lse, entropy, grad_logprobs, grad_entrop
     (`_linear_logprobs_bwd_kernel`): no logits in memory."""
     n_rows, size_h = h.shape
     n_cols = w.shape[0]
+    interpreted = triton_interpreter_enabled()
     bm, bn, bk, warps, stages = _fused_tiles(h.dtype)
     with on_device_of(h):
         _linear_logprobs_bwd_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
@@ -444,8 +445,8 @@ def _fused_dlogits(out, h, w, labels1d, lse, entropy, grad_logprobs, grad_entrop
             out, n_rows, size_h, n_cols, vocab_size, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
             labels1d.stride(0), out.stride(0), math.log2(math.e) / temperature, 1.0 / temperature, int(ignore_index),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_DLOGPROBS=grad_logprobs is not None,
-            HAS_DENTROPY=grad_entropy is not None, IEEE=triton_interpreter_enabled() or h.dtype == torch.float32,
-            FTZ=not triton_interpreter_enabled(), num_warps=warps, num_stages=stages,
+            HAS_DENTROPY=grad_entropy is not None, IEEE=interpreted or h.dtype == torch.float32, FTZ=not interpreted,
+            num_warps=warps, num_stages=stages,
         )
 
 
